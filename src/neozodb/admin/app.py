@@ -1,0 +1,196 @@
+"""The admin node: neoctl's endpoint.
+
+It keeps a passive copy of the node list, partition table and cluster state
+(learned from the primary master), answers neoctl's questions about them
+itself, and forwards the commands that change the cluster to the master.
+One asyncio loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from neozodb.net.connection import (
+    Connection,
+    ConnectionClosed,
+    Handler,
+    HandlerError,
+    RemoteError,
+    connect,
+)
+from neozodb.nodes import NodeManager
+from neozodb.protocol import (
+    CellStates,
+    ErrorCodes,
+    NodeTypes,
+    Packets,
+    nid_str,
+)
+from neozodb.pt import PartitionTable
+
+log = logging.getLogger("neozodb.admin")
+
+# requests neoctl sends that only the master can answer
+FORWARDED = ("AddPendingNodes", "SetClusterState", "AskLastIDs", "AskLastTransaction",
+             "AskRecovery")
+
+
+class MasterHandler(Handler):
+    def __init__(self, app: AdminApp) -> None:
+        self.app = app
+
+    def NotifyNodeInformation(self, conn, msg_id, timestamp, entries):
+        self.app.nm.update(entries)
+
+    def NotifyClusterInformation(self, conn, msg_id, state):
+        self.app.cluster_state = state
+
+    def SendPartitionTable(self, conn, msg_id, ptid, replicas, rows):
+        pt = PartitionTable(len(rows), replicas)
+        pt.load(ptid, replicas, rows)
+        self.app.pt = pt
+
+    def NotifyPartitionChanges(self, conn, msg_id, ptid, replicas, changes):
+        self.app.pt.apply_changes(ptid, replicas, changes)
+
+    def Ping(self, conn, msg_id):
+        conn.answer(msg_id, Packets.Pong)
+
+
+def _forward(name: str):
+    packet = getattr(Packets, name)
+
+    def forward(self, conn, msg_id, *args):
+        master = self.app.master_conn
+        if master is None or master.closed:
+            raise HandlerError("not connected to a primary master", ErrorCodes.NOT_READY)
+
+        def answered(_, result, error):
+            if error is None:
+                if packet.acked:
+                    conn.ack(msg_id)
+                else:
+                    conn.answer(msg_id, packet.answer, *result)
+            elif isinstance(error, RemoteError):
+                conn.error(msg_id, error.code, error.message)
+            else:
+                conn.error(msg_id, ErrorCodes.NOT_READY, "master lost: %s" % error)
+
+        master.ask(packet, *args, callback=answered)
+    forward.__name__ = name
+    return forward
+
+
+class CtlHandler(Handler):
+    """Requests from neoctl (after identification)."""
+
+    def __init__(self, app: AdminApp) -> None:
+        self.app = app
+
+    for _name in FORWARDED:
+        locals()[_name] = _forward(_name)
+    del _name
+
+    def AskClusterState(self, conn, msg_id):
+        conn.answer(msg_id, Packets.AnswerClusterState, self.app.cluster_state)
+
+    def AskPrimary(self, conn, msg_id):
+        master = self.app.master_conn
+        if master is None or master.closed:
+            raise HandlerError("not connected to a primary master", ErrorCodes.NOT_READY)
+        conn.answer(msg_id, Packets.AnswerPrimary, master.nid)
+
+    def AskNodeList(self, conn, msg_id, node_type):
+        nodes = [n.wire() for n in sorted(self.app.nm, key=lambda n: n.nid)
+                 if node_type is None or n.type is node_type]
+        conn.answer(msg_id, Packets.AnswerNodeList, nodes)
+
+    def AskPartitionList(self, conn, msg_id, min_offset, max_offset, nid):
+        pt = self.app.pt
+        if pt is None:
+            raise HandlerError("no partition table yet", ErrorCodes.NOT_READY)
+        if max_offset == 0 or max_offset > pt.num_partitions:
+            max_offset = pt.num_partitions
+        rows = []
+        for offset in range(min_offset, max_offset):
+            rows.append([(n, CellStates(s)) for n, s in pt.cells(offset) if nid is None or n == nid])
+        conn.answer(msg_id, Packets.AnswerPartitionList, pt.ptid, pt.num_replicas, rows)
+
+    def Ping(self, conn, msg_id):
+        conn.answer(msg_id, Packets.Pong)
+
+
+class IdentificationHandler(Handler):
+    def __init__(self, app: AdminApp) -> None:
+        self.app = app
+
+    def RequestIdentification(self, conn, msg_id, node_type, nid, address, name, id_timestamp, extra):
+        app = self.app
+        if name and name != app.name_bytes:
+            raise HandlerError("wrong cluster name", ErrorCodes.PROTOCOL_ERROR)
+        if node_type is not NodeTypes.ADMIN:
+            raise HandlerError("only neoctl connects to an admin node", ErrorCodes.PROTOCOL_ERROR)
+        conn.handler = CtlHandler(app)
+        conn.answer(msg_id, Packets.AcceptIdentification, NodeTypes.ADMIN, app.nid, None)
+
+
+class AdminApp:
+    def __init__(self, name: str, masters: list[tuple[str, int]],
+                 bind: tuple[str, int] = ("127.0.0.1", 9999)) -> None:
+        self.name = name
+        self.name_bytes = name.encode()
+        self.masters = masters
+        self.bind = bind
+        self.nid: int | None = None
+        self.nm = NodeManager()
+        self.pt: PartitionTable | None = None
+        self.cluster_state = None
+        self.master_conn: Connection | None = None
+        self._exit = asyncio.Event()
+
+    @property
+    def label(self) -> str:
+        return nid_str(self.nid) if self.nid is not None else "A?"
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: Connection(self, IdentificationHandler(self)), *self.bind)
+        self.address = self.server.sockets[0].getsockname()[:2]
+        log.info("%s: listening on %s:%s", self.label, *self.address)
+        cycle = asyncio.ensure_future(self._master_cycle())
+        await self._exit.wait()
+        cycle.cancel()
+        self.server.close()
+        return 0
+
+    def exit(self) -> None:
+        self._exit.set()
+
+    async def _master_cycle(self) -> None:
+        delay = 0.1
+        while True:
+            for address in self.masters:
+                try:
+                    conn = await connect(self, MasterHandler(self), address)
+                    addr = (self.address[0].encode(), self.address[1])
+                    node_type, master_nid, nid = await conn.ask(
+                        Packets.RequestIdentification, NodeTypes.ADMIN, self.nid, addr,
+                        self.name_bytes, None, {})
+                except (OSError, ConnectionClosed, RemoteError) as e:
+                    log.debug("%s: master %s:%s: %s", self.label, *address, e)
+                    continue
+                conn.nid = master_nid
+                self.nid = nid
+                self.master_conn = conn
+                delay = 0.1
+                log.info("%s: connected to master %s", self.label, nid_str(master_nid))
+                await conn.closed_future
+                log.warning("%s: lost the master", self.label)
+                self.master_conn = None
+                self.nm = NodeManager()
+                self.cluster_state = None
+                break
+            await asyncio.sleep(delay)  # reconnection backoff, not synchronisation
+            delay = min(delay * 2, 1.0)
+

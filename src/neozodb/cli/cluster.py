@@ -1,0 +1,166 @@
+"""A whole cluster on this machine, one process per node: what ``neosimple``
+runs and what the cluster tests start."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from neozodb.cli.config import format_address
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class NodeProcess:
+    def __init__(self, name: str, argv: list[str], logfile: str) -> None:
+        self.name = name
+        self.argv = argv
+        self.logfile = logfile
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = open(self.logfile, "ab")
+        try:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        finally:
+            log.close()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.running:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int | None:
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        if self.running:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class LocalCluster:
+    def __init__(self, directory: str, name: str = "neozodb", storages: int = 2,
+                 replicas: int = 1, partitions: int = 12, host: str = "127.0.0.1",
+                 master_port: int = 0, admin_port: int = 0, loglevel: str = "INFO") -> None:
+        self.directory = os.path.abspath(directory)
+        self.name = name
+        self.host = host
+        self.replicas = replicas
+        self.partitions = partitions
+        self.num_storages = storages
+        self.loglevel = loglevel
+        self.master_address = (host, master_port or free_port(host))
+        self.admin_address = (host, admin_port or free_port(host))
+        self.nodes: dict[str, NodeProcess] = {}
+
+    @property
+    def masters(self) -> str:
+        return format_address(self.master_address)
+
+    @property
+    def uri(self) -> str:
+        return "neo://%s@%s" % (self.name, self.masters)
+
+    def _python(self, module: str, *args: str) -> list[str]:
+        return [sys.executable, "-m", module, "-c", self.name, "--loglevel", self.loglevel, *args]
+
+    def _node(self, name: str, argv: list[str]) -> NodeProcess:
+        node = NodeProcess(name, argv, os.path.join(self.directory, name + ".log"))
+        self.nodes[name] = node
+        return node
+
+    def start(self, wait: float = 60.0) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        self._node("M1", self._python(
+            "neozodb.cli.master", "-b", self.masters, "-p", str(self.partitions),
+            "-r", str(self.replicas), "-A", str(self.num_storages))).start()
+        for i in range(1, self.num_storages + 1):
+            self.storage(i).start()
+        self._node("A1", self._python(
+            "neozodb.cli.admin", "-b", format_address(self.admin_address),
+            "-m", self.masters)).start()
+        if wait:
+            self.wait_state("RUNNING", wait)
+
+    def storage(self, i: int) -> NodeProcess:
+        name = "S%d" % i
+        node = self.nodes.get(name)
+        if node is None:
+            db = os.path.join(self.directory, "storage%d.sqlite" % i)
+            node = self._node(name, self._python(
+                "neozodb.cli.storage", "-m", self.masters, "-b", "%s:0" % self.host, "-d", db))
+        return node
+
+    def ctl(self):
+        from neozodb.ctl.neoctl import NeoCtl
+        ctl = NeoCtl(self.admin_address, timeout=10)
+        ctl.connect()
+        return ctl
+
+    def cluster_state(self) -> str | None:
+        from neozodb.ctl.neoctl import CtlError, run_command
+        try:
+            ctl = self.ctl()
+        except CtlError:
+            return None
+        try:
+            return run_command(ctl, ["print", "cluster"])[1]["cluster"]
+        except CtlError:
+            return None
+        finally:
+            ctl.close()
+
+    def wait_state(self, state: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        delay = 0.02
+        while self.cluster_state() != state:
+            dead = [n.name for n in self.nodes.values() if n.proc is not None and not n.running
+                    and n.name in ("M1", "A1")]
+            if dead or time.monotonic() > deadline:
+                raise RuntimeError("cluster did not reach %s (dead: %s); logs in %s" % (
+                    state, dead, self.directory))
+            time.sleep(delay)  # polling a remote state through neoctl
+            delay = min(delay * 1.5, 0.2)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop cleanly: STOPPING through the admin, then the admin."""
+        from neozodb.ctl.neoctl import CtlError, run_command
+        if self.nodes.get("M1") and self.nodes["M1"].running:
+            try:
+                ctl = self.ctl()
+                try:
+                    run_command(ctl, ["set", "cluster", "STOPPING"])
+                finally:
+                    ctl.close()
+            except CtlError:
+                pass
+        deadline = time.monotonic() + timeout
+        for name, node in self.nodes.items():
+            if name != "A1":
+                node.wait(max(0.1, deadline - time.monotonic()))
+        for node in self.nodes.values():
+            node.signal(signal.SIGTERM)
+        for node in self.nodes.values():
+            if node.wait(max(0.1, deadline - time.monotonic())) is None:
+                node.kill()
+
+    def kill(self) -> None:
+        for node in self.nodes.values():
+            node.kill()

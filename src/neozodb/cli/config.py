@@ -1,0 +1,568 @@
+"""Options of the server nodes: argparse plus an optional INI file.
+
+``parse_options(node, argv)`` returns an :class:`argparse.Namespace` for a
+``'master'``, ``'storage'`` or ``'admin'`` node.  Options read from the file
+named by ``-f/--file`` (section ``-s/--section``, default the node type;
+``[DEFAULT]`` is shared) become defaults that the command line overrides.
+
+Every error (bad value, missing option, unreadable file, unknown section)
+is reported as the single line ``prog: error: <what is wrong>`` on stderr
+and exits with status 2.
+
+The address helpers (``parse_address``, ``parse_masters``,
+``format_address``) and ``parse_nid``/``format_nid`` are shared with the
+rest of the package.
+
+``python -m neozodb.cli.config NODE [options]`` prints the parsed options
+as JSON (handy to check a configuration file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import ipaddress
+import json
+import logging
+import logging.handlers
+import re
+import sys
+from collections.abc import Callable
+
+__all__ = [
+    "ADAPTERS",
+    "DEFAULT_BIND",
+    "LOG_FORMAT",
+    "LOG_LEVELS",
+    "NODE_TYPES",
+    "OptionParser",
+    "format_address",
+    "format_nid",
+    "parse_address",
+    "parse_masters",
+    "parse_nid",
+    "parse_options",
+    "setup_logging",
+]
+
+NODE_TYPES = ("master", "storage", "admin")
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_BIND = {
+    "master": (DEFAULT_HOST, 10000),
+    "storage": (DEFAULT_HOST, 0),
+    "admin": (DEFAULT_HOST, 9999),
+}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+ADAPTERS = ("SQLite",)
+
+# High byte of a NID per node type (see the protocol reference).
+NID_NAMESPACES = {"S": 0x00, "M": -0x10, "C": -0x20, "A": -0x30}
+_NODE_NID_PREFIX = {"master": "M", "storage": "S", "admin": "A"}
+
+_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
+_PORT_RE = re.compile(r"^[0-9]+$")
+_NID_RE = re.compile(r"^([MSCA])([0-9]+)$", re.IGNORECASE)
+
+
+# -- addresses ----------------------------------------------------------------
+
+
+def parse_address(
+    text: str, default_host: str = DEFAULT_HOST, default_port: int | None = None
+) -> tuple[str, int]:
+    """Parse ``HOST:PORT``, ``:PORT``, ``PORT`` or ``[IPv6]:PORT``.
+
+    The host defaults to *default_host*; a missing port is an error unless
+    *default_port* is given.  Port 0 is accepted (= any free port).
+    Raises ValueError with a readable message.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"invalid address {text!r}: not a string")
+    s = text.strip()
+    if not s:
+        raise ValueError("empty address")
+    port_text: str | None
+    if s.startswith("["):
+        end = s.find("]")
+        if end < 0:
+            raise ValueError(f"invalid address {text!r}: missing ']'")
+        host, rest = s[1:end], s[end + 1 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(
+                f"invalid address {text!r}: {host!r} is not an IPv6 address"
+            ) from None
+        if not rest:
+            port_text = None
+        elif rest.startswith(":"):
+            port_text = rest[1:]
+        else:
+            raise ValueError(f"invalid address {text!r}: expected ':PORT' after ']'")
+    else:
+        if s.count(":") > 1:
+            raise ValueError(
+                f"invalid address {text!r}: write IPv6 addresses in brackets, "
+                "e.g. [::1]:10000"
+            )
+        if ":" in s:
+            host, port_text = s.split(":")
+        elif _PORT_RE.match(s):
+            host, port_text = "", s
+        else:
+            host, port_text = s, None
+        host = host or default_host
+        if not _HOSTNAME_RE.match(host):
+            raise ValueError(f"invalid address {text!r}: bad host name {host!r}")
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"invalid address {text!r}: missing port")
+        port = default_port
+    else:
+        if not _PORT_RE.match(port_text):
+            raise ValueError(f"invalid address {text!r}: bad port {port_text!r}")
+        port = int(port_text)
+        if port > 65535:
+            raise ValueError(f"invalid address {text!r}: port {port} out of range")
+    return host, port
+
+
+def parse_masters(text: str | None) -> list[tuple[str, int]]:
+    """Parse a list of master addresses separated by spaces and/or commas.
+
+    Every address needs an explicit, non-zero port.  Duplicates are dropped
+    (first occurrence kept).  An empty or None text gives ``[]``.
+    """
+    if text is None:
+        return []
+    if not isinstance(text, str):
+        raise ValueError(f"invalid master list {text!r}: not a string")
+    result: list[tuple[str, int]] = []
+    for item in re.split(r"[\s,]+", text.strip()):
+        if not item:
+            continue
+        addr = parse_address(item)
+        if addr[1] == 0:
+            raise ValueError(f"invalid master address {item!r}: port 0")
+        if addr not in result:
+            result.append(addr)
+    return result
+
+
+def format_address(address: tuple[str, int]) -> str:
+    """``(host, port)`` -> ``'host:port'`` (IPv6 hosts in brackets)."""
+    host, port = address
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+# -- node ids -----------------------------------------------------------------
+
+
+def parse_nid(text: str | int) -> int:
+    """Parse a NID given as an int (``'-268435455'``, ``'1'``) or ``'S1'`` style."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        nid = text
+    else:
+        s = str(text).strip()
+        m = _NID_RE.match(s)
+        if m:
+            number = int(m.group(2))
+            if not 0 < number < 1 << 24:
+                raise ValueError(f"invalid node id {text!r}: number out of range")
+            return (NID_NAMESPACES[m.group(1).upper()] << 24) + number
+        try:
+            nid = int(s)
+        except ValueError:
+            raise ValueError(
+                f"invalid node id {text!r}: expected an integer or e.g. 'S1', 'M1'"
+            ) from None
+    if not -(1 << 31) <= nid < 1 << 31:
+        raise ValueError(f"invalid node id {text!r}: not a 32-bit integer")
+    return nid
+
+
+def format_nid(nid: int | None) -> str:
+    """NID -> ``'S1'``/``'M2'``/``'C3'``/``'A1'`` (plain int if no known namespace)."""
+    if nid is None:
+        return "None"
+    high = nid >> 24
+    for prefix, ns in NID_NAMESPACES.items():
+        if ns == high:
+            return f"{prefix}{nid & 0xFFFFFF}"
+    return str(nid)
+
+
+# -- argparse value types -----------------------------------------------------
+
+
+def _type(func: Callable, name: str) -> Callable:
+    """Wrap *func* so that ValueError becomes an argparse type error."""
+
+    def convert(value):
+        try:
+            return func(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = name
+    return convert
+
+
+def _int_min(minimum: int) -> Callable:
+    def conv(value):
+        try:
+            n = int(str(value).strip())
+        except ValueError:
+            raise ValueError(f"invalid integer {value!r}") from None
+        if n < minimum:
+            raise ValueError(f"{n} is less than {minimum}")
+        return n
+
+    return _type(conv, "int")
+
+
+def _cluster(value: str) -> str:
+    s = value.strip()
+    if not s or any(c.isspace() for c in s):
+        raise ValueError(f"invalid cluster name {value!r}")
+    return s
+
+
+def _bind(value: str) -> tuple[str, int]:
+    return parse_address(value)
+
+
+def _masters(value: str) -> list[tuple[str, int]]:
+    return parse_masters(value)
+
+
+def _loglevel(value: str) -> str:
+    s = value.strip().upper()
+    if s not in LOG_LEVELS:
+        raise ValueError(f"invalid log level {value!r} (choose from {', '.join(LOG_LEVELS)})")
+    return s
+
+
+def _adapter(value: str) -> str:
+    s = value.strip()
+    for name in ADAPTERS:
+        if s.lower() == name.lower():
+            return name
+    raise ValueError(f"unknown adapter {value!r} (available: {', '.join(ADAPTERS)})")
+
+
+def _wait(value: str) -> float:
+    try:
+        w = float(str(value).strip())
+    except ValueError:
+        raise ValueError(f"invalid number of seconds {value!r}") from None
+    if w != w or (w < 0 and w != -1):
+        raise ValueError(f"invalid wait {value!r}: seconds >= 0, or -1 for no limit")
+    return w
+
+
+def _nonempty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("empty value")
+    return value
+
+
+# -- parser -------------------------------------------------------------------
+
+
+class OptionParser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line: ``prog: error: message``."""
+
+    def error(self, message):
+        message = " ".join(str(message).split())
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _Spec:
+    """What the INI reader needs to know about one option."""
+
+    __slots__ = ("dest", "convert", "flag", "display")
+
+    def __init__(self, dest, convert, flag, display):
+        self.dest = dest
+        self.convert = convert
+        self.flag = flag
+        self.display = display
+
+
+def _build_parser(node: str, prog: str | None):
+    parser = OptionParser(
+        prog=prog or f"neo{node}",
+        description=f"NEO {node} node",
+        allow_abbrev=False,
+    )
+    specs: dict[str, _Spec] = {}
+
+    def add(*flags, file_ok=True, **kw):
+        action = parser.add_argument(*flags, **kw)
+        if file_ok:
+            specs[action.dest] = _Spec(
+                action.dest,
+                kw.get("type"),
+                kw.get("action") == "store_true",
+                "/".join(flags),
+            )
+        return action
+
+    add("-f", "--file", metavar="PATH", file_ok=False, help="INI configuration file")
+    add(
+        "-s",
+        "--section",
+        metavar="NAME",
+        file_ok=False,
+        help=f"section of the configuration file (default: {node})",
+    )
+    add("-c", "--cluster", metavar="NAME", type=_type(_cluster, "name"), help="cluster name")
+    add(
+        "-m",
+        "--masters",
+        metavar='"H:P H:P"',
+        type=_type(_masters, "masters"),
+        help="space-separated list of master addresses"
+        + (" (the other masters)" if node == "master" else ""),
+    )
+    add(
+        "-b",
+        "--bind",
+        metavar="H:P",
+        type=_type(_bind, "address"),
+        default=DEFAULT_BIND[node],
+        help="address to listen on (default: %s; port 0 = any free port)"
+        % format_address(DEFAULT_BIND[node]),
+    )
+    add("-l", "--logfile", metavar="PATH", type=_type(_nonempty, "path"), help="log file")
+    add(
+        "--loglevel",
+        metavar="LEVEL",
+        type=_type(_loglevel, "level"),
+        default="INFO",
+        help="DEBUG, INFO or WARNING (default: INFO)",
+    )
+    add("-i", "--nid", metavar="NID", type=_type(parse_nid, "nid"), help="node id (int or S1 style)")
+    if node == "master":
+        add(
+            "-p",
+            "--partitions",
+            metavar="N",
+            type=_int_min(1),
+            default=100,
+            help="number of partitions (default: 100)",
+        )
+        add(
+            "-r",
+            "--replicas",
+            metavar="N",
+            type=_int_min(0),
+            default=0,
+            help="number of replicas (default: 0)",
+        )
+        add(
+            "-A",
+            "--autostart",
+            metavar="N",
+            type=_int_min(0),
+            default=0,
+            help="start the cluster once N storages are up (default: 0 = never)",
+        )
+    elif node == "storage":
+        add(
+            "-a",
+            "--adapter",
+            metavar="NAME",
+            type=_type(_adapter, "adapter"),
+            default="SQLite",
+            help="database adapter (default: SQLite)",
+        )
+        add("-d", "--database", metavar="PATH", type=_type(_nonempty, "database"), help="database")
+        add(
+            "-w",
+            "--wait",
+            metavar="SECONDS",
+            type=_type(_wait, "seconds"),
+            default=0.0,
+            help="seconds to wait for the database (default: 0; -1 = no limit)",
+        )
+        add("--reset", action="store_true", help="erase the database and exit")
+    return parser, specs
+
+
+def _read_file(parser, specs, path, section, explicit_section):
+    """Read the INI file and return converted values keyed by option dest."""
+    # Make [DEFAULT] an ordinary section so that keys of the node's own section
+    # can be told apart from shared ones (unknown shared keys are ignored:
+    # they are meant for other node types).
+    cp = configparser.ConfigParser(interpolation=None, default_section="\0")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cp.read_file(f)
+    except OSError as e:
+        parser.error(f"cannot read config file {path!r}: {e.strerror or e}")
+    except (configparser.Error, UnicodeDecodeError) as e:
+        parser.error(f"invalid config file {path!r}: {e}")
+    sources = []
+    if cp.has_section("DEFAULT"):
+        sources.append(("DEFAULT", True))
+    if cp.has_section(section):
+        sources.append((section, False))
+    elif explicit_section or not sources:
+        parser.error(f"no section [{section}] in config file {path!r}")
+    values = {}
+    for sec, shared in sources:
+        for key, raw in cp.items(sec):
+            dest = key.replace("-", "_")
+            spec = specs.get(dest)
+            if spec is None:
+                if shared:
+                    continue
+                parser.error(f"{path}: [{sec}] unknown option {key!r}")
+            raw = raw.strip()
+            if not raw:
+                values.pop(dest, None)
+                continue
+            where = f"{path}: [{sec}] {key}"
+            if spec.flag:
+                flag = cp.BOOLEAN_STATES.get(raw.lower())
+                if flag is None:
+                    parser.error(f"{where}: not a boolean: {raw!r}")
+                values[dest] = flag
+                continue
+            try:
+                values[dest] = spec.convert(raw) if spec.convert else raw
+            except (argparse.ArgumentTypeError, ValueError) as e:
+                parser.error(f"{where}: {e}")
+    return values
+
+
+def parse_options(
+    node: str, argv: list[str] | None = None, prog: str | None = None
+) -> argparse.Namespace:
+    """Parse the options of a *node* ('master', 'storage' or 'admin').
+
+    Exits with status 2 and a one-line message on any error.  The result has
+    ``node``, ``cluster``, ``masters`` (list of (host, port)), ``bind``
+    ((host, port)), ``logfile``, ``loglevel``, ``nid`` (int or None),
+    ``file``, ``section`` and the node-specific options.
+    """
+    if node not in NODE_TYPES:
+        raise ValueError(f"unknown node type {node!r}")
+    parser, specs = _build_parser(node, prog)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first = parser.parse_args(argv)
+    if first.section is not None and first.file is None:
+        parser.error("-s/--section requires -f/--file")
+    if first.file is not None:
+        section = first.section or node
+        values = _read_file(parser, specs, first.file, section, first.section is not None)
+        parser.set_defaults(**values)
+        options = parser.parse_args(argv)
+        options.section = section
+    else:
+        options = first
+    if options.cluster is None:
+        parser.error("missing cluster name: use -c/--cluster or 'cluster' in the config file")
+    if options.masters is None:
+        options.masters = []
+    if node != "master" and not options.masters:
+        parser.error("missing master addresses: use -m/--masters or 'masters' in the config file")
+    if node == "storage" and options.database is None:
+        parser.error("missing database: use -d/--database or 'database' in the config file")
+    if options.nid is not None:
+        prefix = _NODE_NID_PREFIX[node]
+        if options.nid >> 24 != NID_NAMESPACES[prefix]:
+            parser.error(
+                f"node id {format_nid(options.nid)} is not a {node} id (expected e.g. {prefix}1)"
+            )
+    options.node = node
+    return options
+
+
+# -- logging ------------------------------------------------------------------
+
+
+class _LabelFormatter(logging.Formatter):
+    """LOG_FORMAT, with ``[label] `` before the message when a label is known."""
+
+    def __init__(self, label_getter: Callable[[], object] | None):
+        super().__init__(LOG_FORMAT)
+        self._label_getter = label_getter
+
+    def formatMessage(self, record):
+        label = None
+        if self._label_getter is not None:
+            try:
+                label = self._label_getter()
+            except Exception:
+                label = None
+        if not label:
+            return super().formatMessage(record)
+        message = record.message
+        record.message = f"[{label}] {message}"
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.message = message
+
+
+def setup_logging(
+    label_getter: Callable[[], object] | None = None,
+    logfile: str | None = None,
+    level: str | int = "INFO",
+) -> logging.Handler:
+    """Send the root logger to *logfile* (or stderr) at *level*.
+
+    *label_getter*, if given, is called for every record and its result
+    (e.g. the node's NID as ``'S1'``) is shown before the message.  Calling
+    again replaces the handler installed by a previous call.
+    """
+    if isinstance(level, str):
+        numeric = logging.getLevelName(level.strip().upper())
+        if not isinstance(numeric, int):
+            raise ValueError(f"invalid log level {level!r}")
+        level = numeric
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, "_neozodb_handler", False):
+            root.removeHandler(old)
+            old.close()
+    if logfile:
+        handler: logging.Handler = logging.handlers.WatchedFileHandler(
+            logfile, encoding="utf-8"
+        )
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler._neozodb_handler = True  # type: ignore[attr-defined]
+    handler.setFormatter(_LabelFormatter(label_getter))
+    root.addHandler(handler)
+    root.setLevel(level)
+    return handler
+
+
+def _main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in NODE_TYPES:
+        sys.stderr.write(
+            "usage: python -m neozodb.cli.config {master,storage,admin} [options]\n"
+        )
+        return 2
+    options = parse_options(argv[0], argv[1:], prog=f"neo{argv[0]}")
+    out = {}
+    for key, value in sorted(vars(options).items()):
+        if key == "bind":
+            value = format_address(value)
+        elif key == "masters":
+            value = [format_address(a) for a in value]
+        out[key] = value
+    print(json.dumps(out, indent=1, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

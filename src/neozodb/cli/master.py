@@ -1,0 +1,22 @@
+"""neomaster: run a master node."""
+from __future__ import annotations
+
+import sys
+
+from neozodb.cli.config import parse_options
+from neozodb.cli.run import run_node
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_options("master", argv, prog="neomaster")
+    from neozodb.master.app import MasterApp
+
+    def make():
+        return MasterApp(options.cluster, options.bind, partitions=options.partitions,
+                         replicas=options.replicas, autostart=options.autostart,
+                         masters=options.masters)
+    return run_node(options, make)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

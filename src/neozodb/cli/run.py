@@ -1,0 +1,45 @@
+"""Running a server node: logging, event loop, signals."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Callable
+
+from neozodb.cli.config import setup_logging
+
+
+def run_node(options, make_app: Callable, on_signal: Callable | None = None) -> int:
+    """Build the app inside a fresh event loop and run it until it exits.
+
+    SIGTERM and SIGINT call ``on_signal(app)`` (default: ``app.exit()``) so
+    that the node stops cleanly instead of dying mid-write."""
+    setup_logging(None, options.logfile, options.loglevel)
+    try:
+        import uvloop  # optional: faster loop when installed
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+
+    async def main() -> int:
+        app = make_app()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, _handler(app, on_signal))
+        result = await app.run()
+        return result or 0
+
+    try:
+        return asyncio.run(main())
+    except OSError as e:
+        print("%s: error: %s" % (options.node, e), file=sys.stderr)
+        return 1
+
+
+def _handler(app, on_signal):
+    def handle():
+        if on_signal is not None:
+            on_signal(app)
+        else:
+            app.exit()
+    return handle

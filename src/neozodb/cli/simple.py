@@ -1,0 +1,69 @@
+"""neosimple: a throw-away local cluster (one master, N storages, one admin)
+in one directory, in the foreground until Ctrl-C."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from neozodb.cli.cluster import LocalCluster
+from neozodb.cli.config import format_address
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        self.exit(2, "%s: error: %s\n" % (self.prog, message))
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(prog="neosimple", description=__doc__)
+    parser.add_argument("--masters", type=_positive, default=1, help="number of masters (1)")
+    parser.add_argument("--storages", type=_positive, default=2, help="number of storages (2)")
+    parser.add_argument("--replicas", type=_positive, default=1, help="replicas (1)")
+    parser.add_argument("--partitions", type=_positive, default=12, help="partitions (12)")
+    parser.add_argument("-c", "--cluster", default="neozodb", help="cluster name")
+    parser.add_argument("--master-port", type=_positive, default=0, help="master port (any)")
+    parser.add_argument("--admin-port", type=_positive, default=0, help="admin port (any)")
+    parser.add_argument("directory", help="where databases and logs go")
+    opts = parser.parse_args(argv)
+    if opts.masters != 1:
+        parser.error("this version runs exactly one master")
+    if opts.storages < 1 or opts.partitions < 1:
+        parser.error("at least one storage and one partition are needed")
+    cluster = LocalCluster(opts.directory, opts.cluster, opts.storages, opts.replicas,
+                           opts.partitions, master_port=opts.master_port,
+                           admin_port=opts.admin_port)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        cluster.start()
+    except RuntimeError as e:
+        print("neosimple: error: %s" % e, file=sys.stderr)
+        cluster.kill()
+        return 1
+    print("cluster %r running: %d storage(s), replicas %d, %d partitions" % (
+        opts.cluster, opts.storages, opts.replicas, opts.partitions))
+    print("connect with: %s" % cluster.uri)
+    print("neoctl -a %s print pt" % format_address(cluster.admin_address))
+    print("logs and databases in %s; Ctrl-C stops the cluster" % cluster.directory, flush=True)
+    while not stop.wait(1.0):
+        dead = [n.name for n in cluster.nodes.values() if not n.running]
+        if dead:
+            print("neosimple: node(s) %s exited; stopping" % ", ".join(dead), file=sys.stderr)
+            break
+    print("stopping...", flush=True)
+    cluster.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""ZODB client for neozodb: ``Storage`` is what an application opens.
+
+Runs in the application's threads; one reader thread per connection
+(``neozodb.net.threaded``) handles what the cluster sends.
+"""
+
+from neozodb.client.storage import NEOStorageError, Storage
+
+__all__ = ["Storage", "NEOStorageError"]

@@ -1,0 +1,369 @@
+"""The client's cluster view: master connection, node list, partition
+table, storage connections, object cache and last TID.
+
+Called from ZODB's application threads; notifications are processed in the
+reader threads of ``neozodb.net.threaded``.  ``self.lock`` protects the
+cache, ``last_tid`` and the loading bookkeeping, so that invalidations and
+loads never interleave badly: an object loaded while an invalidation for it
+arrives is cached with the right ``next_serial``.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+
+from neozodb.client.cache import ClientCache
+from neozodb.net.connection import Handler
+from neozodb.net.endpoint import ConnectionClosed, RemoteError
+from neozodb.net.threaded import ThreadedConnection
+from neozodb.nodes import NodeManager
+from neozodb.protocol import (
+    ZERO_TID,
+    ErrorCodes,
+    NodeStates,
+    NodeTypes,
+    Packets,
+    nid_str,
+    p64,
+    u64,
+)
+from neozodb.pt import PartitionTable
+
+log = logging.getLogger("neozodb.client")
+
+
+class NEOStorageError(Exception):
+    pass
+
+
+class MasterHandler(Handler):
+    def __init__(self, app: ClientApp) -> None:
+        self.app = app
+
+    def NotifyNodeInformation(self, conn, msg_id, timestamp, entries):
+        app = self.app
+        with app.lock:
+            changed = app.nm.update(entries)
+        for node in changed:
+            if node.type is NodeTypes.STORAGE and node.state is not NodeStates.RUNNING:
+                app.drop_storage(node.nid)
+        app.wake()
+
+    def SendPartitionTable(self, conn, msg_id, ptid, replicas, rows):
+        pt = PartitionTable(len(rows), replicas)
+        pt.load(ptid, replicas, rows)
+        self.app.pt = pt
+        self.app.wake()
+
+    def NotifyPartitionChanges(self, conn, msg_id, ptid, replicas, changes):
+        self.app.pt.apply_changes(ptid, replicas, changes)
+        self.app.wake()
+
+    def NotifyClusterInformation(self, conn, msg_id, state):
+        self.app.cluster_state = state
+
+    def InvalidateObjects(self, conn, msg_id, tid, oids):
+        self.app.invalidate(tid, oids)
+
+    def StopOperation(self, conn, msg_id):
+        log.warning("%s: cluster stopped operation", self.app.label)
+
+    def connection_lost(self, conn) -> None:
+        self.app.master_lost(conn)
+
+
+class StorageHandler(Handler):
+    def __init__(self, app: ClientApp) -> None:
+        self.app = app
+
+    def NotifyDeadlock(self, conn, msg_id, ttid, oid):
+        self.app.deadlock(conn, ttid, oid)
+
+    def connection_lost(self, conn) -> None:
+        self.app.storage_lost(conn)
+
+
+class ClientApp:
+    def __init__(self, master_nodes: list[tuple[str, int]], name: str, read_only: bool = False,
+                 cache_size: int = 20 << 20, connect_timeout: float = 60.0) -> None:
+        self.master_nodes = master_nodes
+        self.name = name
+        self.read_only = read_only
+        self.connect_timeout = connect_timeout
+        self.nid: int | None = None
+        self.nm = NodeManager()
+        self.pt: PartitionTable | None = None
+        self.cluster_state = None
+        self.cache = ClientCache(cache_size)
+        self.lock = threading.RLock()
+        self.last_tid = ZERO_TID
+        self._loading: dict[bytes, list] = {}  # oid -> [loads in progress, invalidating tid]
+        self.master: ThreadedConnection | None = None
+        self._storages: dict[int, ThreadedConnection] = {}
+        self._storage_lock = threading.Lock()
+        self._connect_lock = threading.Lock()
+        self._changed = threading.Condition()
+        self.invalidation_listener = None  # ZODB's storage wrapper, set by registerDB
+        self.transactions: dict[bytes, object] = {}  # ttid -> commit context (deadlock notices)
+        self._oids: list[bytes] = []
+        self._oid_lock = threading.Lock()
+        self.closed = False
+
+    @property
+    def label(self) -> str:
+        return nid_str(self.nid) if self.nid is not None else "C?"
+
+    def wake(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    # -- master ------------------------------------------------------------------
+    def get_master(self) -> ThreadedConnection:
+        conn = self.master
+        if conn is not None and not conn.closed:
+            return conn
+        with self._connect_lock:
+            if self.master is not None and not self.master.closed:
+                return self.master
+            self._connect()
+            return self.master
+
+    def _connect(self) -> None:
+        deadline = time.monotonic() + self.connect_timeout
+        delay = 0.05
+        last_error = "no master reachable"
+        while not self.closed:
+            for address in self.master_nodes:
+                conn = ThreadedConnection(address, MasterHandler(self), self.label)
+                try:
+                    conn.connect(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+                    extra = {b"read_only": True} if self.read_only else {}
+                    _, master_nid, nid = conn.call(
+                        Packets.RequestIdentification, NodeTypes.CLIENT, self.nid, None,
+                        self.name.encode(), None, extra, timeout=10)
+                except (OSError, ConnectionClosed) as e:
+                    last_error = "%s:%s: %s" % (address[0], address[1], e)
+                    if conn.sock is not None:
+                        conn.close()
+                    continue
+                except RemoteError as e:
+                    last_error = "%s:%s: %s" % (address[0], address[1], e)
+                    conn.close()
+                    if e.code is ErrorCodes.PROTOCOL_ERROR:
+                        raise NEOStorageError(f"master refused the connection: {e.message}") from None
+                    continue
+                conn.nid = master_nid
+                self.nid = nid
+                conn.owner_label = self.label
+                self.master = conn
+                self._wait_operational(deadline)
+                (tid,) = conn.call(Packets.AskLastTransaction, timeout=30)
+                self._reconnected(tid)
+                log.info("%s: connected to master %s at %s:%s", self.label, nid_str(master_nid),
+                         *address)
+                return
+            if time.monotonic() > deadline:
+                raise NEOStorageError(f"cannot connect to cluster {self.name!r}: {last_error}")
+            time.sleep(delay)  # reconnection backoff, not synchronisation
+            delay = min(delay * 2, 1.0)
+        raise NEOStorageError("storage closed")
+
+    def _wait_operational(self, deadline: float) -> None:
+        with self._changed:
+            while not (self.pt is not None and self.pt.operational(self.running_storages())):
+                if self.master.closed:
+                    raise ConnectionClosed("master lost while connecting")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise NEOStorageError("cluster not operational")
+                self._changed.wait(min(remaining, 1.0))
+
+    def _reconnected(self, tid: bytes) -> None:
+        with self.lock:
+            if tid != self.last_tid:
+                if self.last_tid != ZERO_TID:
+                    # unknown gap: everything current may be stale
+                    self.cache.clear_current()
+                    if self.invalidation_listener is not None:
+                        self.invalidation_listener.invalidateCache()
+                self.last_tid = max(tid, self.last_tid) if tid > self.last_tid else tid
+
+    def master_lost(self, conn) -> None:
+        if conn is self.master:
+            log.warning("%s: lost the master: %s", self.label, conn.close_reason)
+            self.wake()
+
+    def running_storages(self) -> set[int]:
+        return {n.nid for n in self.nm.storages(NodeStates.RUNNING)}
+
+    # -- storages --------------------------------------------------------------------
+    def storage_conn(self, nid: int) -> ThreadedConnection:
+        conn = self._storages.get(nid)
+        if conn is not None and not conn.closed:
+            return conn
+        with self._storage_lock:
+            conn = self._storages.get(nid)
+            if conn is not None and not conn.closed:
+                return conn
+            node = self.nm.get(nid)
+            if node is None or node.address is None or node.state is not NodeStates.RUNNING:
+                raise ConnectionClosed("%s is not running" % nid_str(nid))
+            conn = ThreadedConnection(node.address, StorageHandler(self), self.label)
+            conn.connect(timeout=10)
+            conn.nid = nid
+            me = self.nm.get(self.nid)
+            try:
+                conn.call(Packets.RequestIdentification, NodeTypes.CLIENT, self.nid, None,
+                          self.name.encode(), me.id_timestamp if me else None, {}, timeout=30)
+            except BaseException:
+                conn.close()
+                raise
+            self._storages[nid] = conn
+            return conn
+
+    def drop_storage(self, nid: int) -> None:
+        conn = self._storages.pop(nid, None)
+        if conn is not None:
+            conn.close("storage not running")
+
+    def storage_lost(self, conn) -> None:
+        if self._storages.get(conn.nid) is conn:
+            del self._storages[conn.nid]
+
+    def readable_nids(self, oid: bytes) -> list[int]:
+        self.get_master()
+        pt = self.pt
+        running = self.running_storages()
+        nids = [n for n in pt.readable_nids(pt.partition(oid)) if n in running]
+        random.shuffle(nids)
+        return nids
+
+    def ask_storage(self, oid: bytes, packet, *args):
+        """Ask a readable replica of oid's partition, trying others on failure."""
+        last_error: Exception | None = None
+        for _ in range(3):
+            for nid in self.readable_nids(oid):
+                try:
+                    return self.storage_conn(nid).call(packet, *args)
+                except (ConnectionClosed, OSError) as e:
+                    last_error = e
+                except RemoteError as e:
+                    if e.code is not ErrorCodes.NON_READABLE_CELL:
+                        raise
+                    last_error = e
+            self.sync()
+        raise NEOStorageError(f"no storage could answer {packet.name}: {last_error}")
+
+    # -- loads and the cache ---------------------------------------------------------------
+    def load(self, oid: bytes, before_tid: bytes | None = None) -> tuple[bytes, bytes, bytes | None] | None:
+        """(data, serial, next_serial) of the revision before before_tid
+        (default: current).  None if the object did not exist then; raises
+        KeyError if it never existed."""
+        with self.lock:
+            if before_tid is None:
+                before_tid = p64(u64(self.last_tid) + 1)
+            item = self.cache.load(oid, before_tid)
+            if item is not None:
+                return item
+            loading = self._loading.get(oid)
+            if loading is None:
+                loading = self._loading[oid] = [0, None]
+            loading[0] += 1
+        try:
+            try:
+                answer = self.ask_storage(oid, Packets.AskObject, oid, None, before_tid)
+            except RemoteError as e:
+                if e.code is ErrorCodes.OID_DOES_NOT_EXIST:
+                    raise KeyError(oid) from None
+                if e.code is ErrorCodes.OID_NOT_FOUND:
+                    return None
+                raise
+            _, serial, next_serial, compression, checksum, data, _ = answer
+            data = self.decompress(oid, serial, compression, checksum, data)
+            with self.lock:
+                if next_serial is None and loading[1] is not None:
+                    next_serial = loading[1]  # invalidated while we were loading
+                if data is not None:
+                    self.cache.store(oid, data, serial, next_serial)
+            if data is None:
+                return None  # deletion or undone creation
+            return data, serial, next_serial
+        finally:
+            with self.lock:
+                loading[0] -= 1
+                if not loading[0]:
+                    self._loading.pop(oid, None)
+
+    def load_serial(self, oid: bytes, serial: bytes) -> bytes:
+        try:
+            answer = self.ask_storage(oid, Packets.AskObject, oid, serial, None)
+        except RemoteError as e:
+            if e.code in (ErrorCodes.OID_DOES_NOT_EXIST, ErrorCodes.OID_NOT_FOUND):
+                raise KeyError(oid) from None
+            raise
+        _, serial, _, compression, checksum, data, _ = answer
+        data = self.decompress(oid, serial, compression, checksum, data)
+        if data is None:
+            raise KeyError(oid)
+        return data
+
+    @staticmethod
+    def decompress(oid, serial, compression, checksum, data) -> bytes | None:
+        from neozodb.client.compress import decompress
+        return decompress(oid, serial, compression, checksum, data)
+
+    def invalidate(self, tid: bytes, oids) -> None:
+        """Another client committed: in the master's reader thread, in TID order."""
+        with self.lock:
+            cache = self.cache
+            for oid in oids:
+                cache.invalidate(oid, tid)
+                loading = self._loading.get(oid)
+                if loading is not None and (loading[1] is None or tid < loading[1]):
+                    loading[1] = tid
+            listener = self.invalidation_listener
+            if listener is not None:
+                listener.invalidate(tid, oids)
+            if tid > self.last_tid:
+                self.last_tid = tid
+
+    def committed(self, tid: bytes, stored: dict, callback) -> None:
+        """Our own commit: in the master's reader thread, before any later
+        invalidation, update the cache, run ZODB's callback, move last_tid."""
+        with self.lock:
+            cache = self.cache
+            for oid, data in stored.items():
+                cache.invalidate(oid, tid)
+                if data is not None:
+                    cache.store(oid, data, tid, None)
+            if callback is not None:
+                callback(tid)
+            if tid > self.last_tid:
+                self.last_tid = tid
+
+    def sync(self) -> None:
+        """A barrier with the master: every earlier invalidation is processed."""
+        self.get_master().call(Packets.Ping, timeout=60)
+
+    # -- misc ----------------------------------------------------------------------------------
+    def new_oid(self) -> bytes:
+        with self._oid_lock:
+            if not self._oids:
+                (oids,) = self.get_master().call(Packets.AskNewOIDs, 100, timeout=60)
+                self._oids = list(reversed(oids))
+            return self._oids.pop()
+
+    def deadlock(self, conn, ttid: bytes, oid: bytes) -> None:
+        ctx = self.transactions.get(ttid)
+        if ctx is not None:
+            ctx.deadlock(conn, oid)
+
+    def close(self) -> None:
+        self.closed = True
+        for conn in list(self._storages.values()):
+            conn.close("client closing")
+        self._storages.clear()
+        if self.master is not None:
+            self.master.close("client closing")

@@ -1,0 +1,196 @@
+"""One transaction being committed by the client: pipelined stores to every
+cell of each object's partition, conflict resolution at vote, then the vote
+and finish round trips.  Answers to the stores arrive on the transaction's
+own queue and are processed by the committing thread."""
+from __future__ import annotations
+
+import logging
+from queue import SimpleQueue
+
+from ZODB.POSException import ConflictError, ReadConflictError, StorageTransactionError
+
+from neozodb.client.compress import compress
+from neozodb.net.endpoint import ConnectionClosed, RemoteError
+from neozodb.protocol import ZERO_HASH, ZERO_TID, ErrorCodes, Packets
+
+log = logging.getLogger("neozodb.client")
+
+STORE, CHECK, RELOCK, VOTE = "store", "check", "relock", "vote"
+
+
+class Commit:
+    def __init__(self, app, storage, txn, ttid: bytes, compress_level: int | None) -> None:
+        self.app = app
+        self.storage = storage  # the ZODB Storage: conflict resolution lives there
+        self.txn = txn
+        self.ttid = ttid
+        self.level = compress_level
+        self.queue: SimpleQueue = SimpleQueue()
+        self.pending = 0  # answers still expected
+        self.data: dict[bytes, tuple] = {}  # oid -> (data or None, serial, data_serial)
+        self.cache_data: dict[bytes, bytes | None] = {}
+        self.checked: dict[bytes, bytes] = {}
+        self.involved: set[int] = set()
+        self.failed: set[int] = set()
+        self.resolved: list[bytes] = []
+        self.conflict_error: Exception | None = None
+        self.voted = False
+
+    # -- sending -------------------------------------------------------------------
+    def _send(self, nid: int, packet, args, token) -> None:
+        try:
+            conn = self.app.storage_conn(nid)
+        except (ConnectionClosed, OSError) as e:
+            log.warning("%s: %s unreachable during %s: %s", self.app.label, nid, self.ttid.hex(), e)
+            self.failed.add(nid)
+            return
+        self.involved.add(nid)
+        self.pending += 1
+        conn.ask(packet, *args, queue=self.queue, token=token)
+
+    def _cells(self, oid: bytes) -> list[int]:
+        pt = self.app.pt
+        running = self.app.running_storages()
+        nids = [n for n in pt.writable_nids(pt.partition(oid)) if n in running]
+        if not nids:
+            raise ConflictError(f"no storage for {oid.hex()}", oid=oid)
+        return nids
+
+    def store(self, oid: bytes, serial: bytes | None, data: bytes | None,
+              data_serial: bytes | None = None) -> None:
+        if serial is None:
+            serial = ZERO_TID
+        self.data[oid] = (data, serial, data_serial)
+        self.cache_data[oid] = data
+        if data is None:
+            compression, stored, checksum = 0, b"", ZERO_HASH
+        else:
+            compression, stored, checksum = compress(data, self.level)
+        args = (oid, serial, compression, checksum, stored, data_serial, self.ttid)
+        for nid in self._cells(oid):
+            self._send(nid, Packets.AskStoreObject, args, (STORE, oid, serial))
+
+    def check_current(self, oid: bytes, serial: bytes) -> None:
+        self.checked[oid] = serial
+        for nid in self._cells(oid):
+            self._send(nid, Packets.AskCheckCurrentSerial, (self.ttid, oid, serial), (CHECK, oid, serial))
+
+    def deadlock(self, conn, oid: bytes) -> None:
+        """A storage asks us to release oid (reader thread): do it unless voted."""
+        if not self.voted and oid in self.data:
+            self.queue.put(((RELOCK, oid, conn), None, None, conn))
+
+    # -- answers -------------------------------------------------------------------
+    def _process(self, block: bool) -> None:
+        while self.pending and (block or not self.queue.empty()):
+            token, result, error, conn = self.queue.get()
+            kind = token[0]
+            if kind == RELOCK and result is None and error is None and len(token) == 3:
+                # a deadlock notice, not an answer: ask the storage to relock
+                oid = token[1]
+                self.pending += 1
+                conn.ask(Packets.AskRelockObject, self.ttid, oid, queue=self.queue,
+                         token=(RELOCK, oid, conn, "answer"))
+                continue
+            self.pending -= 1
+            if error is not None:
+                self._failure(conn, error)
+                continue
+            if kind == STORE:
+                (conflict,) = result
+                if conflict is not None and conflict != ZERO_TID:
+                    self._conflict(token[1], token[2], conflict)
+            elif kind == CHECK:
+                (current,) = result
+                if current is not None and current != ZERO_TID and self.conflict_error is None:
+                    oid = token[1]
+                    self.conflict_error = ReadConflictError(oid=oid, serials=(current, token[2]))
+            elif kind == RELOCK:
+                (answer,) = result
+                if answer is not None:
+                    serial, conflict, stored = answer
+                    self._conflict(token[1], serial, conflict)
+        if self.conflict_error is not None:
+            raise self.conflict_error
+
+    def _failure(self, conn, error: Exception) -> None:
+        if isinstance(error, ConnectionClosed):
+            self.failed.add(conn.nid)
+            return
+        if isinstance(error, RemoteError) and error.code is ErrorCodes.NON_READABLE_CELL:
+            return
+        raise StorageTransactionError(f"storage {conn.label} failed: {error}")
+
+    def _conflict(self, oid: bytes, serial: bytes, conflict: bytes) -> None:
+        if self.conflict_error is not None:
+            return
+        current = self.data.get(oid)
+        if current is None or current[1] != serial:
+            return  # already re-stored after a newer conflict
+        data = current[0]
+        if conflict > self.app.last_tid:
+            self.app.sync()  # the invalidation for it is late: process it first
+        try:
+            if data is None:
+                raise ConflictError(oid=oid, serials=(conflict, serial))
+            new = self.storage.tryToResolveConflict(oid, conflict, serial, data)
+        except ConflictError as e:
+            self.conflict_error = e
+            return
+        log.debug("%s: resolved conflict on %s", self.app.label, oid.hex())
+        if oid not in self.resolved:
+            self.resolved.append(oid)
+        self.store(oid, conflict, new)
+
+    # -- two-phase commit ---------------------------------------------------------------
+    def vote(self) -> list[bytes]:
+        self._process(block=True)
+        app = self.app
+        pt = app.pt
+        meta_nids = [n for n in pt.writable_nids(pt.partition(self.ttid))
+                     if n in app.running_storages()]
+        txn = self.txn
+        ext = txn.extension_bytes if hasattr(txn, "extension_bytes") else b""
+        oids = list(self.data)
+        for nid in meta_nids:
+            self._send(nid, Packets.AskStoreTransaction,
+                       (self.ttid, txn.user, txn.description, ext, oids, None), (VOTE,))
+        for nid in self.involved - set(meta_nids):
+            self._send(nid, Packets.AskVoteTransaction, (self.ttid,), (VOTE,))
+        self._process(block=True)
+        if self.failed:
+            failed = sorted(self.failed)
+            try:
+                app.get_master().call(Packets.FailedVote, self.ttid, failed, timeout=60)
+            except RemoteError as e:
+                raise StorageTransactionError(f"commit failed: {e.message}") from None
+        self.voted = True
+        return self.resolved
+
+    def finish(self, callback) -> bytes:
+        app = self.app
+        pt = app.pt
+        oids = list(self.data)
+        checked = sorted({pt.partition(oid) for oid in self.checked})
+
+        def committed(result, error):
+            if error is None:
+                app.committed(result[1], self.cache_data, callback)
+
+        master = app.get_master()
+        queue = master.ask(Packets.AskFinishTransaction, self.ttid, oids, [], checked, None,
+                           hook=committed)
+        _, result, error, _ = queue.get()
+        if error is not None:
+            raise StorageTransactionError(f"tpc_finish failed: {error}")
+        return result[1]
+
+    def abort(self) -> None:
+        app = self.app
+        for nid in self.involved:
+            conn = app._storages.get(nid)
+            if conn is not None and not conn.closed:
+                conn.notify(Packets.AbortTransaction, self.ttid, [])
+        master = app.master
+        if master is not None and not master.closed:
+            master.notify(Packets.AbortTransaction, self.ttid, sorted(self.involved))

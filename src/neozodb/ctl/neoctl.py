@@ -1,0 +1,237 @@
+"""neoctl: operate a cluster through its admin node.
+
+Prints what NEO's neoctl prints (see docs/operations.md); ``--json`` prints
+the same information as JSON for scripts.  Every failure is one line on
+stderr and a non-zero exit status.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+
+from neozodb.cli.config import format_address, parse_address
+from neozodb.net.endpoint import ConnectionClosed, RemoteError
+from neozodb.net.threaded import ThreadedConnection
+from neozodb.nodes import STATE_LETTER, address_from_wire
+from neozodb.protocol import (
+    ClusterStates,
+    NodeStates,
+    NodeTypes,
+    Packets,
+    nid_str,
+    parse_nid,
+    u64,
+)
+from neozodb.pt import PartitionTable
+from neozodb.tid import format_tid_time
+
+USAGE = """\
+commands:
+  print cluster                 cluster state
+  print ids                     last oid, last tid and last partition table id
+  print node [TYPE]             nodes (TYPE: MASTER STORAGE CLIENT ADMIN)
+  print pt                      partition table
+  print primary                 primary master
+  start                         allow the cluster to leave RECOVERING
+  add NID... | add all          accept pending storage nodes
+  set cluster STATE             e.g. set cluster STOPPING
+"""
+
+
+class CtlError(Exception):
+    pass
+
+
+class _Silent:
+    def dispatch(self, conn, msg_id, packet, args):
+        pass
+
+    def connection_lost(self, conn):
+        pass
+
+
+class NeoCtl:
+    def __init__(self, address: tuple[str, int], timeout: float = 30.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.conn: ThreadedConnection | None = None
+
+    def connect(self) -> None:
+        conn = ThreadedConnection(self.address, _Silent(), "neoctl")
+        try:
+            conn.connect(timeout=self.timeout)
+        except OSError as e:
+            raise CtlError("cannot connect to admin at %s: %s" % (format_address(self.address),
+                                                                   e.strerror or e)) from None
+        self.conn = conn
+        self.call(Packets.RequestIdentification, NodeTypes.ADMIN, None, None, b"", None, {})
+
+    def call(self, packet, *args):
+        try:
+            return self.conn.call(packet, *args, timeout=self.timeout)
+        except RemoteError as e:
+            raise CtlError(e.message or e.code.name) from None
+        except ConnectionClosed as e:
+            raise CtlError("connection to admin lost: %s" % e) from None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+    # -- queries --------------------------------------------------------------
+    def nodes(self, node_type: NodeTypes | None = None) -> list[tuple]:
+        types = [node_type] if node_type is not None else list(NodeTypes)
+        result = []
+        for t in types:
+            (nodes,) = self.call(Packets.AskNodeList, t)
+            result.extend(nodes)
+        return sorted(result, key=lambda n: (nid_str(n[2])[0], n[2] & 0xffffff))
+
+    def partition_table(self) -> PartitionTable:
+        ptid, replicas, rows = self.call(Packets.AskPartitionList, 0, 0, None)
+        pt = PartitionTable(len(rows), replicas)
+        pt.load(ptid, replicas, rows)
+        return pt
+
+
+def _node_dict(node) -> dict:
+    node_type, addr, nid, state, id_ts = node
+    address = address_from_wire(addr)
+    return {"nid": nid_str(nid), "type": node_type.name,
+            "address": format_address(address) if address else None,
+            "state": state.name, "id_timestamp": id_ts}
+
+
+def _format_nodes(nodes) -> list[str]:
+    rows = [_node_dict(n) for n in nodes]
+    width = max((len(r["address"] or "") for r in rows), default=0)
+    lines = []
+    for r in rows:
+        ts = r["id_timestamp"]
+        when = "None" if ts is None else str(datetime.datetime.fromtimestamp(ts))
+        lines.append("%s | %-7s | %-*s | %s | %s" % (
+            r["nid"], r["type"], width, r["address"] or "", r["state"], when))
+    return lines
+
+
+def run_command(ctl: NeoCtl, words: list[str]) -> tuple[list[str], object]:
+    """Execute one command: (text lines, JSON-able value)."""
+    if not words:
+        raise CtlError("no command")
+    cmd, args = words[0], words[1:]
+    if cmd == "print":
+        if not args:
+            raise CtlError("print what? (cluster, ids, node, pt, primary)")
+        what, rest = args[0], args[1:]
+        if what == "cluster":
+            (state,) = ctl.call(Packets.AskClusterState)
+            name = state.name if state is not None else "None"
+            return [name], {"cluster": name}
+        if what == "ids":
+            last_tid, last_oid, _ = ctl.call(Packets.AskLastIDs)
+            ptid, _, _ = ctl.call(Packets.AskRecovery)
+            oid = u64(last_oid) if last_oid else 0
+            lines = ["last_oid = %#x" % oid]
+            if last_tid is None:
+                lines.append("last_tid = None")
+            else:
+                lines.append("last_tid = %#x (%s)" % (u64(last_tid), format_tid_time(u64(last_tid))))
+            lines.append("last_ptid = %s" % ptid)
+            return lines, {"last_oid": oid, "last_tid": None if last_tid is None else u64(last_tid),
+                           "last_ptid": ptid}
+        if what == "node":
+            node_type = None
+            if rest:
+                try:
+                    node_type = NodeTypes[rest[0].upper()]
+                except KeyError:
+                    raise CtlError("invalid node type: %s" % rest[0]) from None
+            nodes = ctl.nodes(node_type)
+            return _format_nodes(nodes), [_node_dict(n) for n in nodes]
+        if what == "pt":
+            pt = ctl.partition_table()
+            storages = ctl.nodes(NodeTypes.STORAGE)
+            letters = {n[2]: STATE_LETTER.get(n[3], "U") for n in storages}
+            lines = [pt.header()] + pt.grid(letters)
+            return lines, {"ptid": pt.ptid, "replicas": pt.num_replicas,
+                           "rows": [[[nid_str(n), CELL_NAMES[s]] for n, s in row] for row in pt.rows()],
+                           "nodes": {nid_str(n): NodeStates(s).name for n, s in
+                                     ((n[2], n[3].value) for n in storages)}}
+        if what == "primary":
+            (nid,) = ctl.call(Packets.AskPrimary)
+            return [nid_str(nid)], {"primary": nid_str(nid)}
+        raise CtlError("invalid command: print %s" % what)
+    if cmd == "start":
+        ctl.call(Packets.SetClusterState, ClusterStates.VERIFYING)
+        return [], {"ok": True}
+    if cmd == "set":
+        if len(args) != 2 or args[0] != "cluster":
+            raise CtlError("usage: set cluster STATE")
+        try:
+            state = ClusterStates[args[1].upper()]
+        except KeyError:
+            raise CtlError("invalid cluster state: %s" % args[1]) from None
+        ctl.call(Packets.SetClusterState, state)
+        return [], {"ok": True}
+    if cmd == "add":
+        if not args:
+            raise CtlError("usage: add NID... | add all")
+        if args == ["all"]:
+            nids = [n[2] for n in ctl.nodes(NodeTypes.STORAGE) if n[3] is NodeStates.PENDING]
+        else:
+            try:
+                nids = [parse_nid(a) for a in args]
+            except ValueError as e:
+                raise CtlError("invalid node id: %s" % e) from None
+        if nids:
+            ctl.call(Packets.AddPendingNodes, nids)
+        added = [nid_str(n) for n in nids]
+        return ["Nodes added: %s" % ", ".join(added) if added else "No node added"], {"added": added}
+    raise CtlError("invalid command: %s" % cmd)
+
+
+CELL_NAMES = {0: "OUT_OF_DATE", 1: "UP_TO_DATE", 2: "FEEDING", 3: "CORRUPTED", 4: "DISCARDED"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        self.exit(2, "%s: error: %s\n" % (self.prog, message))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(prog="neoctl", description="Operate a neozodb cluster through its admin node.",
+                     epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-a", "--address", default="127.0.0.1:9999",
+                        help="admin node address (default 127.0.0.1:9999)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--timeout", type=float, default=30.0, help=argparse.SUPPRESS)
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    opts = parser.parse_args(argv)
+    if not opts.command:
+        parser.print_help()
+        return 0
+    try:
+        address = parse_address(opts.address, default_port=9999)
+    except ValueError as e:
+        parser.error(str(e))
+    ctl = NeoCtl(address, opts.timeout)
+    try:
+        ctl.connect()
+        lines, value = run_command(ctl, opts.command)
+    except CtlError as e:
+        print(e, file=sys.stderr)
+        return 1
+    finally:
+        ctl.close()
+    if opts.json:
+        print(json.dumps(value, indent=1))
+    else:
+        for line in lines:
+            print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,446 @@
+"""The primary master: cluster state, node registry, partition table,
+OID/TID allocation and two-phase commit coordination.
+
+Runs in one asyncio loop.  The cluster goes RECOVERING -> VERIFYING ->
+RUNNING (``run``), back to RECOVERING when the partition table stops being
+operational, and to STOPPING on request, after which the process exits.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from neozodb.master import handlers
+from neozodb.master.transactions import TransactionManager
+from neozodb.net.connection import Connection, ConnectionClosed, RemoteError
+from neozodb.nodes import Node, NodeManager
+from neozodb.protocol import (
+    CellStates,
+    ClusterStates,
+    NodeStates,
+    NodeTypes,
+    Packets,
+    make_nid,
+    nid_str,
+    p64,
+    u64,
+)
+from neozodb.pt import PartitionTable
+
+log = logging.getLogger("neozodb.master")
+
+
+class StoppedOperation(Exception):
+    """The partition table is no longer operational: back to recovery."""
+
+
+class MasterApp:
+    def __init__(self, name: str, bind: tuple[str, int], partitions: int = 100,
+                 replicas: int = 0, autostart: int = 0, masters: list | None = None) -> None:
+        self.name = name
+        self.name_bytes = name.encode()
+        self.bind = bind
+        self.address: tuple[str, int] | None = None
+        self.num_partitions = partitions
+        self.num_replicas = replicas
+        self.autostart = autostart
+        self.nid = make_nid(NodeTypes.MASTER, 1)
+        self.nm = NodeManager()
+        self.pt: PartitionTable | None = None
+        self.tm = TransactionManager(partitions)
+        self.cluster_state = ClusterStates.RECOVERING
+        self.startup_allowed = False
+        self.last_id_timestamp = 0.0
+        self._changed = asyncio.Event()  # wakes the phase waiting for a condition
+        self._stop_operation = asyncio.Event()
+        self._exit = asyncio.Event()
+        self.stopping = False
+        self.ready_storages: set[int] = set()  # NotifyReady received
+        self.delayed_begins: list = []
+        self.recovery: dict[int, tuple] = {}  # nid -> AnswerRecovery args
+        self.server: asyncio.base_events.Server | None = None
+
+    @property
+    def label(self) -> str:
+        return nid_str(self.nid)
+
+    # -- helpers used by the handlers -------------------------------------------
+    def id_timestamp(self) -> float:
+        now = time.time()
+        if now <= self.last_id_timestamp:
+            now = self.last_id_timestamp + 1e-6
+        self.last_id_timestamp = now
+        return now
+
+    def changed(self) -> None:
+        self._changed.set()
+
+    def self_node(self) -> Node:
+        return Node(NodeTypes.MASTER, self.nid, self.address, NodeStates.RUNNING, None)
+
+    def visible_to(self, recipient: NodeTypes, node: Node) -> bool:
+        """Which node entries each kind of node is told about."""
+        t = node.type
+        if recipient is NodeTypes.CLIENT:
+            return t in (NodeTypes.MASTER, NodeTypes.STORAGE)
+        if recipient is NodeTypes.MASTER:
+            return t is NodeTypes.MASTER
+        return t is not NodeTypes.ADMIN or recipient is NodeTypes.ADMIN
+
+    def send_node_list(self, node: Node) -> None:
+        entries = [node.wire(), self.self_node().wire()]
+        entries += [n.wire() for n in self.nm if n is not node and self.visible_to(node.type, n)]
+        node.conn.notify(Packets.NotifyNodeInformation, time.time(), entries)
+
+    def broadcast_nodes(self, changed: list[Node], exclude: Node | None = None) -> None:
+        now = time.time()
+        for peer in self.nm:
+            if not peer.connected or peer is exclude:
+                continue
+            entries = [n.wire() for n in changed if self.visible_to(peer.type, n)]
+            if entries:
+                peer.conn.notify(Packets.NotifyNodeInformation, now, entries)
+
+    def send_pt(self, node: Node) -> None:
+        if self.pt is not None and self.pt.ptid is not None:
+            node.conn.notify(Packets.SendPartitionTable, self.pt.ptid, self.pt.num_replicas,
+                             self._wire_rows())
+
+    def _wire_rows(self) -> list:
+        return [[(nid, CellStates(state)) for nid, state in row] for row in self.pt.rows()]
+
+    def apply_pt_changes(self, changes: list) -> None:
+        if not changes:
+            return
+        pt = self.pt
+        ptid = pt.ptid + 1
+        pt.apply_changes(ptid, pt.num_replicas, changes)
+        wire = [(offset, nid, CellStates(state)) for offset, nid, state in changes]
+        for peer in self.nm:
+            if peer.connected and peer.type is not NodeTypes.MASTER and (
+                    peer.type is not NodeTypes.STORAGE or peer.running):
+                peer.conn.notify(Packets.NotifyPartitionChanges, ptid, pt.num_replicas, wire)
+
+    def set_cluster_state(self, state: ClusterStates) -> None:
+        if state is self.cluster_state:
+            return
+        log.info("%s: cluster state %s -> %s", self.label, self.cluster_state.name, state.name)
+        self.cluster_state = state
+        for peer in self.nm:
+            if peer.connected:
+                peer.conn.notify(Packets.NotifyClusterInformation, state)
+
+    def set_node_state(self, node: Node, state: NodeStates) -> None:
+        if node.state is not state:
+            node.state = state
+            self.broadcast_nodes([node])
+
+    def running_storage_nids(self) -> set[int]:
+        return {n.nid for n in self.nm.storages(NodeStates.RUNNING) if n.connected}
+
+    # -- lifecycle --------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: Connection(self, handlers.IdentificationHandler(self)), *self.bind)
+        sock = self.server.sockets[0]
+        self.address = sock.getsockname()[:2]
+        log.info("%s: listening on %s:%s, cluster %r", self.label, *self.address, self.name)
+
+    async def run(self) -> None:
+        await self.start()
+        phases = asyncio.ensure_future(self._phases())
+        await self._exit.wait()
+        phases.cancel()
+        self.server.close()
+        for node in self.nm:
+            if node.connected:
+                node.conn.close("master exiting", flush=True)
+
+    async def _phases(self) -> None:
+        try:
+            while not self.stopping:
+                await self.recover()
+                try:
+                    await self.verify()
+                    await self.serve()
+                except StoppedOperation as e:
+                    log.warning("%s: operation stopped: %s", self.label, e)
+                    self.stop_operation()
+        except Exception:
+            log.exception("%s: fatal error", self.label)
+            self._exit.set()
+
+    async def _wait(self, condition) -> None:
+        while not condition():
+            self._changed.clear()
+            await self._changed.wait()
+
+    # -- recovery -------------------------------------------------------------------
+    async def recover(self) -> None:
+        self.set_cluster_state(ClusterStates.RECOVERING)
+        self.pt = None
+        self.recovery.clear()
+        self.ready_storages.clear()
+        for node in self.nm.storages():
+            if node.connected:
+                self.set_node_state(node, NodeStates.PENDING)
+                self.ask_recovery(node)
+        await self._wait(self._recovery_done)
+        selected = [n for n in self.nm.storages(NodeStates.PENDING) if n.connected]
+        if self.pt is None:
+            pt = PartitionTable(self.num_partitions, self.num_replicas)
+            pt.make(sorted(n.nid for n in selected))
+            self.pt = pt
+            log.info("%s: created partition table over %s", self.label,
+                     " ".join(n.label for n in selected))
+        else:
+            selected = [n for n in selected if n.nid in self.pt.nids()]
+        for node in selected:
+            self.set_node_state(node, NodeStates.RUNNING)
+        # nodes of the table that are not here are known, but down
+        for nid in self.pt.nids():
+            if self.nm.get(nid) is None:
+                self.nm.add(Node(NodeTypes.STORAGE, nid, state=NodeStates.DOWN))
+        for nid in self.pt.nids() - self.running_storage_nids():
+            changes = self.pt.outdate(nid)
+            if changes:
+                self.pt.apply_changes(self.pt.ptid + 1, self.pt.num_replicas, changes)
+
+    def ask_recovery(self, node: Node) -> None:
+        def answered(conn, result, error):
+            if error is None:
+                self.recovery[node.nid] = result
+                self.changed()
+        node.conn.ask(Packets.AskRecovery, callback=answered)
+
+    def _recovery_done(self) -> bool:
+        pending = [n for n in self.nm.storages(NodeStates.PENDING) if n.connected]
+        if any(n.nid not in self.recovery for n in pending):
+            return False
+        best = max((r[0] for r in self.recovery.values() if r[0] is not None), default=None)
+        if best is not None:
+            if self.pt is None or self.pt.ptid != best:
+                source = next(n for n in pending if self.recovery[n.nid][0] == best)
+                self._load_pt(source, best)
+                return False
+            here = {n.nid for n in pending}
+            readable = {nid for p in range(self.pt.num_partitions) for nid in self.pt.readable_nids(p)}
+            if readable <= here:
+                return True
+            return self.startup_allowed and self.pt.operational(here)
+        if not pending:
+            return False
+        if self.startup_allowed:
+            return True
+        return 0 < self.autostart <= len(pending)
+
+    def _load_pt(self, node: Node, ptid: int) -> None:
+        if getattr(self, "_loading_pt", None) == (node.nid, ptid):
+            return
+        self._loading_pt = (node.nid, ptid)
+
+        def answered(conn, result, error):
+            self._loading_pt = None
+            if error is None:
+                got_ptid, replicas, rows = result
+                pt = PartitionTable(len(rows), replicas)
+                pt.load(got_ptid, replicas, rows)
+                self.pt = pt
+                self.num_partitions = len(rows)
+                self.tm.num_partitions = len(rows)
+                for nid in pt.nids():
+                    if self.nm.get(nid) is None:
+                        self.nm.add(Node(NodeTypes.STORAGE, nid, state=NodeStates.DOWN))
+                for admin in self.nm.of_type(NodeTypes.ADMIN):
+                    if admin.connected:
+                        self.send_pt(admin)
+            self.changed()
+        node.conn.ask(Packets.AskPartitionTable, callback=answered)
+
+    # -- verification -------------------------------------------------------------
+    async def verify(self) -> None:
+        self.set_cluster_state(ClusterStates.VERIFYING)
+        storages = [n for n in self.nm.storages(NodeStates.RUNNING) if n.connected]
+        for node in self.nm:
+            if node.connected and node.type in (NodeTypes.STORAGE, NodeTypes.ADMIN):
+                self.send_pt(node)
+        readable = {nid for p in range(self.pt.num_partitions) for nid in self.pt.readable_nids(p)}
+        try:
+            answers = await asyncio.gather(*(
+                n.conn.ask(Packets.AskLockedTransactions) for n in storages if n.nid in readable))
+            locked: dict[bytes, bytes | None] = {}
+            for (txns,) in answers:
+                for ttid, tid in txns.items():
+                    if tid is not None or ttid not in locked:
+                        locked[ttid] = tid if tid is not None else locked.get(ttid)
+            for ttid, tid in locked.items():
+                if tid is None:
+                    # voted but no metadata holder says locked: maybe committed already
+                    for node in storages:
+                        if node.nid in self.pt.readable_nids(self.pt.partition(ttid)):
+                            (final,) = await node.conn.ask(Packets.AskFinalTID, ttid)
+                            if final is not None:
+                                tid = final
+                                break
+                if tid is not None:
+                    log.info("%s: validating transaction %s (tid %s)", self.label, ttid.hex(), tid.hex())
+                    for node in storages:
+                        node.conn.notify(Packets.ValidateTransaction, ttid, tid)
+            ids = await asyncio.gather(*(n.conn.ask(Packets.AskLastIDs) for n in storages))
+        except (ConnectionClosed, RemoteError) as e:
+            raise StoppedOperation(f"storage lost during verification: {e}") from None
+        last_tid = max((u64(t) for t, _, _ in ids if t is not None), default=0)
+        last_oid = max((u64(o) for _, o, _ in ids if o is not None), default=0)
+        self.tm.reset(last_tid, last_oid)
+        log.info("%s: verified: last tid %#x, last oid %#x", self.label, last_tid, last_oid)
+
+    # -- service ------------------------------------------------------------------
+    async def serve(self) -> None:
+        self._stop_operation.clear()
+        self.set_cluster_state(ClusterStates.RUNNING)
+        for node in self.nm.storages(NodeStates.RUNNING):
+            if node.connected:
+                self.start_storage(node)
+        await self._stop_operation.wait()
+        if not self.stopping:
+            raise StoppedOperation("partition table not operational")
+
+    def start_storage(self, node: Node) -> None:
+        self.ready_storages.discard(node.nid)
+        node.conn.notify(Packets.StartOperation, False)
+
+    def storage_ready(self, node: Node) -> None:
+        self.ready_storages.add(node.nid)
+        self.replay_begins()
+
+    def storages_starting(self) -> bool:
+        return any(n.nid not in self.ready_storages
+                   for n in self.nm.storages(NodeStates.RUNNING) if n.connected)
+
+    def replay_begins(self) -> None:
+        if self.storages_starting() or self.stopping:
+            return
+        begins, self.delayed_begins = self.delayed_begins, []
+        for begin in begins:
+            begin()
+
+    def stop_operation(self) -> None:
+        """Leave RUNNING: storages and clients stop; storages become PENDING."""
+        for node in self.nm:
+            if not node.connected:
+                continue
+            if node.type is NodeTypes.CLIENT:
+                node.conn.notify(Packets.StopOperation)
+                node.conn.close("operation stopped", flush=True)
+            elif node.type is NodeTypes.STORAGE:
+                node.conn.notify(Packets.StopOperation)
+        self.delayed_begins.clear()
+
+    def check_operational(self) -> None:
+        if self.cluster_state is ClusterStates.RUNNING and not self.pt.operational(
+                self.running_storage_nids()):
+            self._stop_operation.set()
+
+    # -- commits ----------------------------------------------------------------------
+    def involved_storages(self, ttid: bytes, oids, deleted, checked) -> set[int]:
+        pt = self.pt
+        parts = {pt.partition(ttid)} | {pt.partition(oid) for oid in oids}
+        parts.update(deleted)
+        parts.update(checked)
+        ready = self.ready_storages
+        running = self.running_storage_nids()
+        return {nid for p in parts for nid in pt.writable_nids(p) if nid in running and nid in ready}
+
+    def finish(self, conn: Connection, msg_id: int, ttid: bytes, oids, deleted, checked) -> None:
+        involved = self.involved_storages(ttid, oids, deleted, checked)
+        txn = self.tm.prepare(u64(ttid), time.time(), list(oids), involved)
+        txn.finish_request = (conn, msg_id)
+        for oid in oids:
+            self.tm.saw_oid(u64(oid))
+        tid = p64(txn.tid)
+
+        def locked(sconn, result, error):
+            if error is None:
+                self.tm.locked(txn.ttid, sconn.nid)
+            else:
+                # the storage is gone: its cells get outdated, commit goes on
+                txn.involved.discard(sconn.nid)
+            self.complete_commits()
+
+        for nid in involved:
+            self.nm.get(nid).conn.ask(Packets.AskLockInformation, ttid, tid, False, callback=locked)
+        self.complete_commits()
+
+    def complete_commits(self) -> None:
+        for txn in self.tm.committable():
+            ttid, tid = p64(txn.ttid), p64(txn.tid)
+            conn, msg_id = txn.finish_request
+            conn.answer(msg_id, Packets.AnswerTransactionFinished, ttid, tid)
+            if txn.oids:
+                for client in self.nm.of_type(NodeTypes.CLIENT):
+                    if client.connected and client.conn is not conn:
+                        client.conn.notify(Packets.InvalidateObjects, tid, txn.oids)
+            for nid in txn.involved:
+                node = self.nm.get(nid)
+                if node is not None and node.connected:
+                    node.conn.notify(Packets.NotifyUnlockInformation, ttid)
+            log.debug("%s: committed %s (ttid %s) by %s", self.label, tid.hex(), ttid.hex(),
+                      nid_str(txn.client))
+        self.maybe_exit()
+
+    # -- node loss ----------------------------------------------------------------------
+    def node_lost(self, node: Node) -> None:
+        if node.type is NodeTypes.STORAGE:
+            self.ready_storages.discard(node.nid)
+            if self.cluster_state is ClusterStates.RECOVERING or node.state is NodeStates.PENDING:
+                self.recovery.pop(node.nid, None)
+                if self.pt is not None and node.nid in self.pt.nids():
+                    self.set_node_state(node, NodeStates.DOWN)
+                else:
+                    self.nm.remove(node.nid)
+                    node.state = NodeStates.UNKNOWN
+                    self.broadcast_nodes([node])
+                self.changed()
+                return
+            self.set_node_state(node, NodeStates.DOWN)
+            if self.pt is not None:
+                self.apply_pt_changes(self.pt.outdate(node.nid))
+            self.tm.storage_lost(node.nid)
+            self.complete_commits()
+            self.check_operational()
+            self.replay_begins()
+        elif node.type is NodeTypes.CLIENT:
+            for txn in self.tm.client_lost(node.nid):
+                log.info("%s: aborting %s of lost client %s", self.label, p64(txn.ttid).hex(), node.label)
+            self.nm.remove(node.nid)
+            node.state = NodeStates.UNKNOWN
+            self.broadcast_nodes([node])
+        else:
+            self.nm.remove(node.nid)
+            if node.type is NodeTypes.MASTER:
+                node.state = NodeStates.DOWN
+                self.broadcast_nodes([node])
+        self.changed()
+
+    # -- administration -------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """STOPPING: no new transaction; exit once the pending ones are done."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.set_cluster_state(ClusterStates.STOPPING)
+        self.maybe_exit()
+        self.changed()
+
+    def maybe_exit(self) -> None:
+        if not self.stopping or self.tm.prepared_count() or self._exit.is_set():
+            return
+        # storages told they are DOWN exit by themselves, after unlocking
+        down = [n for n in self.nm.storages() if n.connected]
+        for node in down:
+            node.state = NodeStates.DOWN
+        self.broadcast_nodes(down)
+        log.info("%s: cluster stopped", self.label)
+        self._exit.set()

@@ -1,0 +1,234 @@
+"""Packet handlers of the primary master, one class per kind of peer."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from neozodb.master.transactions import TransactionError
+from neozodb.net.connection import Denied, Handler, HandlerError, NotReady
+from neozodb.nodes import Node, address_from_wire
+from neozodb.protocol import (
+    ZERO_TID,
+    ClusterStates,
+    ErrorCodes,
+    NodeStates,
+    NodeTypes,
+    Packets,
+    ProtocolError,
+    nid_type,
+    p64,
+    u64,
+)
+
+if TYPE_CHECKING:
+    from neozodb.master.app import MasterApp
+
+log = logging.getLogger("neozodb.master")
+
+
+class BaseHandler(Handler):
+    def __init__(self, app: MasterApp) -> None:
+        self.app = app
+
+    def Ping(self, conn, msg_id):
+        conn.answer(msg_id, Packets.Pong)
+
+    def connection_lost(self, conn) -> None:
+        node = conn.node
+        if node is not None and node.conn is conn:
+            node.conn = None
+            log.info("%s: lost %s (%s)", self.app.label, node.label, conn.close_reason)
+            self.app.node_lost(node)
+
+
+class IdentificationHandler(BaseHandler):
+    def RequestIdentification(self, conn, msg_id, node_type, nid, address, name, id_timestamp, extra):
+        app = self.app
+        if name != app.name_bytes:
+            raise HandlerError("wrong cluster name: %r (this is %r)" % (
+                name.decode("utf-8", "replace"), app.name), ErrorCodes.PROTOCOL_ERROR) from None
+        state = NodeStates.RUNNING
+        if node_type is NodeTypes.STORAGE:
+            if app.stopping:
+                raise NotReady("cluster is stopping")
+            taken = app.pt.nids() if app.pt is not None else ()
+            if nid is None:
+                nid = app.nm.free_nid(NodeTypes.STORAGE, taken)
+            elif nid_type(nid) is not NodeTypes.STORAGE:
+                raise HandlerError("invalid storage id", ErrorCodes.PROTOCOL_ERROR)
+            else:
+                other = app.nm.get(nid)
+                if other is not None and other.connected:
+                    raise HandlerError("a storage with id %s is already connected" % other.label,
+                                       ErrorCodes.PROTOCOL_ERROR)
+            known = app.pt is not None and nid in app.pt.nids()
+            if app.cluster_state is ClusterStates.RECOVERING or not known:
+                state = NodeStates.PENDING
+            handler = StorageHandler(app)
+        elif node_type is NodeTypes.CLIENT:
+            if app.cluster_state is not ClusterStates.RUNNING or app.stopping:
+                raise NotReady("cluster is not running")
+            nid = app.nm.free_nid(NodeTypes.CLIENT)
+            handler = ClientHandler(app)
+        elif node_type is NodeTypes.ADMIN:
+            nid = app.nm.free_nid(NodeTypes.ADMIN)
+            handler = AdminHandler(app)
+        elif node_type is NodeTypes.MASTER:
+            # Only one master for now: others are kept as secondaries.
+            nid = app.nm.free_nid(NodeTypes.MASTER, {app.nid})
+            handler = BaseHandler(app)
+        else:
+            raise ProtocolError("bad node type")
+        node = app.nm.get(nid)
+        if node is None:
+            node = app.nm.add(Node(node_type, nid))
+        node.address = address_from_wire(address)
+        node.state = state
+        node.id_timestamp = app.id_timestamp()
+        node.conn = conn
+        if node_type is NodeTypes.STORAGE and extra:
+            node.devpath = tuple(extra.get(b"devpath") or ())
+        conn.nid = nid
+        conn.node = node
+        conn.handler = handler
+        conn.answer(msg_id, Packets.AcceptIdentification, NodeTypes.MASTER, app.nid, nid)
+        log.info("%s: %s identified (%s, %s)", app.label, node.label, conn.peer, state.name)
+        app.send_node_list(node)
+        conn.notify(Packets.NotifyClusterInformation, app.cluster_state)
+        app.broadcast_nodes([node], exclude=node)
+        if node_type is NodeTypes.STORAGE:
+            if app.cluster_state is ClusterStates.RECOVERING:
+                app.ask_recovery(node)
+            elif app.cluster_state is not ClusterStates.STOPPING:
+                app.send_pt(node)
+                if state is NodeStates.RUNNING and app.cluster_state is ClusterStates.RUNNING:
+                    app.start_storage(node)
+        elif node_type in (NodeTypes.CLIENT, NodeTypes.ADMIN):
+            app.send_pt(node)
+        app.changed()
+
+
+class StorageHandler(BaseHandler):
+    def NotifyReady(self, conn, msg_id):
+        log.info("%s: %s ready", self.app.label, conn.label)
+        self.app.storage_ready(conn.node)
+
+    def AskFinalTID(self, conn, msg_id, ttid):
+        conn.answer(msg_id, Packets.AnswerFinalTID, None)
+
+    def AskLastTransaction(self, conn, msg_id):
+        conn.answer(msg_id, Packets.AnswerLastTransaction, p64(self.app.tm.last_tid))
+
+
+class ClientHandler(BaseHandler):
+    def AskBeginTransaction(self, conn, msg_id, tid):
+        app = self.app
+
+        def begin():
+            if conn.closed:
+                return
+            try:
+                txn = app.tm.begin(conn.nid, time.time(), None if tid is None else u64(tid))
+            except TransactionError as e:
+                conn.error(msg_id, ErrorCodes.DENIED, str(e))
+                return
+            conn.answer(msg_id, Packets.AnswerBeginTransaction, p64(txn.ttid))
+
+        if app.storages_starting() or app.stopping:
+            app.delayed_begins.append(begin)
+        else:
+            begin()
+
+    def AskNewOIDs(self, conn, msg_id, count):
+        if not 0 < count <= 10000:
+            raise ProtocolError("bad OID count %d" % count)
+        conn.answer(msg_id, Packets.AnswerNewOIDs, [p64(o) for o in self.app.tm.new_oids(count)])
+
+    def AskFinishTransaction(self, conn, msg_id, ttid, oids, deleted, checked, pack):
+        try:
+            self.app.finish(conn, msg_id, ttid, oids, deleted, checked)
+        except TransactionError as e:
+            raise Denied(str(e)) from None
+
+    def AbortTransaction(self, conn, msg_id, ttid, nids):
+        app = self.app
+        try:
+            txn = app.tm.abort(u64(ttid))
+        except TransactionError as e:
+            raise ProtocolError(str(e)) from None
+        if txn is not None:
+            for nid in nids:
+                node = app.nm.get(nid)
+                if node is not None and node.connected and node.type is NodeTypes.STORAGE:
+                    node.conn.notify(Packets.AbortTransaction, ttid, [])
+
+    def FailedVote(self, conn, msg_id, ttid, nids):
+        app = self.app
+        if app.pt.operational(app.running_storage_nids(), exclude=set(nids)):
+            for nid in nids:
+                node = app.nm.get(nid)
+                if node is not None and node.connected:
+                    node.conn.close("failed vote of %s" % ttid.hex())
+            conn.ack(msg_id)
+        else:
+            conn.error(msg_id, ErrorCodes.INCOMPLETE_TRANSACTION,
+                       "cluster would not be operational without the failed storages")
+
+    def AskLastTransaction(self, conn, msg_id):
+        conn.answer(msg_id, Packets.AnswerLastTransaction, p64(self.app.tm.last_tid))
+
+    def AskFinalTID(self, conn, msg_id, ttid):
+        conn.answer(msg_id, Packets.AnswerFinalTID, None)
+
+
+class AdminHandler(BaseHandler):
+    def AskClusterState(self, conn, msg_id):
+        conn.answer(msg_id, Packets.AnswerClusterState, self.app.cluster_state)
+
+    def AskLastIDs(self, conn, msg_id):
+        tm = self.app.tm
+        last_tid = p64(tm.last_tid) if tm.last_tid else None
+        conn.answer(msg_id, Packets.AnswerLastIDs, last_tid, p64(tm.last_oid), ZERO_TID)
+
+    def AskLastTransaction(self, conn, msg_id):
+        conn.answer(msg_id, Packets.AnswerLastTransaction, p64(self.app.tm.last_tid))
+
+    def AskRecovery(self, conn, msg_id):
+        pt = self.app.pt
+        conn.answer(msg_id, Packets.AnswerRecovery, pt.ptid if pt is not None else None, None, None)
+
+    def SetClusterState(self, conn, msg_id, state):
+        app = self.app
+        if state is ClusterStates.STOPPING:
+            conn.ack(msg_id)
+            app.request_stop()
+        elif state is ClusterStates.VERIFYING:
+            if app.cluster_state is not ClusterStates.RECOVERING:
+                raise Denied("cluster is %s, not RECOVERING" % app.cluster_state.name)
+            app.startup_allowed = True
+            conn.ack(msg_id)
+            app.changed()
+        else:
+            raise Denied("cannot set cluster state to %s from %s" % (
+                state.name, app.cluster_state.name))
+
+    def AddPendingNodes(self, conn, msg_id, nids):
+        app = self.app
+        if app.cluster_state is not ClusterStates.RUNNING:
+            raise Denied("cluster is %s, not RUNNING" % app.cluster_state.name)
+        pending = [n for n in app.nm.storages(NodeStates.PENDING) if n.connected]
+        if nids:
+            by_nid = {n.nid: n for n in pending}
+            for nid in nids:
+                node = app.nm.get(nid)
+                if node is None:
+                    raise Denied("unknown node")
+                if nid not in by_nid:
+                    raise Denied("%s is not pending" % node.label)
+            pending = [by_nid[nid] for nid in nids]
+        for node in pending:
+            app.set_node_state(node, NodeStates.RUNNING)
+            app.send_pt(node)
+            app.start_storage(node)
+        conn.ack(msg_id, " ".join(n.label for n in pending))

@@ -1,0 +1,143 @@
+"""The master's transaction manager: a pure state machine.
+
+It allocates OIDs, TTIDs and TIDs and tracks two-phase commits: which
+storages must lock a transaction, which did, and in which order transactions
+complete.  Commits complete in TID order: a transaction is only reported
+committed once every transaction with a smaller TID is.  Time comes in as
+``now``; nothing here does I/O.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from neozodb.tid import final_tid, next_tid
+
+
+class TransactionError(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class Txn:
+    ttid: int
+    client: int
+    imposed: bool = False
+    tid: int | None = None
+    oids: list = field(default_factory=list)
+    involved: set = field(default_factory=set)
+    locked: set = field(default_factory=set)
+    failed: set = field(default_factory=set)
+    # the client's AskFinishTransaction, so the answer can go back later
+    finish_request: Any = None
+
+    @property
+    def prepared(self) -> bool:
+        return self.tid is not None
+
+    @property
+    def fully_locked(self) -> bool:
+        return self.involved <= self.locked
+
+
+class TransactionManager:
+    def __init__(self, num_partitions: int) -> None:
+        self.num_partitions = num_partitions
+        self.last_tid = 0
+        self.last_oid = 0
+        self._last_allocated = 0  # greatest TTID or TID handed out
+        self.txns: dict[int, Txn] = {}
+        self._queue: list[Txn] = []  # prepared transactions, in TID order
+
+    def reset(self, last_tid: int, last_oid: int) -> None:
+        self.txns.clear()
+        self._queue.clear()
+        self.last_tid = last_tid
+        self.last_oid = last_oid
+        self._last_allocated = max(self._last_allocated, last_tid)
+
+    # -- allocation -------------------------------------------------------------
+    def new_oids(self, count: int) -> list[int]:
+        first = self.last_oid + 1
+        self.last_oid += count
+        return list(range(first, first + count))
+
+    def saw_oid(self, oid: int) -> None:
+        """A client stored an OID it did not get from us (imported data)."""
+        if oid > self.last_oid:
+            self.last_oid = oid
+
+    def begin(self, client: int, now: float, tid: int | None = None) -> Txn:
+        if tid is not None:
+            # imposed TID (copyTransactionsFrom / restore): it must come
+            # after everything already committed or being committed
+            if tid <= self._last_allocated:
+                raise TransactionError(
+                    "imposed TID %#x is not greater than the last one %#x" % (tid, self._last_allocated))
+            ttid = tid
+        else:
+            ttid = next_tid(now, self._last_allocated)
+        self._last_allocated = ttid
+        txn = self.txns[ttid] = Txn(ttid, client, imposed=tid is not None)
+        return txn
+
+    def prepare(self, ttid: int, now: float, oids: list, involved: set) -> Txn:
+        try:
+            txn = self.txns[ttid]
+        except KeyError:
+            raise TransactionError("unknown transaction %#x" % ttid) from None
+        if txn.prepared:
+            raise TransactionError("transaction %#x already finishing" % ttid)
+        if txn.imposed:
+            tid = ttid
+        else:
+            tid = final_tid(now, self._last_allocated, ttid, self.num_partitions)
+        self._last_allocated = max(self._last_allocated, tid)
+        txn.tid = tid
+        txn.oids = oids
+        txn.involved = set(involved)
+        self._queue.append(txn)
+        return txn
+
+    def locked(self, ttid: int, nid: int) -> None:
+        txn = self.txns.get(ttid)
+        if txn is not None and txn.prepared:
+            txn.locked.add(nid)
+
+    def committable(self) -> list[Txn]:
+        """Pop the transactions at the head of the queue that are fully locked."""
+        done = []
+        queue = self._queue
+        while queue and queue[0].fully_locked:
+            txn = queue.pop(0)
+            del self.txns[txn.ttid]
+            self.last_tid = txn.tid  # type: ignore[assignment]
+            done.append(txn)
+        return done
+
+    def abort(self, ttid: int) -> Txn | None:
+        txn = self.txns.get(ttid)
+        if txn is None:
+            return None
+        if txn.prepared:
+            raise TransactionError("cannot abort transaction %#x: finish requested" % ttid)
+        del self.txns[ttid]
+        return txn
+
+    def client_lost(self, client: int) -> list[Txn]:
+        """Abort the client's transactions that it did not ask to finish."""
+        lost = [t for t in self.txns.values() if t.client == client and not t.prepared]
+        for txn in lost:
+            del self.txns[txn.ttid]
+        return lost
+
+    def storage_lost(self, nid: int) -> None:
+        """A lost storage is no longer waited for; its cells get outdated."""
+        for txn in self._queue:
+            txn.involved.discard(nid)
+
+    def has_pending(self) -> bool:
+        return bool(self.txns)
+
+    def prepared_count(self) -> int:
+        return len(self._queue)

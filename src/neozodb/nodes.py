@@ -1,0 +1,109 @@
+"""The node registry every node keeps: who is in the cluster, where, in
+which state.  The master is its source; others mirror it from
+``NotifyNodeInformation``.  Pure: connections are opaque attributes."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from neozodb.protocol import NodeStates, NodeTypes, make_nid, nid_str
+
+# NodeStates letter shown by `neoctl print pt`
+STATE_LETTER = {
+    NodeStates.RUNNING: "R",
+    NodeStates.DOWN: "D",
+    NodeStates.PENDING: "P",
+    NodeStates.UNKNOWN: "U",
+}
+
+
+@dataclass(eq=False)
+class Node:
+    type: NodeTypes
+    nid: int
+    address: tuple[str, int] | None = None
+    state: NodeStates = NodeStates.UNKNOWN
+    id_timestamp: float | None = None
+    conn: Any = None
+    devpath: tuple = ()
+
+    def __repr__(self) -> str:
+        return f"<{nid_str(self.nid)} {self.state.name}>"
+
+    @property
+    def label(self) -> str:
+        return nid_str(self.nid)
+
+    @property
+    def running(self) -> bool:
+        return self.state is NodeStates.RUNNING
+
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None and not self.conn.closed
+
+    def wire(self) -> tuple:
+        addr = None if self.address is None else (self.address[0].encode(), self.address[1])
+        return (self.type, addr, self.nid, self.state, self.id_timestamp)
+
+
+def address_from_wire(addr: tuple | None) -> tuple[str, int] | None:
+    if addr is None:
+        return None
+    host, port = addr
+    return (host.decode() if isinstance(host, bytes) else host, port)
+
+
+class NodeManager:
+    def __init__(self) -> None:
+        self.by_nid: dict[int, Node] = {}
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(list(self.by_nid.values()))
+
+    def get(self, nid: int | None) -> Node | None:
+        return self.by_nid.get(nid) if nid is not None else None
+
+    def add(self, node: Node) -> Node:
+        self.by_nid[node.nid] = node
+        return node
+
+    def remove(self, nid: int) -> Node | None:
+        return self.by_nid.pop(nid, None)
+
+    def of_type(self, node_type: NodeTypes, state: NodeStates | None = None) -> list[Node]:
+        return sorted(
+            (n for n in self.by_nid.values()
+             if n.type is node_type and (state is None or n.state is state)),
+            key=lambda n: n.nid)
+
+    def storages(self, state: NodeStates | None = None) -> list[Node]:
+        return self.of_type(NodeTypes.STORAGE, state)
+
+    def free_nid(self, node_type: NodeTypes, taken: Iterable[int] = ()) -> int:
+        taken = set(taken) | set(self.by_nid)
+        n = 1
+        while make_nid(node_type, n) in taken:
+            n += 1
+        return make_nid(node_type, n)
+
+    def update(self, entries: Iterable[tuple]) -> list[Node]:
+        """Apply NotifyNodeInformation entries; return the nodes changed."""
+        changed = []
+        for node_type, addr, nid, state, id_timestamp in entries:
+            if state is NodeStates.UNKNOWN:
+                node = self.by_nid.pop(nid, None)
+                if node is not None:
+                    node.state = state
+                    changed.append(node)
+                continue
+            node = self.by_nid.get(nid)
+            if node is None:
+                node = self.by_nid[nid] = Node(node_type, nid)
+            node.type = node_type
+            node.address = address_from_wire(addr)
+            node.state = state
+            node.id_timestamp = id_timestamp
+            changed.append(node)
+        return changed

@@ -1,0 +1,211 @@
+"""The storage node: one backend, a copy of the partition table, object
+locks, and the answers to clients' reads and writes.
+
+One asyncio loop runs everything, backend calls included (they are short
+and the durable ones are the commit points).  The node connects to the
+primary master, answers its recovery and verification questions, and serves
+clients once the master sends StartOperation.  Losing the master closes the
+client connections and starts over.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from neozodb.net.connection import Connection, ConnectionClosed, RemoteError, connect
+from neozodb.nodes import NodeManager
+from neozodb.protocol import (
+    CellStates,
+    NodeStates,
+    NodeTypes,
+    Packets,
+    nid_str,
+)
+from neozodb.pt import PartitionTable
+from neozodb.storage import handlers
+from neozodb.storage.transactions import LockManager
+
+log = logging.getLogger("neozodb.storage")
+
+
+class StorageApp:
+    def __init__(self, name: str, masters: list[tuple[str, int]], backend,
+                 bind: tuple[str, int] = ("127.0.0.1", 0)) -> None:
+        self.name = name
+        self.name_bytes = name.encode()
+        self.masters = masters
+        self.bind = bind
+        self.address: tuple[str, int] | None = None
+        self.backend = backend
+        self.nid: int | None = backend.get_nid()
+        self.nm = NodeManager()
+        self.pt: PartitionTable | None = None
+        self.locks = LockManager()
+        self.operational = False
+        self.master_conn: Connection | None = None
+        self.client_conns: set[Connection] = set()
+        self.delayed: list = []  # (ttid or b'', callable) retried on lock changes
+        self._exit = asyncio.Event()
+        self.exit_status = 0
+        self._load_pt()
+
+    @property
+    def label(self) -> str:
+        return nid_str(self.nid) if self.nid is not None else "S?"
+
+    def _load_pt(self) -> None:
+        ptid, replicas, rows = self.backend.get_pt()
+        num = self.backend.get_num_partitions()
+        if ptid is not None and num:
+            pt = PartitionTable(num, replicas)
+            pt.load(ptid, replicas, rows)
+            self.pt = pt
+
+    # -- partition table ---------------------------------------------------------
+    def set_pt(self, ptid: int, replicas: int, rows) -> None:
+        pt = PartitionTable(len(rows), replicas)
+        pt.load(ptid, replicas, rows)
+        self.pt = pt
+        if self.backend.get_num_partitions() != len(rows):
+            self.backend.set_num_partitions(len(rows))
+        self.backend.save_pt(ptid, replicas, pt.rows())
+
+    def change_pt(self, ptid: int, replicas: int, changes) -> None:
+        self.pt.apply_changes(ptid, replicas, changes)
+        self.backend.change_pt(ptid, replicas, [(o, n, s.value) for o, n, s in changes])
+
+    def cell_state(self, partition: int) -> int | None:
+        for nid, state in self.pt.cells(partition):
+            if nid == self.nid:
+                return state
+        return None
+
+    def readable(self, partition: int) -> bool:
+        return self.cell_state(partition) in (CellStates.UP_TO_DATE.value, CellStates.FEEDING.value)
+
+    def assigned_partitions(self) -> list[int]:
+        return self.pt.partitions_of(self.nid) if self.pt is not None else []
+
+    # -- delayed requests -------------------------------------------------------------
+    def delay(self, key: bytes, retry) -> None:
+        self.delayed.append((key, retry))
+
+    def replay(self) -> None:
+        """Retry delayed requests, oldest transaction first."""
+        if not self.delayed:
+            return
+        delayed, self.delayed = self.delayed, []
+        delayed.sort(key=lambda item: item[0])
+        for _, retry in delayed:
+            retry()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: Connection(self, handlers.IdentificationHandler(self)), *self.bind)
+        self.address = self.server.sockets[0].getsockname()[:2]
+        log.info("%s: listening on %s:%s, backend %s", self.label, *self.address,
+                 self.backend.describe())
+
+    async def run(self) -> int:
+        await self.start()
+        cycle = asyncio.ensure_future(self._master_cycle())
+        await self._exit.wait()
+        cycle.cancel()
+        self.server.close()
+        for conn in list(self.client_conns):
+            conn.close("storage exiting", flush=True)
+        if self.master_conn is not None:
+            self.master_conn.close("storage exiting", flush=True)
+        self.backend.close()
+        return self.exit_status
+
+    def exit(self, status: int = 0) -> None:
+        self.exit_status = status
+        self._exit.set()
+
+    async def _master_cycle(self) -> None:
+        delay = 0.1
+        while True:
+            for address in self.masters:
+                try:
+                    conn = await connect(self, handlers.MasterHandler(self), address)
+                except OSError as e:
+                    log.debug("%s: cannot reach master %s:%s: %s", self.label, *address, e)
+                    continue
+                try:
+                    await self._identify(conn)
+                except (ConnectionClosed, RemoteError) as e:
+                    log.warning("%s: master %s:%s refused us: %s", self.label, *address, e)
+                    conn.close()
+                    continue
+                delay = 0.1
+                await conn.closed_future
+                self.master_lost()
+                break
+            await asyncio.sleep(delay)  # reconnection backoff, not synchronisation
+            delay = min(delay * 2, 1.0)
+
+    async def _identify(self, conn: Connection) -> None:
+        addr = (self.address[0].encode(), self.address[1])
+        devpath = [os.uname().nodename.encode()]
+        node_type, master_nid, my_nid = await conn.ask(
+            Packets.RequestIdentification, NodeTypes.STORAGE, self.nid, addr,
+            self.name_bytes, None, {b"devpath": devpath})
+        if node_type is not NodeTypes.MASTER:
+            raise RemoteError(None, "peer is not a master")  # type: ignore[arg-type]
+        conn.nid = master_nid
+        if my_nid != self.nid:
+            self.nid = my_nid
+            self.backend.set_nid(my_nid)
+            if self.backend.get_name() is None:
+                self.backend.set_name(self.name)
+        self.master_conn = conn
+        log.info("%s: identified by master %s", self.label, nid_str(master_nid))
+
+    def master_lost(self) -> None:
+        log.warning("%s: lost the master", self.label)
+        self.master_conn = None
+        self.stop_operation()
+
+    def start_operation(self) -> None:
+        self.backend.drop_unfinished()
+        self.operational = True
+        log.info("%s: operational", self.label)
+        self.master_conn.notify(Packets.NotifyReady)
+
+    def stop_operation(self) -> None:
+        self.operational = False
+        for conn in list(self.client_conns):
+            conn.close("operation stopped", flush=True)
+        for ttid, txn in list(self.locks.txns.items()):
+            if not txn.locked:
+                self.abort(ttid)
+        self.delayed.clear()
+
+    # -- transactions -----------------------------------------------------------------------
+    def abort(self, ttid: bytes) -> None:
+        txn = self.locks.txns.get(ttid)
+        if txn is None or txn.locked:
+            return
+        self.locks.finish(ttid)
+        if txn.voted or txn.objects:
+            data_ids = [] if txn.voted else [d for _, d, _ in txn.objects.values() if d is not None]
+            self.backend.abort_transaction(int.from_bytes(ttid, "big"), data_ids)
+        self.replay()
+
+    def node_changed(self, node) -> None:
+        if node.nid == self.nid:
+            if node.state is NodeStates.DOWN:
+                log.info("%s: told to stop by the master", self.label)
+                self.exit(0)
+            elif node.state is NodeStates.UNKNOWN:
+                log.warning("%s: dropped from the cluster: erasing the database", self.label)
+                self.backend.erase()
+                self.exit(0)
+        elif node.type is NodeTypes.CLIENT and node.state is NodeStates.UNKNOWN:
+            # the master forgot the client: none of its unlocked transactions can finish
+            for txn in self.locks.client_transactions(node.nid):
+                self.abort(txn.ttid)

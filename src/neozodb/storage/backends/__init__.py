@@ -1,0 +1,44 @@
+"""Storage node database backends.
+
+``Backend`` (``base.py``) is the interface; each adapter implements it in
+its own module, imported only when selected so that a node never needs the
+drivers of the databases it does not use.  Backends are synchronous and are
+called from the storage node's event loop thread.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import DISCARDED, ZERO_HASH, Backend
+
+__all__ = ['Backend', 'DISCARDED', 'ZERO_HASH', 'adapters', 'open_backend']
+
+# adapter name (lower case) -> (module, class); later: postgresql, mariadb.
+_ADAPTERS = {
+    'sqlite': ('neozodb.storage.backends.sqlite', 'SQLiteBackend'),
+}
+
+
+def adapters() -> list[str]:
+    """Known adapter names, lower case."""
+    return sorted(_ADAPTERS)
+
+
+def open_backend(adapter: str, database: str, **options: object) -> Backend:
+    """Create the backend for ``adapter`` (case-insensitive) and open it.
+
+    ``options`` go to the backend's constructor, except ``reset`` (bool,
+    default False) which is passed to ``Backend.open`` and erases the
+    database first.  Raises ValueError("unknown adapter: X") for an unknown
+    adapter and ValueError for options the backend does not know.
+    """
+    try:
+        module_name, class_name = _ADAPTERS[adapter.lower()]
+    except KeyError:
+        raise ValueError(f'unknown adapter: {adapter}') from None
+    reset = bool(options.pop('reset', False))
+    cls = getattr(importlib.import_module(module_name), class_name)
+    backend = cls(database, **options)
+    backend.open(reset=reset)
+    return backend

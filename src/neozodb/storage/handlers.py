@@ -1,0 +1,324 @@
+"""Packet handlers of a storage node: from the master and from clients."""
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import TYPE_CHECKING
+
+from neozodb.net.connection import Handler, HandlerError, NotReady
+from neozodb.protocol import (
+    ZERO_HASH,
+    ZERO_TID,
+    ErrorCodes,
+    NodeTypes,
+    Packets,
+    ProtocolError,
+    p64,
+    u64,
+)
+
+if TYPE_CHECKING:
+    from neozodb.storage.app import StorageApp
+
+log = logging.getLogger("neozodb.storage")
+
+
+def _p64(value: int | None) -> bytes | None:
+    return None if value is None else p64(value)
+
+
+class BaseHandler(Handler):
+    def __init__(self, app: StorageApp) -> None:
+        self.app = app
+
+    def Ping(self, conn, msg_id):
+        conn.answer(msg_id, Packets.Pong)
+
+
+class MasterHandler(BaseHandler):
+    """Everything the primary master tells or asks a storage."""
+
+    def NotifyNodeInformation(self, conn, msg_id, timestamp, entries):
+        app = self.app
+        for node in app.nm.update(entries):
+            app.node_changed(node)
+        app.replay()
+
+    def NotifyClusterInformation(self, conn, msg_id, state):
+        pass
+
+    def SendPartitionTable(self, conn, msg_id, ptid, replicas, rows):
+        self.app.set_pt(ptid, replicas, rows)
+
+    def NotifyPartitionChanges(self, conn, msg_id, ptid, replicas, changes):
+        try:
+            self.app.change_pt(ptid, replicas, changes)
+        except ValueError as e:
+            raise ProtocolError(str(e)) from None
+
+    def AskRecovery(self, conn, msg_id):
+        pt = self.app.pt
+        conn.answer(msg_id, Packets.AnswerRecovery, pt.ptid if pt else None, None, None)
+
+    def AskPartitionTable(self, conn, msg_id):
+        pt = self.app.pt
+        if pt is None:
+            raise HandlerError("no partition table", ErrorCodes.NOT_READY)
+        from neozodb.protocol import CellStates
+        rows = [[(nid, CellStates(state)) for nid, state in row] for row in pt.rows()]
+        conn.answer(msg_id, Packets.AnswerPartitionTable, pt.ptid, pt.num_replicas, rows)
+
+    def AskLockedTransactions(self, conn, msg_id):
+        locked = self.app.backend.get_locked_transactions()
+        conn.answer(msg_id, Packets.AnswerLockedTransactions,
+                    {p64(ttid): _p64(tid) for ttid, tid in locked.items()})
+
+    def AskFinalTID(self, conn, msg_id, ttid):
+        conn.answer(msg_id, Packets.AnswerFinalTID, _p64(self.app.backend.get_final_tid(u64(ttid))))
+
+    def ValidateTransaction(self, conn, msg_id, ttid, tid):
+        self.app.backend.validate_transaction(u64(ttid), u64(tid))
+
+    def AskLastIDs(self, conn, msg_id):
+        backend = self.app.backend
+        last_tid, last_oid = backend.last_ids(self.app.assigned_partitions())
+        first = backend.first_tid()
+        conn.answer(msg_id, Packets.AnswerLastIDs, _p64(last_tid), _p64(last_oid),
+                    p64(first or 0))
+
+    def StartOperation(self, conn, msg_id, backup):
+        self.app.start_operation()
+
+    def StopOperation(self, conn, msg_id):
+        self.app.stop_operation()
+
+    def AskLockInformation(self, conn, msg_id, ttid, tid, pack):
+        app = self.app
+        app.locks.lock(ttid, tid)
+        app.backend.lock_transaction(u64(ttid), u64(tid))
+        conn.answer(msg_id, Packets.AnswerInformationLocked, ttid)
+
+    def NotifyUnlockInformation(self, conn, msg_id, ttid):
+        app = self.app
+        txn = app.locks.finish(ttid)
+        if txn is not None and txn.tid is not None:
+            app.backend.unlock_transaction(u64(ttid), u64(txn.tid))
+        app.replay()
+
+    def AbortTransaction(self, conn, msg_id, ttid, nids):
+        self.app.abort(ttid)
+
+    def connection_lost(self, conn) -> None:
+        pass  # the master cycle notices through the connection's closed future
+
+
+class IdentificationHandler(BaseHandler):
+    def RequestIdentification(self, conn, msg_id, node_type, nid, address, name, id_timestamp, extra):
+        app = self.app
+        if name != app.name_bytes:
+            raise HandlerError("wrong cluster name", ErrorCodes.PROTOCOL_ERROR)
+        if not app.operational:
+            raise NotReady("storage is not operational")
+        if node_type is not NodeTypes.CLIENT:
+            raise HandlerError("%s nodes are not served yet" % node_type.name, ErrorCodes.PROTOCOL_ERROR)
+        node = app.nm.get(nid)
+        if node is None or node.id_timestamp != id_timestamp:
+            if node is not None and id_timestamp is not None and node.id_timestamp is not None \
+                    and id_timestamp < node.id_timestamp:
+                raise NotReady("unknown by master")
+            # the master's notification about this client may still be on its way
+            app.delay(b"", lambda: self._retry(conn, msg_id, node_type, nid, address, name,
+                                               id_timestamp, extra))
+            return
+        conn.nid = nid
+        conn.node = node
+        conn.handler = ClientHandler(app)
+        app.client_conns.add(conn)
+        conn.answer(msg_id, Packets.AcceptIdentification, NodeTypes.STORAGE, app.nid, nid)
+
+    def _retry(self, conn, *args):
+        if not conn.closed:
+            conn._request_received(args[0], Packets.RequestIdentification, args[1:])
+
+
+class ClientHandler(BaseHandler):
+    def connection_lost(self, conn) -> None:
+        app = self.app
+        app.client_conns.discard(conn)
+        # transactions that did not vote cannot finish without this connection
+        for txn in app.locks.client_transactions(conn.nid):
+            if not txn.voted:
+                app.abort(txn.ttid)
+
+    # -- reads ---------------------------------------------------------------------------
+    def AskObject(self, conn, msg_id, oid, at, before):
+        app = self.app
+        partition = app.pt.partition(oid)
+        if not app.readable(partition):
+            conn.error(msg_id, ErrorCodes.NON_READABLE_CELL, "partition %d not readable here" % partition)
+            return
+        if oid in app.locks.read_locks:
+            app.delay(b"", lambda: self._retry(conn, msg_id, Packets.AskObject, (oid, at, before)))
+            return
+        found = app.backend.get_object(u64(oid), None if at is None else u64(at),
+                                       None if before is None else u64(before))
+        if found is None:
+            conn.error(msg_id, ErrorCodes.OID_DOES_NOT_EXIST, "%s does not exist" % oid.hex())
+        elif found is False:
+            conn.error(msg_id, ErrorCodes.OID_NOT_FOUND, "%s not found" % oid.hex())
+        else:
+            serial, next_serial, compression, checksum, data, data_serial = found
+            conn.answer(msg_id, Packets.AnswerObject, oid, p64(serial), _p64(next_serial),
+                        compression, checksum, data, _p64(data_serial))
+
+    def AskFinalTID(self, conn, msg_id, ttid):
+        conn.answer(msg_id, Packets.AnswerFinalTID, _p64(self.app.backend.get_final_tid(u64(ttid))))
+
+    def AskObjectHistory(self, conn, msg_id, oid, first, last):
+        app = self.app
+        if not app.readable(app.pt.partition(oid)):
+            raise HandlerError("partition not readable here", ErrorCodes.NON_READABLE_CELL)
+        if last <= first:
+            raise ProtocolError("invalid history range")
+        history = app.backend.get_object_history(u64(oid), first, last - first)
+        if history is None:
+            raise HandlerError("%s does not exist" % oid.hex(), ErrorCodes.OID_DOES_NOT_EXIST)
+        conn.answer(msg_id, Packets.AnswerObjectHistory, oid,
+                    [(p64(serial), size) for serial, size in history])
+
+    def AskTransactionInformation(self, conn, msg_id, tid):
+        app = self.app
+        if not app.readable(app.pt.partition(tid)):
+            raise HandlerError("partition not readable here", ErrorCodes.NON_READABLE_CELL)
+        found = app.backend.get_transaction(u64(tid))
+        if found is None:
+            raise HandlerError("%s not found" % tid.hex(), ErrorCodes.TID_NOT_FOUND)
+        oids, user, description, ext, packed, _ = found
+        conn.answer(msg_id, Packets.AnswerTransactionInformation, tid, user, description, ext,
+                    packed, [p64(oid) for oid in oids])
+
+    def _retry(self, conn, msg_id, packet, args):
+        if not conn.closed:
+            conn._request_received(msg_id, packet, args)
+
+    # -- writes ----------------------------------------------------------------------------
+    def AskStoreObject(self, conn, msg_id, oid, serial, compression, checksum, data, data_serial, ttid):
+        app = self.app
+        if data_serial is None and not (checksum == ZERO_HASH and not data):
+            if hashlib.sha1(data).digest() != checksum:
+                raise ProtocolError("wrong checksum for %s in %s" % (oid.hex(), ttid.hex()))
+        txn = app.locks.get(ttid, conn.nid)
+        if txn.voted:
+            raise ProtocolError("store after vote in %s" % ttid.hex())
+        if app.cell_state(app.pt.partition(oid)) is None:
+            conn.answer(msg_id, Packets.AnswerStoreObject, ZERO_TID)  # not ours: ignored
+            return
+        holder = app.locks.acquire(ttid, oid)
+        if holder is not None:
+            self._wait_lock(conn, ttid, oid, holder, lambda: self.AskStoreObject(
+                conn, msg_id, oid, serial, compression, checksum, data, data_serial, ttid))
+            return
+        last = app.backend.last_serial(u64(oid))
+        if (ZERO_TID if last is None else p64(last)) != serial:
+            if oid not in txn.checked:
+                app.locks.release(ttid, oid)
+            conn.answer(msg_id, Packets.AnswerStoreObject, p64(last) if last is not None else ZERO_TID)
+            return
+        self._keep(txn, oid, serial, compression, checksum, data, data_serial)
+        conn.answer(msg_id, Packets.AnswerStoreObject, None)
+
+    def _keep(self, txn, oid, serial, compression, checksum, data, data_serial):
+        backend = self.app.backend
+        old = txn.objects.get(oid)
+        if old is not None and old[1] is not None:
+            backend.release_data([old[1]], prune=True)
+        if checksum == ZERO_HASH and not data:
+            data_id = None  # deletion
+        else:
+            data_id = backend.store_data(checksum, compression, data)
+        txn.objects[oid] = (serial, data_id, None if data_serial is None else u64(data_serial))
+
+    def _wait_lock(self, conn, ttid, oid, holder, retry):
+        app = self.app
+        victim = app.locks.deadlock_victim(ttid, oid, holder)
+        if victim is not None:
+            for client in app.client_conns:
+                if client.nid == victim.client and not client.closed:
+                    client.notify(Packets.NotifyDeadlock, victim.ttid, oid)
+                    break
+        app.delay(ttid, lambda: None if conn.closed else retry())
+
+    def AskCheckCurrentSerial(self, conn, msg_id, ttid, oid, serial):
+        app = self.app
+        txn = app.locks.get(ttid, conn.nid)
+        if app.cell_state(app.pt.partition(oid)) is None:
+            conn.answer(msg_id, Packets.AnswerCheckCurrentSerial, ZERO_TID)
+            return
+        holder = app.locks.acquire(ttid, oid)
+        if holder is not None:
+            self._wait_lock(conn, ttid, oid, holder,
+                            lambda: self.AskCheckCurrentSerial(conn, msg_id, ttid, oid, serial))
+            return
+        last = app.backend.last_serial(u64(oid))
+        current = ZERO_TID if last is None else p64(last)
+        if current != serial:
+            if oid not in txn.objects:
+                app.locks.release(ttid, oid)
+            conn.answer(msg_id, Packets.AnswerCheckCurrentSerial, current)
+            return
+        txn.checked[oid] = serial
+        conn.answer(msg_id, Packets.AnswerCheckCurrentSerial, None)
+
+    def AskRelockObject(self, conn, msg_id, ttid, oid):
+        app = self.app
+        txn = app.locks.txns.get(ttid)
+        if txn is None or txn.voted or oid not in txn.objects:
+            conn.answer(msg_id, Packets.AnswerRelockObject, None)
+            return
+        app.locks.release(ttid, oid)
+        app.replay()  # let the older transaction take it
+
+        def relock():
+            if conn.closed or ttid not in app.locks.txns:
+                return
+            holder = app.locks.acquire(ttid, oid)
+            if holder is not None:
+                app.delay(ttid, relock)
+                return
+            serial, data_id, data_serial = txn.objects[oid]
+            last = app.backend.last_serial(u64(oid))
+            current = ZERO_TID if last is None else p64(last)
+            if current == serial:
+                conn.answer(msg_id, Packets.AnswerRelockObject, None)
+                return
+            # somebody committed meanwhile: give the client back its data to resolve
+            del txn.objects[oid]
+            app.locks.release(ttid, oid)
+            stored = None
+            if data_id is not None:
+                checksum, compression, data = app.backend.load_data(data_id)
+                app.backend.release_data([data_id], prune=True)
+                stored = (compression, checksum, data)
+            conn.answer(msg_id, Packets.AnswerRelockObject, (serial, current, stored))
+
+        app.delay(ttid, relock)
+        app.replay()
+
+    def _vote(self, txn, meta) -> None:
+        objects = [(u64(oid), data_id, data_serial)
+                   for oid, (_, data_id, data_serial) in txn.objects.items()]
+        self.app.backend.store_transaction(u64(txn.ttid), objects, meta)
+        txn.voted = True
+
+    def AskStoreTransaction(self, conn, msg_id, ttid, user, description, ext, oids, pack):
+        txn = self.app.locks.get(ttid, conn.nid)
+        self._vote(txn, ([u64(o) for o in oids], user, description, ext, False))
+        conn.answer(msg_id, Packets.AnswerStoreTransaction)
+
+    def AskVoteTransaction(self, conn, msg_id, ttid):
+        txn = self.app.locks.get(ttid, conn.nid)
+        self._vote(txn, None)
+        conn.answer(msg_id, Packets.AnswerVoteTransaction)
+
+    def AbortTransaction(self, conn, msg_id, ttid, nids):
+        self.app.abort(ttid)

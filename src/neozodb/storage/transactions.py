@@ -1,0 +1,90 @@
+"""Object locks of a storage node: a pure state machine.
+
+Every object being written by a transaction is write-locked by its TTID
+until the transaction is unlocked (committed) or aborted.  Between lock
+and unlock, its objects are also read-locked: loads wait so that no client
+sees the previous revision as current once the master has told it about the
+commit.  A request that meets a lock is delayed by the caller and retried,
+oldest transaction (smallest TTID) first.  To avoid deadlocks, an older
+transaction that waits for a younger one that has not voted yet asks the
+younger's client to release the lock and take it again later (NEO's
+NotifyDeadlock / AskRelockObject).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class Transaction:
+    ttid: bytes
+    client: int | None
+    # oid -> (serial the client based its change on, data_id, data_serial)
+    objects: dict = field(default_factory=dict)
+    checked: dict = field(default_factory=dict)  # oid -> serial (readCurrent)
+    lockless: set = field(default_factory=set)
+    voted: bool = False
+    tid: bytes | None = None
+    deadlock_notified: set = field(default_factory=set)
+
+    @property
+    def locked(self) -> bool:
+        return self.tid is not None
+
+
+class LockManager:
+    def __init__(self) -> None:
+        self.txns: dict[bytes, Transaction] = {}
+        self.write_locks: dict[bytes, bytes] = {}  # oid -> ttid
+        self.read_locks: dict[bytes, bytes] = {}  # oid -> ttid (locked, not yet unlocked)
+
+    def get(self, ttid: bytes, client: int | None = None) -> Transaction:
+        txn = self.txns.get(ttid)
+        if txn is None:
+            txn = self.txns[ttid] = Transaction(ttid, client)
+        return txn
+
+    def acquire(self, ttid: bytes, oid: bytes) -> bytes | None:
+        """Take the write lock on oid for ttid; return the holder if taken."""
+        holder = self.write_locks.get(oid)
+        if holder is None or holder == ttid:
+            self.write_locks[oid] = ttid
+            return None
+        return holder
+
+    def deadlock_victim(self, ttid: bytes, oid: bytes, holder: bytes) -> Transaction | None:
+        """The younger holder to ask for a relock, once per (holder, oid)."""
+        other = self.txns.get(holder)
+        if other is None or holder < ttid or other.voted or other.locked:
+            return None
+        if oid in other.deadlock_notified:
+            return None
+        other.deadlock_notified.add(oid)
+        return other
+
+    def release(self, ttid: bytes, oid: bytes) -> None:
+        if self.write_locks.get(oid) == ttid:
+            del self.write_locks[oid]
+
+    def lock(self, ttid: bytes, tid: bytes) -> Transaction | None:
+        txn = self.txns.get(ttid)
+        if txn is not None:
+            txn.tid = tid
+            for oid in txn.objects:
+                self.read_locks[oid] = ttid
+        return txn
+
+    def finish(self, ttid: bytes) -> Transaction | None:
+        """Unlock or abort: drop every lock the transaction holds."""
+        txn = self.txns.pop(ttid, None)
+        if txn is None:
+            return None
+        for oid in list(txn.objects) + list(txn.checked):
+            if self.write_locks.get(oid) == ttid:
+                del self.write_locks[oid]
+            if self.read_locks.get(oid) == ttid:
+                del self.read_locks[oid]
+        return txn
+
+    def client_transactions(self, client: int) -> list[Transaction]:
+        return [t for t in self.txns.values() if t.client == client]

@@ -1,0 +1,461 @@
+"""Behaviour every storage backend must have (``neozodb.storage.backends``).
+
+``BackendConformance`` is a mixin: a backend's test module subclasses it as
+``class TestFooBackend(BackendConformance)`` and provides
+``make_backend(self, tmp_path)``, returning a new, *unopened* backend on the
+database belonging to ``tmp_path`` (two calls with the same ``tmp_path``
+must reach the same database, which is how reopening is tested).  Tests
+open the first backend with ``reset=True``, so a server database shared by
+tests starts empty.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from neozodb.storage.backends import DISCARDED, ZERO_HASH, Backend
+
+NP = 4  # partitions used by most tests
+
+UP_TO_DATE, OUT_OF_DATE, FEEDING = 1, 0, 2
+
+
+def h(data: bytes) -> bytes:
+    return hashlib.sha1(data).digest()
+
+
+class BackendConformance:
+    """Shared backend tests; see the module docstring."""
+
+    def make_backend(self, tmp_path) -> Backend:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- helpers -------------------------------------------------------------
+
+    @pytest.fixture
+    def opener(self, tmp_path):
+        """``opener(reset=False)`` opens a backend on this test's database;
+        every backend opened is closed at teardown."""
+        opened: list[Backend] = []
+
+        def open_(reset: bool = False) -> Backend:
+            backend = self.make_backend(tmp_path)
+            backend.open(reset=reset)
+            opened.append(backend)
+            return backend
+
+        yield open_
+        for backend in opened:
+            backend.close()
+
+    @pytest.fixture
+    def db(self, opener) -> Backend:
+        backend = opener(reset=True)
+        backend.set_num_partitions(NP)
+        return backend
+
+    @staticmethod
+    def reopen(backend: Backend, opener) -> Backend:
+        backend.close()
+        return opener()
+
+    @staticmethod
+    def commit(db: Backend, tid: int, objects: dict[int, bytes | None], *,
+               ttid: int | None = None, user: bytes = b'user', description: bytes = b'desc',
+               ext: bytes = b'', undo: dict[int, int] | None = None) -> dict[int, int | None]:
+        """Run a full commit cycle; returns the data id used for each oid.
+
+        ``objects`` maps oid -> data (None = deletion); ``undo`` maps oid ->
+        the tid whose data the new revision reuses (back-pointer).  The ttid
+        defaults to ``tid - NP``: smaller, and in the same partition, as the
+        master allocates them."""
+        undo = undo or {}
+        if ttid is None:
+            ttid = tid - NP
+        rows = []
+        data_ids: dict[int, int | None] = {}
+        for oid, data in objects.items():
+            if oid in undo:
+                record = db.get_object(oid, tid=undo[oid])
+                data_id = db.store_data(record[3], record[2], record[4])
+                rows.append((oid, data_id, undo[oid]))
+            elif data is None:
+                data_id = None
+                rows.append((oid, None, None))
+            else:
+                data_id = db.store_data(h(data), 0, data)
+                rows.append((oid, data_id, None))
+            data_ids[oid] = data_id
+        db.store_transaction(ttid, rows, (list(objects), user, description, ext, False))
+        db.lock_transaction(ttid, tid)
+        db.unlock_transaction(ttid, tid)
+        return data_ids
+
+    # -- schema and configuration ------------------------------------------------
+
+    def test_fresh_database_is_empty(self, opener):
+        db = opener(reset=True)
+        assert db.name
+        assert isinstance(db.describe(), str) and db.describe()
+        assert db.get_nid() is None
+        assert db.get_name() is None
+        assert db.get_num_partitions() is None
+        assert db.get_pt() == (None, 0, [])
+        assert db.last_ids() == (None, None)
+        assert db.first_tid() is None
+        assert db.get_locked_transactions() == {}
+        assert db.get_object(1) is None
+
+    def test_config_round_trip_and_persistence(self, opener):
+        db = opener(reset=True)
+        db.set_config('foo', 'bar')
+        assert db.get_config('foo') == 'bar'
+        db.set_config('foo', 'baz')
+        assert db.get_config('foo') == 'baz'
+        db.set_config('gone', 'x')
+        db.set_config('gone', None)
+        assert db.get_config('gone') is None
+        db.set_nid(0x10000001)
+        db.set_name('cluster')
+        db.set_num_partitions(12)
+        db = self.reopen(db, opener)
+        assert db.get_config('foo') == 'baz'
+        assert db.get_config('gone') is None
+        assert db.get_nid() == 0x10000001
+        assert db.get_name() == 'cluster'
+        assert db.get_num_partitions() == 12
+        db.set_num_partitions(12)  # same value: accepted
+        with pytest.raises(ValueError):
+            db.set_num_partitions(13)
+        assert db.get_num_partitions() == 12
+
+    def test_reset_and_erase(self, opener, db):
+        db.set_name('cluster')
+        self.commit(db, 6, {1: b'a'})
+        db.erase()
+        assert db.get_name() is None
+        assert db.get_num_partitions() is None
+        assert db.get_object(1) is None
+        db.set_num_partitions(NP)
+        self.commit(db, 6, {1: b'a'})
+        db = self.reopen(db, opener)
+        assert db.get_object(1)[0] == 6
+        db.close()
+        db = opener(reset=True)
+        assert db.get_num_partitions() is None
+        assert db.last_ids() == (None, None)
+
+    # -- partition table --------------------------------------------------------
+
+    def test_partition_table(self, opener):
+        db = opener(reset=True)
+        rows = [[(1, UP_TO_DATE), (2, UP_TO_DATE)], [(2, UP_TO_DATE)], [(1, UP_TO_DATE)]]
+        db.save_pt(1, 1, rows)
+        assert db.get_num_partitions() == 3
+        assert db.get_pt() == (1, 1, rows)
+        db.change_pt(2, 1, [(0, 2, DISCARDED), (1, 3, OUT_OF_DATE), (2, 1, FEEDING)])
+        expected = [[(1, UP_TO_DATE)], [(2, UP_TO_DATE), (3, OUT_OF_DATE)], [(1, FEEDING)]]
+        assert db.get_pt() == (2, 1, expected)
+        db = self.reopen(db, opener)
+        assert db.get_pt() == (2, 1, expected)
+        db.change_pt(3, 2, [(2, 1, DISCARDED)])
+        assert db.get_pt() == (3, 2, [[(1, UP_TO_DATE)], [(2, UP_TO_DATE), (3, OUT_OF_DATE)], []])
+        db.save_pt(4, 0, [[(5, UP_TO_DATE)], [(5, UP_TO_DATE)], [(5, UP_TO_DATE)]])
+        assert db.get_pt() == (4, 0, [[(5, UP_TO_DATE)]] * 3)
+        with pytest.raises(ValueError):
+            db.save_pt(5, 0, [[(5, UP_TO_DATE)]])  # wrong number of partitions
+
+    # -- commit cycle and reads ------------------------------------------------
+
+    def test_commit_cycle(self, db):
+        data = b'some pickle'
+        data_id = db.store_data(h(data), 0, data)
+        db.store_transaction(100, [(1, data_id, None)], ([1], b'u', b'd', b'e', False))
+        assert db.get_object(1) is None          # voted only: not readable
+        assert db.last_serial(1) is None
+        assert db.get_locked_transactions() == {100: None}
+        db.lock_transaction(100, 104)
+        assert db.get_locked_transactions() == {100: 104}
+        assert db.get_final_tid(100) == 104
+        assert db.get_object(1) is None          # locked: still not committed
+        assert db.last_ids() == (104, 1)
+        db.unlock_transaction(100, 104)
+        assert db.get_locked_transactions() == {}
+        assert db.get_final_tid(100) == 104
+        expected = (104, None, 0, h(data), data, None)
+        assert db.get_object(1) == expected
+        assert db.get_object(1, tid=104) == expected
+        assert db.get_object(1, before_tid=105) == expected
+        assert db.get_object(1, before_tid=104) is False
+        assert db.get_object(1, tid=103) is False
+        assert db.get_object(2) is None
+        assert db.get_object(2, tid=104) is None
+        assert db.last_serial(1) == 104
+        assert db.get_transaction(104) == ([1], b'u', b'd', b'e', False, 100)
+        assert db.first_tid() == 104
+        with pytest.raises(ValueError):
+            db.get_object(1, tid=104, before_tid=105)
+
+    def test_several_revisions(self, db):
+        for i, tid in enumerate((10, 20, 30)):
+            self.commit(db, tid, {5: b'rev%d' % i})
+        assert db.get_object(5) == (30, None, 0, h(b'rev2'), b'rev2', None)
+        assert db.get_object(5, tid=10) == (10, 20, 0, h(b'rev0'), b'rev0', None)
+        assert db.get_object(5, tid=20) == (20, 30, 0, h(b'rev1'), b'rev1', None)
+        assert db.get_object(5, before_tid=30)[:2] == (20, 30)
+        assert db.get_object(5, before_tid=25)[:2] == (20, 30)
+        assert db.get_object(5, before_tid=11)[:2] == (10, 20)
+        assert db.get_object(5, before_tid=10) is False
+        assert db.get_object(5, before_tid=2**63 - 1)[:2] == (30, None)
+        assert db.get_object(5, tid=15) is False
+        assert db.last_serial(5) == 30
+        assert db.get_object_history(5, 0, 10) == [(30, 4), (20, 4), (10, 4)]
+        assert db.get_object_history(5, 1, 1) == [(20, 4)]
+        assert db.get_object_history(5, 3, 10) == []
+        assert db.get_object_history(6, 0, 10) is None
+
+    def test_deletion_revision(self, db):
+        self.commit(db, 10, {3: b'alive'})
+        self.commit(db, 20, {3: None})
+        assert db.get_object(3) == (20, None, 0, ZERO_HASH, b'', None)
+        assert db.get_object(3, tid=10) == (10, 20, 0, h(b'alive'), b'alive', None)
+        assert db.last_serial(3) == 20
+        assert db.get_object_history(3, 0, 5) == [(20, 0), (10, 5)]
+
+    def test_undo_back_pointer(self, db):
+        self.commit(db, 10, {7: b'original'})
+        self.commit(db, 20, {7: b'changed'})
+        ids = self.commit(db, 30, {7: b''}, undo={7: 10})
+        assert db.get_object(7) == (30, None, 0, h(b'original'), b'original', 10)
+        assert db.get_object(7, tid=10) == (10, 20, 0, h(b'original'), b'original', None)
+        first = db.get_object(7, tid=10)
+        assert db.load_data(ids[7]) == (h(b'original'), 0, b'original')
+        assert first[3] == db.get_object(7)[3]
+
+    def test_data_dedup(self, db):
+        a = db.store_data(h(b'x'), 0, b'x')
+        b = db.store_data(h(b'x'), 0, b'x')
+        c = db.store_data(h(b'x'), 1, b'x')
+        d = db.store_data(h(b'y'), 0, b'y')
+        assert a == b
+        assert len({a, c, d}) == 3
+        db.store_transaction(1, [(1, a, None), (2, b, None), (3, c, None), (4, d, None)], None)
+        db.lock_transaction(1, 5)
+        db.unlock_transaction(1, 5)
+        assert db.get_object(1)[3:5] == db.get_object(2)[3:5] == (h(b'x'), b'x')
+        assert db.get_object(3)[2] == 1
+        with pytest.raises(ValueError):
+            db.store_data(ZERO_HASH, 0, b'')
+
+    def test_partitions_and_transaction_without_metadata(self, db):
+        # A node holding partition(oid) but not partition(ttid) gets no txn.
+        data_id = db.store_data(h(b'o'), 0, b'o')
+        db.store_transaction(13, [(6, data_id, None)], None)
+        assert db.get_locked_transactions() == {13: None}
+        db.lock_transaction(13, 17)
+        assert db.get_locked_transactions() == {13: None}  # no lock record here
+        db.unlock_transaction(13, 17)
+        assert db.get_object(6)[:2] == (17, None)
+        assert db.get_transaction(17) is None
+        assert db.last_ids() == (17, 6)
+        assert db.last_ids([6 % NP]) == (17, 6)
+        assert db.last_ids([0, 1, 3]) == (None, None)
+
+    # -- abort and unfinished transactions -------------------------------------
+
+    def test_abort_removes_temp_rows_and_orphan_data(self, db):
+        ids = self.commit(db, 10, {1: b'shared'})
+        shared = db.store_data(h(b'shared'), 0, b'shared')
+        assert shared == ids[1]
+        own = db.store_data(h(b'own'), 0, b'own')
+        unvoted = db.store_data(h(b'unvoted'), 0, b'unvoted')
+        db.store_transaction(20, [(1, shared, None), (2, own, None)],
+                             ([1, 2], b'', b'', b'', False))
+        assert db.get_locked_transactions() == {20: None}
+        db.abort_transaction(20, [unvoted])
+        assert db.get_locked_transactions() == {}
+        assert db.get_final_tid(20) is None
+        assert db.load_data(own) is None
+        assert db.load_data(unvoted) is None
+        assert db.load_data(shared) == (h(b'shared'), 0, b'shared')
+        assert db.get_object(1)[4] == b'shared'
+        assert db.get_object(2) is None
+        assert db.last_ids() == (10, 1)
+
+    def test_abort_keeps_data_held_by_another_transaction(self, db):
+        a = db.store_data(h(b'same'), 0, b'same')      # for ttid 30
+        b = db.store_data(h(b'same'), 0, b'same')      # for ttid 40
+        assert a == b
+        db.abort_transaction(30, [a])
+        assert db.load_data(b) is not None
+        db.store_transaction(40, [(1, b, None)], None)
+        db.lock_transaction(40, 44)
+        db.unlock_transaction(40, 44)
+        assert db.get_object(1)[4] == b'same'
+
+    def test_release_data(self, db):
+        a = db.store_data(h(b'first try'), 0, b'first try')
+        db.release_data([a], prune=True)
+        assert db.load_data(a) is None
+
+    def test_drop_unfinished_keeps_locked(self, db):
+        committed = self.commit(db, 10, {1: b'committed'})[1]
+        d_locked = db.store_data(h(b'locked'), 0, b'locked')
+        db.store_transaction(20, [(2, d_locked, None)], ([2], b'', b'', b'', False))
+        db.lock_transaction(20, 24)
+        d_voted = db.store_data(h(b'voted'), 0, b'voted')
+        db.store_transaction(30, [(3, d_voted, None)], ([3], b'', b'', b'', False))
+        d_other = db.store_data(h(b'other'), 0, b'other')
+        db.store_transaction(40, [(4, d_other, None)], None)   # metadata elsewhere
+        assert db.get_locked_transactions() == {20: 24, 30: None, 40: None}
+        db.drop_unfinished()
+        assert db.get_locked_transactions() == {20: 24}
+        assert db.load_data(d_locked) is not None
+        assert db.load_data(committed) is not None
+        assert db.load_data(d_voted) is None
+        assert db.load_data(d_other) is None
+        db.unlock_transaction(20, 24)
+        assert db.get_object(2)[:2] == (24, None)
+
+    def test_drop_unfinished_removes_data_of_unvoted_after_reopen(self, opener, db):
+        lost = db.store_data(h(b'never voted'), 0, b'never voted')
+        kept = db.store_data(h(b'voted'), 0, b'voted')
+        # This durable commit also makes the unvoted row durable.
+        db.store_transaction(20, [(2, kept, None)], ([2], b'', b'', b'', False))
+        db.lock_transaction(20, 24)
+        db = self.reopen(db, opener)
+        assert db.load_data(lost) is not None
+        db.drop_unfinished()
+        assert db.load_data(lost) is None
+        assert db.load_data(kept) is not None
+        assert db.get_locked_transactions() == {20: 24}
+
+    def test_prune_orphans(self, opener, db):
+        self.commit(db, 10, {1: b'used'})
+        orphan = db.store_data(h(b'orphan'), 0, b'orphan')
+        held = db.store_data(h(b'held'), 0, b'held')
+        db.store_transaction(20, [], ([], b'', b'', b'', False))  # makes both durable
+        db.release_data([orphan])
+        assert db.prune_orphans() == 1
+        assert db.load_data(orphan) is None
+        assert db.load_data(held) is not None
+        assert db.get_object(1)[4] == b'used'
+
+    def test_locked_transaction_survives_reopen(self, opener, db):
+        data_id = db.store_data(h(b'crash'), 0, b'crash')
+        db.store_transaction(50, [(9, data_id, None)], ([9], b'u', b'd', b'', False))
+        db.lock_transaction(50, 54)
+        db = self.reopen(db, opener)               # crash after the commit point
+        assert db.get_locked_transactions() == {50: 54}
+        assert db.get_final_tid(50) == 54
+        assert db.last_ids() == (54, 9)
+        assert db.get_object(9) is None
+        db.drop_unfinished()
+        db.validate_transaction(50, 54)
+        assert db.get_locked_transactions() == {}
+        assert db.get_object(9) == (54, None, 0, h(b'crash'), b'crash', None)
+        assert db.get_transaction(54) == ([9], b'u', b'd', b'', False, 50)
+        db = self.reopen(db, opener)
+        assert db.get_object(9)[:2] == (54, None)
+        assert db.get_final_tid(50) == 54
+
+    def test_validate_voted_transaction_without_lock(self, opener, db):
+        # Verification found it committed on another node.
+        data_id = db.store_data(h(b'v'), 0, b'v')
+        db.store_transaction(60, [(2, data_id, None)], None)
+        db = self.reopen(db, opener)
+        assert db.get_locked_transactions() == {60: None}
+        assert db.get_final_tid(60) is None
+        db.validate_transaction(60, 64)
+        assert db.get_object(2)[:2] == (64, None)
+        assert db.get_locked_transactions() == {}
+
+    # -- ids and metadata reads --------------------------------------------------
+
+    def test_last_ids_per_partition(self, db):
+        self.commit(db, 12, {1: b'a', 2: b'b'})     # tid 12 in partition 0
+        self.commit(db, 21, {5: b'c'})              # tid 21 in partition 1
+        data_id = db.store_data(h(b'd'), 0, b'd')
+        db.store_transaction(30, [(11, data_id, None)], ([11], b'', b'', b'', False))
+        assert db.last_ids() == (21, 11)                 # tobj oid counts, voted ttid not
+        db.lock_transaction(30, 34)                      # partition 2
+        assert db.last_ids() == (34, 11)
+        assert db.last_ids([0]) == (12, None)
+        assert db.last_ids([1]) == (21, 5)
+        assert db.last_ids([2]) == (34, 2)
+        assert db.last_ids([3]) == (None, 11)
+        assert db.last_ids([0, 3]) == (12, 11)
+        assert db.last_ids([]) == (None, None)
+        assert db.first_tid() == 12
+
+    def test_transactions_and_tids(self, db):
+        tids = [100, 101, 102, 103, 104, 105, 106, 107, 108, 109]
+        for i, tid in enumerate(tids):
+            packed = i == 0
+            rows = [(i, db.store_data(h(b'%d' % i), 0, b'%d' % i), None)]
+            db.store_transaction(tid - 40, rows, ([i], b'user%d' % i, b'', b'ext', packed))
+            db.lock_transaction(tid - 40, tid)
+            db.unlock_transaction(tid - 40, tid)
+        assert db.get_transaction(100) == ([0], b'user0', b'', b'ext', True, 60)
+        assert db.get_transaction(105) == ([5], b'user5', b'', b'ext', False, 65)
+        assert db.get_transaction(110) is None
+        everything = range(NP)
+        assert db.get_tids(0, 3, everything) == [109, 108, 107]
+        assert db.get_tids(2, 3, everything) == [107, 106, 105]
+        assert db.get_tids(0, 100, [1]) == [109, 105, 101]
+        assert db.get_tids(8, 100, everything) == [101, 100]
+        assert db.get_tids(0, 0, everything) == []
+        assert db.get_tids_from(102, 106, 100, everything) == [102, 103, 104, 105, 106]
+        assert db.get_tids_from(102, 106, 2, everything) == [102, 103]
+        assert db.get_tids_from(0, 2**63 - 1, 3, [0, 2]) == [100, 102, 104]
+        assert db.get_tids_from(110, 200, 10, everything) == []
+        assert db.get_final_tid(65) == 105
+
+    def test_multi_oid_transaction_metadata(self, db):
+        oids = [1, 2**40 + 3, 2**63 - 1]
+        self.commit(db, 72, {oid: b'x%d' % oid for oid in oids})
+        assert db.get_transaction(72)[0] == oids
+        for oid in oids:
+            assert db.get_object(oid)[:2] == (72, None)
+        assert db.last_ids() == (72, 2**63 - 1)
+
+    # -- model-based check of revision reads -------------------------------------
+
+    @settings(max_examples=25, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from([b'a', b'b', None])),
+                    min_size=1, max_size=12),
+           st.integers(0, 110))
+    def test_reads_match_model(self, opener, history, probe):
+        db = opener(reset=True)
+        db.set_num_partitions(NP)
+        model: dict[int, list[tuple[int, bytes | None]]] = {}
+        for i, (oid, data) in enumerate(history):
+            tid = 8 * (i + 1)
+            self.commit(db, tid, {oid: data})
+            model.setdefault(oid, []).append((tid, data))
+        for oid in range(5):
+            revs = model.get(oid)
+            if revs is None:
+                assert db.get_object(oid) is None
+                assert db.get_object(oid, before_tid=probe) is None
+                continue
+            older = [r for r in revs if r[0] < probe]
+            result = db.get_object(oid, before_tid=probe)
+            if not older:
+                assert result is False
+            else:
+                serial, data = older[-1]
+                later = [r[0] for r in revs if r[0] > serial]
+                assert result[:2] == (serial, later[0] if later else None)
+                assert result[4] == (data or b'')
+                assert result[3] == (ZERO_HASH if data is None else h(data))
+            exact = [r for r in revs if r[0] == probe]
+            assert (db.get_object(oid, tid=probe) is not False) == bool(exact)
+            assert db.get_object(oid)[0] == revs[-1][0]
+            assert db.last_serial(oid) == revs[-1][0]
+        db.close()

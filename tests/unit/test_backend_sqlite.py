@@ -1,0 +1,240 @@
+"""SQLite backend: the shared conformance tests plus SQLite specifics
+(connection settings, schema, durability across a real process crash)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+from neozodb.storage.backends import Backend, open_backend
+from neozodb.storage.backends.sqlite import SQLiteBackend
+
+try:  # tests/unit may or may not become a package
+    from .backend_conformance import NP, BackendConformance
+except ImportError:
+    from backend_conformance import NP, BackendConformance
+
+pytestmark = pytest.mark.timeout(60)
+
+SRC = str(Path(__file__).resolve().parents[2] / 'src')
+
+
+def h(data: bytes) -> bytes:
+    return hashlib.sha1(data).digest()
+
+
+def pragma(backend: SQLiteBackend, name: str):
+    return backend.connection.execute(f'PRAGMA {name}').fetchone()[0]
+
+
+class TestSQLiteBackend(BackendConformance):
+
+    def make_backend(self, tmp_path) -> Backend:
+        return SQLiteBackend(str(tmp_path / 'storage.sqlite'))
+
+    # -- SQLite specifics ------------------------------------------------------
+
+    def test_connection_settings(self, db):
+        assert pragma(db, 'journal_mode') == 'wal'
+        assert pragma(db, 'synchronous') == 2          # FULL
+        assert pragma(db, 'foreign_keys') == 0
+        assert db.connection.isolation_level is None
+        assert not db.connection.in_transaction
+
+    def test_synchronous_restored_after_non_durable_commits(self, db):
+        data_id = db.store_data(h(b'x'), 0, b'x')
+        # store_data leaves a batched, non-fsynced transaction open.
+        assert db.connection.in_transaction
+        assert pragma(db, 'synchronous') == 1          # NORMAL
+        db.store_transaction(8, [(1, data_id, None)], ([1], b'', b'', b'', False))
+        assert not db.connection.in_transaction
+        assert pragma(db, 'synchronous') == 2
+        db.lock_transaction(8, 12)
+        assert pragma(db, 'synchronous') == 2
+        db.store_data(h(b'y'), 0, b'y')                # pending during unlock
+        db.unlock_transaction(8, 12)
+        assert not db.connection.in_transaction
+        assert pragma(db, 'synchronous') == 2
+        db.abort_transaction(16)
+        assert pragma(db, 'synchronous') == 2
+        assert db.get_object(1)[:2] == (12, None)
+
+    def test_commit_levels(self, db):
+        # Trace statements to know the synchronous level of every COMMIT:
+        # vote and lock must be fsynced (FULL) even when store_data rows of
+        # other transactions are pending; unlock need not be (NORMAL).
+        statements: list[str] = []
+        db.connection.set_trace_callback(statements.append)
+
+        def commits() -> list[tuple[str, str]]:
+            """(level, first statement of the transaction) for each COMMIT."""
+            level, first, out = 'FULL', None, []
+            for sql in statements:
+                if sql.startswith('PRAGMA synchronous='):
+                    level = sql.split('=')[1]
+                elif sql.startswith('BEGIN'):
+                    first = None
+                elif sql == 'COMMIT':
+                    out.append((level, first))
+                elif first is None:
+                    first = sql
+            statements.clear()
+            return out
+
+        pending = db.store_data(h(b'other txn'), 0, b'other txn')
+        data_id = db.store_data(h(b'x'), 0, b'x')
+        db.store_transaction(8, [(1, data_id, None)], ([1], b'', b'', b'', False))
+        level, first = commits()[-1]
+        assert (level, first.startswith('INSERT OR REPLACE INTO tobj')) == ('FULL', True)
+        db.store_data(h(b'y'), 0, b'y')
+        db.lock_transaction(8, 12)
+        level, first = commits()[-1]
+        assert (level, first.startswith('UPDATE ttrans')) == ('FULL', True)
+        db.store_data(h(b'z'), 0, b'z')
+        db.unlock_transaction(8, 12)
+        assert [level for level, _ in commits()] == ['NORMAL']
+        db.unlock_transaction(16, 20)
+        assert [level for level, _ in commits()] == ['NORMAL']
+        db.set_config('k', 'v')
+        assert commits()[-1][0] == 'FULL'
+        db.connection.set_trace_callback(None)
+        assert db.load_data(pending) is not None
+
+    def test_schema(self, db):
+        conn = db.connection
+        tables = {name for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {'config', 'pt', 'trans', 'obj', 'data', 'ttrans', 'tobj'} <= tables
+        indexes = {name for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type='index' AND sql IS NOT NULL")}
+        assert {'obj_tid', 'obj_data_id', 'data_hash'} <= indexes
+        columns = [row[1] for row in conn.execute('PRAGMA table_info(trans)')]
+        assert columns == ['partition', 'tid', 'packed', 'oids', 'user', 'description',
+                           'ext', 'ttid']
+        assert db.get_config('version') == '1'
+
+    def test_reads_use_indexes(self, db):
+        # The hot paths must be index searches, never scans.
+        conn = db.connection
+        for sql, params in [
+            ('SELECT MAX(tid) FROM obj WHERE partition=? AND oid=?', (1, 1)),
+            ('SELECT o.tid FROM obj AS o LEFT JOIN data AS d ON d.id = o.data_id'
+             ' WHERE o.partition=? AND o.oid=? ORDER BY o.tid DESC LIMIT 1', (1, 1)),
+            ('SELECT MAX(tid) FROM obj WHERE partition=?', (1,)),
+        ]:
+            plan = ' '.join(row[3] for row in conn.execute('EXPLAIN QUERY PLAN ' + sql, params))
+            assert 'SCAN' not in plan, plan
+
+    def test_oids_blob_format(self, db):
+        self.commit(db, 20, {1: b'a', 258: b'b'})
+        (blob,) = db.connection.execute('SELECT oids FROM trans').fetchone()
+        assert blob == (1).to_bytes(8, 'big') + (258).to_bytes(8, 'big')
+
+    def test_unsupported_schema_version(self, tmp_path, opener):
+        db = opener(reset=True)
+        db.set_config('version', '999')
+        db.close()
+        with pytest.raises(ValueError, match='schema version'):
+            opener()
+        db = opener(reset=True)
+        assert db.get_config('version') == '1'
+
+    def test_uncommitted_store_data_is_discarded_on_close(self, opener, db):
+        data_id = db.store_data(h(b'pending'), 0, b'pending')
+        db = self.reopen(db, opener)
+        assert db.load_data(data_id) is None
+
+    def test_committed_data_survives_reopen(self, opener, db):
+        self.commit(db, 24, {3: b'persistent'})
+        db = self.reopen(db, opener)
+        assert db.get_object(3) == (24, None, 0, h(b'persistent'), b'persistent', None)
+        assert db.get_num_partitions() == NP
+
+    def test_process_crash_after_lock(self, tmp_path):
+        # Kill the process right after lock_transaction returns, without
+        # closing the connection: the lock (and the vote) must be on disk.
+        path = tmp_path / 'crash.sqlite'
+        script = textwrap.dedent(f"""
+            import hashlib, os
+            from neozodb.storage.backends import open_backend
+            db = open_backend('sqlite', {str(path)!r})
+            db.set_num_partitions(4)
+            d = db.store_data(hashlib.sha1(b'v').digest(), 0, b'v')
+            db.store_transaction(8, [(5, d, None)], ([5], b'u', b'', b'', False))
+            db.lock_transaction(8, 12)
+            os._exit(0)
+        """)
+        env = dict(os.environ, PYTHONPATH=SRC)
+        subprocess.run([sys.executable, '-c', script], check=True, env=env, timeout=30)
+        db = open_backend('SQLite', str(path))
+        try:
+            assert db.get_locked_transactions() == {8: 12}
+            assert db.get_final_tid(8) == 12
+            db.drop_unfinished()
+            db.validate_transaction(8, 12)
+            assert db.get_object(5) == (12, None, 0, h(b'v'), b'v', None)
+        finally:
+            db.close()
+
+    def test_connection_usable_from_another_thread(self, db):
+        self.commit(db, 28, {1: b'threaded'})
+        result = []
+        thread = threading.Thread(target=lambda: result.append(db.get_object(1)))
+        thread.start()
+        thread.join(10)
+        assert result and result[0][4] == b'threaded'
+
+    def test_close_is_idempotent_and_reads_fail_when_closed(self, db):
+        db.close()
+        db.close()
+        with pytest.raises(RuntimeError):
+            db.get_config('name')
+
+    def test_describe(self, db):
+        assert 'SQLite' in db.describe()
+        assert 'storage.sqlite' in db.describe()
+        assert SQLiteBackend.name == 'SQLite'
+
+
+def test_open_backend_adapter_names(tmp_path):
+    for i, adapter in enumerate(('SQLite', 'sqlite', 'SQLITE')):
+        db = open_backend(adapter, str(tmp_path / f'{i}.sqlite'))
+        try:
+            assert isinstance(db, SQLiteBackend)
+            assert db.get_config('version') == '1'   # opened, schema created
+        finally:
+            db.close()
+
+
+def test_open_backend_reset(tmp_path):
+    path = str(tmp_path / 'r.sqlite')
+    db = open_backend('sqlite', path)
+    db.set_name('old')
+    db.close()
+    db = open_backend('sqlite', path, reset=True)
+    try:
+        assert db.get_name() is None
+    finally:
+        db.close()
+
+
+def test_open_backend_unknown_adapter(tmp_path):
+    with pytest.raises(ValueError, match='^unknown adapter: NoSuchDB$'):
+        open_backend('NoSuchDB', str(tmp_path / 'x'))
+
+
+def test_unknown_option_rejected(tmp_path):
+    with pytest.raises(ValueError, match='bogus'):
+        SQLiteBackend(str(tmp_path / 'x.sqlite'), bogus=1)
+
+
+def test_sqlite_version_supports_wal():
+    assert sqlite3.sqlite_version_info >= (3, 7, 0)
