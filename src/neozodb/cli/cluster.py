@@ -12,6 +12,21 @@ import time
 from neozodb.cli.config import format_address
 
 
+def wait_until(condition, timeout: float, what: str = "condition"):
+    """Poll ``condition()`` (remote state, no event to wait on) until it
+    returns a true value or ``timeout`` seconds pass; return that value."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError("timed out waiting for " + what)
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.2)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -29,7 +44,8 @@ class NodeProcess:
         log = open(self.logfile, "ab")
         try:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
+                                         stdin=subprocess.DEVNULL,
+                                         start_new_session=True)  # Ctrl-C is the launcher's
         finally:
             log.close()
 

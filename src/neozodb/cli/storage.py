@@ -13,8 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     from neozodb.storage.backends import open_backend
 
     try:
-        backend = open_backend(options.adapter, options.database)
-        backend.open(reset=options.reset)
+        backend = open_backend(options.adapter, options.database, reset=options.reset)
     except Exception as e:  # unusable database: say what and where, no traceback
         print("neostorage: error: cannot open %s database %s: %s" % (
             options.adapter, options.database, e), file=sys.stderr)

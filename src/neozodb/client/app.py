@@ -188,7 +188,7 @@ class ClientApp:
                     self.cache.clear_current()
                     if self.invalidation_listener is not None:
                         self.invalidation_listener.invalidateCache()
-                self.last_tid = max(tid, self.last_tid) if tid > self.last_tid else tid
+                self.last_tid = tid
 
     def master_lost(self, conn) -> None:
         if conn is self.master:
@@ -269,7 +269,7 @@ class ClientApp:
                 return item
             loading = self._loading.get(oid)
             if loading is None:
-                loading = self._loading[oid] = [0, None]
+                loading = self._loading[oid] = [0, []]
             loading[0] += 1
         try:
             try:
@@ -283,8 +283,12 @@ class ClientApp:
             _, serial, next_serial, compression, checksum, data, _ = answer
             data = self.decompress(oid, serial, compression, checksum, data)
             with self.lock:
-                if next_serial is None and loading[1] is not None:
-                    next_serial = loading[1]  # invalidated while we were loading
+                if next_serial is None:
+                    # invalidated while we were loading: the revision we got
+                    # ends at the first such commit after it
+                    later = [tid for tid in loading[1] if tid > serial]
+                    if later:
+                        next_serial = min(later)
                 if data is not None:
                     self.cache.store(oid, data, serial, next_serial)
             if data is None:
@@ -321,11 +325,15 @@ class ClientApp:
             for oid in oids:
                 cache.invalidate(oid, tid)
                 loading = self._loading.get(oid)
-                if loading is not None and (loading[1] is None or tid < loading[1]):
-                    loading[1] = tid
+                if loading is not None:
+                    loading[1].append(tid)
             listener = self.invalidation_listener
             if listener is not None:
-                listener.invalidate(tid, oids)
+                try:
+                    listener.invalidate(tid, oids)
+                except Exception:
+                    # e.g. the DB closed under us: never lose the connection for it
+                    log.exception("%s: error invalidating %s", self.label, tid.hex())
             if tid > self.last_tid:
                 self.last_tid = tid
 
@@ -362,6 +370,7 @@ class ClientApp:
 
     def close(self) -> None:
         self.closed = True
+        self.invalidation_listener = None
         for conn in list(self._storages.values()):
             conn.close("client closing")
         self._storages.clear()

@@ -52,6 +52,7 @@ class MasterApp:
         self.cluster_state = ClusterStates.RECOVERING
         self.startup_allowed = False
         self.last_id_timestamp = 0.0
+        self._temporary_nids: dict = {}  # node type -> last number given
         self._changed = asyncio.Event()  # wakes the phase waiting for a condition
         self._stop_operation = asyncio.Event()
         self._exit = asyncio.Event()
@@ -72,6 +73,17 @@ class MasterApp:
             now = self.last_id_timestamp + 1e-6
         self.last_id_timestamp = now
         return now
+
+    def temporary_nid(self, node_type: NodeTypes) -> int:
+        """A new NID for a client or admin, never one used before by this
+        master: a recycled NID could be mistaken for its previous owner."""
+        n = self._temporary_nids.get(node_type, 0)
+        while True:
+            n = n % 0xFFFFFF + 1
+            nid = make_nid(node_type, n)
+            if self.nm.get(nid) is None:
+                self._temporary_nids[node_type] = n
+                return nid
 
     def changed(self) -> None:
         self._changed.set()
@@ -425,6 +437,10 @@ class MasterApp:
         self.changed()
 
     # -- administration -------------------------------------------------------------------
+    def exit(self) -> None:
+        """SIGTERM/SIGINT: stop the cluster as `set cluster STOPPING` does."""
+        self.request_stop()
+
     def request_stop(self) -> None:
         """STOPPING: no new transaction; exit once the pending ones are done."""
         if self.stopping:

@@ -69,10 +69,10 @@ class IdentificationHandler(BaseHandler):
         elif node_type is NodeTypes.CLIENT:
             if app.cluster_state is not ClusterStates.RUNNING or app.stopping:
                 raise NotReady("cluster is not running")
-            nid = app.nm.free_nid(NodeTypes.CLIENT)
+            nid = app.temporary_nid(NodeTypes.CLIENT)
             handler = ClientHandler(app)
         elif node_type is NodeTypes.ADMIN:
-            nid = app.nm.free_nid(NodeTypes.ADMIN)
+            nid = app.temporary_nid(NodeTypes.ADMIN)
             handler = AdminHandler(app)
         elif node_type is NodeTypes.MASTER:
             # Only one master for now: others are kept as secondaries.
@@ -156,7 +156,9 @@ class ClientHandler(BaseHandler):
         try:
             txn = app.tm.abort(u64(ttid))
         except TransactionError as e:
-            raise ProtocolError(str(e)) from None
+            # finish already requested: the commit goes on, the abort is moot
+            log.warning("%s: abort from %s ignored: %s", app.label, conn.label, e)
+            return
         if txn is not None:
             for nid in nids:
                 node = app.nm.get(nid)

@@ -188,9 +188,11 @@ class StorageApp:
     # -- transactions -----------------------------------------------------------------------
     def abort(self, ttid: bytes) -> None:
         txn = self.locks.txns.get(ttid)
-        if txn is None or txn.locked:
+        if txn is not None and txn.locked:
             return
-        self.locks.finish(ttid)
+        self.locks.abort(ttid)
+        if txn is None:
+            return
         if txn.voted or txn.objects:
             data_ids = [] if txn.voted else [d for _, d, _ in txn.objects.values() if d is not None]
             self.backend.abort_transaction(int.from_bytes(ttid, "big"), data_ids)

@@ -9,6 +9,7 @@ from neozodb.net.connection import Handler, HandlerError, NotReady
 from neozodb.protocol import (
     ZERO_HASH,
     ZERO_TID,
+    CellStates,
     ErrorCodes,
     NodeTypes,
     Packets,
@@ -64,7 +65,6 @@ class MasterHandler(BaseHandler):
         pt = self.app.pt
         if pt is None:
             raise HandlerError("no partition table", ErrorCodes.NOT_READY)
-        from neozodb.protocol import CellStates
         rows = [[(nid, CellStates(state)) for nid, state in row] for row in pt.rows()]
         conn.answer(msg_id, Packets.AnswerPartitionTable, pt.ptid, pt.num_replicas, rows)
 
@@ -146,7 +146,7 @@ class ClientHandler(BaseHandler):
         app = self.app
         app.client_conns.discard(conn)
         # transactions that did not vote cannot finish without this connection
-        for txn in app.locks.client_transactions(conn.nid):
+        for txn in app.locks.connection_transactions(conn):
             if not txn.voted:
                 app.abort(txn.ttid)
 
@@ -207,11 +207,22 @@ class ClientHandler(BaseHandler):
         if data_serial is None and not (checksum == ZERO_HASH and not data):
             if hashlib.sha1(data).digest() != checksum:
                 raise ProtocolError("wrong checksum for %s in %s" % (oid.hex(), ttid.hex()))
-        txn = app.locks.get(ttid, conn.nid)
+        if ttid in app.locks.aborted:
+            conn.answer(msg_id, Packets.AnswerStoreObject, ZERO_TID)  # moot: the client aborts
+            return
+        txn = app.locks.get(ttid, conn.nid, conn)
         if txn.voted:
             raise ProtocolError("store after vote in %s" % ttid.hex())
-        if app.cell_state(app.pt.partition(oid)) is None:
+        state = app.cell_state(app.pt.partition(oid))
+        if state is None:
             conn.answer(msg_id, Packets.AnswerStoreObject, ZERO_TID)  # not ours: ignored
+            return
+        if state == CellStates.OUT_OF_DATE.value:
+            # our copy is behind: keep the data without locking or checking,
+            # the up-to-date replicas decide about conflicts
+            self._keep(txn, oid, serial, compression, checksum, data, data_serial)
+            txn.lockless.add(oid)
+            conn.answer(msg_id, Packets.AnswerStoreObject, ZERO_TID)
             return
         holder = app.locks.acquire(ttid, oid)
         if holder is not None:
@@ -250,7 +261,10 @@ class ClientHandler(BaseHandler):
 
     def AskCheckCurrentSerial(self, conn, msg_id, ttid, oid, serial):
         app = self.app
-        txn = app.locks.get(ttid, conn.nid)
+        if ttid in app.locks.aborted:
+            conn.answer(msg_id, Packets.AnswerCheckCurrentSerial, ZERO_TID)
+            return
+        txn = app.locks.get(ttid, conn.nid, conn)
         if app.cell_state(app.pt.partition(oid)) is None:
             conn.answer(msg_id, Packets.AnswerCheckCurrentSerial, ZERO_TID)
             return
@@ -305,18 +319,24 @@ class ClientHandler(BaseHandler):
         app.replay()
 
     def _vote(self, txn, meta) -> None:
+        if txn.ttid in self.app.locks.aborted:
+            raise HandlerError("transaction %s was aborted" % txn.ttid.hex(), ErrorCodes.DENIED)
         objects = [(u64(oid), data_id, data_serial)
                    for oid, (_, data_id, data_serial) in txn.objects.items()]
         self.app.backend.store_transaction(u64(txn.ttid), objects, meta)
         txn.voted = True
 
     def AskStoreTransaction(self, conn, msg_id, ttid, user, description, ext, oids, pack):
-        txn = self.app.locks.get(ttid, conn.nid)
+        if ttid in self.app.locks.aborted:
+            raise HandlerError("transaction %s was aborted" % ttid.hex(), ErrorCodes.DENIED)
+        txn = self.app.locks.get(ttid, conn.nid, conn)
         self._vote(txn, ([u64(o) for o in oids], user, description, ext, False))
         conn.answer(msg_id, Packets.AnswerStoreTransaction)
 
     def AskVoteTransaction(self, conn, msg_id, ttid):
-        txn = self.app.locks.get(ttid, conn.nid)
+        if ttid in self.app.locks.aborted:
+            raise HandlerError("transaction %s was aborted" % ttid.hex(), ErrorCodes.DENIED)
+        txn = self.app.locks.get(ttid, conn.nid, conn)
         self._vote(txn, None)
         conn.answer(msg_id, Packets.AnswerVoteTransaction)
 

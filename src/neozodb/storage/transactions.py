@@ -12,13 +12,18 @@ NotifyDeadlock / AskRelockObject).
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
+
+# how many aborted TTIDs are remembered, to refuse their late requests
+ABORTED_MEMORY = 10000
 
 
 @dataclass(eq=False)
 class Transaction:
     ttid: bytes
     client: int | None
+    conn: object = None  # the client connection that started it
     # oid -> (serial the client based its change on, data_id, data_serial)
     objects: dict = field(default_factory=dict)
     checked: dict = field(default_factory=dict)  # oid -> serial (readCurrent)
@@ -37,11 +42,14 @@ class LockManager:
         self.txns: dict[bytes, Transaction] = {}
         self.write_locks: dict[bytes, bytes] = {}  # oid -> ttid
         self.read_locks: dict[bytes, bytes] = {}  # oid -> ttid (locked, not yet unlocked)
+        # A store delayed behind a lock, or sent before the abort reached us,
+        # must not resurrect an aborted transaction.
+        self.aborted: OrderedDict[bytes, None] = OrderedDict()
 
-    def get(self, ttid: bytes, client: int | None = None) -> Transaction:
+    def get(self, ttid: bytes, client: int | None = None, conn: object = None) -> Transaction:
         txn = self.txns.get(ttid)
         if txn is None:
-            txn = self.txns[ttid] = Transaction(ttid, client)
+            txn = self.txns[ttid] = Transaction(ttid, client, conn)
         return txn
 
     def acquire(self, ttid: bytes, oid: bytes) -> bytes | None:
@@ -74,6 +82,12 @@ class LockManager:
                 self.read_locks[oid] = ttid
         return txn
 
+    def abort(self, ttid: bytes) -> Transaction | None:
+        self.aborted[ttid] = None
+        if len(self.aborted) > ABORTED_MEMORY:
+            self.aborted.popitem(last=False)
+        return self.finish(ttid)
+
     def finish(self, ttid: bytes) -> Transaction | None:
         """Unlock or abort: drop every lock the transaction holds."""
         txn = self.txns.pop(ttid, None)
@@ -88,3 +102,7 @@ class LockManager:
 
     def client_transactions(self, client: int) -> list[Transaction]:
         return [t for t in self.txns.values() if t.client == client]
+
+    def connection_transactions(self, conn: object) -> list[Transaction]:
+        # by connection, not NID: a NID may already belong to a new client
+        return [t for t in self.txns.values() if t.conn is conn]
