@@ -26,6 +26,8 @@ def run_node(options, make_app: Callable, on_signal: Callable | None = None) -> 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _handler(app, on_signal))
+        if hasattr(app, "dump_state"):
+            loop.add_signal_handler(signal.SIGUSR1, app.dump_state)
         result = await app.run()
         return result or 0
 

@@ -99,6 +99,8 @@ class ClientApp:
         self.cache = ClientCache(cache_size)
         self.lock = threading.RLock()
         self.last_tid = ZERO_TID
+        self._connected_before = False
+        self._last_tid_at_loss = ZERO_TID
         self._loading: dict[bytes, list] = {}  # oid -> [loads in progress, invalidating tid]
         self.master: ThreadedConnection | None = None
         self._storages: dict[int, ThreadedConnection] = {}
@@ -181,18 +183,25 @@ class ClientApp:
                 self._changed.wait(min(remaining, 1.0))
 
     def _reconnected(self, tid: bytes) -> None:
+        """``tid`` answers AskLastTransaction, sent after identification:
+        invalidations received since identification may already be newer,
+        so last_tid only moves forward."""
         with self.lock:
-            if tid != self.last_tid:
-                if self.last_tid != ZERO_TID:
-                    # unknown gap: everything current may be stale
-                    self.cache.clear_current()
-                    if self.invalidation_listener is not None:
-                        self.invalidation_listener.invalidateCache()
+            if self._connected_before and tid != self._last_tid_at_loss:
+                # commits we were not told about: anything current may be stale
+                self.cache.clear_current()
+                if self.invalidation_listener is not None:
+                    self.invalidation_listener.invalidateCache()
+            self._connected_before = True
+            if tid > self.last_tid:
                 self.last_tid = tid
 
     def master_lost(self, conn) -> None:
         if conn is self.master:
-            log.warning("%s: lost the master: %s", self.label, conn.close_reason)
+            with self.lock:
+                self._last_tid_at_loss = self.last_tid
+            if not self.closed:
+                log.warning("%s: lost the master: %s", self.label, conn.close_reason)
             self.wake()
 
     def running_storages(self) -> set[int]:

@@ -87,7 +87,12 @@ class Storage(ConflictResolvingStorage):
         return False
 
     def lastTransaction(self) -> bytes:
-        return self.app.last_tid
+        # Taking the lock the invalidation path holds means nobody sees the
+        # new TID between the wrapper's invalidate() and the TID update: a
+        # connection created in that window would otherwise start before the
+        # commit and miss its invalidations forever after.
+        with self.app.lock:
+            return self.app.last_tid
 
     def registerDB(self, wrapper) -> None:
         ConflictResolvingStorage.registerDB(self, wrapper)

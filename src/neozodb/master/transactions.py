@@ -30,14 +30,15 @@ class Txn:
     failed: set = field(default_factory=set)
     # the client's AskFinishTransaction, so the answer can go back later
     finish_request: Any = None
+    finishing: bool = False
 
     @property
     def prepared(self) -> bool:
-        return self.tid is not None
+        return self.finishing
 
     @property
     def fully_locked(self) -> bool:
-        return self.involved <= self.locked
+        return self.finishing and self.involved <= self.locked
 
 
 class TransactionManager:
@@ -79,6 +80,10 @@ class TransactionManager:
             ttid = next_tid(now, self._last_allocated)
         self._last_allocated = ttid
         txn = self.txns[ttid] = Txn(ttid, client, imposed=tid is not None)
+        if tid is not None:
+            # its TID is known now: later commits must queue behind it
+            txn.tid = tid
+            self._queue.append(txn)
         return txn
 
     def prepare(self, ttid: int, now: float, oids: list, involved: set) -> Txn:
@@ -88,15 +93,13 @@ class TransactionManager:
             raise TransactionError("unknown transaction %#x" % ttid) from None
         if txn.prepared:
             raise TransactionError("transaction %#x already finishing" % ttid)
-        if txn.imposed:
-            tid = ttid
-        else:
-            tid = final_tid(now, self._last_allocated, ttid, self.num_partitions)
-        self._last_allocated = max(self._last_allocated, tid)
-        txn.tid = tid
+        txn.finishing = True
         txn.oids = oids
         txn.involved = set(involved)
-        self._queue.append(txn)
+        if not txn.imposed:
+            txn.tid = final_tid(now, self._last_allocated, ttid, self.num_partitions)
+            self._last_allocated = txn.tid
+            self._queue.append(txn)
         return txn
 
     def locked(self, ttid: int, nid: int) -> None:
@@ -122,13 +125,15 @@ class TransactionManager:
         if txn.prepared:
             raise TransactionError("cannot abort transaction %#x: finish requested" % ttid)
         del self.txns[ttid]
+        if txn.imposed:
+            self._queue.remove(txn)
         return txn
 
     def client_lost(self, client: int) -> list[Txn]:
         """Abort the client's transactions that it did not ask to finish."""
         lost = [t for t in self.txns.values() if t.client == client and not t.prepared]
         for txn in lost:
-            del self.txns[txn.ttid]
+            self.abort(txn.ttid)
         return lost
 
     def storage_lost(self, nid: int) -> None:

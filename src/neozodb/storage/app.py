@@ -87,6 +87,22 @@ class StorageApp:
     def assigned_partitions(self) -> list[int]:
         return self.pt.partitions_of(self.nid) if self.pt is not None else []
 
+    def dump_state(self) -> None:
+        """SIGUSR1: log locks and waiting requests (to diagnose stalls)."""
+        locks = self.locks
+        log.warning("%s: %d transactions, %d write locks, %d read locks, %d delayed",
+                    self.label, len(locks.txns), len(locks.write_locks), len(locks.read_locks),
+                    len(self.delayed))
+        for ttid, txn in sorted(locks.txns.items()):
+            log.warning("%s:   txn %s client %s voted=%s tid=%s objects=%s checked=%s", self.label,
+                        ttid.hex(), nid_str(txn.client), txn.voted,
+                        txn.tid.hex() if txn.tid else None,
+                        [o.hex() for o in txn.objects], [o.hex() for o in txn.checked])
+        for oid, ttid in sorted(locks.write_locks.items()):
+            log.warning("%s:   lock %s by %s", self.label, oid.hex(), ttid.hex())
+        for key, retry in self.delayed:
+            log.warning("%s:   delayed %s %r", self.label, key.hex(), retry)
+
     # -- delayed requests -------------------------------------------------------------
     def delay(self, key: bytes, retry) -> None:
         self.delayed.append((key, retry))
@@ -98,7 +114,11 @@ class StorageApp:
         delayed, self.delayed = self.delayed, []
         delayed.sort(key=lambda item: item[0])
         for _, retry in delayed:
-            retry()
+            try:
+                retry()
+            except Exception:
+                # one broken request must not strand the others
+                log.exception("%s: error replaying a delayed request", self.label)
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:

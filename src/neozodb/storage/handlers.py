@@ -28,6 +28,24 @@ def _p64(value: int | None) -> bytes | None:
     return None if value is None else p64(value)
 
 
+class Retry:
+    """A delayed request, replayed through its connection."""
+
+    __slots__ = ("handler", "conn", "msg_id", "packet", "args")
+
+    def __init__(self, handler, conn, msg_id, packet, args) -> None:
+        self.handler, self.conn, self.msg_id, self.packet, self.args = (
+            handler, conn, msg_id, packet, args)
+
+    def __call__(self) -> None:
+        if not self.conn.closed:
+            self.conn._request_received(self.msg_id, self.packet, self.args)
+
+    def __repr__(self) -> str:
+        return "<%s from %s oid %s>" % (self.packet.name, self.conn.label,
+                                        self.args[0].hex() if self.args else "")
+
+
 class BaseHandler(Handler):
     def __init__(self, app: StorageApp) -> None:
         self.app = app
@@ -226,13 +244,14 @@ class ClientHandler(BaseHandler):
             return
         holder = app.locks.acquire(ttid, oid)
         if holder is not None:
-            self._wait_lock(conn, ttid, oid, holder, lambda: self.AskStoreObject(
-                conn, msg_id, oid, serial, compression, checksum, data, data_serial, ttid))
+            self._wait_lock(conn, ttid, oid, holder, msg_id, Packets.AskStoreObject, (
+                oid, serial, compression, checksum, data, data_serial, ttid))
             return
         last = app.backend.last_serial(u64(oid))
         if (ZERO_TID if last is None else p64(last)) != serial:
             if oid not in txn.checked:
                 app.locks.release(ttid, oid)
+                app.replay()  # waiters for this lock may go on
             conn.answer(msg_id, Packets.AnswerStoreObject, p64(last) if last is not None else ZERO_TID)
             return
         self._keep(txn, oid, serial, compression, checksum, data, data_serial)
@@ -249,15 +268,21 @@ class ClientHandler(BaseHandler):
             data_id = backend.store_data(checksum, compression, data)
         txn.objects[oid] = (serial, data_id, None if data_serial is None else u64(data_serial))
 
-    def _wait_lock(self, conn, ttid, oid, holder, retry):
+    def _notify_victim(self, ttid, oid, holder) -> None:
+        """An older transaction waits for a younger one that has not voted:
+        ask the younger's client to release the lock (deadlock avoidance)."""
         app = self.app
         victim = app.locks.deadlock_victim(ttid, oid, holder)
         if victim is not None:
-            for client in app.client_conns:
-                if client.nid == victim.client and not client.closed:
-                    client.notify(Packets.NotifyDeadlock, victim.ttid, oid)
-                    break
-        app.delay(ttid, lambda: None if conn.closed else retry())
+            conn = victim.conn
+            if conn is not None and not conn.closed:
+                conn.notify(Packets.NotifyDeadlock, victim.ttid, oid)
+
+    def _wait_lock(self, conn, ttid, oid, holder, msg_id, packet, args):
+        app = self.app
+        self._notify_victim(ttid, oid, holder)
+        # replayed through the connection, so errors are answered as usual
+        app.delay(ttid, Retry(self, conn, msg_id, packet, args))
 
     def AskCheckCurrentSerial(self, conn, msg_id, ttid, oid, serial):
         app = self.app
@@ -270,14 +295,15 @@ class ClientHandler(BaseHandler):
             return
         holder = app.locks.acquire(ttid, oid)
         if holder is not None:
-            self._wait_lock(conn, ttid, oid, holder,
-                            lambda: self.AskCheckCurrentSerial(conn, msg_id, ttid, oid, serial))
+            self._wait_lock(conn, ttid, oid, holder, msg_id, Packets.AskCheckCurrentSerial,
+                            (ttid, oid, serial))
             return
         last = app.backend.last_serial(u64(oid))
         current = ZERO_TID if last is None else p64(last)
         if current != serial:
             if oid not in txn.objects:
                 app.locks.release(ttid, oid)
+                app.replay()  # waiters for this lock may go on
             conn.answer(msg_id, Packets.AnswerCheckCurrentSerial, current)
             return
         txn.checked[oid] = serial
@@ -297,6 +323,9 @@ class ClientHandler(BaseHandler):
                 return
             holder = app.locks.acquire(ttid, oid)
             if holder is not None:
+                # a younger transaction may have taken it meanwhile: it must
+                # be asked to step back too, or both wait forever
+                self._notify_victim(ttid, oid, holder)
                 app.delay(ttid, relock)
                 return
             serial, data_id, data_serial = txn.objects[oid]
@@ -308,6 +337,7 @@ class ClientHandler(BaseHandler):
             # somebody committed meanwhile: give the client back its data to resolve
             del txn.objects[oid]
             app.locks.release(ttid, oid)
+            app.replay()
             stored = None
             if data_id is not None:
                 checksum, compression, data = app.backend.load_data(data_id)

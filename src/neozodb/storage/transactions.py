@@ -57,6 +57,10 @@ class LockManager:
         holder = self.write_locks.get(oid)
         if holder is None or holder == ttid:
             self.write_locks[oid] = ttid
+            txn = self.txns.get(ttid)
+            if txn is not None:
+                # a new acquisition may need a new deadlock notice
+                txn.deadlock_notified.discard(oid)
             return None
         return holder
 

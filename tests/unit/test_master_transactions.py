@@ -1,0 +1,568 @@
+"""The master's transaction manager (neozodb.master.transactions), a pure state machine."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from neozodb.master.transactions import TransactionError, TransactionManager, Txn
+from neozodb.tid import tid_from_time
+
+pytestmark = pytest.mark.timeout(60)
+
+T0 = 1_700_000_000.0  # 2023-11-14: a realistic "now"
+
+
+def commit_all(tm, *txns):
+    """Lock every transaction on all its involved storages; return what committable() pops."""
+    for txn in txns:
+        for nid in txn.involved:
+            tm.locked(txn.ttid, nid)
+    return tm.committable()
+
+
+# -- OIDs ----------------------------------------------------------------------------------
+
+
+def test_new_oids_are_consecutive():
+    tm = TransactionManager(12)
+    assert tm.new_oids(3) == [1, 2, 3]
+    assert tm.new_oids(2) == [4, 5]
+    assert tm.last_oid == 5
+    assert tm.new_oids(0) == []
+    assert tm.last_oid == 5
+    assert tm.new_oids(1) == [6]
+
+
+def test_new_oids_continue_after_reset():
+    tm = TransactionManager(12)
+    tm.reset(last_tid=0, last_oid=41)
+    assert tm.new_oids(2) == [42, 43]
+
+
+def test_saw_oid_bumps_only_upwards():
+    tm = TransactionManager(12)
+    tm.new_oids(2)
+    tm.saw_oid(10)
+    assert tm.last_oid == 10
+    assert tm.new_oids(2) == [11, 12]
+    tm.saw_oid(5)  # older than what was allocated: no effect
+    assert tm.last_oid == 12
+    tm.saw_oid(12)
+    assert tm.last_oid == 12
+    assert tm.new_oids(1) == [13]
+
+
+# -- TTIDs ---------------------------------------------------------------------------------
+
+
+def test_first_ttid_comes_from_the_clock():
+    tm = TransactionManager(12)
+    txn = tm.begin(1, T0)
+    assert isinstance(txn, Txn)
+    assert txn.ttid == tid_from_time(T0)
+    assert txn.client == 1
+    assert not txn.imposed and not txn.prepared and txn.tid is None
+    assert tm.txns == {txn.ttid: txn}
+
+
+def test_ttids_strictly_increase_when_the_clock_goes_backwards():
+    tm = TransactionManager(12)
+    nows = [T0, T0 - 1, T0 - 3600, T0, T0 - 0.000001, T0 + 0.5, T0 - 86400]
+    ttids = [tm.begin(1, now).ttid for now in nows]
+    assert all(a < b for a, b in zip(ttids, ttids[1:], strict=False)), [hex(t) for t in ttids]
+    # a clock stuck in the past falls back to last + 1
+    assert ttids[1] == ttids[0] + 1
+    assert ttids[2] == ttids[1] + 1
+    # a clock that moves ahead again is used as is
+    assert ttids[5] == tid_from_time(T0 + 0.5)
+    assert ttids[6] == ttids[5] + 1
+    assert len(tm.txns) == len(nows)
+
+
+def test_ttids_follow_a_clock_that_goes_forward():
+    tm = TransactionManager(12)
+    a = tm.begin(1, T0).ttid
+    b = tm.begin(1, T0 + 10).ttid
+    assert a == tid_from_time(T0)
+    assert b == tid_from_time(T0 + 10)
+
+
+def test_ttid_is_greater_than_last_tid_after_reset():
+    tm = TransactionManager(12)
+    last = tid_from_time(T0 + 3600)  # the database was written by a clock ahead of ours
+    tm.reset(last_tid=last, last_oid=7)
+    assert tm.last_tid == last and tm.last_oid == 7
+    txn = tm.begin(1, T0)
+    assert txn.ttid == last + 1
+    assert tm.begin(1, T0 + 7200).ttid == tid_from_time(T0 + 7200)
+
+
+def test_reset_never_lowers_allocation_floor():
+    tm = TransactionManager(12)
+    ttid = tm.begin(1, T0).ttid
+    tm.reset(last_tid=1, last_oid=0)  # e.g. back to recovery with an older last_tid
+    assert tm.txns == {} and tm.prepared_count() == 0
+    assert tm.last_tid == 1
+    assert tm.begin(1, T0 - 60).ttid > ttid
+
+
+# -- imposed TIDs --------------------------------------------------------------------------
+
+
+def test_imposed_tid_is_used_as_ttid_and_tid():
+    tm = TransactionManager(7)
+    wanted = tid_from_time(T0) + 3  # not congruent to anything in particular
+    txn = tm.begin(1, T0 + 3600, tid=wanted)
+    assert txn.imposed
+    assert txn.ttid == wanted
+    tm.prepare(wanted, T0 + 7200, [1], {1})
+    assert txn.tid == wanted  # not moved to the clock nor to a partition
+    assert commit_all(tm, txn) == [txn]
+    assert tm.last_tid == wanted
+
+
+@pytest.mark.parametrize("delta", [0, -1, -1000])
+def test_imposed_tid_must_be_greater_than_last_ttid(delta):
+    tm = TransactionManager(12)
+    ttid = tm.begin(1, T0).ttid
+    with pytest.raises(TransactionError):
+        tm.begin(2, T0, tid=ttid + delta)
+    assert list(tm.txns) == [ttid]  # nothing registered by the failed begin
+
+
+def test_imposed_tid_must_be_greater_than_prepared_tid():
+    tm = TransactionManager(12)
+    txn = tm.begin(1, T0)
+    tm.prepare(txn.ttid, T0 + 60, [], {1})
+    assert txn.tid > txn.ttid
+    with pytest.raises(TransactionError):
+        tm.begin(2, T0, tid=txn.tid)
+    ok = tm.begin(2, T0, tid=txn.tid + 1)
+    assert ok.ttid == txn.tid + 1
+
+
+def test_imposed_tid_must_be_greater_than_last_tid():
+    tm = TransactionManager(12)
+    last = tid_from_time(T0)
+    tm.reset(last_tid=last, last_oid=0)
+    with pytest.raises(TransactionError):
+        tm.begin(1, T0, tid=last)
+    assert tm.begin(1, T0, tid=last + 1).ttid == last + 1
+
+
+def test_imposed_tid_raises_allocation_floor():
+    tm = TransactionManager(12)
+    imposed = tid_from_time(T0 + 3600)
+    tm.begin(1, T0, tid=imposed)
+    later = tm.begin(2, T0)  # clock behind the imposed TID
+    assert later.ttid == imposed + 1
+    with pytest.raises(TransactionError):
+        tm.begin(3, T0, tid=imposed + 1)
+
+
+# An imposed transaction is queued at begin(): a normal transaction begun and
+# prepared after it gets a greater TID and must not commit first.
+def test_imposed_transaction_commits_in_tid_order():
+    tm = TransactionManager(12)
+    imposed = tm.begin(1, T0, tid=tid_from_time(T0))
+    normal = tm.begin(2, T0 + 1)
+    tm.prepare(normal.ttid, T0 + 2, [], {1})
+    assert normal.tid > imposed.ttid
+    tm.locked(normal.ttid, 1)
+    # the imposed transaction, with a smaller TID, is still running: normal must wait
+    assert tm.committable() == []
+    tm.prepare(imposed.ttid, T0 + 3, [], {1})
+    tm.locked(imposed.ttid, 1)
+    done = tm.committable()
+    assert [t.tid for t in done] == sorted(t.tid for t in done)
+    assert tm.last_tid == normal.tid
+
+
+# -- prepare -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_partitions", [1, 3, 12, 1000])
+def test_prepare_tid_is_above_everything_and_in_ttid_partition(num_partitions):
+    tm = TransactionManager(num_partitions)
+    allocated = []
+    txns = []
+    for i, now in enumerate([T0, T0 - 5, T0 + 1, T0 - 10]):
+        txn = tm.begin(i, now)
+        assert txn.ttid > max(allocated, default=0)
+        allocated.append(txn.ttid)
+        txns.append(txn)
+    # prepare out of begin order, with a clock going backwards
+    for txn, now in zip([txns[2], txns[0], txns[3], txns[1]], [T0 + 1, T0, T0 - 100, T0 - 200],
+                        strict=True):
+        before = max(allocated)
+        tm.prepare(txn.ttid, now, [], {1})
+        assert txn.prepared
+        assert txn.tid > before
+        assert txn.tid % num_partitions == txn.ttid % num_partitions
+        # the smallest such TID: no more than one partition round beyond the floor
+        assert txn.tid <= max(before + 1, tid_from_time(now)) + num_partitions - 1
+        allocated.append(txn.tid)
+        nxt = tm.begin(9, now)  # and TTIDs keep going up past the TID
+        assert nxt.ttid > txn.tid
+        allocated.append(nxt.ttid)
+        tm.abort(nxt.ttid)
+
+
+def test_prepare_records_oids_and_involved():
+    tm = TransactionManager(12)
+    txn = tm.begin(1, T0)
+    involved = {1, 2}
+    got = tm.prepare(txn.ttid, T0, [5, 6], involved)
+    assert got is txn
+    assert txn.oids == [5, 6]
+    assert txn.involved == {1, 2}
+    involved.add(3)  # a copy is kept
+    assert txn.involved == {1, 2}
+    assert not txn.fully_locked
+    assert tm.prepared_count() == 1
+    assert tm.has_pending()
+
+
+def test_prepare_unknown_ttid_raises():
+    tm = TransactionManager(12)
+    with pytest.raises(TransactionError):
+        tm.prepare(12345, T0, [], {1})
+    txn = tm.begin(1, T0)
+    with pytest.raises(TransactionError):
+        tm.prepare(txn.ttid + 1, T0, [], {1})
+    assert tm.prepared_count() == 0
+
+
+def test_prepare_twice_raises():
+    tm = TransactionManager(12)
+    txn = tm.begin(1, T0)
+    tm.prepare(txn.ttid, T0, [], {1})
+    tid = txn.tid
+    with pytest.raises(TransactionError):
+        tm.prepare(txn.ttid, T0 + 10, [], {2})
+    assert txn.tid == tid and txn.involved == {1}
+    assert tm.prepared_count() == 1
+
+
+def test_prepare_after_abort_or_commit_raises():
+    tm = TransactionManager(12)
+    aborted = tm.begin(1, T0)
+    tm.abort(aborted.ttid)
+    with pytest.raises(TransactionError):
+        tm.prepare(aborted.ttid, T0, [], {1})
+    done = tm.begin(1, T0)
+    tm.prepare(done.ttid, T0, [], {1})
+    assert commit_all(tm, done) == [done]
+    with pytest.raises(TransactionError):
+        tm.prepare(done.ttid, T0, [], {1})
+
+
+# -- locking and commit order -----------------------------------------------------------------
+
+
+def test_commits_complete_in_tid_order():
+    tm = TransactionManager(12)
+    t1 = tm.begin(1, T0)
+    t2 = tm.begin(2, T0)
+    tm.prepare(t1.ttid, T0, [], {1, 2})
+    tm.prepare(t2.ttid, T0, [], {1})
+    assert t1.tid < t2.tid
+    tm.locked(t2.ttid, 1)
+    assert t2.fully_locked
+    assert tm.committable() == []  # t2 waits for t1
+    assert tm.last_tid == 0
+    tm.locked(t1.ttid, 1)
+    assert tm.committable() == []  # t1 still waits for storage 2
+    tm.locked(t1.ttid, 2)
+    assert tm.committable() == [t1, t2]
+    assert tm.last_tid == t2.tid
+    assert tm.committable() == []
+    assert not tm.has_pending()
+    assert tm.prepared_count() == 0
+
+
+def test_commit_order_is_prepare_order_not_begin_order():
+    tm = TransactionManager(12)
+    old = tm.begin(1, T0)
+    young = tm.begin(2, T0)
+    tm.prepare(young.ttid, T0, [], {1})
+    tm.prepare(old.ttid, T0, [], {1})
+    assert young.tid < old.tid
+    tm.locked(old.ttid, 1)
+    assert tm.committable() == []
+    tm.locked(young.ttid, 1)
+    assert tm.committable() == [young, old]
+    assert tm.last_tid == old.tid
+
+
+def test_last_tid_follows_each_commit():
+    tm = TransactionManager(12)
+    tids = []
+    for i in range(3):
+        txn = tm.begin(1, T0 - i)
+        tm.prepare(txn.ttid, T0 - i, [], {1})
+        assert commit_all(tm, txn) == [txn]
+        assert tm.last_tid == txn.tid
+        tids.append(txn.tid)
+    assert tids == sorted(set(tids))
+
+
+def test_uncommitted_transactions_do_not_move_last_tid():
+    tm = TransactionManager(12)
+    tm.reset(last_tid=100, last_oid=0)
+    txn = tm.begin(1, T0)
+    tm.prepare(txn.ttid, T0, [], {1, 2})
+    tm.locked(txn.ttid, 1)
+    assert tm.committable() == []
+    assert tm.last_tid == 100
+
+
+def test_locked_before_prepare_is_ignored():
+    tm = TransactionManager(12)
+    txn = tm.begin(1, T0)
+    tm.locked(txn.ttid, 1)  # not prepared yet: meaningless
+    assert txn.locked == set()
+    tm.prepare(txn.ttid, T0, [], {1})
+    assert tm.committable() == []
+    tm.locked(txn.ttid, 1)
+    assert tm.committable() == [txn]
+
+
+def test_locked_unknown_ttid_is_ignored():
+    tm = TransactionManager(12)
+    tm.locked(999, 1)
+    assert tm.txns == {}
+    assert tm.committable() == []
+
+
+def test_lock_by_uninvolved_storage_does_not_complete():
+    tm = TransactionManager(12)
+    txn = tm.begin(1, T0)
+    tm.prepare(txn.ttid, T0, [], {1})
+    tm.locked(txn.ttid, 2)
+    assert tm.committable() == []
+    tm.locked(txn.ttid, 1)
+    assert tm.committable() == [txn]
+
+
+def test_prepare_with_no_storage_is_committable_at_once():
+    tm = TransactionManager(12)
+    txn = tm.begin(1, T0)
+    tm.prepare(txn.ttid, T0, [], set())
+    assert tm.committable() == [txn]
+    assert tm.last_tid == txn.tid
+
+
+# -- lost nodes and aborts --------------------------------------------------------------------
+
+
+def test_storage_lost_lets_commit_complete_without_it():
+    tm = TransactionManager(12)
+    txn = tm.begin(1, T0)
+    tm.prepare(txn.ttid, T0, [], {1, 2})
+    tm.locked(txn.ttid, 1)
+    assert tm.committable() == []
+    tm.storage_lost(2)
+    assert txn.involved == {1}
+    assert tm.committable() == [txn]
+    assert tm.last_tid == txn.tid
+
+
+def test_storage_lost_unblocks_the_queue_head():
+    tm = TransactionManager(12)
+    t1 = tm.begin(1, T0)
+    t2 = tm.begin(1, T0)
+    tm.prepare(t1.ttid, T0, [], {1, 2})
+    tm.prepare(t2.ttid, T0, [], {1, 3})
+    tm.locked(t1.ttid, 1)
+    tm.locked(t2.ttid, 1)
+    tm.locked(t2.ttid, 3)
+    assert tm.committable() == []
+    tm.storage_lost(3)  # not the one t1 waits for
+    assert tm.committable() == []
+    assert t2.involved == {1}
+    tm.storage_lost(2)
+    assert tm.committable() == [t1, t2]
+
+
+def test_storage_lost_only_affects_prepared_transactions():
+    tm = TransactionManager(12)
+    txn = tm.begin(1, T0)
+    tm.storage_lost(1)
+    tm.prepare(txn.ttid, T0, [], {1})  # the caller still named it: it is waited for
+    assert tm.committable() == []
+    tm.locked(txn.ttid, 1)
+    assert tm.committable() == [txn]
+
+
+def test_abort_unprepared():
+    tm = TransactionManager(12)
+    txn = tm.begin(1, T0)
+    assert tm.abort(txn.ttid) is txn
+    assert tm.txns == {}
+    assert not tm.has_pending()
+    assert tm.abort(txn.ttid) is None
+    assert tm.abort(424242) is None
+
+
+def test_abort_prepared_raises_and_keeps_it():
+    tm = TransactionManager(12)
+    txn = tm.begin(1, T0)
+    tm.prepare(txn.ttid, T0, [], {1})
+    with pytest.raises(TransactionError):
+        tm.abort(txn.ttid)
+    assert tm.txns == {txn.ttid: txn}
+    assert commit_all(tm, txn) == [txn]
+
+
+def test_client_lost_aborts_only_its_unprepared_transactions():
+    tm = TransactionManager(12)
+    a1 = tm.begin(1, T0)
+    a2 = tm.begin(1, T0)
+    b1 = tm.begin(2, T0)
+    a3 = tm.begin(1, T0)
+    tm.prepare(a2.ttid, T0, [], {1})
+    lost = tm.client_lost(1)
+    assert sorted(t.ttid for t in lost) == [a1.ttid, a3.ttid]
+    assert set(tm.txns) == {a2.ttid, b1.ttid}
+    assert tm.client_lost(1) == []
+    assert tm.client_lost(3) == []
+    # the prepared one of the lost client still commits
+    assert commit_all(tm, a2) == [a2]
+    assert set(tm.txns) == {b1.ttid}
+
+
+def test_pending_and_prepared_counts():
+    tm = TransactionManager(12)
+    assert not tm.has_pending() and tm.prepared_count() == 0
+    t1 = tm.begin(1, T0)
+    t2 = tm.begin(1, T0)
+    assert tm.has_pending() and tm.prepared_count() == 0
+    tm.prepare(t1.ttid, T0, [], {1})
+    tm.prepare(t2.ttid, T0, [], {1})
+    assert tm.prepared_count() == 2
+    tm.locked(t1.ttid, 1)
+    assert tm.committable() == [t1]
+    assert tm.prepared_count() == 1 and tm.has_pending()
+
+
+# -- random interleavings ----------------------------------------------------------------------
+
+STORAGES = (1, 2, 3)
+nows = st.floats(min_value=T0 - 5, max_value=T0 + 5, allow_nan=False)
+# weighted so that interesting states (several prepared, partly locked) are common
+KINDS = ["begin"] * 3 + ["prepare"] * 3 + ["locked"] * 6 + ["committable"] * 3 + ["lost"] * 2
+KINDS += ["abort"]
+ops = st.tuples(
+    st.sampled_from(KINDS),
+    st.integers(0, 50),  # which transaction
+    st.integers(1, 3),  # client
+    nows,
+    st.frozensets(st.sampled_from(STORAGES), max_size=2),  # involved at prepare
+    st.sampled_from(STORAGES),  # storage that locks or is lost
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(num_partitions=st.integers(1, 12), script=st.lists(ops, min_size=5, max_size=60))
+def test_random_interleavings_commit_in_tid_order(num_partitions, script):
+    tm = TransactionManager(num_partitions)
+    begun = []  # every ttid ever begun, in order
+    allocated = 0  # greatest TTID/TID handed out so far
+    queue = []  # model: prepared, uncommitted ttids in prepare order
+    involved = {}  # ttid -> storages named at prepare
+    locked = {}  # ttid -> storages that locked it after prepare
+    excused = {}  # ttid -> storages lost while it was prepared
+    state = {}  # ttid -> "running" | "prepared" | "committed" | "aborted"
+    committed = []  # TIDs in commit order
+
+    def pick(i):
+        """Mostly a running transaction; sometimes any begun one (maybe ended)."""
+        running = [t for t in begun if state[t] == "running"]
+        if running and i % 4:
+            return running[i % len(running)]
+        return begun[i % len(begun)] if begun else None
+
+    def expected_commits():
+        done = []
+        for ttid in queue:
+            if involved[ttid] <= locked[ttid] | excused[ttid]:
+                done.append(ttid)
+            else:
+                break
+        return done
+
+    for kind, i, client, now, inv, nid in script:
+        if kind == "begin":
+            txn = tm.begin(client, now)
+            assert txn.ttid > allocated
+            allocated = txn.ttid
+            begun.append(txn.ttid)
+            state[txn.ttid] = "running"
+        elif kind == "prepare":
+            ttid = pick(i)
+            if ttid is None:
+                continue
+            if state[ttid] != "running":
+                with pytest.raises(TransactionError):
+                    tm.prepare(ttid, now, [], set(inv))
+                continue
+            txn = tm.prepare(ttid, now, [], set(inv))
+            assert txn.tid > allocated
+            assert txn.tid % num_partitions == ttid % num_partitions
+            allocated = txn.tid
+            state[ttid] = "prepared"
+            queue.append(ttid)
+            involved[ttid] = set(inv)
+            locked[ttid] = set()
+            excused[ttid] = set()
+        elif kind == "locked":
+            # mostly a prepared transaction; sometimes any (unprepared, ended: ignored)
+            ttid = queue[i % len(queue)] if queue and i % 4 else pick(i)
+            if ttid is None:
+                continue
+            tm.locked(ttid, nid)
+            if state[ttid] == "prepared":
+                locked[ttid].add(nid)
+        elif kind == "lost":
+            tm.storage_lost(nid)
+            for ttid in queue:
+                excused[ttid].add(nid)
+        elif kind == "abort":
+            ttid = pick(i)
+            if ttid is None:
+                continue
+            if state[ttid] == "prepared":
+                with pytest.raises(TransactionError):
+                    tm.abort(ttid)
+            elif state[ttid] == "running":
+                assert tm.abort(ttid).ttid == ttid
+                state[ttid] = "aborted"
+            else:
+                assert tm.abort(ttid) is None
+        else:
+            expected = expected_commits()
+            done = tm.committable()
+            assert [t.ttid for t in done] == expected
+            for txn in done:
+                assert state[txn.ttid] == "prepared"  # committed at most once
+                state[txn.ttid] = "committed"
+                assert involved[txn.ttid] <= locked[txn.ttid] | excused[txn.ttid]
+                assert not committed or txn.tid > committed[-1]
+                committed.append(txn.tid)
+            del queue[:len(done)]
+            if committed:
+                assert tm.last_tid == committed[-1]
+            else:
+                assert tm.last_tid == 0
+        assert tm.prepared_count() == len(queue)
+        assert set(tm.txns) == {t for t, s in state.items() if s in ("running", "prepared")}
+    # finally lock everything: the whole queue drains, still in TID order
+    for ttid in queue:
+        for nid in involved[ttid]:
+            tm.locked(ttid, nid)
+    done = tm.committable()
+    assert [t.ttid for t in done] == queue
+    tids = committed + [t.tid for t in done]
+    assert tids == sorted(set(tids))
+    assert tm.prepared_count() == 0
