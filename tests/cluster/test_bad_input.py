@@ -10,7 +10,7 @@ import pytest
 
 from neozodb.net.endpoint import RemoteError
 from neozodb.net.threaded import ThreadedConnection
-from neozodb.protocol import HANDSHAKE, ErrorCodes, NodeTypes, Packets
+from neozodb.protocol import HANDSHAKE, Decoder, ErrorCodes, NodeTypes, Packets, encode
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,6 +35,102 @@ def _closed_by_peer(sock: socket.socket) -> bool:
 
 def _master(cluster):
     return cluster.master_address
+
+
+def _address(cluster, node):
+    if node == "master":
+        return cluster.master_address
+    if node == "admin":
+        return cluster.admin_address
+    ctl = cluster.ctl()
+    try:
+        storages = ctl.nodes(NodeTypes.STORAGE)
+    finally:
+        ctl.close()
+    host, port = storages[0][1]
+    return (host.decode(), port)
+
+
+def _exchange(address, payload: bytes) -> list:
+    """Send ``payload``, read until the peer closes (within 10 s) and
+    return the messages it sent after its handshake."""
+    received = b""
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(payload)
+        try:
+            while True:
+                data = sock.recv(4096)  # socket.timeout here: the peer did not close
+                if not data:
+                    break
+                received += data
+        except ConnectionResetError:
+            pass
+    assert received[:len(HANDSHAKE)] == HANDSHAKE
+    decoder = Decoder()
+    decoder.feed(received[len(HANDSHAKE):])
+    return list(decoder)
+
+
+def _identify(node_type, name, extra=None) -> bytes:
+    return HANDSHAKE + encode(0, Packets.RequestIdentification.code,
+                              (node_type, None, None, name, None, extra or {}))
+
+
+def _protocol_error(messages, msg_id=0) -> str:
+    """The single message received must be Error(PROTOCOL_ERROR); its text."""
+    assert len(messages) == 1, messages
+    (got_id, code, (error, text)), = messages
+    assert (got_id, code, error) == (msg_id, Packets.Error.code, ErrorCodes.PROTOCOL_ERROR.value)
+    return text.decode()
+
+
+@pytest.mark.parametrize("node", ["master", "admin", "storage"])
+def test_wrong_cluster_name_answers_then_closes(cluster, node):
+    node_type = NodeTypes.ADMIN if node == "admin" else NodeTypes.CLIENT
+    text = _protocol_error(_exchange(_address(cluster, node), _identify(node_type, b"not-this-cluster")))
+    assert text.startswith("wrong cluster name")
+    assert cluster.cluster_state() == "RUNNING"
+
+
+@pytest.mark.parametrize("node", ["master", "admin", "storage"])
+def test_malformed_message_answers_protocol_error_then_closes(cluster, node):
+    address = _address(cluster, node)
+    # 0xc1 is never valid msgpack
+    assert "malformed" in _protocol_error(_exchange(address, HANDSHAKE + b"\xc1"))
+    # a well-formed message that nobody may send there: answered with its msg_id
+    unexpected = HANDSHAKE + encode(5, Packets.AskTIDs.code, (0, 1, 0))
+    assert "unexpected packet AskTIDs" in _protocol_error(_exchange(address, unexpected), 5)
+    assert cluster.cluster_state() == "RUNNING"
+
+
+def test_read_only_client_cannot_write(cluster):
+    conn = ThreadedConnection(_master(cluster), _Ignore())
+    conn.connect()
+    try:
+        conn.call(Packets.RequestIdentification, NodeTypes.CLIENT, None, None,
+                  cluster.name.encode(), None, {b"read_only": True}, timeout=10)
+        for packet, args in (
+                (Packets.AskBeginTransaction, (None,)),
+                (Packets.AskNewOIDs, (1,)),
+                (Packets.AskFinishTransaction, (b"\0" * 7 + b"\1", [], [], [], None))):
+            with pytest.raises(RemoteError) as e:
+                conn.call(packet, *args, timeout=10)
+            assert e.value.code is ErrorCodes.READ_ONLY_ACCESS, packet.name
+        # still connected: reads work
+        (tid,) = conn.call(Packets.AskLastTransaction, timeout=10)
+        assert len(tid) == 8 and not conn.closed
+    finally:
+        conn.close()
+    # a read-write client may begin
+    conn = ThreadedConnection(_master(cluster), _Ignore())
+    conn.connect()
+    try:
+        conn.call(Packets.RequestIdentification, NodeTypes.CLIENT, None, None,
+                  cluster.name.encode(), None, {}, timeout=10)
+        (ttid,) = conn.call(Packets.AskBeginTransaction, None, timeout=10)
+        conn.notify(Packets.AbortTransaction, ttid, [])
+    finally:
+        conn.close()
 
 
 def test_wrong_cluster_name_is_refused(cluster):

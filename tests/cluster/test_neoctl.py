@@ -1,10 +1,13 @@
 """neoctl against a real cluster: what operators see."""
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -14,10 +17,19 @@ from neozodb.cli.config import format_address
 pytestmark = pytest.mark.timeout(120)
 
 
-def neoctl(cluster, *words, address=None):
+# A zone far from UTC, so that printing local time instead of UTC shows.
+NOT_UTC = "XYZ-5:30"
+
+
+def neoctl(cluster, *words, address=None, tz=NOT_UTC):
     addr = address or format_address(cluster.admin_address)
+    env = dict(os.environ, TZ=tz)
     return subprocess.run([sys.executable, "-m", "neozodb.ctl.neoctl", "-a", addr, *words],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+def utc(timestamp):
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).replace(tzinfo=None)
 
 
 def test_print_commands(cluster):
@@ -48,14 +60,20 @@ def test_print_ids_follows_commits(cluster):
     db = ZODB.DB(Storage(cluster.masters, cluster.name))
     conn = db.open()
     conn.root()["a"] = 1
+    before = time.time()
     transaction.commit()
+    after = time.time()
     tid = db.lastTransaction()
     db.close()
     out = neoctl(cluster, "print", "ids")
     lines = out.stdout.splitlines()
     assert lines[0] == "last_oid = 0x0"
-    assert re.fullmatch(r"last_tid = 0x%x \(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}\)"
-                        % int.from_bytes(tid, "big"), lines[1])
+    m = re.fullmatch(r"last_tid = 0x%x \((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6})\)"
+                     % int.from_bytes(tid, "big"), lines[1])
+    assert m, lines[1]
+    # The TID date is UTC whatever the local zone of neoctl (TZ is not UTC).
+    when = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f")
+    assert utc(before) - datetime.timedelta(seconds=1) <= when <= utc(after), (when, before)
     data = json.loads(neoctl(cluster, "--json", "print", "ids").stdout)
     assert data["last_tid"] == int.from_bytes(tid, "big")
 
@@ -92,13 +110,162 @@ def test_stopping_stops_every_node(cluster):
         assert cluster.nodes[name].wait(30) == 0, name
 
 
-def test_add_pending_storage(cluster):
+@pytest.mark.parametrize("words", [["all"], ["s3"]])
+def test_add_pending_storage(cluster, words):
     node = cluster.storage(3)
     node.start()
     out = wait_until(lambda: (lambda o: o if "S3 | STORAGE" in o.stdout else None)(
         neoctl(cluster, "print", "node", "STORAGE")), 30, "S3 to register")
     assert "| PENDING |" in out.stdout.splitlines()[-1]
-    out = neoctl(cluster, "add", "all")
-    assert out.stdout == "Nodes added: S3\n"
+    out = neoctl(cluster, "add", *words)  # node ids in any case
+    assert (out.returncode, out.stdout) == (0, "Nodes added: S3\n")
     out = neoctl(cluster, "print", "node", "STORAGE")
     assert out.stdout.splitlines()[-1].split(" | ")[3] == "RUNNING"
+
+
+def test_print_node_times_are_utc(cluster):
+    out = neoctl(cluster, "print", "node")
+    data = json.loads(neoctl(cluster, "--json", "print", "node").stdout)
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    assert len(lines) == len(data) == 4
+    for line, node in zip(lines, data, strict=True):
+        when = line.split(" | ")[-1]
+        if node["id_timestamp"] is None:
+            assert when == "None"
+        else:
+            # neoctl runs with TZ far from UTC: local time would differ by 5:30.
+            assert when == utc(node["id_timestamp"]).strftime("%Y-%m-%d %H:%M:%S.%f"), line
+    # and the same text whatever the zone
+    assert neoctl(cluster, "print", "node", tz="UTC0").stdout == out.stdout
+
+
+def test_print_pt_range_and_node(cluster):
+    def grid(*args):
+        out = neoctl(cluster, "print", "pt", *args)
+        assert (out.returncode, out.stderr) == (0, ""), args
+        lines = out.stdout.splitlines()
+        assert lines[0] == "# ptid: 1, replicas: 1"
+        return lines[1:]
+
+    assert grid() == grid("0") == grid("0", "0") == ["S1 R " + "U" * 12, "S2 R " + "U" * 12]
+    assert grid("3") == ["S1 R " + "U" * 9, "S2 R " + "U" * 9]  # MIN included
+    assert grid("3", "5") == ["S1 R UU", "S2 R UU"]  # MAX excluded
+    assert grid("11", "12") == ["S1 R U", "S2 R U"]
+    assert grid("2", "0", "S2") == ["S2 R " + "U" * 10]
+    assert grid("0", "0", "s1") == ["S1 R " + "U" * 12]  # node ids in any case
+    data = json.loads(neoctl(cluster, "print", "pt", "4", "7", "S1", "--json").stdout)
+    assert data["min_offset"] == 4 and data["nodes"] == {"S1": "RUNNING"}
+    assert data["rows"] == [[["S1", "UP_TO_DATE"]]] * 3
+
+
+@pytest.mark.parametrize("args, error", [
+    (["x"], "invalid MIN 'x': expected a partition number (0, 1, ...)"),
+    (["-1"], "invalid MIN '-1': expected a partition number (0, 1, ...)"),
+    (["0", "1.5"], "invalid MAX '1.5': expected a partition number (0, 1, ...)"),
+    (["5", "3"], "invalid partition range: MAX (3) must be greater than MIN (5), or 0 for the end"),
+    (["5", "5"], "invalid partition range: MAX (5) must be greater than MIN (5), or 0 for the end"),
+    (["0", "13"], "invalid partition range MIN=0 MAX=13: the table has 12 partitions"),
+    (["12"], "invalid partition range MIN=12 MAX=0: the table has 12 partitions"),
+    (["0", "0", "X1"], "invalid node id 'X1': expected an integer or e.g. 'S1', 'M1'"),
+    (["0", "0", "M1"], "not a storage node: M1"),
+    (["0", "0", "S9"], "unknown node: S9"),
+    (["0", "0", "S1", "extra"], "usage: print pt [MIN [MAX [NODE]]]"),
+])
+def test_print_pt_bad_arguments(cluster, args, error):
+    out = neoctl(cluster, "print", "pt", *args)
+    assert (out.returncode, out.stdout, out.stderr) == (1, "", error + "\n")
+
+
+def test_options_after_the_command(cluster):
+    out = neoctl(cluster, "print", "pt", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["ptid"] == 1
+    out = neoctl(cluster, "print", "--json", "cluster")
+    assert json.loads(out.stdout) == {"cluster": "RUNNING"}
+    # unknown options are errors wherever they are, never command words
+    for words, option in ((["print", "pt", "--frobnicate"], "--frobnicate"),
+                          (["print", "-x", "cluster"], "-x"),
+                          (["--frobnicate", "print", "pt"], "--frobnicate")):
+        out = neoctl(cluster, *words)
+        assert (out.returncode, out.stdout) == (2, ""), words
+        assert len(out.stderr.splitlines()) == 1, out.stderr
+        assert out.stderr.startswith("neoctl: error: unrecognized arguments: " + option), words
+
+
+def test_node_id_errors_are_one_line(cluster):
+    out = neoctl(cluster, "add", "X1")
+    assert (out.returncode, out.stderr) == (
+        1, "invalid node id 'X1': expected an integer or e.g. 'S1', 'M1'\n")
+    out = neoctl(cluster, "add", "s9")  # parsed (any case), then refused by the master
+    assert (out.returncode, out.stderr) == (1, "unknown node\n")
+
+
+def test_losing_the_master_forgets_the_partition_table(cluster):
+    assert neoctl(cluster, "print", "pt").returncode == 0
+    cluster.nodes["M1"].kill()
+    # The admin notices the closed connection on its own: poll until it has.
+    out = wait_until(lambda: (lambda o: o if o.returncode else None)(
+        neoctl(cluster, "print", "pt")), 30, "the admin to drop its partition table")
+    assert (out.returncode, out.stdout, out.stderr) == (
+        1, "", "not connected to a primary master\n")
+    # The cluster state is unknown rather than an error (docs/operations.md).
+    out = neoctl(cluster, "print", "cluster")
+    assert (out.returncode, out.stdout, out.stderr) == (0, "None\n", "")
+    out = neoctl(cluster, "--json", "print", "cluster")
+    assert json.loads(out.stdout) == {"cluster": "None"}
+
+
+def test_admin_forgets_the_partition_table_with_its_master(cluster):
+    """The admin's own copy, checked directly: after losing the master it
+    must not keep a table that a reconnection could serve before the new
+    master sends its own."""
+    import asyncio
+    import threading
+
+    from neozodb.admin.app import AdminApp
+
+    app = AdminApp(cluster.name, [cluster.master_address], ("127.0.0.1", 0))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(app.run(),), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: app.pt is not None and app.pt.ptid == 1, 30, "the admin's table")
+        cluster.nodes["M1"].kill()
+        wait_until(lambda: app.master_conn is None and app.pt is None, 30,
+                   "the admin to forget the table")
+    finally:
+        loop.call_soon_threadsafe(app.exit)
+        thread.join(10)
+        loop.close()
+
+
+# The commands neoctl supports, as its help must list them (with parameters).
+COMMANDS = [
+    "print cluster",
+    "print ids",
+    "print node [TYPE]",
+    "print pt [MIN [MAX [NODE]]]",
+    "print primary",
+    "start",
+    "add NID... | add all",
+    "set cluster STATE",
+]
+
+
+def test_no_command_lists_every_command(cluster):
+    out = neoctl(cluster)
+    assert (out.returncode, out.stderr) == (0, "")
+    text = out.stdout.split("\ncommands:\n", 1)[1]
+    listed = [line[2:32].rstrip() for line in text.splitlines() if re.match(r"  \S", line)]
+    assert listed == COMMANDS
+    # and every listed command exists: its command words are not refused as
+    # an invalid command (parameters left out: a usage error, or a refusal
+    # since the cluster is already RUNNING, at worst).
+    for synopsis in listed:
+        words = re.match(r"[a-z ]+?(?= [A-Z\[]|$| \|)", synopsis).group().split()
+        out = neoctl(cluster, *words)
+        assert "invalid command" not in out.stderr, (words, out.stderr)
+    out = neoctl(cluster, "print")
+    assert out.stderr == "print what? (%s)\n" % ", ".join(
+        c.split()[1] for c in COMMANDS if c.startswith("print "))

@@ -174,8 +174,51 @@ def test_imposed_transaction_commits_in_tid_order():
     tm.prepare(imposed.ttid, T0 + 3, [], {1})
     tm.locked(imposed.ttid, 1)
     done = tm.committable()
-    assert [t.tid for t in done] == sorted(t.tid for t in done)
+    assert done == [imposed, normal]
     assert tm.last_tid == normal.tid
+
+
+def test_imposed_transaction_is_not_prepared_before_prepare():
+    tm = TransactionManager(12)
+    imposed = tm.begin(1, T0, tid=tid_from_time(T0))
+    assert imposed.tid == imposed.ttid  # known from the start
+    assert not imposed.prepared
+    tm.locked(imposed.ttid, 1)  # before prepare: ignored
+    assert imposed.locked == set()
+    assert tm.committable() == []
+    with pytest.raises(TransactionError):
+        tm.abort(tm.prepare(imposed.ttid, T0, [], {1}).ttid)  # finishing now
+    assert imposed.prepared
+    assert tm.committable() == []
+    tm.locked(imposed.ttid, 1)
+    assert tm.committable() == [imposed]
+
+
+@pytest.mark.parametrize("how", ["abort", "client_lost"])
+def test_dropping_unprepared_imposed_transaction_unblocks_later_commits(how):
+    tm = TransactionManager(12)
+    imposed = tm.begin(1, T0, tid=tid_from_time(T0))
+    normal = tm.begin(2, T0)
+    tm.prepare(normal.ttid, T0, [], {1})
+    tm.locked(normal.ttid, 1)
+    assert tm.committable() == []
+    if how == "abort":
+        assert tm.abort(imposed.ttid) is imposed
+    else:
+        assert tm.client_lost(1) == [imposed]
+    assert tm.committable() == [normal]
+    assert tm.last_tid == normal.tid
+    assert not tm.has_pending()
+
+
+def test_storage_lost_before_imposed_prepare_is_still_waited_for():
+    tm = TransactionManager(12)
+    imposed = tm.begin(1, T0, tid=tid_from_time(T0))
+    tm.storage_lost(1)
+    tm.prepare(imposed.ttid, T0, [], {1})  # the caller still names it
+    assert tm.committable() == []
+    tm.storage_lost(1)
+    assert tm.committable() == [imposed]
 
 
 # -- prepare -------------------------------------------------------------------------------
@@ -449,120 +492,150 @@ def test_pending_and_prepared_counts():
 # -- random interleavings ----------------------------------------------------------------------
 
 STORAGES = (1, 2, 3)
+CLIENTS = (1, 2, 3)
 nows = st.floats(min_value=T0 - 5, max_value=T0 + 5, allow_nan=False)
-# weighted so that interesting states (several prepared, partly locked) are common
-KINDS = ["begin"] * 3 + ["prepare"] * 3 + ["locked"] * 6 + ["committable"] * 3 + ["lost"] * 2
-KINDS += ["abort"]
-ops = st.tuples(
-    st.sampled_from(KINDS),
-    st.integers(0, 50),  # which transaction
-    st.integers(1, 3),  # client
-    nows,
-    st.frozensets(st.sampled_from(STORAGES), max_size=2),  # involved at prepare
-    st.sampled_from(STORAGES),  # storage that locks or is lost
-)
+KINDS = ["locked", "prepare", "begin", "committable", "imposed", "lost", "abort", "client_lost"]
 
 
 @settings(max_examples=300, deadline=None)
-@given(num_partitions=st.integers(1, 12), script=st.lists(ops, min_size=5, max_size=60))
-def test_random_interleavings_commit_in_tid_order(num_partitions, script):
+@given(num_partitions=st.integers(1, 12), data=st.data())
+def test_random_interleavings_commit_in_tid_order(num_partitions, data):
     tm = TransactionManager(num_partitions)
     begun = []  # every ttid ever begun, in order
     allocated = 0  # greatest TTID/TID handed out so far
-    queue = []  # model: prepared, uncommitted ttids in prepare order
+    queue = []  # model: uncommitted ttids with a TID (prepared, or imposed), in TID order
+    client = {}  # ttid -> client
+    imposed = set()  # ttids whose TID was imposed at begin
     involved = {}  # ttid -> storages named at prepare
     locked = {}  # ttid -> storages that locked it after prepare
     excused = {}  # ttid -> storages lost while it was prepared
     state = {}  # ttid -> "running" | "prepared" | "committed" | "aborted"
     committed = []  # TIDs in commit order
 
-    def pick(i):
-        """Mostly a running transaction; sometimes any begun one (maybe ended)."""
-        running = [t for t in begun if state[t] == "running"]
-        if running and i % 4:
-            return running[i % len(running)]
-        return begun[i % len(begun)] if begun else None
+    def running():
+        return [t for t in begun if state[t] == "running"]
 
-    def expected_commits():
-        done = []
+    def draw_ttid(candidates):
+        """Usually one of candidates; sometimes any begun transaction, or an unknown one."""
+        if candidates and data.draw(st.integers(0, 3)):
+            return data.draw(st.sampled_from(candidates))
+        if begun and data.draw(st.booleans()):
+            return data.draw(st.sampled_from(begun))
+        return allocated + 12345  # never allocated
+
+    def ready(ttid):
+        return state[ttid] == "prepared" and involved[ttid] <= locked[ttid] | excused[ttid]
+
+    def drop(ttid):
+        state[ttid] = "aborted"
+        if ttid in queue:
+            queue.remove(ttid)
+
+    def check_committable():
+        expected = []
         for ttid in queue:
-            if involved[ttid] <= locked[ttid] | excused[ttid]:
-                done.append(ttid)
-            else:
+            if not ready(ttid):
                 break
-        return done
+            expected.append(ttid)
+        done = tm.committable()
+        assert [t.ttid for t in done] == expected
+        for txn in done:
+            assert state[txn.ttid] == "prepared"  # committed at most once
+            state[txn.ttid] = "committed"
+            assert involved[txn.ttid] <= locked[txn.ttid] | excused[txn.ttid]
+            assert not committed or txn.tid > committed[-1]
+            committed.append(txn.tid)
+        del queue[:len(done)]
+        assert tm.last_tid == (committed[-1] if committed else 0)
 
-    for kind, i, client, now, inv, nid in script:
-        if kind == "begin":
-            txn = tm.begin(client, now)
+    for _ in range(data.draw(st.integers(5, 50))):
+        kind = data.draw(st.sampled_from(KINDS))
+        if kind in ("begin", "imposed"):
+            c = data.draw(st.sampled_from(CLIENTS))
+            now = data.draw(nows)
+            if kind == "imposed":
+                wanted = allocated + data.draw(st.integers(-2, 1000))
+                if wanted <= allocated:
+                    with pytest.raises(TransactionError):
+                        tm.begin(c, now, tid=wanted)
+                    continue
+                txn = tm.begin(c, now, tid=wanted)
+                assert txn.ttid == txn.tid == wanted
+                imposed.add(txn.ttid)
+                queue.append(txn.ttid)  # its place in the commit order is known
+            else:
+                txn = tm.begin(c, now)
             assert txn.ttid > allocated
             allocated = txn.ttid
             begun.append(txn.ttid)
+            client[txn.ttid] = c
             state[txn.ttid] = "running"
         elif kind == "prepare":
-            ttid = pick(i)
-            if ttid is None:
-                continue
-            if state[ttid] != "running":
+            ttid = draw_ttid(running())
+            inv = data.draw(st.sets(st.sampled_from(STORAGES), min_size=1))
+            now = data.draw(nows)
+            if state.get(ttid) != "running":
                 with pytest.raises(TransactionError):
-                    tm.prepare(ttid, now, [], set(inv))
+                    tm.prepare(ttid, now, [], inv)
                 continue
-            txn = tm.prepare(ttid, now, [], set(inv))
-            assert txn.tid > allocated
-            assert txn.tid % num_partitions == ttid % num_partitions
-            allocated = txn.tid
+            txn = tm.prepare(ttid, now, [], inv)
+            if ttid in imposed:
+                assert txn.tid == ttid
+            else:
+                assert txn.tid > allocated
+                assert txn.tid % num_partitions == ttid % num_partitions
+                allocated = txn.tid
+                queue.append(ttid)
             state[ttid] = "prepared"
-            queue.append(ttid)
             involved[ttid] = set(inv)
             locked[ttid] = set()
             excused[ttid] = set()
         elif kind == "locked":
-            # mostly a prepared transaction; sometimes any (unprepared, ended: ignored)
-            ttid = queue[i % len(queue)] if queue and i % 4 else pick(i)
-            if ttid is None:
-                continue
+            ttid = draw_ttid(queue)
+            # usually one of the storages it waits for
+            waited = sorted(involved.get(ttid, set()) - locked.get(ttid, set()))
+            if waited and data.draw(st.integers(0, 3)):
+                nid = data.draw(st.sampled_from(waited))
+            else:
+                nid = data.draw(st.sampled_from(STORAGES))
             tm.locked(ttid, nid)
-            if state[ttid] == "prepared":
+            if state.get(ttid) == "prepared":
                 locked[ttid].add(nid)
         elif kind == "lost":
+            nid = data.draw(st.sampled_from(STORAGES))
             tm.storage_lost(nid)
             for ttid in queue:
-                excused[ttid].add(nid)
+                if state[ttid] == "prepared":
+                    excused[ttid].add(nid)
         elif kind == "abort":
-            ttid = pick(i)
-            if ttid is None:
-                continue
-            if state[ttid] == "prepared":
+            ttid = draw_ttid(running())
+            if state.get(ttid) == "prepared":
                 with pytest.raises(TransactionError):
                     tm.abort(ttid)
-            elif state[ttid] == "running":
+            elif state.get(ttid) == "running":
                 assert tm.abort(ttid).ttid == ttid
-                state[ttid] = "aborted"
+                drop(ttid)
             else:
                 assert tm.abort(ttid) is None
+        elif kind == "client_lost":
+            c = data.draw(st.sampled_from(CLIENTS))
+            expected = {t for t in running() if client[t] == c}
+            assert {t.ttid for t in tm.client_lost(c)} == expected
+            for ttid in expected:
+                drop(ttid)
         else:
-            expected = expected_commits()
-            done = tm.committable()
-            assert [t.ttid for t in done] == expected
-            for txn in done:
-                assert state[txn.ttid] == "prepared"  # committed at most once
-                state[txn.ttid] = "committed"
-                assert involved[txn.ttid] <= locked[txn.ttid] | excused[txn.ttid]
-                assert not committed or txn.tid > committed[-1]
-                committed.append(txn.tid)
-            del queue[:len(done)]
-            if committed:
-                assert tm.last_tid == committed[-1]
-            else:
-                assert tm.last_tid == 0
+            check_committable()
         assert tm.prepared_count() == len(queue)
         assert set(tm.txns) == {t for t, s in state.items() if s in ("running", "prepared")}
-    # finally lock everything: the whole queue drains, still in TID order
+    # finally drop what is not finishing and lock everything: the queue drains in TID order
+    for ttid in running():
+        tm.abort(ttid)
+        drop(ttid)
     for ttid in queue:
         for nid in involved[ttid]:
             tm.locked(ttid, nid)
-    done = tm.committable()
-    assert [t.ttid for t in done] == queue
-    tids = committed + [t.tid for t in done]
-    assert tids == sorted(set(tids))
-    assert tm.prepared_count() == 0
+            locked[ttid].add(nid)
+    check_committable()
+    assert queue == [] and tm.prepared_count() == 0
+    assert not tm.has_pending()
+    assert committed == sorted(set(committed))

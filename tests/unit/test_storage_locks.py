@@ -215,6 +215,24 @@ def test_deadlock_victim_is_younger_unvoted_holder_once_per_oid():
     assert young.deadlock_notified == {A, B}
 
 
+def test_deadlock_notice_is_rearmed_by_a_new_acquisition():
+    lm = LockManager()
+    young = lm.get(YOUNG, 7)
+    store(lm, YOUNG, A)
+    store(lm, YOUNG, B)
+    assert lm.deadlock_victim(OLD, A, YOUNG) is young
+    assert lm.deadlock_victim(OLD, B, YOUNG) is young
+    assert lm.acquire(OLD, A) == YOUNG  # a failed attempt does not rearm it
+    assert lm.deadlock_victim(OLD, A, YOUNG) is None
+    # the young one gives A away (relock) and takes it again: a new notice may be needed
+    lm.release(YOUNG, A)
+    assert lm.acquire(YOUNG, A) is None
+    assert young.deadlock_notified == {B}
+    assert lm.deadlock_victim(OLD, A, YOUNG) is young
+    assert lm.deadlock_victim(OLD, A, YOUNG) is None
+    assert lm.deadlock_victim(OLD, B, YOUNG) is None  # B was never given away
+
+
 def test_deadlock_victim_none_when_holder_is_older():
     lm = LockManager()
     old = lm.get(OLD)
@@ -290,24 +308,26 @@ def test_client_transactions_match_by_nid():
 
 TTIDS = [tid(i) for i in range(1, 5)]
 OIDS = [A, B, C]
-OPS = ["acquire"] * 3 + ["check"] * 2 + ["release"] * 3 + ["finish", "abort"]
-steps = st.lists(
-    st.tuples(st.sampled_from(OPS),
-              st.sampled_from(TTIDS), st.sampled_from(OIDS), st.booleans()),
-    min_size=5,
-    max_size=80,
-)
+OPS = ["acquire", "check", "release", "finish", "abort"]
 
 
 @settings(max_examples=300, deadline=None)
-@given(registered=st.sets(st.sampled_from(TTIDS)), script=steps)
-def test_random_lock_sequences(registered, script):
+@given(registered=st.sets(st.sampled_from(TTIDS), min_size=1), data=st.data())
+def test_random_lock_sequences(registered, data):
     lm = LockManager()
     for ttid in registered:
         lm.get(ttid)
     ended = set()  # registered transactions that were finished or aborted
     model = {}  # oid -> holder, maintained independently of LockManager
-    for op, ttid, oid, by_holder in script:
+    for _ in range(data.draw(st.integers(5, 60))):
+        op = data.draw(st.sampled_from(OPS))
+        oid = data.draw(st.sampled_from(OIDS))
+        if op == "release" and oid in model and data.draw(st.booleans()):
+            ttid = model[oid]  # the holder lets an older transaction in (relock)
+        elif op in ("finish", "abort") and lm.txns and data.draw(st.booleans()):
+            ttid = data.draw(st.sampled_from(sorted(lm.txns)))
+        else:
+            ttid = data.draw(st.sampled_from(TTIDS))
         if op in ("acquire", "check"):
             if ttid in ended:
                 continue  # the caller refuses requests of ended transactions
@@ -324,8 +344,6 @@ def test_random_lock_sequences(registered, script):
             else:
                 assert got == holder
         elif op == "release":
-            if by_holder and oid in model:
-                ttid = model[oid]  # as the holder does, to let an older transaction in
             lm.release(ttid, oid)
             if model.get(oid) == ttid:
                 del model[oid]

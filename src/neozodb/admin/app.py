@@ -106,11 +106,19 @@ class CtlHandler(Handler):
         conn.answer(msg_id, Packets.AnswerNodeList, nodes)
 
     def AskPartitionList(self, conn, msg_id, min_offset, max_offset, nid):
+        master = self.app.master_conn
+        if master is None or master.closed:
+            raise HandlerError("not connected to a primary master", ErrorCodes.NOT_READY)
         pt = self.app.pt
         if pt is None:
             raise HandlerError("no partition table yet", ErrorCodes.NOT_READY)
-        if max_offset == 0 or max_offset > pt.num_partitions:
-            max_offset = pt.num_partitions
+        # min_offset included, max_offset excluded, max_offset 0 = to the end
+        # (as in NEO); a range outside the table is an error, not clamped.
+        end = max_offset or pt.num_partitions
+        if not 0 <= min_offset < end <= pt.num_partitions:
+            raise HandlerError("invalid partition range MIN=%d MAX=%d: the table has %d partitions"
+                               % (min_offset, max_offset, pt.num_partitions))
+        max_offset = end
         rows = []
         for offset in range(min_offset, max_offset):
             rows.append([(n, CellStates(s)) for n, s in pt.cells(offset) if nid is None or n == nid])
@@ -187,8 +195,13 @@ class AdminApp:
                 log.info("%s: connected to master %s", self.label, nid_str(master_nid))
                 await conn.closed_future
                 log.warning("%s: lost the master", self.label)
+                # Forget everything learned from it: answering from a stale
+                # copy would show a cluster that may have changed meanwhile
+                # (print pt then answers NOT_READY until the next master
+                # sends its table; print cluster answers None).
                 self.master_conn = None
                 self.nm = NodeManager()
+                self.pt = None
                 self.cluster_state = None
                 break
             await asyncio.sleep(delay)  # reconnection backoff, not synchronisation

@@ -120,8 +120,10 @@ class LocalCluster:
         node = self.nodes.get(name)
         if node is None:
             db = os.path.join(self.directory, "storage%d.sqlite" % i)
+            # -i: node S<i> is storage<i>.sqlite whatever the start order
             node = self._node(name, self._python(
-                "neozodb.cli.storage", "-m", self.masters, "-b", "%s:0" % self.host, "-d", db))
+                "neozodb.cli.storage", "-m", self.masters, "-b", "%s:0" % self.host, "-d", db,
+                "-i", name))
         return node
 
     def ctl(self):

@@ -34,7 +34,7 @@ def run_node(options, make_app: Callable, on_signal: Callable | None = None) -> 
     try:
         return asyncio.run(main())
     except OSError as e:
-        print("%s: error: %s" % (options.node, e), file=sys.stderr)
+        print("neo%s: error: %s" % (options.node, e), file=sys.stderr)
         return 1
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 from neozodb.cli.config import parse_options
 from neozodb.cli.run import run_node
@@ -12,12 +13,21 @@ def main(argv: list[str] | None = None) -> int:
     from neozodb.storage.app import StorageApp
     from neozodb.storage.backends import open_backend
 
-    try:
-        backend = open_backend(options.adapter, options.database, reset=options.reset)
-    except Exception as e:  # unusable database: say what and where, no traceback
-        print("neostorage: error: cannot open %s database %s: %s" % (
-            options.adapter, options.database, e), file=sys.stderr)
-        return 2
+    # -w: the database may not be there yet (a server starting, a volume
+    # being mounted): retry opening it for that long (-1: forever)
+    deadline = None if options.wait < 0 else time.monotonic() + options.wait
+    delay = 0.1
+    while True:
+        try:
+            backend = open_backend(options.adapter, options.database, reset=options.reset)
+            break
+        except Exception as e:  # unusable database: say what and where, no traceback
+            if deadline is not None and time.monotonic() + delay > deadline:
+                print("neostorage: error: cannot open %s database %s: %s" % (
+                    options.adapter, options.database, e), file=sys.stderr)
+                return 2
+            time.sleep(delay)  # retry backoff while waiting for the database
+            delay = min(delay * 2, 5.0)
     if options.reset:
         backend.close()
         return 0

@@ -15,6 +15,7 @@ import threading
 import time
 
 from neozodb.client.cache import ClientCache
+from neozodb.client.compress import WrongChecksum, decompress
 from neozodb.net.connection import Handler
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.net.threaded import ThreadedConnection
@@ -46,6 +47,7 @@ class MasterHandler(Handler):
         app = self.app
         with app.lock:
             changed = app.nm.update(entries)
+        app.cells_changed()
         for node in changed:
             if node.type is NodeTypes.STORAGE and node.state is not NodeStates.RUNNING:
                 app.drop_storage(node.nid)
@@ -55,10 +57,12 @@ class MasterHandler(Handler):
         pt = PartitionTable(len(rows), replicas)
         pt.load(ptid, replicas, rows)
         self.app.pt = pt
+        self.app.cells_changed()
         self.app.wake()
 
     def NotifyPartitionChanges(self, conn, msg_id, ptid, replicas, changes):
         self.app.pt.apply_changes(ptid, replicas, changes)
+        self.app.cells_changed()
         self.app.wake()
 
     def NotifyClusterInformation(self, conn, msg_id, state):
@@ -87,7 +91,9 @@ class StorageHandler(Handler):
 
 class ClientApp:
     def __init__(self, master_nodes: list[tuple[str, int]], name: str, read_only: bool = False,
-                 cache_size: int = 20 << 20, connect_timeout: float = 60.0) -> None:
+                 cache_size: int = 20 << 20, connect_timeout: float = 60.0,
+                 ignore_wrong_checksum: bool = False) -> None:
+        self.ignore_wrong_checksum = ignore_wrong_checksum
         self.master_nodes = master_nodes
         self.name = name
         self.read_only = read_only
@@ -110,6 +116,7 @@ class ClientApp:
         self.invalidation_listener = None  # ZODB's storage wrapper, set by registerDB
         self.transactions: dict[bytes, object] = {}  # ttid -> commit context (deadlock notices)
         self._oids: list[bytes] = []
+        self._cells: dict[int, list[int]] = {}
         self._oid_lock = threading.Lock()
         self.closed = False
 
@@ -207,6 +214,22 @@ class ClientApp:
     def running_storages(self) -> set[int]:
         return {n.nid for n in self.nm.storages(NodeStates.RUNNING)}
 
+    def cells_changed(self) -> None:
+        """The partition table or node states changed: recompute cells."""
+        self._cells = {}
+
+    def writable_cells(self, oid_or_tid: bytes) -> list[int]:
+        """Running storages with a writable cell for this oid's (or tid's)
+        partition; cached until the table or node states change."""
+        pt = self.pt
+        partition = pt.partition(oid_or_tid)
+        cells = self._cells.get(partition)
+        if cells is None:
+            running = self.running_storages()
+            cells = self._cells[partition] = [
+                n for n in pt.writable_nids(partition) if n in running]
+        return cells
+
     # -- storages --------------------------------------------------------------------
     def storage_conn(self, nid: int) -> ThreadedConnection:
         conn = self._storages.get(nid)
@@ -233,13 +256,15 @@ class ClientApp:
             return conn
 
     def drop_storage(self, nid: int) -> None:
-        conn = self._storages.pop(nid, None)
+        with self._storage_lock:
+            conn = self._storages.pop(nid, None)
         if conn is not None:
             conn.close("storage not running")
 
     def storage_lost(self, conn) -> None:
-        if self._storages.get(conn.nid) is conn:
-            del self._storages[conn.nid]
+        with self._storage_lock:
+            if self._storages.get(conn.nid) is conn:
+                del self._storages[conn.nid]
 
     def readable_nids(self, oid: bytes) -> list[int]:
         self.get_master()
@@ -249,21 +274,44 @@ class ClientApp:
         random.shuffle(nids)
         return nids
 
-    def ask_storage(self, oid: bytes, packet, *args):
-        """Ask a readable replica of oid's partition, trying others on failure."""
+    def ask_storage(self, oid: bytes, packet, *args, check=None):
+        """Ask a readable replica of oid's partition, trying others on failure.
+
+        ``check(answer)`` may raise WrongChecksum: then another replica is
+        asked, and if none has good data, the error is raised (or, with
+        ``ignore_wrong_checksum``, the data is used anyway)."""
         last_error: Exception | None = None
+        bad = None
         for _ in range(3):
             for nid in self.readable_nids(oid):
                 try:
-                    return self.storage_conn(nid).call(packet, *args)
+                    answer = self.storage_conn(nid).call(packet, *args)
                 except (ConnectionClosed, OSError) as e:
                     last_error = e
+                    continue
                 except RemoteError as e:
                     if e.code is not ErrorCodes.NON_READABLE_CELL:
                         raise
                     last_error = e
+                    continue
+                if check is None:
+                    return answer
+                try:
+                    return answer, check(answer)
+                except WrongChecksum as e:
+                    log.error("%s: %s from %s", self.label, e, nid_str(nid))
+                    bad, last_error = answer, e
+            if bad is not None:
+                if self.ignore_wrong_checksum:
+                    return bad, check(bad, verify=False)
+                raise last_error
             self.sync()
         raise NEOStorageError(f"no storage could answer {packet.name}: {last_error}")
+
+    @staticmethod
+    def _object_data(answer, verify: bool = True) -> bytes | None:
+        oid, serial, _, compression, checksum, data, _ = answer
+        return decompress(oid, serial, compression, checksum, data, verify)
 
     # -- loads and the cache ---------------------------------------------------------------
     def load(self, oid: bytes, before_tid: bytes | None = None) -> tuple[bytes, bytes, bytes | None] | None:
@@ -282,15 +330,15 @@ class ClientApp:
             loading[0] += 1
         try:
             try:
-                answer = self.ask_storage(oid, Packets.AskObject, oid, None, before_tid)
+                answer, data = self.ask_storage(oid, Packets.AskObject, oid, None, before_tid,
+                                                check=self._object_data)
             except RemoteError as e:
                 if e.code is ErrorCodes.OID_DOES_NOT_EXIST:
                     raise KeyError(oid) from None
                 if e.code is ErrorCodes.OID_NOT_FOUND:
                     return None
                 raise
-            _, serial, next_serial, compression, checksum, data, _ = answer
-            data = self.decompress(oid, serial, compression, checksum, data)
+            serial, next_serial = answer[1], answer[2]
             with self.lock:
                 if next_serial is None:
                     # invalidated while we were loading: the revision we got
@@ -311,21 +359,15 @@ class ClientApp:
 
     def load_serial(self, oid: bytes, serial: bytes) -> bytes:
         try:
-            answer = self.ask_storage(oid, Packets.AskObject, oid, serial, None)
+            _, data = self.ask_storage(oid, Packets.AskObject, oid, serial, None,
+                                       check=self._object_data)
         except RemoteError as e:
             if e.code in (ErrorCodes.OID_DOES_NOT_EXIST, ErrorCodes.OID_NOT_FOUND):
                 raise KeyError(oid) from None
             raise
-        _, serial, _, compression, checksum, data, _ = answer
-        data = self.decompress(oid, serial, compression, checksum, data)
         if data is None:
             raise KeyError(oid)
         return data
-
-    @staticmethod
-    def decompress(oid, serial, compression, checksum, data) -> bytes | None:
-        from neozodb.client.compress import decompress
-        return decompress(oid, serial, compression, checksum, data)
 
     def invalidate(self, tid: bytes, oids) -> None:
         """Another client committed: in the master's reader thread, in TID order."""

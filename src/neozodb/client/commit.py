@@ -11,7 +11,7 @@ from ZODB.POSException import ConflictError, ReadConflictError, StorageTransacti
 
 from neozodb.client.compress import compress
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
-from neozodb.protocol import ZERO_HASH, ZERO_TID, ErrorCodes, Packets
+from neozodb.protocol import ZERO_HASH, ZERO_TID, ErrorCodes, Packets, nid_str
 
 log = logging.getLogger("neozodb.client")
 
@@ -31,27 +31,33 @@ class Commit:
         self.cache_data: dict[bytes, bytes | None] = {}
         self.checked: dict[bytes, bytes] = {}
         self.involved: set[int] = set()
+        self.conns: list = []  # connections of the involved storages
         self.failed: set[int] = set()
         self.resolved: list[bytes] = []
         self.conflict_error: Exception | None = None
         self.voted = False
 
     # -- sending -------------------------------------------------------------------
-    def _send(self, nid: int, packet, args, token) -> None:
+    def _send(self, nid: int, packet, args, token, buffer: bool = False) -> None:
         try:
             conn = self.app.storage_conn(nid)
         except (ConnectionClosed, OSError) as e:
-            log.warning("%s: %s unreachable during %s: %s", self.app.label, nid, self.ttid.hex(), e)
+            log.warning("%s: %s unreachable during %s: %s", self.app.label, nid_str(nid),
+                        self.ttid.hex(), e)
             self.failed.add(nid)
             return
-        self.involved.add(nid)
+        if nid not in self.involved:
+            self.involved.add(nid)
+            self.conns.append(conn)
         self.pending += 1
-        conn.ask(packet, *args, queue=self.queue, token=token)
+        conn.ask(packet, *args, queue=self.queue, token=token, buffer=buffer)
+
+    def _flush(self) -> None:
+        for conn in self.conns:
+            conn.flush()
 
     def _cells(self, oid: bytes) -> list[int]:
-        pt = self.app.pt
-        running = self.app.running_storages()
-        nids = [n for n in pt.writable_nids(pt.partition(oid)) if n in running]
+        nids = self.app.writable_cells(oid)
         if not nids:
             raise ConflictError(f"no storage for {oid.hex()}", oid=oid)
         return nids
@@ -68,7 +74,7 @@ class Commit:
             compression, stored, checksum = compress(data, self.level)
         args = (oid, serial, compression, checksum, stored, data_serial, self.ttid)
         for nid in self._cells(oid):
-            self._send(nid, Packets.AskStoreObject, args, (STORE, oid, serial))
+            self._send(nid, Packets.AskStoreObject, args, (STORE, oid, serial), buffer=True)
 
     def check_current(self, oid: bytes, serial: bytes) -> None:
         self.checked[oid] = serial
@@ -83,6 +89,8 @@ class Commit:
     # -- answers -------------------------------------------------------------------
     def _process(self, block: bool) -> None:
         while self.pending and (block or not self.queue.empty()):
+            if block and self.queue.empty():
+                self._flush()  # stores (e.g. of a conflict resolution) may wait in buffers
             token, result, error, conn = self.queue.get()
             kind = token[0]
             if kind == RELOCK and result is None and error is None and len(token) == 3:
@@ -146,9 +154,7 @@ class Commit:
     def vote(self) -> list[bytes]:
         self._process(block=True)
         app = self.app
-        pt = app.pt
-        meta_nids = [n for n in pt.writable_nids(pt.partition(self.ttid))
-                     if n in app.running_storages()]
+        meta_nids = app.writable_cells(self.ttid)
         txn = self.txn
         ext = txn.extension_bytes if hasattr(txn, "extension_bytes") else b""
         oids = list(self.data)

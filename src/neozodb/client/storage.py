@@ -62,7 +62,8 @@ class Storage(ConflictResolvingStorage):
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
             logging.getLogger("neozodb").addHandler(handler)
         self.app = ClientApp(parse_master_nodes(master_nodes), name, read_only=self._read_only,
-                             cache_size=cache_size, connect_timeout=connect_timeout)
+                             cache_size=cache_size, connect_timeout=connect_timeout,
+                             ignore_wrong_checksum=ignore_wrong_checksum)
         self._commits: dict[object, Commit] = {}
         self._lock = threading.Lock()
         self.app.get_master()  # fail early when the cluster cannot be reached

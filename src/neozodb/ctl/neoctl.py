@@ -3,6 +3,17 @@
 Prints what NEO's neoctl prints (see docs/operations.md); ``--json`` prints
 the same information as JSON for scripts.  Every failure is one line on
 stderr and a non-zero exit status.
+
+Times are printed in UTC, without a zone suffix: the id timestamps of
+``print node`` and the date of ``last_tid`` in ``print ids`` (a TID *is* a
+UTC date).  NEO prints the id timestamps in the local time of the machine
+running neoctl; we print UTC so that both columns use the same clock, output
+does not depend on where neoctl runs, and it matches the servers' clocks
+(our machines run UTC, where this is the same as NEO's output).
+
+Options may come anywhere (``neoctl print pt --json``); an unknown option is
+an error (exit status 2), never a command word.  Node ids are case-insensitive
+(``S3``, ``s3``) or plain integers.
 """
 from __future__ import annotations
 
@@ -11,7 +22,7 @@ import datetime
 import json
 import sys
 
-from neozodb.cli.config import format_address, parse_address
+from neozodb.cli.config import format_address, parse_address, parse_nid
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.net.threaded import ThreadedConnection
 from neozodb.nodes import STATE_LETTER, address_from_wire
@@ -21,7 +32,6 @@ from neozodb.protocol import (
     NodeTypes,
     Packets,
     nid_str,
-    parse_nid,
     u64,
 )
 from neozodb.pt import PartitionTable
@@ -29,15 +39,21 @@ from neozodb.tid import format_tid_time
 
 USAGE = """\
 commands:
-  print cluster                 cluster state
-  print ids                     last oid, last tid and last partition table id
-  print node [TYPE]             nodes (TYPE: MASTER STORAGE CLIENT ADMIN)
-  print pt                      partition table
+  print cluster                 cluster state (None while the admin has no master)
+  print ids                     last oid, last tid (UTC date) and last partition table id
+  print node [TYPE]             nodes (TYPE: MASTER STORAGE CLIENT ADMIN), id times in UTC
+  print pt [MIN [MAX [NODE]]]   partition table: partitions MIN (default 0) to MAX
+                                excluded (default 0: to the end); NODE (e.g. S1):
+                                only that storage's cells
   print primary                 primary master
   start                         allow the cluster to leave RECOVERING
-  add NID... | add all          accept pending storage nodes
+  add NID... | add all          accept pending storage nodes (NID e.g. S3)
   set cluster STATE             e.g. set cluster STOPPING
+
+NIDs are case-insensitive (S3 or s3) or plain integers.  Times are UTC.
 """
+
+PT_USAGE = "usage: print pt [MIN [MAX [NODE]]]"
 
 
 class CtlError(Exception):
@@ -89,8 +105,12 @@ class NeoCtl:
             result.extend(nodes)
         return sorted(result, key=lambda n: (nid_str(n[2])[0], n[2] & 0xffffff))
 
-    def partition_table(self) -> PartitionTable:
-        ptid, replicas, rows = self.call(Packets.AskPartitionList, 0, 0, None)
+    def partition_table(self, min_offset: int = 0, max_offset: int = 0,
+                        nid: int | None = None) -> PartitionTable:
+        """Partitions ``min_offset`` to ``max_offset`` excluded (0: to the
+        end), with only the cells of ``nid`` if given; row 0 of the returned
+        table is partition ``min_offset``."""
+        ptid, replicas, rows = self.call(Packets.AskPartitionList, min_offset, max_offset, nid)
         pt = PartitionTable(len(rows), replicas)
         pt.load(ptid, replicas, rows)
         return pt
@@ -104,13 +124,59 @@ def _node_dict(node) -> dict:
             "state": state.name, "id_timestamp": id_ts}
 
 
+def format_utc(timestamp: float | None) -> str:
+    """UNIX time -> ``'2026-11-27 20:59:44.526992'`` in UTC (see the module docstring)."""
+    if timestamp is None:
+        return "None"
+    when = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
+    return when.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _parse_nid(text: str) -> int:
+    try:
+        return parse_nid(text)
+    except ValueError as e:
+        raise CtlError(str(e)) from None
+
+
+def _parse_offset(name: str, text: str) -> int:
+    if not text.isdigit() or not text.isascii():
+        raise CtlError("invalid %s %r: expected a partition number (0, 1, ...)" % (name, text))
+    return int(text)
+
+
+def _print_pt(ctl: NeoCtl, args: list[str]) -> tuple[list[str], object]:
+    if len(args) > 3:
+        raise CtlError(PT_USAGE)
+    min_offset = _parse_offset("MIN", args[0]) if args else 0
+    max_offset = _parse_offset("MAX", args[1]) if len(args) > 1 else 0
+    if max_offset and max_offset <= min_offset:
+        raise CtlError("invalid partition range: MAX (%d) must be greater than MIN (%d),"
+                       " or 0 for the end" % (max_offset, min_offset))
+    nid = None
+    if len(args) > 2:
+        nid = _parse_nid(args[2])
+        if not nid_str(nid).startswith("S"):
+            raise CtlError("not a storage node: %s" % nid_str(nid))
+    pt = ctl.partition_table(min_offset, max_offset, nid)
+    storages = ctl.nodes(NodeTypes.STORAGE)
+    if nid is not None:
+        storages = [n for n in storages if n[2] == nid]
+        if not storages and nid not in pt.nids():
+            raise CtlError("unknown node: %s" % nid_str(nid))
+    letters = {n[2]: STATE_LETTER.get(n[3], "U") for n in storages}
+    lines = [pt.header()] + pt.grid(letters)
+    return lines, {"ptid": pt.ptid, "replicas": pt.num_replicas, "min_offset": min_offset,
+                   "rows": [[[nid_str(n), CELL_NAMES[s]] for n, s in row] for row in pt.rows()],
+                   "nodes": {nid_str(n[2]): n[3].name for n in storages}}
+
+
 def _format_nodes(nodes) -> list[str]:
     rows = [_node_dict(n) for n in nodes]
     width = max((len(r["address"] or "") for r in rows), default=0)
     lines = []
     for r in rows:
-        ts = r["id_timestamp"]
-        when = "None" if ts is None else str(datetime.datetime.fromtimestamp(ts))
+        when = format_utc(r["id_timestamp"])
         lines.append("%s | %-7s | %-*s | %s | %s" % (
             r["nid"], r["type"], width, r["address"] or "", r["state"], when))
     return lines
@@ -151,14 +217,7 @@ def run_command(ctl: NeoCtl, words: list[str]) -> tuple[list[str], object]:
             nodes = ctl.nodes(node_type)
             return _format_nodes(nodes), [_node_dict(n) for n in nodes]
         if what == "pt":
-            pt = ctl.partition_table()
-            storages = ctl.nodes(NodeTypes.STORAGE)
-            letters = {n[2]: STATE_LETTER.get(n[3], "U") for n in storages}
-            lines = [pt.header()] + pt.grid(letters)
-            return lines, {"ptid": pt.ptid, "replicas": pt.num_replicas,
-                           "rows": [[[nid_str(n), CELL_NAMES[s]] for n, s in row] for row in pt.rows()],
-                           "nodes": {nid_str(n): NodeStates(s).name for n, s in
-                                     ((n[2], n[3].value) for n in storages)}}
+            return _print_pt(ctl, rest)
         if what == "primary":
             (nid,) = ctl.call(Packets.AskPrimary)
             return [nid_str(nid)], {"primary": nid_str(nid)}
@@ -181,10 +240,7 @@ def run_command(ctl: NeoCtl, words: list[str]) -> tuple[list[str], object]:
         if args == ["all"]:
             nids = [n[2] for n in ctl.nodes(NodeTypes.STORAGE) if n[3] is NodeStates.PENDING]
         else:
-            try:
-                nids = [parse_nid(a) for a in args]
-            except ValueError as e:
-                raise CtlError("invalid node id: %s" % e) from None
+            nids = [_parse_nid(a) for a in args]
         if nids:
             ctl.call(Packets.AddPendingNodes, nids)
         added = [nid_str(n) for n in nids]
@@ -207,8 +263,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="admin node address (default 127.0.0.1:9999)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--timeout", type=float, default=30.0, help=argparse.SUPPRESS)
-    parser.add_argument("command", nargs=argparse.REMAINDER)
-    opts = parser.parse_args(argv)
+    # Options are accepted anywhere (`print pt --json`) and unknown ones are
+    # errors: a word starting with "-" is never silently part of the command
+    # (except negative numbers, which argparse leaves positional).  Use "--"
+    # to pass such a word as part of the command.
+    parser.add_argument("command", nargs="*", metavar="COMMAND",
+                        help="command and its parameters (see below)")
+    opts = parser.parse_intermixed_args(argv)
     if not opts.command:
         parser.print_help()
         return 0

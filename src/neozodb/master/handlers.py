@@ -46,6 +46,7 @@ class IdentificationHandler(BaseHandler):
     def RequestIdentification(self, conn, msg_id, node_type, nid, address, name, id_timestamp, extra):
         app = self.app
         if name != app.name_bytes:
+            # PROTOCOL_ERROR: answered, then the connection closes
             raise HandlerError("wrong cluster name: %r (this is %r)" % (
                 name.decode("utf-8", "replace"), app.name), ErrorCodes.PROTOCOL_ERROR) from None
         state = NodeStates.RUNNING
@@ -70,7 +71,7 @@ class IdentificationHandler(BaseHandler):
             if app.cluster_state is not ClusterStates.RUNNING or app.stopping:
                 raise NotReady("cluster is not running")
             nid = app.temporary_nid(NodeTypes.CLIENT)
-            handler = ClientHandler(app)
+            handler = ClientHandler(app, read_only=bool(extra.get(b"read_only")))
         elif node_type is NodeTypes.ADMIN:
             nid = app.temporary_nid(NodeTypes.ADMIN)
             handler = AdminHandler(app)
@@ -122,7 +123,19 @@ class StorageHandler(BaseHandler):
 
 
 class ClientHandler(BaseHandler):
+    def __init__(self, app: MasterApp, read_only: bool = False) -> None:
+        super().__init__(app)
+        # identified with extra {b"read_only": True}: no writes (the
+        # connection stays open for reads and invalidations)
+        self.read_only = read_only
+
+    def _check_writable(self, packet) -> None:
+        if self.read_only:
+            raise HandlerError("%s refused: read-only client" % packet.name,
+                               ErrorCodes.READ_ONLY_ACCESS)
+
     def AskBeginTransaction(self, conn, msg_id, tid):
+        self._check_writable(Packets.AskBeginTransaction)
         app = self.app
 
         def begin():
@@ -141,11 +154,13 @@ class ClientHandler(BaseHandler):
             begin()
 
     def AskNewOIDs(self, conn, msg_id, count):
+        self._check_writable(Packets.AskNewOIDs)
         if not 0 < count <= 10000:
             raise ProtocolError("bad OID count %d" % count)
         conn.answer(msg_id, Packets.AnswerNewOIDs, [p64(o) for o in self.app.tm.new_oids(count)])
 
     def AskFinishTransaction(self, conn, msg_id, ttid, oids, deleted, checked, pack):
+        self._check_writable(Packets.AskFinishTransaction)
         try:
             self.app.finish(conn, msg_id, ttid, oids, deleted, checked)
         except TransactionError as e:
@@ -166,6 +181,7 @@ class ClientHandler(BaseHandler):
                     node.conn.notify(Packets.AbortTransaction, ttid, [])
 
     def FailedVote(self, conn, msg_id, ttid, nids):
+        self._check_writable(Packets.FailedVote)  # it would drop storages
         app = self.app
         if app.pt.operational(app.running_storage_nids(), exclude=set(nids)):
             for nid in nids:

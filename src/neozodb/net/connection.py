@@ -3,7 +3,19 @@
 A ``Connection`` is an ``asyncio.Protocol``: bytes in, decoded messages
 dispatched to its current ``Handler``; answers resolve the future (or call
 the callback) given when the request was sent.  No Task is created per
-message.  Malformed input closes that one connection with a logged reason.
+message.
+
+Closing (neo-architecture.md 3.1):
+
+- ``close(reason)``: abort now, unsent output is lost.
+- ``close(reason, flush=True)``: the graceful close.  Queued output is sent,
+  then our sending side is shut (EOF) and what the peer still sends is read
+  until it closes (at most ``linger`` seconds): answers and notifications
+  are processed, requests are dropped unless the catalogue marks them not
+  ``ignorable`` (their answers cannot be sent any more).
+- Malformed or unexpected input, and a handler refusing with ``NotReady``
+  or ``PROTOCOL_ERROR``: the Error answer is sent, nothing more is read,
+  queued output is flushed, then the connection closes.
 """
 from __future__ import annotations
 
@@ -13,21 +25,33 @@ from collections.abc import Callable
 from typing import Any
 
 from neozodb.net.endpoint import ConnectionClosed, Endpoint, RemoteError, tune_socket
-from neozodb.protocol import PACKETS, ErrorCodes, ProtocolError, nid_str
+from neozodb.protocol import HANDSHAKE, PACKETS, ErrorCodes, ProtocolError, nid_str
 
 log = logging.getLogger("neozodb.net")
 
+_HANDSHAKE_LEN = len(HANDSHAKE)
+
 
 class HandlerError(Exception):
-    """Raised by a handler to answer the request with an Error packet."""
+    """Raised by a handler to answer the request with an Error packet.
+
+    ``close``: close the connection too, once the Error is sent.  It
+    defaults to True for ``PROTOCOL_ERROR`` (the peer is confused or does
+    not belong to this cluster), False otherwise.
+    """
 
     code = ErrorCodes.DENIED
     close = False
 
-    def __init__(self, message: str, code: ErrorCodes | None = None):
+    def __init__(self, message: str, code: ErrorCodes | None = None,
+                 close: bool | None = None):
         super().__init__(message)
         if code is not None:
             self.code = code
+        if close is not None:
+            self.close = close
+        elif self.code is ErrorCodes.PROTOCOL_ERROR:
+            self.close = True
 
 
 class NotReady(HandlerError):
@@ -70,6 +94,10 @@ class Handler:
 
 
 class Connection(asyncio.Protocol):
+    # Longest wait for the peer to close after a graceful close, and for
+    # output to drain after any flushing close, before aborting.
+    linger = 10.0
+
     def __init__(self, app: Any, handler: Handler, outgoing: bool = False) -> None:
         self.app = app
         self.handler = handler
@@ -79,17 +107,27 @@ class Connection(asyncio.Protocol):
         self.peer = "?"
         self.nid: int | None = None
         self.node: Any = None  # the node registry entry once identified
+        # True as soon as a close is requested (by us or the peer): nothing
+        # more is sent.  Received data may still be processed, see close().
         self.closed = False
         self.close_reason = ""
+        # resolved when the connection is gone for the application (pending
+        # requests failed, handler.connection_lost() called)
         self.closed_future: asyncio.Future = asyncio.get_event_loop().create_future()
+        self._reading = True  # received data is processed
+        self._head = b""      # first bytes received: did the handshake pass?
+        self._timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
-        who = nid_str(self.nid) if self.nid is not None else self.peer
-        return f"<{who}>"
+        return f"<{self.label}>"
 
     @property
     def label(self) -> str:
         return nid_str(self.nid) if self.nid is not None else self.peer
+
+    def _who(self) -> str:
+        """The peer, for the close log line: its id and its address."""
+        return self.peer if self.nid is None else f"{nid_str(self.nid)} ({self.peer})"
 
     # -- asyncio.Protocol ---------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -101,21 +139,33 @@ class Connection(asyncio.Protocol):
         transport.write(self.endpoint.handshake())  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
-        if self.closed:
+        if not self._reading:
             return
+        if len(self._head) < _HANDSHAKE_LEN:
+            self._head += data[:_HANDSHAKE_LEN - len(self._head)]
         try:
             for msg_id, packet, args in self.endpoint.feed(data):
-                if self.closed:
-                    return
                 if packet.is_answer:
                     self._answer_received(msg_id, packet, args)
                 else:
                     self._request_received(msg_id, packet, args)
+                if not self._reading:
+                    return
         except ProtocolError as e:
-            self.close(f"protocol error: {e}")
+            # Undecodable input: msg_id 0 for the Error; after a failed
+            # handshake the peer does not speak this protocol at all.
+            self._protocol_error(str(e), 0 if self._head == HANDSHAKE else None)
 
     def _answer_received(self, msg_id: int, packet: Any, args: tuple) -> None:
-        token, result, error = self.endpoint.match(msg_id, packet, args)
+        endpoint = self.endpoint
+        entry = endpoint.pending.get(msg_id)
+        try:
+            token, result, error = endpoint.match(msg_id, packet, args)
+        except ProtocolError as e:
+            if entry is not None and msg_id not in endpoint.pending:
+                endpoint.pending[msg_id] = entry  # failed with the others
+            self._protocol_error(str(e), msg_id)
+            return
         if isinstance(token, asyncio.Future):
             if not token.done():
                 if error is None:
@@ -123,38 +173,60 @@ class Connection(asyncio.Protocol):
                 else:
                     token.set_exception(error)
         elif token is not None:
-            token(self, result, error)
+            try:
+                token(self, result, error)
+            except Exception:
+                log.exception("%s: error handling %s from %s", self.app.label, packet.name, self.label)
+                self.close(f"internal error handling {packet.name}")
 
     def _request_received(self, msg_id: int, packet: Any, args: tuple) -> None:
+        """Dispatch a request or notification (also used to replay delayed ones)."""
+        if self.closed and packet.ignorable:
+            log.debug("%s: %s from %s dropped: connection closed",
+                      self.app.label, packet.name, self.label)
+            return
         try:
             self.handler.dispatch(self, msg_id, packet, args)
         except HandlerError as e:
-            if not packet.answer and not packet.acked:
-                log.warning("%s: %s from %s refused: %s", self.app.label, packet.name, self.label, e)
-            else:
+            if packet.is_request:
                 self.error(msg_id, e.code, str(e))
+            else:
+                log.warning("%s: %s from %s refused: %s", self.app.label, packet.name, self.label, e)
             if e.close:
-                self.close(str(e), flush=True)
-        except ProtocolError:
-            raise
+                self._shutdown(str(e), logging.INFO)
+        except ProtocolError as e:
+            self._protocol_error(str(e), msg_id)
         except Exception:
             # A bug in a handler must not take the node down: drop this peer.
             log.exception("%s: error handling %s from %s", self.app.label, packet.name, self.label)
             self.close(f"internal error handling {packet.name}")
 
+    def _protocol_error(self, reason: str, msg_id: int | None) -> None:
+        """The peer sent something malformed or unexpected: tell it why (best
+        effort, with the offending message's id) and close."""
+        if msg_id is not None:
+            self.error(msg_id, ErrorCodes.PROTOCOL_ERROR, reason)
+        self._shutdown(f"protocol error: {reason}", logging.WARNING)
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        self._reading = False
         if not self.closed:
             self.closed = True
             self.close_reason = self.close_reason or (str(exc) if exc else "closed by peer")
         self._closed()
 
     def _closed(self) -> None:
+        """The connection is gone for the application (idempotent)."""
         for token in self.endpoint.fail_pending():
             if isinstance(token, asyncio.Future):
                 if not token.done():
                     token.set_exception(ConnectionClosed(self.close_reason))
             elif token is not None:
-                token(self, None, ConnectionClosed(self.close_reason))
+                try:
+                    token(self, None, ConnectionClosed(self.close_reason))
+                except Exception:
+                    log.exception("%s: error handling loss of %s", self.app.label, self.label)
         if not self.closed_future.done():
             self.closed_future.set_result(None)
             try:
@@ -193,20 +265,86 @@ class Connection(asyncio.Protocol):
         if not self.closed:
             self.transport.write(self.endpoint.error(msg_id, code, message))  # type: ignore[union-attr]
 
+    # -- closing ----------------------------------------------------------------
     def close(self, reason: str = "", flush: bool = False) -> None:
-        """Close once, logging why; pending requests fail with ConnectionClosed."""
+        """Close once, logging why.
+
+        Without ``flush``: abort; pending requests fail with ConnectionClosed
+        now.  With ``flush``: queued output is sent, then an EOF; until the
+        peer closes (or ``linger`` expires), received answers resolve their
+        requests, notifications and non-ignorable requests are dispatched,
+        other requests are dropped.  Pending requests fail, and the handler
+        learns of the loss, when the connection is really gone.  Without EOF
+        support (TLS), a flushing close stops reading at once.
+        """
+        transport = self.transport
         if self.closed:
+            if not flush and self._reading and transport is not None:
+                self._abort()  # hurry a graceful close
             return
         self.closed = True
         self.close_reason = reason or "closed"
         if reason:
-            log.info("%s: closing connection with %s: %s", self.app.label, self.label, reason)
-        if self.transport is not None:
-            if flush:
-                self.transport.close()
-            else:
-                self.transport.abort()
+            log.info("%s: closing connection with %s: %s", self.app.label, self._who(), reason)
+        if transport is None:
+            self._reading = False
+            self._closed()
+        elif not flush:
+            self._abort()
+        elif _can_write_eof(transport):
+            transport.write_eof()
+            self._arm_timer()
+        else:
+            self._stop(transport)
+
+    def _shutdown(self, reason: str, level: int) -> None:
+        """Stop reading, flush queued output, close; the application learns
+        of the loss now.  Logs one line."""
+        if self.closed and not self._reading:
+            return
+        if not self.closed:
+            self.closed = True
+            self.close_reason = reason
+        log.log(level, "%s: closing connection with %s: %s", self.app.label, self._who(), reason)
+        if self.transport is None:
+            self._reading = False
+            self._closed()
+        else:
+            self._stop(self.transport)
+
+    def _stop(self, transport: asyncio.Transport) -> None:
+        self._reading = False
+        transport.close()
+        self._arm_timer()
         self._closed()
+
+    def _abort(self) -> None:
+        self._reading = False
+        self._cancel_timer()
+        self.transport.abort()  # type: ignore[union-attr]
+        self._closed()
+
+    def _arm_timer(self) -> None:
+        if self._timer is None:
+            self._timer = asyncio.get_event_loop().call_later(self.linger, self._linger_expired)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _linger_expired(self) -> None:
+        self._timer = None
+        log.info("%s: aborting connection with %s: still open %ss after close",
+                 self.app.label, self._who(), self.linger)
+        self._abort()
+
+
+def _can_write_eof(transport: Any) -> bool:
+    try:
+        return bool(transport.can_write_eof())
+    except (AttributeError, NotImplementedError):
+        return False
 
 
 async def connect(app: Any, handler: Handler, address: tuple[str, int]) -> Connection:

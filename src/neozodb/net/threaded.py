@@ -22,6 +22,8 @@ from neozodb.protocol import ProtocolError, nid_str
 
 log = logging.getLogger("neozodb.client")
 
+BUFFER_SIZE = 1 << 16  # buffered requests are sent once this many bytes wait
+
 
 class ThreadedConnection:
     def __init__(self, address: tuple[str, int], handler: Any, label: str = "C?") -> None:
@@ -36,6 +38,9 @@ class ThreadedConnection:
         self.nid: int | None = None
         self.peer = "%s:%s" % address
         self._reader: threading.Thread | None = None
+        # requests buffered by ask(buffer=True): one send for many stores
+        self._out: list[bytes] = []
+        self._out_size = 0
 
     def __repr__(self) -> str:
         return f"<{self.label}>"
@@ -56,10 +61,11 @@ class ThreadedConnection:
 
     # -- sending (any thread) ---------------------------------------------------
     def ask(self, packet: Any, *args: Any, queue: SimpleQueue | None = None, token: Any = None,
-            hook: Any = None) -> SimpleQueue:
+            hook: Any = None, buffer: bool = False) -> SimpleQueue:
         """Send a request; its answer is put on ``queue`` as
         ``(token, result, error, conn)``.  ``hook(result, error)`` runs first,
-        in the reader thread."""
+        in the reader thread.  With ``buffer``, the request may wait in a
+        buffer until ``flush()`` or the next unbuffered send."""
         if queue is None:
             queue = SimpleQueue()
         with self.lock:
@@ -67,11 +73,31 @@ class ThreadedConnection:
                 queue.put((token, None, ConnectionClosed(self.close_reason), self))
                 return queue
             data = self.endpoint.request(packet, args, (queue, token, hook))
-            try:
-                self.sock.sendall(data)
-            except OSError as e:
-                self._shutdown(f"send failed: {e}")
+            if buffer:
+                self._out.append(data)
+                self._out_size += len(data)
+                if self._out_size < BUFFER_SIZE:
+                    return queue
+                data = b""
+            self._send(data)
         return queue
+
+    def _send(self, data: bytes) -> None:
+        # called with self.lock held; buffered requests go first, in order
+        if self._out:
+            self._out.append(data)
+            data = b"".join(self._out)
+            self._out.clear()
+            self._out_size = 0
+        try:
+            self.sock.sendall(data)
+        except OSError as e:
+            self._shutdown(f"send failed: {e}")
+
+    def flush(self) -> None:
+        with self.lock:
+            if self._out and not self.closed:
+                self._send(b"")
 
     def call(self, packet: Any, *args: Any, timeout: float | None = None) -> Any:
         """Send a request and wait for its answer (raise the error, if any)."""
@@ -86,20 +112,13 @@ class ThreadedConnection:
 
     def notify(self, packet: Any, *args: Any) -> None:
         with self.lock:
-            if self.closed:
-                return
-            try:
-                self.sock.sendall(self.endpoint.notify(packet, args))
-            except OSError as e:
-                self._shutdown(f"send failed: {e}")
+            if not self.closed:
+                self._send(self.endpoint.notify(packet, args))
 
     def answer(self, msg_id: int, packet: Any, *args: Any) -> None:
         with self.lock:
             if not self.closed:
-                try:
-                    self.sock.sendall(self.endpoint.answer(msg_id, packet, args))
-                except OSError as e:
-                    self._shutdown(f"send failed: {e}")
+                self._send(self.endpoint.answer(msg_id, packet, args))
 
     def close(self, reason: str = "closed") -> None:
         with self.lock:

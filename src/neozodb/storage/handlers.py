@@ -134,7 +134,9 @@ class IdentificationHandler(BaseHandler):
     def RequestIdentification(self, conn, msg_id, node_type, nid, address, name, id_timestamp, extra):
         app = self.app
         if name != app.name_bytes:
-            raise HandlerError("wrong cluster name", ErrorCodes.PROTOCOL_ERROR)
+            # PROTOCOL_ERROR: answered, then the connection closes
+            raise HandlerError("wrong cluster name: %r (this is %r)" % (
+                name.decode("utf-8", "replace"), app.name), ErrorCodes.PROTOCOL_ERROR)
         if not app.operational:
             raise NotReady("storage is not operational")
         if node_type is not NodeTypes.CLIENT:
@@ -176,7 +178,7 @@ class ClientHandler(BaseHandler):
             conn.error(msg_id, ErrorCodes.NON_READABLE_CELL, "partition %d not readable here" % partition)
             return
         if oid in app.locks.read_locks:
-            app.delay(b"", lambda: self._retry(conn, msg_id, Packets.AskObject, (oid, at, before)))
+            app.delay(b"", Retry(self, conn, msg_id, Packets.AskObject, (oid, at, before)))
             return
         found = app.backend.get_object(u64(oid), None if at is None else u64(at),
                                        None if before is None else u64(before))
@@ -198,6 +200,11 @@ class ClientHandler(BaseHandler):
             raise HandlerError("partition not readable here", ErrorCodes.NON_READABLE_CELL)
         if last <= first:
             raise ProtocolError("invalid history range")
+        if oid in app.locks.read_locks:
+            # a commit of it is between lock and unlock: wait, so that
+            # whoever was told about the commit sees it
+            app.delay(b"", Retry(self, conn, msg_id, Packets.AskObjectHistory, (oid, first, last)))
+            return
         history = app.backend.get_object_history(u64(oid), first, last - first)
         if history is None:
             raise HandlerError("%s does not exist" % oid.hex(), ErrorCodes.OID_DOES_NOT_EXIST)
@@ -209,15 +216,14 @@ class ClientHandler(BaseHandler):
         if not app.readable(app.pt.partition(tid)):
             raise HandlerError("partition not readable here", ErrorCodes.NON_READABLE_CELL)
         found = app.backend.get_transaction(u64(tid))
+        if found is None and any(t.tid == tid for t in app.locks.txns.values()):
+            app.delay(b"", Retry(self, conn, msg_id, Packets.AskTransactionInformation, (tid,)))
+            return
         if found is None:
             raise HandlerError("%s not found" % tid.hex(), ErrorCodes.TID_NOT_FOUND)
         oids, user, description, ext, packed, _ = found
         conn.answer(msg_id, Packets.AnswerTransactionInformation, tid, user, description, ext,
                     packed, [p64(oid) for oid in oids])
-
-    def _retry(self, conn, msg_id, packet, args):
-        if not conn.closed:
-            conn._request_received(msg_id, packet, args)
 
     # -- writes ----------------------------------------------------------------------------
     def AskStoreObject(self, conn, msg_id, oid, serial, compression, checksum, data, data_serial, ttid):

@@ -1,0 +1,472 @@
+"""neozodb.net.connection.Connection driven through a fake transport.
+
+No sockets: the transport records what the connection writes and whether
+it was closed (flushing) or aborted; the peer's bytes are fed directly to
+``data_received``.  Each test runs inside its own event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from neozodb.net.connection import (
+    Connection,
+    ConnectionClosed,
+    Handler,
+    HandlerError,
+    NotReady,
+    RemoteError,
+)
+from neozodb.protocol import (
+    HANDSHAKE,
+    ClusterStates,
+    Decoder,
+    ErrorCodes,
+    NodeTypes,
+    Packets,
+    ProtocolError,
+    encode,
+    p64,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+ERROR = Packets.Error.code
+TID = p64(42)
+OID = p64(7)
+
+
+class FakeTransport:
+    """What Connection uses of an asyncio transport; records every call."""
+
+    def __init__(self):
+        self.data = bytearray()
+        self.calls: list[str] = []
+
+    def write(self, data):
+        assert not ({"close", "abort", "write_eof"} & set(self.calls)), "write after close"
+        self.data += data
+
+    def close(self):
+        self.calls.append("close")
+
+    def abort(self):
+        self.calls.append("abort")
+
+    def get_extra_info(self, name, default=None):
+        return ("192.0.2.1", 1234) if name == "peername" else default
+
+    def messages(self) -> list[tuple[int, int, tuple]]:
+        """What was sent after our handshake, decoded."""
+        assert bytes(self.data[:len(HANDSHAKE)]) == HANDSHAKE
+        decoder = Decoder()
+        decoder.feed(bytes(self.data[len(HANDSHAKE):]))
+        return list(decoder)
+
+
+class EofTransport(FakeTransport):
+    """A transport that can half-close (plain TCP)."""
+
+    def can_write_eof(self):
+        return True
+
+    def write_eof(self):
+        self.calls.append("write_eof")
+
+
+class App:
+    label = "M1"
+
+
+class Recorder(Handler):
+    def __init__(self):
+        self.calls: list[tuple] = []
+        self.lost = 0
+
+    def connection_lost(self, conn):
+        self.lost += 1
+
+    def Ping(self, conn, msg_id):
+        self.calls.append(("Ping", msg_id))
+        conn.answer(msg_id, Packets.Pong)
+
+    def RequestIdentification(self, conn, msg_id, node_type, nid, address, name, ts, extra):
+        raise HandlerError("wrong cluster name: %r" % name, ErrorCodes.PROTOCOL_ERROR)
+
+    def AskLastTransaction(self, conn, msg_id):
+        raise HandlerError("not now", ErrorCodes.DENIED)
+
+    def AskClusterState(self, conn, msg_id):
+        raise NotReady("cluster not ready")
+
+    def AskNewOIDs(self, conn, msg_id, count):
+        raise RuntimeError("handler bug")
+
+    def AskPrimary(self, conn, msg_id):
+        raise ProtocolError("bad request")
+
+    def AskObject(self, conn, msg_id, oid, at, before):  # ignorable
+        self.calls.append(("AskObject", msg_id))
+
+    def AskFinishTransaction(self, conn, msg_id, ttid, oids, deleted, checked, pack):  # not ignorable
+        self.calls.append(("AskFinishTransaction", msg_id))
+
+    def InvalidateObjects(self, conn, msg_id, tid, oids):  # notification
+        self.calls.append(("InvalidateObjects", msg_id))
+
+    def StopOperation(self, conn, msg_id):  # notification: the handler closes gracefully
+        self.calls.append(("StopOperation", msg_id))
+        conn.close("stop", flush=True)
+
+
+def run(test, transport_class=FakeTransport):
+    """Run ``test(conn, transport, handler)`` (a coroutine function) in a new loop."""
+    async def main():
+        transport = transport_class()
+        handler = Recorder()
+        conn = Connection(App(), handler)
+        conn.connection_made(transport)
+        return await test(conn, transport, handler)
+    return asyncio.run(main())
+
+
+def msg(msg_id, packet, *args) -> bytes:
+    return encode(msg_id, packet.code, args)
+
+
+def error(msg_id, code: ErrorCodes, message: bytes = b"") -> bytes:
+    return encode(msg_id, ERROR, (code.value, message))
+
+
+# -- normal operation ----------------------------------------------------------------------
+
+
+def test_handshake_then_request_dispatches_to_the_handler():
+    async def test(conn, transport, handler):
+        assert conn.peer == "192.0.2.1:1234"
+        assert bytes(transport.data) == HANDSHAKE  # ours, sent at once
+        data = HANDSHAKE + msg(7, Packets.Ping)
+        for i in range(len(data)):  # byte by byte: framing is incremental
+            conn.data_received(data[i:i + 1])
+        assert handler.calls == [("Ping", 7)]
+        assert transport.messages() == [(7, Packets.Pong.code, ())]
+        assert not conn.closed and transport.calls == []
+    run(test)
+
+
+def test_answers_resolve_futures_and_callbacks():
+    async def test(conn, transport, handler):
+        conn.data_received(HANDSHAKE)
+        future = conn.ask(Packets.AskLastTransaction)
+        got = []
+        assert conn.ask(Packets.AskClusterState, callback=lambda *a: got.append(a)) is None
+        sent = transport.messages()
+        assert [(m[0], m[1]) for m in sent] == [
+            (0, Packets.AskLastTransaction.code), (1, Packets.AskClusterState.code)]
+        # answered out of order
+        conn.data_received(msg(1, Packets.AnswerClusterState, ClusterStates.RUNNING)
+                           + msg(0, Packets.AnswerLastTransaction, TID))
+        assert got == [(conn, (ClusterStates.RUNNING,), None)]
+        assert await future == (TID,)
+        assert not conn.closed
+    run(test)
+
+
+def test_error_ack_to_an_acked_request_resolves_none():
+    async def test(conn, transport, handler):
+        conn.data_received(HANDSHAKE)
+        future = conn.ask(Packets.SetClusterState, ClusterStates.STOPPING)
+        conn.data_received(error(0, ErrorCodes.ACK))
+        assert await future is None
+    run(test)
+
+
+def test_error_code_raises_remote_error():
+    async def test(conn, transport, handler):
+        conn.data_received(HANDSHAKE)
+        future = conn.ask(Packets.AskObject, OID, None, None)
+        got = []
+        conn.ask(Packets.AskObject, OID, None, None, callback=lambda *a: got.append(a))
+        conn.data_received(error(0, ErrorCodes.OID_DOES_NOT_EXIST, b"no such object")
+                           + error(1, ErrorCodes.ACK))  # ACK is a failure for a non-acked request
+        with pytest.raises(RemoteError) as e:
+            await future
+        assert e.value.code is ErrorCodes.OID_DOES_NOT_EXIST
+        assert e.value.message == "no such object"
+        (c, result, err), = got
+        assert c is conn and result is None and isinstance(err, RemoteError) and err.code is ErrorCodes.ACK
+        assert not conn.closed
+    run(test)
+
+
+# -- refusals ------------------------------------------------------------------------------------
+
+
+def test_handler_error_answers_its_code_and_keeps_the_connection():
+    async def test(conn, transport, handler):
+        conn.data_received(HANDSHAKE + msg(3, Packets.AskLastTransaction) + msg(4, Packets.Ping))
+        assert transport.messages() == [(3, ERROR, (ErrorCodes.DENIED.value, b"not now")),
+                                        (4, Packets.Pong.code, ())]
+        assert not conn.closed and transport.calls == []
+    run(test)
+
+
+def test_protocol_error_code_answers_then_closes():
+    # e.g. a wrong cluster name at identification
+    async def test(conn, transport, handler):
+        conn.data_received(HANDSHAKE + msg(0, Packets.RequestIdentification, NodeTypes.CLIENT,
+                                           None, None, b"other", None, {})
+                           + msg(1, Packets.Ping))
+        (msg_id, code, (err, text)), = transport.messages()
+        assert (msg_id, code, err) == (0, ERROR, ErrorCodes.PROTOCOL_ERROR.value)
+        assert text.startswith(b"wrong cluster name")
+        assert transport.calls == ["close"]  # flushed, not aborted
+        assert conn.closed and handler.lost == 1
+        assert handler.calls == []  # nothing read after the refusal
+    run(test)
+
+
+def test_not_ready_answers_and_closes():
+    async def test(conn, transport, handler):
+        future = conn.ask(Packets.AskLastTransaction)
+        conn.data_received(HANDSHAKE + msg(5, Packets.AskClusterState) + msg(6, Packets.Ping))
+        assert transport.messages()[1:] == [
+            (5, ERROR, (ErrorCodes.NOT_READY.value, b"cluster not ready"))]
+        assert transport.calls == ["close"]
+        assert conn.closed and conn.close_reason == "cluster not ready"
+        assert handler.calls == [] and handler.lost == 1
+        with pytest.raises(ConnectionClosed):
+            await future
+    run(test)
+
+
+def test_handler_bug_closes_only_that_connection(caplog):
+    async def main():
+        other_transport, other_handler = FakeTransport(), Recorder()
+        other = Connection(App(), other_handler)
+        other.connection_made(other_transport)
+        other.data_received(HANDSHAKE)
+
+        transport, handler = FakeTransport(), Recorder()
+        conn = Connection(App(), handler)
+        conn.connection_made(transport)
+        conn.data_received(HANDSHAKE + msg(0, Packets.AskNewOIDs, 1) + msg(1, Packets.Ping))
+        assert conn.closed and transport.calls == ["abort"]
+        assert "internal error handling AskNewOIDs" in conn.close_reason
+        assert handler.calls == [] and handler.lost == 1
+
+        other.data_received(msg(0, Packets.Ping))
+        assert other_handler.calls == [("Ping", 0)] and not other.closed
+        assert other_transport.calls == []
+    with caplog.at_level(logging.ERROR, "neozodb.net"):
+        asyncio.run(main())
+    assert any("handler bug" in r.exc_text for r in caplog.records if r.exc_text)
+
+
+# -- protocol errors -----------------------------------------------------------------------------
+
+
+def _one_close_line(caplog, reason):
+    lines = [r.getMessage() for r in caplog.records if "closing connection" in r.getMessage()]
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert line.startswith("M1: ") and "192.0.2.1:1234" in line and reason in line, line
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\xc1\xc1\xc1garbage",        # 0xc1 is never valid msgpack
+    b"\x93\x00\xcd\xff\xff\x90",   # unknown message code
+    b"\x93\x00\x02\x91\x01",       # Ping with an argument
+])
+def test_garbage_sends_protocol_error_then_closes(caplog, garbage):
+    async def test(conn, transport, handler):
+        future = conn.ask(Packets.AskLastTransaction)
+        conn.data_received(HANDSHAKE + msg(0, Packets.Ping) + garbage)
+        sent = transport.messages()
+        assert sent[1] == (0, Packets.Pong.code, ())  # what came before is processed
+        (msg_id, code, (err, _)), = sent[2:]
+        assert (msg_id, code, err) == (0, ERROR, ErrorCodes.PROTOCOL_ERROR.value)
+        assert transport.calls == ["close"]
+        assert conn.closed and conn.close_reason.startswith("protocol error")
+        assert handler.lost == 1 and conn.closed_future.done()
+        with pytest.raises(ConnectionClosed):
+            await future
+        conn.data_received(msg(1, Packets.Ping))  # nothing more is read
+        assert handler.calls == [("Ping", 0)]
+    with caplog.at_level(logging.INFO, "neozodb.net"):
+        run(test)
+    _one_close_line(caplog, "protocol error")
+
+
+@pytest.mark.parametrize("data", [b"GET / HTTP/1.0\r\n\r\n", b"\x92\xa3NEO\x04"])
+def test_failed_handshake_closes_without_error_message(caplog, data):
+    async def test(conn, transport, handler):
+        conn.data_received(data)
+        assert bytes(transport.data) == HANDSHAKE
+        assert transport.calls == ["close"] and conn.closed and handler.lost == 1
+    with caplog.at_level(logging.INFO, "neozodb.net"):
+        run(test)
+    _one_close_line(caplog, "protocol error")
+
+
+def test_unexpected_request_answers_protocol_error_with_its_msg_id(caplog):
+    async def test(conn, transport, handler):
+        conn.data_received(HANDSHAKE + msg(9, Packets.AskTIDs, 0, 1, 0) + msg(10, Packets.Ping))
+        (msg_id, code, (err, text)), = transport.messages()
+        assert (msg_id, code, err) == (9, ERROR, ErrorCodes.PROTOCOL_ERROR.value)
+        assert b"unexpected packet AskTIDs" in text
+        assert transport.calls == ["close"] and handler.calls == []
+    with caplog.at_level(logging.INFO, "neozodb.net"):
+        run(test)
+    _one_close_line(caplog, "unexpected packet AskTIDs")
+
+
+def test_handler_protocol_error_answers_and_closes(caplog):
+    async def test(conn, transport, handler):
+        conn.nid = 1  # identified: the log line names it too
+        conn.data_received(HANDSHAKE + msg(4, Packets.AskPrimary))
+        assert transport.messages() == [(4, ERROR, (ErrorCodes.PROTOCOL_ERROR.value, b"bad request"))]
+        assert transport.calls == ["close"] and conn.closed
+    with caplog.at_level(logging.INFO, "neozodb.net"):
+        run(test)
+    _one_close_line(caplog, "S1 (192.0.2.1:1234): protocol error: bad request")
+
+
+def test_delayed_request_replayed_with_protocol_error_does_not_raise():
+    # storage handlers replay delayed requests through _request_received
+    async def test(conn, transport, handler):
+        conn.data_received(HANDSHAKE)
+        conn._request_received(4, Packets.AskPrimary, ())
+        assert transport.messages() == [(4, ERROR, (ErrorCodes.PROTOCOL_ERROR.value, b"bad request"))]
+        assert conn.closed
+    run(test)
+
+
+@pytest.mark.parametrize("answer", [
+    msg(5, Packets.AnswerLastTransaction, TID),   # nothing asked with that id
+    msg(0, Packets.AnswerClusterState, None),     # answers another request
+])
+def test_unexpected_answer_answers_protocol_error_and_closes(answer):
+    async def test(conn, transport, handler):
+        future = conn.ask(Packets.AskLastTransaction)
+        conn.data_received(HANDSHAKE + answer)
+        decoder = Decoder()
+        decoder.feed(answer)
+        (expected_id, _, _), = decoder
+        (sent_id, code, (err, _)), = transport.messages()[1:]
+        assert (sent_id, code, err) == (expected_id, ERROR, ErrorCodes.PROTOCOL_ERROR.value)
+        assert transport.calls == ["close"]
+        with pytest.raises(ConnectionClosed):  # never left hanging
+            await future
+    run(test)
+
+
+# -- loss and closing ----------------------------------------------------------------------------
+
+
+def test_connection_lost_fails_pending_requests():
+    async def test(conn, transport, handler):
+        conn.data_received(HANDSHAKE)
+        future = conn.ask(Packets.AskLastTransaction)
+        got = []
+        conn.ask(Packets.AskClusterState, callback=lambda *a: got.append(a))
+        conn.connection_lost(ConnectionResetError("reset by peer"))
+        with pytest.raises(ConnectionClosed, match="reset by peer"):
+            await future
+        assert got[0][0] is conn and got[0][1] is None and isinstance(got[0][2], ConnectionClosed)
+        assert conn.closed and conn.closed_future.done() and handler.lost == 1
+        # too late: refused at once
+        with pytest.raises(ConnectionClosed):
+            await conn.ask(Packets.AskLastTransaction)
+        conn.connection_lost(None)
+        assert handler.lost == 1
+    run(test)
+
+
+def test_close_without_flush_aborts():
+    async def test(conn, transport, handler):
+        future = conn.ask(Packets.AskLastTransaction)
+        conn.close("going away")
+        assert transport.calls == ["abort"] and handler.lost == 1
+        with pytest.raises(ConnectionClosed, match="going away"):
+            await future
+        conn.notify(Packets.Ping)  # no write after close (FakeTransport asserts)
+    run(test)
+
+
+def test_graceful_close_keeps_reading_until_the_peer_closes():
+    async def test(conn, transport, handler):
+        conn.data_received(HANDSHAKE)
+        future = conn.ask(Packets.AskLastTransaction)
+        conn.notify(Packets.StopOperation)
+        conn.close("operation stopped", flush=True)
+        assert transport.calls == ["write_eof"]  # output flushed, then EOF
+        assert conn.closed and not conn.closed_future.done() and handler.lost == 0
+        conn.data_received(
+            msg(0, Packets.AskObject, OID, None, None)          # ignorable: dropped
+            + msg(1, Packets.AskFinishTransaction, TID, [], [], [], None)  # not ignorable
+            + msg(2, Packets.InvalidateObjects, TID, [OID])      # notification
+            + msg(0, Packets.AnswerLastTransaction, TID))        # answer
+        assert handler.calls == [("AskFinishTransaction", 1), ("InvalidateObjects", 2)]
+        assert await future == (TID,)
+        assert [m[1] for m in transport.messages()] == [
+            Packets.AskLastTransaction.code, Packets.StopOperation.code]  # nothing answered
+        conn.connection_lost(None)  # the peer closed
+        assert conn.closed_future.done() and handler.lost == 1
+        assert conn.close_reason == "operation stopped"
+    run(test, EofTransport)
+
+
+def test_graceful_close_from_a_handler_processes_the_rest_of_the_data():
+    async def test(conn, transport, handler):
+        conn.data_received(HANDSHAKE + msg(0, Packets.StopOperation) + msg(1, Packets.Ping)
+                           + msg(2, Packets.InvalidateObjects, TID, [OID]))
+        assert handler.calls == [("StopOperation", 0), ("InvalidateObjects", 2)]
+        assert transport.calls == ["write_eof"] and transport.messages() == []
+    run(test, EofTransport)
+
+
+def test_graceful_close_gives_up_after_linger():
+    async def test(conn, transport, handler):
+        conn.linger = 0.01
+        future = conn.ask(Packets.AskLastTransaction)
+        conn.close("bye", flush=True)
+        await asyncio.sleep(0.1)  # the peer never closes
+        assert transport.calls == ["write_eof", "abort"] and handler.lost == 1
+        with pytest.raises(ConnectionClosed, match="bye"):
+            await future
+    run(test, EofTransport)
+
+
+def test_graceful_close_hurried_by_close_without_flush():
+    async def test(conn, transport, handler):
+        conn.close("bye", flush=True)
+        conn.close("now")
+        assert transport.calls == ["write_eof", "abort"] and handler.lost == 1
+    run(test, EofTransport)
+
+
+def test_graceful_close_without_eof_support_stops_reading():
+    # TLS transports cannot half-close: flush and close at once
+    async def test(conn, transport, handler):
+        conn.data_received(HANDSHAKE)
+        future = conn.ask(Packets.AskLastTransaction)
+        conn.close("bye", flush=True)
+        assert transport.calls == ["close"] and handler.lost == 1
+        with pytest.raises(ConnectionClosed):
+            await future
+        conn.data_received(msg(0, Packets.InvalidateObjects, TID, [OID]))
+        assert handler.calls == []
+    run(test)
+
+
+def test_protocol_error_while_closing_gracefully_stops_reading():
+    async def test(conn, transport, handler):
+        conn.data_received(HANDSHAKE)
+        conn.close("bye", flush=True)
+        conn.data_received(b"\xc1" + msg(0, Packets.InvalidateObjects, TID, [OID]))
+        assert transport.calls == ["write_eof", "close"] and handler.lost == 1
+        assert handler.calls == [] and transport.messages() == []
+    run(test, EofTransport)
