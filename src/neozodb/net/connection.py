@@ -117,6 +117,11 @@ class Connection(asyncio.Protocol):
         self._reading = True  # received data is processed
         self._head = b""      # first bytes received: did the handshake pass?
         self._timer: asyncio.TimerHandle | None = None
+        # While a chunk of received data is processed, output to this peer is
+        # held and leaves in one transport.write (one syscall): e.g. the
+        # answers to a burst of pipelined stores.
+        self._out: list[bytes] = []
+        self._corked = False
 
     def __repr__(self) -> str:
         return f"<{self.label}>"
@@ -143,6 +148,7 @@ class Connection(asyncio.Protocol):
             return
         if len(self._head) < _HANDSHAKE_LEN:
             self._head += data[:_HANDSHAKE_LEN - len(self._head)]
+        self._corked = True
         try:
             for msg_id, packet, args in self.endpoint.feed(data):
                 if packet.is_answer:
@@ -154,7 +160,11 @@ class Connection(asyncio.Protocol):
         except ProtocolError as e:
             # Undecodable input: msg_id 0 for the Error; after a failed
             # handshake the peer does not speak this protocol at all.
+            self._flush_out()
             self._protocol_error(str(e), 0 if self._head == HANDSHAKE else None)
+        finally:
+            if self._corked:
+                self._flush_out()
 
     def _answer_received(self, msg_id: int, packet: Any, args: tuple) -> None:
         endpoint = self.endpoint
@@ -235,6 +245,19 @@ class Connection(asyncio.Protocol):
                 log.exception("%s: error handling loss of %s", self.app.label, self.label)
 
     # -- sending --------------------------------------------------------------
+    def _write(self, data: bytes) -> None:
+        if self._corked:
+            self._out.append(data)
+        else:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def _flush_out(self) -> None:
+        self._corked = False
+        out = self._out
+        if out:
+            self.transport.write(b"".join(out) if len(out) > 1 else out[0])  # type: ignore[union-attr]
+            out.clear()
+
     def ask(self, packet: Any, *args: Any, callback: Callable | None = None) -> asyncio.Future | None:
         """Send a request.  Without callback, return a future of the answer."""
         token: Any = callback
@@ -247,23 +270,23 @@ class Connection(asyncio.Protocol):
             else:
                 callback(self, None, err)
             return token if callback is None else None
-        self.transport.write(self.endpoint.request(packet, args, token))  # type: ignore[union-attr]
+        self._write(self.endpoint.request(packet, args, token))
         return token if callback is None else None
 
     def notify(self, packet: Any, *args: Any) -> None:
         if not self.closed:
-            self.transport.write(self.endpoint.notify(packet, args))  # type: ignore[union-attr]
+            self._write(self.endpoint.notify(packet, args))
 
     def answer(self, msg_id: int, packet: Any, *args: Any) -> None:
         if not self.closed:
-            self.transport.write(self.endpoint.answer(msg_id, packet, args))  # type: ignore[union-attr]
+            self._write(self.endpoint.answer(msg_id, packet, args))
 
     def ack(self, msg_id: int, message: str = "") -> None:
         self.error(msg_id, ErrorCodes.ACK, message)
 
     def error(self, msg_id: int, code: ErrorCodes, message: str) -> None:
         if not self.closed:
-            self.transport.write(self.endpoint.error(msg_id, code, message))  # type: ignore[union-attr]
+            self._write(self.endpoint.error(msg_id, code, message))
 
     # -- closing ----------------------------------------------------------------
     def close(self, reason: str = "", flush: bool = False) -> None:
@@ -292,6 +315,7 @@ class Connection(asyncio.Protocol):
         elif not flush:
             self._abort()
         elif _can_write_eof(transport):
+            self._flush_out()
             transport.write_eof()
             self._arm_timer()
         else:
@@ -314,11 +338,14 @@ class Connection(asyncio.Protocol):
 
     def _stop(self, transport: asyncio.Transport) -> None:
         self._reading = False
+        self._flush_out()
         transport.close()
         self._arm_timer()
         self._closed()
 
     def _abort(self) -> None:
+        self._out.clear()  # nothing more leaves an aborted connection
+        self._corked = False
         self._reading = False
         self._cancel_timer()
         self.transport.abort()  # type: ignore[union-attr]
