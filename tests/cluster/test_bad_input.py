@@ -206,3 +206,28 @@ def test_bad_options_exit_2_with_one_line(argv):
     lines = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_bad_checksum_is_refused_and_not_stored(cluster):
+    """A store whose data does not match its checksum closes that client's
+    connection to the storage and leaves nothing behind."""
+    from neozodb.client import Storage
+    storage = Storage(cluster.masters, cluster.name)
+    try:
+        app = storage.app
+        oid = storage.new_oid()
+        (ttid,) = app.get_master().call(Packets.AskBeginTransaction, None, timeout=10)
+        nid = app.writable_cells(oid)[0]
+        conn = app.storage_conn(nid)
+        with pytest.raises(RemoteError) as e:
+            conn.call(Packets.AskStoreObject, oid, b"\0" * 8, 0, b"\1" * 20, b"data", None,
+                      ttid, timeout=10)
+        assert e.value.code is ErrorCodes.PROTOCOL_ERROR
+        assert "wrong checksum" in e.value.message
+        from neozodb.cli.cluster import wait_until
+        wait_until(lambda: conn.closed, 10, "the storage to close the connection")
+        app.get_master().notify(Packets.AbortTransaction, ttid, [])
+        with pytest.raises(KeyError):
+            app.load(oid)  # nothing of it was stored
+    finally:
+        storage.close()

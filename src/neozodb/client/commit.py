@@ -73,8 +73,11 @@ class Commit:
         else:
             compression, stored, checksum = compress(data, self.level)
         args = (oid, serial, compression, checksum, stored, data_serial, self.ttid)
+        # The first store leaves at once (its answer comes back while the
+        # application goes on); the following ones are batched until vote.
+        buffer = self.pending > 0
         for nid in self._cells(oid):
-            self._send(nid, Packets.AskStoreObject, args, (STORE, oid, serial), buffer=True)
+            self._send(nid, Packets.AskStoreObject, args, (STORE, oid, serial), buffer=buffer)
 
     def check_current(self, oid: bytes, serial: bytes) -> None:
         self.checked[oid] = serial

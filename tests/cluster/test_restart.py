@@ -1,0 +1,70 @@
+"""A cluster stopped and started again: storages keep their NID, the
+partition table and every committed transaction."""
+from __future__ import annotations
+
+import pytest
+import transaction
+import ZODB
+
+from neozodb.client import Storage
+from neozodb.ctl.neoctl import run_command
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _pt_lines(cluster):
+    ctl = cluster.ctl()
+    try:
+        return run_command(ctl, ["print", "pt"])[0]
+    finally:
+        ctl.close()
+
+
+def test_stop_and_restart_keeps_everything(cluster):
+    db = ZODB.DB(Storage(cluster.masters, cluster.name))
+    conn = db.open()
+    root = conn.root()
+    for i in range(50):
+        root["k%d" % i] = "value %d" % i
+        transaction.commit()
+    last = db.lastTransaction()
+    db.close()
+    pt_before = _pt_lines(cluster)
+    cluster.stop()
+    assert all(not n.running for n in cluster.nodes.values())
+    for node in cluster.nodes.values():
+        node.start()
+    cluster.wait_state("RUNNING", 60)
+    assert _pt_lines(cluster) == pt_before  # same NIDs, same cells, same ptid
+    db = ZODB.DB(Storage(cluster.masters, cluster.name))
+    try:
+        assert db.lastTransaction() == last
+        root = db.open().root()
+        assert {k: root[k] for k in root} == {"k%d" % i: "value %d" % i for i in range(50)}
+        root["after"] = "restart"
+        transaction.commit()
+        assert db.lastTransaction() > last
+    finally:
+        db.close()
+
+
+def test_killed_storages_restart_with_the_data(cluster):
+    """SIGKILL every node after commits: what was acknowledged is there."""
+    db = ZODB.DB(Storage(cluster.masters, cluster.name))
+    conn = db.open()
+    root = conn.root()
+    for i in range(20):
+        root["n"] = i
+        transaction.commit()
+    last = db.lastTransaction()
+    db.close()
+    cluster.kill()
+    for node in cluster.nodes.values():
+        node.start()
+    cluster.wait_state("RUNNING", 60)
+    db = ZODB.DB(Storage(cluster.masters, cluster.name))
+    try:
+        assert db.lastTransaction() == last
+        assert db.open().root()["n"] == 19
+    finally:
+        db.close()
