@@ -14,6 +14,7 @@ from persistent.mapping import PersistentMapping
 from ZODB.POSException import ConflictError
 
 from neozodb.client import Storage
+from neozodb.protocol import p64, u64
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -129,3 +130,29 @@ def test_zodburi_and_zconfig_open_the_cluster(cluster):
         assert db.open().root()["via"] == "uri"
     finally:
         db.close()
+
+
+def test_prefetch_warms_the_cache_in_one_round(cluster):
+    db = ZODB.DB(Storage(cluster.masters, cluster.name))
+    try:
+        conn = db.open()
+        root = conn.root()
+        for i in range(30):
+            root["o%d" % i] = PersistentMapping(i=i)
+        transaction.commit()
+        oids = [root["o%d" % i]._p_oid for i in range(30)]
+    finally:
+        db.close()
+    storage = Storage(cluster.masters, cluster.name)
+    try:
+        app = storage.app
+        before = p64(u64(storage.lastTransaction()) + 1)
+        assert all(app.cache.load(oid, before) is None for oid in oids)
+        storage.prefetch(oids + [p64(10 ** 6)], before)  # an unknown oid is ignored
+        assert all(app.cache.load(oid, before) is not None for oid in oids)
+        misses = app.cache.misses
+        for oid in oids:
+            storage.loadBefore(oid, before)
+        assert app.cache.misses == misses  # every load was a cache hit
+    finally:
+        storage.close()

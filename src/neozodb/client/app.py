@@ -13,6 +13,7 @@ import logging
 import random
 import threading
 import time
+from queue import SimpleQueue
 
 from neozodb.client.cache import ClientCache
 from neozodb.client.compress import WrongChecksum, decompress
@@ -324,10 +325,7 @@ class ClientApp:
             item = self.cache.load(oid, before_tid)
             if item is not None:
                 return item
-            loading = self._loading.get(oid)
-            if loading is None:
-                loading = self._loading[oid] = [0, []]
-            loading[0] += 1
+            loading = self._start_loading(oid)
         try:
             try:
                 answer, data = self.ask_storage(oid, Packets.AskObject, oid, None, before_tid,
@@ -338,24 +336,72 @@ class ClientApp:
                 if e.code is ErrorCodes.OID_NOT_FOUND:
                     return None
                 raise
-            serial, next_serial = answer[1], answer[2]
-            with self.lock:
-                if next_serial is None:
-                    # invalidated while we were loading: the revision we got
-                    # ends at the first such commit after it
-                    later = [tid for tid in loading[1] if tid > serial]
-                    if later:
-                        next_serial = min(later)
-                if data is not None:
-                    self.cache.store(oid, data, serial, next_serial)
-            if data is None:
-                return None  # deletion or undone creation
-            return data, serial, next_serial
+            return self._loaded(oid, loading, answer, data)
         finally:
+            self._end_loading(oid, loading)
+
+    def _start_loading(self, oid: bytes) -> list:
+        # with self.lock held: invalidations of oid are recorded until the end
+        loading = self._loading.get(oid)
+        if loading is None:
+            loading = self._loading[oid] = [0, []]
+        loading[0] += 1
+        return loading
+
+    def _end_loading(self, oid: bytes, loading: list) -> None:
+        with self.lock:
+            loading[0] -= 1
+            if not loading[0]:
+                self._loading.pop(oid, None)
+
+    def _loaded(self, oid: bytes, loading: list, answer: tuple, data: bytes | None):
+        serial, next_serial = answer[1], answer[2]
+        with self.lock:
+            if next_serial is None:
+                # invalidated while we were loading: the revision we got
+                # ends at the first such commit after it
+                later = [tid for tid in loading[1] if tid > serial]
+                if later:
+                    next_serial = min(later)
+            if data is not None:
+                self.cache.store(oid, data, serial, next_serial)
+        if data is None:
+            return None  # deletion or undone creation
+        return data, serial, next_serial
+
+    def prefetch(self, oids, before_tid: bytes) -> None:
+        """Warm the cache: one pipelined AskObject per missing object, all
+        sent before any answer is awaited.  Failures are ignored (a later
+        load retries and reports them)."""
+        queue: SimpleQueue = SimpleQueue()
+        sent = []
+        conns = set()
+        for oid in oids:
             with self.lock:
-                loading[0] -= 1
-                if not loading[0]:
-                    self._loading.pop(oid, None)
+                if self.cache.load(oid, before_tid) is not None:
+                    continue
+                loading = self._start_loading(oid)
+            try:
+                nid = self.readable_nids(oid)[0]
+                conn = self.storage_conn(nid)
+            except (IndexError, ConnectionClosed, OSError):
+                self._end_loading(oid, loading)
+                continue
+            conn.ask(Packets.AskObject, oid, None, before_tid, queue=queue,
+                     token=(oid, loading), buffer=True)
+            conns.add(conn)
+            sent.append(oid)
+        for conn in conns:
+            conn.flush()
+        for _ in sent:
+            (oid, loading), answer, error, _ = queue.get()
+            try:
+                if error is None:
+                    self._loaded(oid, loading, answer, self._object_data(answer))
+            except WrongChecksum:
+                pass
+            finally:
+                self._end_loading(oid, loading)
 
     def load_serial(self, oid: bytes, serial: bytes) -> bytes:
         try:

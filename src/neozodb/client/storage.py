@@ -131,11 +131,7 @@ class Storage(ConflictResolvingStorage):
         return self.load(oid)[1]
 
     def prefetch(self, oids, tid: bytes) -> None:
-        for oid in oids:
-            try:
-                self._load(oid, tid)
-            except POSException.POSKeyError:
-                pass
+        self.app.prefetch(oids, tid)
 
     def history(self, oid: bytes, size: int = 1) -> list[dict]:
         try:
