@@ -269,3 +269,24 @@ def test_no_command_lists_every_command(cluster):
     out = neoctl(cluster, "print")
     assert out.stderr == "print what? (%s)\n" % ", ".join(
         c.split()[1] for c in COMMANDS if c.startswith("print "))
+
+
+def test_start_lets_a_new_cluster_leave_recovering(tmp_path):
+    from neozodb.cli.cluster import LocalCluster
+    c = LocalCluster(str(tmp_path / "c"), name="manual", storages=2, replicas=1, partitions=6,
+                     autostart=False)
+    try:
+        c.start(wait=0)
+        wait_until(lambda: c.cluster_state() == "RECOVERING", 30, "the admin to report RECOVERING")
+        # storages are there, pending, and nothing starts by itself
+        out = wait_until(lambda: (lambda o: o if o.stdout.count("PENDING") == 2 else None)(
+            neoctl(c, "print", "node", "STORAGE")), 30, "both storages pending")
+        assert out.returncode == 0
+        assert c.cluster_state() == "RECOVERING"
+        out = neoctl(c, "start")
+        assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
+        c.wait_state("RUNNING", 30)
+        out = neoctl(c, "print", "pt")
+        assert out.stdout.splitlines() == ["# ptid: 1, replicas: 1", "S1 R UUUUUU", "S2 R UUUUUU"]
+    finally:
+        c.kill()

@@ -74,7 +74,9 @@ class NodeProcess:
 class LocalCluster:
     def __init__(self, directory: str, name: str = "neozodb", storages: int = 2,
                  replicas: int = 1, partitions: int = 12, host: str = "127.0.0.1",
-                 master_port: int = 0, admin_port: int = 0, loglevel: str = "INFO") -> None:
+                 master_port: int = 0, admin_port: int = 0, loglevel: str = "INFO",
+                 autostart: bool = True) -> None:
+        self.autostart = autostart
         self.directory = os.path.abspath(directory)
         self.name = name
         self.host = host
@@ -106,7 +108,7 @@ class LocalCluster:
         os.makedirs(self.directory, exist_ok=True)
         self._node("M1", self._python(
             "neozodb.cli.master", "-b", self.masters, "-p", str(self.partitions),
-            "-r", str(self.replicas), "-A", str(self.num_storages))).start()
+            "-r", str(self.replicas), "-A", str(self.num_storages if self.autostart else 0))).start()
         for i in range(1, self.num_storages + 1):
             self.storage(i).start()
         self._node("A1", self._python(
