@@ -10,13 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from neozodb.net.bootstrap import follow_master
 from neozodb.net.connection import (
     Connection,
-    ConnectionClosed,
     Handler,
     HandlerError,
     RemoteError,
-    connect,
 )
 from neozodb.nodes import NodeManager
 from neozodb.protocol import (
@@ -176,34 +175,26 @@ class AdminApp:
         self._exit.set()
 
     async def _master_cycle(self) -> None:
-        delay = 0.1
-        while True:
-            for address in self.masters:
-                try:
-                    conn = await connect(self, MasterHandler(self), address)
-                    addr = (self.address[0].encode(), self.address[1])
-                    node_type, master_nid, nid = await conn.ask(
-                        Packets.RequestIdentification, NodeTypes.ADMIN, self.nid, addr,
-                        self.name_bytes, None, {})
-                except (OSError, ConnectionClosed, RemoteError) as e:
-                    log.debug("%s: master %s:%s: %s", self.label, *address, e)
-                    continue
-                conn.nid = master_nid
-                self.nid = nid
-                self.master_conn = conn
-                delay = 0.1
-                log.info("%s: connected to master %s", self.label, nid_str(master_nid))
-                await conn.closed_future
-                log.warning("%s: lost the master", self.label)
-                # Forget everything learned from it: answering from a stale
-                # copy would show a cluster that may have changed meanwhile
-                # (print pt then answers NOT_READY until the next master
-                # sends its table; print cluster answers None).
-                self.master_conn = None
-                self.nm = NodeManager()
-                self.pt = None
-                self.cluster_state = None
-                break
-            await asyncio.sleep(delay)  # reconnection backoff, not synchronisation
-            delay = min(delay * 2, 1.0)
+        await follow_master(self, self.masters, lambda: MasterHandler(self),
+                            self._identify, self._master_lost)
 
+    async def _identify(self, conn) -> None:
+        addr = (self.address[0].encode(), self.address[1])
+        node_type, master_nid, nid = await conn.ask(
+            Packets.RequestIdentification, NodeTypes.ADMIN, self.nid, addr,
+            self.name_bytes, None, {})
+        conn.nid = master_nid
+        self.nid = nid
+        self.master_conn = conn
+        log.info("%s: connected to master %s", self.label, nid_str(master_nid))
+
+    def _master_lost(self) -> None:
+        log.warning("%s: lost the master", self.label)
+        # Forget everything learned from it: answering from a stale copy
+        # would show a cluster that may have changed meanwhile (print pt
+        # then answers NOT_READY until the next master sends its table;
+        # print cluster answers None).
+        self.master_conn = None
+        self.nm = NodeManager()
+        self.pt = None
+        self.cluster_state = None

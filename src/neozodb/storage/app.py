@@ -13,7 +13,8 @@ import asyncio
 import logging
 import os
 
-from neozodb.net.connection import Connection, ConnectionClosed, RemoteError, connect
+from neozodb.net.bootstrap import follow_master
+from neozodb.net.connection import Connection, RemoteError
 from neozodb.nodes import NodeManager
 from neozodb.protocol import (
     CellStates,
@@ -147,26 +148,8 @@ class StorageApp:
         self._exit.set()
 
     async def _master_cycle(self) -> None:
-        delay = 0.1
-        while True:
-            for address in self.masters:
-                try:
-                    conn = await connect(self, handlers.MasterHandler(self), address)
-                except OSError as e:
-                    log.debug("%s: cannot reach master %s:%s: %s", self.label, *address, e)
-                    continue
-                try:
-                    await self._identify(conn)
-                except (ConnectionClosed, RemoteError) as e:
-                    log.warning("%s: master %s:%s refused us: %s", self.label, *address, e)
-                    conn.close()
-                    continue
-                delay = 0.1
-                await conn.closed_future
-                self.master_lost()
-                break
-            await asyncio.sleep(delay)  # reconnection backoff, not synchronisation
-            delay = min(delay * 2, 1.0)
+        await follow_master(self, self.masters, lambda: handlers.MasterHandler(self),
+                            self._identify, self.master_lost)
 
     async def _identify(self, conn: Connection) -> None:
         addr = (self.address[0].encode(), self.address[1])
