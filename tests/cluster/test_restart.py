@@ -68,3 +68,47 @@ def test_killed_storages_restart_with_the_data(cluster):
         assert db.open().root()["n"] == 19
     finally:
         db.close()
+
+
+def test_storage_restarted_while_running_rejoins(cluster):
+    """With replicas 1, losing one storage keeps the cluster running; the
+    storage, restarted, is accepted again (its cells stay OUT_OF_DATE until
+    replication brings them up to date) and commits, including ones that
+    check their reads, go on."""
+    from neozodb.cli.cluster import wait_until
+    from neozodb.protocol import NodeStates, NodeTypes
+
+    def storage_state(ctl_cluster, name):
+        ctl = ctl_cluster.ctl()
+        try:
+            for node in ctl.nodes(NodeTypes.STORAGE):
+                if "S%d" % (node[2] & 0xffffff) == name:
+                    return node[3]
+        finally:
+            ctl.close()
+
+    db = ZODB.DB(Storage(cluster.masters, cluster.name))
+    try:
+        tm = transaction.TransactionManager()
+        conn = db.open(tm)
+        root = conn.root()
+        from persistent.mapping import PersistentMapping
+        root["a"] = 1
+        root["m"] = PersistentMapping(x=1)
+        tm.commit()
+        cluster.nodes["S2"].kill()
+        wait_until(lambda: storage_state(cluster, "S2") is NodeStates.DOWN, 30, "S2 down")
+        assert cluster.cluster_state() == "RUNNING"
+        root["a"] = 2
+        tm.commit()
+        cluster.nodes["S2"].start()
+        wait_until(lambda: storage_state(cluster, "S2") is NodeStates.RUNNING, 30, "S2 back")
+        lines = _pt_lines(cluster)
+        assert lines[1] == "S1 R " + "U" * 12 and lines[2] == "S2 R " + "O" * 12
+        conn.readCurrent(root["m"])  # checked on S1 only: S2's copy is behind
+        root["b"] = 3
+        tm.commit()
+        tm.begin()
+        assert (root["a"], root["b"]) == (2, 3)
+    finally:
+        db.close()

@@ -222,12 +222,15 @@ class ClientApp:
     def writable_cells(self, oid_or_tid: bytes) -> list[int]:
         """Running storages with a writable cell for this oid's (or tid's)
         partition; cached until the table or node states change."""
+        # Taken before the table: it is replaced (not cleared) after every
+        # change, so a result computed from an old table dies with it.
+        cache = self._cells
         pt = self.pt
         partition = pt.partition(oid_or_tid)
-        cells = self._cells.get(partition)
+        cells = cache.get(partition)
         if cells is None:
             running = self.running_storages()
-            cells = self._cells[partition] = [
+            cells = cache[partition] = [
                 n for n in pt.writable_nids(partition) if n in running]
         return cells
 
@@ -384,7 +387,7 @@ class ClientApp:
             try:
                 nid = self.readable_nids(oid)[0]
                 conn = self.storage_conn(nid)
-            except (IndexError, ConnectionClosed, OSError):
+            except (IndexError, ConnectionClosed, OSError, NEOStorageError, RemoteError):
                 self._end_loading(oid, loading)
                 continue
             conn.ask(Packets.AskObject, oid, None, before_tid, queue=queue,
@@ -468,8 +471,10 @@ class ClientApp:
     def close(self) -> None:
         self.closed = True
         self.invalidation_listener = None
-        for conn in list(self._storages.values()):
+        with self._storage_lock:
+            conns = list(self._storages.values())
+            self._storages.clear()
+        for conn in conns:
             conn.close("client closing")
-        self._storages.clear()
         if self.master is not None:
             self.master.close("client closing")

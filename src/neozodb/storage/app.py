@@ -173,11 +173,13 @@ class StorageApp:
         self.master_conn = None
         self.stop_operation()
 
-    def start_operation(self) -> None:
+    def start_operation(self, conn: Connection) -> None:
+        # conn, not self.master_conn: StartOperation may arrive in the same
+        # chunk as AcceptIdentification, before _identify() resumes
         self.backend.drop_unfinished()
         self.operational = True
         log.info("%s: operational", self.label)
-        self.master_conn.notify(Packets.NotifyReady)
+        conn.notify(Packets.NotifyReady)
 
     def stop_operation(self) -> None:
         self.operational = False

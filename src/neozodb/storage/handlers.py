@@ -105,7 +105,7 @@ class MasterHandler(BaseHandler):
                     p64(first or 0))
 
     def StartOperation(self, conn, msg_id, backup):
-        self.app.start_operation()
+        self.app.start_operation(conn)
 
     def StopOperation(self, conn, msg_id):
         self.app.stop_operation()
@@ -296,7 +296,8 @@ class ClientHandler(BaseHandler):
             conn.answer(msg_id, Packets.AnswerCheckCurrentSerial, ZERO_TID)
             return
         txn = app.locks.get(ttid, conn.nid, conn)
-        if app.cell_state(app.pt.partition(oid)) is None:
+        if app.cell_state(app.pt.partition(oid)) in (None, CellStates.OUT_OF_DATE.value):
+            # not ours, or our copy is behind: up-to-date replicas decide
             conn.answer(msg_id, Packets.AnswerCheckCurrentSerial, ZERO_TID)
             return
         holder = app.locks.acquire(ttid, oid)
