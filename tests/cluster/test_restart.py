@@ -96,10 +96,15 @@ def test_storage_restarted_while_running_rejoins(cluster):
         root["a"] = 1
         root["m"] = PersistentMapping(x=1)
         tm.commit()
+        # S2 locks this one only after unlocking the previous one: once it
+        # is committed, S2 surely has m
+        root["barrier"] = 1
+        tm.commit()
         cluster.nodes["S2"].kill()
         wait_until(lambda: storage_state(cluster, "S2") is NodeStates.DOWN, 30, "S2 down")
         assert cluster.cluster_state() == "RUNNING"
         root["a"] = 2
+        root["m"]["x"] = 2  # S2 misses this revision
         tm.commit()
         cluster.nodes["S2"].start()
         wait_until(lambda: storage_state(cluster, "S2") is NodeStates.RUNNING, 30, "S2 back")

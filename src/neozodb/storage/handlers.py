@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from neozodb.net.connection import Handler, HandlerError, NotReady
 from neozodb.protocol import (
+    MAX_TID,
     ZERO_HASH,
     ZERO_TID,
     CellStates,
@@ -26,6 +27,18 @@ log = logging.getLogger("neozodb.storage")
 
 def _p64(value: int | None) -> bytes | None:
     return None if value is None else p64(value)
+
+
+def _current_serial(app, oid: bytes) -> bytes:
+    """The committed serial of oid, ZERO_TID if it never existed here."""
+    last = app.backend.last_serial(u64(oid))
+    return ZERO_TID if last is None else p64(last)
+
+
+def _conflict_serial(current: bytes) -> bytes:
+    # ZERO_TID in an answer means "accepted without lock": a client that
+    # names a revision of an object we never had must get a conflict
+    return MAX_TID if current == ZERO_TID else current
 
 
 class Retry:
@@ -253,12 +266,12 @@ class ClientHandler(BaseHandler):
             self._wait_lock(conn, ttid, oid, holder, msg_id, Packets.AskStoreObject, (
                 oid, serial, compression, checksum, data, data_serial, ttid))
             return
-        last = app.backend.last_serial(u64(oid))
-        if (ZERO_TID if last is None else p64(last)) != serial:
+        current = _current_serial(app, oid)
+        if current != serial:
             if oid not in txn.checked:
                 app.locks.release(ttid, oid)
                 app.replay()  # waiters for this lock may go on
-            conn.answer(msg_id, Packets.AnswerStoreObject, p64(last) if last is not None else ZERO_TID)
+            conn.answer(msg_id, Packets.AnswerStoreObject, _conflict_serial(current))
             return
         self._keep(txn, oid, serial, compression, checksum, data, data_serial)
         conn.answer(msg_id, Packets.AnswerStoreObject, None)
@@ -305,13 +318,12 @@ class ClientHandler(BaseHandler):
             self._wait_lock(conn, ttid, oid, holder, msg_id, Packets.AskCheckCurrentSerial,
                             (ttid, oid, serial))
             return
-        last = app.backend.last_serial(u64(oid))
-        current = ZERO_TID if last is None else p64(last)
+        current = _current_serial(app, oid)
         if current != serial:
             if oid not in txn.objects:
                 app.locks.release(ttid, oid)
                 app.replay()  # waiters for this lock may go on
-            conn.answer(msg_id, Packets.AnswerCheckCurrentSerial, current)
+            conn.answer(msg_id, Packets.AnswerCheckCurrentSerial, _conflict_serial(current))
             return
         txn.checked[oid] = serial
         conn.answer(msg_id, Packets.AnswerCheckCurrentSerial, None)
@@ -336,8 +348,7 @@ class ClientHandler(BaseHandler):
                 app.delay(ttid, relock)
                 return
             serial, data_id, data_serial = txn.objects[oid]
-            last = app.backend.last_serial(u64(oid))
-            current = ZERO_TID if last is None else p64(last)
+            current = _current_serial(app, oid)
             if current == serial:
                 conn.answer(msg_id, Packets.AnswerRelockObject, None)
                 return
@@ -350,7 +361,8 @@ class ClientHandler(BaseHandler):
                 checksum, compression, data = app.backend.load_data(data_id)
                 app.backend.release_data([data_id], prune=True)
                 stored = (compression, checksum, data)
-            conn.answer(msg_id, Packets.AnswerRelockObject, (serial, current, stored))
+            conn.answer(msg_id, Packets.AnswerRelockObject,
+                        (serial, _conflict_serial(current), stored))
 
         app.delay(ttid, relock)
         app.replay()
