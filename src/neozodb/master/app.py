@@ -376,10 +376,12 @@ class MasterApp:
         def locked(sconn, result, error):
             if error is None:
                 self.tm.locked(txn.ttid, sconn.nid)
-            else:
-                # the storage is gone: its cells get outdated, commit goes on
-                txn.involved.discard(sconn.nid)
-            self.complete_commits()
+                self.complete_commits()
+            elif not isinstance(error, ConnectionClosed):
+                # a storage that cannot lock is treated as lost
+                sconn.close("lock of %s failed: %s" % (ttid.hex(), error))
+            # a lost storage is dealt with by node_lost: whether the commit
+            # can go on without it depends on the cells left
 
         for nid in involved:
             self.nm.get(nid).conn.ask(Packets.AskLockInformation, ttid, tid, False, callback=locked)
@@ -419,13 +421,20 @@ class MasterApp:
             self.set_node_state(node, NodeStates.DOWN)
             if self.pt is not None:
                 self.apply_pt_changes(self.pt.outdate(node.nid))
-            self.tm.storage_lost(node.nid)
-            self.complete_commits()
             self.check_operational()
+            if not self._stop_operation.is_set():
+                # every partition still has a readable copy on a running
+                # storage, which locks or locked each transaction: they may
+                # complete without the lost one.  Otherwise they must not be
+                # reported committed: the cluster stops, and verification
+                # decides after restart.
+                self.tm.storage_lost(node.nid)
+                self.complete_commits()
             self.replay_begins()
         elif node.type is NodeTypes.CLIENT:
             for txn in self.tm.client_lost(node.nid):
                 log.info("%s: aborting %s of lost client %s", self.label, p64(txn.ttid).hex(), node.label)
+            self.complete_commits()  # some may have waited behind an imposed TID
             self.nm.remove(node.nid)
             node.state = NodeStates.UNKNOWN
             self.broadcast_nodes([node])

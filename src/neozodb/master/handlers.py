@@ -179,6 +179,8 @@ class ClientHandler(BaseHandler):
                 node = app.nm.get(nid)
                 if node is not None and node.connected and node.type is NodeTypes.STORAGE:
                     node.conn.notify(Packets.AbortTransaction, ttid, [])
+            if txn.imposed:
+                app.complete_commits()  # commits queued behind it may go on
 
     def FailedVote(self, conn, msg_id, ttid, nids):
         self._check_writable(Packets.FailedVote)  # it would drop storages
