@@ -433,7 +433,7 @@ def test_graceful_close_gives_up_after_linger():
         conn.linger = 0.01
         future = conn.ask(Packets.AskLastTransaction)
         conn.close("bye", flush=True)
-        await asyncio.sleep(0.1)  # the peer never closes
+        await asyncio.wait_for(conn.closed_future, 5)  # the peer never closes
         assert transport.calls == ["write_eof", "abort"] and handler.lost == 1
         with pytest.raises(ConnectionClosed, match="bye"):
             await future

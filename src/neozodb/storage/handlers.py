@@ -261,20 +261,32 @@ class ClientHandler(BaseHandler):
             txn.lockless.add(oid)
             conn.answer(msg_id, Packets.AnswerStoreObject, ZERO_TID)
             return
-        holder = app.locks.acquire(ttid, oid)
-        if holder is not None:
-            self._wait_lock(conn, ttid, oid, holder, msg_id, Packets.AskStoreObject, (
-                oid, serial, compression, checksum, data, data_serial, ttid))
-            return
-        current = _current_serial(app, oid)
-        if current != serial:
-            if oid not in txn.checked:
-                app.locks.release(ttid, oid)
-                app.replay()  # waiters for this lock may go on
-            conn.answer(msg_id, Packets.AnswerStoreObject, _conflict_serial(current))
+        if not self._lock_current(conn, msg_id, Packets.AskStoreObject, (
+                oid, serial, compression, checksum, data, data_serial, ttid),
+                ttid, oid, serial, txn.checked):
             return
         self._keep(txn, oid, serial, compression, checksum, data, data_serial)
         conn.answer(msg_id, Packets.AnswerStoreObject, None)
+
+    def _lock_current(self, conn, msg_id, packet, args, ttid, oid, serial, held) -> bool:
+        """Write-lock oid for ttid and check that ``serial`` is current.
+
+        False when the request was delayed (lock taken: replayed later) or
+        answered with the conflicting serial; the lock is then kept only if
+        the transaction already held it for another reason (``held``)."""
+        app = self.app
+        holder = app.locks.acquire(ttid, oid)
+        if holder is not None:
+            self._wait_lock(conn, ttid, oid, holder, msg_id, packet, args)
+            return False
+        current = _current_serial(app, oid)
+        if current != serial:
+            if oid not in held:
+                app.locks.release(ttid, oid)
+                app.replay()  # waiters for this lock may go on
+            conn.answer(msg_id, packet.answer, _conflict_serial(current))
+            return False
+        return True
 
     def _keep(self, txn, oid, serial, compression, checksum, data, data_serial):
         backend = self.app.backend
@@ -313,17 +325,8 @@ class ClientHandler(BaseHandler):
             # not ours, or our copy is behind: up-to-date replicas decide
             conn.answer(msg_id, Packets.AnswerCheckCurrentSerial, ZERO_TID)
             return
-        holder = app.locks.acquire(ttid, oid)
-        if holder is not None:
-            self._wait_lock(conn, ttid, oid, holder, msg_id, Packets.AskCheckCurrentSerial,
-                            (ttid, oid, serial))
-            return
-        current = _current_serial(app, oid)
-        if current != serial:
-            if oid not in txn.objects:
-                app.locks.release(ttid, oid)
-                app.replay()  # waiters for this lock may go on
-            conn.answer(msg_id, Packets.AnswerCheckCurrentSerial, _conflict_serial(current))
+        if not self._lock_current(conn, msg_id, Packets.AskCheckCurrentSerial,
+                                  (ttid, oid, serial), ttid, oid, serial, txn.objects):
             return
         txn.checked[oid] = serial
         conn.answer(msg_id, Packets.AnswerCheckCurrentSerial, None)
