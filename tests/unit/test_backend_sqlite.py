@@ -49,64 +49,79 @@ class TestSQLiteBackend(BackendConformance):
         assert db.connection.isolation_level is None
         assert not db.connection.in_transaction
 
-    def test_synchronous_restored_after_non_durable_commits(self, db):
+    def test_non_durable_writes_wait_for_the_next_durable_point(self, db, opener):
         data_id = db.store_data(h(b'x'), 0, b'x')
-        # store_data leaves a batched, non-fsynced transaction open.
+        # store_data leaves the write transaction open (nothing fsynced)
         assert db.connection.in_transaction
-        assert pragma(db, 'synchronous') == 1          # NORMAL
         db.store_transaction(8, [(1, data_id, None)], ([1], b'', b'', b'', False))
         assert not db.connection.in_transaction
-        assert pragma(db, 'synchronous') == 2
         db.lock_transaction(8, 12)
-        assert pragma(db, 'synchronous') == 2
-        db.store_data(h(b'y'), 0, b'y')                # pending during unlock
-        db.unlock_transaction(8, 12)
         assert not db.connection.in_transaction
-        assert pragma(db, 'synchronous') == 2
-        db.abort_transaction(16)
-        assert pragma(db, 'synchronous') == 2
+        db.unlock_transaction(8, 12)
+        # visible at once, on disk later
+        assert db.connection.in_transaction
         assert db.get_object(1)[:2] == (12, None)
+        db.commit_pending()
+        assert not db.connection.in_transaction
+        assert pragma(db, 'synchronous') == 2          # never lowered
+        # a graceful close keeps a pending unlock
+        db.store_data(h(b'y'), 0, b'y')
+        db.store_transaction(16, [(2, db.store_data(h(b'y'), 0, b'y'), None)],
+                             ([2], b'', b'', b'', False))
+        db.lock_transaction(16, 20)
+        db.unlock_transaction(16, 20)
+        db = self.reopen(db, opener)
+        assert db.get_object(2)[:2] == (20, None)
 
-    def test_commit_levels(self, db):
-        # Trace statements to know the synchronous level of every COMMIT:
-        # vote and lock must be fsynced (FULL) even when store_data rows of
-        # other transactions are pending; unlock need not be (NORMAL).
+    def test_commit_points(self, db):
+        # One COMMIT (fsynced: synchronous stays FULL) per durable point,
+        # including whatever was pending; none for unlock and abort.
         statements: list[str] = []
         db.connection.set_trace_callback(statements.append)
 
-        def commits() -> list[tuple[str, str]]:
-            """(level, first statement of the transaction) for each COMMIT."""
-            level, first, out = 'FULL', None, []
+        def commits() -> list[list[str]]:
+            """The statements of each committed transaction."""
+            out, current = [], []
             for sql in statements:
-                if sql.startswith('PRAGMA synchronous='):
-                    level = sql.split('=')[1]
-                elif sql.startswith('BEGIN'):
-                    first = None
-                elif sql == 'COMMIT':
-                    out.append((level, first))
-                elif first is None:
-                    first = sql
+                if sql == 'COMMIT':
+                    out.append(current)
+                    current = []
+                elif not sql.startswith(('BEGIN', 'SAVEPOINT', 'RELEASE')):
+                    current.append(sql)
             statements.clear()
             return out
 
         pending = db.store_data(h(b'other txn'), 0, b'other txn')
         data_id = db.store_data(h(b'x'), 0, b'x')
         db.store_transaction(8, [(1, data_id, None)], ([1], b'', b'', b'', False))
-        level, first = commits()[-1]
-        assert (level, first.startswith('INSERT OR REPLACE INTO tobj')) == ('FULL', True)
-        db.store_data(h(b'y'), 0, b'y')
+        (vote,) = commits()
+        assert any(sql.startswith('INSERT INTO data') for sql in vote)  # pending rows
+        assert any(sql.startswith('INSERT OR REPLACE INTO tobj') for sql in vote)
         db.lock_transaction(8, 12)
-        level, first = commits()[-1]
-        assert (level, first.startswith('UPDATE ttrans')) == ('FULL', True)
-        db.store_data(h(b'z'), 0, b'z')
+        (lock,) = commits()
+        assert any(sql.startswith('UPDATE ttrans') for sql in lock)
         db.unlock_transaction(8, 12)
-        assert [level for level, _ in commits()] == ['NORMAL']
-        db.unlock_transaction(16, 20)
-        assert [level for level, _ in commits()] == ['NORMAL']
+        db.abort_transaction(16)
+        assert db.connection.in_transaction  # not committed
         db.set_config('k', 'v')
-        assert commits()[-1][0] == 'FULL'
+        (config,) = commits()  # the unlock went with it
+        assert any(sql.startswith('INSERT OR REPLACE INTO trans') for sql in config)
+        assert any('config' in sql for sql in config)
         db.connection.set_trace_callback(None)
+        assert pragma(db, 'synchronous') == 2
         assert db.load_data(pending) is not None
+
+    def test_failed_operation_keeps_earlier_pending_writes(self, db, opener):
+        self.commit(db, 24, {3: b'kept'})  # its unlock is pending
+        assert db.connection.in_transaction
+        with pytest.raises(RuntimeError):
+            with db._txn(durable=True) as conn:
+                conn.execute('DELETE FROM obj')
+                raise RuntimeError('operation failed half way')
+        assert db.get_object(3)[:2] == (24, None)  # only the failed part undone
+        db.commit_pending()
+        db = self.reopen(db, opener)
+        assert db.get_object(3)[:2] == (24, None)
 
     def test_schema(self, db):
         conn = db.connection

@@ -47,6 +47,7 @@ class StorageApp:
         self.master_conn: Connection | None = None
         self.client_conns: set[Connection] = set()
         self.delayed: list = []  # (ttid or b'', callable) retried on lock changes
+        self._pending_timer: asyncio.TimerHandle | None = None
         self._exit = asyncio.Event()
         self.exit_status = 0
         self._load_pt()
@@ -201,7 +202,23 @@ class StorageApp:
         if txn.voted or txn.objects:
             data_ids = [] if txn.voted else [d for _, d, _ in txn.objects.values() if d is not None]
             self.backend.abort_transaction(int.from_bytes(ttid, "big"), data_ids)
+            self.pending_written()
         self.replay()
+
+    def pending_written(self) -> None:
+        """The backend may hold non-durable writes (unlocks, aborts): make
+        sure they reach the disk within a second even if nothing durable
+        follows."""
+        if self._pending_timer is None:
+            self._pending_timer = asyncio.get_event_loop().call_later(1.0, self._commit_pending)
+
+    def _commit_pending(self) -> None:
+        self._pending_timer = None
+        try:
+            self.backend.commit_pending()
+        except Exception:
+            log.exception("%s: cannot write pending changes", self.label)
+            self.exit(1)
 
     def node_changed(self, node) -> None:
         if node.nid == self.nid:

@@ -134,6 +134,7 @@ class MasterHandler(BaseHandler):
         txn = app.locks.finish(ttid)
         if txn is not None and txn.tid is not None:
             app.backend.unlock_transaction(u64(ttid), u64(txn.tid))
+            app.pending_written()
         app.replay()
 
     def AbortTransaction(self, conn, msg_id, ttid, nids):

@@ -277,8 +277,15 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def unlock_transaction(self, ttid: int, tid: int) -> None:
         """Finish a locked transaction: move ``ttrans`` to ``trans`` and
-        ``tobj`` to ``obj`` with ``tid``.  Committed but not fsynced: a crash
-        may undo it and verification replays it (``validate_transaction``)."""
+        ``tobj`` to ``obj`` with ``tid``.  Visible to reads at once, but may
+        stay pending (not on disk) until the next durable write or
+        ``commit_pending``: a crash may undo it and verification replays it
+        (``validate_transaction``)."""
+
+    @abc.abstractmethod
+    def commit_pending(self) -> None:
+        """Write out what non-durable operations left pending (the storage
+        node calls it within a second of them)."""
 
     @abc.abstractmethod
     def abort_transaction(self, ttid: int, data_ids: Iterable[int] = ()) -> None:

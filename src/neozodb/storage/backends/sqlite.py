@@ -90,7 +90,9 @@ _BEGIN = "BEGIN IMMEDIATE"
 _COMMIT = "COMMIT"
 _ROLLBACK = "ROLLBACK"
 _SYNC_FULL = "PRAGMA synchronous=FULL"
-_SYNC_NORMAL = "PRAGMA synchronous=NORMAL"
+_SAVEPOINT = "SAVEPOINT op"
+_ROLLBACK_TO = "ROLLBACK TO op"
+_RELEASE = "RELEASE op"
 
 _GET_CONFIG = "SELECT value FROM config WHERE name=?"
 _SET_CONFIG = "INSERT OR REPLACE INTO config (name, value) VALUES (?, ?)"
@@ -187,7 +189,7 @@ class SQLiteBackend(Backend):
         self.database = database
         self._conn: sqlite3.Connection | None = None
         self._np: int | None = None          # cached number of partitions
-        self._full = True                    # current PRAGMA synchronous is FULL
+        self._keep_pending = False           # pending writes include unlocks/aborts
         # In-memory holds on data rows stored for transactions not voted yet.
         self._held: Counter[int] = Counter()
 
@@ -214,10 +216,10 @@ class SQLiteBackend(Backend):
                 conn.close()
                 raise
             self._conn = conn
-            self._full = True
+            self._keep_pending = False
             self._held.clear()
         try:
-            self._begin(durable=True)
+            self._begin()
             if reset:
                 self._drop_tables()
                 self._held.clear()
@@ -238,7 +240,9 @@ class SQLiteBackend(Backend):
         conn, self._conn = self._conn, None
         if conn is not None:
             if conn.in_transaction:
-                conn.execute(_ROLLBACK)   # unreferenced store_data rows only
+                # unlocks and aborts are kept; lone store_data rows (never
+                # voted) are not
+                conn.execute(_COMMIT if self._keep_pending else _ROLLBACK)
             conn.close()
         self._held.clear()
         self._np = None
@@ -266,40 +270,47 @@ class SQLiteBackend(Backend):
 
     # -- transaction control -------------------------------------------------
 
-    def _begin(self, durable: bool) -> None:
-        """Make sure a write transaction is open at the right sync level."""
+    def _begin(self) -> None:
+        """Make sure a write transaction is open.
+
+        The connection stays at synchronous=FULL.  Writes that need not be
+        durable on their own (store_data, unlock, abort) are left pending in
+        the open transaction: the next durable commit (vote, lock, config)
+        fsyncs them with its own rows, and ``commit_pending`` bounds how long
+        they wait.  One fsync per durable point, no other commit."""
         conn = self._conn
         if conn is None:
             raise RuntimeError('backend is not open')
-        if conn.in_transaction:
-            if not durable or self._full:
-                return
-            # Pending store_data rows run at NORMAL and the level cannot
-            # change inside a transaction: commit them without fsync; the
-            # durable commit that follows fsyncs the WAL, covering them.
-            conn.execute(_COMMIT)
-        if durable != self._full:
-            conn.execute(_SYNC_FULL if durable else _SYNC_NORMAL)
-            self._full = durable
-        conn.execute(_BEGIN)
+        if not conn.in_transaction:
+            conn.execute(_BEGIN)
 
     def _commit(self) -> None:
-        conn = self._conn
-        conn.execute(_COMMIT)
-        if not self._full:
-            conn.execute(_SYNC_FULL)
-            self._full = True
+        self._conn.execute(_COMMIT)
+        self._keep_pending = False
 
     @contextmanager
     def _txn(self, durable: bool) -> Iterator[sqlite3.Connection]:
-        """A write transaction: committed on success, rolled back on error."""
-        self._begin(durable)
+        """One operation; on error only its own writes are undone (a
+        savepoint), never the pending writes of earlier operations."""
+        self._begin()
+        conn = self._conn
+        conn.execute(_SAVEPOINT)
         try:
-            yield self._conn
+            yield conn
         except BaseException:
-            self._rollback()
+            if conn.in_transaction:
+                conn.execute(_ROLLBACK_TO)
+                conn.execute(_RELEASE)
             raise
-        self._commit()
+        conn.execute(_RELEASE)
+        if durable:
+            self._commit()
+        else:
+            self._keep_pending = True
+
+    def commit_pending(self) -> None:
+        if self._conn is not None and self._conn.in_transaction:
+            self._commit()
 
     def _rollback(self) -> None:
         conn = self._conn
@@ -458,7 +469,7 @@ class SQLiteBackend(Backend):
     def store_data(self, checksum: bytes, compression: int, data: bytes) -> int:
         if len(checksum) != 20 or checksum == ZERO_HASH:
             raise ValueError('invalid checksum for a data row')
-        self._begin(durable=False)
+        self._begin()
         conn = self._conn
         params = (checksum, compression, data)
         row = conn.execute(_FIND_DATA, params).fetchone()
