@@ -60,6 +60,7 @@ class MasterApp:
         self.ready_storages: set[int] = set()  # NotifyReady received
         self.delayed_begins: list = []
         self.recovery: dict[int, tuple] = {}  # nid -> AnswerRecovery args
+        self._loading_pt: tuple | None = None  # (nid, ptid) asked for its table
         self.server: asyncio.base_events.Server | None = None
 
     @property
@@ -249,7 +250,7 @@ class MasterApp:
         return 0 < self.autostart <= len(pending)
 
     def _load_pt(self, node: Node, ptid: int) -> None:
-        if getattr(self, "_loading_pt", None) == (node.nid, ptid):
+        if self._loading_pt == (node.nid, ptid):
             return
         self._loading_pt = (node.nid, ptid)
 
