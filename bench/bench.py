@@ -285,7 +285,7 @@ def ratios(results: dict) -> dict:
     for neo_key, neo in results.items():
         if not neo_key.startswith("neo"):
             continue
-        for other_key in ("zeo", "filestorage"):
+        for other_key in ("zeo", "filestorage", "relstorage"):
             other = results.get(other_key)
             if other is None:
                 continue
@@ -315,7 +315,7 @@ def report(results: dict, skipped: dict, objects: int) -> str:
     rat = ratios(results)
     columns = [(n, o) for n in rat for o in rat[n]]
     if columns:
-        short = {"zeo": "ZEO", "filestorage": "FS"}
+        short = {"zeo": "ZEO", "filestorage": "FS", "relstorage": "RS"}
         header = ["ratio (>1: neo faster)",
                   *("%s / %s" % (short[o], results[n]["label"]) for n, o in columns)]
         rows = []
