@@ -250,6 +250,8 @@ COMMANDS = [
     "start",
     "add NID... | add all",
     "set cluster STATE",
+    "kill NID",
+    "drop NID",
 ]
 
 
@@ -290,3 +292,60 @@ def test_start_lets_a_new_cluster_leave_recovering(tmp_path):
         assert out.stdout.splitlines() == ["# ptid: 1, replicas: 1", "S1 R UUUUUU", "S2 R UUUUUU"]
     finally:
         c.kill()
+
+
+def _storage_states(cluster) -> dict[str, str]:
+    out = neoctl(cluster, "--json", "print", "node", "STORAGE")
+    return {n["nid"]: n["state"] for n in json.loads(out.stdout)}
+
+
+def test_kill_and_drop(cluster):
+    import transaction
+    import ZODB
+
+    from neozodb.client import Storage
+    db = ZODB.DB(Storage(cluster.masters, cluster.name))
+    try:
+        conn = db.open()
+        conn.root()["x"] = 1
+        transaction.commit()
+        out = neoctl(cluster, "kill", "S2")
+        assert (out.returncode, out.stderr) == (0, "")
+        assert cluster.nodes["S2"].wait(30) == 0  # it exits by itself, cleanly
+        wait_until(lambda: _storage_states(cluster).get("S2") == "DOWN", 30, "S2 down")
+        assert neoctl(cluster, "print", "pt").stdout.splitlines()[1:] == [
+            "S1 R " + "U" * 12, "S2 D " + "O" * 12]
+        # S1 now holds the only readable copy of everything
+        out = neoctl(cluster, "kill", "S1")
+        assert out.returncode == 1 and "only readable copy" in out.stderr
+        out = neoctl(cluster, "drop", "S1")
+        assert out.returncode == 1 and "only readable copy" in out.stderr
+        out = neoctl(cluster, "kill", "S2")
+        assert (out.returncode, out.stderr) == (1, "S2 is not running\n")
+        out = neoctl(cluster, "drop", "M1")
+        assert out.returncode == 1 and len(out.stderr.splitlines()) == 1
+        out = neoctl(cluster, "drop", "s2")
+        assert (out.returncode, out.stderr) == (0, "")
+        assert neoctl(cluster, "print", "pt").stdout.splitlines()[1:] == ["S1 R " + "U" * 12]
+        assert "S2" not in _storage_states(cluster)
+        assert cluster.cluster_state() == "RUNNING"
+        conn.root()["x"] = 2  # the cluster keeps serving
+        transaction.commit()
+        out = neoctl(cluster, "drop", "S2")
+        assert (out.returncode, out.stderr) == (1, "unknown node\n")
+    finally:
+        db.close()
+
+
+def test_drop_running_storage_erases_it(cluster):
+    import sqlite3
+    out = neoctl(cluster, "drop", "S2")
+    assert (out.returncode, out.stderr) == (0, "")
+    assert cluster.nodes["S2"].wait(30) == 0  # told it is no longer part of the cluster
+    assert neoctl(cluster, "print", "pt").stdout.splitlines()[1:] == ["S1 R " + "U" * 12]
+    db = sqlite3.connect(os.path.join(cluster.directory, "storage2.sqlite"))
+    try:
+        assert db.execute("SELECT COUNT(*) FROM pt").fetchone() == (0,)  # erased
+        assert db.execute("SELECT value FROM config WHERE name='nid'").fetchone() is None
+    finally:
+        db.close()

@@ -31,7 +31,7 @@ log = logging.getLogger("neozodb.admin")
 
 # requests neoctl sends that only the master can answer
 FORWARDED = ("AddPendingNodes", "SetClusterState", "AskLastIDs", "AskLastTransaction",
-             "AskRecovery")
+             "AskRecovery", "SetNodeState")
 
 
 class MasterHandler(Handler):

@@ -49,6 +49,9 @@ commands:
   start                         allow the cluster to leave RECOVERING
   add NID... | add all          accept pending storage nodes (NID e.g. S3)
   set cluster STATE             e.g. set cluster STOPPING
+  kill NID                      stop a running storage (its cells get OUT_OF_DATE)
+  drop NID                      remove a storage from the cluster for good (it
+                                erases its database if it is connected)
 
 NIDs are case-insensitive (S3 or s3) or plain integers.  Times are UTC.
 """
@@ -245,6 +248,13 @@ def run_command(ctl: NeoCtl, words: list[str]) -> tuple[list[str], object]:
             ctl.call(Packets.AddPendingNodes, nids)
         added = [nid_str(n) for n in nids]
         return ["Nodes added: %s" % ", ".join(added) if added else "No node added"], {"added": added}
+    if cmd in ("kill", "drop"):
+        if len(args) != 1:
+            raise CtlError("usage: %s NID" % cmd)
+        nid = _parse_nid(args[0])
+        state = NodeStates.DOWN if cmd == "kill" else NodeStates.UNKNOWN
+        ctl.call(Packets.SetNodeState, nid, state)
+        return [], {"ok": True}
     raise CtlError("invalid command: %s" % cmd)
 
 

@@ -13,6 +13,7 @@ import time
 
 from neozodb.master import handlers
 from neozodb.master.transactions import TransactionManager
+from neozodb.master.tweak import drop_changes
 from neozodb.net.connection import Connection, ConnectionClosed, RemoteError
 from neozodb.nodes import Node, NodeManager
 from neozodb.protocol import (
@@ -407,6 +408,8 @@ class MasterApp:
 
     # -- node loss ----------------------------------------------------------------------
     def node_lost(self, node: Node) -> None:
+        if self.nm.get(node.nid) is not node:
+            return  # dropped from the cluster: already forgotten
         if node.type is NodeTypes.STORAGE:
             self.ready_storages.discard(node.nid)
             if self.cluster_state is ClusterStates.RECOVERING or node.state is NodeStates.PENDING:
@@ -447,6 +450,18 @@ class MasterApp:
         self.changed()
 
     # -- administration -------------------------------------------------------------------
+    def drop_storage(self, node: Node) -> None:
+        """Remove a storage from the table and the cluster for good.  If it
+        is connected, being told UNKNOWN makes it erase its database."""
+        self.apply_pt_changes(drop_changes(self.pt, node.nid))
+        self.ready_storages.discard(node.nid)
+        node.state = NodeStates.UNKNOWN
+        self.broadcast_nodes([node])  # the node itself included
+        self.nm.remove(node.nid)
+        log.info("%s: %s dropped", self.label, node.label)
+        self.check_operational()
+        self.changed()
+
     def exit(self) -> None:
         """SIGTERM/SIGINT: stop the cluster as `set cluster STOPPING` does."""
         self.request_stop()

@@ -6,6 +6,7 @@ import time
 from typing import TYPE_CHECKING
 
 from neozodb.master.transactions import TransactionError
+from neozodb.master.tweak import drop_check
 from neozodb.net.connection import Denied, Handler, HandlerError, NotReady
 from neozodb.nodes import Node, address_from_wire
 from neozodb.protocol import (
@@ -252,3 +253,31 @@ class AdminHandler(BaseHandler):
             app.send_pt(node)
             app.start_storage(node)
         conn.ack(msg_id, " ".join(n.label for n in pending))
+
+    def SetNodeState(self, conn, msg_id, nid, state):
+        """`neoctl kill` (DOWN) and `neoctl drop` (UNKNOWN) of a storage."""
+        app = self.app
+        node = app.nm.get(nid)
+        if node is None:
+            raise Denied("unknown node")
+        if node.type is not NodeTypes.STORAGE:
+            raise Denied("only storage nodes can be killed or dropped")
+        if app.cluster_state is not ClusterStates.RUNNING:
+            raise Denied("cluster is %s, not RUNNING" % app.cluster_state.name)
+        running = app.running_storage_nids()
+        if state is NodeStates.DOWN:
+            if nid not in running:
+                raise Denied("%s is not running" % node.label)
+            if nid in app.pt.nids() and not app.pt.operational(running - {nid}):
+                raise Denied("%s holds the only readable copy of some partitions" % node.label)
+            conn.ack(msg_id)
+            # told DOWN, it exits; its cells are outdated when it is gone
+            app.set_node_state(node, NodeStates.DOWN)
+        elif state is NodeStates.UNKNOWN:
+            why = drop_check(app.pt, nid, running)
+            if why is not None:
+                raise Denied(why.replace("storage %d" % nid, node.label))
+            conn.ack(msg_id)
+            app.drop_storage(node)
+        else:
+            raise Denied("cannot set a node %s" % state.name)
