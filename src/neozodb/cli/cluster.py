@@ -3,6 +3,7 @@ runs and what the cluster tests start."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -39,9 +40,11 @@ class NodeProcess:
         self.argv = argv
         self.logfile = logfile
         self.proc: subprocess.Popen | None = None
+        self.log_offset = 0
 
     def start(self) -> None:
         log = open(self.logfile, "ab")
+        self.log_offset = log.tell()  # where this run's lines begin
         try:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL,
@@ -84,8 +87,10 @@ class LocalCluster:
         self.partitions = partitions
         self.num_storages = storages
         self.loglevel = loglevel
-        self.master_address = (host, master_port or free_port(host))
-        self.admin_address = (host, admin_port or free_port(host))
+        # port 0: the node binds any free port and logs it (no race with
+        # other processes for a port chosen in advance)
+        self.master_address = (host, master_port)
+        self.admin_address = (host, admin_port)
         self.nodes: dict[str, NodeProcess] = {}
 
     @property
@@ -106,16 +111,39 @@ class LocalCluster:
 
     def start(self, wait: float = 60.0) -> None:
         os.makedirs(self.directory, exist_ok=True)
-        self._node("M1", self._python(
+        master = self._node("M1", self._python(
             "neozodb.cli.master", "-b", self.masters, "-p", str(self.partitions),
-            "-r", str(self.replicas), "-A", str(self.num_storages if self.autostart else 0))).start()
+            "-r", str(self.replicas), "-A", str(self.num_storages if self.autostart else 0)))
+        master.start()
+        self.master_address = self._bound(master, self.master_address)
         for i in range(1, self.num_storages + 1):
             self.storage(i).start()
-        self._node("A1", self._python(
-            "neozodb.cli.admin", "-b", format_address(self.admin_address),
-            "-m", self.masters)).start()
+        admin = self._node("A1", self._python(
+            "neozodb.cli.admin", "-b", format_address(self.admin_address), "-m", self.masters))
+        admin.start()
+        self.admin_address = self._bound(admin, self.admin_address)
         if wait:
             self.wait_state("RUNNING", wait)
+
+    def _bound(self, node: NodeProcess, address: tuple[str, int],
+               timeout: float = 30.0) -> tuple[str, int]:
+        """The address a node listens on, from its log when it chose the
+        port; later restarts of the node reuse that port."""
+        if address[1]:
+            return address
+        pattern = re.compile(r"listening on (\S+):(\d+)")
+
+        def found():
+            if not node.running:
+                raise RuntimeError("%s exited; see %s" % (node.name, node.logfile))
+            with open(node.logfile, "rb") as f:
+                f.seek(node.log_offset)
+                match = pattern.search(f.read().decode("utf-8", "replace"))
+            return match and (match.group(1), int(match.group(2)))
+        bound = wait_until(found, timeout, "%s to listen" % node.name)
+        port_arg = node.argv.index("-b") + 1
+        node.argv[port_arg] = format_address(bound)
+        return bound
 
     def storage(self, i: int) -> NodeProcess:
         name = "S%d" % i
