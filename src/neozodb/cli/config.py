@@ -29,6 +29,8 @@ import re
 import sys
 from collections.abc import Callable
 
+from neozodb.protocol import nid_str
+
 __all__ = [
     "ADAPTERS",
     "DEFAULT_BIND",
@@ -186,13 +188,7 @@ def parse_nid(text: str | int) -> int:
 
 def format_nid(nid: int | None) -> str:
     """NID -> ``'S1'``/``'M2'``/``'C3'``/``'A1'`` (plain int if no known namespace)."""
-    if nid is None:
-        return "None"
-    high = nid >> 24
-    for prefix, ns in NID_NAMESPACES.items():
-        if ns == high:
-            return f"{prefix}{nid & 0xFFFFFF}"
-    return str(nid)
+    return nid_str(nid)
 
 
 # -- argparse value types -----------------------------------------------------

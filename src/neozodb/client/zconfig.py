@@ -53,13 +53,10 @@ def convert_bool(value: str | bool) -> bool:
 
 def convert_compress(value: str | bool) -> bool | str:
     """Boolean words -> bool; ``zlib`` or ``zlib=N`` (level 0-9) kept as a string."""
-    if isinstance(value, bool):
-        return value
-    s = str(value).strip().lower()
-    if s in _TRUE:
-        return True
-    if s in _FALSE:
-        return False
+    try:
+        return convert_bool(value)
+    except ValueError:
+        s = str(value).strip().lower()
     if _COMPRESS_RE.match(s):
         return s
     raise ValueError(f"invalid compress value {value!r}: expected a boolean, 'zlib' or 'zlib=N'")

@@ -161,18 +161,14 @@ class IdentificationHandler(BaseHandler):
                     and id_timestamp < node.id_timestamp:
                 raise NotReady("unknown by master")
             # the master's notification about this client may still be on its way
-            app.delay(b"", lambda: self._retry(conn, msg_id, node_type, nid, address, name,
-                                               id_timestamp, extra))
+            app.delay(b"", Retry(self, conn, msg_id, Packets.RequestIdentification, (
+                node_type, nid, address, name, id_timestamp, extra)))
             return
         conn.nid = nid
         conn.node = node
         conn.handler = ClientHandler(app)
         app.client_conns.add(conn)
         conn.answer(msg_id, Packets.AcceptIdentification, NodeTypes.STORAGE, app.nid, nid)
-
-    def _retry(self, conn, *args):
-        if not conn.closed:
-            conn._request_received(args[0], Packets.RequestIdentification, args[1:])
 
 
 class ClientHandler(BaseHandler):
