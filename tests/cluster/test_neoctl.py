@@ -247,9 +247,13 @@ COMMANDS = [
     "print node [TYPE]",
     "print pt [MIN [MAX [NODE]]]",
     "print primary",
+    "print check",
     "start",
     "add NID... | add all",
     "set cluster STATE",
+    "set replicas N",
+    "tweak [-n] [NID...]",
+    "check [PARTITION[:NID]...]",
     "kill NID",
     "drop NID",
 ]

@@ -425,6 +425,100 @@ class BackendConformance:
 
     # -- model-based check of revision reads -------------------------------------
 
+    # -- replication and checks -----------------------------------------------------
+
+    def test_replication_copies_a_partition(self, tmp_path, db):
+        """fetch_* on a source and add_* on a destination give the same
+        partition, back-pointers and deletions included; the resume point
+        persists across a reopen."""
+        src = db
+        self.commit(src, 100, {1: b'one', 5: b'five'})
+        self.commit(src, 104, {1: b'one bis', 9: None})
+        self.commit(src, 108, {5: None}, undo={5: 100})
+        self.commit(src, 101, {2: b'other partition'})
+        assert src.fetch_tids(0, 10, 0, 200) == [100, 104, 108]
+        assert src.fetch_tids(0, 2, 101, 200) == [104, 108]
+        keys = src.fetch_object_keys(1, 100, 0, 200, 0)
+        assert keys == [(100, 1), (100, 5), (104, 1), (104, 9), (108, 5)]
+        assert src.fetch_object_keys(1, 2, 100, 200, 2) == [(100, 5), (104, 1)]
+        assert src.fetch_object_keys(1, 100, 0, 104, 0)[-1] == (104, 9)
+        assert src.fetch_object(9, 104) == (0, ZERO_HASH, b'', None)
+        compression, checksum, data, data_serial = src.fetch_object(5, 108)
+        assert (data, data_serial) == (b'five', 100)
+        assert src.fetch_object(5, 999) is None
+
+        (tmp_path / 'second').mkdir()
+        dst = self.make_backend(tmp_path / 'second')  # another database
+        dst.open(reset=True)
+        try:
+            dst.set_num_partitions(NP)
+            for tid in src.fetch_tids(1, 10, 0, 200):
+                oids, user, desc, ext, packed, ttid = src.get_transaction(tid)
+                dst.add_transaction(tid, oids, user, desc, ext, packed, ttid)
+            for tid, oid in keys:
+                dst.add_object(oid, tid, *src.fetch_object(oid, tid))
+            dst.set_replication(1, (109, 109, 0))
+            assert dst.get_replication(1) == (109, 109, 0)
+            assert dst.get_replication(2) is None
+            for oid in (1, 5, 9):
+                for tid in (100, 104, 108):
+                    assert dst.get_object(oid, tid=tid) == src.get_object(oid, tid=tid)
+            assert dst.check_tid_range(1, 100, 0, 200) == src.check_tid_range(1, 100, 0, 200)
+            assert dst.check_serial_range(1, 100, 0, 200, 0) == \
+                src.check_serial_range(1, 100, 0, 200, 0)
+            dst.set_replication(1, None)
+            assert dst.get_replication(1) is None
+        finally:
+            dst.close()
+
+    def test_replication_deletes_and_resume_point(self, opener, db):
+        self.commit(db, 100, {1: b'one', 5: b'five'})
+        self.commit(db, 104, {1: b'one bis'})
+        assert db.last_tid_of(0) == 104 and db.last_tid_of(2) is None
+        db.delete_transactions(0, [104])
+        db.delete_objects(1, [(104, 1)])
+        assert db.get_transaction(104) is None
+        assert db.get_object(1)[0] == 100
+        db.set_replication(1, (105, 100, 6))
+        db = self.reopen(db, opener)
+        assert db.get_replication(1) == (105, 100, 6)
+        assert db.get_object(1)[0] == 100
+        # re-adding a revision replaces it, data deduplicated
+        db.add_object(1, 100, 0, h(b'one'), b'one', None)
+        db.add_object(7, 120, 0, h(b'seven'), b'seven', None)
+        assert db.get_object(7)[4] == b'seven'
+        assert db.prune_orphans() == 0
+
+    def test_drop_partition_in_chunks(self, db):
+        for i in range(5):
+            self.commit(db, 100 + 4 * i, {1 + 4 * i: b'x%d' % i, 2: b'y%d' % i})
+        assert db.drop_partition(1, 3) is True
+        while db.drop_partition(1, 3):
+            pass
+        assert db.fetch_object_keys(1, 100, 0, 1000, 0) == []
+        assert len(db.fetch_tids(0, 100, 0, 1000)) == 5   # other partitions untouched
+        assert db.get_object(2) is not None
+        while db.drop_partition(0, 2):
+            pass
+        assert db.fetch_tids(0, 100, 0, 1000) == []
+        assert db.prune_orphans() == 0
+
+    def test_check_ranges_detect_differences(self, db):
+        self.commit(db, 100, {1: b'one'})
+        self.commit(db, 104, {1: b'two', 5: b'five'})
+        count, digest, last = db.check_tid_range(0, 100, 0, 1000)
+        assert (count, last) == (2, 104) and digest != ZERO_HASH
+        assert db.check_tid_range(0, 1, 0, 1000)[0::2] == (1, 100)
+        assert db.check_tid_range(3, 100, 0, 1000) == (0, ZERO_HASH, 0)
+        count, tid_digest, last_tid, oid_digest, last_oid = db.check_serial_range(1, 100, 0, 1000, 0)
+        assert (count, last_tid, last_oid) == (3, 104, 5)
+        assert db.check_serial_range(1, 100, 104, 1000, 2)[0::2] == (1, 104, 5)
+        before = db.check_serial_range(1, 100, 0, 1000, 0)
+        db.add_object(5, 104, 0, h(b'FIVE'), b'FIVE', None)  # same key, other data
+        after = db.check_serial_range(1, 100, 0, 1000, 0)
+        assert after[:3] == before[:3] and after[3] != before[3]
+
+
     @settings(max_examples=25, deadline=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from([b'a', b'b', None])),

@@ -178,6 +178,24 @@ def test_command_line_values():
     assert o.bind == ("127.0.0.1", 4000)
     o = parse_options("storage", ["-c", "x", "-m", "h:1", "-d", "d", "-w", "-1"])
     assert o.wait == -1
+    assert o.replication_rate == 0
+
+
+@pytest.mark.parametrize("text, rate", [
+    ("500000", 500000), ("300K", 300 << 10), ("20M", 20 << 20), ("1.5g", int(1.5 * (1 << 30))),
+    ("10MB/s", 10 << 20), ("0", 0)])
+def test_replication_rate(text, rate):
+    o = parse_options("storage", ["-c", "x", "-m", "h:1", "-d", "d", "--replication-rate", text])
+    assert o.replication_rate == rate
+
+
+@pytest.mark.parametrize("text", ["fast", "-1", "10X", ""])
+def test_replication_rate_errors(text, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_options("storage", ["-c", "x", "-m", "h:1", "-d", "d", "--replication-rate", text])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rate" in err
 
 
 # -- config file --------------------------------------------------------------

@@ -174,12 +174,12 @@ def test_answers_resolve_futures_and_callbacks():
     run(test)
 
 
-def test_error_ack_to_an_acked_request_resolves_none():
+def test_error_ack_to_an_acked_request_resolves_its_message():
     async def test(conn, transport, handler):
         conn.data_received(HANDSHAKE)
         future = conn.ask(Packets.SetClusterState, ClusterStates.STOPPING)
         conn.data_received(error(0, ErrorCodes.ACK))
-        assert await future is None
+        assert await future == ("",)
     run(test)
 
 

@@ -703,3 +703,150 @@ def test_topology_heuristic_fallback(num_partitions, num_replicas, n, data):
         assert tweak(pt, nids, topology=topology) == []
     finally:
         tweak_module._PATTERN_LIMIT = limit
+
+
+# -- the master's side of neoctl tweak / set replicas (administration.py) --------
+
+
+class _FakeConn:
+    closed = False
+
+    def __init__(self):
+        self.sent = []
+
+    def notify(self, packet, *args):
+        self.sent.append((packet.name, args))
+
+
+def _master(running=(1, 2), table=(1, 2), down=(), pending=(), replicas=1, partitions=6,
+            devpath=None):
+    """A MasterApp (no network) in RUNNING with storages S<i> and one admin."""
+    from neozodb.master.app import MasterApp
+    from neozodb.nodes import Node
+    from neozodb.protocol import ClusterStates, NodeStates, NodeTypes, make_nid
+
+    app = MasterApp("test", ("127.0.0.1", 0), partitions=partitions, replicas=replicas)
+    app.cluster_state = ClusterStates.RUNNING
+    pt = PartitionTable(partitions, replicas)
+    pt.make([make_nid(NodeTypes.STORAGE, i) for i in table])
+    app.pt = pt
+    for states, numbers in ((NodeStates.RUNNING, running), (NodeStates.DOWN, down),
+                            (NodeStates.PENDING, pending)):
+        for i in numbers:
+            node = Node(NodeTypes.STORAGE, make_nid(NodeTypes.STORAGE, i), state=states,
+                        conn=None if states is NodeStates.DOWN else _FakeConn())
+            if devpath is not None:
+                node.devpath = devpath(i)
+            app.nm.add(node)
+    app.nm.add(Node(NodeTypes.ADMIN, _admin(), state=NodeStates.RUNNING, conn=_FakeConn()))
+    return app
+
+
+def _s(i):
+    from neozodb.protocol import NodeTypes, make_nid
+    return make_nid(NodeTypes.STORAGE, i)
+
+
+def _admin():
+    from neozodb.protocol import NodeTypes, make_nid
+    return make_nid(NodeTypes.ADMIN, 1)
+
+
+def _sent(app, nid):
+    return app.nm.get(nid).conn.sent
+
+
+def test_admin_tweak_dry_run_then_apply():
+    from neozodb.master.administration import tweak_partition_table
+    app = _master(running=(1, 2, 3), pending=(4,))
+    before = app.pt.rows()
+    changed, rows = tweak_partition_table(app, True, [])
+    assert changed and app.pt.rows() == before and app.pt.ptid == 1
+    assert not any(_sent(app, _s(i)) for i in (1, 2, 3, 4))
+    s3 = [state.value for row in rows for nid, state in row if nid == _s(3)]
+    assert len(s3) == 4 and set(s3) == {OUT_OF_DATE}  # 6 partitions x 2 cells / 3 nodes
+    assert all(nid != _s(4) for row in rows for nid, _ in row)  # pending: no cell
+    changed, applied = tweak_partition_table(app, False, [])
+    assert changed and applied == rows and app.pt.ptid == 2
+    assert [[(nid, state.value) for nid, state in row] for row in applied] == app.pt.rows()
+    wire = _sent(app, _s(1))
+    assert len(wire) == 1 and wire[0][0] == "NotifyPartitionChanges"
+    assert wire[0][1][:2] == (2, 1)
+    assert _sent(app, _s(3)) == _sent(app, _admin()) == wire
+    assert _sent(app, _s(4)) == []  # pending storages get the table when added
+    assert tweak_partition_table(app, False, []) == (False, applied)
+    assert app.pt.ptid == 2
+
+
+def test_admin_tweak_refusals():
+    from neozodb.master.administration import tweak_partition_table
+    from neozodb.net.connection import Denied
+    from neozodb.protocol import ClusterStates, NodeTypes, make_nid
+
+    app = _master(running=(1,), table=(1, 2), down=(2,))
+    with pytest.raises(Denied, match=r"^unknown node: S9$"):
+        tweak_partition_table(app, True, [_s(9)])
+    with pytest.raises(Denied, match=r"^M1 is not a storage node$"):
+        tweak_partition_table(app, True, [app.nid])
+    with pytest.raises(Denied, match=r"^A1 is not a storage node$"):
+        tweak_partition_table(app, True, [_admin()])
+    with pytest.raises(Denied, match=r"^unknown node: C1$"):
+        tweak_partition_table(app, True, [make_nid(NodeTypes.CLIENT, 1)])
+    with pytest.raises(Denied, match=r"^S2 \(DOWN\) is not running but holds cells: list it"):
+        tweak_partition_table(app, False, [])
+    with pytest.raises(Denied, match="no storage node left"):
+        tweak_partition_table(app, False, [_s(1), _s(2)])
+    assert app.pt.ptid == 1
+    # listed, the down storage is drained
+    app.apply_pt_changes(app.pt.outdate(_s(2)))
+    changed, rows = tweak_partition_table(app, False, [_s(2)])
+    assert changed and app.pt.nids() == {_s(1)} and app.pt.ptid == 3
+    app.cluster_state = ClusterStates.RECOVERING
+    with pytest.raises(Denied, match=r"^cluster is RECOVERING, not RUNNING$"):
+        tweak_partition_table(app, True, [])
+
+
+def test_admin_tweak_must_stay_operational():
+    """Draining a down storage that holds the only readable copy of a
+    partition would leave it unreadable for the running storages."""
+    from neozodb.master.administration import tweak_partition_table
+    from neozodb.net.connection import Denied
+    app = _master(running=(1,), table=(1, 2), down=(2,), replicas=0, partitions=2)
+    assert app.pt.rows() == [[(_s(1), UP_TO_DATE)], [(_s(2), UP_TO_DATE)]]
+    with pytest.raises(Denied, match="would not be operational with the running storages"):
+        tweak_partition_table(app, True, [_s(2)])
+    assert app.pt.ptid == 1
+
+
+def test_admin_tweak_topology_warning(caplog):
+    from neozodb.master.administration import tweak_partition_table
+    for devpath, warned in ((lambda i: (b"host",), True), (lambda i: (b"h%d" % i,), False),
+                            (lambda i: (b"host", i), False)):
+        app = _master(running=(1, 2), devpath=devpath)
+        caplog.clear()
+        assert tweak_partition_table(app, True, [])[0] is False
+        assert ("topology" in caplog.text) == warned, devpath(1)
+
+
+def test_admin_set_num_replicas():
+    from neozodb.master.administration import set_num_replicas, tweak_partition_table
+    from neozodb.net.connection import Denied
+    from neozodb.protocol import ClusterStates
+
+    app = _master(running=(1, 2, 3), pending=(4,))
+    with pytest.raises(Denied, match=r"^invalid number of replicas: -1 \(must be 0 or more\)$"):
+        set_num_replicas(app, -1)
+    set_num_replicas(app, 1)  # unchanged: nothing broadcast
+    assert app.pt.ptid == 1 and _sent(app, _s(1)) == []
+    before = app.pt.rows()
+    set_num_replicas(app, 2)
+    assert (app.pt.ptid, app.pt.num_replicas, app.num_replicas) == (2, 2, 2)
+    assert app.pt.rows() == before  # no cell moved
+    for nid in (_s(1), _s(2), _s(3), _admin()):
+        assert _sent(app, nid) == [("NotifyPartitionChanges", (2, 2, []))]
+    assert _sent(app, _s(4)) == []
+    changed, rows = tweak_partition_table(app, True, [])
+    assert changed and all(len(row) == 3 for row in rows)
+    app.cluster_state = ClusterStates.VERIFYING
+    with pytest.raises(Denied, match=r"^cluster is VERIFYING, not RUNNING$"):
+        set_num_replicas(app, 0)

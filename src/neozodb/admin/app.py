@@ -31,7 +31,8 @@ log = logging.getLogger("neozodb.admin")
 
 # requests neoctl sends that only the master can answer
 FORWARDED = ("AddPendingNodes", "SetClusterState", "AskLastIDs", "AskLastTransaction",
-             "AskRecovery", "SetNodeState")
+             "AskRecovery", "SetNodeState", "SetNumReplicas", "TweakPartitionTable",
+             "CheckReplicas")
 
 
 class MasterHandler(Handler):
@@ -67,7 +68,7 @@ def _forward(name: str):
         def answered(_, result, error):
             if error is None:
                 if packet.acked:
-                    conn.ack(msg_id)
+                    conn.ack(msg_id, result[0])
                 else:
                     conn.answer(msg_id, packet.answer, *result)
             elif isinstance(error, RemoteError):

@@ -260,6 +260,21 @@ def _wait(value: str) -> float:
     return w
 
 
+_RATE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _rate(value: str) -> int:
+    s = str(value).strip().upper().removesuffix("/S").removesuffix("B")
+    unit = s[-1:] if s[-1:] in ("K", "M", "G") else ""
+    try:
+        n = float(s[:len(s) - len(unit)])
+    except ValueError:
+        raise ValueError(f"invalid rate {value!r} (bytes per second, e.g. 500000 or 20M)") from None
+    if not n >= 0:
+        raise ValueError(f"invalid rate {value!r}: must not be negative")
+    return int(n * _RATE_UNITS[unit])
+
+
 def _nonempty(value: str) -> str:
     if not value.strip():
         raise ValueError("empty value")
@@ -387,6 +402,14 @@ def _build_parser(node: str, prog: str | None):
             help="seconds to wait for the database (default: 0; -1 = no limit)",
         )
         add("--reset", action="store_true", help="erase the database and exit")
+        add(
+            "--replication-rate",
+            metavar="BYTES",
+            type=_type(_rate, "rate"),
+            default=0,
+            help="cap on the object data this node replicates, in bytes per second"
+            " (K, M, G suffixes; default: 0 = no cap)",
+        )
     return parser, specs
 
 

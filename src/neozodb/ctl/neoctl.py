@@ -21,12 +21,14 @@ import argparse
 import datetime
 import json
 import sys
+import time
 
 from neozodb.cli.config import format_address, parse_address, parse_nid
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.net.threaded import ThreadedConnection
 from neozodb.nodes import STATE_LETTER, address_from_wire
 from neozodb.protocol import (
+    ZERO_TID,
     ClusterStates,
     NodeStates,
     NodeTypes,
@@ -46,9 +48,21 @@ commands:
                                 excluded (default 0: to the end); NODE (e.g. S1):
                                 only that storage's cells
   print primary                 primary master
+  print check                   progress and findings of the last check
   start                         allow the cluster to leave RECOVERING
   add NID... | add all          accept pending storage nodes (NID e.g. S3)
   set cluster STATE             e.g. set cluster STOPPING
+  set replicas N                wanted number of replicas per partition; cells
+                                move at the next tweak
+  tweak [-n] [NID...]           rebalance the partition table over the running
+                                storages, draining the listed ones (a down
+                                storage holding cells must be listed); prints
+                                the resulting table; -n: dry run
+  check [PARTITION[:NID]...]    compare the replicas of the partitions (default:
+                                all) chunk by chunk; copies that differ from the
+                                majority, or from the reference NID, are marked
+                                CORRUPTED and replicated again from the good
+                                ones; waits for the repairs, then reports
   kill NID                      stop a running storage (its cells get OUT_OF_DATE)
   drop NID                      remove a storage from the cluster for good (it
                                 erases its database if it is connected)
@@ -174,6 +188,81 @@ def _print_pt(ctl: NeoCtl, args: list[str]) -> tuple[list[str], object]:
                    "nodes": {nid_str(n[2]): n[3].name for n in storages}}
 
 
+def _parse_replicas(text: str) -> int:
+    if not text.isdigit() or not text.isascii():
+        raise CtlError("invalid number of replicas %r: expected 0, 1, 2, ..." % text)
+    if int(text) >= 1 << 31:
+        raise CtlError("invalid number of replicas %r: too large" % text)
+    return int(text)
+
+
+def _tweak(ctl: NeoCtl, args: list[str]) -> tuple[list[str], object]:
+    """``tweak [-n] [NID...]``: the grid of the resulting (with -n: would-be)
+    table, without header (the master does not answer its ptid)."""
+    dry_run = "-n" in args
+    nids = [_parse_nid(a) for a in args if a != "-n"]
+    changed, rows = ctl.call(Packets.TweakPartitionTable, dry_run, nids)
+    pt = PartitionTable(len(rows), 0)
+    pt.load(None, 0, rows)
+    storages = ctl.nodes(NodeTypes.STORAGE)
+    letters = {n[2]: STATE_LETTER.get(n[3], "U") for n in storages}
+    return pt.grid(letters), {
+        "changed": changed, "dry_run": dry_run,
+        "rows": [[[nid_str(n), CELL_NAMES[s]] for n, s in row] for row in pt.rows()],
+        "nodes": {nid_str(n[2]): n[3].name for n in storages}}
+
+
+def _check_status(ctl: NeoCtl) -> dict:
+    # CheckReplicas without partitions starts nothing: the master answers
+    # the state of the last check, as JSON, in the acknowledgement
+    (text,) = ctl.call(Packets.CheckReplicas, {}, ZERO_TID, None)
+    return json.loads(text)
+
+
+def _check_report(status: dict) -> list[str]:
+    lines = []
+    found = repaired = 0
+    for partition, result in status["results"].items():
+        line = "partition %s: %s" % (partition, result)
+        repairs = status["repairs"].get(partition)
+        if repairs:
+            found += len(repairs)
+            repaired += sum(1 for s in repairs.values() if s == "repaired")
+            line += "; " + ", ".join("%s %s" % item for item in repairs.items())
+        lines.append(line)
+    for partition in status["checking"]:
+        lines.append("partition %s: being checked" % partition)
+    lines.append("%d partitions checked, %d corrupted copies found, %d repaired" % (
+        status["checked"], found, repaired))
+    return lines
+
+
+def _check(ctl: NeoCtl, args: list[str], progress) -> tuple[list[str], object]:
+    """``check [PARTITION[:NID]...]``: start, follow, report."""
+    partitions: dict[int, int | None] = {}
+    for arg in args:
+        part, _, reference = arg.partition(":")
+        partitions[_parse_offset("partition", part)] = _parse_nid(reference) if reference else None
+    if not partitions:
+        num = ctl.partition_table().num_partitions
+        partitions = dict.fromkeys(range(num))
+    (started,) = ctl.call(Packets.CheckReplicas, partitions, ZERO_TID, None)
+    progress(started)
+    shown = None
+    while True:
+        status = _check_status(ctl)
+        repairing = sum(1 for r in status["repairs"].values() for s in r.values()
+                        if s == "repairing")
+        now = (status["checked"], repairing)
+        if now != shown:
+            progress("%d/%d partitions checked, %d copies being repaired" % (
+                status["checked"], status["partitions"], repairing))
+            shown = now
+        if status["done"]:
+            return _check_report(status), status
+        time.sleep(0.2)  # polling the master for progress, not synchronisation
+
+
 def _format_nodes(nodes) -> list[str]:
     rows = [_node_dict(n) for n in nodes]
     width = max((len(r["address"] or "") for r in rows), default=0)
@@ -185,14 +274,16 @@ def _format_nodes(nodes) -> list[str]:
     return lines
 
 
-def run_command(ctl: NeoCtl, words: list[str]) -> tuple[list[str], object]:
-    """Execute one command: (text lines, JSON-able value)."""
+def run_command(ctl: NeoCtl, words: list[str], progress=lambda line: None
+                ) -> tuple[list[str], object]:
+    """Execute one command: (text lines, JSON-able value).  Long commands
+    report progress through ``progress(line)``."""
     if not words:
         raise CtlError("no command")
     cmd, args = words[0], words[1:]
     if cmd == "print":
         if not args:
-            raise CtlError("print what? (cluster, ids, node, pt, primary)")
+            raise CtlError("print what? (cluster, ids, node, pt, primary, check)")
         what, rest = args[0], args[1:]
         if what == "cluster":
             (state,) = ctl.call(Packets.AskClusterState)
@@ -221,6 +312,9 @@ def run_command(ctl: NeoCtl, words: list[str]) -> tuple[list[str], object]:
             return _format_nodes(nodes), [_node_dict(n) for n in nodes]
         if what == "pt":
             return _print_pt(ctl, rest)
+        if what == "check":
+            status = _check_status(ctl)
+            return _check_report(status), status
         if what == "primary":
             (nid,) = ctl.call(Packets.AskPrimary)
             return [nid_str(nid)], {"primary": nid_str(nid)}
@@ -229,8 +323,12 @@ def run_command(ctl: NeoCtl, words: list[str]) -> tuple[list[str], object]:
         ctl.call(Packets.SetClusterState, ClusterStates.VERIFYING)
         return [], {"ok": True}
     if cmd == "set":
+        if len(args) == 2 and args[0] == "replicas":
+            num_replicas = _parse_replicas(args[1])
+            ctl.call(Packets.SetNumReplicas, num_replicas)
+            return [], {"ok": True, "replicas": num_replicas}
         if len(args) != 2 or args[0] != "cluster":
-            raise CtlError("usage: set cluster STATE")
+            raise CtlError("usage: set cluster STATE | set replicas N")
         try:
             state = ClusterStates[args[1].upper()]
         except KeyError:
@@ -255,6 +353,10 @@ def run_command(ctl: NeoCtl, words: list[str]) -> tuple[list[str], object]:
         state = NodeStates.DOWN if cmd == "kill" else NodeStates.UNKNOWN
         ctl.call(Packets.SetNodeState, nid, state)
         return [], {"ok": True}
+    if cmd == "tweak":
+        return _tweak(ctl, args)
+    if cmd == "check":
+        return _check(ctl, args, progress)
     raise CtlError("invalid command: %s" % cmd)
 
 
@@ -272,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-a", "--address", default="127.0.0.1:9999",
                         help="admin node address (default 127.0.0.1:9999)")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("-n", "--dry-run", action="store_true",
+                        help="with tweak: print the table it would make, change nothing")
     parser.add_argument("--timeout", type=float, default=30.0, help=argparse.SUPPRESS)
     # Options are accepted anywhere (`print pt --json`) and unknown ones are
     # errors: a word starting with "-" is never silently part of the command
@@ -283,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     if not opts.command:
         parser.print_help()
         return 0
+    if opts.dry_run:
+        if opts.command[0] != "tweak":
+            parser.error("-n/--dry-run is only valid with tweak")
+        opts.command.insert(1, "-n")
     try:
         address = parse_address(opts.address, default_port=9999)
     except ValueError as e:
@@ -290,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     ctl = NeoCtl(address, opts.timeout)
     try:
         ctl.connect()
-        lines, value = run_command(ctl, opts.command)
+        lines, value = run_command(ctl, opts.command,
+                                   lambda line: print(line, file=sys.stderr, flush=True))
     except CtlError as e:
         print(e, file=sys.stderr)
         return 1

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 
-from neozodb.master import handlers
+from neozodb.master import checks, handlers
 from neozodb.master.transactions import TransactionManager
 from neozodb.master.tweak import drop_changes
 from neozodb.net.connection import Connection, ConnectionClosed, RemoteError
@@ -62,6 +62,11 @@ class MasterApp:
         self.delayed_begins: list = []
         self.recovery: dict[int, tuple] = {}  # nid -> AnswerRecovery args
         self._loading_pt: tuple | None = None  # (nid, ptid) asked for its table
+        # replication: cells whose node asked for unfinished transactions
+        # (only those may become UP_TO_DATE), and who waits for which ttid
+        self.updatable: set[tuple[int, int]] = set()  # (nid, offset)
+        self.finish_watchers: dict[int, set[int]] = {}  # ttid -> storage nids
+        self.check_run = None  # the last `neoctl check` (master/checks.py)
         self.server: asyncio.base_events.Server | None = None
 
     @property
@@ -124,17 +129,25 @@ class MasterApp:
     def _wire_rows(self) -> list:
         return [[(nid, CellStates(state)) for nid, state in row] for row in self.pt.rows()]
 
-    def apply_pt_changes(self, changes: list) -> None:
-        if not changes:
-            return
+    def apply_pt_changes(self, changes: list, replicas: int | None = None) -> None:
+        """Apply cell changes and/or a new number of replicas to the table,
+        bumping its id, and broadcast them (NotifyPartitionChanges).  Nothing
+        happens if neither changes."""
         pt = self.pt
+        if replicas is None:
+            replicas = pt.num_replicas
+        if not changes and replicas == pt.num_replicas:
+            return
         ptid = pt.ptid + 1
-        pt.apply_changes(ptid, pt.num_replicas, changes)
+        pt.apply_changes(ptid, replicas, changes)
+        # a changed cell needs a new AskUnfinishedTransactions before a
+        # replication done report may make it UP_TO_DATE
+        self.updatable.difference_update((nid, offset) for offset, nid, _ in changes)
         wire = [(offset, nid, CellStates(state)) for offset, nid, state in changes]
         for peer in self.nm:
             if peer.connected and peer.type is not NodeTypes.MASTER and (
                     peer.type is not NodeTypes.STORAGE or peer.running):
-                peer.conn.notify(Packets.NotifyPartitionChanges, ptid, pt.num_replicas, wire)
+                peer.conn.notify(Packets.NotifyPartitionChanges, ptid, replicas, wire)
 
     def set_cluster_state(self, state: ClusterStates) -> None:
         if state is self.cluster_state:
@@ -197,6 +210,8 @@ class MasterApp:
         self.pt = None
         self.recovery.clear()
         self.ready_storages.clear()
+        self.updatable.clear()
+        self.finish_watchers.clear()
         for node in self.nm.storages():
             if node.connected:
                 self.set_node_state(node, NodeStates.PENDING)
@@ -402,9 +417,56 @@ class MasterApp:
                 node = self.nm.get(nid)
                 if node is not None and node.connected:
                     node.conn.notify(Packets.NotifyUnlockInformation, ttid)
+            self.transaction_finished(txn.ttid, txn.tid)
             log.debug("%s: committed %s (ttid %s) by %s", self.label, tid.hex(), ttid.hex(),
                       nid_str(txn.client))
         self.maybe_exit()
+
+    # -- replication ----------------------------------------------------------------------
+    def unfinished_transactions(self, node: Node, offsets) -> tuple[int, list[int]]:
+        """A storage starts replicating ``offsets``: what is committed, and
+        which transactions in progress it must wait for (they may not have
+        written to its cells)."""
+        ttids = list(self.tm.txns)
+        for ttid in ttids:
+            self.finish_watchers.setdefault(ttid, set()).add(node.nid)
+        for offset in offsets:
+            self.updatable.add((node.nid, offset))
+        return self.tm.last_tid, ttids
+
+    def transaction_finished(self, ttid: int, tid: int) -> None:
+        for nid in self.finish_watchers.pop(ttid, ()):
+            node = self.nm.get(nid)
+            if node is not None and node.connected:
+                node.conn.notify(Packets.NotifyTransactionFinished, p64(ttid), p64(tid))
+
+    def forget_replication(self, nid: int) -> None:
+        self.updatable = {cell for cell in self.updatable if cell[0] != nid}
+        for nids in self.finish_watchers.values():
+            nids.discard(nid)
+
+    def replication_done(self, node: Node, offset: int, tid: bytes) -> None:
+        pt = self.pt
+        state = dict(pt.cells(offset)).get(node.nid)
+        if state != CellStates.OUT_OF_DATE.value or (node.nid, offset) not in self.updatable:
+            log.warning("%s: ignoring replication done of partition %d from %s (cell %s)",
+                        self.label, offset, node.label, state)
+            return
+        self.updatable.discard((node.nid, offset))
+        changes = [(offset, node.nid, CellStates.UP_TO_DATE.value)]
+        # replaced copies go once enough up-to-date ones exist
+        cells = dict(pt.cells(offset))
+        cells[node.nid] = CellStates.UP_TO_DATE.value
+        feeding = sorted(nid for nid, s in cells.items() if s == CellStates.FEEDING.value)
+        up = sum(1 for s in cells.values() if s == CellStates.UP_TO_DATE.value)
+        if all(s in (CellStates.UP_TO_DATE.value, CellStates.FEEDING.value) for s in cells.values()):
+            extra = len(feeding)
+        else:
+            extra = max(0, up + len(feeding) - (pt.num_replicas + 1))
+        changes += [(offset, nid, CellStates.DISCARDED.value) for nid in feeding[:extra]]
+        log.info("%s: partition %d up to date on %s at %s", self.label, offset, node.label,
+                 tid.hex())
+        self.apply_pt_changes(changes)
 
     # -- node loss ----------------------------------------------------------------------
     def node_lost(self, node: Node) -> None:
@@ -423,6 +485,8 @@ class MasterApp:
                 self.changed()
                 return
             self.set_node_state(node, NodeStates.DOWN)
+            self.forget_replication(node.nid)
+            checks.checker_lost(self, node.nid)
             if self.pt is not None:
                 self.apply_pt_changes(self.pt.outdate(node.nid))
             self.check_operational()
@@ -438,6 +502,7 @@ class MasterApp:
         elif node.type is NodeTypes.CLIENT:
             for txn in self.tm.client_lost(node.nid):
                 log.info("%s: aborting %s of lost client %s", self.label, p64(txn.ttid).hex(), node.label)
+                self.transaction_finished(txn.ttid, self.tm.last_tid)
             self.complete_commits()  # some may have waited behind an imposed TID
             self.nm.remove(node.nid)
             node.state = NodeStates.UNKNOWN
@@ -455,6 +520,7 @@ class MasterApp:
         is connected, being told UNKNOWN makes it erase its database."""
         self.apply_pt_changes(drop_changes(self.pt, node.nid))
         self.ready_storages.discard(node.nid)
+        self.forget_replication(node.nid)
         node.state = NodeStates.UNKNOWN
         self.broadcast_nodes([node])  # the node itself included
         self.nm.remove(node.nid)

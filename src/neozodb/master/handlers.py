@@ -5,6 +5,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from neozodb.master import administration, checks
 from neozodb.master.transactions import TransactionError
 from neozodb.master.tweak import drop_check
 from neozodb.net.connection import Denied, Handler, HandlerError, NotReady
@@ -122,6 +123,25 @@ class StorageHandler(BaseHandler):
     def AskLastTransaction(self, conn, msg_id):
         conn.answer(msg_id, Packets.AnswerLastTransaction, p64(self.app.tm.last_tid))
 
+    def AskUnfinishedTransactions(self, conn, msg_id, offsets):
+        app = self.app
+        for offset in offsets:
+            if not 0 <= offset < app.pt.num_partitions:
+                raise ProtocolError("invalid partition %r" % offset)
+        last_tid, ttids = app.unfinished_transactions(conn.node, offsets)
+        conn.answer(msg_id, Packets.AnswerUnfinishedTransactions, p64(last_tid),
+                    [p64(t) for t in ttids])
+
+    def NotifyReplicationDone(self, conn, msg_id, offset, tid):
+        if not 0 <= offset < self.app.pt.num_partitions:
+            raise ProtocolError("invalid partition %r" % offset)
+        self.app.replication_done(conn.node, offset, tid)
+
+    def NotifyPartitionCorrupted(self, conn, msg_id, partition, nids):
+        if not 0 <= partition < self.app.pt.num_partitions:
+            raise ProtocolError("invalid partition %r" % partition)
+        checks.partition_checked(self.app, conn.node, partition, nids)
+
 
 class ClientHandler(BaseHandler):
     def __init__(self, app: MasterApp, read_only: bool = False) -> None:
@@ -176,6 +196,7 @@ class ClientHandler(BaseHandler):
             log.warning("%s: abort from %s ignored: %s", app.label, conn.label, e)
             return
         if txn is not None:
+            app.transaction_finished(txn.ttid, app.tm.last_tid)
             for nid in nids:
                 node = app.nm.get(nid)
                 if node is not None and node.connected and node.type is NodeTypes.STORAGE:
@@ -281,3 +302,24 @@ class AdminHandler(BaseHandler):
             app.drop_storage(node)
         else:
             raise Denied("cannot set a node %s" % state.name)
+
+    def TweakPartitionTable(self, conn, msg_id, dry_run, nids):
+        """`neoctl tweak [-n] [NID...]`: answers the resulting table."""
+        changed, rows = administration.tweak_partition_table(self.app, dry_run, nids)
+        conn.answer(msg_id, Packets.AnswerTweakPartitionTable, changed, rows)
+
+    def SetNumReplicas(self, conn, msg_id, num_replicas):
+        """`neoctl set replicas N` (cells move at the next tweak)."""
+        administration.set_num_replicas(self.app, num_replicas)
+        conn.ack(msg_id)
+
+    def CheckReplicas(self, conn, msg_id, partitions, min_tid, max_tid):
+        """`neoctl check`: starts a check (acknowledged at once); with no
+        partition, answers the status of the last one (JSON)."""
+        app = self.app
+        if not partitions:
+            conn.ack(msg_id, checks.check_status(app))
+            return
+        if app.cluster_state is not ClusterStates.RUNNING:
+            raise Denied("cluster is %s, not RUNNING" % app.cluster_state.name)
+        conn.ack(msg_id, checks.start_check(app, partitions, min_tid, max_tid))

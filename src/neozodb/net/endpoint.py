@@ -108,8 +108,9 @@ class Endpoint:
     def match(self, msg_id: int, packet: Any, args: tuple) -> tuple[Any, Any, Exception | None]:
         """Pair an answer with its request: (token, result, error).
 
-        ``result`` is the answer's argument tuple, or None for requests that
-        are acknowledged by ``Error(ACK)``.  An answer nobody asked for is a
+        ``result`` is the answer's argument tuple; for requests that are
+        acknowledged by ``Error(ACK)``, the acknowledgement's text alone.
+        An answer nobody asked for is a
         protocol error: the peer is confused and the connection must close.
         """
         try:
@@ -119,7 +120,7 @@ class Endpoint:
         if packet is _ERROR:
             code = error_code(args[0])
             if code is ErrorCodes.ACK and request.acked:
-                return token, None, None
+                return token, (args[1].decode("utf-8", "replace"),), None
             return token, None, RemoteError(code, args[1].decode("utf-8", "replace"))
         if packet is not request.answer:
             raise ProtocolError(f"{packet.name} does not answer {request.name}")

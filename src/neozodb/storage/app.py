@@ -14,7 +14,7 @@ import logging
 import os
 
 from neozodb.net.bootstrap import follow_master
-from neozodb.net.connection import Connection, RemoteError
+from neozodb.net.connection import Connection, RemoteError, connect
 from neozodb.nodes import NodeManager
 from neozodb.protocol import (
     CellStates,
@@ -24,7 +24,9 @@ from neozodb.protocol import (
     nid_str,
 )
 from neozodb.pt import PartitionTable
-from neozodb.storage import handlers
+from neozodb.storage import handlers, peers
+from neozodb.storage.checker import Checker
+from neozodb.storage.replicator import Replicator
 from neozodb.storage.transactions import LockManager
 
 log = logging.getLogger("neozodb.storage")
@@ -32,7 +34,7 @@ log = logging.getLogger("neozodb.storage")
 
 class StorageApp:
     def __init__(self, name: str, masters: list[tuple[str, int]], backend,
-                 bind: tuple[str, int] = ("127.0.0.1", 0)) -> None:
+                 bind: tuple[str, int] = ("127.0.0.1", 0), replication_rate: int = 0) -> None:
         self.name = name
         self.name_bytes = name.encode()
         self.masters = masters
@@ -46,6 +48,14 @@ class StorageApp:
         self.operational = False
         self.master_conn: Connection | None = None
         self.client_conns: set[Connection] = set()
+        self.peer_conns: dict[int, Connection] = {}  # outgoing, to storages we replicate from
+        self.source_conns: set[Connection] = set()   # incoming, from storages replicating
+        self._connecting: dict[int, asyncio.Future] = {}
+        self.replicator = Replicator(self, replication_rate)
+        self.checker = Checker(self)
+        # verification ran with us since we connected to this master: our
+        # locked transactions were either validated or will be
+        self.verified = False
         self.delayed: list = []  # (ttid or b'', callable) retried on lock changes
         self._pending_timer: asyncio.TimerHandle | None = None
         self._exit = asyncio.Event()
@@ -68,14 +78,32 @@ class StorageApp:
     def set_pt(self, ptid: int, replicas: int, rows) -> None:
         pt = PartitionTable(len(rows), replicas)
         pt.load(ptid, replicas, rows)
+        old = self._own_cells()
         self.pt = pt
         if self.backend.get_num_partitions() != len(rows):
             self.backend.set_num_partitions(len(rows))
         self.backend.save_pt(ptid, replicas, pt.rows())
+        if self.operational:
+            self._own_cells_changed(old)
 
     def change_pt(self, ptid: int, replicas: int, changes) -> None:
+        old = self._own_cells()
         self.pt.apply_changes(ptid, replicas, changes)
         self.backend.change_pt(ptid, replicas, [(o, n, s.value) for o, n, s in changes])
+        if self.operational:
+            self._own_cells_changed(old)
+
+    def _own_cells(self) -> dict[int, int]:
+        if self.pt is None or self.nid is None:
+            return {}
+        return {p: self.cell_state(p) for p in self.pt.partitions_of(self.nid)}
+
+    def _own_cells_changed(self, old: dict[int, int]) -> None:
+        new = self._own_cells()
+        for partition in sorted(set(old) | set(new)):
+            before, after = old.get(partition), new.get(partition, CellStates.DISCARDED.value)
+            if before != after:
+                self.replicator.cell_changed(partition, before, after)
 
     def cell_state(self, partition: int) -> int | None:
         for nid, state in self.pt.cells(partition):
@@ -111,6 +139,7 @@ class StorageApp:
 
     def replay(self) -> None:
         """Retry delayed requests, oldest transaction first."""
+        self.replicator.poke()
         if not self.delayed:
             return
         delayed, self.delayed = self.delayed, []
@@ -137,7 +166,8 @@ class StorageApp:
         await self._exit.wait()
         cycle.cancel()
         self.server.close()
-        for conn in list(self.client_conns):
+        self.replicator.stop()
+        for conn in [*self.client_conns, *self.source_conns, *self.peer_conns.values()]:
             conn.close("storage exiting", flush=True)
         if self.master_conn is not None:
             self.master_conn.close("storage exiting", flush=True)
@@ -155,6 +185,11 @@ class StorageApp:
     async def _identify(self, conn: Connection) -> None:
         addr = (self.address[0].encode(), self.address[1])
         devpath = [os.uname().nodename.encode()]
+        database = getattr(self.backend, "database", None)
+        if database and database != ":memory:":
+            # topology: replicas of a partition should not share a disk either
+            where = os.path.dirname(os.path.abspath(database))
+            devpath.append(str(os.stat(where).st_dev).encode())
         node_type, master_nid, my_nid = await conn.ask(
             Packets.RequestIdentification, NodeTypes.STORAGE, self.nid, addr,
             self.name_bytes, None, {b"devpath": devpath})
@@ -172,24 +207,109 @@ class StorageApp:
     def master_lost(self) -> None:
         log.warning("%s: lost the master", self.label)
         self.master_conn = None
+        self.verified = False
         self.stop_operation()
 
     def start_operation(self, conn: Connection) -> None:
         # conn, not self.master_conn: StartOperation may arrive in the same
         # chunk as AcceptIdentification, before _identify() resumes
         self.backend.drop_unfinished()
+        if not self.verified:
+            self._drop_locked()
         self.operational = True
+        self.replicator.start()
         log.info("%s: operational", self.label)
         conn.notify(Packets.NotifyReady)
 
+    def _drop_locked(self) -> None:
+        """We join a cluster that ran verification without us: it completed
+        or dropped our locked transactions without telling us, and our
+        cells are OUT_OF_DATE, so replication brings the committed ones."""
+        for ttid, tid in self.backend.get_locked_transactions().items():
+            if tid is not None:
+                log.info("%s: dropping transaction %#x locked before we left", self.label, ttid)
+                self.locks.finish(ttid.to_bytes(8, "big"))
+                self.backend.abort_transaction(ttid)
+        self.backend.commit_pending()
+
     def stop_operation(self) -> None:
         self.operational = False
-        for conn in list(self.client_conns):
+        self.replicator.stop()
+        self.checker.stop()
+        for conn in [*self.client_conns, *self.source_conns, *self.peer_conns.values()]:
             conn.close("operation stopped", flush=True)
         for ttid, txn in list(self.locks.txns.items()):
             if not txn.locked:
                 self.abort(ttid)
         self.delayed.clear()
+
+    # -- other storage nodes ---------------------------------------------------------
+    async def peer_connection(self, nid: int) -> Connection:
+        """An identified connection to storage ``nid`` (replication source)."""
+        conn = self.peer_conns.get(nid)
+        if conn is not None and not conn.closed:
+            return conn
+        pending = self._connecting.get(nid)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future = self._connecting[nid] = asyncio.get_running_loop().create_future()
+        try:
+            conn = await self._connect_peer(nid)
+            future.set_result(conn)
+            return conn
+        except BaseException as e:
+            future.set_exception(e)
+            future.exception()  # retrieved: nobody else may be waiting
+            raise
+        finally:
+            del self._connecting[nid]
+
+    async def _connect_peer(self, nid: int) -> Connection:
+        node = self.nm.get(nid)
+        if node is None or node.address is None:
+            raise ConnectionError("no address for %s" % nid_str(nid))
+        me = self.nm.get(self.nid)
+        conn = await connect(self, peers.DestinationHandler(self), node.address)
+        conn.nid = nid
+        try:
+            addr = (self.address[0].encode(), self.address[1])
+            node_type, peer_nid, _ = await conn.ask(
+                Packets.RequestIdentification, NodeTypes.STORAGE, self.nid, addr,
+                self.name_bytes, me.id_timestamp if me is not None else None, {})
+        except BaseException:
+            conn.close("identification failed")
+            raise
+        if node_type is not NodeTypes.STORAGE or peer_nid != nid:
+            conn.close("not the expected storage")
+            raise ConnectionError("%s:%s is not %s" % (*node.address, nid_str(nid)))
+        self.peer_conns[nid] = conn
+        return conn
+
+    def source_handler(self) -> peers.SourceHandler:
+        return peers.SourceHandler(self)
+
+    def peer_lost(self, conn: Connection) -> None:
+        self.source_conns.discard(conn)
+        if self.peer_conns.get(conn.nid) is conn:
+            del self.peer_conns[conn.nid]
+
+    # -- lockless writes (our OUT_OF_DATE cells) ----------------------------------------
+    def lockless_pending(self, partition: int) -> bool:
+        pt = self.pt
+        return any(pt.partition(oid) == partition
+                   for txn in self.locks.txns.values() for oid in txn.lockless)
+
+    def lock_lockless(self, partition: int) -> None:
+        """Our cell became UP_TO_DATE: writes accepted lockless in it by
+        transactions still in progress take real locks, so that later
+        transactions conflict with them here too."""
+        pt = self.pt
+        for ttid, txn in sorted(self.locks.txns.items()):
+            for oid in [o for o in txn.lockless if pt.partition(o) == partition]:
+                if self.locks.acquire(ttid, oid) is None:
+                    txn.lockless.discard(oid)
+                    if txn.locked:
+                        self.locks.read_locks[oid] = ttid
 
     # -- transactions -----------------------------------------------------------------------
     def abort(self, ttid: bytes) -> None:

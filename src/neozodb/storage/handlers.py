@@ -100,6 +100,7 @@ class MasterHandler(BaseHandler):
         conn.answer(msg_id, Packets.AnswerPartitionTable, pt.ptid, pt.num_replicas, rows)
 
     def AskLockedTransactions(self, conn, msg_id):
+        self.app.verified = True
         locked = self.app.backend.get_locked_transactions()
         conn.answer(msg_id, Packets.AnswerLockedTransactions,
                     {p64(ttid): _p64(tid) for ttid, tid in locked.items()})
@@ -140,6 +141,15 @@ class MasterHandler(BaseHandler):
     def AbortTransaction(self, conn, msg_id, ttid, nids):
         self.app.abort(ttid)
 
+    def CheckPartition(self, conn, msg_id, partition, source, min_tid, max_tid):
+        app = self.app
+        if not 0 <= partition < app.pt.num_partitions:
+            raise ProtocolError("invalid partition %r" % partition)
+        app.checker.check(partition, source, min_tid, max_tid)
+
+    def NotifyTransactionFinished(self, conn, msg_id, ttid, max_tid):
+        self.app.replicator.transaction_finished(ttid, max_tid)
+
     def connection_lost(self, conn) -> None:
         pass  # the master cycle notices through the connection's closed future
 
@@ -153,8 +163,8 @@ class IdentificationHandler(BaseHandler):
                 name.decode("utf-8", "replace"), app.name), ErrorCodes.PROTOCOL_ERROR)
         if not app.operational:
             raise NotReady("storage is not operational")
-        if node_type is not NodeTypes.CLIENT:
-            raise HandlerError("%s nodes are not served yet" % node_type.name, ErrorCodes.PROTOCOL_ERROR)
+        if node_type not in (NodeTypes.CLIENT, NodeTypes.STORAGE):
+            raise HandlerError("%s nodes are not served" % node_type.name, ErrorCodes.PROTOCOL_ERROR)
         node = app.nm.get(nid)
         if node is None or node.id_timestamp != id_timestamp:
             if node is not None and id_timestamp is not None and node.id_timestamp is not None \
@@ -166,8 +176,14 @@ class IdentificationHandler(BaseHandler):
             return
         conn.nid = nid
         conn.node = node
-        conn.handler = ClientHandler(app)
-        app.client_conns.add(conn)
+        if node_type is NodeTypes.STORAGE:
+            if node.type is not NodeTypes.STORAGE or nid == app.nid:
+                raise HandlerError("%s is not another storage" % node.label, ErrorCodes.PROTOCOL_ERROR)
+            conn.handler = app.source_handler()
+            app.source_conns.add(conn)
+        else:
+            conn.handler = ClientHandler(app)
+            app.client_conns.add(conn)
         conn.answer(msg_id, Packets.AcceptIdentification, NodeTypes.STORAGE, app.nid, nid)
 
 

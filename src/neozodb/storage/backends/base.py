@@ -360,3 +360,91 @@ class Backend(abc.ABC):
                       partitions: Iterable[int]) -> list[int]:
         """Committed tids of ``trans`` in ``partitions`` with
         ``min_tid <= tid <= max_tid``, ascending, at most ``length`` (iteration)."""
+
+    # -- replication (storage to storage) ------------------------------------
+    #
+    # A replicating node copies a partition from a readable replica in
+    # chunks: first the transactions (``trans``), then the object revisions
+    # (``obj``) ordered by (tid, oid).  The source reads with ``fetch_*``,
+    # the destination writes with ``add_*``/``delete_*`` (not durable) and
+    # persists its resume point with ``set_replication`` (durable: it makes
+    # the chunk's rows durable too).
+
+    @abc.abstractmethod
+    def fetch_tids(self, partition: int, length: int, min_tid: int, max_tid: int) -> list[int]:
+        """Committed tids of ``partition`` with ``min_tid <= tid <= max_tid``,
+        ascending, at most ``length``."""
+
+    @abc.abstractmethod
+    def fetch_object_keys(self, partition: int, length: int, min_tid: int, max_tid: int,
+                          min_oid: int) -> list[tuple[int, int]]:
+        """Committed revisions of ``partition`` as ``(tid, oid)``, ascending,
+        from ``(min_tid, min_oid)`` included up to ``tid <= max_tid``, at most
+        ``length``."""
+
+    @abc.abstractmethod
+    def fetch_object(self, oid: int, tid: int) -> tuple[int, bytes, bytes, int | None] | None:
+        """Revision ``tid`` of ``oid`` as ``(compression, checksum, data,
+        data_serial)`` (ZERO_HASH and b'' for a deletion), or None."""
+
+    @abc.abstractmethod
+    def add_transaction(self, tid: int, oids: Sequence[int], user: bytes, description: bytes,
+                        ext: bytes, packed: bool, ttid: int) -> None:
+        """Write a committed transaction received by replication (replaces
+        an existing one).  Not durable by itself."""
+
+    @abc.abstractmethod
+    def add_object(self, oid: int, tid: int, compression: int, checksum: bytes, data: bytes,
+                   data_serial: int | None) -> None:
+        """Write a committed object revision received by replication
+        (ZERO_HASH and no data: a deletion).  Not durable by itself."""
+
+    @abc.abstractmethod
+    def delete_transactions(self, partition: int, tids: Iterable[int]) -> None:
+        """Delete committed transactions of ``partition`` (the source does
+        not have them).  Not durable by itself."""
+
+    @abc.abstractmethod
+    def delete_objects(self, partition: int, keys: Iterable[tuple[int, int]]) -> None:
+        """Delete committed revisions ``(tid, oid)`` of ``partition`` and the
+        data rows left unreferenced.  Not durable by itself."""
+
+    @abc.abstractmethod
+    def get_replication(self, partition: int) -> tuple[int, int, int] | None:
+        """Resume point of an OUT_OF_DATE cell: ``(next_tid, next_obj_tid,
+        next_obj_oid)``: transactions below ``next_tid`` and revisions below
+        ``(next_obj_tid, next_obj_oid)`` are replicated.  None if unset."""
+
+    @abc.abstractmethod
+    def set_replication(self, partition: int, point: tuple[int, int, int] | None) -> None:
+        """Persist (or, with None, forget) the resume point of ``partition``.
+        Durable, with every earlier write."""
+
+    @abc.abstractmethod
+    def last_tid_of(self, partition: int) -> int | None:
+        """Greatest committed tid of ``partition`` in ``trans`` and ``obj``."""
+
+    @abc.abstractmethod
+    def drop_partition(self, partition: int, length: int) -> bool:
+        """Delete up to ``length`` committed revisions and transactions of
+        ``partition`` (a DISCARDED cell, or a corrupted one to replicate
+        again) with their orphan data; True if some remain.  Not durable."""
+
+    # -- replica checks --------------------------------------------------------
+
+    @abc.abstractmethod
+    def check_tid_range(self, partition: int, length: int, min_tid: int, max_tid: int
+                        ) -> tuple[int, bytes, int]:
+        """Digest of at most ``length`` transactions of ``partition`` from
+        ``min_tid`` to ``max_tid``: ``(count, sha1, last_tid)``; the SHA-1
+        covers each tid and its metadata (user, description, extension,
+        packed flag, oids).  ``(0, ZERO_HASH, min_tid)`` when there are none."""
+
+    @abc.abstractmethod
+    def check_serial_range(self, partition: int, length: int, min_tid: int, max_tid: int,
+                           min_oid: int) -> tuple[int, bytes, int, bytes, int]:
+        """Digest of at most ``length`` revisions ``(tid, oid)`` of
+        ``partition`` from ``(min_tid, min_oid)`` up to ``max_tid``:
+        ``(count, tid_sha1, last_tid, oid_sha1, last_oid)``; ``oid_sha1``
+        covers each oid with its data checksum and undo back-pointer.
+        ``(0, ZERO_HASH, min_tid, ZERO_HASH, min_oid)`` when there are none."""

@@ -23,6 +23,7 @@ prepares it once per connection; values are always bound parameters.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import sqlite3
 import struct
@@ -47,7 +48,7 @@ SCHEMA_VERSION = '1'
 _CONFIG_ORPHAN_FLOOR = 'orphan_floor'
 _CONFIG_VERSION = 'version'
 
-_TABLES = ('config', 'pt', 'trans', 'obj', 'data', 'ttrans', 'tobj')
+_TABLES = ('config', 'pt', 'trans', 'obj', 'data', 'ttrans', 'tobj', 'replication')
 
 # obj and tobj rows are small: WITHOUT ROWID keeps each of them in a single
 # b-tree ordered by the primary key used by every read.  trans/ttrans rows
@@ -82,6 +83,9 @@ _SCHEMA = (
         partition INTEGER NOT NULL, oid INTEGER NOT NULL, tid INTEGER NOT NULL,
         data_id INTEGER, value_tid INTEGER,
         PRIMARY KEY (tid, oid)) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS replication (
+        partition INTEGER NOT NULL PRIMARY KEY, next_tid INTEGER NOT NULL,
+        next_obj_tid INTEGER NOT NULL, next_obj_oid INTEGER NOT NULL)""",
 )
 _DROP = tuple(f"DROP TABLE IF EXISTS {table}" for table in _TABLES)
 _HAS_CONFIG = "SELECT 1 FROM sqlite_master WHERE type='table' AND name='config'"
@@ -167,6 +171,38 @@ _HISTORY = ("SELECT o.tid, IFNULL(LENGTH(d.value), 0)"
 _TIDS_DESC = "SELECT tid FROM trans WHERE partition=? ORDER BY tid DESC LIMIT ?"
 _TIDS_FROM = ("SELECT tid FROM trans WHERE partition=? AND tid>=? AND tid<=?"
               " ORDER BY tid LIMIT ?")
+
+_FETCH_TIDS = ("SELECT tid FROM trans WHERE partition=? AND tid>=? AND tid<=?"
+               " ORDER BY tid LIMIT ?")
+# (tid, oid) >= (min_tid, min_oid): a row-value comparison walks obj_tid
+_FETCH_OBJ_KEYS = ("SELECT tid, oid FROM obj WHERE partition=? AND (tid, oid)>=(?, ?)"
+                   " AND tid<=? ORDER BY tid, oid LIMIT ?")
+_FETCH_OBJ = ("SELECT o.value_tid, d.compression, d.hash, d.value"
+              " FROM obj AS o LEFT JOIN data AS d ON d.id = o.data_id"
+              " WHERE o.partition=? AND o.oid=? AND o.tid=?")
+_ADD_TRANS = ("INSERT OR REPLACE INTO trans"
+              " (partition, tid, packed, oids, user, description, ext, ttid)"
+              " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+_OBJ_DATA_ID = "SELECT data_id FROM obj WHERE partition=? AND oid=? AND tid=?"
+_ADD_OBJ = ("INSERT OR REPLACE INTO obj (partition, oid, tid, data_id, value_tid)"
+            " VALUES (?, ?, ?, ?, ?)")
+_DEL_TRANS = "DELETE FROM trans WHERE partition=? AND tid=?"
+_DEL_OBJ = "DELETE FROM obj WHERE partition=? AND oid=? AND tid=?"
+_GET_REPLICATION = ("SELECT next_tid, next_obj_tid, next_obj_oid FROM replication"
+                    " WHERE partition=?")
+_SET_REPLICATION = ("INSERT OR REPLACE INTO replication"
+                    " (partition, next_tid, next_obj_tid, next_obj_oid) VALUES (?, ?, ?, ?)")
+_DEL_REPLICATION = "DELETE FROM replication WHERE partition=?"
+_PARTITION_OBJ_CHUNK = ("SELECT oid, tid, data_id FROM obj WHERE partition=?"
+                        " ORDER BY tid, oid LIMIT ?")
+_PARTITION_TRANS_CHUNK = "SELECT tid FROM trans WHERE partition=? ORDER BY tid LIMIT ?"
+_CHECK_TRANS = ("SELECT tid, packed, oids, user, description, ext FROM trans"
+                " WHERE partition=? AND tid>=? AND tid<=? ORDER BY tid LIMIT ?")
+_CHECK_OBJ = ("SELECT o.tid, o.oid, o.value_tid, d.hash"
+              " FROM obj AS o LEFT JOIN data AS d ON d.id = o.data_id"
+              " WHERE o.partition=? AND (o.tid, o.oid)>=(?, ?) AND o.tid<=?"
+              " ORDER BY o.tid, o.oid LIMIT ?")
+_U64 = struct.Struct('>Q')
 
 
 def _pack_oids(oids: Sequence[int]) -> bytes:
@@ -625,3 +661,119 @@ class SQLiteBackend(Backend):
         runs = [[row[0] for row in conn.execute(_TIDS_FROM, (p, min_tid, max_tid, length))]
                 for p in set(partitions)]
         return list(heapq.merge(*runs))[:length]
+
+    # -- replication -------------------------------------------------------------
+
+    def fetch_tids(self, partition: int, length: int, min_tid: int, max_tid: int) -> list[int]:
+        rows = self.connection.execute(_FETCH_TIDS, (partition, min_tid, max_tid, length))
+        return [row[0] for row in rows]
+
+    def fetch_object_keys(self, partition: int, length: int, min_tid: int, max_tid: int,
+                          min_oid: int) -> list[tuple[int, int]]:
+        return self.connection.execute(
+            _FETCH_OBJ_KEYS, (partition, min_tid, min_oid, max_tid, length)).fetchall()
+
+    def fetch_object(self, oid: int, tid: int) -> tuple[int, bytes, bytes, int | None] | None:
+        row = self.connection.execute(_FETCH_OBJ, (oid % self._partitions(), oid, tid)).fetchone()
+        if row is None:
+            return None
+        value_tid, compression, checksum, data = row
+        if checksum is None:
+            return 0, ZERO_HASH, b'', None
+        return compression, checksum, data, value_tid
+
+    def add_transaction(self, tid: int, oids: Sequence[int], user: bytes, description: bytes,
+                        ext: bytes, packed: bool, ttid: int) -> None:
+        np = self._partitions()
+        with self._txn(durable=False) as conn:
+            conn.execute(_ADD_TRANS, (tid % np, tid, bool(packed), _pack_oids(oids), user,
+                                      description, ext, ttid))
+
+    def add_object(self, oid: int, tid: int, compression: int, checksum: bytes, data: bytes,
+                   data_serial: int | None) -> None:
+        p = oid % self._partitions()
+        with self._txn(durable=False) as conn:
+            old = conn.execute(_OBJ_DATA_ID, (p, oid, tid)).fetchone()
+            if checksum == ZERO_HASH and not data:
+                data_id = None
+            else:
+                params = (checksum, compression, data)
+                row = conn.execute(_FIND_DATA, params).fetchone()
+                data_id = row[0] if row is not None else conn.execute(_INSERT_DATA, params).lastrowid
+            conn.execute(_ADD_OBJ, (p, oid, tid, data_id, data_serial))
+            if old is not None and old[0] is not None and old[0] != data_id:
+                self._prune([old[0]])
+
+    def delete_transactions(self, partition: int, tids: Iterable[int]) -> None:
+        with self._txn(durable=False) as conn:
+            conn.executemany(_DEL_TRANS, [(partition, tid) for tid in tids])
+
+    def delete_objects(self, partition: int, keys: Iterable[tuple[int, int]]) -> None:
+        with self._txn(durable=False) as conn:
+            candidates = []
+            for tid, oid in keys:
+                row = conn.execute(_OBJ_DATA_ID, (partition, oid, tid)).fetchone()
+                if row is not None:
+                    conn.execute(_DEL_OBJ, (partition, oid, tid))
+                    if row[0] is not None:
+                        candidates.append(row[0])
+            self._prune(candidates)
+
+    def get_replication(self, partition: int) -> tuple[int, int, int] | None:
+        row = self.connection.execute(_GET_REPLICATION, (partition,)).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
+
+    def set_replication(self, partition: int, point: tuple[int, int, int] | None) -> None:
+        with self._txn(durable=True) as conn:
+            if point is None:
+                conn.execute(_DEL_REPLICATION, (partition,))
+            else:
+                conn.execute(_SET_REPLICATION, (partition, *point))
+
+    def last_tid_of(self, partition: int) -> int | None:
+        tids = [self._scalar(sql, (partition,)) for sql in (_MAX_TRANS_TID, _MAX_OBJ_TID)]
+        return max((t for t in tids if t is not None), default=None)
+
+    def drop_partition(self, partition: int, length: int) -> bool:
+        with self._txn(durable=False) as conn:
+            rows = conn.execute(_PARTITION_OBJ_CHUNK, (partition, length)).fetchall()
+            conn.executemany(_DEL_OBJ, [(partition, oid, tid) for oid, tid, _ in rows])
+            self._prune(data_id for _, _, data_id in rows if data_id is not None)
+            tids = conn.execute(_PARTITION_TRANS_CHUNK, (partition, length)).fetchall()
+            conn.executemany(_DEL_TRANS, [(partition, tid) for (tid,) in tids])
+        return len(rows) == length or len(tids) == length
+
+    # -- replica checks -----------------------------------------------------------
+
+    def check_tid_range(self, partition: int, length: int, min_tid: int, max_tid: int
+                        ) -> tuple[int, bytes, int]:
+        digest = hashlib.sha1()
+        count, last = 0, min_tid
+        pack = _U64.pack
+        for tid, packed, oids, user, description, ext in self.connection.execute(
+                _CHECK_TRANS, (partition, min_tid, max_tid, length)):
+            count += 1
+            last = tid
+            digest.update(pack(tid))
+            for blob in (oids, user, description, ext):
+                digest.update(pack(len(blob)))
+                digest.update(blob)
+            digest.update(b'\1' if packed else b'\0')
+        return count, (digest.digest() if count else ZERO_HASH), last
+
+    def check_serial_range(self, partition: int, length: int, min_tid: int, max_tid: int,
+                           min_oid: int) -> tuple[int, bytes, int, bytes, int]:
+        tid_digest, oid_digest = hashlib.sha1(), hashlib.sha1()
+        count, last_tid, last_oid = 0, min_tid, min_oid
+        pack = _U64.pack
+        for tid, oid, value_tid, checksum in self.connection.execute(
+                _CHECK_OBJ, (partition, min_tid, min_oid, max_tid, length)):
+            count += 1
+            last_tid, last_oid = tid, oid
+            tid_digest.update(pack(tid))
+            oid_digest.update(pack(oid))
+            oid_digest.update(checksum or ZERO_HASH)
+            oid_digest.update(pack(value_tid or 0))
+        if not count:
+            return 0, ZERO_HASH, min_tid, ZERO_HASH, min_oid
+        return count, tid_digest.digest(), last_tid, oid_digest.digest(), last_oid

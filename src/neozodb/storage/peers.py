@@ -1,0 +1,175 @@
+"""Storage-to-storage connections: a replicating (or checking) node asks a
+readable replica for chunks of a partition.
+
+The *source* side (``SourceHandler``) answers ``AskFetchTransactions`` /
+``AskFetchObjects`` by streaming ``AddTransaction`` / ``AddObject`` for
+what the asker lacks, then the answer (where the chunk ended and what the
+asker has that the source does not), and answers the replica checks.  The
+*destination* side (``DestinationHandler``) writes what it receives.
+
+Chunk boundaries: both sides list at most ``length`` items from the same
+start; the chunk covers up to the smaller of the two last items when a list
+is full (beyond it, one side's list says nothing), and the source may end
+it earlier when it has sent enough bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from neozodb.net.connection import HandlerError
+from neozodb.protocol import ZERO_HASH, CellStates, ErrorCodes, Packets, ProtocolError, p64, u64
+
+from .handlers import BaseHandler, Retry
+
+log = logging.getLogger("neozodb.storage")
+
+#: Bytes of object data after which the source ends a chunk early, so that
+#: large objects do not pile up in its output buffer.
+CHUNK_BYTES = 4 << 20
+_MAX_OID = (1 << 64) - 1
+
+
+def _object_keys(by_serial: dict) -> list[tuple[int, int]]:
+    return sorted((u64(serial), u64(oid)) for serial, oids in by_serial.items() for oid in oids)
+
+
+def _by_serial(keys) -> dict:
+    grouped: dict[bytes, list[bytes]] = {}
+    for tid, oid in keys:
+        grouped.setdefault(p64(tid), []).append(p64(oid))
+    return grouped
+
+
+class SourceHandler(BaseHandler):
+    """Requests from another storage node (replication, checks)."""
+
+    def connection_lost(self, conn) -> None:
+        self.app.peer_lost(conn)
+
+    def _readable(self, partition: int) -> None:
+        app = self.app
+        if not 0 <= partition < app.pt.num_partitions:
+            raise ProtocolError("invalid partition %d" % partition)
+        if not app.readable(partition):
+            raise HandlerError("partition %d is not readable on %s" % (partition, app.label),
+                               ErrorCodes.REPLICATION_ERROR)
+
+    def _locked_up_to(self, max_tid: bytes) -> bool:
+        """A transaction at or below max_tid is locked and not unlocked yet:
+        it is committed, but our tables do not show it yet."""
+        return any(t.tid is not None and t.tid <= max_tid for t in self.app.locks.txns.values())
+
+    def AskFetchTransactions(self, conn, msg_id, partition, length, min_tid, max_tid, tids,
+                             pack_info):
+        app = self.app
+        self._readable(partition)
+        if self._locked_up_to(max_tid):
+            app.delay(b"", Retry(self, conn, msg_id, Packets.AskFetchTransactions, (
+                partition, length, min_tid, max_tid, tids, pack_info)))
+            return
+        if length <= 0:
+            raise ProtocolError("bad chunk length")
+        backend = app.backend
+        low, high = u64(min_tid), u64(max_tid)
+        mine = backend.fetch_tids(partition, length, low, high)
+        theirs = [u64(t) for t in tids]
+        bound = high
+        if len(mine) >= length:
+            bound = mine[-1]
+        if len(theirs) >= length:
+            bound = min(bound, max(theirs))
+        have = set(theirs)
+        for tid in mine:
+            if tid > bound:
+                break
+            if tid not in have:
+                oids, user, description, ext, packed, ttid = backend.get_transaction(tid)
+                conn.notify(Packets.AddTransaction, p64(tid), user, description, ext, packed,
+                            p64(ttid), [p64(o) for o in oids], None)
+        mine_set = set(mine)
+        delete = [p64(t) for t in theirs if t <= bound and t not in mine_set]
+        conn.answer(msg_id, Packets.AnswerFetchTransactions,
+                    p64(bound + 1) if bound < high else None, delete, None)
+
+    def AskFetchObjects(self, conn, msg_id, partition, length, min_tid, max_tid, min_oid, objects):
+        app = self.app
+        self._readable(partition)
+        if self._locked_up_to(max_tid):
+            app.delay(b"", Retry(self, conn, msg_id, Packets.AskFetchObjects, (
+                partition, length, min_tid, max_tid, min_oid, objects)))
+            return
+        if length <= 0:
+            raise ProtocolError("bad chunk length")
+        backend = app.backend
+        high = u64(max_tid)
+        mine = backend.fetch_object_keys(partition, length, u64(min_tid), high, u64(min_oid))
+        theirs = _object_keys(objects)
+        bound = (high, _MAX_OID)
+        if len(mine) >= length:
+            bound = mine[-1]
+        if len(theirs) >= length:
+            bound = min(bound, theirs[-1])
+        have = set(theirs)
+        sent = 0
+        for key in mine:
+            if key > bound:
+                break
+            if key in have:
+                continue
+            tid, oid = key
+            compression, checksum, data, data_serial = backend.fetch_object(oid, tid)
+            conn.notify(Packets.AddObject, p64(oid), p64(tid), compression, checksum, data,
+                        None if data_serial is None else p64(data_serial))
+            sent += len(data)
+            if sent >= CHUNK_BYTES:
+                bound = key
+                break
+        mine_set = set(mine)
+        delete = _by_serial(k for k in theirs if k <= bound and k not in mine_set)
+        if bound == (high, _MAX_OID):
+            next_tid = next_oid = None
+        else:
+            next_tid, next_oid = p64(bound[0]), p64(bound[1] + 1)
+        conn.answer(msg_id, Packets.AnswerFetchObjects, next_tid, next_oid, delete)
+
+    def AskCheckTIDRange(self, conn, msg_id, partition, length, min_tid, max_tid):
+        self._readable(partition)
+        count, digest, last = self.app.backend.check_tid_range(
+            partition, length, u64(min_tid), u64(max_tid))
+        conn.answer(msg_id, Packets.AnswerCheckTIDRange, count, digest, p64(last))
+
+    def AskCheckSerialRange(self, conn, msg_id, partition, length, min_tid, max_tid, min_oid):
+        self._readable(partition)
+        count, tid_digest, last_tid, oid_digest, last_oid = self.app.backend.check_serial_range(
+            partition, length, u64(min_tid), u64(max_tid), u64(min_oid))
+        conn.answer(msg_id, Packets.AnswerCheckSerialRange, count, tid_digest, p64(last_tid),
+                    oid_digest, p64(last_oid))
+
+
+class DestinationHandler(BaseHandler):
+    """What a source streams to us while we replicate from it."""
+
+    def connection_lost(self, conn) -> None:
+        self.app.peer_lost(conn)
+
+    def _replicating(self, tid_or_oid: bytes) -> None:
+        app = self.app
+        partition = app.pt.partition(tid_or_oid)
+        if app.cell_state(partition) != CellStates.OUT_OF_DATE.value:
+            raise ProtocolError("unrequested replication data for partition %d" % partition)
+
+    def AddTransaction(self, conn, msg_id, tid, user, description, ext, packed, ttid, oids,
+                       pack_info):
+        self._replicating(tid)
+        self.app.backend.add_transaction(u64(tid), [u64(o) for o in oids], user, description,
+                                         ext, packed, u64(ttid))
+
+    def AddObject(self, conn, msg_id, oid, serial, compression, checksum, data, data_serial):
+        self._replicating(oid)
+        if not (checksum == ZERO_HASH and not data) and hashlib.sha1(data).digest() != checksum:
+            raise ProtocolError("wrong checksum for %s at %s from %s" % (
+                oid.hex(), serial.hex(), conn.label))
+        self.app.backend.add_object(u64(oid), u64(serial), compression, checksum, data,
+                                    None if data_serial is None else u64(data_serial))
+        self.app.replicator.received(len(data))

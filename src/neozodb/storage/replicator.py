@@ -1,0 +1,281 @@
+"""Catching up OUT_OF_DATE cells from readable replicas.
+
+One partition at a time, from a random running storage with a readable
+cell: transactions first, then object revisions, in chunks.  After each
+chunk the resume point is persisted (durably, with the chunk's rows), so an
+interrupted replication starts again where it stopped, and a node that was
+down only fetches what it missed.
+
+The target: the master's last committed tid when we asked it
+(``AskUnfinishedTransactions``); transactions unfinished at that moment may
+not have written to us, so we also wait for them (``NotifyTransactionFinished``)
+and replicate up to their tids.  Transactions begun later write to our
+OUT_OF_DATE cell directly (lockless).  When the cell has everything, and no
+lockless write of ours is still pending in it, the master is told
+(``NotifyReplicationDone``) and makes the cell UP_TO_DATE.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import TYPE_CHECKING
+
+from neozodb.net.connection import ConnectionClosed, RemoteError
+from neozodb.protocol import CellStates, NodeStates, Packets, ProtocolError, nid_str, p64, u64
+
+if TYPE_CHECKING:
+    from neozodb.storage.app import StorageApp
+
+log = logging.getLogger("neozodb.storage")
+
+#: Transactions or object revisions per chunk.
+CHUNK = 1000
+#: Rows deleted per step when dropping a discarded partition.
+DROP_CHUNK = 1000
+_OUT_OF_DATE = CellStates.OUT_OF_DATE.value
+_UP_TO_DATE = CellStates.UP_TO_DATE.value
+
+
+class NoSource(Exception):
+    pass
+
+
+class Replicator:
+    def __init__(self, app: StorageApp, rate: int = 0) -> None:
+        self.app = app
+        self.rate = rate  # bytes of object data per second, 0 = unlimited
+        self.targets: dict[int, int] = {}        # partition -> tid to reach
+        self.unfinished: dict[int, set[bytes]] = {}  # partition -> ttids to wait for
+        self.notified: dict[int, int] = {}       # partition -> tid told to the master
+        self.to_drop: set[int] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        # statistics (logs, tests, benchmarks)
+        self.bytes_received = 0
+        self.objects_received = 0
+        self._window_start = 0.0
+        self._window_bytes = 0
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        """Operation starts: note where each OUT_OF_DATE cell is complete,
+        before any lockless write can land in it."""
+        app = self.app
+        backend = app.backend
+        for partition in self.own(_OUT_OF_DATE):
+            if backend.get_replication(partition) is None:
+                last = backend.last_tid_of(partition)
+                first = 0 if last is None else last + 1
+                backend.set_replication(partition, (first, first, 0))
+        self._task = asyncio.ensure_future(self._run())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        self.targets.clear()
+        self.unfinished.clear()
+        self.notified.clear()
+
+    def own(self, state: int) -> list[int]:
+        app = self.app
+        if app.pt is None or app.nid is None:
+            return []
+        return [p for p in app.pt.partitions_of(app.nid) if app.cell_state(p) == state]
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    # -- events ------------------------------------------------------------------------
+    def cell_changed(self, partition: int, old: int | None, new: int) -> None:
+        """Our cell of ``partition`` went from ``old`` (None: no cell) to ``new``."""
+        backend = self.app.backend
+        if new == _OUT_OF_DATE and old != _OUT_OF_DATE:
+            self.to_drop.discard(partition)
+            if old == CellStates.CORRUPTED.value:
+                # rows present on both sides are not compared by replication:
+                # a corrupted copy is rebuilt from nothing.  Synchronous, so
+                # that no write of the new OUT_OF_DATE cell can be deleted.
+                log.warning("%s: erasing corrupted partition %d", self.app.label, partition)
+                while backend.drop_partition(partition, DROP_CHUNK):
+                    pass
+                backend.set_replication(partition, (0, 0, 0))
+            elif old is None or backend.get_replication(partition) is None:
+                # a new cell (maybe over leftovers of a discarded one, which
+                # the chunk comparison deletes) or a corrupted one: from scratch
+                backend.set_replication(partition, (0, 0, 0))
+        elif new == _UP_TO_DATE and old == _OUT_OF_DATE:
+            backend.set_replication(partition, None)
+            self.app.lock_lockless(partition)
+        elif new == CellStates.DISCARDED.value:
+            backend.set_replication(partition, None)
+            self.to_drop.add(partition)
+        if new != _OUT_OF_DATE:
+            self.targets.pop(partition, None)
+            self.unfinished.pop(partition, None)
+            self.notified.pop(partition, None)
+        self.poke()
+
+    def transaction_finished(self, ttid: bytes, tid: bytes) -> None:
+        tid_int = u64(tid)
+        for partition, ttids in self.unfinished.items():
+            if ttid in ttids:
+                ttids.discard(ttid)
+                self.targets[partition] = max(self.targets[partition], tid_int)
+        self.poke()
+
+    def received(self, size: int) -> None:
+        self.objects_received += 1
+        self.bytes_received += size
+        self._window_bytes += size
+
+    # -- the loop -----------------------------------------------------------------------
+    async def _run(self) -> None:
+        app = self.app
+        backoff = 0.1
+        while True:
+            self._wake.clear()
+            try:
+                if self.to_drop:
+                    await self._drop_some()
+                    continue
+                todo = [p for p in self.own(_OUT_OF_DATE) if p not in self.notified]
+                new = [p for p in todo if p not in self.targets]
+                if new:
+                    await self._ask_unfinished(new)
+                ready = [p for p in todo if p in self.targets]
+                if not ready:
+                    await self._wake.wait()
+                    continue
+                # the partition furthest behind first
+                ready.sort(key=lambda p: (app.backend.get_replication(p) or (0,))[0])
+                progressed = False
+                for partition in ready:
+                    if self.app.cell_state(partition) != _OUT_OF_DATE:
+                        continue
+                    if await self._replicate(partition):
+                        progressed = True
+                    self._maybe_done(partition)
+                backoff = 0.1
+                if not progressed:
+                    await self._wake.wait()
+            except asyncio.CancelledError:
+                raise
+            except (ConnectionClosed, RemoteError, NoSource, ProtocolError, OSError) as e:
+                log.warning("%s: replication interrupted: %s", app.label, e)
+                await asyncio.sleep(backoff)  # retry backoff, not synchronisation
+                backoff = min(backoff * 2, 2.0)
+            except Exception:
+                log.exception("%s: replication failed", app.label)
+                app.exit(1)
+                return
+
+    async def _ask_unfinished(self, partitions: list[int]) -> None:
+        conn = self.app.master_conn
+        if conn is None:
+            raise ConnectionClosed("no master")
+        last_tid, ttids = await conn.ask(Packets.AskUnfinishedTransactions, partitions)
+        for partition in partitions:
+            self.targets[partition] = u64(last_tid)
+            self.unfinished[partition] = set(ttids)
+        log.debug("%s: replicating partitions %s up to %s, waiting for %d transactions",
+                  self.app.label, partitions, last_tid.hex(), len(ttids))
+
+    def _source(self, partition: int) -> int:
+        app = self.app
+        candidates = []
+        for nid in app.pt.readable_nids(partition):
+            node = app.nm.get(nid)
+            if nid != app.nid and node is not None and node.state is NodeStates.RUNNING \
+                    and node.address is not None:
+                candidates.append(nid)
+        if not candidates:
+            raise NoSource("no readable replica of partition %d is running" % partition)
+        return random.choice(candidates)
+
+    async def _replicate(self, partition: int) -> bool:
+        """Fetch what is missing of ``partition`` up to its target; True if
+        something was to be fetched."""
+        app = self.app
+        backend = app.backend
+        target = self.targets[partition]
+        next_tid, obj_tid, obj_oid = backend.get_replication(partition) or (0, 0, 0)
+        if next_tid > target and obj_tid > target:
+            return False
+        nid = self._source(partition)
+        conn = await app.peer_connection(nid)
+        started, objects = time.monotonic(), self.objects_received
+        high = p64(target)
+        while next_tid <= target:
+            mine = [p64(t) for t in backend.fetch_tids(partition, CHUNK, next_tid, target)]
+            following, delete, _ = await conn.ask(
+                Packets.AskFetchTransactions, partition, CHUNK, p64(next_tid), high, mine, False)
+            self._check_cell(partition)
+            backend.delete_transactions(partition, [u64(t) for t in delete])
+            next_tid = target + 1 if following is None else u64(following)
+            backend.set_replication(partition, (next_tid, obj_tid, obj_oid))
+        while obj_tid <= target:
+            mine: dict[bytes, list[bytes]] = {}
+            for tid, oid in backend.fetch_object_keys(partition, CHUNK, obj_tid, target, obj_oid):
+                mine.setdefault(p64(tid), []).append(p64(oid))
+            following, following_oid, delete = await conn.ask(
+                Packets.AskFetchObjects, partition, CHUNK, p64(obj_tid), high, p64(obj_oid), mine)
+            self._check_cell(partition)
+            backend.delete_objects(partition, [(u64(t), u64(o)) for t, oids in delete.items()
+                                               for o in oids])
+            if following is None:
+                obj_tid, obj_oid = target + 1, 0
+            else:
+                obj_tid, obj_oid = u64(following), u64(following_oid)
+            backend.set_replication(partition, (next_tid, obj_tid, obj_oid))
+            await self._throttle()
+        log.info("%s: partition %d replicated from %s up to %s (%d objects in %.3f s)",
+                 app.label, partition, nid_str(nid), high.hex(),
+                 self.objects_received - objects, time.monotonic() - started)
+        return True
+
+    def _check_cell(self, partition: int) -> None:
+        if self.app.cell_state(partition) != _OUT_OF_DATE:
+            raise NoSource("partition %d is no longer OUT_OF_DATE here" % partition)
+
+    def _maybe_done(self, partition: int) -> None:
+        app = self.app
+        if partition not in self.targets or self.unfinished.get(partition):
+            return
+        point = app.backend.get_replication(partition)
+        target = self.targets[partition]
+        if point is None or point[0] <= target or point[1] <= target:
+            return
+        if app.lockless_pending(partition):
+            return  # poked again when they finish
+        conn = app.master_conn
+        if conn is None:
+            return
+        self.notified[partition] = target
+        conn.notify(Packets.NotifyReplicationDone, partition, p64(target))
+        log.info("%s: partition %d is up to date at %s", app.label, partition, p64(target).hex())
+
+    async def _throttle(self) -> None:
+        if not self.rate:
+            return
+        now = time.monotonic()
+        if not self._window_start or now - self._window_start > 10:
+            self._window_start, self._window_bytes = now, 0
+            return
+        ahead = self._window_bytes / self.rate - (now - self._window_start)
+        if ahead > 0:
+            await asyncio.sleep(ahead)  # rate cap, not synchronisation
+
+    async def _drop_some(self) -> None:
+        app = self.app
+        partition = min(self.to_drop)
+        if app.cell_state(partition) is not None:
+            self.to_drop.discard(partition)  # ours again
+            return
+        if not app.backend.drop_partition(partition, DROP_CHUNK):
+            self.to_drop.discard(partition)
+            log.info("%s: data of discarded partition %d deleted", app.label, partition)
+        app.pending_written()
+        await asyncio.sleep(0)  # let client requests in between chunks

@@ -1,0 +1,236 @@
+"""Storage failures with replicas: commits go on without a dead storage, and
+replication brings it back up to date, resuming where it stopped."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import transaction
+import ZODB
+from BTrees.OOBTree import OOBTree
+from persistent.mapping import PersistentMapping
+
+from neozodb.cli.cluster import wait_until
+from neozodb.client import Storage
+from neozodb.ctl.neoctl import run_command
+from neozodb.protocol import NodeStates, NodeTypes
+from neozodb.storage.backends.sqlite import SQLiteBackend
+
+pytestmark = pytest.mark.timeout(240)
+
+# A client process committing tree[i] = "v<i>" for i = 0, 1, ... into its
+# own OOBTree root[key], one transaction each, printing i once acknowledged;
+# stops after the commit that follows the creation of the stop file.
+WRITER = textwrap.dedent("""
+    import os, sys, transaction, ZODB
+    from neozodb.client import Storage
+    masters, name, key, stop = sys.argv[1:]
+    db = ZODB.DB(Storage(masters, name))
+    conn = db.open()
+    tree = conn.root()[key]
+    i = 0
+    while True:
+        tree[i] = "v%d" % i
+        transaction.commit()
+        print(i, flush=True)
+        i += 1
+        if os.path.exists(stop):
+            break
+    db.close()
+""")
+
+
+def pt_lines(cluster) -> list[str]:
+    ctl = cluster.ctl()
+    try:
+        return run_command(ctl, ["print", "pt"])[0][1:]
+    finally:
+        ctl.close()
+
+
+def node_state(cluster, name: str):
+    ctl = cluster.ctl()
+    try:
+        for node in ctl.nodes(NodeTypes.STORAGE):
+            if "S%d" % (node[2] & 0xFFFFFF) == name:
+                return node[3]
+    finally:
+        ctl.close()
+
+
+def all_up_to_date(cluster, names) -> bool:
+    lines = pt_lines(cluster)
+    return len(lines) == len(names) and all(
+        line.split()[0] in names and line.split()[1] == "R" and set(line.split()[2]) <= {"U", "."}
+        for line in lines)
+
+
+def acknowledged(path: str) -> int:
+    with open(path) as f:
+        return len(f.read().split())
+
+
+def replica_contents(path: str) -> dict:
+    """Every committed transaction and object revision of a storage database."""
+    db = SQLiteBackend(path)
+    db.open()
+    try:
+        np = db.get_num_partitions()
+        content = {}
+        for p in range(np):
+            trans = {t: db.get_transaction(t) for t in db.fetch_tids(p, 1 << 30, 0, (1 << 63) - 1)}
+            objs = {k: db.fetch_object(k[1], k[0])
+                    for k in db.fetch_object_keys(p, 1 << 30, 0, (1 << 63) - 1, 0)}
+            content[p] = (trans, objs)
+        return content
+    finally:
+        db.close()
+
+
+def replicated_objects(node) -> int:
+    """Objects this run of a storage fetched, from its log."""
+    with open(node.logfile, "rb") as f:
+        f.seek(node.log_offset)
+        text = f.read().decode("utf-8", "replace")
+    return sum(int(n) for n in re.findall(r"replicated from \S+ up to \S+ \((\d+) objects", text))
+
+
+def test_storage_killed_under_write_load_catches_up(cluster, tmp_path):
+    db = ZODB.DB(Storage(cluster.masters, cluster.name))
+    root = db.open().root()
+    root["w1"], root["w2"] = OOBTree(), OOBTree()
+    transaction.commit()
+    db.close()
+    stop = str(tmp_path / "stop")
+    outs = [str(tmp_path / "w1.out"), str(tmp_path / "w2.out")]
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, cluster.masters, cluster.name,
+                                 key, stop], stdout=open(out, "w"), stderr=subprocess.PIPE)
+               for key, out in zip(("w1", "w2"), outs, strict=True)]
+    try:
+        wait_until(lambda: all(acknowledged(o) >= 20 for o in outs), 60, "first commits")
+        cluster.nodes["S2"].kill()
+        wait_until(lambda: node_state(cluster, "S2") is NodeStates.DOWN, 30, "S2 down")
+        assert cluster.cluster_state() == "RUNNING"
+        during = [acknowledged(o) for o in outs]
+        wait_until(lambda: all(acknowledged(o) >= n + 30 for o, n in zip(outs, during, strict=True)),
+                   60, "commits without S2")
+        cluster.nodes["S2"].start()
+        wait_until(lambda: all_up_to_date(cluster, {"S1", "S2"}), 60, "S2 up to date")
+        after = [acknowledged(o) for o in outs]
+        wait_until(lambda: all(acknowledged(o) >= n + 10 for o, n in zip(outs, after, strict=True)),
+                   60, "commits after S2 returned")
+    finally:
+        open(stop, "w").close()
+        for w in writers:
+            assert w.wait(60) == 0, w.stderr.read().decode()
+    counts = [acknowledged(o) for o in outs]
+    db = ZODB.DB(Storage(cluster.masters, cluster.name))
+    try:
+        root = db.open().root()
+        for key, count in zip(("w1", "w2"), counts, strict=True):
+            tree = root[key]
+            assert [tree[i] for i in range(count)] == ["v%d" % i for i in range(count)]
+    finally:
+        db.close()
+    cluster.stop()
+    s1 = replica_contents(os.path.join(cluster.directory, "storage1.sqlite"))
+    s2 = replica_contents(os.path.join(cluster.directory, "storage2.sqlite"))
+    assert sum(len(t) for t, _ in s1.values()) > sum(counts)
+    assert s1 == s2
+
+
+def test_interrupted_replication_resumes(cluster):
+    s2 = cluster.nodes["S2"]
+    s2.kill()
+    wait_until(lambda: node_state(cluster, "S2") is NodeStates.DOWN, 30, "S2 down")
+    db = ZODB.DB(Storage(cluster.masters, cluster.name))
+    root = db.open().root()
+    count = 0
+    for _ in range(30):
+        for _ in range(100):
+            root[count] = PersistentMapping(data=os.urandom(1000))
+            count += 1
+        transaction.commit()
+    db.close()
+    total = count + 31  # one record per mapping, 31 revisions of the root
+    # slow enough to be interrupted in the middle
+    s2.argv += ["--replication-rate", "300K"]
+    s2.start()
+    wait_until(lambda: replicated_objects(s2) >= count // 3, 60, "part of the replication")
+    s2.kill()
+    first = replicated_objects(s2)
+    assert first < total, "replication was not interrupted"
+    del s2.argv[-2:]
+    s2.start()
+    wait_until(lambda: all_up_to_date(cluster, {"S1", "S2"}), 60, "S2 up to date")
+    second = replicated_objects(s2)
+    # the second run only fetched what the first one had not
+    assert 0 < second <= total - first
+    db = ZODB.DB(Storage(cluster.masters, cluster.name))
+    try:
+        root = db.open().root()
+        assert len(root) == count
+    finally:
+        db.close()
+    cluster.stop()
+    assert replica_contents(os.path.join(cluster.directory, "storage1.sqlite")) == \
+        replica_contents(os.path.join(cluster.directory, "storage2.sqlite"))
+
+
+def neoctl(cluster, *words):
+    from neozodb.ctl.neoctl import CtlError
+    ctl = cluster.ctl()
+    try:
+        return run_command(ctl, list(words))
+    except CtlError as e:
+        return str(e)
+    finally:
+        ctl.close()
+
+
+def cells(cluster) -> dict[str, str]:
+    return {line.split()[0]: line.split()[2] for line in pt_lines(cluster)}
+
+
+def test_grow_then_drain_and_drop(cluster):
+    db = ZODB.DB(Storage(cluster.masters, cluster.name))
+    root = db.open().root()
+    for i in range(300):
+        root[i] = PersistentMapping(n=i)
+        if i % 50 == 49:
+            transaction.commit()
+    transaction.commit()
+    db.close()
+    cluster.storage(3).start()
+    wait_until(lambda: node_state(cluster, "S3") is NodeStates.PENDING, 30, "S3 pending")
+    assert neoctl(cluster, "add", "S1") == "S1 is not pending"
+    assert neoctl(cluster, "add", "S3")[0] == ["Nodes added: S3"]
+    lines, _ = neoctl(cluster, "tweak")
+    assert "O" in dict(line.split()[::2] for line in lines)["S3"]
+    wait_until(lambda: all_up_to_date(cluster, {"S1", "S2", "S3"}), 60, "S3 up to date")
+    counts = sorted(c.count("U") for c in cells(cluster).values())
+    assert counts == [8, 8, 8]  # 12 partitions x 2 copies over 3 nodes
+    assert neoctl(cluster, "tweak", "-n")[1]["changed"] is False  # balanced already
+
+    # drain S1: its cells move to S2 and S3, then it can go
+    neoctl(cluster, "tweak", "S1")
+    wait_until(lambda: cells(cluster).get("S1", "") in ("", "." * 12)
+               and all_up_to_date(cluster, {"S1", "S2", "S3"}), 60, "S1 drained")
+    assert cells(cluster)["S2"] == cells(cluster)["S3"] == "U" * 12
+    assert neoctl(cluster, "drop", "S1") == ([], {"ok": True})
+    wait_until(lambda: not cluster.nodes["S1"].running, 30, "S1 to exit")
+    assert set(cells(cluster)) == {"S2", "S3"}
+    db = ZODB.DB(Storage(cluster.masters, cluster.name))
+    try:
+        root = db.open().root()
+        assert [root[i]["n"] for i in range(300)] == list(range(300))
+    finally:
+        db.close()
+    # S3 now holds the only copy of what S2 loses if dropped, and vice versa
+    cluster.nodes["S3"].kill()
+    wait_until(lambda: node_state(cluster, "S3") is NodeStates.DOWN, 30, "S3 down")
+    assert "only readable copy" in neoctl(cluster, "drop", "S2")
