@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -221,6 +222,16 @@ def test_grow_then_drain_and_drop(cluster):
     wait_until(lambda: cells(cluster).get("S1", "") in ("", "." * 12)
                and all_up_to_date(cluster, {"S1", "S2", "S3"}), 60, "S1 drained")
     assert cells(cluster)["S2"] == cells(cluster)["S3"] == "U" * 12
+
+    def s1_rows():
+        conn = sqlite3.connect(os.path.join(cluster.directory, "storage1.sqlite"))
+        try:
+            return sum(conn.execute("SELECT COUNT(*) FROM %s" % t).fetchone()[0]
+                       for t in ("obj", "trans", "data"))
+        finally:
+            conn.close()
+    # the discarded cells' data is deleted in the background
+    wait_until(lambda: s1_rows() == 0, 30, "S1 to delete the data it no longer holds")
     assert neoctl(cluster, "drop", "S1") == ([], {"ok": True})
     wait_until(lambda: not cluster.nodes["S1"].running, 30, "S1 to exit")
     assert set(cells(cluster)) == {"S2", "S3"}

@@ -69,6 +69,12 @@ class Replicator:
                 last = backend.last_tid_of(partition)
                 first = 0 if last is None else last + 1
                 backend.set_replication(partition, (first, first, 0))
+        # data of partitions we lost while we were away (FEEDING cells of a
+        # down node are discarded, and we were not there to be told)
+        ours = set(app.pt.partitions_of(app.nid)) if app.pt is not None else set()
+        for partition in range(backend.get_num_partitions() or 0):
+            if partition not in ours and backend.last_tid_of(partition) is not None:
+                self.to_drop.add(partition)
         self._task = asyncio.ensure_future(self._run())
 
     def stop(self) -> None:
