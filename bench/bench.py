@@ -96,7 +96,7 @@ class NeoBackend(Backend):
         from neozodb.cli.cluster import LocalCluster
         self.cluster = LocalCluster(os.path.join(workdir, self.key), name="bench",
                                     storages=self.storages, replicas=self.replicas,
-                                    partitions=self.partitions, loglevel="WARNING")
+                                    partitions=self.partitions, loglevel="INFO")
         try:
             self.cluster.start(wait=60)
         except BaseException:
