@@ -152,7 +152,9 @@ class ClientApp:
                     extra = {b"read_only": True} if self.read_only else {}
                     _, master_nid, nid = conn.call(
                         Packets.RequestIdentification, NodeTypes.CLIENT, self.nid, None,
-                        self.name.encode(), None, extra, timeout=10)
+                        self.name.encode(), None, extra,
+                        # the master holds clients until the cluster runs
+                        timeout=max(10.0, deadline - time.monotonic()))
                 except (OSError, ConnectionClosed) as e:
                     last_error = "%s:%s: %s" % (address[0], address[1], e)
                     if conn.sock is not None:

@@ -14,7 +14,7 @@ import time
 from neozodb.master import checks, handlers
 from neozodb.master.transactions import TransactionManager
 from neozodb.master.tweak import drop_changes
-from neozodb.net.connection import Connection, ConnectionClosed, RemoteError
+from neozodb.net.connection import Connection, ConnectionClosed, HandlerError, RemoteError
 from neozodb.nodes import Node, NodeManager
 from neozodb.protocol import (
     CellStates,
@@ -38,7 +38,8 @@ class StoppedOperation(Exception):
 
 class MasterApp:
     def __init__(self, name: str, bind: tuple[str, int], partitions: int = 100,
-                 replicas: int = 0, autostart: int = 0, masters: list | None = None) -> None:
+                 replicas: int = 0, autostart: int = 0, masters: list | None = None,
+                 hold_timeout: float = 30.0) -> None:
         self.name = name
         self.name_bytes = name.encode()
         self.bind = bind
@@ -67,6 +68,10 @@ class MasterApp:
         self.updatable: set[tuple[int, int]] = set()  # (nid, offset)
         self.finish_watchers: dict[int, set[int]] = {}  # ttid -> storage nids
         self.check_run = None  # the last `neoctl check` (master/checks.py)
+        # clients identifying while the cluster is not RUNNING:
+        # (conn, accept, refuse, timer), see hold_client
+        self.held_clients: list[tuple] = []
+        self.hold_timeout = hold_timeout
         self.server: asyncio.base_events.Server | None = None
 
     @property
@@ -157,6 +162,35 @@ class MasterApp:
         for peer in self.nm:
             if peer.connected:
                 peer.conn.notify(Packets.NotifyClusterInformation, state)
+        if state is ClusterStates.RUNNING or state is ClusterStates.STOPPING:
+            self.release_clients()
+
+    def hold_client(self, conn: Connection, accept, refuse) -> None:
+        """Answer a client's identification once the cluster runs; refuse it
+        with NOT_READY after ``hold_timeout`` seconds."""
+        def expire():
+            entry[3] = None
+            if entry in self.held_clients:
+                self.held_clients.remove(entry)
+                if not conn.closed:
+                    refuse("cluster is not running (waited %g s)" % self.hold_timeout)
+                    conn.close("cluster not running", flush=True)
+        timer = asyncio.get_running_loop().call_later(self.hold_timeout, expire)
+        entry = [conn, accept, refuse, timer]
+        self.held_clients.append(entry)
+        log.info("%s: client at %s waits for the cluster to run", self.label, conn.peer)
+
+    def release_clients(self) -> None:
+        held, self.held_clients = self.held_clients, []
+        for conn, accept, refuse, timer in held:
+            if timer is not None:
+                timer.cancel()
+            if not conn.closed:
+                try:
+                    accept()
+                except HandlerError as e:  # e.g. the cluster is stopping
+                    refuse(str(e))
+                    conn.close(str(e), flush=True)
 
     def set_node_state(self, node: Node, state: NodeStates) -> None:
         if node.state is not state:

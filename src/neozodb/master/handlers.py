@@ -70,8 +70,15 @@ class IdentificationHandler(BaseHandler):
                 state = NodeStates.PENDING
             handler = StorageHandler(app)
         elif node_type is NodeTypes.CLIENT:
-            if app.cluster_state is not ClusterStates.RUNNING or app.stopping:
-                raise NotReady("cluster is not running")
+            if app.stopping:
+                raise NotReady("cluster is stopping")
+            if app.cluster_state is not ClusterStates.RUNNING:
+                # held until the cluster runs (or refused after a while),
+                # rather than bounced into a reconnection loop
+                app.hold_client(conn, lambda: self.RequestIdentification(
+                    conn, msg_id, node_type, nid, address, name, id_timestamp, extra),
+                    lambda why: conn.error(msg_id, ErrorCodes.NOT_READY, why))
+                return
             nid = app.temporary_nid(NodeTypes.CLIENT)
             handler = ClientHandler(app, read_only=bool(extra.get(b"read_only")))
         elif node_type is NodeTypes.ADMIN:
