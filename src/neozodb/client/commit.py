@@ -11,7 +11,7 @@ from ZODB.POSException import ConflictError, ReadConflictError, StorageTransacti
 
 from neozodb.client.compress import compress
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
-from neozodb.protocol import ZERO_HASH, ZERO_TID, ErrorCodes, Packets, nid_str
+from neozodb.protocol import MAX_TID, ZERO_HASH, ZERO_TID, ErrorCodes, Packets, nid_str
 
 log = logging.getLogger("neozodb.client")
 
@@ -190,9 +190,42 @@ class Commit:
         queue = master.ask(Packets.AskFinishTransaction, self.ttid, oids, [], checked, None,
                            hook=committed)
         _, result, error, _ = queue.get()
+        if isinstance(error, ConnectionClosed):
+            # the master went away with our request: it may have committed
+            # it or not; find out rather than guess (never both raise and
+            # commit)
+            tid = self._final_tid()
+            if tid is None:
+                raise StorageTransactionError(
+                    f"tpc_finish failed: master lost ({error}) and the transaction"
+                    " was not committed")
+            log.warning("%s: master lost during tpc_finish, but %s committed as %s",
+                        app.label, self.ttid.hex(), tid.hex())
+            app.committed(tid, self.cache_data, callback)
+            return tid
         if error is not None:
             raise StorageTransactionError(f"tpc_finish failed: {error}")
         return result[1]
+
+    def _final_tid(self) -> bytes | None:
+        """The TID our transaction got, or None if it was not committed:
+        asked to the (new) master, which answers at once if it knows, when
+        done if it is still committing, or MAX_TID: "ask the storages" (a
+        master that restarted knows nothing, but its verification settled
+        every transaction on the storages before clients were accepted)."""
+        app = self.app
+        while True:
+            master = app.get_master()  # reconnects; waits for the cluster to run
+            try:
+                (tid,) = master.call(Packets.AskFinalTID, self.ttid, timeout=app.connect_timeout)
+            except ConnectionClosed:
+                if app.closed:
+                    raise
+                continue
+            if tid != MAX_TID:
+                return tid
+            (tid,) = app.ask_storage(self.ttid, Packets.AskFinalTID, self.ttid)
+            return tid
 
     def abort(self) -> None:
         app = self.app

@@ -67,6 +67,7 @@ class MasterApp:
         # (only those may become UP_TO_DATE), and who waits for which ttid
         self.updatable: set[tuple[int, int]] = set()  # (nid, offset)
         self.finish_watchers: dict[int, set[int]] = {}  # ttid -> storage nids
+        self.final_tid_waiters: dict[int, list] = {}  # ttid -> [(client conn, msg_id)]
         self.check_run = None  # the last `neoctl check` (master/checks.py)
         # clients identifying while the cluster is not RUNNING:
         # (conn, accept, refuse, timer), see hold_client
@@ -246,6 +247,7 @@ class MasterApp:
         self.ready_storages.clear()
         self.updatable.clear()
         self.finish_watchers.clear()
+        self.final_tid_waiters.clear()
         for node in self.nm.storages():
             if node.connected:
                 self.set_node_state(node, NodeStates.PENDING)
@@ -469,6 +471,8 @@ class MasterApp:
         return self.tm.last_tid, ttids
 
     def transaction_finished(self, ttid: int, tid: int) -> None:
+        for conn, msg_id in self.final_tid_waiters.pop(ttid, ()):
+            conn.answer(msg_id, Packets.AnswerFinalTID, p64(tid))
         for nid in self.finish_watchers.pop(ttid, ()):
             node = self.nm.get(nid)
             if node is not None and node.connected:

@@ -11,6 +11,7 @@ from neozodb.master.tweak import drop_check
 from neozodb.net.connection import Denied, Handler, HandlerError, NotReady
 from neozodb.nodes import Node, address_from_wire
 from neozodb.protocol import (
+    MAX_TID,
     ZERO_TID,
     ClusterStates,
     ErrorCodes,
@@ -228,7 +229,18 @@ class ClientHandler(BaseHandler):
         conn.answer(msg_id, Packets.AnswerLastTransaction, p64(self.app.tm.last_tid))
 
     def AskFinalTID(self, conn, msg_id, ttid):
-        conn.answer(msg_id, Packets.AnswerFinalTID, None)
+        """A client lost its answer to AskFinishTransaction: None if the
+        transaction is not committed, its TID once it is, MAX_TID if we do
+        not know it (finished earlier, or before we started): the storages
+        know."""
+        app = self.app
+        txn = app.tm.txns.get(u64(ttid))
+        if txn is None:
+            conn.answer(msg_id, Packets.AnswerFinalTID, MAX_TID)
+        elif not txn.prepared:
+            conn.answer(msg_id, Packets.AnswerFinalTID, None)
+        else:
+            app.final_tid_waiters.setdefault(txn.ttid, []).append((conn, msg_id))
 
 
 class AdminHandler(BaseHandler):

@@ -109,7 +109,12 @@ class MasterHandler(BaseHandler):
         conn.answer(msg_id, Packets.AnswerFinalTID, _p64(self.app.backend.get_final_tid(u64(ttid))))
 
     def ValidateTransaction(self, conn, msg_id, ttid, tid):
-        self.app.backend.validate_transaction(u64(ttid), u64(tid))
+        app = self.app
+        app.backend.validate_transaction(u64(ttid), u64(tid))
+        # locked under the previous master and never unlocked: its read
+        # locks would hold back loads of its objects forever
+        if app.locks.finish(ttid) is not None:
+            app.replay()
 
     def AskLastIDs(self, conn, msg_id):
         backend = self.app.backend
