@@ -134,7 +134,7 @@ def test_master_defaults():
     assert (o.partitions, o.replicas, o.autostart) == (100, 0, 0)
     assert o.loglevel == "INFO"
     assert o.logfile is None and o.nid is None and o.file is None
-    assert not hasattr(o, "keepalive")
+    assert o.keepalive == 30.0
     assert not hasattr(o, "database")
 
 
@@ -179,6 +179,27 @@ def test_command_line_values():
     o = parse_options("storage", ["-c", "x", "-m", "h:1", "-d", "d", "-w", "-1"])
     assert o.wait == -1
     assert o.replication_rate == 0
+
+
+@pytest.mark.parametrize("node, argv", [
+    ("master", ["-c", "x"]),
+    ("storage", ["-c", "x", "-m", "h:1", "-d", "d"]),
+    ("admin", ["-c", "x", "-m", "h:1"]),
+])
+def test_keepalive(node, argv, tmp_path, capsys):
+    assert parse_options(node, argv).keepalive == 30.0
+    assert parse_options(node, argv + ["--keepalive", "2.5"]).keepalive == 2.5
+    assert parse_options(node, argv + ["--keepalive", "0"]).keepalive == 0  # none
+    path = tmp_path / "k.ini"
+    path.write_text(f"[DEFAULT]\nkeepalive = 7\n[{node}]\n")
+    assert parse_options(node, argv + ["-f", str(path)]).keepalive == 7.0
+    assert parse_options(node, argv + ["-f", str(path), "--keepalive", "3"]).keepalive == 3.0
+    for bad in ("-1", "soon", "nan", "inf"):
+        line = fails(capsys, node, argv + ["--keepalive", bad])
+        assert "--keepalive" in line and bad in line, line
+    path.write_text(f"[{node}]\nkeepalive = -5\n")
+    line = fails(capsys, node, argv + ["-f", str(path)])
+    assert "keepalive" in line and "-5" in line, line
 
 
 @pytest.mark.parametrize("text, rate", [
@@ -346,8 +367,8 @@ def test_error_file_contents(capsys, tmp_path, ini):
     bad.write_text("[master]\ncluster = c\npartitions = many\n")
     line = fails(capsys, "master", ["-f", str(bad)])
     assert "partitions" in line and "many" in line
-    bad.write_text("[master]\ncluster = c\nkeepalive = 5\n")
-    assert "unknown option 'keepalive'" in fails(capsys, "master", ["-f", str(bad)])
+    bad.write_text("[master]\ncluster = c\nheartbeat = 5\n")
+    assert "unknown option 'heartbeat'" in fails(capsys, "master", ["-f", str(bad)])
     bad.write_text("[storage]\ncluster = c\nmasters = h:1\ndatabase = d\nreset = maybe\n")
     assert "not a boolean" in fails(capsys, "storage", ["-f", str(bad)])
     bad.write_text("no section header\n")

@@ -2,12 +2,17 @@
 
 No sockets: the transport records what the connection writes and whether
 it was closed (flushing) or aborted; the peer's bytes are fed directly to
-``data_received``.  Each test runs inside its own event loop.
+``data_received``.  Each test runs inside its own event loop.  At the end,
+the keep-alive of the threaded (client) connection, against a plain socket
+on loopback.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import threading
+import time
 
 import pytest
 
@@ -18,7 +23,10 @@ from neozodb.net.connection import (
     HandlerError,
     NotReady,
     RemoteError,
+    get_keepalive,
+    set_keepalive,
 )
+from neozodb.net.threaded import ThreadedConnection
 from neozodb.protocol import (
     HANDSHAKE,
     ClusterStates,
@@ -470,3 +478,285 @@ def test_protocol_error_while_closing_gracefully_stops_reading():
         assert transport.calls == ["write_eof", "close"] and handler.lost == 1
         assert handler.calls == [] and transport.messages() == []
     run(test, EofTransport)
+
+
+# -- keep-alive ----------------------------------------------------------------------------------
+#
+# Real time, small keep-alives: what is tested is when the timer acts.
+# Waits are bounded waits on what the connection does (a Ping written, the
+# connection closed); asyncio.sleep() only makes time pass between the
+# peer's messages.
+
+KEEPALIVE = 0.4  # Ping after 0.2 s of silence, close 0.2 s after it
+HALF = KEEPALIVE / 2
+EPSILON = 0.005  # clock and scheduling slack
+
+
+class PingTransport(FakeTransport):
+    """Also records when each keep-alive Ping is written."""
+
+    def __init__(self):
+        super().__init__()
+        self.pings: list[tuple[float, int]] = []  # (monotonic time, msg_id)
+        self.changed = asyncio.Event()
+
+    def write(self, data):
+        super().write(data)
+        pings = [m for m in self.messages() if m[1] == Packets.Ping.code]
+        for msg_id, _, _ in pings[len(self.pings):]:
+            self.pings.append((time.monotonic(), msg_id))
+            self.changed.set()
+
+    async def wait_pings(self, n: int, timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.pings) < n:
+                self.changed.clear()
+                await self.changed.wait()
+
+
+def run_keepalive(test, keepalive=KEEPALIVE, transport_class=PingTransport):
+    async def main():
+        transport = transport_class()
+        handler = Recorder()
+        conn = Connection(App(), handler, keepalive=keepalive)
+        conn.connection_made(transport)
+        return await test(conn, transport, handler)
+    return asyncio.run(main())
+
+
+def test_keepalive_pings_a_silent_peer_and_the_pong_keeps_it():
+    async def test(conn, transport, handler):
+        conn.data_received(HANDSHAKE)
+        start = time.monotonic()
+        await transport.wait_pings(1)
+        sent, msg_id = transport.pings[0]
+        assert sent - start >= HALF - EPSILON
+        assert not conn.closed and msg_id in conn.endpoint.pending
+        conn.data_received(msg(msg_id, Packets.Pong))  # answered: nothing pending
+        answered = time.monotonic()
+        assert not conn.endpoint.pending
+        await transport.wait_pings(2)  # silent again: pinged again, never closed
+        assert transport.pings[1][0] - answered >= HALF - EPSILON
+        assert not conn.closed and transport.calls == []
+    run_keepalive(test)
+
+
+def test_keepalive_closes_a_peer_silent_after_the_ping(caplog):
+    async def test(conn, transport, handler):
+        conn.data_received(HANDSHAKE)
+        start = time.monotonic()
+        future = conn.ask(Packets.AskLastTransaction)
+        await asyncio.wait_for(conn.closed_future, 5)
+        assert time.monotonic() - start >= KEEPALIVE - EPSILON
+        assert len(transport.pings) == 1
+        assert conn.close_reason == "no answer to keep-alive for 0.2 s"
+        assert transport.calls == ["abort"] and handler.lost == 1
+        with pytest.raises(ConnectionClosed, match="no answer to keep-alive"):
+            await future  # pending requests fail as with any close
+    with caplog.at_level(logging.INFO, "neozodb.net"):
+        run_keepalive(test)
+    _one_close_line(caplog, "no answer to keep-alive for 0.2 s")
+    assert [r.levelno for r in caplog.records if "keep-alive" in r.getMessage()] == [logging.WARNING]
+
+
+def test_keepalive_any_data_is_a_sign_of_life():
+    async def test(conn, transport, handler):
+        conn.data_received(HANDSHAKE)
+        await asyncio.sleep(HALF / 2)
+        conn.data_received(msg(0, Packets.InvalidateObjects, TID, [OID]))
+        last = time.monotonic()
+        await transport.wait_pings(1)
+        # the idle time counts from the last data, not from the handshake
+        assert transport.pings[0][0] - last >= HALF - EPSILON
+        # not the Pong, but something: the connection stays and the next
+        # Ping comes half a keep-alive after it
+        conn.data_received(msg(1, Packets.InvalidateObjects, TID, [OID]))
+        last = time.monotonic()
+        await transport.wait_pings(2)
+        assert transport.pings[1][0] - last >= HALF - EPSILON
+        assert not conn.closed and transport.calls == []
+        assert handler.calls == [("InvalidateObjects", 0), ("InvalidateObjects", 1)]
+    run_keepalive(test)
+
+
+def test_keepalive_no_ping_while_traffic_flows():
+    async def test(conn, transport, handler):
+        conn.data_received(HANDSHAKE)
+        start = time.monotonic()
+        i = 0
+        while time.monotonic() - start < 2 * KEEPALIVE:
+            conn.data_received(msg(i, Packets.InvalidateObjects, TID, [OID]))
+            i += 1
+            await asyncio.sleep(HALF / 4)
+        assert transport.pings == [] and transport.messages() == []
+        assert not conn.closed and transport.calls == []
+    run_keepalive(test)
+
+
+def test_keepalive_no_ping_before_the_handshake():
+    async def test(conn, transport, handler):
+        start = time.monotonic()
+        await asyncio.wait_for(conn.closed_future, 5)
+        assert time.monotonic() - start >= KEEPALIVE - EPSILON
+        assert bytes(transport.data) == HANDSHAKE  # ours only: no Ping
+        assert conn.close_reason == "no handshake after 0.4 s"
+        assert transport.calls == ["abort"] and handler.lost == 1
+    run_keepalive(test)
+
+
+def test_keepalive_timer_stops_on_close():
+    async def test(conn, transport, handler):
+        assert conn._ka_timer is not None
+        conn.close("bye", flush=True)  # lingering: the linger timer decides
+        assert conn._ka_timer is None and conn._timer is not None
+        conn.close("now")
+        assert conn._ka_timer is None
+    run_keepalive(test, transport_class=EofTransport)
+
+    async def lost(conn, transport, handler):
+        conn.connection_lost(None)
+        assert conn._ka_timer is None
+    run_keepalive(lost)
+
+    async def refused(conn, transport, handler):
+        conn.data_received(HANDSHAKE + msg(5, Packets.AskClusterState))  # NotReady: closes
+        assert conn.closed and conn._ka_timer is None
+    run_keepalive(refused)
+
+    async def disabled(conn, transport, handler):
+        assert conn._ka_timer is None
+    run_keepalive(disabled, keepalive=0)
+
+
+def test_set_keepalive_is_the_default_of_new_connections():
+    saved = get_keepalive()
+    try:
+        set_keepalive(5)
+        assert get_keepalive() == 5.0
+
+        async def main():
+            return Connection(App(), Recorder()).keepalive, Connection(App(), Recorder(), keepalive=1).keepalive
+        assert asyncio.run(main()) == (5.0, 1)
+        for bad in (-1, float("nan"), float("inf")):
+            with pytest.raises(ValueError):
+                set_keepalive(bad)
+        assert get_keepalive() == 5.0
+    finally:
+        set_keepalive(saved)
+
+
+# -- keep-alive of the threaded (client) connection ---------------------------------------------
+
+
+class Peer:
+    """The far end of a ThreadedConnection: a plain socket driven by the test."""
+
+    def __init__(self, keepalive=KEEPALIVE):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.lost = threading.Event()
+        self.dispatched: list = []
+        self.conn = ThreadedConnection(self.listener.getsockname(), self, "C1", keepalive=keepalive)
+        self.conn.connect(timeout=5)
+        self.sock, _ = self.listener.accept()
+        self.sock.settimeout(5)  # every read of the test is bounded
+        self.decoder = Decoder()
+        assert self.sock.recv(len(HANDSHAKE)) == HANDSHAKE
+
+    # the connection's handler
+    def dispatch(self, conn, msg_id, packet, args):
+        self.dispatched.append(packet.name)
+
+    def connection_lost(self, conn):
+        self.lost.set()
+
+    def read(self):
+        """Next message from the connection (bounded by the socket timeout)."""
+        while True:
+            for m in self.decoder:
+                return m
+            data = self.sock.recv(1 << 16)
+            assert data, "connection closed"
+            self.decoder.feed(data)
+
+    def close(self):
+        self.conn.close()
+        self.sock.close()
+        self.listener.close()
+
+
+def test_threaded_keepalive_pings_then_closes(caplog):
+    peer = Peer()
+    try:
+        peer.sock.sendall(HANDSHAKE)
+        start = time.monotonic()
+        msg_id, code, args = peer.read()
+        assert (code, args) == (Packets.Ping.code, ())
+        assert time.monotonic() - start >= HALF - EPSILON
+        queue = peer.conn.ask(Packets.AskLastTransaction)
+        assert peer.read()[1] == Packets.AskLastTransaction.code
+        with caplog.at_level(logging.WARNING, "neozodb.client"):
+            assert peer.lost.wait(5)
+        assert time.monotonic() - start >= KEEPALIVE - EPSILON
+        assert peer.conn.closed and peer.conn.close_reason == "no answer to keep-alive for 0.2 s"
+        _, result, error, _ = queue.get(timeout=5)
+        assert result is None and isinstance(error, ConnectionClosed)
+        assert "no answer to keep-alive" in str(error)
+        assert any(r.getMessage() == "C1: closing connection with 127.0.0.1:%d: "
+                   "no answer to keep-alive for 0.2 s" % peer.listener.getsockname()[1]
+                   for r in caplog.records)
+    finally:
+        peer.close()
+
+
+def test_threaded_answers_pings_and_pongs_keep_it_alive():
+    peer = Peer()
+    try:
+        peer.sock.sendall(HANDSHAKE + msg(7, Packets.Ping))
+        assert peer.read() == (7, Packets.Pong.code, ())  # answered whatever the handler
+        for _ in range(3):  # 3 keep-alive periods, each Ping answered
+            msg_id, code, _ = peer.read()
+            assert code == Packets.Ping.code
+            peer.sock.sendall(msg(msg_id, Packets.Pong))
+        # alive after 3 periods (the next Ping may already be on its way:
+        # what is pending is not asserted)
+        assert not peer.conn.closed
+        assert peer.dispatched == []
+    finally:
+        peer.close()
+
+
+def test_threaded_keepalive_no_ping_before_the_handshake():
+    peer = Peer()
+    try:
+        assert peer.lost.wait(5)
+        assert peer.conn.close_reason == "no handshake after 0.4 s"
+        peer.sock.settimeout(1)
+        assert peer.sock.recv(100) == b""  # closed, and no Ping was sent
+    finally:
+        peer.close()
+
+
+def test_threaded_keepalive_unblocks_a_sender_stuck_on_the_silent_peer():
+    peer = Peer()
+    peer.sock.sendall(HANDSHAKE)  # then reads nothing: the sender fills the buffers
+    big = b"x" * (1 << 20)
+
+    def sender():
+        while not peer.conn.closed:
+            peer.conn.ask(Packets.AskStoreObject, OID, TID, 0, bytes(20), big, None, TID)
+
+    thread = threading.Thread(target=sender, daemon=True)
+    try:
+        thread.start()
+        assert peer.lost.wait(10)
+        thread.join(5)
+        assert not thread.is_alive()
+        assert peer.conn.close_reason == "no answer to keep-alive for 0.2 s"
+        # the sender held the connection's lock, blocked: no Ping could go
+        codes = set()
+        while data := peer.sock.recv(1 << 20):
+            peer.decoder.feed(data)
+            codes.update(m[1] for m in peer.decoder)
+        assert codes == {Packets.AskStoreObject.code}
+    finally:
+        peer.close()

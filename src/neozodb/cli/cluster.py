@@ -78,8 +78,10 @@ class LocalCluster:
     def __init__(self, directory: str, name: str = "neozodb", storages: int = 2,
                  replicas: int = 1, partitions: int = 12, host: str = "127.0.0.1",
                  master_port: int = 0, admin_port: int = 0, loglevel: str = "INFO",
-                 autostart: bool = True) -> None:
+                 autostart: bool = True, node_args: list[str] | tuple[str, ...] = ()) -> None:
         self.autostart = autostart
+        # extra options given to every node, e.g. ("--keepalive", "3")
+        self.node_args = list(node_args)
         self.directory = os.path.abspath(directory)
         self.name = name
         self.host = host
@@ -102,7 +104,8 @@ class LocalCluster:
         return "neo://%s@%s" % (self.name, self.masters)
 
     def _python(self, module: str, *args: str) -> list[str]:
-        return [sys.executable, "-m", module, "-c", self.name, "--loglevel", self.loglevel, *args]
+        return [sys.executable, "-m", module, "-c", self.name, "--loglevel", self.loglevel, *args,
+                *self.node_args]
 
     def _node(self, name: str, argv: list[str]) -> NodeProcess:
         node = NodeProcess(name, argv, os.path.join(self.directory, name + ".log"))

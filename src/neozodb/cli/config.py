@@ -25,10 +25,12 @@ import ipaddress
 import json
 import logging
 import logging.handlers
+import math
 import re
 import sys
 from collections.abc import Callable
 
+from neozodb.net.threaded import DEFAULT_KEEPALIVE
 from neozodb.protocol import nid_str
 
 __all__ = [
@@ -263,6 +265,16 @@ def _wait(value: str) -> float:
 _RATE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
+def _keepalive(value: str) -> float:
+    try:
+        k = float(str(value).strip())
+    except ValueError:
+        raise ValueError(f"invalid number of seconds {value!r}") from None
+    if not (k >= 0 and math.isfinite(k)):
+        raise ValueError(f"invalid keep-alive {value!r}: seconds >= 0 (0 = none)")
+    return k
+
+
 def _rate(value: str) -> int:
     s = str(value).strip().upper().removesuffix("/S").removesuffix("B")
     unit = s[-1:] if s[-1:] in ("K", "M", "G") else ""
@@ -358,6 +370,14 @@ def _build_parser(node: str, prog: str | None):
         help="DEBUG, INFO or WARNING (default: INFO)",
     )
     add("-i", "--nid", metavar="NID", type=_type(parse_nid, "nid"), help="node id (int or S1 style)")
+    add(
+        "--keepalive",
+        metavar="SECONDS",
+        type=_type(_keepalive, "seconds"),
+        default=DEFAULT_KEEPALIVE,
+        help="a peer silent this long is considered dead: it is pinged after half of it,"
+        " its connection closed after all of it (default: %g; 0 = never)" % DEFAULT_KEEPALIVE,
+    )
     if node == "master":
         add(
             "-p",
@@ -468,7 +488,8 @@ def parse_options(
     Exits with status 2 and a one-line message on any error.  The result has
     ``node``, ``cluster``, ``masters`` (list of (host, port)), ``bind``
     ((host, port)), ``logfile``, ``loglevel``, ``nid`` (int or None),
-    ``file``, ``section`` and the node-specific options.
+    ``keepalive`` (seconds), ``file``, ``section`` and the node-specific
+    options.
     """
     if node not in NODE_TYPES:
         raise ValueError(f"unknown node type {node!r}")

@@ -7,14 +7,19 @@ import sys
 from collections.abc import Callable
 
 from neozodb.cli.config import setup_logging
+from neozodb.net.connection import set_keepalive
 
 
 def run_node(options, make_app: Callable, on_signal: Callable | None = None) -> int:
     """Build the app inside a fresh event loop and run it until it exits.
 
     SIGTERM and SIGINT call ``on_signal(app)`` (default: ``app.exit()``) so
-    that the node stops cleanly instead of dying mid-write."""
+    that the node stops cleanly instead of dying mid-write.
+    ``options.keepalive``, when given, becomes the keep-alive of every
+    connection of the node."""
     setup_logging(None, options.logfile, options.loglevel)
+    if getattr(options, "keepalive", None) is not None:
+        set_keepalive(options.keepalive)
     try:
         import uvloop  # optional: faster loop when installed
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

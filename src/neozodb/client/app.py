@@ -93,8 +93,9 @@ class StorageHandler(Handler):
 class ClientApp:
     def __init__(self, master_nodes: list[tuple[str, int]], name: str, read_only: bool = False,
                  cache_size: int = 20 << 20, connect_timeout: float = 60.0,
-                 ignore_wrong_checksum: bool = False) -> None:
+                 ignore_wrong_checksum: bool = False, keepalive: float | None = None) -> None:
         self.ignore_wrong_checksum = ignore_wrong_checksum
+        self.keepalive = keepalive  # of every connection; None: threaded.DEFAULT_KEEPALIVE
         self.master_nodes = master_nodes
         self.name = name
         self.read_only = read_only
@@ -146,7 +147,8 @@ class ClientApp:
         last_error = "no master reachable"
         while not self.closed:
             for address in self.master_nodes:
-                conn = ThreadedConnection(address, MasterHandler(self), self.label)
+                conn = ThreadedConnection(address, MasterHandler(self), self.label,
+                                          keepalive=self.keepalive)
                 try:
                     conn.connect(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
                     extra = {b"read_only": True} if self.read_only else {}
@@ -248,7 +250,8 @@ class ClientApp:
             node = self.nm.get(nid)
             if node is None or node.address is None or node.state is not NodeStates.RUNNING:
                 raise ConnectionClosed("%s is not running" % nid_str(nid))
-            conn = ThreadedConnection(node.address, StorageHandler(self), self.label)
+            conn = ThreadedConnection(node.address, StorageHandler(self), self.label,
+                                      keepalive=self.keepalive)
             conn.connect(timeout=10)
             conn.nid = nid
             me = self.nm.get(self.nid)

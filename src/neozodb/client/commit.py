@@ -161,10 +161,13 @@ class Commit:
         txn = self.txn
         ext = txn.extension_bytes if hasattr(txn, "extension_bytes") else b""
         oids = list(self.data)
+        # a storage that already failed us is not asked again: it is
+        # reported with FailedVote below
         for nid in meta_nids:
-            self._send(nid, Packets.AskStoreTransaction,
-                       (self.ttid, txn.user, txn.description, ext, oids, None), (VOTE,))
-        for nid in self.involved - set(meta_nids):
+            if nid not in self.failed:
+                self._send(nid, Packets.AskStoreTransaction,
+                           (self.ttid, txn.user, txn.description, ext, oids, None), (VOTE,))
+        for nid in self.involved - set(meta_nids) - self.failed:
             self._send(nid, Packets.AskVoteTransaction, (self.ttid,), (VOTE,))
         self._process(block=True)
         if self.failed:

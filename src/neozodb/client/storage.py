@@ -50,7 +50,7 @@ class Storage(ConflictResolvingStorage):
     def __init__(self, master_nodes: str | list, name: str, read_only: bool = False,
                  compress: bool | str = True, cache_size: int = 20 << 20,
                  logfile: str | None = None, ignore_wrong_checksum: bool = False,
-                 connect_timeout: float = 60.0, **kw) -> None:
+                 connect_timeout: float = 60.0, keepalive: float | None = None, **kw) -> None:
         if kw:
             raise TypeError("unexpected options: " + ", ".join(sorted(kw)))
         self._name = name
@@ -63,7 +63,7 @@ class Storage(ConflictResolvingStorage):
             logging.getLogger("neozodb").addHandler(handler)
         self.app = ClientApp(parse_master_nodes(master_nodes), name, read_only=self._read_only,
                              cache_size=cache_size, connect_timeout=connect_timeout,
-                             ignore_wrong_checksum=ignore_wrong_checksum)
+                             ignore_wrong_checksum=ignore_wrong_checksum, keepalive=keepalive)
         self._commits: dict[object, Commit] = {}
         self._lock = threading.Lock()
         self.app.get_master()  # fail early when the cluster cannot be reached

@@ -123,6 +123,8 @@ class NEOStorageConfig:
             "logfile": c.logfile,
             "ignore_wrong_checksum": c.ignore_wrong_checksum,
             "connect_timeout": c.connect_timeout,
+            # only when given: None would mean the same, Storage's default
+            **({} if c.keepalive is None else {"keepalive": c.keepalive}),
         }
 
     def open(self):

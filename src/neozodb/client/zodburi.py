@@ -8,7 +8,8 @@ IPv6 masters go in brackets (``neo://test@[::1]:10000``).  Query options
 - storage options, passed to ``neozodb.client.Storage``: ``read_only``,
   ``compress`` (boolean, ``zlib`` or ``zlib=N``), ``cache_size`` (``20MB``,
   ``512KB``, plain bytes), ``logfile``, ``ignore_wrong_checksum``,
-  ``connect_timeout`` (seconds); booleans are true/false/1/0/yes/no/on/off;
+  ``connect_timeout`` and ``keepalive`` (seconds); booleans are
+  true/false/1/0/yes/no/on/off;
 - database options known by zodburi: ``database_name`` and
   ``connection_<p>`` for ``pool_size``, ``pool_timeout``, ``cache_size``,
   ``cache_size_bytes``, ... (``<p>`` alone is accepted too, except
@@ -86,6 +87,7 @@ STORAGE_OPTIONS = {
     "logfile": _path,
     "ignore_wrong_checksum": convert_bool,
     "connect_timeout": convert_timeout,
+    "keepalive": convert_timeout,
 }
 
 # zodburi name -> converter

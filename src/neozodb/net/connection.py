@@ -16,20 +16,55 @@ Closing (neo-architecture.md 3.1):
 - Malformed or unexpected input, and a handler refusing with ``NotReady``
   or ``PROTOCOL_ERROR``: the Error answer is sent, nothing more is read,
   queued output is flushed, then the connection closes.
+
+Keep-alive: TCP says nothing when the peer's process hangs (SIGSTOP, a
+stuck machine whose kernel still acknowledges).  A connection that has
+received nothing for half of ``keepalive`` seconds sends ``Ping``; if it
+then receives nothing at all (any data counts, not only the ``Pong``) for
+the other half, it closes like any lost connection: pending requests fail
+with ``ConnectionClosed``, the handler's ``connection_lost`` runs.  The
+default is process-wide (``set_keepalive``, the nodes' ``--keepalive``).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import Callable
 from typing import Any
 
 from neozodb.net.endpoint import ConnectionClosed, Endpoint, RemoteError, tune_socket
-from neozodb.protocol import HANDSHAKE, PACKETS, ErrorCodes, ProtocolError, nid_str
+from neozodb.net.threaded import DEFAULT_KEEPALIVE
+from neozodb.protocol import HANDSHAKE, PACKETS, ErrorCodes, Packets, ProtocolError, nid_str
 
 log = logging.getLogger("neozodb.net")
 
 _HANDSHAKE_LEN = len(HANDSHAKE)
+_PING = Packets.Ping
+_monotonic = time.monotonic
+
+# Keep-alive of the connections created from now on (seconds; 0: none).
+_keepalive = DEFAULT_KEEPALIVE
+
+
+def set_keepalive(seconds: float) -> None:
+    """Set the keep-alive of the connections created from now on: a
+    connection silent for ``seconds / 2`` pings its peer, and one silent
+    for ``seconds`` is closed.  0 disables it."""
+    global _keepalive
+    seconds = float(seconds)
+    if not (seconds >= 0 and math.isfinite(seconds)):
+        raise ValueError(f"invalid keep-alive {seconds!r}: expected seconds >= 0")
+    _keepalive = seconds
+
+
+def get_keepalive() -> float:
+    return _keepalive
+
+
+def _ignore_answer(conn: Any, result: Any, error: Any) -> None:
+    """Callback of keep-alive Pings: receiving anything was the point."""
 
 
 class HandlerError(Exception):
@@ -98,7 +133,8 @@ class Connection(asyncio.Protocol):
     # output to drain after any flushing close, before aborting.
     linger = 10.0
 
-    def __init__(self, app: Any, handler: Handler, outgoing: bool = False) -> None:
+    def __init__(self, app: Any, handler: Handler, outgoing: bool = False,
+                 keepalive: float | None = None) -> None:
         self.app = app
         self.handler = handler
         self.outgoing = outgoing
@@ -122,6 +158,12 @@ class Connection(asyncio.Protocol):
         # answers to a burst of pipelined stores.
         self._out: list[bytes] = []
         self._corked = False
+        # Keep-alive (see the module docstring): one timer, re-armed from the
+        # _last_received stamp, which is all that receiving data costs.
+        self.keepalive = _keepalive if keepalive is None else keepalive
+        self._last_received = 0.0
+        self._ping_sent = 0.0  # when the Ping waiting for a sign of life left
+        self._ka_timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return f"<{self.label}>"
@@ -142,10 +184,15 @@ class Connection(asyncio.Protocol):
             self.peer = "%s:%s" % peer[:2]
         tune_socket(transport.get_extra_info("socket"))
         transport.write(self.endpoint.handshake())  # type: ignore[union-attr]
+        if self.keepalive > 0 and not self.closed:
+            self._last_received = _monotonic()
+            self._ka_timer = asyncio.get_event_loop().call_later(
+                self.keepalive / 2, self._keepalive_check)
 
     def data_received(self, data: bytes) -> None:
         if not self._reading:
             return
+        self._last_received = _monotonic()
         if len(self._head) < _HANDSHAKE_LEN:
             self._head += data[:_HANDSHAKE_LEN - len(self._head)]
         self._corked = True
@@ -220,6 +267,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        self._stop_keepalive()
         self._reading = False
         if not self.closed:
             self.closed = True
@@ -307,6 +355,7 @@ class Connection(asyncio.Protocol):
             return
         self.closed = True
         self.close_reason = reason or "closed"
+        self._stop_keepalive()
         if reason:
             log.info("%s: closing connection with %s: %s", self.app.label, self._who(), reason)
         if transport is None:
@@ -338,6 +387,7 @@ class Connection(asyncio.Protocol):
 
     def _stop(self, transport: asyncio.Transport) -> None:
         self._reading = False
+        self._stop_keepalive()
         self._flush_out()
         transport.close()
         self._arm_timer()
@@ -348,6 +398,7 @@ class Connection(asyncio.Protocol):
         self._corked = False
         self._reading = False
         self._cancel_timer()
+        self._stop_keepalive()
         self.transport.abort()  # type: ignore[union-attr]
         self._closed()
 
@@ -365,6 +416,48 @@ class Connection(asyncio.Protocol):
         log.info("%s: aborting connection with %s: still open %ss after close",
                  self.app.label, self._who(), self.linger)
         self._abort()
+
+    # -- keep-alive ---------------------------------------------------------------
+    def _keepalive_check(self) -> None:
+        """Timer: ping a peer silent for half the keep-alive, close one
+        silent for the other half after the Ping."""
+        self._ka_timer = None
+        if self.closed:
+            return
+        half = self.keepalive / 2
+        now = _monotonic()
+        sent = self._ping_sent
+        if sent and self._last_received <= sent:  # nothing since the Ping
+            if now - sent >= half:
+                if self._head == HANDSHAKE:
+                    reason = f"no answer to keep-alive for {half:g} s"
+                else:
+                    reason = f"no handshake after {self.keepalive:g} s"
+                self._keepalive_expired(reason)
+                return
+            delay = sent + half - now
+        else:
+            self._ping_sent = 0.0
+            delay = self._last_received + half - now
+            if delay <= 0:
+                # Silent for half the keep-alive.  No Ping before the peer's
+                # handshake: the timeout alone decides then.
+                self._ping_sent = now
+                if self._head == HANDSHAKE:
+                    self.ask(_PING, callback=_ignore_answer)
+                delay = half
+        self._ka_timer = asyncio.get_event_loop().call_later(delay, self._keepalive_check)
+
+    def _keepalive_expired(self, reason: str) -> None:
+        log.warning("%s: closing connection with %s: %s", self.app.label, self._who(), reason)
+        self.closed = True
+        self.close_reason = reason
+        self._abort()
+
+    def _stop_keepalive(self) -> None:
+        if self._ka_timer is not None:
+            self._ka_timer.cancel()
+            self._ka_timer = None
 
 
 def _can_write_eof(transport: Any) -> bool:
@@ -391,4 +484,6 @@ __all__ = [
     "NotReady",
     "RemoteError",
     "connect",
+    "get_keepalive",
+    "set_keepalive",
 ]

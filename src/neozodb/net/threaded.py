@@ -8,25 +8,58 @@ answers go to the queue given with the request, after an optional hook run
 in the reader thread itself (so that, for instance, the cache is updated for
 a commit before any later invalidation is processed); requests and
 notifications go to the handler, in order, in the reader thread.
+
+Keep-alive: the reader's ``recv`` times out (``SO_RCVTIMEO``, so nothing is
+added to the normal path) after half of ``keepalive`` seconds of silence;
+it then sends ``Ping``, and if the peer still sends nothing during the
+other half, the connection is closed like a lost one (pending requests
+fail with ``ConnectionClosed``).  A ``Ping`` from the peer is answered here,
+whatever the handler.
 """
 from __future__ import annotations
 
 import logging
 import socket
+import struct
 import threading
 from queue import SimpleQueue
 from typing import Any
 
 from neozodb.net.endpoint import ConnectionClosed, Endpoint, tune_socket
-from neozodb.protocol import ProtocolError, nid_str
+from neozodb.protocol import HANDSHAKE, Packets, ProtocolError, nid_str
 
 log = logging.getLogger("neozodb.client")
 
 BUFFER_SIZE = 1 << 16  # buffered requests are sent once this many bytes wait
 
+# Keep-alive, in seconds, of the client's and neoctl's connections, and the
+# default of the server nodes' (net/connection.py, --keepalive): a peer
+# silent for half of it is pinged, one silent for all of it is dropped.
+# Long enough for a busy node's pauses, far shorter than what TCP's own
+# keepalive takes (60 s + 3 x 10 s), and useless anyway against a peer whose
+# kernel still answers (a stopped process).  0 disables it.
+DEFAULT_KEEPALIVE = 30.0
+
+_PING = Packets.Ping
+_PONG = Packets.Pong
+_HANDSHAKE_LEN = len(HANDSHAKE)
+_MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+
+
+class _Discard:
+    """Answer queue of keep-alive Pings: receiving anything was the point."""
+
+    @staticmethod
+    def put(item: Any) -> None:
+        pass
+
+
+_DISCARD = _Discard()
+
 
 class ThreadedConnection:
-    def __init__(self, address: tuple[str, int], handler: Any, label: str = "C?") -> None:
+    def __init__(self, address: tuple[str, int], handler: Any, label: str = "C?",
+                 keepalive: float | None = None) -> None:
         self.address = address
         self.handler = handler  # .dispatch(conn, msg_id, packet, args), .connection_lost(conn)
         self.owner_label = label
@@ -41,6 +74,8 @@ class ThreadedConnection:
         # requests buffered by ask(buffer=True): one send for many stores
         self._out: list[bytes] = []
         self._out_size = 0
+        # seconds (0: none); see the module docstring
+        self.keepalive = DEFAULT_KEEPALIVE if keepalive is None else keepalive
 
     def __repr__(self) -> str:
         return f"<{self.label}>"
@@ -53,6 +88,7 @@ class ThreadedConnection:
         sock = socket.create_connection(self.address, timeout=timeout)
         sock.settimeout(None)
         tune_socket(sock)
+        self._set_receive_timeout(sock)
         self.sock = sock
         sock.sendall(self.endpoint.handshake())
         self._reader = threading.Thread(target=self._read_loop, daemon=True,
@@ -135,16 +171,87 @@ class ThreadedConnection:
         except OSError:
             pass
 
+    # -- keep-alive ----------------------------------------------------------------
+    def _set_receive_timeout(self, sock: socket.socket) -> None:
+        """Make the reader's recv() give up after half the keep-alive.  The
+        socket stays blocking: senders are not affected."""
+        half = self.keepalive / 2
+        if not half > 0:
+            return
+        seconds = int(half)
+        micro = int((half - seconds) * 1e6) or (0 if seconds else 1)  # 0 s 0 us: no timeout
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", seconds, micro))
+        except (OSError, AttributeError, struct.error) as e:
+            log.warning("%s: no keep-alive on the connection with %s: %s", self.owner_label, self.peer, e)
+            self.keepalive = 0
+
+    def _ping(self) -> None:
+        """Reader thread, peer silent for half the keep-alive: send a Ping,
+        never blocking on a peer that may be dead."""
+        # A thread holding the lock may be blocked sending to this very peer:
+        # then no Ping, the timeout decides.
+        if not self.lock.acquire(timeout=min(1.0, self.keepalive / 2)):
+            return
+        try:
+            if self.closed:
+                return
+            data = self.endpoint.request(_PING, (), (_DISCARD, None, None))
+            try:
+                sent = self.sock.send(data, _MSG_DONTWAIT)
+            except BlockingIOError:  # send buffer full: the peer reads nothing either
+                sent = 0
+            except OSError as e:
+                self._shutdown(f"send failed: {e}")
+                return
+            if not sent:
+                self.endpoint.pending.popitem()  # the Ping, never sent
+            elif sent < len(data):
+                self._shutdown("send buffer full, peer not reading")  # half a message left
+        finally:
+            self.lock.release()
+
+    def _keepalive_expired(self, sock: socket.socket, handshaked: bool) -> str:
+        if handshaked:
+            reason = f"no answer to keep-alive for {self.keepalive / 2:g} s"
+        else:
+            reason = f"no handshake after {self.keepalive:g} s"
+        log.warning("%s: closing connection with %s: %s", self.owner_label, self.label, reason)
+        # Without the lock, which a thread blocked sending to this peer may
+        # hold: shutting the socket down wakes it up (with an error).
+        if not self.closed:
+            self.close_reason = reason
+            self.closed = True
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        return reason
+
     # -- reader thread ---------------------------------------------------------------
     def _read_loop(self) -> None:
         sock = self.sock
         endpoint = self.endpoint
         reason = "closed by peer"
+        head = 0         # bytes received, counted up to the handshake's length
+        silent = False   # the last recv() timed out: a Ping is waiting
         try:
             while True:
-                data = sock.recv(1 << 16)
+                try:
+                    data = sock.recv(1 << 16)
+                except BlockingIOError:  # nothing for half the keep-alive
+                    if silent:
+                        reason = self._keepalive_expired(sock, head >= _HANDSHAKE_LEN)
+                        break
+                    silent = True
+                    if head >= _HANDSHAKE_LEN:  # no Ping before the peer's handshake
+                        self._ping()
+                    continue
                 if not data:
                     break
+                silent = False
+                if head < _HANDSHAKE_LEN:
+                    head += len(data)
                 for msg_id, packet, args in endpoint.feed(data):
                     if packet.is_answer:
                         with self.lock:
@@ -157,6 +264,8 @@ class ThreadedConnection:
                                 log.exception("%s: error in answer hook", self.owner_label)
                                 error = e
                         queue.put((user_token, result, error, self))
+                    elif packet is _PING:
+                        self.answer(msg_id, _PONG)
                     else:
                         self.handler.dispatch(self, msg_id, packet, args)
         except ProtocolError as e:
