@@ -14,8 +14,7 @@ import ZODB
 
 from neozodb.cli.cluster import LocalCluster, wait_until
 from neozodb.client import Storage
-from neozodb.ctl.neoctl import run_command
-from neozodb.protocol import NodeStates, NodeTypes
+from neozodb.protocol import NodeStates
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -37,26 +36,8 @@ def neoctl(cluster, *args):
                           capture_output=True, text=True, timeout=120)
 
 
-def pt_lines(cluster):
-    ctl = cluster.ctl()
-    try:
-        return run_command(ctl, ["print", "pt"])[0][1:]
-    finally:
-        ctl.close()
-
-
-def storage_state(cluster, name):
-    ctl = cluster.ctl()
-    try:
-        for node in ctl.nodes(NodeTypes.STORAGE):
-            if "S%d" % (node[2] & 0xFFFFFF) == name:
-                return node[3]
-    finally:
-        ctl.close()
-
-
 def up_to_date(cluster):
-    return all(line.split()[2] == "U" * 6 for line in pt_lines(cluster))
+    return all(line.split()[2] == "U" * 6 for line in cluster.pt_lines()[1:])
 
 
 def test_check_finds_and_repairs_a_tampered_copy(cluster3):
@@ -69,7 +50,7 @@ def test_check_finds_and_repairs_a_tampered_copy(cluster3):
     db.close()
     s2 = cluster3.nodes["S2"]
     s2.kill()
-    wait_until(lambda: storage_state(cluster3, "S2") is NodeStates.DOWN, 30, "S2 down")
+    wait_until(lambda: cluster3.storage_state("S2") is NodeStates.DOWN, 30, "S2 down")
     path = os.path.join(cluster3.directory, "storage2.sqlite")
     with sqlite3.connect(path) as conn:
         # a transaction's metadata in partition 1, an object revision in another

@@ -17,7 +17,7 @@ import ZODB
 
 from neozodb.cli.cluster import LocalCluster, wait_until
 from neozodb.client import Storage
-from neozodb.protocol import NodeStates, NodeTypes
+from neozodb.protocol import NodeStates
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -45,16 +45,6 @@ def make_cluster(tmp_path):
             if s2 is not None and s2.running:
                 os.kill(s2.proc.pid, signal.SIGCONT)
             c.kill()
-
-
-def storage_state(cluster, name):
-    ctl = cluster.ctl()
-    try:
-        for node in ctl.nodes(NodeTypes.STORAGE):
-            if "S%d" % (node[2] & 0xffffff) == name:
-                return node[3]
-    finally:
-        ctl.close()
 
 
 def bounded(fn, timeout: float):
@@ -93,7 +83,7 @@ def test_stopped_storage_declared_down_within_the_keepalive(make_cluster):
         root["a"] = 1
         tm.commit()  # on both storages: the client is connected to both
         stopped = stop_s2(cluster)
-        wait_until(lambda: storage_state(cluster, "S2") is NodeStates.DOWN,
+        wait_until(lambda: cluster.storage_state("S2") is NodeStates.DOWN,
                    keepalive + MARGIN, "S2 declared down")
         detected = time.monotonic() - stopped
         print("S2 declared DOWN %.2f s after SIGSTOP (keep-alive %g s)" % (detected, keepalive))
@@ -104,7 +94,7 @@ def test_stopped_storage_declared_down_within_the_keepalive(make_cluster):
         assert re.search(r"closing connection with S2 \(\S+\): no answer to keep-alive for 1\.5 s",
                          log), log
         assert cluster.cluster_state() == "RUNNING"
-        assert storage_state(cluster, "S1") is NodeStates.RUNNING
+        assert cluster.storage_state("S1") is NodeStates.RUNNING
 
         # the cluster carries on: commits and reads on S1
         def commit():
@@ -154,7 +144,7 @@ def test_client_keepalive_unblocks_a_commit_on_a_stopped_storage(make_cluster, c
         print("commit done %.2f s after SIGSTOP (client keep-alive %g s)" % (committed, keepalive))
         assert any(re.fullmatch(r"C\d+: closing connection with S2: no answer to keep-alive for 1 s",
                                 r.getMessage()) for r in caplog.records), caplog.text
-        wait_until(lambda: storage_state(cluster, "S2") is NodeStates.DOWN, MARGIN, "S2 dropped")
+        wait_until(lambda: cluster.storage_state("S2") is NodeStates.DOWN, MARGIN, "S2 dropped")
         assert cluster.cluster_state() == "RUNNING"
 
         def read():

@@ -18,7 +18,7 @@ from persistent.mapping import PersistentMapping
 from neozodb.cli.cluster import wait_until
 from neozodb.client import Storage
 from neozodb.ctl.neoctl import run_command
-from neozodb.protocol import NodeStates, NodeTypes
+from neozodb.protocol import NodeStates
 from neozodb.storage.backends.sqlite import SQLiteBackend
 
 pytestmark = pytest.mark.timeout(240)
@@ -45,26 +45,8 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def pt_lines(cluster) -> list[str]:
-    ctl = cluster.ctl()
-    try:
-        return run_command(ctl, ["print", "pt"])[0][1:]
-    finally:
-        ctl.close()
-
-
-def node_state(cluster, name: str):
-    ctl = cluster.ctl()
-    try:
-        for node in ctl.nodes(NodeTypes.STORAGE):
-            if "S%d" % (node[2] & 0xFFFFFF) == name:
-                return node[3]
-    finally:
-        ctl.close()
-
-
 def all_up_to_date(cluster, names) -> bool:
-    lines = pt_lines(cluster)
+    lines = cluster.pt_lines()[1:]
     return len(lines) == len(names) and all(
         line.split()[0] in names and line.split()[1] == "R" and set(line.split()[2]) <= {"U", "."}
         for line in lines)
@@ -114,7 +96,7 @@ def test_storage_killed_under_write_load_catches_up(cluster, tmp_path):
     try:
         wait_until(lambda: all(acknowledged(o) >= 20 for o in outs), 60, "first commits")
         cluster.nodes["S2"].kill()
-        wait_until(lambda: node_state(cluster, "S2") is NodeStates.DOWN, 30, "S2 down")
+        wait_until(lambda: cluster.storage_state("S2") is NodeStates.DOWN, 30, "S2 down")
         assert cluster.cluster_state() == "RUNNING"
         during = [acknowledged(o) for o in outs]
         wait_until(lambda: all(acknowledged(o) >= n + 30 for o, n in zip(outs, during, strict=True)),
@@ -147,7 +129,7 @@ def test_storage_killed_under_write_load_catches_up(cluster, tmp_path):
 def test_interrupted_replication_resumes(cluster):
     s2 = cluster.nodes["S2"]
     s2.kill()
-    wait_until(lambda: node_state(cluster, "S2") is NodeStates.DOWN, 30, "S2 down")
+    wait_until(lambda: cluster.storage_state("S2") is NodeStates.DOWN, 30, "S2 down")
     db = ZODB.DB(Storage(cluster.masters, cluster.name))
     root = db.open().root()
     count = 0
@@ -194,7 +176,7 @@ def neoctl(cluster, *words):
 
 
 def cells(cluster) -> dict[str, str]:
-    return {line.split()[0]: line.split()[2] for line in pt_lines(cluster)}
+    return {line.split()[0]: line.split()[2] for line in cluster.pt_lines()[1:]}
 
 
 def test_grow_then_drain_and_drop(cluster):
@@ -207,7 +189,7 @@ def test_grow_then_drain_and_drop(cluster):
     transaction.commit()
     db.close()
     cluster.storage(3).start()
-    wait_until(lambda: node_state(cluster, "S3") is NodeStates.PENDING, 30, "S3 pending")
+    wait_until(lambda: cluster.storage_state("S3") is NodeStates.PENDING, 30, "S3 pending")
     assert neoctl(cluster, "add", "S1") == "S1 is not pending"
     assert neoctl(cluster, "add", "S3")[0] == ["Nodes added: S3"]
     lines, _ = neoctl(cluster, "tweak")
@@ -243,5 +225,5 @@ def test_grow_then_drain_and_drop(cluster):
         db.close()
     # S3 now holds the only copy of what S2 loses if dropped, and vice versa
     cluster.nodes["S3"].kill()
-    wait_until(lambda: node_state(cluster, "S3") is NodeStates.DOWN, 30, "S3 down")
+    wait_until(lambda: cluster.storage_state("S3") is NodeStates.DOWN, 30, "S3 down")
     assert "only readable copy" in neoctl(cluster, "drop", "S2")

@@ -7,17 +7,8 @@ import transaction
 import ZODB
 
 from neozodb.client import Storage
-from neozodb.ctl.neoctl import run_command
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def _pt_lines(cluster):
-    ctl = cluster.ctl()
-    try:
-        return run_command(ctl, ["print", "pt"])[0]
-    finally:
-        ctl.close()
 
 
 def test_stop_and_restart_keeps_everything(cluster):
@@ -29,13 +20,13 @@ def test_stop_and_restart_keeps_everything(cluster):
         transaction.commit()
     last = db.lastTransaction()
     db.close()
-    pt_before = _pt_lines(cluster)
+    pt_before = cluster.pt_lines()
     cluster.stop()
     assert all(not n.running for n in cluster.nodes.values())
     for node in cluster.nodes.values():
         node.start()
     cluster.wait_state("RUNNING", 60)
-    assert _pt_lines(cluster) == pt_before  # same NIDs, same cells, same ptid
+    assert cluster.pt_lines() == pt_before  # same NIDs, same cells, same ptid
     db = ZODB.DB(Storage(cluster.masters, cluster.name))
     try:
         assert db.lastTransaction() == last
@@ -75,16 +66,7 @@ def test_storage_restarted_while_running_rejoins(cluster):
     storage, restarted, is accepted again, commits, including ones that
     check their reads, go on, and replication brings its cells up to date."""
     from neozodb.cli.cluster import wait_until
-    from neozodb.protocol import NodeStates, NodeTypes
-
-    def storage_state(ctl_cluster, name):
-        ctl = ctl_cluster.ctl()
-        try:
-            for node in ctl.nodes(NodeTypes.STORAGE):
-                if "S%d" % (node[2] & 0xffffff) == name:
-                    return node[3]
-        finally:
-            ctl.close()
+    from neozodb.protocol import NodeStates
 
     db = ZODB.DB(Storage(cluster.masters, cluster.name))
     try:
@@ -100,20 +82,20 @@ def test_storage_restarted_while_running_rejoins(cluster):
         root["barrier"] = 1
         tm.commit()
         cluster.nodes["S2"].kill()
-        wait_until(lambda: storage_state(cluster, "S2") is NodeStates.DOWN, 30, "S2 down")
+        wait_until(lambda: cluster.storage_state("S2") is NodeStates.DOWN, 30, "S2 down")
         assert cluster.cluster_state() == "RUNNING"
         root["a"] = 2
         root["m"]["x"] = 2  # S2 misses this revision
         tm.commit()
         cluster.nodes["S2"].start()
-        wait_until(lambda: storage_state(cluster, "S2") is NodeStates.RUNNING, 30, "S2 back")
+        wait_until(lambda: cluster.storage_state("S2") is NodeStates.RUNNING, 30, "S2 back")
         conn.readCurrent(root["m"])  # checked on S1, and on S2 once it caught up
         root["b"] = 3
         tm.commit()
         tm.begin()
         assert (root["a"], root["b"]) == (2, 3)
         # replication brings S2 up to date by itself
-        wait_until(lambda: _pt_lines(cluster)[1:] == ["S1 R " + "U" * 12, "S2 R " + "U" * 12],
+        wait_until(lambda: cluster.pt_lines()[1:] == ["S1 R " + "U" * 12, "S2 R " + "U" * 12],
                    30, "S2 up to date")
     finally:
         db.close()

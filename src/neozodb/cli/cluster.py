@@ -178,6 +178,28 @@ class LocalCluster:
         finally:
             ctl.close()
 
+    def pt_lines(self) -> list[str]:
+        """``neoctl print pt``: the header, then one line per storage."""
+        from neozodb.ctl.neoctl import run_command
+        ctl = self.ctl()
+        try:
+            return run_command(ctl, ["print", "pt"])[0]
+        finally:
+            ctl.close()
+
+    def storage_state(self, name: str):
+        """NodeStates of storage ``name`` (e.g. "S2") as the admin sees it,
+        None if it does not know it."""
+        from neozodb.protocol import NodeTypes, nid_str
+        ctl = self.ctl()
+        try:
+            for node in ctl.nodes(NodeTypes.STORAGE):
+                if nid_str(node[2]) == name:
+                    return node[3]
+            return None
+        finally:
+            ctl.close()
+
     def wait_state(self, state: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         delay = 0.02

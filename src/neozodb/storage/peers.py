@@ -55,21 +55,25 @@ class SourceHandler(BaseHandler):
             raise HandlerError("partition %d is not readable on %s" % (partition, app.label),
                                ErrorCodes.REPLICATION_ERROR)
 
-    def _locked_up_to(self, max_tid: bytes) -> bool:
-        """A transaction at or below max_tid is locked and not unlocked yet:
-        it is committed, but our tables do not show it yet."""
-        return any(t.tid is not None and t.tid <= max_tid for t in self.app.locks.txns.values())
+    def _ready(self, conn, msg_id, packet, args) -> bool:
+        """Check a fetch request ``(partition, length, min_tid, max_tid,
+        ...)``; False if it was delayed: a transaction at or below max_tid
+        is locked and not unlocked yet (committed, but not in our tables)."""
+        partition, length, _, max_tid = args[:4]
+        self._readable(partition)
+        if length <= 0:
+            raise ProtocolError("bad chunk length")
+        if any(t.tid is not None and t.tid <= max_tid for t in self.app.locks.txns.values()):
+            self.app.delay(b"", Retry(self, conn, msg_id, packet, args))
+            return False
+        return True
 
     def AskFetchTransactions(self, conn, msg_id, partition, length, min_tid, max_tid, tids,
                              pack_info):
         app = self.app
-        self._readable(partition)
-        if self._locked_up_to(max_tid):
-            app.delay(b"", Retry(self, conn, msg_id, Packets.AskFetchTransactions, (
-                partition, length, min_tid, max_tid, tids, pack_info)))
+        if not self._ready(conn, msg_id, Packets.AskFetchTransactions, (
+                partition, length, min_tid, max_tid, tids, pack_info)):
             return
-        if length <= 0:
-            raise ProtocolError("bad chunk length")
         backend = app.backend
         low, high = u64(min_tid), u64(max_tid)
         mine = backend.fetch_tids(partition, length, low, high)
@@ -94,13 +98,9 @@ class SourceHandler(BaseHandler):
 
     def AskFetchObjects(self, conn, msg_id, partition, length, min_tid, max_tid, min_oid, objects):
         app = self.app
-        self._readable(partition)
-        if self._locked_up_to(max_tid):
-            app.delay(b"", Retry(self, conn, msg_id, Packets.AskFetchObjects, (
-                partition, length, min_tid, max_tid, min_oid, objects)))
+        if not self._ready(conn, msg_id, Packets.AskFetchObjects, (
+                partition, length, min_tid, max_tid, min_oid, objects)):
             return
-        if length <= 0:
-            raise ProtocolError("bad chunk length")
         backend = app.backend
         high = u64(max_tid)
         mine = backend.fetch_object_keys(partition, length, u64(min_tid), high, u64(min_oid))
