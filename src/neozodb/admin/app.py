@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from neozodb.net.bootstrap import follow_master
+from neozodb.net.bootstrap import FollowsPrimary, follow_master
 from neozodb.net.connection import (
     Connection,
     Handler,
@@ -35,7 +35,7 @@ FORWARDED = ("AddPendingNodes", "SetClusterState", "AskLastIDs", "AskLastTransac
              "CheckReplicas")
 
 
-class MasterHandler(Handler):
+class MasterHandler(FollowsPrimary, Handler):
     def __init__(self, app: AdminApp) -> None:
         self.app = app
 

@@ -78,7 +78,8 @@ class LocalCluster:
     def __init__(self, directory: str, name: str = "neozodb", storages: int = 2,
                  replicas: int = 1, partitions: int = 12, host: str = "127.0.0.1",
                  master_port: int = 0, admin_port: int = 0, loglevel: str = "INFO",
-                 autostart: bool = True, node_args: list[str] | tuple[str, ...] = ()) -> None:
+                 autostart: bool = True, node_args: list[str] | tuple[str, ...] = (),
+                 masters: int = 1) -> None:
         self.autostart = autostart
         # extra options given to every node, e.g. ("--keepalive", "3")
         self.node_args = list(node_args)
@@ -92,12 +93,22 @@ class LocalCluster:
         # port 0: the node binds any free port and logs it (no race with
         # other processes for a port chosen in advance)
         self.master_address = (host, master_port)
+        # several masters must know each other's address before starting:
+        # ports are chosen in advance then (a tiny race, for tests only)
+        self.master_addresses = [self.master_address] + [
+            (host, free_port(host)) for _ in range(masters - 1)]
+        if masters > 1 and not master_port:
+            self.master_addresses[0] = self.master_address = (host, free_port(host))
         self.admin_address = (host, admin_port)
         self.nodes: dict[str, NodeProcess] = {}
 
     @property
     def masters(self) -> str:
-        return format_address(self.master_address)
+        return ",".join(format_address(a) for a in self.master_addresses)
+
+    @property
+    def master_names(self) -> list[str]:
+        return ["M%d" % i for i in range(1, len(self.master_addresses) + 1)]
 
     @property
     def uri(self) -> str:
@@ -114,11 +125,16 @@ class LocalCluster:
 
     def start(self, wait: float = 60.0) -> None:
         os.makedirs(self.directory, exist_ok=True)
-        master = self._node("M1", self._python(
-            "neozodb.cli.master", "-b", self.masters, "-p", str(self.partitions),
-            "-r", str(self.replicas), "-A", str(self.num_storages if self.autostart else 0)))
-        master.start()
-        self.master_address = self._bound(master, self.master_address)
+        for name, address in zip(self.master_names, self.master_addresses, strict=True):
+            others = ["-m", self.masters] if len(self.master_addresses) > 1 else []
+            master = self._node(name, self._python(
+                "neozodb.cli.master", "-b", format_address(address), *others,
+                "-p", str(self.partitions), "-r", str(self.replicas),
+                "-A", str(self.num_storages if self.autostart else 0)))
+            master.start()
+        if len(self.master_addresses) == 1:
+            self.master_address = self.master_addresses[0] = self._bound(
+                self.nodes["M1"], self.master_address)
         for i in range(1, self.num_storages + 1):
             self.storage(i).start()
         admin = self._node("A1", self._python(
@@ -165,18 +181,23 @@ class LocalCluster:
         ctl.connect()
         return ctl
 
-    def cluster_state(self) -> str | None:
+    def _ctl_value(self, what: str, key: str):
+        """``data[key]`` of ``neoctl print <what>``, None if the admin
+        cannot answer."""
         from neozodb.ctl.neoctl import CtlError, run_command
         try:
             ctl = self.ctl()
         except CtlError:
             return None
         try:
-            return run_command(ctl, ["print", "cluster"])[1]["cluster"]
+            return run_command(ctl, ["print", what])[1][key]
         except CtlError:
             return None
         finally:
             ctl.close()
+
+    def cluster_state(self) -> str | None:
+        return self._ctl_value("cluster", "cluster")
 
     def pt_lines(self) -> list[str]:
         """``neoctl print pt``: the header, then one line per storage."""
@@ -200,13 +221,19 @@ class LocalCluster:
         finally:
             ctl.close()
 
+    def primary(self) -> str | None:
+        """Name of the primary master (``neoctl print primary``), None if
+        the admin follows none."""
+        return self._ctl_value("primary", "primary")
+
     def wait_state(self, state: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         delay = 0.02
         while self.cluster_state() != state:
             dead = [n.name for n in self.nodes.values() if n.proc is not None and not n.running
-                    and n.name in ("M1", "A1")]
-            if dead or time.monotonic() > deadline:
+                    and (n.name == "A1" or n.name in self.master_names)]
+            if "A1" in dead or len(dead) == len(self.master_names) + ("A1" in dead) \
+                    or time.monotonic() > deadline:
                 raise RuntimeError("cluster did not reach %s (dead: %s); logs in %s" % (
                     state, dead, self.directory))
             time.sleep(delay)  # polling a remote state through neoctl
@@ -215,7 +242,7 @@ class LocalCluster:
     def stop(self, timeout: float = 20.0) -> None:
         """Stop cleanly: STOPPING through the admin, then the admin."""
         from neozodb.ctl.neoctl import CtlError, run_command
-        if self.nodes.get("M1") and self.nodes["M1"].running:
+        if any(self.nodes[m].running for m in self.master_names if m in self.nodes):
             try:
                 ctl = self.ctl()
                 try:

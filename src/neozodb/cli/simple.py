@@ -1,4 +1,4 @@
-"""neosimple: a throw-away local cluster (one master, N storages, one admin)
+"""neosimple: a throw-away local cluster (masters, storages, one admin)
 in one directory, in the foreground until Ctrl-C."""
 from __future__ import annotations
 
@@ -34,13 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--admin-port", type=_positive, default=0, help="admin port (any)")
     parser.add_argument("directory", help="where databases and logs go")
     opts = parser.parse_args(argv)
-    if opts.masters != 1:
-        parser.error("this version runs exactly one master")
+    if opts.masters < 1:
+        parser.error("at least one master is needed")
     if opts.storages < 1 or opts.partitions < 1:
         parser.error("at least one storage and one partition are needed")
     cluster = LocalCluster(opts.directory, opts.cluster, opts.storages, opts.replicas,
                            opts.partitions, master_port=opts.master_port,
-                           admin_port=opts.admin_port)
+                           admin_port=opts.admin_port, masters=opts.masters)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         print("neosimple: error: %s" % e, file=sys.stderr)
         cluster.kill()
         return 1
-    print("cluster %r running: %d storage(s), replicas %d, %d partitions" % (
-        opts.cluster, opts.storages, opts.replicas, opts.partitions))
+    print("cluster %r running: %d master(s), %d storage(s), replicas %d, %d partitions" % (
+        opts.cluster, opts.masters, opts.storages, opts.replicas, opts.partitions))
     print("connect with: %s" % cluster.uri)
     print("neoctl -a %s print pt" % format_address(cluster.admin_address))
     print("logs and databases in %s; Ctrl-C stops the cluster" % cluster.directory, flush=True)

@@ -17,6 +17,7 @@ from queue import SimpleQueue
 
 from neozodb.client.cache import ClientCache
 from neozodb.client.compress import WrongChecksum, decompress
+from neozodb.net.bootstrap import FollowsPrimary, next_masters
 from neozodb.net.connection import Handler
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.net.threaded import ThreadedConnection
@@ -40,7 +41,7 @@ class NEOStorageError(Exception):
     pass
 
 
-class MasterHandler(Handler):
+class MasterHandler(FollowsPrimary, Handler):
     def __init__(self, app: ClientApp) -> None:
         self.app = app
 
@@ -117,7 +118,7 @@ class ClientApp:
         self._changed = threading.Condition()
         self.invalidation_listener = None  # ZODB's storage wrapper, set by registerDB
         self.transactions: dict[bytes, object] = {}  # ttid -> commit context (deadlock notices)
-        self._oids: list[bytes] = []
+        self._oids: tuple = (None, [])  # (master connection, OIDs it gave)
         self._cells: dict[int, list[int]] = {}
         self._oid_lock = threading.Lock()
         self.closed = False
@@ -146,7 +147,13 @@ class ClientApp:
         delay = 0.05
         last_error = "no master reachable"
         while not self.closed:
-            for address in self.master_nodes:
+            queue = list(self.master_nodes)
+            tried: set = set()
+            while queue:
+                address = queue.pop(0)
+                if address in tried:
+                    continue
+                tried.add(address)
                 conn = ThreadedConnection(address, MasterHandler(self), self.label,
                                           keepalive=self.keepalive)
                 try:
@@ -161,6 +168,8 @@ class ClientApp:
                     last_error = "%s:%s: %s" % (address[0], address[1], e)
                     if conn.sock is not None:
                         conn.close()
+                    # a secondary master names the primary
+                    queue[:0] = next_masters(self.master_nodes, conn)
                     continue
                 except RemoteError as e:
                     last_error = "%s:%s: %s" % (address[0], address[1], e)
@@ -463,10 +472,17 @@ class ClientApp:
     # -- misc ----------------------------------------------------------------------------------
     def new_oid(self) -> bytes:
         with self._oid_lock:
-            if not self._oids:
-                (oids,) = self.get_master().call(Packets.AskNewOIDs, 100, timeout=60)
-                self._oids = list(reversed(oids))
-            return self._oids.pop()
+            # The pool belongs to the master that gave it: a new primary may
+            # not know those OIDs were given out, and could give them again.
+            # A transaction that began with the new master finds the pool
+            # stale here; one that began with the old one cannot finish.
+            master, oids = self._oids
+            if master is not self.master or not oids:
+                master = self.get_master()
+                (oids,) = master.call(Packets.AskNewOIDs, 100, timeout=60)
+                oids = list(reversed(oids))
+                self._oids = master, oids
+            return oids.pop()
 
     def deadlock(self, conn, ttid: bytes, oid: bytes) -> None:
         ctx = self.transactions.get(ttid)

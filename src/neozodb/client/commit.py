@@ -36,6 +36,8 @@ class Commit:
         self.resolved: list[bytes] = []
         self.conflict_error: Exception | None = None
         self.voted = False
+        # the master that began the transaction: only it can finish it
+        self.master = app.master
 
     # -- sending -------------------------------------------------------------------
     def _send(self, nid: int, packet, args, token, buffer: bool = False) -> None:
@@ -176,8 +178,15 @@ class Commit:
                 app.get_master().call(Packets.FailedVote, self.ttid, failed, timeout=60)
             except RemoteError as e:
                 raise StorageTransactionError(f"commit failed: {e.message}") from None
+        self._check_master()
         self.voted = True
         return self.resolved
+
+    def _check_master(self) -> None:
+        master = self.master
+        if master is None or master.closed or master is not self.app.master:
+            raise StorageTransactionError(
+                "master lost during the commit: the transaction was not committed")
 
     def finish(self, callback) -> bytes:
         app = self.app
@@ -189,7 +198,10 @@ class Commit:
             if error is None:
                 app.committed(result[1], self.cache_data, callback)
 
-        master = app.get_master()
+        # the master died after our vote: nothing was committed, and a new
+        # master does not know the transaction
+        self._check_master()
+        master = self.master
         queue = master.ask(Packets.AskFinishTransaction, self.ttid, oids, [], checked, None,
                            hook=committed)
         _, result, error, _ = queue.get()

@@ -1,9 +1,13 @@
-"""The primary master: cluster state, node registry, partition table,
-OID/TID allocation and two-phase commit coordination.
+"""A master: as primary, cluster state, node registry, partition table,
+OID/TID allocation and two-phase commit coordination; as secondary, a
+mirror of the primary's state (``master/secondary.py``).
 
-Runs in one asyncio loop.  The cluster goes RECOVERING -> VERIFYING ->
-RUNNING (``run``), back to RECOVERING when the partition table stops being
-operational, and to STOPPING on request, after which the process exits.
+Runs in one asyncio loop.  A master plays primary from its start and
+whenever it loses its primary; the election (``master/election.py``) may
+make it yield and follow another.  As primary, the cluster goes RECOVERING
+-> VERIFYING -> RUNNING, back to RECOVERING when the partition table stops
+being operational, and to STOPPING on request, after which every master
+exits.
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import asyncio
 import logging
 import time
 
-from neozodb.master import checks, handlers
+from neozodb.master import checks, election, handlers, secondary
 from neozodb.master.transactions import TransactionManager
 from neozodb.master.tweak import drop_changes
 from neozodb.net.connection import Connection, ConnectionClosed, HandlerError, RemoteError
@@ -39,7 +43,7 @@ class StoppedOperation(Exception):
 class MasterApp:
     def __init__(self, name: str, bind: tuple[str, int], partitions: int = 100,
                  replicas: int = 0, autostart: int = 0, masters: list | None = None,
-                 hold_timeout: float = 30.0) -> None:
+                 hold_timeout: float = 30.0, nid: int | None = None) -> None:
         self.name = name
         self.name_bytes = name.encode()
         self.bind = bind
@@ -47,7 +51,25 @@ class MasterApp:
         self.num_partitions = partitions
         self.num_replicas = replicas
         self.autostart = autostart
-        self.nid = make_nid(NodeTypes.MASTER, 1)
+        # every master of the cluster, this one included; by default a
+        # master is named after its place in the list (M1, M2...)
+        self.masters: list[tuple[str, int]] = list(masters or ())
+        if bind not in self.masters and bind[1]:
+            self.masters.append(bind)
+        index = self.masters.index(bind) + 1 if bind in self.masters else 1
+        self.nid = nid if nid is not None else make_nid(NodeTypes.MASTER, index)
+        # election (master/election.py): when this master started playing
+        # primary, masters not heard from yet, whether it may still yield
+        self.election_time = 0.0
+        self.election_pending: set[tuple[str, int]] = set()
+        self.electing = False
+        self._yielded: asyncio.Future | None = None
+        # as secondary: the primary followed and the connection to it
+        self.primary_address: tuple[str, int] | None = None
+        self.primary_conn: Connection | None = None
+        # what a former secondary knew when it took over (take_over)
+        self.inherited_pt: PartitionTable | None = None
+        self.inherited_ids = (0, 0)
         self.nm = NodeManager()
         self.pt: PartitionTable | None = None
         self.tm = TransactionManager(partitions)
@@ -109,8 +131,8 @@ class MasterApp:
         t = node.type
         if recipient is NodeTypes.CLIENT:
             return t in (NodeTypes.MASTER, NodeTypes.STORAGE)
-        if recipient is NodeTypes.MASTER:
-            return t is NodeTypes.MASTER
+        if recipient is NodeTypes.MASTER:  # what a secondary mirrors
+            return t is NodeTypes.MASTER or t is NodeTypes.STORAGE
         return t is not NodeTypes.ADMIN or recipient is NodeTypes.ADMIN
 
     def send_node_list(self, node: Node) -> None:
@@ -151,14 +173,14 @@ class MasterApp:
         self.updatable.difference_update((nid, offset) for offset, nid, _ in changes)
         wire = [(offset, nid, CellStates(state)) for offset, nid, state in changes]
         for peer in self.nm:
-            if peer.connected and peer.type is not NodeTypes.MASTER and (
-                    peer.type is not NodeTypes.STORAGE or peer.running):
+            if peer.connected and (peer.type is not NodeTypes.STORAGE or peer.running):
                 peer.conn.notify(Packets.NotifyPartitionChanges, ptid, replicas, wire)
 
     def set_cluster_state(self, state: ClusterStates) -> None:
         if state is self.cluster_state:
             return
-        log.info("%s: cluster state %s -> %s", self.label, self.cluster_state.name, state.name)
+        log.info("%s: cluster state %s -> %s", self.label,
+                 getattr(self.cluster_state, "name", None), state.name)
         self.cluster_state = state
         for peer in self.nm:
             if peer.connected:
@@ -212,13 +234,99 @@ class MasterApp:
 
     async def run(self) -> None:
         await self.start()
-        phases = asyncio.ensure_future(self._phases())
+        roles = asyncio.ensure_future(self._roles())
         await self._exit.wait()
-        phases.cancel()
+        roles.cancel()
         self.server.close()
         for node in self.nm:
             if node.connected:
                 node.conn.close("master exiting", flush=True)
+        if self.primary_conn is not None:
+            self.primary_conn.close("master exiting", flush=True)
+
+    async def _roles(self) -> None:
+        try:
+            while not self.stopping:
+                followed = await self._play_primary()
+                if followed is None:
+                    break
+                await secondary.follow(self, *followed)
+                if not self.stopping:
+                    self.take_over()
+        except Exception:
+            log.exception("%s: fatal error", self.label)
+            self._exit.set()
+
+    async def _play_primary(self) -> tuple | None:
+        """Run the cluster until it stops (None), or until the election
+        makes this master yield: then (address, connection or None) of the
+        primary to follow."""
+        self.election_time = time.time()
+        self.startup_allowed = False  # see _recovery_done: no split brain
+        self._yielded = asyncio.get_running_loop().create_future()
+        phases = asyncio.ensure_future(self._phases())
+        try:
+            await asyncio.wait([phases, self._yielded], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            phases.cancel()
+        return self._yielded.result() if self._yielded.done() else None
+
+    def yield_to(self, address: tuple[str, int], conn: Connection | None = None,
+                 nid: int | None = None) -> None:
+        """The election says the master at ``address`` is the primary
+        (``conn``: our accepted identification, ``nid``: the id it gave us).
+        Only while electing; later claims are closed and ignored."""
+        if not self.electing or self._yielded is None or self._yielded.done():
+            if conn is not None:
+                conn.close("not electing any more")
+            return
+        log.info("%s: the primary master is at %s:%s", self.label, *address)
+        self.electing = False
+        self.primary_address = address
+        self.primary_conn = conn
+        if nid is not None:
+            self.nid = nid
+        # everything that identified with us as primary goes: storages and
+        # clients reconnect, and are sent to the primary
+        for node in self.nm:
+            if node.connected and node.conn is not conn:
+                node.conn.close("yielding to the primary at %s:%s" % address, flush=True)
+        held, self.held_clients = self.held_clients, []
+        for held_conn, _, _, timer in held:
+            if timer is not None:
+                timer.cancel()
+            held_conn.close("yielding to the primary", flush=True)
+        self.nm = NodeManager()
+        self.pt = None
+        self.recovery.clear()
+        self.cluster_state = None
+        self._yielded.set_result((address, conn))
+
+    def take_over(self) -> None:
+        """The secondary lost its primary: start playing primary from the
+        mirrored state (nodes known but not connected, table, last IDs)."""
+        self.nm.remove(self.nid)
+        for node in self.nm:
+            node.conn = None
+            if node.type in (NodeTypes.STORAGE, NodeTypes.MASTER):
+                node.state = NodeStates.DOWN
+            else:
+                self.nm.remove(node.nid)
+        self.inherited_pt = self.pt
+        self.inherited_ids = (self.tm.last_tid, self.tm.last_oid)
+        self.cluster_state = None
+        log.info("%s: taking over (table %s, last tid %#x, last oid %#x)", self.label,
+                 self.pt.ptid if self.pt is not None else None, *self.inherited_ids)
+
+    def redirect(self, conn: Connection, msg_id: int, primary: tuple[str, int] | None) -> None:
+        """Answer an identification with NotPrimaryMaster, then close."""
+        masters = list(self.masters)
+        if primary is not None and primary not in masters:
+            masters.append(primary)
+        conn.answer(msg_id, Packets.NotPrimaryMaster,
+                    None if primary is None else masters.index(primary),
+                    [(host.encode(), port) for host, port in masters])
+        conn.close("not the primary master", flush=True)
 
     async def _phases(self) -> None:
         try:
@@ -230,6 +338,8 @@ class MasterApp:
                 except StoppedOperation as e:
                     log.warning("%s: operation stopped: %s", self.label, e)
                     self.stop_operation()
+        except asyncio.CancelledError:
+            raise
         except Exception:
             log.exception("%s: fatal error", self.label)
             self._exit.set()
@@ -242,7 +352,9 @@ class MasterApp:
     # -- recovery -------------------------------------------------------------------
     async def recover(self) -> None:
         self.set_cluster_state(ClusterStates.RECOVERING)
-        self.pt = None
+        self.electing = True
+        electing = asyncio.ensure_future(election.run(self))
+        self.pt, self.inherited_pt = self.inherited_pt, None
         self.recovery.clear()
         self.ready_storages.clear()
         self.updatable.clear()
@@ -252,7 +364,11 @@ class MasterApp:
             if node.connected:
                 self.set_node_state(node, NodeStates.PENDING)
                 self.ask_recovery(node)
-        await self._wait(self._recovery_done)
+        try:
+            await self._wait(self._recovery_done)
+        finally:
+            electing.cancel()
+        self.electing = False
         selected = [n for n in self.nm.storages(NodeStates.PENDING) if n.connected]
         if self.pt is None:
             pt = PartitionTable(self.num_partitions, self.num_replicas)
@@ -281,15 +397,17 @@ class MasterApp:
         node.conn.ask(Packets.AskRecovery, callback=answered)
 
     def _recovery_done(self) -> bool:
+        if self.election_pending:
+            return False  # another master may still claim to be primary
         pending = [n for n in self.nm.storages(NodeStates.PENDING) if n.connected]
         if any(n.nid not in self.recovery for n in pending):
             return False
         best = max((r[0] for r in self.recovery.values() if r[0] is not None), default=None)
-        if best is not None:
-            if self.pt is None or self.pt.ptid != best:
-                source = next(n for n in pending if self.recovery[n.nid][0] == best)
-                self._load_pt(source, best)
-                return False
+        if best is not None and (self.pt is None or self.pt.ptid < best):
+            source = next(n for n in pending if self.recovery[n.nid][0] == best)
+            self._load_pt(source, best)
+            return False
+        if self.pt is not None:  # from a storage, or inherited (take_over)
             here = {n.nid for n in pending}
             readable = {nid for p in range(self.pt.num_partitions) for nid in self.pt.readable_nids(p)}
             if readable <= here:
@@ -329,7 +447,7 @@ class MasterApp:
         self.set_cluster_state(ClusterStates.VERIFYING)
         storages = [n for n in self.nm.storages(NodeStates.RUNNING) if n.connected]
         for node in self.nm:
-            if node.connected and node.type in (NodeTypes.STORAGE, NodeTypes.ADMIN):
+            if node.connected and node.type is not NodeTypes.CLIENT:
                 self.send_pt(node)
         readable = {nid for p in range(self.pt.num_partitions) for nid in self.pt.readable_nids(p)}
         try:
@@ -356,8 +474,12 @@ class MasterApp:
             ids = await asyncio.gather(*(n.conn.ask(Packets.AskLastIDs) for n in storages))
         except (ConnectionClosed, RemoteError) as e:
             raise StoppedOperation(f"storage lost during verification: {e}") from None
+        # a former secondary also knows what its primary committed and gave
         last_tid = max((u64(t) for t, _, _ in ids if t is not None), default=0)
         last_oid = max((u64(o) for _, o, _ in ids if o is not None), default=0)
+        last_tid = max(last_tid, self.inherited_ids[0])
+        last_oid = max(last_oid, self.inherited_ids[1])
+        self.inherited_ids = (0, 0)
         self.tm.reset(last_tid, last_oid)
         log.info("%s: verified: last tid %#x, last oid %#x", self.label, last_tid, last_oid)
 
@@ -449,6 +571,9 @@ class MasterApp:
                 for client in self.nm.of_type(NodeTypes.CLIENT):
                     if client.connected and client.conn is not conn:
                         client.conn.notify(Packets.InvalidateObjects, tid, txn.oids)
+            for master in self.nm.of_type(NodeTypes.MASTER):  # secondaries mirror last IDs
+                if master.connected:
+                    master.conn.notify(Packets.InvalidateObjects, tid, txn.oids)
             for nid in txn.involved:
                 node = self.nm.get(nid)
                 if node is not None and node.connected:
@@ -567,8 +692,16 @@ class MasterApp:
         self.changed()
 
     def exit(self) -> None:
-        """SIGTERM/SIGINT: stop the cluster as `set cluster STOPPING` does."""
-        self.request_stop()
+        """SIGTERM/SIGINT: on the primary, stop the cluster as `set cluster
+        STOPPING` does; a secondary just exits."""
+        if self.primary_address is not None:
+            self.stopping = True
+            self.exit_now()
+        else:
+            self.request_stop()
+
+    def exit_now(self) -> None:
+        self._exit.set()
 
     def request_stop(self) -> None:
         """STOPPING: no new transaction; exit once the pending ones are done."""

@@ -5,7 +5,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from neozodb.master import administration, checks
+from neozodb.master import administration, checks, election
 from neozodb.master.transactions import TransactionError
 from neozodb.master.tweak import drop_check
 from neozodb.net.connection import Denied, Handler, HandlerError, NotReady
@@ -52,6 +52,9 @@ class IdentificationHandler(BaseHandler):
             # PROTOCOL_ERROR: answered, then the connection closes
             raise HandlerError("wrong cluster name: %r (this is %r)" % (
                 name.decode("utf-8", "replace"), app.name), ErrorCodes.PROTOCOL_ERROR) from None
+        if app.primary_address is not None:
+            app.redirect(conn, msg_id, app.primary_address)
+            return
         state = NodeStates.RUNNING
         if node_type is NodeTypes.STORAGE:
             if app.stopping:
@@ -86,9 +89,17 @@ class IdentificationHandler(BaseHandler):
             nid = app.temporary_nid(NodeTypes.ADMIN)
             handler = AdminHandler(app)
         elif node_type is NodeTypes.MASTER:
-            # Only one master for now: others are kept as secondaries.
-            nid = app.nm.free_nid(NodeTypes.MASTER, {app.nid})
-            handler = BaseHandler(app)
+            peer = address_from_wire(address)
+            if id_timestamp is not None:  # a master playing primary
+                if id_timestamp == app.election_time and nid == app.nid:
+                    raise HandlerError("this is myself", ErrorCodes.PROTOCOL_ERROR)
+                if app.electing and peer is not None and election.earlier(
+                        (id_timestamp, peer), (app.election_time, app.address)):
+                    app.redirect(conn, msg_id, peer)
+                    app.yield_to(peer)
+                    return
+            nid = self._master_nid(nid, peer)
+            handler = SecondaryHandler(app)
         else:
             raise ProtocolError("bad node type")
         node = app.nm.get(nid)
@@ -115,9 +126,35 @@ class IdentificationHandler(BaseHandler):
                 app.send_pt(node)
                 if state is NodeStates.RUNNING and app.cluster_state is ClusterStates.RUNNING:
                     app.start_storage(node)
-        elif node_type in (NodeTypes.CLIENT, NodeTypes.ADMIN):
+        else:
             app.send_pt(node)
         app.changed()
+
+
+    def _master_nid(self, nid: int | None, address) -> int:
+        """The id a secondary proposes, unless another master has it; a
+        master that reconnects from the same address replaces itself."""
+        app = self.app
+        if nid is not None and nid_type(nid) is NodeTypes.MASTER and nid != app.nid:
+            other = app.nm.get(nid)
+            if other is None or not other.connected:
+                return nid
+            if other.address == address:
+                old, other.conn = other.conn, None
+                old.close("replaced by a new connection")
+                return nid
+        return app.nm.free_nid(NodeTypes.MASTER, {app.nid})
+
+
+class SecondaryHandler(BaseHandler):
+    def AskLastIDs(self, conn, msg_id):
+        last_ids(self.app, conn, msg_id)
+
+
+def last_ids(app: MasterApp, conn, msg_id) -> None:
+    tm = app.tm
+    last_tid = p64(tm.last_tid) if tm.last_tid else None
+    conn.answer(msg_id, Packets.AnswerLastIDs, last_tid, p64(tm.last_oid), ZERO_TID)
 
 
 class StorageHandler(BaseHandler):
@@ -248,9 +285,7 @@ class AdminHandler(BaseHandler):
         conn.answer(msg_id, Packets.AnswerClusterState, self.app.cluster_state)
 
     def AskLastIDs(self, conn, msg_id):
-        tm = self.app.tm
-        last_tid = p64(tm.last_tid) if tm.last_tid else None
-        conn.answer(msg_id, Packets.AnswerLastIDs, last_tid, p64(tm.last_oid), ZERO_TID)
+        last_ids(self.app, conn, msg_id)
 
     def AskLastTransaction(self, conn, msg_id):
         conn.answer(msg_id, Packets.AnswerLastTransaction, p64(self.app.tm.last_tid))

@@ -1,5 +1,7 @@
 """Following the primary master: the connect / identify / wait-for-loss
-loop that storage and admin nodes run (in their asyncio loop)."""
+loop that storage and admin nodes run (in their asyncio loop), and the
+redirection a secondary master answers with (``NotPrimaryMaster``), which
+the client's threaded connection uses too."""
 from __future__ import annotations
 
 import asyncio
@@ -8,8 +10,34 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from neozodb.net.connection import Connection, ConnectionClosed, Handler, RemoteError, connect
+from neozodb.nodes import address_from_wire
 
 log = logging.getLogger("neozodb.net")
+
+
+class FollowsPrimary:
+    """Mixin of the handlers of a connection to a master: a secondary
+    master answers identification with ``NotPrimaryMaster`` then closes;
+    ``conn.redirect`` is then the primary it named (None if it knows none)
+    and ``conn.known_masters`` the masters it knows."""
+
+    def NotPrimaryMaster(self, conn: Any, msg_id: int, primary: int | None, known: list) -> None:
+        masters = [address_from_wire(a) for a in known]
+        conn.known_masters = masters
+        conn.redirect = masters[primary] if primary is not None and 0 <= primary < len(masters) \
+            else None
+        conn.close("not the primary master")
+
+
+def next_masters(masters: list[tuple[str, int]], conn: Any) -> list[tuple[str, int]]:
+    """After a refused identification: learn the masters ``conn``'s peer
+    knows (appended to ``masters``, in place) and return the addresses to
+    try first (the primary it named)."""
+    for address in getattr(conn, "known_masters", ()):
+        if address not in masters:
+            masters.append(address)
+    redirect = getattr(conn, "redirect", None)
+    return [redirect] if redirect is not None else []
 
 
 async def follow_master(app: Any, masters: list[tuple[str, int]],
@@ -17,11 +45,18 @@ async def follow_master(app: Any, masters: list[tuple[str, int]],
                         identify: Callable[[Connection], Awaitable[None]],
                         lost: Callable[[], None]) -> None:
     """Forever: connect to a master, ``identify`` on the new connection,
-    wait until it closes, call ``lost``; retry the masters in turn, with a
-    backoff of up to one second when none could be reached."""
+    wait until it closes, call ``lost``; retry the masters in turn (first
+    the primary a secondary named), with a backoff of up to one second when
+    none could be reached."""
     delay = 0.1
     while True:
-        for address in masters:
+        queue = list(masters)
+        tried: set[tuple[str, int]] = set()
+        while queue:
+            address = queue.pop(0)
+            if address in tried:
+                continue
+            tried.add(address)
             try:
                 conn = await connect(app, make_handler(), address)
             except OSError as e:
@@ -30,12 +65,19 @@ async def follow_master(app: Any, masters: list[tuple[str, int]],
             try:
                 await identify(conn)
             except (ConnectionClosed, RemoteError) as e:
-                log.warning("%s: master %s:%s refused us: %s", app.label, *address, e)
+                redirect = [a for a in next_masters(masters, conn) if a not in tried]
+                if redirect:
+                    log.info("%s: %s:%s is not the primary master, trying %s:%s",
+                             app.label, *address, *redirect[0])
+                else:
+                    log.warning("%s: master %s:%s refused us: %s", app.label, *address, e)
                 conn.close()
+                queue[:0] = redirect
                 continue
             delay = 0.1
             await conn.closed_future
             lost()
             break
-        await asyncio.sleep(delay)  # reconnection backoff, not synchronisation
-        delay = min(delay * 2, 1.0)
+        else:
+            await asyncio.sleep(delay)  # reconnection backoff, not synchronisation
+            delay = min(delay * 2, 1.0)

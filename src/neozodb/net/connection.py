@@ -365,7 +365,11 @@ class Connection(asyncio.Protocol):
             self._abort()
         elif _can_write_eof(transport):
             self._flush_out()
-            transport.write_eof()
+            try:
+                transport.write_eof()
+            except OSError:  # the peer is already gone: nothing to flush to
+                self._abort()
+                return
             self._arm_timer()
         else:
             self._stop(transport)

@@ -5,6 +5,7 @@ import hashlib
 import logging
 from typing import TYPE_CHECKING
 
+from neozodb.net.bootstrap import FollowsPrimary
 from neozodb.net.connection import Handler, HandlerError, NotReady
 from neozodb.protocol import (
     MAX_TID,
@@ -67,7 +68,7 @@ class BaseHandler(Handler):
         conn.answer(msg_id, Packets.Pong)
 
 
-class MasterHandler(BaseHandler):
+class MasterHandler(FollowsPrimary, BaseHandler):
     """Everything the primary master tells or asks a storage."""
 
     def NotifyNodeInformation(self, conn, msg_id, timestamp, entries):

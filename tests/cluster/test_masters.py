@@ -1,0 +1,214 @@
+"""Several masters: one primary is elected, the others follow it as
+secondaries, and when the primary dies a secondary takes over while
+storages, admin and clients follow it by themselves."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import transaction
+import ZODB
+from BTrees.OOBTree import OOBTree
+from persistent.mapping import PersistentMapping
+
+from neozodb.cli.cluster import LocalCluster, wait_until
+from neozodb.client import Storage
+from neozodb.ctl.neoctl import run_command
+
+pytestmark = pytest.mark.timeout(240)
+
+# A client process committing tree[i] = "v<i>" for i = 0, 1, ... into its
+# own OOBTree root[key], printing i once acknowledged.  A failed commit
+# (master lost...) was not committed: it is retried with the same i.
+WRITER = textwrap.dedent("""
+    import os, sys, transaction, ZODB
+    from neozodb.client import Storage
+    masters, name, key, stop = sys.argv[1:]
+    db = ZODB.DB(Storage(masters, name))
+    conn = db.open()
+    i = 0
+    while not os.path.exists(stop):
+        try:
+            conn.root()[key][i] = "v%d" % i
+            transaction.commit()
+        except Exception as e:
+            print("retry", i, type(e).__name__, e, file=sys.stderr, flush=True)
+            transaction.abort()
+            continue
+        print(i, flush=True)
+        i += 1
+    db.close()
+""")
+
+
+@pytest.fixture
+def masters3(tmp_path):
+    c = LocalCluster(str(tmp_path / "cluster"), name="test", storages=2, replicas=1,
+                     partitions=12, masters=3)
+    try:
+        c.start(wait=60)
+        yield c
+    finally:
+        c.kill()
+
+
+def acknowledged(path: str) -> int:
+    with open(path) as f:
+        return len(f.read().split())
+
+
+def masters_view(cluster) -> dict[str, str]:
+    """Master name -> state, as the admin shows them."""
+    ctl = cluster.ctl()
+    try:
+        return {n["nid"]: n["state"] for n in run_command(ctl, ["print", "node", "MASTER"])[1]}
+    finally:
+        ctl.close()
+
+
+def log_of(node) -> str:
+    with open(node.logfile, "rb") as f:
+        f.seek(node.log_offset)
+        return f.read().decode("utf-8", "replace")
+
+
+def test_one_primary_elected(masters3):
+    primary = masters3.primary()
+    assert primary in masters3.master_names
+    assert masters_view(masters3) == {m: "RUNNING" for m in masters3.master_names}
+    secondaries = [m for m in masters3.master_names if m != primary]
+    for name in secondaries:
+        wait_until(lambda name=name: "secondary of %s" % primary in log_of(masters3.nodes[name]),
+                   10, "%s to follow %s" % (name, primary))
+    # only the primary ran the cluster
+    running = [m for m in masters3.master_names
+               if "VERIFYING -> RUNNING" in log_of(masters3.nodes[m])]
+    assert running == [primary]
+
+
+def test_primary_killed_under_write_load(masters3, tmp_path):
+    c = masters3
+    db = ZODB.DB(Storage(c.masters, c.name))
+    root = db.open().root()
+    root["w1"], root["w2"] = OOBTree(), OOBTree()
+    transaction.commit()
+    db.close()
+    stop = str(tmp_path / "stop")
+    outs = [str(tmp_path / "w1.out"), str(tmp_path / "w2.out")]
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, c.masters, c.name, key, stop],
+                                stdout=open(out, "w"), stderr=open(out + ".err", "w"))
+               for key, out in zip(("w1", "w2"), outs, strict=True)]
+    try:
+        wait_until(lambda: all(acknowledged(o) >= 20 for o in outs), 60, "first commits")
+        old = c.primary()
+        c.nodes[old].kill()
+        wait_until(lambda: c.primary() not in (None, old), 30, "a new primary")
+        new = c.primary()
+        c.wait_state("RUNNING", 30)
+        during = [acknowledged(o) for o in outs]
+        wait_until(lambda: all(acknowledged(o) >= n + 20 for o, n in zip(outs, during, strict=True)),
+                   60, "commits with the new primary")
+        # the old primary comes back as a secondary of the new one
+        c.nodes[old].start()
+        wait_until(lambda: "secondary of %s" % new in log_of(c.nodes[old]), 30,
+                   "%s to follow %s" % (old, new))
+        assert c.primary() == new
+        wait_until(lambda: masters_view(c).get(old) == "RUNNING", 10, "%s listed" % old)
+    finally:
+        open(stop, "w").close()
+        for w in writers:
+            assert w.wait(60) == 0
+    counts = [acknowledged(o) for o in outs]
+    db = ZODB.DB(Storage(c.masters, c.name))
+    try:
+        root = db.open().root()
+        for key, count in zip(("w1", "w2"), counts, strict=True):
+            tree = root[key]
+            # every acknowledged commit is there, nothing else
+            assert list(tree.keys()) == list(range(count))
+            assert [tree[i] for i in range(count)] == ["v%d" % i for i in range(count)]
+    finally:
+        db.close()
+    assert "VERIFYING -> RUNNING" not in log_of(c.nodes[old])
+
+
+def test_secondary_stops_alone_and_sigint_stops_the_cluster(masters3):
+    c = masters3
+    primary = c.primary()
+    secondary = next(m for m in c.master_names if m != primary)
+    c.nodes[secondary].signal(signal.SIGTERM)
+    assert c.nodes[secondary].wait(20) == 0
+    wait_until(lambda: masters_view(c).get(secondary) == "DOWN", 10, "%s down" % secondary)
+    assert c.cluster_state() == "RUNNING"
+    # SIGINT on the primary: STOPPING, and every node exits cleanly
+    c.nodes[primary].signal(signal.SIGINT)
+    for name, node in c.nodes.items():
+        if name != "A1":
+            assert node.wait(30) == 0, name
+    assert "RUNNING -> STOPPING" in log_of(c.nodes[primary])
+
+
+def test_silent_primary_does_not_run_twice(tmp_path):
+    """The primary is frozen (SIGSTOP): the others give up on it after the
+    keep-alive time and elect a new primary; resumed, the old one finds its
+    storages gone and ends up a secondary, never running a second cluster."""
+    c = LocalCluster(str(tmp_path / "cluster"), name="test", storages=2, replicas=1,
+                     partitions=12, masters=3, node_args=["--keepalive", "2"])
+    try:
+        c.start(wait=60)
+        db = ZODB.DB(Storage(c.masters, c.name, keepalive=2))
+        root = db.open().root()
+        root["x"] = 1
+        transaction.commit()
+        old = c.primary()
+        c.nodes[old].signal(signal.SIGSTOP)
+        wait_until(lambda: c.primary() not in (None, old), 30, "a new primary")
+        new = c.primary()
+        c.wait_state("RUNNING", 30)
+        root["x"] = 2
+        transaction.commit()
+        c.nodes[old].signal(signal.SIGCONT)
+        wait_until(lambda: "secondary of %s" % new in log_of(c.nodes[old]), 30,
+                   "%s to follow %s" % (old, new))
+        assert c.primary() == new
+        root["x"] = 3
+        transaction.commit()
+        db.close()
+        db = ZODB.DB(Storage(c.masters, c.name))
+        assert db.open().root()["x"] == 3
+        db.close()
+        assert os.path.exists(c.nodes[old].logfile)
+        assert log_of(c.nodes[old]).count("VERIFYING -> RUNNING") == 1  # its first term only
+    finally:
+        c.kill()
+
+
+def test_new_primary_starts_from_mirrored_state(masters3):
+    """A secondary knows the table, the last TID and OID before it takes
+    over: its log says so, and the cluster goes on from there."""
+    c = masters3
+    db = ZODB.DB(Storage(c.masters, c.name))
+    root = db.open().root()
+    root["x"] = PersistentMapping(v="before")  # a new object: OID 1
+    transaction.commit()
+    last = db.lastTransaction()
+    ptid = int(c.pt_lines()[0].split()[2].rstrip(","))  # "# ptid: N, replicas: R"
+    old = c.primary()
+    c.nodes[old].kill()
+    wait_until(lambda: c.primary() not in (None, old), 30, "a new primary")
+    new = c.primary()
+    took = re.search(r"taking over \(table (\d+), last tid (0x[0-9a-f]+), last oid (0x[0-9a-f]+)",
+                     log_of(c.nodes[new]))
+    assert took is not None
+    assert int(took.group(1)) == ptid
+    assert int(took.group(2), 16) == int.from_bytes(last, "big")
+    assert int(took.group(3), 16) == 1
+    root["x"] = "after"
+    transaction.commit()
+    assert db.lastTransaction() > last
+    db.close()
