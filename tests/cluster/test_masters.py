@@ -18,7 +18,7 @@ from persistent.mapping import PersistentMapping
 
 from neozodb.cli.cluster import LocalCluster, wait_until
 from neozodb.client import Storage
-from neozodb.ctl.neoctl import run_command
+from neozodb.ctl.neoctl import CtlError, run_command
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -140,10 +140,20 @@ def test_primary_killed_under_write_load(masters3, tmp_path):
 def test_secondary_stops_alone_and_sigint_stops_the_cluster(masters3):
     c = masters3
     primary = c.primary()
-    secondary = next(m for m in c.master_names if m != primary)
+    secondary, other = [m for m in c.master_names if m != primary]
     c.nodes[secondary].signal(signal.SIGTERM)
     assert c.nodes[secondary].wait(20) == 0
     wait_until(lambda: masters_view(c).get(secondary) == "DOWN", 10, "%s down" % secondary)
+    assert c.cluster_state() == "RUNNING"
+    # neoctl kill: a secondary exits, the primary refuses
+    ctl = c.ctl()
+    try:
+        with pytest.raises(CtlError, match="primary master"):
+            run_command(ctl, ["kill", primary])
+        run_command(ctl, ["kill", other])
+    finally:
+        ctl.close()
+    assert c.nodes[other].wait(20) == 0
     assert c.cluster_state() == "RUNNING"
     # SIGINT on the primary: STOPPING, and every node exits cleanly
     c.nodes[primary].signal(signal.SIGINT)

@@ -330,13 +330,22 @@ class AdminHandler(BaseHandler):
         conn.ack(msg_id, " ".join(n.label for n in pending))
 
     def SetNodeState(self, conn, msg_id, nid, state):
-        """`neoctl kill` (DOWN) and `neoctl drop` (UNKNOWN) of a storage."""
+        """`neoctl kill` (DOWN) of a storage or secondary master, and
+        `neoctl drop` (UNKNOWN) of a storage."""
         app = self.app
         node = app.nm.get(nid)
+        if nid == app.nid:
+            raise Denied("%s is the primary master: stop the cluster with"
+                         " `set cluster STOPPING`" % app.label)
         if node is None:
             raise Denied("unknown node")
+        if node.type is NodeTypes.MASTER and state is NodeStates.DOWN and node.connected:
+            conn.ack(msg_id)
+            app.set_node_state(node, NodeStates.DOWN)  # told DOWN, a secondary exits
+            return
         if node.type is not NodeTypes.STORAGE:
-            raise Denied("only storage nodes can be killed or dropped")
+            raise Denied("only storage nodes and secondary masters can be killed,"
+                         " only storage nodes dropped")
         if app.cluster_state is not ClusterStates.RUNNING:
             raise Denied("cluster is %s, not RUNNING" % app.cluster_state.name)
         running = app.running_storage_nids()
