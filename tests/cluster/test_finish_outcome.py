@@ -109,3 +109,21 @@ def test_master_killed_before_the_lock_aborts(cluster):
         assert current(cluster, oid) == (b"first", serial)
     finally:
         storage.close()
+
+
+def test_master_killed_between_vote_and_finish(cluster):
+    """The finish was never sent: nothing can have committed; tpc_finish
+    says so, the storages dropped the voted data, and the client goes on."""
+    storage, oid, serial = setup_object(cluster)
+    try:
+        txn = voted(storage, oid, b"second", serial)
+        restart_master(cluster)
+        with pytest.raises(StorageTransactionError, match="not committed"):
+            storage.tpc_finish(txn)
+        storage.tpc_abort(txn)
+        assert current(cluster, oid) == (b"first", serial)
+        txn = voted(storage, oid, b"third", serial)
+        tid = storage.tpc_finish(txn)
+        assert current(cluster, oid) == (b"third", tid)
+    finally:
+        storage.close()
