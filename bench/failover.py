@@ -90,19 +90,25 @@ class Committer(threading.Thread):
                 self.changed.wait(remaining)
 
 
-def prepare(db: ZODB.DB) -> None:
+def trials(cleanup, db: ZODB.DB, kill_and_recover, n: int, label: str) -> list[float]:
+    """``n`` times: with a client committing, ``kill_and_recover()`` (it
+    returns when it killed) then wait for the first commit begun after."""
+    cleanup.callback(db.close)
     with db.transaction() as conn:
         conn.root()["x"] = PersistentMapping(n=0)
-
-
-def trials(kill_and_recover, committer: Committer, n: int, label: str) -> list[float]:
+    committer = Committer(db)
+    committer.start()
     times = []
-    for i in range(n):
-        committer.first_commit_after(time.monotonic(), TIMEOUT)  # steady state first
-        t = kill_and_recover()
-        elapsed = committer.first_commit_after(t, TIMEOUT) - t
-        times.append(elapsed)
-        say("  %s trial %d: %.3f s" % (label, i + 1, elapsed))
+    try:
+        for i in range(n):
+            committer.first_commit_after(time.monotonic(), TIMEOUT)  # steady state first
+            t = kill_and_recover()
+            elapsed = committer.first_commit_after(t, TIMEOUT) - t
+            times.append(elapsed)
+            say("  %s trial %d: %.3f s" % (label, i + 1, elapsed))
+    finally:
+        committer.stop.set()
+        committer.join(10)
     return times
 
 
@@ -120,13 +126,6 @@ def measure_neo(cleanup, workdir: str, masters: int, n: int) -> list[float]:
                            loglevel="INFO")
     cleanup.callback(cluster.kill)
     cluster.start(wait=60)
-    db = ZODB.DB(Storage(cluster.masters, cluster.name))
-    cleanup.callback(db.close)
-    prepare(db)
-    committer = Committer(db)
-    committer.start()
-    cleanup.callback(committer.stop.set)
-
     def kill_primary() -> float:
         name = cluster.primary()
         node = cluster.nodes[name]
@@ -146,11 +145,8 @@ def measure_neo(cleanup, workdir: str, masters: int, n: int) -> list[float]:
         return t
 
     label = "neozodb %d masters" % masters if masters > 1 else "neozodb 1 master, restarted"
-    try:
-        return trials(kill_primary, committer, n, label)
-    finally:
-        committer.stop.set()
-        committer.join(10)
+    return trials(cleanup, ZODB.DB(Storage(cluster.masters, cluster.name)), kill_primary, n,
+                  label)
 
 
 def measure_zeo(cleanup, workdir: str, n: int) -> list[float]:
@@ -158,15 +154,6 @@ def measure_zeo(cleanup, workdir: str, n: int) -> list[float]:
     zeo.start(workdir)
     cleanup.callback(zeo.stop)
     from ZEO.ClientStorage import ClientStorage
-    # reconnection polled every 50 ms at first (the default starts at 1 s)
-    db = ZODB.DB(ClientStorage(zeo.address, wait=True, wait_timeout=30, min_disconnect_poll=0.05,
-                               max_disconnect_poll=1))
-    cleanup.callback(db.close)
-    prepare(db)
-    committer = Committer(db)
-    committer.start()
-    cleanup.callback(committer.stop.set)
-
     def kill_server() -> float:
         t = time.monotonic()
         zeo.proc.kill()
@@ -175,11 +162,10 @@ def measure_zeo(cleanup, workdir: str, n: int) -> list[float]:
         restart(zeo, os.path.join(workdir, "zeo"))
         return t
 
-    try:
-        return trials(kill_server, committer, n, "ZEO, restarted")
-    finally:
-        committer.stop.set()
-        committer.join(10)
+    # reconnection polled every 50 ms at first (the default starts at 1 s)
+    db = ZODB.DB(ClientStorage(zeo.address, wait=True, wait_timeout=30, min_disconnect_poll=0.05,
+                               max_disconnect_poll=1))
+    return trials(cleanup, db, kill_server, n, "ZEO, restarted")
 
 
 def restart(zeo: ZEOBackend, directory: str) -> None:

@@ -6,45 +6,18 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import transaction
 import ZODB
-from BTrees.OOBTree import OOBTree
 from persistent.mapping import PersistentMapping
 
 from neozodb.cli.cluster import LocalCluster, wait_until
 from neozodb.client import Storage
 from neozodb.ctl.neoctl import CtlError, run_command
+from writers import Writers
 
 pytestmark = pytest.mark.timeout(240)
-
-# A client process committing tree[i] = "v<i>" for i = 0, 1, ... into its
-# own OOBTree root[key], printing i once acknowledged.  A failed commit
-# (master lost...) was not committed: it is retried with the same i.
-WRITER = textwrap.dedent("""
-    import os, sys, transaction, ZODB
-    from neozodb.client import Storage
-    masters, name, key, stop = sys.argv[1:]
-    db = ZODB.DB(Storage(masters, name))
-    conn = db.open()
-    i = 0
-    while not os.path.exists(stop):
-        try:
-            conn.root()[key][i] = "v%d" % i
-            transaction.commit()
-        except Exception as e:
-            print("retry", i, type(e).__name__, e, file=sys.stderr, flush=True)
-            transaction.abort()
-            continue
-        print(i, flush=True)
-        i += 1
-    db.close()
-""")
-
 
 @pytest.fixture
 def masters3(tmp_path):
@@ -55,11 +28,6 @@ def masters3(tmp_path):
         yield c
     finally:
         c.kill()
-
-
-def acknowledged(path: str) -> int:
-    with open(path) as f:
-        return len(f.read().split())
 
 
 def masters_view(cluster) -> dict[str, str]:
@@ -93,26 +61,15 @@ def test_one_primary_elected(masters3):
 
 def test_primary_killed_under_write_load(masters3, tmp_path):
     c = masters3
-    db = ZODB.DB(Storage(c.masters, c.name))
-    root = db.open().root()
-    root["w1"], root["w2"] = OOBTree(), OOBTree()
-    transaction.commit()
-    db.close()
-    stop = str(tmp_path / "stop")
-    outs = [str(tmp_path / "w1.out"), str(tmp_path / "w2.out")]
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, c.masters, c.name, key, stop],
-                                stdout=open(out, "w"), stderr=open(out + ".err", "w"))
-               for key, out in zip(("w1", "w2"), outs, strict=True)]
+    writers = Writers(c, tmp_path, retry=True)
     try:
-        wait_until(lambda: all(acknowledged(o) >= 20 for o in outs), 60, "first commits")
+        wait_until(lambda: all(n >= 20 for n in writers.counts()), 60, "first commits")
         old = c.primary()
         c.nodes[old].kill()
         wait_until(lambda: c.primary() not in (None, old), 30, "a new primary")
         new = c.primary()
         c.wait_state("RUNNING", 30)
-        during = [acknowledged(o) for o in outs]
-        wait_until(lambda: all(acknowledged(o) >= n + 20 for o, n in zip(outs, during, strict=True)),
-                   60, "commits with the new primary")
+        wait_until(writers.more(20), 60, "commits with the new primary")
         # the old primary comes back as a secondary of the new one
         c.nodes[old].start()
         wait_until(lambda: "secondary of %s" % new in log_of(c.nodes[old]), 30,
@@ -120,20 +77,8 @@ def test_primary_killed_under_write_load(masters3, tmp_path):
         assert c.primary() == new
         wait_until(lambda: masters_view(c).get(old) == "RUNNING", 10, "%s listed" % old)
     finally:
-        open(stop, "w").close()
-        for w in writers:
-            assert w.wait(60) == 0
-    counts = [acknowledged(o) for o in outs]
-    db = ZODB.DB(Storage(c.masters, c.name))
-    try:
-        root = db.open().root()
-        for key, count in zip(("w1", "w2"), counts, strict=True):
-            tree = root[key]
-            # every acknowledged commit is there, nothing else
-            assert list(tree.keys()) == list(range(count))
-            assert [tree[i] for i in range(count)] == ["v%d" % i for i in range(count)]
-    finally:
-        db.close()
+        writers.stop()
+    writers.check()  # every acknowledged commit is there, nothing else
     assert "VERIFYING -> RUNNING" not in log_of(c.nodes[old])
 
 

@@ -5,14 +5,10 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import transaction
 import ZODB
-from BTrees.OOBTree import OOBTree
 from persistent.mapping import PersistentMapping
 
 from neozodb.cli.cluster import wait_until
@@ -20,29 +16,9 @@ from neozodb.client import Storage
 from neozodb.ctl.neoctl import run_command
 from neozodb.protocol import NodeStates
 from neozodb.storage.backends.sqlite import SQLiteBackend
+from writers import Writers
 
 pytestmark = pytest.mark.timeout(240)
-
-# A client process committing tree[i] = "v<i>" for i = 0, 1, ... into its
-# own OOBTree root[key], one transaction each, printing i once acknowledged;
-# stops after the commit that follows the creation of the stop file.
-WRITER = textwrap.dedent("""
-    import os, sys, transaction, ZODB
-    from neozodb.client import Storage
-    masters, name, key, stop = sys.argv[1:]
-    db = ZODB.DB(Storage(masters, name))
-    conn = db.open()
-    tree = conn.root()[key]
-    i = 0
-    while True:
-        tree[i] = "v%d" % i
-        transaction.commit()
-        print(i, flush=True)
-        i += 1
-        if os.path.exists(stop):
-            break
-    db.close()
-""")
 
 
 def all_up_to_date(cluster, names) -> bool:
@@ -50,11 +26,6 @@ def all_up_to_date(cluster, names) -> bool:
     return len(lines) == len(names) and all(
         line.split()[0] in names and line.split()[1] == "R" and set(line.split()[2]) <= {"U", "."}
         for line in lines)
-
-
-def acknowledged(path: str) -> int:
-    with open(path) as f:
-        return len(f.read().split())
 
 
 def replica_contents(path: str) -> dict:
@@ -83,42 +54,19 @@ def replicated_objects(node) -> int:
 
 
 def test_storage_killed_under_write_load_catches_up(cluster, tmp_path):
-    db = ZODB.DB(Storage(cluster.masters, cluster.name))
-    root = db.open().root()
-    root["w1"], root["w2"] = OOBTree(), OOBTree()
-    transaction.commit()
-    db.close()
-    stop = str(tmp_path / "stop")
-    outs = [str(tmp_path / "w1.out"), str(tmp_path / "w2.out")]
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, cluster.masters, cluster.name,
-                                 key, stop], stdout=open(out, "w"), stderr=subprocess.PIPE)
-               for key, out in zip(("w1", "w2"), outs, strict=True)]
+    writers = Writers(cluster, tmp_path)
     try:
-        wait_until(lambda: all(acknowledged(o) >= 20 for o in outs), 60, "first commits")
+        wait_until(lambda: all(c >= 20 for c in writers.counts()), 60, "first commits")
         cluster.nodes["S2"].kill()
         wait_until(lambda: cluster.storage_state("S2") is NodeStates.DOWN, 30, "S2 down")
         assert cluster.cluster_state() == "RUNNING"
-        during = [acknowledged(o) for o in outs]
-        wait_until(lambda: all(acknowledged(o) >= n + 30 for o, n in zip(outs, during, strict=True)),
-                   60, "commits without S2")
+        wait_until(writers.more(30), 60, "commits without S2")
         cluster.nodes["S2"].start()
         wait_until(lambda: all_up_to_date(cluster, {"S1", "S2"}), 60, "S2 up to date")
-        after = [acknowledged(o) for o in outs]
-        wait_until(lambda: all(acknowledged(o) >= n + 10 for o, n in zip(outs, after, strict=True)),
-                   60, "commits after S2 returned")
+        wait_until(writers.more(10), 60, "commits after S2 returned")
     finally:
-        open(stop, "w").close()
-        for w in writers:
-            assert w.wait(60) == 0, w.stderr.read().decode()
-    counts = [acknowledged(o) for o in outs]
-    db = ZODB.DB(Storage(cluster.masters, cluster.name))
-    try:
-        root = db.open().root()
-        for key, count in zip(("w1", "w2"), counts, strict=True):
-            tree = root[key]
-            assert [tree[i] for i in range(count)] == ["v%d" % i for i in range(count)]
-    finally:
-        db.close()
+        counts = writers.stop()
+    writers.check()
     cluster.stop()
     s1 = replica_contents(os.path.join(cluster.directory, "storage1.sqlite"))
     s2 = replica_contents(os.path.join(cluster.directory, "storage2.sqlite"))
