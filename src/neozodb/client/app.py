@@ -109,6 +109,7 @@ class ClientApp:
         self.last_tid = ZERO_TID
         self._connected_before = False
         self._last_tid_at_loss = ZERO_TID
+        self._tid_since_connect = ZERO_TID  # newest invalidation on this master connection
         self._loading: dict[bytes, list] = {}  # oid -> [loads in progress, invalidating tid]
         self.master: ThreadedConnection | None = None
         self._storages: dict[int, ThreadedConnection] = {}
@@ -118,6 +119,7 @@ class ClientApp:
         self.invalidation_listener = None  # ZODB's storage wrapper, set by registerDB
         self.transactions: dict[bytes, object] = {}  # ttid -> commit context (deadlock notices)
         self._oids: list[bytes] = []
+        self._oids_from: ThreadedConnection | None = None  # the master connection that gave them
         self._cells: dict[int, list[int]] = {}
         self._oid_lock = threading.Lock()
         self.closed = False
@@ -147,6 +149,8 @@ class ClientApp:
         last_error = "no master reachable"
         while not self.closed:
             for address in self.master_nodes:
+                with self.lock:
+                    self._tid_since_connect = ZERO_TID
                 conn = ThreadedConnection(address, MasterHandler(self), self.label,
                                           keepalive=self.keepalive)
                 try:
@@ -197,13 +201,26 @@ class ClientApp:
     def _reconnected(self, tid: bytes) -> None:
         """``tid`` answers AskLastTransaction, sent after identification:
         invalidations received since identification may already be newer,
-        so last_tid only moves forward."""
+        so last_tid only moves forward, unless the database was truncated."""
         with self.lock:
-            if self._connected_before and tid != self._last_tid_at_loss:
+            listener = self.invalidation_listener
+            if self._connected_before and tid < self._last_tid_at_loss:
+                # truncated (neoctl truncate): cached revisions, current or
+                # not, may be gone, and the last tid goes back
+                log.warning("%s: the database was truncated: last tid %s, was %s", self.label,
+                            tid.hex(), self._last_tid_at_loss.hex())
+                self.cache.clear()
+                self.last_tid = max(tid, self._tid_since_connect)
+                if listener is not None:
+                    listener.invalidateCache()
+                    # ZODB's connections read as of the newest tid they were
+                    # told about: tell them the new last one, changing nothing
+                    listener.invalidate(self.last_tid, ())
+            elif self._connected_before and tid != self._last_tid_at_loss:
                 # commits we were not told about: anything current may be stale
                 self.cache.clear_current()
-                if self.invalidation_listener is not None:
-                    self.invalidation_listener.invalidateCache()
+                if listener is not None:
+                    listener.invalidateCache()
             self._connected_before = True
             if tid > self.last_tid:
                 self.last_tid = tid
@@ -441,6 +458,8 @@ class ClientApp:
                     log.exception("%s: error invalidating %s", self.label, tid.hex())
             if tid > self.last_tid:
                 self.last_tid = tid
+            if tid > self._tid_since_connect:
+                self._tid_since_connect = tid
 
     def committed(self, tid: bytes, stored: dict, callback) -> None:
         """Our own commit: in the master's reader thread, before any later
@@ -463,9 +482,15 @@ class ClientApp:
     # -- misc ----------------------------------------------------------------------------------
     def new_oid(self) -> bytes:
         with self._oid_lock:
+            master = self.get_master()
+            if self._oids_from is not master:
+                # given through a previous master connection: a restarted
+                # master, or a truncated database, hands them out again
+                self._oids = []
             if not self._oids:
-                (oids,) = self.get_master().call(Packets.AskNewOIDs, 100, timeout=60)
+                (oids,) = master.call(Packets.AskNewOIDs, 100, timeout=60)
                 self._oids = list(reversed(oids))
+                self._oids_from = master
             return self._oids.pop()
 
     def deadlock(self, conn, ttid: bytes, oid: bytes) -> None:
