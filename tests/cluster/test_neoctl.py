@@ -256,6 +256,7 @@ COMMANDS = [
     "check [PARTITION[:NID]...]",
     "kill NID",
     "drop NID",
+    "truncate TID",
 ]
 
 

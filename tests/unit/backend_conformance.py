@@ -503,6 +503,80 @@ class BackendConformance:
         assert db.fetch_tids(0, 100, 0, 1000) == []
         assert db.prune_orphans() == 0
 
+    def test_truncate_tid_round_trip(self, opener, db):
+        assert db.get_truncate_tid() is None
+        db.set_truncate_tid(2**63 - 1)
+        db = self.reopen(db, opener)
+        assert db.get_truncate_tid() == 2**63 - 1
+        db.set_truncate_tid(None)
+        assert db.get_truncate_tid() is None
+
+    def test_truncate(self, opener, db):
+        """Everything after the truncation tid goes, in every partition,
+        with the data only it used; what is at or before it stays."""
+        shared = self.commit(db, 100, {1: b'one', 2: b'shared'})[2]       # partition 0
+        self.commit(db, 105, {1: b'one bis', 6: b'six'})                  # partition 1
+        gone = self.commit(db, 112, {1: b'one ter', 3: b'shared', 7: b'gone'})  # partition 0
+        self.commit(db, 113, {2: None, 6: None}, undo={6: 105})           # partition 1
+        self.commit(db, 118, {5: b'five'})                                # partition 2
+        assert gone[3] == shared                                          # deduplicated
+        # locked, not unlocked: at the truncation tid or below (kept), after
+        # it (dropped); voted only, with metadata here or elsewhere (dropped)
+        kept_locked = db.store_data(h(b'locked before'), 0, b'locked before')
+        db.store_transaction(91, [(9, kept_locked, None)], ([9], b'', b'', b'', False))
+        db.lock_transaction(91, 107)
+        late_locked = db.store_data(h(b'locked after'), 0, b'locked after')
+        db.store_transaction(95, [(10, late_locked, None)], ([10], b'', b'', b'', False))
+        db.lock_transaction(95, 119)
+        voted = db.store_data(h(b'voted'), 0, b'voted')
+        db.store_transaction(120, [(11, voted, None)], ([11], b'', b'', b'', False))
+        elsewhere = db.store_data(h(b'elsewhere'), 0, b'elsewhere')
+        db.store_transaction(121, [(12, elsewhere, None)], None)
+        db.set_replication(1, (130, 125, 3))
+        db.set_replication(2, (50, 40, 7))
+        db.set_replication(3, (111, 111, 0))
+        db.set_truncate_tid(110)
+        db = self.reopen(db, opener)                   # pending across a restart
+        assert db.get_truncate_tid() == 110
+        db.truncate(110)
+        assert db.get_truncate_tid() is None
+        for tid in (112, 113, 118):
+            assert db.get_transaction(tid) is None
+        assert db.get_transaction(105)[0] == [1, 6]
+        assert db.get_object(1)[:2] == (105, None)
+        assert db.get_object(1, tid=100)[:2] == (100, 105)
+        assert db.get_object(2)[:2] == (100, None)      # its deletion is gone
+        assert db.get_object(6)[:5] == (105, None, 0, h(b'six'), b'six')
+        for oid in (3, 5, 7, 10, 11, 12):
+            assert db.get_object(oid) is None
+        assert db.load_data(shared) is not None         # still used by oid 2 at 100
+        for data_id in (gone[7], late_locked, voted, elsewhere):
+            assert db.load_data(data_id) is None
+        assert db.load_data(kept_locked) is not None
+        assert db.get_locked_transactions() == {91: 107}
+        assert db.last_ids() == (107, 9)
+        assert db.get_replication(1) == (111, 111, 0)
+        assert db.get_replication(2) == (50, 40, 7)
+        assert db.get_replication(3) == (111, 111, 0)
+        assert db.prune_orphans() == 0
+        db = self.reopen(db, opener)                    # durable
+        assert db.get_truncate_tid() is None
+        assert db.get_object(1)[:2] == (105, None)
+        assert db.get_transaction(112) is None
+        db.unlock_transaction(91, 107)
+        assert db.last_ids() == (107, 9)
+        # committing goes on after the truncation tid
+        self.commit(db, 116, {1: b'new'})
+        assert db.get_object(1)[:2] == (116, None)
+        assert db.get_object(1, tid=105)[:2] == (105, 116)
+
+    def test_truncate_nothing_after(self, db):
+        self.commit(db, 100, {1: b'one'})
+        db.set_truncate_tid(100)
+        db.truncate(100)
+        assert db.get_object(1)[:2] == (100, None)
+        assert db.get_truncate_tid() is None
+
     def test_check_ranges_detect_differences(self, db):
         self.commit(db, 100, {1: b'one'})
         self.commit(db, 104, {1: b'two', 5: b'five'})

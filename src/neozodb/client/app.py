@@ -110,6 +110,7 @@ class ClientApp:
         self.last_tid = ZERO_TID
         self._connected_before = False
         self._last_tid_at_loss = ZERO_TID
+        self._tid_since_connect = ZERO_TID  # newest invalidation on this master connection
         self._loading: dict[bytes, list] = {}  # oid -> [loads in progress, invalidating tid]
         self.master: ThreadedConnection | None = None
         self._storages: dict[int, ThreadedConnection] = {}
@@ -154,6 +155,8 @@ class ClientApp:
                 if address in tried:
                     continue
                 tried.add(address)
+                with self.lock:
+                    self._tid_since_connect = ZERO_TID
                 conn = ThreadedConnection(address, MasterHandler(self), self.label,
                                           keepalive=self.keepalive)
                 try:
@@ -206,13 +209,26 @@ class ClientApp:
     def _reconnected(self, tid: bytes) -> None:
         """``tid`` answers AskLastTransaction, sent after identification:
         invalidations received since identification may already be newer,
-        so last_tid only moves forward."""
+        so last_tid only moves forward, unless the database was truncated."""
         with self.lock:
-            if self._connected_before and tid != self._last_tid_at_loss:
+            listener = self.invalidation_listener
+            if self._connected_before and tid < self._last_tid_at_loss:
+                # truncated (neoctl truncate): cached revisions, current or
+                # not, may be gone, and the last tid goes back
+                log.warning("%s: the database was truncated: last tid %s, was %s", self.label,
+                            tid.hex(), self._last_tid_at_loss.hex())
+                self.cache.clear()
+                self.last_tid = max(tid, self._tid_since_connect)
+                if listener is not None:
+                    listener.invalidateCache()
+                    # ZODB's connections read as of the newest tid they were
+                    # told about: tell them the new last one, changing nothing
+                    listener.invalidate(self.last_tid, ())
+            elif self._connected_before and tid != self._last_tid_at_loss:
                 # commits we were not told about: anything current may be stale
                 self.cache.clear_current()
-                if self.invalidation_listener is not None:
-                    self.invalidation_listener.invalidateCache()
+                if listener is not None:
+                    listener.invalidateCache()
             self._connected_before = True
             if tid > self.last_tid:
                 self.last_tid = tid
@@ -450,6 +466,8 @@ class ClientApp:
                     log.exception("%s: error invalidating %s", self.label, tid.hex())
             if tid > self.last_tid:
                 self.last_tid = tid
+            if tid > self._tid_since_connect:
+                self._tid_since_connect = tid
 
     def committed(self, tid: bytes, stored: dict, callback) -> None:
         """Our own commit: in the master's reader thread, before any later

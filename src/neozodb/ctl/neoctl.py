@@ -34,10 +34,11 @@ from neozodb.protocol import (
     NodeTypes,
     Packets,
     nid_str,
+    p64,
     u64,
 )
 from neozodb.pt import PartitionTable
-from neozodb.tid import format_tid_time
+from neozodb.tid import format_tid_time, tid_from_user
 
 USAGE = """\
 commands:
@@ -66,6 +67,10 @@ commands:
   kill NID                      stop a running storage (its cells get OUT_OF_DATE)
   drop NID                      remove a storage from the cluster for good (it
                                 erases its database if it is connected)
+  truncate TID                  delete every transaction committed after TID
+                                (tid:INT, tid:0xHEX or a UNIX time); the cluster
+                                goes through recovery, which waits for every
+                                storage of the table (or start)
 
 NIDs are case-insensitive (S3 or s3) or plain integers.  Times are UTC.
 """
@@ -154,6 +159,14 @@ def _parse_nid(text: str) -> int:
         return parse_nid(text)
     except ValueError as e:
         raise CtlError(str(e)) from None
+
+
+def _parse_tid(text: str) -> int:
+    try:
+        return tid_from_user(text)
+    except ValueError as e:
+        hint = " (write a TID as tid:%s)" % text if text.lower().startswith("0x") else ""
+        raise CtlError("%s%s" % (e, hint)) from None
 
 
 def _parse_offset(name: str, text: str) -> int:
@@ -291,7 +304,7 @@ def run_command(ctl: NeoCtl, words: list[str], progress=lambda line: None
             return [name], {"cluster": name}
         if what == "ids":
             last_tid, last_oid, _ = ctl.call(Packets.AskLastIDs)
-            ptid, _, _ = ctl.call(Packets.AskRecovery)
+            ptid, _, truncate_tid = ctl.call(Packets.AskRecovery)
             oid = u64(last_oid) if last_oid else 0
             lines = ["last_oid = %#x" % oid]
             if last_tid is None:
@@ -299,8 +312,12 @@ def run_command(ctl: NeoCtl, words: list[str], progress=lambda line: None
             else:
                 lines.append("last_tid = %#x (%s)" % (u64(last_tid), format_tid_time(u64(last_tid))))
             lines.append("last_ptid = %s" % ptid)
+            if truncate_tid is not None:  # a truncation is pending
+                lines.append("truncate_tid = %#x (%s)" % (
+                    u64(truncate_tid), format_tid_time(u64(truncate_tid))))
             return lines, {"last_oid": oid, "last_tid": None if last_tid is None else u64(last_tid),
-                           "last_ptid": ptid}
+                           "last_ptid": ptid,
+                           "truncate_tid": None if truncate_tid is None else u64(truncate_tid)}
         if what == "node":
             node_type = None
             if rest:
@@ -353,6 +370,12 @@ def run_command(ctl: NeoCtl, words: list[str], progress=lambda line: None
         state = NodeStates.DOWN if cmd == "kill" else NodeStates.UNKNOWN
         ctl.call(Packets.SetNodeState, nid, state)
         return [], {"ok": True}
+    if cmd == "truncate":
+        if len(args) != 1:
+            raise CtlError("usage: truncate TID")
+        tid = _parse_tid(args[0])
+        ctl.call(Packets.Truncate, p64(tid))
+        return [], {"ok": True, "truncate_tid": tid}
     if cmd == "tweak":
         return _tweak(ctl, args)
     if cmd == "check":

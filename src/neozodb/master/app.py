@@ -91,6 +91,16 @@ class MasterApp:
         self.finish_watchers: dict[int, set[int]] = {}  # ttid -> storage nids
         self.final_tid_waiters: dict[int, list] = {}  # ttid -> [(client conn, msg_id)]
         self.check_run = None  # the last `neoctl check` (master/checks.py)
+        # `neoctl truncate`: storages delete what was committed after this
+        # tid; pending from the request (or, after a restart, from the
+        # storages' reports) until verification applied it
+        self.truncate_tid: int | None = None
+        self._truncating: set[int] = set()  # storages asked to persist it
+        self._startup_allowed_before_truncation = False
+        # storages of the table absent from the verification that applied a
+        # truncation (`neoctl start` without them): nid -> tid, told when
+        # they come back
+        self.missed_truncation: dict[int, int] = {}
         # clients identifying while the cluster is not RUNNING:
         # (conn, accept, refuse, timer), see hold_client
         self.held_clients: list[tuple] = []
@@ -409,7 +419,11 @@ class MasterApp:
             return False
         if self.pt is not None:  # from a storage, or inherited (take_over)
             here = {n.nid for n in pending}
+            if self._truncation_pending(pending):
+                return False
             readable = {nid for p in range(self.pt.num_partitions) for nid in self.pt.readable_nids(p)}
+            if self.truncate_tid is not None:
+                readable = self.pt.nids()  # a truncation waits for every node of the table
             if readable <= here:
                 return True
             return self.startup_allowed and self.pt.operational(here)
@@ -477,11 +491,14 @@ class MasterApp:
         # a former secondary also knows what its primary committed and gave
         last_tid = max((u64(t) for t, _, _ in ids if t is not None), default=0)
         last_oid = max((u64(o) for _, o, _ in ids if o is not None), default=0)
+        if self.truncate_tid is not None:
+            self.inherited_ids = (0, 0)  # what the old primary knew is cut off
         last_tid = max(last_tid, self.inherited_ids[0])
         last_oid = max(last_oid, self.inherited_ids[1])
         self.inherited_ids = (0, 0)
         self.tm.reset(last_tid, last_oid)
         log.info("%s: verified: last tid %#x, last oid %#x", self.label, last_tid, last_oid)
+        self._truncation_done(storages)
 
     # -- service ------------------------------------------------------------------
     async def serve(self) -> None:
@@ -492,7 +509,8 @@ class MasterApp:
                 self.start_storage(node)
         await self._stop_operation.wait()
         if not self.stopping:
-            raise StoppedOperation("partition table not operational")
+            raise StoppedOperation("truncation requested" if self.truncate_tid is not None
+                                   else "partition table not operational")
 
     def start_storage(self, node: Node) -> None:
         self.ready_storages.discard(node.nid)
@@ -722,3 +740,90 @@ class MasterApp:
         self.broadcast_nodes(down)
         log.info("%s: cluster stopped", self.label)
         self._exit.set()
+
+    # -- truncation -------------------------------------------------------------------------
+    def truncate(self, tid: int) -> None:
+        """`neoctl truncate`: leave RUNNING.  Recovery then waits for every
+        storage of the table (or `neoctl start`) and makes each persist the
+        truncation (Truncate); verification applies it (AskLastIDs)."""
+        log.warning("%s: truncation after %#x requested: stopping operation", self.label, tid)
+        self.truncate_tid = tid
+        # only with every storage of the table, or `neoctl start` again
+        self._startup_allowed_before_truncation = self.startup_allowed
+        self.startup_allowed = False
+        self._stop_operation.set()
+
+    def _truncation_pending(self, pending: list[Node]) -> bool:
+        """Recovery, table loaded: adopt the truncation that storages with
+        readable cells report (decided by a previous master, or before we
+        restarted), and make every present storage of the table persist it.
+        True while some has not acknowledged it yet."""
+        pt = self.pt
+        if self.truncate_tid is None:
+            readable = {nid for p in range(pt.num_partitions) for nid in pt.readable_nids(p)}
+            reported = {u64(self.recovery[n.nid][2]) for n in pending
+                        if n.nid in readable and self.recovery[n.nid][2] is not None}
+            if reported:
+                self.truncate_tid = min(reported)
+                log.warning("%s: storages report a pending truncation after %#x", self.label,
+                            self.truncate_tid)
+        waiting = False
+        nids = pt.nids()
+        for node in pending:
+            tids = [t for t in (self.truncate_tid, self.missed_truncation.get(node.nid))
+                    if t is not None]
+            if node.nid not in nids or not tids:
+                continue
+            target = min(tids)
+            reported = self.recovery[node.nid][2]
+            if reported is not None and u64(reported) <= target:
+                # it truncates at least as much (a lower one it missed before)
+                self.missed_truncation.pop(node.nid, None)
+                continue
+            waiting = True
+            if node.nid not in self._truncating:
+                self._push_truncation(node, target)
+        return waiting
+
+    def _push_truncation(self, node: Node, tid: int) -> None:
+        self._truncating.add(node.nid)
+        log.info("%s: telling %s to truncate after %#x", self.label, node.label, tid)
+
+        def answered(conn, result, error):
+            self._truncating.discard(node.nid)
+            if error is None:
+                log.info("%s: %s persisted the truncation after %#x", self.label, node.label, tid)
+                if tid <= self.missed_truncation.get(node.nid, tid):
+                    self.missed_truncation.pop(node.nid, None)
+                report = self.recovery.get(node.nid)
+                if report is not None:
+                    self.recovery[node.nid] = (report[0], report[1], p64(tid))
+            elif isinstance(error, RemoteError):
+                conn.close("truncation refused: %s" % error)
+            self.changed()
+        node.conn.ask(Packets.Truncate, p64(tid), callback=answered)
+
+    def push_missed_truncation(self, node: Node) -> None:
+        """A storage that missed a truncation identifies while the cluster
+        verifies or runs: it truncates before it starts operation (its
+        cells are OUT_OF_DATE: replication brings what was committed since)."""
+        tid = self.missed_truncation.get(node.nid)
+        if tid is not None and node.nid not in self._truncating:
+            self._push_truncation(node, tid)
+
+    def _truncation_done(self, storages: list[Node]) -> None:
+        """Verification asked every running storage its last ids: those
+        truncated.  The others of the table will when they come back."""
+        if self.truncate_tid is None:
+            return
+        tid, self.truncate_tid = self.truncate_tid, None
+        self.startup_allowed = self.startup_allowed or self._startup_allowed_before_truncation
+        self._startup_allowed_before_truncation = False
+        log.warning("%s: database truncated after %#x", self.label, tid)
+        done = {n.nid for n in storages}
+        for nid in self.pt.nids() - done:
+            self.missed_truncation[nid] = min(tid, self.missed_truncation.get(nid, tid))
+            node = self.nm.get(nid)
+            if node is not None and node.connected:
+                # identified during verification: told before StartOperation
+                self.push_missed_truncation(node)

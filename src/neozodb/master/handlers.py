@@ -123,6 +123,7 @@ class IdentificationHandler(BaseHandler):
             if app.cluster_state is ClusterStates.RECOVERING:
                 app.ask_recovery(node)
             elif app.cluster_state is not ClusterStates.STOPPING:
+                app.push_missed_truncation(node)
                 app.send_pt(node)
                 if state is NodeStates.RUNNING and app.cluster_state is ClusterStates.RUNNING:
                     app.start_storage(node)
@@ -291,8 +292,26 @@ class AdminHandler(BaseHandler):
         conn.answer(msg_id, Packets.AnswerLastTransaction, p64(self.app.tm.last_tid))
 
     def AskRecovery(self, conn, msg_id):
-        pt = self.app.pt
-        conn.answer(msg_id, Packets.AnswerRecovery, pt.ptid if pt is not None else None, None, None)
+        app = self.app
+        pt = app.pt
+        truncate_tid = None if app.truncate_tid is None else p64(app.truncate_tid)
+        conn.answer(msg_id, Packets.AnswerRecovery, pt.ptid if pt is not None else None, None,
+                    truncate_tid)
+
+    def Truncate(self, conn, msg_id, tid):
+        """`neoctl truncate TID`: acknowledged, then the cluster stops
+        operation and goes through recovery and verification again, where
+        every storage deletes what was committed after ``tid``."""
+        app = self.app
+        if app.cluster_state is not ClusterStates.RUNNING or app.stopping:
+            raise Denied("cluster is %s, not RUNNING" % app.cluster_state.name)
+        tid = u64(tid)
+        if not tid:
+            raise Denied("cannot truncate at tid 0x0: that would delete every transaction")
+        if tid >= app.tm.last_tid:
+            raise Denied("truncating after the last transaction does nothing")
+        conn.ack(msg_id)
+        app.truncate(tid)
 
     def SetClusterState(self, conn, msg_id, state):
         app = self.app

@@ -213,6 +213,10 @@ class StorageApp:
     def start_operation(self, conn: Connection) -> None:
         # conn, not self.master_conn: StartOperation may arrive in the same
         # chunk as AcceptIdentification, before _identify() resumes
+        # a truncation we missed verification for: our cells are OUT_OF_DATE
+        # (we were not there), so what we have after it is dropped and
+        # replication fetches what the cluster committed since
+        self.apply_truncation()
         self.backend.drop_unfinished()
         if not self.verified:
             self._drop_locked()
@@ -231,6 +235,29 @@ class StorageApp:
                 self.locks.finish(ttid.to_bytes(8, "big"))
                 self.backend.abort_transaction(ttid)
         self.backend.commit_pending()
+
+    def set_truncation(self, tid: int) -> None:
+        """The master asks to truncate after ``tid``: persist it (a lower
+        pending one is kept: truncating more only drops what replication
+        brings back to OUT_OF_DATE cells)."""
+        pending = self.backend.get_truncate_tid()
+        if pending is None or tid < pending:
+            self.backend.set_truncate_tid(tid)
+        log.warning("%s: truncation after %#x pending", self.label, min(tid, pending or tid))
+
+    def apply_truncation(self) -> None:
+        """Apply a pending truncation: delete what was committed after it."""
+        tid = self.backend.get_truncate_tid()
+        if tid is None:
+            return
+        log.warning("%s: truncating the database after %#x", self.label, tid)
+        # locked transactions committed after it are gone: their read locks
+        # must not hold loads back
+        for ttid, txn in list(self.locks.txns.items()):
+            if txn.tid is not None and int.from_bytes(txn.tid, "big") > tid:
+                self.locks.finish(ttid)
+        self.backend.truncate(tid)
+        self.replay()
 
     def stop_operation(self) -> None:
         self.operational = False

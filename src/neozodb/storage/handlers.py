@@ -90,8 +90,16 @@ class MasterHandler(FollowsPrimary, BaseHandler):
             raise ProtocolError(str(e)) from None
 
     def AskRecovery(self, conn, msg_id):
-        pt = self.app.pt
-        conn.answer(msg_id, Packets.AnswerRecovery, pt.ptid if pt else None, None, None)
+        app = self.app
+        pt = app.pt
+        conn.answer(msg_id, Packets.AnswerRecovery, pt.ptid if pt else None, None,
+                    _p64(app.backend.get_truncate_tid()))
+
+    def Truncate(self, conn, msg_id, tid):
+        """Persist a truncation; it is applied when verification asks our
+        last ids (or, if we miss verification, when operation starts)."""
+        self.app.set_truncation(u64(tid))
+        conn.ack(msg_id)
 
     def AskPartitionTable(self, conn, msg_id):
         pt = self.app.pt
@@ -118,6 +126,7 @@ class MasterHandler(FollowsPrimary, BaseHandler):
             app.replay()
 
     def AskLastIDs(self, conn, msg_id):
+        self.app.apply_truncation()
         backend = self.app.backend
         last_tid, last_oid = backend.last_ids(self.app.assigned_partitions())
         first = backend.first_tid()

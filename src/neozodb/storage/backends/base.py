@@ -66,6 +66,7 @@ class Backend(abc.ABC):
     CONFIG_PARTITIONS = 'partitions'
     CONFIG_PTID = 'ptid'
     CONFIG_REPLICAS = 'replicas'
+    CONFIG_TRUNCATE_TID = 'truncate_tid'
 
     @abc.abstractmethod
     def __init__(self, database: str, **options: object) -> None:
@@ -150,6 +151,16 @@ class Backend(abc.ABC):
                 f'number of partitions is {current}, cannot change it to {num_partitions}')
         if current is None:
             self.set_config(self.CONFIG_PARTITIONS, str(num_partitions))
+
+    def get_truncate_tid(self) -> int | None:
+        """The tid after which the master asked to truncate the database
+        (``Truncate``), until ``truncate`` applies it; None if none is pending."""
+        value = self.get_config(self.CONFIG_TRUNCATE_TID)
+        return None if value is None else int(value)
+
+    def set_truncate_tid(self, tid: int | None) -> None:
+        """Persist a pending truncation (None forgets it).  Durable."""
+        self.set_config(self.CONFIG_TRUNCATE_TID, None if tid is None else str(int(tid)))
 
     # -- partition table --------------------------------------------------
 
@@ -423,6 +434,20 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def last_tid_of(self, partition: int) -> int | None:
         """Greatest committed tid of ``partition`` in ``trans`` and ``obj``."""
+
+    @abc.abstractmethod
+    def truncate(self, tid: int) -> None:
+        """Delete everything committed after ``tid`` (``neoctl truncate``).
+
+        In every partition: ``trans`` and ``obj`` rows with a greater tid,
+        and the data rows they leave unreferenced (and not held).  Unfinished
+        transactions go too: ``ttrans`` rows not locked, or locked at a
+        greater tid, and ``tobj`` rows of every ttid not locked here at
+        ``tid`` or below.  Replication resume points beyond ``tid`` are
+        brought back to ``tid + 1`` (what is replicated after the truncation
+        must be fetched again).  The pending truncation (``truncate_tid``)
+        is forgotten in the same transaction.  Durable.
+        """
 
     @abc.abstractmethod
     def drop_partition(self, partition: int, length: int) -> bool:

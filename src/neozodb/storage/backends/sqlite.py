@@ -196,6 +196,15 @@ _DEL_REPLICATION = "DELETE FROM replication WHERE partition=?"
 _PARTITION_OBJ_CHUNK = ("SELECT oid, tid, data_id FROM obj WHERE partition=?"
                         " ORDER BY tid, oid LIMIT ?")
 _PARTITION_TRANS_CHUNK = "SELECT tid FROM trans WHERE partition=? ORDER BY tid LIMIT ?"
+# truncate: per partition, on the (partition, tid) keys of trans and obj_tid
+_TRUNCATE_DATA_IDS = ("SELECT data_id FROM obj WHERE partition=? AND tid>?"
+                      " AND data_id IS NOT NULL")
+_TRUNCATE_OBJ = "DELETE FROM obj WHERE partition=? AND tid>?"
+_TRUNCATE_TRANS = "DELETE FROM trans WHERE partition=? AND tid>?"
+_TRUNCATE_TTRANS = "DELETE FROM ttrans WHERE tid IS NULL OR tid>?"
+_TRUNCATE_REPLICATION_TRANS = "UPDATE replication SET next_tid=? WHERE next_tid>?"
+_TRUNCATE_REPLICATION_OBJ = ("UPDATE replication SET next_obj_tid=?, next_obj_oid=0"
+                             " WHERE (next_obj_tid, next_obj_oid)>(?, 0)")
 _CHECK_TRANS = ("SELECT tid, packed, oids, user, description, ext FROM trans"
                 " WHERE partition=? AND tid>=? AND tid<=? ORDER BY tid LIMIT ?")
 _CHECK_OBJ = ("SELECT o.tid, o.oid, o.value_tid, d.hash"
@@ -733,6 +742,24 @@ class SQLiteBackend(Backend):
     def last_tid_of(self, partition: int) -> int | None:
         tids = [self._scalar(sql, (partition,)) for sql in (_MAX_TRANS_TID, _MAX_OBJ_TID)]
         return max((t for t in tids if t is not None), default=None)
+
+    def truncate(self, tid: int) -> None:
+        tid = int(tid)
+        with self._txn(durable=True) as conn:
+            candidates = []
+            for p in range(self._np or 0):
+                candidates += [row[0] for row in conn.execute(_TRUNCATE_DATA_IDS, (p, tid))]
+                conn.execute(_TRUNCATE_OBJ, (p, tid))
+                conn.execute(_TRUNCATE_TRANS, (p, tid))
+            # what is left of ttrans is locked at tid or below: the tobj rows
+            # of any other ttid are unfinished (as in drop_unfinished)
+            conn.execute(_TRUNCATE_TTRANS, (tid,))
+            candidates += [row[0] for row in conn.execute(_UNFINISHED_DATA_IDS)]
+            conn.execute(_DROP_UNFINISHED_TOBJ)
+            self._prune(candidates)
+            conn.execute(_TRUNCATE_REPLICATION_TRANS, (tid + 1, tid + 1))
+            conn.execute(_TRUNCATE_REPLICATION_OBJ, (tid + 1, tid + 1))
+            self._set_config(self.CONFIG_TRUNCATE_TID, None)
 
     def drop_partition(self, partition: int, length: int) -> bool:
         with self._txn(durable=False) as conn:
