@@ -236,6 +236,49 @@ class BackendConformance:
         assert db.load_data(ids[7]) == (h(b'original'), 0, b'original')
         assert first[3] == db.get_object(7)[3]
 
+    def test_revision_metadata(self, db):
+        ids = self.commit(db, 10, {7: b'original'})
+        self.commit(db, 20, {7: b'changed'})
+        self.commit(db, 30, {7: b''}, undo={7: 10})
+        self.commit(db, 40, {7: None})
+        assert db.get_revision(7, tid=10) == (10, ids[7], None)
+        assert db.get_revision(7, tid=30) == (30, ids[7], 10)
+        assert db.get_revision(7, tid=40) == (40, None, None)
+        assert db.get_revision(7, tid=25) is None
+        assert db.get_revision(7, before_tid=30)[0] == 20
+        assert db.get_revision(7, before_tid=31) == (30, ids[7], 10)
+        assert db.get_revision(7, before_tid=10) is None
+        assert db.get_revision(8, before_tid=100) is None
+        with pytest.raises(ValueError):
+            db.get_revision(7)
+
+    def test_hold_data_keeps_a_row_reused_by_an_undo(self, db):
+        ids = self.commit(db, 10, {7: b'original'})
+        self.commit(db, 20, {7: b'changed'})
+        # an undo record of ttid 36 reuses the data of revision 10 ...
+        db.hold_data(ids[7])
+        # ... while every revision referencing it goes (as a truncation does)
+        db.truncate(5)
+        assert db.load_data(ids[7]) == (h(b'original'), 0, b'original')
+        db.store_transaction(36, [(7, ids[7], 10)], None)
+        db.lock_transaction(36, 40)
+        db.unlock_transaction(36, 40)
+        assert db.get_object(7) == (40, None, 0, h(b'original'), b'original', 10)
+
+    def test_oids_from(self, db):
+        # partition 1 of NP=4: oids 1, 5, 9, 13, 17
+        for tid, objects in ((10, {1: b'a', 5: b'b', 9: b'c'}), (20, {5: None, 13: b'd'}),
+                             (30, {17: b'e', 5: b'f'})):
+            self.commit(db, tid, objects)
+        assert db.get_oids_from(1, 100, 0, 30) == ([1, 5, 9, 13, 17], None)
+        assert db.get_oids_from(1, 100, 0, 29) == ([1, 9, 13], None)   # 5 deleted at 20
+        assert db.get_oids_from(1, 100, 0, 19) == ([1, 5, 9], None)
+        assert db.get_oids_from(1, 100, 0, 9) == ([], None)
+        assert db.get_oids_from(1, 2, 0, 25) == ([1], 6)               # 5 examined
+        assert db.get_oids_from(1, 2, 6, 25) == ([9, 13], 14)
+        assert db.get_oids_from(1, 2, 14, 25) == ([], None)
+        assert db.get_oids_from(2, 10, 0, 30) == ([], None)
+
     def test_data_dedup(self, db):
         a = db.store_data(h(b'x'), 0, b'x')
         b = db.store_data(h(b'x'), 0, b'x')

@@ -342,6 +342,107 @@ class ClientApp:
             self.sync()
         raise NEOStorageError(f"no storage could answer {packet.name}: {last_error}")
 
+    def readable_nids_of(self, partition: int) -> list[int]:
+        """Running storages with a readable cell of ``partition``, shuffled."""
+        self.get_master()
+        running = self.running_storages()
+        nids = [n for n in self.pt.readable_nids(partition) if n in running]
+        random.shuffle(nids)
+        return nids
+
+    def ask_many(self, requests, check=None, exclude=()) -> list[tuple]:
+        """Pipeline requests to readable replicas and wait for all answers.
+
+        ``requests`` are ``(partition, packet, args)``: each goes to a random
+        readable cell of its partition, all of them buffered and sent before
+        any answer is awaited.  A request whose storage closes the
+        connection or no longer has a readable cell (``NON_READABLE_CELL``)
+        is sent to the next replica; after a pass over all of them, the
+        master is pinged (the partition table may be late) and the
+        remaining ones tried again, three passes in all.  ``check`` is as
+        in ``ask_storage``.  Nodes in ``exclude`` are not asked.
+
+        Returns ``(answer, error)`` per request, in order: answer is
+        ``(answer, check(answer))`` with ``check``; error is any other
+        RemoteError, or NEOStorageError when no replica answered."""
+        requests = list(requests)
+        results: list = [None] * len(requests)
+        errors: dict[int, Exception] = {}
+        bad: dict[int, tuple] = {}
+        waiting = list(range(len(requests)))
+        for attempt in range(3):
+            if attempt:
+                self.sync()
+            nids_of: dict[int, list[int]] = {}
+            tried: dict[int, set] = {i: set() for i in waiting}
+            failed: set[int] = set()  # nodes that cannot be reached in this pass
+            exhausted = []
+            while waiting:
+                queue: SimpleQueue = SimpleQueue()
+                conns = set()
+                sent = 0
+                again = []
+                for i in waiting:
+                    partition = requests[i][0]
+                    nids = nids_of.get(partition)
+                    if nids is None:
+                        nids = nids_of[partition] = [
+                            n for n in self.readable_nids_of(partition) if n not in exclude]
+                    nid = next((n for n in nids if n not in tried[i] and n not in failed), None)
+                    if nid is None:
+                        exhausted.append(i)
+                        continue
+                    tried[i].add(nid)
+                    try:
+                        conn = self.storage_conn(nid)
+                    except (ConnectionClosed, OSError) as e:
+                        errors[i] = e
+                        failed.add(nid)
+                        again.append(i)
+                        continue
+                    conn.ask(requests[i][1], *requests[i][2], queue=queue, token=i, buffer=True)
+                    conns.add(conn)
+                    sent += 1
+                for conn in conns:
+                    conn.flush()
+                for _ in range(sent):
+                    i, answer, error, conn = queue.get()
+                    if error is not None:
+                        if isinstance(error, (ConnectionClosed, OSError)):
+                            failed.add(conn.nid)
+                        elif not (isinstance(error, RemoteError)
+                                  and error.code is ErrorCodes.NON_READABLE_CELL):
+                            results[i] = (None, error)
+                            continue
+                        errors[i] = error
+                        again.append(i)
+                        continue
+                    if check is not None:
+                        try:
+                            answer = (answer, check(answer))
+                        except WrongChecksum as e:
+                            log.error("%s: %s from %s", self.label, e, nid_str(conn.nid))
+                            errors[i] = e
+                            bad[i] = answer
+                            again.append(i)
+                            continue
+                    results[i] = (answer, None)
+                waiting = again
+            waiting = []
+            for i in exhausted:
+                if i not in bad:
+                    waiting.append(i)
+                elif self.ignore_wrong_checksum:
+                    results[i] = ((bad[i], check(bad[i], verify=False)), None)
+                else:
+                    results[i] = (None, errors[i])
+            if not waiting:
+                break
+        for i in waiting:
+            results[i] = (None, NEOStorageError(
+                f"no storage could answer {requests[i][1].name}: {errors.get(i)}"))
+        return results
+
     @staticmethod
     def _object_data(answer, verify: bool = True) -> bytes | None:
         oid, serial, _, compression, checksum, data, _ = answer
@@ -351,7 +452,8 @@ class ClientApp:
     def load(self, oid: bytes, before_tid: bytes | None = None) -> tuple[bytes, bytes, bytes | None] | None:
         """(data, serial, next_serial) of the revision before before_tid
         (default: current).  None if the object did not exist then; raises
-        KeyError if it never existed."""
+        KeyError if it never existed, or if that revision is a deletion or
+        an undone creation (as FileStorage does)."""
         with self.lock:
             if before_tid is None:
                 before_tid = p64(u64(self.last_tid) + 1)
@@ -369,7 +471,10 @@ class ClientApp:
                 if e.code is ErrorCodes.OID_NOT_FOUND:
                     return None
                 raise
-            return self._loaded(oid, loading, answer, data)
+            result = self._loaded(oid, loading, answer, data)
+            if result is None:
+                raise KeyError(oid)  # deleted, or creation undone
+            return result
         finally:
             self._end_loading(oid, loading)
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import logging
 from queue import SimpleQueue
 
-from ZODB.POSException import ConflictError, ReadConflictError, StorageTransactionError
+from ZODB.POSException import ConflictError, ReadConflictError, StorageTransactionError, UndoError
 
 from neozodb.client.compress import compress
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
-from neozodb.protocol import MAX_TID, ZERO_HASH, ZERO_TID, ErrorCodes, Packets, nid_str
+from neozodb.protocol import MAX_TID, ZERO_HASH, ZERO_TID, ErrorCodes, Packets, nid_str, p64, u64
 
 log = logging.getLogger("neozodb.client")
 
@@ -65,13 +65,17 @@ class Commit:
         return nids
 
     def store(self, oid: bytes, serial: bytes | None, data: bytes | None,
-              data_serial: bytes | None = None) -> None:
+              data_serial: bytes | None = None, raw: tuple | None = None) -> None:
+        """``raw``: (compression, stored bytes, checksum) of data as a
+        storage already has it (undo), sent as is."""
         if serial is None:
             serial = ZERO_TID
         self.data[oid] = (data, serial, data_serial)
         self.cache_data[oid] = data
         if data is None:
             compression, stored, checksum = 0, b"", ZERO_HASH
+        elif raw is not None:
+            compression, stored, checksum = raw
         else:
             compression, stored, checksum = compress(data, self.level)
         args = (oid, serial, compression, checksum, stored, data_serial, self.ttid)
@@ -85,6 +89,92 @@ class Commit:
         self.checked[oid] = serial
         for nid in self._cells(oid):
             self._send(nid, Packets.AskCheckCurrentSerial, (self.ttid, oid, serial), (CHECK, oid, serial))
+
+    def undo(self, undone_tid: bytes) -> list[bytes]:
+        """Store, in this transaction, the undo of transaction undone_tid;
+        return the oids it changes.
+
+        The storages tell, per object (AskObjectUndoSerial, one request per
+        partition, pipelined), which revision we see now (current_serial),
+        which revision holds the data to go back to (undo_serial, None to
+        delete the object: its creation is undone) and whether the undone
+        revision is still the current state.  If so, the object gets a
+        back-pointer to undo_serial (storages reuse that data, they do not
+        copy it; the data also goes along, for replicas that miss that
+        revision and for conflict resolution).  Otherwise the change is
+        merged by conflict resolution (old: undone revision, committed: the
+        current one, new: the data before the undone transaction), or
+        UndoError is raised."""
+        app = self.app
+        pt = app.pt
+        try:
+            info = app.ask_storage(undone_tid, Packets.AskTransactionInformation, undone_tid)
+        except RemoteError as e:
+            if e.code is ErrorCodes.TID_NOT_FOUND:
+                raise UndoError("Invalid undo transaction id") from None
+            raise
+        oids = info[5]
+        if any(oid in self.data for oid in oids):
+            # what we stored already must be there (not waiting for a
+            # lock) when the storages compare it with the undone revision
+            self._process(block=True)
+        with app.lock:
+            ltid = p64(u64(app.last_tid) + 1)
+        by_partition: dict[int, list[bytes]] = {}
+        for oid in oids:
+            by_partition.setdefault(pt.partition(oid), []).append(oid)
+        # Storages that failed us may have missed what we stored already
+        answers = app.ask_many([(p, Packets.AskObjectUndoSerial, (self.ttid, ltid, undone_tid, o))
+                                for p, o in by_partition.items()], exclude=self.failed)
+        serials: dict[bytes, tuple] = {}
+        for answer, error in answers:
+            if error is not None:
+                if isinstance(error, RemoteError) and error.code in (
+                        ErrorCodes.UNDO_PACK_ERROR, ErrorCodes.OID_NOT_FOUND):
+                    raise UndoError("non-undoable transaction") from None
+                raise error
+            serials.update(answer[0])
+        # the data needed, loaded in one pipelined round
+        wanted = set()
+        for oid, (current, undo_serial, is_current) in serials.items():
+            if undo_serial is not None:
+                wanted.add((oid, undo_serial))
+            if not is_current and current != self.ttid:
+                wanted.add((oid, current))
+        wanted = sorted(wanted)
+        loaded = {}
+        for key, (answer, error) in zip(wanted, app.ask_many(
+                [(pt.partition(oid), Packets.AskObject, (oid, serial, None))
+                 for oid, serial in wanted], check=app._object_data), strict=True):
+            if error is not None:
+                if isinstance(error, RemoteError) and error.code in (
+                        ErrorCodes.OID_NOT_FOUND, ErrorCodes.OID_DOES_NOT_EXIST):
+                    raise UndoError("non-undoable transaction", key[0]) from None
+                raise error
+            (_, _, _, compression, checksum, stored, _), data = answer
+            loaded[key] = data, (compression, stored, checksum)
+        for oid in oids:
+            current, undo_serial, is_current = serials[oid]
+            if current == self.ttid:  # we changed it already (another undo)
+                current_data, base = self.data[oid][0], self.data[oid][1]
+            else:
+                current_data, base = loaded.get((oid, current), (None,))[0], current
+            undo_data, raw = (None, None) if undo_serial is None else loaded[oid, undo_serial]
+            if is_current:
+                # as stored, so that a replica that copies it has the very
+                # same record as those that share the existing data row
+                self.store(oid, base, undo_data, undo_serial, raw)
+                continue
+            if undo_data is None or current_data is None:
+                # deleting a changed object, or changing a deleted one
+                raise UndoError("Some data were modified by a later transaction", oid)
+            try:
+                data = self.storage.tryToResolveConflict(oid, base, undone_tid, undo_data,
+                                                         current_data)
+            except ConflictError:
+                raise UndoError("Some data were modified by a later transaction", oid) from None
+            self.store(oid, base, data)
+        return list(oids)
 
     def deadlock(self, conn, oid: bytes) -> None:
         """A storage asks us to release oid (reader thread): do it unless voted."""
@@ -162,13 +252,16 @@ class Commit:
         meta_nids = app.writable_cells(self.ttid)
         txn = self.txn
         ext = txn.extension_bytes if hasattr(txn, "extension_bytes") else b""
+        # ZODB's own tests set text attributes directly on the metadata
+        user, description = (v.encode("utf-8") if isinstance(v, str) else v
+                              for v in (txn.user, txn.description))
         oids = list(self.data)
         # a storage that already failed us is not asked again: it is
         # reported with FailedVote below
         for nid in meta_nids:
             if nid not in self.failed:
                 self._send(nid, Packets.AskStoreTransaction,
-                           (self.ttid, txn.user, txn.description, ext, oids, None), (VOTE,))
+                           (self.ttid, user, description, ext, oids, None), (VOTE,))
         for nid in self.involved - set(meta_nids) - self.failed:
             self._send(nid, Packets.AskVoteTransaction, (self.ttid,), (VOTE,))
         self._process(block=True)

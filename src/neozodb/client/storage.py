@@ -12,30 +12,25 @@ import threading
 import zope.interface
 from ZODB import POSException
 from ZODB.ConflictResolution import ConflictResolvingStorage
-from ZODB.Connection import TransactionMetaData
 from ZODB.interfaces import (
     IMultiCommitStorage,
     IPrefetchStorage,
     IStorage,
+    IStorageCurrentRecordIteration,
+    IStorageIteration,
+    IStorageUndoable,
     ReadVerifyingStorage,
 )
-from ZODB.TimeStamp import TimeStamp
 
+from neozodb.client import iteration
 from neozodb.client.app import ClientApp, NEOStorageError
 from neozodb.client.commit import Commit
 from neozodb.client.compress import parse_compress
+from neozodb.client.iteration import loads_extension, transaction_description
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
-from neozodb.protocol import Packets
+from neozodb.protocol import ZERO_TID, Packets
 
-__all__ = ["Storage", "NEOStorageError"]
-
-
-def loads_extension(ext: bytes) -> dict:
-    """Transaction extension bytes as ZODB stores them (a pickled dict)."""
-    try:
-        return dict(TransactionMetaData(extension=ext).extension)
-    except Exception:
-        return {}
+__all__ = ["Storage", "NEOStorageError", "loads_extension"]
 
 
 def parse_master_nodes(text: str | list) -> list[tuple[str, int]]:
@@ -45,7 +40,8 @@ def parse_master_nodes(text: str | list) -> list[tuple[str, int]]:
     return parse_masters(text)
 
 
-@zope.interface.implementer(IStorage, IMultiCommitStorage, ReadVerifyingStorage, IPrefetchStorage)
+@zope.interface.implementer(IStorage, IMultiCommitStorage, ReadVerifyingStorage, IPrefetchStorage,
+                            IStorageIteration, IStorageUndoable, IStorageCurrentRecordIteration)
 class Storage(ConflictResolvingStorage):
     def __init__(self, master_nodes: str | list, name: str, read_only: bool = False,
                  compress: bool | str = True, cache_size: int = 20 << 20,
@@ -66,6 +62,8 @@ class Storage(ConflictResolvingStorage):
                              ignore_wrong_checksum=ignore_wrong_checksum, keepalive=keepalive)
         self._commits: dict[object, Commit] = {}
         self._lock = threading.Lock()
+        self._records: tuple | None = None  # (cursor, RecordIteration) of record_iternext
+        self._records_lock = threading.Lock()
         self.app.get_master()  # fail early when the cluster cannot be reached
 
     # -- information ---------------------------------------------------------------
@@ -75,17 +73,35 @@ class Storage(ConflictResolvingStorage):
     def sortKey(self) -> str:
         return "neozodb:" + self._name
 
+    def _snapshot(self) -> bytes:
+        """The last TID this client was told about: what whole-database
+        reads (iteration, undo log, history) may show."""
+        self.app.get_master()
+        with self.app.lock:
+            return self.app.last_tid
+
     def getSize(self) -> int:
-        return 0
+        """Estimated bytes of object data as stored (compressed), history
+        included: the object count (see __len__) times the mean stored size
+        of all revisions of 100 objects picked at random.  Costs what
+        __len__ costs, plus one pipelined round."""
+        return iteration.estimate_size(self.app, self._snapshot())
 
     def __len__(self) -> int:
-        return 0
+        """Number of objects (not deleted) at the client's last TID: every
+        partition is listed (AskOIDsFrom, 5000 oids per request, one
+        readable replica per partition, all partitions in each pipelined
+        round), so it costs a transfer of every oid: O(objects)."""
+        return iteration.count_objects(self.app, self._snapshot())[0]
+
+    def __bool__(self) -> bool:
+        return True  # never count objects for "if storage:"
 
     def isReadOnly(self) -> bool:
         return self._read_only
 
     def supportsUndo(self) -> bool:
-        return False
+        return True
 
     def lastTransaction(self) -> bytes:
         # Taking the lock the invalidation path holds means nobody sees the
@@ -119,6 +135,9 @@ class Storage(ConflictResolvingStorage):
             raise POSException.POSKeyError(oid) from None
 
     def loadBefore(self, oid: bytes, tid: bytes):
+        """(data, serial, next_serial) before tid; None if the object did
+        not exist yet; POSKeyError if it never existed, or if the revision
+        before tid is a deletion or an undone creation (as FileStorage)."""
         return self._load(oid, tid)
 
     def loadSerial(self, oid: bytes, serial: bytes) -> bytes:
@@ -134,20 +153,86 @@ class Storage(ConflictResolvingStorage):
         self.app.prefetch(oids, tid)
 
     def history(self, oid: bytes, size: int = 1) -> list[dict]:
-        try:
-            _, serials = self.app.ask_storage(oid, Packets.AskObjectHistory, oid, 0, size)
-        except RemoteError as e:
-            raise POSException.POSKeyError(oid) from e
+        """Revisions of oid, newest first, up to the client's last TID
+        (revisions committed since are not shown, as with undoLog)."""
+        app = self.app
+        snapshot = self._snapshot()
+        serials: list[tuple[bytes, int]] = []
+        offset = 0
+        while len(serials) < size:
+            want = size - len(serials)
+            try:
+                _, page = app.ask_storage(oid, Packets.AskObjectHistory, oid, offset, offset + want)
+            except RemoteError as e:
+                raise POSException.POSKeyError(oid) from e
+            serials += [(serial, length) for serial, length in page if serial <= snapshot]
+            offset += len(page)
+            if len(page) < want:
+                break
+        if not serials:
+            raise POSException.POSKeyError(oid)  # none, or created after our snapshot
+        info = iteration.transaction_info(app, [serial for serial, _ in serials])
         result = []
         for serial, length in serials:
-            tid, user, description, ext, _, _ = self.app.ask_storage(
-                serial, Packets.AskTransactionInformation, serial)
-            d = {"tid": tid, "serial": serial, "time": TimeStamp(tid).timeTime(),
-                 "user_name": user, "description": description, "size": length}
-            if ext:
-                d.update(loads_extension(ext))
+            if serial not in info:
+                continue
+            user, description, ext, _, _ = info[serial]
+            d = transaction_description(serial, user, description, ext)
+            del d["id"]
+            d.update(tid=serial, serial=serial, size=length)
             result.append(d)
         return result
+
+    # -- iteration and undo log ------------------------------------------------------------
+    def iterator(self, start: bytes | None = None, stop: bytes | None = None):
+        """Transactions from start to stop (both included), in TID order,
+        as of now: nothing committed after the call is shown."""
+        snapshot = self._snapshot()
+        if stop is None or stop > snapshot:
+            stop = snapshot
+        if start is None:
+            start = ZERO_TID
+        if start > stop:
+            return iter(())
+        return iteration.iterate(self.app, start, stop)
+
+    def undoLog(self, first: int = 0, last: int = -20, filter=None) -> list[dict]:
+        return iteration.undo_log(self.app, self._snapshot(), first, last, filter)
+
+    def undoInfo(self, first: int = 0, last: int = -20, specification: dict | None = None):
+        if specification:
+            spec = list(specification.items())
+
+            def filter(d):
+                return all(d.get(k) == v for k, v in spec)
+        else:
+            filter = None
+        return self.undoLog(first, last, filter)
+
+    def record_iternext(self, next: bytes | None = None):
+        """``(oid, tid, data, next)`` of each existing object in oid order;
+        ``next`` is opaque (the next oid and the snapshot the loop reads
+        at); an 8-byte oid starts from that oid, at the current snapshot."""
+        with self._records_lock:
+            state = None
+            if next is not None and self._records is not None and self._records[0] == next:
+                state = self._records[1]
+            if state is None:
+                if next is None:
+                    start, snapshot = bytes(8), self._snapshot()
+                elif len(next) == 16:
+                    start, snapshot = next[:8], next[8:]
+                else:
+                    start, snapshot = next, self._snapshot()
+                state = iteration.RecordIteration(self.app, start, snapshot)
+            record = state.next()
+            if record is None:
+                self._records = None
+                raise ValueError("no more records")
+            cursor = state.cursor()
+            self._records = None if cursor is None else (cursor, state)
+            oid, tid, data = record
+            return oid, tid, data, cursor
 
     # -- writes ------------------------------------------------------------------------
     def _check_writable(self) -> None:
@@ -227,10 +312,16 @@ class Storage(ConflictResolvingStorage):
             self._commits.pop(txn, None)
         self.app.transactions.pop(commit.ttid, None)
 
-    # -- not yet offered -----------------------------------------------------------------
-    def undo(self, transaction_id, txn):
+    def undo(self, transaction_id: bytes, txn):
+        """Undo a transaction in txn (between tpc_begin and tpc_vote):
+        returns (None, oids undone)."""
         self._check_writable()
-        raise POSException.UndoError("undo is not supported by this version of neozodb")
+        commit = self._commit(txn)
+        if commit.voted:
+            raise POSException.StorageTransactionError("undo after tpc_vote")
+        return None, commit.undo(transaction_id)
+
+    # -- not yet offered -----------------------------------------------------------------
 
     def pack(self, t, referencesf, gc: bool = True) -> None:
         self._check_writable()

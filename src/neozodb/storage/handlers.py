@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from neozodb.net.bootstrap import FollowsPrimary
 from neozodb.net.connection import Handler, HandlerError, NotReady
 from neozodb.protocol import (
+    INVALID_PARTITION,
     MAX_TID,
     ZERO_HASH,
     ZERO_TID,
@@ -40,6 +41,22 @@ def _conflict_serial(current: bytes) -> bytes:
     # ZERO_TID in an answer means "accepted without lock": a client that
     # names a revision of an object we never had must get a conflict
     return MAX_TID if current == ZERO_TID else current
+
+
+def _same_state(undone: tuple, current: tuple) -> bool:
+    """Whether two revisions ``(serial, data_id, value_tid)`` hold the same
+    state: same data (back-pointers followed, or the same deduplicated data
+    row), or both deletions.  ``current`` may have no serial (stored by the
+    undoing transaction itself)."""
+    def data_tid(revision):
+        serial, _, value_tid = revision
+        return serial if value_tid is None else value_tid
+    if undone[1] is None or current[1] is None:
+        return undone[1] is None and current[1] is None
+    if undone[1] == current[1]:
+        return True
+    tid = data_tid(current)
+    return tid is not None and tid == data_tid(undone)
 
 
 class Retry:
@@ -266,10 +283,122 @@ class ClientHandler(BaseHandler):
         conn.answer(msg_id, Packets.AnswerTransactionInformation, tid, user, description, ext,
                     packed, [p64(oid) for oid in oids])
 
+    # -- iteration and undo ----------------------------------------------------------------
+    def _readable_partition(self, partition: int) -> None:
+        app = self.app
+        if not 0 <= partition < app.pt.num_partitions:
+            raise ProtocolError("invalid partition %r" % partition)
+        if not app.readable(partition):
+            raise HandlerError("partition %d not readable here" % partition,
+                               ErrorCodes.NON_READABLE_CELL)
+
+    def _locked_tids(self, partitions, min_tid: int = 0, max_tid: int = u64(MAX_TID)) -> list[int]:
+        """Transactions locked here but not unlocked yet, in ``partitions``:
+        they are committed (the lock is the commit point) and their clients
+        may already have been told so, but they are not in ``trans`` yet.
+        Their metadata and objects are read-locked: requests about them
+        wait for the unlock."""
+        pt = self.app.pt
+        return [tid for tid in (u64(t.tid) for t in self.app.locks.txns.values()
+                                if t.tid is not None)
+                if min_tid <= tid <= max_tid and pt.partition(tid) in partitions]
+
+    def AskTIDs(self, conn, msg_id, first, last, partition):
+        """Committed TIDs, newest first, [first:last] (undo log)."""
+        app = self.app
+        if not 0 <= first <= last:
+            raise ProtocolError("invalid TID range %r-%r" % (first, last))
+        if partition == INVALID_PARTITION:
+            partitions = set(app.pt.partitions_of(app.nid, readable=True))
+        else:
+            self._readable_partition(partition)
+            partitions = {partition}
+        tids = app.backend.get_tids(0, last, partitions)
+        locked = self._locked_tids(partitions)
+        if locked:
+            tids = sorted(set(tids).union(locked), reverse=True)
+        conn.answer(msg_id, Packets.AnswerTIDs, [p64(tid) for tid in tids[first:last]])
+
+    def AskTIDsFrom(self, conn, msg_id, min_tid, max_tid, length, partition):
+        """Committed TIDs of a partition from min_tid to max_tid, ascending
+        (iteration)."""
+        self._readable_partition(partition)
+        if length <= 0:
+            raise ProtocolError("invalid length %r" % length)
+        low, high = u64(min_tid), u64(max_tid)
+        tids = self.app.backend.get_tids_from(low, high, length, [partition])
+        locked = self._locked_tids({partition}, low, high)
+        if locked:
+            tids = sorted(set(tids).union(locked))[:length]
+        conn.answer(msg_id, Packets.AnswerTIDsFrom, [p64(tid) for tid in tids])
+
+    def AskOIDsFrom(self, conn, msg_id, partition, length, min_oid, tid):
+        """Objects of a partition that exist at tid, from min_oid."""
+        app = self.app
+        self._readable_partition(partition)
+        if length <= 0:
+            raise ProtocolError("invalid length %r" % length)
+        pt = app.pt
+        # A transaction locked at or before tid is not in obj yet: wait for
+        # its unlock.  Only finitely many can be: new ones get greater TIDs.
+        if any(t.tid is not None and t.tid <= tid and any(pt.partition(o) == partition
+                                                          for o in t.objects)
+               for t in app.locks.txns.values()):
+            app.delay(b"", Retry(self, conn, msg_id, Packets.AskOIDsFrom,
+                                 (partition, length, min_oid, tid)))
+            return
+        oids, next_oid = app.backend.get_oids_from(partition, length, u64(min_oid), u64(tid))
+        conn.answer(msg_id, Packets.AnswerOIDsFrom, _p64(next_oid), [p64(oid) for oid in oids])
+
+    def AskObjectUndoSerial(self, conn, msg_id, ttid, ltid, undone_tid, oids):
+        """For each oid of an undone transaction: ``(current_serial,
+        undo_serial, is_current)``.  current_serial is the revision the
+        undoing transaction sees (before ltid; ttid if it already stored the
+        object itself), undo_serial the revision holding the data the object
+        had before undone_tid (None: the undo deletes it, e.g. undone
+        creation), and is_current whether the current state is the undone
+        one, so that the undo can simply point back to undo_serial."""
+        app = self.app
+        pt = app.pt
+        for oid in oids:
+            self._readable_partition(pt.partition(oid))
+        if any(oid in app.locks.read_locks for oid in oids):
+            app.delay(b"", Retry(self, conn, msg_id, Packets.AskObjectUndoSerial,
+                                 (ttid, ltid, undone_tid, oids)))
+            return
+        backend = app.backend
+        txn = app.locks.txns.get(ttid)
+        undone_at = u64(undone_tid)
+        result = {}
+        for oid in oids:
+            n = u64(oid)
+            undone = backend.get_revision(n, tid=undone_at)
+            if undone is None:
+                # listed by the transaction but gone: packed away
+                raise HandlerError("%s has no revision %s (packed?)" % (oid.hex(), undone_tid.hex()),
+                                   ErrorCodes.UNDO_PACK_ERROR)
+            previous = backend.get_revision(n, before_tid=undone_at)
+            undo_serial = None
+            if previous is not None and previous[1] is not None:
+                undo_serial = p64(previous[0] if previous[2] is None else previous[2])
+            stored = None if txn is None else txn.objects.get(oid)
+            if stored is not None:
+                # already changed by this transaction (e.g. an earlier undo)
+                current_serial = ttid
+                current = (None, stored[1], stored[2])
+            else:
+                current = backend.get_revision(n, before_tid=u64(ltid))
+                if current is None:
+                    raise HandlerError("%s does not exist before %s" % (oid.hex(), ltid.hex()),
+                                       ErrorCodes.OID_NOT_FOUND)
+                current_serial = p64(current[0])
+            result[oid] = (current_serial, undo_serial, _same_state(undone, current))
+        conn.answer(msg_id, Packets.AnswerObjectUndoSerial, result)
+
     # -- writes ----------------------------------------------------------------------------
     def AskStoreObject(self, conn, msg_id, oid, serial, compression, checksum, data, data_serial, ttid):
         app = self.app
-        if data_serial is None and not (checksum == ZERO_HASH and not data):
+        if not (checksum == ZERO_HASH and not data):
             if hashlib.sha1(data).digest() != checksum:
                 raise ProtocolError("wrong checksum for %s in %s" % (oid.hex(), ttid.hex()))
         if ttid in app.locks.aborted:
@@ -318,14 +447,30 @@ class ClientHandler(BaseHandler):
 
     def _keep(self, txn, oid, serial, compression, checksum, data, data_serial):
         backend = self.app.backend
-        old = txn.objects.get(oid)
-        if old is not None and old[1] is not None:
-            backend.release_data([old[1]], prune=True)
-        if checksum == ZERO_HASH and not data:
-            data_id = None  # deletion
+        no_data = checksum == ZERO_HASH and not data
+        value_tid = None if data_serial is None else u64(data_serial)
+        found = None if value_tid is None else backend.get_revision(u64(oid), tid=value_tid)
+        if found is not None and (found[1] is not None or no_data):
+            # an undo back to an older revision: its data row is shared,
+            # not copied (the data the client may have sent is for replicas
+            # that miss that revision, and for conflict resolution)
+            data_id = found[1]
+            if found[2] is not None:
+                value_tid = found[2]
+            if data_id is not None:
+                backend.hold_data(data_id)
+        elif no_data:
+            if value_tid is not None:
+                log.warning("%s: undo of %s points to %s, which is not here: stored as a"
+                            " deletion", self.app.label, oid.hex(), data_serial.hex())
+            data_id = None  # deletion, or undone creation
         else:
             data_id = backend.store_data(checksum, compression, data)
-        txn.objects[oid] = (serial, data_id, None if data_serial is None else u64(data_serial))
+        old = txn.objects.get(oid)
+        txn.objects[oid] = (serial, data_id, value_tid)
+        # released after the new hold: both may be the same row
+        if old is not None and old[1] is not None:
+            backend.release_data([old[1]], prune=True)
 
     def _notify_victim(self, ttid, oid, holder) -> None:
         """An older transaction waits for a younger one that has not voted:

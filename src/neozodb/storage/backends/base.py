@@ -237,6 +237,25 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
+    def get_revision(self, oid: int, tid: int | None = None,
+                     before_tid: int | None = None) -> tuple[int, int | None, int | None] | None:
+        """Metadata of a committed revision of ``oid``: the one at ``tid``
+        exactly, or the latest strictly before ``before_tid`` (one of the
+        two must be given), as ``(serial, data_id, value_tid)``; ``data_id``
+        is None for a deletion or undone creation, ``value_tid`` is the undo
+        back-pointer (or None).  None if there is no such revision.  Used
+        to compute undos without reading data."""
+
+    @abc.abstractmethod
+    def get_oids_from(self, partition: int, length: int, min_oid: int, tid: int
+                      ) -> tuple[list[int], int | None]:
+        """Objects of ``partition`` that exist at ``tid``: oids ``>= min_oid``
+        whose latest revision ``<= tid`` is not a deletion, ascending.
+        At most ``length`` oids are *examined* (deleted ones are skipped but
+        counted): returns ``(oids, next_min_oid)``, ``next_min_oid`` being
+        where to go on, or None when the partition is exhausted."""
+
+    @abc.abstractmethod
     def load_data(self, data_id: int) -> tuple[bytes, int, bytes] | None:
         """Return ``(checksum, compression, data)`` of a data row, or None if
         it does not exist (used to send back stored data, e.g. on relock)."""
@@ -255,6 +274,12 @@ class Backend(abc.ABC):
         becomes durable with the next durable commit.  ``checksum`` must be
         20 bytes and not ZERO_HASH (deletions have no data row): ValueError.
         """
+
+    @abc.abstractmethod
+    def hold_data(self, data_id: int) -> None:
+        """Take one more hold on an existing data row, as ``store_data``
+        does: an undo record reusing the data of an older revision (a
+        back-pointer) keeps it from being pruned until its vote."""
 
     @abc.abstractmethod
     def release_data(self, data_ids: Iterable[int], prune: bool = False) -> None:

@@ -121,6 +121,13 @@ _OBJ_COLUMNS = ("SELECT o.tid, o.value_tid, d.compression, d.hash, d.value"
 _GET_LATEST = _OBJ_COLUMNS + " ORDER BY o.tid DESC LIMIT 1"
 _GET_AT = _OBJ_COLUMNS + " AND o.tid=?"
 _GET_BEFORE = _OBJ_COLUMNS + " AND o.tid<? ORDER BY o.tid DESC LIMIT 1"
+_REVISION_AT = "SELECT tid, data_id, value_tid FROM obj WHERE partition=? AND oid=? AND tid=?"
+_REVISION_BEFORE = ("SELECT tid, data_id, value_tid FROM obj WHERE partition=? AND oid=?"
+                    " AND tid<? ORDER BY tid DESC LIMIT 1")
+# With a single MAX() aggregate, SQLite takes the bare columns (data_id)
+# from the row holding the maximum: the latest revision up to tid.
+_OIDS_FROM = ("SELECT oid, MAX(tid), data_id FROM obj WHERE partition=? AND oid>=?"
+              " AND tid<=? GROUP BY oid ORDER BY oid LIMIT ?")
 _NEXT_SERIAL = "SELECT MIN(tid) FROM obj WHERE partition=? AND oid=? AND tid>?"
 _OID_EXISTS = "SELECT 1 FROM obj WHERE partition=? AND oid=? LIMIT 1"
 _LAST_SERIAL = "SELECT MAX(tid) FROM obj WHERE partition=? AND oid=?"
@@ -499,6 +506,27 @@ class SQLiteBackend(Backend):
             return serial, next_serial, 0, ZERO_HASH, b'', None
         return serial, next_serial, compression, checksum, data, value_tid
 
+    def get_revision(self, oid: int, tid: int | None = None,
+                     before_tid: int | None = None) -> tuple[int, int | None, int | None] | None:
+        np = self._np
+        if np is None:
+            return None
+        if (tid is None) == (before_tid is None):
+            raise ValueError('give exactly one of tid and before_tid')
+        if tid is None:
+            row = self.connection.execute(_REVISION_BEFORE, (oid % np, oid, before_tid)).fetchone()
+        else:
+            row = self.connection.execute(_REVISION_AT, (oid % np, oid, tid)).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
+
+    def get_oids_from(self, partition: int, length: int, min_oid: int, tid: int
+                      ) -> tuple[list[int], int | None]:
+        if length <= 0:
+            raise ValueError('length must be positive')
+        rows = self.connection.execute(_OIDS_FROM, (partition, min_oid, tid, length)).fetchall()
+        oids = [oid for oid, _, data_id in rows if data_id is not None]
+        return oids, (rows[-1][0] + 1 if len(rows) == length else None)
+
     def last_serial(self, oid: int) -> int | None:
         np = self._np
         if np is None:
@@ -521,6 +549,9 @@ class SQLiteBackend(Backend):
         data_id = row[0] if row is not None else conn.execute(_INSERT_DATA, params).lastrowid
         self._held[data_id] += 1
         return data_id
+
+    def hold_data(self, data_id: int) -> None:
+        self._held[data_id] += 1
 
     def _release(self, data_ids: Iterable[int]) -> None:
         held = self._held
