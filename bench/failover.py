@@ -55,6 +55,7 @@ class Committer(threading.Thread):
         self.db = db
         self.done: list[tuple[float, float]] = []
         self.failures = 0
+        self.last_error = None
         self.stop = threading.Event()
         self.changed = threading.Condition()
 
@@ -66,9 +67,10 @@ class Committer(threading.Thread):
             try:
                 conn.root()["x"]["n"] += 1
                 tm.commit()
-            except Exception:
+            except Exception as e:
                 tm.abort()
                 self.failures += 1
+                self.last_error = "%s: %s" % (type(e).__name__, e)
                 time.sleep(0.01)  # retry pacing, not synchronisation
                 continue
             with self.changed:
@@ -86,7 +88,8 @@ class Committer(threading.Thread):
                     return min(ends)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError("no commit within %g s of the kill" % timeout)
+                    raise TimeoutError("no commit within %g s of the kill (last error: %s)"
+                                       % (timeout, self.last_error))
                 self.changed.wait(remaining)
 
 
@@ -135,10 +138,7 @@ def measure_neo(cleanup, workdir: str, masters: int, n: int) -> list[float]:
             node.start()  # a supervisor's restart: the only way back
         else:
             # back as a secondary once the new primary runs, for the next trial
-            def following():
-                new = cluster.primary()
-                return new not in (None, name) and new
-            new = wait_until(following, TIMEOUT, "a new primary")
+            new = cluster.wait_primary(TIMEOUT, other_than=name)
             node.start()
             wait_until(lambda: "secondary of %s" % new in log_text(node), TIMEOUT,
                        "%s to follow %s" % (name, new))

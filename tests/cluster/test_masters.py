@@ -66,9 +66,7 @@ def test_primary_killed_under_write_load(masters3, tmp_path):
         wait_until(lambda: all(n >= 20 for n in writers.counts()), 60, "first commits")
         old = c.primary()
         c.nodes[old].kill()
-        wait_until(lambda: c.primary() not in (None, old), 30, "a new primary")
-        new = c.primary()
-        c.wait_state("RUNNING", 30)
+        new = c.wait_primary(30, other_than=old)
         wait_until(writers.more(20), 60, "commits with the new primary")
         # the old primary comes back as a secondary of the new one
         c.nodes[old].start()
@@ -122,9 +120,7 @@ def test_silent_primary_does_not_run_twice(tmp_path):
         transaction.commit()
         old = c.primary()
         c.nodes[old].signal(signal.SIGSTOP)
-        wait_until(lambda: c.primary() not in (None, old), 30, "a new primary")
-        new = c.primary()
-        c.wait_state("RUNNING", 30)
+        new = c.wait_primary(30, other_than=old)
         root["x"] = 2
         transaction.commit()
         c.nodes[old].signal(signal.SIGCONT)
@@ -155,8 +151,7 @@ def test_new_primary_starts_from_mirrored_state(masters3):
     ptid = int(c.pt_lines()[0].split()[2].rstrip(","))  # "# ptid: N, replicas: R"
     old = c.primary()
     c.nodes[old].kill()
-    wait_until(lambda: c.primary() not in (None, old), 30, "a new primary")
-    new = c.primary()
+    new = c.wait_primary(30, other_than=old)
     took = re.search(r"taking over \(table (\d+), last tid (0x[0-9a-f]+), last oid (0x[0-9a-f]+)",
                      log_of(c.nodes[new]))
     assert took is not None

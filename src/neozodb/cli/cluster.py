@@ -226,6 +226,15 @@ class LocalCluster:
         the admin follows none."""
         return self._ctl_value("primary", "primary")
 
+    def wait_primary(self, timeout: float, other_than: str | None = None) -> str:
+        """The primary once the cluster RUNS (a master playing primary during
+        an election may yield yet), other than ``other_than``."""
+        def running():
+            name = self.primary()
+            return (name not in (None, other_than) and self.cluster_state() == "RUNNING"
+                    and self.primary() == name and name)
+        return wait_until(running, timeout, "a running primary other than %s" % other_than)
+
     def wait_state(self, state: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         delay = 0.02
