@@ -19,6 +19,7 @@ from neozodb.protocol import (
     p64,
     u64,
 )
+from neozodb.storage.pack import is_gc_extension, wire_order
 
 if TYPE_CHECKING:
     from neozodb.storage.app import StorageApp
@@ -142,8 +143,22 @@ class MasterHandler(FollowsPrimary, BaseHandler):
     def AskLockInformation(self, conn, msg_id, ttid, tid, pack):
         app = self.app
         app.locks.lock(ttid, tid)
-        app.backend.lock_transaction(u64(ttid), u64(tid))
+        app.backend.lock_transaction(u64(ttid), u64(tid), pack)
         conn.answer(msg_id, Packets.AnswerInformationLocked, ttid)
+
+    def AskPackOrders(self, conn, msg_id, min_tid):
+        """The master rebuilds its list of pack orders (verification), or
+        learns the details of a new one."""
+        orders = self.app.backend.get_pack_orders(u64(min_tid))
+        conn.answer(msg_id, Packets.AnswerPackOrders, [wire_order(o) for o in orders])
+
+    def NotifyPackSigned(self, conn, msg_id, approved, rejected):
+        app = self.app
+        for tids, flag in ((approved, True), (rejected, False)):
+            if tids:
+                app.backend.sign_pack_orders([u64(t) for t in tids], flag)
+                app.pending_written()
+        app.packer.signed(approved, rejected)
 
     def NotifyUnlockInformation(self, conn, msg_id, ttid):
         app = self.app
@@ -398,20 +413,41 @@ class ClientHandler(BaseHandler):
         app.delay(ttid, relock)
         app.replay()
 
-    def _vote(self, txn, meta) -> None:
+    def _vote(self, txn, meta, pack=None) -> None:
         if txn.ttid in self.app.locks.aborted:
             raise HandlerError("transaction %s was aborted" % txn.ttid.hex(), ErrorCodes.DENIED)
         objects = [(u64(oid), data_id, data_serial)
                    for oid, (_, data_id, data_serial) in txn.objects.items()]
-        self.app.backend.store_transaction(u64(txn.ttid), objects, meta)
+        self.app.backend.store_transaction(u64(txn.ttid), objects, meta, pack)
         txn.voted = True
 
     def AskStoreTransaction(self, conn, msg_id, ttid, user, description, ext, oids, pack):
         if ttid in self.app.locks.aborted:
             raise HandlerError("transaction %s was aborted" % ttid.hex(), ErrorCodes.DENIED)
         txn = self.app.locks.get(ttid, conn.nid, conn)
-        self._vote(txn, ([u64(o) for o in oids], user, description, ext, False))
+        request = None
+        if pack is not None:
+            pack_oids, pack_tid = pack
+            # the GC mark is ours: without it, NEO's meaning (history of
+            # the listed oids, or of all)
+            gc = pack_oids is not None and is_gc_extension(ext)
+            request = (pack_oids is not None and not gc,
+                       None if pack_oids is None else [u64(o) for o in pack_oids],
+                       u64(pack_tid), gc)
+        self._vote(txn, ([u64(o) for o in oids], user, description, ext, False), request)
         conn.answer(msg_id, Packets.AnswerStoreTransaction)
+
+    def AskOIDsFrom(self, conn, msg_id, partition, length, min_oid, tid):
+        """Objects existing at ``tid`` in ``partition`` (the client's pack
+        marks from them).  Minimal version, for pack."""
+        app = self.app
+        if not 0 <= partition < app.pt.num_partitions or length <= 0:
+            raise ProtocolError("invalid AskOIDsFrom arguments")
+        if not app.readable(partition):
+            raise HandlerError("partition %d not readable here" % partition,
+                               ErrorCodes.NON_READABLE_CELL)
+        next_oid, oids = app.backend.oids_at(partition, length, u64(min_oid), u64(tid))
+        conn.answer(msg_id, Packets.AnswerOIDsFrom, _p64(next_oid), [p64(o) for o in oids])
 
     def AskVoteTransaction(self, conn, msg_id, ttid):
         if ttid in self.app.locks.aborted:

@@ -532,8 +532,9 @@ class Backend(abc.ABC):
     # (non-durable) database transaction as the deletions.
 
     @abc.abstractmethod
-    def get_pack_orders(self, min_tid: int = 0) -> list[PackOrderRecord]:
-        """Committed pack orders with ``tid >= min_tid``, ascending."""
+    def get_pack_orders(self, min_tid: int = 0, max_tid: int | None = None
+                        ) -> list[PackOrderRecord]:
+        """Committed pack orders with ``min_tid <= tid <= max_tid``, ascending."""
 
     @abc.abstractmethod
     def add_pack_order(self, order: PackOrderRecord) -> None:

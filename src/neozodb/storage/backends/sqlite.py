@@ -233,7 +233,7 @@ _DROP_UNFINISHED_TPACK = ("DELETE FROM tpack WHERE ttid NOT IN"
                           " (SELECT ttid FROM ttrans WHERE tid IS NOT NULL)")
 _TRUNCATE_PACK = "DELETE FROM pack WHERE tid>?"
 _GET_PACK_ORDERS = ("SELECT tid, approved, partial, oids, pack_tid, gc FROM pack"
-                    " WHERE tid>=? ORDER BY tid")
+                    " WHERE tid>=? AND tid<=? ORDER BY tid")
 _ADD_PACK = ("INSERT OR REPLACE INTO pack (tid, approved, partial, oids, pack_tid, gc)"
              " VALUES (?, ?, ?, ?, ?, ?)")
 _SIGN_PACK = "UPDATE pack SET approved=? WHERE tid=?"
@@ -831,11 +831,14 @@ class SQLiteBackend(Backend):
 
     # -- pack ---------------------------------------------------------------------
 
-    def get_pack_orders(self, min_tid: int = 0) -> list[PackOrderRecord]:
+    def get_pack_orders(self, min_tid: int = 0, max_tid: int | None = None
+                        ) -> list[PackOrderRecord]:
+        if max_tid is None:
+            max_tid = (1 << 63) - 1
         return [(tid, None if approved is None else bool(approved), bool(partial),
                  None if oids is None else _unpack_oids(oids), pack_tid, bool(gc))
                 for tid, approved, partial, oids, pack_tid, gc
-                in self.connection.execute(_GET_PACK_ORDERS, (min_tid,))]
+                in self.connection.execute(_GET_PACK_ORDERS, (min_tid, max_tid))]
 
     def add_pack_order(self, order: PackOrderRecord) -> None:
         tid, approved, partial, oids, pack_tid, gc = order

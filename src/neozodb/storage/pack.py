@@ -1,0 +1,258 @@
+"""Packing in the background: applying the approved pack orders to our cells.
+
+The master tells us about orders (``NotifyPackSigned``) and gives their
+details (``AskPackOrders``).  Each of our readable partitions applies every
+order after the last one it applied (``done`` in its pack progress): all
+pending orders in one pass over the partition's objects, in chunks of
+``CHUNK`` revisions.  Each chunk deletes what the orders doom and records
+where the pass is in the same database transaction, so a restart resumes
+there.  Between chunks the event loop serves everything else (client
+requests first: they are already queued when a chunk ends), and
+``--pack-rate`` caps how many objects per second are visited.
+
+OUT_OF_DATE cells are not packed: replication would bring back rows the
+source still has; they pack once up to date.  Our completion (the last
+order applied on all our partitions) is reported to the master
+(``NotifyPackCompleted``), which answers ``WaitForPack`` with it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import time
+from io import BytesIO
+from typing import TYPE_CHECKING
+
+from neozodb.net.connection import ConnectionClosed, RemoteError
+from neozodb.protocol import CellStates, Packets, ProtocolError, p64, u64
+
+if TYPE_CHECKING:
+    from neozodb.storage.app import StorageApp
+
+log = logging.getLogger("neozodb.storage")
+
+#: Object revisions visited per chunk (one database transaction).
+CHUNK = 1000
+#: The extension key of a GC pack transaction (``neozodb.client``).
+GC_MARK = "neozodb_gc"
+
+
+class _NoClasses(pickle.Unpickler):
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError("not a plain extension")
+
+
+def is_gc_extension(ext: bytes) -> bool:
+    """Whether a transaction extension (ZODB's pickled dict) carries the GC
+    mark.  Clients' pickles are not trusted: nothing but plain data is
+    unpickled."""
+    if not ext:
+        return False
+    try:
+        value = _NoClasses(BytesIO(ext)).load()
+    except Exception:
+        return False
+    return isinstance(value, dict) and value.get(GC_MARK) is True
+
+
+class Order:
+    __slots__ = ("tid", "approved", "partial", "oids", "pack_tid", "gc")
+
+    def __init__(self, tid: int, approved, partial: bool, oids, pack_tid: int, gc: bool) -> None:
+        self.tid, self.approved, self.partial = tid, approved, partial
+        self.oids = None if oids is None else frozenset(oids)
+        self.pack_tid, self.gc = pack_tid, gc
+
+    @property
+    def step(self) -> tuple:
+        return (self.pack_tid, self.partial, self.oids, self.gc)
+
+
+def wire_order(order) -> tuple:
+    """A backend PackOrderRecord as in AnswerPackOrders / AddTransaction:
+    a GC order is sent as not partial, with oids."""
+    tid, approved, partial, oids, pack_tid, _ = order
+    return (p64(tid), approved, partial, None if oids is None else [p64(o) for o in oids],
+            p64(pack_tid))
+
+
+def order_from_wire(tid: bytes, approved, partial: bool, oids, pack_tid: bytes) -> tuple:
+    """The inverse of ``wire_order``: a PackOrderRecord."""
+    return (u64(tid), approved, partial, None if oids is None else [u64(o) for o in oids],
+            u64(pack_tid), not partial and oids is not None)
+
+
+class Packer:
+    def __init__(self, app: StorageApp, rate: int = 0) -> None:
+        self.app = app
+        self.rate = rate  # objects visited per second, 0 = no cap
+        self.orders: dict[int, Order] = {}
+        self.horizon = 0        # greatest order id the master told us about
+        self.stale = True       # ask the master for orders
+        self.reported: int | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        # statistics (logs, tests, benchmarks)
+        self.visited = 0
+        self.deleted = 0
+        self._window_start = 0.0
+        self._window_count = 0
+
+    # -- lifecycle ------------------------------------------------------------------
+    def start(self) -> None:
+        self.stale = True
+        self.reported = None
+        self._task = asyncio.ensure_future(self._run())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def signed(self, approved: list[bytes], rejected: list[bytes]) -> None:
+        self.stale = True
+        self.poke()
+
+    def cell_changed(self, partition: int, old: int | None, new: int) -> None:
+        if new == CellStates.DISCARDED.value:
+            self.app.backend.set_pack_progress(partition, None)
+            self.app.pending_written()
+        elif old is None:
+            self.stale = True  # a new cell applies every order since the first
+        self.poke()
+
+    # -- state ----------------------------------------------------------------------------
+    def own(self) -> list[int]:
+        return self.app.assigned_partitions()
+
+    def _done(self, partition: int) -> int:
+        progress = self.app.backend.get_pack_progress(partition)
+        return 0 if progress is None else progress[0]
+
+    def pending(self, partition: int) -> list[int]:
+        done = self._done(partition)
+        return [t for t in sorted(self.orders) if t > done and self.orders[t].approved]
+
+    def completed(self) -> int:
+        """The last order applied on all our partitions (as far as we know)."""
+        value = None
+        for partition in self.own():
+            pending = self.pending(partition)
+            here = pending[0] - 1 if pending else max(self._done(partition), self.horizon)
+            value = here if value is None else min(value, here)
+        return self.horizon if value is None else value
+
+    def status(self) -> dict:
+        return {p: self.app.backend.get_pack_progress(p) for p in self.own()}
+
+    # -- the loop ---------------------------------------------------------------------------
+    async def _run(self) -> None:
+        app = self.app
+        backoff = 0.1
+        while True:
+            self._wake.clear()
+            try:
+                if self.stale:
+                    await self._refresh()
+                partition = self._next_partition()
+                if partition is None:
+                    self._report()
+                    await self._wake.wait()
+                    continue
+                await self._pack(partition)
+                self._report()
+                backoff = 0.1
+            except asyncio.CancelledError:
+                raise
+            except (ConnectionClosed, RemoteError, ProtocolError, OSError) as e:
+                log.warning("%s: pack interrupted: %s", app.label, e)
+                await asyncio.sleep(backoff)  # retry backoff, not synchronisation
+                backoff = min(backoff * 2, 2.0)
+            except Exception:
+                log.exception("%s: pack failed", app.label)
+                app.exit(1)
+                return
+
+    async def _refresh(self) -> None:
+        conn = self.app.master_conn
+        if conn is None:
+            raise ConnectionClosed("no master")
+        self.stale = False
+        own = self.own()
+        start = min((self._done(p) for p in own), default=self.horizon) + 1
+        (orders,) = await conn.ask(Packets.AskPackOrders, p64(start))
+        for entry in orders:
+            record = order_from_wire(*entry)
+            self.orders[record[0]] = Order(*record)
+            self.horizon = max(self.horizon, record[0])
+        # orders every partition applied are not needed any more
+        for tid in [t for t in self.orders if t < start]:
+            del self.orders[tid]
+
+    def _next_partition(self) -> int | None:
+        app = self.app
+        best = None
+        for partition in self.own():
+            if not app.readable(partition) or not self.pending(partition):
+                continue
+            progress = app.backend.get_pack_progress(partition)
+            if progress is not None and progress[1] is not None:
+                return partition  # a pass in progress goes first
+            if best is None:
+                best = partition
+        return best
+
+    async def _pack(self, partition: int) -> None:
+        app = self.app
+        backend = app.backend
+        done, target, next_oid = backend.get_pack_progress(partition) or (0, None, 0)
+        pending = self.pending(partition)
+        if target is None or target < pending[0]:
+            target, next_oid = pending[-1], 0
+        steps = [self.orders[t].step for t in pending if t <= target]
+        started, visited, deleted = time.monotonic(), 0, 0
+        while True:
+            progress = (done, target, next_oid)
+            following, n, gone = backend.pack_partition(partition, steps, next_oid, CHUNK,
+                                                        progress)
+            app.pending_written()
+            visited += n
+            deleted += gone
+            self.visited += n
+            self.deleted += gone
+            if following is None:
+                backend.set_pack_progress(partition, (target, None, 0))
+                log.log(logging.INFO if deleted else logging.DEBUG,
+                        "%s: partition %d packed up to order %#x (%d orders, %d objects"
+                        " visited, %d revisions deleted in %.3f s)", app.label, partition,
+                        target, len(steps), visited, deleted, time.monotonic() - started)
+                return
+            next_oid = following
+            await self._throttle(n)
+            if not app.readable(partition):
+                return  # resumed when it is readable again
+
+    async def _throttle(self, count: int) -> None:
+        """Let the loop serve others between chunks, and cap the rate."""
+        if not self.rate:
+            await asyncio.sleep(0)
+            return
+        now = time.monotonic()
+        if not self._window_start or now - self._window_start > 10:
+            self._window_start, self._window_count = now, 0
+        self._window_count += count
+        ahead = self._window_count / self.rate - (now - self._window_start)
+        await asyncio.sleep(max(ahead, 0))  # rate cap, not synchronisation
+
+    def _report(self) -> None:
+        conn = self.app.master_conn
+        if conn is None or conn.closed:
+            return
+        value = self.completed()
+        if value != self.reported:
+            self.reported = value
+            conn.notify(Packets.NotifyPackCompleted, p64(value))
