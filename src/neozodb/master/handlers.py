@@ -318,7 +318,7 @@ class AdminHandler(BaseHandler):
         app = self.app
         status = app.pm.status(lambda nid: app.nm.get(nid).label if app.nm.get(nid) else str(nid))
         status["orders"] = [o for o in status["orders"] if o["tid"] >= u64(min_tid)]
-        status["waiting"] = sorted(n.label for n in map(app.nm.get, app.pack_nids()) if n)
+        status["waited_for"] = sorted(n.label for n in map(app.nm.get, app.pack_nids()) if n)
         conn.ack(msg_id, json.dumps(status))
 
     def AskClusterState(self, conn, msg_id):

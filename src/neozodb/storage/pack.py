@@ -230,6 +230,7 @@ class Packer:
                         "%s: partition %d packed up to order %#x (%d orders, %d objects"
                         " visited, %d revisions deleted in %.3f s)", app.label, partition,
                         target, len(steps), visited, deleted, time.monotonic() - started)
+                await self._throttle(n)
                 return
             next_oid = following
             await self._throttle(n)
