@@ -131,6 +131,10 @@ def test_gc_removes_unreachable_subgraph(cluster):
             assert db_.execute("SELECT COUNT(*) FROM data WHERE id NOT IN"
                                " (SELECT data_id FROM obj WHERE data_id IS NOT NULL)"
                                ).fetchone()[0] == 0
+    # a new master learns the orders from the storages, which report again
+    cluster.start(wait=60)
+    wait_until(lambda: completed_by(cluster, ["S1", "S2"]), 30, "reports after restart")
+    assert print_pack(cluster)[1]["orders"] == [order]
 
 
 def test_storage_down_during_pack_packs_when_back(cluster):
@@ -206,6 +210,8 @@ def test_restart_mid_pack_resumes(tmp_path):
         s1.kill()
         del s1.argv[-2:]
         s1.start()
+        # its cells become readable once the pending order is applied
+        wait_until(lambda: all_up_to_date(cluster, {"S1", "S2"}), 60, "S1 up to date")
         wait_until(lambda: completed_by(cluster, ["S1", "S2"]), 60, "S1 packed")
         packer.join(60)
         assert done.is_set()

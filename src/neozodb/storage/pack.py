@@ -10,10 +10,12 @@ there.  Between chunks the event loop serves everything else (client
 requests first: they are already queued when a chunk ends), and
 ``--pack-rate`` caps how many objects per second are visited.
 
-OUT_OF_DATE cells are not packed: replication would bring back rows the
-source still has; they pack once up to date.  Our completion (the last
-order applied on all our partitions) is reported to the master
-(``NotifyPackCompleted``), which answers ``WaitForPack`` with it.
+An OUT_OF_DATE cell is packed only once replication caught up (it would
+otherwise bring back rows the source still has), and before it is reported
+replicated: a cell becomes readable with the pending orders applied.  Our
+completion (the last order applied on all our readable partitions) is
+reported to the master (``NotifyPackCompleted``), which answers
+``WaitForPack`` with it.
 """
 from __future__ import annotations
 
@@ -137,10 +139,19 @@ class Packer:
         done = self._done(partition)
         return [t for t in sorted(self.orders) if t > done and self.orders[t].approved]
 
+    def packable(self, partition: int) -> bool:
+        app = self.app
+        return app.readable(partition) or (
+            app.cell_state(partition) == CellStates.OUT_OF_DATE.value
+            and app.replicator.caught_up(partition))
+
     def completed(self) -> int:
-        """The last order applied on all our partitions (as far as we know)."""
+        """The last order applied on all our readable partitions (as far as
+        we know)."""
         value = None
         for partition in self.own():
+            if not self.app.readable(partition):
+                continue
             pending = self.pending(partition)
             here = pending[0] - 1 if pending else max(self._done(partition), self.horizon)
             value = here if value is None else min(value, here)
@@ -197,7 +208,7 @@ class Packer:
         app = self.app
         best = None
         for partition in self.own():
-            if not app.readable(partition) or not self.pending(partition):
+            if not self.pending(partition) or not self.packable(partition):
                 continue
             progress = app.backend.get_pack_progress(partition)
             if progress is not None and progress[1] is not None:
@@ -230,12 +241,14 @@ class Packer:
                         "%s: partition %d packed up to order %#x (%d orders, %d objects"
                         " visited, %d revisions deleted in %.3f s)", app.label, partition,
                         target, len(steps), visited, deleted, time.monotonic() - started)
+                if not app.readable(partition):
+                    app.replicator.poke()  # it may report the cell replicated now
                 await self._throttle(n)
                 return
             next_oid = following
             await self._throttle(n)
-            if not app.readable(partition):
-                return  # resumed when it is readable again
+            if not self.packable(partition):
+                return  # resumed when it is again
 
     async def _throttle(self, count: int) -> None:
         """Let the loop serve others between chunks, and cap the rate."""
