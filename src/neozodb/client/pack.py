@@ -42,8 +42,9 @@ log = logging.getLogger("neozodb.client")
 GC_MARK = "neozodb_gc"
 #: NEO's description of a pack transaction.
 PACK_DESCRIPTION = "IStorage.pack"
-#: Loads in flight during the mark.
-WINDOW = 500
+#: Loads in flight during the mark: enough to hide round trips, few enough
+#: that other clients' requests do not queue long behind them on a storage.
+WINDOW = 64
 #: Oids per AskOIDsFrom.
 OIDS_CHUNK = 10000
 ROOT = ZERO_TID

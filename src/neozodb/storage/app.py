@@ -55,6 +55,7 @@ class StorageApp:
         self._connecting: dict[int, asyncio.Future] = {}
         self.replicator = Replicator(self, replication_rate)
         self.packer = Packer(self, pack_rate)
+        self.activity = 0  # requests from clients and the master (pack yields to them)
         self.checker = Checker(self)
         # verification ran with us since we connected to this master: our
         # locked transactions were either validated or will be

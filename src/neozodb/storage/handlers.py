@@ -72,6 +72,10 @@ class BaseHandler(Handler):
 class MasterHandler(FollowsPrimary, BaseHandler):
     """Everything the primary master tells or asks a storage."""
 
+    def dispatch(self, conn, msg_id, packet, args) -> None:
+        self.app.activity += 1  # commits go through here too: pack yields (storage/pack.py)
+        super().dispatch(conn, msg_id, packet, args)
+
     def NotifyNodeInformation(self, conn, msg_id, timestamp, entries):
         app = self.app
         for node in app.nm.update(entries):
@@ -218,6 +222,10 @@ class IdentificationHandler(BaseHandler):
 
 
 class ClientHandler(BaseHandler):
+    def dispatch(self, conn, msg_id, packet, args) -> None:
+        self.app.activity += 1  # pack yields to clients (storage/pack.py)
+        super().dispatch(conn, msg_id, packet, args)
+
     def connection_lost(self, conn) -> None:
         app = self.app
         app.client_conns.discard(conn)

@@ -4,10 +4,12 @@ The master tells us about orders (``NotifyPackSigned``) and gives their
 details (``AskPackOrders``).  Each of our readable partitions applies every
 order after the last one it applied (``done`` in its pack progress): all
 pending orders in one pass over the partition's objects, in chunks of
-``CHUNK`` revisions.  Each chunk deletes what the orders doom and records
+about ``CHUNK_TIME`` seconds.  Each chunk deletes what the orders doom and records
 where the pass is in the same database transaction, so a restart resumes
 there.  Between chunks the event loop serves everything else (client
-requests first: they are already queued when a chunk ends), and
+requests first: they are already queued when a chunk ends); when clients
+or the master sent requests during a chunk, the packer also rests as long
+as the chunk took, leaving at least half of the CPU to them.
 ``--pack-rate`` caps how many objects per second are visited.
 
 An OUT_OF_DATE cell is packed only once replication caught up (it would
@@ -34,8 +36,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("neozodb.storage")
 
-#: Object revisions visited per chunk (one database transaction).
-CHUNK = 1000
+#: Object revisions visited per chunk (one database transaction): adapted
+#: so that a chunk keeps the event loop about CHUNK_TIME seconds.
+CHUNK = 200
+CHUNK_MIN, CHUNK_MAX = 20, 10000
+CHUNK_TIME = 0.005
 #: The extension key of a GC pack transaction (``neozodb.client``).
 GC_MARK = "neozodb_gc"
 
@@ -93,6 +98,7 @@ class Packer:
         self.horizon = 0        # greatest order id the master told us about
         self.stale = True       # ask the master for orders
         self.reported: int | None = None
+        self.chunk = CHUNK
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         # statistics (logs, tests, benchmarks)
@@ -228,8 +234,14 @@ class Packer:
         started, visited, deleted = time.monotonic(), 0, 0
         while True:
             progress = (done, target, next_oid)
-            following, n, gone = backend.pack_partition(partition, steps, next_oid, CHUNK,
+            activity = app.activity
+            t0 = time.perf_counter()
+            following, n, gone = backend.pack_partition(partition, steps, next_oid, self.chunk,
                                                         progress)
+            elapsed = time.perf_counter() - t0
+            if n:
+                self.chunk = max(CHUNK_MIN, min(CHUNK_MAX, int(
+                    self.chunk * CHUNK_TIME / max(elapsed, 1e-4))))
             app.pending_written()
             visited += n
             deleted += gone
@@ -243,24 +255,25 @@ class Packer:
                         target, len(steps), visited, deleted, time.monotonic() - started)
                 if not app.readable(partition):
                     app.replicator.poke()  # it may report the cell replicated now
-                await self._throttle(n)
+                await self._throttle(n, elapsed if app.activity != activity else 0)
                 return
             next_oid = following
-            await self._throttle(n)
+            # busy: rest as long as the chunk took
+            await self._throttle(n, elapsed if app.activity != activity else 0)
             if not self.packable(partition):
                 return  # resumed when it is again
 
-    async def _throttle(self, count: int) -> None:
-        """Let the loop serve others between chunks, and cap the rate."""
-        if not self.rate:
-            await asyncio.sleep(0)
-            return
-        now = time.monotonic()
-        if not self._window_start or now - self._window_start > 10:
-            self._window_start, self._window_count = now, 0
-        self._window_count += count
-        ahead = self._window_count / self.rate - (now - self._window_start)
-        await asyncio.sleep(max(ahead, 0))  # rate cap, not synchronisation
+    async def _throttle(self, count: int, rest: float = 0) -> None:
+        """Let the loop serve others between chunks (for at least ``rest``
+        seconds), and cap the rate."""
+        ahead = 0.0
+        if self.rate:
+            now = time.monotonic()
+            if not self._window_start or now - self._window_start > 10:
+                self._window_start, self._window_count = now, 0
+            self._window_count += count
+            ahead = self._window_count / self.rate - (now - self._window_start)
+        await asyncio.sleep(max(ahead, rest, 0))  # rate cap and yielding, not synchronisation
 
     def _report(self) -> None:
         conn = self.app.master_conn
