@@ -7,9 +7,9 @@ pending orders in one pass over the partition's objects, in chunks of
 about ``CHUNK_TIME`` seconds.  Each chunk deletes what the orders doom and records
 where the pass is in the same database transaction, so a restart resumes
 there.  Between chunks the event loop serves everything else (client
-requests first: they are already queued when a chunk ends); when clients
-or the master sent requests during a chunk, the packer also rests as long
-as the chunk took, leaving at least half of the CPU to them.
+requests first: they are already queued when a chunk ends); while clients
+or the master send requests, the packer also rests three times as long as
+each chunk took, leaving them most of the CPU and the disk.
 ``--pack-rate`` caps how many objects per second are visited.
 
 An OUT_OF_DATE cell is packed only once replication caught up (it would
@@ -40,7 +40,11 @@ log = logging.getLogger("neozodb.storage")
 #: so that a chunk keeps the event loop about CHUNK_TIME seconds.
 CHUNK = 200
 CHUNK_MIN, CHUNK_MAX = 20, 10000
-CHUNK_TIME = 0.005
+CHUNK_TIME = 0.003
+#: While clients or the master send requests (and BUSY_TIME seconds after),
+#: each chunk is followed by a rest of BUSY_REST times its duration.
+BUSY_REST = 3
+BUSY_TIME = 0.1
 #: The extension key of a GC pack transaction (``neozodb.client``).
 GC_MARK = "neozodb_gc"
 
@@ -99,6 +103,8 @@ class Packer:
         self.stale = True       # ask the master for orders
         self.reported: int | None = None
         self.chunk = CHUNK
+        self._activity = 0
+        self._busy_until = 0.0
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         # statistics (logs, tests, benchmarks)
@@ -234,7 +240,6 @@ class Packer:
         started, visited, deleted = time.monotonic(), 0, 0
         while True:
             progress = (done, target, next_oid)
-            activity = app.activity
             t0 = time.perf_counter()
             following, n, gone = backend.pack_partition(partition, steps, next_oid, self.chunk,
                                                         progress)
@@ -255,13 +260,21 @@ class Packer:
                         target, len(steps), visited, deleted, time.monotonic() - started)
                 if not app.readable(partition):
                     app.replicator.poke()  # it may report the cell replicated now
-                await self._throttle(n, elapsed if app.activity != activity else 0)
+                await self._throttle(n, self._rest(elapsed))
                 return
             next_oid = following
-            # busy: rest as long as the chunk took
-            await self._throttle(n, elapsed if app.activity != activity else 0)
+            await self._throttle(n, self._rest(elapsed))
             if not self.packable(partition):
                 return  # resumed when it is again
+
+    def _rest(self, elapsed: float) -> float:
+        """How long to rest after a chunk that took ``elapsed`` seconds:
+        clients and the master go first."""
+        now = time.monotonic()
+        if self.app.activity != self._activity:
+            self._activity = self.app.activity
+            self._busy_until = now + BUSY_TIME
+        return BUSY_REST * elapsed if now < self._busy_until else 0.0
 
     async def _throttle(self, count: int, rest: float = 0) -> None:
         """Let the loop serve others between chunks (for at least ``rest``

@@ -892,7 +892,11 @@ class SQLiteBackend(Backend):
 
     def pack_partition(self, partition: int, steps: Sequence[PackStep], min_oid: int,
                        length: int, progress: PackProgress) -> tuple[int | None, int, int]:
-        with self._txn(durable=False) as conn:
+        # durable: its own fsync flushes what it wrote, which the next
+        # commit's fsync would otherwise have to
+        # durable: its own fsync flushes what it wrote, which the next
+        # commit's fsync would otherwise have to
+        with self._txn(durable=True) as conn:
             revisions, more = self._pack_candidates(partition, steps, min_oid, length)
             doomed = []
             candidates = []
