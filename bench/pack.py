@@ -1,21 +1,21 @@
 """Measure pack with garbage collection (see bench/README.md, "Pack").
 
 A database of N objects (an LOBTree of PersistentMappings, as in
-bench/replication.py) is written to 2 storages (replicas 1); 10% of the
-objects are changed once (history), then half of them are removed from the
-tree (garbage).  Then:
+bench/replication.py) is written to 2 storages (replicas 1) and 10% of the
+objects are changed once (history).  Then:
 
-1. the median latency of one-object commits on the idle cluster;
-2. ``Storage.pack()`` (GC on, waiting for the storages) by another client
-   process, while this one keeps making one-object commits until it
-   returns: the pack time (mark phase in the packing client, then the
-   storages' background work) and the latencies of the commits made
-   meanwhile;
-3. the peak memory (VmHWM) of the packing client, and of each storage and
-   the master (reset just before the pack);
-4. the database before and after: object records and data bytes, the same
-   on both storages; every reachable object still loads, the garbage does
-   not.
+1. a quarter of the objects are removed from the tree (garbage), and
+   another client process runs ``Storage.pack()`` (GC on, waiting for the
+   storages) with nothing else running: the pack time (mark phase in the
+   packing client, then the storages' background work);
+2. another quarter is removed; one-object commits on the idle cluster,
+   then the same pack while this process keeps making one-object commits
+   until it returns: their latencies, idle and during the pack;
+3. for both packs, the peak memory (VmHWM, reset just before) of the
+   packing client, of each storage and of the master;
+4. afterwards: object records and data bytes, the same on both storages;
+   every reachable object still loads, the garbage does not (from a new
+   client).
 
 Every node process started here is stopped (killed if need be) and the
 temporary directory removed on exit, error, Ctrl-C or SIGTERM.
@@ -63,8 +63,8 @@ from neozodb.client import Storage
 
 FULL = {"objects": 100_000, "commits": 200}
 QUICK = {"objects": 10_000, "commits": 50}
-CHANGED = 0.1   # fraction of the objects changed once before the pack
-GARBAGE = 0.5   # fraction removed from the tree (unreachable)
+CHANGED = 0.1   # fraction of the objects changed once before the first pack
+GARBAGE = 0.5   # fraction removed from the tree (unreachable), half before each pack
 MB = 1e6
 
 
@@ -151,83 +151,118 @@ def storage_pack_times(cluster, since: float) -> dict:
     return out
 
 
+def unlink(writer: Writer, keys: list[int], count: int, rng: random.Random
+           ) -> tuple[list[bytes], list[int]]:
+    """Remove ``count`` random entries of ``keys`` from the tree: (their
+    oids, the keys left)."""
+    doomed = sorted(rng.sample(keys, count))
+    oids = []
+    for start in range(0, len(doomed), 5000):
+        for k in doomed[start:start + 5000]:
+            oids.append(writer.tree[k]._p_oid)
+            del writer.tree[k]
+        writer.tm.commit()
+        writer.conn.cacheGC()
+    gone = set(doomed)
+    return oids, [k for k in keys if k not in gone]
+
+
+def run_pack(cluster, opts, anomalies, writer: Writer | None = None,
+             keys: list[int] | None = None) -> dict:
+    """Pack from another client process; with ``writer``, make one-object
+    commits until it returns."""
+    pids = {name: cluster.nodes[name].proc.pid for name in ("S1", "S2", "M1")}
+    reset = all(reset_hwm(pid) for pid in pids.values())
+    if not reset:
+        anomalies.append("could not reset VmHWM: storage peaks include the build")
+    done = threading.Event()
+    output: list[str] = []
+
+    def pack():
+        try:
+            proc = subprocess.run([sys.executable, "-c", PACKER, cluster.masters, cluster.name],
+                                  capture_output=True, text=True, timeout=opts.timeout)
+            output.append(("packer failed: " + proc.stderr) if proc.returncode else proc.stdout)
+        finally:
+            done.set()
+    thread = threading.Thread(target=pack, daemon=True)
+    thread.start()
+    during = commits(writer, keys, None, done) if writer is not None else []
+    thread.join()
+    if not output or output[0].startswith("packer failed"):
+        raise RuntimeError(output[0] if output else "packer did not report")
+    packed = json.loads(output[0].strip().splitlines()[-1])
+    started = packed["started"]
+    mark_end = packed["mark_end"] or started
+    peaks = {name: vm_hwm(pid) for name, pid in pids.items()}
+    peaks["packing client"] = packed["vmhwm"]
+    storages = storage_pack_times(cluster, started)
+    say("    packed in %.2fs (mark %.2fs)%s" % (
+        packed["ended"] - started, mark_end - started,
+        ", %d commits meanwhile" % len(during) if writer is not None else ""))
+    return {"pack_s": packed["ended"] - started, "mark_s": mark_end - started,
+            "unreachable": packed["unreachable"], "mark_loads": packed["loads"],
+            "storage_apply_s": {name: (v["last"] - mark_end) if v["last"] else None
+                                for name, v in storages.items()},
+            "storage_visited": {name: v["visited"] for name, v in storages.items()},
+            "storage_deleted": {name: v["deleted"] for name, v in storages.items()},
+            "peak_rss_bytes": peaks, "peaks_reset": reset,
+            "during": during, "mark_end": mark_end}
+
+
+def lat(times) -> dict | None:
+    t = [d for _, d in times]
+    if not t:
+        return None
+    return {"count": len(t), "median_ms": statistics.median(t) * 1e3,
+            "p90_ms": percentile(t, 90) * 1e3, "max_ms": max(t) * 1e3}
+
+
 def measure(cleanup, workdir, opts, anomalies) -> dict:
     n = opts.objects
-    say("pack of a database of %d objects (%d%% changed once, %d%% garbage), 2 storages,"
-        " replicas 1" % (n, CHANGED * 100, GARBAGE * 100))
+    say("database of %d objects, %d%% changed once, 2 storages, replicas 1" % (n, CHANGED * 100))
     storage_args = ["--pack-rate", str(opts.pack_rate)] if opts.pack_rate else []
     cluster = start_cluster(cleanup, workdir, "pack", 2, 1, opts.partitions, storage_args)
     db = open_db(cluster)
+    rng = random.Random(2)
     result: dict = {"objects": n}
     try:
         writer = Writer(db, 1)
         t0 = time.perf_counter()
         writer.add(n, lambda done: say("    %d objects written (%.0fs)" % (
             done, time.perf_counter() - t0)))
-        rng = random.Random(2)
         for start in range(0, int(n * CHANGED), 1000):
             for k in range(start, min(start + 1000, int(n * CHANGED))):
                 writer.tree[k]["data"] = writer.payload()
             writer.tm.commit()
             writer.conn.cacheGC()
-        garbage_keys = sorted(rng.sample(range(n), int(n * GARBAGE)))
-        garbage = []
-        for start in range(0, len(garbage_keys), 5000):
-            for k in garbage_keys[start:start + 5000]:
-                garbage.append(writer.tree[k]._p_oid)
-                del writer.tree[k]
-            writer.tm.commit()
-            writer.conn.cacheGC()
-        removed = set(garbage_keys)
-        kept = [k for k in range(n) if k not in removed]
+        keys = list(range(n))
+        garbage, keys = unlink(writer, keys, int(n * GARBAGE / 2), rng)
         result["build_s"] = time.perf_counter() - t0
         wait_all_up(cluster, opts.timeout)
-        say("    built in %.1fs; %d one-object commits on the idle cluster" % (
-            result["build_s"], opts.commits))
-        idle = commits(writer, kept, opts.commits)
-
-        pids = {name: cluster.nodes[name].proc.pid for name in ("S1", "S2", "M1")}
-        reset = all(reset_hwm(pid) for pid in pids.values())
-        if not reset:
-            anomalies.append("could not reset VmHWM: storage peaks include the build")
-        done = threading.Event()
-        output: list[str] = []
-
-        def pack():
-            try:
-                proc = subprocess.run([sys.executable, "-c", PACKER, cluster.masters,
-                                       cluster.name], capture_output=True, text=True,
-                                      timeout=opts.timeout)
-                if proc.returncode:
-                    output.append("packer failed: " + proc.stderr)
-                else:
-                    output.append(proc.stdout)
-            finally:
-                done.set()
-        say("    packing (another client process), with one-object commits going on")
-        thread = threading.Thread(target=pack, daemon=True)
-        thread.start()
-        during = commits(writer, kept, None, done)
-        thread.join()
-        if not output or output[0].startswith("packer failed"):
-            raise RuntimeError(output[0] if output else "packer did not report")
-        packed = json.loads(output[0].strip().splitlines()[-1])
-        started, pack_s = packed["started"], packed["ended"] - packed["started"]
-        peaks = {name: vm_hwm(pid) for name, pid in pids.items()}
-        peaks["packing client"] = packed["vmhwm"]
-        storages = storage_pack_times(cluster, started)
-        mark_s = (packed["mark_end"] - started) if packed["mark_end"] else None
-        say("    packed in %.2fs (mark %.2fs), %d commits meanwhile" % (
-            pack_s, mark_s or 0, len(during)))
-        after = commits(writer, kept, 20)
+        say("    built in %.1fs; 1. pack of %d garbage objects, nothing else running" % (
+            result["build_s"], len(garbage)))
+        result["idle_pack"] = idle_pack = run_pack(cluster, opts, anomalies)
+        garbage2, keys = unlink(writer, keys, int(n * GARBAGE / 2), rng)
+        garbage += garbage2
+        say("    2. %d one-object commits on the idle cluster, then a pack of %d garbage"
+            " objects while they go on" % (opts.commits, len(garbage2)))
+        idle = commits(writer, keys, opts.commits)
+        result["busy_pack"] = busy_pack = run_pack(cluster, opts, anomalies, writer, keys)
+        after = commits(writer, keys, 20)
         writer.close()
+        for label, pack, count in (("idle", idle_pack, len(garbage) - len(garbage2)),
+                                   ("busy", busy_pack, len(garbage2))):
+            if pack["unreachable"] is not None and pack["unreachable"] < count:
+                anomalies.append("%s pack: the mark found %d unreachable objects, %d were"
+                                 " made garbage" % (label, pack["unreachable"], count))
 
         # what is left: reachable objects load, garbage does not
-        reachable_sample = [k for k in range(0, n, max(1, n // 500)) if k not in removed]
         conn = db.open()
         tree = conn.root()["objs"]
-        bad = [k for k in reachable_sample if "data" not in tree[k]]
-        if len(tree) != n - len(garbage_keys) or bad:
+        sample = keys[::max(1, len(keys) // 500)]
+        bad = [k for k in sample if "data" not in tree[k]]
+        if len(tree) != len(keys) or bad:
             anomalies.append("reachable objects lost: %d entries, %d unreadable" % (
                 len(tree), len(bad)))
         conn.close()
@@ -247,47 +282,40 @@ def measure(cleanup, workdir, opts, anomalies) -> dict:
         db.close()
     log_problems(cluster, "pack", anomalies)
     stop_cluster(cluster)
-    stats = compare_storages(cluster, "pack", anomalies)
-
-    def lat(times):
-        t = [d for _, d in times]
-        return {"count": len(t), "median_ms": statistics.median(t) * 1e3,
-                "p90_ms": percentile(t, 90) * 1e3, "max_ms": max(t) * 1e3}
-    mark_end = packed["mark_end"] or started
-    during_mark = [x for x in during if x[0] <= mark_end]
-    during_apply = [x for x in during if x[0] > mark_end]
+    result["after"] = compare_storages(cluster, "pack", anomalies)
+    during = busy_pack.pop("during")
+    mark_end = busy_pack.pop("mark_end")
+    idle_pack.pop("during")
+    idle_pack.pop("mark_end")
     result.update({
-        "pack_s": pack_s, "mark_s": mark_s, "unreachable": packed["unreachable"],
-        "mark_loads": packed["loads"],
-        "storage_apply_s": {name: (s["last"] - mark_end) if s["last"] else None
-                            for name, s in storages.items()},
-        "storage_visited": {name: s["visited"] for name, s in storages.items()},
-        "storage_deleted": {name: s["deleted"] for name, s in storages.items()},
-        "peak_rss_bytes": peaks, "peaks_reset": reset,
         "latency_idle": lat(idle), "latency_during_pack": lat(during),
-        "latency_during_mark": lat(during_mark) if during_mark else None,
-        "latency_during_apply": lat(during_apply) if during_apply else None,
-        "latency_after": lat(after), "after": stats,
+        "latency_during_mark": lat([x for x in during if x[0] <= mark_end]),
+        "latency_during_apply": lat([x for x in during if x[0] > mark_end]),
+        "latency_after": lat(after),
         "latency_ms": {"idle": [d * 1e3 for _, d in idle],
                        "during": [[t, d * 1e3] for t, d in during]},
     })
-    if packed["unreachable"] is not None and packed["unreachable"] < len(garbage):
-        anomalies.append("the mark found %d unreachable objects, %d were made garbage" % (
-            packed["unreachable"], len(garbage)))
     return result
 
 
 def report(r: dict) -> str:
-    out = [format_table(
-        ["pack", "objects", "garbage", "pack (s)", "mark (s)", "S1 apply (s)", "S2 apply (s)",
-         "records after", "data MB after"],
-        [["%d objects" % r["objects"], str(r["objects"]), str(r["unreachable"]),
-          "%.2f" % r["pack_s"], "%.2f" % (r["mark_s"] or 0),
-          "%.2f" % (r["storage_apply_s"]["S1"] or 0), "%.2f" % (r["storage_apply_s"]["S2"] or 0),
-          str(r["after"]["obj_records"]), "%.1f" % (r["after"]["data_bytes"] / MB)]])]
-    peaks = r["peak_rss_bytes"]
-    out += ["", format_table(["peak RSS during the pack, MB", *peaks],
-                             [["VmHWM", *("%.1f" % (v / MB) for v in peaks.values())]])]
+    rows = []
+    for label, key in (("1. nothing else running", "idle_pack"),
+                       ("2. commits going on", "busy_pack")):
+        p = r[key]
+        rows.append([label, str(p["unreachable"]), str(p["mark_loads"]), "%.2f" % p["pack_s"],
+                     "%.2f" % p["mark_s"], "%.2f" % (p["storage_apply_s"]["S1"] or 0),
+                     "%.2f" % (p["storage_apply_s"]["S2"] or 0),
+                     str(p["storage_visited"]["S1"]), str(p["storage_deleted"]["S1"])])
+    out = ["%d objects; records after: %d, data after: %.1f MB" % (
+        r["objects"], r["after"]["obj_records"], r["after"]["data_bytes"] / MB), "",
+        format_table(["pack", "garbage", "mark loads", "pack (s)", "mark (s)", "S1 apply (s)",
+                      "S2 apply (s)", "S1 visited", "S1 deleted"], rows)]
+    names = list(r["idle_pack"]["peak_rss_bytes"])
+    out += ["", format_table(["peak RSS (VmHWM), MB", *names], [
+        [label, *("%.1f" % (r[key]["peak_rss_bytes"][name] / MB) for name in names)]
+        for label, key in (("1. pack, nothing else", "idle_pack"),
+                           ("2. pack with commits", "busy_pack"))])]
     rows = []
     for label, key in (("idle", "latency_idle"), ("during the pack", "latency_during_pack"),
                        ("  during the mark", "latency_during_mark"),

@@ -73,7 +73,7 @@ class Mark:
             unreachable = existing - reachable
             # objects with revisions after pack_tid are kept, with what
             # those revisions reference
-            later = {oid for oid, answer in self.load_many(unreachable, self.before)
+            later = {oid for oid, answer in self.load_many(unreachable, self.before, data=False)
                      if isinstance(answer, tuple) and answer[2] is not None}
             self.visit(later, reachable)
             while True:
@@ -139,10 +139,11 @@ class Mark:
                 return
             first += 100
 
-    def load_many(self, oids, before: bytes):
+    def load_many(self, oids, before: bytes, data: bool = True):
         """(oid, answer) for each oid, pipelined: answer is ``(data, serial,
-        next_serial)`` (data None for a deletion), None if the object had
-        no revision before ``before``, KeyError if it never existed."""
+        next_serial)`` (data None for a deletion, and always without
+        ``data``: not checked nor decompressed), None if the object had no
+        revision before ``before``, KeyError if it never existed."""
         app = self.app
         queue: SimpleQueue = SimpleQueue()
         pending = 0
@@ -173,6 +174,9 @@ class Mark:
             pending -= 1
             self.loads += 1
             if error is None:
+                if not data:
+                    yield oid, (None, result[1], result[2])
+                    continue
                 try:
                     yield oid, (app._object_data(result), result[1], result[2])
                     continue

@@ -110,6 +110,7 @@ class Packer:
         # statistics (logs, tests, benchmarks)
         self.visited = 0
         self.deleted = 0
+        self.rested = 0.0
         self._window_start = 0.0
         self._window_count = 0
 
@@ -237,7 +238,7 @@ class Packer:
         if target is None or target < pending[0]:
             target, next_oid = pending[-1], 0
         steps = [self.orders[t].step for t in pending if t <= target]
-        started, visited, deleted = time.monotonic(), 0, 0
+        started, visited, deleted, rested = time.monotonic(), 0, 0, self.rested
         while True:
             progress = (done, target, next_oid)
             t0 = time.perf_counter()
@@ -256,8 +257,9 @@ class Packer:
                 backend.set_pack_progress(partition, (target, None, 0))
                 log.log(logging.INFO if deleted else logging.DEBUG,
                         "%s: partition %d packed up to order %#x (%d orders, %d objects"
-                        " visited, %d revisions deleted in %.3f s)", app.label, partition,
-                        target, len(steps), visited, deleted, time.monotonic() - started)
+                        " visited, %d revisions deleted in %.3f s, %.3f s yielded to"
+                        " requests)", app.label, partition, target, len(steps), visited,
+                        deleted, time.monotonic() - started, self.rested - rested)
                 if not app.readable(partition):
                     app.replicator.poke()  # it may report the cell replicated now
                 await self._throttle(n, self._rest(elapsed))
@@ -274,7 +276,10 @@ class Packer:
         if self.app.activity != self._activity:
             self._activity = self.app.activity
             self._busy_until = now + BUSY_TIME
-        return BUSY_REST * elapsed if now < self._busy_until else 0.0
+        if now < self._busy_until:
+            self.rested += BUSY_REST * elapsed
+            return BUSY_REST * elapsed
+        return 0.0
 
     async def _throttle(self, count: int, rest: float = 0) -> None:
         """Let the loop serve others between chunks (for at least ``rest``

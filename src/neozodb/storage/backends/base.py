@@ -529,7 +529,7 @@ class Backend(abc.ABC):
     # Pack orders travel with their transaction (vote, lock, unlock,
     # replication); the storage node applies them partition by partition in
     # chunks, with ``pack_partition``, recording its progress in the same
-    # (non-durable) database transaction as the deletions.
+    # database transaction as the deletions.
 
     @abc.abstractmethod
     def get_pack_orders(self, min_tid: int = 0, max_tid: int | None = None
@@ -563,7 +563,8 @@ class Backend(abc.ABC):
         revision stays), and record ``progress`` with the oid to resume from.
         When every step is partial, only their listed oids are visited.
         Returns ``(next_oid or None when the partition is done, objects
-        visited, revisions deleted)``.  Not durable by itself."""
+        visited, revisions deleted)``.  Durable (with every earlier write):
+        the fsync of a later commit does not have to flush it."""
 
     @abc.abstractmethod
     def oids_at(self, partition: int, length: int, min_oid: int, tid: int
