@@ -599,6 +599,9 @@ class BackendConformance:
         db.sign_pack_orders([212], True)
         assert db.get_pack_orders(105) == [(212, True, True, [1], 100, False),
                                            (216, None, False, None, 110, False)]
+        assert [o[0] for o in db.get_pack_orders(max_oids=1)] == [104]
+        assert [o[0] for o in db.get_pack_orders(max_oids=2)] == [104, 212]
+        assert [o[0] for o in db.get_pack_orders(105, max_oids=0)] == [212]
         db.delete_transactions(0, [216])
         assert [o[0] for o in db.get_pack_orders()] == [104, 212]
         db.set_truncate_tid(200)

@@ -106,3 +106,14 @@ def test_pack_manager_guess_and_status():
     assert status["orders"][2]["pack_tid"] == 450
     pm.reset()
     assert pm.known() == [] and pm.status(str)["orders"] == []
+
+
+def test_pack_manager_pages():
+    pm = PackManager()
+    pm.learned(order(100, gc=True, oids=[p64(1)] * 3))
+    pm.learned(order(200, gc=True, oids=[p64(2)] * 3))
+    pm.learned(order(300))
+    assert [o.tid for o in pm.known(max_oids=2)] == [100]
+    assert [o.tid for o in pm.known(max_oids=4)] == [100, 200]
+    assert [o.tid for o in pm.known(101, max_oids=4)] == [200, 300]
+    assert [o.tid for o in pm.known(301, max_oids=4)] == []

@@ -47,6 +47,9 @@ PACK_DESCRIPTION = "IStorage.pack"
 WINDOW = 64
 #: Oids per AskOIDsFrom.
 OIDS_CHUNK = 10000
+#: Unreachable objects one pack collects at most: the order travels in one
+#: message (msgpack's limit is 64 MiB); the next pack collects the rest.
+MAX_GC_OIDS = 5000000
 ROOT = ZERO_TID
 
 
@@ -222,6 +225,11 @@ def pack(storage, t: float, referencesf, gc: bool = True, wait: bool = True) -> 
         mark = Mark(app, pack_tid, referencesf)
         unreachable = mark.run()
         oids = sorted(unreachable)
+        if len(oids) > MAX_GC_OIDS:
+            log.warning("%s: %d unreachable objects: this pack collects %d of them, pack again"
+                        " for the others", app.label, len(oids), MAX_GC_OIDS)
+            oids = oids[:MAX_GC_OIDS]
+            unreachable = set(oids)
         extension = {GC_MARK: True}
         log.info("%s: pack up to %s: %d unreachable objects (%d loads in %.3f s)", app.label,
                  pack_tid.hex(), len(oids), mark.loads, time.monotonic() - started)

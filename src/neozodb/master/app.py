@@ -491,7 +491,7 @@ class MasterApp:
             ids = await asyncio.gather(*(n.conn.ask(Packets.AskLastIDs) for n in storages))
             # pack orders live in the storages' tables (after the truncation
             # AskLastIDs applied)
-            packs = await asyncio.gather(*(n.conn.ask(Packets.AskPackOrders, ZERO_TID)
+            packs = await asyncio.gather(*(self._pack_orders_of(n)
                                            for n in storages if n.nid in readable))
         except (ConnectionClosed, RemoteError) as e:
             raise StoppedOperation(f"storage lost during verification: {e}") from None
@@ -505,7 +505,7 @@ class MasterApp:
         self.inherited_ids = (0, 0)
         self.tm.reset(last_tid, last_oid)
         self.pm.reset()
-        for (orders,) in packs:
+        for orders in packs:
             for entry in orders:
                 order = Order.from_wire(entry)
                 if order.approved is None:
@@ -514,6 +514,17 @@ class MasterApp:
         log.info("%s: verified: last tid %#x, last oid %#x, %d pack orders", self.label,
                  last_tid, last_oid, len(self.pm.orders))
         self._truncation_done(storages)
+
+    async def _pack_orders_of(self, node: Node) -> list:
+        """Every pack order in a storage's table (answers come in pages)."""
+        orders: list = []
+        min_tid = ZERO_TID
+        while True:
+            (page,) = await node.conn.ask(Packets.AskPackOrders, min_tid)
+            if not page:
+                return orders
+            orders += page
+            min_tid = p64(u64(page[-1][0]) + 1)
 
     # -- service ------------------------------------------------------------------
     async def serve(self) -> None:

@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 from neozodb.master import administration, checks, election
+from neozodb.master.pack import PAGE_OIDS
 from neozodb.master.transactions import TransactionError
 from neozodb.master.tweak import drop_check
 from neozodb.net.connection import Denied, Handler, HandlerError, NotReady
@@ -199,7 +200,8 @@ class StorageHandler(BaseHandler):
 
 
 def answer_pack_orders(app: MasterApp, conn, msg_id, min_tid) -> None:
-    conn.answer(msg_id, Packets.AnswerPackOrders, [o.wire() for o in app.pm.known(u64(min_tid))])
+    orders = app.pm.known(u64(min_tid), max_oids=PAGE_OIDS)
+    conn.answer(msg_id, Packets.AnswerPackOrders, [o.wire() for o in orders])
 
 
 class ClientHandler(BaseHandler):

@@ -23,6 +23,11 @@ from dataclasses import dataclass
 
 from neozodb.protocol import p64, u64
 
+#: Our AnswerPackOrders stop after the order that brings their oids over
+#: this (far below msgpack's 64 MiB); askers ask again from the next order
+#: until an answer is empty (storages do the same, storage/pack.py).
+PAGE_OIDS = 1000000
+
 
 @dataclass
 class Order:
@@ -82,13 +87,23 @@ class PackManager:
         self.orders[tid] = order
         return order
 
-    def known(self, min_tid: int = 0) -> list[Order]:
+    def known(self, min_tid: int = 0, max_oids: int | None = None) -> list[Order]:
         """Orders from ``min_tid``, ascending, stopping before the first one
         whose details are still being learned: a storage told about a later
-        order would report an earlier one done."""
+        order would report an earlier one done.  With ``max_oids``, stops
+        after the order that brings their oids over it (see PAGE_OIDS)."""
         limit = min(self.learning, default=None)
-        return [self.orders[t] for t in sorted(self.orders)
-                if t >= min_tid and (limit is None or t < limit)]
+        orders, count = [], 0
+        for t in sorted(self.orders):
+            if t < min_tid:
+                continue
+            if limit is not None and t >= limit:
+                break
+            orders.append(self.orders[t])
+            count += len(self.orders[t].oids or ())
+            if max_oids is not None and count > max_oids:
+                break
+        return orders
 
     # -- completion ----------------------------------------------------------------
     def report(self, nid: int, tid: int) -> None:

@@ -19,7 +19,7 @@ from neozodb.protocol import (
     p64,
     u64,
 )
-from neozodb.storage.pack import is_gc_extension, wire_order
+from neozodb.storage.pack import PAGE_OIDS, is_gc_extension, wire_order
 
 if TYPE_CHECKING:
     from neozodb.storage.app import StorageApp
@@ -153,7 +153,7 @@ class MasterHandler(FollowsPrimary, BaseHandler):
     def AskPackOrders(self, conn, msg_id, min_tid):
         """The master rebuilds its list of pack orders (verification), or
         learns the details of a new one."""
-        orders = self.app.backend.get_pack_orders(u64(min_tid))
+        orders = self.app.backend.get_pack_orders(u64(min_tid), max_oids=PAGE_OIDS)
         conn.answer(msg_id, Packets.AnswerPackOrders, [wire_order(o) for o in orders])
 
     def NotifyPackSigned(self, conn, msg_id, approved, rejected):

@@ -47,6 +47,10 @@ BUSY_REST = 3
 BUSY_TIME = 0.1
 #: The extension key of a GC pack transaction (``neozodb.client``).
 GC_MARK = "neozodb_gc"
+#: AnswerPackOrders stops after the order that brings its oids over this
+#: (messages stay far below msgpack's 64 MiB): askers ask again from the
+#: order after the last one until an answer is empty.
+PAGE_OIDS = 1000000
 
 
 class _NoClasses(pickle.Unpickler):
@@ -208,11 +212,16 @@ class Packer:
         self.stale = False
         own = self.own()
         start = min((self._done(p) for p in own), default=self.horizon) + 1
-        (orders,) = await conn.ask(Packets.AskPackOrders, p64(start))
-        for entry in orders:
-            record = order_from_wire(*entry)
-            self.orders[record[0]] = Order(*record)
-            self.horizon = max(self.horizon, record[0])
+        ask = start
+        while True:
+            (orders,) = await conn.ask(Packets.AskPackOrders, p64(ask))
+            if not orders:
+                break
+            for entry in orders:
+                record = order_from_wire(*entry)
+                self.orders[record[0]] = Order(*record)
+                self.horizon = max(self.horizon, record[0])
+            ask = u64(orders[-1][0]) + 1
         # orders every partition applied are not needed any more
         for tid in [t for t in self.orders if t < start]:
             del self.orders[tid]

@@ -532,9 +532,11 @@ class Backend(abc.ABC):
     # database transaction as the deletions.
 
     @abc.abstractmethod
-    def get_pack_orders(self, min_tid: int = 0, max_tid: int | None = None
-                        ) -> list[PackOrderRecord]:
-        """Committed pack orders with ``min_tid <= tid <= max_tid``, ascending."""
+    def get_pack_orders(self, min_tid: int = 0, max_tid: int | None = None,
+                        max_oids: int | None = None) -> list[PackOrderRecord]:
+        """Committed pack orders with ``min_tid <= tid <= max_tid``, ascending;
+        with ``max_oids``, the first ones until their oids add up to more
+        than that (at least one)."""
 
     @abc.abstractmethod
     def add_pack_order(self, order: PackOrderRecord) -> None:

@@ -831,14 +831,20 @@ class SQLiteBackend(Backend):
 
     # -- pack ---------------------------------------------------------------------
 
-    def get_pack_orders(self, min_tid: int = 0, max_tid: int | None = None
-                        ) -> list[PackOrderRecord]:
+    def get_pack_orders(self, min_tid: int = 0, max_tid: int | None = None,
+                        max_oids: int | None = None) -> list[PackOrderRecord]:
         if max_tid is None:
             max_tid = (1 << 63) - 1
-        return [(tid, None if approved is None else bool(approved), bool(partial),
-                 None if oids is None else _unpack_oids(oids), pack_tid, bool(gc))
-                for tid, approved, partial, oids, pack_tid, gc
-                in self.connection.execute(_GET_PACK_ORDERS, (min_tid, max_tid))]
+        orders: list[PackOrderRecord] = []
+        count = 0
+        for tid, approved, partial, oids, pack_tid, gc in self.connection.execute(
+                _GET_PACK_ORDERS, (min_tid, max_tid)):
+            orders.append((tid, None if approved is None else bool(approved), bool(partial),
+                           None if oids is None else _unpack_oids(oids), pack_tid, bool(gc)))
+            count += len(oids or b'') // 8
+            if max_oids is not None and count > max_oids:
+                break
+        return orders
 
     def add_pack_order(self, order: PackOrderRecord) -> None:
         tid, approved, partial, oids, pack_tid, gc = order
