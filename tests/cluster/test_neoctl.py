@@ -248,6 +248,7 @@ COMMANDS = [
     "print pt [MIN [MAX [NODE]]]",
     "print primary",
     "print check",
+    "print pack",
     "start",
     "add NID... | add all",
     "set cluster STATE",

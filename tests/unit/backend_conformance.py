@@ -620,6 +620,111 @@ class BackendConformance:
         assert db.get_object(1)[:2] == (100, None)
         assert db.get_truncate_tid() is None
 
+    # -- pack --------------------------------------------------------------------
+
+    def test_pack_order_follows_its_transaction(self, opener, db):
+        db.store_transaction(100, [], ([], b'', b'IStorage.pack', b'', False),
+                             pack=(False, [3, 7], 90, True))
+        db.store_transaction(101, [], ([], b'', b'pack', b'', False), pack=(True, None, 80, False))
+        assert db.get_pack_orders() == []            # voted: not committed
+        db.lock_transaction(100, 104, pack_approved=True)
+        db.drop_unfinished()                          # 101 was not locked: its order goes
+        db = self.reopen(db, opener)
+        assert db.get_pack_orders() == []
+        db.unlock_transaction(100, 104)
+        assert db.get_pack_orders() == [(104, True, False, [3, 7], 90, True)]
+        db.store_transaction(200, [], ([], b'', b'pack', b'', False), pack=(False, None, 150, False))
+        db.abort_transaction(200)
+        self.commit(db, 208, {}, ttid=204)
+        assert db.get_pack_orders(105) == []
+        db.add_pack_order((212, None, True, [1], 100, False))
+        db.add_pack_order((216, None, False, None, 110, False))
+        db.sign_pack_orders([212], True)
+        assert db.get_pack_orders(105) == [(212, True, True, [1], 100, False),
+                                           (216, None, False, None, 110, False)]
+        assert [o[0] for o in db.get_pack_orders(max_oids=1)] == [104]
+        assert [o[0] for o in db.get_pack_orders(max_oids=2)] == [104, 212]
+        assert [o[0] for o in db.get_pack_orders(105, max_oids=0)] == [212]
+        db.delete_transactions(0, [216])
+        assert [o[0] for o in db.get_pack_orders()] == [104, 212]
+        db.set_truncate_tid(200)
+        db.truncate(200)
+        assert [o[0] for o in db.get_pack_orders()] == [104]
+
+    def test_pack_progress_round_trip(self, opener, db):
+        assert db.get_pack_progress(1) is None
+        db.set_pack_progress(1, (0, 120, 9))
+        db.commit_pending()
+        db = self.reopen(db, opener)
+        assert db.get_pack_progress(1) == (0, 120, 9)
+        db.set_pack_progress(1, (120, None, 0))
+        assert db.get_pack_progress(1) == (120, None, 0)
+        db.set_pack_progress(1, None)
+        assert db.get_pack_progress(1) is None
+
+    def pack_all(self, db, partition, steps, length=1000, min_oid=0):
+        while True:
+            next_oid, _, _ = db.pack_partition(partition, steps, min_oid, length, (0, 1, 0))
+            if next_oid is None:
+                return
+            min_oid = next_oid
+
+    def test_pack_history(self, db):
+        for tid in (100, 104, 108):
+            self.commit(db, tid, {1: b'a%d' % tid, 5: b'b%d' % tid})
+        self.commit(db, 112, {1: b'a112', 5: None})
+        self.commit(db, 116, {9: b'nine'})
+        self.pack_all(db, 1, [(112, False, None, False)])
+        # oid 1: the revision current at 112 stays; oid 5 ends deleted: gone
+        assert [s for s, _ in db.get_object_history(1, 0, 10)] == [112]
+        assert db.get_object_history(5, 0, 10) is None
+        assert db.get_object(9)[0] == 116
+        assert db.get_object(1, before_tid=112) is False
+        assert db.prune_orphans() == 0
+        # packing again changes nothing
+        self.pack_all(db, 1, [(116, False, None, False)])
+        assert [s for s, _ in db.get_object_history(1, 0, 10)] == [112]
+
+    def test_pack_keeps_later_revisions_and_shared_data(self, db):
+        self.commit(db, 100, {1: b'original'})
+        self.commit(db, 104, {1: b'changed'})
+        self.commit(db, 108, {1: b''}, undo={1: 100})   # back-pointer to 100's data
+        self.commit(db, 112, {1: b'last'})
+        self.pack_all(db, 1, [(110, False, None, False)])
+        assert [s for s, _ in db.get_object_history(1, 0, 10)] == [112, 108]
+        assert db.get_object(1, tid=108)[4] == b'original'  # its data outlived revision 100
+        assert db.prune_orphans() == 0
+
+    def test_pack_gc_and_partial(self, db):
+        for tid in (100, 104):
+            self.commit(db, tid, {1: b'x%d' % tid, 5: b'y%d' % tid, 9: b'z%d' % tid})
+        self.commit(db, 108, {9: b'z108'})
+        # GC of 5 and 9 at 104: 5 is gone, 9 keeps its revision after 104
+        self.pack_all(db, 1, [(104, False, frozenset([5, 9]), True)])
+        assert db.get_object(5) is None
+        assert [s for s, _ in db.get_object_history(9, 0, 10)] == [108]
+        assert [s for s, _ in db.get_object_history(1, 0, 10)] == [104]
+        # partial: only the listed oids
+        self.commit(db, 112, {1: b'x112', 13: b'w'})
+        self.commit(db, 116, {13: b'w116'})
+        self.pack_all(db, 1, [(116, True, frozenset([13]), False)])
+        assert [s for s, _ in db.get_object_history(1, 0, 10)] == [112, 104]
+        assert [s for s, _ in db.get_object_history(13, 0, 10)] == [116]
+
+    def test_pack_in_chunks_resumes(self, db):
+        for tid in (100, 104, 108):
+            self.commit(db, tid, {oid: b'%d-%d' % (oid, tid) for oid in range(1, 80, 4)})
+        steps = [(108, False, None, False)]
+        next_oid, visited, deleted = db.pack_partition(1, steps, 0, 7, (5, 108, 0))
+        assert (visited, deleted) == (2, 4) and next_oid == 6
+        assert db.get_pack_progress(1) == (5, 108, 6)
+        # one object with more revisions than a chunk
+        next_oid, visited, deleted = db.pack_partition(1, steps, 6, 2, (5, 108, 6))
+        assert (next_oid, visited, deleted) == (10, 1, 2)
+        self.pack_all(db, 1, steps, length=5, min_oid=next_oid)
+        for oid in range(1, 80, 4):
+            assert [s for s, _ in db.get_object_history(oid, 0, 10)] == [108]
+
     def test_check_ranges_detect_differences(self, db):
         self.commit(db, 100, {1: b'one'})
         self.commit(db, 104, {1: b'two', 5: b'five'})

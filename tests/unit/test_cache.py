@@ -105,6 +105,19 @@ def test_store_stale_current_is_refused_and_newer_current_replaces():
     cache._check()
 
 
+def test_forget():
+    cache = ClientCache(1000)
+    cache.store(OID, b"one", T1, T2)
+    cache.store(OID, b"two", T2, None)
+    cache.store(OID2, b"x", T1, None)
+    cache.forget(OID)
+    cache.forget(OID)
+    assert cache.load(OID) is None and cache.load(OID, T2) is None
+    assert cache.load(OID2) == (b"x", T1, None)
+    assert len(cache) == 1 and cache.size == 1
+    cache._check()
+
+
 def test_clear_current():
     cache = ClientCache(1000)
     cache.store(OID, b"one", T1, T2)

@@ -219,6 +219,22 @@ def test_replication_rate_errors(text, capsys):
     assert err.count("\n") == 1 and "rate" in err
 
 
+@pytest.mark.parametrize("text, rate", [
+    ("5000", 5000), ("20K", 20000), ("1.5m", 1500000), ("300/s", 300), ("0", 0)])
+def test_pack_rate(text, rate):
+    o = parse_options("storage", ["-c", "x", "-m", "h:1", "-d", "d", "--pack-rate", text])
+    assert o.pack_rate == rate
+
+
+@pytest.mark.parametrize("text", ["fast", "-1", "10G", ""])
+def test_pack_rate_errors(text, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_options("storage", ["-c", "x", "-m", "h:1", "-d", "d", "--pack-rate", text])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rate" in err
+
+
 # -- config file --------------------------------------------------------------
 
 

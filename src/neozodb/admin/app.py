@@ -32,7 +32,7 @@ log = logging.getLogger("neozodb.admin")
 # requests neoctl sends that only the master can answer
 FORWARDED = ("AddPendingNodes", "SetClusterState", "AskLastIDs", "AskLastTransaction",
              "AskRecovery", "SetNodeState", "SetNumReplicas", "TweakPartitionTable",
-             "CheckReplicas", "Truncate")
+             "CheckReplicas", "Truncate", "AskPackOrders")
 
 
 class MasterHandler(FollowsPrimary, Handler):

@@ -79,10 +79,12 @@ class LocalCluster:
                  replicas: int = 1, partitions: int = 12, host: str = "127.0.0.1",
                  master_port: int = 0, admin_port: int = 0, loglevel: str = "INFO",
                  autostart: bool = True, node_args: list[str] | tuple[str, ...] = (),
-                 masters: int = 1) -> None:
+                 masters: int = 1, storage_args: list[str] | tuple[str, ...] = ()) -> None:
         self.autostart = autostart
         # extra options given to every node, e.g. ("--keepalive", "3")
         self.node_args = list(node_args)
+        # and to storage nodes only, e.g. ("--pack-rate", "1000")
+        self.storage_args = list(storage_args)
         self.directory = os.path.abspath(directory)
         self.name = name
         self.host = host
@@ -172,7 +174,7 @@ class LocalCluster:
             # -i: node S<i> is storage<i>.sqlite whatever the start order
             node = self._node(name, self._python(
                 "neozodb.cli.storage", "-m", self.masters, "-b", "%s:0" % self.host, "-d", db,
-                "-i", name))
+                "-i", name, *self.storage_args))
         return node
 
     def ctl(self):

@@ -287,6 +287,18 @@ def _rate(value: str) -> int:
     return int(n * _RATE_UNITS[unit])
 
 
+def _object_rate(value: str) -> int:
+    s = str(value).strip().upper().removesuffix("/S")
+    unit = s[-1:] if s[-1:] in ("K", "M") else ""
+    try:
+        n = float(s[:len(s) - len(unit)])
+    except ValueError:
+        raise ValueError(f"invalid rate {value!r} (objects per second, e.g. 5000 or 20K)") from None
+    if not n >= 0:
+        raise ValueError(f"invalid rate {value!r}: must not be negative")
+    return int(n * {"": 1, "K": 1000, "M": 1000000}[unit])
+
+
 def _nonempty(value: str) -> str:
     if not value.strip():
         raise ValueError("empty value")
@@ -429,6 +441,15 @@ def _build_parser(node: str, prog: str | None):
             default=0,
             help="cap on the object data this node replicates, in bytes per second"
             " (K, M, G suffixes; default: 0 = no cap)",
+        )
+        add(
+            "--pack-rate",
+            metavar="OBJECTS",
+            type=_type(_object_rate, "rate"),
+            default=0,
+            help="cap on the objects this node visits per second when it packs"
+            " (K = 1000, M = 1000000; default: 0 = no cap, packing still yields to"
+            " other requests between chunks)",
         )
     return parser, specs
 

@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     if options.nid is not None and backend.get_nid() is None:
         backend.set_nid(options.nid)
     return run_node(options, lambda: StorageApp(options.cluster, options.masters, backend,
-                                                options.bind, options.replication_rate))
+                                                options.bind, options.replication_rate,
+                                                options.pack_rate))
 
 
 if __name__ == "__main__":

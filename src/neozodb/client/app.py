@@ -91,6 +91,19 @@ class StorageHandler(Handler):
         self.app.storage_lost(conn)
 
 
+class Changes:
+    """Oids committed since a ``ClientApp.watch_changes``."""
+
+    def __init__(self, lock) -> None:
+        self.lock = lock
+        self.oids: set[bytes] = set()
+
+    def take(self) -> set[bytes]:
+        with self.lock:
+            oids, self.oids = self.oids, set()
+        return oids
+
+
 class ClientApp:
     def __init__(self, master_nodes: list[tuple[str, int]], name: str, read_only: bool = False,
                  cache_size: int = 20 << 20, connect_timeout: float = 60.0,
@@ -122,6 +135,7 @@ class ClientApp:
         self._oids: tuple = (None, [])  # (master connection, OIDs it gave)
         self._cells: dict[int, list[int]] = {}
         self._oid_lock = threading.Lock()
+        self._watchers: list[Changes] = []  # see watch_changes
         self.closed = False
 
     @property
@@ -562,6 +576,8 @@ class ClientApp:
                 loading = self._loading.get(oid)
                 if loading is not None:
                     loading[1].append(tid)
+            for watcher in self._watchers:
+                watcher.oids.update(oids)
             listener = self.invalidation_listener
             if listener is not None:
                 try:
@@ -583,6 +599,8 @@ class ClientApp:
                 cache.invalidate(oid, tid)
                 if data is not None:
                     cache.store(oid, data, tid, None)
+            for watcher in self._watchers:
+                watcher.oids.update(stored)
             if callback is not None:
                 callback(tid)
             if tid > self.last_tid:
@@ -591,6 +609,36 @@ class ClientApp:
     def sync(self) -> None:
         """A barrier with the master: every earlier invalidation is processed."""
         self.get_master().call(Packets.Ping, timeout=60)
+
+    # -- pack (client/pack.py) -------------------------------------------------------------
+    def watch_changes(self) -> Changes:
+        """Collect the oids of every commit from now on (ours and others')."""
+        watcher = Changes(self.lock)
+        with self.lock:
+            self._watchers.append(watcher)
+        return watcher
+
+    def unwatch_changes(self, watcher: Changes) -> None:
+        with self.lock:
+            self._watchers.remove(watcher)
+
+    def forget(self, oids) -> None:
+        """Garbage collected objects: out of the cache."""
+        with self.lock:
+            for oid in oids:
+                self.cache.forget(oid)
+
+    def wait_for_pack(self, tid: bytes) -> None:
+        """Until every running storage applied the pack order ``tid``; asked
+        again to a new master if the master is lost meanwhile."""
+        while True:
+            master = self.get_master()
+            try:
+                master.call(Packets.WaitForPack, tid)
+                return
+            except ConnectionClosed:
+                if self.closed:
+                    raise
 
     # -- misc ----------------------------------------------------------------------------------
     def new_oid(self) -> bytes:

@@ -226,6 +226,11 @@ class ClientCache:
                     items.pop()
                     self._drop_empty(oid, items)
 
+    def forget(self, oid: bytes) -> None:
+        """Drop every revision of ``oid`` (it was garbage collected)."""
+        for item in self._oids.pop(oid, ()):
+            self._remove(item)
+
     def clear_current(self) -> None:
         """Drop every current revision (invalidations may have been missed)."""
         for oid in list(self._oids):

@@ -36,6 +36,7 @@ class Commit:
         self.resolved: list[bytes] = []
         self.conflict_error: Exception | None = None
         self.voted = False
+        self.pack = None  # (oids or None, pack_tid): a pack order (client/pack.py)
         # the master that began the transaction: only it can finish it
         self.master = app.master
 
@@ -261,7 +262,8 @@ class Commit:
         for nid in meta_nids:
             if nid not in self.failed:
                 self._send(nid, Packets.AskStoreTransaction,
-                           (self.ttid, user, description, ext, oids, None), (VOTE,))
+                           (self.ttid, user, description, ext, oids, self.pack),
+                           (VOTE,))
         for nid in self.involved - set(meta_nids) - self.failed:
             self._send(nid, Packets.AskVoteTransaction, (self.ttid,), (VOTE,))
         self._process(block=True)
@@ -295,7 +297,7 @@ class Commit:
         # master does not know the transaction
         self._check_master()
         master = self.master
-        queue = master.ask(Packets.AskFinishTransaction, self.ttid, oids, [], checked, None,
+        queue = master.ask(Packets.AskFinishTransaction, self.ttid, oids, [], checked, self.pack,
                            hook=committed)
         _, result, error, _ = queue.get()
         if isinstance(error, ConnectionClosed):

@@ -323,7 +323,11 @@ class Storage(ConflictResolvingStorage):
 
     # -- not yet offered -----------------------------------------------------------------
 
-    def pack(self, t, referencesf, gc: bool = True) -> None:
+    def pack(self, t, referencesf, gc: bool = True, wait: bool = True) -> None:
+        """Remove the history up to time ``t`` and, with ``gc``, the objects
+        unreachable then (see client/pack.py).  Waits until every running
+        storage has applied it, unless ``wait`` is false."""
         self._check_writable()
-        raise POSException.Unsupported("pack is not supported by this version of neozodb")
+        from neozodb.client.pack import pack
+        pack(self, t, referencesf, gc=gc, wait=wait)
 

@@ -30,6 +30,7 @@ from neozodb.nodes import STATE_LETTER, address_from_wire
 from neozodb.protocol import (
     ZERO_TID,
     ClusterStates,
+    ErrorCodes,
     NodeStates,
     NodeTypes,
     Packets,
@@ -50,6 +51,8 @@ commands:
                                 only that storage's cells
   print primary                 primary master
   print check                   progress and findings of the last check
+  print pack                    pack orders: up to which TID, GC or history,
+                                which storages completed them
   start                         allow the cluster to leave RECOVERING
   add NID... | add all          accept pending storage nodes (NID e.g. S3)
   set cluster STATE             e.g. set cluster STOPPING
@@ -276,6 +279,46 @@ def _check(ctl: NeoCtl, args: list[str], progress) -> tuple[list[str], object]:
         time.sleep(0.2)  # polling the master for progress, not synchronisation
 
 
+def _pack_status(ctl: NeoCtl) -> dict:
+    # NEO's AnswerPackOrders cannot tell which storage applied what: the
+    # master acknowledges an admin's AskPackOrders with its status, as JSON
+    try:
+        ctl.conn.call(Packets.AskPackOrders, ZERO_TID, timeout=ctl.timeout)
+    except RemoteError as e:
+        if e.code is ErrorCodes.ACK:
+            return json.loads(e.message)
+        raise CtlError(e.message or e.code.name) from None
+    except ConnectionClosed as e:
+        raise CtlError("connection to admin lost: %s" % e) from None
+    raise CtlError("the master does not report pack status")
+
+
+def _pack_report(status: dict) -> list[str]:
+    lines = []
+    waited = status["waited_for"]
+    for order in status["orders"]:
+        if not order["known"]:
+            kind = "details not known yet"
+        elif order["gc"]:
+            kind = "GC of %d objects" % order["oids"]
+        elif order["partial"]:
+            kind = "history of %d objects" % order["oids"]
+        else:
+            kind = "history"
+        approved = {True: "approved", False: "rejected", None: "not approved"}[
+            order.get("approved", True)]
+        line = "pack %#x: up to %#x (%s), %s, %s; completed by %s" % (
+            order["tid"], order["pack_tid"], format_tid_time(order["pack_tid"]), kind, approved,
+            " ".join(order["completed"]) or "none")
+        pending = [n for n in waited if n not in order["completed"]]
+        if pending:
+            line += "; pending on %s" % " ".join(pending)
+        lines.append(line)
+    if not lines:
+        lines.append("no pack order")
+    return lines
+
+
 def _format_nodes(nodes) -> list[str]:
     rows = [_node_dict(n) for n in nodes]
     width = max((len(r["address"] or "") for r in rows), default=0)
@@ -296,7 +339,7 @@ def run_command(ctl: NeoCtl, words: list[str], progress=lambda line: None
     cmd, args = words[0], words[1:]
     if cmd == "print":
         if not args:
-            raise CtlError("print what? (cluster, ids, node, pt, primary, check)")
+            raise CtlError("print what? (cluster, ids, node, pt, primary, check, pack)")
         what, rest = args[0], args[1:]
         if what == "cluster":
             (state,) = ctl.call(Packets.AskClusterState)
@@ -332,6 +375,9 @@ def run_command(ctl: NeoCtl, words: list[str], progress=lambda line: None
         if what == "check":
             status = _check_status(ctl)
             return _check_report(status), status
+        if what == "pack":
+            status = _pack_status(ctl)
+            return _pack_report(status), status
         if what == "primary":
             (nid,) = ctl.call(Packets.AskPrimary)
             return [nid_str(nid)], {"primary": nid_str(nid)}

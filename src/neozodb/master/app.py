@@ -16,11 +16,13 @@ import logging
 import time
 
 from neozodb.master import checks, election, handlers, secondary
-from neozodb.master.transactions import TransactionManager
+from neozodb.master.pack import Order, PackManager
+from neozodb.master.transactions import TransactionError, TransactionManager
 from neozodb.master.tweak import drop_changes
 from neozodb.net.connection import Connection, ConnectionClosed, HandlerError, RemoteError
 from neozodb.nodes import Node, NodeManager
 from neozodb.protocol import (
+    ZERO_TID,
     CellStates,
     ClusterStates,
     NodeStates,
@@ -91,6 +93,7 @@ class MasterApp:
         self.finish_watchers: dict[int, set[int]] = {}  # ttid -> storage nids
         self.final_tid_waiters: dict[int, list] = {}  # ttid -> [(client conn, msg_id)]
         self.check_run = None  # the last `neoctl check` (master/checks.py)
+        self.pm = PackManager()  # pack orders, completion, WaitForPack
         # `neoctl truncate`: storages delete what was committed after this
         # tid; pending from the request (or, after a restart, from the
         # storages' reports) until verification applied it
@@ -486,6 +489,10 @@ class MasterApp:
                     for node in storages:
                         node.conn.notify(Packets.ValidateTransaction, ttid, tid)
             ids = await asyncio.gather(*(n.conn.ask(Packets.AskLastIDs) for n in storages))
+            # pack orders live in the storages' tables (after the truncation
+            # AskLastIDs applied)
+            packs = await asyncio.gather(*(self._pack_orders_of(n)
+                                           for n in storages if n.nid in readable))
         except (ConnectionClosed, RemoteError) as e:
             raise StoppedOperation(f"storage lost during verification: {e}") from None
         # a former secondary also knows what its primary committed and gave
@@ -497,8 +504,27 @@ class MasterApp:
         last_oid = max(last_oid, self.inherited_ids[1])
         self.inherited_ids = (0, 0)
         self.tm.reset(last_tid, last_oid)
-        log.info("%s: verified: last tid %#x, last oid %#x", self.label, last_tid, last_oid)
+        self.pm.reset()
+        for orders in packs:
+            for entry in orders:
+                order = Order.from_wire(entry)
+                if order.approved is None:
+                    order.approved = True  # we approve every order
+                self.pm.learned(order)
+        log.info("%s: verified: last tid %#x, last oid %#x, %d pack orders", self.label,
+                 last_tid, last_oid, len(self.pm.orders))
         self._truncation_done(storages)
+
+    async def _pack_orders_of(self, node: Node) -> list:
+        """Every pack order in a storage's table (answers come in pages)."""
+        orders: list = []
+        min_tid = ZERO_TID
+        while True:
+            (page,) = await node.conn.ask(Packets.AskPackOrders, min_tid)
+            if not page:
+                return orders
+            orders += page
+            min_tid = p64(u64(page[-1][0]) + 1)
 
     # -- service ------------------------------------------------------------------
     async def serve(self) -> None:
@@ -558,10 +584,19 @@ class MasterApp:
         running = self.running_storage_nids()
         return {nid for p in parts for nid in pt.writable_nids(p) if nid in running and nid in ready}
 
-    def finish(self, conn: Connection, msg_id: int, ttid: bytes, oids, deleted, checked) -> None:
+    def finish(self, conn: Connection, msg_id: int, ttid: bytes, oids, deleted, checked,
+               pack=None) -> None:
+        if pack is not None:
+            pack_tid = u64(pack[1])
+            if not 0 < pack_tid <= self.tm.last_tid:
+                raise TransactionError(
+                    "cannot pack up to %#x: the last transaction is %#x" % (
+                        pack_tid, self.tm.last_tid) if pack_tid else "cannot pack up to tid 0")
         involved = self.involved_storages(ttid, oids, deleted, checked)
         txn = self.tm.prepare(u64(ttid), time.time(), list(oids), involved)
         txn.finish_request = (conn, msg_id)
+        if pack is not None:
+            txn.pack = (pack[0], u64(pack[1]))
         for oid in oids:
             self.tm.saw_oid(u64(oid))
         tid = p64(txn.tid)
@@ -577,7 +612,9 @@ class MasterApp:
             # can go on without it depends on the cells left
 
         for nid in involved:
-            self.nm.get(nid).conn.ask(Packets.AskLockInformation, ttid, tid, False, callback=locked)
+            # every pack order is approved
+            self.nm.get(nid).conn.ask(Packets.AskLockInformation, ttid, tid, txn.pack is not None,
+                                      callback=locked)
         self.complete_commits()
 
     def complete_commits(self) -> None:
@@ -599,7 +636,60 @@ class MasterApp:
             self.transaction_finished(txn.ttid, txn.tid)
             log.debug("%s: committed %s (ttid %s) by %s", self.label, tid.hex(), ttid.hex(),
                       nid_str(txn.client))
+            if txn.pack is not None:
+                self.pm.committed(txn.tid, *txn.pack)
+                self.learn_pack(txn.tid, sorted(txn.involved))
         self.maybe_exit()
+
+    # -- pack ---------------------------------------------------------------------------
+    def learn_pack(self, tid: int, nids: list[int]) -> None:
+        """The pack transaction ``tid`` committed: ask a storage holding its
+        metadata what the order is (whether it is a GC pack is in the
+        transaction's extension, which only they read), then tell every
+        storage it is approved."""
+        partition = self.pt.partition(p64(tid))
+        cells = set(self.pt.writable_nids(partition))
+        for nid in nids:
+            node = self.nm.get(nid)
+            if nid in cells and node is not None and node.connected:
+                break
+        else:
+            order = self.pm.guess(tid)
+            log.warning("%s: nobody to ask about pack order %#x: taken as %s", self.label, tid,
+                        order)
+            self.pack_signed(tid)
+            return
+
+        def answered(conn, result, error):
+            if tid not in self.pm.learning:
+                return  # a verification rebuilt the orders meanwhile
+            if error is None:
+                for entry in result[0]:
+                    order = Order.from_wire(entry)
+                    if order.tid == tid:
+                        order.approved = True
+                        self.pm.learned(order)
+                        log.info("%s: pack order %#x up to %#x (%s)", self.label, tid,
+                                 order.pack_tid, "GC of %d objects" % len(order.oids) if order.gc
+                                 else "partial" if order.partial else "history")
+                        self.pack_signed(tid)
+                        return
+            self.learn_pack(tid, [n for n in nids if n != nid])
+        node.conn.ask(Packets.AskPackOrders, p64(tid), callback=answered)
+
+    def pack_signed(self, tid: int) -> None:
+        for node in self.nm.storages():
+            if node.connected and node.state is NodeStates.RUNNING:
+                node.conn.notify(Packets.NotifyPackSigned, [p64(tid)], [])
+        self.check_pack_waiters()
+
+    def pack_nids(self) -> set[int]:
+        """Storages whose completion a pack waits for: running, in the table."""
+        return self.running_storage_nids() & self.pt.nids() if self.pt is not None else set()
+
+    def check_pack_waiters(self) -> None:
+        for callback in self.pm.ready_waiters(self.pack_nids()):
+            callback()
 
     # -- replication ----------------------------------------------------------------------
     def unfinished_transactions(self, node: Node, offsets) -> tuple[int, list[int]]:
@@ -668,6 +758,8 @@ class MasterApp:
             self.set_node_state(node, NodeStates.DOWN)
             self.forget_replication(node.nid)
             checks.checker_lost(self, node.nid)
+            self.pm.forget(node.nid)
+            self.check_pack_waiters()  # a pack no longer waits for it
             if self.pt is not None:
                 self.apply_pt_changes(self.pt.outdate(node.nid))
             self.check_operational()
@@ -705,6 +797,8 @@ class MasterApp:
         node.state = NodeStates.UNKNOWN
         self.broadcast_nodes([node])  # the node itself included
         self.nm.remove(node.nid)
+        self.pm.forget(node.nid)
+        self.check_pack_waiters()
         log.info("%s: %s dropped", self.label, node.label)
         self.check_operational()
         self.changed()

@@ -1,11 +1,13 @@
 """Packet handlers of the primary master, one class per kind of peer."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import TYPE_CHECKING
 
 from neozodb.master import administration, checks, election
+from neozodb.master.pack import PAGE_OIDS
 from neozodb.master.transactions import TransactionError
 from neozodb.master.tweak import drop_check
 from neozodb.net.connection import Denied, Handler, HandlerError, NotReady
@@ -188,6 +190,19 @@ class StorageHandler(BaseHandler):
             raise ProtocolError("invalid partition %r" % partition)
         checks.partition_checked(self.app, conn.node, partition, nids)
 
+    def AskPackOrders(self, conn, msg_id, min_tid):
+        answer_pack_orders(self.app, conn, msg_id, min_tid)
+
+    def NotifyPackCompleted(self, conn, msg_id, tid):
+        app = self.app
+        app.pm.report(conn.nid, u64(tid))
+        app.check_pack_waiters()
+
+
+def answer_pack_orders(app: MasterApp, conn, msg_id, min_tid) -> None:
+    orders = app.pm.known(u64(min_tid), max_oids=PAGE_OIDS)
+    conn.answer(msg_id, Packets.AnswerPackOrders, [o.wire() for o in orders])
+
 
 class ClientHandler(BaseHandler):
     def __init__(self, app: MasterApp, read_only: bool = False) -> None:
@@ -229,9 +244,25 @@ class ClientHandler(BaseHandler):
     def AskFinishTransaction(self, conn, msg_id, ttid, oids, deleted, checked, pack):
         self._check_writable(Packets.AskFinishTransaction)
         try:
-            self.app.finish(conn, msg_id, ttid, oids, deleted, checked)
+            self.app.finish(conn, msg_id, ttid, oids, deleted, checked, pack)
         except TransactionError as e:
             raise Denied(str(e)) from None
+
+    def AskPackOrders(self, conn, msg_id, min_tid):
+        answer_pack_orders(self.app, conn, msg_id, min_tid)
+
+    def WaitForPack(self, conn, msg_id, tid):
+        """Answered once every running storage of the table applied the
+        pack order ``tid`` (at once if there is no such order)."""
+        app = self.app
+
+        def done():
+            conn.answer(msg_id, Packets.WaitedForPack)
+        tid = u64(tid)
+        if app.pm.done(tid, app.pack_nids()):
+            done()
+        else:
+            app.pm.wait(tid, done)
 
     def AbortTransaction(self, conn, msg_id, ttid, nids):
         app = self.app
@@ -282,6 +313,16 @@ class ClientHandler(BaseHandler):
 
 
 class AdminHandler(BaseHandler):
+    def AskPackOrders(self, conn, msg_id, min_tid):
+        """`neoctl print pack`: the pack orders and which storages applied
+        them, which NEO's answer cannot tell: acknowledged with the status
+        as JSON (as `print check` does)."""
+        app = self.app
+        status = app.pm.status(lambda nid: app.nm.get(nid).label if app.nm.get(nid) else str(nid))
+        status["orders"] = [o for o in status["orders"] if o["tid"] >= u64(min_tid)]
+        status["waited_for"] = sorted(n.label for n in map(app.nm.get, app.pack_nids()) if n)
+        conn.ack(msg_id, json.dumps(status))
+
     def AskClusterState(self, conn, msg_id):
         conn.answer(msg_id, Packets.AnswerClusterState, self.app.cluster_state)
 

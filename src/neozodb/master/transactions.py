@@ -31,6 +31,8 @@ class Txn:
     # the client's AskFinishTransaction, so the answer can go back later
     finish_request: Any = None
     finishing: bool = False
+    # the pack order it carries: (oids or None, pack_tid as int)
+    pack: Any = None
 
     @property
     def prepared(self) -> bool:

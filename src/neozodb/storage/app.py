@@ -26,6 +26,7 @@ from neozodb.protocol import (
 from neozodb.pt import PartitionTable
 from neozodb.storage import handlers, peers
 from neozodb.storage.checker import Checker
+from neozodb.storage.pack import Packer
 from neozodb.storage.replicator import Replicator
 from neozodb.storage.transactions import LockManager
 
@@ -34,7 +35,8 @@ log = logging.getLogger("neozodb.storage")
 
 class StorageApp:
     def __init__(self, name: str, masters: list[tuple[str, int]], backend,
-                 bind: tuple[str, int] = ("127.0.0.1", 0), replication_rate: int = 0) -> None:
+                 bind: tuple[str, int] = ("127.0.0.1", 0), replication_rate: int = 0,
+                 pack_rate: int = 0) -> None:
         self.name = name
         self.name_bytes = name.encode()
         self.masters = masters
@@ -52,6 +54,8 @@ class StorageApp:
         self.source_conns: set[Connection] = set()   # incoming, from storages replicating
         self._connecting: dict[int, asyncio.Future] = {}
         self.replicator = Replicator(self, replication_rate)
+        self.packer = Packer(self, pack_rate)
+        self.activity = 0  # requests from clients and the master (pack yields to them)
         self.checker = Checker(self)
         # verification ran with us since we connected to this master: our
         # locked transactions were either validated or will be
@@ -104,6 +108,7 @@ class StorageApp:
             before, after = old.get(partition), new.get(partition, CellStates.DISCARDED.value)
             if before != after:
                 self.replicator.cell_changed(partition, before, after)
+                self.packer.cell_changed(partition, before, after)
 
     def cell_state(self, partition: int) -> int | None:
         for nid, state in self.pt.cells(partition):
@@ -167,6 +172,7 @@ class StorageApp:
         cycle.cancel()
         self.server.close()
         self.replicator.stop()
+        self.packer.stop()
         for conn in [*self.client_conns, *self.source_conns, *self.peer_conns.values()]:
             conn.close("storage exiting", flush=True)
         if self.master_conn is not None:
@@ -224,6 +230,7 @@ class StorageApp:
         self.replicator.start()
         log.info("%s: operational", self.label)
         conn.notify(Packets.NotifyReady)
+        self.packer.start()
 
     def _drop_locked(self) -> None:
         """We join a cluster that ran verification without us: it completed
@@ -262,6 +269,7 @@ class StorageApp:
     def stop_operation(self) -> None:
         self.operational = False
         self.replicator.stop()
+        self.packer.stop()
         self.checker.stop()
         for conn in [*self.client_conns, *self.source_conns, *self.peer_conns.values()]:
             conn.close("operation stopped", flush=True)

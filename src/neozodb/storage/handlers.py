@@ -20,6 +20,7 @@ from neozodb.protocol import (
     p64,
     u64,
 )
+from neozodb.storage.pack import PAGE_OIDS, is_gc_extension, wire_order
 
 if TYPE_CHECKING:
     from neozodb.storage.app import StorageApp
@@ -87,6 +88,10 @@ class BaseHandler(Handler):
 
 class MasterHandler(FollowsPrimary, BaseHandler):
     """Everything the primary master tells or asks a storage."""
+
+    def dispatch(self, conn, msg_id, packet, args) -> None:
+        self.app.activity += 1  # commits go through here too: pack yields (storage/pack.py)
+        super().dispatch(conn, msg_id, packet, args)
 
     def NotifyNodeInformation(self, conn, msg_id, timestamp, entries):
         app = self.app
@@ -159,8 +164,22 @@ class MasterHandler(FollowsPrimary, BaseHandler):
     def AskLockInformation(self, conn, msg_id, ttid, tid, pack):
         app = self.app
         app.locks.lock(ttid, tid)
-        app.backend.lock_transaction(u64(ttid), u64(tid))
+        app.backend.lock_transaction(u64(ttid), u64(tid), pack)
         conn.answer(msg_id, Packets.AnswerInformationLocked, ttid)
+
+    def AskPackOrders(self, conn, msg_id, min_tid):
+        """The master rebuilds its list of pack orders (verification), or
+        learns the details of a new one."""
+        orders = self.app.backend.get_pack_orders(u64(min_tid), max_oids=PAGE_OIDS)
+        conn.answer(msg_id, Packets.AnswerPackOrders, [wire_order(o) for o in orders])
+
+    def NotifyPackSigned(self, conn, msg_id, approved, rejected):
+        app = self.app
+        for tids, flag in ((approved, True), (rejected, False)):
+            if tids:
+                app.backend.sign_pack_orders([u64(t) for t in tids], flag)
+                app.pending_written()
+        app.packer.signed(approved, rejected)
 
     def NotifyUnlockInformation(self, conn, msg_id, ttid):
         app = self.app
@@ -220,6 +239,10 @@ class IdentificationHandler(BaseHandler):
 
 
 class ClientHandler(BaseHandler):
+    def dispatch(self, conn, msg_id, packet, args) -> None:
+        self.app.activity += 1  # pack yields to clients (storage/pack.py)
+        super().dispatch(conn, msg_id, packet, args)
+
     def connection_lost(self, conn) -> None:
         app = self.app
         app.client_conns.discard(conn)
@@ -543,19 +566,28 @@ class ClientHandler(BaseHandler):
         app.delay(ttid, relock)
         app.replay()
 
-    def _vote(self, txn, meta) -> None:
+    def _vote(self, txn, meta, pack=None) -> None:
         if txn.ttid in self.app.locks.aborted:
             raise HandlerError("transaction %s was aborted" % txn.ttid.hex(), ErrorCodes.DENIED)
         objects = [(u64(oid), data_id, data_serial)
                    for oid, (_, data_id, data_serial) in txn.objects.items()]
-        self.app.backend.store_transaction(u64(txn.ttid), objects, meta)
+        self.app.backend.store_transaction(u64(txn.ttid), objects, meta, pack)
         txn.voted = True
 
     def AskStoreTransaction(self, conn, msg_id, ttid, user, description, ext, oids, pack):
         if ttid in self.app.locks.aborted:
             raise HandlerError("transaction %s was aborted" % ttid.hex(), ErrorCodes.DENIED)
         txn = self.app.locks.get(ttid, conn.nid, conn)
-        self._vote(txn, ([u64(o) for o in oids], user, description, ext, False))
+        request = None
+        if pack is not None:
+            pack_oids, pack_tid = pack
+            # the GC mark is ours: without it, NEO's meaning (history of
+            # the listed oids, or of all)
+            gc = pack_oids is not None and is_gc_extension(ext)
+            request = (pack_oids is not None and not gc,
+                       None if pack_oids is None else [u64(o) for o in pack_oids],
+                       u64(pack_tid), gc)
+        self._vote(txn, ([u64(o) for o in oids], user, description, ext, False), request)
         conn.answer(msg_id, Packets.AnswerStoreTransaction)
 
     def AskVoteTransaction(self, conn, msg_id, ttid):

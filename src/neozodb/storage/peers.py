@@ -21,6 +21,7 @@ from neozodb.net.connection import HandlerError
 from neozodb.protocol import ZERO_HASH, CellStates, ErrorCodes, Packets, ProtocolError, p64, u64
 
 from .handlers import BaseHandler, Retry
+from .pack import order_from_wire, wire_order
 
 log = logging.getLogger("neozodb.storage")
 
@@ -84,13 +85,17 @@ class SourceHandler(BaseHandler):
         if len(theirs) >= length:
             bound = min(bound, max(theirs))
         have = set(theirs)
-        for tid in mine:
-            if tid > bound:
-                break
-            if tid not in have:
-                oids, user, description, ext, packed, ttid = backend.get_transaction(tid)
-                conn.notify(Packets.AddTransaction, p64(tid), user, description, ext, packed,
-                            p64(ttid), [p64(o) for o in oids], None)
+        missing = [tid for tid in mine if tid <= bound and tid not in have]
+        packs = {}
+        if missing:
+            packs = {o[0]: o for o in backend.get_pack_orders(missing[0], missing[-1])}
+        for tid in missing:
+            oids, user, description, ext, packed, ttid = backend.get_transaction(tid)
+            pack = packs.get(tid)
+            # the pack order, if any, goes with its transaction
+            conn.notify(Packets.AddTransaction, p64(tid), user, description, ext, packed,
+                        p64(ttid), [p64(o) for o in oids],
+                        None if pack is None else wire_order(pack)[1:])
         mine_set = set(mine)
         delete = [p64(t) for t in theirs if t <= bound and t not in mine_set]
         conn.answer(msg_id, Packets.AnswerFetchTransactions,
@@ -162,8 +167,11 @@ class DestinationHandler(BaseHandler):
     def AddTransaction(self, conn, msg_id, tid, user, description, ext, packed, ttid, oids,
                        pack_info):
         self._replicating(tid)
-        self.app.backend.add_transaction(u64(tid), [u64(o) for o in oids], user, description,
-                                         ext, packed, u64(ttid))
+        backend = self.app.backend
+        backend.add_transaction(u64(tid), [u64(o) for o in oids], user, description,
+                                ext, packed, u64(ttid))
+        if pack_info is not None:
+            backend.add_pack_order(order_from_wire(tid, *pack_info))
 
     def AddObject(self, conn, msg_id, oid, serial, compression, checksum, data, data_serial):
         self._replicating(oid)

@@ -246,16 +246,25 @@ class Replicator:
         if self.app.cell_state(partition) != _OUT_OF_DATE:
             raise NoSource("partition %d is no longer OUT_OF_DATE here" % partition)
 
+    def caught_up(self, partition: int) -> bool:
+        """Everything committed up to the target is here: replication will
+        not write below it any more (pack may apply to the cell)."""
+        if partition not in self.targets or self.unfinished.get(partition):
+            return False
+        point = self.app.backend.get_replication(partition)
+        target = self.targets[partition]
+        return point is not None and point[0] > target and point[1] > target
+
     def _maybe_done(self, partition: int) -> None:
         app = self.app
-        if partition not in self.targets or self.unfinished.get(partition):
+        if not self.caught_up(partition):
             return
-        point = app.backend.get_replication(partition)
         target = self.targets[partition]
-        if point is None or point[0] <= target or point[1] <= target:
-            return
         if app.lockless_pending(partition):
             return  # poked again when they finish
+        if app.packer.stale or app.packer.pending(partition):
+            app.packer.poke()  # a cell becomes readable packed; poked again then
+            return
         conn = app.master_conn
         if conn is None:
             return

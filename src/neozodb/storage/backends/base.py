@@ -46,6 +46,50 @@ TransactionRecord = tuple[list[int], bytes, bytes, bytes, bool, int]
 TransactionMetadata = tuple[Sequence[int], bytes, bytes, bytes, bool]
 #: (ptid, num_replicas, rows); rows[offset] = [(nid, cell_state), ...]
 PartitionTableRecord = tuple["int | None", int, list[list[tuple[int, int]]]]
+#: A pack order as stored: (tid, approved, partial, oids, pack_tid, gc).
+#: ``tid`` is the pack transaction's; ``approved`` None until the master
+#: signs it; ``partial``: only ``oids`` have their history packed (NEO);
+#: ``gc``: every oid's history is packed and ``oids`` (unreachable objects)
+#: lose all their revisions up to ``pack_tid``.
+PackOrderRecord = tuple[int, "bool | None", bool, "list[int] | None", int, bool]
+#: What the vote of a pack transaction records: (partial, oids, pack_tid, gc).
+PackRequest = tuple[bool, "list[int] | None", int, bool]
+#: One order applied by ``pack_partition``: (pack_tid, partial, oids, gc).
+PackStep = tuple[int, bool, "frozenset[int] | set[int] | None", bool]
+#: Pack progress of a partition: (done, target, next_oid): every order up
+#: to ``done`` is applied; orders in (done, target] are being applied,
+#: oids below ``next_oid`` are done (target None: no pass running).
+PackProgress = tuple[int, "int | None", int]
+
+
+def revisions_to_delete(oid: int, revisions: Sequence[tuple[int, int | None]],
+                        steps: Iterable[PackStep]) -> list[int]:
+    """Tids of the revisions of ``oid`` that packing with ``steps`` (in
+    order) deletes.  ``revisions`` are ``(tid, data_id)`` in ascending tid
+    order (data_id None: a deletion record).
+
+    History: of the revisions up to ``pack_tid``, only the last one is
+    kept, and not even that one if it is a deletion.  GC (``oid`` in the
+    oids of a gc step): every revision up to ``pack_tid`` goes.  A partial
+    step only concerns its listed oids."""
+    alive = list(revisions)
+    doomed: list[int] = []
+    for pack_tid, partial, oids, gc in steps:
+        if partial and (oids is None or oid not in oids):
+            continue
+        old = [r for r in alive if r[0] <= pack_tid]
+        if not old:
+            continue
+        if gc and oids is not None and oid in oids:
+            gone = old
+        elif old[-1][1] is None:
+            gone = old              # ends with a deletion: nothing to keep
+        else:
+            gone = old[:-1]
+        if gone:
+            doomed += [tid for tid, _ in gone]
+            alive = alive[len(gone):]
+    return doomed
 
 
 class Backend(abc.ABC):
@@ -293,27 +337,31 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def store_transaction(self, ttid: int,
                           objects: Iterable[tuple[int, int | None, int | None]],
-                          txn: TransactionMetadata | None) -> None:
+                          txn: TransactionMetadata | None,
+                          pack: PackRequest | None = None) -> None:
         """Vote: record a transaction in the temporary tables.
 
         ``objects`` are ``(oid, data_id or None, value_tid or None)`` rows for
         ``tobj`` (data_id None = deletion or undone creation; value_tid = undo
         back-pointer).  ``txn``, given on nodes holding partition(ttid), is
-        ``(oids, user, description, ext, packed)`` for ``ttrans``.  Holds on
+        ``(oids, user, description, ext, packed)`` for ``ttrans``; ``pack``,
+        with it, the pack order the transaction carries (not approved yet;
+        it follows the transaction: lock, unlock, abort).  Holds on
         the listed data ids are released (``tobj`` now references them).
         Durable (fsynced) when it returns, with every earlier write.
         """
 
     @abc.abstractmethod
-    def lock_transaction(self, ttid: int, tid: int) -> None:
+    def lock_transaction(self, ttid: int, tid: int, pack_approved: bool = False) -> None:
         """Record the final ``tid`` of a voted transaction (``ttrans.tid``, if
         this node holds its metadata).  This is the commit point: durable
-        when it returns."""
+        when it returns.  ``pack_approved``: the master approved the pack
+        order the transaction carries, if any."""
 
     @abc.abstractmethod
     def unlock_transaction(self, ttid: int, tid: int) -> None:
-        """Finish a locked transaction: move ``ttrans`` to ``trans`` and
-        ``tobj`` to ``obj`` with ``tid``.  Visible to reads at once, but may
+        """Finish a locked transaction: move ``ttrans`` to ``trans``, ``tobj``
+        to ``obj`` and its pack order to the committed ones, with ``tid``.  Visible to reads at once, but may
         stay pending (not on disk) until the next durable write or
         ``commit_pending``: a crash may undo it and verification replays it
         (``validate_transaction``)."""
@@ -325,7 +373,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def abort_transaction(self, ttid: int, data_ids: Iterable[int] = ()) -> None:
-        """Forget an unlocked transaction: delete its ``ttrans``/``tobj`` rows.
+        """Forget an unlocked transaction: delete its ``ttrans``/``tobj`` rows
+        and pack order.
 
         ``data_ids`` are the ids ``store_data`` returned for it that were not
         voted yet: their holds are released.  Data rows of the transaction
@@ -347,7 +396,7 @@ class Backend(abc.ABC):
         """Delete the transactions that are not locked here, and orphan data.
 
         A transaction is kept only if its ``ttrans`` row has a tid; ``ttrans``
-        rows without one and ``tobj`` rows of any other ttid (including
+        rows without one (and their pack orders) and ``tobj`` rows of any other ttid (including
         ttids whose metadata lives on another node: verification already
         validated those that were committed) are deleted.  Orphan data rows
         (referenced by no ``obj``/``tobj`` row: left by the dropped rows or
@@ -389,7 +438,9 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def get_tids(self, offset: int, length: int, partitions: Iterable[int]) -> list[int]:
         """Committed tids of ``trans`` in ``partitions``, newest first,
-        skipping ``offset``, at most ``length`` (undo log)."""
+        skipping ``offset``, at most ``length`` (undo log): pack
+        transactions, and transactions of a partition up to the pack_tid of
+        the last (non-partial) pack order applied to it, are left out."""
 
     @abc.abstractmethod
     def get_tids_from(self, min_tid: int, max_tid: int, length: int,
@@ -438,7 +489,7 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def delete_transactions(self, partition: int, tids: Iterable[int]) -> None:
         """Delete committed transactions of ``partition`` (the source does
-        not have them).  Not durable by itself."""
+        not have them), with their pack orders.  Not durable by itself."""
 
     @abc.abstractmethod
     def delete_objects(self, partition: int, keys: Iterable[tuple[int, int]]) -> None:
@@ -468,7 +519,8 @@ class Backend(abc.ABC):
         and the data rows they leave unreferenced (and not held).  Unfinished
         transactions go too: ``ttrans`` rows not locked, or locked at a
         greater tid, and ``tobj`` rows of every ttid not locked here at
-        ``tid`` or below.  Replication resume points beyond ``tid`` are
+        ``tid`` or below, and pack orders of transactions after ``tid``.
+        Replication resume points beyond ``tid`` are
         brought back to ``tid + 1`` (what is replicated after the truncation
         must be fetched again).  The pending truncation (``truncate_tid``)
         is forgotten in the same transaction.  Durable.
@@ -498,3 +550,48 @@ class Backend(abc.ABC):
         ``(count, tid_sha1, last_tid, oid_sha1, last_oid)``; ``oid_sha1``
         covers each oid with its data checksum and undo back-pointer.
         ``(0, ZERO_HASH, min_tid, ZERO_HASH, min_oid)`` when there are none."""
+
+    # -- pack -------------------------------------------------------------------
+    #
+    # Pack orders travel with their transaction (vote, lock, unlock,
+    # replication); the storage node applies them partition by partition in
+    # chunks, with ``pack_partition``, recording its progress in the same
+    # database transaction as the deletions.
+
+    @abc.abstractmethod
+    def get_pack_orders(self, min_tid: int = 0, max_tid: int | None = None,
+                        max_oids: int | None = None) -> list[PackOrderRecord]:
+        """Committed pack orders with ``min_tid <= tid <= max_tid``, ascending;
+        with ``max_oids``, the first ones until their oids add up to more
+        than that (at least one)."""
+
+    @abc.abstractmethod
+    def add_pack_order(self, order: PackOrderRecord) -> None:
+        """Record a committed pack order received by replication (replaces
+        an existing one).  Not durable by itself."""
+
+    @abc.abstractmethod
+    def sign_pack_orders(self, tids: Iterable[int], approved: bool) -> None:
+        """Set the approval of committed pack orders.  Not durable by itself."""
+
+    @abc.abstractmethod
+    def get_pack_progress(self, partition: int) -> PackProgress | None:
+        """Pack progress of ``partition``, None if it never packed."""
+
+    @abc.abstractmethod
+    def set_pack_progress(self, partition: int, progress: PackProgress | None) -> None:
+        """Set (None: forget) the pack progress of ``partition``.  Not
+        durable by itself."""
+
+    @abc.abstractmethod
+    def pack_partition(self, partition: int, steps: Sequence[PackStep], min_oid: int,
+                       length: int, progress: PackProgress) -> tuple[int | None, int, int]:
+        """Apply ``steps`` (see ``revisions_to_delete``) to about ``length``
+        objects of ``partition`` from ``min_oid``: delete the revisions they
+        doom and the data rows left unreferenced (data still used by a kept
+        revision stays), and record ``progress`` with the oid to resume from.
+        When every step is partial, only their listed oids are visited.
+        Returns ``(next_oid or None when the partition is done, objects
+        visited, revisions deleted)``.  Durable (with every earlier write):
+        the fsync of a later commit does not have to flush it."""
+

@@ -36,9 +36,14 @@ from .base import (
     ZERO_HASH,
     Backend,
     ObjectRecord,
+    PackOrderRecord,
+    PackProgress,
+    PackRequest,
+    PackStep,
     PartitionTableRecord,
     TransactionMetadata,
     TransactionRecord,
+    revisions_to_delete,
 )
 
 SCHEMA_VERSION = '1'
@@ -48,7 +53,8 @@ SCHEMA_VERSION = '1'
 _CONFIG_ORPHAN_FLOOR = 'orphan_floor'
 _CONFIG_VERSION = 'version'
 
-_TABLES = ('config', 'pt', 'trans', 'obj', 'data', 'ttrans', 'tobj', 'replication')
+_TABLES = ('config', 'pt', 'trans', 'obj', 'data', 'ttrans', 'tobj', 'replication',
+           'pack', 'tpack', 'pack_progress')
 
 # obj and tobj rows are small: WITHOUT ROWID keeps each of them in a single
 # b-tree ordered by the primary key used by every read.  trans/ttrans rows
@@ -86,6 +92,17 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS replication (
         partition INTEGER NOT NULL PRIMARY KEY, next_tid INTEGER NOT NULL,
         next_obj_tid INTEGER NOT NULL, next_obj_oid INTEGER NOT NULL)""",
+    # pack orders of committed transactions (by tid) and of voted ones (by
+    # ttid); oids NULL: all objects
+    """CREATE TABLE IF NOT EXISTS pack (
+        tid INTEGER NOT NULL PRIMARY KEY, approved BOOLEAN, partial BOOLEAN NOT NULL,
+        oids BLOB, pack_tid INTEGER NOT NULL, gc BOOLEAN NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS tpack (
+        ttid INTEGER NOT NULL PRIMARY KEY, approved BOOLEAN, partial BOOLEAN NOT NULL,
+        oids BLOB, pack_tid INTEGER NOT NULL, gc BOOLEAN NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS pack_progress (
+        partition INTEGER NOT NULL PRIMARY KEY, done INTEGER NOT NULL, target INTEGER,
+        next_oid INTEGER NOT NULL)""",
 )
 _DROP = tuple(f"DROP TABLE IF EXISTS {table}" for table in _TABLES)
 _HAS_CONFIG = "SELECT 1 FROM sqlite_master WHERE type='table' AND name='config'"
@@ -175,7 +192,12 @@ _GET_TRANS = ("SELECT oids, user, description, ext, packed, ttid FROM trans"
 _HISTORY = ("SELECT o.tid, IFNULL(LENGTH(d.value), 0)"
             " FROM obj AS o LEFT JOIN data AS d ON d.id = o.data_id"
             " WHERE o.partition=? AND o.oid=? ORDER BY o.tid DESC LIMIT ? OFFSET ?")
-_TIDS_DESC = "SELECT tid FROM trans WHERE partition=? ORDER BY tid DESC LIMIT ?"
+# the undo log: neither pack transactions nor what a pack of the partition
+# made undoable no more (up to the pack_tid of the last order applied)
+_UNDO_TIDS_DESC = ("SELECT tid FROM trans WHERE partition=? AND tid>? AND tid NOT IN"
+                   " (SELECT tid FROM pack) ORDER BY tid DESC LIMIT ?")
+_PACKED_UP_TO = ("SELECT MAX(pack_tid) FROM pack WHERE NOT partial AND tid<="
+                 " (SELECT done FROM pack_progress WHERE partition=?)")
 _TIDS_FROM = ("SELECT tid FROM trans WHERE partition=? AND tid>=? AND tid<=?"
               " ORDER BY tid LIMIT ?")
 
@@ -212,6 +234,29 @@ _TRUNCATE_TTRANS = "DELETE FROM ttrans WHERE tid IS NULL OR tid>?"
 _TRUNCATE_REPLICATION_TRANS = "UPDATE replication SET next_tid=? WHERE next_tid>?"
 _TRUNCATE_REPLICATION_OBJ = ("UPDATE replication SET next_obj_tid=?, next_obj_oid=0"
                              " WHERE (next_obj_tid, next_obj_oid)>(?, 0)")
+# pack
+_INSERT_TPACK = ("INSERT OR REPLACE INTO tpack (ttid, approved, partial, oids, pack_tid, gc)"
+                 " VALUES (?, NULL, ?, ?, ?, ?)")
+_APPROVE_TPACK = "UPDATE tpack SET approved=1 WHERE ttid=?"
+_MOVE_PACK = ("INSERT OR REPLACE INTO pack (tid, approved, partial, oids, pack_tid, gc)"
+              " SELECT ?, approved, partial, oids, pack_tid, gc FROM tpack WHERE ttid=?")
+_DEL_TPACK = "DELETE FROM tpack WHERE ttid=?"
+_DROP_UNFINISHED_TPACK = ("DELETE FROM tpack WHERE ttid NOT IN"
+                          " (SELECT ttid FROM ttrans WHERE tid IS NOT NULL)")
+_TRUNCATE_PACK = "DELETE FROM pack WHERE tid>?"
+_GET_PACK_ORDERS = ("SELECT tid, approved, partial, oids, pack_tid, gc FROM pack"
+                    " WHERE tid>=? AND tid<=? ORDER BY tid")
+_ADD_PACK = ("INSERT OR REPLACE INTO pack (tid, approved, partial, oids, pack_tid, gc)"
+             " VALUES (?, ?, ?, ?, ?, ?)")
+_SIGN_PACK = "UPDATE pack SET approved=? WHERE tid=?"
+_DEL_PACK = "DELETE FROM pack WHERE tid=?"
+_GET_PACK_PROGRESS = "SELECT done, target, next_oid FROM pack_progress WHERE partition=?"
+_SET_PACK_PROGRESS = ("INSERT OR REPLACE INTO pack_progress (partition, done, target, next_oid)"
+                      " VALUES (?, ?, ?, ?)")
+_DEL_PACK_PROGRESS = "DELETE FROM pack_progress WHERE partition=?"
+_PACK_ROWS = ("SELECT oid, tid, data_id FROM obj WHERE partition=? AND oid>=?"
+              " ORDER BY oid, tid LIMIT ?")
+_OID_ROWS = "SELECT tid, data_id FROM obj WHERE partition=? AND oid=? ORDER BY tid"
 _CHECK_TRANS = ("SELECT tid, packed, oids, user, description, ext FROM trans"
                 " WHERE partition=? AND tid>=? AND tid<=? ORDER BY tid LIMIT ?")
 _CHECK_OBJ = ("SELECT o.tid, o.oid, o.value_tid, d.hash"
@@ -586,7 +631,8 @@ class SQLiteBackend(Backend):
 
     def store_transaction(self, ttid: int,
                           objects: Iterable[tuple[int, int | None, int | None]],
-                          txn: TransactionMetadata | None) -> None:
+                          txn: TransactionMetadata | None,
+                          pack: PackRequest | None = None) -> None:
         np = self._partitions()
         rows = [(oid % np, oid, ttid, data_id, value_tid)
                 for oid, data_id, value_tid in objects]
@@ -596,12 +642,19 @@ class SQLiteBackend(Backend):
                 oids, user, description, ext, packed = txn
                 conn.execute(_INSERT_TTRANS, (ttid % np, bool(packed), _pack_oids(oids),
                                               user, description, ext, ttid))
+                if pack is not None:
+                    partial, pack_oids, pack_tid, gc = pack
+                    conn.execute(_INSERT_TPACK, (
+                        ttid, bool(partial), None if pack_oids is None else _pack_oids(pack_oids),
+                        pack_tid, bool(gc)))
         # Only now that tobj references them durably are the holds useless.
         self._release(row[3] for row in rows if row[3] is not None)
 
-    def lock_transaction(self, ttid: int, tid: int) -> None:
+    def lock_transaction(self, ttid: int, tid: int, pack_approved: bool = False) -> None:
         with self._txn(durable=True) as conn:
             conn.execute(_LOCK, (tid, ttid))
+            if pack_approved:
+                conn.execute(_APPROVE_TPACK, (ttid,))
 
     def unlock_transaction(self, ttid: int, tid: int) -> None:
         with self._txn(durable=False) as conn:
@@ -609,6 +662,8 @@ class SQLiteBackend(Backend):
             conn.execute(_DEL_TTRANS, (ttid,))
             conn.execute(_MOVE_OBJ, (tid, ttid))
             conn.execute(_DEL_TOBJ, (ttid,))
+            conn.execute(_MOVE_PACK, (tid, ttid))
+            conn.execute(_DEL_TPACK, (ttid,))
 
     def abort_transaction(self, ttid: int, data_ids: Iterable[int] = ()) -> None:
         data_ids = list(data_ids)
@@ -617,12 +672,14 @@ class SQLiteBackend(Backend):
             data_ids += [row[0] for row in conn.execute(_TOBJ_DATA_IDS_OF, (ttid,))]
             conn.execute(_DEL_TTRANS, (ttid,))
             conn.execute(_DEL_TOBJ, (ttid,))
+            conn.execute(_DEL_TPACK, (ttid,))
             self._prune(data_ids)
 
     def drop_unfinished(self) -> None:
         with self._txn(durable=True) as conn:
             candidates = [row[0] for row in conn.execute(_UNFINISHED_DATA_IDS)]
             conn.execute(_DROP_UNFINISHED_TOBJ)
+            conn.execute(_DROP_UNFINISHED_TPACK)
             conn.execute(_DROP_UNFINISHED_TTRANS)
             # Rows stored before a crash for transactions that never voted
             # are referenced by nothing; they can only be above the floor.
@@ -688,7 +745,8 @@ class SQLiteBackend(Backend):
         # Each partition is a descending primary-key range; merging the
         # first offset+length of each avoids sorting the union in SQL.
         limit = offset + length
-        runs = [[row[0] for row in conn.execute(_TIDS_DESC, (p, limit))]
+        runs = [[row[0] for row in conn.execute(
+                    _UNDO_TIDS_DESC, (p, self._scalar(_PACKED_UP_TO, (p,)) or -1, limit))]
                 for p in set(partitions)]
         merged = heapq.merge(*runs, reverse=True)
         return list(merged)[offset:limit]
@@ -745,8 +803,10 @@ class SQLiteBackend(Backend):
                 self._prune([old[0]])
 
     def delete_transactions(self, partition: int, tids: Iterable[int]) -> None:
+        tids = list(tids)
         with self._txn(durable=False) as conn:
             conn.executemany(_DEL_TRANS, [(partition, tid) for tid in tids])
+            conn.executemany(_DEL_PACK, [(tid,) for tid in tids])
 
     def delete_objects(self, partition: int, keys: Iterable[tuple[int, int]]) -> None:
         with self._txn(durable=False) as conn:
@@ -787,6 +847,8 @@ class SQLiteBackend(Backend):
             conn.execute(_TRUNCATE_TTRANS, (tid,))
             candidates += [row[0] for row in conn.execute(_UNFINISHED_DATA_IDS)]
             conn.execute(_DROP_UNFINISHED_TOBJ)
+            conn.execute(_DROP_UNFINISHED_TPACK)
+            conn.execute(_TRUNCATE_PACK, (tid,))
             self._prune(candidates)
             conn.execute(_TRUNCATE_REPLICATION_TRANS, (tid + 1, tid + 1))
             conn.execute(_TRUNCATE_REPLICATION_OBJ, (tid + 1, tid + 1))
@@ -800,6 +862,97 @@ class SQLiteBackend(Backend):
             tids = conn.execute(_PARTITION_TRANS_CHUNK, (partition, length)).fetchall()
             conn.executemany(_DEL_TRANS, [(partition, tid) for (tid,) in tids])
         return len(rows) == length or len(tids) == length
+
+    # -- pack ---------------------------------------------------------------------
+
+    def get_pack_orders(self, min_tid: int = 0, max_tid: int | None = None,
+                        max_oids: int | None = None) -> list[PackOrderRecord]:
+        if max_tid is None:
+            max_tid = (1 << 63) - 1
+        orders: list[PackOrderRecord] = []
+        count = 0
+        for tid, approved, partial, oids, pack_tid, gc in self.connection.execute(
+                _GET_PACK_ORDERS, (min_tid, max_tid)):
+            orders.append((tid, None if approved is None else bool(approved), bool(partial),
+                           None if oids is None else _unpack_oids(oids), pack_tid, bool(gc)))
+            count += len(oids or b'') // 8
+            if max_oids is not None and count > max_oids:
+                break
+        return orders
+
+    def add_pack_order(self, order: PackOrderRecord) -> None:
+        tid, approved, partial, oids, pack_tid, gc = order
+        with self._txn(durable=False) as conn:
+            conn.execute(_ADD_PACK, (tid, approved, bool(partial),
+                                     None if oids is None else _pack_oids(oids),
+                                     pack_tid, bool(gc)))
+
+    def sign_pack_orders(self, tids: Iterable[int], approved: bool) -> None:
+        with self._txn(durable=False) as conn:
+            conn.executemany(_SIGN_PACK, [(bool(approved), tid) for tid in tids])
+
+    def get_pack_progress(self, partition: int) -> PackProgress | None:
+        row = self.connection.execute(_GET_PACK_PROGRESS, (partition,)).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
+
+    def set_pack_progress(self, partition: int, progress: PackProgress | None) -> None:
+        with self._txn(durable=False) as conn:
+            if progress is None:
+                conn.execute(_DEL_PACK_PROGRESS, (partition,))
+            else:
+                conn.execute(_SET_PACK_PROGRESS, (partition, *progress))
+
+    def _pack_candidates(self, partition: int, steps: Sequence[PackStep], min_oid: int,
+                         length: int) -> tuple[dict[int, list], bool]:
+        """Revisions of the next objects to pack: ({oid: [(tid, data_id)]},
+        whether the partition has more)."""
+        conn = self._conn
+        np = self._partitions()
+        if all(partial for _, partial, _, _ in steps):
+            # partial packs only: the listed oids of this partition
+            wanted = sorted({oid for _, _, oids, _ in steps for oid in oids or ()
+                             if oid % np == partition and oid >= min_oid})
+            chunk = wanted[:length]
+            revisions = {oid: conn.execute(_OID_ROWS, (partition, oid)).fetchall()
+                         for oid in chunk}
+            return revisions, len(wanted) > length
+        rows = conn.execute(_PACK_ROWS, (partition, min_oid, length)).fetchall()
+        revisions: dict[int, list] = {}
+        for oid, tid, data_id in rows:
+            revisions.setdefault(oid, []).append((tid, data_id))
+        more = len(rows) == length
+        if more:
+            # the last object may have more revisions than the chunk holds
+            last = rows[-1][0]
+            if len(revisions) == 1:
+                revisions[last] = conn.execute(_OID_ROWS, (partition, last)).fetchall()
+            else:
+                del revisions[last]
+        return revisions, more
+
+    def pack_partition(self, partition: int, steps: Sequence[PackStep], min_oid: int,
+                       length: int, progress: PackProgress) -> tuple[int | None, int, int]:
+        # durable: its own fsync flushes what it wrote, which the next
+        # commit's fsync would otherwise have to
+        # durable: its own fsync flushes what it wrote, which the next
+        # commit's fsync would otherwise have to
+        with self._txn(durable=True) as conn:
+            revisions, more = self._pack_candidates(partition, steps, min_oid, length)
+            doomed = []
+            candidates = []
+            for oid, revs in revisions.items():
+                tids = revisions_to_delete(oid, revs, steps)
+                if tids:
+                    gone = set(tids)
+                    doomed += [(partition, oid, tid) for tid in tids]
+                    candidates += [d for t, d in revs if t in gone and d is not None]
+            conn.executemany(_DEL_OBJ, doomed)
+            self._prune(candidates)
+            next_oid = max(revisions) + 1 if more and revisions else None
+            done, target, _ = progress
+            conn.execute(_SET_PACK_PROGRESS, (partition, done, target,
+                                              min_oid if next_oid is None else next_oid))
+        return next_oid, len(revisions), len(doomed)
 
     # -- replica checks -----------------------------------------------------------
 
