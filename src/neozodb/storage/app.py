@@ -216,6 +216,15 @@ class StorageApp:
         self.backend.drop_unfinished()
         if not self.verified:
             self._drop_locked()
+        # Transactions still in memory were locked under a previous master
+        # and not validated by verification: the master died before their
+        # metadata holders locked them, so they are not committed (their
+        # rows went with drop_unfinished).  Their locks must go too, or
+        # loads and stores of their objects would wait forever.
+        for ttid in list(self.locks.txns):
+            log.info("%s: forgetting transaction %s locked under the previous master",
+                     self.label, ttid.hex())
+            self.locks.finish(ttid)
         self.operational = True
         self.replicator.start()
         log.info("%s: operational", self.label)
@@ -239,7 +248,13 @@ class StorageApp:
         for conn in [*self.client_conns, *self.source_conns, *self.peer_conns.values()]:
             conn.close("operation stopped", flush=True)
         for ttid, txn in list(self.locks.txns.items()):
-            if not txn.locked:
+            if txn.voted and not txn.locked:
+                # Keep its rows: the master may have died after sending its
+                # lock to other storages only, and the next verification
+                # then validates it here too.  Unfinished transactions are
+                # dropped when operation starts again (drop_unfinished).
+                self.locks.abort(ttid)
+            elif not txn.locked:
                 self.abort(ttid)
         self.delayed.clear()
 
