@@ -85,6 +85,9 @@ class StorageApp:
         self.backend.save_pt(ptid, replicas, pt.rows())
         if self.operational:
             self._own_cells_changed(old)
+        else:
+            # before verification validates transactions in our cells
+            self.replicator.note_resume_points()
 
     def change_pt(self, ptid: int, replicas: int, changes) -> None:
         old = self._own_cells()
@@ -92,6 +95,8 @@ class StorageApp:
         self.backend.change_pt(ptid, replicas, [(o, n, s.value) for o, n, s in changes])
         if self.operational:
             self._own_cells_changed(old)
+        else:
+            self.replicator.note_resume_points()
 
     def _own_cells(self) -> dict[int, int]:
         if self.pt is None or self.nid is None:
