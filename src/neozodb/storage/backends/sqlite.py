@@ -46,6 +46,10 @@ SCHEMA_VERSION = '1'
 # Data rows are never referenced below this id without being referenced by
 # obj/tobj (see drop_unfinished): it bounds the orphan scan at startup.
 _CONFIG_ORPHAN_FLOOR = 'orphan_floor'
+# Votes and replication chunks raise the floor once it is behind by this
+# many data ids: the scan after a crash covers about that many rows, plus
+# those written since, instead of everything written since the last start.
+_FLOOR_STEP = 1000
 _CONFIG_VERSION = 'version'
 
 _TABLES = ('config', 'pt', 'trans', 'obj', 'data', 'ttrans', 'tobj', 'replication')
@@ -226,6 +230,7 @@ class SQLiteBackend(Backend):
         self._conn: sqlite3.Connection | None = None
         self._np: int | None = None          # cached number of partitions
         self._keep_pending = False           # pending writes include unlocks/aborts
+        self._floor: int | None = None       # cached orphan floor, None: not read yet
         # In-memory holds on data rows stored for transactions not voted yet.
         self._held: Counter[int] = Counter()
 
@@ -271,6 +276,7 @@ class SQLiteBackend(Backend):
         self._commit()
         self._np = None
         self._np = self.get_num_partitions()
+        self._floor = None
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -282,6 +288,7 @@ class SQLiteBackend(Backend):
             conn.close()
         self._held.clear()
         self._np = None
+        self._floor = None
 
     def erase(self) -> None:
         with self._txn(durable=True):
@@ -289,6 +296,7 @@ class SQLiteBackend(Backend):
             self._create_tables()
         self._held.clear()
         self._np = None
+        self._floor = None
 
     def describe(self) -> str:
         return f'SQLite {sqlite3.sqlite_version} database {self.database!r}'
@@ -556,6 +564,7 @@ class SQLiteBackend(Backend):
                 oids, user, description, ext, packed = txn
                 conn.execute(_INSERT_TTRANS, (ttid % np, bool(packed), _pack_oids(oids),
                                               user, description, ext, ttid))
+            self._advance_floor(_FLOOR_STEP)
         # Only now that tobj references them durably are the holds useless.
         self._release(row[3] for row in rows if row[3] is not None)
 
@@ -586,15 +595,29 @@ class SQLiteBackend(Backend):
             conn.execute(_DROP_UNFINISHED_TTRANS)
             # Rows stored before a crash for transactions that never voted
             # are referenced by nothing; they can only be above the floor.
-            floor = int(self.get_config(_CONFIG_ORPHAN_FLOOR) or 0)
-            candidates += [row[0] for row in conn.execute(_DATA_NOT_IN_OBJ, (floor,))]
+            candidates += [row[0] for row in conn.execute(_DATA_NOT_IN_OBJ, (self._get_floor(),))]
             self._prune(candidates)
-            if self._held:
-                new_floor = min(self._held) - 1
-            else:
-                new_floor = self._scalar(_MAX_DATA_ID, ()) or 0
-            if new_floor > floor:
-                self._set_config(_CONFIG_ORPHAN_FLOOR, str(new_floor))
+            self._advance_floor(1)
+
+    def _get_floor(self) -> int:
+        if self._floor is None:
+            self._floor = int(self.get_config(_CONFIG_ORPHAN_FLOOR) or 0)
+        return self._floor
+
+    def _advance_floor(self, step: int) -> None:
+        """Raise the orphan floor, in a write transaction about to be made
+        durable, if it is ``step`` data ids behind: below the oldest data
+        row held for a transaction that has not voted (or the last row when
+        none is held), every row is referenced by obj or tobj, since
+        releases, aborts and deletions prune what they leave unreferenced
+        (see _prune).  A crash cannot leave an orphan below it."""
+        if self._held:
+            floor = min(self._held) - 1
+        else:
+            floor = self._scalar(_MAX_DATA_ID, ()) or 0
+        if floor - self._get_floor() >= step:
+            self._set_config(_CONFIG_ORPHAN_FLOOR, str(floor))
+            self._floor = floor
 
     def prune_orphans(self) -> int:
         with self._txn(durable=False) as conn:
@@ -729,6 +752,7 @@ class SQLiteBackend(Backend):
                 conn.execute(_DEL_REPLICATION, (partition,))
             else:
                 conn.execute(_SET_REPLICATION, (partition, *point))
+            self._advance_floor(_FLOOR_STEP)
 
     def last_tid_of(self, partition: int) -> int | None:
         tids = [self._scalar(sql, (partition,)) for sql in (_MAX_TRANS_TID, _MAX_OBJ_TID)]
