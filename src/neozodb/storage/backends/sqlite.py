@@ -46,9 +46,9 @@ SCHEMA_VERSION = '1'
 # Data rows are never referenced below this id without being referenced by
 # obj/tobj (see drop_unfinished): it bounds the orphan scan at startup.
 _CONFIG_ORPHAN_FLOOR = 'orphan_floor'
-# Votes and replication chunks raise the floor once it is behind by this
-# many data ids: the scan after a crash covers about that many rows, plus
-# those written since, instead of everything written since the last start.
+# Votes and replication chunks raise the floor every this many new data
+# ids: the scan after a crash covers about that many rows, plus those still
+# held, instead of everything written since the last start.
 _FLOOR_STEP = 1000
 _CONFIG_VERSION = 'version'
 
@@ -231,6 +231,7 @@ class SQLiteBackend(Backend):
         self._np: int | None = None          # cached number of partitions
         self._keep_pending = False           # pending writes include unlocks/aborts
         self._floor: int | None = None       # cached orphan floor, None: not read yet
+        self._floor_checked = 0              # last data id when it was last computed
         # In-memory holds on data rows stored for transactions not voted yet.
         self._held: Counter[int] = Counter()
 
@@ -597,27 +598,30 @@ class SQLiteBackend(Backend):
             # are referenced by nothing; they can only be above the floor.
             candidates += [row[0] for row in conn.execute(_DATA_NOT_IN_OBJ, (self._get_floor(),))]
             self._prune(candidates)
-            self._advance_floor(1)
+            self._advance_floor(0)
 
     def _get_floor(self) -> int:
         if self._floor is None:
-            self._floor = int(self.get_config(_CONFIG_ORPHAN_FLOOR) or 0)
+            self._floor = self._floor_checked = int(self.get_config(_CONFIG_ORPHAN_FLOOR) or 0)
         return self._floor
 
     def _advance_floor(self, step: int) -> None:
         """Raise the orphan floor, in a write transaction about to be made
-        durable, if it is ``step`` data ids behind: below the oldest data
-        row held for a transaction that has not voted (or the last row when
-        none is held), every row is referenced by obj or tobj, since
-        releases, aborts and deletions prune what they leave unreferenced
-        (see _prune).  A crash cannot leave an orphan below it."""
-        if self._held:
-            floor = min(self._held) - 1
-        else:
-            floor = self._scalar(_MAX_DATA_ID, ()) or 0
-        if floor - self._get_floor() >= step:
-            self._set_config(_CONFIG_ORPHAN_FLOOR, str(floor))
-            self._floor = floor
+        durable, once ``step`` data rows were added since the last time:
+        below the oldest data row held for a transaction that has not voted
+        (or above the last row when none is held), every row is referenced
+        by obj or tobj, since releases, aborts and deletions prune what they
+        leave unreferenced (see _prune).  A crash cannot leave an orphan
+        below it."""
+        floor = self._get_floor()
+        last = self._scalar(_MAX_DATA_ID, ()) or 0
+        if last - self._floor_checked < step:
+            return  # cheap: no scan of the holds
+        self._floor_checked = last
+        new_floor = min(self._held) - 1 if self._held else last
+        if new_floor > floor:
+            self._set_config(_CONFIG_ORPHAN_FLOOR, str(new_floor))
+            self._floor = new_floor
 
     def prune_orphans(self) -> int:
         with self._txn(durable=False) as conn:
