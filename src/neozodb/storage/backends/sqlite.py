@@ -611,8 +611,9 @@ class SQLiteBackend(Backend):
         below the oldest data row held for a transaction that has not voted
         (or above the last row when none is held), every row is referenced
         by obj or tobj, since releases, aborts and deletions prune what they
-        leave unreferenced (see _prune).  A crash cannot leave an orphan
-        below it."""
+        leave unreferenced (see _prune; a ``release_data`` without prune
+        leaves its orphan to ``prune_orphans``).  A crash cannot leave an
+        orphan below it."""
         floor = self._get_floor()
         last = self._scalar(_MAX_DATA_ID, ()) or 0
         if last - self._floor_checked < step:
