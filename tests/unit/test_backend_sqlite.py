@@ -173,6 +173,21 @@ class TestSQLiteBackend(BackendConformance):
         assert db.get_object(3) == (24, None, 0, h(b'persistent'), b'persistent', None)
         assert db.get_num_partitions() == NP
 
+    def test_votes_raise_the_orphan_floor(self, opener, db):
+        """drop_unfinished looks for orphans above the orphan floor; votes
+        raise it (every 1000 new ids), so that a start after a crash does
+        not scan every data row written since the previous start."""
+        self.commit(db, 100, {oid: b'v%d' % oid for oid in range(1, 1201)})  # ids 1..1200
+        assert db.get_config('orphan_floor') is None  # all held during that vote
+        lost = db.store_data(h(b'never voted'), 0, b'never voted')
+        self.commit(db, 104, {oid: b'w%d' % oid for oid in range(1, 1001)})  # durable: `lost` too
+        assert int(db.get_config('orphan_floor')) == lost - 1 == 1200  # `lost` is held
+        db = self.reopen(db, opener)  # as after a crash: `lost` was never voted
+        db.drop_unfinished()
+        assert db.load_data(lost) is None
+        assert db.get_object(1)[4] == b'w1' and db.get_object(1200)[4] == b'v1200'
+        assert db.prune_orphans() == 0
+
     def test_process_crash_after_lock(self, tmp_path):
         # Kill the process right after lock_transaction returns, without
         # closing the connection: the lock (and the vote) must be on disk.

@@ -89,6 +89,9 @@ class StorageApp:
         self.backend.save_pt(ptid, replicas, pt.rows())
         if self.operational:
             self._own_cells_changed(old)
+        else:
+            # before verification validates transactions in our cells
+            self.replicator.note_resume_points()
 
     def change_pt(self, ptid: int, replicas: int, changes) -> None:
         old = self._own_cells()
@@ -96,6 +99,8 @@ class StorageApp:
         self.backend.change_pt(ptid, replicas, [(o, n, s.value) for o, n, s in changes])
         if self.operational:
             self._own_cells_changed(old)
+        else:
+            self.replicator.note_resume_points()
 
     def _own_cells(self) -> dict[int, int]:
         if self.pt is None or self.nid is None:
@@ -226,6 +231,15 @@ class StorageApp:
         self.backend.drop_unfinished()
         if not self.verified:
             self._drop_locked()
+        # Transactions still in memory were locked under a previous master
+        # and not validated by verification: the master died before their
+        # metadata holders locked them, so they are not committed (their
+        # rows went with drop_unfinished).  Their locks must go too, or
+        # loads and stores of their objects would wait forever.
+        for ttid in list(self.locks.txns):
+            log.info("%s: forgetting transaction %s locked under the previous master",
+                     self.label, ttid.hex())
+            self.locks.finish(ttid)
         self.operational = True
         self.replicator.start()
         log.info("%s: operational", self.label)
@@ -274,7 +288,13 @@ class StorageApp:
         for conn in [*self.client_conns, *self.source_conns, *self.peer_conns.values()]:
             conn.close("operation stopped", flush=True)
         for ttid, txn in list(self.locks.txns.items()):
-            if not txn.locked:
+            if txn.voted and not txn.locked:
+                # Keep its rows: the master may have died after sending its
+                # lock to other storages only, and the next verification
+                # then validates it here too.  Unfinished transactions are
+                # dropped when operation starts again (drop_unfinished).
+                self.locks.abort(ttid)
+            elif not txn.locked:
                 self.abort(ttid)
         self.delayed.clear()
 

@@ -59,16 +59,27 @@ class Replicator:
         self._window_bytes = 0
 
     # -- lifecycle -------------------------------------------------------------------
-    def start(self) -> None:
-        """Operation starts: note where each OUT_OF_DATE cell is complete,
-        before any lockless write can land in it."""
-        app = self.app
-        backend = app.backend
+    def note_resume_points(self) -> None:
+        """Note where each OUT_OF_DATE cell without a resume point is
+        complete: from its last committed tid on, it misses what was
+        committed while we were away.  Done before anything newer lands in
+        it: lockless writes once operational, and, already during
+        verification, the transactions the master validates here (they are
+        written into every cell they touch; one newer than commits we missed
+        must not hide them from replication)."""
+        backend = self.app.backend
         for partition in self.own(_OUT_OF_DATE):
             if backend.get_replication(partition) is None:
                 last = backend.last_tid_of(partition)
                 first = 0 if last is None else last + 1
                 backend.set_replication(partition, (first, first, 0))
+
+    def start(self) -> None:
+        """Operation starts: resume points of the OUT_OF_DATE cells, and
+        the data of partitions we no longer have to delete."""
+        app = self.app
+        backend = app.backend
+        self.note_resume_points()
         # data of partitions we lost while we were away (FEEDING cells of a
         # down node are discarded, and we were not there to be told)
         ours = set(app.pt.partitions_of(app.nid)) if app.pt is not None else set()

@@ -51,6 +51,10 @@ SCHEMA_VERSION = '1'
 # Data rows are never referenced below this id without being referenced by
 # obj/tobj (see drop_unfinished): it bounds the orphan scan at startup.
 _CONFIG_ORPHAN_FLOOR = 'orphan_floor'
+# Votes and replication chunks raise the floor every this many new data
+# ids: the scan after a crash covers about that many rows, plus those still
+# held, instead of everything written since the last start.
+_FLOOR_STEP = 1000
 _CONFIG_VERSION = 'version'
 
 _TABLES = ('config', 'pt', 'trans', 'obj', 'data', 'ttrans', 'tobj', 'replication',
@@ -287,6 +291,8 @@ class SQLiteBackend(Backend):
         self._conn: sqlite3.Connection | None = None
         self._np: int | None = None          # cached number of partitions
         self._keep_pending = False           # pending writes include unlocks/aborts
+        self._floor: int | None = None       # cached orphan floor, None: not read yet
+        self._floor_checked = 0              # last data id when it was last computed
         # In-memory holds on data rows stored for transactions not voted yet.
         self._held: Counter[int] = Counter()
 
@@ -332,6 +338,7 @@ class SQLiteBackend(Backend):
         self._commit()
         self._np = None
         self._np = self.get_num_partitions()
+        self._floor = None
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -343,6 +350,7 @@ class SQLiteBackend(Backend):
             conn.close()
         self._held.clear()
         self._np = None
+        self._floor = None
 
     def erase(self) -> None:
         with self._txn(durable=True):
@@ -350,6 +358,7 @@ class SQLiteBackend(Backend):
             self._create_tables()
         self._held.clear()
         self._np = None
+        self._floor = None
 
     def describe(self) -> str:
         return f'SQLite {sqlite3.sqlite_version} database {self.database!r}'
@@ -647,6 +656,7 @@ class SQLiteBackend(Backend):
                     conn.execute(_INSERT_TPACK, (
                         ttid, bool(partial), None if pack_oids is None else _pack_oids(pack_oids),
                         pack_tid, bool(gc)))
+            self._advance_floor(_FLOOR_STEP)
         # Only now that tobj references them durably are the holds useless.
         self._release(row[3] for row in rows if row[3] is not None)
 
@@ -683,15 +693,33 @@ class SQLiteBackend(Backend):
             conn.execute(_DROP_UNFINISHED_TTRANS)
             # Rows stored before a crash for transactions that never voted
             # are referenced by nothing; they can only be above the floor.
-            floor = int(self.get_config(_CONFIG_ORPHAN_FLOOR) or 0)
-            candidates += [row[0] for row in conn.execute(_DATA_NOT_IN_OBJ, (floor,))]
+            candidates += [row[0] for row in conn.execute(_DATA_NOT_IN_OBJ, (self._get_floor(),))]
             self._prune(candidates)
-            if self._held:
-                new_floor = min(self._held) - 1
-            else:
-                new_floor = self._scalar(_MAX_DATA_ID, ()) or 0
-            if new_floor > floor:
-                self._set_config(_CONFIG_ORPHAN_FLOOR, str(new_floor))
+            self._advance_floor(0)
+
+    def _get_floor(self) -> int:
+        if self._floor is None:
+            self._floor = self._floor_checked = int(self.get_config(_CONFIG_ORPHAN_FLOOR) or 0)
+        return self._floor
+
+    def _advance_floor(self, step: int) -> None:
+        """Raise the orphan floor, in a write transaction about to be made
+        durable, once ``step`` data rows were added since the last time:
+        below the oldest data row held for a transaction that has not voted
+        (or above the last row when none is held), every row is referenced
+        by obj or tobj, since releases, aborts and deletions prune what they
+        leave unreferenced (see _prune; a ``release_data`` without prune
+        leaves its orphan to ``prune_orphans``).  A crash cannot leave an
+        orphan below it."""
+        floor = self._get_floor()
+        last = self._scalar(_MAX_DATA_ID, ()) or 0
+        if last - self._floor_checked < step:
+            return  # cheap: no scan of the holds
+        self._floor_checked = last
+        new_floor = min(self._held) - 1 if self._held else last
+        if new_floor > floor:
+            self._set_config(_CONFIG_ORPHAN_FLOOR, str(new_floor))
+            self._floor = new_floor
 
     def prune_orphans(self) -> int:
         with self._txn(durable=False) as conn:
@@ -829,6 +857,7 @@ class SQLiteBackend(Backend):
                 conn.execute(_DEL_REPLICATION, (partition,))
             else:
                 conn.execute(_SET_REPLICATION, (partition, *point))
+            self._advance_floor(_FLOOR_STEP)
 
     def last_tid_of(self, partition: int) -> int | None:
         tids = [self._scalar(sql, (partition,)) for sql in (_MAX_TRANS_TID, _MAX_OBJ_TID)]
