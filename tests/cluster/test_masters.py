@@ -14,7 +14,7 @@ from persistent.mapping import PersistentMapping
 
 from neozodb.cli.cluster import LocalCluster, wait_until
 from neozodb.client import Storage
-from neozodb.ctl.neoctl import CtlError, run_command
+from neozodb.ctl.neoctl import CtlError
 from writers import Writers
 
 pytestmark = pytest.mark.timeout(240)
@@ -32,11 +32,7 @@ def masters3(tmp_path):
 
 def masters_view(cluster) -> dict[str, str]:
     """Master name -> state, as the admin shows them."""
-    ctl = cluster.ctl()
-    try:
-        return {n["nid"]: n["state"] for n in run_command(ctl, ["print", "node", "MASTER"])[1]}
-    finally:
-        ctl.close()
+    return {n["nid"]: n["state"] for n in cluster.neoctl("print", "node", "MASTER")[1]}
 
 
 def log_of(node) -> str:
@@ -89,13 +85,9 @@ def test_secondary_stops_alone_and_sigint_stops_the_cluster(masters3):
     wait_until(lambda: masters_view(c).get(secondary) == "DOWN", 10, "%s down" % secondary)
     assert c.cluster_state() == "RUNNING"
     # neoctl kill: a secondary exits, the primary refuses
-    ctl = c.ctl()
-    try:
-        with pytest.raises(CtlError, match="primary master"):
-            run_command(ctl, ["kill", primary])
-        run_command(ctl, ["kill", other])
-    finally:
-        ctl.close()
+    with pytest.raises(CtlError, match="primary master"):
+        c.neoctl("kill", primary)
+    c.neoctl("kill", other)
     assert c.nodes[other].wait(20) == 0
     assert c.cluster_state() == "RUNNING"
     # SIGINT on the primary: STOPPING, and every node exits cleanly

@@ -16,7 +16,6 @@ from ZODB.POSException import POSKeyError
 
 from neozodb.cli.cluster import LocalCluster, wait_until
 from neozodb.client import Storage
-from neozodb.ctl.neoctl import run_command
 from neozodb.protocol import NodeStates, u64
 from neozodb.tid import time_from_tid
 from writers import Writers
@@ -25,11 +24,7 @@ pytestmark = pytest.mark.timeout(240)
 
 
 def print_pack(cluster) -> tuple[list[str], dict]:
-    ctl = cluster.ctl()
-    try:
-        return run_command(ctl, ["print", "pack"])
-    finally:
-        ctl.close()
+    return cluster.neoctl("print", "pack")
 
 
 def completed_by(cluster, names) -> bool:

@@ -13,7 +13,6 @@ from persistent.mapping import PersistentMapping
 
 from neozodb.cli.cluster import wait_until
 from neozodb.client import Storage
-from neozodb.ctl.neoctl import run_command
 from neozodb.protocol import NodeStates
 from neozodb.storage.backends.sqlite import SQLiteBackend
 from writers import Writers
@@ -113,14 +112,8 @@ def test_interrupted_replication_resumes(cluster):
 
 
 def neoctl(cluster, *words):
-    from neozodb.ctl.neoctl import CtlError
-    ctl = cluster.ctl()
-    try:
-        return run_command(ctl, list(words))
-    except CtlError as e:
-        return str(e)
-    finally:
-        ctl.close()
+    """run_command's (lines, value), or the refusal's message."""
+    return cluster.neoctl(*words, refusal=True)
 
 
 def cells(cluster) -> dict[str, str]:

@@ -12,7 +12,6 @@ from persistent.mapping import PersistentMapping
 
 from neozodb.cli.cluster import wait_until
 from neozodb.client import Storage
-from neozodb.ctl.neoctl import CtlError, run_command
 from neozodb.protocol import NodeStates, p64, u64
 from neozodb.storage.backends.sqlite import SQLiteBackend
 from neozodb.tid import format_tid_time
@@ -22,13 +21,7 @@ pytestmark = pytest.mark.timeout(240)
 
 def neoctl(cluster, *words):
     """run_command's (lines, value), or the refusal's message."""
-    ctl = cluster.ctl()
-    try:
-        return run_command(ctl, list(words))
-    except CtlError as e:
-        return str(e)
-    finally:
-        ctl.close()
+    return cluster.neoctl(*words, refusal=True)
 
 
 def ids(cluster) -> dict:

@@ -183,32 +183,36 @@ class LocalCluster:
         ctl.connect()
         return ctl
 
+    def neoctl(self, *words: str, refusal: bool = False):
+        """``neoctl WORDS...`` through the admin: (text lines, JSON data).
+        A refusal raises CtlError, or with ``refusal`` is returned as its
+        message."""
+        from neozodb.ctl.neoctl import CtlError, run_command
+        ctl = self.ctl()
+        try:
+            return run_command(ctl, list(words))
+        except CtlError as e:
+            if refusal:
+                return str(e)
+            raise
+        finally:
+            ctl.close()
+
     def _ctl_value(self, what: str, key: str):
         """``data[key]`` of ``neoctl print <what>``, None if the admin
         cannot answer."""
-        from neozodb.ctl.neoctl import CtlError, run_command
+        from neozodb.ctl.neoctl import CtlError
         try:
-            ctl = self.ctl()
+            return self.neoctl("print", what)[1][key]
         except CtlError:
             return None
-        try:
-            return run_command(ctl, ["print", what])[1][key]
-        except CtlError:
-            return None
-        finally:
-            ctl.close()
 
     def cluster_state(self) -> str | None:
         return self._ctl_value("cluster", "cluster")
 
     def pt_lines(self) -> list[str]:
         """``neoctl print pt``: the header, then one line per storage."""
-        from neozodb.ctl.neoctl import run_command
-        ctl = self.ctl()
-        try:
-            return run_command(ctl, ["print", "pt"])[0]
-        finally:
-            ctl.close()
+        return self.neoctl("print", "pt")[0]
 
     def storage_state(self, name: str):
         """NodeStates of storage ``name`` (e.g. "S2") as the admin sees it,
