@@ -291,7 +291,7 @@ def _migrate(opts, source, destination, source_end, dest_end) -> str:
             progress.transactions, type(e).__name__, e)) from None
     progress.finish()
     elapsed = max(time.monotonic() - began, 1e-6)
-    return ("copied %d transactions, %d objects from %s to %s in %.1f s"
+    return ("copied %d transactions, %d objects from %s to %s in %.2f s"
             " (%.0f txn/s, %.0f obj/s), last TID %s (%s)" % (
                 transactions, objects, source_end, dest_end, elapsed,
                 transactions / elapsed, objects / elapsed,
