@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import sqlite3
 import subprocess
 import sys
 
@@ -21,7 +22,7 @@ from ZODB.FileStorage import FileStorage
 from ZODB.POSException import StorageTransactionError
 from ZODB.utils import load_current, p64, u64
 
-from neozodb.cli.cluster import LocalCluster
+from neozodb.cli.cluster import LocalCluster, wait_until
 from neozodb.client import Storage
 
 pytestmark = pytest.mark.timeout(240)
@@ -131,6 +132,17 @@ def generate(path: str) -> dict:
     return made
 
 
+def obj_rows(cluster, i: int) -> list[tuple]:
+    """(oid, tid, value_tid, data hash) of every revision on storage i."""
+    path = os.path.join(cluster.directory, "storage%d.sqlite" % i)
+    conn = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+    try:
+        return conn.execute("SELECT o.oid, o.tid, o.value_tid, d.hash FROM obj o"
+                            " LEFT JOIN data d ON d.id = o.data_id ORDER BY o.oid, o.tid").fetchall()
+    finally:
+        conn.close()
+
+
 def records(txn) -> list[tuple]:
     return [(r.oid, r.tid, r.data, r.data_txn) for r in txn]
 
@@ -203,6 +215,11 @@ def test_filestorage_to_cluster_and_back(tmp_path, cluster_factory):
                         kinds["chain"] += 1
         assert all(kinds.values()), kinds
         assert source.lastTransaction() == storage.lastTransaction()
+        # both replicas hold the same records, back-pointers included (the
+        # last unlock reaches the files within a second)
+        wait_until(lambda: all(len(obj_rows(cluster, i)) == count for i in (1, 2)), 30,
+                   "every record in both SQLite files")
+        assert obj_rows(cluster, 1) == obj_rows(cluster, 2)
         # the application sees the same state
         db = ZODB.DB(storage)
         try:
