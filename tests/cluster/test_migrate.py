@@ -253,6 +253,34 @@ def test_filestorage_to_cluster_and_back(tmp_path, cluster_factory):
         back.close()
         storage.close()
 
+    # more commits, then only they are copied with --incremental
+    db = ZODB.DB(Storage(cluster.masters, cluster.name))
+    try:
+        for i in range(3):
+            with db.transaction(note="later %d" % i) as conn:
+                conn.root()["items"]["later%d" % i] = PersistentMapping(n=i)
+    finally:
+        db.close()
+    refused = neomigrate("-c", cluster.name, "-q", cluster.masters, back_path)
+    assert refused.returncode == 1 and "not empty" in refused.stderr
+    result = neomigrate("-c", cluster.name, "-q", "--incremental", cluster.masters, back_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("neomigrate: copied 3 transactions, ")
+    storage = Storage(cluster.masters, cluster.name, read_only=True)
+    back = FileStorage(back_path, read_only=True)
+    try:
+        assert compare(storage, back)[0] == transactions2 + 3
+    finally:
+        back.close()
+        storage.close()
+    result = neomigrate("-c", cluster.name, "--incremental", cluster.masters, back_path)
+    assert result.returncode == 0 and "nothing to copy" in result.stdout
+    # the destination's last transaction must be one of the source
+    result = neomigrate("-c", cluster.name, "--incremental", back_path, cluster.masters)
+    assert result.returncode == 0 and "nothing to copy" in result.stdout
+    result = neomigrate("-c", cluster.name, "--incremental", source_path, cluster.masters)
+    assert result.returncode == 1 and "is not a transaction of the source" in result.stderr
+
 
 def test_restore_refuses_old_tid_and_neomigrate_bad_input(tmp_path, cluster_factory):
     older = str(tmp_path / "older.fs")

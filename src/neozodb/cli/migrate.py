@@ -326,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     except MigrateError as e:
         print("%s: error: %s" % (PROG, e), file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("%s: error: interrupted before copying anything" % PROG, file=sys.stderr)
+        return 1
     print("%s: %s" % (PROG, summary))
     return 0
 
