@@ -639,3 +639,14 @@ def test_random_interleavings_commit_in_tid_order(num_partitions, data):
     assert queue == [] and tm.prepared_count() == 0
     assert not tm.has_pending()
     assert committed == sorted(set(committed))
+
+
+def test_imposed_tid_refusal_names_both_tids():
+    tm = TransactionManager(12)
+    last = tid_from_time(T0)
+    tm.reset(last_tid=last, last_oid=0)
+    with pytest.raises(TransactionError) as info:
+        tm.begin(1, T0, tid=last - 5)
+    message = str(info.value)
+    assert "%016x" % (last - 5) in message and "%016x" % last in message
+    assert "is not greater than the last TID of the cluster" in message

@@ -7,6 +7,7 @@ Entry points (declared in ``pyproject.toml``):
 - ``neoadmin``   -> ``neozodb.cli.admin:main``
 - ``neoctl``     -> ``neozodb.ctl.neoctl:main``
 - ``neosimple``  -> ``neozodb.cli.simple:main``
+- ``neomigrate`` -> ``neozodb.cli.migrate:main`` (FileStorage <-> cluster copy)
 
 Options
 -------

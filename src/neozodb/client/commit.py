@@ -34,6 +34,7 @@ class Commit:
         self.conns: list = []  # connections of the involved storages
         self.failed: set[int] = set()
         self.resolved: list[bytes] = []
+        self.restored: set[bytes] = set()  # oids stored by restore(): never resolved
         self.conflict_error: Exception | None = None
         self.voted = False
         self.pack = None  # (oids or None, pack_tid): a pack order (client/pack.py)
@@ -85,6 +86,20 @@ class Commit:
         buffer = self.pending > 0
         for nid in self._cells(oid):
             self._send(nid, Packets.AskStoreObject, args, (STORE, oid, serial), buffer=buffer)
+
+    def restore(self, oid: bytes, data: bytes | None, prev_txn: bytes | None,
+                base: bytes) -> None:
+        """Store a record copied from another database (restore): no
+        conflict check.  The storages still compare the serial the store is
+        based on with the object's last one, so ``base`` is a guess (the
+        serial this client restored last for oid, ZERO_TID if none); if it
+        is wrong, the storage answers the right one and the record is sent
+        again based on it (``_conflict``), never merged.  ``prev_txn`` (the
+        record's back-pointer) goes as data_serial: storages that have that
+        revision share its data row; the data is sent anyway for those that
+        do not (an OUT_OF_DATE replica) and for the cache."""
+        self.restored.add(oid)
+        self.store(oid, base, data, None if data is None else prev_txn)
 
     def check_current(self, oid: bytes, serial: bytes) -> None:
         self.checked[oid] = serial
@@ -232,6 +247,12 @@ class Commit:
         if current is None or current[1] != serial:
             return  # already re-stored after a newer conflict
         data = current[0]
+        if oid in self.restored:
+            # restore: the source history is authoritative, the conflict
+            # only tells the serial to base the store on (MAX_TID: the
+            # storage never had the object)
+            self.store(oid, ZERO_TID if conflict == MAX_TID else conflict, data, current[2])
+            return
         if conflict > self.app.last_tid:
             self.app.sync()  # the invalidation for it is late: process it first
         try:

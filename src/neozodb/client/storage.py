@@ -8,16 +8,20 @@ storages lock objects, not the database).
 from __future__ import annotations
 
 import threading
+from itertools import islice
 
 import zope.interface
 from ZODB import POSException
+from ZODB.BaseStorage import copy as copy_transactions
 from ZODB.ConflictResolution import ConflictResolvingStorage
 from ZODB.interfaces import (
+    IExternalGC,
     IMultiCommitStorage,
     IPrefetchStorage,
     IStorage,
     IStorageCurrentRecordIteration,
     IStorageIteration,
+    IStorageRestoreable,
     IStorageUndoable,
     ReadVerifyingStorage,
 )
@@ -28,7 +32,7 @@ from neozodb.client.commit import Commit
 from neozodb.client.compress import parse_compress
 from neozodb.client.iteration import loads_extension, transaction_description
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
-from neozodb.protocol import ZERO_TID, Packets
+from neozodb.protocol import ZERO_TID, ErrorCodes, Packets
 
 __all__ = ["Storage", "NEOStorageError", "loads_extension"]
 
@@ -40,8 +44,13 @@ def parse_master_nodes(text: str | list) -> list[tuple[str, int]]:
     return parse_masters(text)
 
 
+# How many oids restore() remembers the last restored serial of (see Commit.restore)
+RESTORED_MEMORY = 200_000
+
+
 @zope.interface.implementer(IStorage, IMultiCommitStorage, ReadVerifyingStorage, IPrefetchStorage,
-                            IStorageIteration, IStorageUndoable, IStorageCurrentRecordIteration)
+                            IStorageIteration, IStorageUndoable, IStorageCurrentRecordIteration,
+                            IStorageRestoreable, IExternalGC)
 class Storage(ConflictResolvingStorage):
     def __init__(self, master_nodes: str | list, name: str, read_only: bool = False,
                  compress: bool | str = True, cache_size: int = 20 << 20,
@@ -64,6 +73,8 @@ class Storage(ConflictResolvingStorage):
         self._lock = threading.Lock()
         self._records: tuple | None = None  # (cursor, RecordIteration) of record_iternext
         self._records_lock = threading.Lock()
+        # oid -> serial this client restored last, oldest first (bounded)
+        self._restored: dict[bytes, bytes] = {}
         self.app.get_master()  # fail early when the cluster cannot be reached
 
     # -- information ---------------------------------------------------------------
@@ -250,13 +261,23 @@ class Storage(ConflictResolvingStorage):
         return commit
 
     def tpc_begin(self, txn, tid: bytes | None = None, status: str = " ") -> None:
+        """Begin committing txn.  ``tid`` imposes the TID of the transaction
+        (copyTransactionsFrom, restore): it must be greater than every TID
+        the cluster committed or gave to a transaction in progress, else
+        StorageTransactionError.  ``status`` is accepted and ignored (the
+        protocol has no way to store it: transactions read back ' ')."""
         self._check_writable()
         with self._lock:
             if txn in self._commits:
                 raise POSException.StorageTransactionError("duplicate tpc_begin calls for same transaction")
         try:
             (ttid,) = self.app.get_master().call(Packets.AskBeginTransaction, tid, timeout=None)
-        except (RemoteError, ConnectionClosed) as e:
+        except RemoteError as e:
+            if tid is not None and e.code is ErrorCodes.DENIED:
+                raise POSException.StorageTransactionError(
+                    f"tpc_begin refused: {e.message}") from None
+            raise POSException.StorageTransactionError(f"tpc_begin failed: {e}") from None
+        except ConnectionClosed as e:
             raise POSException.StorageTransactionError(f"tpc_begin failed: {e}") from None
         commit = Commit(self.app, self, txn, ttid, self._compress)
         with self._lock:
@@ -271,7 +292,35 @@ class Storage(ConflictResolvingStorage):
         commit.store(oid, serial, data)
         commit._process(block=False)
 
+    def restore(self, oid: bytes, serial: bytes, data: bytes | None, version: str,
+                prev_txn: bytes | None, transaction) -> None:
+        """Store a record as another database committed it (IStorageRestoreable,
+        used by copyTransactionsFrom, zodbconvert and neomigrate), in a
+        transaction begun with an imposed TID: no conflict check (the source
+        history is authoritative) but the usual locks and two-phase commit.
+        ``data`` None is a deletion (or an undone creation); ``prev_txn``,
+        the record's back-pointer, is kept (iteration gives it back as
+        ``data_txn``) and the storages share that revision's data.  The
+        record gets the transaction's TID: ``serial`` (the source's TID of
+        the record, the same unless copyTransactionsFrom had to reorder
+        TIDs) is not used."""
+        self._check_writable()
+        if version:
+            raise POSException.Unsupported("versions are not supported")
+        commit = self._commit(transaction)
+        commit.restore(oid, data, prev_txn, self._restored.get(oid, ZERO_TID))
+        commit._process(block=False)
+
+    def copyTransactionsFrom(self, other, verbose: int = 0) -> None:
+        """Copy every transaction of ``other`` (any IStorageIteration) with
+        its TID, metadata and back-pointers (ZODB's BaseStorage semantics;
+        see neomigrate for a command with progress)."""
+        copy_transactions(other, self, verbose)
+
     def deleteObject(self, oid: bytes, serial: bytes, txn) -> None:
+        """IExternalGC: a deletion record for oid, whose current serial must
+        be ``serial`` (else ConflictError at vote); loadBefore still finds
+        the revisions before it."""
         self._check_writable()
         self._commit(txn).store(oid, serial, None)
 
@@ -293,9 +342,26 @@ class Storage(ConflictResolvingStorage):
         if not commit.voted:
             raise POSException.StorageTransactionError("tpc_finish before tpc_vote")
         try:
-            return commit.finish(f)
+            tid = commit.finish(f)
         finally:
             self._forget(txn, commit)
+        if commit.restored:
+            self._remember_restored(commit.restored, tid)
+        return tid
+
+    def _remember_restored(self, oids, tid: bytes) -> None:
+        """The serial the next restore() of these oids will be based on;
+        the oldest entries go beyond RESTORED_MEMORY (a guess that is wrong
+        only costs the storage's answer and the record sent again)."""
+        with self._lock:
+            restored = self._restored
+            for oid in oids:
+                restored.pop(oid, None)
+                restored[oid] = tid
+            excess = len(restored) - RESTORED_MEMORY
+            if excess > 0:
+                for oid in list(islice(restored, excess)):
+                    del restored[oid]
 
     def tpc_abort(self, txn) -> None:
         with self._lock:

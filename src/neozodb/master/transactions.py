@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from neozodb.tid import final_tid, next_tid
+from neozodb.tid import final_tid, format_tid_time, next_tid
 
 
 class TransactionError(Exception):
@@ -76,7 +76,10 @@ class TransactionManager:
             # after everything already committed or being committed
             if tid <= self._last_allocated:
                 raise TransactionError(
-                    "imposed TID %#x is not greater than the last one %#x" % (tid, self._last_allocated))
+                    "imposed TID %016x (%s) is not greater than the last TID of the cluster,"
+                    " committed or being committed: %016x (%s)" % (
+                        tid, format_tid_time(tid), self._last_allocated,
+                        format_tid_time(self._last_allocated)))
             ttid = tid
         else:
             ttid = next_tid(now, self._last_allocated)

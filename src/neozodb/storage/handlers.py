@@ -474,12 +474,14 @@ class ClientHandler(BaseHandler):
         value_tid = None if data_serial is None else u64(data_serial)
         found = None if value_tid is None else backend.get_revision(u64(oid), tid=value_tid)
         if found is not None and (found[1] is not None or no_data):
-            # an undo back to an older revision: its data row is shared,
-            # not copied (the data the client may have sent is for replicas
-            # that miss that revision, and for conflict resolution)
+            # an undo back to an older revision, or a restored back-pointer:
+            # its data row is shared, not copied (the data the client may
+            # have sent is for replicas that miss that revision, and for
+            # conflict resolution).  The back-pointer is kept as given, even
+            # if that revision is a back-pointer itself (a chain restored
+            # from another storage): a replica that stores the data sent
+            # records the very same value_tid.
             data_id = found[1]
-            if found[2] is not None:
-                value_tid = found[2]
             if data_id is not None:
                 backend.hold_data(data_id)
         elif no_data:
