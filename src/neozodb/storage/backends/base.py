@@ -48,6 +48,13 @@ TransactionMetadata = tuple[Sequence[int], bytes, bytes, bytes, bool]
 PartitionTableRecord = tuple["int | None", int, list[list[tuple[int, int]]]]
 
 
+class Unsupported(Exception):
+    """A read or operation this backend cannot do in its current state
+    (e.g. iterating transactions an Importer has not copied yet).  The
+    storage node answers the request with BACKEND_NOT_IMPLEMENTED and the
+    exception's message; the connection and the backend stay usable."""
+
+
 class Backend(abc.ABC):
     """Abstract storage node database.
 
