@@ -91,6 +91,8 @@ class MasterApp:
         self.finish_watchers: dict[int, set[int]] = {}  # ttid -> storage nids
         self.final_tid_waiters: dict[int, list] = {}  # ttid -> [(client conn, msg_id)]
         self.check_run = None  # the last `neoctl check` (master/checks.py)
+        # storage label -> last import status it reported (neoctl print import)
+        self.import_status: dict[str, dict] = {}
         # `neoctl truncate`: storages delete what was committed after this
         # tid; pending from the request (or, after a restart, from the
         # storages' reports) until verification applied it

@@ -1,6 +1,7 @@
 """Packet handlers of the primary master, one class per kind of peer."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -182,6 +183,16 @@ class StorageHandler(BaseHandler):
         if not 0 <= offset < self.app.pt.num_partitions:
             raise ProtocolError("invalid partition %r" % offset)
         self.app.replication_done(conn.node, offset, tid)
+
+    def NotifyMonitorInformation(self, conn, msg_id, info):
+        """A storage importing a ZODB reports its progress (JSON), kept for
+        ``neoctl print import`` (the status of ``CheckReplicas``)."""
+        text = info.get(b"import")
+        if isinstance(text, bytes):
+            try:
+                self.app.import_status[conn.node.label] = json.loads(text)
+            except ValueError:
+                raise ProtocolError("invalid import status") from None
 
     def NotifyPartitionCorrupted(self, conn, msg_id, partition, nids):
         if not 0 <= partition < self.app.pt.num_partitions:

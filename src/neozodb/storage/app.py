@@ -60,6 +60,10 @@ class StorageApp:
         self._pending_timer: asyncio.TimerHandle | None = None
         self._exit = asyncio.Event()
         self.exit_status = 0
+        self.importer = None
+        if getattr(backend, "read_source", None) is not None:  # Importer backend
+            from neozodb.storage.importer import Importer
+            self.importer = Importer(self)
         self._load_pt()
 
     @property
@@ -85,6 +89,8 @@ class StorageApp:
         self.backend.save_pt(ptid, replicas, pt.rows())
         if self.operational:
             self._own_cells_changed(old)
+            if self.importer is not None:
+                self.importer.check_pt()
 
     def change_pt(self, ptid: int, replicas: int, changes) -> None:
         old = self._own_cells()
@@ -92,6 +98,8 @@ class StorageApp:
         self.backend.change_pt(ptid, replicas, [(o, n, s.value) for o, n, s in changes])
         if self.operational:
             self._own_cells_changed(old)
+            if self.importer is not None:
+                self.importer.check_pt()
 
     def _own_cells(self) -> dict[int, int]:
         if self.pt is None or self.nid is None:
@@ -167,6 +175,8 @@ class StorageApp:
         cycle.cancel()
         self.server.close()
         self.replicator.stop()
+        if self.importer is not None:
+            self.importer.stop()
         for conn in [*self.client_conns, *self.source_conns, *self.peer_conns.values()]:
             conn.close("storage exiting", flush=True)
         if self.master_conn is not None:
@@ -220,8 +230,16 @@ class StorageApp:
         self.backend.drop_unfinished()
         if not self.verified:
             self._drop_locked()
+        if self.importer is not None:
+            why = self.importer.refusal()
+            if why is not None:
+                log.error("%s: %s", self.label, why)
+                self.exit(2)
+                return
         self.operational = True
         self.replicator.start()
+        if self.importer is not None:
+            self.importer.start()
         log.info("%s: operational", self.label)
         conn.notify(Packets.NotifyReady)
 
@@ -262,6 +280,8 @@ class StorageApp:
     def stop_operation(self) -> None:
         self.operational = False
         self.replicator.stop()
+        if self.importer is not None:
+            self.importer.stop()
         self.checker.stop()
         for conn in [*self.client_conns, *self.source_conns, *self.peer_conns.values()]:
             conn.close("operation stopped", flush=True)

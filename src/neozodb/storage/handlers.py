@@ -20,6 +20,7 @@ from neozodb.protocol import (
     p64,
     u64,
 )
+from neozodb.storage.backends.base import Unsupported
 
 if TYPE_CHECKING:
     from neozodb.storage.app import StorageApp
@@ -80,6 +81,13 @@ class Retry:
 class BaseHandler(Handler):
     def __init__(self, app: StorageApp) -> None:
         self.app = app
+
+    def dispatch(self, conn, msg_id, packet, args):
+        try:
+            super().dispatch(conn, msg_id, packet, args)
+        except Unsupported as e:
+            # e.g. an Importer asked to list what it has not imported yet
+            raise HandlerError(str(e), ErrorCodes.BACKEND_NOT_IMPLEMENTED) from None
 
     def Ping(self, conn, msg_id):
         conn.answer(msg_id, Packets.Pong)
