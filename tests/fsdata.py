@@ -4,6 +4,7 @@ undone creations), deleteObject deletions, BTree changes merged by
 conflict resolution, and transactions with extension data."""
 from __future__ import annotations
 
+import contextlib
 import random
 import sys
 from base64 import encodebytes
@@ -40,12 +41,17 @@ def make_filestorage(path: str, transactions: int = 10000, objects: int = 300,
                      size: int = 60, seed: int = 1) -> dict:
     """Write a new FileStorage at ``path`` with about ``transactions``
     transactions; returns a summary (counts of each kind, the raw oids)."""
-    rng = random.Random(seed)
-    # test data: no fsync per commit (FileStorage calls its module's fsync)
+    with no_fsync():
+        return _make(path, transactions, objects, size, random.Random(seed))
+
+
+@contextlib.contextmanager
+def no_fsync():
+    """Test data: FileStorage commits without fsync (it calls its module's)."""
     module = sys.modules[FileStorage.__module__]
     fsync, module.fsync = module.fsync, None
     try:
-        return _make(path, transactions, objects, size, rng)
+        yield
     finally:
         module.fsync = fsync
 

@@ -563,14 +563,28 @@ class ImporterBackend(SQLiteBackend):
     def _gap(self, oid: int) -> tuple[list[int], bool]:
         """Revisions of ``oid`` not imported yet, newest first, and whether
         the source has some revision of it at all (up to what is imported)."""
-        return self._view.revisions(oid, self.import_tid, self.source_tid)
+        try:
+            return self._view.revisions(oid, self.import_tid, self.source_tid)
+        except Exception as e:
+            raise self._source_error(oid, e) from e
+
+    def _source_error(self, oid: int, e: Exception) -> Unsupported:
+        """A damaged source: the requests needing it fail, not the node."""
+        return Unsupported('cannot read %#x from the source: %s: %s' % (
+            oid, type(e).__name__, ' '.join(str(e).split())))
 
     def _backend_next(self, oid: int, tid: int) -> int | None:
         np = self._np
         return self.connection.execute(_NEXT_SERIAL, (oid % np, oid, tid)).fetchone()[0]
 
+    def _record(self, oid: int, serial: int) -> tuple[bytes | None, int | None]:
+        try:
+            return self._view.record(oid, serial)
+        except Exception as e:
+            raise self._source_error(oid, e) from e
+
     def _from_source(self, oid: int, serial: int, next_serial: int | None) -> ObjectRecord:
-        data, data_txn = self._view.record(oid, serial)
+        data, data_txn = self._record(oid, serial)
         if data is None:
             return serial, next_serial, 0, ZERO_HASH, b'', None
         return serial, next_serial, 0, hashlib.sha1(data).digest(), data, data_txn
@@ -640,7 +654,7 @@ class ImporterBackend(SQLiteBackend):
         high = self.source_tid
         revisions = [r for r in rows if r[0] > high]
         for tid in gap[:offset + length]:
-            data, _ = self._view.record(oid, tid)
+            data, _ = self._record(oid, tid)
             revisions.append((tid, 0 if data is None else len(data)))
         revisions += [r for r in rows if r[0] <= high]
         return revisions[offset:offset + length]
