@@ -60,6 +60,7 @@ class StorageApp:
         self._pending_timer: asyncio.TimerHandle | None = None
         self._exit = asyncio.Event()
         self.exit_status = 0
+        self.last_request = 0.0  # time.monotonic() of the last request from a peer
         self.importer = None
         if getattr(backend, "read_source", None) is not None:  # Importer backend
             from neozodb.storage.importer import Importer

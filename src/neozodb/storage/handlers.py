@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from neozodb.net.bootstrap import FollowsPrimary
@@ -83,6 +84,7 @@ class BaseHandler(Handler):
         self.app = app
 
     def dispatch(self, conn, msg_id, packet, args):
+        self.app.last_request = time.monotonic()  # background work yields to requests
         try:
             super().dispatch(conn, msg_id, packet, args)
         except Unsupported as e:

@@ -1,21 +1,26 @@
 """Live import: the background copy of an Importer backend's source, and
 the optional writeback of new transactions to it.
 
-While the cluster runs, a *reader* thread iterates the source in TID order
-(``ImporterBackend.read_source``: reading, compressing and hashing records
-off the event loop) and hands chunks of complete transactions to the loop
-through a small queue.  The *writer*, a task of the loop, copies them into
-SQLite a slice of about ``SLICE_RECORDS`` records at a time, yielding to
-the loop between slices so that client requests go first, and has the rows
-committed within a second (``StorageApp.pending_written``).  The resume
-point is written with the rows, so a restart goes on after the last
-transaction imported.  A damaged source stops the import after the last
-complete transaction before the damage; the node goes on serving.
+The copy is a task of the node's event loop that alternates with client
+requests: each step reads up to ``SLICE_RECORDS`` records (or what it can
+read in ``SLICE_SECONDS``) of the source in TID order (``ImporterBackend.read_source``: complete transactions, records
+compressed and hashed), writes them to SQLite (``import_transactions``,
+which records the resume point with the rows), then yields to the loop, so
+that a client request waits at most one step (a few milliseconds); while
+requests come, it also pauses after each step as long as the step took,
+leaving at least half of the node's time to them.  The
+rows are committed within a second (``StorageApp.pending_written``), and a
+restart goes on after the last transaction imported.  Reading in a thread
+was tried and dropped: with the GIL, a thread iterating the source made
+every SQLite call and socket operation of the loop wait for it, adding tens
+of milliseconds to client requests.  A damaged source stops the import
+after the last complete transaction before the damage; the node goes on
+serving.
 
 Writeback (``writeback = true``): after each commit, transactions
 committed after the source's last one are copied to it in TID order, with
 their TIDs (``tpc_begin(tid)`` + ``restore``, as ``copyTransactionsFrom``
-does), in a thread of their own.
+does), in a thread (FileStorage's writes and fsyncs would block the loop).
 
 Progress goes to the log and to the master (``NotifyMonitorInformation``
 ``{b"import": JSON}``, at most once a second), which shows it to
@@ -29,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -42,13 +46,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("neozodb.storage")
 
-#: Records the reader hands over at once (or what it read in CHUNK_SECONDS).
-CHUNK_RECORDS = 2000
-CHUNK_SECONDS = 0.2
-#: Chunks read ahead of the writer.
-QUEUE_CHUNKS = 4
-#: Records written between two turns of the event loop.
+#: Records read and written between two turns of the event loop, at most,
+#: and the time spent reading them (about as much is spent writing).
 SLICE_RECORDS = 200
+SLICE_SECONDS = 0.002
+#: While the node served a request in the last BUSY_SECONDS, the copy takes
+#: at most half of the time (it pauses as long as each step took).
+BUSY_SECONDS = 0.1
 #: Transactions written back to the source per round.
 WRITEBACK_BATCH = 100
 #: Seconds between two progress reports to the master (and log lines).
@@ -73,8 +77,6 @@ class Importer:
         self.writeback_tid: int | None = None
         self.writeback_count = 0
         self.writeback_error: str | None = None
-        self._thread: threading.Thread | None = None
-        self._stop: threading.Event | None = None
         self._task: asyncio.Task | None = None
         self._writeback_task: asyncio.Task | None = None
         self._writeback_wake = asyncio.Event()
@@ -114,7 +116,6 @@ class Importer:
     def start(self) -> None:
         """Operation starts: go on importing, and writing back."""
         backend = self.backend
-        loop = asyncio.get_running_loop()
         if backend.importing and self.error is None and self._task is None:
             self.state = "importing"
             self.started = time.monotonic()
@@ -125,13 +126,7 @@ class Importer:
             else:
                 log.info("%s: import from %s: starting, up to %#x", self.app.label,
                          backend.source.getName(), backend.source_tid)
-            stop = self._stop = threading.Event()
-            queue: asyncio.Queue = asyncio.Queue()
-            slots = threading.Semaphore(QUEUE_CHUNKS)
-            self._thread = threading.Thread(target=self._read, args=(loop, stop, queue, slots),
-                                            name="import reader", daemon=True)
-            self._thread.start()
-            self._task = asyncio.ensure_future(self._write(queue, slots))
+            self._task = asyncio.ensure_future(self._import())
         elif not backend.importing and self.state != "finished":
             self.state = "finished"
         if self.state == "finished":
@@ -143,15 +138,10 @@ class Importer:
 
     def stop(self) -> None:
         """Operation stops (or the node exits): stop the tasks and threads."""
-        if self._stop is not None:
-            self._stop.set()
         for task in (self._task, self._writeback_task):
             if task is not None:
                 task.cancel()
         self._task = self._writeback_task = None
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -162,111 +152,80 @@ class Importer:
             self.seconds += time.monotonic() - self.started
             self.started = 0.0
 
-    # -- the reader thread ------------------------------------------------------------------------
-    def _read(self, loop, stop: threading.Event, queue: asyncio.Queue,
-              slots: threading.Semaphore) -> None:
+    # -- the copy ------------------------------------------------------------------------------------
+    async def _import(self) -> None:
         from neozodb.storage.backends.importer import SourceDamaged
-
-        def deliver(item) -> bool:
-            while not slots.acquire(timeout=0.2):
-                if stop.is_set():
-                    return False
-            if stop.is_set():
-                return False
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the loop is closed: the node exits
-                return False
-            return True
-
-        chunk: list = []
-        records = 0
-        done = None
-        last = time.monotonic()
-        try:
-            for txn, done in self.backend.read_source(stop.is_set):
-                chunk.append(txn)
-                records += len(txn[4])
-                now = time.monotonic()
-                if records >= CHUNK_RECORDS or now - last > CHUNK_SECONDS:
-                    if not deliver(("data", chunk, done)):
-                        return
-                    chunk, records, last = [], 0, now
-            if stop.is_set():
-                return
-            if chunk and not deliver(("data", chunk, done)):
-                return
-            deliver(("end", None, None))
-        except SourceDamaged as e:
-            if not chunk or deliver(("data", chunk, done)):
-                deliver(("error", str(e), None))
-        except Exception as e:  # a bug, or the source failing: stop cleanly too
-            log.exception("%s: import: error reading the source", self.app.label)
-            if not chunk or deliver(("data", chunk, done)):
-                deliver(("error", "%s: %s" % (type(e).__name__, e), None))
-
-    # -- the writer task --------------------------------------------------------------------------
-    async def _write(self, queue: asyncio.Queue, slots: threading.Semaphore) -> None:
         app, backend = self.app, self.backend
+        rate = backend.config.rate
+        reader = backend.read_source()
+        error = None
         try:
             while True:
-                kind, payload, done = await queue.get()
-                if kind == "data":
-                    try:
-                        await self._write_chunk(payload)
-                    finally:
-                        slots.release()
-                    if done is not None:
-                        self.fraction = done
-                    self.report()
-                    continue
-                backend.commit_pending()
-                self.seconds += time.monotonic() - self.started
-                self.started = 0.0
-                self._task = None
-                if kind == "end":
-                    self.state = "finished"
-                    self._finished_message(logging.WARNING)
-                else:
-                    self.state = "failed"
-                    self.error = payload
-                    log.error("%s: import stopped: %s; imported up to %#x (committed); the"
-                              " cluster keeps serving, what is not imported from the source;"
-                              " repair the source and restart this storage to go on",
-                              app.label, payload, backend.import_tid)
-                self.report(now=True)
-                return
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # the database failed: its state is unknown (see Backend)
-            log.exception("%s: import: cannot write to the database", app.label)
-            app.exit(1)
-
-    async def _write_chunk(self, chunk: list) -> None:
-        backend, app = self.backend, self.app
-        rate = backend.config.rate
-        i = 0
-        while i < len(chunk):
-            piece, records = [], 0
-            while i < len(chunk) and (not piece or records + len(chunk[i][4]) <= SLICE_RECORDS):
-                piece.append(chunk[i])
-                records += len(chunk[i][4])
-                i += 1
-            backend.import_transactions(piece)
-            self.transactions += len(piece)
-            self.objects += records
-            app.pending_written()
-            if rate:
-                # the rate cap: transactions per second since this run started
-                ahead = self.transactions / rate - (time.monotonic() - self.started)
-                await asyncio.sleep(max(ahead, 0))
-            else:
-                await asyncio.sleep(0)  # client requests first
-            now = time.monotonic()
-            if now - self._logged >= LOG_INTERVAL:
-                self._logged = now
-                log.info("%s: %s", app.label, self.progress_line())
+                piece: list = []
+                records = 0
+                done = None
+                started = time.perf_counter()
+                deadline = started + SLICE_SECONDS
+                try:
+                    while records < SLICE_RECORDS:
+                        txn, done = next(reader)
+                        piece.append(txn)
+                        records += len(txn[4])
+                        if time.perf_counter() > deadline:
+                            break  # the writes take about as long again
+                except StopIteration:
+                    reader = None
+                except SourceDamaged as e:
+                    reader, error = None, str(e)
+                except Exception as e:  # the source failing: stop cleanly too
+                    log.exception("%s: import: error reading the source", app.label)
+                    reader, error = None, "%s: %s" % (type(e).__name__, e)
+                try:
+                    backend.import_transactions(piece)
+                except Exception:
+                    # the database failed: its state is unknown (see Backend)
+                    log.exception("%s: import: cannot write to the database", app.label)
+                    app.exit(1)
+                    return
+                self.transactions += len(piece)
+                self.objects += records
+                if done is not None:
+                    self.fraction = done
+                if reader is None:
+                    break
+                app.pending_written()
+                self.report()
+                now = time.monotonic()
+                pause = 0.0
+                if rate:
+                    # the rate cap: transactions per second since this run started
+                    pause = self.transactions / rate - (now - self.started)
+                if now - app.last_request < BUSY_SECONDS:
+                    # requests are coming: leave them at least as much time
+                    pause = max(pause, time.perf_counter() - started)
+                await asyncio.sleep(max(pause, 0))  # requests first
+                now = time.monotonic()
+                if now - self._logged >= LOG_INTERVAL:
+                    self._logged = now
+                    log.info("%s: %s", app.label, self.progress_line())
+        finally:
+            if reader is not None:
+                reader.close()
+        backend.commit_pending()
+        self.seconds += time.monotonic() - self.started
+        self.started = 0.0
+        self._task = None
+        if error is None:
+            self.state = "finished"
+            self._finished_message(logging.WARNING)
+        else:
+            self.state = "failed"
+            self.error = error
+            log.error("%s: import stopped: %s; imported up to %#x (committed); the cluster"
+                      " keeps serving, what is not imported from the source; repair the"
+                      " source and restart this storage to go on",
+                      app.label, error, backend.import_tid)
+        self.report(now=True)
 
     def _finished_message(self, level: int) -> None:
         backend = self.backend

@@ -16,8 +16,8 @@ the real backend, the next one the source::
       </filestorage>
 
 The cluster is usable at once.  The source's transactions are copied in
-TID order (``read_source`` in a thread, ``import_transactions`` in the
-node's loop, see ``neozodb/storage/importer.py``); ``import_tid``, the last
+TID order (``read_source`` then ``import_transactions``, a slice at a time
+in the node's loop, see ``neozodb/storage/importer.py``); ``import_tid``, the last
 copied transaction, is written in the same SQLite transaction as the rows,
 so a restart resumes exactly after it.  Until the copy is done, reads merge
 what this database has with the source's revisions not copied yet: the
@@ -457,7 +457,7 @@ class ImporterBackend(SQLiteBackend):
     # -- the import ------------------------------------------------------------------------------
 
     def read_source(self, stop=lambda: False):
-        """``read_source`` over what is left to import (any thread)."""
+        """``read_source`` over what is left to import."""
         return read_source(self.source, self.import_tid, self.source_tid,
                            self.config.compress, stop)
 
