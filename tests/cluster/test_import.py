@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import textwrap
 import threading
 
@@ -206,7 +207,15 @@ def test_live_import(tmp_path):
         got = transactions(storage.iterator())
         assert got[:len(expected)] == expected
         assert got[len(expected):] == new
-        # ... and exported to a FileStorage
+        # switched to the native backend: the same database, without the
+        # source; then exported to a FileStorage, which shows it all again
+        s1.signal(signal.SIGTERM)
+        assert s1.wait(30) == 0
+        s1.argv[s1.argv.index("-a") + 1] = "SQLite"
+        s1.argv[s1.argv.index("-d") + 1] = str(tmp_path / "neo.sqlite")
+        s1.start()
+        cluster.wait_state("RUNNING", 60)
+        assert cluster.import_status()["state"] == "finished"  # the last report, kept
         export = FileStorage(str(tmp_path / "export.fs"), create=True)
         try:
             with no_fsync():
