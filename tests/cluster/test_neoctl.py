@@ -248,6 +248,7 @@ COMMANDS = [
     "print pt [MIN [MAX [NODE]]]",
     "print primary",
     "print check",
+    "print import",
     "start",
     "add NID... | add all",
     "set cluster STATE",

@@ -492,9 +492,10 @@ class ImporterBackend(SQLiteBackend):
         self.import_tid = last
         self.import_count += len(txns)
 
-    def new_transactions(self, after: int, limit: int) -> list:
+    def new_transactions(self, after: int, limit: int, max_records: int = 1000) -> list:
         """Up to ``limit`` committed transactions after ``after`` and after
-        the source's history, with their records, for writeback:
+        the source's history (fewer once they hold ``max_records`` records),
+        with their records, for writeback:
         ``(tid, user, description, ext, [(oid, data or None, data_txn)])``;
         none at or after a transaction that is locked and not unlocked yet
         (TID order)."""
@@ -505,7 +506,10 @@ class ImporterBackend(SQLiteBackend):
         locked = [tid for tid in self.get_locked_transactions().values() if tid is not None]
         high = min(locked, default=_MAX_TID + 1) - 1
         result = []
+        records_count = 0
         for tid in SQLiteBackend.get_tids_from(self, after + 1, high, limit, range(np)):
+            if records_count >= max_records:
+                break
             oids, user, description, ext, _, _ = SQLiteBackend.get_transaction(self, tid)
             records = []
             for oid in oids:
@@ -519,6 +523,7 @@ class ImporterBackend(SQLiteBackend):
                     value = data
                 records.append((oid, value, data_serial))
             result.append((tid, user, description, ext, records))
+            records_count += len(records)
         return result
 
     # -- writes ------------------------------------------------------------------------------------
