@@ -19,7 +19,8 @@ bench/README.md, "Live import").
 Every process is stopped and the temporary directory removed on exit, error,
 Ctrl-C or SIGTERM.
 
-Usage: .venv/bin/python bench/import.py [--quick] [--transactions N] [--keep] [--json FILE]
+Usage: .venv/bin/python bench/import.py [--quick] [--transactions N] [--no-undo] [--keep]
+       [--json FILE]
 """
 from __future__ import annotations
 
@@ -270,9 +271,10 @@ def run(opts) -> dict:
         say("1. writing a FileStorage of %d transactions" % opts.transactions)
         started = time.perf_counter()
         summary = make_filestorage(source, transactions=opts.transactions,
-                                   objects=max(300, opts.transactions // 10))
+                                   objects=max(300, opts.transactions // 10),
+                                   undo=not opts.no_undo)
         txns, records = count(source)
-        results["source"] = {"transactions": txns, "records": records,
+        results["source"] = {"transactions": txns, "records": records, "undo": not opts.no_undo,
                              "bytes": os.path.getsize(source),
                              "written_seconds": round(time.perf_counter() - started, 3)}
         say("    %d transactions, %d records, %.1f MB" % (txns, records,
@@ -302,8 +304,9 @@ def report(results: dict) -> str:
                       results["import_client"]["storage"])):
         rows.append([label, "%.2f" % r["seconds"], str(r["transactions_per_second"]),
                      str(r["objects_per_second"])])
-    out = ["source: %d transactions, %d records, %.1f MB" % (
-        src["transactions"], src["records"], src["bytes"] / 1e6), "",
+    out = ["source: %d transactions, %d records, %.1f MB%s" % (
+        src["transactions"], src["records"], src["bytes"] / 1e6,
+        "" if src["undo"] else ", no undo"), "",
         format_table(["copy", "seconds", "transactions/s", "objects/s"], rows)]
     c = results["import_client"]
     out += ["", "client during the live import (%d load+commit rounds) and after it:"
@@ -319,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="--transactions 10000")
     parser.add_argument("--transactions", type=int, help="size of the FileStorage (50000)")
+    parser.add_argument("--no-undo", action="store_true",
+                        help="no undo transactions in the FileStorage (FileStorage.restore"
+                        " scans back through the file for each undo record)")
     parser.add_argument("--timeout", type=float, default=600, help="bound on each import (600 s)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")

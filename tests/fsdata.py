@@ -38,11 +38,12 @@ def _commit(storage, stores=(), deletes=(), undos=(), user=b"", description=b"",
 
 
 def make_filestorage(path: str, transactions: int = 10000, objects: int = 300,
-                     size: int = 60, seed: int = 1) -> dict:
+                     size: int = 60, seed: int = 1, undo: bool = True) -> dict:
     """Write a new FileStorage at ``path`` with about ``transactions``
-    transactions; returns a summary (counts of each kind, the raw oids)."""
+    transactions; returns a summary (counts of each kind, the raw oids).
+    Without ``undo``, no undo transactions."""
     with no_fsync():
-        return _make(path, transactions, objects, size, random.Random(seed))
+        return _make(path, transactions, objects, size, random.Random(seed), undo)
 
 
 @contextlib.contextmanager
@@ -56,7 +57,7 @@ def no_fsync():
         module.fsync = fsync
 
 
-def _make(path, transactions, objects, size, rng) -> dict:
+def _make(path, transactions, objects, size, rng, undo) -> dict:
     storage = FileStorage(path, create=True)
     db = ZODB.DB(storage)
     counts = {"stores": 0, "undos": 0, "undone_creations": 0, "deletions": 0,
@@ -90,7 +91,7 @@ def _make(path, transactions, objects, size, rng) -> dict:
             counts["resolved"] += 1
             n += 2
             continue
-        if i % 97 == 0 and oids:
+        if undo and i % 97 == 0 and oids:
             # change an object, then undo the change (back-pointer)
             oid = rng.choice([o for o in oids if o not in deleted] or oids)
             if oid not in deleted:
@@ -99,7 +100,7 @@ def _make(path, transactions, objects, size, rng) -> dict:
                 counts["undos"] += 1
                 n += 2
                 continue
-        if i % 131 == 0:
+        if undo and i % 131 == 0:
             # create an object, then undo its creation (no data)
             oid = storage.new_oid()
             tid = _commit(storage, [(oid, z64, b"created %d" % i)])

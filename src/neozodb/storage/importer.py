@@ -48,8 +48,8 @@ log = logging.getLogger("neozodb.storage")
 
 #: Records read and written between two turns of the event loop, at most,
 #: and the time spent reading them (about as much is spent writing).
-SLICE_RECORDS = 200
-SLICE_SECONDS = 0.002
+SLICE_RECORDS = 100
+SLICE_SECONDS = 0.001
 #: While the node served a request in the last BUSY_SECONDS, the copy takes
 #: at most half of the time (it pauses as long as each step took).
 BUSY_SECONDS = 0.1
