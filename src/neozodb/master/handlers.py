@@ -110,8 +110,11 @@ class IdentificationHandler(BaseHandler):
         node.state = state
         node.id_timestamp = app.id_timestamp()
         node.conn = conn
-        if node_type is NodeTypes.STORAGE and extra:
-            node.devpath = tuple(extra.get(b"devpath") or ())
+        if node_type is NodeTypes.STORAGE:
+            if extra:
+                node.devpath = tuple(extra.get(b"devpath") or ())
+            # an importing storage reports again once operational
+            app.import_status.pop(node.label, None)
         conn.nid = nid
         conn.node = node
         conn.handler = handler
