@@ -249,6 +249,7 @@ COMMANDS = [
     "print primary",
     "print check",
     "print pack",
+    "print import",
     "start",
     "add NID... | add all",
     "set cluster STATE",

@@ -742,7 +742,8 @@ class BackendConformance:
 
 
     @settings(max_examples=25, deadline=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture])
+              suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                     HealthCheck.differing_executors])
     @given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from([b'a', b'b', None])),
                     min_size=1, max_size=12),
            st.integers(0, 110))

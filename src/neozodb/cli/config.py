@@ -58,7 +58,7 @@ DEFAULT_BIND = {
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
-ADAPTERS = ("SQLite",)
+ADAPTERS = ("SQLite", "Importer")
 
 # High byte of a NID per node type (see the protocol reference).
 NID_NAMESPACES = {"S": 0x00, "M": -0x10, "C": -0x20, "A": -0x30}

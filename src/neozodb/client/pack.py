@@ -29,6 +29,7 @@ import logging
 import time
 from queue import SimpleQueue
 
+from ZODB import POSException
 from ZODB.Connection import TransactionMetaData
 
 from neozodb.client.compress import WrongChecksum
@@ -223,7 +224,13 @@ def pack(storage, t: float, referencesf, gc: bool = True, wait: bool = True) -> 
     started = time.monotonic()
     if gc:
         mark = Mark(app, pack_tid, referencesf)
-        unreachable = mark.run()
+        try:
+            unreachable = mark.run()
+        except RemoteError as e:
+            if e.code is not ErrorCodes.BACKEND_NOT_IMPLEMENTED:
+                raise
+            # e.g. a storage still importing cannot list its objects
+            raise POSException.StorageError("cannot pack: %s" % e.message) from None
         oids = sorted(unreachable)
         if len(oids) > MAX_GC_OIDS:
             log.warning("%s: %d unreachable objects: this pack collects %d of them, pack again"

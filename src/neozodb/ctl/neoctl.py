@@ -53,6 +53,7 @@ commands:
   print check                   progress and findings of the last check
   print pack                    pack orders: up to which TID, GC or history,
                                 which storages completed them
+  print import                  progress of a storage importing a ZODB (Importer)
   start                         allow the cluster to leave RECOVERING
   add NID... | add all          accept pending storage nodes (NID e.g. S3)
   set cluster STATE             e.g. set cluster STOPPING
@@ -228,11 +229,27 @@ def _tweak(ctl: NeoCtl, args: list[str]) -> tuple[list[str], object]:
         "nodes": {nid_str(n[2]): n[3].name for n in storages}}
 
 
-def _check_status(ctl: NeoCtl) -> dict:
+def _master_status(ctl: NeoCtl) -> dict:
     # CheckReplicas without partitions starts nothing: the master answers
-    # the state of the last check, as JSON, in the acknowledgement
+    # the state of the last check, as JSON, in the acknowledgement, with
+    # what importing storages reported under "import"
     (text,) = ctl.call(Packets.CheckReplicas, {}, ZERO_TID, None)
     return json.loads(text)
+
+
+def _check_status(ctl: NeoCtl) -> dict:
+    status = _master_status(ctl)
+    status.pop("import", None)
+    return status
+
+
+def _import_report(ctl: NeoCtl) -> tuple[list[str], object]:
+    from neozodb.storage.importer import format_status
+    imports = _master_status(ctl).get("import") or {}
+    if not imports:
+        return ["no import"], {}
+    return ["%s: %s" % (label, format_status(status))
+            for label, status in sorted(imports.items())], imports
 
 
 def _check_report(status: dict) -> list[str]:
@@ -339,7 +356,7 @@ def run_command(ctl: NeoCtl, words: list[str], progress=lambda line: None
     cmd, args = words[0], words[1:]
     if cmd == "print":
         if not args:
-            raise CtlError("print what? (cluster, ids, node, pt, primary, check, pack)")
+            raise CtlError("print what? (cluster, ids, node, pt, primary, check, pack, import)")
         what, rest = args[0], args[1:]
         if what == "cluster":
             (state,) = ctl.call(Packets.AskClusterState)
@@ -378,6 +395,8 @@ def run_command(ctl: NeoCtl, words: list[str], progress=lambda line: None
         if what == "pack":
             status = _pack_status(ctl)
             return _pack_report(status), status
+        if what == "import":
+            return _import_report(ctl)
         if what == "primary":
             (nid,) = ctl.call(Packets.AskPrimary)
             return [nid_str(nid)], {"primary": nid_str(nid)}

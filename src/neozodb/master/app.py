@@ -94,6 +94,8 @@ class MasterApp:
         self.final_tid_waiters: dict[int, list] = {}  # ttid -> [(client conn, msg_id)]
         self.check_run = None  # the last `neoctl check` (master/checks.py)
         self.pm = PackManager()  # pack orders, completion, WaitForPack
+        # storage label -> last import status it reported (neoctl print import)
+        self.import_status: dict[str, dict] = {}
         # `neoctl truncate`: storages delete what was committed after this
         # tid; pending from the request (or, after a restart, from the
         # storages' reports) until verification applied it
@@ -592,6 +594,12 @@ class MasterApp:
                 raise TransactionError(
                     "cannot pack up to %#x: the last transaction is %#x" % (
                         pack_tid, self.tm.last_tid) if pack_tid else "cannot pack up to tid 0")
+            importing = sorted(label for label, status in self.import_status.items()
+                               if status.get("state") != "finished")
+            if importing:
+                raise TransactionError(
+                    "cannot pack while an import is unfinished (%s: see neoctl print import)"
+                    % " ".join(importing))
         involved = self.involved_storages(ttid, oids, deleted, checked)
         txn = self.tm.prepare(u64(ttid), time.time(), list(oids), involved)
         txn.finish_request = (conn, msg_id)

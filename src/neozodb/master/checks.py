@@ -146,8 +146,13 @@ def checker_lost(app, nid: int) -> None:
 
 
 def check_status(app) -> str:
+    """The status of the last check, and under "import" what storages
+    importing a ZODB reported (by storage label)."""
     run = app.check_run
     if run is None:
-        return json.dumps({"partitions": 0, "checked": 0, "checking": [], "results": {},
-                           "repairs": {}, "done": True})
-    return json.dumps(run.status(app))
+        status = {"partitions": 0, "checked": 0, "checking": [], "results": {},
+                  "repairs": {}, "done": True}
+    else:
+        status = run.status(app)
+    status["import"] = app.import_status
+    return json.dumps(status)

@@ -111,8 +111,11 @@ class IdentificationHandler(BaseHandler):
         node.state = state
         node.id_timestamp = app.id_timestamp()
         node.conn = conn
-        if node_type is NodeTypes.STORAGE and extra:
-            node.devpath = tuple(extra.get(b"devpath") or ())
+        if node_type is NodeTypes.STORAGE:
+            if extra:
+                node.devpath = tuple(extra.get(b"devpath") or ())
+            # an importing storage reports again once operational
+            app.import_status.pop(node.label, None)
         conn.nid = nid
         conn.node = node
         conn.handler = handler
@@ -184,6 +187,16 @@ class StorageHandler(BaseHandler):
         if not 0 <= offset < self.app.pt.num_partitions:
             raise ProtocolError("invalid partition %r" % offset)
         self.app.replication_done(conn.node, offset, tid)
+
+    def NotifyMonitorInformation(self, conn, msg_id, info):
+        """A storage importing a ZODB reports its progress (JSON), kept for
+        ``neoctl print import`` (the status of ``CheckReplicas``)."""
+        text = info.get(b"import")
+        if isinstance(text, bytes):
+            try:
+                self.app.import_status[conn.node.label] = json.loads(text)
+            except ValueError:
+                raise ProtocolError("invalid import status") from None
 
     def NotifyPartitionCorrupted(self, conn, msg_id, partition, nids):
         if not 0 <= partition < self.app.pt.num_partitions:

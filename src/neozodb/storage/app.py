@@ -64,6 +64,11 @@ class StorageApp:
         self._pending_timer: asyncio.TimerHandle | None = None
         self._exit = asyncio.Event()
         self.exit_status = 0
+        self.last_request = 0.0  # time.monotonic() of the last request from a peer
+        self.importer = None
+        if getattr(backend, "read_source", None) is not None:  # Importer backend
+            from neozodb.storage.importer import Importer
+            self.importer = Importer(self)
         self._load_pt()
 
     @property
@@ -89,6 +94,8 @@ class StorageApp:
         self.backend.save_pt(ptid, replicas, pt.rows())
         if self.operational:
             self._own_cells_changed(old)
+            if self.importer is not None:
+                self.importer.check_pt()
         else:
             # before verification validates transactions in our cells
             self.replicator.note_resume_points()
@@ -99,6 +106,8 @@ class StorageApp:
         self.backend.change_pt(ptid, replicas, [(o, n, s.value) for o, n, s in changes])
         if self.operational:
             self._own_cells_changed(old)
+            if self.importer is not None:
+                self.importer.check_pt()
         else:
             self.replicator.note_resume_points()
 
@@ -178,6 +187,8 @@ class StorageApp:
         self.server.close()
         self.replicator.stop()
         self.packer.stop()
+        if self.importer is not None:
+            self.importer.stop()
         for conn in [*self.client_conns, *self.source_conns, *self.peer_conns.values()]:
             conn.close("storage exiting", flush=True)
         if self.master_conn is not None:
@@ -240,8 +251,16 @@ class StorageApp:
             log.info("%s: forgetting transaction %s locked under the previous master",
                      self.label, ttid.hex())
             self.locks.finish(ttid)
+        if self.importer is not None:
+            why = self.importer.refusal()
+            if why is not None:
+                log.error("%s: %s", self.label, why)
+                self.exit(2)
+                return
         self.operational = True
         self.replicator.start()
+        if self.importer is not None:
+            self.importer.start()
         log.info("%s: operational", self.label)
         conn.notify(Packets.NotifyReady)
         self.packer.start()
@@ -284,6 +303,8 @@ class StorageApp:
         self.operational = False
         self.replicator.stop()
         self.packer.stop()
+        if self.importer is not None:
+            self.importer.stop()
         self.checker.stop()
         for conn in [*self.client_conns, *self.source_conns, *self.peer_conns.values()]:
             conn.close("operation stopped", flush=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from neozodb.net.bootstrap import FollowsPrimary
@@ -20,6 +21,7 @@ from neozodb.protocol import (
     p64,
     u64,
 )
+from neozodb.storage.backends.base import Unsupported
 from neozodb.storage.pack import PAGE_OIDS, is_gc_extension, wire_order
 
 if TYPE_CHECKING:
@@ -81,6 +83,14 @@ class Retry:
 class BaseHandler(Handler):
     def __init__(self, app: StorageApp) -> None:
         self.app = app
+
+    def dispatch(self, conn, msg_id, packet, args):
+        self.app.last_request = time.monotonic()  # background work yields to requests
+        try:
+            super().dispatch(conn, msg_id, packet, args)
+        except Unsupported as e:
+            # e.g. an Importer asked to list what it has not imported yet
+            raise HandlerError(str(e), ErrorCodes.BACKEND_NOT_IMPLEMENTED) from None
 
     def Ping(self, conn, msg_id):
         conn.answer(msg_id, Packets.Pong)

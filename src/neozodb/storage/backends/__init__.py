@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import importlib
 
-from .base import DISCARDED, ZERO_HASH, Backend
+from .base import DISCARDED, ZERO_HASH, Backend, Unsupported
 
-__all__ = ['Backend', 'DISCARDED', 'ZERO_HASH', 'adapters', 'open_backend']
+__all__ = ['Backend', 'DISCARDED', 'Unsupported', 'ZERO_HASH', 'adapters', 'open_backend']
 
 # adapter name (lower case) -> (module, class); later: postgresql, mariadb.
 _ADAPTERS = {
     'sqlite': ('neozodb.storage.backends.sqlite', 'SQLiteBackend'),
+    # live import of a ZODB storage into SQLite (database = its INI file)
+    'importer': ('neozodb.storage.backends.importer', 'ImporterBackend'),
 }
 
 

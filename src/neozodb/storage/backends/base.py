@@ -92,6 +92,13 @@ def revisions_to_delete(oid: int, revisions: Sequence[tuple[int, int | None]],
     return doomed
 
 
+class Unsupported(Exception):
+    """A read or operation this backend cannot do in its current state
+    (e.g. iterating transactions an Importer has not copied yet).  The
+    storage node answers the request with BACKEND_NOT_IMPLEMENTED and the
+    exception's message; the connection and the backend stay usable."""
+
+
 class Backend(abc.ABC):
     """Abstract storage node database.
 
