@@ -290,3 +290,50 @@ def test_undo_log_after_pack_and_undo_of_packed_away(cluster):
         assert root["v"] == "after"
     finally:
         db.close()
+
+
+def test_commits_go_on_during_a_pack_of_100000_objects(tmp_path):
+    """The scale of the issue, without a rate cap: 100,000 objects, 60,000
+    of them unreachable.  Writers commit all along; commits complete while
+    the storages apply the order (not after the whole pack), none fails."""
+    cluster = LocalCluster(str(tmp_path / "c"), name="big", storages=2, replicas=1,
+                           partitions=12)
+    try:
+        cluster.start(wait=60)
+        db = ZODB.DB(Storage(cluster.masters, cluster.name), cache_size=1000)
+        conn = db.open()
+        root = conn.root()
+        keep = root["keep"] = PersistentMapping()
+        for i in range(40000):
+            keep[i] = PersistentMapping(n=i)
+            if i % 5000 == 4999:
+                transaction.commit()
+                conn.cacheGC()
+        garbage = make_garbage(root, "g", 60000, per_txn=5000)
+        conn.cacheGC()
+        writers = Writers(cluster, tmp_path)
+        try:
+            wait_until(writers.more(5), 60, "first commits")
+            done = threading.Event()
+            packer = threading.Thread(target=lambda: (db.pack(), done.set()), daemon=True)
+            packer.start()
+            wait_until(lambda: print_pack(cluster)[1]["orders"], 120, "the pack order")
+            wait_until(writers.more(10), 60, "commits during the pack")
+            assert not completed_by(cluster, ["S1", "S2"]) and not done.is_set()
+            packer.join(180)
+            assert done.is_set()
+            wait_until(writers.more(5), 60, "commits after the pack")
+        finally:
+            writers.stop()
+        writers.check()
+        storage = Storage(cluster.masters, cluster.name)
+        try:
+            assert all(gone(storage, oid, []) for oid in garbage[::1000])
+            kept = storage.load(keep._p_oid)[0]
+            assert kept
+        finally:
+            storage.close()
+        assert {keep[i]["n"] for i in range(0, 40000, 997)} == set(range(0, 40000, 997))
+        db.close()
+    finally:
+        cluster.kill()
