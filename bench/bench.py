@@ -16,24 +16,18 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
-import datetime
-import json
 import logging
 import os
-import platform
-import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import transaction
 import ZODB
 from BTrees.OOBTree import OOBTree
+from common import INTERRUPTED, interruptible, stop_cluster, temporary_directory, write_json
 from persistent.mapping import PersistentMapping
 
 SMALL_COMMITS = 100  # one-object commits per round
@@ -109,12 +103,8 @@ class NeoBackend(Backend):
 
     def stop(self) -> None:
         cluster, self.cluster = self.cluster, None
-        if cluster is None:
-            return
-        try:
-            cluster.stop(timeout=10)
-        finally:
-            cluster.kill()  # no-op for nodes that already exited
+        if cluster is not None:
+            stop_cluster(cluster)
 
 
 class FileStorageBackend(Backend):
@@ -332,14 +322,6 @@ def report(results: dict, skipped: dict, objects: int) -> str:
 
 
 # -- main -----------------------------------------------------------------------------------------
-INTERRUPTED: list[str] = []  # the signal that stopped the run, if any
-
-
-def interrupt(signum, frame):
-    INTERRUPTED.append(signal.Signals(signum).name)
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def measure(backends: list[Backend], skipped: dict, objects: int, rounds: int) -> dict:
     """Run every backend; whatever happens, stop every process and remove
     the temporary directory before returning or raising.
@@ -348,15 +330,9 @@ def measure(backends: list[Backend], skipped: dict, objects: int, rounds: int) -
     each backend, then round 2...), so that a load spike on the machine hits
     one round of every backend rather than every round of one."""
     per_round: dict[str, list[dict]] = {}
-    with contextlib.ExitStack() as cleanup:
-        workdir = tempfile.mkdtemp(prefix="neozodb-bench-")
-        cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
+    with temporary_directory("bench") as (cleanup, workdir):
         for backend in backends:
             cleanup.callback(backend.stop)  # idempotent: safe after a failed start
-        # Callbacks run last-registered first: once cleaning up, ignore a
-        # second Ctrl-C so that it cannot leave processes behind.
-        cleanup.callback(signal.signal, signal.SIGTERM, signal.SIG_IGN)
-        cleanup.callback(signal.signal, signal.SIGINT, signal.SIG_IGN)
         active = []
         for backend in backends:
             t0 = time.perf_counter()
@@ -415,18 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     print("objects=%d rounds=%d, %d one-object commits per round, %d CPUs" % (
         args.objects, args.rounds, SMALL_COMMITS, os.cpu_count() or 0), flush=True)
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        results = measure(backends, skipped, args.objects, args.rounds)
-    except BaseException:
-        if INTERRUPTED:  # node processes may die of the same Ctrl-C first: not a failure
-            print("\ninterrupted by %s; every process stopped, temporary files removed"
-                  % INTERRUPTED[0], file=sys.stderr)
-            return 130
-        raise
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    results = interruptible(measure, backends, skipped, args.objects, args.rounds,
+                            stopped="every process stopped, temporary files removed")
+    if INTERRUPTED:
+        return 130
 
     print()
     print(report(results, skipped, args.objects))
@@ -434,22 +402,10 @@ def main(argv: list[str] | None = None) -> int:
           "over all rounds (%d commits); total %.0fs" % (
               args.rounds, SMALL_COMMITS * args.rounds, time.perf_counter() - started))
     if args.json:
-        data = {
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "objects": args.objects,
-            "rounds": args.rounds,
-            "small_commits_per_round": SMALL_COMMITS,
-            "payload_bytes": PAYLOAD,
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "results": results,
-            "ratios": ratios(results),
-            "skipped": skipped,
-        }
-        with open(args.json, "w") as f:
-            json.dump(data, f, indent=2)
-        print("results written to", args.json)
+        write_json(args.json, {"objects": args.objects, "rounds": args.rounds,
+                               "small_commits_per_round": SMALL_COMMITS,
+                               "payload_bytes": PAYLOAD},
+                   results, ratios=ratios(results), skipped=skipped)
     return 0
 
 

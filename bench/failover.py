@@ -26,24 +26,18 @@ import json
 import logging
 import os
 import platform
-import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import threading
 import time
 
 import transaction
 import ZODB
 from bench import ZEOBackend, format_table  # bench/bench.py, next to this script
+from common import say, temporary_directory  # bench/common.py
 from persistent.mapping import PersistentMapping
 
 TIMEOUT = 60.0  # bound on one failover
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
 
 
 class Committer(threading.Thread):
@@ -213,13 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     say("failover benchmark: %d trials, %d CPUs, Python %s" % (
         opts.trials, os.cpu_count() or 0, platform.python_version()))
     results: dict = {}
-    with contextlib.ExitStack() as cleanup:
-        workdir = tempfile.mkdtemp(prefix="neozodb-failover-")
-        if opts.keep:
-            say("  logs and databases kept in " + workdir)
-        else:
-            cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
-        cleanup.callback(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    with temporary_directory("failover", opts.keep) as (_, workdir):
         for key, measure in (("neo3", lambda s: measure_neo(s, workdir, 3, opts.trials)),
                              ("neo1", lambda s: measure_neo(s, workdir, 1, opts.trials)),
                              ("zeo", lambda s: measure_zeo(s, workdir, opts.trials))):

@@ -25,22 +25,25 @@ Usage: .venv/bin/python bench/import.py [--quick] [--transactions N] [--no-undo]
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
-import json
 import os
 import platform
 import random
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
 
 from bench import format_table, percentile  # bench/bench.py, next to this script
+from common import (  # bench/common.py
+    INTERRUPTED,
+    count,
+    interruptible,
+    options,
+    stop_cluster,
+    temporary_directory,
+    write_json,
+)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from fsdata import make_filestorage, no_fsync  # noqa: E402
@@ -51,20 +54,6 @@ QUICK = {"transactions": 10_000}
 
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-def count(path: str) -> tuple[int, int]:
-    """(transactions, records) of a FileStorage."""
-    from ZODB.FileStorage import FileStorage
-    fs = FileStorage(path, read_only=True)
-    try:
-        txns = records = 0
-        for txn in fs.iterator():
-            txns += 1
-            records += sum(1 for _ in txn)
-        return txns, records
-    finally:
-        fs.close()
 
 
 def rates(seconds: float, txns: int, records: int) -> dict:
@@ -166,13 +155,6 @@ def wait_finished(cluster, timeout: float) -> dict:
     return wait_until(finished, timeout, "the import to finish")
 
 
-def stop_cluster(cluster) -> None:
-    try:
-        cluster.stop(timeout=10)
-    finally:
-        cluster.kill()
-
-
 def measure_import(cleanup, workdir: str, source: str, txns: int, records: int,
                    timeout: float) -> dict:
     cluster = import_cluster(workdir, "idle", source)
@@ -249,24 +231,9 @@ def measure_import_with_client(cleanup, workdir: str, source: str, oids: list[by
 
 
 # -- main -------------------------------------------------------------------------------------------
-INTERRUPTED: list[str] = []
-
-
-def interrupt(signum, frame):
-    INTERRUPTED.append(signal.Signals(signum).name)
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def run(opts) -> dict:
     results: dict = {}
-    with contextlib.ExitStack() as cleanup:
-        workdir = tempfile.mkdtemp(prefix="neozodb-import-")
-        if opts.keep:
-            say("  logs and databases kept in " + workdir)
-        else:
-            cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
-        cleanup.callback(signal.signal, signal.SIGTERM, signal.SIG_IGN)
-        cleanup.callback(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    with temporary_directory("import", opts.keep, say) as (cleanup, workdir):
         source = os.path.join(workdir, "Data.fs")
         say("1. writing a FileStorage of %d transactions" % opts.transactions)
         started = time.perf_counter()
@@ -333,28 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     say("import benchmark: %d CPUs, Python %s" % (os.cpu_count() or 0,
                                                   platform.python_version()))
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        results = run(opts)
-    except BaseException:
-        if not INTERRUPTED:
-            raise
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    results = interruptible(run, opts)
     if INTERRUPTED:
-        print("\ninterrupted by %s; every process stopped" % INTERRUPTED[0], file=sys.stderr)
         return 130
     print()
     print(report(results))
     print("\ntotal %.0fs" % (time.perf_counter() - started))
     if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump({"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                       "options": vars(opts), "cpus": os.cpu_count(),
-                       "python": platform.python_version(), "platform": platform.platform(),
-                       "results": results}, f, indent=2)
-        print("results written to", opts.json)
+        write_json(opts.json, options(opts), results)
     return 0
 
 

@@ -34,13 +34,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import transaction
 import ZODB
 from bench import format_table  # bench/bench.py, next to this script
 from BTrees.IOBTree import IOBTree
+from common import count, temporary_directory  # bench/common.py
 from persistent.mapping import PersistentMapping
 from ZODB.FileStorage import FileStorage
 
@@ -74,18 +74,6 @@ def generate(path: str, objects: int, updates: int, seed: int = 1) -> None:
         conn.close()
     finally:
         db.close()
-
-
-def count(path: str) -> tuple[int, int]:
-    fs = FileStorage(path, read_only=True)
-    try:
-        transactions = records = 0
-        for txn in fs.iterator():
-            transactions += 1
-            records += sum(1 for _ in txn)
-        return transactions, records
-    finally:
-        fs.close()
 
 
 def zodbconvert(workdir: str, source: str, destination: str) -> float | None:
@@ -129,12 +117,7 @@ def run(opts) -> tuple[list[list[str]], dict]:
     the table shows the median of each."""
     times: dict[str, list[float]] = {}
     notes: dict[str, str] = {}
-    with contextlib.ExitStack() as cleanup:
-        workdir = tempfile.mkdtemp(prefix="neozodb-migrate-")
-        if opts.keep:
-            say("files kept in " + workdir)
-        else:
-            cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
+    with temporary_directory("migrate", opts.keep, say, "files kept in ") as (cleanup, workdir):
         source = os.path.join(workdir, "source.fs")
         say("generating %d objects + %d update transactions..." % (opts.objects, opts.updates))
         generate(source, opts.objects, opts.updates)

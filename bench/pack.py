@@ -26,35 +26,27 @@ Usage: .venv/bin/python bench/pack.py [--quick] [--objects N] [--partitions P]
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import json
-import logging
 import os
 import platform
 import random
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
 
 from bench import format_table, percentile  # bench/bench.py, next to this script
+from common import run_and_report, say, stop_cluster, temporary_directory  # bench/common.py
 from replication import (  # bench/replication.py
     Writer,
     compare_storages,
-    interrupt,
     log_problems,
     log_time,
     open_db,
     read_log,
-    say,
     start_cluster,
-    stop_cluster,
     wait_all_up,
 )
 from ZODB.POSException import POSKeyError
@@ -329,6 +321,11 @@ def report(r: dict) -> str:
     return "\n".join(out)
 
 
+def run(opts, anomalies: list[str]) -> dict:
+    with temporary_directory("pack", opts.keep) as (cleanup, workdir):
+        return measure(cleanup, workdir, opts, anomalies)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="10x smaller: --objects 10000")
@@ -347,46 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     opts.commits = opts.commits or defaults["commits"]
     if min(opts.objects, opts.commits) < 1:
         parser.error("sizes must be positive")
-    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-
-    started = time.perf_counter()
-    say("pack benchmark: %d partitions, %d CPUs, Python %s" % (
-        opts.partitions, os.cpu_count() or 0, platform.python_version()))
-    anomalies: list[str] = []
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    result = None
-    try:
-        with contextlib.ExitStack() as cleanup:
-            workdir = tempfile.mkdtemp(prefix="neozodb-pack-")
-            if opts.keep:
-                say("  logs and databases kept in " + workdir)
-            else:
-                cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
-            cleanup.callback(signal.signal, signal.SIGTERM, signal.SIG_IGN)
-            cleanup.callback(signal.signal, signal.SIGINT, signal.SIG_IGN)
-            result = measure(cleanup, workdir, opts, anomalies)
-    except KeyboardInterrupt as e:
-        print("\ninterrupted by %s; every process stopped" % e, file=sys.stderr)
-        return 130
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    print()
-    print(report(result))
-    if anomalies:
-        print("\nwarnings and errors in the node logs, and checks that failed:")
-        for line in anomalies:
-            print("  " + line)
-    print("\ntotal %.0fs" % (time.perf_counter() - started))
-    if opts.json:
-        data = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                "options": vars(opts), "cpus": os.cpu_count(),
-                "python": platform.python_version(), "platform": platform.platform(),
-                "results": result, "anomalies": anomalies}
-        with open(opts.json, "w") as f:
-            json.dump(data, f, indent=2)
-        print("results written to", opts.json)
-    return 0
+    title = "pack benchmark: %d partitions, %d CPUs, Python %s" % (
+        opts.partitions, os.cpu_count() or 0, platform.python_version())
+    return run_and_report(run, opts, report, title)
 
 
 if __name__ == "__main__":

@@ -18,38 +18,29 @@ Usage: .venv/bin/python bench/recovery.py [--quick] [--sizes N,N] [--runs R]
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
-import json
-import logging
 import os
 import platform
 import re
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 
 import transaction
 import ZODB
 from bench import format_table  # bench/bench.py, next to this script
+from common import run_and_report, say, stop_cluster, temporary_directory  # bench/common.py
 from replication import (  # bench/replication.py: same clusters, workload and log reading
-    INTERRUPTED,
     build,
     compare_storages,
     db_stats,
-    interrupt,
     log_problems,
     log_size,
     log_time,
     read_log,
-    say,
     start_cluster,
-    stop_cluster,
     storage_db,
     wait_all_up,
 )
@@ -237,15 +228,7 @@ def report(results: list[dict]) -> str:
 
 def run(opts, anomalies: list[str]) -> list[dict]:
     results = []
-    with contextlib.ExitStack() as cleanup:
-        workdir = tempfile.mkdtemp(prefix="neozodb-recovery-")
-        if opts.keep:
-            say("  logs and databases kept in " + workdir)
-        else:
-            cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
-        # last-registered first: the clusters are stopped with SIGINT/SIGTERM ignored
-        cleanup.callback(signal.signal, signal.SIGTERM, signal.SIG_IGN)
-        cleanup.callback(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    with temporary_directory("recovery", opts.keep) as (cleanup, workdir):
         for size in opts.sizes:
             for label in opts.configs:
                 results.append(measure(cleanup, workdir, opts, label, size, anomalies))
@@ -276,47 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--configs takes " + ", ".join(CONFIGS))
     if min(opts.sizes) < 5 or opts.runs < 1:
         parser.error("sizes must be at least 5 objects, runs at least 1")
-    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-
-    started = time.perf_counter()
-    say("recovery benchmark: %d partitions, %d CPUs, Python %s, %s" % (
+    title = "recovery benchmark: %d partitions, %d CPUs, Python %s, %s" % (
         opts.partitions, os.cpu_count() or 0, platform.python_version(),
-        "a writer committing during each kill" if opts.writer else "idle cluster killed"))
-    anomalies: list[str] = []
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        results = run(opts, anomalies)
-    except BaseException:
-        if not INTERRUPTED:
-            raise
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if INTERRUPTED:
-        print("\ninterrupted by %s; every process stopped" % INTERRUPTED[0], file=sys.stderr)
-        return 130
-
-    print()
-    print(report(results))
-    if anomalies:
-        print("\nwarnings and errors in the node logs, and checks that failed:")
-        for line in anomalies:
-            print("  " + line)
-    print("\ntotal %.0fs" % (time.perf_counter() - started))
-    if opts.json:
-        data = {
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "options": vars(opts),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "results": results,
-            "anomalies": anomalies,
-        }
-        with open(opts.json, "w") as f:
-            json.dump(data, f, indent=2)
-        print("results written to", opts.json)
-    return 0
+        "a writer committing during each kill" if opts.writer else "idle cluster killed")
+    return run_and_report(run, opts, report, title)
 
 
 if __name__ == "__main__":

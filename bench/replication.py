@@ -21,25 +21,20 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import datetime
-import json
-import logging
 import os
 import platform
 import random
 import re
-import shutil
-import signal
 import sqlite3
 import statistics
 import sys
-import tempfile
 import time
 
 import transaction
 import ZODB
 from bench import format_table, percentile  # bench/bench.py, next to this script
 from BTrees.LOBTree import LOBTree
+from common import run_and_report, say, stop_cluster, temporary_directory  # bench/common.py
 from persistent.mapping import PersistentMapping
 
 BATCH = 1000  # new objects per transaction while building a database
@@ -81,34 +76,14 @@ def log_size(path: str) -> int:
 
 
 # -- clusters ---------------------------------------------------------------------------------
-def make_cluster(workdir: str, key: str, storages: int, replicas: int, partitions: int,
-                 storage_args: list[str]):
-    from neozodb.cli.cluster import LocalCluster
-
-    class BenchCluster(LocalCluster):
-        def storage(self, i: int):
-            new = "S%d" % i not in self.nodes
-            node = super().storage(i)
-            if new:
-                node.argv.extend(storage_args)  # e.g. --replication-rate
-            return node
-
-    # INFO: the replication lines of the logs are part of the measure
-    return BenchCluster(os.path.join(workdir, key), name="bench-" + key, storages=storages,
-                        replicas=replicas, partitions=partitions, loglevel="INFO")
-
-
-def stop_cluster(cluster) -> None:
-    """Safe to call twice, and after a failed start."""
-    try:
-        cluster.stop(timeout=10)
-    finally:
-        cluster.kill()  # no-op for nodes that already exited
-
-
 def start_cluster(cleanup: contextlib.ExitStack, workdir: str, key: str, storages: int,
                   replicas: int, partitions: int, storage_args: list[str]):
-    cluster = make_cluster(workdir, key, storages, replicas, partitions, storage_args)
+    """storage_args: given to every storage, e.g. --replication-rate."""
+    from neozodb.cli.cluster import LocalCluster
+    # INFO: the replication lines of the logs are part of the measure
+    cluster = LocalCluster(os.path.join(workdir, key), name="bench-" + key, storages=storages,
+                           replicas=replicas, partitions=partitions, loglevel="INFO",
+                           storage_args=storage_args)
     cleanup.callback(stop_cluster, cluster)  # registered before start: a failed start is cleaned
     cluster.start(wait=60)
     return cluster
@@ -324,10 +299,6 @@ def build(cluster, objects: int, seed: int, label: str) -> tuple[float, int]:
 
 
 # -- measures ------------------------------------------------------------------------------------
-def say(text: str) -> None:
-    print(text, flush=True)
-
-
 def measure_throughput(cleanup, workdir, opts, anomalies) -> dict:
     say("1. throughput: %d objects written while S2 is down, then S2 started" % opts.objects)
     cluster = start_cluster(cleanup, workdir, "throughput", 2, 1, opts.partitions,
@@ -461,26 +432,9 @@ def report(results: dict) -> str:
 
 
 # -- main ------------------------------------------------------------------------------------------
-INTERRUPTED: list[str] = []
-
-
-def interrupt(signum, frame):
-    INTERRUPTED.append(signal.Signals(signum).name)
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def run(opts, anomalies: list[str]) -> dict:
     results: dict = {}
-    with contextlib.ExitStack() as cleanup:
-        workdir = tempfile.mkdtemp(prefix="neozodb-replication-")
-        if opts.keep:
-            say("  logs and databases kept in " + workdir)
-        else:
-            cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
-        # Callbacks run last-registered first: the cluster callbacks (registered
-        # later) run with SIGINT/SIGTERM ignored, so cleanup always finishes.
-        cleanup.callback(signal.signal, signal.SIGTERM, signal.SIG_IGN)
-        cleanup.callback(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    with temporary_directory("replication", opts.keep) as (cleanup, workdir):
         if "throughput" in opts.only:
             results["throughput"] = measure_throughput(cleanup, workdir, opts, anomalies)
         if "catchup" in opts.only:
@@ -524,47 +478,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("sizes and the outage must be positive")
     opts.storage_args = (["--replication-rate", opts.replication_rate]
                          if opts.replication_rate else [])
-    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-
-    started = time.perf_counter()
-    say("replication benchmark: %d partitions, %d CPUs, Python %s" % (
-        opts.partitions, os.cpu_count() or 0, platform.python_version()))
-    anomalies: list[str] = []
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        results = run(opts, anomalies)
-    except BaseException:
-        if not INTERRUPTED:
-            raise
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if INTERRUPTED:  # also when some code swallowed the KeyboardInterrupt
-        print("\ninterrupted by %s; every process stopped" % INTERRUPTED[0], file=sys.stderr)
-        return 130
-
-    print()
-    print(report(results))
-    if anomalies:
-        print("\nwarnings and errors in the node logs, and checks that failed:")
-        for line in anomalies:
-            print("  " + line)
-    print("\ntotal %.0fs" % (time.perf_counter() - started))
-    if opts.json:
-        data = {
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "options": {k: (sorted(v) if isinstance(v, set) else v)
-                        for k, v in vars(opts).items()},
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "results": results,
-            "anomalies": anomalies,
-        }
-        with open(opts.json, "w") as f:
-            json.dump(data, f, indent=2)
-        print("results written to", opts.json)
-    return 0
+    title = "replication benchmark: %d partitions, %d CPUs, Python %s" % (
+        opts.partitions, os.cpu_count() or 0, platform.python_version())
+    return run_and_report(run, opts, report, title)
 
 
 if __name__ == "__main__":

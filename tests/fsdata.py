@@ -18,8 +18,11 @@ from ZODB.FileStorage import FileStorage
 from ZODB.utils import z64
 
 
-def _commit(storage, stores=(), deletes=(), undos=(), user=b"", description=b"",
-            extension=None) -> bytes:
+def commit(storage, stores=(), deletes=(), undos=(), user=b"", description=b"",
+           extension=None) -> bytes:
+    """One transaction on a raw storage: stores (oid, serial, data),
+    deletions (oid, serial), undos (ids of the storage's undo log: a
+    cluster's are tids, a FileStorage's ``undo_id(tid)``); returns its tid."""
     t = TransactionMetaData(user, description, extension or {})
     storage.tpc_begin(t)
     try:
@@ -27,14 +30,18 @@ def _commit(storage, stores=(), deletes=(), undos=(), user=b"", description=b"",
             storage.store(oid, serial, data, "", t)
         for oid, serial in deletes:
             storage.deleteObject(oid, serial, t)
-        for tid in undos:
-            # FileStorage wants the undo log's ids: base64 tids
-            storage.undo(encodebytes(tid).rstrip(b"\n"), t)
+        for undo in undos:
+            storage.undo(undo, t)
         storage.tpc_vote(t)
         return storage.tpc_finish(t)
     except BaseException:
         storage.tpc_abort(t)
         raise
+
+
+def undo_id(tid: bytes) -> bytes:
+    """FileStorage's undo log id of a transaction: its tid in base64."""
+    return encodebytes(tid).rstrip(b"\n")
 
 
 def make_filestorage(path: str, transactions: int = 10000, objects: int = 300,
@@ -95,23 +102,23 @@ def _make(path, transactions, objects, size, rng, undo) -> dict:
             # change an object, then undo the change (back-pointer)
             oid = rng.choice([o for o in oids if o not in deleted] or oids)
             if oid not in deleted:
-                tid = _commit(storage, [(oid, serials[oid], b"to be undone %d" % i)])
-                serials[oid] = _commit(storage, undos=[tid], description=b"undo")
+                tid = commit(storage, [(oid, serials[oid], b"to be undone %d" % i)])
+                serials[oid] = commit(storage, undos=[undo_id(tid)], description=b"undo")
                 counts["undos"] += 1
                 n += 2
                 continue
         if undo and i % 131 == 0:
             # create an object, then undo its creation (no data)
             oid = storage.new_oid()
-            tid = _commit(storage, [(oid, z64, b"created %d" % i)])
-            _commit(storage, undos=[tid], description=b"undo creation")
+            tid = commit(storage, [(oid, z64, b"created %d" % i)])
+            commit(storage, undos=[undo_id(tid)], description=b"undo creation")
             counts["undone_creations"] += 1
             n += 2
             continue
         if i % 101 == 0 and len(oids) > 10:
             oid = rng.choice(oids)
             if oid not in deleted:
-                _commit(storage, deletes=[(oid, serials[oid])], description=b"delete")
+                commit(storage, deletes=[(oid, serials[oid])], description=b"delete")
                 deleted.add(oid)
                 counts["deletions"] += 1
                 n += 1
@@ -134,8 +141,8 @@ def _make(path, transactions, objects, size, rng, undo) -> dict:
             stores.append((oid, serial, b"%d:%s" % (i, rng.randbytes(size // 2).hex().encode())))
         if not stores:
             continue
-        tid = _commit(storage, stores, user=b"user%d" % (i % 5), description=b"txn %d" % i,
-                      extension=ext)
+        tid = commit(storage, stores, user=b"user%d" % (i % 5), description=b"txn %d" % i,
+                     extension=ext)
         for oid, _, _ in stores:
             serials[oid] = tid
         counts["stores"] += 1

@@ -13,12 +13,12 @@ import time
 
 import pytest
 import ZODB
-from ZODB.Connection import TransactionMetaData
 from ZODB.FileStorage import FileStorage
 from ZODB.POSException import ConflictError, StorageError
 from ZODB.serialize import referencesf
 from ZODB.utils import p64, u64, z64
 
+from fsdata import commit as raw_commit
 from fsdata import make_filestorage, no_fsync, transactions
 from neozodb.cli.cluster import LocalCluster, wait_until
 from neozodb.client import Storage
@@ -80,18 +80,8 @@ def write_conf(directory: str, fs_path: str, rate: int = 0, writeback: bool = Fa
 
 def commit(storage, stores=(), deletes=(), user=b"", description=b"", extension=None):
     """A raw transaction; returns what the iterator must show for it."""
-    t = TransactionMetaData(user, description, extension or {})
-    storage.tpc_begin(t)
-    try:
-        for oid, serial, data in stores:
-            storage.store(oid, serial, data, "", t)
-        for oid, serial in deletes:
-            storage.deleteObject(oid, serial, t)
-        storage.tpc_vote(t)
-        tid = storage.tpc_finish(t)
-    except BaseException:
-        storage.tpc_abort(t)
-        raise
+    tid = raw_commit(storage, stores, deletes, user=user, description=description,
+                     extension=extension)
     return (tid, " ", user, description, dict(extension or {}),
             [(oid, tid, data, None) for oid, _, data in stores]
             + [(oid, tid, None, None) for oid, _ in deletes])

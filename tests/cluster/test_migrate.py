@@ -22,6 +22,7 @@ from ZODB.FileStorage import FileStorage
 from ZODB.POSException import StorageTransactionError
 from ZODB.utils import load_current, p64, u64
 
+from fsdata import records
 from neozodb.cli.cluster import LocalCluster, wait_until
 from neozodb.client import Storage
 
@@ -141,10 +142,6 @@ def obj_rows(cluster, i: int) -> list[tuple]:
                             " LEFT JOIN data d ON d.id = o.data_id ORDER BY o.oid, o.tid").fetchall()
     finally:
         conn.close()
-
-
-def records(txn) -> list[tuple]:
-    return [(r.oid, r.tid, r.data, r.data_txn) for r in txn]
 
 
 def last_per_oid(recs: list[tuple]) -> list[tuple]:

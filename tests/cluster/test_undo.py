@@ -16,30 +16,12 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import POSKeyError, UndoError
 from ZODB.utils import maxtid, z64
 
+from fsdata import commit, records
 from neozodb.cli.cluster import wait_until
 from neozodb.client import Storage, iteration
 from neozodb.protocol import u64
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def commit(storage, stores=(), deletes=(), undos=(), description=b""):
-    """One transaction on the raw storage: stores (oid, serial, data),
-    deletions (oid, serial), undos (tid); returns its tid."""
-    t = TransactionMetaData(description=description)
-    storage.tpc_begin(t)
-    try:
-        for oid, serial, data in stores:
-            storage.store(oid, serial, data, "", t)
-        for oid, serial in deletes:
-            storage.deleteObject(oid, serial, t)
-        for tid in undos:
-            storage.undo(tid, t)
-        storage.tpc_vote(t)
-        return storage.tpc_finish(t)
-    except BaseException:
-        storage.tpc_abort(t)
-        raise
 
 
 def obj_rows(cluster, oid: bytes) -> list[list]:
@@ -54,10 +36,6 @@ def obj_rows(cluster, oid: bytes) -> list[list]:
         finally:
             conn.close()
     return result
-
-
-def records(txn) -> list[tuple]:
-    return [(r.oid, r.tid, r.data, r.data_txn) for r in txn]
 
 
 def test_undo_creation_then_redo_with_back_pointers(cluster):
@@ -181,7 +159,8 @@ def test_iterator_and_undo_log_match_the_commits(cluster, monkeypatch):
 
         def do(description, stores=(), deletes=(), undos=()):
             tid = commit(storage, [(oid, serials[oid], data) for oid, data in stores],
-                         [(oid, serials[oid]) for oid in deletes], undos, description)
+                         [(oid, serials[oid]) for oid in deletes], undos,
+                         description=description)
             for oid, _ in stores:
                 serials[oid] = tid
             for oid in deletes:

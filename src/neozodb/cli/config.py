@@ -252,51 +252,52 @@ def _adapter(value: str) -> str:
     raise ValueError(f"unknown adapter {value!r} (available: {', '.join(ADAPTERS)})")
 
 
-def _wait(value: str) -> float:
+def _seconds(value: str) -> float:
     try:
-        w = float(str(value).strip())
+        return float(str(value).strip())
     except ValueError:
         raise ValueError(f"invalid number of seconds {value!r}") from None
+
+
+def _wait(value: str) -> float:
+    w = _seconds(value)
     if w != w or (w < 0 and w != -1):
         raise ValueError(f"invalid wait {value!r}: seconds >= 0, or -1 for no limit")
     return w
 
 
-_RATE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
 def _keepalive(value: str) -> float:
-    try:
-        k = float(str(value).strip())
-    except ValueError:
-        raise ValueError(f"invalid number of seconds {value!r}") from None
+    k = _seconds(value)
     if not (k >= 0 and math.isfinite(k)):
         raise ValueError(f"invalid keep-alive {value!r}: seconds >= 0 (0 = none)")
     return k
 
 
-def _rate(value: str) -> int:
-    s = str(value).strip().upper().removesuffix("/S").removesuffix("B")
-    unit = s[-1:] if s[-1:] in ("K", "M", "G") else ""
+def _scaled_rate(value: str, suffixes: tuple[str, ...], units: dict[str, int],
+                 hint: str) -> int:
+    """A non-negative number, then maybe a unit letter (a key of *units*),
+    then maybe *suffixes* (removed in that order); any case."""
+    s = str(value).strip().upper()
+    for suffix in suffixes:
+        s = s.removesuffix(suffix)
+    unit = s[-1:] if s[-1:] in units else ""
     try:
         n = float(s[:len(s) - len(unit)])
     except ValueError:
-        raise ValueError(f"invalid rate {value!r} (bytes per second, e.g. 500000 or 20M)") from None
+        raise ValueError(f"invalid rate {value!r} ({hint})") from None
     if not n >= 0:
         raise ValueError(f"invalid rate {value!r}: must not be negative")
-    return int(n * _RATE_UNITS[unit])
+    return int(n * units[unit])
+
+
+def _rate(value: str) -> int:
+    return _scaled_rate(value, ("/S", "B"), {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30},
+                        "bytes per second, e.g. 500000 or 20M")
 
 
 def _object_rate(value: str) -> int:
-    s = str(value).strip().upper().removesuffix("/S")
-    unit = s[-1:] if s[-1:] in ("K", "M") else ""
-    try:
-        n = float(s[:len(s) - len(unit)])
-    except ValueError:
-        raise ValueError(f"invalid rate {value!r} (objects per second, e.g. 5000 or 20K)") from None
-    if not n >= 0:
-        raise ValueError(f"invalid rate {value!r}: must not be negative")
-    return int(n * {"": 1, "K": 1000, "M": 1000000}[unit])
+    return _scaled_rate(value, ("/S",), {"": 1, "K": 1000, "M": 1000000},
+                        "objects per second, e.g. 5000 or 20K")
 
 
 def _nonempty(value: str) -> str:

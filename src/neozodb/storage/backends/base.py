@@ -127,6 +127,13 @@ class Backend(abc.ABC):
         typo in a configuration file is reported at startup.
         """
 
+    def _reject_options(self, options: dict[str, object]) -> None:
+        """Raise ValueError for the ``options`` given (not None): for a
+        backend that takes none."""
+        unknown = sorted(k for k, v in options.items() if v is not None)
+        if unknown:
+            raise ValueError(f'unknown {self.name} backend option(s): {", ".join(unknown)}')
+
     # -- lifecycle --------------------------------------------------------
 
     @abc.abstractmethod

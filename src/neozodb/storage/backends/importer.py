@@ -353,9 +353,7 @@ class ImporterBackend(SQLiteBackend):
     name = 'Importer'
 
     def __init__(self, database: str, **options: object) -> None:
-        unknown = sorted(k for k, v in options.items() if v is not None)
-        if unknown:
-            raise ValueError(f'unknown Importer backend option(s): {", ".join(unknown)}')
+        self._reject_options(options)
         self.config = ImporterConfig(database)
         super().__init__(self.config.database)
         self.config_path = database

@@ -284,9 +284,7 @@ class SQLiteBackend(Backend):
     name = 'SQLite'
 
     def __init__(self, database: str, **options: object) -> None:
-        unknown = sorted(k for k, v in options.items() if v is not None)
-        if unknown:
-            raise ValueError(f'unknown SQLite backend option(s): {", ".join(unknown)}')
+        self._reject_options(options)
         self.database = database
         self._conn: sqlite3.Connection | None = None
         self._np: int | None = None          # cached number of partitions
