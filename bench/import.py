@@ -116,18 +116,8 @@ def import_cluster(workdir: str, key: str, source: str):
               </filestorage>
             """))
 
-    class ImportCluster(LocalCluster):
-        def storage(self, i: int):
-            name = "S%d" % i
-            node = self.nodes.get(name)
-            if node is None:
-                node = self._node(name, self._python(
-                    "neozodb.cli.storage", "-m", self.masters, "-b", "%s:0" % self.host,
-                    "-a", "Importer", "-d", conf, "-i", name))
-            return node
-
-    return ImportCluster(directory, name="bench-" + key, storages=1, replicas=0,
-                         partitions=12, loglevel="INFO")
+    return LocalCluster(directory, name="bench-" + key, storages=1, replicas=0,
+                        partitions=12, loglevel="INFO", importer=conf)
 
 
 def import_status(cluster) -> dict | None:

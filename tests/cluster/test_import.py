@@ -33,17 +33,7 @@ class ImportCluster(LocalCluster):
 
     def __init__(self, directory: str, conf: str, replicas: int = 0, **kw) -> None:
         super().__init__(directory, name="imp", storages=1, replicas=replicas, partitions=7,
-                         **kw)
-        self.conf = conf
-
-    def storage(self, i: int):
-        name = "S%d" % i
-        node = self.nodes.get(name)
-        if node is None:
-            node = self._node(name, self._python(
-                "neozodb.cli.storage", "-m", self.masters, "-b", "%s:0" % self.host,
-                "-a", "Importer", "-d", self.conf, "-i", name))
-        return node
+                         importer=conf, **kw)
 
     def import_status(self) -> dict | None:
         ctl = self.ctl()

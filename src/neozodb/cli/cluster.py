@@ -79,12 +79,15 @@ class LocalCluster:
                  replicas: int = 1, partitions: int = 12, host: str = "127.0.0.1",
                  master_port: int = 0, admin_port: int = 0, loglevel: str = "INFO",
                  autostart: bool = True, node_args: list[str] | tuple[str, ...] = (),
-                 masters: int = 1, storage_args: list[str] | tuple[str, ...] = ()) -> None:
+                 masters: int = 1, storage_args: list[str] | tuple[str, ...] = (),
+                 importer: str | None = None) -> None:
         self.autostart = autostart
         # extra options given to every node, e.g. ("--keepalive", "3")
         self.node_args = list(node_args)
         # and to storage nodes only, e.g. ("--pack-rate", "1000")
         self.storage_args = list(storage_args)
+        # an importer.conf: the storages run the Importer over it (live import)
+        self.importer = importer
         self.directory = os.path.abspath(directory)
         self.name = name
         self.host = host
@@ -170,10 +173,13 @@ class LocalCluster:
         name = "S%d" % i
         node = self.nodes.get(name)
         if node is None:
-            db = os.path.join(self.directory, "storage%d.sqlite" % i)
+            if self.importer is not None:
+                database = ["-a", "Importer", "-d", self.importer]
+            else:
+                database = ["-d", os.path.join(self.directory, "storage%d.sqlite" % i)]
             # -i: node S<i> is storage<i>.sqlite whatever the start order
             node = self._node(name, self._python(
-                "neozodb.cli.storage", "-m", self.masters, "-b", "%s:0" % self.host, "-d", db,
+                "neozodb.cli.storage", "-m", self.masters, "-b", "%s:0" % self.host, *database,
                 "-i", name, *self.storage_args))
         return node
 

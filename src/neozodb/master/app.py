@@ -630,13 +630,15 @@ class MasterApp:
             ttid, tid = p64(txn.ttid), p64(txn.tid)
             conn, msg_id = txn.finish_request
             conn.answer(msg_id, Packets.AnswerTransactionFinished, ttid, tid)
-            if txn.oids:
-                for client in self.nm.of_type(NodeTypes.CLIENT):
-                    if client.connected and client.conn is not conn:
-                        client.conn.notify(Packets.InvalidateObjects, tid, txn.oids)
-            for master in self.nm.of_type(NodeTypes.MASTER):  # secondaries mirror last IDs
-                if master.connected:
-                    master.conn.notify(Packets.InvalidateObjects, tid, txn.oids)
+            # other clients invalidate; secondaries mirror the last IDs
+            for peer in self.nm:
+                if peer.type is NodeTypes.CLIENT:
+                    if not txn.oids or peer.conn is conn:
+                        continue
+                elif peer.type is not NodeTypes.MASTER:
+                    continue
+                if peer.connected:
+                    peer.conn.notify(Packets.InvalidateObjects, tid, txn.oids)
             for nid in txn.involved:
                 node = self.nm.get(nid)
                 if node is not None and node.connected:

@@ -28,8 +28,9 @@ import time
 from io import BytesIO
 from typing import TYPE_CHECKING
 
-from neozodb.net.connection import ConnectionClosed, RemoteError
-from neozodb.protocol import CellStates, Packets, ProtocolError, p64, u64
+from neozodb.net.connection import ConnectionClosed
+from neozodb.protocol import CellStates, Packets, p64, u64
+from neozodb.storage.background import run_steps
 
 if TYPE_CHECKING:
     from neozodb.storage.app import StorageApp
@@ -179,31 +180,18 @@ class Packer:
 
     # -- the loop ---------------------------------------------------------------------------
     async def _run(self) -> None:
-        app = self.app
-        backoff = 0.1
-        while True:
-            self._wake.clear()
-            try:
-                if self.stale:
-                    await self._refresh()
-                partition = self._next_partition()
-                if partition is None:
-                    self._report()
-                    await self._wake.wait()
-                    continue
-                await self._pack(partition)
-                self._report()
-                backoff = 0.1
-            except asyncio.CancelledError:
-                raise
-            except (ConnectionClosed, RemoteError, ProtocolError, OSError) as e:
-                log.warning("%s: pack interrupted: %s", app.label, e)
-                await asyncio.sleep(backoff)  # retry backoff, not synchronisation
-                backoff = min(backoff * 2, 2.0)
-            except Exception:
-                log.exception("%s: pack failed", app.label)
-                app.exit(1)
-                return
+        await run_steps(self.app, "pack", self._wake, self._step)
+
+    async def _step(self) -> bool:
+        if self.stale:
+            await self._refresh()
+        partition = self._next_partition()
+        if partition is None:
+            self._report()
+            return False
+        await self._pack(partition)
+        self._report()
+        return True
 
     async def _refresh(self) -> None:
         conn = self.app.master_conn

@@ -22,8 +22,9 @@ import random
 import time
 from typing import TYPE_CHECKING
 
-from neozodb.net.connection import ConnectionClosed, RemoteError
-from neozodb.protocol import CellStates, NodeStates, Packets, ProtocolError, nid_str, p64, u64
+from neozodb.net.connection import ConnectionClosed
+from neozodb.protocol import CellStates, NodeStates, Packets, nid_str, p64, u64
+from neozodb.storage.background import TRANSIENT, run_steps
 
 if TYPE_CHECKING:
     from neozodb.storage.app import StorageApp
@@ -150,44 +151,31 @@ class Replicator:
 
     # -- the loop -----------------------------------------------------------------------
     async def _run(self) -> None:
+        await run_steps(self.app, "replication", self._wake, self._step,
+                        TRANSIENT + (NoSource,))
+
+    async def _step(self) -> bool:
         app = self.app
-        backoff = 0.1
-        while True:
-            self._wake.clear()
-            try:
-                if self.to_drop:
-                    await self._drop_some()
-                    continue
-                todo = [p for p in self.own(_OUT_OF_DATE) if p not in self.notified]
-                new = [p for p in todo if p not in self.targets]
-                if new:
-                    await self._ask_unfinished(new)
-                ready = [p for p in todo if p in self.targets]
-                if not ready:
-                    await self._wake.wait()
-                    continue
-                # the partition furthest behind first
-                ready.sort(key=lambda p: (app.backend.get_replication(p) or (0,))[0])
-                progressed = False
-                for partition in ready:
-                    if self.app.cell_state(partition) != _OUT_OF_DATE:
-                        continue
-                    if await self._replicate(partition):
-                        progressed = True
-                    self._maybe_done(partition)
-                backoff = 0.1
-                if not progressed:
-                    await self._wake.wait()
-            except asyncio.CancelledError:
-                raise
-            except (ConnectionClosed, RemoteError, NoSource, ProtocolError, OSError) as e:
-                log.warning("%s: replication interrupted: %s", app.label, e)
-                await asyncio.sleep(backoff)  # retry backoff, not synchronisation
-                backoff = min(backoff * 2, 2.0)
-            except Exception:
-                log.exception("%s: replication failed", app.label)
-                app.exit(1)
-                return
+        if self.to_drop:
+            await self._drop_some()
+            return True
+        todo = [p for p in self.own(_OUT_OF_DATE) if p not in self.notified]
+        new = [p for p in todo if p not in self.targets]
+        if new:
+            await self._ask_unfinished(new)
+        ready = [p for p in todo if p in self.targets]
+        if not ready:
+            return False
+        # the partition furthest behind first
+        ready.sort(key=lambda p: (app.backend.get_replication(p) or (0,))[0])
+        progressed = False
+        for partition in ready:
+            if app.cell_state(partition) != _OUT_OF_DATE:
+                continue
+            if await self._replicate(partition):
+                progressed = True
+            self._maybe_done(partition)
+        return progressed
 
     async def _ask_unfinished(self, partitions: list[int]) -> None:
         conn = self.app.master_conn
