@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test interop lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,12 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q tests
+
+# NEO (github Nexedi/neoppod) as a peer: NEO_SRC=/path/to/neoppod
+interop: $(STAMP)
+	@test -f "$(NEO_SRC)/neo/lib/protocol.py" || { echo "make interop: NEO_SRC must name NEO's source directory" >&2; exit 2; }
+	$(BIN)/pip install -q -e '.[interop]'
+	NEO_SRC="$(abspath $(NEO_SRC))" $(BIN)/python -m pytest -q tests/interop
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 
 import pytest
 import transaction
@@ -31,9 +29,7 @@ def cluster3(tmp_path):
 
 
 def neoctl(cluster, *args):
-    return subprocess.run([sys.executable, "-m", "neozodb.ctl.neoctl", "-a",
-                           "%s:%d" % cluster.admin_address, *args],
-                          capture_output=True, text=True, timeout=120)
+    return cluster.run_neoctl(*args, timeout=120)
 
 
 def up_to_date(cluster):

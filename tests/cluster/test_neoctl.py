@@ -22,10 +22,7 @@ NOT_UTC = "XYZ-5:30"
 
 
 def neoctl(cluster, *words, address=None, tz=NOT_UTC):
-    addr = address or format_address(cluster.admin_address)
-    env = dict(os.environ, TZ=tz)
-    return subprocess.run([sys.executable, "-m", "neozodb.ctl.neoctl", "-a", addr, *words],
-                          capture_output=True, text=True, timeout=60, env=env)
+    return cluster.run_neoctl(*words, address=address, env=dict(os.environ, TZ=tz))
 
 
 def utc(timestamp):
@@ -356,3 +353,33 @@ def test_drop_running_storage_erases_it(cluster):
         assert db.execute("SELECT value FROM config WHERE name='nid'").fetchone() is None
     finally:
         db.close()
+
+
+def _bare_neoctl(address, *words):
+    """neoctl without -c: no identification, as NEO's neoctl."""
+    return subprocess.run([sys.executable, "-m", "neozodb.ctl.neoctl", "-a", address, *words],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_admin_requires_the_cluster_name_unless_anonymous_ctl_is_allowed(cluster):
+    address = format_address(cluster.admin_address)
+    out = _bare_neoctl(address, "print", "cluster")
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.startswith("identify first"), out.stderr
+    out = _bare_neoctl(address, "-c", "other", "print", "cluster")
+    assert (out.returncode, out.stdout, out.stderr) == (1, "", "wrong cluster name\n")
+    out = _bare_neoctl(address, "-c", "", "print", "cluster")
+    assert (out.returncode, out.stderr) == (1, "wrong cluster name\n")
+    # an admin that serves neoctl without identification (NEO's neoctl)
+    admin = cluster._node("A2", [sys.executable, "-m", "neozodb.cli.admin", "-c", cluster.name,
+                                 "-m", cluster.masters, "-b", "127.0.0.1:0",
+                                 "--allow-anonymous-ctl"])
+    admin.start()
+    anonymous = format_address(cluster._bound(admin, ("127.0.0.1", 0)))
+    out = wait_until(lambda: (lambda o: o if o.stdout == "RUNNING\n" else None)(
+        _bare_neoctl(anonymous, "print", "cluster")), 30, "A2 to follow the master")
+    assert out.returncode == 0
+    # identifying still works there, with the right name only
+    assert cluster.run_neoctl("print", "cluster", address=anonymous).stdout == "RUNNING\n"
+    out = _bare_neoctl(anonymous, "-c", "other", "print", "cluster")
+    assert (out.returncode, out.stderr) == (1, "wrong cluster name\n")

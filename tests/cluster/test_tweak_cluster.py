@@ -4,14 +4,11 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
 
 from neozodb.cli.cluster import wait_until
-from neozodb.cli.config import format_address
 from neozodb.ctl.neoctl import CtlError
 from neozodb.protocol import Packets
 
@@ -19,9 +16,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def neoctl(cluster, *words, address=None):
-    addr = address or format_address(cluster.admin_address)
-    return subprocess.run([sys.executable, "-m", "neozodb.ctl.neoctl", "-a", addr, *words],
-                          capture_output=True, text=True, timeout=60)
+    return cluster.run_neoctl(*words, address=address)
 
 
 def ok(cluster, *words):

@@ -2,8 +2,6 @@
 bouncing (NEO TODO: delayed connection acceptance)."""
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -38,9 +36,7 @@ def test_client_started_before_running_connects_once_it_is(tmp_path):
         thread.start()
         wait_until(lambda: "waits for the cluster to run" in master_log(c), 30, "client held")
         assert thread.is_alive()  # still waiting: not refused
-        out = subprocess.run([sys.executable, "-m", "neozodb.ctl.neoctl", "-a",
-                              "%s:%d" % c.admin_address, "start"], capture_output=True, text=True,
-                             timeout=30)
+        out = c.run_neoctl("start", timeout=30)
         assert out.returncode == 0, out.stderr
         thread.join(60)
         assert "error" not in result, result.get("error")

@@ -129,12 +129,32 @@ class CtlHandler(Handler):
 
 
 class IdentificationHandler(Handler):
+    """The first message of a neoctl connection: an identification with
+    the cluster name, or, from NEO's neoctl which never identifies, any
+    request, served only if the operator allowed anonymous control
+    (``--allow-anonymous-ctl``)."""
+
     def __init__(self, app: AdminApp) -> None:
         self.app = app
 
+    def dispatch(self, conn, msg_id, packet, args) -> None:
+        if packet is Packets.RequestIdentification or not self.app.allow_anonymous_ctl:
+            if packet is not Packets.RequestIdentification:
+                log.warning("%s: refused a request from %s that did not identify (%s);"
+                            " start the admin with --allow-anonymous-ctl to serve NEO's neoctl",
+                            self.app.label, conn.peer, packet.name)
+                raise HandlerError("identify first (RequestIdentification with the cluster"
+                                   " name): this admin does not serve anonymous neoctl",
+                                   ErrorCodes.PROTOCOL_ERROR)
+            return super().dispatch(conn, msg_id, packet, args)
+        conn.handler = CtlHandler(self.app)
+        conn.handler.dispatch(conn, msg_id, packet, args)
+
     def RequestIdentification(self, conn, msg_id, node_type, nid, address, name, id_timestamp, extra):
         app = self.app
-        if name and name != app.name_bytes:
+        if name != app.name_bytes:
+            log.warning("%s: refused neoctl from %s: wrong cluster name %r",
+                        app.label, conn.peer, name)
             raise HandlerError("wrong cluster name", ErrorCodes.PROTOCOL_ERROR)
         if node_type is not NodeTypes.ADMIN:
             raise HandlerError("only neoctl connects to an admin node", ErrorCodes.PROTOCOL_ERROR)
@@ -144,8 +164,10 @@ class IdentificationHandler(Handler):
 
 class AdminApp:
     def __init__(self, name: str, masters: list[tuple[str, int]],
-                 bind: tuple[str, int] = ("127.0.0.1", 9999)) -> None:
+                 bind: tuple[str, int] = ("127.0.0.1", 9999),
+                 allow_anonymous_ctl: bool = False) -> None:
         self.name = name
+        self.allow_anonymous_ctl = allow_anonymous_ctl
         self.name_bytes = name.encode()
         self.masters = masters
         self.bind = bind

@@ -128,22 +128,40 @@ class LocalCluster:
         self.nodes[name] = node
         return node
 
+    def master_argv(self, name: str, address: tuple[str, int]) -> list[str]:
+        others = ["-m", self.masters] if len(self.master_addresses) > 1 else []
+        return self._python(
+            "neozodb.cli.master", "-b", format_address(address), *others,
+            "-p", str(self.partitions), "-r", str(self.replicas),
+            "-A", str(self.num_storages if self.autostart else 0))
+
+    def storage_argv(self, i: int) -> list[str]:
+        if self.importer is not None:
+            database = ["-a", "Importer", "-d", self.importer]
+        else:
+            database = ["-d", self.database(i)]
+        # -i: node S<i> is storage<i>.sqlite whatever the start order
+        return self._python(
+            "neozodb.cli.storage", "-m", self.masters, "-b", "%s:0" % self.host, *database,
+            "-i", "S%d" % i, *self.storage_args)
+
+    def admin_argv(self) -> list[str]:
+        return self._python(
+            "neozodb.cli.admin", "-b", format_address(self.admin_address), "-m", self.masters)
+
+    def database(self, i: int) -> str:
+        return os.path.join(self.directory, "storage%d.sqlite" % i)
+
     def start(self, wait: float = 60.0) -> None:
         os.makedirs(self.directory, exist_ok=True)
         for name, address in zip(self.master_names, self.master_addresses, strict=True):
-            others = ["-m", self.masters] if len(self.master_addresses) > 1 else []
-            master = self._node(name, self._python(
-                "neozodb.cli.master", "-b", format_address(address), *others,
-                "-p", str(self.partitions), "-r", str(self.replicas),
-                "-A", str(self.num_storages if self.autostart else 0)))
-            master.start()
+            self._node(name, self.master_argv(name, address)).start()
         if len(self.master_addresses) == 1:
             self.master_address = self.master_addresses[0] = self._bound(
                 self.nodes["M1"], self.master_address)
         for i in range(1, self.num_storages + 1):
             self.storage(i).start()
-        admin = self._node("A1", self._python(
-            "neozodb.cli.admin", "-b", format_address(self.admin_address), "-m", self.masters))
+        admin = self._node("A1", self.admin_argv())
         admin.start()
         self.admin_address = self._bound(admin, self.admin_address)
         if wait:
@@ -173,21 +191,28 @@ class LocalCluster:
         name = "S%d" % i
         node = self.nodes.get(name)
         if node is None:
-            if self.importer is not None:
-                database = ["-a", "Importer", "-d", self.importer]
-            else:
-                database = ["-d", os.path.join(self.directory, "storage%d.sqlite" % i)]
-            # -i: node S<i> is storage<i>.sqlite whatever the start order
-            node = self._node(name, self._python(
-                "neozodb.cli.storage", "-m", self.masters, "-b", "%s:0" % self.host, *database,
-                "-i", name, *self.storage_args))
+            node = self._node(name, self.storage_argv(i))
         return node
+
+    @property
+    def ctl_cluster(self) -> str | None:
+        """The name neoctl identifies with (None: it does not identify)."""
+        return self.name
 
     def ctl(self):
         from neozodb.ctl.neoctl import NeoCtl
-        ctl = NeoCtl(self.admin_address, timeout=10)
+        ctl = NeoCtl(self.admin_address, timeout=10, cluster=self.ctl_cluster)
         ctl.connect()
         return ctl
+
+    def run_neoctl(self, *words: str, address: str | None = None, env: dict | None = None,
+                   timeout: float = 60.0) -> subprocess.CompletedProcess:
+        """The ``neoctl`` command, in its own process, identified with the
+        cluster name, against the admin (or ``address``)."""
+        addr = address or format_address(self.admin_address)
+        return subprocess.run([sys.executable, "-m", "neozodb.ctl.neoctl", "-c", self.name,
+                               "-a", addr, *words], capture_output=True, text=True,
+                              timeout=timeout, env=env)
 
     def neoctl(self, *words: str, refusal: bool = False):
         """``neoctl WORDS...`` through the admin: (text lines, JSON data).

@@ -452,6 +452,14 @@ def _build_parser(node: str, prog: str | None):
             " (K = 1000, M = 1000000; default: 0 = no cap, packing still yields to"
             " other requests between chunks)",
         )
+    elif node == "admin":
+        add(
+            "--allow-anonymous-ctl",
+            action="store_true",
+            help="serve neoctl connections that do not identify with the cluster name, as"
+            " NEO's neoctl does (unsafe beyond a trusted host: anyone reaching the port"
+            " can then operate the cluster)",
+        )
     return parser, specs
 
 

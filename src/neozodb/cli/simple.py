@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     print("cluster %r running: %d master(s), %d storage(s), replicas %d, %d partitions" % (
         opts.cluster, opts.masters, opts.storages, opts.replicas, opts.partitions))
     print("connect with: %s" % cluster.uri)
-    print("neoctl -a %s print pt" % format_address(cluster.admin_address))
+    print("neoctl -c %s -a %s print pt" % (cluster.name, format_address(cluster.admin_address)))
     print("logs and databases in %s; Ctrl-C stops the cluster" % cluster.directory, flush=True)
     while not stop.wait(1.0):
         dead = [n.name for n in cluster.nodes.values() if not n.running]

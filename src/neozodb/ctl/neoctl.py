@@ -95,9 +95,17 @@ class _Silent:
 
 
 class NeoCtl:
-    def __init__(self, address: tuple[str, int], timeout: float = 30.0) -> None:
+    """A connection to an admin node.  With ``cluster``, it identifies
+    with that name (what a neozodb admin requires); without, it sends its
+    requests at once as NEO's neoctl does, which NEO's admin expects (it
+    takes an identifying admin for a backup cluster's) and a neozodb admin
+    serves only with ``--allow-anonymous-ctl``."""
+
+    def __init__(self, address: tuple[str, int], timeout: float = 30.0,
+                 cluster: str | None = None) -> None:
         self.address = address
         self.timeout = timeout
+        self.cluster = cluster
         self.conn: ThreadedConnection | None = None
 
     def connect(self) -> None:
@@ -108,7 +116,9 @@ class NeoCtl:
             raise CtlError("cannot connect to admin at %s: %s" % (format_address(self.address),
                                                                    e.strerror or e)) from None
         self.conn = conn
-        self.call(Packets.RequestIdentification, NodeTypes.ADMIN, None, None, b"", None, {})
+        if self.cluster is not None:
+            self.call(Packets.RequestIdentification, NodeTypes.ADMIN, None, None,
+                      self.cluster.encode(), None, {})
 
     def call(self, packet, *args):
         try:
@@ -461,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
                      epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-a", "--address", default="127.0.0.1:9999",
                         help="admin node address (default 127.0.0.1:9999)")
+    parser.add_argument("-c", "--cluster", metavar="NAME",
+                        help="cluster name, to identify with (a neozodb admin requires it unless"
+                        " started with --allow-anonymous-ctl; leave it out with NEO's admin)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("-n", "--dry-run", action="store_true",
                         help="with tweak: print the table it would make, change nothing")
@@ -483,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         address = parse_address(opts.address, default_port=9999)
     except ValueError as e:
         parser.error(str(e))
-    ctl = NeoCtl(address, opts.timeout)
+    ctl = NeoCtl(address, opts.timeout, opts.cluster)
     try:
         ctl.connect()
         lines, value = run_command(ctl, opts.command,

@@ -7,6 +7,11 @@ what the asker lacks, then the answer (where the chunk ended and what the
 asker has that the source does not), and answers the replica checks.  The
 *destination* side (``DestinationHandler``) writes what it receives.
 
+The streamed ``AddTransaction`` / ``AddObject`` carry the msg_id of the
+fetch they belong to, not one of their own: that is how NEO's replicator
+tells them from leftovers of an aborted fetch, and it ignores any other.
+We require the same of a source.
+
 Chunk boundaries: both sides list at most ``length`` items from the same
 start; the chunk covers up to the smaller of the two last items when a list
 is full (beyond it, one side's list says nothing), and the source may end
@@ -29,6 +34,7 @@ log = logging.getLogger("neozodb.storage")
 #: large objects do not pile up in its output buffer.
 CHUNK_BYTES = 4 << 20
 _MAX_OID = (1 << 64) - 1
+_FETCHES = (Packets.AskFetchTransactions, Packets.AskFetchObjects)
 
 
 def _object_keys(by_serial: dict) -> list[tuple[int, int]]:
@@ -93,8 +99,8 @@ class SourceHandler(BaseHandler):
             oids, user, description, ext, packed, ttid = backend.get_transaction(tid)
             pack = packs.get(tid)
             # the pack order, if any, goes with its transaction
-            conn.notify(Packets.AddTransaction, p64(tid), user, description, ext, packed,
-                        p64(ttid), [p64(o) for o in oids],
+            conn.answer(msg_id, Packets.AddTransaction, p64(tid), user, description, ext,
+                        packed, p64(ttid), [p64(o) for o in oids],
                         None if pack is None else wire_order(pack)[1:])
         mine_set = set(mine)
         delete = [p64(t) for t in theirs if t <= bound and t not in mine_set]
@@ -124,8 +130,8 @@ class SourceHandler(BaseHandler):
                 continue
             tid, oid = key
             compression, checksum, data, data_serial = backend.fetch_object(oid, tid)
-            conn.notify(Packets.AddObject, p64(oid), p64(tid), compression, checksum, data,
-                        None if data_serial is None else p64(data_serial))
+            conn.answer(msg_id, Packets.AddObject, p64(oid), p64(tid), compression, checksum,
+                        data, None if data_serial is None else p64(data_serial))
             sent += len(data)
             if sent >= CHUNK_BYTES:
                 bound = key
@@ -158,15 +164,21 @@ class DestinationHandler(BaseHandler):
     def connection_lost(self, conn) -> None:
         self.app.peer_lost(conn)
 
-    def _replicating(self, tid_or_oid: bytes) -> None:
+    def _replicating(self, conn, msg_id: int, packet, tid_or_oid: bytes) -> None:
         app = self.app
+        pending = conn.endpoint.pending.get(msg_id)
+        if pending is None or pending[0] not in _FETCHES:
+            # NEO's replicator drops such data silently: a source that sent
+            # it would see its destination reported up to date without it
+            raise ProtocolError("%s with msg_id %d answers no fetch in progress" % (
+                packet.name, msg_id))
         partition = app.pt.partition(tid_or_oid)
         if app.cell_state(partition) != CellStates.OUT_OF_DATE.value:
             raise ProtocolError("unrequested replication data for partition %d" % partition)
 
     def AddTransaction(self, conn, msg_id, tid, user, description, ext, packed, ttid, oids,
                        pack_info):
-        self._replicating(tid)
+        self._replicating(conn, msg_id, Packets.AddTransaction, tid)
         backend = self.app.backend
         backend.add_transaction(u64(tid), [u64(o) for o in oids], user, description,
                                 ext, packed, u64(ttid))
@@ -174,7 +186,7 @@ class DestinationHandler(BaseHandler):
             backend.add_pack_order(order_from_wire(tid, *pack_info))
 
     def AddObject(self, conn, msg_id, oid, serial, compression, checksum, data, data_serial):
-        self._replicating(oid)
+        self._replicating(conn, msg_id, Packets.AddObject, oid)
         if not (checksum == ZERO_HASH and not data) and hashlib.sha1(data).digest() != checksum:
             raise ProtocolError("wrong checksum for %s at %s from %s" % (
                 oid.hex(), serial.hex(), conn.label))

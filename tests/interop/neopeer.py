@@ -1,0 +1,107 @@
+"""Run NEO (github Nexedi/neoppod) beside neozodb: clusters whose nodes are
+each either implementation, NEO's neoctl, and Python code with NEO's
+client.  NEO runs from the source directory named by ``NEO_SRC`` (never
+copied into this project); the interoperability tests are skipped without
+it.
+
+NEO runs on this Python (3.11, ZODB 6) with ``six`` and ``python-dateutil``
+installed (``pip install -e '.[interop]'``).  Its required options are given
+on the command line: its INI handling of required options does not work on
+Python 3.  Its logs are SQLite databases (``NAME.neolog``, read with its
+``neolog`` script); what it prints goes to ``NAME.log`` as for our nodes.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from neozodb.cli.cluster import LocalCluster, free_port
+from neozodb.cli.config import format_address
+
+NEO_SRC = os.environ.get("NEO_SRC", "")
+
+
+def neo_available() -> bool:
+    return bool(NEO_SRC) and os.path.isfile(os.path.join(NEO_SRC, "neo", "lib", "protocol.py"))
+
+
+def neo_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=NEO_SRC, **extra)
+    return env
+
+
+def neo_script(script: str, *args: str) -> list[str]:
+    """argv running one of NEO's scripts (neomaster, neostorage, neoadmin,
+    neoctl) with this Python and NEO on its path."""
+    return ["env", "PYTHONPATH=" + NEO_SRC, sys.executable, os.path.join(NEO_SRC, script),
+            *args]
+
+
+def neo_neoctl(address: tuple[str, int], *words: str, timeout: float = 60.0
+               ) -> subprocess.CompletedProcess:
+    """NEO's own neoctl (which never identifies) against an admin node."""
+    return subprocess.run(neo_script("neoctl", "-a", format_address(address), *words),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_neo_python(code: str, *args: str, timeout: float = 120.0, cwd: str | None = None
+                   ) -> subprocess.CompletedProcess:
+    """Run ``code`` in its own process with NEO importable (NEO's client
+    patches ZODB when imported: never in the test process)."""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=timeout, env=neo_env(), cwd=cwd)
+
+
+class MixedCluster(LocalCluster):
+    """A LocalCluster whose nodes named in ``neo`` (``"M1"``, ``"S2"``,
+    ``"A1"``...) are NEO's.  Every port is chosen before the start: NEO's
+    nodes do not log the port they bound."""
+
+    def __init__(self, directory: str, neo=(), **kw) -> None:
+        self.neo = set(neo)
+        kw.setdefault("master_port", free_port())
+        kw.setdefault("admin_port", free_port())
+        super().__init__(directory, **kw)
+
+    def kind(self, name: str) -> str:
+        return "NEO" if name in self.neo else "neozodb"
+
+    @property
+    def masters(self) -> str:
+        # space-separated: NEO's -m splits on spaces only
+        return " ".join(format_address(a) for a in self.master_addresses)
+
+    @property
+    def ctl_cluster(self) -> str | None:
+        return None if "A1" in self.neo else self.name
+
+    def _neo_log(self, name: str) -> list[str]:
+        return ["-l", os.path.join(self.directory, name + ".neolog")]
+
+    def master_argv(self, name: str, address: tuple[str, int]) -> list[str]:
+        if name not in self.neo:
+            return super().master_argv(name, address)
+        return neo_script("neomaster", "-c", self.name, "-b", format_address(address),
+                          "-m", self.masters, "-p", str(self.partitions),
+                          "-r", str(self.replicas),
+                          "-A", str(self.num_storages if self.autostart else 0),
+                          *self._neo_log(name))
+
+    def storage_argv(self, i: int) -> list[str]:
+        name = "S%d" % i
+        if name not in self.neo:
+            return super().storage_argv(i)
+        return neo_script("neostorage", "-c", self.name, "-m", self.masters,
+                          "-b", "%s:%d" % (self.host, free_port(self.host)),
+                          "-a", "SQLite", "-d", self.database(i), "-i", str(i),
+                          *self._neo_log(name), *self.storage_args)
+
+    def admin_argv(self) -> list[str]:
+        if "A1" not in self.neo:
+            return super().admin_argv() + ["--allow-anonymous-ctl"]
+        return neo_script("neoadmin", "-c", self.name, "-m", self.masters,
+                          "-b", format_address(self.admin_address), *self._neo_log("A1"))
+
+    def neo_neoctl(self, *words: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+        return neo_neoctl(self.admin_address, *words, timeout=timeout)
