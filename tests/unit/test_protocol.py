@@ -206,12 +206,16 @@ NOT_IGNORABLE = {"AskFinishTransaction", "AskLockInformation", "SetNodeState",
 
 
 def test_catalogue_counts():
-    assert TABLE_ROWS == 74
+    # protocol 5's 74 rows (as NEO's protocol.py), plus neozodb's own
+    # NotifyFeatures, outside NEO's range
+    assert TABLE_ROWS == 75
+    assert max(c for c in PACKETS if c < 0x8000 and c != 0x7f00) == 0x49
+    assert Packets.NotifyFeatures.code == 0x7f00
     answers = [pt for pt in ALL_TYPES if pt.request is not None]
     assert len(answers) == 37
-    assert len(PACKETS) == 111
-    assert len(vars(Packets)) == 111
-    assert len({pt.name for pt in ALL_TYPES}) == 111
+    assert len(PACKETS) == 112
+    assert len(vars(Packets)) == 112
+    assert len({pt.name for pt in ALL_TYPES}) == 112
     assert all(PACKETS[code].code == code for code in PACKETS)
 
 
@@ -537,3 +541,35 @@ def test_p64_u64(n):
     assert type(b) is bytes and len(b) == 8
     assert u64(b) == n
     assert b == n.to_bytes(8, "big")
+
+
+# ---------------------------------------------------------------------------
+# Features (protocol/features.py)
+
+
+class _Recorder:
+    def __init__(self):
+        self.sent = []
+        self.peer_features = frozenset()
+
+    def notify(self, packet, *args):
+        self.sent.append((packet, args))
+
+
+def test_features_are_greeted_only_when_announced():
+    from neozodb.protocol.features import ANNOUNCEMENT, FEATURES, greet
+    neo = _Recorder()
+    greet(neo, {b"devpath": [b"host"]})  # a NEO peer: no NotifyFeatures, nothing used
+    assert neo.sent == [] and neo.peer_features == frozenset()
+    ours = _Recorder()
+    greet(ours, dict(ANNOUNCEMENT))
+    assert ours.sent == [(Packets.NotifyFeatures, (sorted(FEATURES),))]
+    assert ours.peer_features == FEATURES
+    # a later version with more features: only the common ones are used;
+    # garbage in the list is ignored
+    newer = _Recorder()
+    greet(newer, {b"neozodb": [b"gc-pack", b"teleport", 3]})
+    assert newer.peer_features == {b"gc-pack"}
+    odd = _Recorder()
+    greet(odd, {b"neozodb": b"gc-pack"})  # not a list: not announced
+    assert odd.sent == [] and odd.peer_features == frozenset()

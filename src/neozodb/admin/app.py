@@ -25,6 +25,7 @@ from neozodb.protocol import (
     Packets,
     nid_str,
 )
+from neozodb.protocol.features import ANNOUNCEMENT, greet
 from neozodb.pt import PartitionTable
 
 log = logging.getLogger("neozodb.admin")
@@ -159,6 +160,7 @@ class IdentificationHandler(Handler):
         if node_type is not NodeTypes.ADMIN:
             raise HandlerError("only neoctl connects to an admin node", ErrorCodes.PROTOCOL_ERROR)
         conn.handler = CtlHandler(app)
+        greet(conn, extra)
         conn.answer(msg_id, Packets.AcceptIdentification, NodeTypes.ADMIN, app.nid, None)
 
 
@@ -205,7 +207,7 @@ class AdminApp:
         addr = (self.address[0].encode(), self.address[1])
         node_type, master_nid, nid = await conn.ask(
             Packets.RequestIdentification, NodeTypes.ADMIN, self.nid, addr,
-            self.name_bytes, None, {})
+            self.name_bytes, None, ANNOUNCEMENT)
         conn.nid = master_nid
         self.nid = nid
         self.master_conn = conn

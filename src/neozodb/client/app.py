@@ -32,6 +32,7 @@ from neozodb.protocol import (
     p64,
     u64,
 )
+from neozodb.protocol.features import ANNOUNCEMENT
 from neozodb.pt import PartitionTable
 
 log = logging.getLogger("neozodb.client")
@@ -175,7 +176,8 @@ class ClientApp:
                                           keepalive=self.keepalive)
                 try:
                     conn.connect(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
-                    extra = {b"read_only": True} if self.read_only else {}
+                    extra = {**ANNOUNCEMENT, b"read_only": True} if self.read_only \
+                        else ANNOUNCEMENT
                     _, master_nid, nid = conn.call(
                         Packets.RequestIdentification, NodeTypes.CLIENT, self.nid, None,
                         self.name.encode(), None, extra,
@@ -296,7 +298,8 @@ class ClientApp:
             me = self.nm.get(self.nid)
             try:
                 conn.call(Packets.RequestIdentification, NodeTypes.CLIENT, self.nid, None,
-                          self.name.encode(), me.id_timestamp if me else None, {}, timeout=30)
+                          self.name.encode(), me.id_timestamp if me else None, ANNOUNCEMENT,
+                          timeout=30)
             except BaseException:
                 conn.close()
                 raise

@@ -38,6 +38,7 @@ from neozodb.protocol import (
     p64,
     u64,
 )
+from neozodb.protocol.features import ANNOUNCEMENT
 from neozodb.pt import PartitionTable
 from neozodb.tid import format_tid_time, tid_from_user
 
@@ -118,7 +119,7 @@ class NeoCtl:
         self.conn = conn
         if self.cluster is not None:
             self.call(Packets.RequestIdentification, NodeTypes.ADMIN, None, None,
-                      self.cluster.encode(), None, {})
+                      self.cluster.encode(), None, ANNOUNCEMENT)
 
     def call(self, packet, *args):
         try:

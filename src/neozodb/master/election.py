@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from neozodb.master.secondary import PrimaryHandler
 from neozodb.net.connection import connect
 from neozodb.protocol import NodeTypes, Packets
+from neozodb.protocol.features import ANNOUNCEMENT
 
 if TYPE_CHECKING:
     from neozodb.master.app import MasterApp
@@ -66,7 +67,7 @@ async def _ask(app: MasterApp, address: tuple[str, int]) -> None:
 
         addr = (app.address[0].encode(), app.address[1])
         conn.ask(Packets.RequestIdentification, NodeTypes.MASTER, app.nid, addr, app.name_bytes,
-                 app.election_time, {}, callback=answer)
+                 app.election_time, ANNOUNCEMENT, callback=answer)
         await asyncio.wait_for(answered, ANSWER_TIMEOUT)
     except (OSError, asyncio.TimeoutError) as e:
         log.debug("%s: election: cannot reach %s:%s: %s", app.label, *address, e)

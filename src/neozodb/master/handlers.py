@@ -25,6 +25,7 @@ from neozodb.protocol import (
     p64,
     u64,
 )
+from neozodb.protocol.features import greet
 
 if TYPE_CHECKING:
     from neozodb.master.app import MasterApp
@@ -119,6 +120,7 @@ class IdentificationHandler(BaseHandler):
         conn.nid = nid
         conn.node = node
         conn.handler = handler
+        greet(conn, extra)
         conn.answer(msg_id, Packets.AcceptIdentification, NodeTypes.MASTER, app.nid, nid)
         log.info("%s: %s identified (%s, %s)", app.label, node.label, conn.peer, state.name)
         app.send_node_list(node)

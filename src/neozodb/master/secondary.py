@@ -17,6 +17,7 @@ from neozodb.master.handlers import BaseHandler
 from neozodb.net.bootstrap import FollowsPrimary
 from neozodb.net.connection import Connection, ConnectionClosed, RemoteError, connect
 from neozodb.protocol import ClusterStates, NodeStates, NodeTypes, Packets, nid_str, u64
+from neozodb.protocol.features import ANNOUNCEMENT
 from neozodb.pt import PartitionTable
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ async def follow(app: MasterApp, address: tuple[str, int], conn: Connection | No
             addr = (app.address[0].encode(), app.address[1])
             node_type, primary_nid, my_nid = await asyncio.wait_for(conn.ask(
                 Packets.RequestIdentification, NodeTypes.MASTER, app.nid, addr, app.name_bytes,
-                None, {}), IDENTIFY_TIMEOUT)
+                None, ANNOUNCEMENT), IDENTIFY_TIMEOUT)
             if node_type is not NodeTypes.MASTER:
                 raise ConnectionClosed("peer is not a master")
             conn.nid = primary_nid

@@ -37,6 +37,7 @@ from typing import Any
 from neozodb.net.endpoint import ConnectionClosed, Endpoint, RemoteError, tune_socket
 from neozodb.net.threaded import DEFAULT_KEEPALIVE
 from neozodb.protocol import HANDSHAKE, PACKETS, ErrorCodes, Packets, ProtocolError, nid_str
+from neozodb.protocol.features import NO_FEATURES, common
 
 log = logging.getLogger("neozodb.net")
 
@@ -127,6 +128,10 @@ class Handler:
     def connection_lost(self, conn: Connection) -> None:
         pass
 
+    def NotifyFeatures(self, conn: Connection, msg_id: int, features: tuple) -> None:
+        # the accepting neozodb peer's features (protocol/features.py)
+        conn.peer_features = common(features)
+
 
 class Connection(asyncio.Protocol):
     # Longest wait for the peer to close after a graceful close, and for
@@ -143,6 +148,8 @@ class Connection(asyncio.Protocol):
         self.peer = "?"
         self.nid: int | None = None
         self.node: Any = None  # the node registry entry once identified
+        # extensions both ends have (protocol/features.py); none with NEO
+        self.peer_features: frozenset[bytes] = NO_FEATURES
         # True as soon as a close is requested (by us or the peer): nothing
         # more is sent.  Received data may still be processed, see close().
         self.closed = False

@@ -27,6 +27,7 @@ from typing import Any
 
 from neozodb.net.endpoint import ConnectionClosed, Endpoint, tune_socket
 from neozodb.protocol import HANDSHAKE, Packets, ProtocolError, nid_str
+from neozodb.protocol.features import NO_FEATURES, common
 
 log = logging.getLogger("neozodb.client")
 
@@ -42,6 +43,7 @@ DEFAULT_KEEPALIVE = 30.0
 
 _PING = Packets.Ping
 _PONG = Packets.Pong
+_FEATURES = Packets.NotifyFeatures
 _HANDSHAKE_LEN = len(HANDSHAKE)
 _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
@@ -70,6 +72,8 @@ class ThreadedConnection:
         self.close_reason = ""
         self.nid: int | None = None
         self.peer = "%s:%s" % address
+        # extensions both ends have (protocol/features.py); none with NEO
+        self.peer_features: frozenset[bytes] = NO_FEATURES
         self._reader: threading.Thread | None = None
         # requests buffered by ask(buffer=True): one send for many stores
         self._out: list[bytes] = []
@@ -266,6 +270,8 @@ class ThreadedConnection:
                         queue.put((user_token, result, error, self))
                     elif packet is _PING:
                         self.answer(msg_id, _PONG)
+                    elif packet is _FEATURES:
+                        self.peer_features = common(args[0])
                     else:
                         self.handler.dispatch(self, msg_id, packet, args)
         except ProtocolError as e:

@@ -360,6 +360,8 @@ _TABLE: tuple[tuple[int, str, str, str | None, str, int], ...] = (
     (0x47, "AskMonitorInformation", "", "AnswerMonitorInformation", "[?bin],[?bin],bin", 0),
     (0x48, "NotifyMonitorInformation", "{bin:any}", None, "", 0),
     (0x49, "NotifyUpstreamAdmin", "(bin,int)", None, "", 0),
+    # neozodb only, never sent to a NEO peer (protocol/features.py)
+    (0x7f00, "NotifyFeatures", "[bin]", None, "", 0),
 )
 
 TABLE_ROWS = len(_TABLE)

@@ -23,6 +23,7 @@ from neozodb.protocol import (
     Packets,
     nid_str,
 )
+from neozodb.protocol.features import ANNOUNCEMENT
 from neozodb.pt import PartitionTable
 from neozodb.storage import handlers, peers
 from neozodb.storage.checker import Checker
@@ -214,7 +215,7 @@ class StorageApp:
             devpath.append(str(os.stat(where).st_dev).encode())
         node_type, master_nid, my_nid = await conn.ask(
             Packets.RequestIdentification, NodeTypes.STORAGE, self.nid, addr,
-            self.name_bytes, None, {b"devpath": devpath})
+            self.name_bytes, None, {b"devpath": devpath, **ANNOUNCEMENT})
         if node_type is not NodeTypes.MASTER:
             raise RemoteError(None, "peer is not a master")  # type: ignore[arg-type]
         conn.nid = master_nid
@@ -351,7 +352,7 @@ class StorageApp:
             addr = (self.address[0].encode(), self.address[1])
             node_type, peer_nid, _ = await conn.ask(
                 Packets.RequestIdentification, NodeTypes.STORAGE, self.nid, addr,
-                self.name_bytes, me.id_timestamp if me is not None else None, {})
+                self.name_bytes, me.id_timestamp if me is not None else None, ANNOUNCEMENT)
         except BaseException:
             conn.close("identification failed")
             raise

@@ -21,6 +21,7 @@ from neozodb.protocol import (
     p64,
     u64,
 )
+from neozodb.protocol.features import greet
 from neozodb.storage.backends.base import Unsupported
 from neozodb.storage.pack import PAGE_OIDS, is_gc_extension, wire_order
 
@@ -245,6 +246,7 @@ class IdentificationHandler(BaseHandler):
         else:
             conn.handler = ClientHandler(app)
             app.client_conns.add(conn)
+        greet(conn, extra)
         conn.answer(msg_id, Packets.AcceptIdentification, NodeTypes.STORAGE, app.nid, nid)
 
 

@@ -327,7 +327,8 @@ class Importer:
             self._report_timer = None
         self._reported = time.monotonic()
         conn = self.app.master_conn
-        if conn is not None and not conn.closed:
+        # NEO's master does not expect this from a storage: it would close
+        if conn is not None and not conn.closed and b"import-status" in conn.peer_features:
             conn.notify(Packets.NotifyMonitorInformation,
                         {b"import": json.dumps(self.status()).encode()})
 

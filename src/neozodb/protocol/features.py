@@ -1,0 +1,62 @@
+"""What neozodb adds to protocol 5, and how two neozodb peers find out
+that they may use it.
+
+A NEO peer must never receive a message it does not know, nor a known one
+used in a way it does not expect.  So every extension is a *feature*,
+used on a connection only when both ends have it:
+
+- The connecting side lists its features in ``RequestIdentification.extra``
+  under ``EXTRA_KEY`` (NEO ignores keys it does not know).
+- The accepting side, if it is neozodb and saw that key, sends
+  ``NotifyFeatures`` (code 0x7f00) with its own list *before* ``AcceptIdentification``:
+  by the time the connector has its answer it knows the acceptor's
+  features.  A NEO acceptor sends nothing, so the connector sees none.
+
+Both ends keep the intersection (``conn.peer_features``).  The features:
+
+``status-json``
+    The master acknowledges ``CheckReplicas`` without partitions and an
+    admin's ``AskPackOrders`` with the check and pack status as JSON
+    (``neoctl print check``, ``print pack``); NEO's master acknowledges
+    with an empty message, or answers ``AnswerPackOrders``.
+``import-status``
+    An importing storage reports its progress to the master with
+    ``NotifyMonitorInformation`` (NEO's master does not expect it there).
+``gc-pack``
+    The node applies pack orders that collect garbage (an oid list of
+    unreachable objects), not only NEO's history packs.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .catalogue import Packets
+
+EXTRA_KEY = b"neozodb"
+FEATURES: frozenset[bytes] = frozenset((b"status-json", b"import-status", b"gc-pack"))
+#: What RequestIdentification.extra carries from a neozodb node.
+ANNOUNCEMENT: dict[bytes, list[bytes]] = {EXTRA_KEY: sorted(FEATURES)}
+NO_FEATURES: frozenset[bytes] = frozenset()
+
+
+def announced(extra: dict) -> frozenset[bytes] | None:
+    """The features a connecting peer announced in its identification's
+    ``extra`` that we have too; None if it announced nothing (NEO)."""
+    value = extra.get(EXTRA_KEY)
+    if not isinstance(value, (list, tuple)):
+        return None
+    return FEATURES.intersection(f for f in value if isinstance(f, bytes))
+
+
+def common(features: tuple | list) -> frozenset[bytes]:
+    """Ours among the features an accepting peer notified."""
+    return FEATURES.intersection(features)
+
+
+def greet(conn: Any, extra: dict) -> None:
+    """On the accepting side, before AcceptIdentification: note what a
+    neozodb peer announced and tell it ours; nothing for a NEO peer."""
+    features = announced(extra)
+    if features is not None:
+        conn.peer_features = features
+        conn.notify(Packets.NotifyFeatures, sorted(FEATURES))
