@@ -212,6 +212,9 @@ class AdminApp:
         self.nid = nid
         self.master_conn = conn
         log.info("%s: connected to master %s", self.label, nid_str(master_nid))
+        # NEO's master tells the cluster state only when it changes; the
+        # answer comes in stream order with those notifications
+        (self.cluster_state,) = await conn.ask(Packets.AskClusterState)
 
     def _master_lost(self) -> None:
         log.warning("%s: lost the master", self.label)

@@ -74,6 +74,21 @@ class NodeProcess:
             self.proc.wait(10)
 
 
+_LISTENING = re.compile(r"listening on (\S+):(\d+)")
+
+
+def listening_address(node: NodeProcess, timeout: float = 30.0) -> tuple[str, int]:
+    """The address a node of ours logs it listens on (this run's log)."""
+    def found():
+        if not node.running:
+            raise RuntimeError("%s exited; see %s" % (node.name, node.logfile))
+        with open(node.logfile, "rb") as f:
+            f.seek(node.log_offset)
+            match = _LISTENING.search(f.read().decode("utf-8", "replace"))
+        return match and (match.group(1), int(match.group(2)))
+    return wait_until(found, timeout, "%s to listen" % node.name)
+
+
 class LocalCluster:
     def __init__(self, directory: str, name: str = "neozodb", storages: int = 2,
                  replicas: int = 1, partitions: int = 12, host: str = "127.0.0.1",
@@ -173,16 +188,7 @@ class LocalCluster:
         port; later restarts of the node reuse that port."""
         if address[1]:
             return address
-        pattern = re.compile(r"listening on (\S+):(\d+)")
-
-        def found():
-            if not node.running:
-                raise RuntimeError("%s exited; see %s" % (node.name, node.logfile))
-            with open(node.logfile, "rb") as f:
-                f.seek(node.log_offset)
-                match = pattern.search(f.read().decode("utf-8", "replace"))
-            return match and (match.group(1), int(match.group(2)))
-        bound = wait_until(found, timeout, "%s to listen" % node.name)
+        bound = listening_address(node, timeout)
         port_arg = node.argv.index("-b") + 1
         node.argv[port_arg] = format_address(bound)
         return bound
@@ -244,6 +250,14 @@ class LocalCluster:
     def pt_lines(self) -> list[str]:
         """``neoctl print pt``: the header, then one line per storage."""
         return self.neoctl("print", "pt")[0]
+
+    def cells(self) -> dict[str, str]:
+        """``print pt`` as {storage: its letters}, e.g. {"S1": "UUO."}."""
+        return {line.split()[0]: line.split()[2] for line in self.pt_lines()[1:]}
+
+    def all_up_to_date(self) -> bool:
+        """Every cell of the table is UP_TO_DATE."""
+        return all(set(row) <= {"U", "."} for row in self.cells().values())
 
     def storage_state(self, name: str):
         """NodeStates of storage ``name`` (e.g. "S2") as the admin sees it,
