@@ -89,9 +89,14 @@ class NodeManager:
         return make_nid(node_type, n)
 
     def update(self, entries: Iterable[tuple]) -> list[Node]:
-        """Apply NotifyNodeInformation entries; return the nodes changed."""
+        """Apply NotifyNodeInformation entries; return the nodes changed.
+        Entries without an id are skipped: NEO's master lists the masters
+        of its -m list it never reached by address only, and every node
+        here is known by its id."""
         changed = []
         for node_type, addr, nid, state, id_timestamp in entries:
+            if nid is None:
+                continue
             if state is NodeStates.UNKNOWN:
                 node = self.by_nid.pop(nid, None)
                 if node is not None:

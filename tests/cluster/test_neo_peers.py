@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 
 import pytest
+import ZODB
 
-from neozodb.cli.cluster import NodeProcess, listening_address, wait_until
+from neozodb.cli.cluster import (
+    LocalCluster,
+    NodeProcess,
+    free_port,
+    listening_address,
+    wait_until,
+)
 from neozodb.cli.config import format_address
-from neozodb.protocol import ClusterStates, NodeTypes, Packets, make_nid
+from neozodb.client import Storage
+from neozodb.net.threaded import ThreadedConnection
+from neozodb.protocol import ClusterStates, NodeStates, NodeTypes, Packets, make_nid, nid_str
 from neozodb.protocol.features import EXTRA_KEY
 from scripted import ScriptedPeer
 
@@ -47,3 +57,114 @@ def test_admin_asks_a_neo_master_for_the_cluster_state(tmp_path):
     finally:
         admin.kill()
         master.close()
+
+
+def test_admin_lists_nodes_when_a_neo_master_sends_entries_without_id(tmp_path):
+    """NEO's master lists masters it knows only by address with no id;
+    the admin keeps serving ``print node``."""
+    def master(conn, msg_id, packet, args):
+        _neo_master(conn, msg_id, packet, args)
+        if packet is Packets.RequestIdentification:
+            conn.notify(Packets.NotifyNodeInformation, 0.0, [
+                (NodeTypes.ADMIN, (b"127.0.0.1", 1), make_nid(NodeTypes.ADMIN, 1),
+                 NodeStates.RUNNING, 1.0),
+                (NodeTypes.MASTER, (b"127.0.0.1", 2), make_nid(NodeTypes.MASTER, 1),
+                 NodeStates.RUNNING, None),
+                (NodeTypes.MASTER, (b"127.0.0.1", 3), None, NodeStates.DOWN, None),
+                (NodeTypes.MASTER, (b"127.0.0.1", 4), None, NodeStates.DOWN, None)])
+    peer = ScriptedPeer(master)
+    admin = NodeProcess("A1", [sys.executable, "-m", "neozodb.cli.admin", "-c", "neo",
+                               "-m", format_address(peer.address), "-b", "127.0.0.1:0"],
+                        str(tmp_path / "A1.log"))
+    admin.start()
+    try:
+        address = format_address(listening_address(admin))
+
+        def listed():
+            out = subprocess.run([sys.executable, "-m", "neozodb.ctl.neoctl", "-c", "neo", "-a",
+                                  address, "print", "node", "MASTER"],
+                                 capture_output=True, text=True, timeout=30)
+            return out.returncode == 0 and out.stdout
+        out = wait_until(listed, 30, "print node to list the master")
+        assert out.split()[:5] == ["M1", "|", "MASTER", "|", "127.0.0.1:2"], out
+        assert len(out.splitlines()) == 1
+    finally:
+        admin.kill()
+        peer.close()
+
+
+class _Recording:
+    """Handler of a raw connection: what the peer sent, in order."""
+
+    def __init__(self):
+        self.received = []
+        self.lost = threading.Event()
+
+    def dispatch(self, conn, msg_id, packet, args):
+        self.received.append((packet, args))
+
+    def connection_lost(self, conn):
+        self.lost.set()
+
+
+def _neo_secondary(cluster, port):
+    """Identify with the primary as NEO's secondary masters do: no
+    features, no proposed id, at ``port``."""
+    handler = _Recording()
+    conn = ThreadedConnection(cluster.master_address, handler, "NEO-M")
+    conn.connect()
+    _, _, nid = conn.call(Packets.RequestIdentification, NodeTypes.MASTER, None,
+                          (b"127.0.0.1", port), cluster.name.encode(), None, {}, timeout=10)
+    return conn, handler, nid
+
+
+def test_a_neo_secondary_is_sent_only_the_masters(cluster):
+    """NEO's secondaries follow the list of masters and nothing else: any
+    other message (storage entries, the partition table, invalidations)
+    makes them drop their primary."""
+    conn, handler, _ = _neo_secondary(cluster, free_port())
+    try:
+        db = ZODB.DB(Storage(cluster.masters, cluster.name))
+        with db.transaction() as c:
+            c.root()["x"] = 1
+        db.close()
+        cluster.nodes["S2"].kill()  # a partition table change, a node change
+        wait_until(lambda: "O" in cluster.cells()["S2"], 30, "S2's cells out of date")
+        conn.call(Packets.Ping, timeout=10)  # a barrier: all sent before is received
+        names = {p.name for p, _ in handler.received}
+        assert names <= {"NotifyNodeInformation", "NotifyClusterInformation"}, names
+        for packet, args in handler.received:
+            if packet is Packets.NotifyNodeInformation:
+                assert {e[0] for e in args[1]} == {NodeTypes.MASTER}, args
+        assert not handler.lost.is_set()
+    finally:
+        conn.close()
+
+
+def test_a_master_restarted_at_the_same_address_gets_its_id_back(tmp_path):
+    """NEO's masters propose no id when they restart: the master known at
+    that address (here M1, DOWN since M2 took over from it) is the same
+    one, not a second entry with one address (NEO's nodes match entries by
+    address and would take one for the other)."""
+    c = LocalCluster(str(tmp_path / "c"), name="test", storages=1, replicas=0, partitions=4,
+                     masters=2)
+    try:
+        c.start(wait=60)
+        m1 = c.master_addresses[0]
+        c.nodes["M1"].kill()
+        c.wait_primary(60, other_than="M1")
+        handler = _Recording()
+        conn = ThreadedConnection(c.master_addresses[1], handler, "NEO-M")
+        conn.connect()
+        try:
+            _, _, nid = conn.call(Packets.RequestIdentification, NodeTypes.MASTER, None,
+                                  (m1[0].encode(), m1[1]), c.name.encode(), None, {},
+                                  timeout=10)
+            assert nid_str(nid) == "M1"
+            conn.call(Packets.Ping, timeout=10)
+            full = handler.received[0][1][1]  # the node list sent after identification
+            assert [nid_str(e[2]) for e in full if e[1] == (m1[0].encode(), m1[1])] == ["M1"]
+        finally:
+            conn.close()
+    finally:
+        c.kill()

@@ -12,6 +12,7 @@ from persistent.mapping import PersistentMapping
 
 from neozodb.cli.cluster import wait_until
 from neozodb.client import Storage
+from neozodb.protocol import NodeStates
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -127,3 +128,103 @@ def test_sigkill_under_load(tmp_path, master, victim):
             wait_until(c.all_up_to_date, 60, "%s back" % down)
     finally:
         c.kill()
+
+
+@pytest.mark.parametrize("added", ["neozodb", "NEO"])
+@pytest.mark.parametrize("master", ["neozodb", "NEO"])
+def test_add_tweak_and_drop_across(tmp_path, master, added):
+    """A third storage of either kind joins (add, tweak), takes cells from
+    both kinds, then the first storage is dropped: all data still reads."""
+    neo = ["S2"] + (["M1"] if master == "NEO" else []) + (["S3"] if added == "NEO" else [])
+    c = _cluster(tmp_path, neo)
+    try:
+        _write(c, 1)
+        c.storage(3).start()
+        wait_until(lambda: c.storage_state("S3") is not None, 30, "S3 to register")
+        c.neoctl("add", "S3")
+        c.neoctl("tweak")
+        wait_until(lambda: "S3" in c.cells() and c.all_up_to_date()
+                   and "F" not in "".join(c.cells().values()), 60, "S3 to take its cells")
+        assert c.cells()["S3"].count("U") >= 3
+        _write(c, 2)
+        c.neoctl("tweak", "S1")  # drain S1
+
+        def drained():
+            # NEO's master leaves the drained node's cells in place (its
+            # tweak does not discard them): enough that the others have all
+            cells = c.cells()
+            return c.all_up_to_date() and all(
+                cells["S2"][p] + cells["S3"][p] == "UU" for p in range(c.partitions))
+        wait_until(drained, 60, "S1 drained")
+        # NEO's master drops only a stopped node
+        c.neoctl("kill", "S1")
+        wait_until(lambda: not c.nodes["S1"].running, 30, "S1 to stop")
+        c.neoctl("drop", "S1")
+        wait_until(lambda: "S1" not in c.cells(), 30, "S1 dropped")
+        assert _read(c) == {"o%d" % i: 2 for i in range(OBJECTS)}
+        # and each remaining storage alone has everything (replicas 1)
+        for alone, down in (("S2", "S3"), ("S3", "S2")):
+            c.nodes[down].kill()
+            wait_until(lambda d=down: "U" not in c.cells()[d], 30, "%s down" % down)
+            assert _read(c) == {"o%d" % i: 2 for i in range(OBJECTS)}, alone
+            _restart(c, down)
+            wait_until(c.all_up_to_date, 60, "%s back" % down)
+    finally:
+        c.kill()
+
+
+@pytest.mark.parametrize("neo_master", ["M1", "M2"])
+def test_master_takeover_across(tmp_path, neo_master):
+    """Two masters, one of each kind: kill the primary under load, the
+    other takes over; restart it, kill the new primary: the first takes
+    over again.  Commits resume each time and none is lost."""
+    from writers import Writers
+    c = _cluster(tmp_path, ("S2", neo_master), masters=2)
+    kinds = []
+    try:
+        writers = Writers(c, tmp_path, retry=True)
+        try:
+            for _ in range(2):
+                wait_until(writers.more(10), 60, "writers to commit")
+                process = _primary_process(c, c.wait_primary(60))
+                kinds.append(c.kind(process))
+                c.nodes[process].signal(signal.SIGKILL)
+                c.nodes[process].wait(10)
+                wait_until(lambda p=process: _primary_process(c, c.wait_primary(60)) != p, 60,
+                           "another primary than %s" % process)
+                wait_until(writers.more(10), 60, "commits under the new primary")
+                _restart(c, process)
+                wait_until(lambda p=process: _master_running(c, p), 30,
+                           "%s back as a secondary" % process)
+        finally:
+            writers.stop()
+        writers.check()
+        assert sorted(kinds) == ["NEO", "neozodb"]  # each kind took over from the other
+    finally:
+        c.kill()
+
+
+def _master_entries(c) -> dict:
+    """Master entries of the admin's node list by address."""
+    from neozodb.nodes import address_from_wire
+    from neozodb.protocol import NodeTypes
+    ctl = c.ctl()
+    try:
+        return {address_from_wire(n[1]): n for n in ctl.nodes(NodeTypes.MASTER)}
+    finally:
+        ctl.close()
+
+
+def _primary_process(c, name: str) -> str:
+    """The harness name (M<place in -m>) of the master that the cluster
+    calls ``name``: NEO's primary names masters itself, in its own order."""
+    from neozodb.protocol import nid_str
+    for address, entry in _master_entries(c).items():
+        if nid_str(entry[2]) == name:
+            return c.master_names[c.master_addresses.index(address)]
+    raise LookupError(name)
+
+
+def _master_running(c, process: str) -> bool:
+    entry = _master_entries(c).get(c.master_addresses[c.master_names.index(process)])
+    return entry is not None and entry[3] is NodeStates.RUNNING

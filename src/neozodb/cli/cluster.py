@@ -262,10 +262,16 @@ class LocalCluster:
     def storage_state(self, name: str):
         """NodeStates of storage ``name`` (e.g. "S2") as the admin sees it,
         None if it does not know it."""
+        return self.node_state(name)
+
+    def node_state(self, name: str):
+        """NodeStates of node ``name`` (e.g. "S2", "M1") as the admin sees
+        it, None if it does not know it."""
         from neozodb.protocol import NodeTypes, nid_str
+        node_type = {"M": NodeTypes.MASTER, "S": NodeTypes.STORAGE}[name[0]]
         ctl = self.ctl()
         try:
-            for node in ctl.nodes(NodeTypes.STORAGE):
+            for node in ctl.nodes(node_type):
                 if nid_str(node[2]) == name:
                     return node[3]
             return None

@@ -141,18 +141,27 @@ class MasterApp:
     def self_node(self) -> Node:
         return Node(NodeTypes.MASTER, self.nid, self.address, NodeStates.RUNNING, None)
 
-    def visible_to(self, recipient: NodeTypes, node: Node) -> bool:
-        """Which node entries each kind of node is told about."""
+    @staticmethod
+    def visible_to(recipient: Node, node: Node) -> bool:
+        """Which node entries each node is told about."""
         t = node.type
-        if recipient is NodeTypes.CLIENT:
+        r = recipient.type
+        if r is NodeTypes.CLIENT:
             return t in (NodeTypes.MASTER, NodeTypes.STORAGE)
-        if recipient is NodeTypes.MASTER:  # what a secondary mirrors
-            return t is NodeTypes.MASTER or t is NodeTypes.STORAGE
-        return t is not NodeTypes.ADMIN or recipient is NodeTypes.ADMIN
+        if r is NodeTypes.MASTER:  # what a secondary mirrors; NEO's: masters only
+            return t is NodeTypes.MASTER or (
+                t is NodeTypes.STORAGE and b"mirror" in recipient.conn.peer_features)
+        return t is not NodeTypes.ADMIN or r is NodeTypes.ADMIN
+
+    @staticmethod
+    def follows_table(node: Node) -> bool:
+        """Whether ``node`` is sent the partition table and its changes: not
+        a NEO secondary master (protocol/features.py, ``mirror``)."""
+        return node.type is not NodeTypes.MASTER or b"mirror" in node.conn.peer_features
 
     def send_node_list(self, node: Node) -> None:
         entries = [node.wire(), self.self_node().wire()]
-        entries += [n.wire() for n in self.nm if n is not node and self.visible_to(node.type, n)]
+        entries += [n.wire() for n in self.nm if n is not node and self.visible_to(node, n)]
         node.conn.notify(Packets.NotifyNodeInformation, time.time(), entries)
 
     def broadcast_nodes(self, changed: list[Node], exclude: Node | None = None) -> None:
@@ -160,12 +169,12 @@ class MasterApp:
         for peer in self.nm:
             if not peer.connected or peer is exclude:
                 continue
-            entries = [n.wire() for n in changed if self.visible_to(peer.type, n)]
+            entries = [n.wire() for n in changed if self.visible_to(peer, n)]
             if entries:
                 peer.conn.notify(Packets.NotifyNodeInformation, now, entries)
 
     def send_pt(self, node: Node) -> None:
-        if self.pt is not None and self.pt.ptid is not None:
+        if self.pt is not None and self.pt.ptid is not None and self.follows_table(node):
             node.conn.notify(Packets.SendPartitionTable, self.pt.ptid, self.pt.num_replicas,
                              self._wire_rows())
 
@@ -188,7 +197,8 @@ class MasterApp:
         self.updatable.difference_update((nid, offset) for offset, nid, _ in changes)
         wire = [(offset, nid, CellStates(state)) for offset, nid, state in changes]
         for peer in self.nm:
-            if peer.connected and (peer.type is not NodeTypes.STORAGE or peer.running):
+            if peer.connected and (peer.type is not NodeTypes.STORAGE or peer.running) \
+                    and self.follows_table(peer):
                 peer.conn.notify(Packets.NotifyPartitionChanges, ptid, replicas, wire)
 
     def set_cluster_state(self, state: ClusterStates) -> None:
@@ -637,7 +647,7 @@ class MasterApp:
                         continue
                 elif peer.type is not NodeTypes.MASTER:
                     continue
-                if peer.connected:
+                if peer.connected and self.follows_table(peer):
                     peer.conn.notify(Packets.InvalidateObjects, tid, txn.oids)
             for nid in txn.involved:
                 node = self.nm.get(nid)

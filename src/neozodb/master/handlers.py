@@ -141,7 +141,10 @@ class IdentificationHandler(BaseHandler):
 
     def _master_nid(self, nid: int | None, address) -> int:
         """The id a secondary proposes, unless another master has it; a
-        master that reconnects from the same address replaces itself."""
+        master that reconnects from the same address replaces itself.
+        Without a proposal (NEO's masters restart without one), the master
+        known at that address gets its id back: two entries with one
+        address would make NEO's nodes take one for the other."""
         app = self.app
         if nid is not None and nid_type(nid) is NodeTypes.MASTER and nid != app.nid:
             other = app.nm.get(nid)
@@ -151,6 +154,9 @@ class IdentificationHandler(BaseHandler):
                 old, other.conn = other.conn, None
                 old.close("replaced by a new connection")
                 return nid
+        for other in app.nm.of_type(NodeTypes.MASTER):
+            if other.address == address and other.nid != app.nid and not other.connected:
+                return other.nid
         return app.nm.free_nid(NodeTypes.MASTER, {app.nid})
 
 

@@ -94,12 +94,16 @@ async def follow(app: MasterApp, address: tuple[str, int], conn: Connection | No
             conn.nid = primary_nid
             app.nid = my_nid
         log.info("%s: secondary of %s at %s:%s", app.label, nid_str(conn.nid), *address)
-        last_tid, last_oid, _ = await conn.ask(Packets.AskLastIDs)
-        tm = app.tm
-        if last_tid is not None:
-            tm.last_tid = max(tm.last_tid, u64(last_tid))
-        if last_oid is not None:
-            tm.saw_oid(u64(last_oid))
+        if b"mirror" in conn.peer_features:
+            last_tid, last_oid, _ = await conn.ask(Packets.AskLastIDs)
+            tm = app.tm
+            if last_tid is not None:
+                tm.last_tid = max(tm.last_tid, u64(last_tid))
+            if last_oid is not None:
+                tm.saw_oid(u64(last_oid))
+        else:
+            log.info("%s: %s is NEO's: nothing to mirror, a take-over will recover",
+                     app.label, nid_str(conn.nid))
         await conn.closed_future
         log.warning("%s: lost the primary master (%s)", app.label, conn.close_reason)
     except (OSError, ConnectionClosed, RemoteError, asyncio.TimeoutError) as e:

@@ -25,6 +25,14 @@ Both ends keep the intersection (``conn.peer_features``).  The features:
 ``gc-pack``
     The node applies pack orders that collect garbage (an oid list of
     unreachable objects), not only NEO's history packs.
+``mirror``
+    A secondary master mirrors the primary: it is sent what storages are
+    (storage entries of the node list, the partition table and its
+    changes), an ``InvalidateObjects`` per commit, and asks ``AskLastIDs``,
+    so that it takes over without a recovery.  NEO's secondaries only
+    follow the list of masters (any other message makes them give up on
+    their primary), and NEO's primary sends nothing more: a secondary that
+    took over without a mirror recovers the table from the storages.
 """
 from __future__ import annotations
 
@@ -33,7 +41,8 @@ from typing import Any
 from .catalogue import Packets
 
 EXTRA_KEY = b"neozodb"
-FEATURES: frozenset[bytes] = frozenset((b"status-json", b"import-status", b"gc-pack"))
+FEATURES: frozenset[bytes] = frozenset((b"status-json", b"import-status", b"gc-pack",
+                                        b"mirror"))
 #: What RequestIdentification.extra carries from a neozodb node.
 ANNOUNCEMENT: dict[bytes, list[bytes]] = {EXTRA_KEY: sorted(FEATURES)}
 NO_FEATURES: frozenset[bytes] = frozenset()
