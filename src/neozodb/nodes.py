@@ -27,6 +27,8 @@ class Node:
     id_timestamp: float | None = None
     conn: Any = None
     devpath: tuple = ()
+    # what it announced (protocol/features.py); empty: NEO's, or not seen
+    features: frozenset = frozenset()
 
     def __repr__(self) -> str:
         return f"<{nid_str(self.nid)} {self.state.name}>"

@@ -168,3 +168,34 @@ def test_a_master_restarted_at_the_same_address_gets_its_id_back(tmp_path):
             conn.close()
     finally:
         c.kill()
+
+
+def test_gc_pack_is_offered_to_clients_only_while_every_storage_has_it(cluster):
+    """A storage without ``gc-pack`` (NEO's reads a GC order's oids as a
+    partial history pack) joins the table: connected clients are told the
+    cluster no longer offers it; new clients are not offered it."""
+    storage = Storage(cluster.masters, cluster.name)
+    try:
+        assert b"gc-pack" in storage.app.get_master().peer_features
+        neo = ThreadedConnection(cluster.master_address, _Recording(), "NEO-S")
+        neo.connect()
+        try:
+            _, _, nid = neo.call(Packets.RequestIdentification, NodeTypes.STORAGE, None,
+                                 (b"127.0.0.1", free_port()), cluster.name.encode(), None,
+                                 {}, timeout=10)
+            # pending, not in the table yet: nothing changes
+            assert b"gc-pack" in storage.app.get_master().peer_features
+            cluster.neoctl("add", nid_str(nid))
+            assert b"gc-pack" in storage.app.get_master().peer_features  # no cell yet
+            cluster.neoctl("tweak")
+            wait_until(lambda: b"gc-pack" not in storage.app.get_master().peer_features, 30,
+                       "the client to be told")
+            other = Storage(cluster.masters, cluster.name)
+            try:
+                assert b"gc-pack" not in other.app.get_master().peer_features
+            finally:
+                other.close()
+        finally:
+            neo.close()
+    finally:
+        storage.close()

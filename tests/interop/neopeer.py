@@ -105,3 +105,34 @@ class MixedCluster(LocalCluster):
 
     def neo_neoctl(self, *words: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
         return neo_neoctl(self.admin_address, *words, timeout=timeout)
+
+
+# Through NEO's client, in its own process: set root[key] for each
+# key=value given (one transaction), then print the whole root as JSON.
+NEO_CLIENT_SCRIPT = """
+import json, sys, ZODB
+from neo.client.Storage import Storage
+masters, name = sys.argv[1:3]
+db = ZODB.DB(Storage(master_nodes=masters, name=name))
+try:
+    with db.transaction() as conn:
+        root = conn.root()
+        for item in sys.argv[3:]:
+            key, value = item.split("=", 1)
+            root[key] = value
+    with db.transaction() as conn:
+        print(json.dumps({k: v for k, v in conn.root().items() if isinstance(v, str)}))
+finally:
+    db.close()
+"""
+
+
+def neo_client_roundtrip(cluster: LocalCluster, **values: str) -> dict:
+    """Commit ``values`` into the root through NEO's client and return the
+    string values of the root it then reads."""
+    import json
+    out = run_neo_python(NEO_CLIENT_SCRIPT, cluster.masters, cluster.name,
+                         *("%s=%s" % kv for kv in values.items()))
+    if out.returncode:
+        raise AssertionError("NEO's client failed:\n" + out.stderr[-3000:])
+    return json.loads(out.stdout.splitlines()[-1])

@@ -228,3 +228,37 @@ def _primary_process(c, name: str) -> str:
 def _master_running(c, process: str) -> bool:
     entry = _master_entries(c).get(c.master_addresses[c.master_names.index(process)])
     return entry is not None and entry[3] is NodeStates.RUNNING
+
+
+# Who runs what: masters M1 M2, storages S1 S2, admin A1 (the rest ours).
+MATRIX = [
+    ("M1",), ("M2",), ("M1", "M2"), ("S1",), ("M1", "S1"), ("M2", "S2", "A1"),
+    ("M1", "M2", "S1", "A1"), ("A1",), ("S1", "S2"), ("M2", "S1", "S2", "A1"),
+]
+
+
+@pytest.mark.parametrize("neo", MATRIX, ids=["+".join(m) for m in MATRIX])
+def test_both_clients_on_every_mix(tmp_path, neo):
+    """Either client commits and reads what the other committed, whoever
+    runs the masters, the storages and the admin."""
+    from neopeer import neo_client_roundtrip
+    c = _cluster(tmp_path, neo, masters=2)
+    try:
+        db = ZODB.DB(Storage(c.masters, c.name))
+        try:
+            with db.transaction() as conn:
+                conn.root()["ours"] = "from neozodb"
+            assert neo_client_roundtrip(c, theirs="from NEO") == {
+                "ours": "from neozodb", "theirs": "from NEO"}
+            with db.transaction() as conn:
+                assert conn.root()["theirs"] == "from NEO"
+                conn.root()["ours"] = "again"
+            assert neo_client_roundtrip(c)["ours"] == "again"
+        finally:
+            db.close()
+        # both copies hold everything: each storage alone serves it
+        c.nodes["S1"].kill()
+        wait_until(lambda: "U" not in c.cells()["S1"], 30, "S1 down")
+        assert neo_client_roundtrip(c) == {"ours": "again", "theirs": "from NEO"}
+    finally:
+        c.kill()

@@ -33,6 +33,7 @@ from neozodb.protocol import (
     p64,
     u64,
 )
+from neozodb.protocol.features import FEATURES
 from neozodb.pt import PartitionTable
 
 log = logging.getLogger("neozodb.master")
@@ -80,6 +81,7 @@ class MasterApp:
         self.last_id_timestamp = 0.0
         self._temporary_nids: dict = {}  # node type -> last number given
         self._changed = asyncio.Event()  # wakes the phase waiting for a condition
+        self._client_features: frozenset[bytes] | None = None  # last offered to clients
         self._stop_operation = asyncio.Event()
         self._exit = asyncio.Event()
         self.stopping = False
@@ -137,6 +139,30 @@ class MasterApp:
 
     def changed(self) -> None:
         self._changed.set()
+        self.refresh_client_features()
+
+    def client_features(self) -> frozenset[bytes]:
+        """What clients may use: ``gc-pack`` only while every storage of
+        the table announced it (protocol/features.py)."""
+        if self.pt is not None:
+            for nid in self.pt.nids():
+                node = self.nm.get(nid)
+                if node is None or b"gc-pack" not in node.features:
+                    return FEATURES - {b"gc-pack"}
+        return FEATURES
+
+    def refresh_client_features(self) -> None:
+        features = self.client_features()
+        if features == self._client_features:
+            return
+        if self._client_features is not None:
+            log.info("%s: clients may now use: %s", self.label,
+                     ", ".join(sorted(f.decode() for f in features)))
+        self._client_features = features
+        for node in self.nm.of_type(NodeTypes.CLIENT):
+            if node.connected and node.features:
+                node.conn.peer_features = node.features & features
+                node.conn.notify(Packets.NotifyFeatures, sorted(features))
 
     def self_node(self) -> Node:
         return Node(NodeTypes.MASTER, self.nid, self.address, NodeStates.RUNNING, None)
@@ -195,6 +221,7 @@ class MasterApp:
         # a changed cell needs a new AskUnfinishedTransactions before a
         # replication done report may make it UP_TO_DATE
         self.updatable.difference_update((nid, offset) for offset, nid, _ in changes)
+        self.refresh_client_features()
         wire = [(offset, nid, CellStates(state)) for offset, nid, state in changes]
         for peer in self.nm:
             if peer.connected and (peer.type is not NodeTypes.STORAGE or peer.running) \

@@ -25,7 +25,7 @@ from neozodb.protocol import (
     p64,
     u64,
 )
-from neozodb.protocol.features import greet
+from neozodb.protocol.features import FEATURES, NO_FEATURES, announced, greet
 
 if TYPE_CHECKING:
     from neozodb.master.app import MasterApp
@@ -120,7 +120,8 @@ class IdentificationHandler(BaseHandler):
         conn.nid = nid
         conn.node = node
         conn.handler = handler
-        greet(conn, extra)
+        greet(conn, extra, app.client_features() if node_type is NodeTypes.CLIENT else FEATURES)
+        node.features = announced(extra) or NO_FEATURES
         conn.answer(msg_id, Packets.AcceptIdentification, NodeTypes.MASTER, app.nid, nid)
         log.info("%s: %s identified (%s, %s)", app.label, node.label, conn.peer, state.name)
         app.send_node_list(node)

@@ -24,7 +24,12 @@ Both ends keep the intersection (``conn.peer_features``).  The features:
     ``NotifyMonitorInformation`` (NEO's master does not expect it there).
 ``gc-pack``
     The node applies pack orders that collect garbage (an oid list of
-    unreachable objects), not only NEO's history packs.
+    unreachable objects), not only NEO's history packs.  NEO's storages
+    read such an order's oids as a partial history pack and would keep
+    what ours delete: a master offers ``gc-pack`` to clients only while
+    every storage of its partition table announced it, and sends clients
+    ``NotifyFeatures`` again when that changes (the client decides at each
+    pack; without it, the client deletes garbage in ordinary transactions).
 ``mirror``
     A secondary master mirrors the primary: it is sent what storages are
     (storage entries of the node list, the partition table and its
@@ -62,10 +67,11 @@ def common(features: tuple | list) -> frozenset[bytes]:
     return FEATURES.intersection(features)
 
 
-def greet(conn: Any, extra: dict) -> None:
+def greet(conn: Any, extra: dict, ours: frozenset[bytes] = FEATURES) -> None:
     """On the accepting side, before AcceptIdentification: note what a
-    neozodb peer announced and tell it ours; nothing for a NEO peer."""
+    neozodb peer announced and tell it ours (``ours``: a master offers
+    clients what the whole cluster can do); nothing for a NEO peer."""
     features = announced(extra)
     if features is not None:
-        conn.peer_features = features
-        conn.notify(Packets.NotifyFeatures, sorted(FEATURES))
+        conn.peer_features = features & ours
+        conn.notify(Packets.NotifyFeatures, sorted(ours))
