@@ -135,6 +135,10 @@ def test_new_primary_starts_from_mirrored_state(masters3):
     """A secondary knows the table, the last TID and OID before it takes
     over: its log says so, and the cluster goes on from there."""
     c = masters3
+    # both secondaries follow before the client takes OIDs: one that asks
+    # AskLastIDs later learns the last OID *given* (100), not the one used
+    wait_until(lambda: sorted(masters_view(c).values()) == ["RUNNING"] * 3, 30,
+               "the secondaries to follow")
     db = ZODB.DB(Storage(c.masters, c.name))
     root = db.open().root()
     root["x"] = PersistentMapping(v="before")  # a new object: OID 1

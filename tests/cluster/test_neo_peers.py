@@ -24,7 +24,7 @@ from neozodb.protocol import ClusterStates, NodeStates, NodeTypes, Packets, make
 from neozodb.protocol.features import EXTRA_KEY
 from scripted import ScriptedPeer
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(120)
 
 
 def _neo_master(conn, msg_id, packet, args):
