@@ -43,7 +43,8 @@ WRITER = textwrap.dedent("""
 class Writers:
     """One writer process per key, stopped and checked by ``stop()``."""
 
-    def __init__(self, cluster, directory, keys=("w1", "w2"), retry: bool = False) -> None:
+    def __init__(self, cluster, directory, keys=("w1", "w2"), retry: bool = False,
+                 script: str = WRITER, env: dict | None = None) -> None:
         db = ZODB.DB(Storage(cluster.masters, cluster.name))
         root = db.open().root()
         for key in keys:
@@ -55,9 +56,9 @@ class Writers:
         self.stop_file = str(directory / "stop")
         self.outs = [str(directory / (key + ".out")) for key in keys]
         self.procs = [
-            subprocess.Popen([sys.executable, "-c", WRITER, cluster.masters, cluster.name, key,
+            subprocess.Popen([sys.executable, "-c", script, cluster.masters, cluster.name, key,
                               self.stop_file, "retry" if retry else "strict"],
-                             stdout=open(out, "w"), stderr=open(out + ".err", "w"))
+                             stdout=open(out, "w"), stderr=open(out + ".err", "w"), env=env)
             for key, out in zip(keys, self.outs, strict=True)]
 
     def counts(self) -> list[int]:

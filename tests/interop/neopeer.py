@@ -136,3 +136,11 @@ def neo_client_roundtrip(cluster: LocalCluster, **values: str) -> dict:
     if out.returncode:
         raise AssertionError("NEO's client failed:\n" + out.stderr[-3000:])
     return json.loads(out.stdout.splitlines()[-1])
+
+
+def neo_writer_script() -> str:
+    """tests/writers.py's writer, committing through NEO's client."""
+    from writers import WRITER
+    return WRITER.replace("from neozodb.client import Storage",
+                          "from neo.client.Storage import Storage").replace(
+        "Storage(masters, name)", "Storage(master_nodes=masters, name=name)")

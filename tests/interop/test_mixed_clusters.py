@@ -94,16 +94,24 @@ def test_catch_up_then_lose_the_source(tmp_path, master, first):
         c.kill()
 
 
+@pytest.mark.parametrize("client", ["neozodb", "NEO"])
 @pytest.mark.parametrize("victim", ["S1", "S2", "M1"])
 @pytest.mark.parametrize("master", ["neozodb", "NEO"])
-def test_sigkill_under_load(tmp_path, master, victim):
-    """Two writer processes commit while a node is SIGKILLed and restarted
-    (S2 is NEO's, S1 ours): every acknowledged commit is there, nothing else."""
-    from writers import Writers
+def test_sigkill_under_load(tmp_path, master, victim, client):
+    """Two writer processes (either client) commit while a node is
+    SIGKILLed and restarted (S2 is NEO's, S1 ours): every acknowledged
+    commit is there, nothing else."""
+    from neopeer import neo_env, neo_writer_script
+
+    from writers import WRITER, Writers
     neo = ("S2",) + (("M1",) if master == "NEO" else ())
     c = _cluster(tmp_path, neo)
     try:
-        writers = Writers(c, tmp_path, retry=True)
+        if client == "NEO":
+            writers = Writers(c, tmp_path, retry=True, script=neo_writer_script(),
+                              env=neo_env())
+        else:
+            writers = Writers(c, tmp_path, retry=True, script=WRITER)
         try:
             wait_until(writers.more(20), 60, "writers to commit")
             c.nodes[victim].signal(signal.SIGKILL)
