@@ -24,6 +24,7 @@ from neozodb.protocol import (
 from neozodb.protocol.features import greet
 from neozodb.storage.backends.base import Unsupported
 from neozodb.storage.pack import PAGE_OIDS, is_gc_extension, wire_order
+from neozodb.storage.undo import store_again_ok, undo_serials
 
 if TYPE_CHECKING:
     from neozodb.storage.app import StorageApp
@@ -45,22 +46,6 @@ def _conflict_serial(current: bytes) -> bytes:
     # ZERO_TID in an answer means "accepted without lock": a client that
     # names a revision of an object we never had must get a conflict
     return MAX_TID if current == ZERO_TID else current
-
-
-def _same_state(undone: tuple, current: tuple) -> bool:
-    """Whether two revisions ``(serial, data_id, value_tid)`` hold the same
-    state: same data (back-pointers followed, or the same deduplicated data
-    row), or both deletions.  ``current`` may have no serial (stored by the
-    undoing transaction itself)."""
-    def data_tid(revision):
-        serial, _, value_tid = revision
-        return serial if value_tid is None else value_tid
-    if undone[1] is None or current[1] is None:
-        return undone[1] is None and current[1] is None
-    if undone[1] == current[1]:
-        return True
-    tid = data_tid(current)
-    return tid is not None and tid == data_tid(undone)
 
 
 class Retry:
@@ -386,13 +371,8 @@ class ClientHandler(BaseHandler):
         conn.answer(msg_id, Packets.AnswerOIDsFrom, _p64(next_oid), [p64(oid) for oid in oids])
 
     def AskObjectUndoSerial(self, conn, msg_id, ttid, ltid, undone_tid, oids):
-        """For each oid of an undone transaction: ``(current_serial,
-        undo_serial, is_current)``.  current_serial is the revision the
-        undoing transaction sees (before ltid; ttid if it already stored the
-        object itself), undo_serial the revision holding the data the object
-        had before undone_tid (None: the undo deletes it, e.g. undone
-        creation), and is_current whether the current state is the undone
-        one, so that the undo can simply point back to undo_serial."""
+        """Per oid of an undone transaction: the serial it has now, the one
+        to go back to, and whether the undone state is current (undo.py)."""
         app = self.app
         pt = app.pt
         for oid in oids:
@@ -401,33 +381,7 @@ class ClientHandler(BaseHandler):
             app.delay(b"", Retry(self, conn, msg_id, Packets.AskObjectUndoSerial,
                                  (ttid, ltid, undone_tid, oids)))
             return
-        backend = app.backend
-        txn = app.locks.txns.get(ttid)
-        undone_at = u64(undone_tid)
-        result = {}
-        for oid in oids:
-            n = u64(oid)
-            undone = backend.get_revision(n, tid=undone_at)
-            if undone is None:
-                # listed by the transaction but gone: packed away
-                raise HandlerError("%s has no revision %s (packed?)" % (oid.hex(), undone_tid.hex()),
-                                   ErrorCodes.UNDO_PACK_ERROR)
-            previous = backend.get_revision(n, before_tid=undone_at)
-            undo_serial = None
-            if previous is not None and previous[1] is not None:
-                undo_serial = p64(previous[0] if previous[2] is None else previous[2])
-            stored = None if txn is None else txn.objects.get(oid)
-            if stored is not None:
-                # already changed by this transaction (e.g. an earlier undo)
-                current_serial = ttid
-                current = (None, stored[1], stored[2])
-            else:
-                current = backend.get_revision(n, before_tid=u64(ltid))
-                if current is None:
-                    raise HandlerError("%s does not exist before %s" % (oid.hex(), ltid.hex()),
-                                       ErrorCodes.OID_NOT_FOUND)
-                current_serial = p64(current[0])
-            result[oid] = (current_serial, undo_serial, _same_state(undone, current))
+        result = undo_serials(app.backend, app.locks.txns.get(ttid), ttid, ltid, undone_tid, oids)
         conn.answer(msg_id, Packets.AnswerObjectUndoSerial, result)
 
     # -- writes ----------------------------------------------------------------------------
@@ -453,7 +407,16 @@ class ClientHandler(BaseHandler):
             txn.lockless.add(oid)
             conn.answer(msg_id, Packets.AnswerStoreObject, ZERO_TID)
             return
-        if not self._lock_current(conn, msg_id, Packets.AskStoreObject, (
+        previous = txn.objects.get(oid)
+        if previous is not None and oid not in txn.lockless \
+                and app.locks.write_locks.get(oid) == ttid:
+            # stored again by the same transaction (several undos of one
+            # object, a store after an undo): it holds the lock since its
+            # first store, nobody committed the object meanwhile
+            if not store_again_ok(previous, serial):
+                conn.answer(msg_id, Packets.AnswerStoreObject, p64(previous[2]))
+                return
+        elif not self._lock_current(conn, msg_id, Packets.AskStoreObject, (
                 oid, serial, compression, checksum, data, data_serial, ttid),
                 ttid, oid, serial, txn.checked):
             return
