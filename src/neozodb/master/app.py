@@ -1,6 +1,8 @@
 """A master: as primary, cluster state, node registry, partition table,
 OID/TID allocation and two-phase commit coordination; as secondary, a
-mirror of the primary's state (``master/secondary.py``).
+mirror of the primary's state (``master/secondary.py``).  The phases and
+commits live in the mixins of ``MasterApp``: ``recovery.py``,
+``truncation.py``, ``commits.py``.
 
 Runs in one asyncio loop.  A master plays primary from its start and
 whenever it loses its primary; the election (``master/election.py``) may
@@ -15,14 +17,16 @@ import asyncio
 import logging
 import time
 
-from neozodb.master import checks, election, handlers, secondary
-from neozodb.master.pack import Order, PackManager
-from neozodb.master.transactions import TransactionError, TransactionManager
+from neozodb.master import checks, handlers, secondary
+from neozodb.master.commits import Commits
+from neozodb.master.pack import PackManager
+from neozodb.master.recovery import Recovery, StoppedOperation
+from neozodb.master.transactions import TransactionManager
+from neozodb.master.truncation import Truncation
 from neozodb.master.tweak import drop_changes
-from neozodb.net.connection import Connection, ConnectionClosed, HandlerError, RemoteError
+from neozodb.net.connection import Connection, HandlerError
 from neozodb.nodes import Node, NodeManager
 from neozodb.protocol import (
-    ZERO_TID,
     CellStates,
     ClusterStates,
     NodeStates,
@@ -31,7 +35,6 @@ from neozodb.protocol import (
     make_nid,
     nid_str,
     p64,
-    u64,
 )
 from neozodb.protocol.features import FEATURES
 from neozodb.pt import PartitionTable
@@ -39,11 +42,10 @@ from neozodb.pt import PartitionTable
 log = logging.getLogger("neozodb.master")
 
 
-class StoppedOperation(Exception):
-    """The partition table is no longer operational: back to recovery."""
+class MasterApp(Recovery, Truncation, Commits):
+    """Recovery and verification (master/recovery.py), truncation
+    (master/truncation.py) and commits (master/commits.py) are mixins."""
 
-
-class MasterApp:
     def __init__(self, name: str, bind: tuple[str, int], partitions: int = 100,
                  replicas: int = 0, autostart: int = 0, masters: list | None = None,
                  hold_timeout: float = 30.0, nid: int | None = None) -> None:
@@ -401,170 +403,6 @@ class MasterApp:
             self._changed.clear()
             await self._changed.wait()
 
-    # -- recovery -------------------------------------------------------------------
-    async def recover(self) -> None:
-        self.set_cluster_state(ClusterStates.RECOVERING)
-        self.electing = True
-        electing = asyncio.ensure_future(election.run(self))
-        self.pt, self.inherited_pt = self.inherited_pt, None
-        self.recovery.clear()
-        self.ready_storages.clear()
-        self.updatable.clear()
-        self.finish_watchers.clear()
-        self.final_tid_waiters.clear()
-        for node in self.nm.storages():
-            if node.connected:
-                self.set_node_state(node, NodeStates.PENDING)
-                self.ask_recovery(node)
-        try:
-            await self._wait(self._recovery_done)
-        finally:
-            electing.cancel()
-        self.electing = False
-        selected = [n for n in self.nm.storages(NodeStates.PENDING) if n.connected]
-        if self.pt is None:
-            pt = PartitionTable(self.num_partitions, self.num_replicas)
-            pt.make(sorted(n.nid for n in selected))
-            self.pt = pt
-            log.info("%s: created partition table over %s", self.label,
-                     " ".join(n.label for n in selected))
-        else:
-            selected = [n for n in selected if n.nid in self.pt.nids()]
-        for node in selected:
-            self.set_node_state(node, NodeStates.RUNNING)
-        # nodes of the table that are not here are known, but down
-        for nid in self.pt.nids():
-            if self.nm.get(nid) is None:
-                self.nm.add(Node(NodeTypes.STORAGE, nid, state=NodeStates.DOWN))
-        for nid in self.pt.nids() - self.running_storage_nids():
-            changes = self.pt.outdate(nid)
-            if changes:
-                self.pt.apply_changes(self.pt.ptid + 1, self.pt.num_replicas, changes)
-
-    def ask_recovery(self, node: Node) -> None:
-        def answered(conn, result, error):
-            if error is None:
-                self.recovery[node.nid] = result
-                self.changed()
-        node.conn.ask(Packets.AskRecovery, callback=answered)
-
-    def _recovery_done(self) -> bool:
-        if self.election_pending:
-            return False  # another master may still claim to be primary
-        pending = [n for n in self.nm.storages(NodeStates.PENDING) if n.connected]
-        if any(n.nid not in self.recovery for n in pending):
-            return False
-        best = max((r[0] for r in self.recovery.values() if r[0] is not None), default=None)
-        if best is not None and (self.pt is None or self.pt.ptid < best):
-            source = next(n for n in pending if self.recovery[n.nid][0] == best)
-            self._load_pt(source, best)
-            return False
-        if self.pt is not None:  # from a storage, or inherited (take_over)
-            here = {n.nid for n in pending}
-            if self._truncation_pending(pending):
-                return False
-            readable = {nid for p in range(self.pt.num_partitions) for nid in self.pt.readable_nids(p)}
-            if self.truncate_tid is not None:
-                readable = self.pt.nids()  # a truncation waits for every node of the table
-            if readable <= here:
-                return True
-            return self.startup_allowed and self.pt.operational(here)
-        if not pending:
-            return False
-        if self.startup_allowed:
-            return True
-        return 0 < self.autostart <= len(pending)
-
-    def _load_pt(self, node: Node, ptid: int) -> None:
-        if self._loading_pt == (node.nid, ptid):
-            return
-        self._loading_pt = (node.nid, ptid)
-
-        def answered(conn, result, error):
-            self._loading_pt = None
-            if error is None:
-                got_ptid, replicas, rows = result
-                pt = PartitionTable(len(rows), replicas)
-                pt.load(got_ptid, replicas, rows)
-                self.pt = pt
-                self.num_partitions = len(rows)
-                self.tm.num_partitions = len(rows)
-                for nid in pt.nids():
-                    if self.nm.get(nid) is None:
-                        self.nm.add(Node(NodeTypes.STORAGE, nid, state=NodeStates.DOWN))
-                for admin in self.nm.of_type(NodeTypes.ADMIN):
-                    if admin.connected:
-                        self.send_pt(admin)
-            self.changed()
-        node.conn.ask(Packets.AskPartitionTable, callback=answered)
-
-    # -- verification -------------------------------------------------------------
-    async def verify(self) -> None:
-        self.set_cluster_state(ClusterStates.VERIFYING)
-        storages = [n for n in self.nm.storages(NodeStates.RUNNING) if n.connected]
-        for node in self.nm:
-            if node.connected and node.type is not NodeTypes.CLIENT:
-                self.send_pt(node)
-        readable = {nid for p in range(self.pt.num_partitions) for nid in self.pt.readable_nids(p)}
-        try:
-            answers = await asyncio.gather(*(
-                n.conn.ask(Packets.AskLockedTransactions) for n in storages if n.nid in readable))
-            locked: dict[bytes, bytes | None] = {}
-            for (txns,) in answers:
-                for ttid, tid in txns.items():
-                    if tid is not None or ttid not in locked:
-                        locked[ttid] = tid if tid is not None else locked.get(ttid)
-            for ttid, tid in locked.items():
-                if tid is None:
-                    # voted but no metadata holder says locked: maybe committed already
-                    for node in storages:
-                        if node.nid in self.pt.readable_nids(self.pt.partition(ttid)):
-                            (final,) = await node.conn.ask(Packets.AskFinalTID, ttid)
-                            if final is not None:
-                                tid = final
-                                break
-                if tid is not None:
-                    log.info("%s: validating transaction %s (tid %s)", self.label, ttid.hex(), tid.hex())
-                    for node in storages:
-                        node.conn.notify(Packets.ValidateTransaction, ttid, tid)
-            ids = await asyncio.gather(*(n.conn.ask(Packets.AskLastIDs) for n in storages))
-            # pack orders live in the storages' tables (after the truncation
-            # AskLastIDs applied)
-            packs = await asyncio.gather(*(self._pack_orders_of(n)
-                                           for n in storages if n.nid in readable))
-        except (ConnectionClosed, RemoteError) as e:
-            raise StoppedOperation(f"storage lost during verification: {e}") from None
-        # a former secondary also knows what its primary committed and gave
-        last_tid = max((u64(t) for t, _, _ in ids if t is not None), default=0)
-        last_oid = max((u64(o) for _, o, _ in ids if o is not None), default=0)
-        if self.truncate_tid is not None:
-            self.inherited_ids = (0, 0)  # what the old primary knew is cut off
-        last_tid = max(last_tid, self.inherited_ids[0])
-        last_oid = max(last_oid, self.inherited_ids[1])
-        self.inherited_ids = (0, 0)
-        self.tm.reset(last_tid, last_oid)
-        self.pm.reset()
-        for orders in packs:
-            for entry in orders:
-                order = Order.from_wire(entry)
-                if order.approved is None:
-                    order.approved = True  # we approve every order
-                self.pm.learned(order)
-        log.info("%s: verified: last tid %#x, last oid %#x, %d pack orders", self.label,
-                 last_tid, last_oid, len(self.pm.orders))
-        self._truncation_done(storages)
-
-    async def _pack_orders_of(self, node: Node) -> list:
-        """Every pack order in a storage's table (answers come in pages)."""
-        orders: list = []
-        min_tid = ZERO_TID
-        while True:
-            (page,) = await node.conn.ask(Packets.AskPackOrders, min_tid)
-            if not page:
-                return orders
-            orders += page
-            min_tid = p64(u64(page[-1][0]) + 1)
-
     # -- service ------------------------------------------------------------------
     async def serve(self) -> None:
         self._stop_operation.clear()
@@ -612,179 +450,6 @@ class MasterApp:
         if self.cluster_state is ClusterStates.RUNNING and not self.pt.operational(
                 self.running_storage_nids()):
             self._stop_operation.set()
-
-    # -- commits ----------------------------------------------------------------------
-    def involved_storages(self, ttid: bytes, oids, deleted, checked) -> set[int]:
-        pt = self.pt
-        parts = {pt.partition(ttid)} | {pt.partition(oid) for oid in oids}
-        parts.update(deleted)
-        parts.update(checked)
-        ready = self.ready_storages
-        running = self.running_storage_nids()
-        return {nid for p in parts for nid in pt.writable_nids(p) if nid in running and nid in ready}
-
-    def finish(self, conn: Connection, msg_id: int, ttid: bytes, oids, deleted, checked,
-               pack=None) -> None:
-        if pack is not None:
-            pack_tid = u64(pack[1])
-            if not 0 < pack_tid <= self.tm.last_tid:
-                raise TransactionError(
-                    "cannot pack up to %#x: the last transaction is %#x" % (
-                        pack_tid, self.tm.last_tid) if pack_tid else "cannot pack up to tid 0")
-            importing = sorted(label for label, status in self.import_status.items()
-                               if status.get("state") != "finished")
-            if importing:
-                raise TransactionError(
-                    "cannot pack while an import is unfinished (%s: see neoctl print import)"
-                    % " ".join(importing))
-        involved = self.involved_storages(ttid, oids, deleted, checked)
-        txn = self.tm.prepare(u64(ttid), time.time(), list(oids), involved)
-        txn.finish_request = (conn, msg_id)
-        if pack is not None:
-            txn.pack = (pack[0], u64(pack[1]))
-        for oid in oids:
-            self.tm.saw_oid(u64(oid))
-        tid = p64(txn.tid)
-
-        def locked(sconn, result, error):
-            if error is None:
-                self.tm.locked(txn.ttid, sconn.nid)
-                self.complete_commits()
-            elif not isinstance(error, ConnectionClosed):
-                # a storage that cannot lock is treated as lost
-                sconn.close("lock of %s failed: %s" % (ttid.hex(), error))
-            # a lost storage is dealt with by node_lost: whether the commit
-            # can go on without it depends on the cells left
-
-        for nid in involved:
-            # every pack order is approved
-            self.nm.get(nid).conn.ask(Packets.AskLockInformation, ttid, tid, txn.pack is not None,
-                                      callback=locked)
-        self.complete_commits()
-
-    def complete_commits(self) -> None:
-        for txn in self.tm.committable():
-            ttid, tid = p64(txn.ttid), p64(txn.tid)
-            conn, msg_id = txn.finish_request
-            conn.answer(msg_id, Packets.AnswerTransactionFinished, ttid, tid)
-            # other clients invalidate; secondaries mirror the last IDs
-            for peer in self.nm:
-                if peer.type is NodeTypes.CLIENT:
-                    if not txn.oids or peer.conn is conn:
-                        continue
-                elif peer.type is not NodeTypes.MASTER:
-                    continue
-                if peer.connected and self.follows_table(peer):
-                    peer.conn.notify(Packets.InvalidateObjects, tid, txn.oids)
-            for nid in txn.involved:
-                node = self.nm.get(nid)
-                if node is not None and node.connected:
-                    node.conn.notify(Packets.NotifyUnlockInformation, ttid)
-            self.transaction_finished(txn.ttid, txn.tid)
-            log.debug("%s: committed %s (ttid %s) by %s", self.label, tid.hex(), ttid.hex(),
-                      nid_str(txn.client))
-            if txn.pack is not None:
-                self.pm.committed(txn.tid, *txn.pack)
-                self.learn_pack(txn.tid, sorted(txn.involved))
-        self.maybe_exit()
-
-    # -- pack ---------------------------------------------------------------------------
-    def learn_pack(self, tid: int, nids: list[int]) -> None:
-        """The pack transaction ``tid`` committed: ask a storage holding its
-        metadata what the order is (whether it is a GC pack is in the
-        transaction's extension, which only they read), then tell every
-        storage it is approved."""
-        partition = self.pt.partition(p64(tid))
-        cells = set(self.pt.writable_nids(partition))
-        for nid in nids:
-            node = self.nm.get(nid)
-            if nid in cells and node is not None and node.connected:
-                break
-        else:
-            order = self.pm.guess(tid)
-            log.warning("%s: nobody to ask about pack order %#x: taken as %s", self.label, tid,
-                        order)
-            self.pack_signed(tid)
-            return
-
-        def answered(conn, result, error):
-            if tid not in self.pm.learning:
-                return  # a verification rebuilt the orders meanwhile
-            if error is None:
-                for entry in result[0]:
-                    order = Order.from_wire(entry)
-                    if order.tid == tid:
-                        order.approved = True
-                        self.pm.learned(order)
-                        log.info("%s: pack order %#x up to %#x (%s)", self.label, tid,
-                                 order.pack_tid, "GC of %d objects" % len(order.oids) if order.gc
-                                 else "partial" if order.partial else "history")
-                        self.pack_signed(tid)
-                        return
-            self.learn_pack(tid, [n for n in nids if n != nid])
-        node.conn.ask(Packets.AskPackOrders, p64(tid), callback=answered)
-
-    def pack_signed(self, tid: int) -> None:
-        for node in self.nm.storages():
-            if node.connected and node.state is NodeStates.RUNNING:
-                node.conn.notify(Packets.NotifyPackSigned, [p64(tid)], [])
-        self.check_pack_waiters()
-
-    def pack_nids(self) -> set[int]:
-        """Storages whose completion a pack waits for: running, in the table."""
-        return self.running_storage_nids() & self.pt.nids() if self.pt is not None else set()
-
-    def check_pack_waiters(self) -> None:
-        for callback in self.pm.ready_waiters(self.pack_nids()):
-            callback()
-
-    # -- replication ----------------------------------------------------------------------
-    def unfinished_transactions(self, node: Node, offsets) -> tuple[int, list[int]]:
-        """A storage starts replicating ``offsets``: what is committed, and
-        which transactions in progress it must wait for (they may not have
-        written to its cells)."""
-        ttids = list(self.tm.txns)
-        for ttid in ttids:
-            self.finish_watchers.setdefault(ttid, set()).add(node.nid)
-        for offset in offsets:
-            self.updatable.add((node.nid, offset))
-        return self.tm.last_tid, ttids
-
-    def transaction_finished(self, ttid: int, tid: int) -> None:
-        for conn, msg_id in self.final_tid_waiters.pop(ttid, ()):
-            conn.answer(msg_id, Packets.AnswerFinalTID, p64(tid))
-        for nid in self.finish_watchers.pop(ttid, ()):
-            node = self.nm.get(nid)
-            if node is not None and node.connected:
-                node.conn.notify(Packets.NotifyTransactionFinished, p64(ttid), p64(tid))
-
-    def forget_replication(self, nid: int) -> None:
-        self.updatable = {cell for cell in self.updatable if cell[0] != nid}
-        for nids in self.finish_watchers.values():
-            nids.discard(nid)
-
-    def replication_done(self, node: Node, offset: int, tid: bytes) -> None:
-        pt = self.pt
-        state = dict(pt.cells(offset)).get(node.nid)
-        if state != CellStates.OUT_OF_DATE.value or (node.nid, offset) not in self.updatable:
-            log.warning("%s: ignoring replication done of partition %d from %s (cell %s)",
-                        self.label, offset, node.label, state)
-            return
-        self.updatable.discard((node.nid, offset))
-        changes = [(offset, node.nid, CellStates.UP_TO_DATE.value)]
-        # replaced copies go once enough up-to-date ones exist
-        cells = dict(pt.cells(offset))
-        cells[node.nid] = CellStates.UP_TO_DATE.value
-        feeding = sorted(nid for nid, s in cells.items() if s == CellStates.FEEDING.value)
-        up = sum(1 for s in cells.values() if s == CellStates.UP_TO_DATE.value)
-        if all(s in (CellStates.UP_TO_DATE.value, CellStates.FEEDING.value) for s in cells.values()):
-            extra = len(feeding)
-        else:
-            extra = max(0, up + len(feeding) - (pt.num_replicas + 1))
-        changes += [(offset, nid, CellStates.DISCARDED.value) for nid in feeding[:extra]]
-        log.info("%s: partition %d up to date on %s at %s", self.label, offset, node.label,
-                 tid.hex())
-        self.apply_pt_changes(changes)
 
     # -- node loss ----------------------------------------------------------------------
     def node_lost(self, node: Node) -> None:
@@ -882,89 +547,7 @@ class MasterApp:
         log.info("%s: cluster stopped", self.label)
         self._exit.set()
 
-    # -- truncation -------------------------------------------------------------------------
-    def truncate(self, tid: int) -> None:
-        """`neoctl truncate`: leave RUNNING.  Recovery then waits for every
-        storage of the table (or `neoctl start`) and makes each persist the
-        truncation (Truncate); verification applies it (AskLastIDs)."""
-        log.warning("%s: truncation after %#x requested: stopping operation", self.label, tid)
-        self.truncate_tid = tid
-        # only with every storage of the table, or `neoctl start` again
-        self._startup_allowed_before_truncation = self.startup_allowed
-        self.startup_allowed = False
-        self._stop_operation.set()
 
-    def _truncation_pending(self, pending: list[Node]) -> bool:
-        """Recovery, table loaded: adopt the truncation that storages with
-        readable cells report (decided by a previous master, or before we
-        restarted), and make every present storage of the table persist it.
-        True while some has not acknowledged it yet."""
-        pt = self.pt
-        if self.truncate_tid is None:
-            readable = {nid for p in range(pt.num_partitions) for nid in pt.readable_nids(p)}
-            reported = {u64(self.recovery[n.nid][2]) for n in pending
-                        if n.nid in readable and self.recovery[n.nid][2] is not None}
-            if reported:
-                self.truncate_tid = min(reported)
-                log.warning("%s: storages report a pending truncation after %#x", self.label,
-                            self.truncate_tid)
-        waiting = False
-        nids = pt.nids()
-        for node in pending:
-            tids = [t for t in (self.truncate_tid, self.missed_truncation.get(node.nid))
-                    if t is not None]
-            if node.nid not in nids or not tids:
-                continue
-            target = min(tids)
-            reported = self.recovery[node.nid][2]
-            if reported is not None and u64(reported) <= target:
-                # it truncates at least as much (a lower one it missed before)
-                self.missed_truncation.pop(node.nid, None)
-                continue
-            waiting = True
-            if node.nid not in self._truncating:
-                self._push_truncation(node, target)
-        return waiting
 
-    def _push_truncation(self, node: Node, tid: int) -> None:
-        self._truncating.add(node.nid)
-        log.info("%s: telling %s to truncate after %#x", self.label, node.label, tid)
 
-        def answered(conn, result, error):
-            self._truncating.discard(node.nid)
-            if error is None:
-                log.info("%s: %s persisted the truncation after %#x", self.label, node.label, tid)
-                if tid <= self.missed_truncation.get(node.nid, tid):
-                    self.missed_truncation.pop(node.nid, None)
-                report = self.recovery.get(node.nid)
-                if report is not None:
-                    self.recovery[node.nid] = (report[0], report[1], p64(tid))
-            elif isinstance(error, RemoteError):
-                conn.close("truncation refused: %s" % error)
-            self.changed()
-        node.conn.ask(Packets.Truncate, p64(tid), callback=answered)
 
-    def push_missed_truncation(self, node: Node) -> None:
-        """A storage that missed a truncation identifies while the cluster
-        verifies or runs: it truncates before it starts operation (its
-        cells are OUT_OF_DATE: replication brings what was committed since)."""
-        tid = self.missed_truncation.get(node.nid)
-        if tid is not None and node.nid not in self._truncating:
-            self._push_truncation(node, tid)
-
-    def _truncation_done(self, storages: list[Node]) -> None:
-        """Verification asked every running storage its last ids: those
-        truncated.  The others of the table will when they come back."""
-        if self.truncate_tid is None:
-            return
-        tid, self.truncate_tid = self.truncate_tid, None
-        self.startup_allowed = self.startup_allowed or self._startup_allowed_before_truncation
-        self._startup_allowed_before_truncation = False
-        log.warning("%s: database truncated after %#x", self.label, tid)
-        done = {n.nid for n in storages}
-        for nid in self.pt.nids() - done:
-            self.missed_truncation[nid] = min(tid, self.missed_truncation.get(nid, tid))
-            node = self.nm.get(nid)
-            if node is not None and node.connected:
-                # identified during verification: told before StartOperation
-                self.push_missed_truncation(node)

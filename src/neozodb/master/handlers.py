@@ -7,10 +7,11 @@ import time
 from typing import TYPE_CHECKING
 
 from neozodb.master import administration, checks, election
+from neozodb.master.base import BaseHandler
 from neozodb.master.pack import PAGE_OIDS
 from neozodb.master.transactions import TransactionError
 from neozodb.master.tweak import drop_check
-from neozodb.net.connection import Denied, Handler, HandlerError, NotReady
+from neozodb.net.connection import Denied, HandlerError, NotReady
 from neozodb.nodes import Node, address_from_wire
 from neozodb.protocol import (
     MAX_TID,
@@ -31,21 +32,6 @@ if TYPE_CHECKING:
     from neozodb.master.app import MasterApp
 
 log = logging.getLogger("neozodb.master")
-
-
-class BaseHandler(Handler):
-    def __init__(self, app: MasterApp) -> None:
-        self.app = app
-
-    def Ping(self, conn, msg_id):
-        conn.answer(msg_id, Packets.Pong)
-
-    def connection_lost(self, conn) -> None:
-        node = conn.node
-        if node is not None and node.conn is conn:
-            node.conn = None
-            log.info("%s: lost %s (%s)", self.app.label, node.label, conn.close_reason)
-            self.app.node_lost(node)
 
 
 class IdentificationHandler(BaseHandler):

@@ -13,7 +13,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from neozodb.master.handlers import BaseHandler
+from neozodb.master.base import BaseHandler
 from neozodb.net.bootstrap import FollowsPrimary
 from neozodb.net.connection import Connection, ConnectionClosed, RemoteError, connect
 from neozodb.protocol import ClusterStates, NodeStates, NodeTypes, Packets, nid_str, u64

@@ -1,0 +1,191 @@
+"""The primary while RUNNING: two-phase commit (``finish``: the TID, the
+storages' locks, the answer and invalidations), the pack orders that
+commits carry, and the replication bookkeeping that commits feed
+(which transactions a replicating storage waits for, when its cell may
+become UP_TO_DATE).  A mixin of ``MasterApp``, run in its event loop."""
+from __future__ import annotations
+
+import logging
+import time
+
+from neozodb.master.pack import Order
+from neozodb.master.transactions import TransactionError
+from neozodb.net.connection import Connection, ConnectionClosed
+from neozodb.nodes import Node
+from neozodb.protocol import CellStates, NodeStates, NodeTypes, Packets, nid_str, p64, u64
+
+log = logging.getLogger("neozodb.master")
+
+
+class Commits:
+    """Commits, packs and replication bookkeeping (see the module docstring)."""
+
+    def involved_storages(self, ttid: bytes, oids, deleted, checked) -> set[int]:
+        pt = self.pt
+        parts = {pt.partition(ttid)} | {pt.partition(oid) for oid in oids}
+        parts.update(deleted)
+        parts.update(checked)
+        ready = self.ready_storages
+        running = self.running_storage_nids()
+        return {nid for p in parts for nid in pt.writable_nids(p) if nid in running and nid in ready}
+
+    def finish(self, conn: Connection, msg_id: int, ttid: bytes, oids, deleted, checked,
+               pack=None) -> None:
+        if pack is not None:
+            pack_tid = u64(pack[1])
+            if not 0 < pack_tid <= self.tm.last_tid:
+                raise TransactionError(
+                    "cannot pack up to %#x: the last transaction is %#x" % (
+                        pack_tid, self.tm.last_tid) if pack_tid else "cannot pack up to tid 0")
+            importing = sorted(label for label, status in self.import_status.items()
+                               if status.get("state") != "finished")
+            if importing:
+                raise TransactionError(
+                    "cannot pack while an import is unfinished (%s: see neoctl print import)"
+                    % " ".join(importing))
+        involved = self.involved_storages(ttid, oids, deleted, checked)
+        txn = self.tm.prepare(u64(ttid), time.time(), list(oids), involved)
+        txn.finish_request = (conn, msg_id)
+        if pack is not None:
+            txn.pack = (pack[0], u64(pack[1]))
+        for oid in oids:
+            self.tm.saw_oid(u64(oid))
+        tid = p64(txn.tid)
+
+        def locked(sconn, result, error):
+            if error is None:
+                self.tm.locked(txn.ttid, sconn.nid)
+                self.complete_commits()
+            elif not isinstance(error, ConnectionClosed):
+                # a storage that cannot lock is treated as lost
+                sconn.close("lock of %s failed: %s" % (ttid.hex(), error))
+            # a lost storage is dealt with by node_lost: whether the commit
+            # can go on without it depends on the cells left
+
+        for nid in involved:
+            # every pack order is approved
+            self.nm.get(nid).conn.ask(Packets.AskLockInformation, ttid, tid, txn.pack is not None,
+                                      callback=locked)
+        self.complete_commits()
+
+    def complete_commits(self) -> None:
+        for txn in self.tm.committable():
+            ttid, tid = p64(txn.ttid), p64(txn.tid)
+            conn, msg_id = txn.finish_request
+            conn.answer(msg_id, Packets.AnswerTransactionFinished, ttid, tid)
+            # other clients invalidate; secondaries mirror the last IDs
+            for peer in self.nm:
+                if peer.type is NodeTypes.CLIENT:
+                    if not txn.oids or peer.conn is conn:
+                        continue
+                elif peer.type is not NodeTypes.MASTER:
+                    continue
+                if peer.connected and self.follows_table(peer):
+                    peer.conn.notify(Packets.InvalidateObjects, tid, txn.oids)
+            for nid in txn.involved:
+                node = self.nm.get(nid)
+                if node is not None and node.connected:
+                    node.conn.notify(Packets.NotifyUnlockInformation, ttid)
+            self.transaction_finished(txn.ttid, txn.tid)
+            log.debug("%s: committed %s (ttid %s) by %s", self.label, tid.hex(), ttid.hex(),
+                      nid_str(txn.client))
+            if txn.pack is not None:
+                self.pm.committed(txn.tid, *txn.pack)
+                self.learn_pack(txn.tid, sorted(txn.involved))
+        self.maybe_exit()
+
+    def learn_pack(self, tid: int, nids: list[int]) -> None:
+        """The pack transaction ``tid`` committed: ask a storage holding its
+        metadata what the order is (whether it is a GC pack is in the
+        transaction's extension, which only they read), then tell every
+        storage it is approved."""
+        partition = self.pt.partition(p64(tid))
+        cells = set(self.pt.writable_nids(partition))
+        for nid in nids:
+            node = self.nm.get(nid)
+            if nid in cells and node is not None and node.connected:
+                break
+        else:
+            order = self.pm.guess(tid)
+            log.warning("%s: nobody to ask about pack order %#x: taken as %s", self.label, tid,
+                        order)
+            self.pack_signed(tid)
+            return
+
+        def answered(conn, result, error):
+            if tid not in self.pm.learning:
+                return  # a verification rebuilt the orders meanwhile
+            if error is None:
+                for entry in result[0]:
+                    order = Order.from_wire(entry)
+                    if order.tid == tid:
+                        order.approved = True
+                        self.pm.learned(order)
+                        log.info("%s: pack order %#x up to %#x (%s)", self.label, tid,
+                                 order.pack_tid, "GC of %d objects" % len(order.oids) if order.gc
+                                 else "partial" if order.partial else "history")
+                        self.pack_signed(tid)
+                        return
+            self.learn_pack(tid, [n for n in nids if n != nid])
+        node.conn.ask(Packets.AskPackOrders, p64(tid), callback=answered)
+
+    def pack_signed(self, tid: int) -> None:
+        for node in self.nm.storages():
+            if node.connected and node.state is NodeStates.RUNNING:
+                node.conn.notify(Packets.NotifyPackSigned, [p64(tid)], [])
+        self.check_pack_waiters()
+
+    def pack_nids(self) -> set[int]:
+        """Storages whose completion a pack waits for: running, in the table."""
+        return self.running_storage_nids() & self.pt.nids() if self.pt is not None else set()
+
+    def check_pack_waiters(self) -> None:
+        for callback in self.pm.ready_waiters(self.pack_nids()):
+            callback()
+
+    def unfinished_transactions(self, node: Node, offsets) -> tuple[int, list[int]]:
+        """A storage starts replicating ``offsets``: what is committed, and
+        which transactions in progress it must wait for (they may not have
+        written to its cells)."""
+        ttids = list(self.tm.txns)
+        for ttid in ttids:
+            self.finish_watchers.setdefault(ttid, set()).add(node.nid)
+        for offset in offsets:
+            self.updatable.add((node.nid, offset))
+        return self.tm.last_tid, ttids
+
+    def transaction_finished(self, ttid: int, tid: int) -> None:
+        for conn, msg_id in self.final_tid_waiters.pop(ttid, ()):
+            conn.answer(msg_id, Packets.AnswerFinalTID, p64(tid))
+        for nid in self.finish_watchers.pop(ttid, ()):
+            node = self.nm.get(nid)
+            if node is not None and node.connected:
+                node.conn.notify(Packets.NotifyTransactionFinished, p64(ttid), p64(tid))
+
+    def forget_replication(self, nid: int) -> None:
+        self.updatable = {cell for cell in self.updatable if cell[0] != nid}
+        for nids in self.finish_watchers.values():
+            nids.discard(nid)
+
+    def replication_done(self, node: Node, offset: int, tid: bytes) -> None:
+        pt = self.pt
+        state = dict(pt.cells(offset)).get(node.nid)
+        if state != CellStates.OUT_OF_DATE.value or (node.nid, offset) not in self.updatable:
+            log.warning("%s: ignoring replication done of partition %d from %s (cell %s)",
+                        self.label, offset, node.label, state)
+            return
+        self.updatable.discard((node.nid, offset))
+        changes = [(offset, node.nid, CellStates.UP_TO_DATE.value)]
+        # replaced copies go once enough up-to-date ones exist
+        cells = dict(pt.cells(offset))
+        cells[node.nid] = CellStates.UP_TO_DATE.value
+        feeding = sorted(nid for nid, s in cells.items() if s == CellStates.FEEDING.value)
+        up = sum(1 for s in cells.values() if s == CellStates.UP_TO_DATE.value)
+        if all(s in (CellStates.UP_TO_DATE.value, CellStates.FEEDING.value) for s in cells.values()):
+            extra = len(feeding)
+        else:
+            extra = max(0, up + len(feeding) - (pt.num_replicas + 1))
+        changes += [(offset, nid, CellStates.DISCARDED.value) for nid in feeding[:extra]]
+        log.info("%s: partition %d up to date on %s at %s", self.label, offset, node.label,
+                 tid.hex())
+        self.apply_pt_changes(changes)

@@ -1,0 +1,189 @@
+"""The primary's RECOVERING and VERIFYING phases: which partition table
+and which storages the cluster starts from (``recover``: the table of
+highest id among the storages present, or a new one, or the one a former
+secondary inherited), then what was locked but not unlocked when the
+previous primary stopped, the last IDs and the pack orders
+(``verify``).  A mixin of ``MasterApp``, run in its event loop."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from neozodb.master import election
+from neozodb.master.pack import Order
+from neozodb.net.connection import ConnectionClosed, RemoteError
+from neozodb.nodes import Node
+from neozodb.protocol import ZERO_TID, ClusterStates, NodeStates, NodeTypes, Packets, p64, u64
+from neozodb.pt import PartitionTable
+
+log = logging.getLogger("neozodb.master")
+
+
+class StoppedOperation(Exception):
+    """The partition table is no longer operational: back to recovery."""
+
+
+class Recovery:
+    """Recovery and verification (see the module docstring)."""
+
+    async def recover(self) -> None:
+        self.set_cluster_state(ClusterStates.RECOVERING)
+        self.electing = True
+        electing = asyncio.ensure_future(election.run(self))
+        self.pt, self.inherited_pt = self.inherited_pt, None
+        self.recovery.clear()
+        self.ready_storages.clear()
+        self.updatable.clear()
+        self.finish_watchers.clear()
+        self.final_tid_waiters.clear()
+        for node in self.nm.storages():
+            if node.connected:
+                self.set_node_state(node, NodeStates.PENDING)
+                self.ask_recovery(node)
+        try:
+            await self._wait(self._recovery_done)
+        finally:
+            electing.cancel()
+        self.electing = False
+        selected = [n for n in self.nm.storages(NodeStates.PENDING) if n.connected]
+        if self.pt is None:
+            pt = PartitionTable(self.num_partitions, self.num_replicas)
+            pt.make(sorted(n.nid for n in selected))
+            self.pt = pt
+            log.info("%s: created partition table over %s", self.label,
+                     " ".join(n.label for n in selected))
+        else:
+            selected = [n for n in selected if n.nid in self.pt.nids()]
+        for node in selected:
+            self.set_node_state(node, NodeStates.RUNNING)
+        # nodes of the table that are not here are known, but down
+        for nid in self.pt.nids():
+            if self.nm.get(nid) is None:
+                self.nm.add(Node(NodeTypes.STORAGE, nid, state=NodeStates.DOWN))
+        for nid in self.pt.nids() - self.running_storage_nids():
+            changes = self.pt.outdate(nid)
+            if changes:
+                self.pt.apply_changes(self.pt.ptid + 1, self.pt.num_replicas, changes)
+
+    def ask_recovery(self, node: Node) -> None:
+        def answered(conn, result, error):
+            if error is None:
+                self.recovery[node.nid] = result
+                self.changed()
+        node.conn.ask(Packets.AskRecovery, callback=answered)
+
+    def _recovery_done(self) -> bool:
+        if self.election_pending:
+            return False  # another master may still claim to be primary
+        pending = [n for n in self.nm.storages(NodeStates.PENDING) if n.connected]
+        if any(n.nid not in self.recovery for n in pending):
+            return False
+        best = max((r[0] for r in self.recovery.values() if r[0] is not None), default=None)
+        if best is not None and (self.pt is None or self.pt.ptid < best):
+            source = next(n for n in pending if self.recovery[n.nid][0] == best)
+            self._load_pt(source, best)
+            return False
+        if self.pt is not None:  # from a storage, or inherited (take_over)
+            here = {n.nid for n in pending}
+            if self._truncation_pending(pending):
+                return False
+            readable = {nid for p in range(self.pt.num_partitions) for nid in self.pt.readable_nids(p)}
+            if self.truncate_tid is not None:
+                readable = self.pt.nids()  # a truncation waits for every node of the table
+            if readable <= here:
+                return True
+            return self.startup_allowed and self.pt.operational(here)
+        if not pending:
+            return False
+        if self.startup_allowed:
+            return True
+        return 0 < self.autostart <= len(pending)
+
+    def _load_pt(self, node: Node, ptid: int) -> None:
+        if self._loading_pt == (node.nid, ptid):
+            return
+        self._loading_pt = (node.nid, ptid)
+
+        def answered(conn, result, error):
+            self._loading_pt = None
+            if error is None:
+                got_ptid, replicas, rows = result
+                pt = PartitionTable(len(rows), replicas)
+                pt.load(got_ptid, replicas, rows)
+                self.pt = pt
+                self.num_partitions = len(rows)
+                self.tm.num_partitions = len(rows)
+                for nid in pt.nids():
+                    if self.nm.get(nid) is None:
+                        self.nm.add(Node(NodeTypes.STORAGE, nid, state=NodeStates.DOWN))
+                for admin in self.nm.of_type(NodeTypes.ADMIN):
+                    if admin.connected:
+                        self.send_pt(admin)
+            self.changed()
+        node.conn.ask(Packets.AskPartitionTable, callback=answered)
+
+    async def verify(self) -> None:
+        self.set_cluster_state(ClusterStates.VERIFYING)
+        storages = [n for n in self.nm.storages(NodeStates.RUNNING) if n.connected]
+        for node in self.nm:
+            if node.connected and node.type is not NodeTypes.CLIENT:
+                self.send_pt(node)
+        readable = {nid for p in range(self.pt.num_partitions) for nid in self.pt.readable_nids(p)}
+        try:
+            answers = await asyncio.gather(*(
+                n.conn.ask(Packets.AskLockedTransactions) for n in storages if n.nid in readable))
+            locked: dict[bytes, bytes | None] = {}
+            for (txns,) in answers:
+                for ttid, tid in txns.items():
+                    if tid is not None or ttid not in locked:
+                        locked[ttid] = tid if tid is not None else locked.get(ttid)
+            for ttid, tid in locked.items():
+                if tid is None:
+                    # voted but no metadata holder says locked: maybe committed already
+                    for node in storages:
+                        if node.nid in self.pt.readable_nids(self.pt.partition(ttid)):
+                            (final,) = await node.conn.ask(Packets.AskFinalTID, ttid)
+                            if final is not None:
+                                tid = final
+                                break
+                if tid is not None:
+                    log.info("%s: validating transaction %s (tid %s)", self.label, ttid.hex(), tid.hex())
+                    for node in storages:
+                        node.conn.notify(Packets.ValidateTransaction, ttid, tid)
+            ids = await asyncio.gather(*(n.conn.ask(Packets.AskLastIDs) for n in storages))
+            # pack orders live in the storages' tables (after the truncation
+            # AskLastIDs applied)
+            packs = await asyncio.gather(*(self._pack_orders_of(n)
+                                           for n in storages if n.nid in readable))
+        except (ConnectionClosed, RemoteError) as e:
+            raise StoppedOperation(f"storage lost during verification: {e}") from None
+        # a former secondary also knows what its primary committed and gave
+        last_tid = max((u64(t) for t, _, _ in ids if t is not None), default=0)
+        last_oid = max((u64(o) for _, o, _ in ids if o is not None), default=0)
+        if self.truncate_tid is not None:
+            self.inherited_ids = (0, 0)  # what the old primary knew is cut off
+        last_tid = max(last_tid, self.inherited_ids[0])
+        last_oid = max(last_oid, self.inherited_ids[1])
+        self.inherited_ids = (0, 0)
+        self.tm.reset(last_tid, last_oid)
+        self.pm.reset()
+        for orders in packs:
+            for entry in orders:
+                order = Order.from_wire(entry)
+                if order.approved is None:
+                    order.approved = True  # we approve every order
+                self.pm.learned(order)
+        log.info("%s: verified: last tid %#x, last oid %#x, %d pack orders", self.label,
+                 last_tid, last_oid, len(self.pm.orders))
+        self._truncation_done(storages)
+
+    async def _pack_orders_of(self, node: Node) -> list:
+        """Every pack order in a storage's table (answers come in pages)."""
+        orders: list = []
+        min_tid = ZERO_TID
+        while True:
+            (page,) = await node.conn.ask(Packets.AskPackOrders, min_tid)
+            if not page:
+                return orders
+            orders += page
+            min_tid = p64(u64(page[-1][0]) + 1)
