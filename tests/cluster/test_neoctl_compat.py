@@ -7,14 +7,27 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from neozodb.cli.cluster import LocalCluster, wait_until
+from neozodb.cli.cluster import LocalCluster, NodeProcess, listening_address, wait_until
+from neozodb.cli.config import format_address
 from neozodb.net.endpoint import RemoteError
 from neozodb.net.threaded import ThreadedConnection
-from neozodb.protocol import ZERO_TID, ErrorCodes, NodeStates, NodeTypes, Packets
+from neozodb.protocol import (
+    ZERO_TID,
+    CellStates,
+    ClusterStates,
+    ErrorCodes,
+    NodeStates,
+    NodeTypes,
+    Packets,
+    make_nid,
+)
 from neozodb.protocol.features import ANNOUNCEMENT
+from scripted import ScriptedPeer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -134,3 +147,57 @@ def test_check_over_the_connection_the_peer_opened(tmp_path):
             assert not logged(c, name, "protocol error"), name
     finally:
         c.kill()
+
+
+def _neo_master(conn, msg_id, packet, args):
+    """NEO's master as our admin sees it: no features, an empty
+    acknowledgement of CheckReplicas (the check, if any, only logged)."""
+    if packet is Packets.RequestIdentification:
+        conn.send(msg_id, Packets.AcceptIdentification, NodeTypes.MASTER,
+                  make_nid(NodeTypes.MASTER, 1), make_nid(NodeTypes.ADMIN, 1))
+        rows = [[(1, CellStates.UP_TO_DATE), (2, CellStates.CORRUPTED)],
+                [(1, CellStates.UP_TO_DATE), (2, CellStates.UP_TO_DATE)]]
+        conn.notify(Packets.SendPartitionTable, 1, 1, rows)
+    elif packet is Packets.AskClusterState:
+        conn.send(msg_id, Packets.AnswerClusterState, ClusterStates.RUNNING)
+    elif packet is Packets.CheckReplicas:
+        conn.send(msg_id, Packets.Error, ErrorCodes.ACK.value, b"")
+
+
+def test_neoctl_with_a_master_that_does_not_report(tmp_path):
+    """Behind NEO's master, ``check`` starts the check and says it is not
+    reported, ``print check`` / ``print import`` / ``print pack`` say so in
+    one line (a JSON error traceback before), and the admin never sends NEO's
+    master the AskPackOrders it would drop the admin for."""
+    master = ScriptedPeer(_neo_master)
+    admin = NodeProcess("A1", [sys.executable, "-m", "neozodb.cli.admin", "-c", "neo",
+                               "-m", format_address(master.address), "-b", "127.0.0.1:0"],
+                        str(tmp_path / "A1.log"))
+    admin.start()
+    try:
+        address = format_address(listening_address(admin))
+
+        def neoctl(*words):
+            return subprocess.run([sys.executable, "-m", "neozodb.ctl.neoctl", "-a", address,
+                                   "-c", "neo", *words], capture_output=True, text=True,
+                                  timeout=30)
+        wait_until(lambda: neoctl("print", "cluster").stdout == "RUNNING\n", 30,
+                   "the admin to follow the master")
+        out = neoctl("check")
+        assert (out.returncode, out.stderr) == (0, ""), out.stderr
+        assert out.stdout.splitlines() == [
+            "check of 2 partitions started; the master does not report the progress nor"
+            " findings of checks (NEO's master, or NEO's admin in between); NEO's master logs"
+            " the corrupted partitions it is told about",
+            "partition 0: S2 CORRUPTED"]
+        assert master.wait_for("CheckReplicas") == ({0: None, 1: None}, ZERO_TID, None)
+        for what, said in (("check", "status of checks"), ("import", "progress of imports"),
+                           ("pack", "pack status (NEO's master)")):
+            out = neoctl("print", what)
+            assert (out.returncode, out.stdout) == (1, ""), (what, out.stdout)
+            assert len(out.stderr.splitlines()) == 1 and said in out.stderr, out.stderr
+        assert neoctl("print", "cluster").stdout == "RUNNING\n"  # still connected
+        assert "AskPackOrders" not in [name for name, _ in master.received]
+    finally:
+        admin.kill()
+        master.close()
