@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -184,6 +186,8 @@ def test_set_replicas_bad_arguments(cluster):
 
 
 def test_dry_run_option_only_with_tweak():
-    out = neoctl(None, "-n", "print", "pt", address="127.0.0.1:1")  # refused before connecting
+    # refused before connecting (no cluster at all)
+    out = subprocess.run([sys.executable, "-m", "neozodb.ctl.neoctl", "-a", "127.0.0.1:1", "-n",
+                          "print", "pt"], capture_output=True, text=True, timeout=60)
     assert (out.returncode, out.stdout) == (2, "")
     assert out.stderr == "neoctl: error: -n/--dry-run is only valid with tweak\n"
