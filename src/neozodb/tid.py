@@ -15,6 +15,7 @@ master's transaction manager can be tested deterministically.
 from __future__ import annotations
 
 import calendar
+import datetime
 import math
 import re
 import time
@@ -76,9 +77,24 @@ def time_from_tid(tid: int) -> float:
 
 
 def format_tid_time(tid: int) -> str:
-    """``'2026-11-27 20:59:44.954196'``: the UTC date of ``tid``, as neoctl prints it."""
+    """``'2026-11-27 20:59:44.954196'``: the UTC date of ``tid``, as ZODB's
+    ``TimeStamp`` prints it (microseconds rounded)."""
     year, month, day, hour, minute, second = _unpack(tid)
     return "%04d-%02d-%02d %02d:%02d:%09.6f" % (year, month, day, hour, minute, second)
+
+
+def neo_tid_time(tid: int) -> str:
+    """The UTC date of ``tid`` as NEO's neoctl prints it: a ``datetime``,
+    so microseconds truncated (one less than :func:`format_tid_time` half
+    of the time) and left out when zero; :func:`format_tid_time` for a
+    hand-made TID that is no real date."""
+    year, month, day, hour, minute, _ = _unpack(tid)
+    seconds, rest = divmod((tid & 0xFFFFFFFF) * 60, 1 << 32)
+    try:
+        return str(datetime.datetime(year, month, day, hour, minute, seconds,
+                                     int(rest * (1e6 / (1 << 32)))))
+    except ValueError:
+        return format_tid_time(tid)
 
 
 def next_tid(now: float, last: int) -> int:

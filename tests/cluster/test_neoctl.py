@@ -53,7 +53,9 @@ def test_print_ids_follows_commits(cluster):
 
     from neozodb.client import Storage
     out = neoctl(cluster, "print", "ids")
-    assert out.stdout.splitlines() == ["last_oid = 0x0", "last_tid = None", "last_ptid = 1"]
+    # as NEO's master and neoctl before the first commit
+    assert out.stdout.splitlines() == ["last_oid = 0x0", "last_tid = 0x0 (1900-01-01 00:00:00)",
+                                       "last_ptid = 1"]
     db = ZODB.DB(Storage(cluster.masters, cluster.name))
     conn = db.open()
     conn.root()["a"] = 1
@@ -244,6 +246,7 @@ COMMANDS = [
     "print node [TYPE]",
     "print pt [MIN [MAX [NODE]]]",
     "print primary",
+    "print summary",
     "print check",
     "print pack",
     "print import",
@@ -256,6 +259,8 @@ COMMANDS = [
     "kill NID",
     "drop NID",
     "truncate TID",
+    "prune_orphan 0|1 NID...|all",
+    "flush_log",
 ]
 
 
@@ -269,7 +274,7 @@ def test_no_command_lists_every_command(cluster):
     # an invalid command (parameters left out: a usage error, or a refusal
     # since the cluster is already RUNNING, at worst).
     for synopsis in listed:
-        words = re.match(r"[a-z ]+?(?= [A-Z\[]|$| \|)", synopsis).group().split()
+        words = re.match(r"[a-z_ ]+?(?= [A-Z0-9\[]|$| \|)", synopsis).group().split()
         out = neoctl(cluster, *words)
         assert "invalid command" not in out.stderr, (words, out.stderr)
     out = neoctl(cluster, "print")

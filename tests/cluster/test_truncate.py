@@ -14,7 +14,7 @@ from neozodb.cli.cluster import wait_until
 from neozodb.client import Storage
 from neozodb.protocol import NodeStates, p64, u64
 from neozodb.storage.backends.sqlite import SQLiteBackend
-from neozodb.tid import format_tid_time
+from neozodb.tid import neo_tid_time
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -199,7 +199,7 @@ def test_truncate_waits_for_a_storage_that_is_down(cluster):
     wait_until(lambda: logged(cluster.nodes["M1"], "S1 persisted the truncation"), 30,
                "the master to know it")
     lines, value = neoctl(cluster, "print", "ids")
-    expected = "truncate_tid = %#x (%s)" % (u64(tid5), format_tid_time(u64(tid5)))
+    expected = "truncate_tid = %#x (%s)" % (u64(tid5), neo_tid_time(u64(tid5)))
     assert lines[3] == expected
     assert value["truncate_tid"] == u64(tid5)
     assert cluster.cluster_state() == "RECOVERING"

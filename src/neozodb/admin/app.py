@@ -20,20 +20,28 @@ from neozodb.net.connection import (
 from neozodb.nodes import NodeManager
 from neozodb.protocol import (
     CellStates,
+    ClusterStates,
     ErrorCodes,
+    NodeStates,
     NodeTypes,
     Packets,
     nid_str,
+    u64,
 )
 from neozodb.protocol.features import ANNOUNCEMENT, greet
 from neozodb.pt import PartitionTable
+from neozodb.tid import neo_tid_time
 
 log = logging.getLogger("neozodb.admin")
 
-# requests neoctl sends that only the master can answer
+# requests neoctl sends that only the master can answer; the answers are
+# passed on as they come (a neozodb master's JSON status included)
 FORWARDED = ("AddPendingNodes", "SetClusterState", "AskLastIDs", "AskLastTransaction",
              "AskRecovery", "SetNodeState", "SetNumReplicas", "TweakPartitionTable",
-             "CheckReplicas", "Truncate", "AskPackOrders")
+             "CheckReplicas", "Truncate", "Repair")
+#: What ``print pack`` asks and only a neozodb master answers (NEO's drops
+#: an admin that sends it).
+STATUS_JSON = b"status-json"
 
 
 class MasterHandler(FollowsPrimary, Handler):
@@ -91,6 +99,41 @@ class CtlHandler(Handler):
     for _name in FORWARDED:
         locals()[_name] = _forward(_name)
     del _name
+    _pack_orders = _forward("AskPackOrders")
+
+    def AskPackOrders(self, conn, msg_id, min_tid):
+        master = self.app.master_conn
+        if master is not None and not master.closed:
+            why = unforwardable(Packets.AskPackOrders, master.peer_features)
+            if why:
+                raise HandlerError(why)
+        self._pack_orders(conn, msg_id, min_tid)
+
+    def FlushLog(self, conn, msg_id):
+        super().FlushLog(conn, msg_id)
+        master = self.app.master_conn
+        if master is not None and not master.closed:
+            master.notify(Packets.FlushLog)  # the master passes it on to every node
+
+    def AskMonitorInformation(self, conn, msg_id):
+        """``print summary``: NEO's health summary of the cluster (this
+        admin monitors no backup cluster)."""
+        app = self.app
+        master = app.master_conn
+        if master is None or master.closed:
+            conn.answer(msg_id, Packets.AnswerMonitorInformation, [], [None], NOT_CONNECTED.encode())
+            return
+        if app.cluster_state is not ClusterStates.RUNNING:
+            warning, problem, body = monitor_summary(app.cluster_state, app.pt, app.nm, None)
+            conn.answer(msg_id, Packets.AnswerMonitorInformation, warning, problem, body)
+            return
+
+        def answered(_, result, error):
+            ltid = result[0] if error is None else None
+            summary = monitor_summary(app.cluster_state, app.pt, app.nm, ltid)
+            if not conn.closed:
+                conn.answer(msg_id, Packets.AnswerMonitorInformation, *summary)
+        master.ask(Packets.AskLastTransaction, callback=answered)
 
     def AskClusterState(self, conn, msg_id):
         conn.answer(msg_id, Packets.AnswerClusterState, self.app.cluster_state)
@@ -120,13 +163,55 @@ class CtlHandler(Handler):
             raise HandlerError("invalid partition range MIN=%d MAX=%d: the table has %d partitions"
                                % (min_offset, max_offset, pt.num_partitions))
         max_offset = end
+        # every cell, whatever ``nid``: NEO's admin ignores it and NEO's
+        # neoctl prints what it gets (ours filters by itself)
         rows = []
         for offset in range(min_offset, max_offset):
-            rows.append([(n, CellStates(s)) for n, s in pt.cells(offset) if nid is None or n == nid])
+            rows.append([(n, CellStates(s)) for n, s in pt.cells(offset)])
         conn.answer(msg_id, Packets.AnswerPartitionList, pt.ptid, pt.num_replicas, rows)
 
     def Ping(self, conn, msg_id):
         conn.answer(msg_id, Packets.Pong)
+
+
+NOT_CONNECTED = "Not connected to a primary master."
+
+
+def unforwardable(packet, master_features) -> str | None:
+    """Why a request from neoctl must not go to a master with these
+    features (NEO's drops an admin that sends what it does not expect)."""
+    if packet is Packets.AskPackOrders and STATUS_JSON not in master_features:
+        return "the master does not report pack status (NEO's master)"
+    return None
+
+
+def monitor_summary(state, pt, nm, ltid: bytes | None) -> tuple[list, list, bytes]:
+    """NEO's ``AnswerMonitorInformation``: the clusters with a warning, with
+    a problem (None: this one), and ``"RUNNING; UP_TO_DATE=24; DOWN=1;
+    ltid=0123456789abcdef (2026-11-27 20:59:44.954196)"``."""
+    counts: dict[int, int] = {}
+    down = set()
+    if pt is not None:
+        for offset in range(pt.num_partitions):
+            for nid, cell_state in pt.cells(offset):
+                node = nm.get(nid)
+                if node is None or node.state is not NodeStates.RUNNING:
+                    down.add(nid)
+                counts[cell_state] = counts.get(cell_state, 0) + 1
+    name = state.name if state is not None else "None"
+    body = "%s; %s" % (name, ", ".join("%s=%s" % (CellStates(c).name, n)
+                                       for c, n in sorted(counts.items()))) if counts else name
+    if down:
+        body += "; DOWN=%d" % len(down)
+    if state is ClusterStates.RUNNING and ltid is not None:
+        body += "; ltid=%s (%s)" % (ltid.hex(), neo_tid_time(u64(ltid)))
+    warning: list = []
+    problem: list = []
+    if down or state is not ClusterStates.RUNNING:
+        problem.append(None)
+    elif list(counts) != [CellStates.UP_TO_DATE.value]:
+        warning.append(None)
+    return warning, problem, body.encode()
 
 
 class IdentificationHandler(Handler):

@@ -21,16 +21,13 @@ import argparse
 import datetime
 import json
 import sys
-import time
 
 from neozodb.cli.config import format_address, parse_address, parse_nid
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.net.threaded import ThreadedConnection
 from neozodb.nodes import STATE_LETTER, address_from_wire
 from neozodb.protocol import (
-    ZERO_TID,
     ClusterStates,
-    ErrorCodes,
     NodeStates,
     NodeTypes,
     Packets,
@@ -40,7 +37,10 @@ from neozodb.protocol import (
 )
 from neozodb.protocol.features import ANNOUNCEMENT
 from neozodb.pt import PartitionTable
-from neozodb.tid import format_tid_time, tid_from_user
+from neozodb.tid import neo_tid_time, tid_from_user
+
+from . import status
+from .status import CtlError
 
 USAGE = """\
 commands:
@@ -51,10 +51,14 @@ commands:
                                 excluded (default 0: to the end); NODE (e.g. S1):
                                 only that storage's cells
   print primary                 primary master
+  print summary                 health summary (NEO's): a commented JSON of the
+                                severities, then cluster state and cell counts
   print check                   progress and findings of the last check
   print pack                    pack orders: up to which TID, GC or history,
                                 which storages completed them
   print import                  progress of a storage importing a ZODB (Importer)
+                                (print check, pack, import: neozodb master and
+                                admin only)
   start                         allow the cluster to leave RECOVERING
   add NID... | add all          accept pending storage nodes (NID e.g. S3)
   set cluster STATE             e.g. set cluster STOPPING
@@ -65,10 +69,13 @@ commands:
                                 storage holding cells must be listed); prints
                                 the resulting table; -n: dry run
   check [PARTITION[:NID]...]    compare the replicas of the partitions (default:
-                                all) chunk by chunk; copies that differ from the
-                                majority, or from the reference NID, are marked
-                                CORRUPTED and replicated again from the good
-                                ones; waits for the repairs, then reports
+                                all; NEO's ":NID" or ":": all) chunk by chunk;
+                                copies that differ from the majority, or from
+                                the reference NID, are marked CORRUPTED and
+                                replicated again from the good ones; waits for
+                                the repairs, then reports (NEO's master reports
+                                nothing: the check is only started); then
+                                [MIN_TID [MAX_TID]] to check only those
   kill NID                      stop a running storage (its cells get OUT_OF_DATE)
   drop NID                      remove a storage from the cluster for good (it
                                 erases its database if it is connected)
@@ -76,15 +83,14 @@ commands:
                                 (tid:INT, tid:0xHEX or a UNIX time); the cluster
                                 goes through recovery, which waits for every
                                 storage of the table (or start)
+  prune_orphan 0|1 NID...|all   storages delete the data no object revision uses
+                                (1: dry run)
+  flush_log                     ask every node to flush its log
 
 NIDs are case-insensitive (S3 or s3) or plain integers.  Times are UTC.
 """
 
 PT_USAGE = "usage: print pt [MIN [MAX [NODE]]]"
-
-
-class CtlError(Exception):
-    pass
 
 
 class _Silent:
@@ -148,6 +154,8 @@ class NeoCtl:
         end), with only the cells of ``nid`` if given; row 0 of the returned
         table is partition ``min_offset``."""
         ptid, replicas, rows = self.call(Packets.AskPartitionList, min_offset, max_offset, nid)
+        if nid is not None:  # NEO's admin ignores the node: filter here
+            rows = [[cell for cell in row if cell[0] == nid] for row in rows]
         pt = PartitionTable(len(rows), replicas)
         pt.load(ptid, replicas, rows)
         return pt
@@ -226,7 +234,8 @@ def _parse_replicas(text: str) -> int:
 
 def _tweak(ctl: NeoCtl, args: list[str]) -> tuple[list[str], object]:
     """``tweak [-n] [NID...]``: the grid of the resulting (with -n: would-be)
-    table, without header (the master does not answer its ptid)."""
+    table, without header (the master does not answer its ptid), or NEO's
+    "No change done."."""
     dry_run = "-n" in args
     nids = [_parse_nid(a) for a in args if a != "-n"]
     changed, rows = ctl.call(Packets.TweakPartitionTable, dry_run, nids)
@@ -234,117 +243,10 @@ def _tweak(ctl: NeoCtl, args: list[str]) -> tuple[list[str], object]:
     pt.load(None, 0, rows)
     storages = ctl.nodes(NodeTypes.STORAGE)
     letters = {n[2]: STATE_LETTER.get(n[3], "U") for n in storages}
-    return pt.grid(letters), {
+    return pt.grid(letters) if changed else ["No change done."], {
         "changed": changed, "dry_run": dry_run,
         "rows": [[[nid_str(n), CELL_NAMES[s]] for n, s in row] for row in pt.rows()],
         "nodes": {nid_str(n[2]): n[3].name for n in storages}}
-
-
-def _master_status(ctl: NeoCtl) -> dict:
-    # CheckReplicas without partitions starts nothing: the master answers
-    # the state of the last check, as JSON, in the acknowledgement, with
-    # what importing storages reported under "import"
-    (text,) = ctl.call(Packets.CheckReplicas, {}, ZERO_TID, None)
-    return json.loads(text)
-
-
-def _check_status(ctl: NeoCtl) -> dict:
-    status = _master_status(ctl)
-    status.pop("import", None)
-    return status
-
-
-def _import_report(ctl: NeoCtl) -> tuple[list[str], object]:
-    from neozodb.storage.importer import format_status
-    imports = _master_status(ctl).get("import") or {}
-    if not imports:
-        return ["no import"], {}
-    return ["%s: %s" % (label, format_status(status))
-            for label, status in sorted(imports.items())], imports
-
-
-def _check_report(status: dict) -> list[str]:
-    lines = []
-    found = repaired = 0
-    for partition, result in status["results"].items():
-        line = "partition %s: %s" % (partition, result)
-        repairs = status["repairs"].get(partition)
-        if repairs:
-            found += len(repairs)
-            repaired += sum(1 for s in repairs.values() if s == "repaired")
-            line += "; " + ", ".join("%s %s" % item for item in repairs.items())
-        lines.append(line)
-    for partition in status["checking"]:
-        lines.append("partition %s: being checked" % partition)
-    lines.append("%d partitions checked, %d corrupted copies found, %d repaired" % (
-        status["checked"], found, repaired))
-    return lines
-
-
-def _check(ctl: NeoCtl, args: list[str], progress) -> tuple[list[str], object]:
-    """``check [PARTITION[:NID]...]``: start, follow, report."""
-    partitions: dict[int, int | None] = {}
-    for arg in args:
-        part, _, reference = arg.partition(":")
-        partitions[_parse_offset("partition", part)] = _parse_nid(reference) if reference else None
-    if not partitions:
-        num = ctl.partition_table().num_partitions
-        partitions = dict.fromkeys(range(num))
-    (started,) = ctl.call(Packets.CheckReplicas, partitions, ZERO_TID, None)
-    progress(started)
-    shown = None
-    while True:
-        status = _check_status(ctl)
-        repairing = sum(1 for r in status["repairs"].values() for s in r.values()
-                        if s == "repairing")
-        now = (status["checked"], repairing)
-        if now != shown:
-            progress("%d/%d partitions checked, %d copies being repaired" % (
-                status["checked"], status["partitions"], repairing))
-            shown = now
-        if status["done"]:
-            return _check_report(status), status
-        time.sleep(0.2)  # polling the master for progress, not synchronisation
-
-
-def _pack_status(ctl: NeoCtl) -> dict:
-    # NEO's AnswerPackOrders cannot tell which storage applied what: the
-    # master acknowledges an admin's AskPackOrders with its status, as JSON
-    try:
-        ctl.conn.call(Packets.AskPackOrders, ZERO_TID, timeout=ctl.timeout)
-    except RemoteError as e:
-        if e.code is ErrorCodes.ACK:
-            return json.loads(e.message)
-        raise CtlError(e.message or e.code.name) from None
-    except ConnectionClosed as e:
-        raise CtlError("connection to admin lost: %s" % e) from None
-    raise CtlError("the master does not report pack status")
-
-
-def _pack_report(status: dict) -> list[str]:
-    lines = []
-    waited = status["waited_for"]
-    for order in status["orders"]:
-        if not order["known"]:
-            kind = "details not known yet"
-        elif order["gc"]:
-            kind = "GC of %d objects" % order["oids"]
-        elif order["partial"]:
-            kind = "history of %d objects" % order["oids"]
-        else:
-            kind = "history"
-        approved = {True: "approved", False: "rejected", None: "not approved"}[
-            order.get("approved", True)]
-        line = "pack %#x: up to %#x (%s), %s, %s; completed by %s" % (
-            order["tid"], order["pack_tid"], format_tid_time(order["pack_tid"]), kind, approved,
-            " ".join(order["completed"]) or "none")
-        pending = [n for n in waited if n not in order["completed"]]
-        if pending:
-            line += "; pending on %s" % " ".join(pending)
-        lines.append(line)
-    if not lines:
-        lines.append("no pack order")
-    return lines
 
 
 def _format_nodes(nodes) -> list[str]:
@@ -367,7 +269,8 @@ def run_command(ctl: NeoCtl, words: list[str], progress=lambda line: None
     cmd, args = words[0], words[1:]
     if cmd == "print":
         if not args:
-            raise CtlError("print what? (cluster, ids, node, pt, primary, check, pack, import)")
+            raise CtlError("print what? (cluster, ids, node, pt, primary, summary, check, pack,"
+                           " import)")
         what, rest = args[0], args[1:]
         if what == "cluster":
             (state,) = ctl.call(Packets.AskClusterState)
@@ -381,11 +284,11 @@ def run_command(ctl: NeoCtl, words: list[str], progress=lambda line: None
             if last_tid is None:
                 lines.append("last_tid = None")
             else:
-                lines.append("last_tid = %#x (%s)" % (u64(last_tid), format_tid_time(u64(last_tid))))
+                lines.append("last_tid = %#x (%s)" % (u64(last_tid), neo_tid_time(u64(last_tid))))
             lines.append("last_ptid = %s" % ptid)
             if truncate_tid is not None:  # a truncation is pending
                 lines.append("truncate_tid = %#x (%s)" % (
-                    u64(truncate_tid), format_tid_time(u64(truncate_tid))))
+                    u64(truncate_tid), neo_tid_time(u64(truncate_tid))))
             return lines, {"last_oid": oid, "last_tid": None if last_tid is None else u64(last_tid),
                            "last_ptid": ptid,
                            "truncate_tid": None if truncate_tid is None else u64(truncate_tid)}
@@ -401,13 +304,15 @@ def run_command(ctl: NeoCtl, words: list[str], progress=lambda line: None
         if what == "pt":
             return _print_pt(ctl, rest)
         if what == "check":
-            status = _check_status(ctl)
-            return _check_report(status), status
+            state = status.check_status(ctl)
+            return status.check_report(state), state
         if what == "pack":
-            status = _pack_status(ctl)
-            return _pack_report(status), status
+            state = status.pack_status(ctl)
+            return status.pack_report(state), state
         if what == "import":
-            return _import_report(ctl)
+            return status.import_report(ctl)
+        if what == "summary":
+            return _summary(ctl)
         if what == "primary":
             (nid,) = ctl.call(Packets.AskPrimary)
             return [nid_str(nid)], {"primary": nid_str(nid)}
@@ -435,10 +340,14 @@ def run_command(ctl: NeoCtl, words: list[str], progress=lambda line: None
             nids = [n[2] for n in ctl.nodes(NodeTypes.STORAGE) if n[3] is NodeStates.PENDING]
         else:
             nids = [_parse_nid(a) for a in args]
-        if nids:
-            ctl.call(Packets.AddPendingNodes, nids)
-        added = [nid_str(n) for n in nids]
-        return ["Nodes added: %s" % ", ".join(added) if added else "No node added"], {"added": added}
+        if not nids:
+            return ["No node added"], {"added": []}
+        # the master says which it added (NEO's words, from either master)
+        (message,) = ctl.call(Packets.AddPendingNodes, nids)
+        message = message or "Nodes added: %s" % ", ".join(nid_str(n) for n in nids)
+        added = message[len("Nodes added: "):].split(", ") \
+            if message.startswith("Nodes added: ") else []
+        return [message], {"added": added}
     if cmd in ("kill", "drop"):
         if len(args) != 1:
             raise CtlError("usage: %s NID" % cmd)
@@ -455,8 +364,44 @@ def run_command(ctl: NeoCtl, words: list[str], progress=lambda line: None
     if cmd == "tweak":
         return _tweak(ctl, args)
     if cmd == "check":
-        return _check(ctl, args, progress)
+        partitions, min_tid, max_tid = status.parse_check_args(
+            args, _parse_nid, _parse_tid, _parse_offset,
+            lambda: ctl.partition_table().num_partitions)
+        return status.run_check(ctl, partitions, p64(min_tid or 0),
+                                None if max_tid is None else p64(max_tid), progress)
+    if cmd == "prune_orphan":
+        return _prune_orphan(ctl, args)
+    if cmd == "flush_log":
+        if args:
+            raise CtlError("usage: flush_log")
+        ctl.conn.notify(Packets.FlushLog)
+        ctl.call(Packets.AskClusterState)  # once answered, the admin has it
+        return [], {"ok": True}
     raise CtlError("invalid command: %s" % cmd)
+
+
+def _prune_orphan(ctl: NeoCtl, args: list[str]) -> tuple[list[str], object]:
+    """NEO's ``prune_orphan DRY_RUN NID...|all``."""
+    if len(args) < 2 or args[0] not in ("0", "1"):
+        raise CtlError("usage: prune_orphan 0|1 NID... | prune_orphan 0|1 all"
+                       " (1: dry run, the storages only log)")
+    dry_run = args[0] == "1"
+    if args[1:] == ["all"]:
+        nids = [n[2] for n in ctl.nodes(NodeTypes.STORAGE) if n[3] is NodeStates.RUNNING]
+    else:
+        nids = [_parse_nid(a) for a in args[1:]]
+    ctl.call(Packets.Repair, nids, dry_run)
+    return [], {"ok": True, "dry_run": dry_run, "storages": [nid_str(n) for n in nids]}
+
+
+def _summary(ctl: NeoCtl) -> tuple[list[str], object]:
+    """NEO's ``print summary``: a commented JSON of which clusters have a
+    warning or a problem (null: this one), then the admin's summary."""
+    warning, problem, summary = ctl.call(Packets.AskMonitorInformation)
+    severity = {k: [None if v is None else v.decode("utf-8", "replace") for v in value]
+                for k, value in (("warning", warning), ("problem", problem)) if value}
+    text = summary.decode("utf-8", "replace") if isinstance(summary, bytes) else summary
+    return ["# %s" % json.dumps(severity)] + text.splitlines(), {**severity, "summary": text}
 
 
 CELL_NAMES = {0: "OUT_OF_DATE", 1: "UP_TO_DATE", 2: "FEEDING", 3: "CORRUPTED", 4: "DISCARDED"}

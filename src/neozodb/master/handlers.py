@@ -22,6 +22,7 @@ from neozodb.protocol import (
     NodeTypes,
     Packets,
     ProtocolError,
+    nid_str,
     nid_type,
     p64,
     u64,
@@ -154,8 +155,9 @@ class SecondaryHandler(BaseHandler):
 
 def last_ids(app: MasterApp, conn, msg_id) -> None:
     tm = app.tm
-    last_tid = p64(tm.last_tid) if tm.last_tid else None
-    conn.answer(msg_id, Packets.AnswerLastIDs, last_tid, p64(tm.last_oid), ZERO_TID)
+    # ZERO_TID before the first commit, as NEO's master (NEO's neoctl
+    # cannot print None)
+    conn.answer(msg_id, Packets.AnswerLastIDs, p64(tm.last_tid), p64(tm.last_oid), ZERO_TID)
 
 
 class StorageHandler(BaseHandler):
@@ -185,13 +187,20 @@ class StorageHandler(BaseHandler):
 
     def NotifyMonitorInformation(self, conn, msg_id, info):
         """A storage importing a ZODB reports its progress (JSON), kept for
-        ``neoctl print import`` (the status of ``CheckReplicas``)."""
+        ``neoctl print import`` (the status of ``CheckReplicas``); a
+        checking storage what it could not compare (master/checks.py)."""
         text = info.get(b"import")
         if isinstance(text, bytes):
             try:
                 self.app.import_status[conn.node.label] = json.loads(text)
             except ValueError:
                 raise ProtocolError("invalid import status") from None
+        text = info.get(b"check")
+        if isinstance(text, bytes):
+            try:
+                checks.check_note(self.app, conn.node, json.loads(text))
+            except (ValueError, TypeError, KeyError):
+                raise ProtocolError("invalid check note") from None
 
     def NotifyPartitionCorrupted(self, conn, msg_id, partition, nids):
         if not 0 <= partition < self.app.pt.num_partitions:
@@ -205,6 +214,10 @@ class StorageHandler(BaseHandler):
         app = self.app
         app.pm.report(conn.nid, u64(tid))
         app.check_pack_waiters()
+
+
+#: Acknowledgements in NEO's words: NEO's neoctl prints them.
+CLUSTER_STATE_CHANGED = "Cluster state changed"
 
 
 def answer_pack_orders(app: MasterApp, conn, msg_id, min_tid) -> None:
@@ -324,8 +337,11 @@ class AdminHandler(BaseHandler):
     def AskPackOrders(self, conn, msg_id, min_tid):
         """`neoctl print pack`: the pack orders and which storages applied
         them, which NEO's answer cannot tell: acknowledged with the status
-        as JSON (as `print check` does)."""
+        as JSON (as `print check` does) for an admin that expects it."""
         app = self.app
+        if checks.STATUS_JSON not in conn.peer_features:
+            answer_pack_orders(app, conn, msg_id, min_tid)
+            return
         status = app.pm.status(lambda nid: app.nm.get(nid).label if app.nm.get(nid) else str(nid))
         status["orders"] = [o for o in status["orders"] if o["tid"] >= u64(min_tid)]
         status["waited_for"] = sorted(n.label for n in map(app.nm.get, app.pack_nids()) if n)
@@ -365,13 +381,13 @@ class AdminHandler(BaseHandler):
     def SetClusterState(self, conn, msg_id, state):
         app = self.app
         if state is ClusterStates.STOPPING:
-            conn.ack(msg_id)
+            conn.ack(msg_id, CLUSTER_STATE_CHANGED)
             app.request_stop()
         elif state is ClusterStates.VERIFYING:
             if app.cluster_state is not ClusterStates.RECOVERING:
                 raise Denied("cluster is %s, not RECOVERING" % app.cluster_state.name)
             app.startup_allowed = True
-            conn.ack(msg_id)
+            conn.ack(msg_id, CLUSTER_STATE_CHANGED)
             app.changed()
         else:
             raise Denied("cannot set cluster state to %s from %s" % (
@@ -388,14 +404,17 @@ class AdminHandler(BaseHandler):
                 node = app.nm.get(nid)
                 if node is None:
                     raise Denied("unknown node")
-                if nid not in by_nid:
+                if nid not in by_nid and len(nids) == 1:
                     raise Denied("%s is not pending" % node.label)
-            pending = [by_nid[nid] for nid in nids]
+            # NEO's `neoctl add all` lists every storage: the others are left
+            pending = [by_nid[nid] for nid in nids if nid in by_nid]
         for node in pending:
             app.set_node_state(node, NodeStates.RUNNING)
             app.send_pt(node)
             app.start_storage(node)
-        conn.ack(msg_id, " ".join(n.label for n in pending))
+        # NEO's words, which NEO's neoctl prints as they are
+        conn.ack(msg_id, "Nodes added: %s" % ", ".join(n.label for n in pending) if pending
+                 else "No node added")
 
     def SetNodeState(self, conn, msg_id, nid, state):
         """`neoctl kill` (DOWN) of a storage or secondary master, and
@@ -408,7 +427,7 @@ class AdminHandler(BaseHandler):
         if node is None:
             raise Denied("unknown node")
         if node.type is NodeTypes.MASTER and state is NodeStates.DOWN and node.connected:
-            conn.ack(msg_id)
+            conn.ack(msg_id, "state changed")
             app.set_node_state(node, NodeStates.DOWN)  # told DOWN, a secondary exits
             return
         if node.type is not NodeTypes.STORAGE:
@@ -422,14 +441,14 @@ class AdminHandler(BaseHandler):
                 raise Denied("%s is not running" % node.label)
             if nid in app.pt.nids() and not app.pt.operational(running - {nid}):
                 raise Denied("%s holds the only readable copy of some partitions" % node.label)
-            conn.ack(msg_id)
+            conn.ack(msg_id, "state changed")
             # told DOWN, it exits; its cells are outdated when it is gone
             app.set_node_state(node, NodeStates.DOWN)
         elif state is NodeStates.UNKNOWN:
             why = drop_check(app.pt, nid, running)
             if why is not None:
                 raise Denied(why.replace("storage %d" % nid, node.label))
-            conn.ack(msg_id)
+            conn.ack(msg_id, "node permanently removed")
             app.drop_storage(node)
         else:
             raise Denied("cannot set a node %s" % state.name)
@@ -444,13 +463,26 @@ class AdminHandler(BaseHandler):
         administration.set_num_replicas(self.app, num_replicas)
         conn.ack(msg_id)
 
+    def FlushLog(self, conn, msg_id):
+        super().FlushLog(conn, msg_id)
+        for node in self.app.nm:  # as NEO's master: every node but the asker
+            if node.conn is not None and node.conn is not conn and not node.conn.closed:
+                node.conn.notify(Packets.FlushLog)
+
+    def Repair(self, conn, msg_id, nids, dry_run):
+        """`neoctl prune_orphan`: the storages delete data no revision uses."""
+        app = self.app
+        nodes = []
+        for nid in nids:
+            node = app.nm.get(nid)
+            if node is None or node.type is not NodeTypes.STORAGE or not node.connected:
+                raise Denied("invalid storage node %s" % nid_str(nid))
+            nodes.append(node)
+        for node in nodes:
+            node.conn.notify(Packets.NotifyRepair, dry_run)
+        conn.ack(msg_id)
+
     def CheckReplicas(self, conn, msg_id, partitions, min_tid, max_tid):
         """`neoctl check`: starts a check (acknowledged at once); with no
-        partition, answers the status of the last one (JSON)."""
-        app = self.app
-        if not partitions:
-            conn.ack(msg_id, checks.check_status(app))
-            return
-        if app.cluster_state is not ClusterStates.RUNNING:
-            raise Denied("cluster is %s, not RUNNING" % app.cluster_state.name)
-        conn.ack(msg_id, checks.start_check(app, partitions, min_tid, max_tid))
+        partition, only the status of the last one (master/checks.py)."""
+        checks.check_replicas(self.app, conn, msg_id, partitions, min_tid, max_tid)

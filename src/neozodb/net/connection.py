@@ -132,6 +132,13 @@ class Handler:
         # the accepting neozodb peer's features (protocol/features.py)
         conn.peer_features = common(features)
 
+    def FlushLog(self, conn: Connection, msg_id: int) -> None:
+        # NEO's `neoctl flush_log` reaches every node, whatever its role,
+        # and must not be taken for a protocol error; our log handlers
+        # write each record at once, flushing is all there is to do
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+
 
 class Connection(asyncio.Protocol):
     # Longest wait for the peer to close after a graceful close, and for

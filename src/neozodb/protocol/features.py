@@ -15,10 +15,12 @@ used on a connection only when both ends have it:
 Both ends keep the intersection (``conn.peer_features``).  The features:
 
 ``status-json``
-    The master acknowledges ``CheckReplicas`` without partitions and an
-    admin's ``AskPackOrders`` with the check and pack status as JSON
-    (``neoctl print check``, ``print pack``); NEO's master acknowledges
-    with an empty message, or answers ``AnswerPackOrders``.
+    The master acknowledges ``CheckReplicas`` and an admin's
+    ``AskPackOrders`` with the check and pack status as JSON (``neoctl
+    print check``, ``print pack``); NEO's master acknowledges
+    ``CheckReplicas`` with an empty message and does not expect
+    ``AskPackOrders`` from an admin.  Between neoctl and the admin the
+    admin passes on what its master said.
 ``import-status``
     An importing storage reports its progress to the master with
     ``NotifyMonitorInformation`` (NEO's master does not expect it there).
@@ -38,6 +40,21 @@ Both ends keep the intersection (``conn.peer_features``).  The features:
     follow the list of masters (any other message makes them give up on
     their primary), and NEO's primary sends nothing more: a secondary that
     took over without a mirror recovers the table from the storages.
+``check-report``
+    A storage ends every ``CheckPartition`` it runs with one
+    ``NotifyPartitionCorrupted``, an empty list when the copies agree,
+    preceded by ``NotifyMonitorInformation`` ``{b"check": JSON}`` when a
+    copy could not be compared or the check failed.
+    NEO's storage reports only differences (possibly several times for one
+    partition) and nothing when the copies agree: the master can tell when
+    its check ends only from a storage with this feature.
+``check-digest``
+    Between storages: the digests of ``AnswerCheckTIDRange`` and
+    ``AnswerCheckSerialRange`` are NEO's (20 bytes, a SHA-1 of the TIDs, or
+    OIDs, in decimal) followed by a second SHA-1 covering the metadata of
+    transactions and the data checksum and undo back-pointer of object
+    revisions.  A check compares whole digests when every copy has the
+    feature, NEO's part otherwise.
 """
 from __future__ import annotations
 
@@ -47,7 +64,7 @@ from .catalogue import Packets
 
 EXTRA_KEY = b"neozodb"
 FEATURES: frozenset[bytes] = frozenset((b"status-json", b"import-status", b"gc-pack",
-                                        b"mirror"))
+                                        b"mirror", b"check-report", b"check-digest"))
 #: What RequestIdentification.extra carries from a neozodb node.
 ANNOUNCEMENT: dict[bytes, list[bytes]] = {EXTRA_KEY: sorted(FEATURES)}
 NO_FEATURES: frozenset[bytes] = frozenset()

@@ -188,6 +188,14 @@ class MasterHandler(FollowsPrimary, BaseHandler):
     def AbortTransaction(self, conn, msg_id, ttid, nids):
         self.app.abort(ttid)
 
+    def NotifyRepair(self, conn, msg_id, dry_run):
+        """`neoctl prune_orphan`: delete the data rows no revision uses."""
+        app = self.app
+        if dry_run:
+            log.info("%s: prune_orphan dry run: nothing deleted", app.label)
+            return
+        log.info("%s: prune_orphan: %d data rows deleted", app.label, app.backend.prune_orphans())
+
     def CheckPartition(self, conn, msg_id, partition, source, min_tid, max_tid):
         app = self.app
         if not 0 <= partition < app.pt.num_partitions:

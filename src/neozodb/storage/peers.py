@@ -25,6 +25,7 @@ import logging
 from neozodb.net.connection import HandlerError
 from neozodb.protocol import ZERO_HASH, CellStates, ErrorCodes, Packets, ProtocolError, p64, u64
 
+from . import checker
 from .handlers import BaseHandler, Retry
 from .pack import order_from_wire, wire_order
 
@@ -144,22 +145,41 @@ class SourceHandler(BaseHandler):
             next_tid, next_oid = p64(bound[0]), p64(bound[1] + 1)
         conn.answer(msg_id, Packets.AnswerFetchObjects, next_tid, next_oid, delete)
 
-    def AskCheckTIDRange(self, conn, msg_id, partition, length, min_tid, max_tid):
-        self._readable(partition)
-        count, digest, last = self.app.backend.check_tid_range(
-            partition, length, u64(min_tid), u64(max_tid))
-        conn.answer(msg_id, Packets.AnswerCheckTIDRange, count, digest, p64(last))
+    def _checkable(self, partition: int) -> None:
+        # CHECKING_ERROR: NEO's checker ignores a REPLICATION_ERROR there
+        try:
+            self._readable(partition)
+        except HandlerError as e:
+            raise HandlerError(str(e), ErrorCodes.CHECKING_ERROR) from None
 
-    def AskCheckSerialRange(self, conn, msg_id, partition, length, min_tid, max_tid, min_oid):
-        self._readable(partition)
-        count, tid_digest, last_tid, oid_digest, last_oid = self.app.backend.check_serial_range(
-            partition, length, u64(min_tid), u64(max_tid), u64(min_oid))
-        conn.answer(msg_id, Packets.AnswerCheckSerialRange, count, tid_digest, p64(last_tid),
-                    oid_digest, p64(last_oid))
+    # the digests' form depends on the asker (NEO's or ours): checker.py
+    def AskCheckTIDRange(self, conn, msg_id, *args):
+        self._checkable(args[0])
+        if self._ready(conn, msg_id, Packets.AskCheckTIDRange, args):
+            partition, length, min_tid, max_tid = args
+            conn.answer(msg_id, Packets.AnswerCheckTIDRange, *checker.tid_range_answer(
+                self.app.backend, conn.peer_features, partition, length, u64(min_tid),
+                u64(max_tid)))
+
+    def AskCheckSerialRange(self, conn, msg_id, *args):
+        self._checkable(args[0])
+        if self._ready(conn, msg_id, Packets.AskCheckSerialRange, args):
+            partition, length, min_tid, max_tid, min_oid = args
+            conn.answer(msg_id, Packets.AnswerCheckSerialRange, *checker.serial_range_answer(
+                self.app.backend, conn.peer_features, partition, length, u64(min_tid),
+                u64(max_tid), u64(min_oid)))
 
 
 class DestinationHandler(BaseHandler):
     """What a source streams to us while we replicate from it."""
+
+    # NEO's checker asks over the connection we opened to replicate from it
+    # (it would not open a second one)
+    _readable = SourceHandler._readable
+    _ready = SourceHandler._ready
+    _checkable = SourceHandler._checkable
+    AskCheckTIDRange = SourceHandler.AskCheckTIDRange
+    AskCheckSerialRange = SourceHandler.AskCheckSerialRange
 
     def connection_lost(self, conn) -> None:
         self.app.peer_lost(conn)
