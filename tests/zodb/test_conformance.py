@@ -170,9 +170,14 @@ def _external_gc_examples():
 
 
 def test_external_gc_doctest(tmp_path):
+    run_external_gc_doctest(start_cluster(str(tmp_path / "cluster"), "zodb"))
+
+
+def run_external_gc_doctest(cluster: LocalCluster) -> None:
+    """The filtered IExternalGC doctest against a running ``cluster``,
+    which is killed at the end."""
     path, examples, total = _external_gc_examples()
     assert 20 < len(examples) < total  # the filter matches ZODB's text
-    cluster = start_cluster(str(tmp_path / "cluster"), "zodb")
     try:
         globs = {"create_storage": lambda: Storage(cluster.masters, cluster.name)}
         test = doctest.DocTest(examples, globs, "IExternalGC.test (no blobs, no pack)",
