@@ -8,6 +8,7 @@ import importlib.util
 import os
 
 import pytest
+import ZODB.tests.util
 from neopeer import MixedCluster
 
 pytestmark = pytest.mark.timeout(240)
@@ -39,21 +40,41 @@ def start_neo_cluster(directory: str, name: str) -> MixedCluster:
     return cluster
 
 
-class OurClientOnNEOTests(conformance.NEOStorageTests):
+class KillFirst:
+    """NEO's nodes write their logs until killed: kill them before the
+    test's directory is removed."""
+
+    def clusters_to_kill(self):
+        return self.clusters
+
+    def tearDown(self):
+        try:
+            self._close()
+        finally:
+            for cluster in self.clusters_to_kill():
+                cluster.kill()
+        ZODB.tests.util.TestCase.tearDown(self)
+
+
+class OurClientOnNEOTests(KillFirst, conformance.NEOStorageTests):
     def setUp(self):
         conformance.StorageTestBase.StorageTestBase.setUp(self)
         self.cluster = start_neo_cluster(os.path.join(os.getcwd(), "cluster"), "zodb")
         self.open()
 
+    def clusters_to_kill(self):
+        return [self.cluster]
 
-class OurClientOnNEORecoveryTests(conformance.NEORecoveryTests):
+
+class OurClientOnNEORecoveryTests(KillFirst, conformance.NEORecoveryTests):
     def _cluster(self, directory, name):
         cluster = start_neo_cluster(os.path.join(os.getcwd(), directory), name)
         self.clusters.append(cluster)
         return cluster
 
 
-class OurClientOnNEOToFileStorageRecoveryTests(conformance.NEOToFileStorageRecoveryTests):
+class OurClientOnNEOToFileStorageRecoveryTests(KillFirst,
+                                               conformance.NEOToFileStorageRecoveryTests):
     _cluster = OurClientOnNEORecoveryTests._cluster
 
 

@@ -82,6 +82,24 @@ class NEOStorageTests(
             self.cluster.kill()
 
 
+class FeaturelessClientPackTests(
+    StorageTestBase.StorageTestBase,
+    PackableStorage.PackableStorageWithOptionalGC,
+    PackableStorage.PackableUndoStorage,
+):
+    """ZODB's pack tests with a client that announces no feature: the
+    master does not offer it GC orders (as NEO's), so the client collects
+    garbage by deletions (client/pack.py, delete_garbage)."""
+
+    setUp = NEOStorageTests.setUp
+    tearDown = NEOStorageTests.tearDown
+    testPackUndoLog = NEOStorageTests.testPackUndoLog
+
+    def open(self, read_only=False):
+        self._storage = Storage(self.cluster.masters, self.cluster.name, read_only=read_only,
+                                features=False)
+
+
 def start_cluster(directory: str, name: str) -> LocalCluster:
     cluster = LocalCluster(directory, name=name, storages=2, replicas=1, partitions=12)
     try:

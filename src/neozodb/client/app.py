@@ -16,6 +16,7 @@ import time
 from queue import SimpleQueue
 
 from neozodb.client.cache import ClientCache
+from neozodb.client.compat import UnlockBarrier
 from neozodb.client.compress import WrongChecksum, decompress
 from neozodb.client.handlers import Changes, MasterHandler, StorageHandler
 from neozodb.net.bootstrap import next_masters
@@ -45,7 +46,11 @@ class NEOStorageError(Exception):
 class ClientApp:
     def __init__(self, master_nodes: list[tuple[str, int]], name: str, read_only: bool = False,
                  cache_size: int = 20 << 20, connect_timeout: float = 60.0,
-                 ignore_wrong_checksum: bool = False, keepalive: float | None = None) -> None:
+                 ignore_wrong_checksum: bool = False, keepalive: float | None = None,
+                 features: bool = True) -> None:
+        # without features, nodes take us for NEO's client and we use only
+        # what NEO's nodes offer (see compat.py)
+        self.announcement = ANNOUNCEMENT if features else {}
         self.ignore_wrong_checksum = ignore_wrong_checksum
         self.keepalive = keepalive  # of every connection; None: threaded.DEFAULT_KEEPALIVE
         self.master_nodes = master_nodes
@@ -74,6 +79,7 @@ class ClientApp:
         self._cells: dict[int, list[int]] = {}
         self._oid_lock = threading.Lock()
         self._watchers: list[Changes] = []  # see watch_changes
+        self.unlocked = UnlockBarrier(self)  # NEO storages: see compat.py
         self.closed = False
 
     @property
@@ -113,8 +119,8 @@ class ClientApp:
                                           keepalive=self.keepalive)
                 try:
                     conn.connect(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
-                    extra = {**ANNOUNCEMENT, b"read_only": True} if self.read_only \
-                        else ANNOUNCEMENT
+                    extra = {**self.announcement, b"read_only": True} if self.read_only \
+                        else self.announcement
                     _, master_nid, nid = conn.call(
                         Packets.RequestIdentification, NodeTypes.CLIENT, self.nid, None,
                         self.name.encode(), None, extra,
@@ -171,6 +177,7 @@ class ClientApp:
                 log.warning("%s: the database was truncated: last tid %s, was %s", self.label,
                             tid.hex(), self._last_tid_at_loss.hex())
                 self.cache.clear()
+                self.unlocked.forget()
                 self.last_tid = max(tid, self._tid_since_connect)
                 if listener is not None:
                     listener.invalidateCache()
@@ -235,7 +242,7 @@ class ClientApp:
             me = self.nm.get(self.nid)
             try:
                 conn.call(Packets.RequestIdentification, NodeTypes.CLIENT, self.nid, None,
-                          self.name.encode(), me.id_timestamp if me else None, ANNOUNCEMENT,
+                          self.name.encode(), me.id_timestamp if me else None, self.announcement,
                           timeout=30)
             except BaseException:
                 conn.close()

@@ -9,6 +9,7 @@ from queue import SimpleQueue
 
 from ZODB.POSException import ConflictError, ReadConflictError, StorageTransactionError, UndoError
 
+from neozodb.client.compat import has_features
 from neozodb.client.compress import compress
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.protocol import MAX_TID, ZERO_HASH, ZERO_TID, ErrorCodes, Packets, nid_str, p64, u64
@@ -99,7 +100,35 @@ class Commit:
         revision share its data row; the data is sent anyway for those that
         do not (an OUT_OF_DATE replica) and for the cache."""
         self.restored.add(oid)
-        self.store(oid, base, data, None if data is None else prev_txn)
+        if data is None:
+            prev_txn = None
+        elif prev_txn is not None and self._revision_gone(oid, prev_txn):
+            # packed away on a NEO storage, which refuses a back-pointer to
+            # it (ours take the data then): the data alone
+            prev_txn = None
+        self.store(oid, base, data, prev_txn)
+
+    def _revision_gone(self, oid: bytes, serial: bytes) -> bool:
+        """Whether a NEO storage among oid's cells lacks that revision
+        (neozodb's are not asked: they take the data sent along)."""
+        queue: SimpleQueue = SimpleQueue()
+        asked = 0
+        for nid in self._cells(oid):
+            try:
+                conn = self.app.storage_conn(nid)
+            except (ConnectionClosed, OSError):
+                continue
+            if has_features(conn):
+                continue
+            conn.ask(Packets.AskObject, oid, serial, None, queue=queue, token=None)
+            asked += 1
+        gone = False
+        for _ in range(asked):
+            _, _, error, _ = queue.get()
+            if isinstance(error, RemoteError) and error.code in (
+                    ErrorCodes.OID_NOT_FOUND, ErrorCodes.OID_DOES_NOT_EXIST):
+                gone = True
+        return gone
 
     def check_current(self, oid: bytes, serial: bytes) -> None:
         self.checked[oid] = serial
@@ -123,6 +152,9 @@ class Commit:
         UndoError is raised."""
         app = self.app
         pt = app.pt
+        with app.lock:
+            last_tid = app.last_tid
+        app.unlocked.wait(last_tid)  # NEO storages: what we may undo is unlocked
         try:
             info = app.ask_storage(undone_tid, Packets.AskTransactionInformation, undone_tid)
         except RemoteError as e:
@@ -134,8 +166,7 @@ class Commit:
             # what we stored already must be there (not waiting for a
             # lock) when the storages compare it with the undone revision
             self._process(block=True)
-        with app.lock:
-            ltid = p64(u64(app.last_tid) + 1)
+        ltid = p64(u64(last_tid) + 1)
         by_partition: dict[int, list[bytes]] = {}
         for oid in oids:
             by_partition.setdefault(pt.partition(oid), []).append(oid)
