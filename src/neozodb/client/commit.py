@@ -38,6 +38,10 @@ class Commit:
         self.restored: set[bytes] = set()  # oids stored by restore(): never resolved
         self.conflict_error: Exception | None = None
         self.voted = False
+        # every store answered, the vote under way: deadlock notices are
+        # ignored from then on (NEO's storage would give the lock of a voted
+        # transaction away on AskRelockObject, and both would wait)
+        self.stored = False
         self.pack = None  # (oids or None, pack_tid): a pack order (client/pack.py)
         # the master that began the transaction: only it can finish it
         self.master = app.master
@@ -224,8 +228,9 @@ class Commit:
         return list(oids)
 
     def deadlock(self, conn, oid: bytes) -> None:
-        """A storage asks us to release oid (reader thread): do it unless voted."""
-        if not self.voted and oid in self.data:
+        """A storage asks us to release oid (reader thread): do it unless
+        the vote began."""
+        if not self.stored and oid in self.data:
             self.queue.put(((RELOCK, oid, conn), None, None, conn))
 
     # -- answers -------------------------------------------------------------------
@@ -237,6 +242,8 @@ class Commit:
             kind = token[0]
             if kind == RELOCK and result is None and error is None and len(token) == 3:
                 # a deadlock notice, not an answer: ask the storage to relock
+                if self.stored:
+                    continue  # queued before the vote began: too late
                 oid = token[1]
                 self.pending += 1
                 conn.ask(Packets.AskRelockObject, self.ttid, oid, queue=self.queue,
@@ -301,6 +308,7 @@ class Commit:
     # -- two-phase commit ---------------------------------------------------------------
     def vote(self) -> list[bytes]:
         self._process(block=True)
+        self.stored = True
         app = self.app
         meta_nids = app.writable_cells(self.ttid)
         txn = self.txn
