@@ -93,7 +93,8 @@ class MixedCluster(LocalCluster):
         if name not in self.neo:
             return super().storage_argv(i)
         return neo_script("neostorage", "-c", self.name, "-m", self.masters,
-                          "-b", "%s:%d" % (self.host, free_port(self.host)),
+                          # any port: NEO's storage tells the master the one it bound
+                          "-b", "%s:0" % self.host,
                           "-a", "SQLite", "-d", self.database(i), "-i", str(i),
                           *self._neo_log(name), *self.storage_args)
 

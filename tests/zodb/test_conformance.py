@@ -82,6 +82,24 @@ class NEOStorageTests(
             self.cluster.kill()
 
 
+class FeaturelessClientPackTests(
+    StorageTestBase.StorageTestBase,
+    PackableStorage.PackableStorageWithOptionalGC,
+    PackableStorage.PackableUndoStorage,
+):
+    """ZODB's pack tests with a client that announces no feature: the
+    master does not offer it GC orders (as NEO's), so the client collects
+    garbage by deletions (client/pack.py, delete_garbage)."""
+
+    setUp = NEOStorageTests.setUp
+    tearDown = NEOStorageTests.tearDown
+    testPackUndoLog = NEOStorageTests.testPackUndoLog
+
+    def open(self, read_only=False):
+        self._storage = Storage(self.cluster.masters, self.cluster.name, read_only=read_only,
+                                features=False)
+
+
 def start_cluster(directory: str, name: str) -> LocalCluster:
     cluster = LocalCluster(directory, name=name, storages=2, replicas=1, partitions=12)
     try:
@@ -170,9 +188,14 @@ def _external_gc_examples():
 
 
 def test_external_gc_doctest(tmp_path):
+    run_external_gc_doctest(start_cluster(str(tmp_path / "cluster"), "zodb"))
+
+
+def run_external_gc_doctest(cluster: LocalCluster) -> None:
+    """The filtered IExternalGC doctest against a running ``cluster``,
+    which is killed at the end."""
     path, examples, total = _external_gc_examples()
     assert 20 < len(examples) < total  # the filter matches ZODB's text
-    cluster = start_cluster(str(tmp_path / "cluster"), "zodb")
     try:
         globs = {"create_storage": lambda: Storage(cluster.masters, cluster.name)}
         test = doctest.DocTest(examples, globs, "IExternalGC.test (no blobs, no pack)",

@@ -16,9 +16,10 @@ import time
 from queue import SimpleQueue
 
 from neozodb.client.cache import ClientCache
+from neozodb.client.compat import UnlockBarrier
 from neozodb.client.compress import WrongChecksum, decompress
-from neozodb.net.bootstrap import FollowsPrimary, next_masters
-from neozodb.net.connection import Handler
+from neozodb.client.handlers import Changes, MasterHandler, StorageHandler
+from neozodb.net.bootstrap import next_masters
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.net.threaded import ThreadedConnection
 from neozodb.nodes import NodeManager
@@ -42,73 +43,14 @@ class NEOStorageError(Exception):
     pass
 
 
-class MasterHandler(FollowsPrimary, Handler):
-    def __init__(self, app: ClientApp) -> None:
-        self.app = app
-
-    def NotifyNodeInformation(self, conn, msg_id, timestamp, entries):
-        app = self.app
-        with app.lock:
-            changed = app.nm.update(entries)
-        app.cells_changed()
-        for node in changed:
-            if node.type is NodeTypes.STORAGE and node.state is not NodeStates.RUNNING:
-                app.drop_storage(node.nid)
-        app.wake()
-
-    def SendPartitionTable(self, conn, msg_id, ptid, replicas, rows):
-        pt = PartitionTable(len(rows), replicas)
-        pt.load(ptid, replicas, rows)
-        self.app.pt = pt
-        self.app.cells_changed()
-        self.app.wake()
-
-    def NotifyPartitionChanges(self, conn, msg_id, ptid, replicas, changes):
-        self.app.pt.apply_changes(ptid, replicas, changes)
-        self.app.cells_changed()
-        self.app.wake()
-
-    def NotifyClusterInformation(self, conn, msg_id, state):
-        self.app.cluster_state = state
-
-    def InvalidateObjects(self, conn, msg_id, tid, oids):
-        self.app.invalidate(tid, oids)
-
-    def StopOperation(self, conn, msg_id):
-        log.warning("%s: cluster stopped operation", self.app.label)
-
-    def connection_lost(self, conn) -> None:
-        self.app.master_lost(conn)
-
-
-class StorageHandler(Handler):
-    def __init__(self, app: ClientApp) -> None:
-        self.app = app
-
-    def NotifyDeadlock(self, conn, msg_id, ttid, oid):
-        self.app.deadlock(conn, ttid, oid)
-
-    def connection_lost(self, conn) -> None:
-        self.app.storage_lost(conn)
-
-
-class Changes:
-    """Oids committed since a ``ClientApp.watch_changes``."""
-
-    def __init__(self, lock) -> None:
-        self.lock = lock
-        self.oids: set[bytes] = set()
-
-    def take(self) -> set[bytes]:
-        with self.lock:
-            oids, self.oids = self.oids, set()
-        return oids
-
-
 class ClientApp:
     def __init__(self, master_nodes: list[tuple[str, int]], name: str, read_only: bool = False,
                  cache_size: int = 20 << 20, connect_timeout: float = 60.0,
-                 ignore_wrong_checksum: bool = False, keepalive: float | None = None) -> None:
+                 ignore_wrong_checksum: bool = False, keepalive: float | None = None,
+                 features: bool = True) -> None:
+        # without features, nodes take us for NEO's client and we use only
+        # what NEO's nodes offer (see compat.py)
+        self.announcement = ANNOUNCEMENT if features else {}
         self.ignore_wrong_checksum = ignore_wrong_checksum
         self.keepalive = keepalive  # of every connection; None: threaded.DEFAULT_KEEPALIVE
         self.master_nodes = master_nodes
@@ -137,6 +79,7 @@ class ClientApp:
         self._cells: dict[int, list[int]] = {}
         self._oid_lock = threading.Lock()
         self._watchers: list[Changes] = []  # see watch_changes
+        self.unlocked = UnlockBarrier(self)  # NEO storages: see compat.py
         self.closed = False
 
     @property
@@ -176,8 +119,8 @@ class ClientApp:
                                           keepalive=self.keepalive)
                 try:
                     conn.connect(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
-                    extra = {**ANNOUNCEMENT, b"read_only": True} if self.read_only \
-                        else ANNOUNCEMENT
+                    extra = {**self.announcement, b"read_only": True} if self.read_only \
+                        else self.announcement
                     _, master_nid, nid = conn.call(
                         Packets.RequestIdentification, NodeTypes.CLIENT, self.nid, None,
                         self.name.encode(), None, extra,
@@ -234,6 +177,7 @@ class ClientApp:
                 log.warning("%s: the database was truncated: last tid %s, was %s", self.label,
                             tid.hex(), self._last_tid_at_loss.hex())
                 self.cache.clear()
+                self.unlocked.forget()
                 self.last_tid = max(tid, self._tid_since_connect)
                 if listener is not None:
                     listener.invalidateCache()
@@ -298,7 +242,7 @@ class ClientApp:
             me = self.nm.get(self.nid)
             try:
                 conn.call(Packets.RequestIdentification, NodeTypes.CLIENT, self.nid, None,
-                          self.name.encode(), me.id_timestamp if me else None, ANNOUNCEMENT,
+                          self.name.encode(), me.id_timestamp if me else None, self.announcement,
                           timeout=30)
             except BaseException:
                 conn.close()

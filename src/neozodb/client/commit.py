@@ -9,6 +9,7 @@ from queue import SimpleQueue
 
 from ZODB.POSException import ConflictError, ReadConflictError, StorageTransactionError, UndoError
 
+from neozodb.client.compat import has_features
 from neozodb.client.compress import compress
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.protocol import MAX_TID, ZERO_HASH, ZERO_TID, ErrorCodes, Packets, nid_str, p64, u64
@@ -37,6 +38,10 @@ class Commit:
         self.restored: set[bytes] = set()  # oids stored by restore(): never resolved
         self.conflict_error: Exception | None = None
         self.voted = False
+        # every store answered, the vote under way: deadlock notices are
+        # ignored from then on (NEO's storage would give the lock of a voted
+        # transaction away on AskRelockObject, and both would wait)
+        self.stored = False
         self.pack = None  # (oids or None, pack_tid): a pack order (client/pack.py)
         # the master that began the transaction: only it can finish it
         self.master = app.master
@@ -99,7 +104,35 @@ class Commit:
         revision share its data row; the data is sent anyway for those that
         do not (an OUT_OF_DATE replica) and for the cache."""
         self.restored.add(oid)
-        self.store(oid, base, data, None if data is None else prev_txn)
+        if data is None:
+            prev_txn = None
+        elif prev_txn is not None and self._revision_gone(oid, prev_txn):
+            # packed away on a NEO storage, which refuses a back-pointer to
+            # it (ours take the data then): the data alone
+            prev_txn = None
+        self.store(oid, base, data, prev_txn)
+
+    def _revision_gone(self, oid: bytes, serial: bytes) -> bool:
+        """Whether a NEO storage among oid's cells lacks that revision
+        (neozodb's are not asked: they take the data sent along)."""
+        queue: SimpleQueue = SimpleQueue()
+        asked = 0
+        for nid in self._cells(oid):
+            try:
+                conn = self.app.storage_conn(nid)
+            except (ConnectionClosed, OSError):
+                continue
+            if has_features(conn):
+                continue
+            conn.ask(Packets.AskObject, oid, serial, None, queue=queue, token=None)
+            asked += 1
+        gone = False
+        for _ in range(asked):
+            _, _, error, _ = queue.get()
+            if isinstance(error, RemoteError) and error.code in (
+                    ErrorCodes.OID_NOT_FOUND, ErrorCodes.OID_DOES_NOT_EXIST):
+                gone = True
+        return gone
 
     def check_current(self, oid: bytes, serial: bytes) -> None:
         self.checked[oid] = serial
@@ -123,6 +156,9 @@ class Commit:
         UndoError is raised."""
         app = self.app
         pt = app.pt
+        with app.lock:
+            last_tid = app.last_tid
+        app.unlocked.wait(last_tid)  # NEO storages: what we may undo is unlocked
         try:
             info = app.ask_storage(undone_tid, Packets.AskTransactionInformation, undone_tid)
         except RemoteError as e:
@@ -134,8 +170,7 @@ class Commit:
             # what we stored already must be there (not waiting for a
             # lock) when the storages compare it with the undone revision
             self._process(block=True)
-        with app.lock:
-            ltid = p64(u64(app.last_tid) + 1)
+        ltid = p64(u64(last_tid) + 1)
         by_partition: dict[int, list[bytes]] = {}
         for oid in oids:
             by_partition.setdefault(pt.partition(oid), []).append(oid)
@@ -193,8 +228,9 @@ class Commit:
         return list(oids)
 
     def deadlock(self, conn, oid: bytes) -> None:
-        """A storage asks us to release oid (reader thread): do it unless voted."""
-        if not self.voted and oid in self.data:
+        """A storage asks us to release oid (reader thread): do it unless
+        the vote began."""
+        if not self.stored and oid in self.data:
             self.queue.put(((RELOCK, oid, conn), None, None, conn))
 
     # -- answers -------------------------------------------------------------------
@@ -206,6 +242,8 @@ class Commit:
             kind = token[0]
             if kind == RELOCK and result is None and error is None and len(token) == 3:
                 # a deadlock notice, not an answer: ask the storage to relock
+                if self.stored:
+                    continue  # queued before the vote began: too late
                 oid = token[1]
                 self.pending += 1
                 conn.ask(Packets.AskRelockObject, self.ttid, oid, queue=self.queue,
@@ -270,6 +308,7 @@ class Commit:
     # -- two-phase commit ---------------------------------------------------------------
     def vote(self) -> list[bytes]:
         self._process(block=True)
+        self.stored = True
         app = self.app
         meta_nids = app.writable_cells(self.ttid)
         txn = self.txn

@@ -27,6 +27,7 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.TimeStamp import TimeStamp
 
 from neozodb.client.app import ClientApp
+from neozodb.client.compat import UndoLogPacks, neo_storages
 from neozodb.net.endpoint import RemoteError
 from neozodb.protocol import ErrorCodes, Packets, p64, u64
 
@@ -253,6 +254,8 @@ def undo_log(app: ClientApp, snapshot: bytes, first: int, last: int, filter=None
     if last <= first:
         return []
     tids = iter(tids_before(app, last))
+    # NEO's storages list pack transactions and packed ones: leave them out
+    packs = UndoLogPacks(app) if neo_storages(app) else None
     result: list[dict] = []
     matched = 0
     previous = None
@@ -270,10 +273,16 @@ def undo_log(app: ClientApp, snapshot: bytes, first: int, last: int, filter=None
         if not batch:
             break
         info = transaction_info(app, batch)
+        if packs is not None:
+            packs.see(batch)
         for tid in batch:
+            if packs is not None and packs.past_cut(tid):
+                return result
             if tid not in info:
                 continue
             user, description, ext, _, _ = info[tid]
+            if packs is not None and packs.hidden(tid, description):
+                continue
             d = transaction_description(tid, user, description, ext)
             if filter is not None and not filter(d):
                 continue

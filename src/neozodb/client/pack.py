@@ -10,6 +10,12 @@ the mark packs the history of every object and deletes every revision up to
 ``pack_tid`` of the listed ones.  Without the mark (NEO clients), listed
 oids mean a partial history pack.
 
+Only a master with the ``gc-pack`` feature gets such an order (its
+storages are neozodb's).  NEO's master would take it for a partial history
+pack, so with it the client deletes the unreachable objects itself, in
+ordinary transactions, then packs their history away (``delete_garbage``):
+the same objects are collected, at the cost of a few more transactions.
+
 What is reachable, as in FileStorage plus what happened after ``pack_tid``:
 
 - the root (oid 0) and, transitively, what the revisions current at
@@ -51,6 +57,12 @@ OIDS_CHUNK = 10000
 #: Unreachable objects one pack collects at most: the order travels in one
 #: message (msgpack's limit is 64 MiB); the next pack collects the rest.
 MAX_GC_OIDS = 5000000
+#: The feature of a master that takes GC orders (protocol/features.py).
+GC_FEATURE = b"gc-pack"
+#: Without it: objects deleted a transaction, and oids a partial history
+#: pack order, at most (delete_garbage).
+DELETE_CHUNK = 10000
+ORDER_OIDS = 100000
 ROOT = ZERO_TID
 
 
@@ -63,32 +75,54 @@ class Mark:
         self.before = p64(u64(pack_tid) + 1)
         self.referencesf = referencesf
         self.loads = 0
+        #: unreachable candidates -> their serial (at pack_tid, none since)
+        self.serials: dict[bytes, bytes] = {}
+        #: every oid committed since the mark began (ours and others')
+        self.changed: set[bytes] = set()
+        self._watch = None
+
+    def __enter__(self) -> Mark:
+        # Commits are watched until the pack is committed: an object
+        # changed meanwhile is not garbage.
+        self._watch = self.app.watch_changes()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.app.unwatch_changes(self._watch)
+
+    def take_changes(self) -> set[bytes]:
+        """Oids committed since the last call (all of them since the mark
+        began are in ``changed``)."""
+        new = self._watch.take()
+        self.changed |= new
+        return new
 
     def run(self) -> set[bytes]:
         app = self.app
-        watch = app.watch_changes()
-        try:
-            last = app.last_tid
-            existing = self.existing(self.pack_tid)
-            # created (or brought back) since pack_tid
-            new = self.existing(last) - existing
-            reachable: set[bytes] = set()
-            self.visit({ROOT} | new, reachable)
-            unreachable = existing - reachable
-            # objects with revisions after pack_tid are kept, with what
-            # those revisions reference
-            later = {oid for oid, answer in self.load_many(unreachable, self.before, data=False)
-                     if isinstance(answer, tuple) and answer[2] is not None}
-            self.visit(later, reachable)
-            while True:
-                # commits made meanwhile (by us or others)
-                changed = watch.take() - reachable
-                if not changed:
-                    break
-                self.visit(changed, reachable)
-            return existing - reachable
-        finally:
-            app.unwatch_changes(watch)
+        last = app.last_tid
+        existing = self.existing(self.pack_tid)
+        # created (or brought back) since pack_tid
+        new = self.existing(last) - existing
+        reachable: set[bytes] = set()
+        self.visit({ROOT} | new, reachable)
+        unreachable = existing - reachable
+        # objects with revisions after pack_tid are kept, with what
+        # those revisions reference
+        later = set()
+        for oid, answer in self.load_many(unreachable, self.before, data=False):
+            if isinstance(answer, tuple):
+                if answer[2] is not None:
+                    later.add(oid)
+                else:
+                    self.serials[oid] = answer[1]
+        self.visit(later, reachable)
+        while True:
+            # commits made meanwhile (by us or others)
+            changed = self.take_changes() - reachable
+            if not changed:
+                break
+            self.visit(changed, reachable)
+        return existing - reachable
 
     def existing(self, tid: bytes) -> set[bytes]:
         """Every object that exists at ``tid`` (last revision not a deletion)."""
@@ -209,8 +243,8 @@ class Mark:
 
 
 def pack(storage, t: float, referencesf, gc: bool = True, wait: bool = True) -> bytes | None:
-    """Pack the database as of time ``t``; return the pack transaction's
-    TID, or None if the database is empty."""
+    """Pack the database as of time ``t``; return the TID of the (last)
+    pack transaction, or None if the database is empty."""
     app = storage.app
     app.sync()  # every commit so far is in last_tid
     last = app.last_tid
@@ -218,40 +252,99 @@ def pack(storage, t: float, referencesf, gc: bool = True, wait: bool = True) -> 
         log.info("%s: nothing to pack: the database is empty", app.label)
         return None
     pack_tid = min(p64(tid_from_time(t)), last)
-    oids = None
-    extension = {}
-    unreachable: set[bytes] = set()
     started = time.monotonic()
-    if gc:
-        mark = Mark(app, pack_tid, referencesf)
-        try:
-            unreachable = mark.run()
-        except RemoteError as e:
-            if e.code is not ErrorCodes.BACKEND_NOT_IMPLEMENTED:
-                raise
-            # e.g. a storage still importing cannot list its objects
-            raise POSException.StorageError("cannot pack: %s" % e.message) from None
-        oids = sorted(unreachable)
-        if len(oids) > MAX_GC_OIDS:
-            log.warning("%s: %d unreachable objects: this pack collects %d of them, pack again"
-                        " for the others", app.label, len(oids), MAX_GC_OIDS)
-            oids = oids[:MAX_GC_OIDS]
-            unreachable = set(oids)
-        extension = {GC_MARK: True}
-        log.info("%s: pack up to %s: %d unreachable objects (%d loads in %.3f s)", app.label,
-                 pack_tid.hex(), len(oids), mark.loads, time.monotonic() - started)
-    txn = TransactionMetaData(description=PACK_DESCRIPTION, extension=extension)
-    storage.tpc_begin(txn)
-    try:
-        storage._commit(txn).pack = (oids, pack_tid)
-        storage.tpc_vote(txn)
-        tid = storage.tpc_finish(txn)
-    except BaseException:
-        storage.tpc_abort(txn)
-        raise
-    app.forget(unreachable)
+    if not gc:
+        tid = commit_pack_order(storage, None, pack_tid)
+    else:
+        # NEO's master (no gc-pack) takes a GC order for a partial history
+        # pack: never send it one; delete the garbage ourselves instead
+        by_order = GC_FEATURE in app.get_master().peer_features
+        with Mark(app, pack_tid, referencesf) as mark:
+            try:
+                unreachable = mark.run()
+            except RemoteError as e:
+                if e.code is not ErrorCodes.BACKEND_NOT_IMPLEMENTED:
+                    raise
+                # e.g. a storage still importing cannot list its objects
+                raise POSException.StorageError("cannot pack: %s" % e.message) from None
+            if len(unreachable) > MAX_GC_OIDS:
+                log.warning("%s: %d unreachable objects: this pack collects %d of them, pack"
+                            " again for the others", app.label, len(unreachable), MAX_GC_OIDS)
+                unreachable = set(sorted(unreachable)[:MAX_GC_OIDS])
+            log.info("%s: pack up to %s: %d unreachable objects (%d loads in %.3f s)",
+                     app.label, pack_tid.hex(), len(unreachable), mark.loads,
+                     time.monotonic() - started)
+            if by_order:
+                tid = commit_pack_order(storage, sorted(unreachable), pack_tid, {GC_MARK: True})
+            else:
+                unreachable, tid = delete_garbage(storage, mark, unreachable, pack_tid)
+        app.forget(unreachable)
     if wait:
         app.wait_for_pack(tid)
         log.info("%s: packed up to %s in %.3f s", app.label, pack_tid.hex(),
                  time.monotonic() - started)
     return tid
+
+
+def commit_pack_order(storage, oids: list[bytes] | None, pack_tid: bytes,
+                      extension: dict | None = None) -> bytes:
+    """Commit NEO's pack transaction (no object) carrying the order
+    ``(oids, pack_tid)``; return its TID."""
+    txn = TransactionMetaData(description=PACK_DESCRIPTION, extension=extension or {})
+    storage.tpc_begin(txn)
+    try:
+        storage._commit(txn).pack = (oids, pack_tid)
+        storage.tpc_vote(txn)
+        return storage.tpc_finish(txn)
+    except BaseException:
+        storage.tpc_abort(txn)
+        raise
+
+
+def delete_garbage(storage, mark: Mark, unreachable: set[bytes], pack_tid: bytes
+                   ) -> tuple[set[bytes], bytes]:
+    """GC with a master that only knows NEO's history packs: delete the
+    unreachable objects in ordinary transactions (IExternalGC deletions,
+    each checked against the serial the mark saw, DELETE_CHUNK objects a
+    transaction, described ``IStorage.pack`` so that the undo log leaves
+    them out), then commit partial history packs of the deleted objects up
+    to the last deletion (their revisions and the deletions go), then the
+    history pack up to ``pack_tid``.  An object changed since the mark
+    (watched, or a conflict on its deletion) is not deleted.  Returns the
+    deleted oids and the TID of the last pack transaction."""
+    app = storage.app
+    todo = sorted(oid for oid in unreachable if oid in mark.serials)
+    deleted: set[bytes] = set()
+    last_deletion = None
+    for i in range(0, len(todo), DELETE_CHUNK):
+        chunk = todo[i:i + DELETE_CHUNK]
+        while True:
+            mark.take_changes()
+            chunk = [oid for oid in chunk if oid not in mark.changed]
+            if not chunk:
+                break
+            txn = TransactionMetaData(description=PACK_DESCRIPTION)
+            storage.tpc_begin(txn)
+            try:
+                for oid in chunk:
+                    storage.deleteObject(oid, mark.serials[oid], txn)
+                storage.tpc_vote(txn)
+                last_deletion = storage.tpc_finish(txn)
+            except POSException.ConflictError as e:
+                storage.tpc_abort(txn)
+                if e.oid is None or e.oid not in chunk:
+                    raise
+                mark.changed.add(e.oid)  # changed since the mark: kept
+                continue
+            except BaseException:
+                storage.tpc_abort(txn)
+                raise
+            deleted.update(chunk)
+            break
+    if deleted:
+        log.info("%s: deleted %d unreachable objects (last deletion %s)", app.label,
+                 len(deleted), last_deletion.hex())
+        oids = sorted(deleted)
+        for i in range(0, len(oids), ORDER_OIDS):
+            commit_pack_order(storage, oids[i:i + ORDER_OIDS], last_deletion)
+    return deleted, commit_pack_order(storage, None, pack_tid)

@@ -55,7 +55,8 @@ class Storage(ConflictResolvingStorage):
     def __init__(self, master_nodes: str | list, name: str, read_only: bool = False,
                  compress: bool | str = True, cache_size: int = 20 << 20,
                  logfile: str | None = None, ignore_wrong_checksum: bool = False,
-                 connect_timeout: float = 60.0, keepalive: float | None = None, **kw) -> None:
+                 connect_timeout: float = 60.0, keepalive: float | None = None,
+                 features: bool = True, **kw) -> None:
         if kw:
             raise TypeError("unexpected options: " + ", ".join(sorted(kw)))
         self._name = name
@@ -68,7 +69,8 @@ class Storage(ConflictResolvingStorage):
             logging.getLogger("neozodb").addHandler(handler)
         self.app = ClientApp(parse_master_nodes(master_nodes), name, read_only=self._read_only,
                              cache_size=cache_size, connect_timeout=connect_timeout,
-                             ignore_wrong_checksum=ignore_wrong_checksum, keepalive=keepalive)
+                             ignore_wrong_checksum=ignore_wrong_checksum, keepalive=keepalive,
+                             features=features)
         self._commits: dict[object, Commit] = {}
         self._lock = threading.Lock()
         self._records: tuple | None = None  # (cursor, RecordIteration) of record_iternext
@@ -89,7 +91,9 @@ class Storage(ConflictResolvingStorage):
         reads (iteration, undo log, history) may show."""
         self.app.get_master()
         with self.app.lock:
-            return self.app.last_tid
+            tid = self.app.last_tid
+        self.app.unlocked.wait(tid)
+        return tid
 
     def getSize(self) -> int:
         """Estimated bytes of object data as stored (compressed), history
