@@ -4,11 +4,15 @@ behave otherwise, so that neozodb-only tests can guard what NEO's nodes
 revealed.  The test gives the reply to each message it receives."""
 from __future__ import annotations
 
+import os
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
+from neozodb.cli.cluster import NodeProcess, listening_address
+from neozodb.cli.config import format_address
 from neozodb.protocol import HANDSHAKE, PACKETS, Decoder, check_handshake, encode
 
 Reply = Callable[["PeerConnection", int, Any, tuple], None]
@@ -95,3 +99,17 @@ class ScriptedPeer:
                 conn.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+def admin_behind(peer: ScriptedPeer, directory, *options: str) -> tuple[NodeProcess, str]:
+    """Our admin node (cluster "neo") following ``peer`` as its master,
+    started; (the process, the address it listens on)."""
+    admin = NodeProcess("A1", [sys.executable, "-m", "neozodb.cli.admin", "-c", "neo",
+                               "-m", format_address(peer.address), "-b", "127.0.0.1:0",
+                               *options], os.path.join(str(directory), "A1.log"))
+    admin.start()
+    try:
+        return admin, format_address(listening_address(admin))
+    except BaseException:
+        admin.kill()
+        raise

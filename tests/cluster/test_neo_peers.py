@@ -12,17 +12,14 @@ import ZODB
 
 from neozodb.cli.cluster import (
     LocalCluster,
-    NodeProcess,
     free_port,
-    listening_address,
     wait_until,
 )
-from neozodb.cli.config import format_address
 from neozodb.client import Storage
 from neozodb.net.threaded import ThreadedConnection
 from neozodb.protocol import ClusterStates, NodeStates, NodeTypes, Packets, make_nid, nid_str
 from neozodb.protocol.features import EXTRA_KEY
-from scripted import ScriptedPeer
+from scripted import ScriptedPeer, admin_behind
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,14 +36,10 @@ def _neo_master(conn, msg_id, packet, args):
 
 def test_admin_asks_a_neo_master_for_the_cluster_state(tmp_path):
     master = ScriptedPeer(_neo_master)
-    admin = NodeProcess("A1", [sys.executable, "-m", "neozodb.cli.admin", "-c", "neo",
-                               "-m", format_address(master.address), "-b", "127.0.0.1:0",
-                               "--allow-anonymous-ctl"], str(tmp_path / "A1.log"))
-    admin.start()
+    admin, address = admin_behind(master, tmp_path, "--allow-anonymous-ctl")
     try:
         extra = master.wait_for("RequestIdentification")[5]
         assert EXTRA_KEY in extra  # announced; the peer answers nothing of it
-        address = format_address(listening_address(admin))
 
         def state():
             out = subprocess.run([sys.executable, "-m", "neozodb.ctl.neoctl", "-a",
@@ -73,12 +66,8 @@ def test_admin_lists_nodes_when_a_neo_master_sends_entries_without_id(tmp_path):
                 (NodeTypes.MASTER, (b"127.0.0.1", 3), None, NodeStates.DOWN, None),
                 (NodeTypes.MASTER, (b"127.0.0.1", 4), None, NodeStates.DOWN, None)])
     peer = ScriptedPeer(master)
-    admin = NodeProcess("A1", [sys.executable, "-m", "neozodb.cli.admin", "-c", "neo",
-                               "-m", format_address(peer.address), "-b", "127.0.0.1:0"],
-                        str(tmp_path / "A1.log"))
-    admin.start()
+    admin, address = admin_behind(peer, tmp_path)
     try:
-        address = format_address(listening_address(admin))
 
         def listed():
             out = subprocess.run([sys.executable, "-m", "neozodb.ctl.neoctl", "-c", "neo", "-a",

@@ -12,8 +12,7 @@ import sys
 
 import pytest
 
-from neozodb.cli.cluster import LocalCluster, NodeProcess, listening_address, wait_until
-from neozodb.cli.config import format_address
+from neozodb.cli.cluster import LocalCluster, wait_until
 from neozodb.net.endpoint import RemoteError
 from neozodb.net.threaded import ThreadedConnection
 from neozodb.protocol import (
@@ -27,7 +26,7 @@ from neozodb.protocol import (
     make_nid,
 )
 from neozodb.protocol.features import ANNOUNCEMENT
-from scripted import ScriptedPeer
+from scripted import ScriptedPeer, admin_behind
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -170,12 +169,8 @@ def test_neoctl_with_a_master_that_does_not_report(tmp_path):
     one line (a JSON error traceback before), and the admin never sends NEO's
     master the AskPackOrders it would drop the admin for."""
     master = ScriptedPeer(_neo_master)
-    admin = NodeProcess("A1", [sys.executable, "-m", "neozodb.cli.admin", "-c", "neo",
-                               "-m", format_address(master.address), "-b", "127.0.0.1:0"],
-                        str(tmp_path / "A1.log"))
-    admin.start()
+    admin, address = admin_behind(master, tmp_path)
     try:
-        address = format_address(listening_address(admin))
 
         def neoctl(*words):
             return subprocess.run([sys.executable, "-m", "neozodb.ctl.neoctl", "-a", address,

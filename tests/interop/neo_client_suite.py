@@ -20,7 +20,7 @@ import pytest
 from neo.client.app import TXN_PACK_DESC
 from neo.client.app import Application as NEOApplication
 from neo.client.Storage import Storage
-from neopeer import MixedCluster
+from neopeer import MixedCluster, load_conformance
 from ZODB.tests import (
     BasicStorage,
     ConflictResolution,
@@ -30,7 +30,6 @@ from ZODB.tests import (
     PackableStorage,
     PersistentStorage,
     ReadOnlyStorage,
-    RecoveryStorage,
     RevisionStorage,
     StorageTestBase,
     Synchronization,
@@ -59,14 +58,8 @@ NEOApplication.undoLog = _undo_log_without_packs
 
 
 def start_cluster(directory: str, name: str) -> MixedCluster:
-    cluster = MixedCluster(directory, neo=NEO_NODES, name=name, storages=2, replicas=1,
-                           partitions=12)
-    try:
-        cluster.start(wait=60)
-    except BaseException:
-        cluster.kill()
-        raise
-    return cluster
+    return MixedCluster(directory, neo=NEO_NODES, name=name, storages=2, replicas=1,
+                        partitions=12).start_or_kill()
 
 
 def client(cluster: MixedCluster, **kw) -> Storage:
@@ -122,37 +115,15 @@ class NEOClientStorageTests(
         "long test: 64 workers opening 12 NEO clients each do not end within 120 s")
 
 
-class NEOClientRecoveryTests(StorageTestBase.StorageTestBase, RecoveryStorage.RecoveryStorage):
+class NEOClientRecoveryTests(load_conformance().NEORecoveryTests):
     """copyTransactionsFrom (NEO's client imports with tpc_begin(tid) and
     store) from one cluster into a second, empty one of the same kind."""
 
-    def setUp(self):
-        StorageTestBase.StorageTestBase.setUp(self)
-        self.clusters = []
-        self._dst = None
-        source = self._cluster("source", "zodb")
-        destination = self._cluster("destination", "zodb-copy")
-        self._storage = client(source)
-        self._dst = client(destination)
+    def _client(self, cluster):
+        return client(cluster)
 
-    def _cluster(self, directory, name):
-        cluster = start_cluster(os.path.join(os.getcwd(), directory), name)
-        self.clusters.append(cluster)
-        return cluster
-
-    def _close(self):
-        try:
-            StorageTestBase.StorageTestBase._close(self)
-        finally:
-            if self._dst is not None:
-                self._dst.close()
-
-    def tearDown(self):
-        try:
-            StorageTestBase.StorageTestBase.tearDown(self)
-        finally:
-            for cluster in self.clusters:
-                cluster.kill()
+    def _start(self, directory, name):
+        return start_cluster(directory, name)
 
     testRestoreAcrossPack = _not_for_neo_client(NO_RESTORE)
     testPackWithGCOnDestinationAfterRestore = _not_for_neo_client(NO_GC)

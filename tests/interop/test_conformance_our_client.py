@@ -4,40 +4,23 @@ BasicStorage), with every server node NEO's (master, 2 storages with
 replicas 1, admin)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
 import ZODB.tests.util
-from neopeer import MixedCluster
+from neopeer import MixedCluster, load_conformance
 
 pytestmark = pytest.mark.timeout(240)
 
 ALL_NEO = ("M1", "S1", "S2", "A1")
 
 
-def _load_conformance():
-    # by path, under its own name: importing the classes by name here would
-    # make pytest collect (and run) the neozodb-cluster versions again
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "zodb", "test_conformance.py")
-    spec = importlib.util.spec_from_file_location("neozodb_zodb_conformance", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-conformance = _load_conformance()
+conformance = load_conformance()
 
 
 def start_neo_cluster(directory: str, name: str) -> MixedCluster:
-    cluster = MixedCluster(directory, neo=ALL_NEO, name=name, storages=2, replicas=1,
-                           partitions=12)
-    try:
-        cluster.start(wait=60)
-    except BaseException:
-        cluster.kill()
-        raise
-    return cluster
+    return MixedCluster(directory, neo=ALL_NEO, name=name, storages=2, replicas=1,
+                        partitions=12).start_or_kill()
 
 
 class KillFirst:
@@ -67,15 +50,13 @@ class OurClientOnNEOTests(KillFirst, conformance.NEOStorageTests):
 
 
 class OurClientOnNEORecoveryTests(KillFirst, conformance.NEORecoveryTests):
-    def _cluster(self, directory, name):
-        cluster = start_neo_cluster(os.path.join(os.getcwd(), directory), name)
-        self.clusters.append(cluster)
-        return cluster
+    def _start(self, directory, name):
+        return start_neo_cluster(directory, name)
 
 
 class OurClientOnNEOToFileStorageRecoveryTests(KillFirst,
                                                conformance.NEOToFileStorageRecoveryTests):
-    _cluster = OurClientOnNEORecoveryTests._cluster
+    _start = OurClientOnNEORecoveryTests._start
 
 
 def test_external_gc_doctest(tmp_path):

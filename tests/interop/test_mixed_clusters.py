@@ -23,13 +23,7 @@ def _cluster(tmp_path, neo, **kw) -> MixedCluster:
     kw.setdefault("storages", 2)
     kw.setdefault("replicas", 1)
     kw.setdefault("partitions", 6)
-    c = MixedCluster(str(tmp_path / "c"), neo=neo, name="mix", **kw)
-    try:
-        c.start(wait=60)
-    except BaseException:
-        c.kill()
-        raise
-    return c
+    return MixedCluster(str(tmp_path / "c"), neo=neo, name="mix", **kw).start_or_kill()
 
 
 def _write(c, version: int, count: int = OBJECTS) -> None:

@@ -101,13 +101,8 @@ class FeaturelessClientPackTests(
 
 
 def start_cluster(directory: str, name: str) -> LocalCluster:
-    cluster = LocalCluster(directory, name=name, storages=2, replicas=1, partitions=12)
-    try:
-        cluster.start(wait=60)
-    except BaseException:
-        cluster.kill()
-        raise
-    return cluster
+    return LocalCluster(directory, name=name, storages=2, replicas=1,
+                        partitions=12).start_or_kill()
 
 
 class NEORecoveryTests(StorageTestBase.StorageTestBase, RecoveryStorage.RecoveryStorage):
@@ -121,11 +116,19 @@ class NEORecoveryTests(StorageTestBase.StorageTestBase, RecoveryStorage.Recovery
         self._dst = None
         source = self._cluster("source", "zodb")
         destination = self._cluster("destination", "zodb-copy")
-        self._storage = Storage(source.masters, source.name)
-        self._dst = Storage(destination.masters, destination.name)
+        self._storage = self._client(source)
+        self._dst = self._client(destination)
+
+    # what subclasses change: the client (NEO's, tests/interop) and the
+    # cluster (NEO's nodes)
+    def _client(self, cluster):
+        return Storage(cluster.masters, cluster.name)
+
+    def _start(self, directory: str, name: str):
+        return start_cluster(directory, name)
 
     def _cluster(self, directory, name):
-        cluster = start_cluster(os.path.join(os.getcwd(), directory), name)
+        cluster = self._start(os.path.join(os.getcwd(), directory), name)
         self.clusters.append(cluster)
         return cluster
 
@@ -154,7 +157,7 @@ class NEOToFileStorageRecoveryTests(NEORecoveryTests):
         self.clusters = []
         self._dst = None
         source = self._cluster("source", "zodb")
-        self._storage = Storage(source.masters, source.name)
+        self._storage = self._client(source)
         self._dst = FileStorage("Dest.fs", create=True)
 
     # the destination is a FileStorage: these run

@@ -182,6 +182,15 @@ class LocalCluster:
         if wait:
             self.wait_state("RUNNING", wait)
 
+    def start_or_kill(self, wait: float = 60.0):
+        """start(), killing whatever started if it fails; returns the cluster."""
+        try:
+            self.start(wait=wait)
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
     def _bound(self, node: NodeProcess, address: tuple[str, int],
                timeout: float = 30.0) -> tuple[str, int]:
         """The address a node listens on, from its log when it chose the
