@@ -22,14 +22,19 @@ import time
 from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING
 
+from ZODB.Connection import TransactionMetaData
+
 from neozodb.net.endpoint import ConnectionClosed
-from neozodb.protocol import MAX_TID, ZERO_TID, Packets, p64, u64
+from neozodb.protocol import MAX_TID, ZERO_TID, Packets
 
 if TYPE_CHECKING:
     from neozodb.client.app import ClientApp
 
 log = logging.getLogger("neozodb.client")
 
+#: The extension key of our pack transactions that holds the pack_tid of
+#: their history pack (client/pack.py).
+PACK_TID_KEY = "neozodb_pack_tid"
 #: Description of every pack transaction (NEO's client writes it too), and
 #: of the deletion transactions of a pack with GC on a NEO master.
 PACK_DESCRIPTION = b"IStorage.pack"
@@ -119,42 +124,37 @@ class UnlockBarrier:
 class UndoLogPacks:
     """For one undo log walk, newest first: which transactions to leave
     out.  A pack transaction (described ``IStorage.pack``) is left out, and
-    so is every transaction up to the ``pack_tid`` of an approved history
-    pack (partial orders, of listed objects only, do not count), as
-    FileStorage's undo log stops at its pack time.  The orders are asked to
-    the master (``AskPackOrders`` from the oldest transaction of the batch:
-    an older order packs nothing shown, and a later batch asks from its
-    own oldest)."""
+    so is every transaction up to the ``pack_tid`` of a history pack, as
+    FileStorage's undo log stops at its pack time.  The pack_tid is the
+    one our client records in the pack transaction's extension
+    (``PACK_TID_KEY``): a pack transaction is newer than its pack_tid, so
+    the walk meets it before what it hides.  NEO's client records nothing:
+    its packs hide only their own transaction.  (NEO's master would tell
+    the orders, ``AskPackOrders``, but for orders read back from its
+    storages it sends each order's oids as one byte string, which our
+    codec refuses, closing the connection.)"""
 
-    def __init__(self, app: ClientApp) -> None:
-        self.app = app
+    def __init__(self) -> None:
         self.cut = ZERO_TID  # transactions up to it are hidden
-        self._asked_from: bytes | None = None
 
-    def see(self, batch: list[bytes]) -> None:
-        """Learn the orders that may hide some of a batch (tids, newest
-        first)."""
-        if not batch:
-            return
-        oldest = batch[-1]
-        if self._asked_from is not None and self._asked_from <= oldest:
-            return
-        self._asked_from = oldest
-        master = self.app.get_master()
-        start = oldest
-        while True:
-            (orders,) = master.call(Packets.AskPackOrders, start, timeout=60)
-            if not orders:
-                return
-            for _, approved, partial, _, pack_tid in orders:
-                if approved is not False and not partial and pack_tid > self.cut:
-                    self.cut = pack_tid
-            # neozodb's master answers in pages (many oids): ask for the rest
-            start = p64(u64(orders[-1][0]) + 1)
-
-    def hidden(self, tid: bytes, description: bytes) -> bool:
-        return description == PACK_DESCRIPTION or tid <= self.cut
+    def hidden(self, tid: bytes, description: bytes, ext: bytes) -> bool:
+        if description != PACK_DESCRIPTION:
+            return tid <= self.cut
+        pack_tid = _pack_tid(ext)
+        if pack_tid is not None and pack_tid > self.cut:
+            self.cut = pack_tid
+        return True
 
     def past_cut(self, tid: bytes) -> bool:
         """Older transactions are all hidden: the walk may stop."""
         return tid <= self.cut
+
+
+def _pack_tid(ext: bytes) -> bytes | None:
+    if not ext:
+        return None
+    try:
+        value = TransactionMetaData(extension=ext).extension.get(PACK_TID_KEY)
+    except Exception:
+        return None
+    return value if isinstance(value, bytes) and len(value) == 8 else None

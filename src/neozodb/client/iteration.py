@@ -255,7 +255,7 @@ def undo_log(app: ClientApp, snapshot: bytes, first: int, last: int, filter=None
         return []
     tids = iter(tids_before(app, last))
     # NEO's storages list pack transactions and packed ones: leave them out
-    packs = UndoLogPacks(app) if neo_storages(app) else None
+    packs = UndoLogPacks() if neo_storages(app) else None
     result: list[dict] = []
     matched = 0
     previous = None
@@ -273,15 +273,13 @@ def undo_log(app: ClientApp, snapshot: bytes, first: int, last: int, filter=None
         if not batch:
             break
         info = transaction_info(app, batch)
-        if packs is not None:
-            packs.see(batch)
         for tid in batch:
             if packs is not None and packs.past_cut(tid):
                 return result
             if tid not in info:
                 continue
             user, description, ext, _, _ = info[tid]
-            if packs is not None and packs.hidden(tid, description):
+            if packs is not None and packs.hidden(tid, description, ext):
                 continue
             d = transaction_description(tid, user, description, ext)
             if filter is not None and not filter(d):

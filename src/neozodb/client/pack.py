@@ -38,6 +38,7 @@ from queue import SimpleQueue
 from ZODB import POSException
 from ZODB.Connection import TransactionMetaData
 
+from neozodb.client.compat import PACK_TID_KEY
 from neozodb.client.compress import WrongChecksum
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.protocol import ZERO_TID, ErrorCodes, Packets, p64, u64
@@ -289,8 +290,14 @@ def pack(storage, t: float, referencesf, gc: bool = True, wait: bool = True) -> 
 def commit_pack_order(storage, oids: list[bytes] | None, pack_tid: bytes,
                       extension: dict | None = None) -> bytes:
     """Commit NEO's pack transaction (no object) carrying the order
-    ``(oids, pack_tid)``; return its TID."""
-    txn = TransactionMetaData(description=PACK_DESCRIPTION, extension=extension or {})
+    ``(oids, pack_tid)``; return its TID.  A pack of every object's
+    history (``oids`` None, or a GC order) records its pack_tid in the
+    extension: NEO's storages keep what it packed in the undo log, and the
+    client leaves that out (compat.UndoLogPacks)."""
+    extension = dict(extension or {})
+    if oids is None or extension.get(GC_MARK):
+        extension[PACK_TID_KEY] = pack_tid
+    txn = TransactionMetaData(description=PACK_DESCRIPTION, extension=extension)
     storage.tpc_begin(txn)
     try:
         storage._commit(txn).pack = (oids, pack_tid)
