@@ -117,3 +117,25 @@ def test_pack_manager_pages():
     assert [o.tid for o in pm.known(max_oids=4)] == [100, 200]
     assert [o.tid for o in pm.known(101, max_oids=4)] == [200, 300]
     assert [o.tid for o in pm.known(301, max_oids=4)] == []
+
+
+def test_pack_order_oids_as_one_byte_string():
+    """NEO's master sends the oids of orders read back from its SQLite
+    storages as one byte string: decoded, and read as the same list."""
+    from neozodb.protocol import Decoder, Packets, encode
+    oids = [p64(1), p64(2), p64(0x1234)]
+    entry = (p64(5), True, True, b"".join(oids), p64(4))
+    d = Decoder()
+    d.feed(encode(7, Packets.AnswerPackOrders.code, ([entry],)))
+    ((_, _, (orders,)),) = list(d)
+    assert order_from_wire(*orders[0])[3] == [1, 2, 0x1234]
+    order = Order.from_wire(orders[0])
+    assert (order.oids, order.partial, order.gc) == (oids, True, False)
+    # the list form, as ours send it, reads the same
+    assert Order.from_wire((p64(5), True, True, oids, p64(4))).oids == oids
+    # a byte string that is not whole oids is refused
+    bad = Decoder()
+    bad.feed(encode(7, Packets.AnswerPackOrders.code,
+                    ([(p64(5), True, True, b"\0" * 9, p64(4))],)))
+    with pytest.raises(Exception, match="AnswerPackOrders"):
+        list(bad)

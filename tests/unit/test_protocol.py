@@ -99,6 +99,9 @@ def strategy(t: tuple, hashable: bool = False) -> st.SearchStrategy:
         return st.floats(allow_nan=False) | INTS
     if kind == "any":
         return ANY
+    if kind == "oids":  # a list of oids, or them as one byte string (NEO)
+        oids = st.lists(st.binary(min_size=8, max_size=8), max_size=4)
+        return oids.map(b"".join) if hashable else oids | oids.map(tuple) | oids.map(b"".join)
     if kind == "enum":
         return st.sampled_from(list(t[1]))
     if kind == "?":
@@ -148,6 +151,8 @@ def wrong_values(t: tuple) -> list:
         return [0, 1, None, b"", "true"]
     if kind == "float":
         return [b"1.0", "1.0", None, (1.0,)]
+    if kind == "oids":
+        return [b"\x00" * 7, b"\x00" * 9, (b"\x00" * 7,), [b""], 0, "12345678", None]
     if kind == "enum":
         other = NodeTypes.MASTER if t[1] is not NodeTypes else CellStates.UP_TO_DATE
         return [0, None, "RUNNING", other]
@@ -174,7 +179,7 @@ def sample(t: tuple):
     if kind == "()":
         return tuple(map(sample, t[1]))
     return {"p64": bytes(8), "bin": b"", "int": 0, "bool": False, "float": 0.0,
-            "any": None, "?": None, "[]": (), "{}": {}}[kind]
+            "any": None, "?": None, "[]": (), "{}": {}, "oids": b""}[kind]
 
 
 # ---------------------------------------------------------------------------

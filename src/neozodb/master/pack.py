@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from neozodb.protocol import p64, u64
+from neozodb.protocol.catalogue import split_oids
 
 #: Our AnswerPackOrders stop after the order that brings their oids over
 #: this (far below msgpack's 64 MiB); askers ask again from the next order
@@ -45,7 +46,7 @@ class Order:
     def from_wire(cls, entry) -> Order:
         tid, approved, partial, oids, pack_tid = entry
         return cls(u64(tid), u64(pack_tid), approved, partial,
-                   None if oids is None else list(oids), not partial and oids is not None)
+                   None if oids is None else split_oids(oids), not partial and oids is not None)
 
 
 class PackManager:

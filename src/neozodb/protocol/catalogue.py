@@ -23,7 +23,8 @@ from typing import Any, cast
 
 from .enums import ENUMS
 
-__all__ = ["PacketType", "Packets", "PACKETS", "ProtocolError", "parse_sig", "format_type"]
+__all__ = ["PacketType", "Packets", "PACKETS", "ProtocolError", "parse_sig", "format_type",
+           "split_oids"]
 
 
 class ProtocolError(Exception):
@@ -36,7 +37,7 @@ class ProtocolError(Exception):
 Type = tuple  # parsed type, see module docstring
 Check = Callable[[Any], bool]
 
-_SCALARS = frozenset(("p64", "bin", "int", "bool", "float", "any"))
+_SCALARS = frozenset(("p64", "bin", "int", "bool", "float", "any", "oids"))
 _ENUM_BY_NAME = {e.__name__: e for e in ENUMS}
 
 
@@ -140,9 +141,24 @@ def _is_seq(x: object) -> bool:
     return type(x) is tuple or type(x) is list
 
 
+def _is_oids(x: object) -> bool:
+    # NEO's master passes on the oids of a pack order as its SQLite storage
+    # keeps them, one byte string, where it otherwise sends a list
+    if type(x) is bytes:
+        return len(x) % 8 == 0
+    return (type(x) is tuple or type(x) is list) and all(map(_is_p64, x))
+
+
+def split_oids(oids: bytes | list | tuple) -> list[bytes]:
+    """The oids of an ``oids`` argument as a list of 8-byte strings."""
+    if type(oids) is bytes:
+        return [oids[i:i + 8] for i in range(0, len(oids), 8)]
+    return list(oids)
+
+
 _SCALAR_CHECKS: dict[str, Check] = {
     "p64": _is_p64, "bin": _is_bin, "int": _is_int,
-    "bool": _is_bool, "float": _is_float, "any": _any,
+    "bool": _is_bool, "float": _is_float, "any": _any, "oids": _is_oids,
 }
 _call = operator.call
 
@@ -330,7 +346,9 @@ _TABLE: tuple[tuple[int, str, str, str | None, str, int], ...] = (
     (0x30, "AskTIDsFrom", "p64,p64,int,int", "AnswerTIDsFrom", "[p64]", 0),
     (0x31, "AskOIDsFrom", "int,int,p64,p64", "AnswerOIDsFrom", "?p64,[p64]", 0),
     (0x32, "WaitForPack", "p64", "WaitedForPack", "", 0),
-    (0x33, "AskPackOrders", "p64", "AnswerPackOrders", "[(p64,?bool,bool,?[p64],p64)]", 0),
+    # oids: [p64], or (NEO's master, orders read back from its storages)
+    # the same as one byte string
+    (0x33, "AskPackOrders", "p64", "AnswerPackOrders", "[(p64,?bool,bool,?oids,p64)]", 0),
     (0x34, "NotifyPackSigned", "[p64],[p64]", None, "", 0),
     (0x35, "NotifyPackCompleted", "p64", None, "", 0),
     # Recorded "{int:?int},p64,?"; 3.3: third argument is max_tid or None.

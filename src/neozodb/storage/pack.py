@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from neozodb.net.connection import ConnectionClosed
 from neozodb.protocol import CellStates, Packets, p64, u64
+from neozodb.protocol.catalogue import split_oids
 from neozodb.storage.background import run_steps
 
 if TYPE_CHECKING:
@@ -95,7 +96,8 @@ def wire_order(order) -> tuple:
 
 def order_from_wire(tid: bytes, approved, partial: bool, oids, pack_tid: bytes) -> tuple:
     """The inverse of ``wire_order``: a PackOrderRecord."""
-    return (u64(tid), approved, partial, None if oids is None else [u64(o) for o in oids],
+    return (u64(tid), approved, partial,
+            None if oids is None else [u64(o) for o in split_oids(oids)],
             u64(pack_tid), not partial and oids is not None)
 
 
