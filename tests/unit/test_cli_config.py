@@ -16,8 +16,8 @@ from neozodb.cli.config import (
     parse_masters,
     parse_nid,
     parse_options,
-    setup_logging,
 )
+from neozodb.cli.logs import setup_logging
 
 pytestmark = pytest.mark.timeout(60)
 

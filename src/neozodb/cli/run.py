@@ -6,7 +6,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from neozodb.cli.config import setup_logging
+from neozodb.cli.logs import setup_logging
 from neozodb.net.connection import set_keepalive
 
 
