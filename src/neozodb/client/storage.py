@@ -27,9 +27,10 @@ from ZODB.interfaces import (
 )
 
 from neozodb.client import iteration
-from neozodb.client.app import ClientApp, NEOStorageError
+from neozodb.client.app import ClientApp
 from neozodb.client.commit import Commit
 from neozodb.client.compress import parse_compress
+from neozodb.client.errors import NEOStorageError
 from neozodb.client.iteration import loads_extension, transaction_description
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.protocol import ZERO_TID, ErrorCodes, Packets
