@@ -17,6 +17,7 @@ from neozodb.net.connection import (
     HandlerError,
     RemoteError,
 )
+from neozodb.net.listener import listen
 from neozodb.nodes import NodeManager
 from neozodb.protocol import (
     CellStates,
@@ -217,18 +218,21 @@ def monitor_summary(state, pt, nm, ltid: bytes | None) -> tuple[list, list, byte
 class IdentificationHandler(Handler):
     """The first message of a neoctl connection: an identification with
     the cluster name, or, from NEO's neoctl which never identifies, any
-    request, served only if the operator allowed anonymous control
+    request, served over TLS (the certificate signed by the cluster's CA
+    is the authentication) or if the operator allowed anonymous control
     (``--allow-anonymous-ctl``)."""
 
     def __init__(self, app: AdminApp) -> None:
         self.app = app
 
     def dispatch(self, conn, msg_id, packet, args) -> None:
-        if packet is Packets.RequestIdentification or not self.app.allow_anonymous_ctl:
+        app = self.app
+        anonymous_ok = app.allow_anonymous_ctl or app.tls is not None
+        if packet is Packets.RequestIdentification or not anonymous_ok:
             if packet is not Packets.RequestIdentification:
                 log.warning("%s: refused a request from %s that did not identify (%s);"
-                            " start the admin with --allow-anonymous-ctl to serve NEO's neoctl",
-                            self.app.label, conn.peer, packet.name)
+                            " start the admin with --allow-anonymous-ctl, or use TLS, to serve"
+                            " NEO's neoctl", app.label, conn.peer, packet.name)
                 raise HandlerError("identify first (RequestIdentification with the cluster"
                                    " name): this admin does not serve anonymous neoctl",
                                    ErrorCodes.PROTOCOL_ERROR)
@@ -250,6 +254,8 @@ class IdentificationHandler(Handler):
 
 
 class AdminApp:
+    tls = None  # net.tls.TLS, set by the command line before run()
+
     def __init__(self, name: str, masters: list[tuple[str, int]],
                  bind: tuple[str, int] = ("127.0.0.1", 9999),
                  allow_anonymous_ctl: bool = False) -> None:
@@ -270,9 +276,8 @@ class AdminApp:
         return nid_str(self.nid) if self.nid is not None else "A?"
 
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(
-            lambda: Connection(self, IdentificationHandler(self)), *self.bind)
+        self.server = await listen(
+            self, self.bind, lambda: Connection(self, IdentificationHandler(self)))
         self.address = self.server.sockets[0].getsockname()[:2]
         log.info("%s: listening on %s:%s", self.label, *self.address)
         cycle = asyncio.ensure_future(self._master_cycle())

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from urllib.parse import quote
 
 from neozodb.cli.config import format_address
 
@@ -95,8 +96,13 @@ class LocalCluster:
                  master_port: int = 0, admin_port: int = 0, loglevel: str = "INFO",
                  autostart: bool = True, node_args: list[str] | tuple[str, ...] = (),
                  masters: int = 1, storage_args: list[str] | tuple[str, ...] = (),
-                 importer: str | None = None) -> None:
+                 importer: str | None = None, tls: bool = False) -> None:
         self.autostart = autostart
+        # TLS: a throw-away CA in <directory>/tls signs a certificate per node
+        self.tls = tls
+        self._ca = None
+        self._issued: dict[str, tuple[str, str]] = {}  # name -> (cert, key) files
+        self._ctl_tls = None  # neoctl's client context, made once
         # extra options given to every node, e.g. ("--keepalive", "3")
         self.node_args = list(node_args)
         # and to storage nodes only, e.g. ("--pack-rate", "1000")
@@ -132,11 +138,40 @@ class LocalCluster:
 
     @property
     def uri(self) -> str:
-        return "neo://%s@%s" % (self.name, self.masters)
+        files = self.credentials("client")
+        query = "?ca=%s&cert=%s&key=%s" % tuple(quote(f) for f in files) if files else ""
+        return "neo://%s@%s%s" % (self.name, self.masters, query)
 
-    def _python(self, module: str, *args: str) -> list[str]:
+    def _python(self, module: str, *args: str, name: str = "") -> list[str]:
         return [sys.executable, "-m", module, "-c", self.name, "--loglevel", self.loglevel, *args,
-                *self.node_args]
+                *self.tls_args(name), *self.node_args]
+
+    def credentials(self, name: str) -> tuple[str, str, str] | None:
+        """(ca, cert, key) files of node or tool ``name`` (made on first
+        use), None without TLS."""
+        if not self.tls:
+            return None
+        from neozodb.net import certs
+        directory = os.path.join(self.directory, "tls")
+        if self._ca is None:
+            self._ca = certs.make_ca(directory, "%s test CA" % self.name)
+        if name not in self._issued:  # files of an earlier run are another CA's
+            self._issued[name] = certs.make_cert(self._ca, directory, name)[:2]
+        return (self._ca.path, *self._issued[name])
+
+    def tls_args(self, name: str) -> list[str]:
+        files = self.credentials(name or "node")
+        if files is None:
+            return []
+        return ["--ca", files[0], "--cert", files[1], "--key", files[2]]
+
+    def client_kwargs(self, name: str = "client") -> dict:
+        """Keyword arguments of ``neozodb.client.Storage`` for this cluster."""
+        kw = {"master_nodes": self.masters, "name": self.name}
+        files = self.credentials(name)
+        if files is not None:
+            kw.update(zip(("ca", "cert", "key"), files, strict=True))
+        return kw
 
     def _node(self, name: str, argv: list[str]) -> NodeProcess:
         node = NodeProcess(name, argv, os.path.join(self.directory, name + ".log"))
@@ -148,7 +183,7 @@ class LocalCluster:
         return self._python(
             "neozodb.cli.master", "-b", format_address(address), *others,
             "-p", str(self.partitions), "-r", str(self.replicas),
-            "-A", str(self.num_storages if self.autostart else 0))
+            "-A", str(self.num_storages if self.autostart else 0), name=name)
 
     def storage_argv(self, i: int) -> list[str]:
         if self.importer is not None:
@@ -158,11 +193,12 @@ class LocalCluster:
         # -i: node S<i> is storage<i>.sqlite whatever the start order
         return self._python(
             "neozodb.cli.storage", "-m", self.masters, "-b", "%s:0" % self.host, *database,
-            "-i", "S%d" % i, *self.storage_args)
+            "-i", "S%d" % i, *self.storage_args, name="S%d" % i)
 
     def admin_argv(self) -> list[str]:
         return self._python(
-            "neozodb.cli.admin", "-b", format_address(self.admin_address), "-m", self.masters)
+            "neozodb.cli.admin", "-b", format_address(self.admin_address), "-m", self.masters,
+            name="A1")
 
     def database(self, i: int) -> str:
         return os.path.join(self.directory, "storage%d.sqlite" % i)
@@ -216,7 +252,12 @@ class LocalCluster:
 
     def ctl(self):
         from neozodb.ctl.neoctl import NeoCtl
-        ctl = NeoCtl(self.admin_address, timeout=10, cluster=self.ctl_cluster)
+        tls = self._ctl_tls
+        files = self.credentials("neoctl")
+        if tls is None and files is not None:
+            from neozodb.net.tls import load_contexts
+            tls = self._ctl_tls = load_contexts(*files)[1]
+        ctl = NeoCtl(self.admin_address, timeout=10, cluster=self.ctl_cluster, tls=tls)
         ctl.connect()
         return ctl
 
@@ -226,7 +267,8 @@ class LocalCluster:
         cluster name, against the admin (or ``address``)."""
         addr = address or format_address(self.admin_address)
         return subprocess.run([sys.executable, "-m", "neozodb.ctl.neoctl", "-c", self.name,
-                               "-a", addr, *words], capture_output=True, text=True,
+                               "-a", addr, *self.tls_args("neoctl"), *words],
+                              capture_output=True, text=True,
                               timeout=timeout, env=env)
 
     def neoctl(self, *words: str, refusal: bool = False):

@@ -29,6 +29,7 @@ import sys
 from collections.abc import Callable
 
 from neozodb.net.threaded import DEFAULT_KEEPALIVE
+from neozodb.net.tls import TLSConfigError, from_options
 from neozodb.protocol import nid_str
 
 __all__ = [
@@ -386,6 +387,11 @@ def _build_parser(node: str, prog: str | None):
         help="a peer silent this long is considered dead: it is pinged after half of it,"
         " its connection closed after all of it (default: %g; 0 = never)" % DEFAULT_KEEPALIVE,
     )
+    for flag, what in (("--ca", "the cluster's CA certificate"),
+                       ("--cert", "this node's certificate, signed by the CA"),
+                       ("--key", "this node's private key")):
+        add(flag, metavar="PEM", type=_type(_nonempty, "path"),
+            help="TLS: %s (PEM file; --ca, --cert and --key go together)" % what)
     if node == "master":
         add(
             "-p",
@@ -545,6 +551,10 @@ def parse_options(
             parser.error(
                 f"node id {format_nid(options.nid)} is not a {node} id (expected e.g. {prefix}1)"
             )
+    try:
+        options.tls = from_options(options)
+    except TLSConfigError as e:
+        parser.error(f"TLS: {e}")
     options.node = node
     return options
 
@@ -563,6 +573,8 @@ def _main(argv: list[str] | None = None) -> int:
             value = format_address(value)
         elif key == "masters":
             value = [format_address(a) for a in value]
+        elif key == "tls":
+            value = value is not None
         out[key] = value
     print(json.dumps(out, indent=1, sort_keys=True))
     return 0

@@ -30,6 +30,7 @@ from ZODB.TimeStamp import TimeStamp
 from ZODB.utils import p64, u64, z64
 
 from neozodb.cli.config import format_address, parse_masters
+from neozodb.net.tls import TLSConfigError, load_contexts
 from neozodb.tid import format_tid_time
 
 PROG = "neomigrate"
@@ -89,7 +90,7 @@ class End:
             return self.path
         return ",".join(format_address(a) for a in self.masters)
 
-    def open(self, cluster: str | None, connect_timeout: float):
+    def open(self, cluster: str | None, connect_timeout: float, tls: dict | None = None):
         read_only = self.role == "source"
         if self.path is not None:
             from ZODB.FileStorage import FileStorage
@@ -102,8 +103,8 @@ class End:
         from neozodb.client import NEOStorageError, Storage
         try:
             return Storage(self.masters, cluster, read_only=read_only,
-                           connect_timeout=connect_timeout)
-        except (NEOStorageError, OSError) as e:
+                           connect_timeout=connect_timeout, **(tls or {}))
+        except (NEOStorageError, OSError, ValueError) as e:
             raise MigrateError("cannot connect to %s cluster %r at %s: %s" % (
                 self.role, cluster, self, e)) from None
 
@@ -235,9 +236,10 @@ def run(opts) -> str:
     if source_end.path is not None and dest_end.path is not None and \
             os.path.abspath(source_end.path) == os.path.abspath(dest_end.path):
         raise UsageError("source and destination are the same file")
-    source = source_end.open(opts.cluster, opts.connect_timeout)
+    tls = {k: getattr(opts, k) for k in ("ca", "cert", "key") if getattr(opts, k, None)}
+    source = source_end.open(opts.cluster, opts.connect_timeout, tls)
     try:
-        destination = dest_end.open(opts.cluster, opts.connect_timeout)
+        destination = dest_end.open(opts.cluster, opts.connect_timeout, tls)
         try:
             return _migrate(opts, source, destination, source_end, dest_end)
         finally:
@@ -314,9 +316,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="copy only what follows the destination's last transaction")
     parser.add_argument("--connect-timeout", type=float, default=60.0, metavar="SECONDS",
                         help="how long to wait for a cluster to run (60)")
+    for flag, what in (("--ca", "the cluster's CA certificate"),
+                       ("--cert", "this tool's certificate, signed by the CA"),
+                       ("--key", "this tool's private key")):
+        parser.add_argument(flag, metavar="PEM", help="TLS with the cluster: %s (PEM file;"
+                            " --ca, --cert and --key go together)" % what)
     parser.add_argument("source", help="FileStorage path or master addresses")
     parser.add_argument("destination", help="FileStorage path or master addresses")
     opts = parser.parse_args(argv)
+    if opts.ca or opts.cert or opts.key:
+        try:
+            load_contexts(opts.ca, opts.cert, opts.key)
+        except TLSConfigError as e:
+            parser.error(f"TLS: {e}")
     logging.basicConfig(level=logging.ERROR, format="%(name)s: %(message)s")
     try:
         summary = run(opts)

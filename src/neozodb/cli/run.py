@@ -28,7 +28,11 @@ def run_node(options, make_app: Callable, on_signal: Callable | None = None) -> 
 
     async def main() -> int:
         app = make_app()
+        app.tls = getattr(options, "tls", None)
         loop = asyncio.get_running_loop()
+        if app.tls is not None:
+            # certificate rotation: new connections use the new files
+            loop.add_signal_handler(signal.SIGHUP, lambda: app.tls.reload(app.label))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _handler(app, on_signal))
         if hasattr(app, "dump_state"):

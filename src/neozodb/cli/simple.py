@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-c", "--cluster", default="neozodb", help="cluster name")
     parser.add_argument("--master-port", type=_positive, default=0, help="master port (any)")
     parser.add_argument("--admin-port", type=_positive, default=0, help="admin port (any)")
+    parser.add_argument("--tls", action="store_true",
+                        help="TLS between every node, with a throw-away CA and certificates made"
+                        " in DIRECTORY/tls (needs the 'cryptography' package)")
     parser.add_argument("directory", help="where databases and logs go")
     opts = parser.parse_args(argv)
     if opts.masters < 1:
@@ -40,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("at least one storage and one partition are needed")
     cluster = LocalCluster(opts.directory, opts.cluster, opts.storages, opts.replicas,
                            opts.partitions, master_port=opts.master_port,
-                           admin_port=opts.admin_port, masters=opts.masters)
+                           admin_port=opts.admin_port, masters=opts.masters, tls=opts.tls)
+    if opts.tls:
+        try:
+            import cryptography  # noqa: F401
+        except ImportError:
+            parser.error("--tls needs the 'cryptography' package (pip install 'neozodb[tls]')")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -53,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     print("cluster %r running: %d master(s), %d storage(s), replicas %d, %d partitions" % (
         opts.cluster, opts.masters, opts.storages, opts.replicas, opts.partitions))
     print("connect with: %s" % cluster.uri)
-    print("neoctl -c %s -a %s print pt" % (cluster.name, format_address(cluster.admin_address)))
+    print("neoctl -c %s -a %s %sprint pt" % (cluster.name, format_address(cluster.admin_address),
+                                            "".join(w + " " for w in cluster.tls_args("neoctl"))))
     print("logs and databases in %s; Ctrl-C stops the cluster" % cluster.directory, flush=True)
     while not stop.wait(1.0):
         dead = [n.name for n in cluster.nodes.values() if not n.running]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import threading
 import time
 from queue import SimpleQueue
@@ -45,7 +46,8 @@ class ClientApp(Loads):
     def __init__(self, master_nodes: list[tuple[str, int]], name: str, read_only: bool = False,
                  cache_size: int = 20 << 20, connect_timeout: float = 60.0,
                  ignore_wrong_checksum: bool = False, keepalive: float | None = None,
-                 features: bool = True) -> None:
+                 features: bool = True, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls  # client TLS context (net/tls.py) of every connection; None: plain
         # without features, nodes take us for NEO's client and we use only
         # what NEO's nodes offer (see compat.py)
         self.announcement = ANNOUNCEMENT if features else {}
@@ -114,7 +116,7 @@ class ClientApp(Loads):
                 with self.lock:
                     self._tid_since_connect = ZERO_TID
                 conn = ThreadedConnection(address, MasterHandler(self), self.label,
-                                          keepalive=self.keepalive)
+                                          keepalive=self.keepalive, tls=self.tls)
                 try:
                     conn.connect(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
                     extra = {**self.announcement, b"read_only": True} if self.read_only \
@@ -234,7 +236,7 @@ class ClientApp(Loads):
             if node is None or node.address is None or node.state is not NodeStates.RUNNING:
                 raise ConnectionClosed("%s is not running" % nid_str(nid))
             conn = ThreadedConnection(node.address, StorageHandler(self), self.label,
-                                      keepalive=self.keepalive)
+                                      keepalive=self.keepalive, tls=self.tls)
             conn.connect(timeout=10)
             conn.nid = nid
             me = self.nm.get(self.nid)

@@ -33,6 +33,7 @@ from neozodb.client.compress import parse_compress
 from neozodb.client.errors import NEOStorageError
 from neozodb.client.iteration import loads_extension, transaction_description
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
+from neozodb.net.tls import load_contexts
 from neozodb.protocol import ZERO_TID, ErrorCodes, Packets
 
 __all__ = ["Storage", "NEOStorageError", "loads_extension"]
@@ -57,9 +58,14 @@ class Storage(ConflictResolvingStorage):
                  compress: bool | str = True, cache_size: int = 20 << 20,
                  logfile: str | None = None, ignore_wrong_checksum: bool = False,
                  connect_timeout: float = 60.0, keepalive: float | None = None,
-                 features: bool = True, **kw) -> None:
+                 features: bool = True, ca: str | None = None, cert: str | None = None,
+                 key: str | None = None, **kw) -> None:
         if kw:
             raise TypeError("unexpected options: " + ", ".join(sorted(kw)))
+        tls = None
+        if ca or cert or key:
+            # TLSConfigError (a ValueError) names what does not work
+            tls = load_contexts(ca, cert, key)[1]  # type: ignore[arg-type]
         self._name = name
         self._read_only = bool(read_only)
         self._compress = parse_compress(compress)
@@ -71,7 +77,7 @@ class Storage(ConflictResolvingStorage):
         self.app = ClientApp(parse_master_nodes(master_nodes), name, read_only=self._read_only,
                              cache_size=cache_size, connect_timeout=connect_timeout,
                              ignore_wrong_checksum=ignore_wrong_checksum, keepalive=keepalive,
-                             features=features)
+                             features=features, tls=tls)
         self._commits: dict[object, Commit] = {}
         self._lock = threading.Lock()
         self._records: tuple | None = None  # (cursor, RecordIteration) of record_iternext

@@ -125,6 +125,7 @@ class NEOStorageConfig:
             "connect_timeout": c.connect_timeout,
             # only when given: None would mean the same, Storage's default
             **({} if c.keepalive is None else {"keepalive": c.keepalive}),
+            **{k: getattr(c, k) for k in ("ca", "cert", "key") if getattr(c, k)},
         }
 
     def open(self):

@@ -1,6 +1,11 @@
 """zodburi resolver for ``neo://`` URIs.
 
     neo://CLUSTER@HOST:PORT[,HOST:PORT...][?opt=val&...]
+    neos://...   the same over TLS
+
+``neo://`` uses TLS only when ``ca``, ``cert`` and ``key`` (PEM files) are
+in the query; ``neos://`` always does, taking each of them that the query
+lacks from ``$NEO_CA``, ``$NEO_CERT`` and ``$NEO_KEY`` (as NEO does).
 
 IPv6 masters go in brackets (``neo://test@[::1]:10000``).  Query options
 (``-`` and ``_`` are interchangeable):
@@ -27,6 +32,7 @@ turns them into ``ZODB.DB`` keyword arguments.
 
 from __future__ import annotations
 
+import os
 from urllib.parse import parse_qsl, unquote
 
 from neozodb.client.zconfig import (
@@ -56,6 +62,7 @@ except ImportError:  # pragma: no cover - zodburi is a client dependency
 __all__ = ["SCHEME", "STORAGE_OPTIONS", "DB_OPTIONS", "NEOStorageFactory", "parse_uri", "resolve_uri"]
 
 SCHEME = "neo"
+TLS_SCHEME = "neos"
 
 
 def _path(value: str) -> str:
@@ -88,7 +95,11 @@ STORAGE_OPTIONS = {
     "ignore_wrong_checksum": convert_bool,
     "connect_timeout": convert_timeout,
     "keepalive": convert_timeout,
+    "ca": _path,
+    "cert": _path,
+    "key": _path,
 }
+TLS_OPTIONS = ("ca", "cert", "key")
 
 # zodburi name -> converter
 DB_OPTIONS = {"database_name": _name}
@@ -119,10 +130,10 @@ def parse_uri(uri: str) -> tuple[dict, dict]:
     """
     from neozodb.cli.config import format_address, parse_masters
 
-    prefix = SCHEME + "://"
-    if not isinstance(uri, str) or not uri[: len(prefix)].lower() == prefix:
-        raise ValueError(f"not a {prefix} URI: {uri!r}")
-    rest = uri[len(prefix) :]
+    scheme, sep, rest = uri.partition("://") if isinstance(uri, str) else ("", "", "")
+    scheme = scheme.lower()
+    if not sep or scheme not in (SCHEME, TLS_SCHEME):
+        raise ValueError(f"not a neo:// or neos:// URI: {uri!r}")
     rest, _, fragment = rest.partition("#")
     if fragment:
         raise ValueError(f"{uri!r}: fragments are not supported")
@@ -172,10 +183,21 @@ def parse_uri(uri: str) -> tuple[dict, dict]:
             target[key] = convert(value)
         except ValueError as e:
             raise ValueError(f"{uri!r}: option {raw_key!r}: {e}") from None
+    if scheme == TLS_SCHEME:
+        for key in TLS_OPTIONS:
+            if key not in kwargs:
+                value = os.environ.get("NEO_" + key.upper())
+                if not value:
+                    raise ValueError(f"{uri!r}: option {key!r} not given and $NEO_{key.upper()}"
+                                     " not set (neos:// needs a CA, a certificate and a key)")
+                kwargs[key] = value
+    given = [k for k in TLS_OPTIONS if k in kwargs]
+    if given and len(given) != len(TLS_OPTIONS):
+        raise ValueError(f"{uri!r}: TLS needs all of ca, cert and key (only {', '.join(given)})")
     return kwargs, dbkw
 
 
 def resolve_uri(uri: str):
-    """zodburi resolver: ``neo://...`` -> ``(factory, dbkw)``."""
+    """zodburi resolver: ``neo://...`` or ``neos://...`` -> ``(factory, dbkw)``."""
     kwargs, dbkw = parse_uri(uri)
     return NEOStorageFactory(kwargs), dbkw

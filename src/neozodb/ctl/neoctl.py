@@ -20,11 +20,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import ssl
 import sys
 
 from neozodb.cli.config import format_address, parse_address, parse_nid
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.net.threaded import ThreadedConnection
+from neozodb.net.tls import TLSConfigError, load_contexts
 from neozodb.nodes import STATE_LETTER, address_from_wire
 from neozodb.protocol import (
     ClusterStates,
@@ -109,14 +111,15 @@ class NeoCtl:
     serves only with ``--allow-anonymous-ctl``."""
 
     def __init__(self, address: tuple[str, int], timeout: float = 30.0,
-                 cluster: str | None = None) -> None:
+                 cluster: str | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.address = address
+        self.tls = tls  # client TLS context (net/tls.py); None: plain
         self.timeout = timeout
         self.cluster = cluster
         self.conn: ThreadedConnection | None = None
 
     def connect(self) -> None:
-        conn = ThreadedConnection(self.address, _Silent(), "neoctl")
+        conn = ThreadedConnection(self.address, _Silent(), "neoctl", tls=self.tls)
         try:
             conn.connect(timeout=self.timeout)
         except OSError as e:
@@ -420,6 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-c", "--cluster", metavar="NAME",
                         help="cluster name, to identify with (a neozodb admin requires it unless"
                         " started with --allow-anonymous-ctl; leave it out with NEO's admin)")
+    for flag, what in (("--ca", "the cluster's CA certificate"),
+                       ("--cert", "neoctl's certificate, signed by the CA"),
+                       ("--key", "neoctl's private key")):
+        parser.add_argument(flag, metavar="PEM", help="TLS: %s (PEM file; --ca, --cert and"
+                            " --key go together)" % what)
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("-n", "--dry-run", action="store_true",
                         help="with tweak: print the table it would make, change nothing")
@@ -442,7 +450,13 @@ def main(argv: list[str] | None = None) -> int:
         address = parse_address(opts.address, default_port=9999)
     except ValueError as e:
         parser.error(str(e))
-    ctl = NeoCtl(address, opts.timeout, opts.cluster)
+    tls = None
+    if opts.ca or opts.cert or opts.key:
+        try:
+            tls = load_contexts(opts.ca, opts.cert, opts.key)[1]
+        except TLSConfigError as e:
+            parser.error(f"TLS: {e}")
+    ctl = NeoCtl(address, opts.timeout, opts.cluster, tls)
     try:
         ctl.connect()
         lines, value = run_command(ctl, opts.command,

@@ -25,6 +25,7 @@ from neozodb.master.transactions import TransactionManager
 from neozodb.master.truncation import Truncation
 from neozodb.master.tweak import drop_changes
 from neozodb.net.connection import Connection, HandlerError
+from neozodb.net.listener import listen
 from neozodb.nodes import Node, NodeManager
 from neozodb.protocol import (
     CellStates,
@@ -45,6 +46,8 @@ log = logging.getLogger("neozodb.master")
 class MasterApp(Recovery, Truncation, Commits):
     """Recovery and verification (master/recovery.py), truncation
     (master/truncation.py) and commits (master/commits.py) are mixins."""
+    tls = None  # net.tls.TLS, set by the command line before run()
+
 
     def __init__(self, name: str, bind: tuple[str, int], partitions: int = 100,
                  replicas: int = 0, autostart: int = 0, masters: list | None = None,
@@ -279,9 +282,8 @@ class MasterApp(Recovery, Truncation, Commits):
 
     # -- lifecycle --------------------------------------------------------------
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(
-            lambda: Connection(self, handlers.IdentificationHandler(self)), *self.bind)
+        self.server = await listen(
+            self, self.bind, lambda: Connection(self, handlers.IdentificationHandler(self)))
         sock = self.server.sockets[0]
         self.address = sock.getsockname()[:2]
         log.info("%s: listening on %s:%s, cluster %r", self.label, *self.address, self.name)

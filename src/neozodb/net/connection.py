@@ -486,8 +486,17 @@ def _can_write_eof(transport: Any) -> bool:
 
 
 async def connect(app: Any, handler: Handler, address: tuple[str, int]) -> Connection:
+    """Connect to a node; over TLS when ``app.tls`` is set (the handshake
+    is part of connecting: a peer refusing our certificate, or whose
+    certificate we refuse, is an ``OSError`` like an unreachable one)."""
     loop = asyncio.get_running_loop()
-    _, conn = await loop.create_connection(lambda: Connection(app, handler, outgoing=True), *address)
+    tls = getattr(app, "tls", None)
+    kw: dict[str, Any] = {}
+    if tls is not None:
+        # no host name check: the cluster's CA is the authentication
+        kw = {"ssl": tls.client, "server_hostname": "", "ssl_handshake_timeout": 10.0}
+    _, conn = await loop.create_connection(lambda: Connection(app, handler, outgoing=True),
+                                           *address, **kw)
     conn.peer = "%s:%s" % address
     return conn
 

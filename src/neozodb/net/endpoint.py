@@ -70,7 +70,7 @@ class Endpoint:
             buf = self._hs_buf + data
             if len(buf) < len(HANDSHAKE):
                 if buf != HANDSHAKE[: len(buf)]:
-                    raise ProtocolError("not a NEO peer")
+                    check_handshake(buf)  # raises, saying why
                 self._hs_buf = buf
                 return
             check_handshake(buf[: len(HANDSHAKE)])

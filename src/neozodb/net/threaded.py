@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import struct
 import threading
 from queue import SimpleQueue
 from typing import Any
 
 from neozodb.net.endpoint import ConnectionClosed, Endpoint, tune_socket
+from neozodb.net.tls import TLSSocket
 from neozodb.protocol import HANDSHAKE, Packets, ProtocolError, nid_str
 from neozodb.protocol.features import NO_FEATURES, common
 
@@ -61,7 +63,7 @@ _DISCARD = _Discard()
 
 class ThreadedConnection:
     def __init__(self, address: tuple[str, int], handler: Any, label: str = "C?",
-                 keepalive: float | None = None) -> None:
+                 keepalive: float | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.address = address
         self.handler = handler  # .dispatch(conn, msg_id, packet, args), .connection_lost(conn)
         self.owner_label = label
@@ -80,6 +82,7 @@ class ThreadedConnection:
         self._out_size = 0
         # seconds (0: none); see the module docstring
         self.keepalive = DEFAULT_KEEPALIVE if keepalive is None else keepalive
+        self.tls = tls  # the client TLS context (net/tls.py), None: plain
 
     def __repr__(self) -> str:
         return f"<{self.label}>"
@@ -90,11 +93,18 @@ class ThreadedConnection:
 
     def connect(self, timeout: float = 10.0) -> None:
         sock = socket.create_connection(self.address, timeout=timeout)
+        if self.tls is not None:
+            try:
+                wrapped = TLSSocket(sock, self.tls)
+                wrapped.handshake()  # within the connection timeout
+            except BaseException:
+                sock.close()
+                raise
         sock.settimeout(None)
         tune_socket(sock)
         self._set_receive_timeout(sock)
-        self.sock = sock
-        sock.sendall(self.endpoint.handshake())
+        self.sock = sock if self.tls is None else wrapped
+        self.sock.sendall(self.endpoint.handshake())
         self._reader = threading.Thread(target=self._read_loop, daemon=True,
                                         name=f"neozodb reader {self.peer}")
         self._reader.start()

@@ -23,6 +23,8 @@ def check_handshake(data: bytes) -> None:
     """Accept the 6 handshake bytes received from a peer, or raise."""
     if data == HANDSHAKE:
         return
+    if data[:1] == b"\x16":  # a TLS record: the peer has TLS configured, we have not
+        raise ProtocolError("TLS handshake received on a plain port (this node has no --ca/--cert/--key)")
     if len(data) == len(HANDSHAKE) and data[:-1] == _HANDSHAKE_PREFIX:
         raise ProtocolError("protocol version mismatch")
     raise ProtocolError("not a NEO peer")

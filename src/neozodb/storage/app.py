@@ -15,6 +15,7 @@ import os
 
 from neozodb.net.bootstrap import follow_master
 from neozodb.net.connection import Connection, RemoteError, connect
+from neozodb.net.listener import listen
 from neozodb.nodes import NodeManager
 from neozodb.protocol import (
     CellStates,
@@ -35,6 +36,8 @@ log = logging.getLogger("neozodb.storage")
 
 
 class StorageApp:
+    tls = None  # net.tls.TLS, set by the command line before run()
+
     def __init__(self, name: str, masters: list[tuple[str, int]], backend,
                  bind: tuple[str, int] = ("127.0.0.1", 0), replication_rate: int = 0,
                  pack_rate: int = 0) -> None:
@@ -173,9 +176,8 @@ class StorageApp:
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(
-            lambda: Connection(self, handlers.IdentificationHandler(self)), *self.bind)
+        self.server = await listen(
+            self, self.bind, lambda: Connection(self, handlers.IdentificationHandler(self)))
         self.address = self.server.sockets[0].getsockname()[:2]
         log.info("%s: listening on %s:%s, backend %s", self.label, *self.address,
                  self.backend.describe())
