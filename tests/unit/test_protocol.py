@@ -197,7 +197,8 @@ def test_handshake_rejects():
         check_handshake(bytes.fromhex("92a34e454f04"))
     with pytest.raises(ProtocolError, match="not a NEO peer"):
         check_handshake(b"GET / ")
-    with pytest.raises(ProtocolError, match="not a NEO peer"):
+    # a TLS ClientHello: said so, for the operator who forgot --ca/--cert/--key
+    with pytest.raises(ProtocolError, match="TLS handshake received on a plain port"):
         check_handshake(b"\x16\x03\x01\x02\x00\x01")
 
 

@@ -259,3 +259,55 @@ def test_zconfig_errors(body):
     text = f"%import neozodb\n<zodb>\n<NEOStorage>\n{body}\n</NEOStorage>\n</zodb>\n"
     with pytest.raises(ZConfig.ConfigurationError):
         load_db_config(text)
+
+
+# -- TLS ------------------------------------------------------------------------
+
+
+def test_tls_uris(monkeypatch):
+    for name in ("NEO_CA", "NEO_CERT", "NEO_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    # neo://: TLS only with the three files in the query
+    kwargs, _ = parse_uri("neo://c@h:1?ca=/p/ca.crt&cert=/p/c.crt&key=/p/c.key")
+    assert (kwargs["ca"], kwargs["cert"], kwargs["key"]) == ("/p/ca.crt", "/p/c.crt", "/p/c.key")
+    assert "ca" not in parse_uri("neo://c@h:1")[0]
+    with pytest.raises(ValueError, match="all of ca, cert and key"):
+        parse_uri("neo://c@h:1?ca=/p/ca.crt")
+    # neos://: always TLS, what the query lacks from the environment
+    with pytest.raises(ValueError, match="NEO_CA"):
+        parse_uri("neos://c@h:1")
+    monkeypatch.setenv("NEO_CA", "/e/ca.crt")
+    monkeypatch.setenv("NEO_CERT", "/e/c.crt")
+    monkeypatch.setenv("NEO_KEY", "/e/c.key")
+    kwargs, _ = parse_uri("neos://c@h:1?cert=/q/c.crt")
+    assert (kwargs["ca"], kwargs["cert"], kwargs["key"]) == ("/e/ca.crt", "/q/c.crt", "/e/c.key")
+    assert kwargs["master_nodes"] == "h:1" and kwargs["name"] == "c"
+
+
+def test_zodburi_finds_neos_resolver(monkeypatch, fake_storage):
+    monkeypatch.setenv("NEO_CA", "/e/ca.crt")
+    monkeypatch.setenv("NEO_CERT", "/e/c.crt")
+    monkeypatch.setenv("NEO_KEY", "/e/c.key")
+    factory, _ = zodburi.resolve_uri("neos://c@h:1")
+    factory()
+    assert fake_storage[-1]["ca"] == "/e/ca.crt"
+
+
+def test_zconfig_tls_keys(tmp_path, fake_storage):
+    files = {}
+    for key in ("ca", "cert", "key"):
+        files[key] = str(tmp_path / (key + ".pem"))
+        open(files[key], "w").close()
+    text = f"""\
+%import neozodb
+<neostorage main>
+  master_nodes 127.0.0.1:10000
+  name prod
+  ca {files["ca"]}
+  cert {files["cert"]}
+  key {files["key"]}
+</neostorage>
+"""
+    config, _ = ZConfig.loadConfigFile(ZODB.config.getStorageSchema(), io.StringIO(text))
+    kwargs = config.storage.storage_kwargs()
+    assert {k: kwargs[k] for k in files} == files

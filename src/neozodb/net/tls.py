@@ -103,7 +103,8 @@ class TLS:
     """A node's TLS contexts, rebuilt from the same files by ``reload()``."""
 
     def __init__(self, ca: str, cert: str, key: str) -> None:
-        self.files = (os.path.abspath(ca), os.path.abspath(cert), os.path.abspath(key))
+        # absolute: a node's working directory does not change what it reloads
+        self.files = tuple(os.path.abspath(f) if f else "" for f in (ca, cert, key))
         self.server, self.client = load_contexts(*self.files)
 
     def reload(self, label: str = "") -> bool:
