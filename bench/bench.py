@@ -10,7 +10,7 @@ Measures, for each backend (see bench/README.md):
 Every process started here (neozodb nodes, the ZEO server) and every
 temporary directory is cleaned up on exit, error or Ctrl-C.
 
-Usage: .venv/bin/python bench/bench.py [--objects N] [--rounds R] [--quick] [--json FILE]
+Usage: .venv/bin/python bench/bench.py [--objects N] [--rounds R] [--quick] [--tls] [--json FILE]
 """
 from __future__ import annotations
 
@@ -78,19 +78,22 @@ class Backend:
 
 
 class NeoBackend(Backend):
-    def __init__(self, storages: int, replicas: int, partitions: int = 12) -> None:
+    def __init__(self, storages: int, replicas: int, partitions: int = 12,
+                 tls: bool = False) -> None:
         self.storages = storages
         self.replicas = replicas
         self.partitions = partitions
-        self.key = "neo_%ds_r%d" % (storages, replicas)
-        self.label = "neo %dS r%d" % (storages, replicas)
+        self.tls = tls
+        self.key = "neo_%ds_r%d%s" % (storages, replicas, "_tls" if tls else "")
+        self.label = "neo %dS r%d%s" % (storages, replicas, " TLS" if tls else "")
         self.cluster = None
 
     def start(self, workdir: str) -> None:
         from neozodb.cli.cluster import LocalCluster
         self.cluster = LocalCluster(os.path.join(workdir, self.key), name="bench",
                                     storages=self.storages, replicas=self.replicas,
-                                    partitions=self.partitions, loglevel="INFO")
+                                    partitions=self.partitions, loglevel="INFO",
+                                    tls=self.tls)
         try:
             self.cluster.start(wait=60)
         except BaseException:
@@ -99,7 +102,7 @@ class NeoBackend(Backend):
 
     def open_storage(self):
         from neozodb.client import Storage
-        return Storage(master_nodes=self.cluster.masters, name="bench")
+        return Storage(**self.cluster.client_kwargs())
 
     def stop(self) -> None:
         cluster, self.cluster = self.cluster, None
@@ -316,6 +319,14 @@ def report(results: dict, skipped: dict, objects: int) -> str:
                 cells.append("-" if value is None else "%.2f" % value)
             rows.append([name, *cells])
         out += ["", format_table(header, rows)]
+    tls_pairs = [(k[:-4], k) for k in keys if k.endswith("_tls") and k[:-4] in results]
+    if tls_pairs:
+        header = ["TLS / plain (>1: TLS slower)",
+                  *("%s / %s" % (results[t]["label"], results[p]["label"]) for p, t in tls_pairs)]
+        rows = [[name, *("%.2f" % (results[t]["ms"][m] / results[p]["ms"][m])
+                         if results[p]["ms"][m] else "-" for p, t in tls_pairs)]
+                for (m, _), name in zip(MEASURES, names, strict=True)]
+        out += ["", format_table(header, rows)]
     for label, why in skipped.items():
         out.append("\n%s skipped: %s" % (label, why))
     return "\n".join(out)
@@ -372,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per backend (3)")
     parser.add_argument("--quick", action="store_true", help="--objects 200 --rounds 1")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--tls", action="store_true",
+                        help="add 'neo 1S r0 TLS', the same cluster with TLS everywhere, and"
+                        " its TLS / plain ratios")
     args = parser.parse_args(argv)
     if args.quick:
         args.objects, args.rounds = 200, 1
@@ -382,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
 
     backends: list[Backend] = [NeoBackend(1, 0), NeoBackend(2, 1), FileStorageBackend(),
                                ZEOBackend()]
+    if args.tls:
+        backends.insert(1, NeoBackend(1, 0, tls=True))
     skipped: dict[str, str] = {}
     if relstorage_available():
         backends.append(RelStorageBackend())

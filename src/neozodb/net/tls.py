@@ -220,11 +220,15 @@ class TLSSocket:
                     self._in.write(data)
                 chunks = []
                 try:
+                    # usually one whole record per recv: read it without
+                    # the SSLWantReadError a second read would raise
                     while True:
                         chunk = obj.read(size)
                         if not chunk:
                             break
                         chunks.append(chunk)
+                        if not self._in.pending and not obj.pending():
+                            break
                 except ssl.SSLWantReadError:
                     pass
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
