@@ -345,3 +345,37 @@ def test_bad_certificate_files_exit_2(tmp_path):
         assert result.returncode == 2, (what, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, (what, result.stderr)
         assert "TLS" in result.stderr and "Traceback" not in result.stderr, what
+
+
+def test_neosimple_tls(tmp_path):
+    """neosimple --tls: a throw-away CA and certificates, and the URI and
+    neoctl command line it prints work as they are."""
+    import shlex
+
+    import zodburi
+    proc = subprocess.Popen([sys.executable, "-m", "neozodb.cli.simple", "--tls", "--storages",
+                             "1", "--replicas", "0", "--partitions", "2", str(tmp_path / "c")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:  # ends when the cluster runs, or neosimple exits
+            lines.append(line)
+            if line.startswith("logs and databases"):
+                break
+        uri = next(x.split(": ", 1)[1].strip() for x in lines if x.startswith("connect with"))
+        ctl = next(x for x in lines if x.startswith("neoctl "))
+        assert uri.startswith("neo://") and "ca=" in uri and "--ca" in ctl
+        out = subprocess.run([sys.executable, "-m", "neozodb.ctl.neoctl",
+                              *shlex.split(ctl)[1:]], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0 and "S1" in out.stdout, out.stderr
+        factory, dbkw = zodburi.resolve_uri(uri)
+        db = ZODB.DB(factory(), **dbkw)
+        try:
+            with db.transaction() as conn:
+                conn.root()["simple"] = "tls"
+        finally:
+            db.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0

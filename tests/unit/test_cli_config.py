@@ -450,3 +450,23 @@ def test_setup_logging(tmp_path):
     assert len(lines) == 2
     assert lines[0].endswith(" DEBUG neozodb.test [S1] hello world")
     assert lines[1].endswith(" WARNING neozodb.test bye")
+
+
+def test_tls_files_from_ini(tmp_path):
+    """ca, cert and key are INI keys like any option; the files are checked
+    when the options are parsed (a node exits with status 2 at start)."""
+    from neozodb.net import certs
+    ca = certs.make_ca(str(tmp_path))
+    cert, key, _ = certs.make_cert(ca, str(tmp_path), "S1")
+    path = tmp_path / "tls.ini"
+    path.write_text("[DEFAULT]\ncluster = c\nmasters = h:1\nca = %s\ncert = %s\nkey = %s\n"
+                    "[storage]\ndatabase = x\n" % (ca.path, cert, key))
+    o = parse_options("storage", ["-f", str(path)])
+    assert (o.ca, o.cert, o.key) == (ca.path, cert, key)
+    assert o.tls is not None and o.tls.files == (ca.path, cert, key)
+    assert parse_options("storage", ["-c", "c", "-m", "h:1", "-d", "x"]).tls is None
+
+
+def test_tls_files_errors(tmp_path, capsys):
+    line = fails(capsys, "master", ["-c", "x", "--ca", str(tmp_path / "missing.crt")])
+    assert "TLS" in line and "missing" in line
