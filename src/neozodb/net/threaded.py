@@ -219,9 +219,23 @@ class ThreadedConnection:
                 self._shutdown(f"send failed: {e}")
                 return
             if not sent:
-                self.endpoint.pending.popitem()  # the Ping, never sent
+                # the Ping, never sent: the last entry, as writers wait
+                # for the lock we hold and the reader only removes entries
+                self.endpoint.pending.popitem()
             elif sent < len(data):
                 self._shutdown("send buffer full, peer not reading")  # half a message left
+        finally:
+            self.lock.release()
+
+    def _pong(self, msg_id: int) -> None:
+        """Reader thread: answer the peer's Ping, unless a writer has been
+        holding the lock for a second (blocked sending to this peer: the
+        reader must go on reading, and the peer hears from us anyway)."""
+        if not self.lock.acquire(timeout=1.0):
+            return
+        try:
+            if not self.closed:
+                self._send(self.endpoint.answer(msg_id, _PONG, ()))
         finally:
             self.lock.release()
 
@@ -268,8 +282,13 @@ class ThreadedConnection:
                     head += len(data)
                 for msg_id, packet, args in endpoint.feed(data):
                     if packet.is_answer:
-                        with self.lock:
-                            token, result, error = endpoint.match(msg_id, packet, args)
+                        # Not under self.lock: a writer holds it while blocked
+                        # sending to a peer that stopped reading until its
+                        # answers are read (backpressure); waiting for it
+                        # here would be a deadlock.  The table of pending
+                        # requests is a dict: one insertion (writers) and one
+                        # pop (here) are atomic.
+                        token, result, error = endpoint.match(msg_id, packet, args)
                         queue, user_token, hook = token
                         if hook is not None:
                             try:
@@ -279,7 +298,7 @@ class ThreadedConnection:
                                 error = e
                         queue.put((user_token, result, error, self))
                     elif packet is _PING:
-                        self.answer(msg_id, _PONG)
+                        self._pong(msg_id)
                     elif packet is _FEATURES:
                         self.peer_features = common(args[0])
                     else:
