@@ -379,3 +379,19 @@ def test_neosimple_tls(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
+
+
+def test_exposed_key_is_reported(tmp_path):
+    ca = certs.make_ca(str(tmp_path))
+    cert, key, _ = certs.make_cert(ca, str(tmp_path), "M1")
+    os.chmod(key, 0o644)
+    log = tmp_path / "m.log"
+    proc = subprocess.Popen([sys.executable, "-m", "neozodb.cli.master", "-c", "k",
+                             "-b", "127.0.0.1:0", "-l", str(log), "--ca", ca.path,
+                             "--cert", cert, "--key", key])
+    try:
+        wait_until(lambda: log.exists() and "readable by others than its owner"
+                   in log.read_text(), 30, "the warning about the key's mode")
+    finally:
+        proc.terminate()
+        proc.wait(30)

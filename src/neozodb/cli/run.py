@@ -31,6 +31,7 @@ def run_node(options, make_app: Callable, on_signal: Callable | None = None) -> 
         app.tls = getattr(options, "tls", None)
         loop = asyncio.get_running_loop()
         if app.tls is not None:
+            app.tls.warn_if_exposed(app.label)
             # certificate rotation: new connections use the new files
             loop.add_signal_handler(signal.SIGHUP, lambda: app.tls.reload(app.label))
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -118,9 +118,19 @@ class TLS:
         log.info("%s: TLS certificate files reloaded", label)
         return True
 
-    @staticmethod
-    def version(sslobj: ssl.SSLObject | ssl.SSLSocket | None) -> str:
-        return sslobj.version() if sslobj is not None else "?"
+    def warn_if_exposed(self, label: str = "") -> bool:
+        """Log a warning when the private key file can be read by others
+        than its owner (the key is the node's identity in the cluster)."""
+        key = self.files[2]
+        try:
+            mode = os.stat(key).st_mode
+        except OSError:
+            return False
+        if mode & 0o077:
+            log.warning("%s: TLS key %s is readable by others than its owner (mode %o):"
+                        " chmod 600 it", label, key, mode & 0o777)
+            return True
+        return False
 
 
 def from_options(options: object) -> TLS | None:
