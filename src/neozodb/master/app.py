@@ -252,9 +252,19 @@ class MasterApp(Recovery, Truncation, Commits):
                 if not conn.closed:
                     refuse("cluster is not running (waited %g s)" % self.hold_timeout)
                     conn.close("cluster not running", flush=True)
+        def gone(_):
+            # a client that went away while held is forgotten at once: a
+            # reconnecting client must not fill the list until the timeouts
+            if entry in self.held_clients:
+                self.held_clients.remove(entry)
+                if entry[3] is not None:
+                    entry[3].cancel()
         timer = asyncio.get_running_loop().call_later(self.hold_timeout, expire)
         entry = [conn, accept, refuse, timer]
         self.held_clients.append(entry)
+        # hold_timeout replaces the connection's identification deadline
+        conn.cancel_identify_deadline()
+        conn.closed_future.add_done_callback(gone)
         log.info("%s: client at %s waits for the cluster to run", self.label, conn.peer)
 
     def release_clients(self) -> None:

@@ -24,19 +24,34 @@ then receives nothing at all (any data counts, not only the ``Pong``) for
 the other half, it closes like any lost connection: pending requests fail
 with ``ConnectionClosed``, the handler's ``connection_lost`` runs.  The
 default is process-wide (``set_keepalive``, the nodes' ``--keepalive``).
+
+Limits (docs/operations.md, "Limits"): an accepted connection is anyone
+until its handler is replaced by the application's identification code
+(``conn.handler = ...``; NEO's anonymous neoctl counts once the admin
+serves it).  Until then it may send ``FIRST_BYTES_LIMIT`` bytes in all and
+must identify within ``identify_timeout`` seconds; an application accepts
+at most ``max_accepted`` connections at a time.  Output to a peer that
+does not read is bounded: past the transport's high-water mark we stop
+reading from that peer (its requests wait in its kernel buffers) until its
+answers drain, and a peer whose unread output exceeds ``OUTPUT_LIMIT``
+(notifications keep coming even when we stop reading) is dropped.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import math
+import os
+import resource
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 from neozodb.net.endpoint import ConnectionClosed, Endpoint, RemoteError, tune_socket
 from neozodb.net.threaded import DEFAULT_KEEPALIVE
 from neozodb.protocol import HANDSHAKE, PACKETS, ErrorCodes, Packets, ProtocolError, nid_str
+from neozodb.protocol.codec import FIRST_BYTES_LIMIT, MAX_MESSAGE_SIZE
 from neozodb.protocol.features import NO_FEATURES, common
 
 log = logging.getLogger("neozodb.net")
@@ -62,6 +77,59 @@ def set_keepalive(seconds: float) -> None:
 
 def get_keepalive() -> float:
     return _keepalive
+
+
+def _env_number(name: str, default: float) -> float:
+    """A limit from the environment (tests and operators without a
+    command-line option for it); a bad value keeps the default."""
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        value = float(text)
+        if value >= 0 and math.isfinite(value):
+            return value
+    except ValueError:
+        pass
+    log.warning("ignoring %s=%r: expected a number >= 0", name, text)
+    return default
+
+
+def _default_max_accepted() -> int:
+    # below the descriptor limit: past it, accept() fails and so would the
+    # node's own files and outgoing connections
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1000
+    return max(16, min(1000, soft - 100))
+
+
+# Unread output (bytes) past which a peer is dropped: 4 of the largest
+# messages, so that a slow but reading peer never reaches it.
+OUTPUT_LIMIT = 4 * MAX_MESSAGE_SIZE
+# Write buffer marks: past HIGH, reading from that peer pauses until LOW.
+WRITE_HIGH = 256 << 10
+WRITE_LOW = 64 << 10
+
+
+def set_identify_timeout(seconds: float) -> None:
+    """Seconds an accepted connection has to identify (0: no deadline)."""
+    seconds = float(seconds)
+    if not (seconds >= 0 and math.isfinite(seconds)):
+        raise ValueError(f"invalid identification timeout {seconds!r}")
+    Connection.identify_timeout = seconds
+
+
+def set_max_accepted(count: int) -> None:
+    """Most connections an application accepts at a time (0: no cap)."""
+    if count < 0:
+        raise ValueError(f"invalid connection cap {count!r}")
+    Connection.max_accepted = int(count)
+
+
+# application -> its live accepted connections (counted in connection_made)
+_accepted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_refusals = [0.0, 0]  # when the last refusal was logged, refusals since
 
 
 def _ignore_answer(conn: Any, result: Any, error: Any) -> None:
@@ -144,13 +212,30 @@ class Connection(asyncio.Protocol):
     # Longest wait for the peer to close after a graceful close, and for
     # output to drain after any flushing close, before aborting.
     linger = 10.0
+    # An accepted connection closes if not identified within this many
+    # seconds (0: never); see set_identify_timeout.
+    identify_timeout = _env_number("NEOZODB_IDENTIFY_TIMEOUT", 20.0)
+    # Accepted connections an application keeps at a time (0: no cap).
+    max_accepted = int(_env_number("NEOZODB_MAX_CONNECTIONS", _default_max_accepted()))
 
     def __init__(self, app: Any, handler: Handler, outgoing: bool = False,
                  keepalive: float | None = None) -> None:
         self.app = app
-        self.handler = handler
+        self._handler = handler
         self.outgoing = outgoing
-        self.endpoint = Endpoint()
+        # We chose to connect to an outgoing connection's peer: it is
+        # trusted as much as the address it came from.
+        self.identified = outgoing
+        self.endpoint = Endpoint(None if outgoing else FIRST_BYTES_LIMIT)
+        self._counted = False  # in _accepted[app]
+        self._id_timer: asyncio.TimerHandle | None = None
+        # Reading paused because the peer does not read (pause_writing):
+        # _reading is False meanwhile, which stops data_received's loop
+        # between two messages at no cost; the rest stays in the decoder
+        # (and _backlog) until resume_writing.
+        self._paused = False
+        self._backlog: list[bytes] = []
+        self._out_size = 0  # bytes in _out
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.nid: int | None = None
@@ -183,6 +268,53 @@ class Connection(asyncio.Protocol):
         return f"<{self.label}>"
 
     @property
+    def handler(self) -> Handler:
+        return self._handler
+
+    @handler.setter
+    def handler(self, handler: Handler) -> None:
+        # Replacing the first handler is how the applications' identification
+        # code accepts a peer: the first-message limit and deadline end.
+        self._handler = handler
+        if not self.identified:
+            self.identified = True
+            self.endpoint.identified()
+            self.cancel_identify_deadline()
+
+    def cancel_identify_deadline(self) -> None:
+        """The application keeps an unidentified connection on purpose
+        (e.g. a client held until the cluster runs, with its own timeout)."""
+        if self._id_timer is not None:
+            self._id_timer.cancel()
+            self._id_timer = None
+
+    def _identify_expired(self) -> None:
+        self._id_timer = None
+        if not self.closed and not self.identified:
+            self._keepalive_expired(f"not identified after {self.identify_timeout:g} s")
+
+    def _refuse(self, transport: asyncio.BaseTransport, count: int) -> None:
+        """Over the cap: drop the connection, logging at most one line a
+        second (a flood must not flood the log too)."""
+        self.closed = True
+        self._reading = False
+        self.close_reason = "too many connections"
+        self.closed_future.set_result(None)  # the application never saw it
+        now = _monotonic()
+        _refusals[1] += 1
+        if now - _refusals[0] >= 1.0:
+            log.warning("%s: refused connection from %s: %d connections already (cap %d)%s",
+                        self.app.label, self.peer, count, self.max_accepted,
+                        f"; {_refusals[1] - 1} more refused since the last report"
+                        if _refusals[1] > 1 else "")
+            _refusals[:] = [now, 0]
+        transport.abort()
+
+    def _uncount(self) -> None:
+        if self._counted:
+            self._counted = False
+            _accepted[self.app] -= 1
+    @property
     def label(self) -> str:
         return nid_str(self.nid) if self.nid is not None else self.peer
 
@@ -196,7 +328,21 @@ class Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = "%s:%s" % peer[:2]
+        if not self.outgoing:
+            count = _accepted.get(self.app, 0)
+            if self.max_accepted and count >= self.max_accepted:
+                self._refuse(transport, count)
+                return
+            _accepted[self.app] = count + 1
+            self._counted = True
+            if self.identify_timeout > 0:
+                self._id_timer = asyncio.get_event_loop().call_later(
+                    self.identify_timeout, self._identify_expired)
         tune_socket(transport.get_extra_info("socket"))
+        try:
+            transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)  # type: ignore[attr-defined]
+        except (AttributeError, NotImplementedError):
+            pass
         transport.write(self.endpoint.handshake())  # type: ignore[union-attr]
         if self.keepalive > 0 and not self.closed:
             self._last_received = _monotonic()
@@ -205,6 +351,8 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if not self._reading:
+            if self._paused and data:  # in flight when we paused: kept in order
+                self._backlog.append(data)
             return
         self._last_received = _monotonic()
         if len(self._head) < _HANDSHAKE_LEN:
@@ -257,7 +405,7 @@ class Connection(asyncio.Protocol):
                       self.app.label, packet.name, self.label)
             return
         try:
-            self.handler.dispatch(self, msg_id, packet, args)
+            self._handler.dispatch(self, msg_id, packet, args)
         except HandlerError as e:
             if packet.is_request:
                 self.error(msg_id, e.code, str(e))
@@ -279,6 +427,42 @@ class Connection(asyncio.Protocol):
             self.error(msg_id, ErrorCodes.PROTOCOL_ERROR, reason)
         self._shutdown(f"protocol error: {reason}", logging.WARNING)
 
+    def pause_writing(self) -> None:
+        # The peer does not read what we send: stop reading its requests
+        # (their answers would pile up here) until its backlog drains.
+        transport = self.transport
+        if transport is None or self.closed or self._paused or not self._reading:
+            return
+        self._paused = True
+        self._reading = False
+        try:
+            transport.pause_reading()
+        except RuntimeError:  # closing
+            pass
+
+    def resume_writing(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self._reading = True
+        try:
+            transport.resume_reading()
+        except RuntimeError:
+            pass
+        # what was decoded but not processed when we paused, then what
+        # arrived meanwhile
+        backlog, self._backlog = self._backlog, []
+        self.data_received(b"")
+        for i, data in enumerate(backlog):
+            if not self._reading:  # paused again (or closed)
+                if self._paused:
+                    self._backlog.extend(backlog[i:])
+                break
+            self.data_received(data)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
         self._stop_keepalive()
@@ -290,6 +474,8 @@ class Connection(asyncio.Protocol):
 
     def _closed(self) -> None:
         """The connection is gone for the application (idempotent)."""
+        self._uncount()
+        self.cancel_identify_deadline()
         for token in self.endpoint.fail_pending():
             if isinstance(token, asyncio.Future):
                 if not token.done():
@@ -302,7 +488,7 @@ class Connection(asyncio.Protocol):
         if not self.closed_future.done():
             self.closed_future.set_result(None)
             try:
-                self.handler.connection_lost(self)
+                self._handler.connection_lost(self)
             except Exception:
                 log.exception("%s: error handling loss of %s", self.app.label, self.label)
 
@@ -310,15 +496,33 @@ class Connection(asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         if self._corked:
             self._out.append(data)
+            self._out_size += len(data)
+            if self._out_size > WRITE_HIGH:
+                # big answers: send now, so that the transport can tell
+                # us (pause_writing) to stop processing this peer's requests
+                self._flush_out()
+                self._corked = True
         else:
             self.transport.write(data)  # type: ignore[union-attr]
+            if self._paused:
+                self._check_backlog()
 
     def _flush_out(self) -> None:
         self._corked = False
         out = self._out
         if out:
+            self._out_size = 0
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])  # type: ignore[union-attr]
             out.clear()
+            if self._paused:
+                self._check_backlog()
+
+    def _check_backlog(self) -> None:
+        # while paused, what still leaves is notifications (and answers to
+        # requests read before the pause): a peer that never reads must not
+        # make them pile up without bound
+        if not self.closed and self.transport.get_write_buffer_size() > OUTPUT_LIMIT:  # type: ignore[union-attr]
+            self._keepalive_expired(f"peer does not read: over {OUTPUT_LIMIT >> 20} MiB unsent")
 
     def ask(self, packet: Any, *args: Any, callback: Callable | None = None) -> asyncio.Future | None:
         """Send a request.  Without callback, return a future of the answer."""
@@ -364,7 +568,7 @@ class Connection(asyncio.Protocol):
         """
         transport = self.transport
         if self.closed:
-            if not flush and self._reading and transport is not None:
+            if not flush and (self._reading or self._paused) and transport is not None:
                 self._abort()  # hurry a graceful close
             return
         self.closed = True
@@ -391,7 +595,7 @@ class Connection(asyncio.Protocol):
     def _shutdown(self, reason: str, level: int) -> None:
         """Stop reading, flush queued output, close; the application learns
         of the loss now.  Logs one line."""
-        if self.closed and not self._reading:
+        if self.closed and not (self._reading or self._paused):
             return
         if not self.closed:
             self.closed = True
@@ -404,7 +608,7 @@ class Connection(asyncio.Protocol):
             self._stop(self.transport)
 
     def _stop(self, transport: asyncio.Transport) -> None:
-        self._reading = False
+        self._reading = self._paused = False
         self._stop_keepalive()
         self._flush_out()
         transport.close()
@@ -413,8 +617,9 @@ class Connection(asyncio.Protocol):
 
     def _abort(self) -> None:
         self._out.clear()  # nothing more leaves an aborted connection
+        self._out_size = 0
         self._corked = False
-        self._reading = False
+        self._reading = self._paused = False
         self._cancel_timer()
         self._stop_keepalive()
         self.transport.abort()  # type: ignore[union-attr]

@@ -62,6 +62,7 @@ class StorageApp:
         # locked transactions were either validated or will be
         self.verified = False
         self.delayed: list = []  # (ttid or b'', callable) retried on lock changes
+        self._delayed_prune_at = 1024
         self._pending_timer: asyncio.TimerHandle | None = None
         self._exit = asyncio.Event()
         self.exit_status = 0
@@ -155,7 +156,17 @@ class StorageApp:
 
     # -- delayed requests -------------------------------------------------------------
     def delay(self, key: bytes, retry) -> None:
-        self.delayed.append((key, retry))
+        delayed = self.delayed
+        delayed.append((key, retry))
+        if len(delayed) >= self._delayed_prune_at:
+            # requests of connections gone since are dropped here, not only
+            # at the next replay: a peer that keeps asking then leaves must
+            # not grow the list while nothing replays (amortised: the
+            # threshold doubles with what is really waiting)
+            self.delayed = delayed = [
+                item for item in delayed
+                if not getattr(getattr(item[1], "conn", None), "closed", False)]
+            self._delayed_prune_at = max(1024, 2 * len(delayed))
 
     def replay(self) -> None:
         """Retry delayed requests, oldest transaction first."""
