@@ -126,14 +126,14 @@ def test_large_first_message_is_refused(cluster, node):
 
 @pytest.mark.parametrize("shape", ["empty maps", "deep nesting"])
 def test_cheap_bombs_are_refused_cheaply(cluster, shape):
-    """16 MiB of 1-byte empty maps in one array would cost the storage over
-    1 GB decoded; deep nesting, msgpack's stack.  The node closes the
+    """16 MiB of 1-byte empty maps would cost the storage over 1 GB
+    decoded; deep nesting, msgpack's stack.  The node closes the
     connection and its peak memory barely moves."""
-    n = 16 * MB
-    if shape == "empty maps":
-        bomb = b"\x93\x00\x02\xdd" + struct.pack(">I", n) + b"\x80" * n
+    if shape == "empty maps":  # 16 arrays of 1 M (within the length limits)
+        inner = b"\xdd" + struct.pack(">I", MB) + b"\x80" * MB
+        bomb = b"\x93\x00\x02\xdc\x00\x10" + inner * 16
     else:
-        bomb = b"\x91" * n
+        bomb = b"\x91" * (16 * MB)
     pid = _pid(cluster, "storage")
     before = _status(pid, "VmRSS")
     with socket.create_connection(_address(cluster, "storage"), timeout=10) as sock:

@@ -86,6 +86,7 @@ class MasterApp(Recovery, Truncation, Commits):
         self._client_features: frozenset[bytes] | None = None  # last offered to clients
         self._stop_operation = asyncio.Event()
         self._exit = asyncio.Event()
+        self.exit_status = 0
         self.stopping = False
         self.ready_storages: set[int] = set()  # NotifyReady received
         self.delayed_begins: list = []
@@ -296,7 +297,7 @@ class MasterApp(Recovery, Truncation, Commits):
         self.address = sock.getsockname()[:2]
         log.info("%s: listening on %s:%s, cluster %r", self.label, *self.address, self.name)
 
-    async def run(self) -> None:
+    async def run(self) -> int:
         await self.start()
         roles = asyncio.ensure_future(self._roles())
         await self._exit.wait()
@@ -307,6 +308,7 @@ class MasterApp(Recovery, Truncation, Commits):
                 node.conn.close("master exiting", flush=True)
         if self.primary_conn is not None:
             self.primary_conn.close("master exiting", flush=True)
+        return self.exit_status
 
     async def _roles(self) -> None:
         try:
@@ -319,6 +321,7 @@ class MasterApp(Recovery, Truncation, Commits):
                     self.take_over()
         except Exception:
             log.exception("%s: fatal error", self.label)
+            self.exit_status = 1
             self._exit.set()
 
     async def _play_primary(self) -> tuple | None:
@@ -333,6 +336,8 @@ class MasterApp(Recovery, Truncation, Commits):
             await asyncio.wait([phases, self._yielded], return_when=asyncio.FIRST_COMPLETED)
         finally:
             phases.cancel()
+        if phases.done() and not phases.cancelled() and phases.exception() is not None:
+            raise phases.exception()  # _roles stops the node, not a zombie
         return self._yielded.result() if self._yielded.done() else None
 
     def yield_to(self, address: tuple[str, int], conn: Connection | None = None,
@@ -406,6 +411,7 @@ class MasterApp(Recovery, Truncation, Commits):
             raise
         except Exception:
             log.exception("%s: fatal error", self.label)
+            self.exit_status = 1
             self._exit.set()
 
     async def _wait(self, condition) -> None:

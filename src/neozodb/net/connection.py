@@ -394,9 +394,8 @@ class Connection(asyncio.Protocol):
         elif token is not None:
             try:
                 token(self, result, error)
-            except Exception:
-                log.exception("%s: error handling %s from %s", self.app.label, packet.name, self.label)
-                self.close(f"internal error handling {packet.name}")
+            except Exception as e:
+                self._internal_error(packet, e)
 
     def _request_received(self, msg_id: int, packet: Any, args: tuple) -> None:
         """Dispatch a request or notification (also used to replay delayed ones)."""
@@ -415,10 +414,18 @@ class Connection(asyncio.Protocol):
                 self._shutdown(str(e), logging.INFO)
         except ProtocolError as e:
             self._protocol_error(str(e), msg_id)
-        except Exception:
-            # A bug in a handler must not take the node down: drop this peer.
-            log.exception("%s: error handling %s from %s", self.app.label, packet.name, self.label)
-            self.close(f"internal error handling {packet.name}")
+        except Exception as e:
+            self._internal_error(packet, e)
+
+    def _internal_error(self, packet: Any, exc: Exception) -> None:
+        """A handler raised.  The application decides first (``fatal_error``:
+        e.g. a storage's database failing to write stops the node); a bug in
+        a handler must not take the node down: drop this peer."""
+        fatal = getattr(self.app, "fatal_error", None)
+        if fatal is not None and fatal(exc, f"{packet.name} from {self.label}"):
+            return
+        log.exception("%s: error handling %s from %s", self.app.label, packet.name, self.label)
+        self.close(f"internal error handling {packet.name}")
 
     def _protocol_error(self, reason: str, msg_id: int | None) -> None:
         """The peer sent something malformed or unexpected: tell it why (best

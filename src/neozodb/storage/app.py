@@ -15,6 +15,7 @@ import os
 
 from neozodb.net.bootstrap import follow_master
 from neozodb.net.connection import Connection, RemoteError, connect
+from neozodb.net.tasks import watch
 from neozodb.nodes import NodeManager
 from neozodb.protocol import (
     CellStates,
@@ -178,7 +179,9 @@ class StorageApp:
         for _, retry in delayed:
             try:
                 retry()
-            except Exception:
+            except Exception as e:
+                if self.fatal_error(e, "a delayed request"):
+                    return
                 # one broken request must not strand the others
                 log.exception("%s: error replaying a delayed request", self.label)
 
@@ -193,7 +196,8 @@ class StorageApp:
 
     async def run(self) -> int:
         await self.start()
-        cycle = asyncio.ensure_future(self._master_cycle())
+        cycle = watch(self, asyncio.ensure_future(self._master_cycle()), "master cycle",
+                      lambda: self.exit(1))
         await self._exit.wait()
         cycle.cancel()
         self.server.close()
@@ -211,6 +215,24 @@ class StorageApp:
     def exit(self, status: int = 0) -> None:
         self.exit_status = status
         self._exit.set()
+
+    def fatal_error(self, exc: BaseException, what: str) -> bool:
+        """Stop the node if ``exc`` comes from the database (a write failed:
+        disk full, I/O error...): what it holds is in an unknown state, and
+        answering or carrying on could report as durable what is not.  One
+        log line; the peers see the node go.  False for other errors."""
+        if not isinstance(exc, self.backend.errors):
+            return False
+        if not self._exit.is_set():
+            log.error("%s: database error (%s: %s) handling %s: stopping, the database is"
+                      " in an unknown state", self.label, type(exc).__name__, exc, what)
+            # nothing more is answered: abort every connection now
+            for conn in [*self.client_conns, *self.source_conns, *self.peer_conns.values()]:
+                conn.close()
+            if self.master_conn is not None:
+                self.master_conn.close()
+            self.exit(1)
+        return True
 
     async def _master_cycle(self) -> None:
         await follow_master(self, self.masters, lambda: handlers.MasterHandler(self),
@@ -424,9 +446,10 @@ class StorageApp:
         self._pending_timer = None
         try:
             self.backend.commit_pending()
-        except Exception:
-            log.exception("%s: cannot write pending changes", self.label)
-            self.exit(1)
+        except Exception as e:
+            if not self.fatal_error(e, "pending changes"):
+                log.exception("%s: cannot write pending changes", self.label)
+                self.exit(1)
 
     def node_changed(self, node) -> None:
         if node.nid == self.nid:

@@ -23,6 +23,7 @@ import time
 from typing import TYPE_CHECKING
 
 from neozodb.net.connection import ConnectionClosed
+from neozodb.net.tasks import watch
 from neozodb.protocol import CellStates, NodeStates, Packets, nid_str, p64, u64
 from neozodb.storage.background import TRANSIENT, run_steps
 
@@ -87,7 +88,8 @@ class Replicator:
         for partition in range(backend.get_num_partitions() or 0):
             if partition not in ours and backend.last_tid_of(partition) is not None:
                 self.to_drop.add(partition)
-        self._task = asyncio.ensure_future(self._run())
+        self._task = watch(app, asyncio.ensure_future(self._run()), "replication",
+                           lambda: app.exit(1))
 
     def stop(self) -> None:
         if self._task is not None:

@@ -282,6 +282,7 @@ class SQLiteBackend(Backend):
     """Storage backend on a SQLite file (``database`` is its path)."""
 
     name = 'SQLite'
+    errors = (sqlite3.Error,)
 
     def __init__(self, database: str, **options: object) -> None:
         self._reject_options(options)
