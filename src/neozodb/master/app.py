@@ -501,6 +501,7 @@ class MasterApp(Recovery, Truncation, Commits):
                 self.complete_commits()
             self.replay_begins()
         elif node.type is NodeTypes.CLIENT:
+            self._forget_waiter(node.conn)
             for txn in self.tm.client_lost(node.nid):
                 log.info("%s: aborting %s of lost client %s", self.label, p64(txn.ttid).hex(), node.label)
                 self.transaction_finished(txn.ttid, self.tm.last_tid)
@@ -514,6 +515,18 @@ class MasterApp(Recovery, Truncation, Commits):
                 node.state = NodeStates.DOWN
                 self.broadcast_nodes([node])
         self.changed()
+
+    def _forget_waiter(self, conn: Connection | None) -> None:
+        """A client gone: its AskFinalTID waits go (they would keep its
+        connection until the transaction ends; a client asking again and
+        again would grow the lists)."""
+        for ttid, waiters in list(self.final_tid_waiters.items()):
+            kept = [w for w in waiters if w[0] is not conn and not w[0].closed]
+            if len(kept) != len(waiters):
+                if kept:
+                    self.final_tid_waiters[ttid] = kept
+                else:
+                    del self.final_tid_waiters[ttid]
 
     # -- administration -------------------------------------------------------------------
     def drop_storage(self, node: Node) -> None:

@@ -221,7 +221,8 @@ class StorageApp:
         disk full, I/O error...): what it holds is in an unknown state, and
         answering or carrying on could report as durable what is not.  One
         log line; the peers see the node go.  False for other errors."""
-        if not isinstance(exc, self.backend.errors):
+        backend = self.backend
+        if not isinstance(exc, backend.errors) or isinstance(exc, backend.input_errors):
             return False
         if not self._exit.is_set():
             log.error("%s: database error (%s: %s) handling %s: stopping, the database is"
