@@ -50,8 +50,12 @@ def test_final_tid_waiters_of_a_lost_client_are_dropped():
         app = MasterApp("x", ("127.0.0.1", 0))
         a, b = _conn(app), _conn(app)
         app.final_tid_waiters = {1: [(a, 1), (b, 2), (a, 3)], 2: [(a, 4)]}
+        from neozodb.nodes import Node
+        from neozodb.protocol import NodeStates, NodeTypes, make_nid
+        node = app.nm.add(Node(NodeTypes.CLIENT, make_nid(NodeTypes.CLIENT, 1)))
+        node.state, node.conn = NodeStates.RUNNING, a
         a.close("gone")
-        app._forget_waiter(a)
+        app.node_lost(node)
         assert app.final_tid_waiters == {1: [(b, 2)]}
         b.close("test over")
     asyncio.run(main())
