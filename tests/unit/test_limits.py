@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from neozodb.net import connection as connection_module
+from neozodb.net import limits as limits_module
 from neozodb.net.connection import Connection, Handler
 from neozodb.protocol import HANDSHAKE, Decoder, Packets, ProtocolError, encode
 from neozodb.protocol.codec import FIRST_BYTES_LIMIT, MAX_ARRAY_LEN
@@ -161,7 +161,7 @@ def test_backpressure_stops_processing_until_drained():
 
 def test_connections_over_the_cap_are_refused(caplog, monkeypatch):
     monkeypatch.setattr(Connection, "max_accepted", 2)
-    monkeypatch.setattr(connection_module, "_refusals", [0.0, 0])
+    monkeypatch.setattr(limits_module, "_refusals", [0.0, 0])
 
     async def main():
         app = App()

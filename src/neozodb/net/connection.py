@@ -25,7 +25,7 @@ the other half, it closes like any lost connection: pending requests fail
 with ``ConnectionClosed``, the handler's ``connection_lost`` runs.  The
 default is process-wide (``set_keepalive``, the nodes' ``--keepalive``).
 
-Limits (docs/operations.md, "Limits"): an accepted connection is anyone
+Limits (net/limits.py, docs/operations.md "Limits and failures"): an accepted connection is anyone
 until its handler is replaced by the application's identification code
 (``conn.handler = ...``; NEO's anonymous neoctl counts once the admin
 serves it).  Until then it may send ``FIRST_BYTES_LIMIT`` bytes in all and
@@ -41,17 +41,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
-import resource
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 from neozodb.net.endpoint import ConnectionClosed, Endpoint, RemoteError, tune_socket
+from neozodb.net.limits import WRITE_HIGH, Limits, set_identify_timeout, set_max_accepted
 from neozodb.net.threaded import DEFAULT_KEEPALIVE
 from neozodb.protocol import HANDSHAKE, PACKETS, ErrorCodes, Packets, ProtocolError, nid_str
-from neozodb.protocol.codec import FIRST_BYTES_LIMIT, MAX_MESSAGE_SIZE
+from neozodb.protocol.codec import FIRST_BYTES_LIMIT
 from neozodb.protocol.features import NO_FEATURES, common
 
 log = logging.getLogger("neozodb.net")
@@ -77,59 +75,6 @@ def set_keepalive(seconds: float) -> None:
 
 def get_keepalive() -> float:
     return _keepalive
-
-
-def _env_number(name: str, default: float) -> float:
-    """A limit from the environment (tests and operators without a
-    command-line option for it); a bad value keeps the default."""
-    text = os.environ.get(name)
-    if not text:
-        return default
-    try:
-        value = float(text)
-        if value >= 0 and math.isfinite(value):
-            return value
-    except ValueError:
-        pass
-    log.warning("ignoring %s=%r: expected a number >= 0", name, text)
-    return default
-
-
-def _default_max_accepted() -> int:
-    # below the descriptor limit: past it, accept() fails and so would the
-    # node's own files and outgoing connections
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return 1000
-    return max(16, min(1000, soft - 100))
-
-
-# Unread output (bytes) past which a peer is dropped: 4 of the largest
-# messages, so that a slow but reading peer never reaches it.
-OUTPUT_LIMIT = 4 * MAX_MESSAGE_SIZE
-# Write buffer marks: past HIGH, reading from that peer pauses until LOW.
-WRITE_HIGH = 256 << 10
-WRITE_LOW = 64 << 10
-
-
-def set_identify_timeout(seconds: float) -> None:
-    """Seconds an accepted connection has to identify (0: no deadline)."""
-    seconds = float(seconds)
-    if not (seconds >= 0 and math.isfinite(seconds)):
-        raise ValueError(f"invalid identification timeout {seconds!r}")
-    Connection.identify_timeout = seconds
-
-
-def set_max_accepted(count: int) -> None:
-    """Most connections an application accepts at a time (0: no cap)."""
-    if count < 0:
-        raise ValueError(f"invalid connection cap {count!r}")
-    Connection.max_accepted = int(count)
-
-
-# application -> its live accepted connections (counted in connection_made)
-_accepted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_refusals = [0.0, 0]  # when the last refusal was logged, refusals since
 
 
 def _ignore_answer(conn: Any, result: Any, error: Any) -> None:
@@ -208,16 +153,10 @@ class Handler:
             handler.flush()
 
 
-class Connection(asyncio.Protocol):
+class Connection(Limits, asyncio.Protocol):
     # Longest wait for the peer to close after a graceful close, and for
     # output to drain after any flushing close, before aborting.
     linger = 10.0
-    # An accepted connection closes if not identified within this many
-    # seconds (0: never); see set_identify_timeout.
-    identify_timeout = _env_number("NEOZODB_IDENTIFY_TIMEOUT", 20.0)
-    # Accepted connections an application keeps at a time (0: no cap).
-    max_accepted = int(_env_number("NEOZODB_MAX_CONNECTIONS", _default_max_accepted()))
-
     def __init__(self, app: Any, handler: Handler, outgoing: bool = False,
                  keepalive: float | None = None) -> None:
         self.app = app
@@ -268,53 +207,6 @@ class Connection(asyncio.Protocol):
         return f"<{self.label}>"
 
     @property
-    def handler(self) -> Handler:
-        return self._handler
-
-    @handler.setter
-    def handler(self, handler: Handler) -> None:
-        # Replacing the first handler is how the applications' identification
-        # code accepts a peer: the first-message limit and deadline end.
-        self._handler = handler
-        if not self.identified:
-            self.identified = True
-            self.endpoint.identified()
-            self.cancel_identify_deadline()
-
-    def cancel_identify_deadline(self) -> None:
-        """The application keeps an unidentified connection on purpose
-        (e.g. a client held until the cluster runs, with its own timeout)."""
-        if self._id_timer is not None:
-            self._id_timer.cancel()
-            self._id_timer = None
-
-    def _identify_expired(self) -> None:
-        self._id_timer = None
-        if not self.closed and not self.identified:
-            self._keepalive_expired(f"not identified after {self.identify_timeout:g} s")
-
-    def _refuse(self, transport: asyncio.BaseTransport, count: int) -> None:
-        """Over the cap: drop the connection, logging at most one line a
-        second (a flood must not flood the log too)."""
-        self.closed = True
-        self._reading = False
-        self.close_reason = "too many connections"
-        self.closed_future.set_result(None)  # the application never saw it
-        now = _monotonic()
-        _refusals[1] += 1
-        if now - _refusals[0] >= 1.0:
-            log.warning("%s: refused connection from %s: %d connections already (cap %d)%s",
-                        self.app.label, self.peer, count, self.max_accepted,
-                        f"; {_refusals[1] - 1} more refused since the last report"
-                        if _refusals[1] > 1 else "")
-            _refusals[:] = [now, 0]
-        transport.abort()
-
-    def _uncount(self) -> None:
-        if self._counted:
-            self._counted = False
-            _accepted[self.app] -= 1
-    @property
     def label(self) -> str:
         return nid_str(self.nid) if self.nid is not None else self.peer
 
@@ -328,21 +220,9 @@ class Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = "%s:%s" % peer[:2]
-        if not self.outgoing:
-            count = _accepted.get(self.app, 0)
-            if self.max_accepted and count >= self.max_accepted:
-                self._refuse(transport, count)
-                return
-            _accepted[self.app] = count + 1
-            self._counted = True
-            if self.identify_timeout > 0:
-                self._id_timer = asyncio.get_event_loop().call_later(
-                    self.identify_timeout, self._identify_expired)
+        if not self._admit(transport):
+            return
         tune_socket(transport.get_extra_info("socket"))
-        try:
-            transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)  # type: ignore[attr-defined]
-        except (AttributeError, NotImplementedError):
-            pass
         transport.write(self.endpoint.handshake())  # type: ignore[union-attr]
         if self.keepalive > 0 and not self.closed:
             self._last_received = _monotonic()
@@ -434,42 +314,6 @@ class Connection(asyncio.Protocol):
             self.error(msg_id, ErrorCodes.PROTOCOL_ERROR, reason)
         self._shutdown(f"protocol error: {reason}", logging.WARNING)
 
-    def pause_writing(self) -> None:
-        # The peer does not read what we send: stop reading its requests
-        # (their answers would pile up here) until its backlog drains.
-        transport = self.transport
-        if transport is None or self.closed or self._paused or not self._reading:
-            return
-        self._paused = True
-        self._reading = False
-        try:
-            transport.pause_reading()
-        except RuntimeError:  # closing
-            pass
-
-    def resume_writing(self) -> None:
-        if not self._paused:
-            return
-        self._paused = False
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        self._reading = True
-        try:
-            transport.resume_reading()
-        except RuntimeError:
-            pass
-        # what was decoded but not processed when we paused, then what
-        # arrived meanwhile
-        backlog, self._backlog = self._backlog, []
-        self.data_received(b"")
-        for i, data in enumerate(backlog):
-            if not self._reading:  # paused again (or closed)
-                if self._paused:
-                    self._backlog.extend(backlog[i:])
-                break
-            self.data_received(data)
-
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
         self._stop_keepalive()
@@ -523,13 +367,6 @@ class Connection(asyncio.Protocol):
             out.clear()
             if self._paused:
                 self._check_backlog()
-
-    def _check_backlog(self) -> None:
-        # while paused, what still leaves is notifications (and answers to
-        # requests read before the pause): a peer that never reads must not
-        # make them pile up without bound
-        if not self.closed and self.transport.get_write_buffer_size() > OUTPUT_LIMIT:  # type: ignore[union-attr]
-            self._keepalive_expired(f"peer does not read: over {OUTPUT_LIMIT >> 20} MiB unsent")
 
     def ask(self, packet: Any, *args: Any, callback: Callable | None = None) -> asyncio.Future | None:
         """Send a request.  Without callback, return a future of the answer."""
@@ -715,5 +552,7 @@ __all__ = [
     "RemoteError",
     "connect",
     "get_keepalive",
+    "set_identify_timeout",
     "set_keepalive",
+    "set_max_accepted",
 ]
