@@ -2,10 +2,11 @@
 
     PYTHONPATH=src python bench/decode_micro.py
 
-Decodes 1e5 small messages (AnswerObject-like and AskStoreObject-like),
-fed in 64 KiB chunks, through the bare Decoder and through an identified
-asyncio Connection whose handler does nothing; prints ns per message
-(best of 5 runs)."""
+Decodes 1e5 small AskStoreObject messages (100-byte values), fed in
+64 KiB chunks, through the bare Decoder and through an identified asyncio
+Connection whose handler answers each one (AnswerStoreObject, as a storage
+does); prints CPU ns per message (process time, best of 5 runs: other
+processes on the machine do not count)."""
 from __future__ import annotations
 
 import asyncio
@@ -32,20 +33,20 @@ def bench_decoder(chunks: list[bytes]) -> float:
     best = float("inf")
     for _ in range(5):
         d = Decoder()
-        t = time.perf_counter()
+        t = time.process_time()
         n = 0
         for c in chunks:
             d.feed(c)
             for _m in d:
                 n += 1
-        best = min(best, time.perf_counter() - t)
+        best = min(best, time.process_time() - t)
         assert n == N
     return best / N * 1e9
 
 
 class _Sink(Handler):
     def AskStoreObject(self, conn, msg_id, *args):
-        pass
+        conn.answer(msg_id, Packets.AnswerStoreObject, None)  # as a storage does
 
 
 class _Transport(asyncio.Transport):
@@ -69,10 +70,10 @@ def bench_connection(chunks: list[bytes]) -> float:
         conn.connection_made(_Transport())
         conn.data_received(HANDSHAKE)
         conn.handler = _Sink()  # identified
-        t = time.perf_counter()
+        t = time.process_time()
         for c in chunks:
             conn.data_received(c)
-        best = min(best, time.perf_counter() - t)
+        best = min(best, time.process_time() - t)
         assert not conn.closed
     loop.close()
     return best / N * 1e9
