@@ -18,6 +18,7 @@ from neozodb.net.connection import (
     RemoteError,
 )
 from neozodb.net.listener import listen
+from neozodb.net.tasks import watch
 from neozodb.nodes import NodeManager
 from neozodb.protocol import (
     CellStates,
@@ -270,6 +271,7 @@ class AdminApp:
         self.cluster_state = None
         self.master_conn: Connection | None = None
         self._exit = asyncio.Event()
+        self.exit_status = 0
 
     @property
     def label(self) -> str:
@@ -280,11 +282,16 @@ class AdminApp:
             self, self.bind, lambda: Connection(self, IdentificationHandler(self)))
         self.address = self.server.sockets[0].getsockname()[:2]
         log.info("%s: listening on %s:%s", self.label, *self.address)
-        cycle = asyncio.ensure_future(self._master_cycle())
+        cycle = watch(self, asyncio.ensure_future(self._master_cycle()), "master cycle",
+                      self._failed)
         await self._exit.wait()
         cycle.cancel()
         self.server.close()
-        return 0
+        return self.exit_status
+
+    def _failed(self) -> None:
+        self.exit_status = 1
+        self._exit.set()
 
     def exit(self) -> None:
         self._exit.set()

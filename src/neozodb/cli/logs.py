@@ -56,9 +56,16 @@ def setup_logging(
             root.removeHandler(old)
             old.close()
     if logfile:
-        handler: logging.Handler = logging.handlers.WatchedFileHandler(
-            logfile, encoding="utf-8"
-        )
+        try:
+            handler: logging.Handler = logging.handlers.WatchedFileHandler(
+                logfile, encoding="utf-8"
+            )
+        except OSError as e:
+            # a usage error (-l in a missing or unwritable directory): one
+            # line and status 2, as for any bad option, whatever the node
+            print("error: cannot open log file %r: %s" % (logfile, e.strerror or e),
+                  file=sys.stderr)
+            raise SystemExit(2) from None
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler._neozodb_handler = True  # type: ignore[attr-defined]

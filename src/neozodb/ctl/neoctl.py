@@ -198,6 +198,8 @@ def _parse_tid(text: str) -> int:
 def _parse_offset(name: str, text: str) -> int:
     if not text.isdigit() or not text.isascii():
         raise CtlError("invalid %s %r: expected a partition number (0, 1, ...)" % (name, text))
+    if len(text) > 10 or int(text) > 0xFFFFFFFF:  # a wire int; long digit strings are slow
+        raise CtlError("invalid %s %r: too large" % (name, text))
     return int(text)
 
 
@@ -415,6 +417,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, "%s: error: %s\n" % (self.prog, message))
 
 
+class _Parsed(Exception):
+    """The command reached its first request: its words are well-formed."""
+
+
+class _Validator:
+    """Stands for NeoCtl while the whole command is checked before
+    connecting: any use of the connection ends the check."""
+
+    def __getattr__(self, name: str):
+        raise _Parsed
+
+
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("invalid timeout %r: expected seconds" % text) from None
+    if not (0 < value < 1e9):  # also refuses nan and inf
+        raise argparse.ArgumentTypeError("invalid timeout %r: expected seconds > 0" % text)
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="neoctl", description="Operate a neozodb cluster through its admin node.",
                      epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -431,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("-n", "--dry-run", action="store_true",
                         help="with tweak: print the table it would make, change nothing")
-    parser.add_argument("--timeout", type=float, default=30.0, help=argparse.SUPPRESS)
+    parser.add_argument("--timeout", type=_timeout, default=30.0, help=argparse.SUPPRESS)
     # Options are accepted anywhere (`print pt --json`) and unknown ones are
     # errors: a word starting with "-" is never silently part of the command
     # (except negative numbers, which argparse leaves positional).  Use "--"
@@ -450,6 +474,16 @@ def main(argv: list[str] | None = None) -> int:
         address = parse_address(opts.address, default_port=9999)
     except ValueError as e:
         parser.error(str(e))
+    # The whole command is checked before connecting: a mistake never
+    # reaches the cluster half-done (same message and status as before:
+    # scripts rely on them).
+    try:
+        run_command(_Validator(), opts.command)
+    except _Parsed:
+        pass
+    except CtlError as e:
+        print(e, file=sys.stderr)
+        return 1
     tls = None
     if opts.ca or opts.cert or opts.key:
         try:
@@ -463,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
                                    lambda line: print(line, file=sys.stderr, flush=True))
     except CtlError as e:
         print(e, file=sys.stderr)
+        return 1
+    except Exception as e:  # one line, never a traceback, whatever went wrong
+        print("neoctl: %s: %s" % (type(e).__name__, e), file=sys.stderr)
         return 1
     finally:
         ctl.close()

@@ -89,6 +89,7 @@ class MasterApp(Recovery, Truncation, Commits):
         self._client_features: frozenset[bytes] | None = None  # last offered to clients
         self._stop_operation = asyncio.Event()
         self._exit = asyncio.Event()
+        self.exit_status = 0
         self.stopping = False
         self.ready_storages: set[int] = set()  # NotifyReady received
         self.delayed_begins: list = []
@@ -255,9 +256,19 @@ class MasterApp(Recovery, Truncation, Commits):
                 if not conn.closed:
                     refuse("cluster is not running (waited %g s)" % self.hold_timeout)
                     conn.close("cluster not running", flush=True)
+        def gone(_):
+            # a client that went away while held is forgotten at once: a
+            # reconnecting client must not fill the list until the timeouts
+            if entry in self.held_clients:
+                self.held_clients.remove(entry)
+                if entry[3] is not None:
+                    entry[3].cancel()
         timer = asyncio.get_running_loop().call_later(self.hold_timeout, expire)
         entry = [conn, accept, refuse, timer]
         self.held_clients.append(entry)
+        # hold_timeout replaces the connection's identification deadline
+        conn.cancel_identify_deadline()
+        conn.closed_future.add_done_callback(gone)
         log.info("%s: client at %s waits for the cluster to run", self.label, conn.peer)
 
     def release_clients(self) -> None:
@@ -288,7 +299,7 @@ class MasterApp(Recovery, Truncation, Commits):
         self.address = sock.getsockname()[:2]
         log.info("%s: listening on %s:%s, cluster %r", self.label, *self.address, self.name)
 
-    async def run(self) -> None:
+    async def run(self) -> int:
         await self.start()
         roles = asyncio.ensure_future(self._roles())
         await self._exit.wait()
@@ -299,6 +310,7 @@ class MasterApp(Recovery, Truncation, Commits):
                 node.conn.close("master exiting", flush=True)
         if self.primary_conn is not None:
             self.primary_conn.close("master exiting", flush=True)
+        return self.exit_status
 
     async def _roles(self) -> None:
         try:
@@ -311,6 +323,7 @@ class MasterApp(Recovery, Truncation, Commits):
                     self.take_over()
         except Exception:
             log.exception("%s: fatal error", self.label)
+            self.exit_status = 1
             self._exit.set()
 
     async def _play_primary(self) -> tuple | None:
@@ -325,6 +338,8 @@ class MasterApp(Recovery, Truncation, Commits):
             await asyncio.wait([phases, self._yielded], return_when=asyncio.FIRST_COMPLETED)
         finally:
             phases.cancel()
+        if phases.done() and not phases.cancelled() and phases.exception() is not None:
+            raise phases.exception()  # _roles stops the node, not a zombie
         return self._yielded.result() if self._yielded.done() else None
 
     def yield_to(self, address: tuple[str, int], conn: Connection | None = None,
@@ -398,6 +413,7 @@ class MasterApp(Recovery, Truncation, Commits):
             raise
         except Exception:
             log.exception("%s: fatal error", self.label)
+            self.exit_status = 1
             self._exit.set()
 
     async def _wait(self, condition) -> None:
@@ -487,6 +503,7 @@ class MasterApp(Recovery, Truncation, Commits):
                 self.complete_commits()
             self.replay_begins()
         elif node.type is NodeTypes.CLIENT:
+            self._forget_waiter(node.conn)
             for txn in self.tm.client_lost(node.nid):
                 log.info("%s: aborting %s of lost client %s", self.label, p64(txn.ttid).hex(), node.label)
                 self.transaction_finished(txn.ttid, self.tm.last_tid)
@@ -500,6 +517,18 @@ class MasterApp(Recovery, Truncation, Commits):
                 node.state = NodeStates.DOWN
                 self.broadcast_nodes([node])
         self.changed()
+
+    def _forget_waiter(self, conn: Connection | None) -> None:
+        """A client gone: its AskFinalTID waits go (they would keep its
+        connection until the transaction ends; a client asking again and
+        again would grow the lists)."""
+        for ttid, waiters in list(self.final_tid_waiters.items()):
+            kept = [w for w in waiters if w[0] is not conn and not w[0].closed]
+            if len(kept) != len(waiters):
+                if kept:
+                    self.final_tid_waiters[ttid] = kept
+                else:
+                    del self.final_tid_waiters[ttid]
 
     # -- administration -------------------------------------------------------------------
     def drop_storage(self, node: Node) -> None:

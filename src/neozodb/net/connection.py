@@ -24,6 +24,17 @@ then receives nothing at all (any data counts, not only the ``Pong``) for
 the other half, it closes like any lost connection: pending requests fail
 with ``ConnectionClosed``, the handler's ``connection_lost`` runs.  The
 default is process-wide (``set_keepalive``, the nodes' ``--keepalive``).
+
+Limits (net/limits.py, docs/operations.md "Limits and failures"): an accepted connection is anyone
+until its handler is replaced by the application's identification code
+(``conn.handler = ...``; NEO's anonymous neoctl counts once the admin
+serves it).  Until then it may send ``FIRST_BYTES_LIMIT`` bytes in all and
+must identify within ``identify_timeout`` seconds; an application accepts
+at most ``max_accepted`` connections at a time.  Output to a peer that
+does not read is bounded: past the transport's high-water mark we stop
+reading from that peer (its requests wait in its kernel buffers) until its
+answers drain, and a peer whose unread output exceeds ``OUTPUT_LIMIT``
+(notifications keep coming even when we stop reading) is dropped.
 """
 from __future__ import annotations
 
@@ -35,8 +46,10 @@ from collections.abc import Callable
 from typing import Any
 
 from neozodb.net.endpoint import ConnectionClosed, Endpoint, RemoteError, tune_socket
+from neozodb.net.limits import WRITE_HIGH, Limits, set_identify_timeout, set_max_accepted
 from neozodb.net.threaded import DEFAULT_KEEPALIVE
 from neozodb.protocol import HANDSHAKE, PACKETS, ErrorCodes, Packets, ProtocolError, nid_str
+from neozodb.protocol.codec import FIRST_BYTES_LIMIT
 from neozodb.protocol.features import NO_FEATURES, common
 
 log = logging.getLogger("neozodb.net")
@@ -140,17 +153,28 @@ class Handler:
             handler.flush()
 
 
-class Connection(asyncio.Protocol):
+class Connection(Limits, asyncio.Protocol):
     # Longest wait for the peer to close after a graceful close, and for
     # output to drain after any flushing close, before aborting.
     linger = 10.0
-
     def __init__(self, app: Any, handler: Handler, outgoing: bool = False,
                  keepalive: float | None = None) -> None:
         self.app = app
-        self.handler = handler
+        self._handler = handler
         self.outgoing = outgoing
-        self.endpoint = Endpoint()
+        # We chose to connect to an outgoing connection's peer: it is
+        # trusted as much as the address it came from.
+        self.identified = outgoing
+        self.endpoint = Endpoint(None if outgoing else FIRST_BYTES_LIMIT)
+        self._counted = False  # in _accepted[app]
+        self._id_timer: asyncio.TimerHandle | None = None
+        # Reading paused because the peer does not read (pause_writing):
+        # _reading is False meanwhile, which stops data_received's loop
+        # between two messages at no cost; the rest stays in the decoder
+        # (and _backlog) until resume_writing.
+        self._paused = False
+        self._backlog: list[bytes] = []
+        self._out_size = 0  # bytes in _out
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.nid: int | None = None
@@ -196,6 +220,8 @@ class Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = "%s:%s" % peer[:2]
+        if not self._admit(transport):
+            return
         tune_socket(transport.get_extra_info("socket"))
         transport.write(self.endpoint.handshake())  # type: ignore[union-attr]
         if self.keepalive > 0 and not self.closed:
@@ -205,6 +231,8 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if not self._reading:
+            if self._paused and data:  # in flight when we paused: kept in order
+                self._backlog.append(data)
             return
         self._last_received = _monotonic()
         if len(self._head) < _HANDSHAKE_LEN:
@@ -246,9 +274,8 @@ class Connection(asyncio.Protocol):
         elif token is not None:
             try:
                 token(self, result, error)
-            except Exception:
-                log.exception("%s: error handling %s from %s", self.app.label, packet.name, self.label)
-                self.close(f"internal error handling {packet.name}")
+            except Exception as e:
+                self._internal_error(packet, e)
 
     def _request_received(self, msg_id: int, packet: Any, args: tuple) -> None:
         """Dispatch a request or notification (also used to replay delayed ones)."""
@@ -257,7 +284,7 @@ class Connection(asyncio.Protocol):
                       self.app.label, packet.name, self.label)
             return
         try:
-            self.handler.dispatch(self, msg_id, packet, args)
+            self._handler.dispatch(self, msg_id, packet, args)
         except HandlerError as e:
             if packet.is_request:
                 self.error(msg_id, e.code, str(e))
@@ -267,10 +294,18 @@ class Connection(asyncio.Protocol):
                 self._shutdown(str(e), logging.INFO)
         except ProtocolError as e:
             self._protocol_error(str(e), msg_id)
-        except Exception:
-            # A bug in a handler must not take the node down: drop this peer.
-            log.exception("%s: error handling %s from %s", self.app.label, packet.name, self.label)
-            self.close(f"internal error handling {packet.name}")
+        except Exception as e:
+            self._internal_error(packet, e)
+
+    def _internal_error(self, packet: Any, exc: Exception) -> None:
+        """A handler raised.  The application decides first (``fatal_error``:
+        e.g. a storage's database failing to write stops the node); a bug in
+        a handler must not take the node down: drop this peer."""
+        fatal = getattr(self.app, "fatal_error", None)
+        if fatal is not None and fatal(exc, f"{packet.name} from {self.label}"):
+            return
+        log.exception("%s: error handling %s from %s", self.app.label, packet.name, self.label)
+        self.close(f"internal error handling {packet.name}")
 
     def _protocol_error(self, reason: str, msg_id: int | None) -> None:
         """The peer sent something malformed or unexpected: tell it why (best
@@ -290,6 +325,8 @@ class Connection(asyncio.Protocol):
 
     def _closed(self) -> None:
         """The connection is gone for the application (idempotent)."""
+        self._uncount()
+        self.cancel_identify_deadline()
         for token in self.endpoint.fail_pending():
             if isinstance(token, asyncio.Future):
                 if not token.done():
@@ -302,7 +339,7 @@ class Connection(asyncio.Protocol):
         if not self.closed_future.done():
             self.closed_future.set_result(None)
             try:
-                self.handler.connection_lost(self)
+                self._handler.connection_lost(self)
             except Exception:
                 log.exception("%s: error handling loss of %s", self.app.label, self.label)
 
@@ -310,15 +347,26 @@ class Connection(asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         if self._corked:
             self._out.append(data)
+            self._out_size += len(data)
+            if self._out_size > WRITE_HIGH:
+                # big answers: send now, so that the transport can tell
+                # us (pause_writing) to stop processing this peer's requests
+                self._flush_out()
+                self._corked = True
         else:
             self.transport.write(data)  # type: ignore[union-attr]
+            if self._paused:
+                self._check_backlog()
 
     def _flush_out(self) -> None:
         self._corked = False
         out = self._out
         if out:
+            self._out_size = 0
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])  # type: ignore[union-attr]
             out.clear()
+            if self._paused:
+                self._check_backlog()
 
     def ask(self, packet: Any, *args: Any, callback: Callable | None = None) -> asyncio.Future | None:
         """Send a request.  Without callback, return a future of the answer."""
@@ -364,7 +412,7 @@ class Connection(asyncio.Protocol):
         """
         transport = self.transport
         if self.closed:
-            if not flush and self._reading and transport is not None:
+            if not flush and (self._reading or self._paused) and transport is not None:
                 self._abort()  # hurry a graceful close
             return
         self.closed = True
@@ -391,7 +439,7 @@ class Connection(asyncio.Protocol):
     def _shutdown(self, reason: str, level: int) -> None:
         """Stop reading, flush queued output, close; the application learns
         of the loss now.  Logs one line."""
-        if self.closed and not self._reading:
+        if self.closed and not (self._reading or self._paused):
             return
         if not self.closed:
             self.closed = True
@@ -404,7 +452,7 @@ class Connection(asyncio.Protocol):
             self._stop(self.transport)
 
     def _stop(self, transport: asyncio.Transport) -> None:
-        self._reading = False
+        self._reading = self._paused = False
         self._stop_keepalive()
         self._flush_out()
         transport.close()
@@ -413,8 +461,9 @@ class Connection(asyncio.Protocol):
 
     def _abort(self) -> None:
         self._out.clear()  # nothing more leaves an aborted connection
+        self._out_size = 0
         self._corked = False
-        self._reading = False
+        self._reading = self._paused = False
         self._cancel_timer()
         self._stop_keepalive()
         self.transport.abort()  # type: ignore[union-attr]
@@ -512,5 +561,7 @@ __all__ = [
     "RemoteError",
     "connect",
     "get_keepalive",
+    "set_identify_timeout",
     "set_keepalive",
+    "set_max_accepted",
 ]

@@ -51,10 +51,12 @@ def error_code(value: int) -> ErrorCodes:
 class Endpoint:
     __slots__ = ("_handshaked", "_hs_buf", "_decoder", "_next_id", "pending")
 
-    def __init__(self) -> None:
+    def __init__(self, first_limit: int | None = None) -> None:
         self._handshaked = False
         self._hs_buf = b""
-        self._decoder = Decoder()
+        # first_limit: bytes accepted before identified() (an incoming
+        # connection's peer is anyone until then)
+        self._decoder = Decoder(first_limit=first_limit)
         self._next_id = 0
         # msg_id -> (request PacketType, token); the token is the caller's
         # (a future, a callback...), returned untouched by match().
@@ -83,6 +85,10 @@ class Endpoint:
         decoder.feed(data)
         for msg_id, code, args in decoder:
             yield msg_id, PACKETS[code], args
+
+    def identified(self) -> None:
+        """The peer identified: lift the limit on what it may send."""
+        self._decoder.lift_limit()
 
     def _alloc(self) -> int:
         msg_id = self._next_id

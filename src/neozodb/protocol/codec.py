@@ -11,7 +11,8 @@ import msgpack
 from .catalogue import PACKETS, ProtocolError
 from .enums import ENUMS, ErrorCodes
 
-__all__ = ["PROTOCOL_VERSION", "HANDSHAKE", "check_handshake", "encode", "Decoder"]
+__all__ = ["PROTOCOL_VERSION", "HANDSHAKE", "check_handshake", "encode", "Decoder",
+           "MAX_MESSAGE_SIZE", "FIRST_BYTES_LIMIT"]
 
 PROTOCOL_VERSION = 5
 HANDSHAKE = msgpack.packb(["NEO", PROTOCOL_VERSION], use_bin_type=True)
@@ -102,6 +103,29 @@ def _ext_hook(code: int, data: bytes) -> object:
 
 _MAX_MSG_ID = 0xFFFFFFFF
 
+# Limits on what one message may hold.  msgpack's defaults derive from the
+# buffer size, so a 5-byte header could announce 64 M elements; these stay
+# above what any legitimate message holds within NEO's 64 MiB bound: a p64
+# list costs 10 bytes an entry (so 6.7 M oids, e.g. the invalidations or
+# AnswerTIDs of a huge transaction, fit in 8 M), a map entry at least 2
+# bytes (partitions of CheckReplicas); str appears only in free-form `any`
+# fields; ext payloads are enum values (1 to 9 bytes).  Nesting is bounded
+# by msgpack itself (StackError past 1024 levels, before any allocation).
+MAX_MESSAGE_SIZE = 64 << 20
+MAX_ARRAY_LEN = 8 << 20
+MAX_MAP_LEN = 4 << 20
+MAX_STR_LEN = 16 << 20
+MAX_EXT_LEN = 16
+
+# Before a peer identifies, it may send this many bytes in all: its
+# RequestIdentification (or NEO's anonymous neoctl's first request) takes
+# a few hundred.  Decoding amplifies input about 80 times (a 1-byte empty
+# map is a 64-byte dict), so unidentified input is held as raw bytes until
+# a message is complete (checked by a non-constructing msgpack pass): a
+# partial message costs its bytes only, a complete one at most ~5 MB while
+# it is decoded and refused.
+FIRST_BYTES_LIMIT = 64 << 10
+
 
 class Decoder:
     """Incremental decoder of the message stream that follows the handshake.
@@ -110,24 +134,85 @@ class Decoder:
     validated ``(msg_id, code, args)``.  Any malformed input raises
     :class:`ProtocolError`, after which the decoder refuses to continue:
     there is no way to resynchronise a msgpack stream.
+
+    With ``first_limit``, the decoder starts restricted: at most that many
+    bytes in all until :meth:`lift_limit` is called (the peer identified).
     """
 
-    __slots__ = ("_unpacker", "_next", "_broken")
+    __slots__ = ("_unpacker", "_next", "_broken", "_probe", "_held", "_first_limit",
+                 "_received", "_pending")
 
-    def __init__(self, max_buffer_size: int = 64 << 20) -> None:
+    def __init__(self, max_buffer_size: int = MAX_MESSAGE_SIZE,
+                 first_limit: int | None = None) -> None:
         self._unpacker = msgpack.Unpacker(
             use_list=False, raw=False, strict_map_key=False,
-            ext_hook=_ext_hook, max_buffer_size=max_buffer_size)
+            ext_hook=_ext_hook, max_buffer_size=max_buffer_size,
+            max_bin_len=max_buffer_size, max_str_len=min(MAX_STR_LEN, max_buffer_size),
+            max_array_len=min(MAX_ARRAY_LEN, max_buffer_size),
+            max_map_len=min(MAX_MAP_LEN, max_buffer_size), max_ext_len=MAX_EXT_LEN)
         self._next = self._unpacker.__next__
         self._broken: str | None = None
+        # restricted mode: a msgpack pass that builds nothing finds where
+        # messages end; complete ones go to _unpacker, the rest is _held
+        self._probe: msgpack.Unpacker | None = None
+        self._held = bytearray()
+        self._first_limit = first_limit or 0
+        self._received = 0
+        self._pending: str | None = None  # the probe's error, raised after what came before
+        if first_limit is not None:
+            self._probe = msgpack.Unpacker(max_buffer_size=first_limit)
+
+    @property
+    def restricted(self) -> bool:
+        return self._probe is not None
 
     def feed(self, data: bytes) -> None:
         if self._broken is not None:
             raise ProtocolError(self._broken)
+        if self._probe is not None:
+            return self._feed_restricted(data)
         try:
             self._unpacker.feed(data)
         except Exception as e:
             self._fail(f"cannot buffer input: {_reason(e)}", e)
+
+    def _feed_restricted(self, data: bytes) -> None:
+        if self._pending is not None:
+            self._fail(self._pending)
+        self._received += len(data)
+        if self._received > self._first_limit:
+            self._fail(f"more than {self._first_limit} bytes before identification")
+        probe = self._probe
+        held = self._held
+        # where held[0] is in the stream (probe.tell() is not: it counts the
+        # bytes of an incomplete message it went through)
+        passed = end = self._received - len(data) - len(held)
+        held += data
+        probe.feed(data)
+        try:
+            while True:
+                probe.skip()
+                end = probe.tell()
+        except msgpack.OutOfData:
+            pass
+        except Exception as e:  # StackError: nested deeper than msgpack's 1024
+            # the messages before it are processed first, as unrestricted
+            self._pending = f"malformed message: {_reason(e)}"
+        if end > passed:
+            self._unpacker.feed(bytes(held[:end - passed]))
+            del held[:end - passed]
+
+    def lift_limit(self) -> None:
+        """The peer identified: its messages may now be as large as any."""
+        if self._probe is None:
+            return
+        self._probe = None
+        if self._held:
+            data, self._held = bytes(self._held), bytearray()
+            try:
+                self._unpacker.feed(data)
+            except Exception as e:
+                self._fail(f"cannot buffer input: {_reason(e)}", e)
 
     def __iter__(self) -> Iterator[tuple[int, int, tuple]]:
         return self
@@ -138,6 +223,8 @@ class Decoder:
         try:
             msg = self._next()
         except StopIteration:
+            if self._pending is not None:
+                self._fail(self._pending)
             raise
         except ProtocolError as e:
             self._fail(str(e), e)

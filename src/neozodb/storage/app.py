@@ -16,6 +16,7 @@ import os
 from neozodb.net.bootstrap import follow_master
 from neozodb.net.connection import Connection, RemoteError, connect
 from neozodb.net.listener import listen
+from neozodb.net.tasks import watch
 from neozodb.nodes import NodeManager
 from neozodb.protocol import (
     CellStates,
@@ -65,6 +66,7 @@ class StorageApp:
         # locked transactions were either validated or will be
         self.verified = False
         self.delayed: list = []  # (ttid or b'', callable) retried on lock changes
+        self._delayed_prune_at = 1024
         self._pending_timer: asyncio.TimerHandle | None = None
         self._exit = asyncio.Event()
         self.exit_status = 0
@@ -158,7 +160,17 @@ class StorageApp:
 
     # -- delayed requests -------------------------------------------------------------
     def delay(self, key: bytes, retry) -> None:
-        self.delayed.append((key, retry))
+        delayed = self.delayed
+        delayed.append((key, retry))
+        if len(delayed) >= self._delayed_prune_at:
+            # requests of connections gone since are dropped here, not only
+            # at the next replay: a peer that keeps asking then leaves must
+            # not grow the list while nothing replays (amortised: the
+            # threshold doubles with what is really waiting)
+            self.delayed = delayed = [
+                item for item in delayed
+                if not getattr(getattr(item[1], "conn", None), "closed", False)]
+            self._delayed_prune_at = max(1024, 2 * len(delayed))
 
     def replay(self) -> None:
         """Retry delayed requests, oldest transaction first."""
@@ -170,7 +182,9 @@ class StorageApp:
         for _, retry in delayed:
             try:
                 retry()
-            except Exception:
+            except Exception as e:
+                if self.fatal_error(e, "a delayed request"):
+                    return
                 # one broken request must not strand the others
                 log.exception("%s: error replaying a delayed request", self.label)
 
@@ -184,7 +198,8 @@ class StorageApp:
 
     async def run(self) -> int:
         await self.start()
-        cycle = asyncio.ensure_future(self._master_cycle())
+        cycle = watch(self, asyncio.ensure_future(self._master_cycle()), "master cycle",
+                      lambda: self.exit(1))
         await self._exit.wait()
         cycle.cancel()
         self.server.close()
@@ -202,6 +217,25 @@ class StorageApp:
     def exit(self, status: int = 0) -> None:
         self.exit_status = status
         self._exit.set()
+
+    def fatal_error(self, exc: BaseException, what: str) -> bool:
+        """Stop the node if ``exc`` comes from the database (a write failed:
+        disk full, I/O error...): what it holds is in an unknown state, and
+        answering or carrying on could report as durable what is not.  One
+        log line; the peers see the node go.  False for other errors."""
+        backend = self.backend
+        if not isinstance(exc, backend.errors) or isinstance(exc, backend.input_errors):
+            return False
+        if not self._exit.is_set():
+            log.error("%s: database error (%s: %s) handling %s: stopping, the database is"
+                      " in an unknown state", self.label, type(exc).__name__, exc, what)
+            # nothing more is answered: abort every connection now
+            for conn in [*self.client_conns, *self.source_conns, *self.peer_conns.values()]:
+                conn.close()
+            if self.master_conn is not None:
+                self.master_conn.close()
+            self.exit(1)
+        return True
 
     async def _master_cycle(self) -> None:
         await follow_master(self, self.masters, lambda: handlers.MasterHandler(self),
@@ -415,9 +449,10 @@ class StorageApp:
         self._pending_timer = None
         try:
             self.backend.commit_pending()
-        except Exception:
-            log.exception("%s: cannot write pending changes", self.label)
-            self.exit(1)
+        except Exception as e:
+            if not self.fatal_error(e, "pending changes"):
+                log.exception("%s: cannot write pending changes", self.label)
+                self.exit(1)
 
     def node_changed(self, node) -> None:
         if node.nid == self.nid:

@@ -36,7 +36,9 @@ async def run_steps(app: Any, what: str, wake: asyncio.Event,
             log.warning("%s: %s interrupted: %s", app.label, what, e)
             await asyncio.sleep(backoff)  # retry backoff, not synchronisation
             backoff = min(backoff * 2, 2.0)
-        except Exception:
-            log.exception("%s: %s failed", app.label, what)
-            app.exit(1)
+        except Exception as e:
+            fatal = getattr(app, "fatal_error", None)
+            if fatal is None or not fatal(e, what):
+                log.exception("%s: %s failed", app.label, what)
+                app.exit(1)
             return

@@ -23,6 +23,7 @@ import time
 from typing import TYPE_CHECKING
 
 from neozodb.net.connection import ConnectionClosed
+from neozodb.net.tasks import watch
 from neozodb.protocol import CellStates, NodeStates, Packets, nid_str, p64, u64
 from neozodb.storage.background import TRANSIENT, run_steps
 
@@ -41,6 +42,14 @@ _UP_TO_DATE = CellStates.UP_TO_DATE.value
 
 class NoSource(Exception):
     pass
+
+
+class BadSource(Exception):
+    """A source answered something inconsistent (a position that does not
+    advance, rows to delete we did not list): the replication with it is
+    abandoned, its connection closed, and tried again later (perhaps from
+    another replica).  Transient: never a reason to stop the node, which
+    would restart into the same answer."""
 
 
 class Replicator:
@@ -87,7 +96,8 @@ class Replicator:
         for partition in range(backend.get_num_partitions() or 0):
             if partition not in ours and backend.last_tid_of(partition) is not None:
                 self.to_drop.add(partition)
-        self._task = asyncio.ensure_future(self._run())
+        self._task = watch(app, asyncio.ensure_future(self._run()), "replication",
+                           lambda: app.exit(1))
 
     def stop(self) -> None:
         if self._task is not None:
@@ -152,7 +162,7 @@ class Replicator:
     # -- the loop -----------------------------------------------------------------------
     async def _run(self) -> None:
         await run_steps(self.app, "replication", self._wake, self._step,
-                        TRANSIENT + (NoSource,))
+                        TRANSIENT + (NoSource, BadSource))
 
     async def _step(self) -> bool:
         app = self.app
@@ -211,6 +221,16 @@ class Replicator:
             return False
         nid = self._source(partition)
         conn = await app.peer_connection(nid)
+        try:
+            return await self._fetch(partition, nid, conn, target, next_tid, obj_tid, obj_oid)
+        except BadSource as e:
+            conn.close("bad replication answer: %s" % e)
+            raise BadSource("partition %d from %s: %s" % (partition, nid_str(nid), e)) from None
+
+    async def _fetch(self, partition: int, nid: int, conn, target: int, next_tid: int,
+                     obj_tid: int, obj_oid: int) -> bool:
+        app = self.app
+        backend = app.backend
         started, objects = time.monotonic(), self.objects_received
         high = p64(target)
         while next_tid <= target:
@@ -218,6 +238,10 @@ class Replicator:
             following, delete, _ = await conn.ask(
                 Packets.AskFetchTransactions, partition, CHUNK, p64(next_tid), high, mine, False)
             self._check_cell(partition)
+            if not set(delete) <= set(mine):
+                raise BadSource("deletion of transactions we did not list")
+            if following is not None and u64(following) <= next_tid:
+                raise BadSource("transaction position does not advance")
             backend.delete_transactions(partition, [u64(t) for t in delete])
             next_tid = target + 1 if following is None else u64(following)
             backend.set_replication(partition, (next_tid, obj_tid, obj_oid))
@@ -228,6 +252,11 @@ class Replicator:
             following, following_oid, delete = await conn.ask(
                 Packets.AskFetchObjects, partition, CHUNK, p64(obj_tid), high, p64(obj_oid), mine)
             self._check_cell(partition)
+            if any(not set(oids) <= set(mine.get(t, ())) for t, oids in delete.items()):
+                raise BadSource("deletion of objects we did not list")
+            if following is not None and (following_oid is None or (
+                    u64(following), u64(following_oid)) <= (obj_tid, obj_oid)):
+                raise BadSource("object position does not advance")
             backend.delete_objects(partition, [(u64(t), u64(o)) for t, oids in delete.items()
                                                for o in oids])
             if following is None:

@@ -9,6 +9,7 @@ called from the storage node's event loop thread.
 from __future__ import annotations
 
 import importlib
+import os
 
 from .base import DISCARDED, ZERO_HASH, Backend, Unsupported
 
@@ -39,6 +40,12 @@ def open_backend(adapter: str, database: str, **options: object) -> Backend:
         module_name, class_name = _ADAPTERS[adapter.lower()]
     except KeyError:
         raise ValueError(f'unknown adapter: {adapter}') from None
+    if database.strip() == ':memory:' and adapter.lower() == 'sqlite' \
+            and os.environ.get('NEOZODB_ALLOW_MEMORY_DATABASE') != '1':
+        # a node that forgets everything when it stops, while the cluster
+        # counts on what it acknowledged: for tests only (they opt in)
+        raise ValueError(':memory: loses every committed transaction when the node stops'
+                         ' (tests: set NEOZODB_ALLOW_MEMORY_DATABASE=1)')
     reset = bool(options.pop('reset', False))
     cls = getattr(importlib.import_module(module_name), class_name)
     backend = cls(database, **options)

@@ -111,6 +111,13 @@ class Backend(abc.ABC):
     #: Adapter name, as given in configuration files (case-insensitive).
     name: str = ''
 
+    #: The driver's exceptions: raised out of a write, they leave the
+    #: database in an unknown state, and the storage node stops.
+    errors: tuple[type[BaseException], ...] = ()
+    #: Those of them that a bad value causes, the database intact (the
+    #: statement undone): the request fails, the node goes on.
+    input_errors: tuple[type[BaseException], ...] = ()
+
     # Configuration keys stored in the ``config`` table.
     CONFIG_NID = 'nid'
     CONFIG_NAME = 'name'

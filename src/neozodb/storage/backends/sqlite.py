@@ -282,6 +282,9 @@ class SQLiteBackend(Backend):
     """Storage backend on a SQLite file (``database`` is its path)."""
 
     name = 'SQLite'
+    errors = (sqlite3.Error,)
+    input_errors = (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError,
+                    sqlite3.ProgrammingError)
 
     def __init__(self, database: str, **options: object) -> None:
         self._reject_options(options)
