@@ -17,28 +17,22 @@ from neozodb.protocol import HANDSHAKE, Decoder, ErrorCodes, NodeTypes, Packets,
 
 pytestmark = pytest.mark.timeout(180)
 
-DEADLINE = 3  # NEOZODB_IDENTIFY_TIMEOUT of the nodes under test
-CAP = 100     # NEOZODB_MAX_CONNECTIONS
+DEADLINE = 3  # --identify-timeout of the nodes under test
+CAP = 100     # --max-connections
 MB = 1 << 20
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    env = {"NEOZODB_IDENTIFY_TIMEOUT": str(DEADLINE), "NEOZODB_MAX_CONNECTIONS": str(CAP)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # inherited by the node processes
     c = LocalCluster(str(tmp_path_factory.mktemp("resources")), name="test",
-                     storages=1, replicas=0, partitions=4)
+                     storages=1, replicas=0, partitions=4,
+                     node_args=["--identify-timeout", str(DEADLINE),
+                                "--max-connections", str(CAP)])
     try:
         c.start(wait=60)
         yield c
     finally:
         c.kill()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _storage_address(cluster) -> tuple[str, int]:

@@ -395,3 +395,26 @@ def test_exposed_key_is_reported(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_handshake_flood_is_capped(tmp_path):
+    """Connections that never send their ClientHello hold a descriptor
+    each until the handshake timeout: past --max-connections they are
+    refused at once, and the node serves again once they are gone."""
+    c = LocalCluster(str(tmp_path / "cluster"), name="flood", storages=1, replicas=0,
+                     partitions=2, tls=True, node_args=["--max-connections", "20"])
+    c.start_or_kill(wait=60)
+    flood = []
+    try:
+        for _ in range(60):
+            flood.append(socket.create_connection(c.master_address, timeout=10))
+        _log_has(c, "M1", r"TLS handshakes in progress \(cap 20\)")
+        for s in flood:
+            s.close()
+        flood.clear()
+        _commit(c.client_kwargs(), "after-flood", 1)
+        assert c.nodes["M1"].running
+    finally:
+        for s in flood:
+            s.close()
+        c.kill()

@@ -387,6 +387,20 @@ def _build_parser(node: str, prog: str | None):
         help="a peer silent this long is considered dead: it is pinged after half of it,"
         " its connection closed after all of it (default: %g; 0 = never)" % DEFAULT_KEEPALIVE,
     )
+    add(
+        "--identify-timeout",
+        metavar="SECONDS",
+        type=_type(_keepalive, "seconds"),
+        help="close an accepted connection that has not identified after this long"
+        " (default: 20, or $NEOZODB_IDENTIFY_TIMEOUT; 0 = never)",
+    )
+    add(
+        "--max-connections",
+        metavar="N",
+        type=_int_min(0),
+        help="most accepted connections at a time; more are refused (default: 1000, or the"
+        " file descriptor limit minus 100 if lower, or $NEOZODB_MAX_CONNECTIONS; 0 = no cap)",
+    )
     for flag, what in (("--ca", "the cluster's CA certificate"),
                        ("--cert", "this node's certificate, signed by the CA"),
                        ("--key", "this node's private key")):

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 
 from neozodb.cli.logs import setup_logging
-from neozodb.net.connection import set_keepalive
+from neozodb.net.connection import set_identify_timeout, set_keepalive, set_max_accepted
 
 
 def run_node(options, make_app: Callable, on_signal: Callable | None = None) -> int:
@@ -20,6 +20,10 @@ def run_node(options, make_app: Callable, on_signal: Callable | None = None) -> 
     setup_logging(None, options.logfile, options.loglevel)
     if getattr(options, "keepalive", None) is not None:
         set_keepalive(options.keepalive)
+    if getattr(options, "identify_timeout", None) is not None:
+        set_identify_timeout(options.identify_timeout)
+    if getattr(options, "max_connections", None) is not None:
+        set_max_accepted(options.max_connections)
     try:
         import uvloop  # optional: faster loop when installed
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

@@ -14,9 +14,11 @@ import asyncio
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 
+from neozodb.net.limits import Limits
 from neozodb.net.tls import TLS_HANDSHAKE_RECORD
 
 log = logging.getLogger("neozodb.net")
@@ -37,7 +39,9 @@ class Listener:
         self.sockets = [sock]
         self.make_protocol = make_protocol
         self._task: asyncio.Task | None = None
-        self._starting: set[asyncio.Task] = set()
+        self._starting: set[asyncio.Task] = set()  # TLS handshakes in progress
+        self._refused = 0
+        self._refusal_logged = 0.0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._accept_loop())
@@ -70,6 +74,19 @@ class Listener:
                 except OSError as e:
                     log.info("%s: connection from %s lost at once: %s", self.app.label, peer, e)
                     sock.close()
+                continue
+            cap = Limits.max_accepted
+            if cap and len(self._starting) >= cap:
+                # a flood of handshakes that never finish: each holds a
+                # descriptor for up to TLS_HANDSHAKE_TIMEOUT
+                self._refused += 1
+                now = time.monotonic()
+                if now - self._refusal_logged >= 1.0:
+                    log.warning("%s: refused connection from %s: %d TLS handshakes in progress"
+                                " (cap %d); %d refused since the last report", self.app.label,
+                                peer, len(self._starting), cap, self._refused - 1)
+                    self._refusal_logged, self._refused = now, 0
+                sock.close()
                 continue
             task = loop.create_task(self._start_tls(sock, peer, tls.server))
             self._starting.add(task)
