@@ -17,8 +17,9 @@ import asyncio
 import logging
 import time
 
-from neozodb.master import checks, handlers, secondary
+from neozodb.master import checks, secondary
 from neozodb.master.commits import Commits
+from neozodb.master.identification import IdentificationHandler, resolve_masters
 from neozodb.master.pack import PackManager
 from neozodb.master.recovery import Recovery, StoppedOperation
 from neozodb.master.transactions import TransactionManager
@@ -61,6 +62,8 @@ class MasterApp(Recovery, Truncation, Commits):
         self.masters: list[tuple[str, int]] = list(masters or ())
         if bind not in self.masters and bind[1]:
             self.masters.append(bind)
+        # who may identify as a master (master/identification.py)
+        self.allowed_masters: set[tuple[str, int]] = set(self.masters)
         index = self.masters.index(bind) + 1 if bind in self.masters else 1
         self.nid = nid if nid is not None else make_nid(NodeTypes.MASTER, index)
         # election (master/election.py): when this master started playing
@@ -281,9 +284,10 @@ class MasterApp(Recovery, Truncation, Commits):
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: Connection(self, handlers.IdentificationHandler(self)), *self.bind)
+            lambda: Connection(self, IdentificationHandler(self)), *self.bind)
         sock = self.server.sockets[0]
         self.address = sock.getsockname()[:2]
+        self.allowed_masters = await resolve_masters(self.masters)
         log.info("%s: listening on %s:%s, cluster %r", self.label, *self.address, self.name)
 
     async def run(self) -> None:

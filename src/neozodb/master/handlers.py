@@ -6,13 +6,12 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from neozodb.master import administration, checks, election
+from neozodb.master import administration, checks
 from neozodb.master.base import BaseHandler
 from neozodb.master.pack import PAGE_OIDS
 from neozodb.master.transactions import TransactionError
 from neozodb.master.tweak import drop_check
-from neozodb.net.connection import Denied, HandlerError, NotReady
-from neozodb.nodes import Node, address_from_wire
+from neozodb.net.connection import Denied, HandlerError
 from neozodb.protocol import (
     MAX_TID,
     ZERO_TID,
@@ -23,129 +22,14 @@ from neozodb.protocol import (
     Packets,
     ProtocolError,
     nid_str,
-    nid_type,
     p64,
     u64,
 )
-from neozodb.protocol.features import FEATURES, NO_FEATURES, announced, greet
 
 if TYPE_CHECKING:
     from neozodb.master.app import MasterApp
 
 log = logging.getLogger("neozodb.master")
-
-
-class IdentificationHandler(BaseHandler):
-    def RequestIdentification(self, conn, msg_id, node_type, nid, address, name, id_timestamp, extra):
-        app = self.app
-        if name != app.name_bytes:
-            # PROTOCOL_ERROR: answered, then the connection closes
-            raise HandlerError("wrong cluster name: %r (this is %r)" % (
-                name.decode("utf-8", "replace"), app.name), ErrorCodes.PROTOCOL_ERROR) from None
-        if app.primary_address is not None:
-            app.redirect(conn, msg_id, app.primary_address)
-            return
-        state = NodeStates.RUNNING
-        if node_type is NodeTypes.STORAGE:
-            if app.stopping:
-                raise NotReady("cluster is stopping")
-            taken = app.pt.nids() if app.pt is not None else ()
-            if nid is None:
-                nid = app.nm.free_nid(NodeTypes.STORAGE, taken)
-            elif nid_type(nid) is not NodeTypes.STORAGE:
-                raise HandlerError("invalid storage id", ErrorCodes.PROTOCOL_ERROR)
-            else:
-                other = app.nm.get(nid)
-                if other is not None and other.connected:
-                    raise HandlerError("a storage with id %s is already connected" % other.label,
-                                       ErrorCodes.PROTOCOL_ERROR)
-            known = app.pt is not None and nid in app.pt.nids()
-            if app.cluster_state is ClusterStates.RECOVERING or not known:
-                state = NodeStates.PENDING
-            handler = StorageHandler(app)
-        elif node_type is NodeTypes.CLIENT:
-            if app.stopping:
-                raise NotReady("cluster is stopping")
-            if app.cluster_state is not ClusterStates.RUNNING:
-                # held until the cluster runs (or refused after a while),
-                # rather than bounced into a reconnection loop
-                app.hold_client(conn, lambda: self.RequestIdentification(
-                    conn, msg_id, node_type, nid, address, name, id_timestamp, extra),
-                    lambda why: conn.error(msg_id, ErrorCodes.NOT_READY, why))
-                return
-            nid = app.temporary_nid(NodeTypes.CLIENT)
-            handler = ClientHandler(app, read_only=bool(extra.get(b"read_only")))
-        elif node_type is NodeTypes.ADMIN:
-            nid = app.temporary_nid(NodeTypes.ADMIN)
-            handler = AdminHandler(app)
-        elif node_type is NodeTypes.MASTER:
-            peer = address_from_wire(address)
-            if id_timestamp is not None:  # a master playing primary
-                if id_timestamp == app.election_time and nid == app.nid:
-                    raise HandlerError("this is myself", ErrorCodes.PROTOCOL_ERROR)
-                if app.electing and peer is not None and election.earlier(
-                        (id_timestamp, peer), (app.election_time, app.address)):
-                    app.redirect(conn, msg_id, peer)
-                    app.yield_to(peer)
-                    return
-            nid = self._master_nid(nid, peer)
-            handler = SecondaryHandler(app)
-        else:
-            raise ProtocolError("bad node type")
-        node = app.nm.get(nid)
-        if node is None:
-            node = app.nm.add(Node(node_type, nid))
-        node.address = address_from_wire(address)
-        node.state = state
-        node.id_timestamp = app.id_timestamp()
-        node.conn = conn
-        if node_type is NodeTypes.STORAGE:
-            if extra:
-                node.devpath = tuple(extra.get(b"devpath") or ())
-            # an importing storage reports again once operational
-            app.import_status.pop(node.label, None)
-        conn.nid = nid
-        conn.node = node
-        conn.handler = handler
-        greet(conn, extra, app.client_features() if node_type is NodeTypes.CLIENT else FEATURES)
-        node.features = announced(extra) or NO_FEATURES
-        conn.answer(msg_id, Packets.AcceptIdentification, NodeTypes.MASTER, app.nid, nid)
-        log.info("%s: %s identified (%s, %s)", app.label, node.label, conn.peer, state.name)
-        app.send_node_list(node)
-        conn.notify(Packets.NotifyClusterInformation, app.cluster_state)
-        app.broadcast_nodes([node], exclude=node)
-        if node_type is NodeTypes.STORAGE:
-            if app.cluster_state is ClusterStates.RECOVERING:
-                app.ask_recovery(node)
-            elif app.cluster_state is not ClusterStates.STOPPING:
-                app.push_missed_truncation(node)
-                app.send_pt(node)
-                if state is NodeStates.RUNNING and app.cluster_state is ClusterStates.RUNNING:
-                    app.start_storage(node)
-        else:
-            app.send_pt(node)
-        app.changed()
-
-
-    def _master_nid(self, nid: int | None, address) -> int:
-        """The id a secondary proposes, unless another master has it; a
-        master that reconnects from the same address replaces itself.
-        Without a proposal (NEO's masters restart without one), the master
-        known at that address gets its id back: two entries with one
-        address would make NEO's nodes take one for the other."""
-        app = self.app
-        if nid is not None and nid_type(nid) is NodeTypes.MASTER and nid != app.nid:
-            other = app.nm.get(nid)
-            if other is None or not other.connected:
-                return nid
-            if other.address == address:
-                old, other.conn = other.conn, None
-                old.close("replaced by a new connection")
-                return nid
-        for other in app.nm.of_type(NodeTypes.MASTER):
-            if other.address == address and other.nid != app.nid and not other.connected:
-                return other.nid
-        return app.nm.free_nid(NodeTypes.MASTER, {app.nid})
 
 
 class SecondaryHandler(BaseHandler):

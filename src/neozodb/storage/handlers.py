@@ -22,6 +22,7 @@ from neozodb.protocol import (
     u64,
 )
 from neozodb.protocol.features import greet
+from neozodb.protocol.values import check_identification
 from neozodb.storage.backends.base import Unsupported
 from neozodb.storage.pack import PAGE_OIDS, is_gc_extension, wire_order
 from neozodb.storage.undo import store_again_ok, undo_serials
@@ -212,10 +213,17 @@ class MasterHandler(FollowsPrimary, BaseHandler):
 class IdentificationHandler(BaseHandler):
     def RequestIdentification(self, conn, msg_id, node_type, nid, address, name, id_timestamp, extra):
         app = self.app
+        # once per connection (a delayed one is replayed with its msg_id)
+        first = getattr(conn, "identification", None)
+        if first is not None and first != msg_id:
+            raise ProtocolError("identification already requested on this connection")
+        conn.identification = msg_id
         if name != app.name_bytes:
-            # PROTOCOL_ERROR: answered, then the connection closes
-            raise HandlerError("wrong cluster name: %r (this is %r)" % (
-                name.decode("utf-8", "replace"), app.name), ErrorCodes.PROTOCOL_ERROR)
+            # PROTOCOL_ERROR: answered, then the connection closes; the
+            # name is not told back
+            log.warning("%s: refused %s: wrong cluster name", app.label, conn.peer)
+            raise HandlerError("wrong cluster name", ErrorCodes.PROTOCOL_ERROR)
+        check_identification(node_type, nid, address, id_timestamp, extra)
         if not app.operational:
             raise NotReady("storage is not operational")
         if node_type not in (NodeTypes.CLIENT, NodeTypes.STORAGE):
