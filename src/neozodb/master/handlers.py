@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from typing import TYPE_CHECKING
 
 from neozodb.master import administration, checks
 from neozodb.master.base import BaseHandler
 from neozodb.master.pack import PAGE_OIDS
-from neozodb.master.transactions import TransactionError
+from neozodb.master.transactions import TransactionError, Txn
 from neozodb.master.tweak import drop_check
 from neozodb.net.connection import Denied, HandlerError
 from neozodb.protocol import (
@@ -25,6 +24,7 @@ from neozodb.protocol import (
     p64,
     u64,
 )
+from neozodb.protocol.values import check_id, check_ids
 
 if TYPE_CHECKING:
     from neozodb.master.app import MasterApp
@@ -121,16 +121,30 @@ class ClientHandler(BaseHandler):
             raise HandlerError("%s refused: read-only client" % packet.name,
                                ErrorCodes.READ_ONLY_ACCESS)
 
+    def _own(self, conn, ttid: bytes, packet) -> Txn | None:
+        """The transaction ``ttid`` if this client began it; None if it is
+        unknown.  Another client's transaction is not its business: refused
+        with a logged reason."""
+        app = self.app
+        txn = app.tm.txns.get(u64(ttid))
+        if txn is not None and txn.client != conn.nid:
+            log.warning("%s: %s from %s refused: transaction %s belongs to %s", app.label,
+                        packet.name, conn.label, ttid.hex(), nid_str(txn.client))
+            raise Denied("transaction %s is not yours" % ttid.hex())
+        return txn
+
     def AskBeginTransaction(self, conn, msg_id, tid):
         self._check_writable(Packets.AskBeginTransaction)
         app = self.app
+        imposed = None if tid is None else check_id(tid, "imposed TID")
 
         def begin():
             if conn.closed:
                 return
             try:
-                txn = app.tm.begin(conn.nid, time.time(), None if tid is None else u64(tid))
+                txn = app.begin(conn, imposed)
             except TransactionError as e:
+                log.warning("%s: begin refused to %s: %s", app.label, conn.label, e)
                 conn.error(msg_id, ErrorCodes.DENIED, str(e))
                 return
             conn.answer(msg_id, Packets.AnswerBeginTransaction, p64(txn.ttid))
@@ -148,6 +162,15 @@ class ClientHandler(BaseHandler):
 
     def AskFinishTransaction(self, conn, msg_id, ttid, oids, deleted, checked, pack):
         self._check_writable(Packets.AskFinishTransaction)
+        check_ids(oids, "oid")
+        num_partitions = self.app.pt.num_partitions
+        for partition in (*deleted, *checked):
+            if not 0 <= partition < num_partitions:
+                raise ProtocolError("invalid partition %r" % partition)
+        if pack is not None:
+            check_ids(pack[0] or (), "oid")
+            check_id(pack[1], "pack TID")
+        self._own(conn, ttid, Packets.AskFinishTransaction)
         try:
             self.app.finish(conn, msg_id, ttid, oids, deleted, checked, pack)
         except TransactionError as e:
@@ -172,6 +195,10 @@ class ClientHandler(BaseHandler):
     def AbortTransaction(self, conn, msg_id, ttid, nids):
         app = self.app
         try:
+            self._own(conn, ttid, Packets.AbortTransaction)
+        except Denied:
+            return  # a notification: nothing to answer, the owner's commit goes on
+        try:
             txn = app.tm.abort(u64(ttid))
         except TransactionError as e:
             # finish already requested: the commit goes on, the abort is moot
@@ -179,7 +206,7 @@ class ClientHandler(BaseHandler):
             return
         if txn is not None:
             app.transaction_finished(txn.ttid, app.tm.last_tid)
-            for nid in nids:
+            for nid in set(nids) & txn.ready:  # storages it could have written to
                 node = app.nm.get(nid)
                 if node is not None and node.connected and node.type is NodeTypes.STORAGE:
                     node.conn.notify(Packets.AbortTransaction, ttid, [])
@@ -189,6 +216,15 @@ class ClientHandler(BaseHandler):
     def FailedVote(self, conn, msg_id, ttid, nids):
         self._check_writable(Packets.FailedVote)  # it would drop storages
         app = self.app
+        txn = self._own(conn, ttid, Packets.FailedVote)
+        if txn is None or txn.prepared:
+            raise Denied("no transaction %s to vote for" % ttid.hex())
+        strangers = set(nids) - txn.ready
+        if strangers:
+            # only storages the transaction could write to can fail it
+            log.warning("%s: FailedVote from %s refused: %s not involved in %s", app.label,
+                        conn.label, " ".join(map(nid_str, sorted(strangers))), ttid.hex())
+            raise Denied("storages not involved in the transaction")
         if app.pt.operational(app.running_storage_nids(), exclude=set(nids)):
             for nid in nids:
                 node = app.nm.get(nid)
