@@ -14,16 +14,18 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def test_store_with_out_of_range_serial_leaves_no_lock(cluster):
-    """Before: the lock was taken, then the backend failed on the value:
-    the connection closed and the object stayed locked until the storage
-    restarted (every later store of it waited forever)."""
-    oid, _ = commit_one(cluster, b"v1")
+    """Before: the lock was taken, then the backend failed on the
+    back-pointer (OverflowError): the connection closed and the object
+    stayed locked until the storage restarted (every later store of it
+    waited forever)."""
+    oid, serial = commit_one(cluster, b"v1")
     hostile = Client(cluster)
     try:
         ttid = hostile.begin()
         nid = hostile.cells(oid)[0]
         with pytest.raises(RemoteError) as e:
-            hostile.conn(nid).call(Packets.AskStoreObject, oid, bytes(8), 0,
+            # the right serial: the lock is granted (a wrong one is a conflict)
+            hostile.conn(nid).call(Packets.AskStoreObject, oid, serial, 0,
                                    hashlib.sha1(b"x").digest(), b"x", huge(), ttid, timeout=10)
         assert e.value.code is ErrorCodes.PROTOCOL_ERROR
         assert "out of range" in e.value.message
