@@ -1,5 +1,6 @@
-"""Values out of range are refused before they touch any state, and a
-failing request releases what it took."""
+"""Values out of range are refused before they touch any state, a failing
+request releases what it took, listings are capped, read-only nodes refuse
+writes."""
 from __future__ import annotations
 
 import hashlib
@@ -8,7 +9,8 @@ import pytest
 from rawpeer import Client, commit_one, huge, load
 
 from neozodb.net.endpoint import RemoteError
-from neozodb.protocol import ErrorCodes, Packets, u64
+from neozodb.protocol import ErrorCodes, Packets, p64, u64
+from neozodb.protocol.values import LIST_CAP
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -88,3 +90,91 @@ def test_finish_with_oid_beyond_63_bits_is_refused(cluster):
         assert u64(oids[0]) < 1 << 32
     finally:
         client.close()
+
+
+def test_listings_are_capped(cluster):
+    """One request cannot make a storage build an answer of any size."""
+    from ZODB.Connection import TransactionMetaData
+
+    from neozodb.client import Storage
+    partitions = cluster.partitions
+    storage = Storage(cluster.masters, cluster.name)
+    try:
+        txn = TransactionMetaData()
+        storage.tpc_begin(txn)
+        # LIST_CAP + 1 objects in partition 0
+        oids = [p64(partitions * (i + 1)) for i in range(LIST_CAP + 1)]
+        for oid in oids:
+            storage.store(oid, bytes(8), b"o", "", txn)
+        storage.tpc_vote(txn)
+        tid = storage.tpc_finish(txn)
+        app = storage.app
+        conn = app.storage_conn(app.readable_nids(oids[0])[0])
+        next_oid, listed = conn.call(Packets.AskOIDsFrom, 0, 10 ** 9, bytes(8), tid, timeout=60)
+        assert list(listed) == oids[:LIST_CAP]
+        assert u64(listed[-1]) < u64(next_oid) <= u64(oids[-1])  # where to go on from
+        # the undo log is not read back further than MAX_UNDO_OFFSET
+        with pytest.raises(RemoteError) as e:
+            conn.call(Packets.AskTIDs, 0, 10 ** 12, 0, timeout=10)
+        assert e.value.code is ErrorCodes.PROTOCOL_ERROR
+    finally:
+        storage.close()
+
+
+@pytest.fixture
+def read_only_cluster(tmp_path):
+    from neozodb.cli.cluster import LocalCluster
+    c = LocalCluster(str(tmp_path / "cluster"), name="test", storages=1, replicas=0,
+                     partitions=4)
+    try:
+        c.start(wait=60)
+        yield c
+    finally:
+        c.kill()
+
+
+def _restart_with(cluster, node, option):
+    proc = cluster.nodes[node]
+    proc.kill()
+    proc.argv.append(option)
+    proc.start()
+    cluster.wait_state("RUNNING", 60)
+
+
+def test_read_only_master_refuses_every_write(read_only_cluster):
+    cluster = read_only_cluster
+    oid, _ = commit_one(cluster, b"before")
+    _restart_with(cluster, "M1", "--read-only")
+    client = Client(cluster)
+    try:
+        for packet, args in ((Packets.AskBeginTransaction, (None,)),
+                             (Packets.AskNewOIDs, (1,)),
+                             (Packets.AskFinishTransaction, (bytes(8), [], [], [], None)),
+                             (Packets.FailedVote, (bytes(8), []))):
+            with pytest.raises(RemoteError) as e:
+                client.master.call(packet, *args, timeout=10)
+            assert e.value.code is ErrorCodes.READ_ONLY_ACCESS, packet.name
+    finally:
+        client.close()
+    assert load(cluster, oid) == b"before"  # reads are served
+
+
+def test_read_only_storage_refuses_writes_from_clients(read_only_cluster):
+    cluster = read_only_cluster
+    oid, _ = commit_one(cluster, b"before")
+    _restart_with(cluster, "S1", "--read-only")
+    client = Client(cluster)
+    try:
+        ttid = client.begin()  # the master is not read-only
+        with pytest.raises(RemoteError) as e:
+            client.store(ttid, oid, b"after")
+        assert e.value.code is ErrorCodes.READ_ONLY_ACCESS
+        nid = client.cells(ttid)[0]
+        with pytest.raises(RemoteError) as e:
+            client.conn(nid).call(Packets.AskStoreTransaction, ttid, b"", b"", b"", [], None,
+                                  timeout=10)
+        assert e.value.code is ErrorCodes.READ_ONLY_ACCESS
+        client.master.notify(Packets.AbortTransaction, ttid, [])
+    finally:
+        client.close()
+    assert load(cluster, oid) == b"before"

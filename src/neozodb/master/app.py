@@ -49,7 +49,8 @@ class MasterApp(Recovery, Truncation, Commits):
 
     def __init__(self, name: str, bind: tuple[str, int], partitions: int = 100,
                  replicas: int = 0, autostart: int = 0, masters: list | None = None,
-                 hold_timeout: float = 30.0, nid: int | None = None) -> None:
+                 hold_timeout: float = 30.0, nid: int | None = None,
+                 read_only: bool = False) -> None:
         self.name = name
         self.name_bytes = name.encode()
         self.bind = bind
@@ -64,6 +65,8 @@ class MasterApp(Recovery, Truncation, Commits):
             self.masters.append(bind)
         # who may identify as a master (master/identification.py)
         self.allowed_masters: set[tuple[str, int]] = set(self.masters)
+        # --read-only: every client's write is refused
+        self.read_only = read_only
         index = self.masters.index(bind) + 1 if bind in self.masters else 1
         self.nid = nid if nid is not None else make_nid(NodeTypes.MASTER, index)
         # election (master/election.py): when this master started playing

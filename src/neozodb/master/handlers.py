@@ -117,9 +117,10 @@ class ClientHandler(BaseHandler):
         self.read_only = read_only
 
     def _check_writable(self, packet) -> None:
-        if self.read_only:
-            raise HandlerError("%s refused: read-only client" % packet.name,
-                               ErrorCodes.READ_ONLY_ACCESS)
+        if self.read_only or self.app.read_only:
+            raise HandlerError("%s refused: read-only %s" % (
+                packet.name, "client" if self.read_only else "cluster"),
+                ErrorCodes.READ_ONLY_ACCESS)
 
     def _own(self, conn, ttid: bytes, packet) -> Txn | None:
         """The transaction ``ttid`` if this client began it; None if it is

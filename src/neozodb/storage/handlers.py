@@ -20,6 +20,7 @@ from neozodb.protocol import (
 )
 from neozodb.protocol.features import greet
 from neozodb.protocol.values import (
+    LIST_CAP,
     check_identification,
 )
 from neozodb.storage.backends.base import Unsupported
@@ -31,6 +32,10 @@ if TYPE_CHECKING:
     from neozodb.storage.app import StorageApp
 
 log = logging.getLogger("neozodb.storage")
+
+# AskTIDs reads every TID up to its offset: the undo log is not browsed
+# further back than this (ZODB's undoLog pages are tens of entries)
+MAX_UNDO_OFFSET = 1000000
 
 
 def _p64(value: int | None) -> bytes | None:
@@ -269,8 +274,9 @@ class ClientHandler(Writes, BaseHandler):
         app = self.app
         if not app.readable(app.pt.partition(oid)):
             raise HandlerError("partition not readable here", ErrorCodes.NON_READABLE_CELL)
-        if last <= first:
+        if not 0 <= first < last:
             raise ProtocolError("invalid history range")
+        last = min(last, first + LIST_CAP)
         if oid in app.locks.read_locks:
             # a commit of it is between lock and unlock: wait, so that
             # whoever was told about the commit sees it
@@ -319,8 +325,9 @@ class ClientHandler(Writes, BaseHandler):
     def AskTIDs(self, conn, msg_id, first, last, partition):
         """Committed TIDs, newest first, [first:last] (undo log)."""
         app = self.app
-        if not 0 <= first <= last:
+        if not 0 <= first <= last <= MAX_UNDO_OFFSET:
             raise ProtocolError("invalid TID range %r-%r" % (first, last))
+        last = min(last, first + LIST_CAP)
         if partition == INVALID_PARTITION:
             partitions = set(app.pt.partitions_of(app.nid, readable=True))
         else:
@@ -338,6 +345,7 @@ class ClientHandler(Writes, BaseHandler):
         self._readable_partition(partition)
         if length <= 0:
             raise ProtocolError("invalid length %r" % length)
+        length = min(length, LIST_CAP)
         low, high = u64(min_tid), u64(max_tid)
         tids = self.app.backend.get_tids_from(low, high, length, [partition])
         locked = self._locked_tids({partition}, low, high)
@@ -351,6 +359,7 @@ class ClientHandler(Writes, BaseHandler):
         self._readable_partition(partition)
         if length <= 0:
             raise ProtocolError("invalid length %r" % length)
+        length = min(length, LIST_CAP)
         pt = app.pt
         # A transaction locked at or before tid is not in obj yet: wait for
         # its unlock.  Only finitely many can be: new ones get greater TIDs.

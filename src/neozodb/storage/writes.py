@@ -6,6 +6,7 @@ it here (its first store, check or vote): requests of another client about
 it are protocol errors, its aborts are ignored.  Every value is checked
 before a lock is taken, and every lock a transaction took is released when
 it ends (storage/transactions.py), so a failing request leaves none behind.
+With ``--read-only`` every write is refused.
 """
 from __future__ import annotations
 
@@ -65,6 +66,11 @@ class Retry:
 class Writes:
     """ClientHandler's writes (see the module docstring)."""
 
+    def _writable(self, packet) -> None:
+        if getattr(self.app, "read_only", False):
+            raise HandlerError("%s refused: read-only storage" % packet.name,
+                               ErrorCodes.READ_ONLY_ACCESS)
+
     def _own(self, conn, ttid: bytes, packet):
         """The transaction ``ttid``, which this client started here (its
         first request registered it): another client's is refused."""
@@ -80,6 +86,7 @@ class Writes:
 
     def AskStoreObject(self, conn, msg_id, oid, serial, compression, checksum, data, data_serial, ttid):
         app = self.app
+        self._writable(Packets.AskStoreObject)
         # everything checked before any lock is taken
         check_id(oid, "oid")
         check_id(serial, "serial")
@@ -190,6 +197,7 @@ class Writes:
 
     def AskCheckCurrentSerial(self, conn, msg_id, ttid, oid, serial):
         app = self.app
+        self._writable(Packets.AskCheckCurrentSerial)
         check_id(ttid, "ttid")
         check_id(oid, "oid")
         check_id(serial, "serial")
@@ -256,6 +264,7 @@ class Writes:
         txn.voted = True
 
     def AskStoreTransaction(self, conn, msg_id, ttid, user, description, ext, oids, pack):
+        self._writable(Packets.AskStoreTransaction)
         check_id(ttid, "ttid")
         check_ids(oids, "oid")
         if pack is not None:
@@ -277,6 +286,7 @@ class Writes:
         conn.answer(msg_id, Packets.AnswerStoreTransaction)
 
     def AskVoteTransaction(self, conn, msg_id, ttid):
+        self._writable(Packets.AskVoteTransaction)
         check_id(ttid, "ttid")
         if ttid in self.app.locks.aborted:
             raise HandlerError("transaction %s was aborted" % ttid.hex(), ErrorCodes.DENIED)
