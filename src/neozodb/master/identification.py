@@ -53,10 +53,14 @@ async def resolve_masters(masters: list[tuple[str, int]]) -> set[tuple[str, int]
 
 
 def same_host(a: str, b: str) -> bool:
+    """Whether two host strings are one host (an IPv4 address seen by a
+    dual-stack socket as ::ffff:a.b.c.d included)."""
     try:
-        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+        ips = [ipaddress.ip_address(a), ipaddress.ip_address(b)]
     except ValueError:
         return a == b
+    ips = [getattr(ip, "ipv4_mapped", None) or ip for ip in ips]
+    return ips[0] == ips[1]
 
 
 class IdentificationHandler(BaseHandler):
