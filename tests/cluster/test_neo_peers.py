@@ -107,11 +107,29 @@ def _neo_secondary(cluster, port):
     return conn, handler, nid
 
 
-def test_a_neo_secondary_is_sent_only_the_masters(cluster):
+class _WithOtherMaster(LocalCluster):
+    """One master whose -m list also names ``other`` (a master is accepted
+    only from an address of the list)."""
+
+    other = ("127.0.0.1", 0)
+
+    def master_argv(self, name, address):
+        return super().master_argv(name, address) + ["-m", "%s:%d" % self.other]
+
+
+def test_a_neo_secondary_is_sent_only_the_masters(tmp_path):
     """NEO's secondaries follow the list of masters and nothing else: any
     other message (storage entries, the partition table, invalidations)
     makes them drop their primary."""
-    conn, handler, _ = _neo_secondary(cluster, free_port())
+    cluster = _WithOtherMaster(str(tmp_path / "c"), name="test", storages=2, replicas=1,
+                               partitions=12)
+    cluster.other = ("127.0.0.1", free_port())
+    cluster.start_or_kill(wait=60)
+    try:
+        conn, handler, _ = _neo_secondary(cluster, cluster.other[1])
+    except BaseException:
+        cluster.kill()
+        raise
     try:
         db = ZODB.DB(Storage(cluster.masters, cluster.name))
         with db.transaction() as c:
@@ -128,6 +146,7 @@ def test_a_neo_secondary_is_sent_only_the_masters(cluster):
         assert not handler.lost.is_set()
     finally:
         conn.close()
+        cluster.kill()
 
 
 def test_a_master_restarted_at_the_same_address_gets_its_id_back(tmp_path):

@@ -12,24 +12,41 @@ pytestmark = pytest.mark.timeout(10)
 class FakeConn:
     closed_with = None
 
+    def __init__(self, peer="10.0.0.1:1"):
+        self.peer = peer
+
     def close(self, reason=""):
         self.closed_with = reason
 
 
-def test_redirect_names_the_primary_and_teaches_masters():
+def test_redirect_names_the_primary_and_other_masters():
     conn = FakeConn()
     FollowsPrimary().NotPrimaryMaster(conn, 0, 1, [(b"10.0.0.1", 1), (b"10.0.0.3", 3)])
     assert conn.closed_with == "not the primary master"
     masters = [("10.0.0.1", 1), ("10.0.0.2", 2)]
-    assert next_masters(masters, conn) == [("10.0.0.3", 3)]
-    assert masters == [("10.0.0.1", 1), ("10.0.0.2", 2), ("10.0.0.3", 3)]
+    assert next_masters(masters, conn) == [("10.0.0.3", 3), ("10.0.0.1", 1)]
+    # tried this time only: the configured list is left alone
+    assert masters == [("10.0.0.1", 1), ("10.0.0.2", 2)]
+
+
+def test_redirect_from_a_master_not_configured_is_ignored():
+    conn = FakeConn("10.0.0.3:3")  # reached through a redirection
+    FollowsPrimary().NotPrimaryMaster(conn, 0, 0, [(b"10.6.6.6", 6)])
+    assert next_masters([("10.0.0.1", 1), ("10.0.0.2", 2)], conn) == []
+
+
+def test_invalid_addresses_are_dropped():
+    conn = FakeConn()
+    FollowsPrimary().NotPrimaryMaster(conn, 0, 0, [(b"10.0.0.9", 70000), (b"10.0.0.3", 3)])
+    assert conn.redirect is None
+    assert next_masters([("10.0.0.1", 1)], conn) == [("10.0.0.3", 3)]
 
 
 def test_no_primary_known_or_bad_index():
     for primary in (None, 5, -1):
-        conn = FakeConn()
+        conn = FakeConn("h:1")
         FollowsPrimary().NotPrimaryMaster(conn, 0, primary, [(b"h", 1)])
-        assert next_masters([("h", 1)], conn) == []
+        assert next_masters([("h", 1)], conn) == [("h", 1)]
 
 
 def test_refusal_without_redirect():

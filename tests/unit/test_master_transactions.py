@@ -650,3 +650,37 @@ def test_imposed_tid_refusal_names_both_tids():
     message = str(info.value)
     assert "%016x" % (last - 5) in message and "%016x" % last in message
     assert "is not greater than the last TID of the cluster" in message
+
+
+# -- refusals (issue 11) ---------------------------------------------------------------------
+
+
+def test_imposed_tid_is_bounded_by_the_clock():
+    from neozodb.master.transactions import IMPOSED_AHEAD
+    tm = TransactionManager(12)
+    tm.begin(1, T0, tid_from_time(T0 + IMPOSED_AHEAD - 1))
+    with pytest.raises(TransactionError, match="ahead of the clock"):
+        tm.begin(2, T0, tid_from_time(T0 + IMPOSED_AHEAD + 60))
+
+
+def test_a_refusal_covered_by_another_lock_commits():
+    tm = TransactionManager(12)
+    txn = tm.begin(1, T0)
+    tm.prepare(txn.ttid, T0 + 1, [], {1, 2})
+    txn.cells = {0: {1, 2}}
+    tm.refused(txn.ttid, 1)
+    assert tm.committable() == []  # still waiting for storage 2
+    tm.locked(txn.ttid, 2)
+    assert tm.committable() == [txn] and not txn.lost
+    assert tm.last_tid == txn.tid
+
+
+def test_a_partition_nobody_locked_loses_the_transaction():
+    tm = TransactionManager(12)
+    txn = tm.begin(1, T0)
+    tm.prepare(txn.ttid, T0 + 1, [], {1, 2})
+    txn.cells = {0: {1}, 1: {2}}
+    tm.locked(txn.ttid, 2)
+    tm.refused(txn.ttid, 1)
+    assert tm.committable() == [txn] and txn.lost
+    assert tm.last_tid == 0  # not committed

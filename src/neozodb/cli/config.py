@@ -431,6 +431,8 @@ def _build_parser(node: str, prog: str | None):
             default=0,
             help="start the cluster once N storages are up (default: 0 = never)",
         )
+        add("--read-only", action="store_true",
+            help="refuse every write of every client (the cluster serves reads only)")
     elif node == "storage":
         add(
             "-a",
@@ -467,6 +469,8 @@ def _build_parser(node: str, prog: str | None):
             " (K = 1000, M = 1000000; default: 0 = no cap, packing still yields to"
             " other requests between chunks)",
         )
+        add("--read-only", action="store_true",
+            help="refuse writes from clients (replication still updates this node)")
     elif node == "admin":
         add(
             "--allow-anonymous-ctl",

@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> int:
         # elect one primary, the others follow it as secondaries
         return MasterApp(options.cluster, options.bind, partitions=options.partitions,
                          replicas=options.replicas, autostart=options.autostart,
-                         masters=options.masters, nid=options.nid)
+                         masters=options.masters, nid=options.nid,
+                         read_only=options.read_only)
     return run_node(options, make)
 
 

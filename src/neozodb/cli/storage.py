@@ -38,9 +38,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if options.nid is not None and backend.get_nid() is None:
         backend.set_nid(options.nid)
-    return run_node(options, lambda: StorageApp(options.cluster, options.masters, backend,
-                                                options.bind, options.replication_rate,
-                                                options.pack_rate))
+
+    def make():
+        app = StorageApp(options.cluster, options.masters, backend, options.bind,
+                         options.replication_rate, options.pack_rate)
+        # --read-only: storage/handlers.py refuses writes from clients
+        app.read_only = options.read_only
+        return app
+    return run_node(options, make)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ import asyncio
 import logging
 import time
 
-from neozodb.master import checks, handlers, secondary
+from neozodb.master import checks, secondary
 from neozodb.master.commits import Commits
+from neozodb.master.identification import IdentificationHandler, resolve_masters
 from neozodb.master.pack import PackManager
 from neozodb.master.recovery import Recovery, StoppedOperation
 from neozodb.master.transactions import TransactionManager
@@ -51,7 +52,8 @@ class MasterApp(Recovery, Truncation, Commits):
 
     def __init__(self, name: str, bind: tuple[str, int], partitions: int = 100,
                  replicas: int = 0, autostart: int = 0, masters: list | None = None,
-                 hold_timeout: float = 30.0, nid: int | None = None) -> None:
+                 hold_timeout: float = 30.0, nid: int | None = None,
+                 read_only: bool = False) -> None:
         self.name = name
         self.name_bytes = name.encode()
         self.bind = bind
@@ -64,6 +66,10 @@ class MasterApp(Recovery, Truncation, Commits):
         self.masters: list[tuple[str, int]] = list(masters or ())
         if bind not in self.masters and bind[1]:
             self.masters.append(bind)
+        # who may identify as a master (master/identification.py)
+        self.allowed_masters: set[tuple[str, int]] = set(self.masters)
+        # --read-only: every client's write is refused
+        self.read_only = read_only
         index = self.masters.index(bind) + 1 if bind in self.masters else 1
         self.nid = nid if nid is not None else make_nid(NodeTypes.MASTER, index)
         # election (master/election.py): when this master started playing
@@ -294,9 +300,10 @@ class MasterApp(Recovery, Truncation, Commits):
     # -- lifecycle --------------------------------------------------------------
     async def start(self) -> None:
         self.server = await listen(
-            self, self.bind, lambda: Connection(self, handlers.IdentificationHandler(self)))
+            self, self.bind, lambda: Connection(self, IdentificationHandler(self)))
         sock = self.server.sockets[0]
         self.address = sock.getsockname()[:2]
+        self.allowed_masters = await resolve_masters(self.masters)
         log.info("%s: listening on %s:%s, cluster %r", self.label, *self.address, self.name)
 
     async def run(self) -> int:

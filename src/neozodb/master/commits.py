@@ -5,29 +5,73 @@ commits carry, and the replication bookkeeping that commits feed
 become UP_TO_DATE).  A mixin of ``MasterApp``, run in its event loop."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 from neozodb.master.pack import Order
-from neozodb.master.transactions import TransactionError
+from neozodb.master.transactions import TransactionError, Txn
 from neozodb.net.connection import Connection, ConnectionClosed
 from neozodb.nodes import Node
-from neozodb.protocol import CellStates, NodeStates, NodeTypes, Packets, nid_str, p64, u64
+from neozodb.protocol import (
+    CellStates,
+    ErrorCodes,
+    NodeStates,
+    NodeTypes,
+    Packets,
+    nid_str,
+    p64,
+    u64,
+)
 
 log = logging.getLogger("neozodb.master")
+
+# seconds a transaction with an imposed TID may stay unfinished while other
+# commits wait behind it (master/transactions.py IMPOSED_AHEAD for the TID)
+IMPOSED_IDLE = 30.0
 
 
 class Commits:
     """Commits, packs and replication bookkeeping (see the module docstring)."""
 
-    def involved_storages(self, ttid: bytes, oids, deleted, checked) -> set[int]:
+    def begin(self, conn: Connection, tid: int | None) -> Txn:
+        """A client's AskBeginTransaction (``tid``: imposed)."""
+        txn = self.tm.begin(conn.nid, time.time(), tid)
+        txn.ready = self.running_storage_nids()
+        if txn.imposed:
+            # it holds back every commit that gets a TID after it
+            asyncio.get_running_loop().call_later(IMPOSED_IDLE, self._imposed_idle, txn)
+        return txn
+
+    def _imposed_idle(self, txn: Txn) -> None:
+        """A transaction with an imposed TID that did not ask to finish
+        within IMPOSED_IDLE seconds is aborted if commits wait behind it: a
+        client must not hold the commit queue forever."""
+        if self.tm.txns.get(txn.ttid) is not txn or txn.prepared:
+            return
+        if self.tm.prepared_count() <= 1:
+            asyncio.get_running_loop().call_later(IMPOSED_IDLE, self._imposed_idle, txn)
+            return
+        log.warning("%s: aborting %s of %s: imposed TID idle for %g s while commits wait",
+                    self.label, p64(txn.ttid).hex(), nid_str(txn.client), IMPOSED_IDLE)
+        self.tm.abort(txn.ttid)
+        for nid in txn.ready:
+            node = self.nm.get(nid)
+            if node is not None and node.connected:
+                node.conn.notify(Packets.AbortTransaction, p64(txn.ttid), [])
+        self.transaction_finished(txn.ttid, self.tm.last_tid)
+        self.complete_commits()
+
+    def involved_cells(self, ttid: bytes, oids, deleted, checked) -> dict[int, set[int]]:
+        """partition -> the storages that must lock the transaction there."""
         pt = self.pt
         parts = {pt.partition(ttid)} | {pt.partition(oid) for oid in oids}
         parts.update(deleted)
         parts.update(checked)
         ready = self.ready_storages
         running = self.running_storage_nids()
-        return {nid for p in parts for nid in pt.writable_nids(p) if nid in running and nid in ready}
+        return {p: {nid for nid in pt.writable_nids(p) if nid in running and nid in ready}
+                for p in parts}
 
     def finish(self, conn: Connection, msg_id: int, ttid: bytes, oids, deleted, checked,
                pack=None) -> None:
@@ -43,8 +87,10 @@ class Commits:
                 raise TransactionError(
                     "cannot pack while an import is unfinished (%s: see neoctl print import)"
                     % " ".join(importing))
-        involved = self.involved_storages(ttid, oids, deleted, checked)
+        cells = self.involved_cells(ttid, oids, deleted, checked)
+        involved = set().union(*cells.values())
         txn = self.tm.prepare(u64(ttid), time.time(), list(oids), involved)
+        txn.cells = cells
         txn.finish_request = (conn, msg_id)
         if pack is not None:
             txn.pack = (pack[0], u64(pack[1]))
@@ -57,8 +103,12 @@ class Commits:
                 self.tm.locked(txn.ttid, sconn.nid)
                 self.complete_commits()
             elif not isinstance(error, ConnectionClosed):
-                # a storage that cannot lock is treated as lost
-                sconn.close("lock of %s failed: %s" % (ttid.hex(), error))
+                # it does not hold the transaction (aborted there): the
+                # commit is complete only if other storages hold each part
+                log.error("%s: %s refused to lock %s: %s", self.label, sconn.label,
+                          ttid.hex(), error)
+                self.tm.refused(txn.ttid, sconn.nid)
+                self.complete_commits()
             # a lost storage is dealt with by node_lost: whether the commit
             # can go on without it depends on the cells left
 
@@ -72,6 +122,13 @@ class Commits:
         for txn in self.tm.committable():
             ttid, tid = p64(txn.ttid), p64(txn.tid)
             conn, msg_id = txn.finish_request
+            if txn.lost:
+                self._lost(txn)
+                continue
+            for nid in txn.refused:  # their cells lack it: outdated, replicated again
+                node = self.nm.get(nid)
+                if node is not None and node.connected:
+                    node.conn.close("did not lock %s" % ttid.hex())
             conn.answer(msg_id, Packets.AnswerTransactionFinished, ttid, tid)
             # other clients invalidate; secondaries mirror the last IDs
             for peer in self.nm:
@@ -93,6 +150,26 @@ class Commits:
                 self.pm.committed(txn.tid, *txn.pack)
                 self.learn_pack(txn.tid, sorted(txn.involved))
         self.maybe_exit()
+
+    def _lost(self, txn: Txn) -> None:
+        """No storage holds some part of ``txn`` any more: it is not
+        reported committed, nobody is told to invalidate.  What other
+        storages locked is unlocked (a lock is durable: verification would
+        replay it anyway)."""
+        ttid = p64(txn.ttid)
+        conn, msg_id = txn.finish_request
+        log.error("%s: transaction %s of %s lost: %s refused to lock it", self.label,
+                  ttid.hex(), nid_str(txn.client), " ".join(map(nid_str, sorted(txn.refused))))
+        conn.error(msg_id, ErrorCodes.INCOMPLETE_TRANSACTION,
+                   "transaction %s is not held by the storages any more" % ttid.hex())
+        for nid in txn.locked:
+            node = self.nm.get(nid)
+            if node is not None and node.connected:
+                node.conn.notify(Packets.NotifyUnlockInformation, ttid)
+        # a client that lost its answer asks again: not committed
+        for waiter, waiter_msg_id in self.final_tid_waiters.pop(txn.ttid, ()):
+            waiter.answer(waiter_msg_id, Packets.AnswerFinalTID, None)
+        self.transaction_finished(txn.ttid, self.tm.last_tid)
 
     def learn_pack(self, tid: int, nids: list[int]) -> None:
         """The pack transaction ``tid`` committed: ask a storage holding its

@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from typing import TYPE_CHECKING
 
-from neozodb.master import administration, checks, election
+from neozodb.master import administration, checks
 from neozodb.master.base import BaseHandler
 from neozodb.master.pack import PAGE_OIDS
-from neozodb.master.transactions import TransactionError
+from neozodb.master.transactions import TransactionError, Txn
 from neozodb.master.tweak import drop_check
-from neozodb.net.connection import Denied, HandlerError, NotReady
-from neozodb.nodes import Node, address_from_wire
+from neozodb.net.connection import Denied, HandlerError
 from neozodb.protocol import (
     MAX_TID,
     ZERO_TID,
@@ -23,129 +21,15 @@ from neozodb.protocol import (
     Packets,
     ProtocolError,
     nid_str,
-    nid_type,
     p64,
     u64,
 )
-from neozodb.protocol.features import FEATURES, NO_FEATURES, announced, greet
+from neozodb.protocol.values import check_id, check_ids
 
 if TYPE_CHECKING:
     from neozodb.master.app import MasterApp
 
 log = logging.getLogger("neozodb.master")
-
-
-class IdentificationHandler(BaseHandler):
-    def RequestIdentification(self, conn, msg_id, node_type, nid, address, name, id_timestamp, extra):
-        app = self.app
-        if name != app.name_bytes:
-            # PROTOCOL_ERROR: answered, then the connection closes
-            raise HandlerError("wrong cluster name: %r (this is %r)" % (
-                name.decode("utf-8", "replace"), app.name), ErrorCodes.PROTOCOL_ERROR) from None
-        if app.primary_address is not None:
-            app.redirect(conn, msg_id, app.primary_address)
-            return
-        state = NodeStates.RUNNING
-        if node_type is NodeTypes.STORAGE:
-            if app.stopping:
-                raise NotReady("cluster is stopping")
-            taken = app.pt.nids() if app.pt is not None else ()
-            if nid is None:
-                nid = app.nm.free_nid(NodeTypes.STORAGE, taken)
-            elif nid_type(nid) is not NodeTypes.STORAGE:
-                raise HandlerError("invalid storage id", ErrorCodes.PROTOCOL_ERROR)
-            else:
-                other = app.nm.get(nid)
-                if other is not None and other.connected:
-                    raise HandlerError("a storage with id %s is already connected" % other.label,
-                                       ErrorCodes.PROTOCOL_ERROR)
-            known = app.pt is not None and nid in app.pt.nids()
-            if app.cluster_state is ClusterStates.RECOVERING or not known:
-                state = NodeStates.PENDING
-            handler = StorageHandler(app)
-        elif node_type is NodeTypes.CLIENT:
-            if app.stopping:
-                raise NotReady("cluster is stopping")
-            if app.cluster_state is not ClusterStates.RUNNING:
-                # held until the cluster runs (or refused after a while),
-                # rather than bounced into a reconnection loop
-                app.hold_client(conn, lambda: self.RequestIdentification(
-                    conn, msg_id, node_type, nid, address, name, id_timestamp, extra),
-                    lambda why: conn.error(msg_id, ErrorCodes.NOT_READY, why))
-                return
-            nid = app.temporary_nid(NodeTypes.CLIENT)
-            handler = ClientHandler(app, read_only=bool(extra.get(b"read_only")))
-        elif node_type is NodeTypes.ADMIN:
-            nid = app.temporary_nid(NodeTypes.ADMIN)
-            handler = AdminHandler(app)
-        elif node_type is NodeTypes.MASTER:
-            peer = address_from_wire(address)
-            if id_timestamp is not None:  # a master playing primary
-                if id_timestamp == app.election_time and nid == app.nid:
-                    raise HandlerError("this is myself", ErrorCodes.PROTOCOL_ERROR)
-                if app.electing and peer is not None and election.earlier(
-                        (id_timestamp, peer), (app.election_time, app.address)):
-                    app.redirect(conn, msg_id, peer)
-                    app.yield_to(peer)
-                    return
-            nid = self._master_nid(nid, peer)
-            handler = SecondaryHandler(app)
-        else:
-            raise ProtocolError("bad node type")
-        node = app.nm.get(nid)
-        if node is None:
-            node = app.nm.add(Node(node_type, nid))
-        node.address = address_from_wire(address)
-        node.state = state
-        node.id_timestamp = app.id_timestamp()
-        node.conn = conn
-        if node_type is NodeTypes.STORAGE:
-            if extra:
-                node.devpath = tuple(extra.get(b"devpath") or ())
-            # an importing storage reports again once operational
-            app.import_status.pop(node.label, None)
-        conn.nid = nid
-        conn.node = node
-        conn.handler = handler
-        greet(conn, extra, app.client_features() if node_type is NodeTypes.CLIENT else FEATURES)
-        node.features = announced(extra) or NO_FEATURES
-        conn.answer(msg_id, Packets.AcceptIdentification, NodeTypes.MASTER, app.nid, nid)
-        log.info("%s: %s identified (%s, %s)", app.label, node.label, conn.peer, state.name)
-        app.send_node_list(node)
-        conn.notify(Packets.NotifyClusterInformation, app.cluster_state)
-        app.broadcast_nodes([node], exclude=node)
-        if node_type is NodeTypes.STORAGE:
-            if app.cluster_state is ClusterStates.RECOVERING:
-                app.ask_recovery(node)
-            elif app.cluster_state is not ClusterStates.STOPPING:
-                app.push_missed_truncation(node)
-                app.send_pt(node)
-                if state is NodeStates.RUNNING and app.cluster_state is ClusterStates.RUNNING:
-                    app.start_storage(node)
-        else:
-            app.send_pt(node)
-        app.changed()
-
-
-    def _master_nid(self, nid: int | None, address) -> int:
-        """The id a secondary proposes, unless another master has it; a
-        master that reconnects from the same address replaces itself.
-        Without a proposal (NEO's masters restart without one), the master
-        known at that address gets its id back: two entries with one
-        address would make NEO's nodes take one for the other."""
-        app = self.app
-        if nid is not None and nid_type(nid) is NodeTypes.MASTER and nid != app.nid:
-            other = app.nm.get(nid)
-            if other is None or not other.connected:
-                return nid
-            if other.address == address:
-                old, other.conn = other.conn, None
-                old.close("replaced by a new connection")
-                return nid
-        for other in app.nm.of_type(NodeTypes.MASTER):
-            if other.address == address and other.nid != app.nid and not other.connected:
-                return other.nid
-        return app.nm.free_nid(NodeTypes.MASTER, {app.nid})
 
 
 class SecondaryHandler(BaseHandler):
@@ -233,20 +117,35 @@ class ClientHandler(BaseHandler):
         self.read_only = read_only
 
     def _check_writable(self, packet) -> None:
-        if self.read_only:
-            raise HandlerError("%s refused: read-only client" % packet.name,
-                               ErrorCodes.READ_ONLY_ACCESS)
+        if self.read_only or self.app.read_only:
+            raise HandlerError("%s refused: read-only %s" % (
+                packet.name, "client" if self.read_only else "cluster"),
+                ErrorCodes.READ_ONLY_ACCESS)
+
+    def _own(self, conn, ttid: bytes, packet) -> Txn | None:
+        """The transaction ``ttid`` if this client began it; None if it is
+        unknown.  Another client's transaction is not its business: refused
+        with a logged reason."""
+        app = self.app
+        txn = app.tm.txns.get(u64(ttid))
+        if txn is not None and txn.client != conn.nid:
+            log.warning("%s: %s from %s refused: transaction %s belongs to %s", app.label,
+                        packet.name, conn.label, ttid.hex(), nid_str(txn.client))
+            raise Denied("transaction %s is not yours" % ttid.hex())
+        return txn
 
     def AskBeginTransaction(self, conn, msg_id, tid):
         self._check_writable(Packets.AskBeginTransaction)
         app = self.app
+        imposed = None if tid is None else check_id(tid, "imposed TID")
 
         def begin():
             if conn.closed:
                 return
             try:
-                txn = app.tm.begin(conn.nid, time.time(), None if tid is None else u64(tid))
+                txn = app.begin(conn, imposed)
             except TransactionError as e:
+                log.warning("%s: begin refused to %s: %s", app.label, conn.label, e)
                 conn.error(msg_id, ErrorCodes.DENIED, str(e))
                 return
             conn.answer(msg_id, Packets.AnswerBeginTransaction, p64(txn.ttid))
@@ -264,6 +163,15 @@ class ClientHandler(BaseHandler):
 
     def AskFinishTransaction(self, conn, msg_id, ttid, oids, deleted, checked, pack):
         self._check_writable(Packets.AskFinishTransaction)
+        check_ids(oids, "oid")
+        num_partitions = self.app.pt.num_partitions
+        for partition in (*deleted, *checked):
+            if not 0 <= partition < num_partitions:
+                raise ProtocolError("invalid partition %r" % partition)
+        if pack is not None:
+            check_ids(pack[0] or (), "oid")
+            check_id(pack[1], "pack TID")
+        self._own(conn, ttid, Packets.AskFinishTransaction)
         try:
             self.app.finish(conn, msg_id, ttid, oids, deleted, checked, pack)
         except TransactionError as e:
@@ -288,6 +196,10 @@ class ClientHandler(BaseHandler):
     def AbortTransaction(self, conn, msg_id, ttid, nids):
         app = self.app
         try:
+            self._own(conn, ttid, Packets.AbortTransaction)
+        except Denied:
+            return  # a notification: nothing to answer, the owner's commit goes on
+        try:
             txn = app.tm.abort(u64(ttid))
         except TransactionError as e:
             # finish already requested: the commit goes on, the abort is moot
@@ -295,7 +207,7 @@ class ClientHandler(BaseHandler):
             return
         if txn is not None:
             app.transaction_finished(txn.ttid, app.tm.last_tid)
-            for nid in nids:
+            for nid in set(nids) & txn.ready:  # storages it could have written to
                 node = app.nm.get(nid)
                 if node is not None and node.connected and node.type is NodeTypes.STORAGE:
                     node.conn.notify(Packets.AbortTransaction, ttid, [])
@@ -305,6 +217,15 @@ class ClientHandler(BaseHandler):
     def FailedVote(self, conn, msg_id, ttid, nids):
         self._check_writable(Packets.FailedVote)  # it would drop storages
         app = self.app
+        txn = self._own(conn, ttid, Packets.FailedVote)
+        if txn is None or txn.prepared:
+            raise Denied("no transaction %s to vote for" % ttid.hex())
+        strangers = set(nids) - txn.ready
+        if strangers:
+            # only storages the transaction could write to can fail it
+            log.warning("%s: FailedVote from %s refused: %s not involved in %s", app.label,
+                        conn.label, " ".join(map(nid_str, sorted(strangers))), ttid.hex())
+            raise Denied("storages not involved in the transaction")
         if app.pt.operational(app.running_storage_nids(), exclude=set(nids)):
             for nid in nids:
                 node = app.nm.get(nid)

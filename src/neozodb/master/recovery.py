@@ -19,6 +19,11 @@ from neozodb.pt import PartitionTable
 log = logging.getLogger("neozodb.master")
 
 
+# A storage that does not answer AskRecovery or AskPartitionTable within
+# this many seconds is disconnected: it must not hold recovery back.
+RECOVERY_TIMEOUT = 10.0
+
+
 class StoppedOperation(Exception):
     """The partition table is no longer operational: back to recovery."""
 
@@ -32,6 +37,8 @@ class Recovery:
         electing = asyncio.ensure_future(election.run(self))
         self.pt, self.inherited_pt = self.inherited_pt, None
         self.recovery.clear()
+        # storages whose table was refused (it does not hold them)
+        self.pt_refused: set[int] = set()
         self.ready_storages.clear()
         self.updatable.clear()
         self.finish_watchers.clear()
@@ -66,21 +73,36 @@ class Recovery:
                 self.pt.apply_changes(self.pt.ptid + 1, self.pt.num_replicas, changes)
 
     def ask_recovery(self, node: Node) -> None:
+        timer = _answer_timer(self, node, Packets.AskRecovery)
+
         def answered(conn, result, error):
+            timer.cancel()
             if error is None:
+                if result[0] is not None and result[0] < 0:
+                    conn.close("invalid partition table id %r" % result[0])
+                    return
                 self.recovery[node.nid] = result
                 self.changed()
         node.conn.ask(Packets.AskRecovery, callback=answered)
+
+    def _decides(self, nid: int) -> bool:
+        """Whether a storage's table may become the cluster's: once a
+        table is known, only its storages can bring a newer one; a storage
+        whose table does not hold it never."""
+        return nid not in self.pt_refused and (self.pt is None or nid in self.pt.nids())
 
     def _recovery_done(self) -> bool:
         if self.election_pending:
             return False  # another master may still claim to be primary
         pending = [n for n in self.nm.storages(NodeStates.PENDING) if n.connected]
-        if any(n.nid not in self.recovery for n in pending):
-            return False
-        best = max((r[0] for r in self.recovery.values() if r[0] is not None), default=None)
+        if any(n.nid not in self.recovery and self._decides(n.nid) for n in pending):
+            return False  # each is disconnected if it does not answer in time
+        best = max((self.recovery[n.nid][0] for n in pending if n.nid in self.recovery
+                    and self.recovery[n.nid][0] is not None and self._decides(n.nid)),
+                   default=None)
         if best is not None and (self.pt is None or self.pt.ptid < best):
-            source = next(n for n in pending if self.recovery[n.nid][0] == best)
+            source = next(n for n in pending if self._decides(n.nid)
+                          and self.recovery.get(n.nid, (None,))[0] == best)
             self._load_pt(source, best)
             return False
         if self.pt is not None:  # from a storage, or inherited (take_over)
@@ -103,14 +125,25 @@ class Recovery:
         if self._loading_pt == (node.nid, ptid):
             return
         self._loading_pt = (node.nid, ptid)
+        timer = _answer_timer(self, node, Packets.AskPartitionTable)
 
         def answered(conn, result, error):
+            timer.cancel()
             self._loading_pt = None
             if error is None:
                 got_ptid, replicas, rows = result
+                why = _bad_table(node, ptid, got_ptid, replicas, rows)
+                if why is not None:
+                    log.warning("%s: partition table %s of %s refused: %s", self.label,
+                                got_ptid, node.label, why)
+                    self.pt_refused.add(node.nid)
+                    self.changed()
+                    return
                 pt = PartitionTable(len(rows), replicas)
                 pt.load(got_ptid, replicas, rows)
                 self.pt = pt
+                log.info("%s: partition table %d loaded from %s", self.label, got_ptid,
+                         node.label)
                 self.num_partitions = len(rows)
                 self.tm.num_partitions = len(rows)
                 for nid in pt.nids():
@@ -187,3 +220,32 @@ class Recovery:
                 return orders
             orders += page
             min_tid = p64(u64(page[-1][0]) + 1)
+
+
+def _answer_timer(app, node: Node, packet) -> asyncio.TimerHandle:
+    """Close ``node``'s connection unless the answer to ``packet`` comes
+    within RECOVERY_TIMEOUT seconds (the callback cancels the timer)."""
+    conn = node.conn
+
+    def expired():
+        log.warning("%s: no answer from %s (%s) to %s within %g s", app.label, node.label,
+                    conn.peer, packet.name, RECOVERY_TIMEOUT)
+        conn.close("no answer to %s within %g s" % (packet.name, RECOVERY_TIMEOUT))
+    return asyncio.get_running_loop().call_later(RECOVERY_TIMEOUT, expired)
+
+
+def _bad_table(node: Node, ptid: int, got_ptid: int, replicas: int, rows) -> str | None:
+    """Why the table a storage answered cannot be the cluster's, if so."""
+    if got_ptid != ptid:
+        return "it announced table %s" % ptid
+    if not rows or not 0 <= replicas < 256:
+        return "empty table or invalid number of replicas"
+    nids = set()
+    for row in rows:
+        for nid, _ in row:
+            if not 0 < nid <= 0xFFFFFF:  # storage ids only
+                return "invalid storage id %r" % nid
+            nids.add(nid)
+    if node.nid not in nids:
+        return "it is not in that table"
+    return None

@@ -11,7 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from neozodb.tid import final_tid, format_tid_time, next_tid
+from neozodb.tid import final_tid, format_tid_time, next_tid, tid_from_time
+
+# An imposed TID (restore, copyTransactionsFrom) may be this many seconds
+# ahead of the master's clock, no more: every later transaction gets a
+# greater TID, so one far in the future would move the cluster's clock
+# there for good.  Copies come from databases written in the past; an hour
+# leaves room for clocks that disagree.
+IMPOSED_AHEAD = 3600.0
 
 
 class TransactionError(Exception):
@@ -33,6 +40,13 @@ class Txn:
     finishing: bool = False
     # the pack order it carries: (oids or None, pack_tid as int)
     pack: Any = None
+    # storages running when it began: only they can fail its vote
+    ready: set = field(default_factory=set)
+    # involved storages that refused to lock it (they do not hold it)
+    refused: set = field(default_factory=set)
+    # partition -> involved storages with a cell there: each partition
+    # must be locked by one of them, or the transaction is lost
+    cells: dict = field(default_factory=dict)
 
     @property
     def prepared(self) -> bool:
@@ -40,7 +54,12 @@ class Txn:
 
     @property
     def fully_locked(self) -> bool:
-        return self.finishing and self.involved <= self.locked
+        return self.finishing and self.involved <= self.locked | self.refused
+
+    @property
+    def lost(self) -> bool:
+        """Some partition it wrote to was locked by none of its storages."""
+        return bool(self.refused) and any(not nids & self.locked for nids in self.cells.values())
 
 
 class TransactionManager:
@@ -74,6 +93,10 @@ class TransactionManager:
         if tid is not None:
             # imposed TID (copyTransactionsFrom / restore): it must come
             # after everything already committed or being committed
+            if tid > tid_from_time(now + IMPOSED_AHEAD):
+                raise TransactionError(
+                    "imposed TID %016x (%s) is more than %g s ahead of the clock" % (
+                        tid, format_tid_time(tid), IMPOSED_AHEAD))
             if tid <= self._last_allocated:
                 raise TransactionError(
                     "imposed TID %016x (%s) is not greater than the last TID of the cluster,"
@@ -112,6 +135,11 @@ class TransactionManager:
         if txn is not None and txn.prepared:
             txn.locked.add(nid)
 
+    def refused(self, ttid: int, nid: int) -> None:
+        txn = self.txns.get(ttid)
+        if txn is not None and txn.prepared:
+            txn.refused.add(nid)
+
     def committable(self) -> list[Txn]:
         """Pop the transactions at the head of the queue that are fully locked."""
         done = []
@@ -119,7 +147,8 @@ class TransactionManager:
         while queue and queue[0].fully_locked:
             txn = queue.pop(0)
             del self.txns[txn.ttid]
-            self.last_tid = txn.tid  # type: ignore[assignment]
+            if not txn.lost:
+                self.last_tid = txn.tid  # type: ignore[assignment]
             done.append(txn)
         return done
 

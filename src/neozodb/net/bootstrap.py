@@ -10,7 +10,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from neozodb.net.connection import Connection, ConnectionClosed, Handler, RemoteError, connect
-from neozodb.nodes import address_from_wire
+from neozodb.protocol import ProtocolError
+from neozodb.protocol.values import check_address
 
 log = logging.getLogger("neozodb.net")
 
@@ -22,22 +23,41 @@ class FollowsPrimary:
     and ``conn.known_masters`` the masters it knows."""
 
     def NotPrimaryMaster(self, conn: Any, msg_id: int, primary: int | None, known: list) -> None:
-        masters = [address_from_wire(a) for a in known]
-        conn.known_masters = masters
+        masters = []
+        for address in known:
+            try:
+                masters.append(check_address(address))
+            except ProtocolError:
+                masters.append(None)  # keeps the index of the primary right
+        conn.known_masters = [a for a in masters if a is not None]
         conn.redirect = masters[primary] if primary is not None and 0 <= primary < len(masters) \
             else None
         conn.close("not the primary master")
 
 
 def next_masters(masters: list[tuple[str, int]], conn: Any) -> list[tuple[str, int]]:
-    """After a refused identification: learn the masters ``conn``'s peer
-    knows (appended to ``masters``, in place) and return the addresses to
-    try first (the primary it named)."""
-    for address in getattr(conn, "known_masters", ()):
-        if address not in masters:
-            masters.append(address)
+    """After a refused identification: the addresses to try first, the
+    primary that ``conn``'s peer named, then the other masters it knows.
+
+    Only a configured master (one of ``masters``, the -m list) is listened
+    to: a redirection from anybody else, an address a configured master
+    named included, is ignored, so nobody can make a node follow a chain of
+    redirections to an address of their choosing.  What is learnt is tried
+    this time only; ``masters`` is left as configured."""
+    peer = getattr(conn, "address", None) or _address_of(getattr(conn, "peer", ""))
+    if peer not in masters:
+        if getattr(conn, "redirect", None) is not None:
+            log.warning("redirection from %s:%s to %s:%s ignored: not a configured master",
+                        *(peer or ("?", "?")), *conn.redirect)
+        return []
     redirect = getattr(conn, "redirect", None)
-    return [redirect] if redirect is not None else []
+    first = [] if redirect is None else [redirect]
+    return first + [a for a in getattr(conn, "known_masters", ()) if a != redirect]
+
+
+def _address_of(peer: str) -> tuple[str, int] | None:
+    host, _, port = peer.rpartition(":")
+    return (host, int(port)) if port.isdigit() else None
 
 
 async def follow_master(app: Any, masters: list[tuple[str, int]],

@@ -1,7 +1,6 @@
 """Packet handlers of a storage node: from the master and from clients."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -11,8 +10,6 @@ from neozodb.net.connection import Handler, HandlerError, NotReady
 from neozodb.protocol import (
     INVALID_PARTITION,
     MAX_TID,
-    ZERO_HASH,
-    ZERO_TID,
     CellStates,
     ErrorCodes,
     NodeTypes,
@@ -22,48 +19,27 @@ from neozodb.protocol import (
     u64,
 )
 from neozodb.protocol.features import greet
+from neozodb.protocol.values import (
+    LIST_CAP,
+    check_identification,
+)
 from neozodb.storage.backends.base import Unsupported
-from neozodb.storage.pack import PAGE_OIDS, is_gc_extension, wire_order
-from neozodb.storage.undo import store_again_ok, undo_serials
+from neozodb.storage.pack import PAGE_OIDS, wire_order
+from neozodb.storage.undo import undo_serials
+from neozodb.storage.writes import Retry, Writes
 
 if TYPE_CHECKING:
     from neozodb.storage.app import StorageApp
 
 log = logging.getLogger("neozodb.storage")
 
+# AskTIDs reads every TID up to its offset: the undo log is not browsed
+# further back than this (ZODB's undoLog pages are tens of entries)
+MAX_UNDO_OFFSET = 1000000
+
 
 def _p64(value: int | None) -> bytes | None:
     return None if value is None else p64(value)
-
-
-def _current_serial(app, oid: bytes) -> bytes:
-    """The committed serial of oid, ZERO_TID if it never existed here."""
-    last = app.backend.last_serial(u64(oid))
-    return ZERO_TID if last is None else p64(last)
-
-
-def _conflict_serial(current: bytes) -> bytes:
-    # ZERO_TID in an answer means "accepted without lock": a client that
-    # names a revision of an object we never had must get a conflict
-    return MAX_TID if current == ZERO_TID else current
-
-
-class Retry:
-    """A delayed request, replayed through its connection."""
-
-    __slots__ = ("handler", "conn", "msg_id", "packet", "args")
-
-    def __init__(self, handler, conn, msg_id, packet, args) -> None:
-        self.handler, self.conn, self.msg_id, self.packet, self.args = (
-            handler, conn, msg_id, packet, args)
-
-    def __call__(self) -> None:
-        if not self.conn.closed:
-            self.conn._request_received(self.msg_id, self.packet, self.args)
-
-    def __repr__(self) -> str:
-        return "<%s from %s oid %s>" % (self.packet.name, self.conn.label,
-                                        self.args[0].hex() if self.args else "")
 
 
 class BaseHandler(Handler):
@@ -159,6 +135,13 @@ class MasterHandler(FollowsPrimary, BaseHandler):
 
     def AskLockInformation(self, conn, msg_id, ttid, tid, pack):
         app = self.app
+        if ttid in app.locks.aborted and ttid not in app.locks.txns:
+            # it was here and is gone: saying "locked" would let the master
+            # report a commit whose data no storage has
+            log.error("%s: lock of %s (tid %s) refused: the transaction was aborted here",
+                      app.label, ttid.hex(), tid.hex())
+            raise HandlerError("transaction %s was aborted on %s" % (ttid.hex(), app.label),
+                               ErrorCodes.DENIED, close=False)
         app.locks.lock(ttid, tid)
         app.backend.lock_transaction(u64(ttid), u64(tid), pack)
         conn.answer(msg_id, Packets.AnswerInformationLocked, ttid)
@@ -212,10 +195,17 @@ class MasterHandler(FollowsPrimary, BaseHandler):
 class IdentificationHandler(BaseHandler):
     def RequestIdentification(self, conn, msg_id, node_type, nid, address, name, id_timestamp, extra):
         app = self.app
+        # once per connection (a delayed one is replayed with its msg_id)
+        first = getattr(conn, "identification", None)
+        if first is not None and first != msg_id:
+            raise ProtocolError("identification already requested on this connection")
+        conn.identification = msg_id
         if name != app.name_bytes:
-            # PROTOCOL_ERROR: answered, then the connection closes
-            raise HandlerError("wrong cluster name: %r (this is %r)" % (
-                name.decode("utf-8", "replace"), app.name), ErrorCodes.PROTOCOL_ERROR)
+            # PROTOCOL_ERROR: answered, then the connection closes; the
+            # name is not told back
+            log.warning("%s: refused %s: wrong cluster name", app.label, conn.peer)
+            raise HandlerError("wrong cluster name", ErrorCodes.PROTOCOL_ERROR)
+        check_identification(node_type, nid, address, id_timestamp, extra)
         if not app.operational:
             raise NotReady("storage is not operational")
         if node_type not in (NodeTypes.CLIENT, NodeTypes.STORAGE):
@@ -243,7 +233,7 @@ class IdentificationHandler(BaseHandler):
         conn.answer(msg_id, Packets.AcceptIdentification, NodeTypes.STORAGE, app.nid, nid)
 
 
-class ClientHandler(BaseHandler):
+class ClientHandler(Writes, BaseHandler):
     def dispatch(self, conn, msg_id, packet, args) -> None:
         self.app.activity += 1  # pack yields to clients (storage/pack.py)
         super().dispatch(conn, msg_id, packet, args)
@@ -284,8 +274,9 @@ class ClientHandler(BaseHandler):
         app = self.app
         if not app.readable(app.pt.partition(oid)):
             raise HandlerError("partition not readable here", ErrorCodes.NON_READABLE_CELL)
-        if last <= first:
+        if not 0 <= first < last:
             raise ProtocolError("invalid history range")
+        last = min(last, first + LIST_CAP)
         if oid in app.locks.read_locks:
             # a commit of it is between lock and unlock: wait, so that
             # whoever was told about the commit sees it
@@ -334,8 +325,9 @@ class ClientHandler(BaseHandler):
     def AskTIDs(self, conn, msg_id, first, last, partition):
         """Committed TIDs, newest first, [first:last] (undo log)."""
         app = self.app
-        if not 0 <= first <= last:
+        if not 0 <= first <= last <= MAX_UNDO_OFFSET:
             raise ProtocolError("invalid TID range %r-%r" % (first, last))
+        last = min(last, first + LIST_CAP)
         if partition == INVALID_PARTITION:
             partitions = set(app.pt.partitions_of(app.nid, readable=True))
         else:
@@ -353,6 +345,7 @@ class ClientHandler(BaseHandler):
         self._readable_partition(partition)
         if length <= 0:
             raise ProtocolError("invalid length %r" % length)
+        length = min(length, LIST_CAP)
         low, high = u64(min_tid), u64(max_tid)
         tids = self.app.backend.get_tids_from(low, high, length, [partition])
         locked = self._locked_tids({partition}, low, high)
@@ -366,6 +359,7 @@ class ClientHandler(BaseHandler):
         self._readable_partition(partition)
         if length <= 0:
             raise ProtocolError("invalid length %r" % length)
+        length = min(length, LIST_CAP)
         pt = app.pt
         # A transaction locked at or before tid is not in obj yet: wait for
         # its unlock.  Only finitely many can be: new ones get greater TIDs.
@@ -391,196 +385,3 @@ class ClientHandler(BaseHandler):
             return
         result = undo_serials(app.backend, app.locks.txns.get(ttid), ttid, ltid, undone_tid, oids)
         conn.answer(msg_id, Packets.AnswerObjectUndoSerial, result)
-
-    # -- writes ----------------------------------------------------------------------------
-    def AskStoreObject(self, conn, msg_id, oid, serial, compression, checksum, data, data_serial, ttid):
-        app = self.app
-        if not (checksum == ZERO_HASH and not data):
-            if hashlib.sha1(data).digest() != checksum:
-                raise ProtocolError("wrong checksum for %s in %s" % (oid.hex(), ttid.hex()))
-        if ttid in app.locks.aborted:
-            conn.answer(msg_id, Packets.AnswerStoreObject, ZERO_TID)  # moot: the client aborts
-            return
-        txn = app.locks.get(ttid, conn.nid, conn)
-        if txn.voted:
-            raise ProtocolError("store after vote in %s" % ttid.hex())
-        state = app.cell_state(app.pt.partition(oid))
-        if state is None:
-            conn.answer(msg_id, Packets.AnswerStoreObject, ZERO_TID)  # not ours: ignored
-            return
-        if state == CellStates.OUT_OF_DATE.value:
-            # our copy is behind: keep the data without locking or checking,
-            # the up-to-date replicas decide about conflicts
-            self._keep(txn, oid, serial, compression, checksum, data, data_serial)
-            txn.lockless.add(oid)
-            conn.answer(msg_id, Packets.AnswerStoreObject, ZERO_TID)
-            return
-        previous = txn.objects.get(oid)
-        if previous is not None and oid not in txn.lockless \
-                and app.locks.write_locks.get(oid) == ttid:
-            # stored again by the same transaction (several undos of one
-            # object, a store after an undo): it holds the lock since its
-            # first store, nobody committed the object meanwhile
-            if not store_again_ok(previous, serial):
-                conn.answer(msg_id, Packets.AnswerStoreObject, p64(previous[2]))
-                return
-        elif not self._lock_current(conn, msg_id, Packets.AskStoreObject, (
-                oid, serial, compression, checksum, data, data_serial, ttid),
-                ttid, oid, serial, txn.checked):
-            return
-        self._keep(txn, oid, serial, compression, checksum, data, data_serial)
-        conn.answer(msg_id, Packets.AnswerStoreObject, None)
-
-    def _lock_current(self, conn, msg_id, packet, args, ttid, oid, serial, held) -> bool:
-        """Write-lock oid for ttid and check that ``serial`` is current.
-
-        False when the request was delayed (lock taken: replayed later) or
-        answered with the conflicting serial; the lock is then kept only if
-        the transaction already held it for another reason (``held``)."""
-        app = self.app
-        holder = app.locks.acquire(ttid, oid)
-        if holder is not None:
-            self._wait_lock(conn, ttid, oid, holder, msg_id, packet, args)
-            return False
-        current = _current_serial(app, oid)
-        if current != serial:
-            if oid not in held:
-                app.locks.release(ttid, oid)
-                app.replay()  # waiters for this lock may go on
-            conn.answer(msg_id, packet.answer, _conflict_serial(current))
-            return False
-        return True
-
-    def _keep(self, txn, oid, serial, compression, checksum, data, data_serial):
-        backend = self.app.backend
-        no_data = checksum == ZERO_HASH and not data
-        value_tid = None if data_serial is None else u64(data_serial)
-        found = None if value_tid is None else backend.get_revision(u64(oid), tid=value_tid)
-        if found is not None and (found[1] is not None or no_data):
-            # an undo back to an older revision, or a restored back-pointer:
-            # its data row is shared, not copied (the data the client may
-            # have sent is for replicas that miss that revision, and for
-            # conflict resolution).  The back-pointer is kept as given, even
-            # if that revision is a back-pointer itself (a chain restored
-            # from another storage): a replica that stores the data sent
-            # records the very same value_tid.
-            data_id = found[1]
-            if data_id is not None:
-                backend.hold_data(data_id)
-        elif no_data:
-            if value_tid is not None:
-                log.warning("%s: undo of %s points to %s, which is not here: stored as a"
-                            " deletion", self.app.label, oid.hex(), data_serial.hex())
-            data_id = None  # deletion, or undone creation
-        else:
-            data_id = backend.store_data(checksum, compression, data)
-        old = txn.objects.get(oid)
-        txn.objects[oid] = (serial, data_id, value_tid)
-        # released after the new hold: both may be the same row
-        if old is not None and old[1] is not None:
-            backend.release_data([old[1]], prune=True)
-
-    def _notify_victim(self, ttid, oid, holder) -> None:
-        """An older transaction waits for a younger one that has not voted:
-        ask the younger's client to release the lock (deadlock avoidance)."""
-        app = self.app
-        victim = app.locks.deadlock_victim(ttid, oid, holder)
-        if victim is not None:
-            conn = victim.conn
-            if conn is not None and not conn.closed:
-                conn.notify(Packets.NotifyDeadlock, victim.ttid, oid)
-
-    def _wait_lock(self, conn, ttid, oid, holder, msg_id, packet, args):
-        app = self.app
-        self._notify_victim(ttid, oid, holder)
-        # replayed through the connection, so errors are answered as usual
-        app.delay(ttid, Retry(self, conn, msg_id, packet, args))
-
-    def AskCheckCurrentSerial(self, conn, msg_id, ttid, oid, serial):
-        app = self.app
-        if ttid in app.locks.aborted:
-            conn.answer(msg_id, Packets.AnswerCheckCurrentSerial, ZERO_TID)
-            return
-        txn = app.locks.get(ttid, conn.nid, conn)
-        if app.cell_state(app.pt.partition(oid)) in (None, CellStates.OUT_OF_DATE.value):
-            # not ours, or our copy is behind: up-to-date replicas decide
-            conn.answer(msg_id, Packets.AnswerCheckCurrentSerial, ZERO_TID)
-            return
-        if not self._lock_current(conn, msg_id, Packets.AskCheckCurrentSerial,
-                                  (ttid, oid, serial), ttid, oid, serial, txn.objects):
-            return
-        txn.checked[oid] = serial
-        conn.answer(msg_id, Packets.AnswerCheckCurrentSerial, None)
-
-    def AskRelockObject(self, conn, msg_id, ttid, oid):
-        app = self.app
-        txn = app.locks.txns.get(ttid)
-        if txn is None or txn.voted or oid not in txn.objects:
-            conn.answer(msg_id, Packets.AnswerRelockObject, None)
-            return
-        app.locks.release(ttid, oid)
-        app.replay()  # let the older transaction take it
-
-        def relock():
-            if conn.closed or ttid not in app.locks.txns:
-                return
-            holder = app.locks.acquire(ttid, oid)
-            if holder is not None:
-                # a younger transaction may have taken it meanwhile: it must
-                # be asked to step back too, or both wait forever
-                self._notify_victim(ttid, oid, holder)
-                app.delay(ttid, relock)
-                return
-            serial, data_id, data_serial = txn.objects[oid]
-            current = _current_serial(app, oid)
-            if current == serial:
-                conn.answer(msg_id, Packets.AnswerRelockObject, None)
-                return
-            # somebody committed meanwhile: give the client back its data to resolve
-            del txn.objects[oid]
-            app.locks.release(ttid, oid)
-            app.replay()
-            stored = None
-            if data_id is not None:
-                checksum, compression, data = app.backend.load_data(data_id)
-                app.backend.release_data([data_id], prune=True)
-                stored = (compression, checksum, data)
-            conn.answer(msg_id, Packets.AnswerRelockObject,
-                        (serial, _conflict_serial(current), stored))
-
-        app.delay(ttid, relock)
-        app.replay()
-
-    def _vote(self, txn, meta, pack=None) -> None:
-        if txn.ttid in self.app.locks.aborted:
-            raise HandlerError("transaction %s was aborted" % txn.ttid.hex(), ErrorCodes.DENIED)
-        objects = [(u64(oid), data_id, data_serial)
-                   for oid, (_, data_id, data_serial) in txn.objects.items()]
-        self.app.backend.store_transaction(u64(txn.ttid), objects, meta, pack)
-        txn.voted = True
-
-    def AskStoreTransaction(self, conn, msg_id, ttid, user, description, ext, oids, pack):
-        if ttid in self.app.locks.aborted:
-            raise HandlerError("transaction %s was aborted" % ttid.hex(), ErrorCodes.DENIED)
-        txn = self.app.locks.get(ttid, conn.nid, conn)
-        request = None
-        if pack is not None:
-            pack_oids, pack_tid = pack
-            # the GC mark is ours: without it, NEO's meaning (history of
-            # the listed oids, or of all)
-            gc = pack_oids is not None and is_gc_extension(ext)
-            request = (pack_oids is not None and not gc,
-                       None if pack_oids is None else [u64(o) for o in pack_oids],
-                       u64(pack_tid), gc)
-        self._vote(txn, ([u64(o) for o in oids], user, description, ext, False), request)
-        conn.answer(msg_id, Packets.AnswerStoreTransaction)
-
-    def AskVoteTransaction(self, conn, msg_id, ttid):
-        if ttid in self.app.locks.aborted:
-            raise HandlerError("transaction %s was aborted" % ttid.hex(), ErrorCodes.DENIED)
-        txn = self.app.locks.get(ttid, conn.nid, conn)
-        self._vote(txn, None)
-        conn.answer(msg_id, Packets.AnswerVoteTransaction)
-
-    def AbortTransaction(self, conn, msg_id, ttid, nids):
-        self.app.abort(ttid)

@@ -24,6 +24,7 @@ import logging
 
 from neozodb.net.connection import HandlerError
 from neozodb.protocol import ZERO_HASH, CellStates, ErrorCodes, Packets, ProtocolError, p64, u64
+from neozodb.protocol.values import LIST_CAP
 
 from . import checker
 from .handlers import BaseHandler, Retry
@@ -82,6 +83,7 @@ class SourceHandler(BaseHandler):
         if not self._ready(conn, msg_id, Packets.AskFetchTransactions, (
                 partition, length, min_tid, max_tid, tids, pack_info)):
             return
+        length = min(length, LIST_CAP)  # one request, one bounded answer
         backend = app.backend
         low, high = u64(min_tid), u64(max_tid)
         mine = backend.fetch_tids(partition, length, low, high)
@@ -113,6 +115,7 @@ class SourceHandler(BaseHandler):
         if not self._ready(conn, msg_id, Packets.AskFetchObjects, (
                 partition, length, min_tid, max_tid, min_oid, objects)):
             return
+        length = min(length, LIST_CAP)
         backend = app.backend
         high = u64(max_tid)
         mine = backend.fetch_object_keys(partition, length, u64(min_tid), high, u64(min_oid))

@@ -31,6 +31,9 @@ class Transaction:
     voted: bool = False
     tid: bytes | None = None
     deadlock_notified: set = field(default_factory=set)
+    # every oid whose write lock it took: released at the end even if a
+    # failing request took it before recording the object
+    held: set = field(default_factory=set)
 
     @property
     def locked(self) -> bool:
@@ -61,6 +64,7 @@ class LockManager:
             if txn is not None:
                 # a new acquisition may need a new deadlock notice
                 txn.deadlock_notified.discard(oid)
+                txn.held.add(oid)
             return None
         return holder
 
@@ -97,7 +101,7 @@ class LockManager:
         txn = self.txns.pop(ttid, None)
         if txn is None:
             return None
-        for oid in list(txn.objects) + list(txn.checked):
+        for oid in {*txn.objects, *txn.checked, *txn.held}:
             if self.write_locks.get(oid) == ttid:
                 del self.write_locks[oid]
             if self.read_locks.get(oid) == ttid:

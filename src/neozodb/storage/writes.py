@@ -1,0 +1,306 @@
+"""The writes of a storage's clients: stores, readCurrent checks, relocks,
+votes and aborts (neo-architecture.md 6.2), a mixin of the client handler.
+
+A transaction belongs to the client connection whose request registered
+it here (its first store, check or vote): requests of another client about
+it are protocol errors, its aborts are ignored.  Every value is checked
+before a lock is taken, and every lock a transaction took is released when
+it ends (storage/transactions.py), so a failing request leaves none behind.
+With ``--read-only`` every write is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from neozodb.net.connection import HandlerError
+from neozodb.protocol import (
+    MAX_TID,
+    ZERO_HASH,
+    ZERO_TID,
+    CellStates,
+    ErrorCodes,
+    Packets,
+    ProtocolError,
+    nid_str,
+    p64,
+    u64,
+)
+from neozodb.protocol.values import check_compression, check_id, check_ids
+from neozodb.storage.pack import is_gc_extension
+from neozodb.storage.undo import store_again_ok
+
+log = logging.getLogger("neozodb.storage")
+
+
+def _current_serial(app, oid: bytes) -> bytes:
+    """The committed serial of oid, ZERO_TID if it never existed here."""
+    last = app.backend.last_serial(u64(oid))
+    return ZERO_TID if last is None else p64(last)
+
+
+def _conflict_serial(current: bytes) -> bytes:
+    # ZERO_TID in an answer means "accepted without lock": a client that
+    # names a revision of an object we never had must get a conflict
+    return MAX_TID if current == ZERO_TID else current
+
+
+class Retry:
+    """A delayed request, replayed through its connection."""
+
+    __slots__ = ("handler", "conn", "msg_id", "packet", "args")
+
+    def __init__(self, handler, conn, msg_id, packet, args) -> None:
+        self.handler, self.conn, self.msg_id, self.packet, self.args = (
+            handler, conn, msg_id, packet, args)
+
+    def __call__(self) -> None:
+        if not self.conn.closed:
+            self.conn._request_received(self.msg_id, self.packet, self.args)
+
+    def __repr__(self) -> str:
+        return "<%s from %s oid %s>" % (self.packet.name, self.conn.label,
+                                        self.args[0].hex() if self.args else "")
+
+
+class Writes:
+    """ClientHandler's writes (see the module docstring)."""
+
+    def _writable(self, packet) -> None:
+        if getattr(self.app, "read_only", False):
+            raise HandlerError("%s refused: read-only storage" % packet.name,
+                               ErrorCodes.READ_ONLY_ACCESS)
+
+    def _own(self, conn, ttid: bytes, packet):
+        """The transaction ``ttid``, which this client started here (its
+        first request registered it): another client's is refused."""
+        app = self.app
+        txn = app.locks.txns.get(ttid)
+        if txn is None:
+            return app.locks.get(ttid, conn.nid, conn)
+        if txn.conn is not conn and (txn.client is None or txn.client != conn.nid):
+            log.warning("%s: %s from %s refused: transaction %s belongs to %s", app.label,
+                        packet.name, conn.label, ttid.hex(), nid_str(txn.client))
+            raise ProtocolError("transaction %s belongs to another client" % ttid.hex())
+        return txn
+
+    def AskStoreObject(self, conn, msg_id, oid, serial, compression, checksum, data, data_serial, ttid):
+        app = self.app
+        self._writable(Packets.AskStoreObject)
+        # everything checked before any lock is taken
+        check_id(oid, "oid")
+        check_id(serial, "serial")
+        check_id(ttid, "ttid")
+        if data_serial is not None:
+            check_id(data_serial, "data serial")
+        if not (checksum == ZERO_HASH and not data):
+            check_compression(compression)
+            if len(checksum) != 20 or hashlib.sha1(data).digest() != checksum:
+                raise ProtocolError("wrong checksum for %s in %s" % (oid.hex(), ttid.hex()))
+        if ttid in app.locks.aborted:
+            conn.answer(msg_id, Packets.AnswerStoreObject, ZERO_TID)  # moot: the client aborts
+            return
+        txn = self._own(conn, ttid, Packets.AskStoreObject)
+        if txn.voted:
+            raise ProtocolError("store after vote in %s" % ttid.hex())
+        state = app.cell_state(app.pt.partition(oid))
+        if state is None:
+            conn.answer(msg_id, Packets.AnswerStoreObject, ZERO_TID)  # not ours: ignored
+            return
+        if state == CellStates.OUT_OF_DATE.value:
+            # our copy is behind: keep the data without locking or checking,
+            # the up-to-date replicas decide about conflicts
+            self._keep(txn, oid, serial, compression, checksum, data, data_serial)
+            txn.lockless.add(oid)
+            conn.answer(msg_id, Packets.AnswerStoreObject, ZERO_TID)
+            return
+        previous = txn.objects.get(oid)
+        if previous is not None and oid not in txn.lockless \
+                and app.locks.write_locks.get(oid) == ttid:
+            # stored again by the same transaction (several undos of one
+            # object, a store after an undo): it holds the lock since its
+            # first store, nobody committed the object meanwhile
+            if not store_again_ok(previous, serial):
+                conn.answer(msg_id, Packets.AnswerStoreObject, p64(previous[2]))
+                return
+        elif not self._lock_current(conn, msg_id, Packets.AskStoreObject, (
+                oid, serial, compression, checksum, data, data_serial, ttid),
+                ttid, oid, serial, txn.checked):
+            return
+        self._keep(txn, oid, serial, compression, checksum, data, data_serial)
+        conn.answer(msg_id, Packets.AnswerStoreObject, None)
+
+    def _lock_current(self, conn, msg_id, packet, args, ttid, oid, serial, held) -> bool:
+        """Write-lock oid for ttid and check that ``serial`` is current.
+
+        False when the request was delayed (lock taken: replayed later) or
+        answered with the conflicting serial; the lock is then kept only if
+        the transaction already held it for another reason (``held``)."""
+        app = self.app
+        holder = app.locks.acquire(ttid, oid)
+        if holder is not None:
+            self._wait_lock(conn, ttid, oid, holder, msg_id, packet, args)
+            return False
+        current = _current_serial(app, oid)
+        if current != serial:
+            if oid not in held:
+                app.locks.release(ttid, oid)
+                app.replay()  # waiters for this lock may go on
+            conn.answer(msg_id, packet.answer, _conflict_serial(current))
+            return False
+        return True
+
+    def _keep(self, txn, oid, serial, compression, checksum, data, data_serial):
+        backend = self.app.backend
+        no_data = checksum == ZERO_HASH and not data
+        value_tid = None if data_serial is None else u64(data_serial)
+        found = None if value_tid is None else backend.get_revision(u64(oid), tid=value_tid)
+        if found is not None and (found[1] is not None or no_data):
+            # an undo back to an older revision, or a restored back-pointer:
+            # its data row is shared, not copied (the data the client may
+            # have sent is for replicas that miss that revision, and for
+            # conflict resolution).  The back-pointer is kept as given, even
+            # if that revision is a back-pointer itself (a chain restored
+            # from another storage): a replica that stores the data sent
+            # records the very same value_tid.
+            data_id = found[1]
+            if data_id is not None:
+                backend.hold_data(data_id)
+        elif no_data:
+            if value_tid is not None:
+                log.warning("%s: undo of %s points to %s, which is not here: stored as a"
+                            " deletion", self.app.label, oid.hex(), data_serial.hex())
+            data_id = None  # deletion, or undone creation
+        else:
+            data_id = backend.store_data(checksum, compression, data)
+        old = txn.objects.get(oid)
+        txn.objects[oid] = (serial, data_id, value_tid)
+        # released after the new hold: both may be the same row
+        if old is not None and old[1] is not None:
+            backend.release_data([old[1]], prune=True)
+
+    def _notify_victim(self, ttid, oid, holder) -> None:
+        """An older transaction waits for a younger one that has not voted:
+        ask the younger's client to release the lock (deadlock avoidance)."""
+        app = self.app
+        victim = app.locks.deadlock_victim(ttid, oid, holder)
+        if victim is not None:
+            conn = victim.conn
+            if conn is not None and not conn.closed:
+                conn.notify(Packets.NotifyDeadlock, victim.ttid, oid)
+
+    def _wait_lock(self, conn, ttid, oid, holder, msg_id, packet, args):
+        app = self.app
+        self._notify_victim(ttid, oid, holder)
+        # replayed through the connection, so errors are answered as usual
+        app.delay(ttid, Retry(self, conn, msg_id, packet, args))
+
+    def AskCheckCurrentSerial(self, conn, msg_id, ttid, oid, serial):
+        app = self.app
+        self._writable(Packets.AskCheckCurrentSerial)
+        check_id(ttid, "ttid")
+        check_id(oid, "oid")
+        check_id(serial, "serial")
+        if ttid in app.locks.aborted:
+            conn.answer(msg_id, Packets.AnswerCheckCurrentSerial, ZERO_TID)
+            return
+        txn = self._own(conn, ttid, Packets.AskCheckCurrentSerial)
+        if app.cell_state(app.pt.partition(oid)) in (None, CellStates.OUT_OF_DATE.value):
+            # not ours, or our copy is behind: up-to-date replicas decide
+            conn.answer(msg_id, Packets.AnswerCheckCurrentSerial, ZERO_TID)
+            return
+        if not self._lock_current(conn, msg_id, Packets.AskCheckCurrentSerial,
+                                  (ttid, oid, serial), ttid, oid, serial, txn.objects):
+            return
+        txn.checked[oid] = serial
+        conn.answer(msg_id, Packets.AnswerCheckCurrentSerial, None)
+
+    def AskRelockObject(self, conn, msg_id, ttid, oid):
+        app = self.app
+        txn = app.locks.txns.get(ttid)
+        if txn is None or txn.voted or oid not in txn.objects:
+            conn.answer(msg_id, Packets.AnswerRelockObject, None)
+            return
+        self._own(conn, ttid, Packets.AskRelockObject)
+        app.locks.release(ttid, oid)
+        app.replay()  # let the older transaction take it
+
+        def relock():
+            if conn.closed or ttid not in app.locks.txns:
+                return
+            holder = app.locks.acquire(ttid, oid)
+            if holder is not None:
+                # a younger transaction may have taken it meanwhile: it must
+                # be asked to step back too, or both wait forever
+                self._notify_victim(ttid, oid, holder)
+                app.delay(ttid, relock)
+                return
+            serial, data_id, data_serial = txn.objects[oid]
+            current = _current_serial(app, oid)
+            if current == serial:
+                conn.answer(msg_id, Packets.AnswerRelockObject, None)
+                return
+            # somebody committed meanwhile: give the client back its data to resolve
+            del txn.objects[oid]
+            app.locks.release(ttid, oid)
+            app.replay()
+            stored = None
+            if data_id is not None:
+                checksum, compression, data = app.backend.load_data(data_id)
+                app.backend.release_data([data_id], prune=True)
+                stored = (compression, checksum, data)
+            conn.answer(msg_id, Packets.AnswerRelockObject,
+                        (serial, _conflict_serial(current), stored))
+
+        app.delay(ttid, relock)
+        app.replay()
+
+    def _vote(self, txn, meta, pack=None) -> None:
+        if txn.ttid in self.app.locks.aborted:
+            raise HandlerError("transaction %s was aborted" % txn.ttid.hex(), ErrorCodes.DENIED)
+        objects = [(u64(oid), data_id, data_serial)
+                   for oid, (_, data_id, data_serial) in txn.objects.items()]
+        self.app.backend.store_transaction(u64(txn.ttid), objects, meta, pack)
+        txn.voted = True
+
+    def AskStoreTransaction(self, conn, msg_id, ttid, user, description, ext, oids, pack):
+        self._writable(Packets.AskStoreTransaction)
+        check_id(ttid, "ttid")
+        check_ids(oids, "oid")
+        if pack is not None:
+            check_ids(pack[0] or (), "oid")
+            check_id(pack[1], "pack TID")
+        if ttid in self.app.locks.aborted:
+            raise HandlerError("transaction %s was aborted" % ttid.hex(), ErrorCodes.DENIED)
+        txn = self._own(conn, ttid, Packets.AskStoreTransaction)
+        request = None
+        if pack is not None:
+            pack_oids, pack_tid = pack
+            # the GC mark is ours: without it, NEO's meaning (history of
+            # the listed oids, or of all)
+            gc = pack_oids is not None and is_gc_extension(ext)
+            request = (pack_oids is not None and not gc,
+                       None if pack_oids is None else [u64(o) for o in pack_oids],
+                       u64(pack_tid), gc)
+        self._vote(txn, ([u64(o) for o in oids], user, description, ext, False), request)
+        conn.answer(msg_id, Packets.AnswerStoreTransaction)
+
+    def AskVoteTransaction(self, conn, msg_id, ttid):
+        self._writable(Packets.AskVoteTransaction)
+        check_id(ttid, "ttid")
+        if ttid in self.app.locks.aborted:
+            raise HandlerError("transaction %s was aborted" % ttid.hex(), ErrorCodes.DENIED)
+        txn = self._own(conn, ttid, Packets.AskVoteTransaction)
+        self._vote(txn, None)
+        conn.answer(msg_id, Packets.AnswerVoteTransaction)
+
+    def AbortTransaction(self, conn, msg_id, ttid, nids):
+        app = self.app
+        txn = app.locks.txns.get(ttid)
+        if txn is None:
+            return  # nothing of it here (nor anything to mark: it is not this client's to say)
+        try:
+            self._own(conn, ttid, Packets.AbortTransaction)
+        except ProtocolError:
+            return  # a notification: the owner's transaction goes on
+        app.abort(ttid)
