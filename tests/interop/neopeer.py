@@ -15,11 +15,25 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
-from neozodb.cli.cluster import LocalCluster, free_port
+from neozodb.cli.cluster import LocalCluster, free_port, wait_until
 from neozodb.cli.config import format_address
 
 NEO_SRC = os.environ.get("NEO_SRC", "")
+
+T = TypeVar("T")
+
+# How a neoctl request fails while the admin (either kind) is between two
+# primaries or restarting: the request is made again.  NEO's admin says
+# the third; ours the others, or drops the connection.
+TRANSIENT = ("connection to admin lost", "cannot connect to admin",
+             "not connected to a primary master", "master lost", "no partition table yet")
+
+
+def transient(error: Exception) -> bool:
+    return str(error).lower().startswith(TRANSIENT)
 
 
 def neo_available() -> bool:
@@ -106,6 +120,63 @@ class MixedCluster(LocalCluster):
 
     def neo_neoctl(self, *words: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
         return neo_neoctl(self.admin_address, *words, timeout=timeout)
+
+    #: How long a neoctl request is made again while it fails transiently:
+    #: a take-over on a loaded two-core machine can take most of a minute.
+    ctl_patience = 90.0
+
+    def through_ctl(self, call: Callable, what: str = "neoctl") -> T:
+        """``call(ctl)`` on a fresh connection to the admin, made again
+        while it fails transiently (see TRANSIENT); any other refusal is
+        raised at once."""
+        from neozodb.ctl.neoctl import CtlError
+        result: list = []
+        last: list = []
+
+        def attempt() -> bool:
+            try:
+                ctl = self.ctl()
+                try:
+                    result.append(call(ctl))
+                finally:
+                    ctl.close()
+            except CtlError as e:
+                if not transient(e):
+                    raise
+                last[:] = [e]
+                return False
+            return True
+        try:
+            wait_until(attempt, self.ctl_patience, what)
+        except TimeoutError:
+            raise CtlError("%s: still failing after %s s: %s" % (
+                what, self.ctl_patience, last[0] if last else "?")) from None
+        return result[0]
+
+    def neoctl(self, *words: str, refusal: bool = False):
+        from neozodb.ctl.neoctl import CtlError, run_command
+        try:
+            return self.through_ctl(lambda ctl: run_command(ctl, list(words)),
+                                    "neoctl " + " ".join(words))
+        except CtlError as e:
+            if refusal:
+                return str(e)
+            raise
+
+    def _ctl_value(self, what: str, key: str):
+        # polled (cluster state, primary): a failure means "not known now"
+        # and the poll goes on, no need to insist
+        from neozodb.ctl.neoctl import CtlError
+        try:
+            return LocalCluster.neoctl(self, "print", what)[1][key]
+        except CtlError:
+            return None
+
+    def node_state(self, name: str):
+        from neozodb.protocol import NodeTypes, nid_str
+        node_type = {"M": NodeTypes.MASTER, "S": NodeTypes.STORAGE}[name[0]]
+        nodes = self.through_ctl(lambda ctl: ctl.nodes(node_type), "the node list")
+        return next((n[3] for n in nodes if nid_str(n[2]) == name), None)
 
 
 # Through NEO's client, in its own process: set root[key] for each
