@@ -175,3 +175,45 @@ def _pack_lines(c) -> list[str] | None:
     except CtlError:
         return None  # the admin still reaching the restarted master
     return None if lines == ["no pack order"] else lines
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="known limit (docs/interop.md): a storage down during a"
+                   " GC by deletion keeps the garbage, the source no longer has the deletions")
+def test_gc_by_deletion_with_a_replica_down(tmp_path):
+    """Our client's GC on NEO's master (no gc-pack: deletions, then partial
+    packs of the deleted objects) while our storage S1 is down: S1 comes
+    back, catches up and applies the orders, but keeps the garbage."""
+    c = _cluster(tmp_path, ("M1", "S2"))
+    try:
+        db = ZODB.DB(Storage(c.masters, c.name))
+        try:
+            with db.transaction() as conn:
+                conn.root()["junk"] = [PersistentMapping(i=i) for i in range(8)]
+            with db.transaction() as conn:
+                junk = [u64(o._p_oid) for o in conn.root()["junk"]]
+                del conn.root()["junk"]
+            c.nodes["S1"].signal(signal.SIGKILL)
+            c.nodes["S1"].wait(10)
+            wait_until(lambda: "U" not in c.cells()["S1"], 30, "S1's cells out of date")
+            db.pack()
+        finally:
+            db.close()
+        assert sum(_rows(c.database(2), oid) for oid in junk) == 0
+        c.nodes["S1"].start()
+        wait_until(lambda: c.storage_state("S1") is not None and c.all_up_to_date(), 90,
+                   "S1 to catch up")
+        wait_until(lambda: _applied_every_order(c.database(1)), 60, "S1 to apply the orders")
+        assert sum(_rows(c.database(1), oid) for oid in junk) == 0
+    finally:
+        c.kill()
+
+
+def _applied_every_order(path: str) -> bool:
+    """Whether our storage's partitions all applied the last order it knows."""
+    db = sqlite3.connect(path, timeout=30)
+    try:
+        (last,) = db.execute("SELECT MAX(tid) FROM pack").fetchone()
+        (done,) = db.execute("SELECT MIN(done) FROM pack_progress").fetchone()
+        return last is not None and done is not None and done >= last
+    finally:
+        db.close()
