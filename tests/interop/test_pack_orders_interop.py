@@ -3,10 +3,13 @@ one byte string (``AnswerPackOrders``): NEO's storage keeps an order's oids
 as one blob and answers ``AskPackOrders`` with it unsplit, and NEO's master
 passes such orders on as it got them.
 
-Two ways they reach our nodes:
+Three ways they reach our nodes:
 
 - our master, verifying the cluster at its start, asks every readable
   storage for its orders: NEO's storages answer it so;
+- NEO's master, verifying at its start, reloads the orders not completed
+  yet from its readable storages and passes them on to our storage as it
+  got them;
 - NEO's master answers an ``AskPackOrders`` for orders older than the last
   one every readable storage completed by asking its storages again
   (NEO's ``RequestOld``) and passes what they answer on.  Our storage asks
@@ -137,6 +140,47 @@ def test_our_storage_learns_orders_neo_master_reads_back(tmp_path):
         # and S1 alone serves everything
         c.nodes["S2"].kill()
         wait_until(lambda: "U" not in c.cells()["S2"], 30, "S2 down")
+        assert _read(c) == (REVISIONS - 1, REVISIONS - 1)
+    finally:
+        c.kill()
+
+
+class _NoPackS2(MixedCluster):
+    """NEO's S2 with --disable-pack: it keeps the orders it stores pending
+    (it never reports a partition packed), so NEO's master reloads them
+    from it at its verification."""
+
+    def storage_argv(self, i: int) -> list[str]:
+        return super().storage_argv(i) + (["--disable-pack"] if i == 2 else [])
+
+
+def test_our_storage_learns_orders_neo_master_reloads(tmp_path):
+    """NEO's master and storage S2 (which does not pack), our storage S1.
+    S1 is down while a client orders a partial pack.  NEO's master is
+    killed and restarted: verifying, it reloads the pending order from S2,
+    oids as one byte string.  S1 comes back and asks for orders: it gets
+    that one, and applies it."""
+    c = _NoPackS2(str(tmp_path / "c"), neo=("M1", "S2"), name="packs", storages=2,
+                  replicas=1, partitions=4).start_or_kill()
+    try:
+        packed, kept, last = _history(c)
+        c.nodes["S1"].signal(signal.SIGKILL)
+        c.nodes["S1"].wait(10)
+        wait_until(lambda: "U" not in c.cells()["S1"], 30, "S1's cells out of date")
+        _partial_pack(c, packed, last)
+        assert _partial_orders_in(c.database(2)) == [p64(packed)]
+        assert _rows(c.database(2), packed) == REVISIONS  # S2 does not pack
+        c.nodes["M1"].signal(signal.SIGKILL)
+        c.nodes["M1"].wait(10)
+        c.nodes["M1"].start()
+        c.wait_state("RUNNING", 90)
+        c.nodes["S1"].start()
+        wait_until(lambda: c.storage_state("S1") is not None and c.all_up_to_date(), 90,
+                   "S1 to catch up")
+        wait_until(lambda: _rows(c.database(1), packed) == 1, 60,
+                   "S1 to pack the listed object's history")
+        assert _rows(c.database(1), kept) == REVISIONS
+        assert _answer_errors(c, "S1") == []
         assert _read(c) == (REVISIONS - 1, REVISIONS - 1)
     finally:
         c.kill()
