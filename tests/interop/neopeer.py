@@ -15,11 +15,26 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
+from collections.abc import Callable
+from typing import TypeVar
 
-from neozodb.cli.cluster import LocalCluster, free_port
+from neozodb.cli.cluster import LocalCluster, free_port, wait_until
 from neozodb.cli.config import format_address
 
 NEO_SRC = os.environ.get("NEO_SRC", "")
+
+T = TypeVar("T")
+
+# How a neoctl request fails while the admin (either kind) is between two
+# primaries or restarting: the request is made again.  NEO's admin says
+# the third; ours the others, or drops the connection.
+TRANSIENT = ("connection to admin lost", "cannot connect to admin",
+             "not connected to a primary master", "master lost", "no partition table yet")
+
+
+def transient(error: Exception) -> bool:
+    return str(error).lower().startswith(TRANSIENT)
 
 
 def neo_available() -> bool:
@@ -107,6 +122,63 @@ class MixedCluster(LocalCluster):
     def neo_neoctl(self, *words: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
         return neo_neoctl(self.admin_address, *words, timeout=timeout)
 
+    #: How long a neoctl request is made again while it fails transiently:
+    #: a take-over on a loaded two-core machine can take most of a minute.
+    ctl_patience = 90.0
+
+    def through_ctl(self, call: Callable, what: str = "neoctl") -> T:
+        """``call(ctl)`` on a fresh connection to the admin, made again
+        while it fails transiently (see TRANSIENT); any other refusal is
+        raised at once."""
+        from neozodb.ctl.neoctl import CtlError
+        result: list = []
+        last: list = []
+
+        def attempt() -> bool:
+            try:
+                ctl = self.ctl()
+                try:
+                    result.append(call(ctl))
+                finally:
+                    ctl.close()
+            except CtlError as e:
+                if not transient(e):
+                    raise
+                last[:] = [e]
+                return False
+            return True
+        try:
+            wait_until(attempt, self.ctl_patience, what)
+        except TimeoutError:
+            raise CtlError("%s: still failing after %s s: %s" % (
+                what, self.ctl_patience, last[0] if last else "?")) from None
+        return result[0]
+
+    def neoctl(self, *words: str, refusal: bool = False):
+        from neozodb.ctl.neoctl import CtlError, run_command
+        try:
+            return self.through_ctl(lambda ctl: run_command(ctl, list(words)),
+                                    "neoctl " + " ".join(words))
+        except CtlError as e:
+            if refusal:
+                return str(e)
+            raise
+
+    def _ctl_value(self, what: str, key: str):
+        # polled (cluster state, primary): a failure means "not known now"
+        # and the poll goes on, no need to insist
+        from neozodb.ctl.neoctl import CtlError
+        try:
+            return LocalCluster.neoctl(self, "print", what)[1][key]
+        except CtlError:
+            return None
+
+    def node_state(self, name: str):
+        from neozodb.protocol import NodeTypes, nid_str
+        node_type = {"M": NodeTypes.MASTER, "S": NodeTypes.STORAGE}[name[0]]
+        nodes = self.through_ctl(lambda ctl: ctl.nodes(node_type), "the node list")
+        return next((n[3] for n in nodes if nid_str(n[2]) == name), None)
+
 
 # Through NEO's client, in its own process: set root[key] for each
 # key=value given (one transaction), then print the whole root as JSON.
@@ -139,12 +211,67 @@ def neo_client_roundtrip(cluster: LocalCluster, **values: str) -> dict:
     return json.loads(out.stdout.splitlines()[-1])
 
 
+# tests/writers.py's writer, committing through NEO's client, with one
+# more tolerance.  When NEO's master restarts, NEO's client reconnecting to
+# it may get the master's NOT_READY answer (cluster not running yet) to a
+# request it no longer waits for: its poll thread dies of "ProtocolError:
+# Unexpected response packet ... Error[2]" and the client object is unusable
+# from then on (the commit in progress fails, so does everything after).
+# That is between NEO's client and NEO's master alone: the writer counts
+# the commit as failed (not acknowledged: it is retried), opens a new
+# client and goes on.  Any other failure of the poll thread still kills it.
+NEO_WRITER = textwrap.dedent("""
+    import os, sys, threading, transaction, ZODB
+    from neo.client.Storage import Storage
+    from neo.lib.exception import ProtocolError
+    masters, name, key, stop, retry = sys.argv[1:]
+    dead = []
+
+    def hook(args):
+        if args.exc_type is ProtocolError and str(args.exc_value).startswith(
+                "Unexpected response packet") and ": Error[" in str(args.exc_value):
+            dead.append(args.thread.name)
+        threading.__excepthook__(args)
+    threading.excepthook = hook
+
+    def open_db():
+        # a manager of its own: the dead client's connection must not stay
+        # a synchronizer of the next one's transactions
+        db = ZODB.DB(Storage(master_nodes=masters, name=name))
+        tm = transaction.TransactionManager()
+        return db, tm, db.open(tm)
+
+    db, tm, conn = open_db()
+    i = 0
+    while not os.path.exists(stop):
+        try:
+            conn.root()[key][i] = "v%d" % i
+            tm.commit()
+        except Exception as e:
+            if retry != "retry":
+                raise
+            print("retry", i, type(e).__name__, e, file=sys.stderr, flush=True)
+            try:
+                tm.abort()
+            except Exception as e:
+                if not dead:
+                    raise
+                print("abort failed", type(e).__name__, e, file=sys.stderr, flush=True)
+            if dead:
+                print("new client: the poll thread died", file=sys.stderr, flush=True)
+                del dead[:]
+                db, tm, conn = open_db()
+            continue
+        print(i, flush=True)
+        i += 1
+    db.close()
+""")
+
+
 def neo_writer_script() -> str:
-    """tests/writers.py's writer, committing through NEO's client."""
-    from writers import WRITER
-    return WRITER.replace("from neozodb.client import Storage",
-                          "from neo.client.Storage import Storage").replace(
-        "Storage(masters, name)", "Storage(master_nodes=masters, name=name)")
+    """tests/writers.py's writer, committing through NEO's client (see
+    NEO_WRITER)."""
+    return NEO_WRITER
 
 
 def load_conformance():

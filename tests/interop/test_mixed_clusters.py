@@ -1,6 +1,7 @@
 """Clusters mixing NEO's nodes and neozodb's: replication in both
-directions, crashes under load, tweak and drop across implementations, a
-master of one kind taking over from the other."""
+directions, crashes under load, tweak and drop across implementations,
+both clients on every mix.  Masters taking over from one another and the
+admin node crashing are in test_mixed_ha.py."""
 from __future__ import annotations
 
 import signal
@@ -12,7 +13,6 @@ from persistent.mapping import PersistentMapping
 
 from neozodb.cli.cluster import wait_until
 from neozodb.client import Storage
-from neozodb.protocol import NodeStates
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -88,17 +88,20 @@ def test_catch_up_then_lose_the_source(tmp_path, master, first):
         c.kill()
 
 
+@pytest.mark.timeout(480)
+@pytest.mark.parametrize("admin", ["neozodb", "NEO"])
 @pytest.mark.parametrize("client", ["neozodb", "NEO"])
 @pytest.mark.parametrize("victim", ["S1", "S2", "M1"])
 @pytest.mark.parametrize("master", ["neozodb", "NEO"])
-def test_sigkill_under_load(tmp_path, master, victim, client):
+def test_sigkill_under_load(tmp_path, master, victim, client, admin):
     """Two writer processes (either client) commit while a node is
-    SIGKILLed and restarted (S2 is NEO's, S1 ours): every acknowledged
-    commit is there, nothing else."""
+    SIGKILLed and restarted (S2 is NEO's, S1 ours), the admin (which the
+    test asks about the cluster) of either kind: every acknowledged commit
+    is there, nothing else."""
     from neopeer import neo_env, neo_writer_script
 
     from writers import WRITER, Writers
-    neo = ("S2",) + (("M1",) if master == "NEO" else ())
+    neo = ("S2",) + (("M1",) if master == "NEO" else ()) + (("A1",) if admin == "NEO" else ())
     c = _cluster(tmp_path, neo)
     try:
         if client == "NEO":
@@ -107,16 +110,18 @@ def test_sigkill_under_load(tmp_path, master, victim, client):
         else:
             writers = Writers(c, tmp_path, retry=True, script=WRITER)
         try:
-            wait_until(writers.more(20), 60, "writers to commit")
+            # generous bounds: on a loaded two-core machine a master's restart
+            # and its clients' reconnection can take most of a minute
+            wait_until(writers.more(20), 120, "writers to commit")
             c.nodes[victim].signal(signal.SIGKILL)
             c.nodes[victim].wait(10)
             if victim != "M1":
-                wait_until(writers.more(20), 60, "commits without %s" % victim)
+                wait_until(writers.more(20), 120, "commits without %s" % victim)
             _restart(c, victim)
             if victim == "M1":
-                c.wait_state("RUNNING", 60)
-            wait_until(c.all_up_to_date, 60, "every cell up to date")
-            wait_until(writers.more(20), 60, "commits after the restart")
+                c.wait_state("RUNNING", 120)
+            wait_until(c.all_up_to_date, 120, "every cell up to date")
+            wait_until(writers.more(20), 120, "commits after the restart")
         finally:
             writers.stop()
         writers.check()
@@ -124,10 +129,10 @@ def test_sigkill_under_load(tmp_path, master, victim, client):
         for alone in ("S1", "S2"):
             down = "S2" if alone == "S1" else "S1"
             c.nodes[down].kill()
-            wait_until(lambda d=down: "U" not in c.cells()[d], 30, "%s down" % down)
+            wait_until(lambda d=down: "U" not in c.cells()[d], 60, "%s down" % down)
             writers.check()
             _restart(c, down)
-            wait_until(c.all_up_to_date, 60, "%s back" % down)
+            wait_until(c.all_up_to_date, 120, "%s back" % down)
     finally:
         c.kill()
 
@@ -173,63 +178,6 @@ def test_add_tweak_and_drop_across(tmp_path, master, added):
             wait_until(c.all_up_to_date, 60, "%s back" % down)
     finally:
         c.kill()
-
-
-@pytest.mark.parametrize("neo_master", ["M1", "M2"])
-def test_master_takeover_across(tmp_path, neo_master):
-    """Two masters, one of each kind: kill the primary under load, the
-    other takes over; restart it, kill the new primary: the first takes
-    over again.  Commits resume each time and none is lost."""
-    from writers import Writers
-    c = _cluster(tmp_path, ("S2", neo_master), masters=2)
-    kinds = []
-    try:
-        writers = Writers(c, tmp_path, retry=True)
-        try:
-            for _ in range(2):
-                wait_until(writers.more(10), 60, "writers to commit")
-                process = _primary_process(c, c.wait_primary(60))
-                kinds.append(c.kind(process))
-                c.nodes[process].signal(signal.SIGKILL)
-                c.nodes[process].wait(10)
-                wait_until(lambda p=process: _primary_process(c, c.wait_primary(60)) != p, 60,
-                           "another primary than %s" % process)
-                wait_until(writers.more(10), 60, "commits under the new primary")
-                _restart(c, process)
-                wait_until(lambda p=process: _master_running(c, p), 30,
-                           "%s back as a secondary" % process)
-        finally:
-            writers.stop()
-        writers.check()
-        assert sorted(kinds) == ["NEO", "neozodb"]  # each kind took over from the other
-    finally:
-        c.kill()
-
-
-def _master_entries(c) -> dict:
-    """Master entries of the admin's node list by address."""
-    from neozodb.nodes import address_from_wire
-    from neozodb.protocol import NodeTypes
-    ctl = c.ctl()
-    try:
-        return {address_from_wire(n[1]): n for n in ctl.nodes(NodeTypes.MASTER)}
-    finally:
-        ctl.close()
-
-
-def _primary_process(c, name: str) -> str:
-    """The harness name (M<place in -m>) of the master that the cluster
-    calls ``name``: NEO's primary names masters itself, in its own order."""
-    from neozodb.protocol import nid_str
-    for address, entry in _master_entries(c).items():
-        if nid_str(entry[2]) == name:
-            return c.master_names[c.master_addresses.index(address)]
-    raise LookupError(name)
-
-
-def _master_running(c, process: str) -> bool:
-    entry = _master_entries(c).get(c.master_addresses[c.master_names.index(process)])
-    return entry is not None and entry[3] is NodeStates.RUNNING
 
 
 # Who runs what: masters M1 M2, storages S1 S2, admin A1 (the rest ours).

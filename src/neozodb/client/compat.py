@@ -129,10 +129,7 @@ class UndoLogPacks:
     one our client records in the pack transaction's extension
     (``PACK_TID_KEY``): a pack transaction is newer than its pack_tid, so
     the walk meets it before what it hides.  NEO's client records nothing:
-    its packs hide only their own transaction.  (NEO's master would tell
-    the orders, ``AskPackOrders``, but for orders read back from its
-    storages it sends each order's oids as one byte string, which our
-    codec refuses, closing the connection.)"""
+    its packs hide only their own transaction."""
 
     def __init__(self) -> None:
         self.cut = ZERO_TID  # transactions up to it are hidden
