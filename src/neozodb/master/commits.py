@@ -12,7 +12,16 @@ from neozodb.master.pack import Order
 from neozodb.master.transactions import TransactionError
 from neozodb.net.connection import Connection, ConnectionClosed
 from neozodb.nodes import Node
-from neozodb.protocol import CellStates, NodeStates, NodeTypes, Packets, nid_str, p64, u64
+from neozodb.protocol import (
+    CellStates,
+    NodeStates,
+    NodeTypes,
+    Packets,
+    ProtocolError,
+    nid_str,
+    p64,
+    u64,
+)
 
 log = logging.getLogger("neozodb.master")
 
@@ -23,6 +32,10 @@ class Commits:
     def involved_storages(self, ttid: bytes, oids, deleted, checked) -> set[int]:
         pt = self.pt
         parts = {pt.partition(ttid)} | {pt.partition(oid) for oid in oids}
+        for offset in (*deleted, *checked):
+            # from the client: an offset outside the table raised IndexError
+            if not 0 <= offset < pt.num_partitions:
+                raise ProtocolError("invalid partition %r" % offset)
         parts.update(deleted)
         parts.update(checked)
         ready = self.ready_storages
