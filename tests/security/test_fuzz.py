@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import transaction
+from fuzz_commits import adversarial_commit
 from fuzzing import (
     ROLES,
     Generator,
@@ -43,7 +44,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 from persistent.mapping import PersistentMapping
 
 from neozodb.cli.cluster import LocalCluster
-from neozodb.protocol import PACKETS, NodeTypes, Packets, encode
+from neozodb.protocol import PACKETS, ErrorCodes, NodeTypes, Packets, encode
 from neozodb.protocol.features import EXTRA_KEY, FEATURES
 
 MESSAGES = int(os.environ.get("NEOZODB_FUZZ_MESSAGES", "100000"))
@@ -72,6 +73,9 @@ class World:
         self.sent = 0
         self.closed_by_node = 0
         self.trail: list[str] = []  # the last messages sent, for reports
+        self.outcomes: dict[str, int] = {}  # of misbehaving commits
+        # oid -> data of the misbehaving client's commits without misstep
+        self.fuzz_records: dict[bytes, bytes] = {}
         self.db = None
 
     # -- the real client -------------------------------------------------------
@@ -132,6 +136,13 @@ class World:
                         continue  # e.g. NON_READABLE_CELL while it catches up
                     assert object_record(args) == (serial, data), \
                         "oid %s changed on storage %d" % (oid.hex(), nid)
+                for oid, data in list(self.fuzz_records.items())[-100:]:
+                    answer, args = self._ask(session, Packets.AskObject, oid, None, None)
+                    if answer is Packets.Error and args[0] == ErrorCodes.NON_READABLE_CELL.value:
+                        continue
+                    assert answer is Packets.AnswerObject and object_record(args)[1] == data, \
+                        "oid %s, committed without misstep, on storage %d: %r" % (
+                            oid.hex(), nid, args)
             finally:
                 session.close()
 
@@ -349,6 +360,26 @@ class FuzzMachine(RuleBasedStateMachine):
         finally:
             s.close()
 
+    @rule(batch_seed=st.integers(0, 2**32 - 1), count=st.integers(1, 5))
+    def misbehaving_commits(self, batch_seed: int, count: int) -> None:
+        """Two-phase commits of fuzz-allocated oids, with a misstep here
+        and there (fuzz_commits.py)."""
+        w = self.world
+        r = random.Random(batch_seed)
+        for _ in range(count):
+            master = w.master_session()
+            storages = {nid: w.storage_session(nid) for nid in sorted(w.storage_entries)}
+            sessions = [master, *storages.values()]
+            before = sum(s.sent for s in sessions)
+            try:
+                outcome = adversarial_commit(master, storages, w.pools, r, w.note, STEP_TIMEOUT,
+                                             w.fuzz_records)
+            except TimeoutError as e:
+                raise AssertionError("%s: hang after:\n  %s" % (
+                    e, "\n  ".join(w.trail[-50:]))) from None
+            w.sent += sum(s.sent for s in sessions) - before
+            w.outcomes[outcome] = w.outcomes.get(outcome, 0) + 1
+
     @rule(changes=st.dictionaries(st.sampled_from("abcdefgh"),
                                   st.integers(-2**70, 2**70) | st.binary(max_size=200),
                                   min_size=1, max_size=3))
@@ -439,6 +470,7 @@ def test_fuzz(world):
     print("%d messages in %.1f s (%d/s), %d rounds (%d cut short as flaky), %d connections"
           " closed by nodes" % (world.sent, elapsed, world.sent / elapsed, rounds, flaky,
                                 world.closed_by_node))
+    print("misbehaving commits: %s" % world.outcomes)
     unknown, known = _log_problems(world.cluster)
     for key, count in sorted(known.items()):
         print("known finding, %d times: %s" % (count, key))

@@ -246,3 +246,34 @@ def test_f7_failed_vote_of_no_transaction_drops_a_storage(cluster):
         assert got[1][0] != ErrorCodes.ACK.value, "FailedVote of no transaction acknowledged"
     finally:
         c.close()
+
+
+@pytest.mark.xfail(strict=True, reason="F9: a storage locks and commits a transaction it never"
+                   " got (no store, no vote): storage/handlers.py AskLockInformation, or the"
+                   " master's check of the votes (master/commits.py)")
+def test_f9_replicas_diverge_when_a_client_skips_a_storage(shared):
+    """Both storages hold every partition (2 storages, replicas 1).  A
+    client stores and votes at one only, then finishes: the commit
+    succeeds, and the other storage, still UP_TO_DATE, says the object
+    does not exist."""
+    c = Client(shared)
+    try:
+        first, second = sorted(c.storages)
+        s1, s2 = c.storage(first), c.storage(second)
+        (ttid,) = c.master.call(Packets.AskBeginTransaction, None)
+        ((oid,),) = c.master.call(Packets.AskNewOIDs, 1)
+        data = b"only on one replica"
+        assert s1.call(Packets.AskStoreObject, oid, ZERO_TID, 0, hashlib.sha1(data).digest(),
+                       data, None, ttid) == (None,)
+        s1.call(Packets.AskStoreTransaction, ttid, b"", b"", b"", [oid], None)
+        got = _answer(c.master, Packets.AskFinishTransaction, ttid, [oid], [], [], None)
+        committed = got is not None and got[0] is Packets.AnswerTransactionFinished
+        readable = {}
+        for s in (s1, s2):
+            answer = _answer(s, Packets.AskObject, oid, None, None)
+            readable[s] = answer is not None and answer[0] is Packets.AnswerObject
+        # either the commit is refused, or both replicas have the object
+        assert not committed or all(readable.values()), \
+            "committed, but the second replica does not have it"
+    finally:
+        c.close()
