@@ -397,7 +397,11 @@ class FuzzMachine(RuleBasedStateMachine):
         w = self.world
         w.close_sessions()
         if not w.dead_nodes():
-            bounded(w.check_data, 2 * STEP_TIMEOUT, "reading back the committed data")
+            try:
+                bounded(w.check_data, 2 * STEP_TIMEOUT, "reading back the committed data")
+            except (AssertionError, TimeoutError) as e:
+                raise AssertionError("%s; the last messages sent:\n  %s" % (
+                    e, "\n  ".join(w.trail[-50:]))) from e
 
 
 # Tracebacks of findings reported in test_fuzz_findings.py (strict xfail
