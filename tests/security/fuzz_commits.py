@@ -101,6 +101,9 @@ def adversarial_commit(master: Session, storages: dict[int, Session], pools: Poo
         got = _wait(s, msg_id, timeout)
         if got is None or got[0] is Packets.Error:
             complete = False
+    if coin(0.05):
+        # gone after its vote: the storage keeps what it voted for the finish
+        storages[r.choice(sorted(storages))].close()
     finish_oids = list(oids)
     if coin(0.1) and pools.current:
         finish_oids.append(r.choice(sorted(pools.current)))  # invalidated, not written
@@ -112,6 +115,9 @@ def adversarial_commit(master: Session, storages: dict[int, Session], pools: Poo
         _ask(master, note, "M", Packets.AskFinishTransaction, ttid, finish_oids, [], [], None)
     if coin(0.1):
         return "finish not awaited"
+    if coin(0.05):
+        master.close()  # the master finishes it all the same
+        return "gone after finish"
     got = _wait(master, msg_id, timeout)
     if got is None:
         return "master closed"
