@@ -479,3 +479,24 @@ def test_fuzz(world):
     for key, count in sorted(known.items()):
         print("known finding, %d times: %s" % (count, key))
     assert not unknown, "node logs hold errors:\n" + "\n".join(unknown[:20])
+
+
+def test_the_data_check_notices_a_change(world):
+    """The oracle itself: a commit behind the model's back is caught (run
+    after test_fuzz, on its cluster)."""
+    import ZODB
+
+    from neozodb.client import Storage
+    if not world.values:
+        bounded(lambda: world.commit({"a": 0}), STEP_TIMEOUT, "a commit")
+    key = sorted(world.values)[0]
+    db = ZODB.DB(Storage(**world.cluster.client_kwargs()))
+    try:
+        conn = db.open()
+        conn.root()[key]["v"] = ("changed", world.values[key])
+        transaction.commit()
+        conn.close()
+    finally:
+        db.close()
+    with pytest.raises(AssertionError, match="changed"):
+        world.check_data()
