@@ -479,6 +479,11 @@ def test_fuzz(world):
     for key, count in sorted(known.items()):
         print("known finding, %d times: %s" % (count, key))
     assert not unknown, "node logs hold errors:\n" + "\n".join(unknown[:20])
+    # nothing a client or neoctl sends may cut a node off its master
+    for name, node in world.cluster.nodes.items():
+        with open(node.logfile, "rb") as f:
+            f.seek(node.log_offset)
+            assert b"lost the master" not in f.read(), "%s lost its master" % name
 
 
 def test_the_data_check_notices_a_change(world):
