@@ -229,6 +229,15 @@ class Generator:
                 args[2] = INVALID_PARTITION
         elif name == "AskNewOIDs":
             args[0] = r.randrange(1, 100)
+        if self.pools.ttids:
+            # a transaction begun by the fuzzer, most likely still open
+            ttid = self.pools.ttids[-1] if r.random() < 0.7 else r.choice(self.pools.ttids)
+            if name in ("AskFinishTransaction", "AbortTransaction", "FailedVote", "AskFinalTID",
+                        "AskStoreTransaction", "AskVoteTransaction", "AskCheckCurrentSerial",
+                        "AskRelockObject", "AskObjectUndoSerial"):
+                args[0] = ttid
+            elif name == "AskStoreObject":
+                args[6] = ttid
 
     def ill_typed(self, packet: Any, args: list) -> list:
         """The arguments, broken in one place (wrong arity, type, enum)."""
@@ -288,6 +297,11 @@ def legitimate_only(role: str, packet: Any, args: list, pools: Pools, r: random.
         # finding 6) and the cluster cannot commit any more
         if args[0] > max(pools.current.values()):
             args[0] = None
+    elif name == "AskFinishTransaction" and type(args[1]) is list:
+        # the master takes any oid listed as allocated (finding 11): one
+        # near 2**64 and it cannot allocate oids any more
+        args[1] = [oid for oid in args[1] if type(oid) is not bytes or len(oid) != 8
+                   or u64(oid) < FOREIGN_OID_MIN or oid in pools.fuzz_oids]
     elif name == "FailedVote":
         # the master closes the connection of any node listed (finding 5):
         # listing the cluster's own nodes takes storages and clients out

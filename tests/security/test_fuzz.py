@@ -380,7 +380,7 @@ class FuzzMachine(RuleBasedStateMachine):
             w.sent += sum(s.sent for s in sessions) - before
             w.outcomes[outcome] = w.outcomes.get(outcome, 0) + 1
 
-    @rule(changes=st.dictionaries(st.sampled_from("abcdefgh"),
+    @rule(changes=st.dictionaries(st.text("abcdefgh", min_size=1, max_size=2),
                                   st.integers(-2**70, 2**70) | st.binary(max_size=200),
                                   min_size=1, max_size=3))
     def commit(self, changes: dict) -> None:

@@ -263,6 +263,29 @@ def test_f6_imposed_tid_ff(cluster):
     _clean(cluster, offsets)
 
 
+@pytest.mark.xfail(strict=True, reason="F11: AskFinishTransaction's oids raise the master's last"
+                   " OID unchecked (master/commits.py finish -> TransactionManager.saw_oid), and"
+                   " new_oids allocates beyond 64 bits: master/transactions.py")
+def test_f11_finish_naming_oid_ff_stops_oid_allocation(cluster):
+    """One client finishes an empty transaction naming oid ff*8: from then
+    on AskNewOIDs is an internal error (struct.error) for every client."""
+    offsets = _offsets(cluster)
+    c = Client(cluster)
+    try:
+        (ttid,) = c.master.call(Packets.AskBeginTransaction, None)
+        got = _answer(c.master, Packets.AskFinishTransaction, ttid, [HIGH], [], [], None)
+        assert got is not None
+    finally:
+        c.close()
+    other = Client(cluster)
+    try:
+        got = _answer(other.master, Packets.AskNewOIDs, 1)
+        assert got is not None and got[0] is Packets.AnswerNewOIDs, "no more OIDs"
+    finally:
+        other.close()
+    _clean(cluster, offsets)
+
+
 @pytest.mark.xfail(strict=True, reason="F7: FailedVote is not checked against the client's"
                    " transactions; master/handlers.py")
 def test_f7_failed_vote_of_no_transaction_drops_a_storage(cluster):
