@@ -39,7 +39,6 @@ from neozodb.protocol import (
     p64,
     u64,
 )
-from neozodb.protocol.enums import ENUMS
 
 # What each identified role normally sends; other catalogue messages are
 # sent too, rarely, since they close the connection.
@@ -50,22 +49,36 @@ CLIENT_TO_STORAGE = ("AskObject", "AskFinalTID", "AskObjectHistory", "AskTransac
                      "AskTIDs", "AskTIDsFrom", "AskOIDsFrom", "AskObjectUndoSerial",
                      "AskStoreObject", "AskCheckCurrentSerial", "AskRelockObject",
                      "AskStoreTransaction", "AskVoteTransaction", "AbortTransaction", "Ping")
-# neoctl's requests, without Truncate (deletes committed transactions, by
-# definition) and with SetClusterState, SetNodeState, TweakPartitionTable
-# and SetNumReplicas restricted by legitimate_only() below.
+# neoctl's requests (Truncate excluded, others restricted: see EXCLUDED)
 CTL_TO_ADMIN = ("AskPrimary", "AskLastIDs", "AskLastTransaction", "AskRecovery",
                 "AskPartitionList", "AskNodeList", "AskClusterState", "AskMonitorInformation",
                 "AskPackOrders", "SetClusterState", "SetNodeState", "AddPendingNodes",
                 "TweakPartitionTable", "SetNumReplicas", "Repair", "CheckReplicas",
                 "FlushLog", "Ping")
-EXCLUDED_ADMIN = {
-    "Truncate": "deletes every transaction after a TID: legitimate data loss",
-    "SetClusterState STOPPING": "stops the cluster (every node exits)",
-    "SetNodeState DOWN/UNKNOWN of a real node": "kill makes a storage exit, drop removes it",
-    "TweakPartitionTable dry_run=False": "moves cells: replication, not a fault",
-    "SetNumReplicas other than 1, <0 or >=2**31": "a legitimate change of redundancy",
+# What the filter (legitimate_only) changes in generated requests, and why:
+# each is something a peer of that role may do, and that would change the
+# real client's data or take the cluster apart legitimately (or through a
+# finding already reported, Fn: test_fuzz_findings.py).
+EXCLUDED = {
+    "Truncate (neoctl)": "deletes every transaction after a TID: never sent",
+    "SetClusterState(STOPPING) (neoctl)": "stops every node: sent as RUNNING (refused)",
+    "SetNodeState(nid, DOWN or UNKNOWN) for a nid a node may have (neoctl)":
+        "kill makes a storage exit, drop removes it: sent as RUNNING (refused)",
+    "TweakPartitionTable(dry_run=False) (neoctl)": "moves cells: sent with dry_run=True",
+    "SetNumReplicas(n), 0 <= n < 2**31, n != 1 (neoctl)":
+        "a change of redundancy: sent as 1; negative and huge values go as generated",
+    "AskStoreObject / AskCheckCurrentSerial with the current serial of a real-client object":
+        "would overwrite or lock it: a wrong serial is sent",
+    "writes of an oid < 2**62 not allocated to the fuzzer":
+        "would take the real client's next oids: a random oid >= 2**62 is sent",
+    "AskBeginTransaction(imposed TID) after the last committed TID":
+        "F6: every later TID comes after it (beyond 64 bits: no begin works): sent as None",
+    "AskFinishTransaction naming oids >= 2**62 not allocated to the fuzzer":
+        "F11: the master takes them as allocated (ff*8: no OID can be allocated): removed",
+    "FailedVote naming a node of the cluster": "F7: the master closes that node's connection",
+    "RequestIdentification as STORAGE to the master (unidentified rule)":
+        "a storage may legitimately be given cells: sent as CLIENT",
 }
-# and from clients: FailedVote naming nodes of the cluster (see legitimate_only)
 ROLES = {"master": CLIENT_TO_MASTER, "storage": CLIENT_TO_STORAGE, "admin": CTL_TO_ADMIN}
 
 BOUNDARY_INTS = (0, 1, -1, 2, 7, 11, 12, 13, 255, 256, 10000, 10001, 2**31 - 1, -2**31,
@@ -277,7 +290,7 @@ class Generator:
 def legitimate_only(role: str, packet: Any, args: list, pools: Pools, r: random.Random,
                     real_nids: set[int]) -> list:
     """Turn requests that would legitimately change committed data (or the
-    cluster) into ones that cannot; see EXCLUDED_ADMIN."""
+    cluster) into ones that cannot; see EXCLUDED."""
     name = packet.name
     if name in ("AskStoreObject", "AskCheckCurrentSerial"):
         oid, serial = (args[0], args[1]) if name == "AskStoreObject" else (args[1], args[2])
@@ -494,8 +507,6 @@ def object_record(answer: tuple) -> tuple[bytes, bytes]:
         return serial, b""
     return serial, zlib.decompress(data) if compression else data
 
-
-ENUM_EXT_CODES = len(ENUMS)
 
 
 _RECORD = re.compile(r"error handling (.+?) from (\S+)$|error handling (loss of \S+)$")

@@ -1,17 +1,25 @@
 """A stateful fuzzer against the real nodes of one cluster (issue 11).
 
-Hypothesis drives a RuleBasedStateMachine whose steps are batches of
-generated messages on identified sessions (a client of the master, a
-client of each storage, neoctl on the admin), unidentified connections
-sending whatever, and commits of a real ZODB client.  After every step
-each node process must be alive and every batch must have been processed
-or refused within a bound (a Ping barrier); after every example the data
-committed through the real client must read back unchanged, through a
-fresh client and from each storage directly; at the end no node log may
-hold a traceback.
+Hypothesis drives a RuleBasedStateMachine whose steps are: batches of
+messages generated from the catalogue's signatures on identified sessions
+(a client of the master, a client of each storage, neoctl on the admin),
+mostly well-formed, some ill-typed or malformed at the end of a batch;
+unidentified connections sending whatever; two-phase commits of a
+misbehaving client (fuzz_commits.py); commits of a real ZODB client.
+Requests that a peer of that role may legitimately use to change the real
+client's data or take the cluster apart are filtered (fuzzing.EXCLUDED).
 
-NEOZODB_FUZZ_SEED replays a run (it is printed); NEOZODB_FUZZ_MESSAGES
-sets how many messages to send (100,000 by default).
+Checked: after every step, every node process is alive and every batch
+was processed or refused within STEP_TIMEOUT (a Ping barrier); after every
+example, what the real client committed reads back unchanged through a
+fresh client and from each storage, and so does, on every replica, what a
+misbehaving commit without misstep wrote; at the end, no node lost its
+master and no node log holds a traceback other than the known findings
+(KNOWN, one regression test each in test_fuzz_findings.py).
+
+NEOZODB_FUZZ_SEED replays a run (it is printed; the cluster's own
+timing still varies); NEOZODB_FUZZ_MESSAGES sets how many messages to
+send (100,000 by default).
 """
 from __future__ import annotations
 
