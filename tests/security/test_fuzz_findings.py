@@ -160,6 +160,7 @@ _ttids = itertools.count(1 << 62)
     ("AskTransactionInformation", (HIGH,)),
     ("AskFinalTID", (HIGH,)),
     ("AskTIDsFrom", (ZERO_TID, HIGH, 1, 0)),
+    ("AskTIDs", (0, 2**64 - 1, 0xFFFFFFFF)),  # (the count, as SQL LIMIT)
     ("AskOIDsFrom", (0, 1, ZERO_TID, HIGH)),
     ("AskCheckCurrentSerial", (_TTID, HIGH, ZERO_TID)),
     ("AskObjectUndoSerial", (_TTID, _TTID, HIGH, [p64(0)])),
