@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from neozodb.protocol import NodeStates, NodeTypes, make_nid, nid_str
+from neozodb.protocol import NodeStates, NodeTypes, ProtocolError, make_nid, nid_str
 
 # NodeStates letter shown by `neoctl print pt`
 STATE_LETTER = {
@@ -54,7 +54,16 @@ def address_from_wire(addr: tuple | None) -> tuple[str, int] | None:
     if addr is None:
         return None
     host, port = addr
-    return (host.decode() if isinstance(host, bytes) else host, port)
+    # from the wire: a host that is not text (or a port out of range) was
+    # an internal error (UnicodeDecodeError) of whoever identified the peer
+    if not 0 <= port <= 0xFFFF:
+        raise ProtocolError("invalid port %r" % port)
+    if isinstance(host, bytes):
+        try:
+            host = host.decode()
+        except UnicodeDecodeError:
+            raise ProtocolError("invalid host %r" % host[:64]) from None
+    return (host, port)
 
 
 class NodeManager:

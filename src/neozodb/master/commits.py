@@ -19,6 +19,7 @@ from neozodb.protocol import (
     NodeStates,
     NodeTypes,
     Packets,
+    ProtocolError,
     nid_str,
     p64,
     u64,
@@ -66,6 +67,10 @@ class Commits:
         """partition -> the storages that must lock the transaction there."""
         pt = self.pt
         parts = {pt.partition(ttid)} | {pt.partition(oid) for oid in oids}
+        for offset in (*deleted, *checked):
+            # from the client: an offset outside the table raised IndexError
+            if not 0 <= offset < pt.num_partitions:
+                raise ProtocolError("invalid partition %r" % offset)
         parts.update(deleted)
         parts.update(checked)
         ready = self.ready_storages
