@@ -51,7 +51,7 @@ from hypothesis.errors import FlakyStrategyDefinition
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 from persistent.mapping import PersistentMapping
 
-from neozodb.cli.cluster import LocalCluster
+from neozodb.cli.cluster import LocalCluster, wait_until
 from neozodb.protocol import PACKETS, ErrorCodes, NodeTypes, Packets, encode
 from neozodb.protocol.features import EXTRA_KEY, FEATURES
 
@@ -187,8 +187,19 @@ class World:
         if s is None or s.closed:
             master = self.master_session()
             host, port = self.storage_entries[nid][1]
-            s = identify_client((host.decode(), port), self.name, self.pools,
-                                master.nid, master.id_timestamp)
+
+            def identified():
+                # a storage the master disconnected (it refused to lock a
+                # transaction a misbehaving commit never voted there) is
+                # not operational until it is back
+                try:
+                    return identify_client((host.decode(), port), self.name, self.pools,
+                                           master.nid, master.id_timestamp)
+                except SessionClosed as e:
+                    if "not operational" not in str(e):
+                        raise
+                    return None
+            s = wait_until(identified, STEP_TIMEOUT, "storage %d to be operational" % nid)
             if key:
                 self.sessions[name] = s
         return s
@@ -414,11 +425,8 @@ class FuzzMachine(RuleBasedStateMachine):
 
 # Tracebacks of findings reported in test_fuzz_findings.py (strict xfail
 # there until fixed), by what the node was handling and the exception.
-KNOWN = (
-    ("F1", re.compile(r"OverflowError: Python int too large to convert to SQLite INTEGER")),
-    ("F2", re.compile(r"ValueError: tid and before_tid are mutually exclusive")),
-    ("F3", re.compile(r"AttributeError: 'NoneType' object has no attribute 'hex'")),
-    ("F8", re.compile(r"ValueError: invalid node id")),
+KNOWN: tuple[tuple[str, re.Pattern], ...] = (
+    # all fixed (F1-F11, test_fuzz_findings.py): any traceback is a failure
 )
 
 
@@ -487,11 +495,22 @@ def test_fuzz(world):
     for key, count in sorted(known.items()):
         print("known finding, %d times: %s" % (count, key))
     assert not unknown, "node logs hold errors:\n" + "\n".join(unknown[:20])
-    # nothing a client or neoctl sends may cut a node off its master
+    # nothing a client or neoctl sends may cut a node off its master, except
+    # that the master disconnects a storage that refused to lock a
+    # transaction never voted there (a misbehaving commit skipped it), so
+    # that its cells are replicated again
+    master = world.cluster.nodes["M1"]
+    with open(master.logfile, "rb") as f:
+        f.seek(master.log_offset)
+        master_log = f.read()
     for name, node in world.cluster.nodes.items():
         with open(node.logfile, "rb") as f:
             f.seek(node.log_offset)
-            assert b"lost the master" not in f.read(), "%s lost its master" % name
+            lost = f.read().count(b"lost the master")
+        expected = len(re.findall(rb"closing connection with %s \([^)]*\): did not lock"
+                                  % name.encode(), master_log))
+        assert lost <= expected, "%s lost its master %d times (%d refused locks)" % (
+            name, lost, expected)
 
 
 def test_the_data_check_notices_a_change(world):

@@ -130,10 +130,7 @@ class Commits:
             if txn.lost:
                 self._lost(txn)
                 continue
-            for nid in txn.refused:  # their cells lack it: outdated, replicated again
-                node = self.nm.get(nid)
-                if node is not None and node.connected:
-                    node.conn.close("did not lock %s" % ttid.hex())
+            self._outdate_refusers(txn)
             conn.answer(msg_id, Packets.AnswerTransactionFinished, ttid, tid)
             # other clients invalidate; secondaries mirror the last IDs
             for peer in self.nm:
@@ -155,6 +152,28 @@ class Commits:
                 self.pm.committed(txn.tid, *txn.pack)
                 self.learn_pack(txn.tid, sorted(txn.involved))
         self.maybe_exit()
+
+    def _outdate_refusers(self, txn: Txn) -> None:
+        """Storages that refused to lock ``txn`` (never voted there) lack
+        it: they are disconnected, so that their cells are replicated
+        again when they come back.  Not one whose loss would leave a
+        partition without a readable cell: a client that skips storages
+        must not stop the cluster; such a copy stays as it is, and `neoctl
+        check` reports the difference."""
+        gone: set[int] = set()
+        running = self.running_storage_nids()
+        for nid in sorted(txn.refused):
+            node = self.nm.get(nid)
+            if node is None or not node.connected:
+                continue
+            if self.pt.operational(running, exclude=gone | {nid}):
+                gone.add(nid)
+                node.conn.close("did not lock %s" % p64(txn.ttid).hex())
+            else:
+                log.error("%s: %s lacks %s (tid %s) of %s but holds the last readable copy of"
+                          " a partition: kept; `neoctl check` reports the difference",
+                          self.label, node.label, p64(txn.ttid).hex(), p64(txn.tid).hex(),
+                          nid_str(txn.client))
 
     def _lost(self, txn: Txn) -> None:
         """No storage holds some part of ``txn`` any more: it is not

@@ -39,7 +39,10 @@ _EXTRA_TYPES: dict[bytes, tuple[type, ...]] = {
 
 
 def check_id(value: bytes, what: str) -> int:
-    """The integer of an 8-byte OID/TID, refused beyond 63 bits."""
+    """The integer of an 8-byte OID/TID, refused beyond 63 bits (or
+    missing: some signatures allow None where a request needs an id)."""
+    if type(value) is not bytes or len(value) != 8:
+        raise ProtocolError("%s missing" % what)
     n = int.from_bytes(value, "big")
     if n > MAX_ID:
         raise ProtocolError("%s %s is out of range (more than 63 bits)" % (what, value.hex()))
@@ -49,6 +52,20 @@ def check_id(value: bytes, what: str) -> int:
 def check_ids(values, what: str) -> None:
     for value in values:
         check_id(value, what)
+
+
+def check_request_ids(packet_name: str, args: tuple) -> None:
+    """Every OID/TID of a request (an 8-byte argument, or one in a list
+    argument) within 63 bits: the backends store them as signed 64-bit
+    integers, and a request is refused before it reaches them."""
+    for arg in args:
+        if type(arg) is bytes:
+            if len(arg) == 8:
+                check_id(arg, "id in %s" % packet_name)
+        elif type(arg) in (list, tuple):
+            for item in arg:
+                if type(item) is bytes and len(item) == 8:
+                    check_id(item, "id in %s" % packet_name)
 
 
 def check_compression(compression: int) -> None:

@@ -22,6 +22,7 @@ from neozodb.protocol.features import greet
 from neozodb.protocol.values import (
     LIST_CAP,
     check_identification,
+    check_request_ids,
 )
 from neozodb.storage.backends.base import Unsupported
 from neozodb.storage.pack import PAGE_OIDS, wire_order
@@ -142,6 +143,17 @@ class MasterHandler(FollowsPrimary, BaseHandler):
                       app.label, ttid.hex(), tid.hex())
             raise HandlerError("transaction %s was aborted on %s" % (ttid.hex(), app.label),
                                ErrorCodes.DENIED, close=False)
+        txn = app.locks.txns.get(ttid)
+        if txn is None or not txn.voted:
+            # Never voted here (a client that skipped us, or a cell we got
+            # after its stores): our copy would silently lack it.  Refused,
+            # the master commits only if other storages hold every part
+            # and has our cells replicated again.
+            log.error("%s: lock of %s (tid %s) refused: the transaction was %s here",
+                      app.label, ttid.hex(), tid.hex(),
+                      "never stored" if txn is None else "not voted")
+            raise HandlerError("transaction %s was not voted on %s" % (ttid.hex(), app.label),
+                               ErrorCodes.DENIED, close=False)
         app.locks.lock(ttid, tid)
         app.backend.lock_transaction(u64(ttid), u64(tid), pack)
         conn.answer(msg_id, Packets.AnswerInformationLocked, ttid)
@@ -233,9 +245,19 @@ class IdentificationHandler(BaseHandler):
         conn.answer(msg_id, Packets.AcceptIdentification, NodeTypes.STORAGE, app.nid, nid)
 
 
+# reads whose every 8-byte argument is an OID or a TID (storage/writes.py
+# checks the writes field by field)
+_READS_OF_IDS = frozenset(p.code for p in (
+    Packets.AskObject, Packets.AskFinalTID, Packets.AskObjectHistory,
+    Packets.AskTransactionInformation, Packets.AskTIDsFrom, Packets.AskOIDsFrom,
+    Packets.AskObjectUndoSerial))
+
+
 class ClientHandler(Writes, BaseHandler):
     def dispatch(self, conn, msg_id, packet, args) -> None:
         self.app.activity += 1  # pack yields to clients (storage/pack.py)
+        if packet.code in _READS_OF_IDS:
+            check_request_ids(packet.name, args)
         super().dispatch(conn, msg_id, packet, args)
 
     def connection_lost(self, conn) -> None:
@@ -249,6 +271,8 @@ class ClientHandler(Writes, BaseHandler):
     # -- reads ---------------------------------------------------------------------------
     def AskObject(self, conn, msg_id, oid, at, before):
         app = self.app
+        if at is not None and before is not None:
+            raise ProtocolError("AskObject with both a serial and a before TID")
         partition = app.pt.partition(oid)
         if not app.readable(partition):
             conn.error(msg_id, ErrorCodes.NON_READABLE_CELL, "partition %d not readable here" % partition)
