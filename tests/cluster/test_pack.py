@@ -326,3 +326,50 @@ def test_commits_go_on_during_a_pack_of_100000_objects(tmp_path):
         db.close()
     finally:
         cluster.kill()
+
+
+def test_deletion_packed_away_while_a_replica_was_down(cluster):
+    """An object deleted (deleteObject) and packed away while S2 is down:
+    the deletion record is gone from S1 when S2 comes back, so S2 must not
+    resume replication where it stopped (its old revision of the object
+    would live on, served once S1 is gone); it compares every object of the
+    partitions the source packed meanwhile."""
+    import time
+
+    from ZODB.Connection import TransactionMetaData
+    from ZODB.serialize import referencesf
+    db = ZODB.DB(Storage(master_nodes=cluster.masters, name=cluster.name))
+    try:
+        with db.transaction() as conn:
+            conn.root()["doomed"] = PersistentMapping(v=1)
+        with db.transaction() as conn:
+            oid = conn.root()["doomed"]._p_oid
+            del conn.root()["doomed"]
+    finally:
+        db.close()
+    cluster.nodes["S2"].kill()
+    wait_until(lambda: cluster.storage_state("S2") not in (None, NodeStates.RUNNING), 30,
+               "S2 to be seen down")
+    st = Storage(master_nodes=cluster.masters, name=cluster.name)
+    try:
+        txn = TransactionMetaData()
+        st.tpc_begin(txn)
+        st.deleteObject(oid, st.load(oid)[1], txn)
+        st.tpc_vote(txn)
+        st.tpc_finish(txn)
+        st.pack(time.time(), referencesf, gc=False)
+        with pytest.raises(POSKeyError):
+            st.load(oid)
+    finally:
+        st.close()
+    cluster.storage(2).start()
+    wait_until(lambda: all_up_to_date(cluster, {"S1", "S2"}), 60, "S2 up to date")
+    cluster.nodes["S1"].kill()
+    wait_until(lambda: cluster.storage_state("S1") not in (None, NodeStates.RUNNING), 30,
+               "S1 to be seen down")
+    st = Storage(master_nodes=cluster.masters, name=cluster.name)
+    try:
+        with pytest.raises(POSKeyError):
+            st.load(oid)  # from S2 alone
+    finally:
+        st.close()

@@ -107,8 +107,15 @@ class SourceHandler(BaseHandler):
                         None if pack is None else wire_order(pack)[1:])
         mine_set = set(mine)
         delete = [p64(t) for t in theirs if t <= bound and t not in mine_set]
+        completed = None
+        if pack_info:
+            # the last pack order applied here (NEO's completed pack): the
+            # destination learns whether it missed packs
+            progress = backend.get_pack_progress(partition)
+            if progress is not None and progress[0]:
+                completed = p64(progress[0])
         conn.answer(msg_id, Packets.AnswerFetchTransactions,
-                    p64(bound + 1) if bound < high else None, delete, None)
+                    p64(bound + 1) if bound < high else None, delete, completed)
 
     def AskFetchObjects(self, conn, msg_id, partition, length, min_tid, max_tid, min_oid, objects):
         app = self.app

@@ -233,11 +233,23 @@ class Replicator:
         backend = app.backend
         started, objects = time.monotonic(), self.objects_received
         high = p64(target)
+        first = True
         while next_tid <= target:
             mine = [p64(t) for t in backend.fetch_tids(partition, CHUNK, next_tid, target)]
-            following, delete, _ = await conn.ask(
-                Packets.AskFetchTransactions, partition, CHUNK, p64(next_tid), high, mine, False)
+            following, delete, completed = await conn.ask(
+                Packets.AskFetchTransactions, partition, CHUNK, p64(next_tid), high, mine, first)
             self._check_cell(partition)
+            if first and completed is not None and 0 < obj_tid <= u64(completed):
+                # The source applied a pack order made after our resume
+                # point, which we missed: the deletion records it packed
+                # away will never reach us, and the objects they deleted
+                # would live on here.  Every object of the partition is
+                # compared instead (the source lists what to delete).
+                log.info("%s: partition %d: %s packed up to order %s, after our resume point"
+                         " %s: comparing every object", app.label, partition, nid_str(nid),
+                         completed.hex(), p64(obj_tid).hex())
+                obj_tid, obj_oid = 0, 0
+            first = False
             if not set(delete) <= set(mine):
                 raise BadSource("deletion of transactions we did not list")
             if following is not None and u64(following) <= next_tid:
