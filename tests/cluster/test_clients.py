@@ -156,3 +156,25 @@ def test_prefetch_warms_the_cache_in_one_round(cluster):
         assert app.cache.misses == misses  # every load was a cache hit
     finally:
         storage.close()
+
+
+def test_storage_refusing_identification_is_unreachable(cluster):
+    """A storage that refuses the client at identification (NOT_READY from
+    one back from a disconnection, not operational yet) is unreachable for
+    now, like a dead one: the commit and load paths then use other cells
+    or report it at vote, instead of failing with the refusal."""
+    from neozodb.net.endpoint import ConnectionClosed
+    from neozodb.protocol import NodeTypes
+    st = Storage(master_nodes=cluster.masters, name=cluster.name)
+    app = st.app
+    nid = min(n.nid for n in app.nm if n.type is NodeTypes.STORAGE)
+    node = app.nm.get(nid)
+    real = node.address
+    try:
+        app.drop_storage(nid)
+        node.address = cluster.admin_address  # refuses anything but neoctl
+        with pytest.raises(ConnectionClosed, match="refused us"):
+            app.storage_conn(nid)
+    finally:
+        node.address = real
+        st.close()

@@ -244,6 +244,12 @@ class ClientApp(Loads):
                 conn.call(Packets.RequestIdentification, NodeTypes.CLIENT, self.nid, None,
                           self.name.encode(), me.id_timestamp if me else None, self.announcement,
                           timeout=30)
+            except RemoteError as e:
+                # e.g. NOT_READY from a storage back from a disconnection and
+                # not operational yet: unreachable for now, like a dead one
+                # (callers then use other cells, or report it at vote)
+                conn.close()
+                raise ConnectionClosed("%s refused us: %s" % (nid_str(nid), e)) from None
             except BaseException:
                 conn.close()
                 raise
