@@ -155,6 +155,8 @@ _ttids = itertools.count(1 << 62)
     ("AskStoreObject", (b"\xff" * 7 + b"\xfe", ZERO_TID, 0, hashlib.sha1(b"x").digest(), b"x",
                         None, _TTID)),
     ("AskObjectHistory", (HIGH, 0, 1)),
+    # an offset beyond SQLite's integers (seen in a 10^6-message run)
+    ("AskObjectHistory", (p64(1), 2**63, 2**63 + 1)),
     ("AskTransactionInformation", (HIGH,)),
     ("AskFinalTID", (HIGH,)),
     ("AskTIDsFrom", (ZERO_TID, HIGH, 1, 0)),

@@ -21,6 +21,7 @@ from neozodb.protocol import (
 from neozodb.protocol.features import greet
 from neozodb.protocol.values import (
     LIST_CAP,
+    MAX_ID,
     check_identification,
     check_request_ids,
 )
@@ -298,7 +299,7 @@ class ClientHandler(Writes, BaseHandler):
         app = self.app
         if not app.readable(app.pt.partition(oid)):
             raise HandlerError("partition not readable here", ErrorCodes.NON_READABLE_CELL)
-        if not 0 <= first < last:
+        if not 0 <= first < last or first > MAX_ID:  # an SQL offset: 63 bits
             raise ProtocolError("invalid history range")
         last = min(last, first + LIST_CAP)
         if oid in app.locks.read_locks:
