@@ -29,6 +29,7 @@ from neozodb.protocol.features import ANNOUNCEMENT
 from neozodb.pt import PartitionTable
 from neozodb.storage import handlers, peers
 from neozodb.storage.checker import Checker
+from neozodb.storage.groupsync import GroupSync
 from neozodb.storage.pack import Packer
 from neozodb.storage.replicator import Replicator
 from neozodb.storage.transactions import LockManager
@@ -52,6 +53,7 @@ class StorageApp:
         self.nm = NodeManager()
         self.pt: PartitionTable | None = None
         self.locks = LockManager()
+        self.group_sync = GroupSync(backend, lambda: self.label, self._stop_unsafe)
         self.operational = False
         self.master_conn: Connection | None = None
         self.client_conns: set[Connection] = set()
@@ -229,13 +231,18 @@ class StorageApp:
         if not self._exit.is_set():
             log.error("%s: database error (%s: %s) handling %s: stopping, the database is"
                       " in an unknown state", self.label, type(exc).__name__, exc, what)
-            # nothing more is answered: abort every connection now
-            for conn in [*self.client_conns, *self.source_conns, *self.peer_conns.values()]:
-                conn.close()
-            if self.master_conn is not None:
-                self.master_conn.close()
-            self.exit(1)
+        self._stop_unsafe(exc)
         return True
+
+    def _stop_unsafe(self, exc: BaseException) -> None:
+        """Nothing more is answered: abort every connection now and exit."""
+        if self._exit.is_set():
+            return
+        for conn in [*self.client_conns, *self.source_conns, *self.peer_conns.values()]:
+            conn.close()
+        if self.master_conn is not None:
+            self.master_conn.close()
+        self.exit(1)
 
     async def _master_cycle(self) -> None:
         await follow_master(self, self.masters, lambda: handlers.MasterHandler(self),

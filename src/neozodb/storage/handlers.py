@@ -107,11 +107,12 @@ class MasterHandler(FollowsPrimary, BaseHandler):
     def AskLockedTransactions(self, conn, msg_id):
         self.app.verified = True
         locked = self.app.backend.get_locked_transactions()
-        conn.answer(msg_id, Packets.AnswerLockedTransactions,
-                    {p64(ttid): _p64(tid) for ttid, tid in locked.items()})
+        self.app.group_sync.answer(conn.answer, msg_id, Packets.AnswerLockedTransactions,
+                                   {p64(ttid): _p64(tid) for ttid, tid in locked.items()})
 
     def AskFinalTID(self, conn, msg_id, ttid):
-        conn.answer(msg_id, Packets.AnswerFinalTID, _p64(self.app.backend.get_final_tid(u64(ttid))))
+        self.app.group_sync.answer(conn.answer, msg_id, Packets.AnswerFinalTID,
+                                   _p64(self.app.backend.get_final_tid(u64(ttid))))
 
     def ValidateTransaction(self, conn, msg_id, ttid, tid):
         app = self.app
@@ -156,8 +157,9 @@ class MasterHandler(FollowsPrimary, BaseHandler):
             raise HandlerError("transaction %s was not voted on %s" % (ttid.hex(), app.label),
                                ErrorCodes.DENIED, close=False)
         app.locks.lock(ttid, tid)
-        app.backend.lock_transaction(u64(ttid), u64(tid), pack)
-        conn.answer(msg_id, Packets.AnswerInformationLocked, ttid)
+        with app.backend.sync_later():
+            app.backend.lock_transaction(u64(ttid), u64(tid), pack)
+        app.group_sync.answer(conn.answer, msg_id, Packets.AnswerInformationLocked, ttid)
 
     def AskPackOrders(self, conn, msg_id, min_tid):
         """The master rebuilds its list of pack orders (verification), or
@@ -293,7 +295,8 @@ class ClientHandler(Writes, BaseHandler):
                         compression, checksum, data, _p64(data_serial))
 
     def AskFinalTID(self, conn, msg_id, ttid):
-        conn.answer(msg_id, Packets.AnswerFinalTID, _p64(self.app.backend.get_final_tid(u64(ttid))))
+        self.app.group_sync.answer(conn.answer, msg_id, Packets.AnswerFinalTID,
+                                   _p64(self.app.backend.get_final_tid(u64(ttid))))
 
     def AskObjectHistory(self, conn, msg_id, oid, first, last):
         app = self.app

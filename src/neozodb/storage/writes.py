@@ -260,7 +260,9 @@ class Writes:
             raise HandlerError("transaction %s was aborted" % txn.ttid.hex(), ErrorCodes.DENIED)
         objects = [(u64(oid), data_id, data_serial)
                    for oid, (_, data_id, data_serial) in txn.objects.items()]
-        self.app.backend.store_transaction(u64(txn.ttid), objects, meta, pack)
+        backend = self.app.backend
+        with backend.sync_later():
+            backend.store_transaction(u64(txn.ttid), objects, meta, pack)
         txn.voted = True
 
     def AskStoreTransaction(self, conn, msg_id, ttid, user, description, ext, oids, pack):
@@ -283,7 +285,7 @@ class Writes:
                        None if pack_oids is None else [u64(o) for o in pack_oids],
                        u64(pack_tid), gc)
         self._vote(txn, ([u64(o) for o in oids], user, description, ext, False), request)
-        conn.answer(msg_id, Packets.AnswerStoreTransaction)
+        self.app.group_sync.answer(conn.answer, msg_id, Packets.AnswerStoreTransaction)
 
     def AskVoteTransaction(self, conn, msg_id, ttid):
         self._writable(Packets.AskVoteTransaction)
@@ -292,7 +294,7 @@ class Writes:
             raise HandlerError("transaction %s was aborted" % ttid.hex(), ErrorCodes.DENIED)
         txn = self._own(conn, ttid, Packets.AskVoteTransaction)
         self._vote(txn, None)
-        conn.answer(msg_id, Packets.AnswerVoteTransaction)
+        self.app.group_sync.answer(conn.answer, msg_id, Packets.AnswerVoteTransaction)
 
     def AbortTransaction(self, conn, msg_id, ttid, nids):
         app = self.app

@@ -30,7 +30,8 @@ using it; the database is recovered from disk on the next ``open``.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 #: Checksum of "no data": deletion records and undone creations.
 ZERO_HASH = bytes(20)
@@ -151,6 +152,24 @@ class Backend(abc.ABC):
         Raises ValueError if the database has an unsupported schema version.
         Durable when it returns.
         """
+
+    # -- group commit -------------------------------------------------------
+    # Durable points answered by the node only once synced: a backend that
+    # can commit first and sync later lets one sync cover every durable
+    # point of a batch (the storage node's group commit).
+    defers_sync = False
+    unsynced = False  # something committed inside sync_later() awaits sync()
+
+    @contextmanager
+    def sync_later(self) -> Iterator[None]:
+        """Durable operations inside the block are committed but may not be
+        on disk until ``sync()`` returns: the caller must call it before
+        saying they are durable.  Without ``defers_sync`` they are durable
+        at once (``sync()`` does nothing)."""
+        yield
+
+    def sync(self) -> None:  # noqa: B027 - durable at each commit by default
+        """Make every operation committed so far durable."""
 
     @abc.abstractmethod
     def close(self) -> None:

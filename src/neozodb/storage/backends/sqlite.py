@@ -3,19 +3,20 @@
 One connection in autocommit mode (``isolation_level=None``) with explicit
 ``BEGIN IMMEDIATE``/``COMMIT``, so that commit points are exactly the ones
 the interface documents.  WAL journal: readers never block and a commit is
-an append to one file, so one fsync of the WAL makes every earlier commit
-durable as well.  This is how durability is made cheap:
+an append to one file, so one fdatasync of the WAL makes every earlier
+commit durable as well.  This is how durability is made cheap:
 
-* ``store_data`` writes are left in an open transaction running with
-  ``synchronous=NORMAL`` (batched, not fsynced);
-* durable operations (vote, lock, config, partition table) first commit
-  that pending transaction (no fsync), then run their own transaction with
-  ``synchronous=FULL``, whose fsync also covers the pending rows;
-* unlock and abort commit with ``synchronous=NORMAL``.
-
-``PRAGMA synchronous`` cannot change inside a transaction, hence the
-level is switched only between transactions and set back to FULL after each
-non-durable commit.
+* the connection runs with ``synchronous=NORMAL``: SQLite writes each
+  commit to the WAL but never syncs it (it still syncs the WAL before a
+  checkpoint copies it, and the database file after);
+* ``store_data``, unlock and abort writes are left pending in an open
+  transaction (not committed: see ``commit_pending``);
+* a durable operation (vote, lock, config, partition table, replication
+  resume point) commits that transaction with its own rows, then
+  ``sync()`` fdatasyncs the WAL file through a descriptor of our own.
+  That is exactly what ``synchronous=FULL`` does at each commit; doing it
+  ourselves lets the storage node commit several durable points and sync
+  them once (``sync_later``: group commit).
 
 Every SQL statement is a module constant, so ``sqlite3``'s statement cache
 prepares it once per connection; values are always bound parameters.
@@ -30,7 +31,9 @@ reads), ``sqlite_writes`` (writes and two-phase commit),
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -68,7 +71,7 @@ from .sqlite_schema import (
     _SCHEMA,
     _SET_CELL,
     _SET_CONFIG,
-    _SYNC_FULL,
+    _SYNC_NORMAL,
     _TOBJ_MAX_OIDS,
     SCHEMA_VERSION,
     _pack_oids,
@@ -98,6 +101,11 @@ class SQLiteBackend(SQLiteReads, SQLiteWrites, SQLiteReplication, SQLitePack, Ba
         self._floor_checked = 0              # last data id when it was last computed
         # In-memory holds on data rows stored for transactions not voted yet.
         self._held: Counter[int] = Counter()
+        # group commit: the WAL file's descriptor, opened at the first sync
+        self._wal_fd: int | None = None
+        self._wal_lock = threading.Lock()  # sync() may run in another thread
+        self._defer = False                 # inside sync_later()
+        self.unsynced = False
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -116,7 +124,7 @@ class SQLiteBackend(SQLiteReads, SQLiteWrites, SQLiteReplication, SQLitePack, Ba
                 mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 if mode != 'wal' and self.database != ':memory:':
                     raise RuntimeError(f'cannot use WAL journal on {self.database!r}: {mode}')
-                conn.execute(_SYNC_FULL)
+                conn.execute(_SYNC_NORMAL)
                 conn.execute("PRAGMA foreign_keys=OFF")
             except BaseException:
                 conn.close()
@@ -135,10 +143,10 @@ class SQLiteBackend(SQLiteReads, SQLiteWrites, SQLiteReplication, SQLitePack, Ba
                     raise ValueError(f'{self.database!r}: unsupported schema version {row[0]}'
                                      f' (expected {SCHEMA_VERSION})')
             self._create_tables()
+            self._commit()
         except BaseException:
             self.close()
             raise
-        self._commit()
         self._np = None
         self._np = self.get_num_partitions()
         self._floor = None
@@ -151,6 +159,10 @@ class SQLiteBackend(SQLiteReads, SQLiteWrites, SQLiteReplication, SQLitePack, Ba
                 # voted) are not
                 conn.execute(_COMMIT if self._keep_pending else _ROLLBACK)
             conn.close()
+        with self._wal_lock:
+            fd, self._wal_fd = self._wal_fd, None
+            if fd is not None:
+                os.close(fd)
         self._held.clear()
         self._np = None
         self._floor = None
@@ -182,11 +194,11 @@ class SQLiteBackend(SQLiteReads, SQLiteWrites, SQLiteReplication, SQLitePack, Ba
     def _begin(self) -> None:
         """Make sure a write transaction is open.
 
-        The connection stays at synchronous=FULL.  Writes that need not be
-        durable on their own (store_data, unlock, abort) are left pending in
-        the open transaction: the next durable commit (vote, lock, config)
-        fsyncs them with its own rows, and ``commit_pending`` bounds how long
-        they wait.  One fsync per durable point, no other commit."""
+        Writes that need not be durable on their own (store_data, unlock,
+        abort) are left pending in the open transaction: the next durable
+        commit (vote, lock, config) syncs them with its own rows, and
+        ``commit_pending`` bounds how long they wait.  One sync per durable
+        point (or per group of them), no other commit."""
         conn = self._conn
         if conn is None:
             raise RuntimeError('backend is not open')
@@ -194,8 +206,56 @@ class SQLiteBackend(SQLiteReads, SQLiteWrites, SQLiteReplication, SQLitePack, Ba
             conn.execute(_BEGIN)
 
     def _commit(self) -> None:
+        """Commit the open transaction durably (at once, or at the next
+        ``sync()`` inside ``sync_later``)."""
         self._conn.execute(_COMMIT)
         self._keep_pending = False
+        if self._defer:
+            self.unsynced = True
+        else:
+            self.sync()
+
+    # -- group commit --------------------------------------------------------
+
+    defers_sync = True
+
+    @contextmanager
+    def sync_later(self) -> Iterator[None]:
+        self._defer = True
+        try:
+            yield
+        finally:
+            self._defer = False
+
+    def sync(self) -> None:
+        """fdatasync the WAL: every commit written before the call is
+        durable when it returns.  Thread-safe (one descriptor of our own,
+        not SQLite's connection)."""
+        self.unsynced = False
+        if self.database == ':memory:':
+            return
+        with self._wal_lock:
+            fd = self._wal_fd
+            if fd is None:
+                if self._conn is None:
+                    # closing the last connection checkpoints the WAL
+                    # into the database file and syncs both
+                    return
+                # the WAL lives as long as our connection: one descriptor
+                # for the node's life; its directory entry made durable once
+                fd = os.open(self.database + '-wal', os.O_RDONLY)
+                try:
+                    dir_fd = os.open(os.path.dirname(os.path.abspath(self.database)),
+                                     os.O_RDONLY)
+                    try:
+                        os.fsync(dir_fd)
+                    finally:
+                        os.close(dir_fd)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                self._wal_fd = fd
+            os.fdatasync(fd)
 
     @contextmanager
     def _txn(self, durable: bool) -> Iterator[sqlite3.Connection]:

@@ -76,7 +76,11 @@ _HAS_CONFIG = "SELECT 1 FROM sqlite_master WHERE type='table' AND name='config'"
 _BEGIN = "BEGIN IMMEDIATE"
 _COMMIT = "COMMIT"
 _ROLLBACK = "ROLLBACK"
-_SYNC_FULL = "PRAGMA synchronous=FULL"
+# SQLite never syncs a commit itself: durable points are made durable by
+# an fdatasync of the WAL file (SQLiteBackend.sync), so that one sync can
+# cover several of them (group commit).  Checkpoints still sync the WAL
+# before copying it and the database file after.
+_SYNC_NORMAL = "PRAGMA synchronous=NORMAL"
 _SAVEPOINT = "SAVEPOINT op"
 _ROLLBACK_TO = "ROLLBACK TO op"
 _RELEASE = "RELEASE op"
