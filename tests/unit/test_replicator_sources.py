@@ -176,6 +176,8 @@ def test_only_write_failures_stop_the_storage():
         def exit(self, status=0):
             self.status = status
 
+        _stop_unsafe = StorageApp._stop_unsafe
+
     fake = Fake()
     assert not StorageApp.fatal_error(fake, sqlite3.IntegrityError("UNIQUE"), "AddObject from S2")
     assert not StorageApp.fatal_error(fake, ValueError("x"), "AddObject from S2")

@@ -69,6 +69,7 @@ def vote(app, client, data: bytes) -> None:
     handler.AskStoreObject(client, 1, OID, NOTHING, 0, hashlib.sha1(data).digest(), data,
                            None, TTID)
     handler.AskStoreTransaction(client, 2, TTID, b"user", b"description", b"", [OID], None)
+    app.group_sync.flush()  # the answer leaves once synced, at the end of the loop iteration
     assert client.sent == [(Packets.AnswerStoreObject, (None,)),
                            (Packets.AnswerStoreTransaction, ())]
 

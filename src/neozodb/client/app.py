@@ -81,6 +81,9 @@ class ClientApp(Loads):
         self._watchers: list[Changes] = []  # see watch_changes
         self.unlocked = UnlockBarrier(self)  # NEO storages: see compat.py
         self.closed = False
+        # early votes (client/commit.py) the storage took, and refused
+        # (a store was not settled yet: voted again)
+        self.early_votes = [0, 0]
 
     @property
     def label(self) -> str:

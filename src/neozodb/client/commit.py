@@ -13,6 +13,7 @@ from neozodb.client.compat import has_features
 from neozodb.client.compress import compress
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.protocol import MAX_TID, ZERO_HASH, ZERO_TID, ErrorCodes, Packets, nid_str, p64, u64
+from neozodb.protocol.features import EARLY_VOTE
 
 log = logging.getLogger("neozodb.client")
 
@@ -251,6 +252,10 @@ class Commit:
                 continue
             self.pending -= 1
             if error is not None:
+                if (kind == VOTE and token[1] and isinstance(error, RemoteError)
+                        and error.code is ErrorCodes.NOT_READY):
+                    self.revote.add(conn.nid)  # an early vote, too early
+                    continue
                 self._failure(conn, error)
                 continue
             if kind == STORE:
@@ -307,8 +312,6 @@ class Commit:
 
     # -- two-phase commit ---------------------------------------------------------------
     def vote(self) -> list[bytes]:
-        self._process(block=True)
-        self.stored = True
         app = self.app
         meta_nids = app.writable_cells(self.ttid)
         txn = self.txn
@@ -316,17 +319,25 @@ class Commit:
         # ZODB's own tests set text attributes directly on the metadata
         user, description = (v.encode("utf-8") if isinstance(v, str) else v
                               for v in (txn.user, txn.description))
-        oids = list(self.data)
-        # a storage that already failed us is not asked again: it is
-        # reported with FailedVote below
-        for nid in meta_nids:
-            if nid not in self.failed:
-                self._send(nid, Packets.AskStoreTransaction,
-                           (self.ttid, user, description, ext, oids, self.pack),
-                           (VOTE,))
-        for nid in self.involved - set(meta_nids) - self.failed:
-            self._send(nid, Packets.AskVoteTransaction, (self.ttid,), (VOTE,))
+        meta = (self.ttid, user, description, ext, list(self.data), self.pack)
+        again = None  # storages to vote (again) once every store is settled: None, all
+        if self._early(meta_nids):
+            # sent with the stores still buffered; a storage that did not
+            # settle them all refuses (NOT_READY) and is asked again below.
+            # On the stores' connection itself: if it closed, a new one
+            # would carry the vote to a storage that dropped the stores.
+            self.revote: set[int] = set()
+            self.pending += 1
+            self.conns[0].ask(Packets.AskStoreTransaction, *meta, queue=self.queue,
+                              token=(VOTE, True))
+            self._process(block=True)
+            again = self.revote
+            app.early_votes[bool(again)] += 1
         self._process(block=True)
+        self.stored = True
+        if again is None or again:
+            self._send_votes(meta_nids, meta, again)
+            self._process(block=True)
         if self.failed:
             failed = sorted(self.failed)
             try:
@@ -336,6 +347,38 @@ class Commit:
         self._check_master()
         self.voted = True
         return self.resolved
+
+    def _early(self, meta_nids: list[int]) -> bool:
+        """Whether the vote may leave with the stores: the whole transaction
+        (objects and metadata) is on one storage, which has the feature,
+        did not fail, and whose cells written are not OUT_OF_DATE (a
+        conflict there would need a store after its vote).
+
+        One storage only, for deadlock avoidance: a transaction voted on
+        one storage while its store waits for a lock on another could not
+        be asked to give its locks back on the first (a voted transaction
+        is never a deadlock victim), and an older transaction waiting there
+        would wait forever."""
+        if self.failed or len(self.conns) != 1 or self.conflict_error is not None:
+            return False
+        conn = self.conns[0]
+        if meta_nids != [conn.nid] or EARLY_VOTE not in conn.peer_features:
+            return False
+        pt = self.app.pt
+        partitions = {pt.partition(oid) for oid in self.data}
+        partitions.add(pt.partition(self.ttid))
+        return all(pt.readable_nids(p) == pt.writable_nids(p) for p in partitions)
+
+    def _send_votes(self, meta_nids: list[int], meta: tuple, only: set[int] | None) -> None:
+        # a storage that already failed us is not asked again: it is
+        # reported with FailedVote
+        token = (VOTE, False)
+        for nid in meta_nids:
+            if nid not in self.failed and (only is None or nid in only):
+                self._send(nid, Packets.AskStoreTransaction, meta, token)
+        for nid in self.involved - set(meta_nids) - self.failed:
+            if only is None or nid in only:
+                self._send(nid, Packets.AskVoteTransaction, (self.ttid,), token)
 
     def _check_master(self) -> None:
         master = self.master

@@ -55,6 +55,16 @@ Both ends keep the intersection (``conn.peer_features``).  The features:
     transactions and the data checksum and undo back-pointer of object
     revisions.  A check compares whole digests when every copy has the
     feature, NEO's part otherwise.
+``early-vote``
+    Between a client and a storage: the client sends its vote
+    (``AskStoreTransaction`` or ``AskVoteTransaction``) right after its
+    stores, in the same write, without waiting for their answers.  The
+    storage handles requests in order, so by then every store was handled;
+    it refuses the vote with ``NOT_READY`` (nothing voted) while a store or
+    check of the transaction is not settled (waiting for a lock, answered
+    with a conflict, or its lock given back for a deadlock), and the client
+    votes again once it has settled them.  A NEO storage handles a store
+    waiting for a lock and a vote differently: it never gets an early vote.
 """
 from __future__ import annotations
 
@@ -64,7 +74,9 @@ from .catalogue import Packets
 
 EXTRA_KEY = b"neozodb"
 FEATURES: frozenset[bytes] = frozenset((b"status-json", b"import-status", b"gc-pack",
-                                        b"mirror", b"check-report", b"check-digest"))
+                                        b"mirror", b"check-report", b"check-digest",
+                                        b"early-vote"))
+EARLY_VOTE = b"early-vote"
 #: What RequestIdentification.extra carries from a neozodb node.
 ANNOUNCEMENT: dict[bytes, list[bytes]] = {EXTRA_KEY: sorted(FEATURES)}
 NO_FEATURES: frozenset[bytes] = frozenset()

@@ -213,6 +213,10 @@ class StorageApp:
             conn.close("storage exiting", flush=True)
         if self.master_conn is not None:
             self.master_conn.close("storage exiting", flush=True)
+        gs = self.group_sync
+        if gs.syncs:
+            log.info("%s: group commit: %d syncs for %d durable points", self.label,
+                     gs.syncs, gs.covered)
         self.backend.close()
         return self.exit_status
 

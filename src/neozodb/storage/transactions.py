@@ -29,6 +29,10 @@ class Transaction:
     checked: dict = field(default_factory=dict)  # oid -> serial (readCurrent)
     lockless: set = field(default_factory=set)
     voted: bool = False
+    # oids whose last store or check is not settled: delayed (waiting for
+    # a lock), answered with a conflict, or its lock given back (relock).
+    # A vote is refused while it is not empty: it would commit without them.
+    unsettled: set = field(default_factory=set)
     tid: bytes | None = None
     deadlock_notified: set = field(default_factory=set)
     # every oid whose write lock it took: released at the end even if a

@@ -112,6 +112,7 @@ class Writes:
             # the up-to-date replicas decide about conflicts
             self._keep(txn, oid, serial, compression, checksum, data, data_serial)
             txn.lockless.add(oid)
+            txn.unsettled.discard(oid)
             conn.answer(msg_id, Packets.AnswerStoreObject, ZERO_TID)
             return
         previous = txn.objects.get(oid)
@@ -121,13 +122,16 @@ class Writes:
             # object, a store after an undo): it holds the lock since its
             # first store, nobody committed the object meanwhile
             if not store_again_ok(previous, serial):
+                txn.unsettled.add(oid)
                 conn.answer(msg_id, Packets.AnswerStoreObject, p64(previous[2]))
                 return
         elif not self._lock_current(conn, msg_id, Packets.AskStoreObject, (
                 oid, serial, compression, checksum, data, data_serial, ttid),
                 ttid, oid, serial, txn.checked):
+            txn.unsettled.add(oid)
             return
         self._keep(txn, oid, serial, compression, checksum, data, data_serial)
+        txn.unsettled.discard(oid)
         conn.answer(msg_id, Packets.AnswerStoreObject, None)
 
     def _lock_current(self, conn, msg_id, packet, args, ttid, oid, serial, held) -> bool:
@@ -211,7 +215,10 @@ class Writes:
             return
         if not self._lock_current(conn, msg_id, Packets.AskCheckCurrentSerial,
                                   (ttid, oid, serial), ttid, oid, serial, txn.objects):
+            txn.unsettled.add(oid)
             return
+        if oid not in txn.objects:  # a store of it may still be unsettled
+            txn.unsettled.discard(oid)
         txn.checked[oid] = serial
         conn.answer(msg_id, Packets.AnswerCheckCurrentSerial, None)
 
@@ -223,6 +230,7 @@ class Writes:
             return
         self._own(conn, ttid, Packets.AskRelockObject)
         app.locks.release(ttid, oid)
+        txn.unsettled.add(oid)  # until relocked: no vote without its lock
         app.replay()  # let the older transaction take it
 
         def relock():
@@ -238,6 +246,7 @@ class Writes:
             serial, data_id, data_serial = txn.objects[oid]
             current = _current_serial(app, oid)
             if current == serial:
+                txn.unsettled.discard(oid)
                 conn.answer(msg_id, Packets.AnswerRelockObject, None)
                 return
             # somebody committed meanwhile: give the client back its data to resolve
@@ -258,6 +267,14 @@ class Writes:
     def _vote(self, txn, meta, pack=None) -> None:
         if txn.ttid in self.app.locks.aborted:
             raise HandlerError("transaction %s was aborted" % txn.ttid.hex(), ErrorCodes.DENIED)
+        if txn.unsettled:
+            # an early vote (feature early-vote: sent with the stores,
+            # before their answers) that came too early, or a client voting
+            # without the objects it did not get: nothing voted, the
+            # client may settle them and vote again
+            raise HandlerError("%d objects of %s not settled (%s...)" % (
+                len(txn.unsettled), txn.ttid.hex(), min(txn.unsettled).hex()),
+                ErrorCodes.NOT_READY)
         objects = [(u64(oid), data_id, data_serial)
                    for oid, (_, data_id, data_serial) in txn.objects.items()]
         backend = self.app.backend

@@ -99,6 +99,7 @@ class SQLiteBackend(SQLiteReads, SQLiteWrites, SQLiteReplication, SQLitePack, Ba
         self._keep_pending = False           # pending writes include unlocks/aborts
         self._floor: int | None = None       # cached orphan floor, None: not read yet
         self._floor_checked = 0              # last data id when it was last computed
+        self._data_added = 0                 # rows store_data inserted since then
         # In-memory holds on data rows stored for transactions not voted yet.
         self._held: Counter[int] = Counter()
         # group commit: the WAL file's descriptor, opened at the first sync

@@ -54,7 +54,11 @@ class SQLiteWrites:
         conn = self._conn
         params = (checksum, compression, data)
         row = conn.execute(_FIND_DATA, params).fetchone()
-        data_id = row[0] if row is not None else conn.execute(_INSERT_DATA, params).lastrowid
+        if row is not None:
+            data_id = row[0]
+        else:
+            data_id = conn.execute(_INSERT_DATA, params).lastrowid
+            self._data_added += 1
         self._held[data_id] += 1
         return data_id
 
@@ -115,10 +119,16 @@ class SQLiteWrites:
         self._release(row[3] for row in rows if row[3] is not None)
 
     def lock_transaction(self, ttid: int, tid: int, pack_approved: bool = False) -> None:
-        with self._txn(durable=True) as conn:
-            conn.execute(_LOCK, (tid, ttid))
-            if pack_approved:
+        if pack_approved:
+            with self._txn(durable=True) as conn:
+                conn.execute(_LOCK, (tid, ttid))
                 conn.execute(_APPROVE_TPACK, (ttid,))
+            return
+        # one statement, atomic by itself: no savepoint needed to keep the
+        # pending writes if it fails
+        self._begin()
+        self._conn.execute(_LOCK, (tid, ttid))
+        self._commit()
 
     def unlock_transaction(self, ttid: int, tid: int) -> None:
         with self._txn(durable=False) as conn:
@@ -169,10 +179,13 @@ class SQLiteWrites:
         leave unreferenced (see _prune; a ``release_data`` without prune
         leaves its orphan to ``prune_orphans``).  A crash cannot leave an
         orphan below it."""
+        if step and self._data_added < step:
+            return  # cheap: not even a query (rows added by replication are not counted)
+        self._data_added = 0
         floor = self._get_floor()
         last = self._scalar(_MAX_DATA_ID, ()) or 0
         if last - self._floor_checked < step:
-            return  # cheap: no scan of the holds
+            return  # no scan of the holds
         self._floor_checked = last
         new_floor = min(self._held) - 1 if self._held else last
         if new_floor > floor:
