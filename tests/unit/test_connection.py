@@ -762,3 +762,23 @@ def test_threaded_keepalive_unblocks_a_sender_stuck_on_the_silent_peer():
         assert codes == {Packets.AskStoreObject.code}
     finally:
         peer.close()
+
+
+def test_held_output_leaves_in_one_write_on_release():
+    """The storage's group commit holds a connection's output until its
+    durable answers are synced: the answers of the chunk leave with them."""
+    async def test(conn, transport, handler):
+        conn.data_received(HANDSHAKE)
+        writes: list[bytes] = []
+        write = transport.write
+        transport.write = lambda data: (writes.append(bytes(data)), write(data))
+        conn.hold()
+        conn.data_received(msg(7, Packets.Ping))  # answered at once, but held
+        assert writes == []
+        conn.answer(8, Packets.Pong)  # the durable answer, later
+        conn.release()
+        assert len(writes) == 1
+        assert transport.messages()[-2:] == [(7, Packets.Pong.code, ()), (8, Packets.Pong.code, ())]
+        conn.data_received(msg(9, Packets.Ping))  # released: chunks flush as before
+        assert len(writes) == 2
+    run(test)

@@ -47,6 +47,12 @@ class FakeConn:
     def close(self, reason="", flush=False):
         self.closed = True
 
+    def hold(self):  # output kept for the group commit: recorded all the same
+        pass
+
+    def release(self):
+        pass
+
 
 def run(tmp_path, scenario) -> None:
     async def main():

@@ -295,7 +295,10 @@ class MasterApp(Recovery, Truncation, Commits):
             self.broadcast_nodes([node])
 
     def running_storage_nids(self) -> set[int]:
-        return {n.nid for n in self.nm.storages(NodeStates.RUNNING) if n.connected}
+        # on every begin and finish: no sorted list of every node
+        storage, running = NodeTypes.STORAGE, NodeStates.RUNNING
+        return {n.nid for n in self.nm.by_nid.values()
+                if n.type is storage and n.state is running and n.connected}
 
     # -- lifecycle --------------------------------------------------------------
     async def start(self) -> None:
@@ -449,8 +452,7 @@ class MasterApp(Recovery, Truncation, Commits):
         self.replay_begins()
 
     def storages_starting(self) -> bool:
-        return any(n.nid not in self.ready_storages
-                   for n in self.nm.storages(NodeStates.RUNNING) if n.connected)
+        return not self.ready_storages.issuperset(self.running_storage_nids())
 
     def replay_begins(self) -> None:
         if self.storages_starting() or self.stopping:

@@ -160,6 +160,8 @@ class Commits:
         partition without a readable cell: a client that skips storages
         must not stop the cluster; such a copy stays as it is, and `neoctl
         check` reports the difference."""
+        if not txn.refused:
+            return
         gone: set[int] = set()
         running = self.running_storage_nids()
         for nid in sorted(txn.refused):

@@ -196,6 +196,7 @@ class Connection(Limits, asyncio.Protocol):
         # answers to a burst of pipelined stores.
         self._out: list[bytes] = []
         self._corked = False
+        self._held = False  # hold(): output kept past the chunk, until release()
         # Keep-alive (see the module docstring): one timer, re-armed from the
         # _last_received stamp, which is all that receiving data costs.
         self.keepalive = _keepalive if keepalive is None else keepalive
@@ -252,7 +253,7 @@ class Connection(Limits, asyncio.Protocol):
             self._flush_out()
             self._protocol_error(str(e), 0 if self._head == HANDSHAKE else None)
         finally:
-            if self._corked:
+            if self._corked and not self._held:
                 self._flush_out()
 
     def _answer_received(self, msg_id: int, packet: Any, args: tuple) -> None:
@@ -357,6 +358,19 @@ class Connection(Limits, asyncio.Protocol):
             self.transport.write(data)  # type: ignore[union-attr]
             if self._paused:
                 self._check_backlog()
+
+    def hold(self) -> None:
+        """Keep output (answers already written included) until
+        ``release()``, at most until the end of the next loop iteration:
+        the storage's group commit sends the answers of a chunk of requests
+        with the durable answers that follow them, in one write."""
+        self._held = True
+        self._corked = True
+
+    def release(self) -> None:
+        self._held = False
+        if self._corked:
+            self._flush_out()
 
     def _flush_out(self) -> None:
         self._corked = False

@@ -27,9 +27,22 @@ class GroupSync:
         self.label = label
         self.failed = failed  # the sync failed: the node must stop
         self.waiting: list[tuple[Callable, tuple]] = []
+        self.held: set = set()  # connections whose output waits for the sync
         self.scheduled = False
         self.syncs = 0     # syncs made, and durable points they covered (logged)
         self.covered = 0
+
+    def answer_on(self, conn, msg_id: int, packet, *args) -> None:
+        """``conn.answer(msg_id, packet, *args)`` once durable; until then
+        conn's other output waits too, so that it all leaves in one write
+        (the answer to the stores sent with a vote, and the vote's)."""
+        if not self.waiting and not self.backend.unsynced:
+            conn.answer(msg_id, packet, *args)
+            return
+        if conn not in self.held:
+            self.held.add(conn)
+            conn.hold()
+        self.answer(conn.answer, msg_id, packet, *args)
 
     def answer(self, send: Callable, *args) -> None:
         """Call ``send(*args)`` once what was committed so far is durable
@@ -46,6 +59,7 @@ class GroupSync:
     def flush(self) -> None:
         self.scheduled = False
         batch, self.waiting = self.waiting, []
+        held, self.held = self.held, set()
         if not batch:
             return
         try:
@@ -61,3 +75,5 @@ class GroupSync:
         self.covered += len(batch)
         for send, args in batch:
             send(*args)
+        for conn in held:
+            conn.release()

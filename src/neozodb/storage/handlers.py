@@ -159,7 +159,7 @@ class MasterHandler(FollowsPrimary, BaseHandler):
         app.locks.lock(ttid, tid)
         with app.backend.sync_later():
             app.backend.lock_transaction(u64(ttid), u64(tid), pack)
-        app.group_sync.answer(conn.answer, msg_id, Packets.AnswerInformationLocked, ttid)
+        app.group_sync.answer_on(conn, msg_id, Packets.AnswerInformationLocked, ttid)
 
     def AskPackOrders(self, conn, msg_id, min_tid):
         """The master rebuilds its list of pack orders (verification), or

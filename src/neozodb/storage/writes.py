@@ -302,7 +302,7 @@ class Writes:
                        None if pack_oids is None else [u64(o) for o in pack_oids],
                        u64(pack_tid), gc)
         self._vote(txn, ([u64(o) for o in oids], user, description, ext, False), request)
-        self.app.group_sync.answer(conn.answer, msg_id, Packets.AnswerStoreTransaction)
+        self.app.group_sync.answer_on(conn, msg_id, Packets.AnswerStoreTransaction)
 
     def AskVoteTransaction(self, conn, msg_id, ttid):
         self._writable(Packets.AskVoteTransaction)
@@ -311,7 +311,7 @@ class Writes:
             raise HandlerError("transaction %s was aborted" % ttid.hex(), ErrorCodes.DENIED)
         txn = self._own(conn, ttid, Packets.AskVoteTransaction)
         self._vote(txn, None)
-        self.app.group_sync.answer(conn.answer, msg_id, Packets.AnswerVoteTransaction)
+        self.app.group_sync.answer_on(conn, msg_id, Packets.AnswerVoteTransaction)
 
     def AbortTransaction(self, conn, msg_id, ttid, nids):
         app = self.app
