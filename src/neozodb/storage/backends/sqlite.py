@@ -237,6 +237,12 @@ class SQLiteBackend(SQLiteReads, SQLiteWrites, SQLiteReplication, SQLitePack, Ba
             return
         with self._wal_lock:
             fd = self._wal_fd
+            if fd is not None and os.fstat(fd).st_nlink == 0:
+                # the WAL was deleted (SQLite does when the last connection
+                # to the database closes: not ours, but never sync a
+                # file that no longer holds the commits)
+                os.close(fd)
+                fd = self._wal_fd = None
             if fd is None:
                 if self._conn is None:
                     # closing the last connection checkpoints the WAL
