@@ -174,6 +174,10 @@ class PartitionTable:
     def cells(self, offset: int) -> list[tuple[int, int]]:
         return sorted(self._rows[offset].items())
 
+    def state_of(self, offset: int, nid: int) -> int | None:
+        """The state of nid's cell in partition ``offset``, None if none."""
+        return self._rows[offset].get(nid)
+
     def readable_nids(self, offset: int) -> list[int]:
         """Nodes that can serve reads of partition ``offset``."""
         return sorted(nid for nid, state in self._rows[offset].items() if state in _READABLE)

@@ -35,6 +35,7 @@ from neozodb.storage.replicator import Replicator
 from neozodb.storage.transactions import LockManager
 
 log = logging.getLogger("neozodb.storage")
+_READABLE = (CellStates.UP_TO_DATE.value, CellStates.FEEDING.value)
 
 
 class StorageApp:
@@ -133,13 +134,11 @@ class StorageApp:
                 self.packer.cell_changed(partition, before, after)
 
     def cell_state(self, partition: int) -> int | None:
-        for nid, state in self.pt.cells(partition):
-            if nid == self.nid:
-                return state
-        return None
+        # on every store and load: a dict lookup, no sorted copy of the row
+        return self.pt.state_of(partition, self.nid)
 
     def readable(self, partition: int) -> bool:
-        return self.cell_state(partition) in (CellStates.UP_TO_DATE.value, CellStates.FEEDING.value)
+        return self.pt.state_of(partition, self.nid) in _READABLE
 
     def assigned_partitions(self) -> list[int]:
         return self.pt.partitions_of(self.nid) if self.pt is not None else []
