@@ -56,7 +56,8 @@ class NoFuse(Exception):
 class Disk:
     """A powerfs mount over ``directory/backing`` at ``directory/mnt``."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, naive: bool = False) -> None:
+        self.naive = naive  # powerfs --naive: the layer that SIGBUSes SQLite
         self.backing = os.path.join(directory, "backing")
         self.mountpoint = os.path.join(directory, "mnt")
         self.socket = os.path.join(directory, "powerfs.sock")
@@ -70,7 +71,8 @@ class Disk:
             os.unlink(self.socket)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, POWERFS, self.backing, self.mountpoint, "--control", self.socket],
+                [sys.executable, POWERFS, self.backing, self.mountpoint, "--control", self.socket,
+                 *(["--naive"] if self.naive else [])],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
         def up() -> bool:
@@ -266,6 +268,7 @@ class Round:
     cut lost on disk (bytes not fsynced: proof the cut happened)."""
     acked: int
     lost_bytes: int
+    undone: list[str]  # files the cut changed
     problems: list[str]
 
 
@@ -341,7 +344,7 @@ class PowerRun:
         self.cluster.restart()
         wait_until(self.cluster.all_up_to_date, 60, "every cell up to date")
         problems += check_through_client(self.cluster, self.writers, acked)
-        return Round(acked_now, report["bytes"], problems)
+        return Round(acked_now, report["bytes"], report["files"], problems)
 
     def final_check(self) -> list[str]:
         """Stop the cluster cleanly; then the acknowledged commits are

@@ -145,3 +145,39 @@ def test_sqlite_alone(fuse_ok, tmp_path, synchronous):
         assert have >= acked
     else:
         assert have < acked
+
+
+@pytest.mark.parametrize("naive", [True, False])
+def test_wal_index_mapping(fuse_ok, tmp_path, naive):
+    """Why powerfs writes through: a layer that reports the durable size of
+    a file (``powerfs --naive``, as one keeping unsynced writes in memory
+    would) kills SQLite with SIGBUS in WAL mode as soon as anyone stats
+    the never-fsynced ``-shm`` while SQLite has it mapped: the kernel
+    shrinks the mapping to the size reported.  powerfs itself survives the
+    same stats."""
+    import signal
+    disk = Disk(str(tmp_path), naive=naive)
+    out = tmp_path / "out"
+    try:
+        disk.mount()
+        db = os.path.join(disk.mountpoint, "t.sqlite")
+        with open(out, "w") as f:
+            proc = subprocess.Popen([sys.executable, "-c", SQLITE_WRITER, db, "FULL"], stdout=f)
+        try:
+            # stat the directory while SQLite commits, until it has made
+            # 1000 commits or died (each listing refreshes the attributes)
+            for _ in range(100000):
+                if proc.poll() is not None or len(out.read_text().split()) >= 1000:
+                    break
+                for name in os.listdir(disk.mountpoint):
+                    os.stat(os.path.join(disk.mountpoint, name))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            status = proc.wait(10)
+    finally:
+        disk.unmount()
+    if naive:
+        assert status == -signal.SIGBUS, (status, len(out.read_text().split()))
+    else:
+        assert status == -signal.SIGKILL and len(out.read_text().split()) >= 1000
