@@ -23,6 +23,7 @@ class Replica:
     cells: dict[int, dict[int, int]] = field(default_factory=dict)  # partition -> {nid: state}
     # tid -> (ttid, description, "committed" | "locked")
     meta: dict[int, tuple[int, bytes, str]] = field(default_factory=dict)
+    voted: dict[int, bytes] = field(default_factory=dict)  # ttid -> description, not locked
     # (oid, tid) of obj, (oid, ttid) of tobj -> (value_tid, hash, compression, value)
     objs: dict[tuple[int, int], tuple] = field(default_factory=dict)
     tobjs: dict[tuple[int, int], tuple] = field(default_factory=dict)
@@ -62,6 +63,9 @@ def read_replica(path: str, oids: list[int]) -> Replica:
             for tid, ttid, description in conn.execute(
                     "SELECT tid, ttid, description FROM ttrans WHERE tid IS NOT NULL"):
                 replica.meta[tid] = (ttid, bytes(description), "locked")
+            for ttid, description in conn.execute(
+                    "SELECT ttid, description FROM ttrans WHERE tid IS NULL"):
+                replica.voted[ttid] = bytes(description)
             marks = ",".join("?" * len(oids))
             for table, out in (("obj", replica.objs), ("tobj", replica.tobjs)):
                 for oid, tid, value_tid, digest, compression, value in conn.execute(
@@ -73,13 +77,17 @@ def read_replica(path: str, oids: list[int]) -> Replica:
     return replica
 
 
-def check_disk(paths: list[str], writers, acked: dict[str, dict[int, int]]) -> list[str]:
+def check_disk(paths: list[str], writers, acked: dict[str, dict[int, int]],
+               complete: bool = False) -> list[str]:
     """Problems with the acknowledged commits ``{writer: {n: tid}}`` in the
     databases ``paths`` as they are on disk (after a cut: before any node
     opens them).  A commit must be, on every readable cell of the freshest
     partition table, either committed (trans/obj) or locked (ttrans with
     its tid, tobj by its ttid: verification finishes it at the restart),
-    with the same object rows on every replica."""
+    with the same object rows on every replica.  A replica may have it
+    only voted (ttrans without tid, tobj) if another one locked it: the
+    master died before this one answered the lock (it was SIGKILLed
+    first, say), and verification validates it everywhere."""
     oids = sorted(oid for w in writers for oid in w.oids)
     replicas = [read_replica(path, oids) for path in paths]
     problems = []
@@ -91,7 +99,8 @@ def check_disk(paths: list[str], writers, acked: dict[str, dict[int, int]]) -> l
 
     def holders(p: int) -> list[Replica]:
         nids = [nid for nid, state in fresh.cells.get(p, {}).items() if state in READABLE]
-        if len(nids) != fresh.replicas + 1 or not set(nids) <= set(by_nid):
+        wanted = fresh.replicas + 1 if complete else 1
+        if len(nids) < wanted or not set(nids) <= set(by_nid):
             problems.append("partition %d: readable cells %s in the table of %s (ptid %d)"
                             % (p, nids, fresh.name, fresh.ptid))
         return [by_nid[nid] for nid in nids if nid in by_nid]
@@ -99,17 +108,20 @@ def check_disk(paths: list[str], writers, acked: dict[str, dict[int, int]]) -> l
     for writer in writers:
         for n, tid in sorted(acked[writer.name].items()):
             what = "%s %d (tid %016x)" % (writer.name, n, tid)
+            description = ("%s %d" % (writer.name, n)).encode()
             ttids = set()
-            for r in holders(tid % np):
+            meta_holders = holders(tid % np)
+            for r in meta_holders:
                 meta = r.meta.get(tid)
-                if meta is None:
-                    problems.append("%s: no metadata on %s" % (what, r.name))
-                elif meta[1] != ("%s %d" % (writer.name, n)).encode():
-                    problems.append("%s: metadata of %r on %s" % (what, meta[1], r.name))
-                else:
+                if meta is not None:
                     ttids.add(meta[0])
+                    if meta[1] != description:
+                        problems.append("%s: metadata of %r on %s" % (what, meta[1], r.name))
             if len(ttids) > 1:
                 problems.append("%s: ttids %s differ between replicas" % (what, ttids))
+            for r in meta_holders:
+                if tid not in r.meta and not any(r.voted.get(t) == description for t in ttids):
+                    problems.append("%s: no metadata on %s" % (what, r.name))
             for oid in writer.oids:
                 rows = {}
                 for r in holders(oid % np):

@@ -4,18 +4,19 @@ One connection in autocommit mode (``isolation_level=None``) with explicit
 ``BEGIN IMMEDIATE``/``COMMIT``, so that commit points are exactly the ones
 the interface documents.  WAL journal: readers never block and a commit is
 an append to one file, so one fsync of the WAL makes every earlier commit
-durable as well.  This is how durability is made cheap:
+durable as well.  This is how durability is made cheap: the connection
+stays at ``synchronous=FULL`` and keeps one write transaction open;
 
-* ``store_data`` writes are left in an open transaction running with
-  ``synchronous=NORMAL`` (batched, not fsynced);
-* durable operations (vote, lock, config, partition table) first commit
-  that pending transaction (no fsync), then run their own transaction with
-  ``synchronous=FULL``, whose fsync also covers the pending rows;
-* unlock and abort commit with ``synchronous=NORMAL``.
+* writes that need not be durable on their own (``store_data``, unlock,
+  abort, replication rows...) run in a savepoint of that transaction and
+  stay uncommitted;
+* a durable operation (vote, lock, config, partition table, replication
+  resume point, pack chunk) commits the whole transaction: its fsync of
+  the WAL covers the pending rows too;
+* ``commit_pending`` commits (and so fsyncs) what is left pending; the
+  storage node calls it within a second of such writes.
 
-``PRAGMA synchronous`` cannot change inside a transaction, hence the
-level is switched only between transactions and set back to FULL after each
-non-durable commit.
+See "Durability" in docs/design.md.
 
 Every SQL statement is a module constant, so ``sqlite3``'s statement cache
 prepares it once per connection; values are always bound parameters.
