@@ -135,7 +135,7 @@ def check_disk(paths: list[str], writers, acked: dict[str, dict[int, int]],
                 if len(set(rows.values())) > 1:
                     problems.append("%s: object %d differs between replicas %s"
                                     % (what, oid, sorted(rows)))
-    return problems
+    return list(dict.fromkeys(problems))  # a partition's problem comes once
 
 
 def load_state(db, pickle: bytes) -> dict:

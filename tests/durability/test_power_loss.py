@@ -91,7 +91,8 @@ def test_unsafe_storage_loses_acknowledged_commits(fuse_ok, tmp_path):
 
 
 # A SQLite program committing in WAL mode at the given synchronous level,
-# printing each commit once COMMIT returned.
+# printing each commit once COMMIT returned; after the given number of
+# commits (if any), it waits to be killed.
 SQLITE_WRITER = textwrap.dedent("""
     import sqlite3, sys
     db = sqlite3.connect(sys.argv[1], isolation_level=None)
@@ -99,21 +100,23 @@ SQLITE_WRITER = textwrap.dedent("""
     db.execute("PRAGMA synchronous=" + sys.argv[2])
     db.execute("CREATE TABLE IF NOT EXISTS t (i INTEGER PRIMARY KEY, v BLOB)")
     i = 0
-    while True:
+    while i != int(sys.argv[3]):
         i += 1
         db.execute("BEGIN IMMEDIATE")
         db.execute("INSERT INTO t (i, v) VALUES (?, ?)", (i, b"x" * 3000))
         db.execute("COMMIT")
         print(i, flush=True)
+    sys.stdin.read()
 """)
 
 
 @pytest.mark.parametrize("synchronous", ["FULL", "NORMAL", "OFF"])
 def test_sqlite_alone(fuse_ok, tmp_path, synchronous):
     """The layer on its own, with a plain SQLite program killed and cut
-    after 300 commits: at synchronous=FULL (what storages run) every
+    after 500 commits: at synchronous=FULL (what storages run) every
     acknowledged commit is there; at NORMAL (the WAL is fsynced only at
-    checkpoints) and OFF, the last ones are not."""
+    checkpoints: the first one comes after about 330 of these commits) and
+    OFF, the last ones are not."""
     from neozodb.cli.cluster import wait_until
     disk = Disk(str(tmp_path))
     out = tmp_path / "out"
@@ -121,10 +124,10 @@ def test_sqlite_alone(fuse_ok, tmp_path, synchronous):
         disk.mount()
         db = os.path.join(disk.mountpoint, "t.sqlite")
         with open(out, "w") as f:
-            proc = subprocess.Popen([sys.executable, "-c", SQLITE_WRITER, db, synchronous],
-                                    stdout=f)
+            proc = subprocess.Popen([sys.executable, "-c", SQLITE_WRITER, db, synchronous, "500"],
+                                    stdout=f, stdin=subprocess.PIPE)
         try:
-            wait_until(lambda: len(out.read_text().split()) >= 300, 60, "300 commits")
+            wait_until(lambda: len(out.read_text().split()) >= 500, 60, "500 commits")
         finally:
             proc.kill()
             proc.wait(10)
@@ -141,8 +144,9 @@ def test_sqlite_alone(fuse_ok, tmp_path, synchronous):
     finally:
         disk.unmount()
     print(synchronous, "acknowledged", acked, "after the cut", have)
+    assert acked == 500
     if synchronous == "FULL":
-        assert have >= acked
+        assert have == acked
     else:
         assert have < acked
 
@@ -162,7 +166,8 @@ def test_wal_index_mapping(fuse_ok, tmp_path, naive):
         disk.mount()
         db = os.path.join(disk.mountpoint, "t.sqlite")
         with open(out, "w") as f:
-            proc = subprocess.Popen([sys.executable, "-c", SQLITE_WRITER, db, "FULL"], stdout=f)
+            proc = subprocess.Popen([sys.executable, "-c", SQLITE_WRITER, db, "FULL", "1000"],
+                                    stdout=f, stdin=subprocess.PIPE)
         try:
             # stat the directory while SQLite commits, until it has made
             # 1000 commits or died (each listing refreshes the attributes)
