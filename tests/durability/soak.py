@@ -17,9 +17,44 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from power import PowerRun, fuse_unavailable  # noqa: E402
+
+
+class Totals:
+    rounds = acked = lost = wal_cuts = 0
+
+
+def soak_cluster(directory: str, storages: int, replicas: int, seed: int, rounds: int,
+                 totals: Totals, more: Callable[[], bool]) -> bool:
+    """Up to ``rounds`` rounds on a new cluster, while ``more()``; False
+    when a commit was lost or the cluster failed."""
+    with PowerRun(directory, storages, replicas, random.Random(seed)) as run:
+        for _ in range(rounds):
+            if not more():
+                break
+            result = run.round()
+            totals.rounds += 1
+            totals.acked += result.acked
+            # a cut that undid more than the never-synced wal-index
+            totals.wal_cuts += any(not f.endswith("-shm") for f in result.undone)
+            missing = {p.split(" (")[0] for p in result.problems if " (tid " in p}
+            totals.lost += len(missing)
+            print("round %d: %d acknowledged, cut undid %d bytes in %s, %d lost" % (
+                totals.rounds, result.acked, result.lost_bytes,
+                ", ".join(os.path.basename(f) for f in result.undone) or "nothing",
+                len(missing)), flush=True)
+            if result.problems:
+                print("\n".join(result.problems), flush=True)
+                return False
+        problems = run.final_check()
+        if problems:
+            print("after the clean stop:\n" + "\n".join(problems), flush=True)
+            return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,52 +75,38 @@ def main(argv: list[str] | None = None) -> int:
     print("soak seed %d" % seed, flush=True)
     rng = random.Random(seed)
     top = args.directory or tempfile.mkdtemp(prefix="neozodb-soak-")
-    deadline = time.monotonic() + args.minutes * 60 if args.minutes else None
-    rounds = acked = lost = wal_cuts = 0
-    failed = False
     start = time.monotonic()
+    deadline = start + args.minutes * 60 if args.minutes else None
+    totals = Totals()
+
+    def more() -> bool:
+        if deadline is None:
+            return totals.rounds < args.rounds
+        return time.monotonic() < deadline
+
+    ok = True
     cluster = 0
-    while not failed and (rounds < args.rounds if deadline is None
-                          else time.monotonic() < deadline):
+    while ok and more():
         storages, replicas = (1, 0) if cluster % 4 == 3 else (2, 1)
         cluster_seed = rng.randrange(1 << 32)
         directory = os.path.join(top, "cluster%d" % cluster)
         os.makedirs(directory)
         print("cluster %d: %d storage(s), replicas %d, seed %d" % (
             cluster, storages, replicas, cluster_seed), flush=True)
-        with PowerRun(directory, storages, replicas, random.Random(cluster_seed)) as run:
-            for _ in range(args.per_cluster):
-                if (rounds >= args.rounds if deadline is None
-                        else time.monotonic() >= deadline):
-                    break
-                result = run.round()
-                rounds += 1
-                acked += result.acked
-                # a cut that undid more than the never-synced wal-index
-                durable_files = [f for f in result.undone if not f.endswith("-shm")]
-                wal_cuts += bool(durable_files)
-                missing = {p.split(" (")[0] for p in result.problems if " (tid " in p}
-                lost += len(missing)
-                print("round %d: %d acknowledged, cut undid %d bytes in %s, %d lost" % (
-                    rounds, result.acked, result.lost_bytes,
-                    ", ".join(os.path.basename(f) for f in result.undone) or "nothing",
-                    len(missing)), flush=True)
-                if result.problems:
-                    print("\n".join(result.problems), flush=True)
-                    failed = True
-                    break
-            if not failed:
-                problems = run.final_check()
-                if problems:
-                    print("after the clean stop:\n" + "\n".join(problems), flush=True)
-                    failed = True
-        if not failed:
+        try:
+            ok = soak_cluster(directory, storages, replicas, cluster_seed, args.per_cluster,
+                              totals, more)
+        except Exception:  # not a loss, but the soak cannot go on
+            traceback.print_exc()
+            print("cluster %d: error (see above); logs in %s" % (cluster, directory))
+            ok = False
+        if ok:
             shutil.rmtree(directory)
         cluster += 1
     print("rounds %d, commits acknowledged %d, commits lost %d, cuts that undid WAL or"
-          " database writes %d, %.0f s" % (rounds, acked, lost, wal_cuts,
-                                           time.monotonic() - start))
-    if failed:
+          " database writes %d, %.0f s" % (totals.rounds, totals.acked, totals.lost,
+                                           totals.wal_cuts, time.monotonic() - start))
+    if not ok:
         print("FAILED: soak seed %d, evidence kept in %s" % (seed, top))
         return 1
     if not args.directory:
