@@ -185,9 +185,9 @@ class PowerFS(Operations):
             self._alive()
             fd = os.open(self._real(path), os.O_RDWR | os.O_CREAT, mode)
             if path not in self.files:
-                # a new file: its entry is durable, its content not yet
-                self.files[path] = FileState(0) if os.fstat(fd).st_size == 0 \
-                    else FileState(os.fstat(fd).st_size)
+                # a new file (FUSE creates only what its lookup did not
+                # find): its entry is durable, its content not yet
+                self.files[path] = FileState(os.fstat(fd).st_size)
             return fd
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:

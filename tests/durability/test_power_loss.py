@@ -29,21 +29,26 @@ def seeded() -> random.Random:
     return random.Random(seed)
 
 
-@pytest.fixture
-def fuse_ok(tmp_path):
-    """Skip when this machine cannot mount FUSE at all (checked by a
-    mount); fail for anything else."""
+@pytest.fixture(scope="session")
+def fuse_mounts(tmp_path_factory) -> str | None:
+    """Why this machine cannot mount FUSE at all (checked once, by a
+    mount), None if it can; an unexpected failure of powerfs fails."""
     reason = fuse_unavailable()
     if reason is None:
-        disk = Disk(str(tmp_path / "probe"))
+        disk = Disk(str(tmp_path_factory.mktemp("probe")))
         try:
             disk.mount()
         except NoFuse as e:
             reason = "FUSE cannot mount here: %s" % e
         finally:
             disk.unmount()
-    if reason is not None:
-        pytest.skip(reason)
+    return reason
+
+
+@pytest.fixture
+def fuse_ok(fuse_mounts) -> None:
+    if fuse_mounts is not None:
+        pytest.skip(fuse_mounts)
 
 
 @pytest.mark.parametrize("storages, replicas, rounds", [(2, 1, 4), (1, 0, 2)])
