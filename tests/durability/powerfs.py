@@ -28,11 +28,14 @@ sectors): losing all of them is one of the outcomes it allows, the one that
 matters most for acknowledged commits, but not the only one.  What it does
 not model:
 
-* metadata: create, mkdir, unlink, rmdir, rename, link, chmod and utimens
-  are durable at once, as LazyFS does it (a new file's *content* is not:
-  its synced size is 0).  A real file system may lose a directory entry
-  that was not fsynced with its directory (SQLite fsyncs the directory
-  when it creates a WAL or journal), or bring an unlinked file back;
+* metadata, but for one case: mkdir, unlink, rmdir, rename, chmod and
+  utimens are durable at once, as LazyFS does it.  The exception is the
+  entry of a new file: a file created since the last fsync of its
+  directory is gone after a cut (POSIX: fsync of the file itself does not
+  make its name durable; SQLite fsyncs the directory when it creates a
+  WAL or journal, which also saves the database file created there
+  before).  A real file system may also lose a rename or an unlink not
+  fsynced with its directory, and bring an unlinked file back;
 * partial loss: reordered or torn writes, and a cut in the middle of an
   fsync (an fsync here is atomic);
 * the cache of the kernel: FUSE sends every write(2) to this process before
@@ -90,8 +93,11 @@ class PowerFS(Operations):
         self.root = os.path.realpath(backing)
         self.mutex = threading.Lock()
         self.files: dict[str, FileState] = {}
+        # files created since the last fsync of their directory
+        self.new_entries: set[str] = set()
         self.dead = False
-        self.stats = {"writes": 0, "bytes_written": 0, "fsyncs": 0, "truncates": 0, "cuts": 0}
+        self.stats = {"writes": 0, "bytes_written": 0, "fsyncs": 0, "truncates": 0, "fsyncdirs": 0,
+                      "cuts": 0}
 
     # -- helpers ---------------------------------------------------------------
 
@@ -135,6 +141,15 @@ class PowerFS(Operations):
         is dead from now on.  Returns what was lost."""
         with self.mutex:
             lost_files, lost_bytes = [], 0
+            for path in sorted(self.new_entries):
+                try:
+                    lost_bytes += os.lstat(self._real(path)).st_size
+                    os.unlink(self._real(path))
+                    lost_files.append(path)
+                except FileNotFoundError:
+                    pass
+                self.files.pop(path, None)
+            self.new_entries.clear()
             for path, state in sorted(self.files.items()):
                 real = self._real(path)
                 try:
@@ -161,7 +176,8 @@ class PowerFS(Operations):
         with self.mutex:
             unsynced = {path: (state.synced_size, len(state.saved))
                         for path, state in self.files.items()}
-            return {"dead": self.dead, "unsynced": unsynced, **self.stats}
+            return {"dead": self.dead, "unsynced": unsynced,
+                    "new_entries": sorted(self.new_entries), **self.stats}
 
     # -- files -------------------------------------------------------------------
 
@@ -186,8 +202,9 @@ class PowerFS(Operations):
             fd = os.open(self._real(path), os.O_RDWR | os.O_CREAT, mode)
             if path not in self.files:
                 # a new file (FUSE creates only what its lookup did not
-                # find): its entry is durable, its content not yet
+                # find): neither its entry nor its content is durable yet
                 self.files[path] = FileState(os.fstat(fd).st_size)
+                self.new_entries.add(path)
             return fd
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
@@ -276,6 +293,7 @@ class PowerFS(Operations):
             self._alive()
             os.unlink(self._real(path))
             self.files.pop(path, None)
+            self.new_entries.discard(path)
 
     def rename(self, old: str, new: str) -> None:
         with self.mutex:
@@ -285,6 +303,10 @@ class PowerFS(Operations):
                 del self.files[path]  # replaced
             for path in list(self._under(old)):
                 self.files[new + path[len(old):]] = self.files.pop(path)
+            for path in [p for p in self.new_entries if p == old or p.startswith(old + "/")]:
+                # still not durable, under its new name
+                self.new_entries.discard(path)
+                self.new_entries.add(new + path[len(old):])
 
     def link(self, target: str, source: str) -> None:
         # one undo state per path: two names of one file would each undo
@@ -319,6 +341,10 @@ class PowerFS(Operations):
     def fsyncdir(self, path: str, datasync: int, fh: int) -> None:
         with self.mutex:
             self._alive()
+            # the names of the files created in it are durable now
+            directory = path.rstrip("/") or "/"
+            self.new_entries = {p for p in self.new_entries if os.path.dirname(p) != directory}
+            self.stats["fsyncdirs"] += 1
 
     def statfs(self, path: str) -> dict:
         st = os.statvfs(self.root)
