@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 .PHONY: run test interop lint bench clean
 
 $(STAMP): pyproject.toml
+	@# FUSE (fusermount, libfuse2) for the power-loss tests (tests/durability)
+	{ command -v fusermount && /sbin/ldconfig -p | grep -q 'libfuse\.so\.2'; } >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse libfuse2; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 	$(BIN)/pip install -q -e '.[test,bench]'

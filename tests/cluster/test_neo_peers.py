@@ -17,7 +17,15 @@ from neozodb.cli.cluster import (
 )
 from neozodb.client import Storage
 from neozodb.net.threaded import ThreadedConnection
-from neozodb.protocol import ClusterStates, NodeStates, NodeTypes, Packets, make_nid, nid_str
+from neozodb.protocol import (
+    ClusterStates,
+    NodeStates,
+    NodeTypes,
+    Packets,
+    encode,
+    make_nid,
+    nid_str,
+)
 from neozodb.protocol.features import EXTRA_KEY
 from scripted import ScriptedPeer, admin_behind
 
@@ -50,6 +58,38 @@ def test_admin_asks_a_neo_master_for_the_cluster_state(tmp_path):
     finally:
         admin.kill()
         master.close()
+
+
+def test_admin_keeps_the_state_notified_right_behind_its_answer(tmp_path):
+    """The master answers the admin's AskClusterState with VERIFYING and,
+    in the same TCP segment, notifies RUNNING (its verification ended
+    meanwhile).  The admin must end at RUNNING: it took the answer after
+    the notification and stayed at VERIFYING (found by the power-loss
+    soak, tests/durability)."""
+    def master(conn, msg_id, packet, args):
+        if packet is Packets.AskClusterState:
+            with conn.lock:
+                notify_id, conn.next_id = conn.next_id, conn.next_id + 1
+                conn.sock.sendall(
+                    encode(msg_id, Packets.AnswerClusterState.code, (ClusterStates.VERIFYING,))
+                    + encode(notify_id, Packets.NotifyClusterInformation.code,
+                             (ClusterStates.RUNNING,)))
+        else:
+            _neo_master(conn, msg_id, packet, args)
+    peer = ScriptedPeer(master)
+    admin, address = admin_behind(peer, tmp_path, "--allow-anonymous-ctl")
+    try:
+        peer.wait_for("AskClusterState")
+
+        def state():
+            out = subprocess.run([sys.executable, "-m", "neozodb.ctl.neoctl", "-a",
+                                  address, "print", "cluster"],
+                                 capture_output=True, text=True, timeout=30)
+            return out.stdout.strip() == "RUNNING"
+        wait_until(state, 10, "the admin to know the cluster runs")
+    finally:
+        admin.kill()
+        peer.close()
 
 
 def test_admin_lists_nodes_when_a_neo_master_sends_entries_without_id(tmp_path):

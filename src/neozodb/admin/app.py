@@ -310,8 +310,22 @@ class AdminApp:
         self.master_conn = conn
         log.info("%s: connected to master %s", self.label, nid_str(master_nid))
         # NEO's master tells the cluster state only when it changes; the
-        # answer comes in stream order with those notifications
-        (self.cluster_state,) = await conn.ask(Packets.AskClusterState)
+        # answer comes in stream order with those notifications, so it is
+        # taken in a callback, in that order.  Not after an await: the
+        # coroutine resumes once the rest of the chunk was handled, and a
+        # NotifyClusterInformation(RUNNING) right behind an answer of
+        # VERIFYING was overwritten by it (an admin stuck at VERIFYING).
+        answered = asyncio.get_running_loop().create_future()
+
+        def state(conn, result, error) -> None:
+            if error is None:
+                (self.cluster_state,) = result
+            if not answered.done():
+                answered.set_result(error)
+        conn.ask(Packets.AskClusterState, callback=state)
+        error = await answered
+        if error is not None:
+            raise error
 
     def _master_lost(self) -> None:
         log.warning("%s: lost the master", self.label)

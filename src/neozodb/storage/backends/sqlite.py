@@ -9,14 +9,18 @@ commit durable as well.  This is how durability is made cheap:
 * the connection runs with ``synchronous=NORMAL``: SQLite writes each
   commit to the WAL but never syncs it (it still syncs the WAL before a
   checkpoint copies it, and the database file after);
-* ``store_data``, unlock and abort writes are left pending in an open
-  transaction (not committed: see ``commit_pending``);
+* writes that need not be durable on their own (``store_data``, unlock,
+  abort, replication rows...) run in a savepoint of one open write
+  transaction and stay uncommitted (``commit_pending`` commits and syncs
+  them; the storage node calls it within a second of such writes);
 * a durable operation (vote, lock, config, partition table, replication
-  resume point) commits that transaction with its own rows, then
+  resume point, pack chunk) commits that transaction with its own rows, then
   ``sync()`` fdatasyncs the WAL file through a descriptor of our own.
   That is exactly what ``synchronous=FULL`` does at each commit; doing it
   ourselves lets the storage node commit several durable points and sync
   them once (``sync_later``: group commit).
+
+See "Durability" in docs/design.md.
 
 Every SQL statement is a module constant, so ``sqlite3``'s statement cache
 prepares it once per connection; values are always bound parameters.
