@@ -9,14 +9,13 @@ from collections.abc import Iterable
 
 from .base import ZERO_HASH, ObjectRecord, TransactionRecord
 from .sqlite_schema import (
-    _GET_AT,
-    _GET_BEFORE,
+    _GET_AT_NEXT,
+    _GET_BEFORE_NEXT,
     _GET_LATEST,
     _GET_TRANS,
     _HISTORY,
     _LAST_SERIAL,
     _LOAD_DATA,
-    _NEXT_SERIAL,
     _OID_EXISTS,
     _OIDS_FROM,
     _PACKED_UP_TO,
@@ -47,15 +46,15 @@ class SQLiteReads:
             next_serial = None      # the latest revision has no successor
         else:
             if tid is None:
-                row = conn.execute(_GET_BEFORE, (p, oid, before_tid)).fetchone()
+                row = conn.execute(_GET_BEFORE_NEXT, (p, oid, before_tid)).fetchone()
             elif before_tid is None:
-                row = conn.execute(_GET_AT, (p, oid, tid)).fetchone()
+                row = conn.execute(_GET_AT_NEXT, (p, oid, tid)).fetchone()
             else:
                 raise ValueError('tid and before_tid are mutually exclusive')
             if row is None:
                 return False if conn.execute(_OID_EXISTS, (p, oid)).fetchone() else None
-            next_serial = conn.execute(_NEXT_SERIAL, (p, oid, row[0])).fetchone()[0]
-        serial, value_tid, compression, checksum, data = row
+            next_serial = row[5]
+        serial, value_tid, compression, checksum, data = row[:5]
         if checksum is None:            # data_id NULL: deletion / undone creation
             return serial, next_serial, 0, ZERO_HASH, b'', None
         return serial, next_serial, compression, checksum, data, value_tid

@@ -106,8 +106,16 @@ _OBJ_COLUMNS = ("SELECT o.tid, o.value_tid, d.compression, d.hash, d.value"
                 " FROM obj AS o LEFT JOIN data AS d ON d.id = o.data_id"
                 " WHERE o.partition=? AND o.oid=?")
 _GET_LATEST = _OBJ_COLUMNS + " ORDER BY o.tid DESC LIMIT 1"
-_GET_AT = _OBJ_COLUMNS + " AND o.tid=?"
-_GET_BEFORE = _OBJ_COLUMNS + " AND o.tid<? ORDER BY o.tid DESC LIMIT 1"
+# A revision with the serial of the next one: one statement per
+# loadBefore (what ZODB's MVCC asks for every object it loads)
+_OBJ_COLUMNS_NEXT = (
+    "SELECT o.tid, o.value_tid, d.compression, d.hash, d.value,"
+    " (SELECT MIN(n.tid) FROM obj AS n WHERE n.partition=o.partition AND n.oid=o.oid"
+    " AND n.tid>o.tid)"
+    " FROM obj AS o LEFT JOIN data AS d ON d.id = o.data_id"
+    " WHERE o.partition=? AND o.oid=?")
+_GET_AT_NEXT = _OBJ_COLUMNS_NEXT + " AND o.tid=?"
+_GET_BEFORE_NEXT = _OBJ_COLUMNS_NEXT + " AND o.tid<? ORDER BY o.tid DESC LIMIT 1"
 _REVISION_AT = "SELECT tid, data_id, value_tid FROM obj WHERE partition=? AND oid=? AND tid=?"
 _REVISION_BEFORE = ("SELECT tid, data_id, value_tid FROM obj WHERE partition=? AND oid=?"
                     " AND tid<? ORDER BY tid DESC LIMIT 1")
