@@ -15,23 +15,36 @@ Usage: .venv/bin/python bench/bench.py [--objects N] [--rounds R] [--quick] [--t
 from __future__ import annotations
 
 import argparse
-import base64
 import logging
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 
 import transaction
 import ZODB
 from BTrees.OOBTree import OOBTree
-from common import INTERRUPTED, interruptible, stop_cluster, temporary_directory, write_json
+from common import (  # noqa: F401  (format_table, percentile: replication.py imports them here)
+    INTERRUPTED,
+    PAYLOAD,
+    Backend,
+    FileStorageBackend,
+    NeoBackend,
+    PeakMemory,
+    RelStorageBackend,
+    ZEOBackend,
+    format_table,
+    interruptible,
+    payload,
+    percentile,
+    relstorage_available,
+    start_backends,
+    temporary_directory,
+    write_json,
+)
 from persistent.mapping import PersistentMapping
 
 SMALL_COMMITS = 100  # one-object commits per round
-PAYLOAD = 300  # bytes of state per object (a str in a PersistentMapping)
 
 MEASURES = [
     ("commit_new", "commit {n} new objects"),
@@ -41,161 +54,6 @@ MEASURES = [
     ("small_p90", "1-object commit, p90"),
 ]
 BEST_OF = ("commit_new", "update", "cold_read")  # best round kept; others pooled
-
-
-def payload() -> str:
-    """300 printable, hardly compressible characters."""
-    return base64.b64encode(os.urandom(PAYLOAD * 3 // 4)).decode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100)."""
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * p // 100))  # ceil
-    return ordered[int(rank) - 1]
-
-
-# -- backends ----------------------------------------------------------------------------
-class Backend:
-    key = ""
-    label = ""
-
-    def start(self, workdir: str) -> None:
-        """Start whatever the backend needs; called once before the rounds."""
-
-    def open_storage(self):
-        """A NEW storage client object (empty caches)."""
-        raise NotImplementedError
-
-    def stop(self) -> None:
-        """Stop everything start() started; must be safe to call twice."""
-
-
-class NeoBackend(Backend):
-    def __init__(self, storages: int, replicas: int, partitions: int = 12,
-                 tls: bool = False) -> None:
-        self.storages = storages
-        self.replicas = replicas
-        self.partitions = partitions
-        self.tls = tls
-        self.key = "neo_%ds_r%d%s" % (storages, replicas, "_tls" if tls else "")
-        self.label = "neo %dS r%d%s" % (storages, replicas, " TLS" if tls else "")
-        self.cluster = None
-
-    def start(self, workdir: str) -> None:
-        from neozodb.cli.cluster import LocalCluster
-        self.cluster = LocalCluster(os.path.join(workdir, self.key), name="bench",
-                                    storages=self.storages, replicas=self.replicas,
-                                    partitions=self.partitions, loglevel="INFO",
-                                    tls=self.tls)
-        try:
-            self.cluster.start(wait=60)
-        except BaseException:
-            self.stop()
-            raise
-
-    def open_storage(self):
-        from neozodb.client import Storage
-        return Storage(**self.cluster.client_kwargs())
-
-    def stop(self) -> None:
-        cluster, self.cluster = self.cluster, None
-        if cluster is not None:
-            stop_cluster(cluster)
-
-
-class FileStorageBackend(Backend):
-    key = "filestorage"
-    label = "FileStorage"
-
-    def start(self, workdir: str) -> None:
-        os.makedirs(os.path.join(workdir, "fs"))
-        self.path = os.path.join(workdir, "fs", "Data.fs")
-
-    def open_storage(self):
-        from ZODB.FileStorage import FileStorage
-        return FileStorage(self.path)
-
-
-class ZEOBackend(Backend):
-    key = "zeo"
-    label = "ZEO"
-
-    def __init__(self) -> None:
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, workdir: str) -> None:
-        directory = os.path.join(workdir, "zeo")
-        os.makedirs(directory)
-        self.address = ("127.0.0.1", free_port())
-        argv = [sys.executable, "-m", "ZEO.runzeo", "-a", "%s:%d" % self.address,
-                "-f", os.path.join(directory, "Data.fs")]
-        with open(os.path.join(directory, "zeo.log"), "ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
-        try:
-            self._wait_port(30.0)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_port(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError("ZEO server exited with status %s" % self.proc.returncode)
-            try:
-                socket.create_connection(self.address, timeout=1).close()
-                return
-            except OSError as e:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("ZEO server did not listen on %s:%d" % self.address) from e
-            time.sleep(0.05)  # bounded polling of the port
-
-    def open_storage(self):
-        from ZEO.ClientStorage import ClientStorage
-        # no `client=` argument: the cache lives in memory, so a new object is cold
-        return ClientStorage(self.address, wait=True, wait_timeout=30)
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-class RelStorageBackend(Backend):
-    key = "relstorage"
-    label = "RelStorage/SQLite"
-
-    def start(self, workdir: str) -> None:
-        self.directory = os.path.join(workdir, "relstorage")
-        os.makedirs(self.directory)
-
-    def open_storage(self):
-        from ZODB.config import storageFromString
-        return storageFromString(
-            "%%import relstorage\n<relstorage>\n  <sqlite3>\n    data-dir %s\n"
-            "  </sqlite3>\n</relstorage>\n" % self.directory)
-
-
-def relstorage_available() -> bool:
-    try:
-        import relstorage  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # -- one round ---------------------------------------------------------------------------------
@@ -287,15 +145,6 @@ def ratios(results: dict) -> dict:
     return out
 
 
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-    def fmt(row: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])
-
-
 def report(results: dict, skipped: dict, objects: int) -> str:
     names = [label.format(n=objects) for _, label in MEASURES]
     keys = list(results)
@@ -333,7 +182,8 @@ def report(results: dict, skipped: dict, objects: int) -> str:
 
 
 # -- main -----------------------------------------------------------------------------------------
-def measure(backends: list[Backend], skipped: dict, objects: int, rounds: int) -> dict:
+def measure(backends: list[Backend], skipped: dict, objects: int, rounds: int,
+            peaks: PeakMemory) -> dict:
     """Run every backend; whatever happens, stop every process and remove
     the temporary directory before returning or raising.
 
@@ -342,21 +192,10 @@ def measure(backends: list[Backend], skipped: dict, objects: int, rounds: int) -
     one round of every backend rather than every round of one."""
     per_round: dict[str, list[dict]] = {}
     with temporary_directory("bench") as (cleanup, workdir):
-        for backend in backends:
-            cleanup.callback(backend.stop)  # idempotent: safe after a failed start
-        active = []
-        for backend in backends:
-            t0 = time.perf_counter()
-            try:
-                backend.start(workdir)
-            except Exception as e:
-                if not isinstance(backend, RelStorageBackend):
-                    raise
-                skipped[backend.label] = "failed to start: %r" % (e,)
-                continue
-            active.append(backend)
+        active = start_backends(cleanup, backends, workdir, skipped)
+        for backend in active:
             per_round[backend.key] = []
-            print("  started %-18s %.1fs" % (backend.label, time.perf_counter() - t0), flush=True)
+            peaks.watch(cleanup, backend)  # runs before the backend's stop
         for r in range(rounds):
             print("  round %d/%d:" % (r + 1, rounds), end="", flush=True)
             for backend in list(active):
@@ -407,13 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     print("objects=%d rounds=%d, %d one-object commits per round, %d CPUs" % (
         args.objects, args.rounds, SMALL_COMMITS, os.cpu_count() or 0), flush=True)
-    results = interruptible(measure, backends, skipped, args.objects, args.rounds,
+    peaks = PeakMemory()
+    results = interruptible(measure, backends, skipped, args.objects, args.rounds, peaks,
                             stopped="every process stopped, temporary files removed")
     if INTERRUPTED:
         return 130
 
     print()
     print(report(results, skipped, args.objects))
+    print()
+    print(peaks.table("peak RSS (VmHWM) of the servers, MB"))
     print("\nbest of %d rounds for the first three rows; one-object commit latencies pooled "
           "over all rounds (%d commits); total %.0fs" % (
               args.rounds, SMALL_COMMITS * args.rounds, time.perf_counter() - started))
@@ -421,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.json, {"objects": args.objects, "rounds": args.rounds,
                                "small_commits_per_round": SMALL_COMMITS,
                                "payload_bytes": PAYLOAD},
-                   results, ratios=ratios(results), skipped=skipped)
+                   results, ratios=ratios(results), skipped=skipped, peak_rss=peaks.peaks)
     return 0
 
 
