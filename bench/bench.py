@@ -10,14 +10,23 @@ Measures, for each backend (see bench/README.md):
 Every process started here (neozodb nodes, the ZEO server) and every
 temporary directory is cleaned up on exit, error or Ctrl-C.
 
+With --all, then runs the other measures of issue 12, each script in its
+own process (bench/concurrency.py, bench/shootout.py, bench/scale.py,
+bench/replication.py, bench/migrate.py; --quick is passed on), and prints
+one table of every ratio.
+
 Usage: .venv/bin/python bench/bench.py [--objects N] [--rounds R] [--quick] [--tls] [--json FILE]
+       .venv/bin/python bench/bench.py --all [--quick] [--scale-sizes 10000,100000] [--json FILE]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import re
 import statistics
+import subprocess
 import sys
 import time
 
@@ -26,6 +35,7 @@ import ZODB
 from BTrees.OOBTree import OOBTree
 from common import (  # noqa: F401  (format_table, percentile: replication.py imports them here)
     INTERRUPTED,
+    MB,
     PAYLOAD,
     Backend,
     FileStorageBackend,
@@ -38,6 +48,7 @@ from common import (  # noqa: F401  (format_table, percentile: replication.py im
     payload,
     percentile,
     relstorage_available,
+    say,
     start_backends,
     temporary_directory,
     write_json,
@@ -181,6 +192,137 @@ def report(results: dict, skipped: dict, objects: int) -> str:
     return "\n".join(out)
 
 
+# -- --all: every measure of issue 12 in one run -------------------------------------------
+HERE = os.path.dirname(os.path.abspath(__file__))
+MIGRATE_ROW = re.compile(r"^(FS -> \S+(?: \S+ \S+)?, \w+)\s+([\d.]+)\s")
+
+
+def run_script(name: str, args: list[str], tmp: str) -> tuple[dict | None, str]:
+    """Run bench/NAME with ARGS (and --json when it takes it), echoing its
+    output indented; (its JSON results or None, its output).  On Ctrl-C or
+    SIGTERM it is terminated and waited for (it cleans up after itself)."""
+    out_json = os.path.join(tmp, name + ".json")
+    argv = [sys.executable, os.path.join(HERE, name + ".py"), *args]
+    if name != "migrate":
+        argv += ["--json", out_json]
+    say("\n== bench/%s.py %s" % (name, " ".join(args)))
+    lines = []
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.DEVNULL)
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            print("   " + line, end="", flush=True)
+        status = proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+    if status != 0:
+        raise RuntimeError("bench/%s.py exited with status %s" % (name, status))
+    data = None
+    if os.path.exists(out_json):
+        with open(out_json) as f:
+            data = json.load(f)
+    return data, "".join(lines)
+
+
+def run_all(args, results: dict, peaks: PeakMemory) -> dict:
+    quick = ["--quick"] if args.quick else []
+    everything: dict = {"bench": {"results": results, "ratios": ratios(results),
+                                  "peak_rss": peaks.peaks, "objects": args.objects}}
+    with temporary_directory("bench-all") as (_cleanup, tmp):
+        for name, extra in (("concurrency", []), ("shootout", []),
+                            ("scale", [] if args.quick else ["--sizes", args.scale_sizes]),
+                            ("replication", []), ("migrate", [])):
+            data, text = run_script(name, quick + extra, tmp)
+            everything[name] = data if data is not None else {"output": text}
+    return everything
+
+
+def all_rows(e: dict) -> list[list[str]]:
+    """measure, neozodb, neo value, reference value, ratio, target"""
+    rows = []
+    b = e["bench"]
+    n = b["objects"]
+    for neo in [k for k in b["results"] if k.startswith("neo")]:
+        for m, label in MEASURES:
+            neo_ms = b["results"][neo]["ms"][m]
+            zeo = b["results"].get("zeo")
+            r = b["ratios"].get(neo, {})
+            rows.append([label.format(n=n) + " (ms)", b["results"][neo]["label"],
+                         "%.1f" % neo_ms, "%.1f" % zeo["ms"][m] if zeo else "-",
+                         *("%.2f" % r[o][m] if o in r and r[o][m] else "-"
+                           for o in ("zeo", "relstorage", "filestorage")), ""])
+    for row in e["concurrency"]["summary"]:
+        rows.append([row["measure"], row["neo"], "%.0f" % row["value"],
+                     "%.0f" % row["zeo"] if row["zeo"] else "-",
+                     "%.2f" % row["ratio"] if row["ratio"] else "-", "-", "-",
+                     ">= %.1f" % row["target"]])
+    for row in e["shootout"]["summary"]:
+        o = row["others"]
+        rows.append([row["measure"] + " (ms)", row["neo"],
+                     "%.1f" % (row["value"] * 1e3) if row["value"] else "-",
+                     "%.1f" % (o["zeo"]["value"] * 1e3) if o["zeo"]["value"] else "-",
+                     *("%.2f" % o[k]["ratio"] if o[k]["ratio"] else "-"
+                       for k in ("zeo", "relstorage", "filestorage")), ""])
+    return rows
+
+
+def other_rows(e: dict) -> list[list[str]]:
+    """Measures without a ZEO counterpart: measure, value, note."""
+    rows = []
+    for row in e["scale"]["summary"]:
+        rows.append([row["measure"], "%.3f / %.3f" % (row["value"], row["reference"]),
+                     "x%.2f (1.00: flat)" % row["ratio"] if row["ratio"] else "-"])
+    rep = e["replication"].get("results", {})
+    t = rep.get("throughput")
+    if t:
+        rows.append(["replication of %d objects to an empty storage" % t["objects"],
+                     "%.2f MB/s" % t["mb_per_s"], "%.0f objects/s" % t["objects_per_s"]])
+    for c in rep.get("catchup", []):
+        rows.append(["catch-up after %.0f s down, %d objects" % (c["outage_s"], c["objects"]),
+                     "%.2f s" % c["time_to_all_up_s"], "%d records written meanwhile"
+                     % c["objects_written"]])
+    lat = rep.get("latency") or {}
+    if len(lat) == 2:
+        (a, la), (b_, lb) = lat.items()
+        rows.append(["1-object commit median, %s / %s" % (b_, a),
+                     "%.2f / %.2f ms" % (lb["median_ms"], la["median_ms"]),
+                     "x%.2f" % (lb["median_ms"] / la["median_ms"])])
+    text = e["migrate"].get("output", "")
+    times = {m.group(1): float(m.group(2)) for m in map(MIGRATE_ROW.match, text.splitlines())
+             if m}
+    ref = times.get("FS -> FS, zodbconvert")
+    for label, seconds in times.items():
+        if "neomigrate" in label and ref:
+            rows.append([label + " (s)", "%.2f" % seconds,
+                         "zodbconvert FS -> FS %.2f s: ratio %.2f" % (ref, ref / seconds)])
+    return rows
+
+
+def all_report(e: dict) -> str:
+    out = ["== every measure of issue 12 in this run", "",
+           format_table(["measure", "neozodb", "neo", "ZEO", "ZEO/neo", "RS/neo", "FS/neo",
+                         "target"], all_rows(e)),
+           "", "ratios: other's time / neozodb's (for rates: neozodb's / other's);"
+           " > 1: neozodb faster", "",
+           format_table(["measure (no ZEO counterpart)", "value", "note"], other_rows(e))]
+    mem = []
+    for name in ("bench", "concurrency", "shootout", "scale"):
+        for label, nodes in (e[name].get("peak_rss") or {}).items():
+            if nodes:
+                mem.append(["%s: %s" % (name, label), ", ".join(
+                    "%s %.1f" % (k, v / MB) for k, v in sorted(nodes.items()))])
+    if mem:
+        out += ["", format_table(["peak RSS (VmHWM) of the servers, MB", "per process"], mem)]
+    return "\n".join(out)
+
+
 # -- main -----------------------------------------------------------------------------------------
 def measure(backends: list[Backend], skipped: dict, objects: int, rounds: int,
             peaks: PeakMemory) -> dict:
@@ -225,6 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls", action="store_true",
                         help="add 'neo 1S r0 TLS', the same cluster with TLS everywhere, and"
                         " its TLS / plain ratios")
+    parser.add_argument("--all", action="store_true",
+                        help="then run concurrency.py, shootout.py, scale.py, replication.py"
+                        " and migrate.py, and print one table of every ratio")
+    parser.add_argument("--scale-sizes", default="10000,100000",
+                        help="with --all: scale.py's --sizes (10000,100000; with --quick,"
+                        " scale.py's own)")
     args = parser.parse_args(argv)
     if args.quick:
         args.objects, args.rounds = 200, 1
@@ -259,11 +407,20 @@ def main(argv: list[str] | None = None) -> int:
     print("\nbest of %d rounds for the first three rows; one-object commit latencies pooled "
           "over all rounds (%d commits); total %.0fs" % (
               args.rounds, SMALL_COMMITS * args.rounds, time.perf_counter() - started))
+    if args.all:
+        everything = interruptible(run_all, args, results, peaks,
+                                   stopped="every process stopped, temporary files removed")
+        if INTERRUPTED:
+            return 130
+        print()
+        print(all_report(everything))
+        print("\ntotal of the whole run %.0fs" % (time.perf_counter() - started))
     if args.json:
         write_json(args.json, {"objects": args.objects, "rounds": args.rounds,
                                "small_commits_per_round": SMALL_COMMITS,
                                "payload_bytes": PAYLOAD},
-                   results, ratios=ratios(results), skipped=skipped, peak_rss=peaks.peaks)
+                   results, ratios=ratios(results), skipped=skipped, peak_rss=peaks.peaks,
+                   **({"all": everything} if args.all else {}))
     return 0
 
 
