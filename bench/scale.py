@@ -16,7 +16,8 @@ Every process started here is stopped and the temporary directory removed
 on exit, error, Ctrl-C or SIGTERM.
 
 Usage: .venv/bin/python bench/scale.py [--quick] [--sizes 10000,100000,1000000]
-       [--builders 2] [--batch 10000] [--loads 2000] [--commits 200] [--json FILE]
+       [--builders 2] [--batch 10000] [--loads 2000] [--commits 200] [--settle S]
+       [--json FILE]
 """
 from __future__ import annotations
 
@@ -137,6 +138,7 @@ def measure(opts, peaks: PeakMemory) -> list[dict]:
             t0 = time.perf_counter()
             oids += grow(cleanup, workdir, spec_file, size - len(oids), opts, stage)
             built = time.perf_counter() - t0
+            time.sleep(opts.settle)  # let the storage finish what the writes left
             costs = measure_costs(backend, oids, opts, rng)
             memory = {name: proc_status(pid) for name, pid in backend.pids().items()}
             db_bytes = sum(os.path.getsize(p) for p in glob.glob(
@@ -205,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, help="objects per transaction (10000)")
     parser.add_argument("--loads", type=int, help="loads measured per size (2000)")
     parser.add_argument("--commits", type=int, help="one-object commits per size (200)")
+    parser.add_argument("--settle", type=float, default=0,
+                        help="seconds to wait after writing, before measuring (0)")
     parser.add_argument("--storages", type=int, default=1,
                         help="storages (1); replicas is storages - 1")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
