@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test interop lint bench clean
+.PHONY: run test interop lint bench bench-all clean
 
 $(STAMP): pyproject.toml
 	@# FUSE (fusermount, libfuse2) for the power-loss tests (tests/durability)
@@ -31,6 +31,10 @@ interop: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py
+
+# every measure of issue 12 in one run (about 20 minutes on 2 cores); see bench/README.md
+bench-all: $(STAMP)
+	$(BIN)/python bench/bench.py --all
 
 clean:
 	rm -rf $(VENV) var build src/*.egg-info

@@ -10,15 +10,21 @@ Measures, for each backend (see bench/README.md):
 Every process started here (neozodb nodes, the ZEO server) and every
 temporary directory is cleaned up on exit, error or Ctrl-C.
 
+With --all, then runs the other measures of issue 12, each script in its
+own process (bench/concurrency.py, bench/shootout.py, bench/scale.py,
+bench/replication.py, bench/migrate.py; --quick is passed on), and prints
+one table of every ratio.
+
 Usage: .venv/bin/python bench/bench.py [--objects N] [--rounds R] [--quick] [--tls] [--json FILE]
+       .venv/bin/python bench/bench.py --all [--quick] [--scale-sizes 10000,100000] [--json FILE]
 """
 from __future__ import annotations
 
 import argparse
-import base64
+import json
 import logging
 import os
-import socket
+import re
 import statistics
 import subprocess
 import sys
@@ -27,11 +33,29 @@ import time
 import transaction
 import ZODB
 from BTrees.OOBTree import OOBTree
-from common import INTERRUPTED, interruptible, stop_cluster, temporary_directory, write_json
+from common import (  # noqa: F401  (format_table, percentile: replication.py imports them here)
+    INTERRUPTED,
+    MB,
+    PAYLOAD,
+    Backend,
+    FileStorageBackend,
+    NeoBackend,
+    PeakMemory,
+    RelStorageBackend,
+    ZEOBackend,
+    format_table,
+    interruptible,
+    payload,
+    percentile,
+    relstorage_available,
+    say,
+    start_backends,
+    temporary_directory,
+    write_json,
+)
 from persistent.mapping import PersistentMapping
 
 SMALL_COMMITS = 100  # one-object commits per round
-PAYLOAD = 300  # bytes of state per object (a str in a PersistentMapping)
 
 MEASURES = [
     ("commit_new", "commit {n} new objects"),
@@ -41,161 +65,6 @@ MEASURES = [
     ("small_p90", "1-object commit, p90"),
 ]
 BEST_OF = ("commit_new", "update", "cold_read")  # best round kept; others pooled
-
-
-def payload() -> str:
-    """300 printable, hardly compressible characters."""
-    return base64.b64encode(os.urandom(PAYLOAD * 3 // 4)).decode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100)."""
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * p // 100))  # ceil
-    return ordered[int(rank) - 1]
-
-
-# -- backends ----------------------------------------------------------------------------
-class Backend:
-    key = ""
-    label = ""
-
-    def start(self, workdir: str) -> None:
-        """Start whatever the backend needs; called once before the rounds."""
-
-    def open_storage(self):
-        """A NEW storage client object (empty caches)."""
-        raise NotImplementedError
-
-    def stop(self) -> None:
-        """Stop everything start() started; must be safe to call twice."""
-
-
-class NeoBackend(Backend):
-    def __init__(self, storages: int, replicas: int, partitions: int = 12,
-                 tls: bool = False) -> None:
-        self.storages = storages
-        self.replicas = replicas
-        self.partitions = partitions
-        self.tls = tls
-        self.key = "neo_%ds_r%d%s" % (storages, replicas, "_tls" if tls else "")
-        self.label = "neo %dS r%d%s" % (storages, replicas, " TLS" if tls else "")
-        self.cluster = None
-
-    def start(self, workdir: str) -> None:
-        from neozodb.cli.cluster import LocalCluster
-        self.cluster = LocalCluster(os.path.join(workdir, self.key), name="bench",
-                                    storages=self.storages, replicas=self.replicas,
-                                    partitions=self.partitions, loglevel="INFO",
-                                    tls=self.tls)
-        try:
-            self.cluster.start(wait=60)
-        except BaseException:
-            self.stop()
-            raise
-
-    def open_storage(self):
-        from neozodb.client import Storage
-        return Storage(**self.cluster.client_kwargs())
-
-    def stop(self) -> None:
-        cluster, self.cluster = self.cluster, None
-        if cluster is not None:
-            stop_cluster(cluster)
-
-
-class FileStorageBackend(Backend):
-    key = "filestorage"
-    label = "FileStorage"
-
-    def start(self, workdir: str) -> None:
-        os.makedirs(os.path.join(workdir, "fs"))
-        self.path = os.path.join(workdir, "fs", "Data.fs")
-
-    def open_storage(self):
-        from ZODB.FileStorage import FileStorage
-        return FileStorage(self.path)
-
-
-class ZEOBackend(Backend):
-    key = "zeo"
-    label = "ZEO"
-
-    def __init__(self) -> None:
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, workdir: str) -> None:
-        directory = os.path.join(workdir, "zeo")
-        os.makedirs(directory)
-        self.address = ("127.0.0.1", free_port())
-        argv = [sys.executable, "-m", "ZEO.runzeo", "-a", "%s:%d" % self.address,
-                "-f", os.path.join(directory, "Data.fs")]
-        with open(os.path.join(directory, "zeo.log"), "ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
-        try:
-            self._wait_port(30.0)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_port(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError("ZEO server exited with status %s" % self.proc.returncode)
-            try:
-                socket.create_connection(self.address, timeout=1).close()
-                return
-            except OSError as e:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("ZEO server did not listen on %s:%d" % self.address) from e
-            time.sleep(0.05)  # bounded polling of the port
-
-    def open_storage(self):
-        from ZEO.ClientStorage import ClientStorage
-        # no `client=` argument: the cache lives in memory, so a new object is cold
-        return ClientStorage(self.address, wait=True, wait_timeout=30)
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-class RelStorageBackend(Backend):
-    key = "relstorage"
-    label = "RelStorage/SQLite"
-
-    def start(self, workdir: str) -> None:
-        self.directory = os.path.join(workdir, "relstorage")
-        os.makedirs(self.directory)
-
-    def open_storage(self):
-        from ZODB.config import storageFromString
-        return storageFromString(
-            "%%import relstorage\n<relstorage>\n  <sqlite3>\n    data-dir %s\n"
-            "  </sqlite3>\n</relstorage>\n" % self.directory)
-
-
-def relstorage_available() -> bool:
-    try:
-        import relstorage  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # -- one round ---------------------------------------------------------------------------------
@@ -287,15 +156,6 @@ def ratios(results: dict) -> dict:
     return out
 
 
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-    def fmt(row: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])
-
-
 def report(results: dict, skipped: dict, objects: int) -> str:
     names = [label.format(n=objects) for _, label in MEASURES]
     keys = list(results)
@@ -332,8 +192,140 @@ def report(results: dict, skipped: dict, objects: int) -> str:
     return "\n".join(out)
 
 
+# -- --all: every measure of issue 12 in one run -------------------------------------------
+HERE = os.path.dirname(os.path.abspath(__file__))
+MIGRATE_ROW = re.compile(r"^(FS -> \S+(?: \S+ \S+)?, \w+)\s+([\d.]+)\s")
+
+
+def run_script(name: str, args: list[str], tmp: str) -> tuple[dict | None, str]:
+    """Run bench/NAME with ARGS (and --json when it takes it), echoing its
+    output indented; (its JSON results or None, its output).  On Ctrl-C or
+    SIGTERM it is terminated and waited for (it cleans up after itself)."""
+    out_json = os.path.join(tmp, name + ".json")
+    argv = [sys.executable, os.path.join(HERE, name + ".py"), *args]
+    if name != "migrate":
+        argv += ["--json", out_json]
+    say("\n== bench/%s.py %s" % (name, " ".join(args)))
+    lines = []
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.DEVNULL)
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            print("   " + line, end="", flush=True)
+        status = proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+    if status != 0:
+        raise RuntimeError("bench/%s.py exited with status %s" % (name, status))
+    data = None
+    if os.path.exists(out_json):
+        with open(out_json) as f:
+            data = json.load(f)
+    return data, "".join(lines)
+
+
+def run_all(args, results: dict, peaks: PeakMemory) -> dict:
+    quick = ["--quick"] if args.quick else []
+    everything: dict = {"bench": {"results": results, "ratios": ratios(results),
+                                  "peak_rss": peaks.peaks, "objects": args.objects}}
+    with temporary_directory("bench-all") as (_cleanup, tmp):
+        for name, extra in (("concurrency", []), ("shootout", []),
+                            ("scale", [] if args.quick else ["--sizes", args.scale_sizes]),
+                            ("replication", []), ("migrate", [])):
+            data, text = run_script(name, quick + extra, tmp)
+            everything[name] = data if data is not None else {"output": text}
+    return everything
+
+
+def all_rows(e: dict) -> list[list[str]]:
+    """measure, neozodb, neo value, reference value, ratio, target"""
+    rows = []
+    b = e["bench"]
+    n = b["objects"]
+    for neo in [k for k in b["results"] if k.startswith("neo")]:
+        for m, label in MEASURES:
+            neo_ms = b["results"][neo]["ms"][m]
+            zeo = b["results"].get("zeo")
+            r = b["ratios"].get(neo, {})
+            rows.append([label.format(n=n) + " (ms)", b["results"][neo]["label"],
+                         "%.1f" % neo_ms, "%.1f" % zeo["ms"][m] if zeo else "-",
+                         *("%.2f" % r[o][m] if o in r and r[o][m] else "-"
+                           for o in ("zeo", "relstorage", "filestorage")), ""])
+    for row in e["concurrency"]["summary"]:
+        rows.append([row["measure"], row["neo"], "%.0f" % row["value"],
+                     "%.0f" % row["zeo"] if row["zeo"] else "-",
+                     "%.2f" % row["ratio"] if row["ratio"] else "-", "-", "-",
+                     ">= %.1f" % row["target"]])
+    for row in e["shootout"]["summary"]:
+        o = row["others"]
+        rows.append([row["measure"] + " (ms)", row["neo"],
+                     "%.1f" % (row["value"] * 1e3) if row["value"] else "-",
+                     "%.1f" % (o["zeo"]["value"] * 1e3) if o["zeo"]["value"] else "-",
+                     *("%.2f" % o[k]["ratio"] if o[k]["ratio"] else "-"
+                       for k in ("zeo", "relstorage", "filestorage")), ""])
+    return rows
+
+
+def other_rows(e: dict) -> list[list[str]]:
+    """Measures without a ZEO counterpart: measure, value, note."""
+    rows = []
+    for row in e["scale"]["summary"]:
+        rows.append([row["measure"], "%.3f / %.3f" % (row["value"], row["reference"]),
+                     "x%.2f (1.00: flat)" % row["ratio"] if row["ratio"] else "-"])
+    rep = e["replication"].get("results", {})
+    t = rep.get("throughput")
+    if t:
+        rows.append(["replication of %d objects to an empty storage" % t["objects"],
+                     "%.2f MB/s" % t["mb_per_s"], "%.0f objects/s" % t["objects_per_s"]])
+    for c in rep.get("catchup", []):
+        rows.append(["catch-up after %.0f s down, %d objects" % (c["outage_s"], c["objects"]),
+                     "%.2f s" % c["time_to_all_up_s"], "%d records written meanwhile"
+                     % c["objects_written"]])
+    lat = rep.get("latency") or {}
+    if len(lat) == 2:
+        (a, la), (b_, lb) = lat.items()
+        rows.append(["1-object commit median, %s / %s" % (b_, a),
+                     "%.2f / %.2f ms" % (lb["median_ms"], la["median_ms"]),
+                     "x%.2f" % (lb["median_ms"] / la["median_ms"])])
+    text = e["migrate"].get("output", "")
+    times = {m.group(1): float(m.group(2)) for m in map(MIGRATE_ROW.match, text.splitlines())
+             if m}
+    ref = times.get("FS -> FS, zodbconvert")
+    for label, seconds in times.items():
+        if "neomigrate" in label and ref:
+            rows.append([label + " (s)", "%.2f" % seconds,
+                         "zodbconvert FS -> FS %.2f s: ratio %.2f" % (ref, ref / seconds)])
+    return rows
+
+
+def all_report(e: dict) -> str:
+    out = ["== every measure of issue 12 in this run", "",
+           format_table(["measure", "neozodb", "neo", "ZEO", "ZEO/neo", "RS/neo", "FS/neo",
+                         "target"], all_rows(e)),
+           "", "ratios: other's time / neozodb's (for rates: neozodb's / other's);"
+           " > 1: neozodb faster", "",
+           format_table(["measure (no ZEO counterpart)", "value", "note"], other_rows(e))]
+    mem = []
+    for name in ("bench", "concurrency", "shootout", "scale"):
+        for label, nodes in (e[name].get("peak_rss") or {}).items():
+            if nodes:
+                mem.append(["%s: %s" % (name, label), ", ".join(
+                    "%s %.1f" % (k, v / MB) for k, v in sorted(nodes.items()))])
+    if mem:
+        out += ["", format_table(["peak RSS (VmHWM) of the servers, MB", "per process"], mem)]
+    return "\n".join(out)
+
+
 # -- main -----------------------------------------------------------------------------------------
-def measure(backends: list[Backend], skipped: dict, objects: int, rounds: int) -> dict:
+def measure(backends: list[Backend], skipped: dict, objects: int, rounds: int,
+            peaks: PeakMemory) -> dict:
     """Run every backend; whatever happens, stop every process and remove
     the temporary directory before returning or raising.
 
@@ -342,21 +334,10 @@ def measure(backends: list[Backend], skipped: dict, objects: int, rounds: int) -
     one round of every backend rather than every round of one."""
     per_round: dict[str, list[dict]] = {}
     with temporary_directory("bench") as (cleanup, workdir):
-        for backend in backends:
-            cleanup.callback(backend.stop)  # idempotent: safe after a failed start
-        active = []
-        for backend in backends:
-            t0 = time.perf_counter()
-            try:
-                backend.start(workdir)
-            except Exception as e:
-                if not isinstance(backend, RelStorageBackend):
-                    raise
-                skipped[backend.label] = "failed to start: %r" % (e,)
-                continue
-            active.append(backend)
+        active = start_backends(cleanup, backends, workdir, skipped)
+        for backend in active:
             per_round[backend.key] = []
-            print("  started %-18s %.1fs" % (backend.label, time.perf_counter() - t0), flush=True)
+            peaks.watch(cleanup, backend)  # runs before the backend's stop
         for r in range(rounds):
             print("  round %d/%d:" % (r + 1, rounds), end="", flush=True)
             for backend in list(active):
@@ -386,6 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls", action="store_true",
                         help="add 'neo 1S r0 TLS', the same cluster with TLS everywhere, and"
                         " its TLS / plain ratios")
+    parser.add_argument("--all", action="store_true",
+                        help="then run concurrency.py, shootout.py, scale.py, replication.py"
+                        " and migrate.py, and print one table of every ratio")
+    parser.add_argument("--scale-sizes", default="10000,100000",
+                        help="with --all: scale.py's --sizes (10000,100000; with --quick,"
+                        " scale.py's own)")
     args = parser.parse_args(argv)
     if args.quick:
         args.objects, args.rounds = 200, 1
@@ -407,21 +394,33 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     print("objects=%d rounds=%d, %d one-object commits per round, %d CPUs" % (
         args.objects, args.rounds, SMALL_COMMITS, os.cpu_count() or 0), flush=True)
-    results = interruptible(measure, backends, skipped, args.objects, args.rounds,
+    peaks = PeakMemory()
+    results = interruptible(measure, backends, skipped, args.objects, args.rounds, peaks,
                             stopped="every process stopped, temporary files removed")
     if INTERRUPTED:
         return 130
 
     print()
     print(report(results, skipped, args.objects))
+    print()
+    print(peaks.table("peak RSS (VmHWM) of the servers, MB"))
     print("\nbest of %d rounds for the first three rows; one-object commit latencies pooled "
           "over all rounds (%d commits); total %.0fs" % (
               args.rounds, SMALL_COMMITS * args.rounds, time.perf_counter() - started))
+    if args.all:
+        everything = interruptible(run_all, args, results, peaks,
+                                   stopped="every process stopped, temporary files removed")
+        if INTERRUPTED:
+            return 130
+        print()
+        print(all_report(everything))
+        print("\ntotal of the whole run %.0fs" % (time.perf_counter() - started))
     if args.json:
         write_json(args.json, {"objects": args.objects, "rounds": args.rounds,
                                "small_commits_per_round": SMALL_COMMITS,
                                "payload_bytes": PAYLOAD},
-                   results, ratios=ratios(results), skipped=skipped)
+                   results, ratios=ratios(results), skipped=skipped, peak_rss=peaks.peaks,
+                   **({"all": everything} if args.all else {}))
     return 0
 
 

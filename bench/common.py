@@ -1,19 +1,26 @@
 """What the benchmark scripts share: stopping cleanly on Ctrl-C or SIGTERM,
-the temporary directory, the --json file and a few small helpers.
+the temporary directory, the --json file, the backends (neozodb clusters,
+ZEO, FileStorage, RelStorage), client processes started side by side, peak
+memory of processes, and a few small helpers.
 
 The scripts import it as ``from common import ...`` (this directory is the
 first entry of sys.path when one of them runs).
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime
 import json
 import logging
 import os
+import pickle
 import platform
+import selectors
 import shutil
 import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -142,3 +149,405 @@ def count(path: str) -> tuple[int, int]:
         return transactions, records
     finally:
         fs.close()
+
+
+# -- small helpers --------------------------------------------------------------------------
+PAYLOAD = 300  # bytes of state per object (a str in a PersistentMapping)
+MB = 1e6
+
+
+def payload(size: int = PAYLOAD) -> str:
+    """``size`` printable, hardly compressible characters."""
+    return base64.b64encode(os.urandom(size * 3 // 4)).decode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100)."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * p // 100))  # ceil
+    return ordered[int(rank) - 1]
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def fmt(row: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])
+
+
+def proc_status(pid: int | str = "self") -> dict[str, int]:
+    """VmHWM (peak resident set) and VmRSS of a process, in bytes; {} if it
+    is gone."""
+    out = {}
+    try:
+        with open("/proc/%s/status" % pid) as f:
+            for line in f:
+                if line.startswith(("VmHWM:", "VmRSS:")):
+                    out[line[:5]] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def vm_hwm(pid: int | str = "self") -> int:
+    """Peak resident set size of a process, in bytes (0 if it is gone)."""
+    return proc_status(pid).get("VmHWM", 0)
+
+
+def record_pickle(text: str) -> bytes:
+    """A ZODB record of a PersistentMapping {"data": text}, as ZODB writes
+    it (class pickle, then state pickle, protocol 3): for raw stores."""
+    from persistent.mapping import PersistentMapping
+    return (pickle.dumps((PersistentMapping, None), 3)
+            + pickle.dumps({"data": {"data": text}}, 3))
+
+
+# -- backends -------------------------------------------------------------------------------
+class Backend:
+    """A storage to measure.  ``start`` it once, then ``open_storage`` gives
+    a new client object (empty caches) in this process, and ``spec()``
+    describes how another process opens one (``open_spec``)."""
+    key = ""
+    label = ""
+    in_process = False  # no server: other processes cannot share it
+
+    def start(self, workdir: str) -> None:
+        """Start whatever the backend needs; called once before the rounds."""
+
+    def open_storage(self):
+        """A NEW storage client object (empty caches)."""
+        return open_spec(self.spec())
+
+    def spec(self) -> dict:
+        raise NotImplementedError
+
+    def pids(self) -> dict[str, int]:
+        """The server processes, by name (for their memory)."""
+        return {}
+
+    def zconfig(self) -> str:
+        """A ``<zodb>`` section's storage, for ZConfig (zodbshootout)."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop everything start() started; must be safe to call twice."""
+
+
+class NeoBackend(Backend):
+    def __init__(self, storages: int, replicas: int, partitions: int = 12,
+                 tls: bool = False) -> None:
+        self.storages = storages
+        self.replicas = replicas
+        self.partitions = partitions
+        self.tls = tls
+        self.key = "neo_%ds_r%d%s" % (storages, replicas, "_tls" if tls else "")
+        self.label = "neo %dS r%d%s" % (storages, replicas, " TLS" if tls else "")
+        self.cluster = None
+
+    def start(self, workdir: str) -> None:
+        from neozodb.cli.cluster import LocalCluster
+        self.cluster = LocalCluster(os.path.join(workdir, self.key), name="bench",
+                                    storages=self.storages, replicas=self.replicas,
+                                    partitions=self.partitions, loglevel="INFO",
+                                    tls=self.tls)
+        try:
+            self.cluster.start(wait=60)
+        except BaseException:
+            self.stop()
+            raise
+
+    def spec(self) -> dict:
+        return {"kind": "neo", "kwargs": self.cluster.client_kwargs()}
+
+    def pids(self) -> dict[str, int]:
+        return {name: node.proc.pid for name, node in self.cluster.nodes.items()
+                if node.running}
+
+    def zconfig(self) -> str:
+        kw = self.cluster.client_kwargs()
+        lines = ["%import neozodb", "<NEOStorage>", "  master_nodes %s" % kw["master_nodes"],
+                 "  name %s" % kw["name"]]
+        lines += ["  %s %s" % (k, kw[k]) for k in ("ca", "cert", "key") if k in kw]
+        return "\n".join(lines + ["</NEOStorage>"])
+
+    def stop(self) -> None:
+        cluster, self.cluster = self.cluster, None
+        if cluster is not None:
+            stop_cluster(cluster)
+
+
+class FileStorageBackend(Backend):
+    key = "filestorage"
+    label = "FileStorage"
+    in_process = True
+
+    def start(self, workdir: str) -> None:
+        os.makedirs(os.path.join(workdir, "fs"))
+        self.path = os.path.join(workdir, "fs", "Data.fs")
+
+    def spec(self) -> dict:
+        return {"kind": "filestorage", "path": self.path}
+
+    def zconfig(self) -> str:
+        return "<filestorage>\n  path %s\n</filestorage>" % self.path
+
+
+class ZEOBackend(Backend):
+    key = "zeo"
+    label = "ZEO"
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, workdir: str) -> None:
+        directory = os.path.join(workdir, "zeo")
+        os.makedirs(directory)
+        self.address = ("127.0.0.1", free_port())
+        argv = [sys.executable, "-m", "ZEO.runzeo", "-a", "%s:%d" % self.address,
+                "-f", os.path.join(directory, "Data.fs")]
+        with open(os.path.join(directory, "zeo.log"), "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        try:
+            self._wait_port(30.0)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_port(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError("ZEO server exited with status %s" % self.proc.returncode)
+            try:
+                socket.create_connection(self.address, timeout=1).close()
+                return
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("ZEO server did not listen on %s:%d" % self.address) from e
+            time.sleep(0.05)  # bounded polling of the port
+
+    def spec(self) -> dict:
+        # no `client=` argument: the cache lives in memory, so a new object is cold
+        return {"kind": "zeo", "address": list(self.address)}
+
+    def pids(self) -> dict[str, int]:
+        return {"ZEO": self.proc.pid} if self.proc is not None and self.proc.poll() is None \
+            else {}
+
+    def zconfig(self) -> str:
+        return "<zeoclient>\n  server %s:%d\n</zeoclient>" % self.address
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+class RelStorageBackend(Backend):
+    key = "relstorage"
+    label = "RelStorage/SQLite"
+    in_process = True  # no server process, but several processes may share the file
+
+    def start(self, workdir: str) -> None:
+        self.directory = os.path.join(workdir, "relstorage")
+        os.makedirs(self.directory)
+
+    def spec(self) -> dict:
+        return {"kind": "zconfig", "text": "%import relstorage\n" + self.zconfig()}
+
+    def zconfig(self) -> str:
+        return "<relstorage>\n  <sqlite3>\n    data-dir %s\n  </sqlite3>\n</relstorage>" \
+            % self.directory
+
+
+def open_spec(spec: dict):
+    """A new storage client object from a ``Backend.spec()``."""
+    kind = spec["kind"]
+    if kind == "neo":
+        from neozodb.client import Storage
+        return Storage(**spec["kwargs"], **spec.get("options", {}))
+    if kind == "zeo":
+        from ZEO.ClientStorage import ClientStorage
+        return ClientStorage(tuple(spec["address"]), wait=True, wait_timeout=30,
+                             **spec.get("options", {}))
+    if kind == "filestorage":
+        from ZODB.FileStorage import FileStorage
+        return FileStorage(spec["path"])
+    if kind == "zconfig":
+        from ZODB.config import storageFromString
+        return storageFromString(spec["text"])
+    raise ValueError(kind)
+
+
+def relstorage_available() -> bool:
+    try:
+        import relstorage  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def start_backends(cleanup: contextlib.ExitStack, backends: list[Backend], workdir: str,
+                   skipped: dict[str, str], optional=(RelStorageBackend,)) -> list[Backend]:
+    """Start every backend, each stopped by ``cleanup``; an optional one that
+    fails to start is left out and said in ``skipped``.  Returns the started."""
+    active = []
+    for backend in backends:
+        cleanup.callback(backend.stop)  # idempotent: safe after a failed start
+    for backend in backends:
+        t0 = time.perf_counter()
+        try:
+            backend.start(workdir)
+        except Exception as e:
+            if not isinstance(backend, optional):
+                raise
+            skipped[backend.label] = "failed to start: %r" % (e,)
+            continue
+        active.append(backend)
+        say("  started %-18s %.1fs" % (backend.label, time.perf_counter() - t0))
+    return active
+
+
+class PeakMemory:
+    """The VmHWM of the server processes of backends, read just before they
+    stop (``cleanup.callback(peaks.read, backend)`` after the backend's own
+    stop callback: callbacks run last in, first out)."""
+
+    def __init__(self) -> None:
+        self.peaks: dict[str, dict[str, int]] = {}  # backend label -> {node: bytes}
+
+    def read(self, backend: Backend) -> None:
+        if not self.peaks.get(backend.label):
+            self.peaks[backend.label] = {name: vm_hwm(pid)
+                                         for name, pid in backend.pids().items()}
+
+    def watch(self, cleanup: contextlib.ExitStack, backend: Backend) -> None:
+        self.peaks.setdefault(backend.label, {})  # the table keeps this order
+        cleanup.callback(self.read, backend)
+
+    def table(self, what: str = "peak RSS (VmHWM), MB") -> str:
+        rows = [[label, ", ".join("%s %.1f" % (n, b / MB) for n, b in sorted(nodes.items()))]
+                for label, nodes in self.peaks.items() if nodes]
+        return format_table([what, "per process"], rows) if rows else ""
+
+
+# -- client processes ----------------------------------------------------------------------
+class Clients:
+    """N client processes started side by side, each running ``argv`` plus
+    its index; each prints one line "ready" once set up, waits for a line
+    "go SECONDS" on its stdin, works that long, then prints one line of JSON
+    with its results.  They are killed by ``cleanup`` if still running, and
+    end by themselves if this process dies (their stdin closes)."""
+
+    def __init__(self, cleanup: contextlib.ExitStack, argvs: list[list[str]],
+                 timeout: float = 120.0) -> None:
+        self.timeout = timeout
+        self.procs: list[subprocess.Popen] = []
+        cleanup.callback(self.kill)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in [os.path.dirname(os.path.abspath(__file__)),
+                        os.environ.get("PYTHONPATH", "")] if p))
+        for argv in argvs:
+            self.procs.append(subprocess.Popen(
+                [sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                text=True, env=env))
+
+    def _lines(self, what: str) -> list[str]:
+        """One line from every process (within the timeout)."""
+        lines: dict[int, str] = {}
+        sel = selectors.DefaultSelector()
+        for i, p in enumerate(self.procs):
+            sel.register(p.stdout, selectors.EVENT_READ, i)
+        deadline = time.monotonic() + self.timeout
+        try:
+            while len(lines) < len(self.procs):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RuntimeError("client processes: no %s after %.0fs" % (
+                        what, self.timeout))
+                for key, _ in sel.select(left):
+                    i = key.data
+                    line = self.procs[i].stdout.readline()
+                    if not line:
+                        raise RuntimeError("client process %d exited (status %s) before %s"
+                                           % (i, self.procs[i].wait(), what))
+                    lines[i] = line.strip()
+                    sel.unregister(self.procs[i].stdout)
+        finally:
+            sel.close()
+        return [lines[i] for i in range(len(self.procs))]
+
+    def run(self, seconds: float) -> list[dict]:
+        """Wait until all are ready, let them work ``seconds``, return their
+        results (in order)."""
+        self._lines("ready")
+        for p in self.procs:
+            p.stdin.write("go %r\n" % seconds)
+            p.stdin.flush()
+        results = [json.loads(line) for line in self._lines("results")]
+        for p in self.procs:
+            p.stdin.close()
+            p.wait(30)
+        return results
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
+def client_ready() -> float:
+    """In a client process: say "ready", wait for "go SECONDS"; returns the
+    seconds.  Exits quietly if the parent went away."""
+    print("ready", flush=True)
+    line = sys.stdin.readline()
+    if not line.startswith("go "):
+        sys.exit(1)
+    return float(line.split()[1])
+
+
+def client_result(result: dict) -> None:
+    result["vmhwm"] = vm_hwm()
+    print(json.dumps(result), flush=True)
+
+
+def build_raw(storage, count: int, batch: int = 10_000, progress=None) -> list[bytes]:
+    """Store ``count`` new PersistentMapping records of PAYLOAD random
+    characters with the raw storage API, ``batch`` per transaction; returns
+    their oids."""
+    from ZODB.Connection import TransactionMetaData
+    oids = []
+    done = 0
+    while done < count:
+        n = min(batch, count - done)
+        txn = TransactionMetaData()
+        storage.tpc_begin(txn)
+        for _ in range(n):
+            oid = storage.new_oid()
+            storage.store(oid, None, record_pickle(payload()), "", txn)
+            oids.append(oid)
+        storage.tpc_vote(txn)
+        storage.tpc_finish(txn)
+        done += n
+        if progress:
+            progress(done)
+    return oids
