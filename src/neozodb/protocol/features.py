@@ -55,6 +55,13 @@ Both ends keep the intersection (``conn.peer_features``).  The features:
     transactions and the data checksum and undo back-pointer of object
     revisions.  A check compares whole digests when every copy has the
     feature, NEO's part otherwise.
+``repl-batch``
+    Between storages: a replication source streams the object revisions of
+    a chunk as ``AddObjects`` (code 0x7f01), each a list of what
+    ``AddObject`` carries (up to ``storage.peers.BATCH_RECORDS`` records or
+    ``BATCH_BYTES`` of data), instead of one ``AddObject`` per revision:
+    one message to encode, decode and dispatch for hundreds of records.
+    NEO's storages know only ``AddObject``, and get it.
 """
 from __future__ import annotations
 
@@ -63,8 +70,10 @@ from typing import Any
 from .catalogue import Packets
 
 EXTRA_KEY = b"neozodb"
+REPL_BATCH = b"repl-batch"
 FEATURES: frozenset[bytes] = frozenset((b"status-json", b"import-status", b"gc-pack",
-                                        b"mirror", b"check-report", b"check-digest"))
+                                        b"mirror", b"check-report", b"check-digest",
+                                        REPL_BATCH))
 #: What RequestIdentification.extra carries from a neozodb node.
 ANNOUNCEMENT: dict[bytes, list[bytes]] = {EXTRA_KEY: sorted(FEATURES)}
 NO_FEATURES: frozenset[bytes] = frozenset()
