@@ -95,6 +95,7 @@ class Replicator:
         # statistics (logs, tests, benchmarks)
         self.bytes_received = 0
         self.objects_received = 0
+        self.messages_received = 0  # AddObject or AddObjects (batches)
         self._window_start = 0.0
         self._window_bytes = 0
 
@@ -201,6 +202,7 @@ class Replicator:
             return
         size = len(record[4])
         self.objects_received += 1
+        self.messages_received += 1
         self.bytes_received += size
         self._window_bytes += size
         if partition != chunk.partition:
@@ -220,6 +222,7 @@ class Replicator:
             return
         size = sum(len(record[4]) for record in records)
         self.objects_received += len(records)
+        self.messages_received += 1
         self.bytes_received += size
         self._window_bytes += size
         if partition != chunk.partition:
@@ -341,6 +344,7 @@ class Replicator:
         app = self.app
         backend = app.backend
         started, objects = time.monotonic(), self.objects_received
+        messages = self.messages_received
         high = p64(target)
         first = True
         while next_tid <= target:
@@ -397,9 +401,10 @@ class Replicator:
         finally:
             if asked is not None:
                 self._abandon(asked[0])
-        log.info("%s: partition %d replicated from %s up to %s (%d objects in %.3f s)",
-                 app.label, partition, nid_str(nid), high.hex(),
-                 self.objects_received - objects, time.monotonic() - started)
+        log.info("%s: partition %d replicated from %s up to %s (%d objects in %.3f s,"
+                 " %d messages)", app.label, partition, nid_str(nid), high.hex(),
+                 self.objects_received - objects, time.monotonic() - started,
+                 self.messages_received - messages)
         return True
 
     def _ask_objects(self, conn, partition: int, obj_tid: int, high: bytes, obj_oid: int
