@@ -163,9 +163,7 @@ class SQLiteReplication:
                 key = (checksum, compression, data)
                 if key in values and values[key] is None:
                     values[key] = data_id
-        # in hash order: the inserts into the data_hash index then go
-        # through its pages in order, not at random
-        new = sorted(key for key, data_id in values.items() if data_id is None)
+        new = [key for key, data_id in values.items() if data_id is None]
         if new:
             seq = conn.execute(_DATA_SEQ).fetchone()
             next_id = max(self._scalar(_MAX_DATA_ID, ()) or 0, seq[0] if seq else 0) + 1
