@@ -153,7 +153,35 @@ def kill_storage(cluster, i: int, timeout: float = 30.0) -> None:
     wait_until(lambda: pt_rows(cluster)[1].get(nid) == "DOWN", timeout, "S%d DOWN" % i)
 
 
-def restart_and_time(cluster, i: int, timeout: float) -> dict:
+def start_profilers(cluster, directory: str) -> list:
+    """py-spy (next to the interpreter) sampling every storage at 200 Hz,
+    native frames left out, into DIRECTORY/S<i>.txt (collapsed stacks, for
+    flame graphs or grep)."""
+    import subprocess
+    spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    os.makedirs(directory, exist_ok=True)
+    procs = []
+    for name, node in cluster.nodes.items():
+        if name.startswith("S") and node.running:
+            procs.append(subprocess.Popen(
+                [spy, "record", "-p", str(node.proc.pid), "-r", "200", "-f", "raw", "-o",
+                 os.path.join(directory, name + ".txt"), "--idle"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return procs
+
+
+def stop_profilers(procs: list) -> None:
+    import signal
+    for proc in procs:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+    for proc in procs:
+        try:
+            proc.wait(30)
+        except Exception:
+            proc.kill()
+
+
+def restart_and_time(cluster, i: int, timeout: float, profile: str | None = None) -> dict:
     """Start storage i, wait until all cells are UP_TO_DATE, and read the
     timings from the logs: the master's "partition N up to date on S<i>"
     lines are the moments the cells became UP_TO_DATE."""
@@ -163,7 +191,11 @@ def restart_and_time(cluster, i: int, timeout: float) -> dict:
     master_offset = log_size(master_log)
     started = time.time()
     node.start()
-    polled = wait_all_up(cluster, timeout)
+    profilers = start_profilers(cluster, profile) if profile else []
+    try:
+        polled = wait_all_up(cluster, timeout)
+    finally:
+        stop_profilers(profilers)
     cells = [(log_time(line), int(m.group(1)))
              for line in read_log(master_log, master_offset)
              if (m := CELL_UP.search(line)) and m.group(2) == name]
@@ -306,7 +338,7 @@ def measure_throughput(cleanup, workdir, opts, anomalies) -> dict:
     kill_storage(cluster, 2)
     build_s, chars = build(cluster, opts.objects, 1, "throughput")
     say("    built in %.1fs; starting S2" % build_s)
-    timing = restart_and_time(cluster, 2, opts.timeout)
+    timing = restart_and_time(cluster, 2, opts.timeout, opts.profile)
     log_problems(cluster, "throughput", anomalies)
     stop_cluster(cluster)
     stats = compare_storages(cluster, "throughput", anomalies)
@@ -464,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory (node logs, databases)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="py-spy the storages while S2 replicates in the throughput"
+                        " measure; collapsed stacks in DIR/S1.txt and DIR/S2.txt")
     opts = parser.parse_args(argv)
     defaults = QUICK if opts.quick else FULL
     opts.objects = opts.objects or defaults["objects"]

@@ -52,6 +52,14 @@ def replicated_objects(node) -> int:
     return sum(int(n) for n in re.findall(r"replicated from \S+ up to \S+ \((\d+) objects", text))
 
 
+def replication_messages(node) -> int:
+    """AddObject(s) messages this run of a storage received, from its log."""
+    with open(node.logfile, "rb") as f:
+        f.seek(node.log_offset)
+        text = f.read().decode("utf-8", "replace")
+    return sum(int(n) for n in re.findall(r"replicated from .* s, (\d+) messages\)", text))
+
+
 def test_storage_killed_under_write_load_catches_up(cluster, tmp_path):
     writers = Writers(cluster, tmp_path)
     try:
@@ -100,6 +108,8 @@ def test_interrupted_replication_resumes(cluster):
     second = replicated_objects(s2)
     # the second run only fetched what the first one had not
     assert 0 < second <= total - first
+    # two neozodb storages: the objects came in AddObjects batches ("repl-batch")
+    assert 0 < replication_messages(s2) <= second // 10
     db = ZODB.DB(Storage(cluster.masters, cluster.name))
     try:
         root = db.open().root()

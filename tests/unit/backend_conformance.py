@@ -514,6 +514,72 @@ class BackendConformance:
         finally:
             dst.close()
 
+    def test_replication_in_chunks_matches_one_by_one(self, tmp_path, db):
+        """fetch_objects / add_transactions / add_objects (a chunk at once)
+        give what fetch_object / add_transaction / add_object give one
+        record at a time: data shared, deletions and back-pointers kept."""
+        src = db
+        self.commit(src, 100, {1: b'one', 5: b'five', 9: b'same'})
+        self.commit(src, 104, {1: b'one bis', 9: None, 13: b'same'})
+        self.commit(src, 108, {5: None}, undo={5: 100})
+        keys = src.fetch_object_keys(1, 100, 0, 200, 0)
+        assert list(src.fetch_objects(1, keys)) == [
+            (oid, tid, *src.fetch_object(oid, tid)) for tid, oid in keys]
+        # a sparse selection, and keys that do not exist, are fine too
+        some = [keys[1], (106, 5), keys[-1]]
+        assert [r[:2] for r in src.fetch_objects(1, some)] == [(5, 100), (5, 108)]
+        assert list(src.fetch_objects(1, [])) == []
+        copies = []
+        for name, batched in (('one', False), ('many', True)):
+            (tmp_path / name).mkdir()
+            dst = self.make_backend(tmp_path / name)
+            dst.open(reset=True)
+            dst.set_num_partitions(NP)
+            copies.append(dst)
+            txns = [(tid, *src.get_transaction(tid)) for tid in src.fetch_tids(1, 10, 0, 200)]
+            records = list(src.fetch_objects(1, keys))
+            if batched:
+                dst.add_transactions(txns)
+                dst.add_objects(1, records[:2])
+                dst.add_objects(1, records[2:])
+            else:
+                for tid, oids, user, desc, ext, packed, ttid in txns:
+                    dst.add_transaction(tid, oids, user, desc, ext, packed, ttid)
+                for record in records:
+                    dst.add_object(*record)
+            dst.set_replication(1, (109, 109, 0), durable=False)
+        try:
+            one, many = copies
+            for oid in (1, 5, 9, 13):
+                for tid in (100, 104, 108):
+                    assert many.get_object(oid, tid=tid) == one.get_object(oid, tid=tid) \
+                        == src.get_object(oid, tid=tid)
+            assert many.check_serial_range(1, 100, 0, 200, 0) == \
+                src.check_serial_range(1, 100, 0, 200, 0)
+            assert many.check_tid_range(1, 100, 0, 200) == src.check_tid_range(1, 100, 0, 200)
+            # b'same' (oids 9 and 13) and the undo of 5 share their data row
+            assert many.get_object(9, tid=100)[2:5] == many.get_object(13)[2:5]
+            assert many.get_replication(1) == (109, 109, 0)
+            assert many.prune_orphans() == 0
+        finally:
+            for dst in copies:
+                dst.close()
+
+    def test_add_objects_replaces_and_deduplicates(self, db):
+        self.commit(db, 100, {1: b'old', 5: b'kept'})
+        # a replicated chunk over existing rows: other data for oid 1 (its
+        # old data row goes), the same for 5, twice the same new data
+        db.add_objects(1, [(1, 100, 0, h(b'new'), b'new', None),
+                           (5, 100, 0, h(b'kept'), b'kept', None),
+                           (9, 104, 0, h(b'new'), b'new', None),
+                           (13, 104, 0, ZERO_HASH, b'', None)])
+        assert db.get_object(1)[4] == b'new' and db.get_object(5)[4] == b'kept'
+        assert db.get_object(9)[4] == b"new" and db.get_object(13)[3:5] == (ZERO_HASH, b"")
+        assert db.prune_orphans() == 0  # b'old' was deleted with its last reference
+        assert db.fetch_object(13, 104) == (0, ZERO_HASH, b'', None)
+        with pytest.raises(ValueError):
+            db.add_objects(1, [(2, 100, 0, h(b'x'), b'x', None)])  # partition 2
+
     def test_replication_deletes_and_resume_point(self, opener, db):
         self.commit(db, 100, {1: b'one', 5: b'five'})
         self.commit(db, 104, {1: b'one bis'})

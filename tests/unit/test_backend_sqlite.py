@@ -235,6 +235,39 @@ class TestSQLiteBackend(BackendConformance):
         finally:
             db.close()
 
+    def test_replicated_chunk_never_reuses_a_data_id(self, db):
+        """add_objects allocates data ids itself: never one given before,
+        even when the row that had it (the last one) was deleted."""
+        self.commit(db, 100, {1: b'a', 5: b'b'})
+        ids = dict(db.connection.execute('SELECT value, id FROM data'))
+        db.delete_objects(1, [(100, 5)])  # b'b', the highest id, goes
+        assert b'b' not in dict(db.connection.execute('SELECT value, id FROM data'))
+        db.add_objects(1, [(9, 104, 0, h(b'c'), b'c', None), (13, 104, 0, h(b'a'), b'a', None)])
+        after = dict(db.connection.execute('SELECT value, id FROM data'))
+        assert after[b'a'] == ids[b'a']  # deduplicated
+        assert after[b'c'] > ids[b'b']
+        assert self.commit(db, 108, {17: b'd'})[17] > after[b'c']
+
+    def test_resume_point_not_durable_goes_with_its_rows(self, db, tmp_path):
+        """set_replication(durable=False) writes the point in the pending
+        transaction of the chunk's rows: another reader (what a restart
+        after a crash would find) sees neither until they are committed,
+        then both."""
+        db.set_replication(1, (0, 0, 0))
+        db.add_objects(1, [(5, 100, 0, h(b'x'), b'x', None)])
+        db.set_replication(1, (0, 101, 0), durable=False)
+        assert db.connection.in_transaction
+        other = sqlite3.connect(str(tmp_path / 'storage.sqlite'))
+        try:
+            def seen():
+                return (other.execute('SELECT next_obj_tid FROM replication').fetchall(),
+                        other.execute('SELECT COUNT(*) FROM obj').fetchone()[0])
+            assert seen() == ([(0,)], 0)
+            db.commit_pending()
+            assert seen() == ([(101,)], 1)
+        finally:
+            other.close()
+
     def test_connection_usable_from_another_thread(self, db):
         self.commit(db, 28, {1: b'threaded'})
         result = []

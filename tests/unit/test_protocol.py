@@ -213,15 +213,16 @@ NOT_IGNORABLE = {"AskFinishTransaction", "AskLockInformation", "SetNodeState",
 
 def test_catalogue_counts():
     # protocol 5's 74 rows (as NEO's protocol.py), plus neozodb's own
-    # NotifyFeatures, outside NEO's range
-    assert TABLE_ROWS == 75
-    assert max(c for c in PACKETS if c < 0x8000 and c != 0x7f00) == 0x49
+    # NotifyFeatures and AddObjects, outside NEO's range
+    assert TABLE_ROWS == 76
+    assert max(c for c in PACKETS if c < 0x7f00) == 0x49
     assert Packets.NotifyFeatures.code == 0x7f00
+    assert Packets.AddObjects.code == 0x7f01
     answers = [pt for pt in ALL_TYPES if pt.request is not None]
     assert len(answers) == 37
-    assert len(PACKETS) == 112
-    assert len(vars(Packets)) == 112
-    assert len({pt.name for pt in ALL_TYPES}) == 112
+    assert len(PACKETS) == 113
+    assert len(vars(Packets)) == 113
+    assert len({pt.name for pt in ALL_TYPES}) == 113
     assert all(PACKETS[code].code == code for code in PACKETS)
 
 
@@ -256,7 +257,7 @@ def test_catalogue_spot_checks():
 def test_catalogue_flags():
     assert {pt.name for pt in ALL_TYPES if pt.acked} == ACKED
     assert all(getattr(Packets, n).answer is None for n in ACKED)
-    assert {pt.name for pt in ALL_TYPES if pt.bulk} == {"AddTransaction", "AddObject"}
+    assert {pt.name for pt in ALL_TYPES if pt.bulk} == {"AddTransaction", "AddObject", "AddObjects"}
     requests = {pt.name for pt in ALL_TYPES if pt.is_request}
     assert {pt.name for pt in ALL_TYPES if pt.ignorable} == requests - NOT_IGNORABLE
     assert Packets.AskObject.ignorable and not Packets.AnswerObject.ignorable

@@ -21,8 +21,15 @@ class Backend:
     def get_replication(self, partition):
         return self.point
 
-    def set_replication(self, partition, point):
+    def set_replication(self, partition, point, durable=True):
         self.point = point
+        self.durable = durable
+
+    def add_transactions(self, records):
+        pass
+
+    def add_objects(self, partition, records):
+        pass
 
     def fetch_tids(self, partition, length, low, high):
         return [4]
@@ -88,6 +95,9 @@ class App:
 
     def exit(self, status=0):
         self.exited = status
+
+    def pending_written(self):
+        pass
 
 
 def _replicate(answers):

@@ -380,6 +380,8 @@ _TABLE: tuple[tuple[int, str, str, str | None, str, int], ...] = (
     (0x49, "NotifyUpstreamAdmin", "(bin,int)", None, "", 0),
     # neozodb only, never sent to a NEO peer (protocol/features.py)
     (0x7f00, "NotifyFeatures", "[bin]", None, "", 0),
+    # many AddObject at once (feature "repl-batch")
+    (0x7f01, "AddObjects", "[(p64,p64,int,bin,bin,?p64)]", None, "", _BULK),
 )
 
 TABLE_ROWS = len(_TABLE)

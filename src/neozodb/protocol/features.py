@@ -65,6 +65,13 @@ Both ends keep the intersection (``conn.peer_features``).  The features:
     with a conflict, or its lock given back for a deadlock), and the client
     votes again once it has settled them.  A NEO storage handles a store
     waiting for a lock and a vote differently: it never gets an early vote.
+``repl-batch``
+    Between storages: a replication source streams the object revisions of
+    a chunk as ``AddObjects`` (code 0x7f01), each a list of what
+    ``AddObject`` carries (up to ``storage.peers.BATCH_RECORDS`` records or
+    ``BATCH_BYTES`` of data), instead of one ``AddObject`` per revision:
+    one message to encode, decode and dispatch for hundreds of records.
+    NEO's storages know only ``AddObject``, and get it.
 """
 from __future__ import annotations
 
@@ -73,10 +80,11 @@ from typing import Any
 from .catalogue import Packets
 
 EXTRA_KEY = b"neozodb"
+REPL_BATCH = b"repl-batch"
+EARLY_VOTE = b"early-vote"
 FEATURES: frozenset[bytes] = frozenset((b"status-json", b"import-status", b"gc-pack",
                                         b"mirror", b"check-report", b"check-digest",
-                                        b"early-vote"))
-EARLY_VOTE = b"early-vote"
+                                        REPL_BATCH, EARLY_VOTE))
 #: What RequestIdentification.extra carries from a neozodb node.
 ANNOUNCEMENT: dict[bytes, list[bytes]] = {EXTRA_KEY: sorted(FEATURES)}
 NO_FEATURES: frozenset[bytes] = frozenset()

@@ -24,6 +24,7 @@ import logging
 
 from neozodb.net.connection import HandlerError
 from neozodb.protocol import ZERO_HASH, CellStates, ErrorCodes, Packets, ProtocolError, p64, u64
+from neozodb.protocol.features import REPL_BATCH
 from neozodb.protocol.values import LIST_CAP
 
 from . import checker
@@ -35,8 +36,14 @@ log = logging.getLogger("neozodb.storage")
 #: Bytes of object data after which the source ends a chunk early, so that
 #: large objects do not pile up in its output buffer.
 CHUNK_BYTES = 4 << 20
+#: Records, and bytes of object data, after which an ``AddObjects`` is sent
+#: (to a destination with the "repl-batch" feature).
+BATCH_RECORDS = 256
+BATCH_BYTES = 1 << 20
 _MAX_OID = (1 << 64) - 1
 _FETCHES = (Packets.AskFetchTransactions, Packets.AskFetchObjects)
+_sha1 = hashlib.sha1
+_from_bytes = int.from_bytes
 
 
 def _object_keys(by_serial: dict) -> list[tuple[int, int]]:
@@ -133,20 +140,36 @@ class SourceHandler(BaseHandler):
         if len(theirs) >= length:
             bound = min(bound, theirs[-1])
         have = set(theirs)
-        sent = 0
+        wanted = []
         for key in mine:
             if key > bound:
                 break
-            if key in have:
-                continue
-            tid, oid = key
-            compression, checksum, data, data_serial = backend.fetch_object(oid, tid)
-            conn.answer(msg_id, Packets.AddObject, p64(oid), p64(tid), compression, checksum,
-                        data, None if data_serial is None else p64(data_serial))
-            sent += len(data)
-            if sent >= CHUNK_BYTES:
-                bound = key
-                break
+            if key not in have:
+                wanted.append(key)
+        sent = 0
+        batched = REPL_BATCH in conn.peer_features
+        batch: list = []
+        batch_start = 0
+        records = backend.fetch_objects(partition, wanted)
+        try:
+            for oid, tid, compression, checksum, data, data_serial in records:
+                record = (p64(oid), p64(tid), compression, checksum, data,
+                          None if data_serial is None else p64(data_serial))
+                sent += len(data)
+                if batched:
+                    batch.append(record)
+                    if len(batch) >= BATCH_RECORDS or sent - batch_start >= BATCH_BYTES:
+                        conn.answer(msg_id, Packets.AddObjects, batch)
+                        batch, batch_start = [], sent
+                else:
+                    conn.answer(msg_id, Packets.AddObject, *record)
+                if sent >= CHUNK_BYTES:
+                    bound = (tid, oid)
+                    break
+        finally:
+            records.close()
+        if batch:
+            conn.answer(msg_id, Packets.AddObjects, batch)
         mine_set = set(mine)
         delete = _by_serial(k for k in theirs if k <= bound and k not in mine_set)
         if bound == (high, _MAX_OID):
@@ -194,7 +217,8 @@ class DestinationHandler(BaseHandler):
     def connection_lost(self, conn) -> None:
         self.app.peer_lost(conn)
 
-    def _replicating(self, conn, msg_id: int, packet, tid_or_oid: bytes) -> None:
+    def _replicating(self, conn, msg_id: int, packet, tid_or_oid: bytes) -> tuple[object, int]:
+        """(the fetch that ``msg_id`` answers, the partition of ``tid_or_oid``)."""
         app = self.app
         pending = conn.endpoint.pending.get(msg_id)
         if pending is None or pending[0] not in _FETCHES:
@@ -205,21 +229,40 @@ class DestinationHandler(BaseHandler):
         partition = app.pt.partition(tid_or_oid)
         if app.cell_state(partition) != CellStates.OUT_OF_DATE.value:
             raise ProtocolError("unrequested replication data for partition %d" % partition)
+        return pending[1], partition
 
+    # Records are handed to the replicator, which writes each chunk at once
+    # when the source's answer ends it.
     def AddTransaction(self, conn, msg_id, tid, user, description, ext, packed, ttid, oids,
                        pack_info):
-        self._replicating(conn, msg_id, Packets.AddTransaction, tid)
-        backend = self.app.backend
-        backend.add_transaction(u64(tid), [u64(o) for o in oids], user, description,
-                                ext, packed, u64(ttid))
-        if pack_info is not None:
-            backend.add_pack_order(order_from_wire(tid, *pack_info))
+        fetch, partition = self._replicating(conn, msg_id, Packets.AddTransaction, tid)
+        self.app.replicator.transaction_received(
+            fetch, partition, (u64(tid), [u64(o) for o in oids], user, description, ext,
+                               packed, u64(ttid)),
+            None if pack_info is None else order_from_wire(tid, *pack_info))
 
     def AddObject(self, conn, msg_id, oid, serial, compression, checksum, data, data_serial):
-        self._replicating(conn, msg_id, Packets.AddObject, oid)
+        fetch, partition = self._replicating(conn, msg_id, Packets.AddObject, oid)
         if not (checksum == ZERO_HASH and not data) and hashlib.sha1(data).digest() != checksum:
             raise ProtocolError("wrong checksum for %s at %s from %s" % (
                 oid.hex(), serial.hex(), conn.label))
-        self.app.backend.add_object(u64(oid), u64(serial), compression, checksum, data,
-                                    None if data_serial is None else u64(data_serial))
-        self.app.replicator.received(len(data))
+        self.app.replicator.object_received(
+            fetch, partition, (u64(oid), u64(serial), compression, checksum, data,
+                               None if data_serial is None else u64(data_serial)))
+
+    def AddObjects(self, conn, msg_id, records):
+        if REPL_BATCH not in conn.peer_features or not records:
+            raise ProtocolError("unexpected AddObjects")
+        fetch, partition = self._replicating(conn, msg_id, Packets.AddObjects, records[0][0])
+        np = self.app.pt.num_partitions
+        received = []
+        for oid, serial, compression, checksum, data, data_serial in records:
+            oid_int = _from_bytes(oid, "big")
+            if oid_int % np != partition:
+                raise ProtocolError("AddObjects mixes partitions")
+            if _sha1(data).digest() != checksum and not (checksum == ZERO_HASH and not data):
+                raise ProtocolError("wrong checksum for %s at %s from %s" % (
+                    oid.hex(), serial.hex(), conn.label))
+            received.append((oid_int, _from_bytes(serial, "big"), compression, checksum, data,
+                             None if data_serial is None else _from_bytes(data_serial, "big")))
+        self.app.replicator.batch_received(fetch, partition, received)

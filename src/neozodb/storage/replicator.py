@@ -1,10 +1,16 @@
 """Catching up OUT_OF_DATE cells from readable replicas.
 
 One partition at a time, from a random running storage with a readable
-cell: transactions first, then object revisions, in chunks.  After each
-chunk the resume point is persisted (durably, with the chunk's rows), so an
+cell: transactions first, then object revisions, in chunks.  The records
+a source streams are kept in memory (``_Chunk``) until its answer ends the
+chunk; then the next chunk is asked for *before* this one is written, so
+that the source reads chunk n+1 while we write chunk n.  A chunk's rows are
+written at once, with the resume point, in one database transaction, so an
 interrupted replication starts again where it stopped, and a node that was
-down only fetches what it missed.
+down only fetches what it missed.  That transaction is made durable at the
+end of the partition (before the master is told), and otherwise within a
+second (``pending_written``) or by any earlier durable write: a crash loses
+chunks and their resume points together, never a point without its rows.
 
 The target: the master's last committed tid when we asked it
 (``AskUnfinishedTransactions``); transactions unfinished at that moment may
@@ -34,10 +40,20 @@ log = logging.getLogger("neozodb.storage")
 
 #: Transactions or object revisions per chunk.
 CHUNK = 1000
+#: Bytes of object data kept in memory for a chunk before they are written
+#: (a NEO source does not bound a chunk in bytes).
+BUFFER_BYTES = 8 << 20
 #: Rows deleted per step when dropping a discarded partition.
 DROP_CHUNK = 1000
 _OUT_OF_DATE = CellStates.OUT_OF_DATE.value
 _UP_TO_DATE = CellStates.UP_TO_DATE.value
+
+
+def _consume(future: asyncio.Future) -> None:
+    """Retrieve the outcome of a future nobody awaits (no "never retrieved"
+    warning)."""
+    if not future.cancelled():
+        future.exception()
 
 
 class NoSource(Exception):
@@ -52,6 +68,19 @@ class BadSource(Exception):
     would restart into the same answer."""
 
 
+class _Chunk:
+    """What a source streamed so far for one fetch of ``partition``."""
+
+    __slots__ = ("partition", "transactions", "orders", "objects", "size")
+
+    def __init__(self, partition: int) -> None:
+        self.partition = partition
+        self.transactions: list = []
+        self.orders: list = []  # pack orders that came with the transactions
+        self.objects: list = []
+        self.size = 0
+
+
 class Replicator:
     def __init__(self, app: StorageApp, rate: int = 0) -> None:
         self.app = app
@@ -62,9 +91,11 @@ class Replicator:
         self.to_drop: set[int] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._chunks: dict[asyncio.Future, _Chunk] = {}  # fetch in progress -> its records
         # statistics (logs, tests, benchmarks)
         self.bytes_received = 0
         self.objects_received = 0
+        self.messages_received = 0  # AddObject or AddObjects (batches)
         self._window_start = 0.0
         self._window_bytes = 0
 
@@ -154,10 +185,91 @@ class Replicator:
                 self.targets[partition] = max(self.targets[partition], tid_int)
         self.poke()
 
-    def received(self, size: int) -> None:
+    def transaction_received(self, fetch: object, partition: int, record: tuple,
+                             order: tuple | None) -> None:
+        """A transaction streamed for ``fetch`` (a pending request's token)."""
+        chunk = self._chunks.get(fetch)
+        if chunk is None:
+            return  # a fetch we gave up: dropped, as NEO's replicator does
+        chunk.transactions.append(record)
+        if order is not None:
+            chunk.orders.append(order)
+
+    def object_received(self, fetch: object, partition: int, record: tuple) -> None:
+        """An object revision streamed for ``fetch``."""
+        chunk = self._chunks.get(fetch)
+        if chunk is None:
+            return
+        size = len(record[4])
         self.objects_received += 1
+        self.messages_received += 1
         self.bytes_received += size
         self._window_bytes += size
+        if partition != chunk.partition:
+            # not what was asked; written anyway, as it always was
+            self.app.backend.add_objects(partition, [record])
+            return
+        chunk.objects.append(record)
+        chunk.size += size
+        if chunk.size >= BUFFER_BYTES:
+            self._write(chunk)
+
+    def batch_received(self, fetch: object, partition: int, records: list[tuple]) -> None:
+        """Object revisions streamed for ``fetch``, all of ``partition``
+        (``AddObjects``)."""
+        chunk = self._chunks.get(fetch)
+        if chunk is None:
+            return
+        size = sum(len(record[4]) for record in records)
+        self.objects_received += len(records)
+        self.messages_received += 1
+        self.bytes_received += size
+        self._window_bytes += size
+        if partition != chunk.partition:
+            self.app.backend.add_objects(partition, records)
+            return
+        chunk.objects += records
+        chunk.size += size
+        if chunk.size >= BUFFER_BYTES:
+            self._write(chunk)
+
+    def _write(self, chunk: _Chunk) -> None:
+        """Write what a chunk holds so far (not durable by itself)."""
+        backend = self.app.backend
+        if chunk.transactions:
+            backend.add_transactions(chunk.transactions)
+            for order in chunk.orders:
+                backend.add_pack_order(order)
+        if chunk.objects:
+            backend.add_objects(chunk.partition, chunk.objects)
+        chunk.transactions, chunk.orders, chunk.objects, chunk.size = [], [], [], 0
+
+    def _ask(self, conn, partition: int, packet, *args) -> tuple[asyncio.Future, _Chunk]:
+        future = conn.ask(packet, partition, CHUNK, *args)
+        chunk = self._chunks[future] = _Chunk(partition)
+        return future, chunk
+
+    async def _answer(self, future: asyncio.Future) -> tuple:
+        try:
+            return await future
+        except BaseException:
+            self._chunks.pop(future, None)
+            raise
+
+    def _abandon(self, future: asyncio.Future | None) -> None:
+        """Forget a fetch we will not await: what it streams is dropped."""
+        if future is not None and self._chunks.pop(future, None) is not None:
+            future.add_done_callback(_consume)
+
+    def _save(self, chunk: _Chunk, partition: int, point: tuple[int, int, int],
+              done: bool) -> None:
+        """Write a chunk and the resume point after it in one database
+        transaction: durable when the partition is done, otherwise it
+        becomes durable with the next durable write, within a second."""
+        self._write(chunk)
+        self.app.backend.set_replication(partition, point, durable=done)
+        if not done:
+            self.app.pending_written()
 
     # -- the loop -----------------------------------------------------------------------
     async def _run(self) -> None:
@@ -232,12 +344,15 @@ class Replicator:
         app = self.app
         backend = app.backend
         started, objects = time.monotonic(), self.objects_received
+        messages = self.messages_received
         high = p64(target)
         first = True
         while next_tid <= target:
             mine = [p64(t) for t in backend.fetch_tids(partition, CHUNK, next_tid, target)]
-            following, delete, completed = await conn.ask(
-                Packets.AskFetchTransactions, partition, CHUNK, p64(next_tid), high, mine, first)
+            future, chunk = self._ask(conn, partition, Packets.AskFetchTransactions,
+                                      p64(next_tid), high, mine, first)
+            following, delete, completed = await self._answer(future)
+            del self._chunks[future]
             self._check_cell(partition)
             if first and completed is not None and 0 < obj_tid <= u64(completed):
                 # The source applied a pack order made after our resume
@@ -256,31 +371,51 @@ class Replicator:
                 raise BadSource("transaction position does not advance")
             backend.delete_transactions(partition, [u64(t) for t in delete])
             next_tid = target + 1 if following is None else u64(following)
-            backend.set_replication(partition, (next_tid, obj_tid, obj_oid))
-        while obj_tid <= target:
-            mine: dict[bytes, list[bytes]] = {}
-            for tid, oid in backend.fetch_object_keys(partition, CHUNK, obj_tid, target, obj_oid):
-                mine.setdefault(p64(tid), []).append(p64(oid))
-            following, following_oid, delete = await conn.ask(
-                Packets.AskFetchObjects, partition, CHUNK, p64(obj_tid), high, p64(obj_oid), mine)
-            self._check_cell(partition)
-            if any(not set(oids) <= set(mine.get(t, ())) for t, oids in delete.items()):
-                raise BadSource("deletion of objects we did not list")
-            if following is not None and (following_oid is None or (
-                    u64(following), u64(following_oid)) <= (obj_tid, obj_oid)):
-                raise BadSource("object position does not advance")
-            backend.delete_objects(partition, [(u64(t), u64(o)) for t, oids in delete.items()
-                                               for o in oids])
-            if following is None:
-                obj_tid, obj_oid = target + 1, 0
-            else:
-                obj_tid, obj_oid = u64(following), u64(following_oid)
-            backend.set_replication(partition, (next_tid, obj_tid, obj_oid))
-            await self._throttle()
-        log.info("%s: partition %d replicated from %s up to %s (%d objects in %.3f s)",
-                 app.label, partition, nid_str(nid), high.hex(),
-                 self.objects_received - objects, time.monotonic() - started)
+            self._save(chunk, partition, (next_tid, obj_tid, obj_oid), obj_tid > target)
+        asked = None
+        try:
+            while obj_tid <= target:
+                if asked is None:
+                    asked = self._ask_objects(conn, partition, obj_tid, high, obj_oid)
+                future, chunk, mine = asked
+                asked = None
+                following, following_oid, delete = await self._answer(future)
+                del self._chunks[future]
+                self._check_cell(partition)
+                if any(not set(oids) <= set(mine.get(t, ())) for t, oids in delete.items()):
+                    raise BadSource("deletion of objects we did not list")
+                if following is not None and (following_oid is None or (
+                        u64(following), u64(following_oid)) <= (obj_tid, obj_oid)):
+                    raise BadSource("object position does not advance")
+                if following is None:
+                    obj_tid, obj_oid = target + 1, 0
+                else:
+                    obj_tid, obj_oid = u64(following), u64(following_oid)
+                    # the source reads the next chunk while we write this one
+                    # (the ranges do not overlap)
+                    asked = self._ask_objects(conn, partition, obj_tid, high, obj_oid)
+                backend.delete_objects(partition, [(u64(t), u64(o)) for t, oids in delete.items()
+                                                   for o in oids])
+                self._save(chunk, partition, (next_tid, obj_tid, obj_oid), obj_tid > target)
+                await self._throttle()
+        finally:
+            if asked is not None:
+                self._abandon(asked[0])
+        log.info("%s: partition %d replicated from %s up to %s (%d objects in %.3f s,"
+                 " %d messages)", app.label, partition, nid_str(nid), high.hex(),
+                 self.objects_received - objects, time.monotonic() - started,
+                 self.messages_received - messages)
         return True
+
+    def _ask_objects(self, conn, partition: int, obj_tid: int, high: bytes, obj_oid: int
+                     ) -> tuple[asyncio.Future, _Chunk, dict[bytes, list[bytes]]]:
+        mine: dict[bytes, list[bytes]] = {}
+        for tid, oid in self.app.backend.fetch_object_keys(partition, CHUNK, obj_tid,
+                                                           u64(high), obj_oid):
+            mine.setdefault(p64(tid), []).append(p64(oid))
+        future, chunk = self._ask(conn, partition, Packets.AskFetchObjects, p64(obj_tid), high,
+                                  p64(obj_oid), mine)
+        return future, chunk, mine
 
     def _check_cell(self, partition: int) -> None:
         if self.app.cell_state(partition) != _OUT_OF_DATE:

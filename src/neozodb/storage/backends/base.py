@@ -61,6 +61,12 @@ PackStep = tuple[int, bool, "frozenset[int] | set[int] | None", bool]
 #: to ``done`` is applied; orders in (done, target] are being applied,
 #: oids below ``next_oid`` are done (target None: no pass running).
 PackProgress = tuple[int, "int | None", int]
+#: An object revision as replication carries it: (oid, tid, compression,
+#: checksum, data, data_serial); ZERO_HASH and b'' for a deletion.
+ReplicatedObject = tuple[int, int, int, bytes, bytes, "int | None"]
+#: A transaction as replication carries it: (tid, oids, user, description,
+#: ext, packed, ttid).
+ReplicatedTransaction = tuple[int, Sequence[int], bytes, bytes, bytes, bool, int]
 
 
 def revisions_to_delete(oid: int, revisions: Sequence[tuple[int, int | None]],
@@ -494,8 +500,9 @@ class Backend(abc.ABC):
     # chunks: first the transactions (``trans``), then the object revisions
     # (``obj``) ordered by (tid, oid).  The source reads with ``fetch_*``,
     # the destination writes with ``add_*``/``delete_*`` (not durable) and
-    # persists its resume point with ``set_replication`` (durable: it makes
-    # the chunk's rows durable too).
+    # persists its resume point with ``set_replication``, in the same
+    # database transaction as the chunk's rows (durable at once, or with
+    # them at the next durable point).
 
     @abc.abstractmethod
     def fetch_tids(self, partition: int, length: int, min_tid: int, max_tid: int) -> list[int]:
@@ -526,6 +533,29 @@ class Backend(abc.ABC):
         """Write a committed object revision received by replication
         (ZERO_HASH and no data: a deletion).  Not durable by itself."""
 
+    def fetch_objects(self, partition: int, keys: Sequence[tuple[int, int]]
+                      ) -> Iterator[ReplicatedObject]:
+        """The revisions ``(tid, oid)`` of ``partition`` listed in ``keys``
+        (ascending, as ``fetch_object_keys`` gives them), in that order;
+        revisions that do not exist are skipped.  One ``fetch_object`` each
+        here: backends override it to read a chunk at once."""
+        for tid, oid in keys:
+            row = self.fetch_object(oid, tid)
+            if row is not None:
+                yield (oid, tid, *row)
+
+    def add_transactions(self, records: Sequence[ReplicatedTransaction]) -> None:
+        """``add_transaction`` for each record (backends override it to
+        write a chunk at once).  Not durable by itself."""
+        for tid, oids, user, description, ext, packed, ttid in records:
+            self.add_transaction(tid, oids, user, description, ext, packed, ttid)
+
+    def add_objects(self, partition: int, records: Sequence[ReplicatedObject]) -> None:
+        """``add_object`` for each record, all of ``partition`` (backends
+        override it to write a chunk at once).  Not durable by itself."""
+        for record in records:
+            self.add_object(*record)
+
     @abc.abstractmethod
     def delete_transactions(self, partition: int, tids: Iterable[int]) -> None:
         """Delete committed transactions of ``partition`` (the source does
@@ -543,9 +573,14 @@ class Backend(abc.ABC):
         ``(next_obj_tid, next_obj_oid)`` are replicated.  None if unset."""
 
     @abc.abstractmethod
-    def set_replication(self, partition: int, point: tuple[int, int, int] | None) -> None:
+    def set_replication(self, partition: int, point: tuple[int, int, int] | None,
+                        durable: bool = True) -> None:
         """Persist (or, with None, forget) the resume point of ``partition``.
-        Durable, with every earlier write."""
+        Durable, with every earlier write; with ``durable=False`` it is
+        written in the same database transaction as the earlier writes not
+        made durable yet, and becomes durable with them (the next durable
+        write or ``commit_pending``): a crash may lose both, never keep the
+        point without the rows it covers."""
 
     @abc.abstractmethod
     def last_tid_of(self, partition: int) -> int | None:

@@ -6,9 +6,9 @@ checker."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
-from .base import ZERO_HASH
+from .base import ZERO_HASH, ReplicatedObject, ReplicatedTransaction
 from .sqlite_schema import (
     _ADD_OBJ,
     _ADD_TRANS,
@@ -27,6 +27,7 @@ from .sqlite_schema import (
     _FLOOR_STEP,
     _GET_REPLICATION,
     _INSERT_DATA,
+    _MAX_DATA_ID,
     _MAX_OBJ_TID,
     _MAX_TRANS_TID,
     _OBJ_DATA_ID,
@@ -44,6 +45,30 @@ from .sqlite_schema import (
     _UNFINISHED_DATA_IDS,
     _pack_oids,
 )
+
+# A chunk is read and written with a few set-based statements instead of
+# several per record: per-record statements (and their savepoints) were most
+# of a destination's time.
+_FETCH_OBJ_RANGE = (
+    "SELECT o.tid, o.oid, o.value_tid, d.compression, d.hash, d.value"
+    " FROM obj AS o LEFT JOIN data AS d ON d.id = o.data_id"
+    " WHERE o.partition=? AND (o.tid, o.oid)>=(?, ?) AND (o.tid, o.oid)<=(?, ?)"
+    " ORDER BY o.tid, o.oid")
+_OBJ_RANGE_DATA_IDS = (
+    "SELECT oid, tid, data_id FROM obj"
+    " WHERE partition=? AND (tid, oid)>=(?, ?) AND (tid, oid)<=(?, ?)")
+_OBJ_RANGE_COUNT = ("SELECT COUNT(*) FROM obj"
+                    " WHERE partition=? AND (tid, oid)>=(?, ?) AND (tid, oid)<=(?, ?)")
+_DATA_SEQ = "SELECT seq FROM sqlite_sequence WHERE name='data'"
+_INSERT_DATA_ID = "INSERT INTO data (id, hash, compression, value) VALUES (?, ?, ?, ?)"
+#: Hashes per ``_find_data_sql`` statement; a shorter batch is padded by
+#: repeating its last hash, so that one prepared statement serves them all.
+_FIND_BATCH = 200
+_FIND_DATA_IN = ("SELECT id, hash, compression, value FROM data WHERE hash IN (%s)"
+                 % ", ".join("?" * _FIND_BATCH))
+#: Below this share of a range's revisions, ``fetch_objects`` reads the
+#: wanted ones one by one rather than the whole range.
+_DENSE = 0.5
 
 
 class SQLiteReplication:
@@ -68,6 +93,87 @@ class SQLiteReplication:
         if checksum is None:
             return 0, ZERO_HASH, b'', None
         return compression, checksum, data, value_tid
+
+    def fetch_objects(self, partition: int, keys: Sequence[tuple[int, int]]
+                      ) -> Iterator[ReplicatedObject]:
+        if not keys:
+            return
+        first, last = keys[0], keys[-1]
+        conn = self.connection
+        # one range scan when most of the range is wanted (a destination
+        # that lacks everything), one lookup per key otherwise
+        span = conn.execute(_OBJ_RANGE_COUNT, (partition, *first, *last)).fetchone()[0]
+        if len(keys) < span * _DENSE:
+            yield from super().fetch_objects(partition, keys)
+            return
+        wanted = set(keys)
+        for tid, oid, value_tid, compression, checksum, data in conn.execute(
+                _FETCH_OBJ_RANGE, (partition, *first, *last)):
+            if (tid, oid) in wanted:
+                if checksum is None:
+                    yield oid, tid, 0, ZERO_HASH, b'', None
+                else:
+                    yield oid, tid, compression, checksum, data, value_tid
+
+    def add_transactions(self, records: Sequence[ReplicatedTransaction]) -> None:
+        np = self._partitions()
+        with self._txn(durable=False) as conn:
+            conn.executemany(_ADD_TRANS, [
+                (tid % np, tid, bool(packed), _pack_oids(oids), user, description, ext, ttid)
+                for tid, oids, user, description, ext, packed, ttid in records])
+
+    def add_objects(self, partition: int, records: Sequence[ReplicatedObject]) -> None:
+        if not records:
+            return
+        np = self._partitions()
+        if any(oid % np != partition for oid, *_ in records):
+            raise ValueError('object of another partition than %d' % partition)
+        with self._txn(durable=False) as conn:
+            keys = sorted((tid, oid) for oid, tid, *_ in records)
+            # rows replaced (e.g. leftovers of a discarded cell): their data
+            # may be left unreferenced
+            old = {(tid, oid): data_id for oid, tid, data_id in conn.execute(
+                _OBJ_RANGE_DATA_IDS, (partition, *keys[0], *keys[-1]))}
+            data_ids = self._data_ids(conn, records)
+            rows = []
+            replaced = []
+            for (oid, tid, _, _, _, data_serial), data_id in zip(records, data_ids, strict=True):
+                rows.append((partition, oid, tid, data_id, data_serial))
+                previous = old.get((tid, oid))
+                if previous is not None and previous != data_id:
+                    replaced.append(previous)
+            rows.sort()  # primary key order
+            conn.executemany(_ADD_OBJ, rows)
+            if replaced:
+                self._prune(replaced)
+
+    def _data_ids(self, conn, records: Sequence[ReplicatedObject]) -> list[int | None]:
+        """Data row of each record (None for a deletion): an identical row
+        if there is one, a new one otherwise, inserted with ids allocated
+        here (no id is ever reused: AUTOINCREMENT's sequence counts too)."""
+        values = {}
+        for _, _, compression, checksum, data, _ in records:
+            if not (checksum == ZERO_HASH and not data):
+                values[(checksum, compression, data)] = None
+        hashes = list({checksum for checksum, _, _ in values})
+        for i in range(0, len(hashes), _FIND_BATCH):
+            batch = hashes[i:i + _FIND_BATCH]
+            batch += batch[-1:] * (_FIND_BATCH - len(batch))
+            for data_id, checksum, compression, data in conn.execute(_FIND_DATA_IN, batch):
+                key = (checksum, compression, data)
+                if key in values and values[key] is None:
+                    values[key] = data_id
+        new = [key for key, data_id in values.items() if data_id is None]
+        if new:
+            seq = conn.execute(_DATA_SEQ).fetchone()
+            next_id = max(self._scalar(_MAX_DATA_ID, ()) or 0, seq[0] if seq else 0) + 1
+            rows = []
+            for data_id, key in enumerate(new, next_id):
+                values[key] = data_id
+                rows.append((data_id, *key))
+            conn.executemany(_INSERT_DATA_ID, rows)
+        return [None if checksum == ZERO_HASH and not data else values[(checksum, compression, data)]
+                for _, _, compression, checksum, data, _ in records]
 
     def add_transaction(self, tid: int, oids: Sequence[int], user: bytes, description: bytes,
                         ext: bytes, packed: bool, ttid: int) -> None:
@@ -112,13 +218,17 @@ class SQLiteReplication:
         row = self.connection.execute(_GET_REPLICATION, (partition,)).fetchone()
         return None if row is None else (row[0], row[1], row[2])
 
-    def set_replication(self, partition: int, point: tuple[int, int, int] | None) -> None:
-        with self._txn(durable=True) as conn:
+    def set_replication(self, partition: int, point: tuple[int, int, int] | None,
+                        durable: bool = True) -> None:
+        # not durable: the point joins the pending transaction that holds
+        # the rows it covers, and is committed with them or not at all
+        with self._txn(durable=durable) as conn:
             if point is None:
                 conn.execute(_DEL_REPLICATION, (partition,))
             else:
                 conn.execute(_SET_REPLICATION, (partition, *point))
-            self._advance_floor(_FLOOR_STEP)
+            if durable:
+                self._advance_floor(_FLOOR_STEP)
 
     def last_tid_of(self, partition: int) -> int | None:
         tids = [self._scalar(sql, (partition,)) for sql in (_MAX_TRANS_TID, _MAX_OBJ_TID)]
