@@ -11,13 +11,24 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    """A running cluster: 1 master, 2 storages (replicas 1), 12 partitions, 1 admin."""
+def _running(tmp_path, storages: int, replicas: int, partitions: int):
     from neozodb.cli.cluster import LocalCluster
-    c = LocalCluster(str(tmp_path / "cluster"), name="test", storages=2, replicas=1, partitions=12)
+    c = LocalCluster(str(tmp_path / "cluster"), name="test", storages=storages,
+                     replicas=replicas, partitions=partitions)
     try:
         c.start(wait=60)
         yield c
     finally:
         c.kill()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A running cluster: 1 master, 2 storages (replicas 1), 12 partitions, 1 admin."""
+    yield from _running(tmp_path, 2, 1, 12)
+
+
+@pytest.fixture
+def one_storage(tmp_path):
+    """A running cluster: 1 master, 1 storage (replicas 0), 4 partitions, 1 admin."""
+    yield from _running(tmp_path, 1, 0, 4)

@@ -17,20 +17,8 @@ from neozodb.protocol import ZERO_TID, ErrorCodes, Packets
 
 pytestmark = pytest.mark.timeout(180)
 TIMEOUT = 30
-
-
-@pytest.fixture
-def one_storage(tmp_path):
-    """1 master, 1 storage (every transaction on one storage: the case where
-    the client votes early), 1 admin."""
-    from neozodb.cli.cluster import LocalCluster
-    c = LocalCluster(str(tmp_path / "cluster"), name="test", storages=1, replicas=0,
-                     partitions=4)
-    try:
-        c.start(wait=60)
-        yield c
-    finally:
-        c.kill()
+# the cluster: tests/conftest.py's one_storage (every transaction on one
+# storage: the case where the client votes early)
 
 
 def _store(client: Client, ttid: bytes, oid: bytes, data: bytes, serial: bytes = ZERO_TID):

@@ -121,18 +121,6 @@ def test_listings_are_capped(cluster):
         storage.close()
 
 
-@pytest.fixture
-def read_only_cluster(tmp_path):
-    from neozodb.cli.cluster import LocalCluster
-    c = LocalCluster(str(tmp_path / "cluster"), name="test", storages=1, replicas=0,
-                     partitions=4)
-    try:
-        c.start(wait=60)
-        yield c
-    finally:
-        c.kill()
-
-
 def _restart_with(cluster, node, option):
     proc = cluster.nodes[node]
     proc.kill()
@@ -141,8 +129,8 @@ def _restart_with(cluster, node, option):
     cluster.wait_state("RUNNING", 60)
 
 
-def test_read_only_master_refuses_every_write(read_only_cluster):
-    cluster = read_only_cluster
+def test_read_only_master_refuses_every_write(one_storage):
+    cluster = one_storage
     oid, _ = commit_one(cluster, b"before")
     _restart_with(cluster, "M1", "--read-only")
     client = Client(cluster)
@@ -159,8 +147,8 @@ def test_read_only_master_refuses_every_write(read_only_cluster):
     assert load(cluster, oid) == b"before"  # reads are served
 
 
-def test_read_only_storage_refuses_writes_from_clients(read_only_cluster):
-    cluster = read_only_cluster
+def test_read_only_storage_refuses_writes_from_clients(one_storage):
+    cluster = one_storage
     oid, _ = commit_one(cluster, b"before")
     _restart_with(cluster, "S1", "--read-only")
     client = Client(cluster)
