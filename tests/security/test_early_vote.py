@@ -5,6 +5,7 @@ also keeps a client from voting without the objects it did not get."""
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import pytest
 import transaction
@@ -83,9 +84,14 @@ def test_vote_refused_after_a_conflict_until_stored_again(one_storage):
 
 
 def test_client_votes_early_and_again_after_resolving_a_conflict(one_storage):
-    """Real ZODB clients: a one-object commit votes early; a conflict that
-    resolution fixes makes the storage refuse the early vote, and the
-    client votes again with the resolved object."""
+    """Real ZODB clients: a one-object commit votes early; when its store
+    waits for the lock of a transaction that then commits, the storage
+    refuses the early vote, and the client resolves the conflict and votes
+    again.  The other transaction holds its lock (voted, not finished)
+    until the refusal arrived: no timing decides which path is taken."""
+    from ZODB.Connection import TransactionMetaData
+
+    from neozodb.cli.cluster import wait_until
     from neozodb.client import Storage
     dbs = [ZODB.DB(Storage(one_storage.masters, one_storage.name)) for _ in range(2)]
     try:
@@ -96,15 +102,29 @@ def test_client_votes_early_and_again_after_resolving_a_conflict(one_storage):
         apps = [db.storage.app for db in dbs]
         assert apps[0].early_votes[0] >= 1  # taken at once
         conns[1].sync()
-        counters = [c.root()["n"] for c in conns]
-        counters[0].change(1)
-        counters[1].change(10)
-        tms[0].commit()
-        refused = apps[1].early_votes[1]
-        tms[1].commit()  # conflicts with the first, resolved by Length
-        assert apps[1].early_votes[1] == refused + 1
+        counter = conns[1].root()["n"]
+        counter.change(10)
+        # another transaction rewrites n and holds its lock
+        storage = dbs[0].storage
+        data, serial = storage.load(counter._p_oid)
+        other = TransactionMetaData()
+        storage.tpc_begin(other)
+        storage.store(counter._p_oid, serial, data, "", other)
+        storage.tpc_vote(other)
+        taken, refused = apps[1].early_votes
+        committer = threading.Thread(target=tms[1].commit)
+        committer.start()
+        try:
+            wait_until(lambda: any(getattr(c, "revote", None)
+                                   for c in list(apps[1].transactions.values())),
+                       TIMEOUT, "the early vote refused")
+        finally:
+            storage.tpc_finish(other)
+            committer.join(TIMEOUT)
+        assert not committer.is_alive()
+        assert apps[1].early_votes == [taken, refused + 1]
         check = dbs[1].open()  # the committer knows its own commit
-        assert check.root()["n"]() == 11
+        assert check.root()["n"]() == 10  # 0, rewritten as is, + 10
         check.close()
     finally:
         for db in dbs:
