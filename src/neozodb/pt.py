@@ -178,6 +178,11 @@ class PartitionTable:
         """The state of nid's cell in partition ``offset``, None if none."""
         return self._rows[offset].get(nid)
 
+    def sole(self, offset: int, nid: int) -> bool:
+        """Whether nid has the only cell of partition ``offset``."""
+        row = self._rows[offset]
+        return len(row) == 1 and nid in row
+
     def readable_nids(self, offset: int) -> list[int]:
         """Nodes that can serve reads of partition ``offset``."""
         return sorted(nid for nid, state in self._rows[offset].items() if state in _READABLE)

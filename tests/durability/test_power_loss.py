@@ -51,7 +51,7 @@ def fuse_ok(fuse_mounts) -> None:
         pytest.skip(fuse_mounts)
 
 
-@pytest.mark.parametrize("storages, replicas, rounds", [(2, 1, 6), (1, 0, 3)])
+@pytest.mark.parametrize("storages, replicas, rounds", [(2, 1, 6), (1, 0, 3), (2, 0, 3)])
 def test_acknowledged_commits_survive_power_loss(fuse_ok, tmp_path, storages, replicas, rounds):
     rng = seeded()
     with PowerRun(str(tmp_path), storages, replicas, rng) as run:

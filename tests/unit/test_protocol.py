@@ -213,16 +213,17 @@ NOT_IGNORABLE = {"AskFinishTransaction", "AskLockInformation", "SetNodeState",
 
 def test_catalogue_counts():
     # protocol 5's 74 rows (as NEO's protocol.py), plus neozodb's own
-    # NotifyFeatures and AddObjects, outside NEO's range
-    assert TABLE_ROWS == 76
+    # NotifyFeatures, AddObjects and AskSoloVote, outside NEO's range
+    assert TABLE_ROWS == 77
     assert max(c for c in PACKETS if c < 0x7f00) == 0x49
     assert Packets.NotifyFeatures.code == 0x7f00
     assert Packets.AddObjects.code == 0x7f01
+    assert Packets.AskSoloVote.code == 0x7f02
     answers = [pt for pt in ALL_TYPES if pt.request is not None]
-    assert len(answers) == 37
-    assert len(PACKETS) == 113
-    assert len(vars(Packets)) == 113
-    assert len({pt.name for pt in ALL_TYPES}) == 113
+    assert len(answers) == 38
+    assert len(PACKETS) == 115
+    assert len(vars(Packets)) == 115
+    assert len({pt.name for pt in ALL_TYPES}) == 115
     assert all(PACKETS[code].code == code for code in PACKETS)
 
 

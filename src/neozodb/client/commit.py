@@ -13,7 +13,7 @@ from neozodb.client.compat import has_features
 from neozodb.client.compress import compress
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.protocol import MAX_TID, ZERO_HASH, ZERO_TID, ErrorCodes, Packets, nid_str, p64, u64
-from neozodb.protocol.features import EARLY_VOTE
+from neozodb.protocol.features import EARLY_VOTE, SOLO_VOTE
 
 log = logging.getLogger("neozodb.client")
 
@@ -326,10 +326,14 @@ class Commit:
             # settle them all refuses (NOT_READY) and is asked again below.
             # On the stores' connection itself: if it closed, a new one
             # would carry the vote to a storage that dropped the stores.
+            # Alone on that storage, the vote need not be durable before
+            # the lock (feature solo-vote, protocol/features.py).
             self.revote: set[int] = set()
             self.pending += 1
-            self.conns[0].ask(Packets.AskStoreTransaction, *meta, queue=self.queue,
-                              token=(VOTE, True))
+            conn = self.conns[0]
+            packet = (Packets.AskSoloVote if SOLO_VOTE in conn.peer_features
+                      else Packets.AskStoreTransaction)
+            conn.ask(packet, *meta, queue=self.queue, token=(VOTE, True))
             self._process(block=True)
             again = self.revote
             app.early_votes[bool(again)] += 1

@@ -382,6 +382,9 @@ _TABLE: tuple[tuple[int, str, str, str | None, str, int], ...] = (
     (0x7f00, "NotifyFeatures", "[bin]", None, "", 0),
     # many AddObject at once (feature "repl-batch")
     (0x7f01, "AddObjects", "[(p64,p64,int,bin,bin,?p64)]", None, "", _BULK),
+    # AskStoreTransaction of a transaction sent to this storage alone
+    # (feature "solo-vote"): its lock makes the vote durable
+    (0x7f02, "AskSoloVote", "p64,bin,bin,bin,[p64],?(?[p64],p64)", "AnswerSoloVote", "", 0),
 )
 
 TABLE_ROWS = len(_TABLE)

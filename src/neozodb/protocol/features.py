@@ -65,6 +65,18 @@ Both ends keep the intersection (``conn.peer_features``).  The features:
     with a conflict, or its lock given back for a deadlock), and the client
     votes again once it has settled them.  A NEO storage handles a store
     waiting for a lock and a vote differently: it never gets an early vote.
+``solo-vote``
+    Between a client and a storage: the client sends an early vote as
+    ``AskSoloVote`` (code 0x7f02, the fields of ``AskStoreTransaction``)
+    when it sent everything of the transaction (stores, checks, metadata)
+    to this storage alone.  No other storage can then lock the
+    transaction, so this storage's lock, which is made durable before it
+    is answered, is the first moment anything of it must be on disk: the
+    storage answers the vote without waiting for a sync of its own, and
+    the lock's sync covers the vote's writes (docs/design.md,
+    "Durability").  A storage whose own partition table shows another cell
+    in a partition of the transaction answers after a sync, as for any
+    vote.  A NEO storage does not know the message and never gets it.
 ``repl-batch``
     Between storages: a replication source streams the object revisions of
     a chunk as ``AddObjects`` (code 0x7f01), each a list of what
@@ -82,9 +94,10 @@ from .catalogue import Packets
 EXTRA_KEY = b"neozodb"
 REPL_BATCH = b"repl-batch"
 EARLY_VOTE = b"early-vote"
+SOLO_VOTE = b"solo-vote"
 FEATURES: frozenset[bytes] = frozenset((b"status-json", b"import-status", b"gc-pack",
                                         b"mirror", b"check-report", b"check-digest",
-                                        REPL_BATCH, EARLY_VOTE))
+                                        REPL_BATCH, EARLY_VOTE, SOLO_VOTE))
 #: What RequestIdentification.extra carries from a neozodb node.
 ANNOUNCEMENT: dict[bytes, list[bytes]] = {EXTRA_KEY: sorted(FEATURES)}
 NO_FEATURES: frozenset[bytes] = frozenset()

@@ -26,6 +26,7 @@ from neozodb.protocol import (
     p64,
     u64,
 )
+from neozodb.protocol.features import SOLO_VOTE
 from neozodb.protocol.values import check_compression, check_id, check_ids
 from neozodb.storage.pack import is_gc_extension
 from neozodb.storage.undo import store_again_ok
@@ -283,7 +284,28 @@ class Writes:
         txn.voted = True
 
     def AskStoreTransaction(self, conn, msg_id, ttid, user, description, ext, oids, pack):
-        self._writable(Packets.AskStoreTransaction)
+        self._store_transaction(conn, Packets.AskStoreTransaction, ttid, user, description,
+                                ext, oids, pack)
+        self.app.group_sync.answer_on(conn, msg_id, Packets.AnswerStoreTransaction)
+
+    def AskSoloVote(self, conn, msg_id, ttid, user, description, ext, oids, pack):
+        """The vote of a transaction the client sent to us alone (feature
+        solo-vote): no other storage can lock it, so nothing of it has to
+        be durable before our lock, whose sync covers this vote's writes.
+        Unless our partition table shows another cell where it writes."""
+        if SOLO_VOTE not in conn.peer_features:
+            raise ProtocolError("unexpected AskSoloVote")
+        self._store_transaction(conn, Packets.AskSoloVote, ttid, user, description, ext,
+                                oids, pack)
+        app = self.app
+        pt, nid = app.pt, app.nid
+        if all(pt.sole(pt.partition(oid), nid) for oid in (ttid, *oids)):
+            conn.answer(msg_id, Packets.AnswerSoloVote)
+        else:
+            app.group_sync.answer_on(conn, msg_id, Packets.AnswerSoloVote)
+
+    def _store_transaction(self, conn, packet, ttid, user, description, ext, oids, pack):
+        self._writable(packet)
         check_id(ttid, "ttid")
         check_ids(oids, "oid")
         if pack is not None:
@@ -291,7 +313,7 @@ class Writes:
             check_id(pack[1], "pack TID")
         if ttid in self.app.locks.aborted:
             raise HandlerError("transaction %s was aborted" % ttid.hex(), ErrorCodes.DENIED)
-        txn = self._own(conn, ttid, Packets.AskStoreTransaction)
+        txn = self._own(conn, ttid, packet)
         request = None
         if pack is not None:
             pack_oids, pack_tid = pack
@@ -302,7 +324,6 @@ class Writes:
                        None if pack_oids is None else [u64(o) for o in pack_oids],
                        u64(pack_tid), gc)
         self._vote(txn, ([u64(o) for o in oids], user, description, ext, False), request)
-        self.app.group_sync.answer_on(conn, msg_id, Packets.AnswerStoreTransaction)
 
     def AskVoteTransaction(self, conn, msg_id, ttid):
         self._writable(Packets.AskVoteTransaction)

@@ -1,0 +1,79 @@
+"""Solo votes (feature solo-vote): the early vote of a transaction sent to
+one storage alone is answered without a sync of its own; the lock's sync
+makes it durable.  A storage that sees another cell where the transaction
+writes syncs before answering, as for any vote.  What is counted: the
+storage's "group commit: N syncs for M durable points" line at its stop."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import transaction
+import ZODB
+from persistent.mapping import PersistentMapping
+from rawpeer import Client, load
+
+from neozodb.client import Storage
+from neozodb.protocol import Packets
+
+pytestmark = pytest.mark.timeout(180)
+TIMEOUT = 30
+COMMITS = 30
+GROUP = re.compile(rb"group commit: (\d+) syncs for (\d+) durable points")
+
+
+def _durable_points(cluster, names=("S1",)) -> list[tuple[int, int]]:
+    """Stop the cluster cleanly; (syncs, durable points) each storage logged."""
+    cluster.stop()
+    counts = []
+    for name in names:
+        node = cluster.nodes[name]
+        with open(node.logfile, "rb") as f:
+            found = GROUP.findall(f.read())
+        assert found, "no group commit line in %s" % node.logfile
+        counts.append(tuple(map(int, found[-1])))
+    return counts
+
+
+def test_one_sync_per_commit_alone_on_a_storage(one_storage):
+    db = ZODB.DB(Storage(**one_storage.client_kwargs()))
+    try:
+        tm = transaction.TransactionManager()
+        root = db.open(tm).root()
+        root["m"] = PersistentMapping()
+        tm.commit()
+        for i in range(COMMITS):
+            root["m"]["x"] = i
+            tm.commit()
+        app = db.storage.app
+        taken, refused = app.early_votes
+        assert taken >= COMMITS and refused == 0
+    finally:
+        db.close()
+    ((syncs, points),) = _durable_points(one_storage)
+    # two durable points a commit (vote, lock) without solo votes: at
+    # least 2 * COMMITS; with them, the locks (and the cluster's own few)
+    assert points < COMMITS + 10, (syncs, points)
+    assert syncs <= points
+
+
+def test_solo_vote_where_another_cell_is_synced_first(cluster):
+    """A client that calls a transaction solo where the storage's table
+    shows a replica: that storage syncs before it answers."""
+    client = Client(cluster)
+    try:
+        oid = client.new_oid()
+        ttid = client.begin()
+        client.store(ttid, oid, b"data")  # on both storages (replicas 1)
+        nids = client.cells(ttid)
+        assert len(nids) == 2
+        for nid in nids:
+            client.conn(nid).call(Packets.AskSoloVote, ttid, b"", b"", b"", [oid], None,
+                                  timeout=TIMEOUT)
+        client.finish(ttid, [oid])
+        assert load(cluster, oid) == b"data"
+    finally:
+        client.close()
+    # the vote and the lock, each synced before its answer (nothing else
+    # of the cluster's start goes through the group commit)
+    assert [points for _, points in _durable_points(cluster, ("S1", "S2"))] == [2, 2]
