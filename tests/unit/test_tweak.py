@@ -1,4 +1,4 @@
-"""Rebalancing of the partition table (master/tweak.py, pure core)."""
+"""Rebalancing of the partition table (master/tweak.py and tweak_slots.py, pure core)."""
 
 import itertools
 import random
@@ -8,8 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import neozodb.master.tweak as tweak_module
-from neozodb.master.tweak import _find_pattern, drop_changes, drop_check, plan_tweak, tweak
+import neozodb.master.tweak_slots as tweak_slots
+from neozodb.master.tweak import drop_changes, drop_check, plan_tweak, tweak
+from neozodb.master.tweak_slots import find_pattern
 from neozodb.pt import (
     CORRUPTED,
     DISCARDED,
@@ -662,7 +663,7 @@ def test_find_pattern_is_complete(data):
     def valid(pattern):
         return all(pattern[a] != pattern[b] for a in range(n) for b in conflicts[a])
 
-    pattern = _find_pattern(labels, conflicts, [1] * n, n)
+    pattern = find_pattern(labels, conflicts, [1] * n, n)
     expected = any(valid(p) for p in set(itertools.permutations(labels)))
     assert (pattern is not None) == expected
     if pattern is not None:
@@ -685,8 +686,8 @@ def test_topology_heuristic_fallback(num_partitions, num_replicas, n, data):
     initial = sorted(data.draw(st.sets(st.sampled_from(nids), min_size=1)))
     pt = made(num_partitions, num_replicas, initial)
     repeats = min(num_replicas + 1, n)
-    limit = tweak_module._PATTERN_LIMIT
-    tweak_module._PATTERN_LIMIT = 1
+    limit = tweak_slots._PATTERN_LIMIT
+    tweak_slots._PATTERN_LIMIT = 1
     try:
         plan = plan_tweak(pt, nids, topology=topology)
         level = plan.topology_level
@@ -702,7 +703,7 @@ def test_topology_heuristic_fallback(num_partitions, num_replicas, n, data):
         check_final_layout(pt, nids, [], repeats)
         assert tweak(pt, nids, topology=topology) == []
     finally:
-        tweak_module._PATTERN_LIMIT = limit
+        tweak_slots._PATTERN_LIMIT = limit
 
 
 # -- the master's side of neoctl tweak / set replicas (administration.py) --------

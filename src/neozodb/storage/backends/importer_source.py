@@ -1,0 +1,212 @@
+"""Reading the source of an import (a ZODB storage) for the Importer
+backend: its transactions in TID order, ready to be copied
+(:func:`read_source`), and single revisions of an object, for the reads
+that merge what is not copied yet (``FileStorageView``, ``GenericView``).
+
+Nothing here touches the SQLite database.
+"""
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Callable, Iterator
+
+from ZODB.POSException import POSKeyError
+from ZODB.utils import p64, u64
+
+from .records import ZERO_HASH
+
+#: (oid, compression, checksum, data or None, data_txn or None)
+ImportRecord = tuple[int, int, bytes, "bytes | None", "int | None"]
+#: (tid, user, description, extension, records)
+ImportTransaction = tuple[int, bytes, bytes, bytes, list[ImportRecord]]
+
+
+class SourceDamaged(Exception):
+    """The source cannot be read past some point (its message says where)."""
+
+
+def _is_filestorage(storage) -> bool:
+    from ZODB.FileStorage import FileStorage
+    return isinstance(storage, FileStorage)
+
+
+class FileStorageView:
+    """Revisions of a FileStorage read from its records (data, undo
+    back-pointers and deletions exactly as its iterator gives them)."""
+
+    def __init__(self, storage) -> None:
+        self.storage = storage
+
+    def _chain(self, oid: int, f):
+        """Data record headers of ``oid``, newest first."""
+        fs, key = self.storage, p64(oid)
+        try:
+            pos = fs._lookup_pos(key)
+        except POSKeyError:
+            return
+        while pos:
+            h = fs._read_data_header(pos, key, f)
+            yield h
+            pos = h.prev
+
+    def revisions(self, oid: int, low: int, high: int) -> tuple[list[int], bool]:
+        """Tids of the revisions of ``oid`` in ``(low, high]``, newest first,
+        and whether it has any revision at or below ``high``."""
+        tids: list[int] = []
+        with self.storage._files.get() as f:
+            for h in self._chain(oid, f):
+                tid = u64(h.tid)
+                if tid <= low:
+                    return tids, True
+                if tid <= high:
+                    tids.append(tid)
+        return tids, bool(tids)
+
+    def record(self, oid: int, tid: int) -> tuple[bytes | None, int | None]:
+        """``(data, data_txn)`` of revision ``tid`` of ``oid`` (data None: a
+        deletion or undone creation).  KeyError if there is none."""
+        fs, key = self.storage, p64(oid)
+        with fs._files.get() as f:
+            for h in self._chain(oid, f):
+                if u64(h.tid) == tid:
+                    if h.plen:
+                        return f.read(h.plen), None
+                    if not h.back:
+                        return None, None
+                    back = h.back
+                    data = fs._loadBack_impl(key, back, False, f)[0]
+                    return data, u64(fs._read_data_header(back, key, f).tid)
+                if u64(h.tid) < tid:
+                    break
+        raise KeyError(tid)
+
+
+class GenericView:
+    """Revisions of any storage through its public API (``history``,
+    ``loadSerial``): undo back-pointers are not known (data_txn None)."""
+
+    def __init__(self, storage) -> None:
+        self.storage = storage
+
+    def revisions(self, oid: int, low: int, high: int) -> tuple[list[int], bool]:
+        try:
+            history = self.storage.history(p64(oid), size=1 << 30)
+        except (POSKeyError, KeyError):
+            return [], False
+        tids = sorted((u64(d['tid']) for d in history), reverse=True)
+        return [t for t in tids if low < t <= high], any(t <= high for t in tids)
+
+    def record(self, oid: int, tid: int) -> tuple[bytes | None, int | None]:
+        try:
+            return self.storage.loadSerial(p64(oid), p64(tid)), None
+        except POSKeyError:
+            return None, None
+
+
+def source_view(storage) -> FileStorageView | GenericView:
+    """How to read the revisions of ``storage``: a FileStorage's own records
+    keep the undo back-pointers that the public API hides."""
+    return FileStorageView(storage) if _is_filestorage(storage) else GenericView(storage)
+
+
+def extension_bytes(txn) -> bytes:
+    """The extension of a source transaction as stored (pickled)."""
+    ext = getattr(txn, 'extension_bytes', None)
+    if isinstance(ext, bytes):
+        return ext
+    extension = getattr(txn, 'extension', None) or {}
+    if not extension:
+        return b''
+    from ZODB._compat import dumps
+    return dumps(extension, 3)
+
+
+def pack_record(oid: int, data: bytes | None, data_txn: int | None,
+                level: int | None) -> ImportRecord:
+    """A record as stored: zlib-compressed when that makes it smaller (as
+    clients do), with the SHA-1 of the stored bytes."""
+    if data is None:
+        return oid, 0, ZERO_HASH, None, data_txn
+    if level is not None and len(data) > 32:
+        packed = zlib.compress(data, level)
+        if len(packed) < len(data):
+            return oid, 1, hashlib.sha1(packed).digest(), packed, data_txn
+    return oid, 0, hashlib.sha1(data).digest(), data, data_txn
+
+
+def _where(txn, records) -> str:
+    """Where a source transaction (and the record being read) is, for
+    error messages: FileStorage offsets when known."""
+    parts = []
+    if txn is not None:
+        parts.append('transaction %#x' % u64(txn.tid))
+        tpos = getattr(txn, '_tpos', None)
+        if tpos is not None:
+            parts.append('at offset %d' % tpos)
+    pos = getattr(records, '_pos', None)
+    if pos is not None and txn is not None and getattr(txn, '_tpos', None) is not None:
+        parts.append('record at offset %d' % pos)
+    return ', '.join(parts) or 'the start'
+
+
+def read_source(storage, after: int, upto: int, compress: bool = True,
+                stop: Callable[[], bool] = lambda: False
+                ) -> Iterator[tuple[ImportTransaction, float | None]]:
+    """The transactions of ``storage`` in ``(after, upto]``, ready for
+    ``import_transactions``, each with the fraction of the source read so
+    far (FileStorage: by bytes; None if unknown).
+
+    Raises SourceDamaged when a transaction cannot be read completely, or
+    when the source ends before ``upto`` (FileStorage's iterator stops
+    silently on damaged data, logging a warning): nothing of the damaged
+    transaction is returned.  ``stop()`` is checked between transactions.
+    """
+    level = 6 if compress else None
+    iterator = storage.iterator(p64(after + 1), p64(upto))
+    size = getattr(iterator, '_file_size', None)
+    txn = records = None
+    last = after
+    try:
+        for txn in iterator:
+            if stop():
+                return
+            records = None
+            tid = u64(txn.tid)
+            if tid <= last:
+                if tid <= after:
+                    continue
+                raise SourceDamaged('tids out of order at %s (after %#x)' % (
+                    _where(txn, None), last))
+            if tid > upto:
+                break
+            records = iter(txn)
+            packed = [pack_record(u64(r.oid), r.data,
+                                  None if r.data_txn is None else u64(r.data_txn), level)
+                      for r in records]
+            end = getattr(records, '_tend', None)
+            if end is not None and records._pos < end:
+                # FileStorage's record iterator stops at a bad record
+                raise SourceDamaged('damaged record in %s: it ends beyond its transaction'
+                                    % _where(txn, records))
+            last = tid
+            done = None
+            if size:
+                done = min(1.0, getattr(iterator, '_pos', 0) / size)
+            yield (tid, txn.user, txn.description, extension_bytes(txn), packed), done
+            txn = records = None
+    except SourceDamaged:
+        raise
+    except Exception as e:
+        raise SourceDamaged('cannot read %s: %s: %s' % (
+            _where(txn, records), type(e).__name__, ' '.join(str(e).split()))) from e
+    finally:
+        close = getattr(iterator, 'close', None)
+        if close is not None:
+            close()
+    if last < upto and not stop():
+        where = getattr(iterator, '_pos', None)
+        raise SourceDamaged('the source ends after transaction %#x%s, before its last'
+                            ' transaction %#x (damaged or truncated: see the warnings'
+                            ' logged by ZODB)' % (last, '' if where is None else
+                                                  ' (offset %d)' % where, upto))
