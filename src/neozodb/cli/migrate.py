@@ -26,7 +26,6 @@ import os
 import sys
 import time
 
-from ZODB.TimeStamp import TimeStamp
 from ZODB.utils import p64, u64, z64
 
 from neozodb.cli.config import format_address, parse_masters
@@ -180,42 +179,19 @@ class Progress:
 def copy(source, destination, start: bytes | None = None,
          progress: Progress | None = None) -> tuple[int, int, bytes | None]:
     """Copy the transactions of ``source`` from ``start`` (all if None)
-    into ``destination`` as copyTransactionsFrom does (ZODB's
-    BaseStorage.copy): tpc_begin with the source TID and status, one
-    restore per record, vote, finish.  Returns (transactions, objects, last
-    TID copied)."""
-    transactions = objects = 0
-    previous = None
-    iterator = source.iterator(start)
-    try:
-        for txn in iterator:
-            tid = txn.tid
-            if previous is not None and tid <= previous:
-                # as copyTransactionsFrom: a TID out of order is moved just
-                # after the previous one
-                tid = TimeStamp(tid).laterThan(TimeStamp(previous)).raw()
-                print("%s: TID %s out of order, copied as %s" % (
-                    PROG, txn.tid.hex(), tid.hex()), file=sys.stderr)
-            destination.tpc_begin(txn, tid, txn.status)
-            count = 0
-            try:
-                for record in txn:
-                    destination.restore(record.oid, record.tid, record.data, "",
-                                        record.data_txn, txn)
-                    count += 1
-                destination.tpc_vote(txn)
-                destination.tpc_finish(txn)
-            except BaseException:
-                destination.tpc_abort(txn)
-                raise
-            previous = tid
-            transactions += 1
-            objects += count
-            if progress is not None:
-                progress.update(u64(tid), count)
-    finally:
-        _close(iterator)
-    return transactions, objects, previous
+    into ``destination`` (client/copying.py: into a cluster, each finish
+    overlaps the copy of the next transaction).  Returns (transactions,
+    objects, last TID copied)."""
+    from neozodb.client.copying import copy as copy_transactions
+    from neozodb.client.storage import Storage
+
+    def warn(message: str) -> None:
+        print("%s: %s" % (PROG, message), file=sys.stderr)
+
+    done = None if progress is None else (lambda tid, records: progress.update(u64(tid), records))
+    result = copy_transactions(source, destination, start, done, warn,
+                               pipelined=isinstance(destination, Storage))
+    return result.transactions, result.objects, result.last
 
 
 def _first_transaction(storage, start: bytes | None = None):

@@ -37,6 +37,7 @@ class Commit:
         self.failed: set[int] = set()
         self.resolved: list[bytes] = []
         self.restored: set[bytes] = set()  # oids stored by restore(): never resolved
+        self.imposed = False  # begun with a TID of its own (restore, copy): ttid == tid
         self.conflict_error: Exception | None = None
         self.voted = False
         # every store answered, the vote under way: deadlock notices are

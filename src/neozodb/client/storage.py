@@ -12,7 +12,6 @@ from itertools import islice
 
 import zope.interface
 from ZODB import POSException
-from ZODB.BaseStorage import copy as copy_transactions
 from ZODB.ConflictResolution import ConflictResolvingStorage
 from ZODB.interfaces import (
     IExternalGC,
@@ -30,6 +29,7 @@ from neozodb.client import iteration
 from neozodb.client.app import ClientApp
 from neozodb.client.commit import Commit
 from neozodb.client.compress import parse_compress
+from neozodb.client.copying import copy as copy_transactions
 from neozodb.client.errors import NEOStorageError
 from neozodb.client.iteration import loads_extension, transaction_description
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
@@ -291,6 +291,7 @@ class Storage(ConflictResolvingStorage):
         except ConnectionClosed as e:
             raise POSException.StorageTransactionError(f"tpc_begin failed: {e}") from None
         commit = Commit(self.app, self, txn, ttid, self._compress)
+        commit.imposed = tid is not None
         with self._lock:
             self._commits[txn] = commit
         self.app.transactions[ttid] = commit
@@ -325,8 +326,12 @@ class Storage(ConflictResolvingStorage):
     def copyTransactionsFrom(self, other, verbose: int = 0) -> None:
         """Copy every transaction of ``other`` (any IStorageIteration) with
         its TID, metadata and back-pointers (ZODB's BaseStorage semantics;
-        see neomigrate for a command with progress)."""
-        copy_transactions(other, self, verbose)
+        see neomigrate for a command with progress); each finish overlaps
+        the copy of the next transaction (client/copying.py)."""
+        def done(tid: bytes, records: int) -> None:
+            print("copied %s: %d records" % (tid.hex(), records))
+
+        copy_transactions(other, self, done=done if verbose else None)
 
     def deleteObject(self, oid: bytes, serial: bytes, txn) -> None:
         """IExternalGC: a deletion record for oid, whose current serial must
@@ -342,7 +347,13 @@ class Storage(ConflictResolvingStorage):
     def tpc_vote(self, txn):
         commit = self._commit(txn)
         try:
-            return commit.vote() or None
+            resolved = commit.vote()
+            if commit.restored and commit.imposed:
+                # the TID is known (imposed): the next restores of these
+                # objects, perhaps before this finish returns (a pipelined
+                # copy), are based on it
+                self._remember_restored(commit.restored, commit.ttid)
+            return resolved or None
         except POSException.ConflictError:
             raise
         except (ConnectionClosed, RemoteError) as e:

@@ -1,0 +1,140 @@
+"""Copying whole transactions from another database, with their TIDs
+(copyTransactionsFrom, zodbconvert, neomigrate): ZODB's copy semantics
+(``ZODB.BaseStorage.copy``: tpc_begin with the source TID and status, one
+restore per record, vote, finish), in TID order.
+
+Into a cluster, each transaction's finish (a round trip to the master,
+which has the storages lock it) is overlapped with the copy of the next
+one: a thread of its own finishes the voted transactions, one at a time
+and in order, while the caller's thread begins, restores and votes the
+following ones.  The master commits in TID order anyway; a restore of an
+object that a transaction still finishing wrote waits for it on the
+storage, as any store waits for a lock.  A transaction is counted as
+copied when its finish returned, so what was reported copied is exactly
+what the destination has, and an interrupted copy can go on from the
+destination's last TID (``neomigrate --incremental``).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ZODB.TimeStamp import TimeStamp
+
+log = logging.getLogger("neozodb.client")
+
+# voted transactions waiting for their finish, beyond the one finishing:
+# each holds its objects' locks on the storages until then
+PIPELINE = 2
+
+
+class CopyResult:
+    """What was copied so far: transactions finished, their records, and
+    the last TID finished (None before the first)."""
+
+    def __init__(self, done: Callable[[bytes, int], None] | None) -> None:
+        self.transactions = 0
+        self.objects = 0
+        self.last: bytes | None = None
+        self._done = done
+
+    def finished(self, tid: bytes, records: int) -> None:
+        self.transactions += 1
+        self.objects += records
+        self.last = tid
+        if self._done is not None:
+            self._done(tid, records)
+
+
+class _Finisher:
+    """tpc_finish of voted transactions, in order, in a thread of its own.
+    After a failure, what is still queued is aborted, not finished."""
+
+    def __init__(self, destination: Any, result: CopyResult) -> None:
+        self.destination = destination
+        self.result = result
+        self.error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=PIPELINE)
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="neozodb copy finisher")
+        self._thread.start()
+
+    def put(self, txn: Any, tid: bytes, records: int) -> None:
+        """Queue a voted transaction (blocks while PIPELINE wait); from
+        then on the finisher finishes or aborts it."""
+        self._queue.put((txn, tid, records))
+
+    def close(self) -> None:
+        """Wait until every queued transaction is finished (or aborted)."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        destination = self.destination
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            txn, tid, records = item
+            if self.error is None:
+                try:
+                    destination.tpc_finish(txn)
+                except BaseException as e:  # reported by put() or close()'s caller
+                    self.error = e
+                else:
+                    self.result.finished(tid, records)
+                    continue
+            destination.tpc_abort(txn)
+
+
+def copy(source: Any, destination: Any, start: bytes | None = None,
+         done: Callable[[bytes, int], None] | None = None,
+         warn: Callable[[str], None] = log.warning, pipelined: bool = True) -> CopyResult:
+    """Copy the transactions of ``source`` from ``start`` (all if None)
+    into ``destination``; ``done(tid, records)`` is called as each one is
+    finished, in order.  ``pipelined``: finish in a thread of its own (the
+    destination must allow several transactions at once: a cluster)."""
+    result = CopyResult(done)
+    finisher = _Finisher(destination, result) if pipelined else None
+    previous = None
+    iterator = source.iterator(start)
+    try:
+        for txn in iterator:
+            tid = txn.tid
+            if previous is not None and tid <= previous:
+                # as ZODB's copy: a TID out of order is moved just after
+                # the previous one
+                tid = TimeStamp(tid).laterThan(TimeStamp(previous)).raw()
+                warn("TID %s out of order, copied as %s" % (txn.tid.hex(), tid.hex()))
+            destination.tpc_begin(txn, tid, txn.status)
+            records = 0
+            try:
+                for record in txn:
+                    destination.restore(record.oid, record.tid, record.data, "",
+                                        record.data_txn, txn)
+                    records += 1
+                destination.tpc_vote(txn)
+                if finisher is None:
+                    destination.tpc_finish(txn)
+                else:
+                    finisher.put(txn, tid, records)
+            except BaseException:
+                destination.tpc_abort(txn)
+                raise
+            previous = tid
+            if finisher is None:
+                result.finished(tid, records)
+            elif finisher.error is not None:
+                raise finisher.error
+    finally:
+        if finisher is not None:
+            finisher.close()
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+    if finisher is not None and finisher.error is not None:
+        raise finisher.error
+    return result
