@@ -1,11 +1,14 @@
 """Solo votes (feature solo-vote): the early vote of a transaction sent to
-one storage alone is answered without a sync of its own; the lock's sync
-makes it durable.  A storage that sees another cell where the transaction
-writes syncs before answering, as for any vote.  What is counted: the
-storage's "group commit: N syncs for M durable points" line at its stop."""
+one storage alone is answered without being committed (nor synced); the
+lock's commit and sync make it durable.  A storage that sees another cell
+where the transaction writes commits and syncs before answering, as for
+any vote.  What is observed: the storage's "group commit: N syncs for M
+durable points" line at its stop, and the database file as another SQLite
+connection sees it."""
 from __future__ import annotations
 
 import re
+import sqlite3
 
 import pytest
 import transaction
@@ -57,6 +60,33 @@ def test_one_sync_per_commit_alone_on_a_storage(one_storage):
     assert syncs <= points
 
 
+def _voted_rows(cluster, i: int, ttid: bytes) -> int:
+    """The vote's rows committed in storage i's database (what another
+    connection, or the disk after a crash, sees)."""
+    db = sqlite3.connect("file:%s?mode=ro" % cluster.database(i), uri=True)
+    try:
+        return db.execute("SELECT COUNT(*) FROM tobj WHERE tid=?",
+                          (int.from_bytes(ttid, "big"),)).fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_solo_vote_is_committed_by_its_lock(one_storage):
+    client = Client(one_storage)
+    try:
+        oid = client.new_oid()
+        ttid = client.begin()
+        client.store(ttid, oid, b"data")
+        (nid,) = client.cells(ttid)
+        client.conn(nid).call(Packets.AskSoloVote, ttid, b"", b"", b"", [oid], None,
+                              timeout=TIMEOUT)
+        assert _voted_rows(one_storage, 1, ttid) == 0  # answered, not committed
+        client.finish(ttid, [oid])
+        assert load(one_storage, oid) == b"data"
+    finally:
+        client.close()
+
+
 def test_solo_vote_where_another_cell_is_synced_first(cluster):
     """A client that calls a transaction solo where the storage's table
     shows a replica: that storage syncs before it answers."""
@@ -70,6 +100,7 @@ def test_solo_vote_where_another_cell_is_synced_first(cluster):
         for nid in nids:
             client.conn(nid).call(Packets.AskSoloVote, ttid, b"", b"", b"", [oid], None,
                                   timeout=TIMEOUT)
+        assert [_voted_rows(cluster, i, ttid) for i in (1, 2)] == [1, 1]  # committed
         client.finish(ttid, [oid])
         assert load(cluster, oid) == b"data"
     finally:

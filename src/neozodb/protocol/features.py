@@ -72,9 +72,8 @@ Both ends keep the intersection (``conn.peer_features``).  The features:
     to this storage alone.  No other storage can then lock the
     transaction, so this storage's lock, which is made durable before it
     is answered, is the first moment anything of it must be on disk: the
-    storage answers the vote without waiting for a sync of its own, and
-    the lock's sync covers the vote's writes (docs/design.md,
-    "Durability").  A storage whose own partition table shows another cell
+    storage answers the vote without committing it, and the lock's commit
+    and sync carry the vote's writes (docs/design.md, "Durability").  A storage whose own partition table shows another cell
     in a partition of the transaction answers after a sync, as for any
     vote.  A NEO storage does not know the message and never gets it.
 ``repl-batch``

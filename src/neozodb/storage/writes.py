@@ -265,7 +265,7 @@ class Writes:
         app.delay(ttid, relock)
         app.replay()
 
-    def _vote(self, txn, meta, pack=None) -> None:
+    def _vote(self, txn, meta, pack=None, durable: bool = True) -> None:
         if txn.ttid in self.app.locks.aborted:
             raise HandlerError("transaction %s was aborted" % txn.ttid.hex(), ErrorCodes.DENIED)
         if txn.unsettled:
@@ -280,7 +280,7 @@ class Writes:
                    for oid, (_, data_id, data_serial) in txn.objects.items()]
         backend = self.app.backend
         with backend.sync_later():
-            backend.store_transaction(u64(txn.ttid), objects, meta, pack)
+            backend.store_transaction(u64(txn.ttid), objects, meta, pack, durable)
         txn.voted = True
 
     def AskStoreTransaction(self, conn, msg_id, ttid, user, description, ext, oids, pack):
@@ -295,16 +295,23 @@ class Writes:
         Unless our partition table shows another cell where it writes."""
         if SOLO_VOTE not in conn.peer_features:
             raise ProtocolError("unexpected AskSoloVote")
-        self._store_transaction(conn, Packets.AskSoloVote, ttid, user, description, ext,
-                                oids, pack)
         app = self.app
         pt, nid = app.pt, app.nid
-        if all(pt.sole(pt.partition(oid), nid) for oid in (ttid, *oids)):
+        check_id(ttid, "ttid")
+        check_ids(oids, "oid")
+        # not even committed (the lock commits it with its own rows, each
+        # page written once), unless another cell may lock it too
+        solo = all(pt.sole(pt.partition(oid), nid) for oid in (ttid, *oids))
+        self._store_transaction(conn, Packets.AskSoloVote, ttid, user, description, ext,
+                                oids, pack, durable=not solo)
+        if solo:
+            app.pending_written()
             conn.answer(msg_id, Packets.AnswerSoloVote)
         else:
             app.group_sync.answer_on(conn, msg_id, Packets.AnswerSoloVote)
 
-    def _store_transaction(self, conn, packet, ttid, user, description, ext, oids, pack):
+    def _store_transaction(self, conn, packet, ttid, user, description, ext, oids, pack,
+                           durable: bool = True):
         self._writable(packet)
         check_id(ttid, "ttid")
         check_ids(oids, "oid")
@@ -323,7 +330,8 @@ class Writes:
             request = (pack_oids is not None and not gc,
                        None if pack_oids is None else [u64(o) for o in pack_oids],
                        u64(pack_tid), gc)
-        self._vote(txn, ([u64(o) for o in oids], user, description, ext, False), request)
+        self._vote(txn, ([u64(o) for o in oids], user, description, ext, False), request,
+                   durable)
 
     def AskVoteTransaction(self, conn, msg_id, ttid):
         self._writable(Packets.AskVoteTransaction)

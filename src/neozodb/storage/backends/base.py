@@ -342,7 +342,7 @@ class Backend(PartitionMethods):
     def store_transaction(self, ttid: int,
                           objects: Iterable[tuple[int, int | None, int | None]],
                           txn: TransactionMetadata | None,
-                          pack: PackRequest | None = None) -> None:
+                          pack: PackRequest | None = None, durable: bool = True) -> None:
         """Vote: record a transaction in the temporary tables.
 
         ``objects`` are ``(oid, data_id or None, value_tid or None)`` rows for
@@ -352,7 +352,9 @@ class Backend(PartitionMethods):
         with it, the pack order the transaction carries (not approved yet;
         it follows the transaction: lock, unlock, abort).  Holds on
         the listed data ids are released (``tobj`` now references them).
-        Durable (fsynced) when it returns, with every earlier write.
+        Durable (fsynced) when it returns, with every earlier write; with
+        ``durable`` false only pending, made durable by the next durable
+        operation (a solo vote: its lock, storage/writes.py).
         """
 
     @abc.abstractmethod

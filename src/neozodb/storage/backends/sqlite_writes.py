@@ -99,11 +99,11 @@ class SQLiteWrites:
     def store_transaction(self, ttid: int,
                           objects: Iterable[tuple[int, int | None, int | None]],
                           txn: TransactionMetadata | None,
-                          pack: PackRequest | None = None) -> None:
+                          pack: PackRequest | None = None, durable: bool = True) -> None:
         np = self._partitions()
         rows = [(oid % np, oid, ttid, data_id, value_tid)
                 for oid, data_id, value_tid in objects]
-        with self._txn(durable=True) as conn:
+        with self._txn(durable=durable) as conn:
             conn.executemany(_INSERT_TOBJ, rows)
             if txn is not None:
                 oids, user, description, ext, packed = txn
@@ -115,7 +115,8 @@ class SQLiteWrites:
                         ttid, bool(partial), None if pack_oids is None else _pack_oids(pack_oids),
                         pack_tid, bool(gc)))
             self._advance_floor(_FLOOR_STEP)
-        # Only now that tobj references them durably are the holds useless.
+        # Only now that tobj references them (durably, or in the same pending
+        # SQLite transaction, which a crash loses whole) are the holds useless.
         self._release(row[3] for row in rows if row[3] is not None)
 
     def lock_transaction(self, ttid: int, tid: int, pack_approved: bool = False) -> None:
