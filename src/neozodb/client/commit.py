@@ -89,10 +89,21 @@ class Commit:
             compression, stored, checksum = compress(data, self.level)
         args = (oid, serial, compression, checksum, stored, data_serial, self.ttid)
         # The first store leaves at once (its answer comes back while the
-        # application goes on); the following ones are batched until vote.
-        buffer = self.pending > 0
-        for nid in self._cells(oid):
+        # application goes on), unless the vote may follow it in the same
+        # write (early vote: one write, one answer, instead of two); the
+        # following ones are batched until vote.
+        nids = self._cells(oid)
+        buffer = self.pending > 0 or self._alone_on(nids)
+        for nid in nids:
             self._send(nid, Packets.AskStoreObject, args, (STORE, oid, serial), buffer=buffer)
+
+    def _alone_on(self, nids: list[int]) -> bool:
+        """Whether the transaction so far, with a store to ``nids``, is on
+        one storage that votes early: a cheap guess (``_early`` decides)."""
+        if len(nids) != 1 or self.involved - set(nids):
+            return False
+        conn = self.app._storages.get(nids[0])
+        return conn is not None and EARLY_VOTE in conn.peer_features
 
     def restore(self, oid: bytes, data: bytes | None, prev_txn: bytes | None,
                 base: bytes) -> None:
