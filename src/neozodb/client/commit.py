@@ -38,6 +38,11 @@ class Commit:
         self.resolved: list[bytes] = []
         self.restored: set[bytes] = set()  # oids stored by restore(): never resolved
         self.imposed = False  # begun with a TID of its own (restore, copy): ttid == tid
+        # the master's answer to an imposed begin not waited for (tpc_begin
+        # wait=False): checked at the vote, which sends the stores deferred
+        # until then
+        self.begin_answer: SimpleQueue | None = None
+        self.deferred: list[tuple] = []
         self.conflict_error: Exception | None = None
         self.voted = False
         # every store answered, the vote under way: deadlock notices are
@@ -88,14 +93,21 @@ class Commit:
         else:
             compression, stored, checksum = compress(data, self.level)
         args = (oid, serial, compression, checksum, stored, data_serial, self.ttid)
+        nids = self._cells(oid)
+        token = (STORE, oid, serial)
+        if self.begin_answer is not None:
+            # our TID is not accepted yet, and the stores of the
+            # transactions a pipelined copy begun after us must not reach a
+            # storage first: they wait for our vote
+            self.deferred += [(nid, args, token) for nid in nids]
+            return
         # The first store leaves at once (its answer comes back while the
         # application goes on), unless the vote may follow it in the same
         # write (early vote: one write, one answer, instead of two); the
         # following ones are batched until vote.
-        nids = self._cells(oid)
         buffer = self.pending > 0 or self._alone_on(nids)
         for nid in nids:
-            self._send(nid, Packets.AskStoreObject, args, (STORE, oid, serial), buffer=buffer)
+            self._send(nid, Packets.AskStoreObject, args, token, buffer=buffer)
 
     def _alone_on(self, nids: list[int]) -> bool:
         """Whether the transaction so far, with a store to ``nids``, is on
@@ -323,7 +335,24 @@ class Commit:
         self.store(oid, conflict, new)
 
     # -- two-phase commit ---------------------------------------------------------------
+    def _begun(self) -> None:
+        queue, self.begin_answer = self.begin_answer, None
+        if queue is None:
+            return
+        _, result, error, _ = queue.get()
+        if isinstance(error, RemoteError) and error.code is ErrorCodes.DENIED:
+            raise StorageTransactionError(f"tpc_begin refused: {error.message}")
+        if error is not None:
+            raise StorageTransactionError(f"tpc_begin failed: {error}")
+        if result[0] != self.ttid:
+            raise StorageTransactionError(
+                f"tpc_begin failed: the master began {result[0].hex()} for {self.ttid.hex()}")
+        deferred, self.deferred = self.deferred, []
+        for nid, args, token in deferred:
+            self._send(nid, Packets.AskStoreObject, args, token, buffer=True)
+
     def vote(self) -> list[bytes]:
+        self._begun()
         app = self.app
         meta_nids = app.writable_cells(self.ttid)
         txn = self.txn

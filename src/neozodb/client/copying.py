@@ -3,13 +3,17 @@
 (``ZODB.BaseStorage.copy``: tpc_begin with the source TID and status, one
 restore per record, vote, finish), in TID order.
 
-Into a cluster, each transaction's finish (a round trip to the master,
-which has the storages lock it) is overlapped with the copy of the next
-one: a thread of its own finishes the voted transactions, one at a time
-and in order, while the caller's thread begins, restores and votes the
-following ones.  The master commits in TID order anyway; a restore of an
-object that a transaction still finishing wrote waits for it on the
-storage, as any store waits for a lock.  A transaction is counted as
+Into a cluster, the round trips of each transaction overlap the copy of
+the next ones: the caller's thread begins each transaction without
+waiting for the master's answer (the TID is imposed: the answer only says
+yes or no) and restores its records, buffered; a thread of its own votes
+(checking the begin's answer first, then sending the stores and the vote
+in one write) and finishes the transactions, one at a time and in order.
+So the storages get each transaction's stores in TID order, and the
+master commits in TID order anyway; a restore of an object that a
+transaction still being committed wrote waits for its lock on the
+storage, as any store does, and is based on its TID (the client
+remembers it at the restore).  A transaction is counted as
 copied when its finish returned, so what was reported copied is exactly
 what the destination has, and an interrupted copy can go on from the
 destination's last TID (``neomigrate --incremental``).
@@ -26,8 +30,8 @@ from ZODB.TimeStamp import TimeStamp
 
 log = logging.getLogger("neozodb.client")
 
-# voted transactions waiting for their finish, beyond the one finishing:
-# each holds its objects' locks on the storages until then
+# restored transactions waiting for their vote, beyond the one being
+# voted and finished: what the caller's thread may be ahead
 PIPELINE = 2
 
 
@@ -50,8 +54,8 @@ class CopyResult:
 
 
 class _Finisher:
-    """tpc_finish of voted transactions, in order, in a thread of its own.
-    After a failure, what is still queued is aborted, not finished."""
+    """tpc_vote and tpc_finish of restored transactions, in order, in a
+    thread of its own.  After a failure, what is still queued is aborted."""
 
     def __init__(self, destination: Any, result: CopyResult) -> None:
         self.destination = destination
@@ -63,8 +67,8 @@ class _Finisher:
         self._thread.start()
 
     def put(self, txn: Any, tid: bytes, records: int) -> None:
-        """Queue a voted transaction (blocks while PIPELINE wait); from
-        then on the finisher finishes or aborts it."""
+        """Queue a restored transaction (blocks while PIPELINE wait); from
+        then on the finisher votes and finishes it, or aborts it."""
         self._queue.put((txn, tid, records))
 
     def close(self) -> None:
@@ -81,6 +85,7 @@ class _Finisher:
             txn, tid, records = item
             if self.error is None:
                 try:
+                    destination.tpc_vote(txn)
                     destination.tpc_finish(txn)
                 except BaseException as e:  # reported by put() or close()'s caller
                     self.error = e
@@ -95,8 +100,9 @@ def copy(source: Any, destination: Any, start: bytes | None = None,
          warn: Callable[[str], None] = log.warning, pipelined: bool = True) -> CopyResult:
     """Copy the transactions of ``source`` from ``start`` (all if None)
     into ``destination``; ``done(tid, records)`` is called as each one is
-    finished, in order.  ``pipelined``: finish in a thread of its own (the
-    destination must allow several transactions at once: a cluster)."""
+    finished, in order.  ``pipelined``: vote and finish in a thread of its
+    own (the destination must be a cluster's client: ``tpc_begin`` with
+    ``wait``, several transactions at once)."""
     result = CopyResult(done)
     finisher = _Finisher(destination, result) if pipelined else None
     previous = None
@@ -109,15 +115,18 @@ def copy(source: Any, destination: Any, start: bytes | None = None,
                 # the previous one
                 tid = TimeStamp(tid).laterThan(TimeStamp(previous)).raw()
                 warn("TID %s out of order, copied as %s" % (txn.tid.hex(), tid.hex()))
-            destination.tpc_begin(txn, tid, txn.status)
+            if finisher is None:
+                destination.tpc_begin(txn, tid, txn.status)
+            else:
+                destination.tpc_begin(txn, tid, txn.status, wait=False)
             records = 0
             try:
                 for record in txn:
                     destination.restore(record.oid, record.tid, record.data, "",
                                         record.data_txn, txn)
                     records += 1
-                destination.tpc_vote(txn)
                 if finisher is None:
+                    destination.tpc_vote(txn)
                     destination.tpc_finish(txn)
                 else:
                     finisher.put(txn, tid, records)

@@ -271,16 +271,26 @@ class Storage(ConflictResolvingStorage):
             raise POSException.StorageTransactionError(self, txn)
         return commit
 
-    def tpc_begin(self, txn, tid: bytes | None = None, status: str = " ") -> None:
+    def tpc_begin(self, txn, tid: bytes | None = None, status: str = " ",
+                  wait: bool = True) -> None:
         """Begin committing txn.  ``tid`` imposes the TID of the transaction
         (copyTransactionsFrom, restore): it must be greater than every TID
         the cluster committed or gave to a transaction in progress, else
         StorageTransactionError.  ``status`` is accepted and ignored (the
-        protocol has no way to store it: transactions read back ' ')."""
+        protocol has no way to store it: transactions read back ' ').
+        ``wait`` false, with a ``tid``: the master's answer is only checked
+        at the vote, which raises then (a pipelined copy)."""
         self._check_writable()
         with self._lock:
             if txn in self._commits:
                 raise POSException.StorageTransactionError("duplicate tpc_begin calls for same transaction")
+        if tid is not None and not wait:
+            master = self.app.get_master()
+            commit = Commit(self.app, self, txn, tid, self._compress)
+            commit.imposed = True
+            commit.begin_answer = master.ask(Packets.AskBeginTransaction, tid)
+            self._begun(txn, commit)
+            return
         try:
             (ttid,) = self.app.get_master().call(Packets.AskBeginTransaction, tid, timeout=None)
         except RemoteError as e:
@@ -292,9 +302,12 @@ class Storage(ConflictResolvingStorage):
             raise POSException.StorageTransactionError(f"tpc_begin failed: {e}") from None
         commit = Commit(self.app, self, txn, ttid, self._compress)
         commit.imposed = tid is not None
+        self._begun(txn, commit)
+
+    def _begun(self, txn, commit: Commit) -> None:
         with self._lock:
             self._commits[txn] = commit
-        self.app.transactions[ttid] = commit
+        self.app.transactions[commit.ttid] = commit
 
     def store(self, oid: bytes, serial: bytes | None, data: bytes, version: str, txn) -> None:
         self._check_writable()
@@ -321,6 +334,10 @@ class Storage(ConflictResolvingStorage):
             raise POSException.Unsupported("versions are not supported")
         commit = self._commit(transaction)
         commit.restore(oid, data, prev_txn, self._restored.get(oid, ZERO_TID))
+        if commit.imposed:
+            # the TID it will have: a restore of oid in the next transaction
+            # of a pipelined copy, before this one is finished, is based on it
+            self._remember_restored((oid,), commit.ttid)
         commit._process(block=False)
 
     def copyTransactionsFrom(self, other, verbose: int = 0) -> None:
@@ -347,13 +364,7 @@ class Storage(ConflictResolvingStorage):
     def tpc_vote(self, txn):
         commit = self._commit(txn)
         try:
-            resolved = commit.vote()
-            if commit.restored and commit.imposed:
-                # the TID is known (imposed): the next restores of these
-                # objects, perhaps before this finish returns (a pipelined
-                # copy), are based on it
-                self._remember_restored(commit.restored, commit.ttid)
-            return resolved or None
+            return commit.vote() or None
         except POSException.ConflictError:
             raise
         except (ConnectionClosed, RemoteError) as e:
