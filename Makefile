@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 	@# FUSE (fusermount, libfuse2) for the power-loss tests (tests/durability)
 	{ command -v fusermount && /sbin/ldconfig -p | grep -q 'libfuse\.so\.2'; } >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse libfuse2; }
+	@# ip (iproute2) and iptables for the network-fault tests (tests/net)
+	{ export PATH="$$PATH:/usr/sbin:/sbin"; command -v ip && command -v iptables-restore; } >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 iptables; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 	$(BIN)/pip install -q -e '.[test,bench]'
