@@ -2,9 +2,10 @@
 run read-modify-write transactions on a cluster of 2 storages (replicas
 1) while one storage is SIGKILLed and restarted; the history of every
 transaction and the final state a fresh client reads must pass the
-checker (snapshot isolation: the workload does not use readCurrent, see
-``test_read_current_deadlock``), and after a clean stop both storages
-hold the same committed rows.
+checker, and after a clean stop both storages hold the same committed
+rows.  The workloads call readCurrent on what they only read, so their
+transactions must be serializable (without it ZODB gives snapshot
+isolation: write skew is allowed).
 
 The seeds of the workloads come from one seed, printed;
 NEOZODB_HISTORY_SEED=<seed> runs the same transactions again (the moments
@@ -51,7 +52,7 @@ class Workloads:
         self.procs = []
         for i, (client, path) in enumerate(zip(self.clients, self.paths, strict=True)):
             argv = workload_argv(cluster.masters, cluster.name, client, path, seed + i,
-                                 duration=120, stop_file=self.stop_file,
+                                 duration=120, stop_file=self.stop_file, read_current=True,
                                  tls=cluster.credentials(client))
             out = open(directory / (client + ".out"), "w")
             self.procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT))
@@ -114,7 +115,7 @@ def run_history(cluster, directory, faults) -> list[dict]:
     assert cut == 0
     assert all(tally[c].get("ok", 0) > 0 for c in workloads.clients), tally
     final, _ = read_final(**cluster.client_kwargs())
-    problems = check(records, final, isolation="snapshot")
+    problems = check(records, final, isolation="serializable")
     assert problems == [], "seed %d:\n%s" % (seed, "\n".join(problems))
     return records
 
@@ -160,18 +161,14 @@ def test_history_with_the_only_storage_killed(one_storage, tmp_path):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="a storage never gives back the lock of a readCurrent"
-                   " check to an older transaction (NotifyDeadlock is ignored for oids only"
-                   " checked): both transactions wait forever")
 def test_read_current_deadlock(one_storage):
     """T1 (older) writes B then A; T2 (younger) checks A (readCurrent,
     which write-locks A on the storage) then writes B.  T2 waits for T1's
     B, T1 for T2's A: the storage asks T2 to give A back (NotifyDeadlock),
-    as it would for a store.  Then T1 votes and finishes, and T2 conflicts.
-    What happens: T2's client ignores the notice (commit.py ``deadlock``:
-    A is not in its data) and so would the storage (``AskRelockObject``:
-    A is not in its objects), so neither vote ever returns; the history
-    workload with ``--read-current`` hangs so within seconds."""
+    as it would for a store, and T2's client relocks it (AskRelockObject),
+    which lets T1 go on.  Then T1 votes and finishes, and T2 conflicts.
+    Before the relock covered checked objects, neither vote ever returned
+    (the history workload with ``--read-current`` hung within seconds)."""
     cluster = one_storage
     db = ZODB.DB(Storage(**cluster.client_kwargs()))
     try:

@@ -253,9 +253,9 @@ class Commit:
         return list(oids)
 
     def deadlock(self, conn, oid: bytes) -> None:
-        """A storage asks us to release oid (reader thread): do it unless
-        the vote began."""
-        if not self.stored and oid in self.data:
+        """A storage asks us to release oid, stored or checked (reader
+        thread): do it unless the vote began."""
+        if not self.stored and (oid in self.data or oid in self.checked):
             self.queue.put(((RELOCK, oid, conn), None, None, conn))
 
     # -- answers -------------------------------------------------------------------
@@ -295,7 +295,12 @@ class Commit:
                 (answer,) = result
                 if answer is not None:
                     serial, conflict, stored = answer
-                    self._conflict(token[1], serial, conflict)
+                    oid = token[1]
+                    if oid in self.data:
+                        self._conflict(oid, serial, conflict)
+                    elif self.conflict_error is None:
+                        # only checked (readCurrent): changed meanwhile
+                        self.conflict_error = ReadConflictError(oid=oid, serials=(conflict, serial))
         if self.conflict_error is not None:
             raise self.conflict_error
 

@@ -224,9 +224,13 @@ class Writes:
         conn.answer(msg_id, Packets.AnswerCheckCurrentSerial, None)
 
     def AskRelockObject(self, conn, msg_id, ttid, oid):
+        """Give oid's lock (a store's or a readCurrent check's) to the older
+        transaction waiting for it, then take it again: answered None if
+        what the transaction stored or checked is still based on the
+        current revision, else (serial, current, data stored or None)."""
         app = self.app
         txn = app.locks.txns.get(ttid)
-        if txn is None or txn.voted or oid not in txn.objects:
+        if txn is None or txn.voted or (oid not in txn.objects and oid not in txn.checked):
             conn.answer(msg_id, Packets.AnswerRelockObject, None)
             return
         self._own(conn, ttid, Packets.AskRelockObject)
@@ -244,14 +248,22 @@ class Writes:
                 self._notify_victim(ttid, oid, holder)
                 app.delay(ttid, relock)
                 return
-            serial, data_id, data_serial = txn.objects[oid]
+            stored_here = oid in txn.objects
+            if stored_here:
+                serial, data_id, data_serial = txn.objects[oid]
+            else:
+                serial, data_id = txn.checked[oid], None
             current = _current_serial(app, oid)
             if current == serial:
                 txn.unsettled.discard(oid)
                 conn.answer(msg_id, Packets.AnswerRelockObject, None)
                 return
-            # somebody committed meanwhile: give the client back its data to resolve
-            del txn.objects[oid]
+            # somebody committed meanwhile: give the client back its data to
+            # resolve (a check: it failed)
+            if stored_here:
+                del txn.objects[oid]
+            else:
+                del txn.checked[oid]
             app.locks.release(ttid, oid)
             app.replay()
             stored = None
