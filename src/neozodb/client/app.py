@@ -84,6 +84,8 @@ class ClientApp(Loads):
         # early votes (client/commit.py) the storage took, and refused
         # (a store was not settled yet: voted again)
         self.early_votes = [0, 0]
+        # locks given back to an older transaction (NotifyDeadlock): relocks asked
+        self.relocks = 0
 
     @property
     def label(self) -> str:

@@ -271,6 +271,7 @@ class Commit:
                     continue  # queued before the vote began: too late
                 oid = token[1]
                 self.pending += 1
+                self.app.relocks += 1
                 conn.ask(Packets.AskRelockObject, self.ttid, oid, queue=self.queue,
                          token=(RELOCK, oid, conn, "answer"))
                 continue

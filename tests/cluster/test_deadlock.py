@@ -1,0 +1,108 @@
+"""Deadlock avoidance end to end (NotifyDeadlock, AskRelockObject, the
+client's relock): two real clients store the same two objects in opposite
+orders, each object on its own storage (2 storages, replicas 0), so that
+each transaction holds the lock the other waits for, on different
+storages.  The older transaction must win (the younger one gives its lock
+back and takes it again), and both commit: the objects are
+``BTrees.Length`` counters, whose conflicts resolve."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import transaction
+import ZODB
+from BTrees.Length import Length
+from ZODB.Connection import TransactionMetaData
+from ZODB.serialize import ObjectWriter
+
+from conftest import _running
+from neozodb.client import Storage
+from neozodb.protocol import Packets
+
+pytestmark = pytest.mark.timeout(120)
+TIMEOUT = 20
+
+
+@pytest.fixture
+def two_storages(tmp_path):
+    """2 storages, replicas 0: each partition on one storage only."""
+    yield from _running(tmp_path, 2, 0, 4)
+
+
+def _pickle(value: int) -> bytes:
+    """The record of a Length holding ``value``, as ZODB stores it."""
+    return ObjectWriter().serialize(Length(value))
+
+
+def test_opposite_orders_on_two_storages(two_storages):
+    cluster = two_storages
+    db = ZODB.DB(Storage(**cluster.client_kwargs()))
+    app = db.storage.app
+    try:
+        tm = transaction.TransactionManager()
+        root = db.open(tm).root()
+        for i in range(16):
+            root["n%d" % i] = Length(100)
+        tm.commit()
+        by_storage: dict = {}
+        for i in range(16):
+            obj = root["n%d" % i]
+            (nid,) = app.writable_cells(obj._p_oid)
+            by_storage.setdefault(nid, obj)
+        assert len(by_storage) == 2, "both storages should hold one of 16 objects"
+        (nid_a, a), (nid_b, b) = sorted(by_storage.items())
+        oid_a, oid_b, serial_a, serial_b = a._p_oid, b._p_oid, a._p_serial, b._p_serial
+    finally:
+        db.close()
+
+    s1, s2 = Storage(**cluster.client_kwargs()), Storage(**cluster.client_kwargs())
+    try:
+        one, ten = _pickle(101), _pickle(110)  # +1 (T1) and +10 (T2) on each object
+        t1, t2 = TransactionMetaData(), TransactionMetaData()
+        s1.tpc_begin(t1)  # the older
+        s2.tpc_begin(t2)
+
+        def settled(storage, nid):
+            """A barrier: a request on the same connection, answered after
+            what was sent before it was handled there."""
+            storage.app.storage_conn(nid).call(Packets.Ping, timeout=TIMEOUT)
+
+        s1.store(oid_a, serial_a, one, "", t1)  # T1 holds A (on its storage)
+        settled(s1, nid_a)
+        s2.store(oid_b, serial_b, ten, "", t2)  # T2 holds B (on the other)
+        settled(s2, nid_b)
+        s1.store(oid_b, serial_b, one, "", t1)  # T1 waits for T2 (younger): T2 is told
+        settled(s1, nid_b)
+        s2.store(oid_a, serial_a, ten, "", t2)  # T2 waits for T1 (older)
+        settled(s2, nid_a)
+        outcome: dict = {}
+
+        def commit(name, storage, txn):
+            try:
+                storage.tpc_vote(txn)
+                outcome[name] = ("voted", storage.tpc_finish(txn))
+            except Exception as e:
+                outcome[name] = ("failed", e)
+                storage.tpc_abort(txn)
+
+        threads = [threading.Thread(target=commit, args=args, daemon=True)
+                   for args in (("T2", s2, t2), ("T1", s1, t1))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT)
+        assert outcome.get("T1", ("?",))[0] == "voted", outcome
+        assert outcome.get("T2", ("?",))[0] == "voted", outcome
+        assert outcome["T1"][1] < outcome["T2"][1]  # the older committed first
+        assert s2.app.relocks >= 1 and s1.app.relocks == 0  # the younger gave B back
+    finally:
+        s1.close()
+        s2.close()
+    db = ZODB.DB(Storage(**cluster.client_kwargs()))
+    try:
+        root = db.open(transaction.TransactionManager()).root()
+        values = {obj._p_oid: obj() for obj in (root[k] for k in root)}
+        assert values[oid_a] == values[oid_b] == 111  # both increments, resolved
+    finally:
+        db.close()
