@@ -282,3 +282,20 @@ def test_history_counter_survives_eviction(max_history):
         cache.store(p64(n), b"s" * 10, T1, None)
         cache._check()
     assert (cache.load(b) is None) == (not max_history)
+
+
+def test_drop_history_of_a_pack():
+    cache = ClientCache(1000)
+    cache.store(OID, b"one", T1, T2)    # superseded at T2
+    cache.store(OID, b"two", T2, T4)    # superseded at T4
+    cache.store(OID, b"four", T4, None)  # current
+    cache.store(OID2, b"gone", T1, T3)  # deleted at T3
+    cache.drop_history(T3)
+    # what stopped being current by T3 is gone, as on the storages
+    assert cache.load(OID, T2) is None and cache.load(OID2, T3) is None
+    assert cache.load(OID, T3) == (b"two", T2, T4)
+    assert cache.load(OID) == (b"four", T4, None)
+    assert len(cache) == 2 and cache.size == len(b"two") + len(b"four")
+    cache.drop_history(T5)
+    assert cache.load(OID, T3) is None and cache.load(OID) == (b"four", T4, None)
+    assert len(cache) == 1

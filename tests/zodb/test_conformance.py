@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import doctest
 import os
-import re
 
 import pytest
 import ZODB.tests
@@ -166,13 +165,14 @@ class NEOToFileStorageRecoveryTests(NEORecoveryTests):
         RecoveryStorage.RecoveryStorage.testPackWithGCOnDestinationAfterRestore)
 
 
-# ZODB's IExternalGC doctest (PackableStorage.IExternalGC_suite) stores a
-# blob and packs, neither of which neozodb does yet: its examples about the
-# blob object (root()[1], oid1, p1, s1, Blob, loadBlob), the pack (db.pack and the
-# object counts it changes) and the loads expected to fail once the pack
-# removed the revisions before the deletion are left out; every other
-# example runs unchanged.
-_EXTERNAL_GC_SKIPPED = re.compile(r"Blob|root\(\)\[1\]|oid1|\bp1\b|\bs1\b|\.pack\(|len\(|time\.sleep")
+# ZODB's IExternalGC doctest (PackableStorage.IExternalGC_suite) runs
+# whole, its two packs and object counts included, on a client with
+# pack_gc=False (the doctest's storage "is configured not to gc on pack"),
+# but for blobs, which neozodb does not store yet: the blob it creates as
+# root()[1] is an ordinary persistent object here (so every count and
+# every other example is unchanged), and the two examples that read it
+# with loadBlob are left out.
+_BLOB = "ZODB.blob.Blob(b'some data')"
 
 
 def _external_gc_examples():
@@ -182,10 +182,9 @@ def _external_gc_examples():
     examples = doctest.DocTestParser().get_examples(text, path)
     kept = []
     for example in examples:
-        if _EXTERNAL_GC_SKIPPED.search(example.source):
+        if "loadBlob" in example.source:
             continue
-        if "loadBefore" in example.source and "POSKeyError" in example.want:
-            continue  # needs the pack
+        example.source = example.source.replace(_BLOB, "conn.root().__class__()")
         kept.append(example)
     return path, kept, len(examples)
 
@@ -198,10 +197,12 @@ def run_external_gc_doctest(cluster: LocalCluster) -> None:
     """The filtered IExternalGC doctest against a running ``cluster``,
     which is killed at the end."""
     path, examples, total = _external_gc_examples()
-    assert 20 < len(examples) < total  # the filter matches ZODB's text
+    assert len(examples) == total - 2  # the two loadBlob examples
+    assert any(_BLOB in e.source for e in doctest.DocTestParser().get_examples(
+        open(path).read(), path))  # the blob replaced is ZODB's text
     try:
-        globs = {"create_storage": lambda: Storage(cluster.masters, cluster.name)}
-        test = doctest.DocTest(examples, globs, "IExternalGC.test (no blobs, no pack)",
+        globs = {"create_storage": lambda: Storage(cluster.masters, cluster.name, pack_gc=False)}
+        test = doctest.DocTest(examples, globs, "IExternalGC.test (without loadBlob)",
                                path, 0, None)
         ZODB.tests.util.setUp(test)
         try:

@@ -478,6 +478,12 @@ class ClientApp(Loads):
             for oid in oids:
                 self.cache.forget(oid)
 
+    def packed(self, pack_tid: bytes) -> None:
+        """Our pack up to pack_tid: the history it removes, out of the cache
+        (a loadBefore would otherwise find there what storages dropped)."""
+        with self.lock:
+            self.cache.drop_history(pack_tid)
+
     def wait_for_pack(self, tid: bytes) -> None:
         """Until every running storage applied the pack order ``tid``; asked
         again to a new master if the master is lost meanwhile."""

@@ -231,6 +231,19 @@ class ClientCache:
         for item in self._oids.pop(oid, ()):
             self._remove(item)
 
+    def drop_history(self, pack_tid: bytes) -> None:
+        """Drop the revisions a pack up to ``pack_tid`` removes from the
+        storages: those that stopped being current by then."""
+        for oid in list(self._oids):
+            items = self._oids[oid]
+            kept = [i for i in items if i.next_serial is None or i.next_serial > pack_tid]
+            if len(kept) != len(items):
+                for item in items:
+                    if item not in kept:
+                        self._remove(item)
+                items[:] = kept
+                self._drop_empty(oid, items)
+
     def clear_current(self) -> None:
         """Drop every current revision (invalidations may have been missed)."""
         for oid in list(self._oids):

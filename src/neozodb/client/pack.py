@@ -280,6 +280,7 @@ def pack(storage, t: float, referencesf, gc: bool = True, wait: bool = True) -> 
             else:
                 unreachable, tid = delete_garbage(storage, mark, unreachable, pack_tid)
         app.forget(unreachable)
+    app.packed(pack_tid)
     if wait:
         app.wait_for_pack(tid)
         log.info("%s: packed up to %s in %.3f s", app.label, pack_tid.hex(),

@@ -59,7 +59,7 @@ class Storage(ConflictResolvingStorage):
                  logfile: str | None = None, ignore_wrong_checksum: bool = False,
                  connect_timeout: float = 60.0, keepalive: float | None = None,
                  features: bool = True, ca: str | None = None, cert: str | None = None,
-                 key: str | None = None, **kw) -> None:
+                 key: str | None = None, pack_gc: bool = True, **kw) -> None:
         if kw:
             raise TypeError("unexpected options: " + ", ".join(sorted(kw)))
         tls = None
@@ -68,6 +68,9 @@ class Storage(ConflictResolvingStorage):
             tls = load_contexts(ca, cert, key)[1]  # type: ignore[arg-type]
         self._name = name
         self._read_only = bool(read_only)
+        # what pack() does without a gc argument (as FileStorage's pack_gc):
+        # false, only history is removed (an external GC uses deleteObject)
+        self._pack_gc = bool(pack_gc)
         self._compress = parse_compress(compress)
         if logfile:
             import logging
@@ -422,11 +425,12 @@ class Storage(ConflictResolvingStorage):
 
     # -- not yet offered -----------------------------------------------------------------
 
-    def pack(self, t, referencesf, gc: bool = True, wait: bool = True) -> None:
-        """Remove the history up to time ``t`` and, with ``gc``, the objects
-        unreachable then (see client/pack.py).  Waits until every running
-        storage has applied it, unless ``wait`` is false."""
+    def pack(self, t, referencesf, gc: bool | None = None, wait: bool = True) -> None:
+        """Remove the history up to time ``t`` and, with ``gc`` (default:
+        the ``pack_gc`` option, true unless set), the objects unreachable
+        then (see client/pack.py).  Waits until every running storage has
+        applied it, unless ``wait`` is false."""
         self._check_writable()
         from neozodb.client.pack import pack
-        pack(self, t, referencesf, gc=gc, wait=wait)
+        pack(self, t, referencesf, gc=self._pack_gc if gc is None else gc, wait=wait)
 

@@ -122,6 +122,7 @@ class NEOStorageConfig:
             "cache_size": c.cache_size,
             "logfile": c.logfile,
             "ignore_wrong_checksum": c.ignore_wrong_checksum,
+            "pack_gc": c.pack_gc,
             "connect_timeout": c.connect_timeout,
             # only when given: None would mean the same, Storage's default
             **({} if c.keepalive is None else {"keepalive": c.keepalive}),

@@ -13,7 +13,7 @@ IPv6 masters go in brackets (``neo://test@[::1]:10000``).  Query options
 - storage options, passed to ``neozodb.client.Storage``: ``read_only``,
   ``compress`` (boolean, ``zlib`` or ``zlib=N``), ``cache_size`` (``20MB``,
   ``512KB``, plain bytes), ``logfile``, ``ignore_wrong_checksum``,
-  ``connect_timeout`` and ``keepalive`` (seconds); booleans are
+  ``pack_gc``, ``connect_timeout`` and ``keepalive`` (seconds); booleans are
   true/false/1/0/yes/no/on/off;
 - database options known by zodburi: ``database_name`` and
   ``connection_<p>`` for ``pool_size``, ``pool_timeout``, ``cache_size``,
@@ -93,6 +93,7 @@ STORAGE_OPTIONS = {
     "cache_size": convert_bytesize,
     "logfile": _path,
     "ignore_wrong_checksum": convert_bool,
+    "pack_gc": convert_bool,
     "connect_timeout": convert_timeout,
     "keepalive": convert_timeout,
     "ca": _path,
