@@ -14,7 +14,7 @@ from persistent.mapping import PersistentMapping
 from neozodb.cli.cluster import wait_until
 from neozodb.client import Storage
 from neozodb.protocol import NodeStates
-from neozodb.storage.backends.sqlite import SQLiteBackend
+from replicas import raw_contents
 from writers import Writers
 
 pytestmark = pytest.mark.timeout(240)
@@ -25,23 +25,6 @@ def all_up_to_date(cluster, names) -> bool:
     return len(lines) == len(names) and all(
         line.split()[0] in names and line.split()[1] == "R" and set(line.split()[2]) <= {"U", "."}
         for line in lines)
-
-
-def replica_contents(path: str) -> dict:
-    """Every committed transaction and object revision of a storage database."""
-    db = SQLiteBackend(path)
-    db.open()
-    try:
-        np = db.get_num_partitions()
-        content = {}
-        for p in range(np):
-            trans = {t: db.get_transaction(t) for t in db.fetch_tids(p, 1 << 30, 0, (1 << 63) - 1)}
-            objs = {k: db.fetch_object(k[1], k[0])
-                    for k in db.fetch_object_keys(p, 1 << 30, 0, (1 << 63) - 1, 0)}
-            content[p] = (trans, objs)
-        return content
-    finally:
-        db.close()
 
 
 def replicated_objects(node) -> int:
@@ -75,8 +58,8 @@ def test_storage_killed_under_write_load_catches_up(cluster, tmp_path):
         counts = writers.stop()
     writers.check()
     cluster.stop()
-    s1 = replica_contents(os.path.join(cluster.directory, "storage1.sqlite"))
-    s2 = replica_contents(os.path.join(cluster.directory, "storage2.sqlite"))
+    s1 = raw_contents(os.path.join(cluster.directory, "storage1.sqlite"))
+    s2 = raw_contents(os.path.join(cluster.directory, "storage2.sqlite"))
     assert sum(len(t) for t, _ in s1.values()) > sum(counts)
     assert s1 == s2
 
@@ -117,8 +100,8 @@ def test_interrupted_replication_resumes(cluster):
     finally:
         db.close()
     cluster.stop()
-    assert replica_contents(os.path.join(cluster.directory, "storage1.sqlite")) == \
-        replica_contents(os.path.join(cluster.directory, "storage2.sqlite"))
+    assert raw_contents(os.path.join(cluster.directory, "storage1.sqlite")) == \
+        raw_contents(os.path.join(cluster.directory, "storage2.sqlite"))
 
 
 def neoctl(cluster, *words):

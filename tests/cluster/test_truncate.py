@@ -13,8 +13,8 @@ from persistent.mapping import PersistentMapping
 from neozodb.cli.cluster import wait_until
 from neozodb.client import Storage
 from neozodb.protocol import NodeStates, p64, u64
-from neozodb.storage.backends.sqlite import SQLiteBackend
 from neozodb.tid import neo_tid_time
+from replicas import config_value, raw_contents
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -85,20 +85,10 @@ def pending_truncation(path: str) -> int | None:
 
 
 def contents(path: str) -> dict:
-    """Every committed transaction and object revision of a stopped storage."""
-    db = SQLiteBackend(path)
-    db.open()
-    try:
-        content = {}
-        for p in range(db.get_num_partitions()):
-            trans = {t: db.get_transaction(t) for t in db.fetch_tids(p, 1 << 30, 0, (1 << 63) - 1)}
-            objs = {k: db.fetch_object(k[1], k[0])
-                    for k in db.fetch_object_keys(p, 1 << 30, 0, (1 << 63) - 1, 0)}
-            content[p] = (trans, objs)
-        assert db.get_truncate_tid() is None
-        return content
-    finally:
-        db.close()
+    """Every committed transaction and object revision of a stopped
+    storage (raw SQL: tests/replicas.py); no truncation pending."""
+    assert config_value(path, "truncate_tid") is None
+    return raw_contents(path)
 
 
 def all_tids(content: dict) -> set[int]:

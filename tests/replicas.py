@@ -1,0 +1,37 @@
+"""What a storage's database holds, read with raw SQL (sqlite3, read
+only): replicas are compared on this, not through the project's own
+backend, so that a read bug hiding the same rows on both copies cannot
+make them look identical."""
+from __future__ import annotations
+
+import sqlite3
+
+
+def raw_contents(path: str) -> dict[int, tuple[dict, dict]]:
+    """partition -> (committed transactions {tid: metadata}, object
+    revisions {(tid, oid): (value_tid, data hash, compression, data)}).
+    Data rows are compared by content: their ids are each database's own."""
+    conn = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+    try:
+        (partitions,) = conn.execute(
+            "SELECT value FROM config WHERE name='partitions'").fetchone()
+        content: dict[int, tuple[dict, dict]] = {p: ({}, {}) for p in range(int(partitions))}
+        for p, tid, *meta in conn.execute(
+                "SELECT partition, tid, packed, oids, user, description, ext, ttid FROM trans"):
+            content[p][0][tid] = tuple(meta)
+        for p, oid, tid, value_tid, *data in conn.execute(
+                "SELECT o.partition, o.oid, o.tid, o.value_tid, d.hash, d.compression, d.value"
+                " FROM obj o LEFT JOIN data d ON d.id = o.data_id"):
+            content[p][1][tid, oid] = (value_tid, *data)
+        return content
+    finally:
+        conn.close()
+
+
+def config_value(path: str, name: str) -> str | None:
+    conn = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+    try:
+        row = conn.execute("SELECT value FROM config WHERE name=?", (name,)).fetchone()
+        return None if row is None else row[0]
+    finally:
+        conn.close()
