@@ -120,6 +120,20 @@ class LoadWriter:
         self.proc.wait(10)
 
 
+def missing_commits(cluster, acked: list[str]) -> list[str]:
+    """The acknowledged TIDs (hex) that the cluster does not have: every
+    transaction from the first of them is listed by a new client."""
+    if not acked:
+        return []
+    from neozodb.client import Storage
+    storage = Storage(cluster.masters, cluster.name)
+    try:
+        present = {t.tid.hex() for t in storage.iterator(bytes.fromhex(min(acked)))}
+    finally:
+        storage.close()
+    return [tid for tid in acked if tid not in present]
+
+
 def restart_and_time(cluster, probe: int, timeout: float) -> dict:
     """Start every node; a new client connects as soon as the master
     listens (it is held until the cluster runs), reads the root object and
@@ -137,6 +151,8 @@ def restart_and_time(cluster, probe: int, timeout: float) -> dict:
         connected = time.time()
         storage.load(z64)
         read = time.time()
+        # what the cluster has after its recovery, before the probe's commit
+        recovered = storage.lastTransaction()
         db = ZODB.DB(storage)
         tm = transaction.TransactionManager()
         root = db.open(tm).root()
@@ -149,7 +165,7 @@ def restart_and_time(cluster, probe: int, timeout: float) -> dict:
         else:
             storage.close()
     result = {"started_at": t0, "connected_s": connected - t0, "read_s": read - t0, "commit_s": committed - t0,
-              "last_tid": storage.lastTransaction().hex()}
+              "last_tid": recovered.hex()}
     for name, who, pattern in PHASES:
         times = [log_time(line) for node_name, node in cluster.nodes.items()
                  if node_name == who or (who == "S" and node_name.startswith("S"))
@@ -183,9 +199,11 @@ def measure(cleanup, workdir, opts, label: str, size: int, anomalies: list[str])
         if writer is not None:
             acked = writer.tids()
             timing["writer_commits"] = len(acked)
-            if acked and acked[-1] > timing["last_tid"]:
-                anomalies.append("%s: the writer's last acknowledged commit %s is missing"
-                                 " (last tid %s)" % (key, acked[-1], timing["last_tid"]))
+            missing = missing_commits(cluster, acked)
+            if missing:
+                anomalies.append("%s: %d acknowledged commits of the writer missing after the"
+                                 " restart (last tid recovered %s): %s" % (
+                                     key, len(missing), timing["last_tid"], " ".join(missing)))
         if replicas:
             # the master may have outdated a storage it saw die before itself
             wait_all_up(cluster, opts.timeout)
