@@ -8,16 +8,17 @@ import sqlite3
 
 
 def raw_contents(path: str) -> dict[int, tuple[dict, dict]]:
-    """partition -> (committed transactions {tid: metadata}, object
-    revisions {(tid, oid): (value_tid, data hash, compression, data)}).
-    Data rows are compared by content: their ids are each database's own."""
+    """partition -> (committed transactions {tid: (oids, user,
+    description, ext, packed, ttid)}, object revisions {(tid, oid):
+    (value_tid, data hash, compression, data)}).  Data rows are compared by
+    content: their ids are each database's own."""
     conn = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
     try:
         (partitions,) = conn.execute(
             "SELECT value FROM config WHERE name='partitions'").fetchone()
         content: dict[int, tuple[dict, dict]] = {p: ({}, {}) for p in range(int(partitions))}
         for p, tid, *meta in conn.execute(
-                "SELECT partition, tid, packed, oids, user, description, ext, ttid FROM trans"):
+                "SELECT partition, tid, oids, user, description, ext, packed, ttid FROM trans"):
             content[p][0][tid] = tuple(meta)
         for p, oid, tid, value_tid, *data in conn.execute(
                 "SELECT o.partition, o.oid, o.tid, o.value_tid, d.hash, d.compression, d.value"

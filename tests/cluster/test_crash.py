@@ -220,7 +220,7 @@ def check_replicas(cluster, committed) -> None:
     """Stop the cluster; then the copies of each partition are identical
     row by row, and each transaction of a writer is there once (by its
     description) with the tid the client saw."""
-    from test_replication import replica_contents
+    from replicas import raw_contents as replica_contents
     grid = cells(cluster)
     cluster.stop()
     contents = {name: replica_contents(os.path.join(cluster.directory, "storage%s.sqlite"
@@ -356,7 +356,7 @@ def test_validated_transaction_does_not_hide_missed_commits(cluster):
         f.seek(master.log_offset)
         assert b"validating transaction " + ttid_b.hex().encode() in f.read()
     check_replicas(cluster, {})
-    from test_replication import replica_contents
+    from replicas import raw_contents as replica_contents
     s1 = replica_contents(os.path.join(cluster.directory, "storage1.sqlite"))
     a = u64(tid_a)
     assert (a, u64(y)) in s1[u64(y) % cluster.partitions][1], "S1 lacks A's object"

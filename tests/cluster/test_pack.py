@@ -11,13 +11,14 @@ import pytest
 import transaction
 import ZODB
 from persistent.mapping import PersistentMapping
-from test_replication import all_up_to_date, replica_contents
+from test_replication import all_up_to_date
 from ZODB.POSException import POSKeyError
 
 from neozodb.cli.cluster import LocalCluster, wait_until
 from neozodb.client import Storage
 from neozodb.protocol import NodeStates, u64
 from neozodb.tid import time_from_tid
+from replicas import raw_contents
 from writers import Writers
 
 pytestmark = pytest.mark.timeout(240)
@@ -119,7 +120,7 @@ def test_gc_removes_unreachable_subgraph(cluster):
     cluster.stop()
     for i in (1, 2):
         path = os.path.join(cluster.directory, "storage%d.sqlite" % i)
-        oids = {k[1] for _, objs in replica_contents(path).values() for k in objs}
+        oids = {k[1] for _, objs in raw_contents(path).values() for k in objs}
         assert not oids & {u64(o._p_oid) for o in (a, b, c)}
         with sqlite3.connect(path) as db_:
             # no data row left behind
@@ -154,8 +155,8 @@ def test_storage_down_during_pack_packs_when_back(cluster):
     wait_until(lambda: all_up_to_date(cluster, {"S1", "S2"}), 60, "S2 up to date")
     wait_until(lambda: completed_by(cluster, ["S1", "S2"]), 60, "S2 packed")
     cluster.stop()
-    s1 = replica_contents(os.path.join(cluster.directory, "storage1.sqlite"))
-    s2 = replica_contents(os.path.join(cluster.directory, "storage2.sqlite"))
+    s1 = raw_contents(os.path.join(cluster.directory, "storage1.sqlite"))
+    s2 = raw_contents(os.path.join(cluster.directory, "storage2.sqlite"))
     assert s1 == s2
     assert not {u64(o) for o in garbage} & {k[1] for _, objs in s1.values() for k in objs}
 
@@ -220,7 +221,7 @@ def test_restart_mid_pack_resumes(tmp_path):
             storage.close()
         db.close()
         cluster.stop()
-        assert replica_contents(path) == replica_contents(
+        assert raw_contents(path) == raw_contents(
             os.path.join(cluster.directory, "storage2.sqlite"))
     finally:
         cluster.kill()
@@ -256,7 +257,7 @@ def pack_while_writers_commit(cluster, tmp_path, db, garbage, timeout: float) ->
 
 def test_commits_go_on_during_a_pack(tmp_path):
     cluster = LocalCluster(str(tmp_path / "c"), name="busy", storages=2, replicas=1,
-                           partitions=12, storage_args=["--pack-rate", "1000"])  # seconds
+                           partitions=12, storage_args=["--pack-rate", "300"])  # > 10 s of pack
     try:
         cluster.start(wait=60)
         db = ZODB.DB(Storage(cluster.masters, cluster.name))

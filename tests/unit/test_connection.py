@@ -581,16 +581,26 @@ def test_keepalive_no_ping_while_traffic_flows():
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         count = int(2 * KEEPALIVE / (HALF / 4))
+        delivered = []
 
         def deliver(i):  # a message every eighth of a keep-alive, for two
             conn.data_received(msg(i, Packets.InvalidateObjects, TID, [OID]))
+            delivered.append(time.monotonic())
             if i + 1 < count:
                 loop.call_later(HALF / 4, deliver, i + 1)
             else:
                 done.set_result(None)
         deliver(0)
         await asyncio.wait_for(done, 5 * KEEPALIVE)
-        assert transport.pings == [] and transport.messages() == []
+        # A loaded machine may leave a gap of half a keep-alive between two
+        # messages: a ping then is right.  Never one sooner after a message,
+        # and never a close.
+        for sent, _ in transport.pings:
+            last = max(t for t in delivered if t <= sent)
+            assert sent - last >= HALF - EPSILON, (sent - last, delivered)
+        gaps = [b - a for a, b in zip(delivered, delivered[1:], strict=False)]
+        if max(gaps) < HALF - EPSILON:
+            assert transport.pings == [] and transport.messages() == []
         assert not conn.closed and transport.calls == []
     run_keepalive(test)
 
