@@ -47,9 +47,10 @@ from common import (  # noqa: F401  (format_table, percentile: replication.py im
     interruptible,
     payload,
     percentile,
-    relstorage_available,
+    relstorage_backends,
     say,
     start_backends,
+    stop_process,
     temporary_directory,
     write_json,
 )
@@ -215,13 +216,7 @@ def run_script(name: str, args: list[str], tmp: str) -> tuple[dict | None, str]:
             print("   " + line, end="", flush=True)
         status = proc.wait()
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_process(proc, 60)
     if status != 0:
         raise RuntimeError("bench/%s.py exited with status %s" % (name, status))
     data = None
@@ -334,10 +329,9 @@ def measure(backends: list[Backend], skipped: dict, objects: int, rounds: int,
     one round of every backend rather than every round of one."""
     per_round: dict[str, list[dict]] = {}
     with temporary_directory("bench") as (cleanup, workdir):
-        active = start_backends(cleanup, backends, workdir, skipped)
+        active = start_backends(cleanup, backends, workdir, skipped, peaks=peaks)
         for backend in active:
             per_round[backend.key] = []
-            peaks.watch(cleanup, backend)  # runs before the backend's stop
         for r in range(rounds):
             print("  round %d/%d:" % (r + 1, rounds), end="", flush=True)
             for backend in list(active):
@@ -386,10 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tls:
         backends.insert(1, NeoBackend(1, 0, tls=True))
     skipped: dict[str, str] = {}
-    if relstorage_available():
-        backends.append(RelStorageBackend())
-    else:
-        skipped[RelStorageBackend.label] = "`import relstorage` failed (not installed)"
+    backends += relstorage_backends(skipped)
 
     started = time.perf_counter()
     print("objects=%d rounds=%d, %d one-object commits per round, %d CPUs" % (

@@ -129,6 +129,34 @@ def run_and_report(run, opts, report, title: str) -> int:
     return 0
 
 
+def measure_and_report(measure, opts, report, title: str, summary, *,
+                       show_peaks: bool = True, **extra) -> int:
+    """The rest of main() once the options are read, for the scripts that
+    measure backends and the peak memory of their servers: say ``title``,
+    ``measure(opts, peaks)`` (see ``interruptible``), then print
+    ``report(results)``, the peaks (unless not ``show_peaks``) and the
+    total time, and write the --json file with ``summary(results)``, the
+    peaks and ``extra``; returns the exit status."""
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    say(title)
+    peaks = PeakMemory()
+    results = interruptible(measure, opts, peaks,
+                            stopped="every process stopped, temporary files removed")
+    if INTERRUPTED:
+        return 130
+    print()
+    print(report(results))
+    if show_peaks:
+        print()
+        print(peaks.table("peak RSS (VmHWM) of the servers, MB"))
+    print("\ntotal %.0fs" % (time.perf_counter() - started))
+    if opts.json:
+        write_json(opts.json, options(opts), results, summary=summary(results),
+                   peak_rss=peaks.peaks, **extra)
+    return 0
+
+
 def stop_cluster(cluster) -> None:
     """Stop a LocalCluster; safe to call twice, and after a failed start."""
     try:
@@ -165,6 +193,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 10) -> None:
+    """Terminate ``proc`` if it still runs; kill it if it has not exited
+    ``grace`` seconds later."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -308,12 +349,17 @@ class ZEOBackend(Backend):
         self.proc: subprocess.Popen | None = None
 
     def start(self, workdir: str) -> None:
-        directory = os.path.join(workdir, "zeo")
-        os.makedirs(directory)
+        self.directory = os.path.join(workdir, "zeo")
+        os.makedirs(self.directory)
         self.address = ("127.0.0.1", free_port())
+        self.serve()
+
+    def serve(self) -> None:
+        """Start the server on the address and file of ``start`` (again,
+        after it was killed) and wait until it listens."""
         argv = [sys.executable, "-m", "ZEO.runzeo", "-a", "%s:%d" % self.address,
-                "-f", os.path.join(directory, "Data.fs")]
-        with open(os.path.join(directory, "zeo.log"), "ab") as log:
+                "-f", os.path.join(self.directory, "Data.fs")]
+        with open(os.path.join(self.directory, "zeo.log"), "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL)
         try:
@@ -348,14 +394,8 @@ class ZEOBackend(Backend):
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        if proc is not None:
+            stop_process(proc)
 
 
 class RelStorageBackend(Backend):
@@ -402,10 +442,21 @@ def relstorage_available() -> bool:
     return True
 
 
+def relstorage_backends(skipped: dict[str, str]) -> list[Backend]:
+    """[RelStorageBackend()] when RelStorage is installed; else [], said in
+    ``skipped``."""
+    if relstorage_available():
+        return [RelStorageBackend()]
+    skipped[RelStorageBackend.label] = "`import relstorage` failed (not installed)"
+    return []
+
+
 def start_backends(cleanup: contextlib.ExitStack, backends: list[Backend], workdir: str,
-                   skipped: dict[str, str], optional=(RelStorageBackend,)) -> list[Backend]:
-    """Start every backend, each stopped by ``cleanup``; an optional one that
-    fails to start is left out and said in ``skipped``.  Returns the started."""
+                   skipped: dict[str, str], optional=(RelStorageBackend,),
+                   peaks: PeakMemory | None = None) -> list[Backend]:
+    """Start every backend, each stopped by ``cleanup`` (after ``peaks``, if
+    given, read its servers' memory); an optional one that fails to start
+    is left out and said in ``skipped``.  Returns the started."""
     active = []
     for backend in backends:
         cleanup.callback(backend.stop)  # idempotent: safe after a failed start
@@ -419,8 +470,23 @@ def start_backends(cleanup: contextlib.ExitStack, backends: list[Backend], workd
             skipped[backend.label] = "failed to start: %r" % (e,)
             continue
         active.append(backend)
+        if peaks is not None:
+            peaks.watch(cleanup, backend)
         say("  started %-18s %.1fs" % (backend.label, time.perf_counter() - t0))
     return active
+
+
+def write_spec(workdir: str, backend: Backend) -> str:
+    """A file telling client processes how to open ``backend`` (``read_spec``)."""
+    path = os.path.join(workdir, backend.key + ".spec")
+    with open(path, "w") as f:
+        json.dump(backend.spec(), f)
+    return path
+
+
+def read_spec(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
 
 
 class PeakMemory:
@@ -492,10 +558,12 @@ class Clients:
             sel.close()
         return [lines[i] for i in range(len(self.procs))]
 
-    def run(self, seconds: float) -> list[dict]:
-        """Wait until all are ready, let them work ``seconds``, return their
-        results (in order)."""
+    def run(self, seconds: float, ready=None) -> list[dict]:
+        """Wait until all are ready (then call ``ready()``, if given), let
+        them work ``seconds``, return their results (in order)."""
         self._lines("ready")
+        if ready is not None:
+            ready()
         for p in self.procs:
             p.stdin.write("go %r\n" % seconds)
             p.stdin.flush()

@@ -19,7 +19,6 @@ Usage: .venv/bin/python bench/concurrency.py [--quick] [--seconds S] [--rounds R
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -30,7 +29,6 @@ import sys
 import time
 
 from common import (
-    INTERRUPTED,
     Backend,
     Clients,
     NeoBackend,
@@ -40,14 +38,15 @@ from common import (
     client_ready,
     client_result,
     format_table,
-    interruptible,
+    measure_and_report,
     open_spec,
     payload,
     percentile,
+    read_spec,
     say,
     start_backends,
     temporary_directory,
-    write_json,
+    write_spec,
 )
 
 HERE = os.path.abspath(__file__)
@@ -57,6 +56,22 @@ TARGETS = {"commits": 1.5, "loads": 2.0}  # issue 12: ZEO time / neozodb time
 
 
 # -- client processes -------------------------------------------------------------------
+def repeat_for(seconds: float, step) -> dict:
+    """Call ``step()``, which returns how long its operation took, again
+    and again for ``seconds``: the count, the time, the median and p90 of
+    the operations in ms."""
+    times = []
+    began = time.perf_counter()
+    end = began + seconds
+    while True:
+        times.append(step())
+        if time.perf_counter() >= end:
+            break
+    return {"count": len(times), "seconds": time.perf_counter() - began,
+            "median_ms": statistics.median(times) * 1e3,
+            "p90_ms": percentile(times, 90) * 1e3}
+
+
 def commit_worker(spec: dict, oid: bytes) -> None:
     import transaction
     import ZODB
@@ -67,23 +82,16 @@ def commit_worker(spec: dict, oid: bytes) -> None:
     obj["data"] = payload()
     tm.commit()  # warm-up: connections made, the object loaded
     seconds = client_ready()
-    times = []
-    began = time.perf_counter()
-    end = began + seconds
-    while True:
+
+    def step() -> float:
         obj["data"] = payload()
         t0 = time.perf_counter()
         tm.commit()
-        t1 = time.perf_counter()
-        times.append(t1 - t0)
-        if t1 >= end:
-            break
-    elapsed = time.perf_counter() - began
+        return time.perf_counter() - t0
+    result = repeat_for(seconds, step)
     conn.close()
     db.close()
-    client_result({"count": len(times), "seconds": elapsed,
-                   "median_ms": statistics.median(times) * 1e3,
-                   "p90_ms": percentile(times, 90) * 1e3})
+    client_result(result)
 
 
 def load_worker(spec: dict, oids_file: str, seed: int) -> None:
@@ -94,31 +102,24 @@ def load_worker(spec: dict, oids_file: str, seed: int) -> None:
     storage = open_spec(spec)
     storage.load(oids.pop())  # warm-up: connections made
     seconds = client_ready()
-    times = []
-    began = time.perf_counter()
-    end = began + seconds
-    i = 0
-    while True:
-        oid = oids[i % len(oids)]  # wraps only if a process reads the whole database
-        i += 1
+    loaded = 0
+
+    def step() -> float:
+        nonlocal loaded
+        oid = oids[loaded % len(oids)]  # wraps only if a process reads the whole database
+        loaded += 1
         t0 = time.perf_counter()
         storage.load(oid)
-        t1 = time.perf_counter()
-        times.append(t1 - t0)
-        if t1 >= end:
-            break
-    elapsed = time.perf_counter() - began
+        return time.perf_counter() - t0
+    result = repeat_for(seconds, step)
     storage.close()
-    client_result({"count": len(times), "seconds": elapsed, "wrapped": i > len(oids),
-                   "median_ms": statistics.median(times) * 1e3,
-                   "p90_ms": percentile(times, 90) * 1e3})
+    result["wrapped"] = loaded > len(oids)
+    client_result(result)
 
 
 def worker_main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.ERROR)
-    kind, spec_file = argv[0], argv[1]
-    with open(spec_file) as f:
-        spec = json.load(f)
+    kind, spec = argv[0], read_spec(argv[1])
     if kind == "commit":
         commit_worker(spec, bytes.fromhex(argv[2]))
     else:
@@ -161,19 +162,14 @@ class Profiler:
 def run_clients(cleanup, argvs: list[list[str]], seconds: float, profiler: Profiler,
                 name: str, backend: Backend) -> dict:
     clients = Clients(cleanup, argvs)
-    try:
-        clients._lines("ready")
+
+    def profile() -> None:
         pids = dict(backend.pids())
         pids.pop("A1", None)
         pids["client"] = clients.pids()[0]
         profiler.start(name, pids, seconds)
-        for p in clients.procs:
-            p.stdin.write("go %r\n" % seconds)
-            p.stdin.flush()
-        results = [json.loads(line) for line in clients._lines("results")]
-        for p in clients.procs:
-            p.stdin.close()
-            p.wait(30)
+    try:
+        results = clients.run(seconds, ready=profile)
     finally:
         clients.kill()
         profiler.stop()
@@ -209,15 +205,9 @@ def measure(opts, peaks: PeakMemory) -> dict:
     with temporary_directory("concurrency", opts.keep) as (cleanup, workdir):
         commit_backends = [NeoBackend(1, 0), NeoBackend(2, 1), ZEOBackend()]
         load_backends = [commit_backends[1], commit_backends[2]]
-        active = start_backends(cleanup, commit_backends, workdir, {})
-        for b in active:
-            peaks.watch(cleanup, b)
+        active = start_backends(cleanup, commit_backends, workdir, {}, peaks=peaks)
         profiler = Profiler(opts.py_spy, cleanup)
-        specs = {}
-        for b in active:
-            specs[b.key] = os.path.join(workdir, b.key + ".spec")
-            with open(specs[b.key], "w") as f:
-                json.dump(b.spec(), f)
+        specs = {b.key: write_spec(workdir, b) for b in active}
 
         oids = {b.key: make_objects(b, max(opts.procs)) for b in commit_backends}
         for r in range(opts.rounds):
@@ -336,24 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(opts, k) is None:
             setattr(opts, k, v)
     opts.procs = [int(x) for x in opts.procs.split(",")]
-    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    started = time.perf_counter()
-    say("concurrency benchmark: %s s per measure, %d round(s), %d CPUs, Python %s" % (
-        opts.seconds, opts.rounds, os.cpu_count() or 0, platform.python_version()))
-    peaks = PeakMemory()
-    results = interruptible(measure, opts, peaks,
-                            stopped="every process stopped, temporary files removed")
-    if INTERRUPTED:
-        return 130
-    print()
-    print(report(results))
-    print()
-    print(peaks.table("peak RSS (VmHWM) of the servers, MB"))
-    print("\ntotal %.0fs" % (time.perf_counter() - started))
-    if opts.json:
-        write_json(opts.json, {"options": {k: v for k, v in vars(opts).items()}},
-                   results, summary=summary_rows(results), peak_rss=peaks.peaks)
-    return 0
+    title = "concurrency benchmark: %s s per measure, %d round(s), %d CPUs, Python %s" % (
+        opts.seconds, opts.rounds, os.cpu_count() or 0, platform.python_version())
+    return measure_and_report(measure, opts, report, title, summary_rows)
 
 
 if __name__ == "__main__":

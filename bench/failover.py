@@ -153,24 +153,13 @@ def measure_zeo(cleanup, workdir: str, n: int) -> list[float]:
         zeo.proc.kill()
         zeo.proc.wait(10)
         zeo.proc = None
-        restart(zeo, os.path.join(workdir, "zeo"))
+        zeo.serve()  # the same server again, on its address and file
         return t
 
     # reconnection polled every 50 ms at first (the default starts at 1 s)
     db = ZODB.DB(ClientStorage(zeo.address, wait=True, wait_timeout=30, min_disconnect_poll=0.05,
                                max_disconnect_poll=1))
     return trials(cleanup, db, kill_server, n, "ZEO, restarted")
-
-
-def restart(zeo: ZEOBackend, directory: str) -> None:
-    """Start the same ZEO server again on its address and file."""
-    import subprocess
-    argv = [sys.executable, "-m", "ZEO.runzeo", "-a", "%s:%d" % zeo.address,
-            "-f", os.path.join(directory, "Data.fs")]
-    with open(os.path.join(directory, "zeo.log"), "ab") as log:
-        zeo.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
-    zeo._wait_port(30.0)
 
 
 def summary(times: list[float]) -> dict:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import logging
 import os
 import platform
@@ -33,7 +32,6 @@ import sys
 import time
 
 from common import (
-    INTERRUPTED,
     MB,
     Clients,
     NeoBackend,
@@ -42,16 +40,17 @@ from common import (
     client_ready,
     client_result,
     format_table,
-    interruptible,
+    measure_and_report,
     open_spec,
     payload,
     percentile,
     proc_status,
+    read_spec,
     record_pickle,
     say,
     start_backends,
     temporary_directory,
-    write_json,
+    write_spec,
 )
 
 HERE = os.path.abspath(__file__)
@@ -62,8 +61,7 @@ QUICK = {"sizes": [1_000, 3_000, 10_000], "loads": 300, "commits": 30, "batch": 
 def builder(spec_file: str, count: int, batch: int, out: str) -> None:
     """A client process writing ``count`` new objects; their oids go to ``out``."""
     logging.basicConfig(level=logging.ERROR)
-    with open(spec_file) as f:
-        storage = open_spec(json.load(f))
+    storage = open_spec(read_spec(spec_file))
     client_ready()
     began = time.perf_counter()
     oids = build_raw(storage, count, batch)
@@ -128,11 +126,8 @@ def measure(opts, peaks: PeakMemory) -> list[dict]:
     rng = random.Random(1)
     with temporary_directory("scale", opts.keep) as (cleanup, workdir):
         backend = NeoBackend(opts.storages, opts.storages - 1)
-        start_backends(cleanup, [backend], workdir, {})
-        peaks.watch(cleanup, backend)
-        spec_file = os.path.join(workdir, "spec.json")
-        with open(spec_file, "w") as f:
-            json.dump(backend.spec(), f)
+        start_backends(cleanup, [backend], workdir, {}, peaks=peaks)
+        spec_file = write_spec(workdir, backend)
         oids: list[bytes] = []
         for stage, size in enumerate(opts.sizes):
             t0 = time.perf_counter()
@@ -221,23 +216,11 @@ def main(argv: list[str] | None = None) -> int:
             setattr(opts, k, defaults[k])
     if opts.sizes != sorted(set(opts.sizes)) or opts.sizes[0] <= opts.loads + opts.commits:
         parser.error("--sizes must grow, and exceed --loads + --commits")
-    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    started = time.perf_counter()
-    say("scale benchmark: sizes %s, %d storage(s), %d builders, %d CPUs, Python %s" % (
+    title = "scale benchmark: sizes %s, %d storage(s), %d builders, %d CPUs, Python %s" % (
         ",".join(map(str, opts.sizes)), opts.storages, opts.builders, os.cpu_count() or 0,
-        platform.python_version()))
-    peaks = PeakMemory()
-    stages = interruptible(measure, opts, peaks,
-                           stopped="every process stopped, temporary files removed")
-    if INTERRUPTED:
-        return 130
-    print()
-    print(report(stages))
-    print("\ntotal %.0fs" % (time.perf_counter() - started))
-    if opts.json:
-        write_json(opts.json, {"options": dict(vars(opts))}, stages,
-                   summary=summary_rows(stages), peak_rss=peaks.peaks)
-    return 0
+        platform.python_version())
+    # the nodes' memory is in the report, at every stage
+    return measure_and_report(measure, opts, report, title, summary_rows, show_peaks=False)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Usage: .venv/bin/python bench/shootout.py [--quick] [--concurrency 1,4] [--objec
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import platform
 import re
@@ -27,19 +26,17 @@ import sys
 import time
 
 from common import (
-    INTERRUPTED,
     FileStorageBackend,
     NeoBackend,
     PeakMemory,
-    RelStorageBackend,
     ZEOBackend,
     format_table,
-    interruptible,
-    relstorage_available,
+    measure_and_report,
+    relstorage_backends,
     say,
     start_backends,
+    stop_process,
     temporary_directory,
-    write_json,
 )
 
 # zodbshootout's benchmark names, in its order; its descriptions
@@ -101,14 +98,9 @@ def measure(opts, peaks: PeakMemory, skipped: dict) -> dict:
     results: dict = {}
     with temporary_directory("shootout", opts.keep) as (cleanup, workdir):
         backends = [NeoBackend(s, r) for s, r in opts.neo] + [ZEOBackend()]
-        if relstorage_available():
-            backends.append(RelStorageBackend())
-        else:
-            skipped[RelStorageBackend.label] = "`import relstorage` failed (not installed)"
+        backends += relstorage_backends(skipped)
         backends.append(FileStorageBackend())
-        active = start_backends(cleanup, backends, workdir, skipped)
-        for b in active:
-            peaks.watch(cleanup, b)
+        active = start_backends(cleanup, backends, workdir, skipped, peaks=peaks)
         results["labels"] = {b.key: b.label for b in active}
         for c in opts.concurrency:
             conf = os.path.join(workdir, "zodb-c%d.conf" % c)
@@ -123,7 +115,7 @@ def measure(opts, peaks: PeakMemory, skipped: dict) -> dict:
             with open(os.path.join(workdir, "c%d.log" % c), "w") as log:
                 proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, cwd=workdir)
-                cleanup.callback(kill, proc)
+                cleanup.callback(stop_process, proc)
                 status = proc.wait()
             with open(os.path.join(workdir, "c%d.log" % c)) as log:
                 text = log.read()
@@ -137,12 +129,6 @@ def measure(opts, peaks: PeakMemory, skipped: dict) -> dict:
                 c, time.perf_counter() - t0,
                 ", %d errors in its log" % len(errors) if errors else ""))
     return results
-
-
-def kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
 
 
 def describe(name: str, n: int) -> str:
@@ -230,26 +216,13 @@ def main(argv: list[str] | None = None) -> int:
                     for c in opts.neo.split(",")]
     except (ValueError, IndexError):
         parser.error("--neo: e.g. '1S r0,2S r1'")
-    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    started = time.perf_counter()
-    say("zodbshootout: %d objects per transaction, concurrency %s, %d CPUs, Python %s" % (
+    title = "zodbshootout: %d objects per transaction, concurrency %s, %d CPUs, Python %s" % (
         opts.objects, ",".join(map(str, opts.concurrency)), os.cpu_count() or 0,
-        platform.python_version()))
-    peaks = PeakMemory()
+        platform.python_version())
     skipped: dict[str, str] = {}
-    results = interruptible(measure, opts, peaks, skipped,
-                            stopped="every process stopped, temporary files removed")
-    if INTERRUPTED:
-        return 130
-    print()
-    print(report(results, opts, skipped))
-    print()
-    print(peaks.table("peak RSS (VmHWM) of the servers, MB"))
-    print("\ntotal %.0fs" % (time.perf_counter() - started))
-    if opts.json:
-        write_json(opts.json, {"options": dict(vars(opts))}, results,
-                   summary=summary_rows(results, opts), peak_rss=peaks.peaks, skipped=skipped)
-    return 0
+    return measure_and_report(lambda opts, peaks: measure(opts, peaks, skipped), opts,
+                              lambda results: report(results, opts, skipped), title,
+                              lambda results: summary_rows(results, opts), skipped=skipped)
 
 
 if __name__ == "__main__":

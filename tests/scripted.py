@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Callable
@@ -99,6 +100,12 @@ class ScriptedPeer:
                 conn.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+def run_neoctl(address: str, *words: str) -> subprocess.CompletedProcess:
+    """Our neoctl, as a command, against the admin at ``address``."""
+    return subprocess.run([sys.executable, "-m", "neozodb.ctl.neoctl", "-a", address, *words],
+                          capture_output=True, text=True, timeout=30)
 
 
 def admin_behind(peer: ScriptedPeer, directory, *options: str) -> tuple[NodeProcess, str]:

@@ -10,17 +10,10 @@ import pytest
 
 from neozodb.net.endpoint import RemoteError
 from neozodb.net.threaded import ThreadedConnection
-from neozodb.protocol import HANDSHAKE, Decoder, ErrorCodes, NodeTypes, Packets, encode
+from neozodb.protocol import HANDSHAKE, ErrorCodes, NodeTypes, Packets, encode
+from wire import Silent, messages_until_closed, node_address
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class _Ignore:
-    def dispatch(self, conn, msg_id, packet, args):
-        pass
-
-    def connection_lost(self, conn):
-        pass
 
 
 def _closed_by_peer(sock: socket.socket) -> bool:
@@ -37,38 +30,12 @@ def _master(cluster):
     return cluster.master_address
 
 
-def _address(cluster, node):
-    if node == "master":
-        return cluster.master_address
-    if node == "admin":
-        return cluster.admin_address
-    ctl = cluster.ctl()
-    try:
-        storages = ctl.nodes(NodeTypes.STORAGE)
-    finally:
-        ctl.close()
-    host, port = storages[0][1]
-    return (host.decode(), port)
-
-
 def _exchange(address, payload: bytes) -> list:
     """Send ``payload``, read until the peer closes (within 10 s) and
     return the messages it sent after its handshake."""
-    received = b""
     with socket.create_connection(address, timeout=10) as sock:
         sock.sendall(payload)
-        try:
-            while True:
-                data = sock.recv(4096)  # socket.timeout here: the peer did not close
-                if not data:
-                    break
-                received += data
-        except ConnectionResetError:
-            pass
-    assert received[:len(HANDSHAKE)] == HANDSHAKE
-    decoder = Decoder()
-    decoder.feed(received[len(HANDSHAKE):])
-    return list(decoder)
+        return messages_until_closed(sock)
 
 
 def _identify(node_type, name, extra=None) -> bytes:
@@ -87,14 +54,14 @@ def _protocol_error(messages, msg_id=0) -> str:
 @pytest.mark.parametrize("node", ["master", "admin", "storage"])
 def test_wrong_cluster_name_answers_then_closes(cluster, node):
     node_type = NodeTypes.ADMIN if node == "admin" else NodeTypes.CLIENT
-    text = _protocol_error(_exchange(_address(cluster, node), _identify(node_type, b"not-this-cluster")))
+    text = _protocol_error(_exchange(node_address(cluster, node), _identify(node_type, b"not-this-cluster")))
     assert text.startswith("wrong cluster name")
     assert cluster.cluster_state() == "RUNNING"
 
 
 @pytest.mark.parametrize("node", ["master", "admin", "storage"])
 def test_malformed_message_answers_protocol_error_then_closes(cluster, node):
-    address = _address(cluster, node)
+    address = node_address(cluster, node)
     # 0xc1 is never valid msgpack
     assert "malformed" in _protocol_error(_exchange(address, HANDSHAKE + b"\xc1"))
     # a well-formed message that nobody may send there: answered with its msg_id
@@ -106,7 +73,7 @@ def test_malformed_message_answers_protocol_error_then_closes(cluster, node):
 
 
 def test_read_only_client_cannot_write(cluster):
-    conn = ThreadedConnection(_master(cluster), _Ignore())
+    conn = ThreadedConnection(_master(cluster), Silent())
     conn.connect()
     try:
         conn.call(Packets.RequestIdentification, NodeTypes.CLIENT, None, None,
@@ -124,7 +91,7 @@ def test_read_only_client_cannot_write(cluster):
     finally:
         conn.close()
     # a read-write client may begin
-    conn = ThreadedConnection(_master(cluster), _Ignore())
+    conn = ThreadedConnection(_master(cluster), Silent())
     conn.connect()
     try:
         conn.call(Packets.RequestIdentification, NodeTypes.CLIENT, None, None,
@@ -136,7 +103,7 @@ def test_read_only_client_cannot_write(cluster):
 
 
 def test_wrong_cluster_name_is_refused(cluster):
-    conn = ThreadedConnection(_master(cluster), _Ignore())
+    conn = ThreadedConnection(_master(cluster), Silent())
     conn.connect()
     try:
         with pytest.raises(RemoteError) as e:
@@ -163,19 +130,7 @@ def test_client_with_wrong_name_gets_clear_error(cluster):
 ])
 @pytest.mark.parametrize("node", ["master", "admin", "storage"])
 def test_garbage_closes_that_connection_only(cluster, node, payload):
-    if node == "master":
-        address = cluster.master_address
-    elif node == "admin":
-        address = cluster.admin_address
-    else:
-        ctl = cluster.ctl()
-        try:
-            storages = ctl.nodes(NodeTypes.STORAGE)
-        finally:
-            ctl.close()
-        host, port = storages[0][1]
-        address = (host.decode(), port)
-    with socket.create_connection(address, timeout=10) as sock:
+    with socket.create_connection(node_address(cluster, node), timeout=10) as sock:
         sock.sendall(payload)
         assert _closed_by_peer(sock)
     # the node keeps serving everybody else

@@ -7,118 +7,35 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
-import sys
-import textwrap
 import threading
 
 import pytest
 import ZODB
-from persistent.mapping import PersistentMapping
 from ZODB.Connection import TransactionMetaData
 from ZODB.utils import z64
 
 from neozodb.cli.cluster import LocalCluster, wait_until
 from neozodb.client import Storage
 from neozodb.protocol import NodeStates, u64
+from writers import LoggingWriter, create_writer_objects, wait_acknowledged
 
 pytestmark = pytest.mark.timeout(180)
 
 OBJECTS = 5  # objects every transaction of a writer sets, besides its counter
 WRITERS = ("w0", "w1")
 
-# A client process: transaction n of writer w sets each of its objects to
-# (w, n) and its counter to n.  Its log (fsynced line by line) gets "B n"
-# before the commit, "A n <tid>" once transaction.commit() returned, and
-# "E n <error>" when it failed (then it aborts and goes on).  Restarted, it
-# goes on after the last n it ever announced; it stops after the commit
-# that follows the creation of the stop file.
-WRITER = textwrap.dedent("""
-    import os, sys, transaction, ZODB
-    from neozodb.client import Storage
 
-    masters, name, w, path, stop, count = sys.argv[1:]
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-
-    def note(*words):
-        os.write(fd, (" ".join(map(str, words)) + "\\n").encode())
-        os.fsync(fd)
-
-    with open(path) as f:
-        n = max([int(l.split()[1]) for l in f if l.startswith("B ")], default=0)
-    db = ZODB.DB(Storage(masters, name))
-    tm = transaction.TransactionManager()
-    conn = db.open(tm)
-    while not os.path.exists(stop):
-        n += 1
-        try:
-            root = conn.root()
-            objects = [root["%s.%d" % (w, k)] for k in range(int(count))]
-            counter = root[w + ".n"]
-            for obj in objects:
-                obj["v"] = (w, n)
-            counter["n"] = n
-            tm.get().note("%s %d" % (w, n))
-            note("B", n)
-            tm.commit()
-        except Exception as e:
-            note("E", n, type(e).__name__)
-            tm.abort()
-            continue
-        note("A", n, counter._p_serial.hex())
-    db.close()
-""")
-
-
-class Writer:
-    def __init__(self, cluster, name: str, directory) -> None:
-        self.cluster = cluster
-        self.name = name
-        self.log = str(directory / (name + ".log"))
-        self.stderr = str(directory / (name + ".err"))
-        self.stop_file = str(directory / "stop")
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with open(self.stderr, "ab") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", WRITER, self.cluster.masters, self.cluster.name,
-                 self.name, self.log, self.stop_file, str(OBJECTS)],
-                stdout=subprocess.DEVNULL, stderr=err)
-
-    def read(self) -> tuple[int, dict[int, bytes], int]:
-        """(last n announced, {acknowledged n: tid}, errors seen)"""
-        about, acked, errors = 0, {}, 0
-        if os.path.exists(self.log):
-            with open(self.log) as f:
-                for line in f:
-                    words = line.split()
-                    if words[0] == "B":
-                        about = max(about, int(words[1]))
-                    elif words[0] == "A":
-                        acked[int(words[1])] = bytes.fromhex(words[2])
-                    elif words[0] == "E":
-                        errors += 1
-        return about, acked, errors
-
-    def acknowledged(self) -> int:
-        if self.proc is not None and self.proc.poll() is not None:
-            with open(self.stderr) as f:
-                raise AssertionError("writer %s exited: %s" % (self.name, f.read()))
-        return len(self.read()[1])
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-        if self.proc is not None:
-            self.proc.wait(10)
+def logging_writers(cluster, directory) -> list[LoggingWriter]:
+    """The writers (tests/writers.py's LOGGING_WRITER), their objects
+    created; they stop once their ``stop_file`` exists."""
+    create_writer_objects(cluster, WRITERS, OBJECTS)
+    return [LoggingWriter(w, str(directory / (w + ".log")), OBJECTS, str(directory / "stop"))
+            for w in WRITERS]
 
 
 def wait_commits(writers, count: int, what: str) -> None:
     """Each writer acknowledges ``count`` more commits."""
-    targets = [w.acknowledged() + count for w in writers]
-    wait_until(lambda: all(w.acknowledged() >= t for w, t in zip(writers, targets, strict=True)),
-               60, what)
+    wait_acknowledged(writers, [count] * len(writers), 60, what)
 
 
 def pause(seconds: float) -> None:
@@ -143,20 +60,6 @@ def kill_all(cluster, rng: random.Random | None = None) -> None:
         if gap:
             pause(gap)
     cluster.kill()
-
-
-def setup_objects(cluster) -> None:
-    db = ZODB.DB(Storage(cluster.masters, cluster.name))
-    try:
-        conn = db.open()
-        root = conn.root()
-        for w in WRITERS:
-            for k in range(OBJECTS):
-                root["%s.%d" % (w, k)] = PersistentMapping(v=(w, 0))
-            root[w + ".n"] = PersistentMapping(n=0)
-        conn.transaction_manager.commit()
-    finally:
-        db.close()
 
 
 def cells(cluster) -> dict[str, str]:
@@ -244,15 +147,14 @@ def check_replicas(cluster, committed) -> None:
                if description.split(b" ")[0].decode() in WRITERS)
 
 
-def crash_rounds(cluster, tmp_path, rounds: int) -> list[Writer]:
+def crash_rounds(cluster, tmp_path, rounds: int) -> list[LoggingWriter]:
     seed = random.randrange(1 << 32)
     print("random seed", seed)
     rng = random.Random(seed)
-    setup_objects(cluster)
-    writers = [Writer(cluster, w, tmp_path) for w in WRITERS]
+    writers = logging_writers(cluster, tmp_path)
     for r in range(rounds):
         for writer in writers:
-            writer.start()
+            writer.start(cluster)
         try:
             wait_commits(writers, 3, "commits of round %d" % r)
             kill_all(cluster, rng)
@@ -283,10 +185,9 @@ def test_master_killed_while_committing(cluster, tmp_path):
     seed = random.randrange(1 << 32)
     print("random seed", seed)
     rng = random.Random(seed)
-    setup_objects(cluster)
-    writers = [Writer(cluster, w, tmp_path) for w in WRITERS]
+    writers = logging_writers(cluster, tmp_path)
     for writer in writers:
-        writer.start()
+        writer.start(cluster)
     try:
         wait_commits(writers, 3, "first commits")
         master = cluster.nodes["M1"]

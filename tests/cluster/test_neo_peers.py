@@ -3,8 +3,6 @@ the NEO node's part where it behaves unlike neozodb's (see
 tests/interop/ for the same against NEO itself)."""
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -27,7 +25,7 @@ from neozodb.protocol import (
     nid_str,
 )
 from neozodb.protocol.features import EXTRA_KEY
-from scripted import ScriptedPeer, admin_behind
+from scripted import ScriptedPeer, admin_behind, run_neoctl
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -42,19 +40,18 @@ def _neo_master(conn, msg_id, packet, args):
         conn.send(msg_id, Packets.AnswerClusterState, ClusterStates.RUNNING)
 
 
+def _cluster_runs(address: str) -> bool:
+    """The admin at ``address`` says the cluster runs."""
+    return run_neoctl(address, "print", "cluster").stdout.strip() == "RUNNING"
+
+
 def test_admin_asks_a_neo_master_for_the_cluster_state(tmp_path):
     master = ScriptedPeer(_neo_master)
     admin, address = admin_behind(master, tmp_path, "--allow-anonymous-ctl")
     try:
         extra = master.wait_for("RequestIdentification")[5]
         assert EXTRA_KEY in extra  # announced; the peer answers nothing of it
-
-        def state():
-            out = subprocess.run([sys.executable, "-m", "neozodb.ctl.neoctl", "-a",
-                                  address, "print", "cluster"],
-                                 capture_output=True, text=True, timeout=30)
-            return out.stdout.strip() == "RUNNING"
-        wait_until(state, 30, "the admin to know the cluster runs")
+        wait_until(lambda: _cluster_runs(address), 30, "the admin to know the cluster runs")
     finally:
         admin.kill()
         master.close()
@@ -80,13 +77,7 @@ def test_admin_keeps_the_state_notified_right_behind_its_answer(tmp_path):
     admin, address = admin_behind(peer, tmp_path, "--allow-anonymous-ctl")
     try:
         peer.wait_for("AskClusterState")
-
-        def state():
-            out = subprocess.run([sys.executable, "-m", "neozodb.ctl.neoctl", "-a",
-                                  address, "print", "cluster"],
-                                 capture_output=True, text=True, timeout=30)
-            return out.stdout.strip() == "RUNNING"
-        wait_until(state, 10, "the admin to know the cluster runs")
+        wait_until(lambda: _cluster_runs(address), 10, "the admin to know the cluster runs")
     finally:
         admin.kill()
         peer.close()
@@ -110,9 +101,7 @@ def test_admin_lists_nodes_when_a_neo_master_sends_entries_without_id(tmp_path):
     try:
 
         def listed():
-            out = subprocess.run([sys.executable, "-m", "neozodb.ctl.neoctl", "-c", "neo", "-a",
-                                  address, "print", "node", "MASTER"],
-                                 capture_output=True, text=True, timeout=30)
+            out = run_neoctl(address, "-c", "neo", "print", "node", "MASTER")
             return out.returncode == 0 and out.stdout
         out = wait_until(listed, 30, "print node to list the master")
         assert out.split()[:5] == ["M1", "|", "MASTER", "|", "127.0.0.1:2"], out

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -26,23 +24,16 @@ from neozodb.protocol import (
     make_nid,
 )
 from neozodb.protocol.features import ANNOUNCEMENT
-from scripted import ScriptedPeer, admin_behind
+from scripted import ScriptedPeer, admin_behind, run_neoctl
+from wire import Silent
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class _Silent:
-    def dispatch(self, conn, msg_id, packet, args):
-        pass
-
-    def connection_lost(self, conn):
-        pass
 
 
 def admin_connection(cluster, extra) -> ThreadedConnection:
     """A connection to the master identified as an admin node announcing
     ``extra`` (``{}``: as NEO's admin)."""
-    conn = ThreadedConnection(cluster.master_address, _Silent(), "admin")
+    conn = ThreadedConnection(cluster.master_address, Silent(), "admin")
     conn.connect(timeout=10)
     conn.call(Packets.RequestIdentification, NodeTypes.ADMIN, None, None, cluster.name.encode(),
               None, extra, timeout=10)
@@ -173,9 +164,7 @@ def test_neoctl_with_a_master_that_does_not_report(tmp_path):
     try:
 
         def neoctl(*words):
-            return subprocess.run([sys.executable, "-m", "neozodb.ctl.neoctl", "-a", address,
-                                   "-c", "neo", *words], capture_output=True, text=True,
-                                  timeout=30)
+            return run_neoctl(address, "-c", "neo", *words)
         wait_until(lambda: neoctl("print", "cluster").stdout == "RUNNING\n", 30,
                    "the admin to follow the master")
         out = neoctl("check")

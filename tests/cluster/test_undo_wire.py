@@ -63,6 +63,17 @@ class NEOStyleTransaction:
         return tid
 
 
+def _revisions(storage: Storage, *datas: bytes) -> tuple[bytes, list[bytes]]:
+    """A new object, committed with each of ``datas`` in turn (a
+    transaction each): its oid, and the tids."""
+    oid = storage.new_oid()
+    tids, serial = [], z64
+    for data in datas:
+        serial = commit(storage, [(oid, serial, data)])
+        tids.append(serial)
+    return oid, tids
+
+
 def _state(cluster, oid: bytes) -> tuple:
     """What a new client loads, and the back-pointer of the last record."""
     storage = Storage(cluster.masters, cluster.name)
@@ -83,10 +94,7 @@ def test_two_undos_of_one_object_in_one_transaction(cluster):
     testRestoreWithMultipleUndoRedo through NEO's client)."""
     storage = Storage(cluster.masters, cluster.name)
     try:
-        oid = storage.new_oid()
-        t1 = commit(storage, [(oid, z64, b"A")])
-        t2 = commit(storage, [(oid, t1, b"B")])
-        t3 = commit(storage, [(oid, t2, b"C")])
+        oid, (t1, t2, t3) = _revisions(storage, b"A", b"B", b"C")
         txn = NEOStyleTransaction(storage)
         assert txn.undo_serials(t3, oid) == (t3, t2, True)
         assert txn.store(oid, t3, b"B", t2) == [None, None]
@@ -106,10 +114,7 @@ def test_undo_after_a_merged_undo_in_one_transaction(cluster):
     testUndoMultipleConflictResolution through NEO's client)."""
     storage = Storage(cluster.masters, cluster.name)
     try:
-        oid = storage.new_oid()
-        t1 = commit(storage, [(oid, z64, b"0")])
-        t2 = commit(storage, [(oid, t1, b"1")])
-        t3 = commit(storage, [(oid, t2, b"2")])
+        oid, (t1, t2, t3) = _revisions(storage, b"0", b"1", b"2")
         txn = NEOStyleTransaction(storage)
         # undo of t2 merged with t3 by the client: stored with data
         assert txn.undo_serials(t2, oid) == (t3, t1, False)
@@ -129,9 +134,7 @@ def test_store_after_an_undo_must_be_based_on_its_target(cluster):
     conflict answered with that target, as NEO's storages do."""
     storage = Storage(cluster.masters, cluster.name)
     try:
-        oid = storage.new_oid()
-        t1 = commit(storage, [(oid, z64, b"A")])
-        t2 = commit(storage, [(oid, t1, b"B")])
+        oid, (t1, t2) = _revisions(storage, b"A", b"B")
         txn = NEOStyleTransaction(storage)
         assert txn.store(oid, t2, b"A", t1) == [None, None]
         assert txn.store(oid, txn.ttid, b"C") == [t1, t1]
@@ -148,9 +151,7 @@ def test_undo_points_to_the_previous_record_which_a_pack_keeps(cluster):
     the back-pointer record is still there and the undo works."""
     storage = Storage(cluster.masters, cluster.name)
     try:
-        oid = storage.new_oid()
-        t1 = commit(storage, [(oid, z64, b"A")])
-        t2 = commit(storage, [(oid, t1, b"B")])
+        oid, (t1, t2) = _revisions(storage, b"A", b"B")
         t3 = commit(storage, undos=[t2])  # back to A: a back-pointer to t1
         assert storage.load(oid) == (b"A", t3)
         now = packtime = time.time()

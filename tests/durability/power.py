@@ -10,9 +10,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from neozodb.cli.cluster import LocalCluster, wait_until
 
@@ -20,8 +19,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 POWERFS = os.path.join(HERE, "powerfs.py")
 UNSAFE_STORAGE = os.path.join(HERE, "unsafe_storage.py")
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))  # tests/, for soak.py run alone
 from checks import check_disk, check_through_client  # noqa: E402
 from powerfs import control  # noqa: E402
+
+from writers import LoggingWriter, create_writer_objects, wait_acknowledged  # noqa: E402
 
 OBJECTS = 3  # objects a writer's transaction sets, besides its counter
 WRITERS = ("w0", "w1")
@@ -156,104 +158,24 @@ class PowerCluster(LocalCluster):
         self.wait_state("RUNNING", timeout)
 
 
-# A client process: transaction n of writer w sets its objects to (w, n)
-# and its counter to n, described "w n".  Its log (fsynced line by line, on
-# a file system that is never cut) gets "B n" before the commit, "A n <tid>"
-# once transaction.commit() returned, "E n <error>" when it failed.
-# Restarted, it goes on after the last n it ever began.
-WRITER = textwrap.dedent("""
-    import os, sys, transaction, ZODB
-    from neozodb.client import Storage
+class Writer(LoggingWriter):
+    """A writer process (tests/writers.py's LOGGING_WRITER, running until
+    killed; its log is on a file system that is never cut) with the oids
+    of its counter and objects, counter first."""
 
-    masters, name, w, path, count = sys.argv[1:]
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-
-    def note(*words):
-        os.write(fd, (" ".join(map(str, words)) + "\\n").encode())
-        os.fsync(fd)
-
-    with open(path) as f:
-        n = max([int(l.split()[1]) for l in f if l.startswith("B ")], default=0)
-    db = ZODB.DB(Storage(masters, name))
-    tm = transaction.TransactionManager()
-    conn = db.open(tm)
-    while True:
-        n += 1
-        try:
-            root = conn.root()
-            objects = [root["%s.%d" % (w, k)] for k in range(int(count))]
-            counter = root[w + ".n"]
-            for obj in objects:
-                obj["v"] = (w, n)
-            counter["n"] = n
-            tm.get().note("%s %d" % (w, n))
-            note("B", n)
-            tm.commit()
-        except Exception as e:
-            note("E", n, type(e).__name__)
-            tm.abort()
-            continue
-        note("A", n, counter._p_serial.hex())
-""")
-
-
-@dataclass
-class Writer:
-    name: str
-    log: str
-    oids: list[int] = field(default_factory=list)  # counter first, then the objects
-    proc: subprocess.Popen | None = None
-
-    def start(self, cluster: LocalCluster) -> None:
-        with open(self.log + ".err", "ab") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", WRITER, cluster.masters, cluster.name, self.name,
-                 self.log, str(OBJECTS)], stdout=subprocess.DEVNULL, stderr=err)
+    def __init__(self, name: str, log: str, oids: list[int]) -> None:
+        super().__init__(name, log, OBJECTS)
+        self.oids = oids
 
     def acked(self) -> dict[int, int]:
-        """{n: tid} of the acknowledged commits."""
-        if self.proc is not None and self.proc.poll() is not None:
-            with open(self.log + ".err") as f:
-                raise AssertionError("writer %s exited: %s" % (self.name, f.read()[-2000:]))
-        acked = {}
-        if os.path.exists(self.log):
-            with open(self.log) as f:
-                for line in f:
-                    words = line.split()
-                    if words[0] == "A":
-                        acked[int(words[1])] = int(words[2], 16)
-        return acked
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait(10)
-            self.proc = None
+        """{n: tid} of the acknowledged commits, tids as integers."""
+        return {n: int.from_bytes(tid, "big") for n, tid in super().acked().items()}
 
 
 def setup_writers(cluster: LocalCluster, directory: str) -> list[Writer]:
     """Create each writer's objects; the writers, with their oids."""
-    import ZODB
-    from persistent.mapping import PersistentMapping
-
-    from neozodb.client import Storage
-    from neozodb.protocol import u64
-    db = ZODB.DB(Storage(cluster.masters, cluster.name))
-    try:
-        conn = db.open()
-        root = conn.root()
-        for w in WRITERS:
-            root[w + ".n"] = PersistentMapping(n=0)
-            for k in range(OBJECTS):
-                root["%s.%d" % (w, k)] = PersistentMapping(v=(w, 0))
-        conn.transaction_manager.commit()
-        return [Writer(w, os.path.join(directory, w + ".log"),
-                       [u64(root[w + ".n"]._p_oid)]
-                       + [u64(root["%s.%d" % (w, k)]._p_oid) for k in range(OBJECTS)])
-                for w in WRITERS]
-    finally:
-        db.close()
+    oids = create_writer_objects(cluster, WRITERS, OBJECTS)
+    return [Writer(w, os.path.join(directory, w + ".log"), oids[w]) for w in WRITERS]
 
 
 def pause(seconds: float) -> None:
@@ -265,9 +187,8 @@ def pause(seconds: float) -> None:
 def crash_moment(writers: list[Writer], rng: random.Random, timeout: float = 60) -> None:
     """Return at a random moment once each writer acknowledged a few more
     commits in this round."""
-    targets = [len(w.acked()) + rng.randint(1, 6) for w in writers]
-    wait_until(lambda: all(len(w.acked()) >= t for w, t in zip(writers, targets, strict=True)),
-               timeout, "commits before the cut")
+    wait_acknowledged(writers, [rng.randint(1, 6) for _ in writers], timeout,
+                      "commits before the cut")
     pause(rng.uniform(0, 0.05))
 
 

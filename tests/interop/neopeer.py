@@ -180,17 +180,29 @@ class MixedCluster(LocalCluster):
         return next((n[3] for n in nodes if nid_str(n[2]) == name), None)
 
 
+def mixed_cluster(tmp_path, neo, **kw) -> MixedCluster:
+    """A MixedCluster "mix" in ``tmp_path/c``, NEO's nodes named in ``neo``,
+    started (killed if it fails to); 2 storages, replicas 1, 6 partitions
+    unless ``kw`` says otherwise."""
+    kw.setdefault("storages", 2)
+    kw.setdefault("replicas", 1)
+    kw.setdefault("partitions", 6)
+    return MixedCluster(str(tmp_path / "c"), neo=neo, name="mix", **kw).start_or_kill()
+
+
 # Through NEO's client, in its own process: set root[key] for each
 # key=value given (one transaction), then print the whole root as JSON.
+# The client's options besides the masters and the name (TLS files...)
+# come as one JSON argument.
 NEO_CLIENT_SCRIPT = """
 import json, sys, ZODB
 from neo.client.Storage import Storage
-masters, name = sys.argv[1:3]
-db = ZODB.DB(Storage(master_nodes=masters, name=name))
+masters, name, options = sys.argv[1:4]
+db = ZODB.DB(Storage(master_nodes=masters, name=name, **json.loads(options)))
 try:
     with db.transaction() as conn:
         root = conn.root()
-        for item in sys.argv[3:]:
+        for item in sys.argv[4:]:
             key, value = item.split("=", 1)
             root[key] = value
     with db.transaction() as conn:
@@ -200,18 +212,21 @@ finally:
 """
 
 
-def neo_client_roundtrip(cluster: LocalCluster, **values: str) -> dict:
-    """Commit ``values`` into the root through NEO's client and return the
-    string values of the root it then reads."""
+def neo_client_roundtrip(cluster: LocalCluster, options: dict | None = None,
+                         **values: str) -> dict:
+    """Commit ``values`` into the root through NEO's client (made with
+    ``options`` too, e.g. its TLS files) and return the string values of
+    the root it then reads."""
     import json
     out = run_neo_python(NEO_CLIENT_SCRIPT, cluster.masters, cluster.name,
-                         *("%s=%s" % kv for kv in values.items()))
+                         json.dumps(options or {}), *("%s=%s" % kv for kv in values.items()))
     if out.returncode:
         raise AssertionError("NEO's client failed:\n" + out.stderr[-3000:])
     return json.loads(out.stdout.splitlines()[-1])
 
 
-# tests/writers.py's writer, committing through NEO's client, with one
+# The set-up of tests/writers.py's writer committing through NEO's client,
+# with one
 # more tolerance.  When NEO's master restarts, NEO's client reconnecting to
 # it may get the master's NOT_READY answer (cluster not running yet) to a
 # request it no longer waits for: its poll thread dies of "ProtocolError:
@@ -220,7 +235,7 @@ def neo_client_roundtrip(cluster: LocalCluster, **values: str) -> dict:
 # That is between NEO's client and NEO's master alone: the writer counts
 # the commit as failed (not acknowledged: it is retried), opens a new
 # client and goes on.  Any other failure of the poll thread still kills it.
-NEO_WRITER = textwrap.dedent("""
+NEO_WRITER_SETUP = textwrap.dedent("""
     import os, sys, threading, transaction, ZODB
     from neo.client.Storage import Storage
     from neo.lib.exception import ProtocolError
@@ -241,37 +256,28 @@ NEO_WRITER = textwrap.dedent("""
         tm = transaction.TransactionManager()
         return db, tm, db.open(tm)
 
-    db, tm, conn = open_db()
-    i = 0
-    while not os.path.exists(stop):
+    def after_failure(db, tm, conn):
         try:
-            conn.root()[key][i] = "v%d" % i
-            tm.commit()
+            tm.abort()
         except Exception as e:
-            if retry != "retry":
+            if not dead:
                 raise
-            print("retry", i, type(e).__name__, e, file=sys.stderr, flush=True)
-            try:
-                tm.abort()
-            except Exception as e:
-                if not dead:
-                    raise
-                print("abort failed", type(e).__name__, e, file=sys.stderr, flush=True)
-            if dead:
-                print("new client: the poll thread died", file=sys.stderr, flush=True)
-                del dead[:]
-                db, tm, conn = open_db()
-            continue
-        print(i, flush=True)
-        i += 1
-    db.close()
+            print("abort failed", type(e).__name__, e, file=sys.stderr, flush=True)
+        if dead:
+            print("new client: the poll thread died", file=sys.stderr, flush=True)
+            del dead[:]
+            return open_db()
+        return db, tm, conn
+
+    db, tm, conn = open_db()
 """)
 
 
 def neo_writer_script() -> str:
     """tests/writers.py's writer, committing through NEO's client (see
-    NEO_WRITER)."""
-    return NEO_WRITER
+    NEO_WRITER_SETUP)."""
+    from writers import writer_script
+    return writer_script(NEO_WRITER_SETUP)
 
 
 def load_conformance():

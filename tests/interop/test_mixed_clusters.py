@@ -8,7 +8,7 @@ import signal
 
 import pytest
 import ZODB
-from neopeer import MixedCluster
+from neopeer import mixed_cluster
 from persistent.mapping import PersistentMapping
 
 from neozodb.cli.cluster import wait_until
@@ -17,13 +17,6 @@ from neozodb.client import Storage
 pytestmark = pytest.mark.timeout(240)
 
 OBJECTS = 60
-
-
-def _cluster(tmp_path, neo, **kw) -> MixedCluster:
-    kw.setdefault("storages", 2)
-    kw.setdefault("replicas", 1)
-    kw.setdefault("partitions", 6)
-    return MixedCluster(str(tmp_path / "c"), neo=neo, name="mix", **kw).start_or_kill()
 
 
 def _write(c, version: int, count: int = OBJECTS) -> None:
@@ -72,7 +65,7 @@ def test_catch_up_then_lose_the_source(tmp_path, master, first):
     restart it, wait until every cell is up to date, kill the other, read
     everything back (from the storage that caught up alone)."""
     neo = ("S2",) + (("M1",) if master == "NEO" else ())
-    c = _cluster(tmp_path, neo)
+    c = mixed_cluster(tmp_path, neo)
     other = "S1" if first == "S2" else "S2"
     try:
         _write(c, 1)
@@ -102,7 +95,7 @@ def test_sigkill_under_load(tmp_path, master, victim, client, admin):
 
     from writers import WRITER, Writers
     neo = ("S2",) + (("M1",) if master == "NEO" else ()) + (("A1",) if admin == "NEO" else ())
-    c = _cluster(tmp_path, neo)
+    c = mixed_cluster(tmp_path, neo)
     try:
         if client == "NEO":
             writers = Writers(c, tmp_path, retry=True, script=neo_writer_script(),
@@ -143,7 +136,7 @@ def test_add_tweak_and_drop_across(tmp_path, master, added):
     """A third storage of either kind joins (add, tweak), takes cells from
     both kinds, then the first storage is dropped: all data still reads."""
     neo = ["S2"] + (["M1"] if master == "NEO" else []) + (["S3"] if added == "NEO" else [])
-    c = _cluster(tmp_path, neo)
+    c = mixed_cluster(tmp_path, neo)
     try:
         _write(c, 1)
         c.storage(3).start()
@@ -192,7 +185,7 @@ def test_both_clients_on_every_mix(tmp_path, neo):
     """Either client commits and reads what the other committed, whoever
     runs the masters, the storages and the admin."""
     from neopeer import neo_client_roundtrip
-    c = _cluster(tmp_path, neo, masters=2)
+    c = mixed_cluster(tmp_path, neo, masters=2)
     try:
         db = ZODB.DB(Storage(c.masters, c.name))
         try:

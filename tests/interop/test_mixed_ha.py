@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from neopeer import MixedCluster, neo_env, neo_writer_script
+from neopeer import mixed_cluster, neo_env, neo_writer_script
 
 from neozodb.cli.cluster import wait_until
 from neozodb.cli.config import format_address
@@ -25,13 +25,6 @@ pytestmark = pytest.mark.timeout(600)
 
 #: Any wait for the cluster to get over a crash.
 PATIENCE = 120
-
-
-def _cluster(tmp_path, neo, **kw) -> MixedCluster:
-    kw.setdefault("storages", 2)
-    kw.setdefault("replicas", 1)
-    kw.setdefault("partitions", 6)
-    return MixedCluster(str(tmp_path / "c"), neo=neo, name="mix", **kw).start_or_kill()
 
 
 def _writers(c, tmp_path, client: str) -> Writers:
@@ -101,7 +94,7 @@ def test_master_takeover_across(tmp_path, neo_master, client):
     primary under load, the other takes over; restart it, kill the new
     primary: the first takes over again.  Commits resume each time and none
     is lost."""
-    c = _cluster(tmp_path, ("S2", neo_master), masters=2)
+    c = mixed_cluster(tmp_path, ("S2", neo_master), masters=2)
     try:
         writers = _writers(c, tmp_path, client)
         try:
@@ -126,7 +119,7 @@ def test_three_masters_mixed(tmp_path, masters):
     Which survivor takes over is the masters' business; if one kind never
     did, the others are all killed and it must.  No acknowledged commit
     is lost."""
-    c = _cluster(tmp_path, ("S2",) + THREE[masters], masters=3)
+    c = mixed_cluster(tmp_path, ("S2",) + THREE[masters], masters=3)
     try:
         primary = wait_until(lambda: _running_primary_process(c), PATIENCE, "an election")
         # one primary, and both others known to it as running secondaries
@@ -171,7 +164,7 @@ def test_admin_sigkill_under_load(tmp_path, master, admin):
     neoctls work with the restarted admin, and every acknowledged commit is
     there."""
     neo = ("S2",) + (("M1",) if master == "NEO" else ()) + (("A1",) if admin == "NEO" else ())
-    c = _cluster(tmp_path, neo)
+    c = mixed_cluster(tmp_path, neo)
     try:
         writers = Writers(c, tmp_path, retry=True)
         try:

@@ -106,6 +106,37 @@ def _read(c) -> tuple[int, int]:
         db.close()
 
 
+def _s1_down(c) -> None:
+    """SIGKILL our storage S1; its cells go out of date."""
+    c.nodes["S1"].signal(signal.SIGKILL)
+    c.nodes["S1"].wait(10)
+    wait_until(lambda: "U" not in c.cells()["S1"], 30, "S1's cells out of date")
+
+
+def _s1_back(c) -> None:
+    """Restart S1; it catches up."""
+    c.nodes["S1"].start()
+    wait_until(lambda: c.storage_state("S1") is not None and c.all_up_to_date(), 90,
+               "S1 to catch up")
+
+
+def _s1_applies_the_order(c, packed: int, kept: int) -> None:
+    """S1 packs the listed object's history, not the other's, with no
+    error about the orders it was told."""
+    wait_until(lambda: _rows(c.database(1), packed) == 1, 60,
+               "S1 to pack the listed object's history")
+    assert _rows(c.database(1), kept) == REVISIONS
+    assert _answer_errors(c, "S1") == []
+
+
+def _restart_master(c) -> None:
+    """SIGKILL the master M1 and start it again; the cluster runs again."""
+    c.nodes["M1"].signal(signal.SIGKILL)
+    c.nodes["M1"].wait(10)
+    c.nodes["M1"].start()
+    c.wait_state("RUNNING", 90)
+
+
 def _answer_errors(c, name: str) -> list[str]:
     with open(os.path.join(c.directory, name + ".log"), errors="replace") as f:
         return [line for line in f if "AnswerPackOrders" in line]
@@ -121,22 +152,15 @@ def test_our_storage_learns_orders_neo_master_reads_back(tmp_path):
     c = _cluster(tmp_path, ("M1", "S2"))
     try:
         packed, kept, last = _history(c)
-        c.nodes["S1"].signal(signal.SIGKILL)
-        c.nodes["S1"].wait(10)
-        wait_until(lambda: "U" not in c.cells()["S1"], 30, "S1's cells out of date")
+        _s1_down(c)
         _partial_pack(c, packed, last)
         # what NEO's storage did, and how it keeps the order's oids
         assert (_rows(c.database(2), packed), _rows(c.database(2), kept)) == (1, REVISIONS)
         assert _partial_orders_in(c.database(2)) == [p64(packed)]
         # S1 missed it (its last commit may be unlocked only when it is back)
         assert _rows(c.database(1), packed) >= REVISIONS - 1
-        c.nodes["S1"].start()
-        wait_until(lambda: c.storage_state("S1") is not None and c.all_up_to_date(), 90,
-                   "S1 to catch up")
-        wait_until(lambda: _rows(c.database(1), packed) == 1, 60,
-                   "S1 to pack the listed object's history")
-        assert _rows(c.database(1), kept) == REVISIONS
-        assert _answer_errors(c, "S1") == []
+        _s1_back(c)
+        _s1_applies_the_order(c, packed, kept)
         # and S1 alone serves everything
         c.nodes["S2"].kill()
         wait_until(lambda: "U" not in c.cells()["S2"], 30, "S2 down")
@@ -164,23 +188,13 @@ def test_our_storage_learns_orders_neo_master_reloads(tmp_path):
                   replicas=1, partitions=4).start_or_kill()
     try:
         packed, kept, last = _history(c)
-        c.nodes["S1"].signal(signal.SIGKILL)
-        c.nodes["S1"].wait(10)
-        wait_until(lambda: "U" not in c.cells()["S1"], 30, "S1's cells out of date")
+        _s1_down(c)
         _partial_pack(c, packed, last)
         assert _partial_orders_in(c.database(2)) == [p64(packed)]
         assert _rows(c.database(2), packed) == REVISIONS  # S2 does not pack
-        c.nodes["M1"].signal(signal.SIGKILL)
-        c.nodes["M1"].wait(10)
-        c.nodes["M1"].start()
-        c.wait_state("RUNNING", 90)
-        c.nodes["S1"].start()
-        wait_until(lambda: c.storage_state("S1") is not None and c.all_up_to_date(), 90,
-                   "S1 to catch up")
-        wait_until(lambda: _rows(c.database(1), packed) == 1, 60,
-                   "S1 to pack the listed object's history")
-        assert _rows(c.database(1), kept) == REVISIONS
-        assert _answer_errors(c, "S1") == []
+        _restart_master(c)
+        _s1_back(c)
+        _s1_applies_the_order(c, packed, kept)
         assert _read(c) == (REVISIONS - 1, REVISIONS - 1)
     finally:
         c.kill()
@@ -197,10 +211,7 @@ def test_our_master_verifies_with_neo_storages_orders(tmp_path):
         tid = u64(_partial_pack(c, packed, last))
         assert [p64(packed)] == _partial_orders_in(c.database(1)) == _partial_orders_in(
             c.database(2))
-        c.nodes["M1"].signal(signal.SIGKILL)
-        c.nodes["M1"].wait(10)
-        c.nodes["M1"].start()
-        c.wait_state("RUNNING", 90)
+        _restart_master(c)
         lines = wait_until(lambda: _pack_lines(c), 30, "the master to report its orders")
         assert len(lines) == 1 and lines[0].startswith(
             "pack %#x: up to %#x (" % (tid, u64(last))), lines
@@ -236,16 +247,12 @@ def test_gc_by_deletion_with_a_replica_down(tmp_path):
             with db.transaction() as conn:
                 junk = [u64(o._p_oid) for o in conn.root()["junk"]]
                 del conn.root()["junk"]
-            c.nodes["S1"].signal(signal.SIGKILL)
-            c.nodes["S1"].wait(10)
-            wait_until(lambda: "U" not in c.cells()["S1"], 30, "S1's cells out of date")
+            _s1_down(c)
             db.pack()
         finally:
             db.close()
         assert sum(_rows(c.database(2), oid) for oid in junk) == 0
-        c.nodes["S1"].start()
-        wait_until(lambda: c.storage_state("S1") is not None and c.all_up_to_date(), 90,
-                   "S1 to catch up")
+        _s1_back(c)
         wait_until(lambda: _applied_every_order(c.database(1)), 60, "S1 to apply the orders")
         assert sum(_rows(c.database(1), oid) for oid in junk) == 0
     finally:

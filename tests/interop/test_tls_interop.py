@@ -4,7 +4,6 @@ either client, over TLS, replicate across kinds and read back on the
 other side; a plain node of either kind is kept out."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sqlite3
@@ -12,7 +11,7 @@ import sqlite3
 import pytest
 import transaction
 import ZODB
-from neopeer import MixedCluster, neo_neoctl, run_neo_python
+from neopeer import MixedCluster, neo_client_roundtrip, neo_neoctl
 
 from neozodb.cli.cluster import wait_until
 from neozodb.client import Storage
@@ -57,33 +56,6 @@ class TLSMixedCluster(MixedCluster):
             return text in f.read()
 
 
-NEO_TLS_CLIENT = """
-import json, sys, ZODB
-from neo.client.Storage import Storage
-masters, name, ca, cert, key = sys.argv[1:6]
-db = ZODB.DB(Storage(master_nodes=masters, name=name, ca=ca, cert=cert, key=key))
-try:
-    with db.transaction() as conn:
-        root = conn.root()
-        for item in sys.argv[6:]:
-            k, v = item.split("=", 1)
-            root[k] = v
-    with db.transaction() as conn:
-        print(json.dumps({k: v for k, v in conn.root().items() if isinstance(v, str)}))
-finally:
-    db.close()
-"""
-
-
-def neo_tls_roundtrip(cluster: TLSMixedCluster, **values: str) -> dict:
-    out = run_neo_python(NEO_TLS_CLIENT, cluster.masters, cluster.name,
-                         *cluster.credentials("neo-client"),
-                         *("%s=%s" % kv for kv in values.items()))
-    if out.returncode:
-        raise AssertionError("NEO's client failed:\n" + out.stderr[-3000:])
-    return json.loads(out.stdout.splitlines()[-1])
-
-
 def _cluster_running(c: TLSMixedCluster) -> bool:
     if "A1" in c.neo:
         out = c.neo_neoctl("print", "cluster")
@@ -108,7 +80,8 @@ def test_tls_mixed_cluster(tmp_path, neo):
             tm.commit()
         finally:
             db.close()
-        seen = neo_tls_roundtrip(c, theirs="2")
+        ca, cert, key = c.credentials("neo-client")
+        seen = neo_client_roundtrip(c, {"ca": ca, "cert": cert, "key": key}, theirs="2")
         assert seen == {"ours": "1", "theirs": "2"}
         db = ZODB.DB(Storage(**c.client_kwargs("reader")))
         try:

@@ -28,17 +28,9 @@ from neozodb.protocol import (
     make_nid,
 )
 from scripted import ScriptedPeer
+from wire import node_address, storage_address
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def _storage_address(cluster) -> tuple[str, int]:
-    ctl = cluster.ctl()
-    try:
-        host, port = ctl.nodes(NodeTypes.STORAGE)[0][1]
-    finally:
-        ctl.close()
-    return host.decode(), port
 
 
 def _identify(address, node_type, nid=None, addr=None, name=b"test", id_timestamp=None,
@@ -78,8 +70,7 @@ def _still_serving(cluster) -> None:
 @pytest.mark.parametrize("node", ["master", "storage", "admin"])
 def test_cluster_name_is_never_told_back(cluster, node):
     """Before: "wrong cluster name: 'guess' (this is 'test')"."""
-    address = {"master": cluster.master_address, "admin": cluster.admin_address}.get(node) \
-        or _storage_address(cluster)
+    address = node_address(cluster, node)
     node_type = NodeTypes.ADMIN if node == "admin" else NodeTypes.CLIENT
     text = _refusal(_identify(address, node_type, name=b"guess"))
     assert text == "wrong cluster name"
@@ -127,7 +118,7 @@ def test_one_identification_per_connection(cluster):
     announced yet; a second one on that connection is a protocol error
     (before: delayed too, and so on without end)."""
     recorder = Recorder()
-    conn = ThreadedConnection(_storage_address(cluster), recorder)
+    conn = ThreadedConnection(storage_address(cluster), recorder)
     conn.connect()
     try:
         unknown = make_nid(NodeTypes.CLIENT, 999)

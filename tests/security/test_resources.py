@@ -14,6 +14,7 @@ import pytest
 from fsdata import commit
 from neozodb.cli.cluster import LocalCluster, wait_until
 from neozodb.protocol import HANDSHAKE, Decoder, ErrorCodes, NodeTypes, Packets, encode
+from wire import messages_until_closed, node_address
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -33,20 +34,6 @@ def cluster(tmp_path_factory):
         yield c
     finally:
         c.kill()
-
-
-def _storage_address(cluster) -> tuple[str, int]:
-    ctl = cluster.ctl()
-    try:
-        host, port = ctl.nodes(NodeTypes.STORAGE)[0][1]
-    finally:
-        ctl.close()
-    return host.decode(), port
-
-
-def _address(cluster, node: str) -> tuple[str, int]:
-    return {"master": lambda: cluster.master_address, "admin": lambda: cluster.admin_address,
-            "storage": lambda: _storage_address(cluster)}[node]()
 
 
 def _pid(cluster, node: str) -> int:
@@ -87,32 +74,17 @@ def _send_until_closed(sock: socket.socket, payload: bytes, timeout: float = 20)
     return True
 
 
-def _received(sock: socket.socket, timeout: float = 10) -> list:
-    """The messages the node sent (after its handshake) until it closed."""
-    sock.settimeout(timeout)
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except ConnectionResetError:
-        pass
-    assert data[:len(HANDSHAKE)] == HANDSHAKE
-    decoder = Decoder()
-    decoder.feed(data[len(HANDSHAKE):])
-    return list(decoder)
-
-
 @pytest.mark.parametrize("node", ["master", "storage", "admin"])
 def test_large_first_message_is_refused(cluster, node):
     """100 KiB before identifying (here the beginning of a big bin, which
     the node would otherwise wait for): PROTOCOL_ERROR, closed at once."""
     payload = HANDSHAKE + b"\x93\x00\x01\x91\xc6" + struct.pack(">I", 8 * MB) + bytes(100 << 10)
-    with socket.create_connection(_address(cluster, node), timeout=10) as sock:
+    with socket.create_connection(node_address(cluster, node), timeout=10) as sock:
         try:
             sock.sendall(payload)
         except (BrokenPipeError, ConnectionResetError):
             pass
-        messages = _received(sock)
+        messages = messages_until_closed(sock)
     (msg_id, code, (err, text)), = messages
     assert (code, err) == (Packets.Error.code, ErrorCodes.PROTOCOL_ERROR.value)
     assert b"before identification" in text
@@ -130,7 +102,7 @@ def test_cheap_bombs_are_refused_cheaply(cluster, shape):
         bomb = b"\x91" * (16 * MB)
     pid = _pid(cluster, "storage")
     before = _status(pid, "VmRSS")
-    with socket.create_connection(_address(cluster, "storage"), timeout=10) as sock:
+    with socket.create_connection(node_address(cluster, "storage"), timeout=10) as sock:
         assert _send_until_closed(sock, HANDSHAKE + bomb)
     growth = _status(pid, "VmHWM") - before
     assert growth < 200 * MB, "storage peak memory grew by %d MB" % (growth // MB)
@@ -204,7 +176,7 @@ def test_connection_flood_is_capped(cluster):
         # the flood to end: the cap does not know who is who)
         oid = storage.new_oid()
         commit(storage, [(oid, b"\0" * 8, b"before the flood")])
-        address = _address(cluster, "storage")
+        address = node_address(cluster, "storage")
         pid = _pid(cluster, "storage")
         fds_before = len(os.listdir("/proc/%d/fd" % pid))
         for _ in range(2000):
@@ -229,10 +201,10 @@ def test_connection_flood_is_capped(cluster):
 def test_silent_connection_closed_after_deadline(cluster):
     """A connection that sends the handshake and nothing more is closed
     after the identification deadline, with a log line saying why."""
-    with socket.create_connection(_address(cluster, "storage"), timeout=10) as sock:
+    with socket.create_connection(node_address(cluster, "storage"), timeout=10) as sock:
         sock.sendall(HANDSHAKE)
         start = time.monotonic()
-        assert _received(sock, timeout=DEADLINE + 7) == []
+        assert messages_until_closed(sock, timeout=DEADLINE + 7) == []
         assert time.monotonic() - start < DEADLINE + 5
     wait_until(lambda: "not identified after %d s" % DEADLINE in _log(cluster, "S1"),
                10, "deadline logged")

@@ -24,6 +24,7 @@ from neozodb.ctl.neoctl import NeoCtl
 from neozodb.net import certs
 from neozodb.net.tls import load_contexts
 from neozodb.protocol import HANDSHAKE, ClusterStates, Packets
+from wire import storage_address
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -137,19 +138,9 @@ def test_tls12_peer(tls_cluster):
     finally:
         ctl.close()
     for node in ("M1", "S1"):
-        address = tls_cluster.master_address if node == "M1" else _storage_address(tls_cluster)
+        address = tls_cluster.master_address if node == "M1" else storage_address(tls_cluster)
         with _handshake(address, ctx) as s:
             assert s.version() == "TLSv1.2"
-
-
-def _storage_address(cluster):
-    ctl = cluster.ctl()
-    try:
-        from neozodb.protocol import NodeTypes
-        host, port = ctl.nodes(NodeTypes.STORAGE)[0][1]
-    finally:
-        ctl.close()
-    return (host.decode() if isinstance(host, bytes) else host, port)
 
 
 def test_anonymous_neoctl_over_tls(tls_cluster):

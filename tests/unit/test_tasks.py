@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+from callbacks import callbacks_ran
 from neozodb.net.tasks import watch
 
 pytestmark = pytest.mark.timeout(30)
@@ -22,9 +23,14 @@ def test_a_dying_task_stops_the_node_with_one_line(caplog):
         raise KeyError("boom")
 
     async def main():
-        task = watch(App(), asyncio.ensure_future(dies()), "replication", lambda: stopped.append(1))
-        await asyncio.wait([task])
-        await asyncio.sleep(0)  # done callbacks run on the next loop turn
+        called = asyncio.get_running_loop().create_future()
+
+        def stop():
+            stopped.append(1)
+            if not called.done():
+                called.set_result(None)
+        watch(App(), asyncio.ensure_future(dies()), "replication", stop)
+        await asyncio.wait_for(called, 5)  # times out (failing) if it is never called
     with caplog.at_level(logging.ERROR, "neozodb.net"):
         asyncio.run(main())
     assert stopped == [1]
@@ -40,7 +46,7 @@ def test_cancelled_or_finished_tasks_do_not_stop_it():
         cancelled = watch(App(), asyncio.ensure_future(asyncio.sleep(10)), "b",
                           lambda: stopped.append(2))
         cancelled.cancel()
-        await asyncio.wait([ok, cancelled])
-        await asyncio.sleep(0)
+        await callbacks_ran(ok)  # watch's callbacks have run: stop would have been called
+        await callbacks_ran(cancelled)
     asyncio.run(main())
     assert stopped == []

@@ -5,6 +5,7 @@ import asyncio
 
 import pytest
 
+from callbacks import callbacks_ran
 from neozodb.master.app import MasterApp
 from neozodb.net.connection import Connection, Handler
 
@@ -36,11 +37,12 @@ def test_held_client_forgotten_when_it_goes():
             app.hold_client(c, lambda: None, lambda why: None)
             assert c._id_timer is None  # the hold timeout replaces the deadline
         conns[1].close("gone")
-        await asyncio.sleep(0)  # done callbacks run on the next loop turn
+        await callbacks_ran(conns[1].closed_future)  # the master's, added before, ran
         assert [e[0] for e in app.held_clients] == [conns[0], conns[2]]
         for c in conns:
             c.close("test over")
-        await asyncio.sleep(0)
+        for c in conns:
+            await callbacks_ran(c.closed_future)
         assert app.held_clients == []
     asyncio.run(main())
 
