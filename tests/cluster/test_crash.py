@@ -1,7 +1,9 @@
 """Crash safety: every node SIGKILLed (or the master alone) while client
 processes commit.  After the restart, every acknowledged transaction is
 there exactly once, and no other transaction is there in part: checked
-object by object, revision by revision, and on both replicas."""
+object by object, revision by revision, and on both replicas.  The moments
+of the kills come from a seed, printed; NEOZODB_CRASH_SEED=<seed> replays
+them (as far as the timing of processes allows)."""
 from __future__ import annotations
 
 import os
@@ -17,6 +19,7 @@ from ZODB.utils import z64
 from neozodb.cli.cluster import LocalCluster, wait_until
 from neozodb.client import Storage
 from neozodb.protocol import NodeStates, u64
+from seeds import replay_seed
 from writers import LoggingWriter, create_writer_objects, wait_acknowledged
 
 pytestmark = pytest.mark.timeout(180)
@@ -148,9 +151,7 @@ def check_replicas(cluster, committed) -> None:
 
 
 def crash_rounds(cluster, tmp_path, rounds: int) -> list[LoggingWriter]:
-    seed = random.randrange(1 << 32)
-    print("random seed", seed)
-    rng = random.Random(seed)
+    rng = random.Random(replay_seed("NEOZODB_CRASH_SEED", "crash"))
     writers = logging_writers(cluster, tmp_path)
     for r in range(rounds):
         for writer in writers:
@@ -182,9 +183,7 @@ def test_whole_cluster_killed_while_committing(tmp_path, storages):
 
 
 def test_master_killed_while_committing(cluster, tmp_path):
-    seed = random.randrange(1 << 32)
-    print("random seed", seed)
-    rng = random.Random(seed)
+    rng = random.Random(replay_seed("NEOZODB_CRASH_SEED", "crash"))
     writers = logging_writers(cluster, tmp_path)
     for writer in writers:
         writer.start(cluster)

@@ -13,7 +13,6 @@ of the kill are those of the run)."""
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import threading
 
@@ -31,6 +30,7 @@ from history.workload import read_final, workload_argv
 from neozodb.cli.cluster import wait_until
 from neozodb.client import Storage
 from neozodb.protocol import NodeStates, u64
+from seeds import replay_seed
 
 CLIENTS = 3
 
@@ -97,8 +97,7 @@ class Workloads:
 def run_history(cluster, directory, faults) -> list[dict]:
     """Workloads on ``cluster`` while ``faults()`` runs; their histories
     and the final state must pass the checker.  Returns the records."""
-    seed = int(os.environ.get("NEOZODB_HISTORY_SEED") or random.randrange(1 << 32))
-    print("history seed %d (NEOZODB_HISTORY_SEED=%d replays it)" % (seed, seed))
+    seed = replay_seed("NEOZODB_HISTORY_SEED", "history")
     workloads = Workloads(cluster, directory, seed)
     try:
         wait_until(workloads.more(5), 30, "first commits")

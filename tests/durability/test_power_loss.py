@@ -20,13 +20,13 @@ import textwrap
 import pytest
 from power import Disk, NoFuse, PowerRun, fuse_unavailable
 
+from seeds import replay_seed
+
 pytestmark = pytest.mark.timeout(150)
 
 
 def seeded() -> random.Random:
-    seed = int(os.environ.get("NEOZODB_POWER_SEED") or random.randrange(1 << 32))
-    print("power-loss seed %d (NEOZODB_POWER_SEED=%d replays it)" % (seed, seed))
-    return random.Random(seed)
+    return random.Random(replay_seed("NEOZODB_POWER_SEED", "power-loss"))
 
 
 @pytest.fixture(scope="session")
