@@ -76,7 +76,7 @@ def test_uri_two_masters_and_options():
     kwargs, dbkw = parse_uri(
         "neo://mycluster@127.0.0.1:10000,10.0.0.2:10001"
         "?read-only=true&compress=false&cache_size=30MB&logfile=/tmp/c.log"
-        "&ignore-wrong-checksum=yes&connect_timeout=2.5"
+        "&ignore-wrong-checksum=yes&pack_gc=off&connect_timeout=2.5"
         "&database_name=main&connection_pool_size=3&cache_size_bytes=1MB&pool_timeout=9"
     )
     assert kwargs == {
@@ -87,6 +87,7 @@ def test_uri_two_masters_and_options():
         "cache_size": 30 << 20,
         "logfile": "/tmp/c.log",
         "ignore_wrong_checksum": True,
+        "pack_gc": False,
         "connect_timeout": 2.5,
     }
     assert dbkw == {
@@ -187,6 +188,7 @@ def test_zconfig_snippet_defaults(package):
     assert c.cache_size == 20 << 20
     assert c.logfile is None
     assert c.ignore_wrong_checksum is False
+    assert c.pack_gc is True
     assert c.connect_timeout == 60.0
 
 
@@ -202,6 +204,7 @@ def test_zconfig_values(tmp_path, fake_storage):
   cache-size 50MB
   logfile {logfile}
   ignore-wrong-checksum true
+  pack-gc false
   connect-timeout 2.5
 </neostorage>
 """
@@ -216,6 +219,7 @@ def test_zconfig_values(tmp_path, fake_storage):
         "cache_size": 50 << 20,
         "logfile": logfile,
         "ignore_wrong_checksum": True,
+        "pack_gc": False,
         "connect_timeout": 2.5,
     }
     assert factory.storage_kwargs() == expected
@@ -238,6 +242,7 @@ def test_zconfig_database_from_string(fake_storage):
             "cache_size": 20 << 20,
             "logfile": None,
             "ignore_wrong_checksum": False,
+            "pack_gc": True,
             "connect_timeout": 60.0,
         }
     ]
