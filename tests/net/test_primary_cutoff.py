@@ -7,6 +7,9 @@ keep-alive 6 s; tests/net/netcluster.py).
   through the new one; after the heal the old primary is a secondary,
   there is exactly one primary, the admin follows it, and every
   acknowledged commit is readable.
+- The primary cut off from the other masters only (it still reaches the
+  storages and the client): it steps down all the same, before a new
+  primary is elected, which gets the storages and the writer.
 - One master in three cut off in turn, the cut moved every 5 s (3 times;
   NEOZODB_ROTATIONS=12 for a minute, NEOZODB_SEED to replay the printed
   seed): in the end exactly one primary, the two others its secondaries,
@@ -104,18 +107,24 @@ def single_primary(cluster) -> str | None:
     return None
 
 
+def commits_again(seen: dict, after: float) -> float | None:
+    """When the writer had acknowledged 2 more commits than at ``after``
+    (seconds, as in ``seen``), None if it had not by the end."""
+    base = next((n for t, n in reversed(seen["acks"]) if t <= after), 0)
+    return next((t for t, n in seen["acks"] if t > after and n >= base + 2), None)
+
+
 def admin_follows(cluster) -> bool:
     """neoctl works through the admin: it follows a running primary."""
     return cluster.cluster_state() == "RUNNING" and \
         cluster.run_neoctl("print", "pt", timeout=30).returncode == 0
 
 
-def watch(cluster, seconds: float, seen: dict, start: float, writer: Writer,
-          target: int = 0) -> None:
+def watch(cluster, seconds: float, seen: dict, start: float, writer: Writer) -> None:
     """Probe every master for ``seconds``: never two primaries.  The first
     time each master was seen primary or not, relative to ``start``, goes
-    to ``seen`` ({(name, is primary): seconds}), and the first time the
-    writer had acknowledged ``target`` commits as ("writer", True)."""
+    to ``seen`` ({(name, is primary): seconds}), and (seconds, commits
+    acknowledged) at each probe to seen["acks"]."""
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         roles = master_roles(cluster)
@@ -123,8 +132,7 @@ def watch(cluster, seconds: float, seen: dict, start: float, writer: Writer,
         now = time.monotonic() - start
         for name, role in roles.items():
             seen.setdefault((name, role == "primary"), now)
-        if target and writer.acked() >= target:
-            seen.setdefault(("writer", True), now)
+        seen.setdefault("acks", []).append((now, writer.acked()))
         assert writer.proc.poll() is None, writer.errors()
         time.sleep(0.2)  # probing pace: the fault's duration is what is waited for
 
@@ -139,18 +147,17 @@ def test_primary_cut_off(tmp_path):
         writer.more(20, "the writer's first commits")
         net.isolate(old.lower())
         cut = time.monotonic()
-        at_cut = writer.acked()
-        seen: dict = {}
+        seen: dict = {"acks": [(0.0, writer.acked())]}
         # probe for the whole cut: the old one steps down, a new one is elected
-        watch(cluster, CUT, seen, cut, writer, at_cut + 2)
+        watch(cluster, CUT, seen, cut, writer)
         new = [n for n in ("M1", "M2", "M3") if n != old and (n, True) in seen]
         assert len(new) == 1, seen
         (new,) = new
         stepped_down = seen.get((old, False))
         assert stepped_down is not None, "%s still primary after %gs" % (old, CUT)
-        became = min(t for (n, primary), t in seen.items() if n == new and primary)
+        became = seen[(new, True)]
         assert stepped_down < became, seen
-        resumed = seen.get(("writer", True))
+        resumed = commits_again(seen, 0)
         assert resumed is not None, "no commit in the %gs of the cut" % CUT
         print("%s isolated: it stepped down after %.1fs, %s primary after %.1fs, "
               "commits again after %.1fs" % (old, stepped_down, new, became, resumed))
@@ -195,3 +202,31 @@ def test_rotating_minority_cut(tmp_path):
         writer.more(10, "commits after the heal")
         count = writer.finish_and_check()
         print("%d acknowledged commits, all readable" % count)
+
+
+@pytest.mark.timeout(120)
+def test_primary_cut_from_the_masters_only(tmp_path):
+    """The primary still reaches the storages and the client, not the
+    other masters: it steps down all the same, before the others elect
+    one of them, which gets the storages and the writer."""
+    with running_cluster(tmp_path, M1First) as cluster:
+        net = cluster.net
+        old = wait_until(lambda: single_primary(cluster), 30, "one primary, two secondaries")
+        others = [n for n in ("M1", "M2", "M3") if n != old]
+        writer = Writer(cluster, tmp_path)
+        writer.more(20, "the writer's first commits")
+        net.partition([old.lower()], [n.lower() for n in others])
+        cut = time.monotonic()
+        seen: dict = {"acks": [(0.0, writer.acked())]}
+        watch(cluster, CUT, seen, cut, writer)
+        stepped_down = seen.get((old, False))
+        became = [t for key, t in seen.items() if key[0] in others and key[1]]
+        assert stepped_down is not None and became and stepped_down < min(became), seen
+        resumed = commits_again(seen, stepped_down)
+        assert resumed is not None, "no commit after %s stepped down" % old
+        print("%s cut from the masters: it stepped down after %.1fs, a new primary after "
+              "%.1fs, commits again after %.1fs" % (old, stepped_down, min(became), resumed))
+        net.heal()
+        wait_until(lambda: single_primary(cluster) in others, 30, "one primary, %s secondary" % old)
+        writer.more(10, "commits after the heal")
+        print("%d acknowledged commits, all readable" % writer.finish_and_check())
