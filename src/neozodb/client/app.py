@@ -22,7 +22,7 @@ from neozodb.client.compress import WrongChecksum
 from neozodb.client.errors import NEOStorageError
 from neozodb.client.handlers import Changes, MasterHandler, StorageHandler
 from neozodb.client.loads import Loads
-from neozodb.net.bootstrap import next_masters
+from neozodb.net.bootstrap import CONNECT_TIMEOUT, next_masters, reorder
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.net.threaded import ThreadedConnection
 from neozodb.nodes import NodeManager
@@ -54,6 +54,8 @@ class ClientApp(Loads):
         self.ignore_wrong_checksum = ignore_wrong_checksum
         self.keepalive = keepalive  # of every connection; None: threaded.DEFAULT_KEEPALIVE
         self.master_nodes = master_nodes
+        # the order masters are tried in: unreachable ones go last
+        self._master_order = list(master_nodes)
         self.name = name
         self.read_only = read_only
         self.connect_timeout = connect_timeout
@@ -111,7 +113,7 @@ class ClientApp(Loads):
         delay = 0.05
         last_error = "no master reachable"
         while not self.closed:
-            queue = list(self.master_nodes)
+            queue = list(self._master_order)
             tried: set = set()
             while queue:
                 address = queue.pop(0)
@@ -123,7 +125,12 @@ class ClientApp(Loads):
                 conn = ThreadedConnection(address, MasterHandler(self), self.label,
                                           keepalive=self.keepalive, tls=self.tls)
                 try:
-                    conn.connect(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+                    try:
+                        conn.connect(timeout=max(0.1, min(CONNECT_TIMEOUT,
+                                                          deadline - time.monotonic())))
+                    except OSError:
+                        reorder(self._master_order, address)  # tried last from now on
+                        raise
                     extra = {**self.announcement, b"read_only": True} if self.read_only \
                         else self.announcement
                     _, master_nid, nid = conn.call(

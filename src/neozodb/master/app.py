@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 
-from neozodb.master import checks, secondary
+from neozodb.master import checks, majority, secondary
 from neozodb.master.commits import Commits
 from neozodb.master.identification import IdentificationHandler, resolve_masters
 from neozodb.master.pack import PackManager
@@ -49,7 +49,6 @@ class MasterApp(Recovery, Truncation, Commits):
     (master/truncation.py) and commits (master/commits.py) are mixins."""
     tls = None  # net.tls.TLS, set by the command line before run()
 
-
     def __init__(self, name: str, bind: tuple[str, int], partitions: int = 100,
                  replicas: int = 0, autostart: int = 0, masters: list | None = None,
                  hold_timeout: float = 30.0, nid: int | None = None,
@@ -78,6 +77,9 @@ class MasterApp(Recovery, Truncation, Commits):
         self.election_pending: set[tuple[str, int]] = set()
         self.electing = False
         self._yielded: asyncio.Future | None = None
+        # time.monotonic() before which this master neither leads nor
+        # follows: it lost a primary to silence (master/majority.py)
+        self.quiet_until = 0.0
         # as secondary: the primary followed and the connection to it
         self.primary_address: tuple[str, int] | None = None
         self.primary_conn: Connection | None = None
@@ -94,6 +96,7 @@ class MasterApp(Recovery, Truncation, Commits):
         self._changed = asyncio.Event()  # wakes the phase waiting for a condition
         self._client_features: frozenset[bytes] | None = None  # last offered to clients
         self._stop_operation = asyncio.Event()
+        self._stop_reason = ""
         self._exit = asyncio.Event()
         self.exit_status = 0
         self.stopping = False
@@ -277,6 +280,13 @@ class MasterApp(Recovery, Truncation, Commits):
         conn.closed_future.add_done_callback(gone)
         log.info("%s: client at %s waits for the cluster to run", self.label, conn.peer)
 
+    def drop_held_clients(self, reason: str) -> None:
+        held, self.held_clients = self.held_clients, []
+        for conn, _, _, timer in held:
+            if timer is not None:
+                timer.cancel()
+            conn.close(reason, flush=True)
+
     def release_clients(self) -> None:
         held, self.held_clients = self.held_clients, []
         for conn, accept, refuse, timer in held:
@@ -372,11 +382,7 @@ class MasterApp(Recovery, Truncation, Commits):
         for node in self.nm:
             if node.connected and node.conn is not conn:
                 node.conn.close("yielding to the primary at %s:%s" % address, flush=True)
-        held, self.held_clients = self.held_clients, []
-        for held_conn, _, _, timer in held:
-            if timer is not None:
-                timer.cancel()
-            held_conn.close("yielding to the primary", flush=True)
+        self.drop_held_clients("yielding to the primary")
         self.nm = NodeManager()
         self.pt = None
         self.recovery.clear()
@@ -433,6 +439,8 @@ class MasterApp(Recovery, Truncation, Commits):
 
     # -- service ------------------------------------------------------------------
     async def serve(self) -> None:
+        if not majority.may_lead(self):  # stepped down during verification
+            raise StoppedOperation("not in touch with a majority of the masters")
         self._stop_operation.clear()
         self.set_cluster_state(ClusterStates.RUNNING)
         for node in self.nm.storages(NodeStates.RUNNING):
@@ -440,8 +448,11 @@ class MasterApp(Recovery, Truncation, Commits):
                 self.start_storage(node)
         await self._stop_operation.wait()
         if not self.stopping:
-            raise StoppedOperation("truncation requested" if self.truncate_tid is not None
-                                   else "partition table not operational")
+            raise StoppedOperation(self._stop_reason)
+
+    def stop_serving(self, reason: str) -> None:
+        self._stop_reason = reason
+        self._stop_operation.set()
 
     def start_storage(self, node: Node) -> None:
         self.ready_storages.discard(node.nid)
@@ -476,7 +487,7 @@ class MasterApp(Recovery, Truncation, Commits):
     def check_operational(self) -> None:
         if self.cluster_state is ClusterStates.RUNNING and not self.pt.operational(
                 self.running_storage_nids()):
-            self._stop_operation.set()
+            self.stop_serving("partition table not operational")
 
     # -- node loss ----------------------------------------------------------------------
     def node_lost(self, node: Node) -> None:
@@ -525,6 +536,8 @@ class MasterApp(Recovery, Truncation, Commits):
             if node.type is NodeTypes.MASTER:
                 node.state = NodeStates.DOWN
                 self.broadcast_nodes([node])
+                if self.primary_address is None and not majority.has_majority(self):
+                    majority.step_down(self)
         self.changed()
 
     def _forget_waiter(self, conn: Connection | None) -> None:
@@ -586,8 +599,3 @@ class MasterApp(Recovery, Truncation, Commits):
         self.broadcast_nodes(down)
         log.info("%s: cluster stopped", self.label)
         self._exit.set()
-
-
-
-
-

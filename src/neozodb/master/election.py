@@ -1,16 +1,37 @@
-"""Electing the primary among several masters (neo-architecture.md 5.1).
+"""Electing the primary among several masters (neo-architecture.md 5.1),
+and what keeps a split network from having two primaries.
 
 A master plays primary from its start, and again when it loses its
 primary.  While its cluster is RECOVERING it asks every other master to
-identify it, giving the time it started playing primary.  A master that
-plays primary and is asked by one that started earlier (ties: the lower
-address) yields to it; one that accepts the request is the primary, and the
-requester becomes its secondary.  Secondaries answer with
-``NotPrimaryMaster``.  The cluster leaves RECOVERING only once every other
-master answered, refused or could not be reached: two primaries never
-both get past recovery, and running needs every storage with readable
-cells (or an operator's ``neoctl start``), so the halves of a split network
-never both run the cluster.
+identify it, giving the time it started playing primary, then asks again
+every ELECTION_INTERVAL those that are not its secondaries, until the
+cluster leaves RECOVERING.  A master that plays primary and is asked by one
+that started earlier (ties: the lower address) yields to it; one that
+accepts the request (a running primary accepts every master) is the
+primary, and the requester becomes its secondary.  Secondaries answer with
+``NotPrimaryMaster``.  So a primary cut off, or stuck in RECOVERING, finds
+the running primary once the network heals and becomes its secondary.
+
+Majority (master/majority.py): with N masters in the ``-m`` list (itself
+included), N >= 3, a primary needs a majority of them in touch (itself and
+its connected secondaries); with 1 or 2 masters, itself alone.  Without
+it, it accepts no storage, admin or client (``NotPrimaryMaster`` naming no
+primary) and does not leave RECOVERING; a primary that loses it (the
+keep-alive closed the connections of its secondaries) steps down: its
+storages, admin and clients are disconnected and go to the other masters,
+a running cluster goes back to RECOVERING, and it elects again.  A
+secondary that lost its primary to silence waits 1.5 keep-alive after it
+last heard from it (plus a margin) before it leads or follows anybody:
+by then the old primary found it gone and stepped down if that left it
+without a majority.  Two majorities share a master, which follows one
+primary at a time: two primaries never both serve.  This assumes every
+master has the same keep-alive.
+
+The cluster leaves RECOVERING only once every other master answered,
+refused or could not be reached (CONNECT_TIMEOUT, ANSWER_TIMEOUT), and,
+from 3 masters on, with a majority; running also needs every storage with
+readable cells (or an operator's ``neoctl start``): with two masters, that
+is what keeps the halves of a split network from both running the cluster.
 """
 from __future__ import annotations
 
@@ -18,6 +39,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from neozodb.master import majority
 from neozodb.master.secondary import PrimaryHandler
 from neozodb.net.connection import connect
 from neozodb.protocol import NodeTypes, Packets
@@ -30,6 +52,7 @@ log = logging.getLogger("neozodb.master")
 
 CONNECT_TIMEOUT = 2.0  # an unreachable master does not hold the election longer
 ANSWER_TIMEOUT = 3.0  # nor does one that accepts connections but is stuck
+ELECTION_INTERVAL = 1.0  # between two rounds while RECOVERING
 
 
 def earlier(peer: tuple[float, tuple[str, int]], me: tuple[float, tuple[str, int]]) -> bool:
@@ -38,11 +61,19 @@ def earlier(peer: tuple[float, tuple[str, int]], me: tuple[float, tuple[str, int
 
 
 async def run(app: MasterApp) -> None:
-    """Ask every other master once; ``app.election_pending`` empties as
-    they answer.  Acceptance makes ``app`` yield (``app.yield_to``)."""
+    """Ask every other master, after the quiet time if any;
+    ``app.election_pending`` empties as they answer.  Then again every
+    ELECTION_INTERVAL, those not connected as our secondaries, until
+    cancelled (the cluster left RECOVERING).  Acceptance makes ``app``
+    yield (``app.yield_to``)."""
     others = [a for a in app.masters if a != app.address]
     app.election_pending = set(others)
-    await asyncio.gather(*(_ask(app, address) for address in others))
+    await majority.quiet(app)
+    while True:
+        secondaries = {n.address for n in app.nm.of_type(NodeTypes.MASTER) if n.connected}
+        await asyncio.gather(*(_ask(app, address) for address in others
+                               if address not in secondaries or address in app.election_pending))
+        await asyncio.sleep(ELECTION_INTERVAL)  # pace of the rounds, not synchronisation
 
 
 async def _ask(app: MasterApp, address: tuple[str, int]) -> None:

@@ -5,7 +5,7 @@ import json
 import logging
 from typing import TYPE_CHECKING
 
-from neozodb.master import administration, checks
+from neozodb.master import administration, checks, majority
 from neozodb.master.base import BaseHandler
 from neozodb.master.pack import PAGE_OIDS
 from neozodb.master.transactions import TransactionError, Txn
@@ -348,6 +348,10 @@ class AdminHandler(BaseHandler):
         if node is None:
             raise Denied("unknown node")
         if node.type is NodeTypes.MASTER and state is NodeStates.DOWN and node.connected:
+            needed = majority.majority(len(app.masters))
+            if majority.in_touch(app) - 1 < needed:
+                raise Denied("the primary would be left with fewer than %d of the %d masters"
+                             " (a majority): it would stop serving" % (needed, len(app.masters)))
             conn.ack(msg_id, "state changed")
             app.set_node_state(node, NodeStates.DOWN)  # told DOWN, a secondary exits
             return

@@ -18,7 +18,7 @@ import ipaddress
 import logging
 import socket
 
-from neozodb.master import election
+from neozodb.master import election, majority
 from neozodb.master.base import BaseHandler
 from neozodb.master.handlers import AdminHandler, ClientHandler, SecondaryHandler, StorageHandler
 from neozodb.net.connection import HandlerError, NotReady
@@ -83,6 +83,10 @@ class IdentificationHandler(BaseHandler):
             raise
         if app.primary_address is not None:
             app.redirect(conn, msg_id, app.primary_address)
+            return
+        if node_type is not NodeTypes.MASTER and not majority.may_lead(app):
+            # not a primary anybody may use yet: they try the other masters
+            app.redirect(conn, msg_id, None)
             return
         state = NodeStates.RUNNING
         if node_type is NodeTypes.STORAGE:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from neozodb.master import election
+from neozodb.master import election, majority
 from neozodb.master.pack import Order
 from neozodb.net.connection import ConnectionClosed, RemoteError
 from neozodb.nodes import Node
@@ -94,6 +94,8 @@ class Recovery:
     def _recovery_done(self) -> bool:
         if self.election_pending:
             return False  # another master may still claim to be primary
+        if not majority.may_lead(self):
+            return False  # too few masters in touch (master/majority.py)
         pending = [n for n in self.nm.storages(NodeStates.PENDING) if n.connected]
         if any(n.nid not in self.recovery and self._decides(n.nid) for n in pending):
             return False  # each is disconnected if it does not answer in time

@@ -13,6 +13,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from neozodb.master import majority
 from neozodb.master.base import BaseHandler
 from neozodb.net.bootstrap import FollowsPrimary
 from neozodb.net.connection import Connection, ConnectionClosed, RemoteError, connect
@@ -82,6 +83,7 @@ async def follow(app: MasterApp, address: tuple[str, int], conn: Connection | No
     ``conn`` is the election connection it accepted, if any."""
     try:
         if conn is None:
+            await majority.quiet(app)  # counted by no primary before it ends
             conn = await asyncio.wait_for(connect(app, PrimaryHandler(app), address),
                                           IDENTIFY_TIMEOUT)
             app.primary_conn = conn
@@ -106,6 +108,7 @@ async def follow(app: MasterApp, address: tuple[str, int], conn: Connection | No
                      app.label, nid_str(conn.nid))
         await conn.closed_future
         log.warning("%s: lost the primary master (%s)", app.label, conn.close_reason)
+        majority.lost_primary(app, conn)
     except (OSError, ConnectionClosed, RemoteError, asyncio.TimeoutError) as e:
         log.warning("%s: cannot follow the primary at %s:%s: %s", app.label, *address, e)
     finally:

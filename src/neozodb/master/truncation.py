@@ -26,7 +26,7 @@ class Truncation:
         # only with every storage of the table, or `neoctl start` again
         self._startup_allowed_before_truncation = self.startup_allowed
         self.startup_allowed = False
-        self._stop_operation.set()
+        self.stop_serving("truncation requested")
 
     def _truncation_pending(self, pending: list[Node]) -> bool:
         """Recovery, table loaded: adopt the truncation that storages with

@@ -15,6 +15,10 @@ from neozodb.protocol.values import check_address
 
 log = logging.getLogger("neozodb.net")
 
+# Seconds to connect to a master (TLS handshake included) before trying
+# the next: a master cut off from the network would hold us for minutes.
+CONNECT_TIMEOUT = 3.0
+
 
 class FollowsPrimary:
     """Mixin of the handlers of a connection to a master: a secondary
@@ -55,6 +59,13 @@ def next_masters(masters: list[tuple[str, int]], conn: Any) -> list[tuple[str, i
     return first + [a for a in getattr(conn, "known_masters", ()) if a != redirect]
 
 
+def reorder(order: list, unreachable) -> None:
+    """Move a master that could not be reached to the end of ``order``."""
+    if unreachable in order:
+        order.remove(unreachable)
+        order.append(unreachable)
+
+
 def _address_of(peer: str) -> tuple[str, int] | None:
     host, _, port = peer.rpartition(":")
     return (host, int(port)) if port.isdigit() else None
@@ -67,10 +78,13 @@ async def follow_master(app: Any, masters: list[tuple[str, int]],
     """Forever: connect to a master, ``identify`` on the new connection,
     wait until it closes, call ``lost``; retry the masters in turn (first
     the primary a secondary named), with a backoff of up to one second when
-    none could be reached."""
+    none could be reached.  A master that cannot be reached within
+    CONNECT_TIMEOUT goes to the end of the order (``reorder``): a dead
+    master first in the list costs one timeout, not one per attempt."""
     delay = 0.1
+    order = list(masters)
     while True:
-        queue = list(masters)
+        queue = list(order)
         tried: set[tuple[str, int]] = set()
         while queue:
             address = queue.pop(0)
@@ -78,9 +92,11 @@ async def follow_master(app: Any, masters: list[tuple[str, int]],
                 continue
             tried.add(address)
             try:
-                conn = await connect(app, make_handler(), address)
-            except OSError as e:
+                conn = await asyncio.wait_for(connect(app, make_handler(), address),
+                                              CONNECT_TIMEOUT)
+            except (OSError, asyncio.TimeoutError) as e:
                 log.debug("%s: cannot reach master %s:%s: %s", app.label, *address, e)
+                reorder(order, address)
                 continue
             try:
                 await identify(conn)

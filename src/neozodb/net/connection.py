@@ -202,6 +202,7 @@ class Connection(Limits, asyncio.Protocol):
         self.keepalive = _keepalive if keepalive is None else keepalive
         self._last_received = 0.0
         self._ping_sent = 0.0  # when the Ping waiting for a sign of life left
+        self.went_silent = False  # closed by the keep-alive (last_received says since when)
         self._ka_timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
@@ -210,6 +211,11 @@ class Connection(Limits, asyncio.Protocol):
     @property
     def label(self) -> str:
         return nid_str(self.nid) if self.nid is not None else self.peer
+
+    @property
+    def last_received(self) -> float:
+        """When something was last received (time.monotonic())."""
+        return self._last_received
 
     def _who(self) -> str:
         """The peer, for the close log line: its id and its address."""
@@ -531,6 +537,7 @@ class Connection(Limits, asyncio.Protocol):
 
     def _keepalive_expired(self, reason: str) -> None:
         log.warning("%s: closing connection with %s: %s", self.app.label, self._who(), reason)
+        self.went_silent = True
         self.closed = True
         self.close_reason = reason
         self._abort()
