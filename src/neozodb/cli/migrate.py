@@ -190,7 +190,8 @@ def copy(source, destination, start: bytes | None = None,
 
     done = None if progress is None else (lambda tid, records: progress.update(u64(tid), records))
     result = copy_transactions(source, destination, start, done, warn,
-                               pipelined=isinstance(destination, Storage))
+                               pipelined=isinstance(destination, Storage)
+                               and destination.pipelined_copy())
     return result.transactions, result.objects, result.last
 
 

@@ -3,8 +3,8 @@
 (``ZODB.BaseStorage.copy``: tpc_begin with the source TID and status, one
 restore per record, vote, finish), in TID order.
 
-Into a cluster, the round trips of each transaction overlap the copy of
-the next ones: the caller's thread begins each transaction without
+Into a cluster whose master is ours (``Storage.pipelined_copy``), the
+round trips of each transaction overlap the copy of the next ones: the caller's thread begins each transaction without
 waiting for the master's answer (the TID is imposed: the answer only says
 yes or no) and restores its records, buffered; a thread of its own votes
 (checking the begin's answer first, then sending the stores and the vote

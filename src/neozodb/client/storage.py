@@ -28,6 +28,7 @@ from ZODB.interfaces import (
 from neozodb.client import iteration
 from neozodb.client.app import ClientApp
 from neozodb.client.commit import Commit
+from neozodb.client.compat import has_features
 from neozodb.client.compress import parse_compress
 from neozodb.client.copying import copy as copy_transactions
 from neozodb.client.errors import NEOStorageError
@@ -351,7 +352,15 @@ class Storage(ConflictResolvingStorage):
         def done(tid: bytes, records: int) -> None:
             print("copied %s: %d records" % (tid.hex(), records))
 
-        copy_transactions(other, self, done=done if verbose else None)
+        copy_transactions(other, self, done=done if verbose else None,
+                          pipelined=self.pipelined_copy())
+
+    def pipelined_copy(self) -> bool:
+        """Whether a copy into this cluster may be pipelined
+        (client/copying.py): with our master only, which takes a begin with
+        an imposed TID while earlier ones are being finished; NEO's closes
+        the client's connection then."""
+        return has_features(self.app.get_master())
 
     def deleteObject(self, oid: bytes, serial: bytes, txn) -> None:
         """IExternalGC: a deletion record for oid, whose current serial must
