@@ -88,7 +88,7 @@ async def writing(queue: asyncio.Queue, writer: asyncio.StreamWriter) -> None:
         due, data = await queue.get()
         wait = due - time.monotonic()
         if wait > 0:
-            await asyncio.sleep(wait)
+            await asyncio.sleep(wait)  # the latency injected: what this proxy is for
         if data is None:
             raise ConnectionResetError
         if not data:

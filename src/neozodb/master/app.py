@@ -77,8 +77,7 @@ class MasterApp(Recovery, Truncation, Commits):
         self.election_pending: set[tuple[str, int]] = set()
         self.electing = False
         self._yielded: asyncio.Future | None = None
-        # time.monotonic() before which this master neither leads nor
-        # follows: it lost a primary to silence (master/majority.py)
+        # monotonic time until which it neither leads nor follows (majority.py)
         self.quiet_until = 0.0
         # as secondary: the primary followed and the connection to it
         self.primary_address: tuple[str, int] | None = None
