@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from urllib.parse import quote
 
 from neozodb.cli.config import format_address
@@ -96,8 +97,13 @@ class LocalCluster:
                  master_port: int = 0, admin_port: int = 0, loglevel: str = "INFO",
                  autostart: bool = True, node_args: list[str] | tuple[str, ...] = (),
                  masters: int = 1, storage_args: list[str] | tuple[str, ...] = (),
-                 importer: str | None = None, tls: bool = False) -> None:
+                 importer: str | None = None, tls: bool = False, adapter: str = "SQLite",
+                 databases: Callable[[int], str] | None = None) -> None:
         self.autostart = autostart
+        # the storages' backend; ``databases(i)`` names storage i's database
+        # (default: storage<i>.sqlite in the directory)
+        self.adapter = adapter
+        self._databases = databases
         # TLS: a throw-away CA in <directory>/tls signs a certificate per node
         self.tls = tls
         self._ca = None
@@ -189,7 +195,7 @@ class LocalCluster:
         if self.importer is not None:
             database = ["-a", "Importer", "-d", self.importer]
         else:
-            database = ["-d", self.database(i)]
+            database = ["-a", self.adapter, "-d", self.database(i)]
         # -i: node S<i> is storage<i>.sqlite whatever the start order
         return self._python(
             "neozodb.cli.storage", "-m", self.masters, "-b", "%s:0" % self.host, *database,
@@ -201,6 +207,8 @@ class LocalCluster:
             name="A1")
 
     def database(self, i: int) -> str:
+        if self._databases is not None:
+            return self._databases(i)
         return os.path.join(self.directory, "storage%d.sqlite" % i)
 
     def start(self, wait: float = 60.0) -> None:

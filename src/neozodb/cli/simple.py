@@ -3,6 +3,7 @@ in one directory, in the foreground until Ctrl-C."""
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -35,20 +36,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls", action="store_true",
                         help="TLS between every node, with a throw-away CA and certificates made"
                         " in DIRECTORY/tls (needs the 'cryptography' package)")
+    parser.add_argument("--adapter", default="SQLite",
+                        help="storage backend (SQLite); a database server's adapter starts a"
+                        " throw-away server of its own in DIRECTORY/server")
     parser.add_argument("directory", help="where databases and logs go")
     opts = parser.parse_args(argv)
     if opts.masters < 1:
         parser.error("at least one master is needed")
     if opts.storages < 1 or opts.partitions < 1:
         parser.error("at least one storage and one partition are needed")
-    cluster = LocalCluster(opts.directory, opts.cluster, opts.storages, opts.replicas,
-                           opts.partitions, master_port=opts.master_port,
-                           admin_port=opts.admin_port, masters=opts.masters, tls=opts.tls)
     if opts.tls:
         try:
             import cryptography  # noqa: F401
         except ImportError:
             parser.error("--tls needs the 'cryptography' package (pip install 'neozodb[tls]')")
+    server = None
+    databases = None
+    if opts.adapter.lower() != "sqlite":
+        from neozodb import throwaway
+        if opts.adapter.lower() not in throwaway.servers():
+            parser.error("--adapter: one of %s" % ", ".join(["SQLite", *throwaway.servers()]))
+        try:
+            server = throwaway.start(opts.adapter, os.path.join(opts.directory, "server"))
+        except (OSError, RuntimeError) as e:
+            print("neosimple: error: cannot start a %s server: %s" % (opts.adapter, e),
+                  file=sys.stderr)
+            return 1
+        databases = lambda i: server.database("storage%d" % i)  # noqa: E731
+    cluster = LocalCluster(opts.directory, opts.cluster, opts.storages, opts.replicas,
+                           opts.partitions, master_port=opts.master_port,
+                           admin_port=opts.admin_port, masters=opts.masters, tls=opts.tls,
+                           adapter=opts.adapter, databases=databases)
+    try:
+        return _serve(opts, cluster)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _serve(opts: argparse.Namespace, cluster: LocalCluster) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
