@@ -213,17 +213,20 @@ NOT_IGNORABLE = {"AskFinishTransaction", "AskLockInformation", "SetNodeState",
 
 def test_catalogue_counts():
     # protocol 5's 74 rows (as NEO's protocol.py), plus neozodb's own
-    # NotifyFeatures, AddObjects and AskSoloVote, outside NEO's range
-    assert TABLE_ROWS == 77
+    # NotifyFeatures, AddObjects, AskSoloVote, AskStoreBlobChunk and
+    # AskBlobChunk, outside NEO's range
+    assert TABLE_ROWS == 79
     assert max(c for c in PACKETS if c < 0x7f00) == 0x49
     assert Packets.NotifyFeatures.code == 0x7f00
     assert Packets.AddObjects.code == 0x7f01
     assert Packets.AskSoloVote.code == 0x7f02
+    assert Packets.AskStoreBlobChunk.code == 0x7f10
+    assert Packets.AskBlobChunk.code == 0x7f11
     answers = [pt for pt in ALL_TYPES if pt.request is not None]
-    assert len(answers) == 38
-    assert len(PACKETS) == 115
-    assert len(vars(Packets)) == 115
-    assert len({pt.name for pt in ALL_TYPES}) == 115
+    assert len(answers) == 40
+    assert len(PACKETS) == 119
+    assert len(vars(Packets)) == 119
+    assert len({pt.name for pt in ALL_TYPES}) == 119
     assert all(PACKETS[code].code == code for code in PACKETS)
 
 

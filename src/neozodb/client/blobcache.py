@@ -25,17 +25,18 @@ and it skips a directory whose lock is held, where a download is going on.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
-import shutil
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
+
+from ZODB.blob import rename_or_copy_blob
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,15 @@ class BlobCache:
         """Where uncommitted blob files go (``temporaryDirectory``)."""
         return os.path.join(self.directory, _TMP)
 
+    def take(self, filename: str) -> str:
+        """Move (or copy) an uncommitted file that the storage owns from now
+        on into the temporary directory: ZODB may remove the directory it
+        was in (a savepoint's) before the transaction ends."""
+        fd, ours = tempfile.mkstemp(suffix='.tmp', dir=self.temporary_directory())
+        os.close(fd)
+        rename_or_copy_blob(filename, ours, chmod=False)
+        return ours
+
     def filename(self, oid: bytes, tid: bytes) -> str:
         n = int.from_bytes(oid, 'big')
         high, low = divmod(n, DIRECTORIES)
@@ -152,8 +162,7 @@ class BlobCache:
                 with open(partial, 'wb') as f:
                     download(f)
                     size = f.tell()
-                os.chmod(partial, stat.S_IRUSR)
-                os.rename(partial, filename)
+                rename_or_copy_blob(partial, filename)  # made read-only
             except BaseException:
                 try:
                     os.remove(partial)
@@ -173,16 +182,7 @@ class BlobCache:
             if os.path.exists(filename):  # restored twice, or fetched meanwhile
                 os.remove(source)
                 return filename
-            try:
-                os.rename(source, filename)
-            except OSError as e:
-                if e.errno != errno.EXDEV:
-                    raise
-                partial = filename + '.dl'
-                shutil.copyfile(source, partial)
-                os.rename(partial, filename)
-                os.remove(source)
-            os.chmod(filename, stat.S_IRUSR)
+            rename_or_copy_blob(source, filename)  # made read-only
         self._loaded_bytes(os.stat(filename).st_size)
         return filename
 

@@ -4,6 +4,7 @@ and finish round trips.  Answers to the stores arrive on the transaction's
 own queue and are processed by the committing thread."""
 from __future__ import annotations
 
+import hashlib
 import logging
 from queue import SimpleQueue
 
@@ -13,6 +14,7 @@ from neozodb.client.compat import has_features
 from neozodb.client.compress import compress
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.protocol import MAX_TID, ZERO_HASH, ZERO_TID, ErrorCodes, Packets, nid_str, p64, u64
+from neozodb.protocol.blobs import add_tail
 from neozodb.protocol.features import EARLY_VOTE, SOLO_VOTE
 
 log = logging.getLogger("neozodb.client")
@@ -31,12 +33,14 @@ class Commit:
         self.pending = 0  # answers still expected
         self.data: dict[bytes, tuple] = {}  # oid -> (data or None, serial, data_serial)
         self.cache_data: dict[bytes, bytes | None] = {}
+        self.blobs: dict[bytes, tuple[bytes, int]] = {}  # oid -> blob (digest, size) stored
         self.checked: dict[bytes, bytes] = {}
         self.involved: set[int] = set()
         self.conns: list = []  # connections of the involved storages
         self.failed: set[int] = set()
         self.resolved: list[bytes] = []
         self.restored: set[bytes] = set()  # oids stored by restore(): never resolved
+        self.blob_files: dict[bytes, str] = {}  # oid -> its blob's file (client/blobs.py)
         self.imposed = False  # begun with a TID of its own (restore, copy): ttid == tid
         # the master's answer to an imposed begin not waited for (tpc_begin
         # wait=False): checked at the vote, which sends the stores deferred
@@ -79,9 +83,11 @@ class Commit:
         return nids
 
     def store(self, oid: bytes, serial: bytes | None, data: bytes | None,
-              data_serial: bytes | None = None, raw: tuple | None = None) -> None:
+              data_serial: bytes | None = None, raw: tuple | None = None,
+              blob: tuple[bytes, int] | None = None) -> None:
         """``raw``: (compression, stored bytes, checksum) of data as a
-        storage already has it (undo), sent as is."""
+        storage already has it (undo), sent as is.  ``blob``: (digest,
+        size) of the blob content uploaded for oid (client/blobs.py)."""
         if serial is None:
             serial = ZERO_TID
         self.data[oid] = (data, serial, data_serial)
@@ -92,6 +98,10 @@ class Commit:
             compression, stored, checksum = raw
         else:
             compression, stored, checksum = compress(data, self.level)
+            if blob is not None:
+                compression, stored = add_tail(compression, stored, *blob)
+                checksum = hashlib.sha1(stored).digest()
+                self.blobs[oid] = blob
         args = (oid, serial, compression, checksum, stored, data_serial, self.ttid)
         nids = self._cells(oid)
         token = (STORE, oid, serial)
@@ -118,7 +128,7 @@ class Commit:
         return conn is not None and EARLY_VOTE in conn.peer_features
 
     def restore(self, oid: bytes, data: bytes | None, prev_txn: bytes | None,
-                base: bytes) -> None:
+                base: bytes, blob: tuple[bytes, int] | None = None) -> None:
         """Store a record copied from another database (restore): no
         conflict check.  The storages still compare the serial the store is
         based on with the object's last one, so ``base`` is a guess (the
@@ -135,7 +145,7 @@ class Commit:
             # packed away on a NEO storage, which refuses a back-pointer to
             # it (ours take the data then): the data alone
             prev_txn = None
-        self.store(oid, base, data, prev_txn)
+        self.store(oid, base, data, prev_txn, blob=blob)
 
     def _revision_gone(self, oid: bytes, serial: bytes) -> bool:
         """Whether a NEO storage among oid's cells lacks that revision
@@ -324,7 +334,8 @@ class Commit:
             # restore: the source history is authoritative, the conflict
             # only tells the serial to base the store on (MAX_TID: the
             # storage never had the object)
-            self.store(oid, ZERO_TID if conflict == MAX_TID else conflict, data, current[2])
+            self.store(oid, ZERO_TID if conflict == MAX_TID else conflict, data, current[2],
+                       blob=self.blobs.get(oid))
             return
         if conflict > self.app.last_tid:
             self.app.sync()  # the invalidation for it is late: process it first

@@ -6,6 +6,7 @@ import hashlib
 import zlib
 
 from neozodb.protocol import ZERO_HASH
+from neozodb.protocol.blobs import BLOB_FLAG, TAIL_SIZE
 
 NONE, ZLIB = 0, 1
 
@@ -46,6 +47,11 @@ def decompress(oid: bytes, serial: bytes, compression: int, checksum: bytes,
         return None
     if verify and hashlib.sha1(data).digest() != checksum:
         raise WrongChecksum(f"wrong checksum for {oid.hex()} at {serial.hex()}")
+    if compression & BLOB_FLAG:  # a blob revision: its record, without the tail
+        if len(data) < TAIL_SIZE:
+            raise WrongChecksum(f"truncated blob revision of {oid.hex()} at {serial.hex()}")
+        compression &= ~BLOB_FLAG
+        data = data[:-TAIL_SIZE]
     if compression == ZLIB:
         return zlib.decompress(data)
     if compression != NONE:

@@ -17,15 +17,24 @@ remembers it at the restore).  A transaction is counted as
 copied when its finish returned, so what was reported copied is exactly
 what the destination has, and an interrupted copy can go on from the
 destination's last TID (``neomigrate --incremental``).
+
+Blobs go along when both sides keep them (``IBlobStorage``): a blob
+record's content is read from the source's blob file and restored with it.
 """
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable
 from typing import Any
 
+from ZODB.blob import is_blob_record
+from ZODB.interfaces import IBlobStorage
+from ZODB.POSException import POSKeyError
 from ZODB.TimeStamp import TimeStamp
 
 log = logging.getLogger("neozodb.client")
@@ -95,6 +104,22 @@ class _Finisher:
             destination.tpc_abort(txn)
 
 
+def _blob_copy(source: Any, destination: Any, record: Any) -> str | None:
+    """A copy of the content of a blob record, in the destination's
+    temporary directory (which the destination takes); None for a record
+    that is not a blob's, or whose content the source does not have."""
+    if not is_blob_record(record.data):
+        return None
+    try:
+        filename = source.loadBlob(record.oid, record.tid)
+    except POSKeyError:
+        return None
+    fd, name = tempfile.mkstemp(suffix=".tmp", dir=destination.temporaryDirectory())
+    with os.fdopen(fd, "wb") as copy, open(filename, "rb") as original:
+        shutil.copyfileobj(original, copy, 1 << 20)
+    return name
+
+
 def copy(source: Any, destination: Any, start: bytes | None = None,
          done: Callable[[bytes, int], None] | None = None,
          warn: Callable[[str], None] = log.warning, pipelined: bool = True) -> CopyResult:
@@ -104,6 +129,7 @@ def copy(source: Any, destination: Any, start: bytes | None = None,
     own (the destination must be a cluster's client: ``tpc_begin`` with
     ``wait``, several transactions at once)."""
     result = CopyResult(done)
+    blobs = IBlobStorage.providedBy(source) and IBlobStorage.providedBy(destination)
     finisher = _Finisher(destination, result) if pipelined else None
     previous = None
     iterator = source.iterator(start)
@@ -122,8 +148,13 @@ def copy(source: Any, destination: Any, start: bytes | None = None,
             records = 0
             try:
                 for record in txn:
-                    destination.restore(record.oid, record.tid, record.data, "",
-                                        record.data_txn, txn)
+                    blob = _blob_copy(source, destination, record) if blobs else None
+                    if blob is None:
+                        destination.restore(record.oid, record.tid, record.data, "",
+                                            record.data_txn, txn)
+                    else:
+                        destination.restoreBlob(record.oid, record.tid, record.data, blob,
+                                                record.data_txn, txn)
                     records += 1
                 if finisher is None:
                     destination.tpc_vote(txn)

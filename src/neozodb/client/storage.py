@@ -14,6 +14,8 @@ import zope.interface
 from ZODB import POSException
 from ZODB.ConflictResolution import ConflictResolvingStorage
 from ZODB.interfaces import (
+    IBlobStorage,
+    IBlobStorageRestoreable,
     IExternalGC,
     IMultiCommitStorage,
     IPrefetchStorage,
@@ -27,6 +29,7 @@ from ZODB.interfaces import (
 
 from neozodb.client import iteration
 from neozodb.client.app import ClientApp
+from neozodb.client.blobs import BlobStorageMethods
 from neozodb.client.commit import Commit
 from neozodb.client.compat import has_features
 from neozodb.client.compress import parse_compress
@@ -54,13 +57,15 @@ RESTORED_MEMORY = 200_000
 @zope.interface.implementer(IStorage, IMultiCommitStorage, ReadVerifyingStorage, IPrefetchStorage,
                             IStorageIteration, IStorageUndoable, IStorageCurrentRecordIteration,
                             IStorageRestoreable, IExternalGC)
-class Storage(ConflictResolvingStorage):
+class Storage(BlobStorageMethods, ConflictResolvingStorage):
     def __init__(self, master_nodes: str | list, name: str, read_only: bool = False,
                  compress: bool | str = True, cache_size: int = 20 << 20,
                  logfile: str | None = None, ignore_wrong_checksum: bool = False,
                  connect_timeout: float = 60.0, keepalive: float | None = None,
                  features: bool = True, ca: str | None = None, cert: str | None = None,
-                 key: str | None = None, pack_gc: bool = True, **kw) -> None:
+                 key: str | None = None, pack_gc: bool = True, blob_dir: str | None = None,
+                 blob_cache_size: int | None = None, blob_cache_size_check: int = 10,
+                 **kw) -> None:
         if kw:
             raise TypeError("unexpected options: " + ", ".join(sorted(kw)))
         tls = None
@@ -73,6 +78,11 @@ class Storage(ConflictResolvingStorage):
         # false, only history is removed (an external GC uses deleteObject)
         self._pack_gc = bool(pack_gc)
         self._compress = parse_compress(compress)
+        if blob_dir:
+            # ZEO's options: the client's blob cache (shared by processes)
+            from neozodb.client.blobcache import BlobCache
+            self._blob_cache = BlobCache(blob_dir, blob_cache_size, blob_cache_size_check)
+            zope.interface.alsoProvides(self, IBlobStorage, IBlobStorageRestoreable)
         if logfile:
             import logging
             handler = logging.FileHandler(logfile)
@@ -390,6 +400,8 @@ class Storage(ConflictResolvingStorage):
             tid = commit.finish(f)
         finally:
             self._forget(txn, commit)
+        if commit.blob_files:
+            self._blobs_committed(commit, tid)
         if commit.restored:
             self._remember_restored(commit.restored, tid)
         return tid
@@ -417,6 +429,8 @@ class Storage(ConflictResolvingStorage):
             commit.abort()
         finally:
             self._forget(txn, commit)
+            if commit.blob_files:
+                self._blobs_aborted(commit)
 
     def _forget(self, txn, commit: Commit) -> None:
         with self._lock:

@@ -385,6 +385,13 @@ _TABLE: tuple[tuple[int, str, str, str | None, str, int], ...] = (
     # AskStoreTransaction of a transaction sent to this storage alone
     # (feature "solo-vote"): its lock makes the vote durable
     (0x7f02, "AskSoloVote", "p64,bin,bin,bin,[p64],?(?[p64],p64)", "AnswerSoloVote", "", 0),
+    # feature "blob" (protocol/blobs.py): a chunk of the content of the blob
+    # a transaction stores for an object (ttid, oid, chunk number, bytes),
+    # before the store of its record
+    (0x7f10, "AskStoreBlobChunk", "p64,p64,int,bin", "AnswerStoreBlobChunk", "", 0),
+    # a chunk of the content of the blob revision whose data has this
+    # checksum (checksum, chunk number)
+    (0x7f11, "AskBlobChunk", "bin,int", "AnswerBlobChunk", "bin", 0),
 )
 
 TABLE_ROWS = len(_TABLE)

@@ -83,6 +83,13 @@ Both ends keep the intersection (``conn.peer_features``).  The features:
     ``BATCH_BYTES`` of data), instead of one ``AddObject`` per revision:
     one message to encode, decode and dispatch for hundreds of records.
     NEO's storages know only ``AddObject``, and get it.
+``blob``
+    Between a client and a storage whose backend keeps blob contents:
+    blob revisions (records with a tail, ``protocol/blobs.py``) and their
+    contents, sent in chunks with ``AskStoreBlobChunk`` (0x7f10) before the
+    record's store and read with ``AskBlobChunk`` (0x7f11).  A peer without
+    the feature gets a blob revision's record alone (``AnswerObject``):
+    what a NEO client would have read from NEO.
 """
 from __future__ import annotations
 
@@ -94,9 +101,10 @@ EXTRA_KEY = b"neozodb"
 REPL_BATCH = b"repl-batch"
 EARLY_VOTE = b"early-vote"
 SOLO_VOTE = b"solo-vote"
+BLOB = b"blob"
 FEATURES: frozenset[bytes] = frozenset((b"status-json", b"import-status", b"gc-pack",
                                         b"mirror", b"check-report", b"check-digest",
-                                        REPL_BATCH, EARLY_VOTE, SOLO_VOTE))
+                                        REPL_BATCH, EARLY_VOTE, SOLO_VOTE, BLOB))
 #: What RequestIdentification.extra carries from a neozodb node.
 ANNOUNCEMENT: dict[bytes, list[bytes]] = {EXTRA_KEY: sorted(FEATURES)}
 NO_FEATURES: frozenset[bytes] = frozenset()

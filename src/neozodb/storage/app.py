@@ -28,6 +28,7 @@ from neozodb.protocol import (
 from neozodb.protocol.features import ANNOUNCEMENT
 from neozodb.pt import PartitionTable
 from neozodb.storage import handlers, peers
+from neozodb.storage.blobs import drop_uploads
 from neozodb.storage.checker import Checker
 from neozodb.storage.groupsync import GroupSync
 from neozodb.storage.pack import Packer
@@ -287,6 +288,11 @@ class StorageApp:
         # replication fetches what the cluster committed since
         self.apply_truncation()
         self.backend.drop_unfinished()
+        if self.backend.blobs:
+            dropped = self.backend.drop_unattached_blobs()
+            if dropped:
+                log.info("%s: %d blob uploads of unfinished transactions dropped",
+                         self.label, dropped)
         if not self.verified:
             self._drop_locked()
         # Transactions still in memory were locked under a previous master
@@ -442,6 +448,9 @@ class StorageApp:
         self.locks.abort(ttid)
         if txn is None:
             return
+        if txn.uploads:
+            drop_uploads(self.backend, txn)
+            self.pending_written()
         if txn.voted or txn.objects:
             data_ids = [] if txn.voted else [d for _, d, _ in txn.objects.values() if d is not None]
             self.backend.abort_transaction(int.from_bytes(ttid, "big"), data_ids)

@@ -18,7 +18,7 @@ from neozodb.protocol import (
     p64,
     u64,
 )
-from neozodb.protocol.features import greet
+from neozodb.protocol.features import BLOB, FEATURES, greet
 from neozodb.protocol.values import (
     LIST_CAP,
     MAX_ID,
@@ -26,6 +26,7 @@ from neozodb.protocol.values import (
     check_request_ids,
 )
 from neozodb.storage.backends.base import Unsupported
+from neozodb.storage.blobs import Blobs, answer_record
 from neozodb.storage.pack import PAGE_OIDS, wire_order
 from neozodb.storage.undo import undo_serials
 from neozodb.storage.writes import Retry, Writes
@@ -244,7 +245,7 @@ class IdentificationHandler(BaseHandler):
         else:
             conn.handler = ClientHandler(app)
             app.client_conns.add(conn)
-        greet(conn, extra)
+        greet(conn, extra, FEATURES if app.backend.blobs else FEATURES - {BLOB})
         conn.answer(msg_id, Packets.AcceptIdentification, NodeTypes.STORAGE, app.nid, nid)
 
 
@@ -256,7 +257,7 @@ _READS_OF_IDS = frozenset(p.code for p in (
     Packets.AskObjectUndoSerial))
 
 
-class ClientHandler(Writes, BaseHandler):
+class ClientHandler(Writes, Blobs, BaseHandler):
     def dispatch(self, conn, msg_id, packet, args) -> None:
         self.app.activity += 1  # pack yields to clients (storage/pack.py)
         if packet.code in _READS_OF_IDS:
@@ -291,6 +292,7 @@ class ClientHandler(Writes, BaseHandler):
             conn.error(msg_id, ErrorCodes.OID_NOT_FOUND, "%s not found" % oid.hex())
         else:
             serial, next_serial, compression, checksum, data, data_serial = found
+            compression, checksum, data = answer_record(conn, compression, checksum, data)
             conn.answer(msg_id, Packets.AnswerObject, oid, p64(serial), _p64(next_serial),
                         compression, checksum, data, _p64(data_serial))
 

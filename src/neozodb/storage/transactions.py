@@ -38,6 +38,8 @@ class Transaction:
     # every oid whose write lock it took: released at the end even if a
     # failing request took it before recording the object
     held: set = field(default_factory=set)
+    # oid -> storage.blobs.Upload: blob contents received for its objects
+    uploads: dict = field(default_factory=dict)
 
     @property
     def locked(self) -> bool:

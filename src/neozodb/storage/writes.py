@@ -26,8 +26,10 @@ from neozodb.protocol import (
     p64,
     u64,
 )
+from neozodb.protocol.blobs import BLOB_FLAG
 from neozodb.protocol.features import SOLO_VOTE
 from neozodb.protocol.values import check_compression, check_id, check_ids
+from neozodb.storage.blobs import drop_uploads
 from neozodb.storage.pack import is_gc_extension
 from neozodb.storage.undo import store_again_ok
 
@@ -94,8 +96,9 @@ class Writes:
         check_id(ttid, "ttid")
         if data_serial is not None:
             check_id(data_serial, "data serial")
+        blob = compression & BLOB_FLAG
         if not (checksum == ZERO_HASH and not data):
-            check_compression(compression)
+            check_compression(compression & ~BLOB_FLAG)
             if len(checksum) != 20 or hashlib.sha1(data).digest() != checksum:
                 raise ProtocolError("wrong checksum for %s in %s" % (oid.hex(), ttid.hex()))
         if ttid in app.locks.aborted:
@@ -104,6 +107,8 @@ class Writes:
         txn = self._own(conn, ttid, Packets.AskStoreObject)
         if txn.voted:
             raise ProtocolError("store after vote in %s" % ttid.hex())
+        if blob:
+            self._blob_record(conn, txn, oid, compression, data)
         state = app.cell_state(app.pt.partition(oid))
         if state is None:
             conn.answer(msg_id, Packets.AnswerStoreObject, ZERO_TID)  # not ours: ignored
@@ -111,7 +116,8 @@ class Writes:
         if state == CellStates.OUT_OF_DATE.value:
             # our copy is behind: keep the data without locking or checking,
             # the up-to-date replicas decide about conflicts
-            self._keep(txn, oid, serial, compression, checksum, data, data_serial)
+            self._keep(txn, oid, serial, compression, checksum, data, data_serial,
+                       out_of_date=True)
             txn.lockless.add(oid)
             txn.unsettled.discard(oid)
             conn.answer(msg_id, Packets.AnswerStoreObject, ZERO_TID)
@@ -155,7 +161,8 @@ class Writes:
             return False
         return True
 
-    def _keep(self, txn, oid, serial, compression, checksum, data, data_serial):
+    def _keep(self, txn, oid, serial, compression, checksum, data, data_serial,
+              out_of_date: bool = False):
         backend = self.app.backend
         no_data = checksum == ZERO_HASH and not data
         value_tid = None if data_serial is None else u64(data_serial)
@@ -178,6 +185,8 @@ class Writes:
             data_id = None  # deletion, or undone creation
         else:
             data_id = backend.store_data(checksum, compression, data)
+        if compression & BLOB_FLAG and not no_data:
+            self._blob_attach(txn, oid, data_id, out_of_date)
         old = txn.objects.get(oid)
         txn.objects[oid] = (serial, data_id, value_tid)
         # released after the new hold: both may be the same row
@@ -291,6 +300,8 @@ class Writes:
         objects = [(u64(oid), data_id, data_serial)
                    for oid, (_, data_id, data_serial) in txn.objects.items()]
         backend = self.app.backend
+        if txn.uploads:  # contents whose record was never stored
+            drop_uploads(backend, txn)
         with backend.sync_later():
             backend.store_transaction(u64(txn.ttid), objects, meta, pack, durable)
         txn.voted = True

@@ -36,6 +36,7 @@ import abc
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
+from .base_blobs import BlobMethods
 from .base_partitions import PartitionMethods
 
 # the record types live in records.py; importers of base keep working
@@ -52,18 +53,12 @@ from .records import (  # noqa: F401
     ReplicatedTransaction,
     TransactionMetadata,
     TransactionRecord,
+    Unsupported,
     revisions_to_delete,
 )
 
 
-class Unsupported(Exception):
-    """A read or operation this backend cannot do in its current state
-    (e.g. iterating transactions an Importer has not copied yet).  The
-    storage node answers the request with BACKEND_NOT_IMPLEMENTED and the
-    exception's message; the connection and the backend stay usable."""
-
-
-class Backend(PartitionMethods):
+class Backend(PartitionMethods, BlobMethods):
     """Abstract storage node database.
 
     Subclasses set :attr:`name` (the ``adapter`` name used in configuration)

@@ -69,3 +69,10 @@ def revisions_to_delete(oid: int, revisions: Sequence[tuple[int, int | None]],
             doomed += [tid for tid, _ in gone]
             alive = alive[len(gone):]
     return doomed
+
+
+class Unsupported(Exception):
+    """A read or operation this backend cannot do in its current state
+    (e.g. iterating transactions an Importer has not copied yet).  The
+    storage node answers the request with BACKEND_NOT_IMPLEMENTED and the
+    exception's message; the connection and the backend stay usable."""

@@ -43,6 +43,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 from .base import DISCARDED, Backend, PartitionTableRecord
+from .sqlite_blobs import BLOB_SCHEMA, BLOB_TABLES, SQLiteBlobs
 from .sqlite_pack import SQLitePack
 from .sqlite_reads import SQLiteReads
 from .sqlite_replication import SQLiteReplication
@@ -87,7 +88,8 @@ __all__ = ['SQLiteBackend', 'SCHEMA_VERSION', '_ADD_OBJ', '_ADD_TRANS', '_FIND_D
            '_INSERT_DATA', '_NEXT_SERIAL', '_pack_oids']
 
 
-class SQLiteBackend(SQLiteReads, SQLiteWrites, SQLiteReplication, SQLitePack, Backend):
+class SQLiteBackend(SQLiteReads, SQLiteWrites, SQLiteReplication, SQLitePack, SQLiteBlobs,
+                    Backend):
     """Storage backend on a SQLite file (``database`` is its path)."""
 
     name = 'SQLite'
@@ -186,10 +188,13 @@ class SQLiteBackend(SQLiteReads, SQLiteWrites, SQLiteReplication, SQLitePack, Ba
     def _drop_tables(self) -> None:
         for sql in _DROP:
             self._conn.execute(sql)
+        for table in BLOB_TABLES:
+            self._conn.execute(f"DROP TABLE IF EXISTS {table}")
+        self._next_blob = None
 
     def _create_tables(self) -> None:
         conn = self._conn
-        for sql in _SCHEMA:
+        for sql in (*_SCHEMA, *BLOB_SCHEMA):
             conn.execute(sql)
         if conn.execute(_GET_CONFIG, (_CONFIG_VERSION,)).fetchone() is None:
             conn.execute(_SET_CONFIG, (_CONFIG_VERSION, SCHEMA_VERSION))

@@ -1,0 +1,225 @@
+"""Blobs on the client (feature ``blob``; docs/design.md, "Blobs"): the
+``IBlobStorage`` and ``IBlobStorageRestoreable`` methods of ``Storage`` (a
+mixin), the upload of a blob's content to the storages of its object, and
+its download into the blob cache (``client/blobcache.py``).
+
+Contents move in chunks (``protocol/blobs.py``), at most ``WINDOW`` of
+them in flight per storage: neither side ever holds a whole blob.  A
+download is checked against the digest and size its record names; a copy
+that does not match is logged as corrupted, with the storage, oid and
+serial, and the next readable replica is asked.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from queue import SimpleQueue
+from typing import BinaryIO
+
+from ZODB import POSException
+from ZODB.blob import BlobFile
+
+from neozodb.client.blobcache import BlobCache
+from neozodb.net.endpoint import ConnectionClosed, RemoteError
+from neozodb.protocol import ZERO_TID, Packets, nid_str
+from neozodb.protocol.blobs import CHUNK, chunks, is_blob, split_tail
+from neozodb.protocol.catalogue import ProtocolError
+from neozodb.protocol.features import BLOB
+
+log = logging.getLogger("neozodb.client")
+
+WINDOW = 4  # chunks in flight per storage
+
+
+def upload(commit, oid: bytes, filename: str) -> tuple[bytes, int]:
+    """Send the content of ``filename`` to every writable cell of oid's
+    partition, as the blob ``oid`` gets in ``commit``'s transaction;
+    (SHA-256, size) of what was sent."""
+    commit._begun()  # a pipelined copy's TID must be accepted first
+    conns = []
+    for nid in commit._cells(oid):
+        try:
+            conn = commit.app.storage_conn(nid)
+        except (ConnectionClosed, OSError) as e:
+            log.warning("%s: %s unreachable for the blob of %s: %s", commit.app.label,
+                        nid_str(nid), oid.hex(), e)
+            commit.failed.add(nid)
+            continue
+        if BLOB not in conn.peer_features:
+            raise POSException.Unsupported("storage %s keeps no blobs" % nid_str(nid))
+        conns.append(conn)
+    queue: SimpleQueue = SimpleQueue()
+    hasher = hashlib.sha256()
+    size = 0
+    in_flight = 0
+
+    def settle() -> None:
+        _, _, error, conn = queue.get()
+        if isinstance(error, ConnectionClosed):
+            commit.failed.add(conn.nid)
+        elif error is not None:
+            raise POSException.StorageTransactionError(
+                "storage %s refused the blob of %s: %s" % (conn.label, oid.hex(), error))
+
+    with open(filename, "rb") as f:
+        n = 0
+        while True:
+            data = f.read(CHUNK)
+            if not data and n:
+                break
+            hasher.update(data)
+            size += len(data)
+            for conn in conns:
+                conn.ask(Packets.AskStoreBlobChunk, commit.ttid, oid, n, data, queue=queue)
+                in_flight += 1
+            while in_flight > WINDOW * len(conns):
+                settle()
+                in_flight -= 1
+            n += 1
+            if len(data) < CHUNK:
+                break
+    while in_flight:
+        settle()
+        in_flight -= 1
+    return hasher.digest(), size
+
+
+def _copy_from(conn, oid: bytes, serial: bytes, checksum: bytes, digest: bytes, size: int,
+               f: BinaryIO) -> bool:
+    """Write the content from ``conn``'s storage into ``f``; False if it
+    does not match ``digest`` and ``size`` (``f`` is then emptied)."""
+    queue: SimpleQueue = SimpleQueue()
+    hasher = hashlib.sha256()
+    total = chunks(size)
+    asked = got = 0
+    written = 0
+    while got < total:
+        while asked < total and asked - got < WINDOW:
+            conn.ask(Packets.AskBlobChunk, checksum, asked, queue=queue, token=asked)
+            asked += 1
+        n, result, error, _ = queue.get()
+        if error is not None:
+            while got + 1 < asked:  # the answers still coming are moot
+                queue.get()
+                got += 1
+            raise error
+        (data,) = result
+        got += 1
+        if n != got - 1 or len(data) != min(CHUNK, size - n * CHUNK):
+            written = -1
+            continue
+        hasher.update(data)
+        f.write(data)
+        written += len(data)
+    if written == size and hasher.digest() == digest:
+        return True
+    log.error("corrupted copy of the blob of %s at %s on %s: its content does not match"
+              " its record", oid.hex(), serial.hex(), conn.label)
+    f.seek(0)
+    f.truncate()
+    return False
+
+
+def download(app, oid: bytes, serial: bytes, f: BinaryIO) -> None:
+    """Write the content of oid's blob at ``serial`` into ``f``, from the
+    first readable replica that has a good copy; POSKeyError if none."""
+    problems = []
+    for nid in app.readable_nids(oid):
+        try:
+            conn = app.storage_conn(nid)
+            if BLOB not in conn.peer_features:
+                problems.append("%s keeps no blobs" % nid_str(nid))
+                continue
+            answer = conn.call(Packets.AskObject, oid, serial, None)
+            _, _, _, compression, checksum, data, _ = answer
+            if not is_blob(compression):
+                raise POSException.POSKeyError("not a blob revision", oid, serial)
+            _, _, digest, size = split_tail(compression, data)
+            if hashlib.sha1(data).digest() == checksum and _copy_from(
+                    conn, oid, serial, checksum, digest, size, f):
+                return
+            problems.append("corrupted copy on %s" % nid_str(nid))
+        except (ConnectionClosed, OSError, ProtocolError) as e:
+            problems.append("%s: %s" % (nid_str(nid), e))
+        except RemoteError as e:
+            problems.append("%s: %s" % (nid_str(nid), e.message))
+    raise POSException.POSKeyError("no blob at %s: %s" % (
+        serial.hex(), "; ".join(problems) or "no readable storage"), oid, serial)
+
+
+class BlobStorageMethods:
+    """IBlobStorage and IBlobStorageRestoreable for ``Storage``: present
+    only when the storage was opened with a ``blob_dir``."""
+
+    _blob_cache: BlobCache | None = None
+
+    def _blobs(self) -> BlobCache:
+        if self._blob_cache is None:
+            raise POSException.Unsupported("no blob-dir: this storage was opened without blobs")
+        return self._blob_cache
+
+    def temporaryDirectory(self) -> str:
+        return self._blobs().temporary_directory()
+
+    def storeBlob(self, oid: bytes, oldserial: bytes, data: bytes, blobfilename: str,
+                  version: str, transaction) -> None:
+        self._blobs()
+        self._check_writable()
+        if version:
+            raise POSException.Unsupported("versions are not supported")
+        if isinstance(oldserial, str):  # ZODB's blob doctests pass str
+            oldserial = oldserial.encode("latin-1")
+        commit = self._commit(transaction)
+        blob = self._upload(commit, oid, blobfilename)
+        commit.store(oid, oldserial, data, blob=blob)
+        commit._process(block=False)
+
+    def restoreBlob(self, oid: bytes, serial: bytes, data: bytes, blobfilename: str,
+                    prev_txn: bytes | None, transaction) -> None:
+        self._blobs()
+        self._check_writable()
+        commit = self._commit(transaction)
+        blob = self._upload(commit, oid, blobfilename)
+        commit.restore(oid, data, prev_txn, self._restored.get(oid, ZERO_TID), blob=blob)
+        if commit.imposed:
+            self._remember_restored((oid,), commit.ttid)
+        commit._process(block=False)
+
+    def _upload(self, commit, oid: bytes, blobfilename: str) -> tuple[bytes, int]:
+        # the file is ours from now on: moved into the cache at the finish,
+        # removed at the abort
+        filename = commit.blob_files[oid] = self._blob_cache.take(blobfilename)
+        return upload(commit, oid, filename)
+
+    def loadBlob(self, oid: bytes, serial: bytes) -> str:
+        cache = self._blobs()
+        filename = cache.get(oid, serial)
+        if filename is not None:
+            return filename
+        return cache.fetch(oid, serial, lambda f: download(self.app, oid, serial, f))
+
+    def openCommittedBlobFile(self, oid: bytes, serial: bytes, blob=None):
+        for _ in range(3):  # pruned by another process between lookup and open
+            filename = self.loadBlob(oid, serial)
+            try:
+                return open(filename, "rb") if blob is None else BlobFile(filename, "r", blob)
+            except FileNotFoundError:
+                continue
+        raise POSException.POSKeyError("blob file vanished from the cache", oid, serial)
+
+    def _blobs_committed(self, commit, tid: bytes) -> None:
+        for oid, filename in commit.blob_files.items():
+            try:
+                self._blob_cache.add(oid, tid, filename)
+            except OSError as e:  # committed all the same: loaded again if needed
+                log.warning("%s: blob of %s not kept in the cache: %s", self.app.label,
+                            oid.hex(), e)
+
+    @staticmethod
+    def _blobs_aborted(commit) -> None:
+        for filename in commit.blob_files.values():
+            try:
+                os.remove(filename)
+            except FileNotFoundError:
+                pass

@@ -1,0 +1,57 @@
+"""The blob methods of ``Backend`` (feature ``blob``; docs/design.md,
+"Blobs").  A blob's content is kept as numbered chunks (``protocol.blobs.
+CHUNK`` bytes each, the last shorter) under a *blob id*: written while a
+client uploads it, then attached to the ``data`` row of its revision's
+record when the record is stored.  Deleting a ``data`` row deletes its
+content.  Chunk writes follow ``store_data``: not durable by themselves,
+made durable by the next durable commit (the vote).
+
+A backend that keeps no contents leaves ``blobs`` false; the storage node
+then does not offer the feature, and nothing here is called.
+"""
+from __future__ import annotations
+
+from .records import Unsupported
+
+
+class BlobMethods:
+    """Blob contents; see the module docstring."""
+
+    #: whether this backend keeps blob contents
+    blobs: bool = False
+
+    def _no_blobs(self) -> Unsupported:
+        return Unsupported('the %s backend keeps no blobs' % getattr(self, 'name', '?'))
+
+    def new_blob(self) -> int:
+        """A blob id for an upload, used by no other blob."""
+        raise self._no_blobs()
+
+    def store_blob_chunk(self, blob_id: int, n: int, data: bytes) -> None:
+        """Write chunk ``n`` of blob ``blob_id`` (not durable by itself)."""
+        raise self._no_blobs()
+
+    def attach_blob(self, data_id: int, blob_id: int) -> bool:
+        """Make blob ``blob_id`` the content of data row ``data_id``; False
+        (and blob ``blob_id`` deleted) if that row has its content already."""
+        raise self._no_blobs()
+
+    def drop_blob(self, blob_id: int) -> None:
+        """Delete an upload that will not be attached (not durable by
+        itself)."""
+        raise self._no_blobs()
+
+    def has_blob(self, data_id: int) -> bool:
+        """Whether data row ``data_id`` has its content."""
+        raise self._no_blobs()
+
+    def load_blob_chunk(self, checksum: bytes, n: int) -> bytes | None:
+        """Chunk ``n`` of the content of the data row with this checksum;
+        None if there is no such row, it has no content here, or no such
+        chunk."""
+        raise self._no_blobs()
+
+    def drop_unattached_blobs(self) -> int:
+        """Delete every upload not attached to a data row (at start, when
+        no upload can be going on); how many blobs were deleted."""
+        return 0

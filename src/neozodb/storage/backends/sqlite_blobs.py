@@ -1,0 +1,85 @@
+"""SQLite backend: blob contents (``base_blobs.BlobMethods``).
+
+``blob_chunk`` holds the chunks of every blob by blob id; ``data_blob``
+says which blob is the content of which ``data`` row.  A trigger deletes a
+row's content with the row, so pack, garbage collection, truncation and
+orphan pruning need no code of their own for blobs.  Blob ids come from a
+counter read at open: an upload given up before it was attached leaves
+chunks under an id no ``data_blob`` row names, which ``drop_unattached_
+blobs`` deletes at start.
+"""
+
+from __future__ import annotations
+
+BLOB_TABLES = ('blob_chunk', 'data_blob')
+
+BLOB_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS blob_chunk (
+        blob_id INTEGER NOT NULL, n INTEGER NOT NULL, bytes BLOB NOT NULL,
+        PRIMARY KEY (blob_id, n))""",
+    """CREATE TABLE IF NOT EXISTS data_blob (
+        data_id INTEGER NOT NULL PRIMARY KEY, blob_id INTEGER NOT NULL)""",
+    """CREATE TRIGGER IF NOT EXISTS data_blob_gone AFTER DELETE ON data
+        WHEN EXISTS (SELECT 1 FROM data_blob WHERE data_id = OLD.id) BEGIN
+        DELETE FROM blob_chunk
+            WHERE blob_id = (SELECT blob_id FROM data_blob WHERE data_id = OLD.id);
+        DELETE FROM data_blob WHERE data_id = OLD.id;
+        END""",
+)
+
+_MAX_BLOB_ID = "SELECT MAX(blob_id) FROM blob_chunk"
+_ADD_CHUNK = "INSERT OR REPLACE INTO blob_chunk (blob_id, n, bytes) VALUES (?, ?, ?)"
+_BLOB_OF = "SELECT blob_id FROM data_blob WHERE data_id=?"
+_ATTACH = "INSERT INTO data_blob (data_id, blob_id) VALUES (?, ?)"
+_DROP_BLOB = "DELETE FROM blob_chunk WHERE blob_id=?"
+_CHUNK_BY_HASH = (
+    "SELECT c.bytes FROM data AS d JOIN data_blob AS b ON b.data_id = d.id"
+    " JOIN blob_chunk AS c ON c.blob_id = b.blob_id AND c.n = ?"
+    " WHERE d.hash = ? LIMIT 1")
+_UNATTACHED = ("SELECT DISTINCT blob_id FROM blob_chunk"
+               " WHERE blob_id NOT IN (SELECT blob_id FROM data_blob)")
+
+
+class SQLiteBlobs:
+    """The blob methods of ``SQLiteBackend``."""
+
+    blobs = True
+    _next_blob: int | None = None
+
+    def new_blob(self) -> int:
+        if self._next_blob is None:
+            self._next_blob = (self._scalar(_MAX_BLOB_ID, ()) or 0) + 1
+        blob_id = self._next_blob
+        self._next_blob += 1
+        return blob_id
+
+    def store_blob_chunk(self, blob_id: int, n: int, data: bytes) -> None:
+        self._begin()
+        self._conn.execute(_ADD_CHUNK, (blob_id, n, data))
+
+    def attach_blob(self, data_id: int, blob_id: int) -> bool:
+        self._begin()
+        conn = self._conn
+        if conn.execute(_BLOB_OF, (data_id,)).fetchone() is not None:
+            conn.execute(_DROP_BLOB, (blob_id,))
+            return False
+        conn.execute(_ATTACH, (data_id, blob_id))
+        return True
+
+    def drop_blob(self, blob_id: int) -> None:
+        self._begin()
+        self._conn.execute(_DROP_BLOB, (blob_id,))
+
+    def has_blob(self, data_id: int) -> bool:
+        return self.connection.execute(_BLOB_OF, (data_id,)).fetchone() is not None
+
+    def load_blob_chunk(self, checksum: bytes, n: int) -> bytes | None:
+        row = self.connection.execute(_CHUNK_BY_HASH, (n, checksum)).fetchone()
+        return None if row is None else row[0]
+
+    def drop_unattached_blobs(self) -> int:
+        with self._txn(durable=True) as conn:
+            doomed = [row for row in conn.execute(_UNATTACHED)]
+            conn.executemany(_DROP_BLOB, doomed)
+        self._next_blob = None
+        return len(doomed)
