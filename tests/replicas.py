@@ -36,3 +36,33 @@ def config_value(path: str, name: str) -> str | None:
         return None if row is None else row[0]
     finally:
         conn.close()
+
+
+def raw_blobs(path: str) -> dict[bytes, tuple[int, bytes]]:
+    """Blob contents of a storage: data hash -> (size, SHA-256 of the
+    chunks in order), for every data row that has its content."""
+    import hashlib
+    conn = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+    try:
+        blobs = {}
+        for data_hash, blob_id in conn.execute(
+                "SELECT d.hash, b.blob_id FROM data d JOIN data_blob b ON b.data_id = d.id"):
+            hasher = hashlib.sha256()
+            size = 0
+            for (chunk,) in conn.execute(
+                    "SELECT bytes FROM blob_chunk WHERE blob_id=? ORDER BY n", (blob_id,)):
+                hasher.update(chunk)
+                size += len(chunk)
+            blobs[data_hash] = (size, hasher.digest())
+        return blobs
+    finally:
+        conn.close()
+
+
+def raw_blob_chunks(path: str) -> int:
+    """How many blob chunks a storage holds, attached or not."""
+    conn = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+    try:
+        return conn.execute("SELECT COUNT(*) FROM blob_chunk").fetchone()[0]
+    finally:
+        conn.close()

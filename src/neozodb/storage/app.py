@@ -25,7 +25,7 @@ from neozodb.protocol import (
     Packets,
     nid_str,
 )
-from neozodb.protocol.features import ANNOUNCEMENT
+from neozodb.protocol.features import ANNOUNCEMENT, BLOB, EXTRA_KEY, FEATURES
 from neozodb.pt import PartitionTable
 from neozodb.storage import handlers, peers
 from neozodb.storage.blobs import drop_uploads
@@ -37,6 +37,8 @@ from neozodb.storage.transactions import LockManager
 
 log = logging.getLogger("neozodb.storage")
 _READABLE = (CellStates.UP_TO_DATE.value, CellStates.FEEDING.value)
+# what a storage whose backend keeps no blob contents announces to others
+NO_BLOB_ANNOUNCEMENT = {EXTRA_KEY: sorted(FEATURES - {BLOB})}
 
 
 class StorageApp:
@@ -404,7 +406,8 @@ class StorageApp:
             addr = (self.address[0].encode(), self.address[1])
             node_type, peer_nid, _ = await conn.ask(
                 Packets.RequestIdentification, NodeTypes.STORAGE, self.nid, addr,
-                self.name_bytes, me.id_timestamp if me is not None else None, ANNOUNCEMENT)
+                self.name_bytes, me.id_timestamp if me is not None else None,
+                ANNOUNCEMENT if self.backend.blobs else NO_BLOB_ANNOUNCEMENT)
         except BaseException:
             conn.close("identification failed")
             raise

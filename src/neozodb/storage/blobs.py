@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 
 from neozodb.net.connection import HandlerError
 from neozodb.protocol import ErrorCodes, Packets, ProtocolError
-from neozodb.protocol.blobs import CHUNK, split_tail, strip
+from neozodb.protocol.blobs import BLOB_FLAG, CHUNK, chunks, split_tail, strip
 from neozodb.protocol.features import BLOB
 from neozodb.protocol.values import check_id
 
 log = logging.getLogger("neozodb.storage")
+
+WINDOW = 4  # chunks asked ahead when replicating a content
 
 
 @dataclass(eq=False)
@@ -114,13 +116,66 @@ class Blobs:
                                ErrorCodes.PROTOCOL_ERROR)
 
     def AskBlobChunk(self, conn, msg_id, checksum, n):
-        app = self.app
-        self._blob_peer(conn, Packets.AskBlobChunk)
-        if len(checksum) != 20 or not 0 <= n < 1 << 62:
-            raise ProtocolError("bad AskBlobChunk")
-        chunk = app.backend.load_blob_chunk(checksum, n)
-        if chunk is None:
-            raise HandlerError("no chunk %d of blob %s here" % (n, checksum.hex()),
-                               ErrorCodes.OID_NOT_FOUND)
-        conn.answer(msg_id, Packets.AnswerBlobChunk, chunk)
+        answer_blob_chunk(self.app, conn, msg_id, checksum, n)
+
+
+def check_replicated(conn, compression: int, data: bytes) -> None:
+    """A replicated blob revision: only from a peer with the feature, and
+    with a whole tail."""
+    if compression & BLOB_FLAG:
+        if BLOB not in conn.peer_features:
+            raise ProtocolError("blob revision from %s, which has no blobs" % conn.label)
+        split_tail(compression, data)
+
+
+def answer_blob_chunk(app, conn, msg_id: int, checksum: bytes, n: int) -> None:
+    """A chunk of a content we have, to a client or a replicating storage."""
+    if BLOB not in conn.peer_features:
+        raise ProtocolError("unexpected AskBlobChunk")
+    if len(checksum) != 20 or not 0 <= n < 1 << 62:
+        raise ProtocolError("bad AskBlobChunk")
+    chunk = app.backend.load_blob_chunk(checksum, n)
+    if chunk is None:
+        raise HandlerError("no chunk %d of blob %s here" % (n, checksum.hex()),
+                           ErrorCodes.OID_NOT_FOUND)
+    conn.answer(msg_id, Packets.AnswerBlobChunk, chunk)
+
+
+async def replicate_blobs(app, conn, records: list) -> None:
+    """Fetch from a replication source the contents of the blob revisions
+    in ``records`` (its (checksum, stored bytes) pairs), already written,
+    that we lack; BadContent if the source's copy does not match."""
+    backend = app.backend
+    for checksum, stored in records:
+        data_id = backend.blob_missing(checksum)
+        if data_id is None:
+            continue
+        _, _, digest, size = split_tail(BLOB_FLAG, stored)
+        blob_id = backend.new_blob()
+        hasher = hashlib.sha256()
+        asked = []
+        total = chunks(size) or 1  # an empty content is one empty chunk
+        n = received = 0
+        while received < total:
+            while n < total and len(asked) < WINDOW:
+                asked.append(conn.ask(Packets.AskBlobChunk, checksum, n))
+                n += 1
+            (data,) = await asked.pop(0)
+            backend.store_blob_chunk(blob_id, received, data)
+            hasher.update(data)
+            received += 1
+            size_left = size - (received - 1) * CHUNK
+            if len(data) != min(CHUNK, size_left):
+                break
+        if hasher.digest() != digest:
+            for future in asked:
+                future.cancel()
+            backend.drop_blob(blob_id)
+            raise BadContent("blob content %s from %s does not match its record" % (
+                checksum.hex(), conn.label))
+        backend.attach_blob(data_id, blob_id)
+
+
+class BadContent(Exception):
+    """A replication source sent a blob content that does not match."""
 

@@ -24,10 +24,12 @@ import logging
 
 from neozodb.net.connection import HandlerError
 from neozodb.protocol import ZERO_HASH, CellStates, ErrorCodes, Packets, ProtocolError, p64, u64
+from neozodb.protocol.blobs import BLOB_FLAG
 from neozodb.protocol.features import REPL_BATCH
 from neozodb.protocol.values import LIST_CAP
 
 from . import checker
+from .blobs import answer_blob_chunk, answer_record, check_replicated
 from .handlers import BaseHandler, Retry
 from .pack import order_from_wire, wire_order
 
@@ -153,6 +155,9 @@ class SourceHandler(BaseHandler):
         records = backend.fetch_objects(partition, wanted)
         try:
             for oid, tid, compression, checksum, data, data_serial in records:
+                if compression & BLOB_FLAG:
+                    compression, checksum, data = answer_record(conn, compression, checksum,
+                                                                data)
                 record = (p64(oid), p64(tid), compression, checksum, data,
                           None if data_serial is None else p64(data_serial))
                 sent += len(data)
@@ -184,6 +189,9 @@ class SourceHandler(BaseHandler):
             self._readable(partition)
         except HandlerError as e:
             raise HandlerError(str(e), ErrorCodes.CHECKING_ERROR) from None
+
+    def AskBlobChunk(self, conn, msg_id, checksum, n):
+        answer_blob_chunk(self.app, conn, msg_id, checksum, n)
 
     # the digests' form depends on the asker (NEO's or ours): checker.py
     def AskCheckTIDRange(self, conn, msg_id, *args):
@@ -246,6 +254,7 @@ class DestinationHandler(BaseHandler):
         if not (checksum == ZERO_HASH and not data) and hashlib.sha1(data).digest() != checksum:
             raise ProtocolError("wrong checksum for %s at %s from %s" % (
                 oid.hex(), serial.hex(), conn.label))
+        check_replicated(conn, compression, data)
         self.app.replicator.object_received(
             fetch, partition, (u64(oid), u64(serial), compression, checksum, data,
                                None if data_serial is None else u64(data_serial)))
@@ -263,6 +272,7 @@ class DestinationHandler(BaseHandler):
             if _sha1(data).digest() != checksum and not (checksum == ZERO_HASH and not data):
                 raise ProtocolError("wrong checksum for %s at %s from %s" % (
                     oid.hex(), serial.hex(), conn.label))
+            check_replicated(conn, compression, data)
             received.append((oid_int, _from_bytes(serial, "big"), compression, checksum, data,
                              None if data_serial is None else _from_bytes(data_serial, "big")))
         self.app.replicator.batch_received(fetch, partition, received)

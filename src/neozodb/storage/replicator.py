@@ -31,7 +31,9 @@ from typing import TYPE_CHECKING
 from neozodb.net.connection import ConnectionClosed
 from neozodb.net.tasks import watch
 from neozodb.protocol import CellStates, NodeStates, Packets, nid_str, p64, u64
+from neozodb.protocol.blobs import BLOB_FLAG
 from neozodb.storage.background import TRANSIENT, run_steps
+from neozodb.storage.blobs import BadContent, replicate_blobs
 
 if TYPE_CHECKING:
     from neozodb.storage.app import StorageApp
@@ -71,7 +73,7 @@ class BadSource(Exception):
 class _Chunk:
     """What a source streamed so far for one fetch of ``partition``."""
 
-    __slots__ = ("partition", "transactions", "orders", "objects", "size")
+    __slots__ = ("partition", "transactions", "orders", "objects", "size", "blobs")
 
     def __init__(self, partition: int) -> None:
         self.partition = partition
@@ -79,6 +81,9 @@ class _Chunk:
         self.orders: list = []  # pack orders that came with the transactions
         self.objects: list = []
         self.size = 0
+        # (checksum, stored bytes) of the blob revisions among the objects:
+        # their contents are fetched once their rows are written
+        self.blobs: list = []
 
 
 class Replicator:
@@ -210,6 +215,8 @@ class Replicator:
             self.app.backend.add_objects(partition, [record])
             return
         chunk.objects.append(record)
+        if record[2] & BLOB_FLAG:
+            chunk.blobs.append((record[3], record[4]))
         chunk.size += size
         if chunk.size >= BUFFER_BYTES:
             self._write(chunk)
@@ -229,6 +236,7 @@ class Replicator:
             self.app.backend.add_objects(partition, records)
             return
         chunk.objects += records
+        chunk.blobs += [(r[3], r[4]) for r in records if r[2] & BLOB_FLAG]
         chunk.size += size
         if chunk.size >= BUFFER_BYTES:
             self._write(chunk)
@@ -396,6 +404,13 @@ class Replicator:
                     asked = self._ask_objects(conn, partition, obj_tid, high, obj_oid)
                 backend.delete_objects(partition, [(u64(t), u64(o)) for t, oids in delete.items()
                                                    for o in oids])
+                if chunk.blobs:
+                    self._write(chunk)  # the contents go to these rows
+                    blobs, chunk.blobs = chunk.blobs, []
+                    try:
+                        await replicate_blobs(app, conn, blobs)
+                    except BadContent as e:
+                        raise BadSource(str(e)) from None
                 self._save(chunk, partition, (next_tid, obj_tid, obj_oid), obj_tid > target)
                 await self._throttle()
         finally:

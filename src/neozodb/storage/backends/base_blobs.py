@@ -45,6 +45,11 @@ class BlobMethods:
         """Whether data row ``data_id`` has its content."""
         raise self._no_blobs()
 
+    def blob_missing(self, checksum: bytes) -> int | None:
+        """The id of a data row with this checksum that has no content yet
+        (a replicated blob revision), None if there is none."""
+        raise self._no_blobs()
+
     def load_blob_chunk(self, checksum: bytes, n: int) -> bytes | None:
         """Chunk ``n`` of the content of the data row with this checksum;
         None if there is no such row, it has no content here, or no such

@@ -36,6 +36,8 @@ _CHUNK_BY_HASH = (
     "SELECT c.bytes FROM data AS d JOIN data_blob AS b ON b.data_id = d.id"
     " JOIN blob_chunk AS c ON c.blob_id = b.blob_id AND c.n = ?"
     " WHERE d.hash = ? LIMIT 1")
+_MISSING = ("SELECT d.id FROM data AS d LEFT JOIN data_blob AS b ON b.data_id = d.id"
+            " WHERE d.hash = ? AND b.data_id IS NULL LIMIT 1")
 _UNATTACHED = ("SELECT DISTINCT blob_id FROM blob_chunk"
                " WHERE blob_id NOT IN (SELECT blob_id FROM data_blob)")
 
@@ -72,6 +74,10 @@ class SQLiteBlobs:
 
     def has_blob(self, data_id: int) -> bool:
         return self.connection.execute(_BLOB_OF, (data_id,)).fetchone() is not None
+
+    def blob_missing(self, checksum: bytes) -> int | None:
+        row = self.connection.execute(_MISSING, (checksum,)).fetchone()
+        return None if row is None else row[0]
 
     def load_blob_chunk(self, checksum: bytes, n: int) -> bytes | None:
         row = self.connection.execute(_CHUNK_BY_HASH, (n, checksum)).fetchone()
