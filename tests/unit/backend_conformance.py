@@ -842,3 +842,77 @@ class BackendConformance:
             assert db.get_object(oid)[0] == revs[-1][0]
             assert db.last_serial(oid) == revs[-1][0]
         db.close()
+
+    # -- blob contents (base_blobs.py); backends that keep none skip -------------
+
+    @staticmethod
+    def blob_record(content: bytes) -> tuple[bytes, int, bytes]:
+        """(checksum, compression, stored bytes) of a blob revision."""
+        from neozodb.protocol.blobs import add_tail
+        compression, stored = add_tail(0, b'record', hashlib.sha256(content).digest(),
+                                       len(content))
+        return h(stored), compression, stored
+
+    def test_blob_upload_attach_load_and_delete(self, db):
+        if not db.blobs:
+            pytest.skip('%s keeps no blobs' % db.name)
+        first, second = db.new_blob(), db.new_blob()
+        assert first != second
+        for n, chunk in enumerate((b'a' * 10, b'b' * 3)):
+            db.store_blob_chunk(first, n, chunk)
+        checksum, compression, stored = self.blob_record(b'a' * 10 + b'b' * 3)
+        data_id = db.store_data(checksum, compression, stored)
+        assert db.blob_missing(checksum) == data_id
+        assert not db.has_blob(data_id)
+        assert db.attach_blob(data_id, first)
+        assert db.has_blob(data_id) and db.blob_missing(checksum) is None
+        assert [db.load_blob_chunk(checksum, n) for n in range(3)] == [b'a' * 10, b'b' * 3,
+                                                                       None]
+        # the same content uploaded again: the row keeps its own
+        db.store_blob_chunk(second, 0, b'other')
+        assert not db.attach_blob(data_id, second)
+        assert db.load_blob_chunk(checksum, 0) == b'a' * 10
+        self.commit_rows(db, 10, [(1, data_id)])
+        assert db.get_object(1)[2:5] == (compression, checksum, stored)
+        # a truncation deletes the revision, its data row and content
+        db.truncate(5)
+        assert db.load_data(data_id) is None
+        assert db.load_blob_chunk(checksum, 0) is None
+
+    def commit_rows(self, db, tid: int, rows) -> None:
+        ttid = tid - NP
+        db.store_transaction(ttid, [(oid, data_id, None) for oid, data_id in rows],
+                             ([oid for oid, _ in rows], b'', b'', b'', False))
+        db.lock_transaction(ttid, tid)
+        db.unlock_transaction(ttid, tid)
+
+    def test_blob_content_goes_with_its_data_row(self, db):
+        if not db.blobs:
+            pytest.skip('%s keeps no blobs' % db.name)
+        blob_id = db.new_blob()
+        db.store_blob_chunk(blob_id, 0, b'gone soon')
+        checksum, compression, stored = self.blob_record(b'gone soon')
+        data_id = db.store_data(checksum, compression, stored)
+        db.attach_blob(data_id, blob_id)
+        db.release_data([data_id], prune=True)  # never voted: the row goes
+        assert db.load_data(data_id) is None
+        assert db.load_blob_chunk(checksum, 0) is None
+        # a new row with that checksum has no content
+        data_id = db.store_data(checksum, compression, stored)
+        assert not db.has_blob(data_id)
+
+    def test_unattached_uploads_are_dropped_at_start(self, opener, db):
+        if not db.blobs:
+            pytest.skip('%s keeps no blobs' % db.name)
+        kept, lost, dropped = db.new_blob(), db.new_blob(), db.new_blob()
+        for blob_id in (kept, lost, dropped):
+            db.store_blob_chunk(blob_id, 0, b'content %d' % blob_id)
+        checksum, compression, stored = self.blob_record(b'content %d' % kept)
+        data_id = db.store_data(checksum, compression, stored)
+        db.attach_blob(data_id, kept)
+        db.drop_blob(dropped)
+        self.commit_rows(db, 10, [(1, data_id)])  # durable, the upload "lost" too
+        db = self.reopen(db, opener)
+        assert db.drop_unattached_blobs() == 1
+        assert db.load_blob_chunk(checksum, 0) == b'content %d' % kept
+        assert db.new_blob() not in (kept,)

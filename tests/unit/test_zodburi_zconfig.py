@@ -77,6 +77,7 @@ def test_uri_two_masters_and_options():
         "neo://mycluster@127.0.0.1:10000,10.0.0.2:10001"
         "?read-only=true&compress=false&cache_size=30MB&logfile=/tmp/c.log"
         "&ignore-wrong-checksum=yes&pack_gc=off&connect_timeout=2.5"
+        "&blob-dir=/srv/blobs&blob_cache_size=1GB&blob_cache_size_check=5"
         "&database_name=main&connection_pool_size=3&cache_size_bytes=1MB&pool_timeout=9"
     )
     assert kwargs == {
@@ -89,6 +90,9 @@ def test_uri_two_masters_and_options():
         "ignore_wrong_checksum": True,
         "pack_gc": False,
         "connect_timeout": 2.5,
+        "blob_dir": "/srv/blobs",
+        "blob_cache_size": 1 << 30,
+        "blob_cache_size_check": 5,
     }
     assert dbkw == {
         "database_name": "main",
@@ -206,6 +210,8 @@ def test_zconfig_values(tmp_path, fake_storage):
   ignore-wrong-checksum true
   pack-gc false
   connect-timeout 2.5
+  blob-dir {tmp_path}/blobs
+  blob-cache-size 100MB
 </neostorage>
 """
     config, _ = ZConfig.loadConfigFile(ZODB.config.getStorageSchema(), io.StringIO(text))
@@ -221,6 +227,9 @@ def test_zconfig_values(tmp_path, fake_storage):
         "ignore_wrong_checksum": True,
         "pack_gc": False,
         "connect_timeout": 2.5,
+        "blob_dir": f"{tmp_path}/blobs",
+        "blob_cache_size": 100 << 20,
+        "blob_cache_size_check": 10,
     }
     assert factory.storage_kwargs() == expected
     assert isinstance(factory.open(), MappingStorage)

@@ -123,6 +123,10 @@ class NEOStorageConfig:
             "logfile": c.logfile,
             "ignore_wrong_checksum": c.ignore_wrong_checksum,
             "pack_gc": c.pack_gc,
+            # blobs only with a blob-dir, as ZEO
+            **({} if not c.blob_dir else {
+                "blob_dir": c.blob_dir, "blob_cache_size": c.blob_cache_size,
+                "blob_cache_size_check": c.blob_cache_size_check}),
             "connect_timeout": c.connect_timeout,
             # only when given: None would mean the same, Storage's default
             **({} if c.keepalive is None else {"keepalive": c.keepalive}),

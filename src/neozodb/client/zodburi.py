@@ -13,8 +13,9 @@ IPv6 masters go in brackets (``neo://test@[::1]:10000``).  Query options
 - storage options, passed to ``neozodb.client.Storage``: ``read_only``,
   ``compress`` (boolean, ``zlib`` or ``zlib=N``), ``cache_size`` (``20MB``,
   ``512KB``, plain bytes), ``logfile``, ``ignore_wrong_checksum``,
-  ``pack_gc``, ``connect_timeout`` and ``keepalive`` (seconds); booleans are
-  true/false/1/0/yes/no/on/off;
+  ``pack_gc``, ``connect_timeout`` and ``keepalive`` (seconds),
+  ``blob_dir``, ``blob_cache_size`` (a size) and ``blob_cache_size_check``
+  (a percentage); booleans are true/false/1/0/yes/no/on/off;
 - database options known by zodburi: ``database_name`` and
   ``connection_<p>`` for ``pool_size``, ``pool_timeout``, ``cache_size``,
   ``cache_size_bytes``, ... (``<p>`` alone is accepted too, except
@@ -94,6 +95,9 @@ STORAGE_OPTIONS = {
     "logfile": _path,
     "ignore_wrong_checksum": convert_bool,
     "pack_gc": convert_bool,
+    "blob_dir": _path,
+    "blob_cache_size": convert_bytesize,
+    "blob_cache_size_check": _int,
     "connect_timeout": convert_timeout,
     "keepalive": convert_timeout,
     "ca": _path,
