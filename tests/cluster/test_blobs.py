@@ -139,6 +139,15 @@ def test_corrupted_copy_is_detected_and_read_from_the_other(cluster, tmp_path, c
         assert read(root["b"]) == content  # whichever is asked first: the good copy
     finally:
         db.close()
+    # neoctl check hashes the contents anew: S1's copy differs, is repaired
+    assert raw_blobs(cluster.database(1)) != raw_blobs(cluster.database(2))
+    lines, _ = cluster.neoctl("check", ":S2")
+    partition = int.from_bytes(root["b"]._p_oid, "big") % 12
+    assert "partition %d: S1 differed from S2; S1 repaired" % partition in lines, lines
+    assert sum("differed" in line for line in lines) == 1, lines
+    wait_until(lambda: up_to_date(cluster, {"S1", "S2"})
+               and raw_blobs(cluster.database(1)) == raw_blobs(cluster.database(2)), 60,
+               "S1's copy repaired")
 
 
 def test_pack_gc_removes_contents_and_undo_brings_one_back(cluster, tmp_path):

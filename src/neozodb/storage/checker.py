@@ -102,6 +102,11 @@ def serial_range_answer(backend, features, partition: int, length: int, min_tid:
     if CHECK_DIGEST in features:
         _, tid_digest, _, oid_digest, _ = backend.check_serial_range(
             partition, length, min_tid, max_tid, min_oid)
+        if keys and backend.blobs:
+            # blob contents hashed anew: a copy whose bytes rotted differs
+            contents = backend.blob_range_digest(partition, (min_tid, min_oid), keys[-1])
+            if contents is not None:
+                oid_digest = hashlib.sha1(oid_digest + contents).digest()
         answer[1] += tid_digest
         answer[3] += oid_digest
     return tuple(answer)

@@ -56,6 +56,13 @@ class BlobMethods:
         chunk."""
         raise self._no_blobs()
 
+    def blob_range_digest(self, partition: int, first: tuple[int, int],
+                          last: tuple[int, int]) -> bytes | None:
+        """A SHA-1 of the contents, hashed anew, of the blob revisions of
+        ``partition`` whose (tid, oid) is within ``first`` and ``last``
+        (None if there is none): copies whose contents rotted differ."""
+        return None
+
     def drop_unattached_blobs(self) -> int:
         """Delete every upload not attached to a data row (at start, when
         no upload can be going on); how many blobs were deleted."""

@@ -11,6 +11,8 @@ blobs`` deletes at start.
 
 from __future__ import annotations
 
+import hashlib
+
 BLOB_TABLES = ('blob_chunk', 'data_blob')
 
 BLOB_SCHEMA = (
@@ -38,6 +40,12 @@ _CHUNK_BY_HASH = (
     " WHERE d.hash = ? LIMIT 1")
 _MISSING = ("SELECT d.id FROM data AS d LEFT JOIN data_blob AS b ON b.data_id = d.id"
             " WHERE d.hash = ? AND b.data_id IS NULL LIMIT 1")
+_BLOB_REVISIONS = (
+    "SELECT o.tid, o.oid, d.hash, b.blob_id FROM obj AS o JOIN data AS d ON d.id = o.data_id"
+    " LEFT JOIN data_blob AS b ON b.data_id = d.id"
+    " WHERE o.partition=? AND (o.tid, o.oid)>=(?, ?) AND (o.tid, o.oid)<=(?, ?)"
+    " AND d.compression>=128 ORDER BY o.tid, o.oid")
+_CHUNKS = "SELECT bytes FROM blob_chunk WHERE blob_id=? ORDER BY n"
 _UNATTACHED = ("SELECT DISTINCT blob_id FROM blob_chunk"
                " WHERE blob_id NOT IN (SELECT blob_id FROM data_blob)")
 
@@ -82,6 +90,22 @@ class SQLiteBlobs:
     def load_blob_chunk(self, checksum: bytes, n: int) -> bytes | None:
         row = self.connection.execute(_CHUNK_BY_HASH, (n, checksum)).fetchone()
         return None if row is None else row[0]
+
+    def blob_range_digest(self, partition: int, first: tuple[int, int],
+                          last: tuple[int, int]) -> bytes | None:
+        conn = self.connection
+        digest = None
+        for tid, oid, checksum, blob_id in conn.execute(
+                _BLOB_REVISIONS, (partition, *first, *last)).fetchall():
+            content = hashlib.sha256()
+            if blob_id is not None:
+                for (chunk,) in conn.execute(_CHUNKS, (blob_id,)):
+                    content.update(chunk)
+            if digest is None:
+                digest = hashlib.sha1()
+            digest.update(b'%d %d ' % (tid, oid) + checksum +
+                          (content.digest() if blob_id is not None else b'missing'))
+        return None if digest is None else digest.digest()
 
     def drop_unattached_blobs(self) -> int:
         with self._txn(durable=True) as conn:
