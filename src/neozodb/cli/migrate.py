@@ -16,6 +16,11 @@ destination's last TID (which must be a transaction of the source), e.g.
 to finish an interrupted copy.  A cluster source is copied as of its last
 TID when the copy starts; it is opened read-only.
 
+Blobs: ``--blob-dir DIR`` is the FileStorage's blob directory (``bushy``
+or ``lawn`` layout, found from the directory; a new one is ``bushy``).
+The contents of the blob records are copied with them; the cluster side
+uses a temporary blob cache, removed at the end.
+
 Exit status: 0 copied, 1 copy failed or refused, 2 bad arguments.
 """
 from __future__ import annotations
@@ -24,6 +29,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import time
 
 from ZODB.utils import p64, u64, z64
@@ -89,20 +95,24 @@ class End:
             return self.path
         return ",".join(format_address(a) for a in self.masters)
 
-    def open(self, cluster: str | None, connect_timeout: float, tls: dict | None = None):
+    def open(self, cluster: str | None, connect_timeout: float, tls: dict | None = None,
+             blob_dir: str | None = None):
+        """The storage; ``blob_dir``: a FileStorage's blob directory, or the
+        blob cache of a cluster's client."""
         read_only = self.role == "source"
         if self.path is not None:
             from ZODB.FileStorage import FileStorage
             try:
                 return FileStorage(self.path, read_only=read_only,
-                                   create=not read_only and not os.path.exists(self.path))
+                                   create=not read_only and not os.path.exists(self.path),
+                                   blob_dir=blob_dir)
             except Exception as e:
                 raise MigrateError("cannot open %s FileStorage %s: %s" % (
                     self.role, self.path, e)) from None
         from neozodb.client import NEOStorageError, Storage
         try:
             return Storage(self.masters, cluster, read_only=read_only,
-                           connect_timeout=connect_timeout, **(tls or {}))
+                           connect_timeout=connect_timeout, blob_dir=blob_dir, **(tls or {}))
         except (NEOStorageError, OSError, ValueError) as e:
             raise MigrateError("cannot connect to %s cluster %r at %s: %s" % (
                 self.role, cluster, self, e)) from None
@@ -214,15 +224,27 @@ def run(opts) -> str:
             os.path.abspath(source_end.path) == os.path.abspath(dest_end.path):
         raise UsageError("source and destination are the same file")
     tls = {k: getattr(opts, k) for k in ("ca", "cert", "key") if getattr(opts, k, None)}
-    source = source_end.open(opts.cluster, opts.connect_timeout, tls)
-    try:
-        destination = dest_end.open(opts.cluster, opts.connect_timeout, tls)
+    blob_dir = getattr(opts, "blob_dir", None)
+    if blob_dir is not None:
+        if source_end.path is not None and dest_end.path is not None:
+            raise UsageError("--blob-dir: only between a FileStorage and a cluster")
+        if source_end.path is not None and not os.path.isdir(blob_dir):
+            raise UsageError("--blob-dir %r: no such directory" % blob_dir)
+    with tempfile.TemporaryDirectory(prefix="neomigrate-blobs-") as cache:
+        def blobs(end):
+            if blob_dir is None:
+                return None
+            return blob_dir if end.path is not None else os.path.join(cache, end.role)
+        source = source_end.open(opts.cluster, opts.connect_timeout, tls, blobs(source_end))
         try:
-            return _migrate(opts, source, destination, source_end, dest_end)
+            destination = dest_end.open(opts.cluster, opts.connect_timeout, tls,
+                                        blobs(dest_end))
+            try:
+                return _migrate(opts, source, destination, source_end, dest_end)
+            finally:
+                destination.close()
         finally:
-            destination.close()
-    finally:
-        source.close()
+            source.close()
 
 
 def _migrate(opts, source, destination, source_end, dest_end) -> str:
@@ -298,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
                        ("--key", "this tool's private key")):
         parser.add_argument(flag, metavar="PEM", help="TLS with the cluster: %s (PEM file;"
                             " --ca, --cert and --key go together)" % what)
+    parser.add_argument("--blob-dir", metavar="DIR",
+                        help="the FileStorage's blob directory: blobs are copied too")
     parser.add_argument("source", help="FileStorage path or master addresses")
     parser.add_argument("destination", help="FileStorage path or master addresses")
     opts = parser.parse_args(argv)
