@@ -60,4 +60,5 @@ class OurClientOnNEOToFileStorageRecoveryTests(KillFirst,
 
 
 def test_external_gc_doctest(tmp_path):
-    conformance.run_external_gc_doctest(start_neo_cluster(str(tmp_path / "cluster"), "zodb"))
+    conformance.run_external_gc_doctest(start_neo_cluster(str(tmp_path / "cluster"), "zodb"),
+                                        blobs=False)

@@ -186,6 +186,36 @@ class BlobCache:
         self._loaded_bytes(os.stat(filename).st_size)
         return filename
 
+    def files_before(self, tid: bytes) -> list[tuple[bytes, bytes, str]]:
+        """(oid, tid, file) of the revisions in the cache older than ``tid``."""
+        found = []
+        for entry in os.scandir(self.directory):
+            if not (entry.name.isdigit() and entry.is_dir()):
+                continue
+            low = int(entry.name)
+            for blob in os.scandir(entry.path):
+                high, _, rest = blob.name.partition('.')
+                serial, _, suffix = rest.partition('.')
+                if '.' + suffix != SUFFIX or not high.isdigit() or len(serial) != 16:
+                    continue
+                try:
+                    serial_bytes = bytes.fromhex(serial)
+                except ValueError:
+                    continue
+                if serial_bytes < tid:
+                    oid = (int(high) * DIRECTORIES + low).to_bytes(8, 'big')
+                    found.append((oid, serial_bytes, blob.path))
+        return found
+
+    def remove(self, path: str) -> None:
+        """Drop a file (a revision packed away), unless being downloaded."""
+        with _flock(self._dir_lock(path), blocking=False) as free:
+            if free:
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
+
     # -- size ------------------------------------------------------------------
 
     def _loaded_bytes(self, size: int) -> None:

@@ -22,7 +22,7 @@ from ZODB.blob import BlobFile
 
 from neozodb.client.blobcache import BlobCache
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
-from neozodb.protocol import ZERO_TID, Packets, nid_str
+from neozodb.protocol import ZERO_TID, ErrorCodes, Packets, nid_str
 from neozodb.protocol.blobs import CHUNK, chunks, is_blob, split_tail
 from neozodb.protocol.catalogue import ProtocolError
 from neozodb.protocol.features import BLOB
@@ -207,6 +207,27 @@ class BlobStorageMethods:
             except FileNotFoundError:
                 continue
         raise POSException.POSKeyError("blob file vanished from the cache", oid, serial)
+
+    def _blobs_packed(self, pack_tid: bytes) -> int:
+        """After our pack: drop from the cache the revisions it removed
+        (every cached file older than ``pack_tid`` is asked about), so that
+        loadBlob of a packed revision fails as on the storages.  How many
+        files were dropped."""
+        if self._blob_cache is None:
+            return 0
+        cached = self._blob_cache.files_before(pack_tid)
+        if not cached:
+            return 0
+        app = self.app
+        answers = app.ask_many((app.pt.partition(oid), Packets.AskObject, (oid, serial, None))
+                               for oid, serial, _ in cached)
+        dropped = 0
+        for (_, _, path), (_, error) in zip(cached, answers, strict=True):
+            if isinstance(error, RemoteError) and error.code in (
+                    ErrorCodes.OID_NOT_FOUND, ErrorCodes.OID_DOES_NOT_EXIST):
+                self._blob_cache.remove(path)
+                dropped += 1
+        return dropped
 
     def _blobs_committed(self, commit, tid: bytes) -> None:
         for oid, filename in commit.blob_files.items():

@@ -283,6 +283,7 @@ def pack(storage, t: float, referencesf, gc: bool = True, wait: bool = True) -> 
     app.packed(pack_tid)
     if wait:
         app.wait_for_pack(tid)
+        storage._blobs_packed(pack_tid)
         log.info("%s: packed up to %s in %.3f s", app.label, pack_tid.hex(),
                  time.monotonic() - started)
     return tid
