@@ -16,6 +16,7 @@ import threading
 import time
 from queue import SimpleQueue
 
+from neozodb.client.blobtails import BlobTails
 from neozodb.client.cache import ClientCache
 from neozodb.client.compat import UnlockBarrier
 from neozodb.client.compress import WrongChecksum
@@ -64,6 +65,8 @@ class ClientApp(Loads):
         self.pt: PartitionTable | None = None
         self.cluster_state = None
         self.cache = ClientCache(cache_size)
+        # what the blob revisions loaded say of their contents (client/blobs.py)
+        self.blob_tails = BlobTails()
         self.lock = threading.RLock()
         self.last_tid = ZERO_TID
         self._connected_before = False

@@ -32,10 +32,31 @@ log = logging.getLogger("neozodb.client")
 WINDOW = 4  # chunks in flight per storage
 
 
+class Uploads:
+    """The chunk answers a transaction still expects: at most ``WINDOW`` a
+    storage in flight while it uploads, the rest settled at the vote."""
+
+    def __init__(self, commit) -> None:
+        self.commit = commit
+        self.queue: SimpleQueue = SimpleQueue()
+        self.pending = 0
+
+    def settle(self, down_to: int = 0) -> None:
+        while self.pending > down_to:
+            (oid, _), _, error, conn = self.queue.get()
+            self.pending -= 1
+            if isinstance(error, ConnectionClosed):
+                self.commit.failed.add(conn.nid)
+            elif error is not None:
+                raise POSException.StorageTransactionError(
+                    "storage %s refused the blob of %s: %s" % (conn.label, oid.hex(), error))
+
+
 def upload(commit, oid: bytes, filename: str) -> tuple[bytes, int]:
     """Send the content of ``filename`` to every writable cell of oid's
     partition, as the blob ``oid`` gets in ``commit``'s transaction;
-    (SHA-256, size) of what was sent."""
+    (SHA-256, size) of what was sent.  The last answers are waited for at
+    the vote (``Uploads``)."""
     commit._begun()  # a pipelined copy's TID must be accepted first
     conns = []
     for nid in commit._cells(oid):
@@ -48,20 +69,13 @@ def upload(commit, oid: bytes, filename: str) -> tuple[bytes, int]:
             continue
         if BLOB not in conn.peer_features:
             raise POSException.Unsupported("storage %s keeps no blobs" % nid_str(nid))
+        commit.involve(nid, conn)  # told about an abort
         conns.append(conn)
-    queue: SimpleQueue = SimpleQueue()
+    uploads = commit.uploads
+    if uploads is None:
+        uploads = commit.uploads = Uploads(commit)
     hasher = hashlib.sha256()
     size = 0
-    in_flight = 0
-
-    def settle() -> None:
-        _, _, error, conn = queue.get()
-        if isinstance(error, ConnectionClosed):
-            commit.failed.add(conn.nid)
-        elif error is not None:
-            raise POSException.StorageTransactionError(
-                "storage %s refused the blob of %s: %s" % (conn.label, oid.hex(), error))
-
     with open(filename, "rb") as f:
         n = 0
         while True:
@@ -71,17 +85,13 @@ def upload(commit, oid: bytes, filename: str) -> tuple[bytes, int]:
             hasher.update(data)
             size += len(data)
             for conn in conns:
-                conn.ask(Packets.AskStoreBlobChunk, commit.ttid, oid, n, data, queue=queue)
-                in_flight += 1
-            while in_flight > WINDOW * len(conns):
-                settle()
-                in_flight -= 1
+                conn.ask(Packets.AskStoreBlobChunk, commit.ttid, oid, n, data,
+                         queue=uploads.queue, token=(oid, n))
+                uploads.pending += 1
+            uploads.settle(WINDOW * max(len(conns), 1))
             n += 1
             if len(data) < CHUNK:
                 break
-    while in_flight:
-        settle()
-        in_flight -= 1
     return hasher.digest(), size
 
 
@@ -125,19 +135,25 @@ def download(app, oid: bytes, serial: bytes, f: BinaryIO) -> None:
     """Write the content of oid's blob at ``serial`` into ``f``, from the
     first readable replica that has a good copy; POSKeyError if none."""
     problems = []
+    known = app.blob_tails.get(oid, serial)  # the record was just loaded
     for nid in app.readable_nids(oid):
         try:
             conn = app.storage_conn(nid)
             if BLOB not in conn.peer_features:
                 problems.append("%s keeps no blobs" % nid_str(nid))
                 continue
-            answer = conn.call(Packets.AskObject, oid, serial, None)
-            _, _, _, compression, checksum, data, _ = answer
-            if not is_blob(compression):
-                raise POSException.POSKeyError("not a blob revision", oid, serial)
-            _, _, digest, size = split_tail(compression, data)
-            if hashlib.sha1(data).digest() == checksum and _copy_from(
-                    conn, oid, serial, checksum, digest, size, f):
+            if known is not None:
+                checksum, digest, size = known
+            else:
+                answer = conn.call(Packets.AskObject, oid, serial, None)
+                _, _, _, compression, checksum, data, _ = answer
+                if not is_blob(compression):
+                    raise POSException.POSKeyError("not a blob revision", oid, serial)
+                _, _, digest, size = split_tail(compression, data)
+                if hashlib.sha1(data).digest() != checksum:
+                    problems.append("wrong record checksum on %s" % nid_str(nid))
+                    continue
+            if _copy_from(conn, oid, serial, checksum, digest, size, f):
                 return
             problems.append("corrupted copy on %s" % nid_str(nid))
         except (ConnectionClosed, OSError, ProtocolError) as e:

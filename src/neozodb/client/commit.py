@@ -34,6 +34,7 @@ class Commit:
         self.data: dict[bytes, tuple] = {}  # oid -> (data or None, serial, data_serial)
         self.cache_data: dict[bytes, bytes | None] = {}
         self.blobs: dict[bytes, tuple[bytes, int]] = {}  # oid -> blob (digest, size) stored
+        self.uploads = None  # client.blobs.Uploads of its blobs' contents
         self.checked: dict[bytes, bytes] = {}
         self.involved: set[int] = set()
         self.conns: list = []  # connections of the involved storages
@@ -66,11 +67,16 @@ class Commit:
                         self.ttid.hex(), e)
             self.failed.add(nid)
             return
+        self.involve(nid, conn)
+        self.pending += 1
+        conn.ask(packet, *args, queue=self.queue, token=token, buffer=buffer)
+
+    def involve(self, nid: int, conn) -> None:
+        """A storage that gets something of the transaction (an abort goes
+        to each)."""
         if nid not in self.involved:
             self.involved.add(nid)
             self.conns.append(conn)
-        self.pending += 1
-        conn.ask(packet, *args, queue=self.queue, token=token, buffer=buffer)
 
     def _flush(self) -> None:
         for conn in self.conns:
@@ -370,6 +376,8 @@ class Commit:
 
     def vote(self) -> list[bytes]:
         self._begun()
+        if self.uploads is not None:
+            self.uploads.settle()
         app = self.app
         meta_nids = app.writable_cells(self.ttid)
         txn = self.txn

@@ -11,13 +11,16 @@ from neozodb.client.compress import WrongChecksum, decompress
 from neozodb.client.errors import NEOStorageError
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.protocol import ErrorCodes, Packets, p64, u64
+from neozodb.protocol.blobs import BLOB_FLAG
 
 
 class Loads:
-    @staticmethod
-    def _object_data(answer, verify: bool = True) -> bytes | None:
+    def _object_data(self, answer, verify: bool = True) -> bytes | None:
         oid, serial, _, compression, checksum, data, _ = answer
-        return decompress(oid, serial, compression, checksum, data, verify)
+        result = decompress(oid, serial, compression, checksum, data, verify)
+        if compression & BLOB_FLAG:  # what loadBlob will need (client/blobs.py)
+            self.blob_tails.note(oid, serial, checksum, data)
+        return result
 
     def load(self, oid: bytes, before_tid: bytes | None = None) -> tuple[bytes, bytes, bytes | None] | None:
         """(data, serial, next_serial) of the revision before before_tid
