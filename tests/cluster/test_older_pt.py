@@ -111,7 +111,7 @@ def test_recover_older_table_after_losing_a_storage(three):
     assert bound in committed and bound < after[0][0]
     lines, value = neoctl(cluster, "print", "pt_history")
     assert lines == [
-        "ptid %d (latest): not operational with S2: no readable copy of partitions %s"
+        "ptid %d (latest): not operational, no readable copy of partitions %s (copies on S2)"
         % (latest, " ".join(map(str, only_s1_s3))),
         "ptid 1: operational with S1 S2, truncating after %#x (%s)"
         % (bound, neo_tid_time(bound))]
@@ -182,9 +182,10 @@ def test_recover_pt_refused_when_operational(cluster):
     assert len(lines) == 1 and lines[0].startswith(
         "ptid 1 (latest): operational with S1 S2, truncating after ")
     # a new master with S1 only: it waits for S2, which holds readable cells
-    cluster.nodes["S2"].kill()
+    # (the master goes first: it would outdate S2's cells)
     master = cluster.nodes["M1"]
     master.kill()
+    cluster.nodes["S2"].kill()
     master.start()
     wait_until(lambda: cluster.cluster_state() == "RECOVERING"
                and cluster.storage_state("S1") is NodeStates.PENDING, 60, "S1 pending")

@@ -29,8 +29,8 @@ def describe(ptid: int, latest: int | None, operational: bool, tid: int | None,
     """One line of ``print pt_history``."""
     name = "ptid %d%s" % (ptid, " (latest)" if ptid == latest else "")
     if not operational:
-        return "%s: not operational with %s: no readable copy of partitions %s" % (
-            name, " ".join(storages) or "no storage", " ".join(map(str, unreadable)))
+        return "%s: not operational, no readable copy of partitions %s (copies on %s)" % (
+            name, " ".join(map(str, unreadable)), " ".join(storages) or "no storage")
     return "%s: operational with %s, truncating after %#x (%s)" % (
         name, " ".join(storages), tid, neo_tid_time(tid))
 
