@@ -208,3 +208,106 @@ def test_history_in_config_chunks():
     # unreadable: started again, not fatal
     backend.set_config("pt_history.%d.0" % (again.generation % 2), "garbage")
     assert pt_history.PartitionHistory(backend, lambda: "S1").entries == []
+
+
+# -- who is sent what ---------------------------------------------------------------
+def test_neo_master_and_admin_are_not_sent_the_requests():
+    """NEO's master and admin would take the requests for protocol errors:
+    the admin does not forward them, neoctl does not send them."""
+    from types import SimpleNamespace
+
+    from neozodb.admin.app import unforwardable
+    from neozodb.ctl.neoctl import CtlError, run_command
+    from neozodb.protocol import Packets
+    from neozodb.protocol.features import FEATURES, NO_FEATURES
+    for packet in (Packets.AskOlderPartitionTables, Packets.RecoverPartitionTable):
+        assert unforwardable(packet, NO_FEATURES) == \
+            "the master keeps no partition table history (NEO's master)"
+        assert unforwardable(packet, FEATURES) is None
+
+    class Ctl:
+        conn = SimpleNamespace(peer_features=NO_FEATURES)
+
+        def call(self, *args):
+            raise AssertionError("sent %r" % (args,))
+    for words in (["print", "pt_history"], ["recover_pt", "1"]):
+        with pytest.raises(CtlError, match="the admin does not relay partition table histories"):
+            run_command(Ctl(), words)
+
+
+def test_neoctl_lines():
+    from neozodb.ctl.older import describe
+    assert describe(3, 3, False, None, ["S2"], [1, 4]) == \
+        "ptid 3 (latest): not operational, no readable copy of partitions 1 4 (copies on S2)"
+    assert describe(2, 3, False, None, [], [0, 1]) == \
+        "ptid 2: not operational, no readable copy of partitions 0 1 (copies on no storage)"
+    assert describe(1, 3, True, 0x40d6f4e65576956, ["S1", "S2"], []) == (
+        "ptid 1: operational with S1 S2, truncating after 0x40d6f4e65576956"
+        " (2026-12-02 19:26:23.751902)")
+
+
+# -- a storage node's history, in-process over SQLite -------------------------------
+def test_storage_records_its_readable_partitions(tmp_path):
+    import asyncio
+
+    from neozodb.protocol import NodeTypes, Packets, make_nid, p64
+    from neozodb.storage.app import StorageApp
+    from neozodb.storage.backends.sqlite import SQLiteBackend
+    from neozodb.storage.handlers import MasterHandler
+
+    class Conn:
+        def __init__(self):
+            self.sent = []
+
+        def answer(self, msg_id, packet, *args):
+            self.sent.append((packet, args))
+
+        def ack(self, msg_id, message=""):
+            pass
+
+    me, other = make_nid(NodeTypes.STORAGE, 1), make_nid(NodeTypes.STORAGE, 2)
+    path = str(tmp_path / "s1.sqlite")
+
+    def history(app):
+        conn = Conn()
+        MasterHandler(app).AskPartitionHistory(conn, 1)
+        ((packet, args),) = conn.sent
+        assert packet is Packets.AnswerPartitionHistory
+        return args
+
+    async def main():
+        backend = SQLiteBackend(path)
+        backend.open()
+        app = StorageApp("test", [], backend)
+        app.nid = me
+        app.set_pt(1, 1, [[(me, U), (other, U)]] * 2 + [[(other, U)]] * 2)
+        assert history(app) == (1, [(1, None, [0, 1])])
+        # a transaction committed in partition 0 (tid 0x10, oid 4)
+        backend.add_transaction(0x10, [4], b"", b"", b"", False, 0x10)
+        backend.add_object(4, 0x10, 0, b"\0" * 20, b"x", None)
+        backend.commit_pending()
+        assert history(app) == (1, [(1, p64(0x10), [0, 1])])
+        # another storage's cell changes: nothing to record
+        app.change_pt(2, 1, [(2, other, OUT)])
+        assert history(app) == (2, [(1, p64(0x10), [0, 1])])
+        # our cell of 1 outdated (we were away): a new entry, the first ends
+        app.change_pt(3, 1, [(1, me, OUT)])
+        assert history(app) == (3, [(1, p64(0x10), [0, 1]), (3, p64(0x10), [0])])
+        # 1 dropped: its data goes, it leaves every entry
+        app.change_pt(4, 1, [(1, me, CellStates.DISCARDED)])
+        assert history(app) == (4, [(1, p64(0x10), [0]), (3, p64(0x10), [0])])
+        backend.close()
+        # restarted: the same history, from the database
+        backend = SQLiteBackend(path)
+        backend.open()
+        app = StorageApp("test", [], backend)
+        assert history(app) == (4, [(1, p64(0x10), [0]), (3, p64(0x10), [0])])
+        # a pending truncation counts at once, and stays once applied (then
+        # nothing is left in partition 0: complete up to nothing known)
+        app.set_truncation(0x8)
+        assert history(app) == (4, [(1, p64(0x8), [0]), (3, p64(0x8), [0])])
+        app.apply_truncation()
+        assert history(app) == (4, [(1, p64(0x8), [0]), (3, None, [0])])
+        assert backend.get_config("pt_history.0.0") or backend.get_config("pt_history.1.0")
+        backend.close()
+    asyncio.run(main())
