@@ -195,3 +195,44 @@ def test_recover_pt_refused_when_operational(cluster):
     assert not logged(master, "is not operational")
     assert neoctl(cluster, "start") == ([], {"ok": True})
     cluster.wait_state("RUNNING", 60)
+
+
+def test_moved_cells_are_not_offered_again(tmp_path):
+    """S1 alone, then S2 added and given half the partitions by tweak: S1
+    drops its copies of them.  S2 lost for good: table 1, where S1 had
+    every partition, is not operational any more (S1 holds half of them),
+    so nothing is offered; the table of before S1 dropped them neither."""
+    cluster = LocalCluster(str(tmp_path / "c"), name="moved", storages=1, replicas=0,
+                           partitions=4)
+    try:
+        cluster.start(wait=60)
+        db = ZODB.DB(Storage(cluster.masters, cluster.name))
+        try:
+            commit(db, 0, 4)
+            cluster.storage(2).start()
+            wait_until(lambda: cluster.storage_state("S2") is NodeStates.PENDING, 30,
+                       "S2 pending")
+            cluster.neoctl("add", "S2")
+            cluster.neoctl("tweak")
+            wait_until(lambda: cluster.cells() in ({"S1": "U.U.", "S2": ".U.U"},
+                                                   {"S1": ".U.U", "S2": "U.U."}), 60,
+                       "the tweak to be done")
+            commit(db, 4, 2)
+        finally:
+            db.close()
+        moved = [p for p, letter in enumerate(cluster.cells()["S2"]) if letter == "U"]
+        cluster.nodes["S2"].kill()
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(cluster.database(2) + suffix):
+                os.remove(cluster.database(2) + suffix)
+        wait_until(lambda: cluster.cluster_state() == "RECOVERING", 30, "recovering")
+        lines, value = neoctl(cluster, "print", "pt_history")
+        assert [t["operational"] for t in value["tables"]] == [False] * len(value["tables"])
+        assert value["tables"][-1]["ptid"] == 1
+        for table in value["tables"]:
+            assert table["unreadable"] == moved and table["storages"] == ["S1"], table
+        assert neoctl(cluster, "recover_pt", "1") == (
+            "partition table 1 is not operational with the storages present: no readable copy"
+            " of partitions %s" % " ".join(map(str, moved)))
+    finally:
+        cluster.kill()
