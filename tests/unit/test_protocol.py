@@ -206,24 +206,28 @@ def test_handshake_rejects():
 # Catalogue
 
 ACKED = {"FailedVote", "SetNodeState", "AddPendingNodes", "SetNumReplicas",
-         "SetClusterState", "Repair", "CheckReplicas", "Truncate"}
+         "SetClusterState", "Repair", "CheckReplicas", "Truncate", "RecoverPartitionTable"}
 NOT_IGNORABLE = {"AskFinishTransaction", "AskLockInformation", "SetNodeState",
                  "AddPendingNodes", "SetNumReplicas", "SetClusterState"}
 
 
 def test_catalogue_counts():
     # protocol 5's 74 rows (as NEO's protocol.py), plus neozodb's own
-    # NotifyFeatures, AddObjects and AskSoloVote, outside NEO's range
-    assert TABLE_ROWS == 77
+    # NotifyFeatures, AddObjects, AskSoloVote, AskPartitionHistory,
+    # AskOlderPartitionTables and RecoverPartitionTable, outside NEO's range
+    assert TABLE_ROWS == 80
     assert max(c for c in PACKETS if c < 0x7f00) == 0x49
     assert Packets.NotifyFeatures.code == 0x7f00
     assert Packets.AddObjects.code == 0x7f01
     assert Packets.AskSoloVote.code == 0x7f02
+    assert Packets.AskPartitionHistory.code == 0x7f03
+    assert Packets.AskOlderPartitionTables.code == 0x7f04
+    assert Packets.RecoverPartitionTable.code == 0x7f05
     answers = [pt for pt in ALL_TYPES if pt.request is not None]
-    assert len(answers) == 38
-    assert len(PACKETS) == 115
-    assert len(vars(Packets)) == 115
-    assert len({pt.name for pt in ALL_TYPES}) == 115
+    assert len(answers) == 40
+    assert len(PACKETS) == 120
+    assert len(vars(Packets)) == 120
+    assert len({pt.name for pt in ALL_TYPES}) == 120
     assert all(PACKETS[code].code == code for code in PACKETS)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from neozodb.master import election, majority
+from neozodb.master import election, majority, older_pt
 from neozodb.master.pack import Order
 from neozodb.net.connection import ConnectionClosed, RemoteError
 from neozodb.nodes import Node
@@ -116,6 +116,7 @@ class Recovery:
                 readable = self.pt.nids()  # a truncation waits for every node of the table
             if readable <= here:
                 return True
+            older_pt.note_recovery(self, here)  # logs if it is stuck there
             return self.startup_allowed and self.pt.operational(here)
         if not pending:
             return False

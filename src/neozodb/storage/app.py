@@ -31,6 +31,7 @@ from neozodb.storage import handlers, peers
 from neozodb.storage.checker import Checker
 from neozodb.storage.groupsync import GroupSync
 from neozodb.storage.pack import Packer
+from neozodb.storage.pt_history import PartitionHistory
 from neozodb.storage.replicator import Replicator
 from neozodb.storage.transactions import LockManager
 
@@ -79,6 +80,9 @@ class StorageApp:
             from neozodb.storage.importer import Importer
             self.importer = Importer(self)
         self._load_pt()
+        # the tables we were given (neoctl print pt_history, recover_pt)
+        self.pt_history = PartitionHistory(backend, lambda: self.label)
+        self._pt_changed()
 
     @property
     def label(self) -> str:
@@ -101,6 +105,7 @@ class StorageApp:
         if self.backend.get_num_partitions() != len(rows):
             self.backend.set_num_partitions(len(rows))
         self.backend.save_pt(ptid, replicas, pt.rows())
+        self._pt_changed()
         if self.operational:
             self._own_cells_changed(old)
             if self.importer is not None:
@@ -113,12 +118,24 @@ class StorageApp:
         old = self._own_cells()
         self.pt.apply_changes(ptid, replicas, changes)
         self.backend.change_pt(ptid, replicas, [(o, n, s.value) for o, n, s in changes])
+        self._pt_changed()
         if self.operational:
             self._own_cells_changed(old)
             if self.importer is not None:
                 self.importer.check_pt()
         else:
             self.replicator.note_resume_points()
+
+    def _pt_changed(self) -> None:
+        """Record our readable partitions in the history, and forget older
+        entries' partitions whose data we drop (no cell) or erase (CORRUPTED)."""
+        pt = self.pt
+        if pt is None or self.nid is None or pt.ptid is None:
+            return
+        cells = {p: self.cell_state(p) for p in pt.partitions_of(self.nid)}
+        self.pt_history.table_changed(
+            pt.ptid, frozenset(p for p, s in cells.items() if s in _READABLE),
+            frozenset(p for p, s in cells.items() if s != CellStates.CORRUPTED.value))
 
     def _own_cells(self) -> dict[int, int]:
         if self.pt is None or self.nid is None:
@@ -344,6 +361,7 @@ class StorageApp:
             if txn.tid is not None and int.from_bytes(txn.tid, "big") > tid:
                 self.locks.finish(ttid)
         self.backend.truncate(tid)
+        self.pt_history.truncated(tid)
         self.replay()
 
     def stop_operation(self) -> None:

@@ -27,6 +27,7 @@ from neozodb.protocol.values import (
 )
 from neozodb.storage.backends.base import Unsupported
 from neozodb.storage.pack import PAGE_OIDS, wire_order
+from neozodb.storage.pt_history import clamped
 from neozodb.storage.undo import undo_serials
 from neozodb.storage.writes import Retry, Writes
 
@@ -96,6 +97,18 @@ class MasterHandler(FollowsPrimary, BaseHandler):
         last ids (or, if we miss verification, when operation starts)."""
         self.app.set_truncation(u64(tid))
         conn.ack(msg_id)
+
+    def AskPartitionHistory(self, conn, msg_id):
+        """Our readable partitions in the tables we were given (feature
+        ``older-pt``, storage/pt_history.py): with a truncation pending,
+        nothing after its TID counts (verification deletes it)."""
+        app = self.app
+        entries = app.pt_history.report()
+        pending = app.backend.get_truncate_tid()
+        if pending is not None:
+            entries = clamped(entries, pending)
+        conn.answer(msg_id, Packets.AnswerPartitionHistory, app.pt.ptid if app.pt else None,
+                    [(e.ptid, _p64(e.end), sorted(e.readable)) for e in entries])
 
     def AskPartitionTable(self, conn, msg_id):
         pt = self.app.pt
