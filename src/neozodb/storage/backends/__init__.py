@@ -15,9 +15,10 @@ from .base import DISCARDED, ZERO_HASH, Backend, Unsupported
 
 __all__ = ['Backend', 'DISCARDED', 'Unsupported', 'ZERO_HASH', 'adapters', 'open_backend']
 
-# adapter name (lower case) -> (module, class); later: postgresql, mariadb.
+# adapter name (lower case) -> (module, class)
 _ADAPTERS = {
     'sqlite': ('neozodb.storage.backends.sqlite', 'SQLiteBackend'),
+    'postgresql': ('neozodb.storage.backends.postgresql', 'PostgreSQLBackend'),
     # live import of a ZODB storage into SQLite (database = its INI file)
     'importer': ('neozodb.storage.backends.importer', 'ImporterBackend'),
 }

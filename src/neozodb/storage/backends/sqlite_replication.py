@@ -165,15 +165,21 @@ class SQLiteReplication:
                     values[key] = data_id
         new = [key for key, data_id in values.items() if data_id is None]
         if new:
-            seq = conn.execute(_DATA_SEQ).fetchone()
-            next_id = max(self._scalar(_MAX_DATA_ID, ()) or 0, seq[0] if seq else 0) + 1
             rows = []
-            for data_id, key in enumerate(new, next_id):
+            for data_id, key in zip(self._new_data_ids(conn, len(new)), new, strict=True):
                 values[key] = data_id
                 rows.append((data_id, *key))
             conn.executemany(_INSERT_DATA_ID, rows)
         return [None if checksum == ZERO_HASH and not data else values[(checksum, compression, data)]
                 for _, _, compression, checksum, data, _ in records]
+
+    def _new_data_ids(self, conn, count: int) -> range:
+        """``count`` data ids never used: after the greatest one ever
+        allocated (AUTOINCREMENT's sequence counts the deleted ones too;
+        rows inserted with an explicit id move it on)."""
+        seq = conn.execute(_DATA_SEQ).fetchone()
+        next_id = max(self._scalar(_MAX_DATA_ID, ()) or 0, seq[0] if seq else 0) + 1
+        return range(next_id, next_id + count)
 
     def add_transaction(self, tid: int, oids: Sequence[int], user: bytes, description: bytes,
                         ext: bytes, packed: bool, ttid: int) -> None:
