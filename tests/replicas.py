@@ -36,3 +36,20 @@ def config_value(path: str, name: str) -> str | None:
         return None if row is None else row[0]
     finally:
         conn.close()
+
+
+def raw_contents_postgresql(dsn: str) -> dict[int, tuple[dict, dict]]:
+    """``raw_contents`` of a PostgreSQL backend's database (psycopg)."""
+    import psycopg
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        (partitions,) = conn.execute(
+            "SELECT value FROM config WHERE name='partitions'").fetchone()
+        content: dict[int, tuple[dict, dict]] = {p: ({}, {}) for p in range(int(partitions))}
+        for p, tid, *meta in conn.execute(
+                'SELECT partition, tid, oids, "user", description, ext, packed, ttid FROM trans'):
+            content[p][0][tid] = tuple(meta)
+        for p, oid, tid, value_tid, *data in conn.execute(
+                "SELECT o.partition, o.oid, o.tid, o.value_tid, d.hash, d.compression, d.value"
+                " FROM obj o LEFT JOIN data d ON d.id = o.data_id"):
+            content[p][1][tid, oid] = (value_tid, *data)
+        return content
