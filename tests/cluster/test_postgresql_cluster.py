@@ -6,7 +6,9 @@ while clients commit, and a live import into PostgreSQL."""
 from __future__ import annotations
 
 import itertools
+import signal
 import subprocess
+import textwrap
 
 import psycopg
 import pytest
@@ -14,10 +16,13 @@ import transaction
 import ZODB
 from persistent.mapping import PersistentMapping
 from test_crash import check_writers, crash_rounds
+from test_import import ImportCluster, commit
 from test_pack import completed_by, gone, make_garbage
 from test_replication import all_up_to_date
 from test_truncate import truncated_and_running
+from ZODB.FileStorage import FileStorage
 
+from fsdata import make_filestorage, transactions
 from neozodb.cli.cluster import LocalCluster, wait_until
 from neozodb.client import Storage
 from neozodb.protocol import NodeStates, u64
@@ -148,4 +153,67 @@ def test_whole_cluster_killed_while_committing(tmp_path, postgresql_server):
         assert all(len(revisions) > 4 for revisions in committed.values())
         same_replicas(cluster, ["S1", "S2"])
     finally:
+        cluster.kill()
+
+
+def test_live_import_into_postgresql(tmp_path, postgresql_server):
+    """The Importer adapter writing into PostgreSQL: usable at once,
+    commits while importing, SIGKILLed in the middle and resumed, then
+    every record of the source and the new commits through the cluster,
+    and the same database served by the PostgreSQL adapter alone."""
+    fs_path = str(tmp_path / "Data.fs")
+    make_filestorage(fs_path, transactions=2000, objects=100)
+    source = FileStorage(fs_path, read_only=True)
+    expected = transactions(source.iterator())
+    dsn = postgresql_server.database("import%d" % next(_clusters))
+    conf = str(tmp_path / "importer.conf")
+    with open(conf, "w") as f:
+        f.write(textwrap.dedent(f"""\
+            [neo]
+            adapter = PostgreSQL
+            database = {dsn}
+            rate = 700
+
+            [root]
+            storage = <filestorage>
+                path {fs_path}
+                read-only true
+              </filestorage>
+            """))
+    cluster = ImportCluster(str(tmp_path / "cluster"), conf)
+    storage = None
+    try:
+        cluster.start()
+        storage = Storage(cluster.masters, cluster.name)
+        assert storage.lastTransaction() == source.lastTransaction()
+        oid = expected[-1][5][0][0]
+        assert storage.load(oid) == source.load(oid)
+        new = [commit(storage, [(oid, source.load(oid)[1], b"changed during the import")])]
+        assert cluster.import_status()["state"] == "importing"
+        s1 = cluster.storage(1)
+        s1.signal(signal.SIGKILL)
+        s1.wait(30)
+        s1.start()
+        cluster.wait_state("RUNNING", 60)
+        done = cluster.wait_import("finished")
+        assert done["imported"] == len(expected)
+        assert 0 < done["transactions"] < len(expected)  # resumed, not started over
+        got = transactions(storage.iterator())
+        assert got == expected + new
+        storage.close()
+        storage = None
+        # the import done, the database is a PostgreSQL backend's
+        s1.signal(signal.SIGTERM)
+        assert s1.wait(30) == 0
+        s1.argv[s1.argv.index("-a") + 1] = "PostgreSQL"
+        s1.argv[s1.argv.index("-d") + 1] = dsn
+        s1.start()
+        cluster.wait_state("RUNNING", 60)
+        storage = Storage(cluster.masters, cluster.name)
+        assert storage.load(oid)[0] == b"changed during the import"
+        assert len(transactions(storage.iterator())) == len(expected) + 1
+    finally:
+        source.close()
+        if storage is not None:
+            storage.close()
         cluster.kill()
