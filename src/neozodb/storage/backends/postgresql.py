@@ -54,7 +54,7 @@ from .postgresql_schema import (
     translate,
 )
 from .sqlbase import SQLBackend
-from .sqlite_schema import _COMMIT, _RELEASE, _ROLLBACK, _SAVEPOINT
+from .sqlite_schema import _COMMIT, _RELEASE, _SAVEPOINT
 
 __all__ = ['PostgreSQLBackend']
 
@@ -162,23 +162,15 @@ class PostgreSQLBackend(SQLBackend):
             raise
         return conn
 
-    def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                if conn.info.transaction_status != _INERROR:
-                    if conn.in_transaction:
-                        # unlocks and aborts are kept; lone store_data rows
-                        # (never voted) are not; committed synchronously
-                        conn.execute(_COMMIT if self._keep_pending else _ROLLBACK)
-                    if self.unsynced:
-                        conn.execute(TOUCH)
-            except psycopg.Error:
-                pass  # connection lost: the server rolled back what was pending
-            finally:
-                self.unsynced = False
-                conn.close()
-        self._forget()
+    def _end(self, conn: _Connection) -> None:
+        try:
+            if conn.info.transaction_status != _INERROR:
+                super()._end(conn)        # a synchronous commit, if any
+                if self.unsynced:
+                    conn.execute(TOUCH)
+        except psycopg.Error:
+            pass  # connection lost: the server rolled back what was pending
+        self.unsynced = False
 
     def describe(self) -> str:
         try:

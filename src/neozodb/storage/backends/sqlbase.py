@@ -6,7 +6,7 @@ the same terms.  A subclass brings the connection: ``_connect`` opens it
 (an object with sqlite3's ``execute``/``executemany``/``in_transaction``;
 the PostgreSQL backend's translates the statements), ``_commit`` makes a
 durable point durable (at once, or at ``sync()`` inside ``sync_later``),
-``close``, ``describe`` and ``sync``.
+``describe`` and ``sync``.
 
 Transaction control (the durability contract of ``base.py``): one write
 transaction is kept open; writes that need not be durable on their own
@@ -29,6 +29,7 @@ from .sqlite_replication import SQLiteReplication
 from .sqlite_schema import (
     _BEGIN,
     _CLEAR_PT,
+    _COMMIT,
     _CONFIG_VERSION,
     _DEL_CELL,
     _DEL_CONFIG,
@@ -109,6 +110,21 @@ class SQLBackend(SQLiteReads, SQLiteWrites, SQLiteReplication, SQLitePack, Backe
         self._np = None
         self._np = self.get_num_partitions()
         self._floor = None
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                self._end(conn)
+            finally:
+                conn.close()
+        self._forget()
+
+    def _end(self, conn: Any) -> None:
+        """Last words on a connection being closed: unlocks and aborts are
+        kept; lone store_data rows (never voted) are not."""
+        if conn.in_transaction:
+            conn.execute(_COMMIT if self._keep_pending else _ROLLBACK)
 
     def _forget(self) -> None:
         """Drop the state cached from a closed connection."""

@@ -49,7 +49,6 @@ from .sqlite_schema import (
     _FIND_DATA,
     _INSERT_DATA,
     _NEXT_SERIAL,
-    _ROLLBACK,
     _SCHEMA,
     _SYNC_NORMAL,
     SCHEMA_VERSION,
@@ -95,18 +94,11 @@ class SQLiteBackend(SQLBackend):
         return conn
 
     def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            if conn.in_transaction:
-                # unlocks and aborts are kept; lone store_data rows (never
-                # voted) are not
-                conn.execute(_COMMIT if self._keep_pending else _ROLLBACK)
-            conn.close()
+        super().close()
         with self._wal_lock:
             fd, self._wal_fd = self._wal_fd, None
             if fd is not None:
                 os.close(fd)
-        self._forget()
 
     def describe(self) -> str:
         return f'SQLite {sqlite3.sqlite_version} database {self.database!r}'
