@@ -65,8 +65,6 @@ from .sqlbase import SQLBackend
 from .sqlite import (
     _ADD_OBJ,
     _ADD_TRANS,
-    _FIND_DATA,
-    _INSERT_DATA,
     SQLiteBackend,
     _pack_oids,
 )
@@ -208,13 +206,8 @@ class Importer(ImporterReads):
                     raise ValueError('transactions out of order: %#x after %#x' % (tid, last))
                 last = tid
                 for oid, compression, checksum, data, data_txn in records:
-                    if data is None:
-                        data_id = None
-                    else:
-                        params = (checksum, compression, data)
-                        row = conn.execute(_FIND_DATA, params).fetchone()
-                        data_id = (row[0] if row is not None
-                                   else conn.execute(_INSERT_DATA, params).lastrowid)
+                    data_id = (None if data is None
+                               else self._find_or_insert_data(checksum, compression, data)[0])
                     conn.execute(_ADD_OBJ, (oid % np, oid, tid, data_id, data_txn))
                 conn.execute(_ADD_TRANS, (tid % np, tid, False,
                                           _pack_oids([r[0] for r in records]),

@@ -5,8 +5,7 @@ in, SQLite's dialect, into PostgreSQL's.
 The translation is mechanical: ``?`` placeholders become ``%b`` (binary
 parameters: bytea travels as is), ``INSERT OR REPLACE`` becomes ``INSERT
 ... ON CONFLICT (primary key) DO UPDATE``, the ``user`` column is quoted (a
-reserved word here), and new data rows return their id; the few
-statements that have no mechanical equivalent are written out in
+reserved word here); the few statements that have no mechanical equivalent are written out in
 ``_OVERRIDES``.  Statements are translated once and cached by their text.
 """
 
@@ -14,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from .sqlite_schema import _BEGIN, _HAS_CONFIG, _INSERT_DATA, _OIDS_FROM
+from .sqlite_schema import _BEGIN, _HAS_CONFIG, _OIDS_FROM
 
 # Same tables, columns and keys as SQLite's (sqlite_schema.py): OIDs and
 # TIDs are below 2**63 (bigint); bytes are bytea.  Object data is
@@ -84,10 +83,34 @@ _OVERRIDES = {
     # keeps the first row of each oid in (oid, tid DESC) order
     _OIDS_FROM: ("SELECT DISTINCT ON (oid) oid, tid, data_id FROM obj"
                  " WHERE partition=%b AND oid>=%b AND tid<=%b ORDER BY oid, tid DESC LIMIT %b"),
-    _INSERT_DATA: ("INSERT INTO data (hash, compression, value) VALUES (%b, %b, %b)"
-                   " RETURNING id"),
 }
 
+# one round trip for store_data: the id of an identical row, else of a
+# new one (and whether it is new)
+FIND_OR_INSERT_DATA = (
+    "WITH found AS (SELECT id FROM data WHERE hash=? AND compression=? AND value=? LIMIT 1),"
+    " added AS (INSERT INTO data (hash, compression, value) SELECT ?, ?, ?"
+    " WHERE NOT EXISTS (SELECT 1 FROM found) RETURNING id)"
+    " SELECT id, FALSE FROM found UNION ALL SELECT id, TRUE FROM added")
+# one statement for unlock (the six of SQLiteWrites.unlock_transaction):
+# atomic by itself, so no savepoint either
+UNLOCK = (
+    "WITH t AS (DELETE FROM ttrans WHERE ttid=? RETURNING *),"
+    " o AS (DELETE FROM tobj WHERE tid=? RETURNING *),"
+    " p AS (DELETE FROM tpack WHERE ttid=? RETURNING *),"
+    " mt AS (INSERT INTO trans (partition, tid, packed, oids, user, description, ext, ttid)"
+    "  SELECT partition, ?, packed, oids, user, description, ext, ttid FROM t"
+    "  ON CONFLICT (partition, tid) DO UPDATE SET packed=EXCLUDED.packed, oids=EXCLUDED.oids,"
+    "  user=EXCLUDED.user, description=EXCLUDED.description, ext=EXCLUDED.ext,"
+    "  ttid=EXCLUDED.ttid),"
+    " mo AS (INSERT INTO obj (partition, oid, tid, data_id, value_tid)"
+    "  SELECT partition, oid, ?, data_id, value_tid FROM o"
+    "  ON CONFLICT (partition, oid, tid) DO UPDATE SET data_id=EXCLUDED.data_id,"
+    "  value_tid=EXCLUDED.value_tid)"
+    " INSERT INTO pack (tid, approved, partial, oids, pack_tid, gc)"
+    " SELECT ?, approved, partial, oids, pack_tid, gc FROM p"
+    " ON CONFLICT (tid) DO UPDATE SET approved=EXCLUDED.approved, partial=EXCLUDED.partial,"
+    " oids=EXCLUDED.oids, pack_tid=EXCLUDED.pack_tid, gc=EXCLUDED.gc")
 # data ids for replicated rows, taken from the table's own sequence
 NEW_DATA_IDS = "SELECT nextval('data_id_seq') FROM generate_series(1, ?)"
 # group commit: a commit that does not wait for the WAL flush...

@@ -46,9 +46,6 @@ from .sqlite_schema import (
     _ADD_TRANS,
     _COMMIT,
     _DROP,
-    _FIND_DATA,
-    _INSERT_DATA,
-    _NEXT_SERIAL,
     _SCHEMA,
     _SYNC_NORMAL,
     SCHEMA_VERSION,
@@ -56,8 +53,7 @@ from .sqlite_schema import (
 )
 
 # _ADD_OBJ to _pack_oids: importer.py imports them from here
-__all__ = ['SQLiteBackend', 'SCHEMA_VERSION', '_ADD_OBJ', '_ADD_TRANS', '_FIND_DATA',
-           '_INSERT_DATA', '_NEXT_SERIAL', '_pack_oids']
+__all__ = ['SQLiteBackend', 'SCHEMA_VERSION', '_ADD_OBJ', '_ADD_TRANS', '_pack_oids']
 
 
 class SQLiteBackend(SQLBackend):

@@ -23,10 +23,8 @@ from .sqlite_schema import (
     _FETCH_OBJ,
     _FETCH_OBJ_KEYS,
     _FETCH_TIDS,
-    _FIND_DATA,
     _FLOOR_STEP,
     _GET_REPLICATION,
-    _INSERT_DATA,
     _MAX_DATA_ID,
     _MAX_OBJ_TID,
     _MAX_TRANS_TID,
@@ -196,9 +194,7 @@ class SQLiteReplication:
             if checksum == ZERO_HASH and not data:
                 data_id = None
             else:
-                params = (checksum, compression, data)
-                row = conn.execute(_FIND_DATA, params).fetchone()
-                data_id = row[0] if row is not None else conn.execute(_INSERT_DATA, params).lastrowid
+                data_id = self._find_or_insert_data(checksum, compression, data)[0]
             conn.execute(_ADD_OBJ, (p, oid, tid, data_id, data_serial))
             if old is not None and old[0] is not None and old[0] != data_id:
                 self._prune([old[0]])
