@@ -217,3 +217,36 @@ def test_live_import_into_postgresql(tmp_path, postgresql_server):
         if storage is not None:
             storage.close()
         cluster.kill()
+
+
+def test_lost_database_connection_stops_the_storage(cluster):
+    """S1's connection to PostgreSQL is killed: S1 stops at its next write
+    (status 1, one log line saying why), the cluster goes on with S2, and
+    S1 restarted catches up."""
+    db = ZODB.DB(Storage(cluster.masters, cluster.name))
+    try:
+        root = db.open().root()
+        root["a"] = 1
+        transaction.commit()
+        with psycopg.connect(cluster.database(1), autocommit=True) as pg:
+            killed = pg.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                                " WHERE datname=current_database() AND pid<>pg_backend_pid()"
+                                ).fetchall()
+        assert killed == [(True,)]
+        s1 = cluster.nodes["S1"]
+        for i in range(5):
+            root["a"] = 2 + i
+            transaction.commit()   # S2 has every partition: commits go on
+        assert s1.wait(30) == 1
+        with open(s1.logfile, "rb") as f:
+            f.seek(s1.log_offset)
+            log = f.read().decode()
+        assert "database error (AdminShutdown: terminating connection" in log, log[-2000:]
+        assert "stopping, the database is in an unknown state" in log
+        s1.start()
+        wait_until(lambda: all_up_to_date(cluster, {"S1", "S2"}), 60, "S1 back up to date")
+        root["a"] = "after"
+        transaction.commit()
+    finally:
+        db.close()
+    same_replicas(cluster, ["S1", "S2"])

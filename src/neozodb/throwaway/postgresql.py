@@ -8,7 +8,8 @@ versioned directories (``/usr/lib/postgresql/*/bin``), then ``$PATH``.
 PostgreSQL refuses to run as root: as root, the server runs as the
 ``postgres`` user, with its files in a private temporary directory that
 user owns (the directory given may sit below directories only root can
-cross); they are removed by ``stop()``.
+cross), removed by ``stop()``; otherwise they stay in the directory given,
+and a later start there reuses them.
 """
 
 from __future__ import annotations
@@ -75,8 +76,10 @@ class PostgreSQLServer:
         self.port = 0
         self._running = False
         try:
-            self._run('initdb', '-D', self.data, '-U', _USER, '--auth=trust', '-E', 'UTF8',
-                      '--locale=C', '--no-sync')
+            if not os.path.exists(os.path.join(self.data, 'PG_VERSION')):
+                # (a server of an earlier run in the same directory is reused)
+                self._run('initdb', '-D', self.data, '-U', _USER, '--auth=trust', '-E', 'UTF8',
+                          '--locale=C', '--no-sync')
             self._start()
         except BaseException:
             self.stop()
