@@ -157,6 +157,18 @@ class TestPostgreSQLBackend(BackendConformance):
         with pytest.raises(db.errors):
             db.commit_pending()             # never a silent ROLLBACK
 
+    def test_bulk_statements_do_what_row_by_row_does(self, db):
+        # executemany sends one statement (arrays of the rows' columns):
+        # INSERT OR REPLACE keeps the last row of a key, DELETE any listed
+        from neozodb.storage.backends.sqlite_schema import _DEL_CONFIG, _SET_CONFIG
+        conn = db.connection
+        conn.executemany(_SET_CONFIG, [('a', '1'), ('b', '2'), ('a', '3'), ('c', '4')])
+        assert [db.get_config(k) for k in 'abc'] == ['3', '2', '4']
+        conn.executemany(_DEL_CONFIG, [('a',), ('missing',), ('c',)])
+        assert [db.get_config(k) for k in 'abc'] == [None, '2', None]
+        conn.executemany(_SET_CONFIG, [])
+        db.commit_pending()
+
     def test_describe_hides_the_password(self, postgresql_server):
         from neozodb.storage.backends.postgresql import PostgreSQLBackend
         backend = PostgreSQLBackend(postgresql_server.database('conformance0')

@@ -38,6 +38,8 @@ at startup.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import psycopg
 from psycopg import conninfo
 from psycopg.pq import TransactionStatus
@@ -45,7 +47,9 @@ from psycopg.pq import TransactionStatus
 from .postgresql_schema import (
     _DROP,
     _SCHEMA,
+    COLUMN_TYPES,
     COMMIT_LATER,
+    FIND_DATA_ANY,
     FIND_OR_INSERT_DATA,
     LOCK_HOLDER,
     LOCK_KEY,
@@ -53,6 +57,7 @@ from .postgresql_schema import (
     TOUCH,
     TRY_LOCK,
     UNLOCK,
+    bulk,
     translate,
 )
 from .sqlbase import SQLBackend
@@ -64,6 +69,8 @@ _MIN, _MAX = -1 << 63, (1 << 63) - 1
 _IDLE = TransactionStatus.IDLE
 _INERROR = TransactionStatus.INERROR
 _translated: dict[str, str] = {}
+# executemany statement -> bulk()'s translation, None: row by row
+_bulk: dict[str, tuple[str, tuple[int, ...] | None] | None] = {}
 
 
 class _Connection(psycopg.Connection):
@@ -72,6 +79,7 @@ class _Connection(psycopg.Connection):
     parameters and results), ``executemany`` and ``in_transaction``."""
 
     savepoints = 0   # operations (SQLBackend._txn) open
+    types: dict[str, dict[str, str]] | None = None  # COLUMN_TYPES, read once
 
     def execute(self, query, params=None, *, prepare=None, binary=True):
         sql = _translated.get(query)
@@ -92,6 +100,24 @@ class _Connection(psycopg.Connection):
             raise
 
     def executemany(self, query, rows) -> None:
+        rows = list(rows)
+        if not rows:
+            return
+        if len(rows) > 1:
+            found = _bulk.get(query, False)
+            if found is False:
+                if self.types is None:
+                    self.types = {}
+                    for table, column, kind in super().execute(COLUMN_TYPES):
+                        self.types.setdefault(table, {})[column] = kind
+                found = _bulk[query] = bulk(query, self.types)
+            if found is not None:
+                sql, keys = found
+                if keys is not None:
+                    # INSERT OR REPLACE row by row: the last row of a key wins
+                    rows = list({tuple(row[i] for i in keys): row for row in rows}.values())
+                self.execute(sql, [list(column) for column in zip(*rows, strict=True)])
+                return
         sql = _translated.get(query)
         if sql is None:
             sql = _translated[query] = translate(query)
@@ -209,6 +235,9 @@ class PostgreSQLBackend(SQLBackend):
 
     def _new_data_ids(self, conn, count: int) -> list[int]:
         return [row[0] for row in conn.execute(NEW_DATA_IDS, (count,))]
+
+    def _data_rows(self, conn, hashes: list[bytes]) -> Iterator[tuple[int, bytes, int, bytes]]:
+        return conn.execute(FIND_DATA_ANY, (hashes,)) if hashes else iter(())
 
     def _find_or_insert_data(self, checksum: bytes, compression: int, data: bytes
                              ) -> tuple[int, bool]:

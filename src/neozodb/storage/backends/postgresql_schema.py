@@ -111,6 +111,8 @@ UNLOCK = (
     " SELECT ?, approved, partial, oids, pack_tid, gc FROM p"
     " ON CONFLICT (tid) DO UPDATE SET approved=EXCLUDED.approved, partial=EXCLUDED.partial,"
     " oids=EXCLUDED.oids, pack_tid=EXCLUDED.pack_tid, gc=EXCLUDED.gc")
+# the data rows that replicated records may reuse: one array parameter
+FIND_DATA_ANY = "SELECT id, hash, compression, value FROM data WHERE hash = ANY(?::bytea[])"
 # data ids for replicated rows, taken from the table's own sequence
 NEW_DATA_IDS = "SELECT nextval('data_id_seq') FROM generate_series(1, ?)"
 # group commit: a commit that does not wait for the WAL flush...
@@ -130,6 +132,51 @@ LOCK_HOLDER = ("SELECT pid FROM pg_locks WHERE locktype='advisory' AND granted"
 
 _INSERT_OR_REPLACE = re.compile(r'INSERT OR REPLACE INTO (\w+) \(([^)]*)\)(.*)', re.S)
 _USER = re.compile(r'(?<!")\buser\b(?!")')
+# what executemany sends as one statement (bulk)
+_INSERT_ROWS = re.compile(r'INSERT (OR REPLACE )?INTO (\w+) \(([^)]*)\) VALUES \(\?(?:, \?)*\)')
+_DELETE_ROWS = re.compile(r'DELETE FROM (\w+) WHERE (\w+=\?(?: AND \w+=\?)*)')
+#: the type of every column, by table (bulk statements cast their arrays)
+COLUMN_TYPES = (
+    "SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod)"
+    " FROM pg_attribute a JOIN pg_class c ON c.oid=a.attrelid"
+    " JOIN pg_namespace n ON n.oid=c.relnamespace"
+    " WHERE n.nspname=current_schema() AND c.relkind='r' AND a.attnum>0"
+    " AND NOT a.attisdropped")
+
+
+def _conflict(table: str, columns: list[str]) -> str:
+    keys = _KEYS[table]
+    updates = ', '.join(f'{c}=EXCLUDED.{c}' for c in columns if c not in keys)
+    return f' ON CONFLICT ({", ".join(keys)}) DO UPDATE SET {updates}'
+
+
+def bulk(sql: str, types: dict[str, dict[str, str]]
+         ) -> tuple[str, tuple[int, ...] | None] | None:
+    """One statement doing what ``executemany(sql, rows)`` does, for an
+    INSERT (OR REPLACE) of VALUES or a DELETE by equalities: the rows go
+    as one array per column (``unnest``).  Returns (PostgreSQL's text,
+    positions of the primary key in a row when later rows replace
+    earlier ones with the same key), or None for other statements."""
+    match = _INSERT_ROWS.fullmatch(sql)
+    if match is not None:
+        replace, table, columns = match.groups()
+        names = [c.strip() for c in columns.split(',')]
+        arrays = ', '.join(f'?::{types[table][c]}[]' for c in names)
+        text = f'INSERT INTO {table} ({columns}) SELECT * FROM unnest({arrays})'
+        keys = None
+        if replace:
+            text += _conflict(table, names)
+            keys = tuple(names.index(k) for k in _KEYS[table])
+        return _USER.sub('"user"', text).replace('?', '%b'), keys
+    match = _DELETE_ROWS.fullmatch(sql)
+    if match is not None:
+        table, conditions = match.groups()
+        names = [c.split('=')[0] for c in conditions.split(' AND ')]
+        arrays = ', '.join(f'?::{types[table][c]}[]' for c in names)
+        text = (f'DELETE FROM {table} USING unnest({arrays}) AS k({", ".join(names)})'
+                f' WHERE {" AND ".join(f"{table}.{c}=k.{c}" for c in names)}')
+        return text.replace('?', '%b'), None
+    return None
 
 
 def translate(sql: str) -> str:
@@ -140,9 +187,6 @@ def translate(sql: str) -> str:
     match = _INSERT_OR_REPLACE.fullmatch(sql)
     if match is not None:
         table, columns, rest = match.groups()
-        keys = _KEYS[table]
-        updates = ', '.join(f'{c}=EXCLUDED.{c}' for c in
-                            (c.strip() for c in columns.split(',')) if c not in keys)
         sql = (f'INSERT INTO {table} ({columns}){rest}'
-               f' ON CONFLICT ({", ".join(keys)}) DO UPDATE SET {updates}')
+               + _conflict(table, [c.strip() for c in columns.split(',')]))
     return _USER.sub('"user"', sql).replace('?', '%b')

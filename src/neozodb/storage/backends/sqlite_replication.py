@@ -154,13 +154,10 @@ class SQLiteReplication:
             if not (checksum == ZERO_HASH and not data):
                 values[(checksum, compression, data)] = None
         hashes = list({checksum for checksum, _, _ in values})
-        for i in range(0, len(hashes), _FIND_BATCH):
-            batch = hashes[i:i + _FIND_BATCH]
-            batch += batch[-1:] * (_FIND_BATCH - len(batch))
-            for data_id, checksum, compression, data in conn.execute(_FIND_DATA_IN, batch):
-                key = (checksum, compression, data)
-                if key in values and values[key] is None:
-                    values[key] = data_id
+        for data_id, checksum, compression, data in self._data_rows(conn, hashes):
+            key = (checksum, compression, data)
+            if key in values and values[key] is None:
+                values[key] = data_id
         new = [key for key, data_id in values.items() if data_id is None]
         if new:
             rows = []
@@ -170,6 +167,13 @@ class SQLiteReplication:
             conn.executemany(_INSERT_DATA_ID, rows)
         return [None if checksum == ZERO_HASH and not data else values[(checksum, compression, data)]
                 for _, _, compression, checksum, data, _ in records]
+
+    def _data_rows(self, conn, hashes: list[bytes]) -> Iterator[tuple[int, bytes, int, bytes]]:
+        """(id, hash, compression, value) of the data rows with these hashes."""
+        for i in range(0, len(hashes), _FIND_BATCH):
+            batch = hashes[i:i + _FIND_BATCH]
+            batch += batch[-1:] * (_FIND_BATCH - len(batch))
+            yield from conn.execute(_FIND_DATA_IN, batch)
 
     def _new_data_ids(self, conn, count: int) -> range:
         """``count`` data ids never used: after the greatest one ever
