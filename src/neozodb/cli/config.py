@@ -59,7 +59,7 @@ DEFAULT_BIND = {
     "admin": (DEFAULT_HOST, 9999),
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING")
-ADAPTERS = ("SQLite", "Importer")
+ADAPTERS = ("SQLite", "PostgreSQL", "Importer")
 _NODE_NID_PREFIX = {"master": "M", "storage": "S", "admin": "A"}
 
 def _type(func: Callable, name: str) -> Callable:

@@ -25,6 +25,7 @@ class Server(Protocol):
 
 # adapter name (lower case) -> module with start(directory)
 _SERVERS: dict[str, str] = {
+    'postgresql': 'neozodb.throwaway.postgresql',
 }
 
 
