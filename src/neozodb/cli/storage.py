@@ -8,6 +8,13 @@ from neozodb.cli.config import parse_options
 from neozodb.cli.run import run_node
 
 
+def _backend_options(options) -> dict[str, object]:
+    """Adapter options given on the command line (a backend refuses those it
+    does not take)."""
+    given = {"engine": options.engine, "dedup": options.dedup or None}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def main(argv: list[str] | None = None) -> int:
     options = parse_options("storage", argv, prog="neostorage")
     from neozodb.storage.app import StorageApp
@@ -19,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     delay = 0.1
     while True:
         try:
-            backend = open_backend(options.adapter, options.database, reset=options.reset)
+            backend = open_backend(options.adapter, options.database, reset=options.reset,
+                                   **_backend_options(options))
             break
         except Exception as e:  # unusable database: say what and where, no traceback
             if deadline is not None and time.monotonic() + delay > deadline:

@@ -25,6 +25,8 @@ class Server(Protocol):
 
 # adapter name (lower case) -> module with start(directory)
 _SERVERS: dict[str, str] = {
+    'mariadb': 'neozodb.throwaway.mariadb',
+    'mysql': 'neozodb.throwaway.mariadb',
 }
 
 
