@@ -92,6 +92,7 @@ class MariaDBBackend(MariaDBReads, MariaDBWrites, MariaDBReplication, MariaDBPac
         self._nid: int | None = None
         self._nid_known = False
         self._version = ''
+        self._datadir: str | None = None
         # next data id of each partition (NEO allocates them per partition)
         self._next_data_id: dict[int, int] = {}
         self._held: Counter[int] = Counter()
@@ -113,7 +114,7 @@ class MariaDBBackend(MariaDBReads, MariaDBWrites, MariaDBReplication, MariaDBPac
                 raise RuntimeError(f'database {self._args["database"]} is locked by another'
                                    ' storage node (NEO or neozodb)')
             cur.execute(S.FLUSH_SETTING)
-            flush, packet, self._version = cur.fetchone()
+            flush, packet, self._version, self._datadir = cur.fetchone()
             if int(flush) != 1:
                 log.warning('MariaDB: innodb_flush_log_at_trx_commit=%s: commits are not'
                             ' fsynced, a server crash may lose committed transactions', flush)
@@ -231,6 +232,11 @@ class MariaDBBackend(MariaDBReads, MariaDBWrites, MariaDBReplication, MariaDBPac
         self._create_tables()
         self._commit()
         self._reset_caches()
+
+    def device_path(self) -> str | None:
+        """The server's data directory (NEO's topology path), when this
+        machine sees it."""
+        return self._datadir
 
     def describe(self) -> str:
         where = self._args.get('unix_socket') or '%s:%s' % (

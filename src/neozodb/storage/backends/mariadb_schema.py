@@ -133,7 +133,8 @@ ISOLATION = "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"
 # a few seconds: the lock of a connection the server is still closing
 # (a node restarted after losing it) is released soon
 GET_LOCK = "SELECT GET_LOCK(?, 3)"
-FLUSH_SETTING = "SELECT @@innodb_flush_log_at_trx_commit, @@max_allowed_packet, VERSION()"
+FLUSH_SETTING = ("SELECT @@innodb_flush_log_at_trx_commit, @@max_allowed_packet, VERSION(),"
+                 " @@datadir")
 SAVEPOINT = "SAVEPOINT op"
 ROLLBACK_TO = "ROLLBACK TO SAVEPOINT op"
 RELEASE = "RELEASE SAVEPOINT op"
