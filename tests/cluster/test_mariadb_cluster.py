@@ -1,10 +1,13 @@
 """A cluster whose storages run the MariaDB backend, on a throw-away MariaDB
 server: commits, replication to a new storage, neoctl check and repair,
-pack, truncate, and a storage killed (SIGKILL) under write load."""
+pack, truncate, a storage killed (SIGKILL) under write load, and a
+FileStorage's history imported into it."""
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -12,6 +15,7 @@ import transaction
 import ZODB
 from persistent.mapping import PersistentMapping
 
+from fsdata import make_filestorage, transactions
 from neozodb.cli.cluster import LocalCluster, wait_until
 from neozodb.client import Storage
 from neozodb.protocol import NodeStates, u64
@@ -179,3 +183,25 @@ def test_storage_killed_under_write_load(server, cluster, tmp_path):
     s1, s2 = contents(server, cluster.db_name(1)), contents(server, cluster.db_name(2))
     assert len(s1[1]) > sum(counts)
     assert s1 == s2
+
+
+def test_import_filestorage(server, cluster, tmp_path):
+    from ZODB.FileStorage import FileStorage
+    source_path = str(tmp_path / "source.fs")
+    made = make_filestorage(source_path, transactions=300, objects=60)
+    assert made["undos"] and made["deletions"], made
+    done = subprocess.run([sys.executable, "-m", "neozodb.cli.migrate", "-c", cluster.name,
+                           source_path, cluster.masters],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    source = FileStorage(source_path, read_only=True)
+    storage = Storage(cluster.masters, cluster.name)
+    try:
+        expected = transactions(source.iterator())
+        assert transactions(storage.iterator()) == expected
+    finally:
+        storage.close()
+        source.close()
+    cluster.stop()     # unlocks reach the databases
+    s1, s2 = contents(server, cluster.db_name(1)), contents(server, cluster.db_name(2))
+    assert s1 == s2 and len(s1[0]) == len(expected)
