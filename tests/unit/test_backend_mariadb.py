@@ -185,6 +185,14 @@ class TestMariaDBBackend(BackendConformance):
         cur.execute("SELECT COUNT(*) FROM bigdata")
         assert cur.fetchall() == [(0,)]
 
+    def test_same_checksum_other_bytes_is_another_row(self, db):
+        # a client's checksum is not trusted to identify the bytes
+        a = db.store_data(h(b'a'), 0, b'a', oid=1)
+        b = db.store_data(h(b'a'), 0, b'not a', oid=1)
+        assert a != b and a == db.store_data(h(b'a'), 0, b'a', oid=5)
+        assert db.load_data(b) == (h(b'a'), 0, b'not a')
+        assert db.load_data(a) == (h(b'a'), 0, b'a')
+
     def test_neo_deferred_deletions_are_pruned(self, db):
         ids = self.commit(db, 10, {1: b'one'})
         self.commit(db, 14, {1: b'two'})

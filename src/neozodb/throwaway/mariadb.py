@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 
 __all__ = ['MariaDBServer', 'start']
 
@@ -35,8 +36,9 @@ def _free_port() -> int:
 class MariaDBServer:
     """A running server; ``database(name)`` gives a ``-d`` string for it."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, server_args: Sequence[str] = ()) -> None:
         self.directory = os.path.abspath(directory)
+        self.server_args = list(server_args)  # more mariadbd options
         self.datadir = os.path.join(self.directory, 'data')
         self.socket = os.path.join(self.directory, 'mysqld.sock')
         self.port = 0
@@ -57,7 +59,7 @@ class MariaDBServer:
         ]
         if os.geteuid() == 0:
             args.append('--user=root')
-        return args
+        return args + self.server_args
 
     def start(self) -> None:
         os.makedirs(self.directory, exist_ok=True)
@@ -147,10 +149,11 @@ class MariaDBServer:
         self.stop()
 
 
-def start(directory: str) -> MariaDBServer:
-    """Start a server with its files in ``directory`` (created); stopped and
-    its data removed by ``stop()``, also when starting fails."""
-    server = MariaDBServer(directory)
+def start(directory: str, server_args: Sequence[str] = ()) -> MariaDBServer:
+    """Start a server with its files in ``directory`` (created), with
+    ``server_args`` added to mariadbd's options; stopped and its data
+    removed by ``stop()``, also when starting fails."""
+    server = MariaDBServer(directory, server_args)
     try:
         server.start()
     except BaseException:

@@ -51,6 +51,14 @@ log = logging.getLogger(__name__)
 _OUT_OF_DATE = 0
 # statements that change the database (SAVEPOINT, SELECT, SET... do not)
 _WRITES = frozenset({'INSERT', 'REPLACE', 'DELETE', 'UPDATE', 'CREATE', 'DROP'})
+_WRITE_CACHE: dict[str, bool] = {}
+
+
+def _is_write(sql: str) -> bool:
+    write = _WRITE_CACHE.get(sql)
+    if write is None:
+        write = _WRITE_CACHE[sql] = sql.split(None, 1)[0] in _WRITES
+    return write
 _READABLE = (1, 2)   # UP_TO_DATE, FEEDING
 
 
@@ -86,6 +94,7 @@ class MariaDBBackend(MariaDBReads, MariaDBWrites, MariaDBReplication, MariaDBPac
         self.dedup = bool(dedup)
         self._conn = None
         self._cur = None
+        self._stmts: dict = {}
         self._dirty = False          # uncommitted writes in the open transaction
         self._keep_pending = False   # they include unlocks/aborts (kept at close)
         self._np: int | None = None
@@ -123,10 +132,12 @@ class MariaDBBackend(MariaDBReads, MariaDBWrites, MariaDBReplication, MariaDBPac
             conn.close()
             raise
         self._conn, self._cur = conn, cur
+        self._stmts = {}
         self._dirty = self._keep_pending = False
 
     def _disconnect(self) -> None:
         conn, self._conn, self._cur = self._conn, None, None
+        self._stmts = {}
         if conn is not None:
             try:
                 conn.close()
@@ -138,15 +149,24 @@ class MariaDBBackend(MariaDBReads, MariaDBWrites, MariaDBReplication, MariaDBPac
         failure is retried on a new connection when nothing was pending."""
         if self._conn is None:
             raise RuntimeError('backend is not open')
-        write = sql.split(None, 1)[0] in _WRITES
+        write = _is_write(sql)
         retries = 2
         while True:
             clean = not self._dirty
             try:
                 if write:
                     self._dirty = True
-                cur = self._cur
-                cur.execute(sql, tuple(params))
+                if params:
+                    # a cursor per statement keeps it prepared on the server:
+                    # one round trip per execution (the driver would prepare
+                    # it again each time on a shared cursor)
+                    cur = self._stmts.get(sql)
+                    if cur is None:
+                        cur = self._stmts[sql] = self._conn.cursor(prepared=True)
+                    cur.execute(sql, tuple(params))
+                else:
+                    cur = self._cur
+                    cur.execute(sql)
                 return cur.fetchall() if cur.description else []
             except _driver.Error as e:
                 code = getattr(e, 'errno', None)
@@ -259,20 +279,25 @@ class MariaDBBackend(MariaDBReads, MariaDBWrites, MariaDBReplication, MariaDBPac
         (what a crash may lose but a clean stop keeps)."""
         if self._conn is None:
             raise RuntimeError('backend is not open')
+        # nothing pending: a failure rolls the whole transaction back, no
+        # savepoint needed (a savepoint of the same name replaces the last
+        # one: none is ever released)
         was_dirty = self._dirty
-        self._q(S.SAVEPOINT)
+        if was_dirty:
+            self._q(S.SAVEPOINT)
         try:
             yield
         except BaseException:
             if self._conn is not None:
                 try:
-                    self._cur.execute(S.ROLLBACK_TO)
-                    self._cur.execute(S.RELEASE)
-                    self._dirty = was_dirty
+                    if was_dirty:
+                        self._cur.execute(S.ROLLBACK_TO)
+                    else:
+                        self._conn.rollback()
+                        self._dirty = False
                 except _driver.Error:
                     pass
             raise
-        self._cur.execute(S.RELEASE)
         if durable:
             self._commit()
         elif keep:

@@ -137,7 +137,6 @@ FLUSH_SETTING = ("SELECT @@innodb_flush_log_at_trx_commit, @@max_allowed_packet,
                  " @@datadir")
 SAVEPOINT = "SAVEPOINT op"
 ROLLBACK_TO = "ROLLBACK TO SAVEPOINT op"
-RELEASE = "RELEASE SAVEPOINT op"
 
 GET_CONFIG = "SELECT value FROM config WHERE name=?"
 SET_CONFIG = "REPLACE INTO config (name, value) VALUES (?, ?)"
@@ -193,6 +192,10 @@ BIGDATA = "SELECT id, value FROM bigdata WHERE id>=? AND id<? ORDER BY id"
 
 FIND_DATA = "SELECT id, value FROM data WHERE hash=? AND compression=?"
 INSERT_DATA = "INSERT INTO data (id, hash, compression, value) VALUES (?, ?, ?, ?)"
+# one round trip for new data (the usual case); when a row has the same
+# hash, nothing is inserted and FIND_DATA compares the bytes
+INSERT_NEW_DATA = ("INSERT INTO data (id, hash, compression, value) SELECT ?, ?, ?, ? FROM DUAL"
+                   " WHERE NOT EXISTS (SELECT 1 FROM data WHERE hash=? AND compression=?)")
 INSERT_BIGDATA_FIRST = "INSERT INTO bigdata (value) VALUES (?)"
 INSERT_BIGDATA = "INSERT INTO bigdata (id, value) VALUES (?, ?)"
 DATA_LAST_ID = "SELECT MAX(id) FROM data WHERE id>=? AND id<?"

@@ -47,7 +47,7 @@ class MariaDBWrites:
                 chunk = data[offset:offset + S.BIG_CHUNK]
                 if first is None:
                     self._q(S.INSERT_BIGDATA_FIRST, (chunk,))
-                    first = self._cur.lastrowid
+                    first = self._stmts[S.INSERT_BIGDATA_FIRST].lastrowid
                 else:
                     self._q(S.INSERT_BIGDATA, (first + offset // S.BIG_CHUNK, chunk))
             value = S.big_reference(first, len(data))
@@ -59,6 +59,12 @@ class MariaDBWrites:
         return data_id
 
     def _data_row(self, partition: int, checksum: bytes, compression: int, data: bytes) -> int:
+        if len(data) < S.BIG:
+            data_id = self._new_data_id(partition)
+            self._q(S.INSERT_NEW_DATA, (data_id, checksum, compression, data,
+                                        checksum, compression))
+            if self._stmts[S.INSERT_NEW_DATA].rowcount == 1:
+                return data_id
         data_id = self._find_data(checksum, compression, data)
         if data_id is None:
             data_id = self._insert_data(partition, checksum, compression, data)
@@ -72,7 +78,14 @@ class MariaDBWrites:
             raise ValueError(f'invalid compression {compression}')
         np = self._np
         partition = 0 if oid is None or not np else oid % np
-        with self._txn(durable=False, keep=False):
+        if len(data) >= S.BIG:
+            # several rows: all or none
+            with self._txn(durable=False, keep=False):
+                data_id = self._data_row(partition, checksum, compression, data)
+        else:
+            # one INSERT at most, atomic by itself (and lost at close)
+            if self._conn is None:
+                raise RuntimeError('backend is not open')
             data_id = self._data_row(partition, checksum, compression, data)
         self._held[data_id] += 1
         return data_id
@@ -143,10 +156,14 @@ class MariaDBWrites:
         self._release(row[3] for row in rows if row[3] is not None)
 
     def lock_transaction(self, ttid: int, tid: int, pack_approved: bool = False) -> None:
-        with self._txn(durable=True):
-            self._q(S.LOCK, (tid, ttid))
-            if pack_approved:
+        if pack_approved:
+            with self._txn(durable=True):
+                self._q(S.LOCK, (tid, ttid))
                 self._q(S.APPROVE_PACK, (ttid,))
+            return
+        # one statement, atomic by itself: no savepoint for the pending writes
+        self._q(S.LOCK, (tid, ttid))
+        self._commit()
 
     def unlock_transaction(self, ttid: int, tid: int) -> None:
         with self._txn(durable=False):
