@@ -254,11 +254,24 @@ def test_parse_database():
             parse_database(bad)
 
 
-def test_bad_database_is_a_one_line_error():
-    done = subprocess.run(
-        [sys.executable, '-m', 'neozodb.cli.storage', '-c', 'test', '-m', '127.0.0.1:1',
-         '-a', 'MariaDB', '-d', 'user@/no/name'],
-        env={**os.environ, 'PYTHONPATH': SRC}, capture_output=True, text=True, timeout=60)
+def neostorage(cwd, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, '-m', 'neozodb.cli.storage', '-c', 'test', '-m', '127.0.0.1:1', *args],
+        env={**os.environ, 'PYTHONPATH': SRC}, capture_output=True, text=True, timeout=60,
+        cwd=cwd)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['-a', 'MariaDB', '-d', 'user:secret@/no/name'], 'no database name'),
+    (['-a', 'MySQL', '-d', 'mariadb://u:secret@127.0.0.1:1/neo'], "Can't connect"),
+    (['-a', 'MariaDB', '-d', 'neo', '--engine', 'MyISAM'], 'unknown engine'),
+    (['-a', 'SQLite', '-d', 'x.sqlite', '--engine', 'InnoDB'], 'option(s): engine'),
+    (['-a', 'SQLite', '-d', 'x.sqlite', '--dedup'], 'option(s): dedup'),
+])
+def test_bad_database_or_option_is_a_one_line_error(tmp_path, args, message):
+    done = neostorage(tmp_path, *args)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and 'database' in lines[0], done.stderr
+    assert len(lines) == 1 and message in lines[0], done.stderr
+    assert 'secret' not in done.stderr
+    assert not os.listdir(tmp_path)       # no database made for a refused option

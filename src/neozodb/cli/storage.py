@@ -1,11 +1,18 @@
 """neostorage: run a storage node."""
 from __future__ import annotations
 
+import re
 import sys
 import time
 
 from neozodb.cli.config import parse_options
 from neozodb.cli.run import run_node
+
+
+def _shown(database: str) -> str:
+    """``database`` for messages, a password in it replaced by ***
+    (``user:password@...``, ``scheme://user:password@...``)."""
+    return re.sub(r"^((?:\w+://)?[^:@/]+):.*@", r"\1:***@", database)
 
 
 def _backend_options(options) -> dict[str, object]:
@@ -32,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # unusable database: say what and where, no traceback
             if deadline is not None and time.monotonic() + delay > deadline:
                 print("neostorage: error: cannot open %s database %s: %s" % (
-                    options.adapter, options.database, e), file=sys.stderr)
+                    options.adapter, _shown(options.database), e), file=sys.stderr)
                 return 2
             time.sleep(delay)  # retry backoff while waiting for the database
             delay = min(delay * 2, 5.0)
@@ -42,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     name = backend.get_name()
     if name is not None and name != options.cluster:
         print("neostorage: error: database %s belongs to cluster %r, not %r" % (
-            options.database, name, options.cluster), file=sys.stderr)
+            _shown(options.database), name, options.cluster), file=sys.stderr)
         return 2
     if options.nid is not None and backend.get_nid() is None:
         backend.set_nid(options.nid)

@@ -319,6 +319,11 @@ def big_reference(first: int, length: int) -> bytes:
 _NAME = re.compile(r'[A-Za-z0-9_$-]+\Z')
 
 
+def shown(database: str) -> str:
+    """``database`` for messages, its password replaced by ***."""
+    return re.sub(r"^((?:\w+://)?[^:@/]+):.*@", r"\1:***@", database)
+
+
 def parse_database(database: str) -> dict[str, object]:
     """Connection arguments for the ``mariadb`` driver from ``database``:
     NEO's ``[user[:password]@]database[socket]`` (the socket path starts
@@ -335,10 +340,10 @@ def parse_database(database: str) -> dict[str, object]:
         if not colon:
             password = None
         if not user:
-            raise ValueError(f'empty user name in {database!r}')
+            raise ValueError(f'empty user name in {shown(database)!r}')
     match = re.match(r'([^~./]+)(.*)\Z', text)
     if match is None:
-        raise ValueError(f'no database name in {database!r}'
+        raise ValueError(f'no database name in {shown(database)!r}'
                          ' (expected [user[:password]@]database[socket])')
     name, socket = match.groups()
     if not _NAME.match(name):
@@ -358,12 +363,12 @@ def _parse_uri(text: str) -> dict[str, object]:
         url = urlsplit(text)
         port = url.port
     except ValueError as e:
-        raise ValueError(f'invalid database URI {text!r}: {e}') from None
+        raise ValueError(f'invalid database URI {shown(text)!r}: {e}') from None
     if url.scheme not in ('mariadb', 'mysql'):
         raise ValueError(f'database URI scheme must be mariadb:// or mysql://, not {url.scheme!r}')
     name = unquote(url.path.lstrip('/'))
     if not _NAME.match(name):
-        raise ValueError(f'no valid database name in {text!r}')
+        raise ValueError(f'no valid database name in {shown(text)!r}')
     args: dict[str, object] = {'database': name}
     if url.username:
         args['user'] = unquote(url.username)
