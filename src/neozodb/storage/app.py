@@ -271,10 +271,14 @@ class StorageApp:
     async def _identify(self, conn: Connection) -> None:
         addr = (self.address[0].encode(), self.address[1])
         devpath = [os.uname().nodename.encode()]
+        # topology: replicas of a partition should not share a disk either;
+        # a database server's backend says where its files are
+        device_path = getattr(self.backend, "device_path", None)
         database = getattr(self.backend, "database", None)
-        if database and database != ":memory:":
-            # topology: replicas of a partition should not share a disk either
-            where = os.path.dirname(os.path.abspath(database))
+        where = device_path() if device_path is not None else (
+            os.path.dirname(os.path.abspath(database))
+            if database and database != ":memory:" else None)
+        if where and os.path.exists(where):
             devpath.append(str(os.stat(where).st_dev).encode())
         node_type, master_nid, my_nid = await conn.ask(
             Packets.RequestIdentification, NodeTypes.STORAGE, self.nid, addr,

@@ -177,7 +177,7 @@ class Writes:
                             " deletion", self.app.label, oid.hex(), data_serial.hex())
             data_id = None  # deletion, or undone creation
         else:
-            data_id = backend.store_data(checksum, compression, data)
+            data_id = backend.store_data(checksum, compression, data, u64(oid))
         old = txn.objects.get(oid)
         txn.objects[oid] = (serial, data_id, value_tid)
         # released after the new hold: both may be the same row

@@ -19,6 +19,9 @@ __all__ = ['Backend', 'DISCARDED', 'Unsupported', 'ZERO_HASH', 'adapters', 'open
 _ADAPTERS = {
     'sqlite': ('neozodb.storage.backends.sqlite', 'SQLiteBackend'),
     'postgresql': ('neozodb.storage.backends.postgresql', 'PostgreSQLBackend'),
+    # NEO's MySQL schema, served in place; 'mysql' is NEO's adapter name
+    'mariadb': ('neozodb.storage.backends.mariadb', 'MariaDBBackend'),
+    'mysql': ('neozodb.storage.backends.mariadb', 'MariaDBBackend'),
     # live import of a ZODB storage into SQLite or PostgreSQL (database =
     # its INI file; a function choosing the class)
     'importer': ('neozodb.storage.backends.importer', 'importer_backend'),

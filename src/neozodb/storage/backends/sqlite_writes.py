@@ -47,7 +47,8 @@ class SQLiteWrites:
 
     # -- writes and two-phase commit -------------------------------------------
 
-    def store_data(self, checksum: bytes, compression: int, data: bytes) -> int:
+    def store_data(self, checksum: bytes, compression: int, data: bytes,
+                   oid: int | None = None) -> int:
         if len(checksum) != 20 or checksum == ZERO_HASH:
             raise ValueError('invalid checksum for a data row')
         self._begin()
