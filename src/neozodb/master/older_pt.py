@@ -65,7 +65,7 @@ def _present(app: MasterApp) -> set[int]:
 def note_recovery(app: MasterApp, here: set[int]) -> None:
     """Recovery waits with a table: if it is not operational with the
     storages ``here`` and stays so for STUCK_DELAY seconds, say so once."""
-    stuck = getattr(app, "_stuck", None)
+    stuck = app._stuck
     if app.pt.operational(here):
         key = None
     else:

@@ -53,7 +53,7 @@ class OlderTable:
     rows: tuple[tuple[tuple[int, CellStates], ...], ...] = ()
 
 
-def check_history(num_partitions: int, ptid, entries) -> str | None:
+def check_history(num_partitions: int, ptid: int | None, entries: Sequence) -> str | None:
     """Why a storage's answer cannot be used, if so (from the network)."""
     if ptid is not None and ptid < 0:
         return "invalid ptid %r" % ptid

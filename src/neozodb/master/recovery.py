@@ -30,6 +30,9 @@ class StoppedOperation(Exception):
 
 class Recovery:
     """Recovery and verification (see the module docstring)."""
+    # (table id, storages present) while recovery waits with a table that is
+    # not operational, and the timer of its log line (master/older_pt.py)
+    _stuck: tuple | None = None
 
     async def recover(self) -> None:
         self.set_cluster_state(ClusterStates.RECOVERING)
