@@ -98,6 +98,12 @@ def _log_stuck(app: MasterApp, key: tuple) -> None:
                 "it is" if len(missing) == 1 else "they are")
 
 
+def packed_after(packed: int) -> str:
+    """What is lost besides: a pack went beyond the truncation."""
+    return ("a pack up to %#x (%s) was applied since: the objects it deleted are lost"
+            % (packed, neo_tid_time(packed)))
+
+
 # -- requests from the admin --------------------------------------------------------
 def serve(app: MasterApp, conn, msg_id: int, work) -> None:
     """Answer a request whose answer needs the storages' (``work()``, a
@@ -138,7 +144,7 @@ async def gather(app: MasterApp) -> tuple[int, dict[int, History]]:
     for node, answer in zip(nodes, answers, strict=True):
         if answer is None:
             continue
-        ptid, entries = answer
+        ptid, entries, packed = answer
         why = check_history(num_partitions, ptid, entries)
         if why is not None:
             log.warning("%s: partition table history of %s refused: %s", app.label,
@@ -148,7 +154,7 @@ async def gather(app: MasterApp) -> tuple[int, dict[int, History]]:
             continue
         histories[node.nid] = History(ptid, tuple(
             (entry_ptid, None if end is None else u64(end), frozenset(partitions))
-            for entry_ptid, end, partitions in entries))
+            for entry_ptid, end, partitions in entries), None if packed is None else u64(packed))
     return num_partitions, histories
 
 
@@ -169,7 +175,8 @@ def ask_older_tables(app: MasterApp, conn, msg_id: int) -> None:
         tables = _tables(app, num_partitions, histories)
         latest = app.pt.ptid if app.pt is not None else None
         wire = [(t.ptid, t.operational, None if t.bound is None else p64(t.bound),
-                 list(t.storages), list(t.unreadable)) for t in tables]
+                 list(t.storages), list(t.unreadable),
+                 None if t.packed is None else p64(t.packed)) for t in tables]
         return lambda: conn.answer(msg_id, Packets.AnswerOlderPartitionTables, latest, wire)
     serve(app, conn, msg_id, work)
 
@@ -232,6 +239,8 @@ def _adopt(app: MasterApp, table: OlderTable, new_ptid: int) -> str:
             app.send_pt(admin)
     message = "partition table %d made from table %d over %s; truncating after %#x (%s)" % (
         new_ptid, table.ptid, _names(table.storages), tid, neo_tid_time(tid))
+    if table.packed is not None and table.packed > tid:
+        message += "; %s" % packed_after(table.packed)
     log.warning("%s: recover_pt: %s", app.label, message)
     app.changed()
     return message

@@ -27,7 +27,7 @@ from neozodb.protocol.values import (
 )
 from neozodb.storage.backends.base import Unsupported
 from neozodb.storage.pack import PAGE_OIDS, wire_order
-from neozodb.storage.pt_history import clamped
+from neozodb.storage.pt_history import clamped, packed_up_to
 from neozodb.storage.undo import undo_serials
 from neozodb.storage.writes import Retry, Writes
 
@@ -108,7 +108,8 @@ class MasterHandler(FollowsPrimary, BaseHandler):
         if pending is not None:
             entries = clamped(entries, pending)
         conn.answer(msg_id, Packets.AnswerPartitionHistory, app.pt.ptid if app.pt else None,
-                    [(e.ptid, _p64(e.end), sorted(e.readable)) for e in entries])
+                    [(e.ptid, _p64(e.end), sorted(e.readable)) for e in entries],
+                    _p64(packed_up_to(app.backend, app.assigned_partitions())))
 
     def AskPartitionTable(self, conn, msg_id):
         pt = self.app.pt
