@@ -130,10 +130,11 @@ async def gather(app: MasterApp) -> tuple[int, dict[int, History]]:
         raise Denied("no partition table yet")
     num_partitions = app.pt.num_partitions
     nodes = [n for n in app.nm.storages() if n.connected and OLDER_PT in n.conn.peer_features]
+    conns = {n.nid: n.conn for n in nodes}  # (node.conn is None once lost)
 
     async def one(node):
         try:
-            return await asyncio.wait_for(node.conn.ask(Packets.AskPartitionHistory),
+            return await asyncio.wait_for(conns[node.nid].ask(Packets.AskPartitionHistory),
                                           ANSWER_TIMEOUT)
         except (ConnectionClosed, RemoteError, asyncio.TimeoutError) as e:
             log.warning("%s: no partition table history from %s: %s", app.label, node.label,
@@ -149,8 +150,7 @@ async def gather(app: MasterApp) -> tuple[int, dict[int, History]]:
         if why is not None:
             log.warning("%s: partition table history of %s refused: %s", app.label,
                         node.label, why)
-            if node.conn is not None:
-                node.conn.close("invalid partition table history: %s" % why)
+            conns[node.nid].close("invalid partition table history: %s" % why)
             continue
         histories[node.nid] = History(ptid, tuple(
             (entry_ptid, None if end is None else u64(end), frozenset(partitions))
@@ -228,7 +228,8 @@ def _adopt(app: MasterApp, table: OlderTable, new_ptid: int) -> str:
     tid = table.bound
     if app.truncate_tid is None:
         app._startup_allowed_before_truncation = app.startup_allowed
-    app.truncate_tid = tid if app.truncate_tid is None else min(tid, app.truncate_tid)
+    # a truncation already pending below it stays (it was decided before)
+    tid = app.truncate_tid = tid if app.truncate_tid is None else min(tid, app.truncate_tid)
     app.startup_allowed = False  # as `neoctl truncate`: every storage of the table
     # storages of the lost table that are not here: if they come back while
     # this master runs, they truncate too (as after `neoctl truncate`)
