@@ -42,6 +42,9 @@ class Recovery:
         self.recovery.clear()
         # storages whose table was refused (it does not hold them)
         self.pt_refused: set[int] = set()
+        if self._stuck is not None:  # a log line of the previous recovery
+            self._stuck[1].cancel()
+            self._stuck = None
         self.ready_storages.clear()
         self.updatable.clear()
         self.finish_watchers.clear()
