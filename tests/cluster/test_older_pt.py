@@ -231,7 +231,9 @@ def test_moved_cells_are_not_offered_again(tmp_path):
             if os.path.exists(cluster.database(2) + suffix):
                 os.remove(cluster.database(2) + suffix)
         wait_until(lambda: cluster.cluster_state() == "RECOVERING", 30, "recovering")
-        lines, value = neoctl(cluster, "print", "pt_history")
+        # ("no partition table yet" until S1 answered the new recovery)
+        lines, value = wait_until(lambda: (lambda r: isinstance(r, tuple) and r)(
+            neoctl(cluster, "print", "pt_history")), 30, "the table from S1")
         assert [t["operational"] for t in value["tables"]] == [False] * len(value["tables"])
         assert value["tables"][-1]["ptid"] == 1
         for table in value["tables"]:
