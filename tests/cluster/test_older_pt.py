@@ -181,6 +181,9 @@ def test_recover_pt_refused_when_operational(cluster):
     finally:
         db.close()
     assert neoctl(cluster, "recover_pt", "1") == "cluster is RUNNING, not RECOVERING"
+    out = cluster.run_neoctl("recover_pt", "1")  # the command: one line, status 1
+    assert (out.returncode, out.stdout, out.stderr) == (
+        1, "", "cluster is RUNNING, not RECOVERING\n")
     lines, value = neoctl(cluster, "print", "pt_history")
     assert lines == ["ptid 1 (latest): operational with S1 S2, truncating after %#x (%s)"
                      % (last, neo_tid_time(last))]
