@@ -117,9 +117,9 @@ def test_recover_older_table_after_losing_a_storage(three):
         % (bound, neo_tid_time(bound))]
     assert value == {"latest": latest, "tables": [
         {"ptid": latest, "operational": False, "truncate_tid": None, "storages": ["S2"],
-         "unreadable": only_s1_s3},
+         "unreadable": only_s1_s3, "packed_tid": None},
         {"ptid": 1, "operational": True, "truncate_tid": bound, "storages": ["S1", "S2"],
-         "unreadable": []}]}
+         "unreadable": [], "packed_tid": None}]}
 
     # refusals: unknown table, a table that is not operational, no table id
     assert neoctl(cluster, "recover_pt", "99") == (
@@ -175,12 +175,20 @@ def test_recover_pt_refused_when_operational(cluster):
     db = ZODB.DB(Storage(cluster.masters, cluster.name))
     try:
         commit(db, 0, 3)
+        db.pack()  # returns once every storage applied it
+        commit(db, 3, 1)
+        last = u64(db.lastTransaction())
     finally:
         db.close()
     assert neoctl(cluster, "recover_pt", "1") == "cluster is RUNNING, not RECOVERING"
+    out = cluster.run_neoctl("recover_pt", "1")  # the command: one line, status 1
+    assert (out.returncode, out.stdout, out.stderr) == (
+        1, "", "cluster is RUNNING, not RECOVERING\n")
     lines, value = neoctl(cluster, "print", "pt_history")
-    assert len(lines) == 1 and lines[0].startswith(
-        "ptid 1 (latest): operational with S1 S2, truncating after ")
+    assert lines == ["ptid 1 (latest): operational with S1 S2, truncating after %#x (%s)"
+                     % (last, neo_tid_time(last))]
+    (order,) = cluster.neoctl("print", "pack")[1]["orders"]
+    assert value["tables"][0]["packed_tid"] == order["pack_tid"] < last
     # a new master with S1 only: it waits for S2, which holds readable cells
     # (the master goes first: it would outdate S2's cells)
     master = cluster.nodes["M1"]
@@ -226,7 +234,9 @@ def test_moved_cells_are_not_offered_again(tmp_path):
             if os.path.exists(cluster.database(2) + suffix):
                 os.remove(cluster.database(2) + suffix)
         wait_until(lambda: cluster.cluster_state() == "RECOVERING", 30, "recovering")
-        lines, value = neoctl(cluster, "print", "pt_history")
+        # ("no partition table yet" until S1 answered the new recovery)
+        lines, value = wait_until(lambda: (lambda r: isinstance(r, tuple) and r)(
+            neoctl(cluster, "print", "pt_history")), 30, "the table from S1")
         assert [t["operational"] for t in value["tables"]] == [False] * len(value["tables"])
         assert value["tables"][-1]["ptid"] == 1
         for table in value["tables"]:

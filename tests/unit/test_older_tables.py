@@ -85,6 +85,14 @@ def test_storage_down_since_does_not_cover_later_tables():
     assert older_table(6, histories, 6).storages == ()   # nobody had 6
 
 
+def test_packs_on_the_holders_are_reported():
+    histories = {1: History(1, ((1, 100, ALL),), packed=150),
+                 2: History(1, ((1, 90, frozenset({0})),), packed=200),
+                 3: History(1, (), packed=300)}  # holds nothing: not counted
+    t = older_table(6, histories, 1)
+    assert t.bound == 100 and t.packed == 200
+
+
 def test_no_commits_means_complete_up_to_nothing():
     t = older_table(6, {1: h(1, (1, None, ALL))}, 1)
     assert t.operational and t.bound == 0 and t.rows[0] == ((1, U),)
@@ -244,6 +252,14 @@ def test_neoctl_lines():
     assert describe(1, 3, True, 0x40d6f4e65576956, ["S1", "S2"], []) == (
         "ptid 1: operational with S1 S2, truncating after 0x40d6f4e65576956"
         " (2026-12-02 19:26:23.751902)")
+    # a pack at or below the TID changes nothing at the new end; above, say so
+    assert describe(1, 3, True, 0x40d6f4e65576956, ["S1"], [], 0x40d6f4e65576956) == (
+        "ptid 1: operational with S1, truncating after 0x40d6f4e65576956"
+        " (2026-12-02 19:26:23.751902)")
+    assert describe(1, 3, True, 0x40d6f4e65576956, ["S1"], [], 0x40d6f4e75576956) == (
+        "ptid 1: operational with S1, truncating after 0x40d6f4e65576956"
+        " (2026-12-02 19:26:23.751902); a pack up to 0x40d6f4e75576956"
+        " (2026-12-02 19:26:27.501902) was applied since: the objects it deleted are lost")
 
 
 # -- a storage node's history, in-process over SQLite -------------------------------
@@ -281,33 +297,40 @@ def test_storage_records_its_readable_partitions(tmp_path):
         app = StorageApp("test", [], backend)
         app.nid = me
         app.set_pt(1, 1, [[(me, U), (other, U)]] * 2 + [[(other, U)]] * 2)
-        assert history(app) == (1, [(1, None, [0, 1])])
+        assert history(app) == (1, [(1, None, [0, 1])], None)
         # a transaction committed in partition 0 (tid 0x10, oid 4)
         backend.add_transaction(0x10, [4], b"", b"", b"", False, 0x10)
         backend.add_object(4, 0x10, 0, b"\0" * 20, b"x", None)
         backend.commit_pending()
-        assert history(app) == (1, [(1, p64(0x10), [0, 1])])
+        assert history(app) == (1, [(1, p64(0x10), [0, 1])], None)
         # another storage's cell changes: nothing to record
         app.change_pt(2, 1, [(2, other, OUT)])
-        assert history(app) == (2, [(1, p64(0x10), [0, 1])])
+        assert history(app) == (2, [(1, p64(0x10), [0, 1])], None)
         # our cell of 1 outdated (we were away): a new entry, the first ends
         app.change_pt(3, 1, [(1, me, OUT)])
-        assert history(app) == (3, [(1, p64(0x10), [0, 1]), (3, p64(0x10), [0])])
+        assert history(app) == (3, [(1, p64(0x10), [0, 1]), (3, p64(0x10), [0])], None)
         # 1 dropped: its data goes, it leaves every entry
         app.change_pt(4, 1, [(1, me, CellStates.DISCARDED)])
-        assert history(app) == (4, [(1, p64(0x10), [0]), (3, p64(0x10), [0])])
+        assert history(app) == (4, [(1, p64(0x10), [0]), (3, p64(0x10), [0])], None)
         backend.close()
         # restarted: the same history, from the database
         backend = SQLiteBackend(path)
         backend.open()
         app = StorageApp("test", [], backend)
-        assert history(app) == (4, [(1, p64(0x10), [0]), (3, p64(0x10), [0])])
+        app.nid = me
+        assert history(app) == (4, [(1, p64(0x10), [0]), (3, p64(0x10), [0])], None)
         # a pending truncation counts at once, and stays once applied (then
         # nothing is left in partition 0: complete up to nothing known)
         app.set_truncation(0x8)
-        assert history(app) == (4, [(1, p64(0x8), [0]), (3, p64(0x8), [0])])
+        assert history(app) == (4, [(1, p64(0x8), [0]), (3, p64(0x8), [0])], None)
         app.apply_truncation()
-        assert history(app) == (4, [(1, p64(0x8), [0]), (3, None, [0])])
+        assert history(app) == (4, [(1, p64(0x8), [0]), (3, None, [0])], None)
         assert backend.get_config("pt_history.0.0") or backend.get_config("pt_history.1.0")
+        # a pack applied (or being applied) to our partitions: its pack TID
+        backend.add_pack_order((0x6, True, False, None, 0x5, False))
+        backend.add_pack_order((0x7, None, False, None, 0x7, False))  # not approved
+        backend.set_pack_progress(0, (0x7, None, 0))
+        backend.commit_pending()
+        assert history(app)[2] == p64(0x5)
         backend.close()
     asyncio.run(main())

@@ -25,14 +25,18 @@ def _check_admin(ctl) -> None:
 
 
 def describe(ptid: int, latest: int | None, operational: bool, tid: int | None,
-             storages: list[str], unreadable: list[int]) -> str:
+             storages: list[str], unreadable: list[int], packed: int | None = None) -> str:
     """One line of ``print pt_history``."""
     name = "ptid %d%s" % (ptid, " (latest)" if ptid == latest else "")
     if not operational:
         return "%s: not operational, no readable copy of partitions %s (copies on %s)" % (
             name, " ".join(map(str, unreadable)), " ".join(storages) or "no storage")
-    return "%s: operational with %s, truncating after %#x (%s)" % (
+    line = "%s: operational with %s, truncating after %#x (%s)" % (
         name, " ".join(storages), tid, neo_tid_time(tid))
+    if packed is not None and packed > tid:
+        line += "; a pack up to %#x (%s) was applied since: the objects it deleted are lost" % (
+            packed, neo_tid_time(packed))
+    return line
 
 
 def print_history(ctl, args: list[str]) -> tuple[list[str], object]:
@@ -42,12 +46,15 @@ def print_history(ctl, args: list[str]) -> tuple[list[str], object]:
     latest, tables = ctl.call(Packets.AskOlderPartitionTables)
     lines = []
     value = []
-    for ptid, operational, tid, nids, unreadable in tables:
+    for ptid, operational, tid, nids, unreadable, packed in tables:
         tid = None if tid is None else u64(tid)
+        packed = None if packed is None else u64(packed)
         storages = [nid_str(nid) for nid in nids]
-        lines.append(describe(ptid, latest, operational, tid, storages, list(unreadable)))
+        lines.append(describe(ptid, latest, operational, tid, storages, list(unreadable),
+                              packed))
         value.append({"ptid": ptid, "operational": operational, "truncate_tid": tid,
-                      "storages": storages, "unreadable": list(unreadable)})
+                      "storages": storages, "unreadable": list(unreadable),
+                      "packed_tid": packed})
     if not lines:
         lines = ["no storage present keeps a partition table history"]
     return lines, {"latest": latest, "tables": value}

@@ -65,7 +65,7 @@ def _present(app: MasterApp) -> set[int]:
 def note_recovery(app: MasterApp, here: set[int]) -> None:
     """Recovery waits with a table: if it is not operational with the
     storages ``here`` and stays so for STUCK_DELAY seconds, say so once."""
-    stuck = getattr(app, "_stuck", None)
+    stuck = app._stuck
     if app.pt.operational(here):
         key = None
     else:
@@ -98,6 +98,12 @@ def _log_stuck(app: MasterApp, key: tuple) -> None:
                 "it is" if len(missing) == 1 else "they are")
 
 
+def packed_after(packed: int) -> str:
+    """What is lost besides: a pack went beyond the truncation."""
+    return ("a pack up to %#x (%s) was applied since: the objects it deleted are lost"
+            % (packed, neo_tid_time(packed)))
+
+
 # -- requests from the admin --------------------------------------------------------
 def serve(app: MasterApp, conn, msg_id: int, work) -> None:
     """Answer a request whose answer needs the storages' (``work()``, a
@@ -124,10 +130,11 @@ async def gather(app: MasterApp) -> tuple[int, dict[int, History]]:
         raise Denied("no partition table yet")
     num_partitions = app.pt.num_partitions
     nodes = [n for n in app.nm.storages() if n.connected and OLDER_PT in n.conn.peer_features]
+    conns = {n.nid: n.conn for n in nodes}  # (node.conn is None once lost)
 
     async def one(node):
         try:
-            return await asyncio.wait_for(node.conn.ask(Packets.AskPartitionHistory),
+            return await asyncio.wait_for(conns[node.nid].ask(Packets.AskPartitionHistory),
                                           ANSWER_TIMEOUT)
         except (ConnectionClosed, RemoteError, asyncio.TimeoutError) as e:
             log.warning("%s: no partition table history from %s: %s", app.label, node.label,
@@ -138,17 +145,16 @@ async def gather(app: MasterApp) -> tuple[int, dict[int, History]]:
     for node, answer in zip(nodes, answers, strict=True):
         if answer is None:
             continue
-        ptid, entries = answer
+        ptid, entries, packed = answer
         why = check_history(num_partitions, ptid, entries)
         if why is not None:
             log.warning("%s: partition table history of %s refused: %s", app.label,
                         node.label, why)
-            if node.conn is not None:
-                node.conn.close("invalid partition table history: %s" % why)
+            conns[node.nid].close("invalid partition table history: %s" % why)
             continue
         histories[node.nid] = History(ptid, tuple(
             (entry_ptid, None if end is None else u64(end), frozenset(partitions))
-            for entry_ptid, end, partitions in entries))
+            for entry_ptid, end, partitions in entries), None if packed is None else u64(packed))
     return num_partitions, histories
 
 
@@ -169,7 +175,8 @@ def ask_older_tables(app: MasterApp, conn, msg_id: int) -> None:
         tables = _tables(app, num_partitions, histories)
         latest = app.pt.ptid if app.pt is not None else None
         wire = [(t.ptid, t.operational, None if t.bound is None else p64(t.bound),
-                 list(t.storages), list(t.unreadable)) for t in tables]
+                 list(t.storages), list(t.unreadable),
+                 None if t.packed is None else p64(t.packed)) for t in tables]
         return lambda: conn.answer(msg_id, Packets.AnswerOlderPartitionTables, latest, wire)
     serve(app, conn, msg_id, work)
 
@@ -221,7 +228,8 @@ def _adopt(app: MasterApp, table: OlderTable, new_ptid: int) -> str:
     tid = table.bound
     if app.truncate_tid is None:
         app._startup_allowed_before_truncation = app.startup_allowed
-    app.truncate_tid = tid if app.truncate_tid is None else min(tid, app.truncate_tid)
+    # a truncation already pending below it stays (it was decided before)
+    tid = app.truncate_tid = tid if app.truncate_tid is None else min(tid, app.truncate_tid)
     app.startup_allowed = False  # as `neoctl truncate`: every storage of the table
     # storages of the lost table that are not here: if they come back while
     # this master runs, they truncate too (as after `neoctl truncate`)
@@ -232,6 +240,8 @@ def _adopt(app: MasterApp, table: OlderTable, new_ptid: int) -> str:
             app.send_pt(admin)
     message = "partition table %d made from table %d over %s; truncating after %#x (%s)" % (
         new_ptid, table.ptid, _names(table.storages), tid, neo_tid_time(tid))
+    if table.packed is not None and table.packed > tid:
+        message += "; %s" % packed_after(table.packed)
     log.warning("%s: recover_pt: %s", app.label, message)
     app.changed()
     return message

@@ -37,6 +37,7 @@ class History:
     """What one present storage reported."""
     ptid: int | None                # its current table
     entries: tuple[Entry, ...]      # oldest first
+    packed: int | None = None       # greatest TID a pack it applied went up to
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,12 @@ class OlderTable:
     unreadable: tuple[int, ...]
     #: the new table: per partition, (nid, CellStates) (operational only)
     rows: tuple[tuple[tuple[int, CellStates], ...], ...] = ()
+    #: greatest TID a pack applied on ``storages`` went up to: above
+    #: ``bound``, truncating loses what that pack deleted
+    packed: int | None = None
 
 
-def check_history(num_partitions: int, ptid, entries) -> str | None:
+def check_history(num_partitions: int, ptid: int | None, entries: Sequence) -> str | None:
     """Why a storage's answer cannot be used, if so (from the network)."""
     if ptid is not None and ptid < 0:
         return "invalid ptid %r" % ptid
@@ -103,13 +107,15 @@ def older_table(num_partitions: int, histories: Mapping[int, History], ptid: int
             holders[p][nid] = _complete(history.entries, index, p)
     unreadable = tuple(p for p, row in enumerate(holders) if not row)
     storages = tuple(sorted({nid for row in holders for nid in row}))
+    packed = max((histories[nid].packed for nid in storages
+                  if histories[nid].packed is not None), default=None)
     if unreadable:
-        return OlderTable(ptid, False, None, storages, unreadable)
+        return OlderTable(ptid, False, None, storages, unreadable, packed=packed)
     bound = min(max(row.values()) for row in holders)
     rows = tuple(tuple((nid, CellStates.UP_TO_DATE if complete >= bound
                         else CellStates.OUT_OF_DATE) for nid, complete in sorted(row.items()))
                  for row in holders)
-    return OlderTable(ptid, True, bound, storages, (), rows)
+    return OlderTable(ptid, True, bound, storages, (), rows, packed)
 
 
 def older_tables(num_partitions: int, histories: Mapping[int, History]) -> list[OlderTable]:

@@ -98,6 +98,28 @@ def updated(entries: list[Entry], ptid: int, readable: frozenset[int],
     return new[-MAX_ENTRIES:]
 
 
+def packed_up_to(backend, partitions: Iterable[int]) -> int | None:
+    """The greatest TID up to which an approved pack order applied (or
+    being applied) to ``partitions`` packed: truncating below it loses what
+    that pack deleted (revisions superseded, garbage) at the new end."""
+    upto = 0
+    for p in partitions:
+        progress = backend.get_pack_progress(p)
+        if progress is not None:
+            upto = max(upto, progress[0] if progress[1] is None else progress[1])
+    packed = None
+    min_tid = 0
+    while min_tid <= upto:  # pages: a GC order may list many oids
+        orders = backend.get_pack_orders(min_tid, upto, max_oids=100000)
+        if not orders:
+            break
+        for _tid, approved, _, _, pack_tid, _ in orders:
+            if approved and (packed is None or pack_tid > packed):
+                packed = pack_tid
+        min_tid = orders[-1][0] + 1
+    return packed
+
+
 def clamped(entries: list[Entry], tid: int) -> list[Entry]:
     """The history once everything committed after ``tid`` is deleted."""
     return [Entry(e.ptid, None if e.end is None else min(e.end, tid), e.readable)
