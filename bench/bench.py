@@ -15,7 +15,12 @@ own process (bench/concurrency.py, bench/shootout.py, bench/scale.py,
 bench/replication.py, bench/migrate.py; --quick is passed on), and prints
 one table of every ratio.
 
-Usage: .venv/bin/python bench/bench.py [--objects N] [--rounds R] [--quick] [--tls] [--json FILE]
+With --postgresql, adds clusters whose storages use the PostgreSQL backend
+and RelStorage on the same throw-away PostgreSQL server (bench/pg.py), then
+the replication throughput of each adapter (bench/replication.py).
+
+Usage: .venv/bin/python bench/bench.py [--objects N] [--rounds R] [--quick] [--tls]
+       [--postgresql] [--json FILE]
        .venv/bin/python bench/bench.py --all [--quick] [--scale-sizes 10000,100000] [--json FILE]
 """
 from __future__ import annotations
@@ -142,13 +147,20 @@ def summarize(backend: Backend, per_round: list[dict]) -> dict:
 
 
 # -- report ---------------------------------------------------------------------------------------
+SHORT = {"zeo": "ZEO", "filestorage": "FS", "relstorage": "RS", "relstorage_pg": "RS-PG"}
+
+
 def ratios(results: dict) -> dict:
-    """{neo key: {other key: {measure: other ms / neo ms}}}"""
+    """{neo key: {other key: {measure: other ms / neo ms}}}: a cluster on
+    PostgreSQL is compared with ZEO and RelStorage on PostgreSQL, the
+    others with ZEO, FileStorage and RelStorage on SQLite."""
     out: dict = {}
     for neo_key, neo in results.items():
         if not neo_key.startswith("neo"):
             continue
-        for other_key in ("zeo", "filestorage", "relstorage"):
+        others = (("zeo", "relstorage_pg") if neo_key.endswith("_pg")
+                  else ("zeo", "filestorage", "relstorage"))
+        for other_key in others:
             other = results.get(other_key)
             if other is None:
                 continue
@@ -169,9 +181,8 @@ def report(results: dict, skipped: dict, objects: int) -> str:
     rat = ratios(results)
     columns = [(n, o) for n in rat for o in rat[n]]
     if columns:
-        short = {"zeo": "ZEO", "filestorage": "FS", "relstorage": "RS"}
         header = ["ratio (>1: neo faster)",
-                  *("%s / %s" % (short[o], results[n]["label"]) for n, o in columns)]
+                  *("%s / %s" % (SHORT[o], results[n]["label"]) for n, o in columns)]
         rows = []
         for (m, _), name in zip(MEASURES, names, strict=True):
             cells = []
@@ -180,14 +191,17 @@ def report(results: dict, skipped: dict, objects: int) -> str:
                 cells.append("-" if value is None else "%.2f" % value)
             rows.append([name, *cells])
         out += ["", format_table(header, rows)]
-    tls_pairs = [(k[:-4], k) for k in keys if k.endswith("_tls") and k[:-4] in results]
-    if tls_pairs:
-        header = ["TLS / plain (>1: TLS slower)",
-                  *("%s / %s" % (results[t]["label"], results[p]["label"]) for p, t in tls_pairs)]
-        rows = [[name, *("%.2f" % (results[t]["ms"][m] / results[p]["ms"][m])
-                         if results[p]["ms"][m] else "-" for p, t in tls_pairs)]
-                for (m, _), name in zip(MEASURES, names, strict=True)]
-        out += ["", format_table(header, rows)]
+    for suffix, title in (("_tls", "TLS / plain (>1: TLS slower)"),
+                          ("_pg", "PostgreSQL / SQLite (>1: PostgreSQL slower)")):
+        pairs = [(k[:-len(suffix)], k) for k in keys
+                 if k.endswith(suffix) and k[:-len(suffix)] in results]
+        if pairs:
+            header = [title, *("%s / %s" % (results[v]["label"], results[p]["label"])
+                               for p, v in pairs)]
+            rows = [[name, *("%.2f" % (results[v]["ms"][m] / results[p]["ms"][m])
+                             if results[p]["ms"][m] else "-" for p, v in pairs)]
+                    for (m, _), name in zip(MEASURES, names, strict=True)]
+            out += ["", format_table(header, rows)]
     for label, why in skipped.items():
         out.append("\n%s skipped: %s" % (label, why))
     return "\n".join(out)
@@ -237,6 +251,27 @@ def run_all(args, results: dict, peaks: PeakMemory) -> dict:
             data, text = run_script(name, quick + extra, tmp)
             everything[name] = data if data is not None else {"output": text}
     return everything
+
+
+def replication_by_adapter(args) -> dict:
+    """--postgresql: replication.py's throughput (S2 empty, started after
+    N objects were written) on each adapter, one after the other."""
+    objects = "2000" if args.quick else "20000"
+    out = {}
+    with temporary_directory("bench-replication") as (_cleanup, tmp):
+        for adapter in ("SQLite", "PostgreSQL"):
+            data, _ = run_script("replication", ["--only", "throughput", "--objects", objects,
+                                                 "--adapter", adapter], tmp)
+            out[adapter] = data["results"]["throughput"]
+    return out
+
+
+def replication_report(results: dict) -> str:
+    rows = [[adapter, str(r["obj_records"]), "%.1f" % (r["data_bytes"] / MB),
+             "%.2f" % r["time_to_all_up_s"], "%.2f" % r["mb_per_s"], "%.0f" % r["objects_per_s"]]
+            for adapter, r in results.items()]
+    return format_table(["replication to an empty S2", "records", "data MB", "all U (s)",
+                         "MB/s", "objects/s"], rows)
 
 
 def all_rows(e: dict) -> list[list[str]]:
@@ -361,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls", action="store_true",
                         help="add 'neo 1S r0 TLS', the same cluster with TLS everywhere, and"
                         " its TLS / plain ratios")
+    parser.add_argument("--postgresql", action="store_true",
+                        help="add 'neo 1S r0 PG' and 'neo 2S r1 PG' (storages on the PostgreSQL"
+                        " backend) and RelStorage on the same throw-away PostgreSQL server,"
+                        " then the replication throughput on each adapter")
     parser.add_argument("--all", action="store_true",
                         help="then run concurrency.py, shootout.py, scale.py, replication.py"
                         " and migrate.py, and print one table of every ratio")
@@ -381,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
         backends.insert(1, NeoBackend(1, 0, tls=True))
     skipped: dict[str, str] = {}
     backends += relstorage_backends(skipped)
+    if args.postgresql:
+        from pg import postgresql_backends
+        backends += postgresql_backends(skipped)
 
     started = time.perf_counter()
     print("objects=%d rounds=%d, %d one-object commits per round, %d CPUs" % (
@@ -398,6 +440,14 @@ def main(argv: list[str] | None = None) -> int:
     print("\nbest of %d rounds for the first three rows; one-object commit latencies pooled "
           "over all rounds (%d commits); total %.0fs" % (
               args.rounds, SMALL_COMMITS * args.rounds, time.perf_counter() - started))
+    replication = None
+    if args.postgresql and not any(k.endswith("_pg") for k in skipped):
+        replication = interruptible(replication_by_adapter, args,
+                                    stopped="every process stopped, temporary files removed")
+        if INTERRUPTED:
+            return 130
+        print()
+        print(replication_report(replication))
     if args.all:
         everything = interruptible(run_all, args, results, peaks,
                                    stopped="every process stopped, temporary files removed")
@@ -411,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
                                "small_commits_per_round": SMALL_COMMITS,
                                "payload_bytes": PAYLOAD},
                    results, ratios=ratios(results), skipped=skipped, peak_rss=peaks.peaks,
-                   **({"all": everything} if args.all else {}))
+                   **({"all": everything} if args.all else {}),
+                   **({"replication_by_adapter": replication} if replication else {}))
     return 0
 
 

@@ -284,11 +284,13 @@ class Backend:
 
 class NeoBackend(Backend):
     def __init__(self, storages: int, replicas: int, partitions: int = 12,
-                 tls: bool = False) -> None:
+                 tls: bool = False, adapter: str = "SQLite") -> None:
         self.storages = storages
         self.replicas = replicas
         self.partitions = partitions
         self.tls = tls
+        self.adapter = adapter
+        self.databases = None  # LocalCluster's (a server backend's DSN of storage i)
         self.key = "neo_%ds_r%d%s" % (storages, replicas, "_tls" if tls else "")
         self.label = "neo %dS r%d%s" % (storages, replicas, " TLS" if tls else "")
         self.cluster = None
@@ -298,7 +300,8 @@ class NeoBackend(Backend):
         self.cluster = LocalCluster(os.path.join(workdir, self.key), name="bench",
                                     storages=self.storages, replicas=self.replicas,
                                     partitions=self.partitions, loglevel="INFO",
-                                    tls=self.tls)
+                                    tls=self.tls, adapter=self.adapter,
+                                    databases=self.databases)
         try:
             self.cluster.start(wait=60)
         except BaseException:

@@ -14,7 +14,8 @@ Every node process started here is stopped (killed if need be) and the
 temporary directory removed on exit, error, Ctrl-C or SIGTERM.
 
 Usage: .venv/bin/python bench/replication.py [--quick] [--objects N] [--catchup N,N]
-       [--outage S] [--commits N] [--partitions P] [--keep] [--json FILE]
+       [--outage S] [--commits N] [--partitions P] [--adapter SQLite|PostgreSQL] [--keep]
+       [--json FILE]
 """
 from __future__ import annotations
 
@@ -76,14 +77,22 @@ def log_size(path: str) -> int:
 
 
 # -- clusters ---------------------------------------------------------------------------------
+#: --adapter PostgreSQL: the server the storages' databases are on (pg.SharedServer)
+SERVER = None
+
+
 def start_cluster(cleanup: contextlib.ExitStack, workdir: str, key: str, storages: int,
                   replicas: int, partitions: int, storage_args: list[str]):
     """storage_args: given to every storage, e.g. --replication-rate."""
     from neozodb.cli.cluster import LocalCluster
+    server = SERVER
     # INFO: the replication lines of the logs are part of the measure
     cluster = LocalCluster(os.path.join(workdir, key), name="bench-" + key, storages=storages,
                            replicas=replicas, partitions=partitions, loglevel="INFO",
-                           storage_args=storage_args)
+                           storage_args=storage_args,
+                           **({} if server is None else dict(
+                               adapter="PostgreSQL",
+                               databases=lambda i: server.database("%s_s%d" % (key, i)))))
     cleanup.callback(stop_cluster, cluster)  # registered before start: a failed start is cleaned
     cluster.start(wait=60)
     return cluster
@@ -240,9 +249,16 @@ def storage_db(cluster, i: int) -> str:
     return os.path.join(cluster.directory, "storage%d.sqlite" % i)
 
 
+def storage_stats(cluster, i: int) -> dict:
+    """``db_stats`` of storage i, whatever its adapter."""
+    if cluster.adapter == "PostgreSQL":
+        return SERVER.stats(cluster.database(i))
+    return db_stats(storage_db(cluster, i))
+
+
 def compare_storages(cluster, where: str, anomalies: list[str]) -> dict:
     """Counts of S1's database, after checking that S2's are the same."""
-    s1, s2 = db_stats(storage_db(cluster, 1)), db_stats(storage_db(cluster, 2))
+    s1, s2 = storage_stats(cluster, 1), storage_stats(cluster, 2)
     if s1 != s2:
         anomalies.append("%s: S1 and S2 databases differ after replication: S1 %s, S2 %s" % (
             where, s1, s2))
@@ -465,8 +481,14 @@ def report(results: dict) -> str:
 
 # -- main ------------------------------------------------------------------------------------------
 def run(opts, anomalies: list[str]) -> dict:
+    global SERVER
     results: dict = {}
     with temporary_directory("replication", opts.keep) as (cleanup, workdir):
+        if opts.adapter == "PostgreSQL":
+            from pg import SharedServer
+            SERVER = SharedServer()
+            SERVER.acquire(workdir)
+            cleanup.callback(SERVER.release)  # first in: stopped after the clusters
         if "throughput" in opts.only:
             results["throughput"] = measure_throughput(cleanup, workdir, opts, anomalies)
         if "catchup" in opts.only:
@@ -487,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outage", type=float, help="seconds S2 is down (30)")
     parser.add_argument("--commits", type=int, help="one-object commits per cluster (500)")
     parser.add_argument("--partitions", type=int, default=12, help="partitions (12)")
+    parser.add_argument("--adapter", choices=("SQLite", "PostgreSQL"), default="SQLite",
+                        help="the storages' backend (SQLite; PostgreSQL: on a throw-away"
+                        " server, bench/pg.py)")
     parser.add_argument("--replication-rate", metavar="BYTES",
                         help="passed to every storage (default: no cap)")
     parser.add_argument("--only", default="throughput,catchup,latency",

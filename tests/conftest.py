@@ -32,3 +32,11 @@ def cluster(tmp_path):
 def one_storage(tmp_path):
     """A running cluster: 1 master, 1 storage (replicas 0), 4 partitions, 1 admin."""
     yield from _running(tmp_path, 1, 0, 4)
+
+
+@pytest.fixture(scope="session")
+def postgresql_server(tmp_path_factory):
+    """One throw-away PostgreSQL server for the session (tests/pgserver.py);
+    its ``database(name)`` creates a database and returns its DSN."""
+    from pgserver import server_fixture
+    yield from server_fixture(tmp_path_factory)

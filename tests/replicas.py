@@ -14,19 +14,31 @@ def raw_contents(path: str) -> dict[int, tuple[dict, dict]]:
     content: their ids are each database's own."""
     conn = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
     try:
-        (partitions,) = conn.execute(
-            "SELECT value FROM config WHERE name='partitions'").fetchone()
-        content: dict[int, tuple[dict, dict]] = {p: ({}, {}) for p in range(int(partitions))}
-        for p, tid, *meta in conn.execute(
-                "SELECT partition, tid, oids, user, description, ext, packed, ttid FROM trans"):
-            content[p][0][tid] = tuple(meta)
-        for p, oid, tid, value_tid, *data in conn.execute(
-                "SELECT o.partition, o.oid, o.tid, o.value_tid, d.hash, d.compression, d.value"
-                " FROM obj o LEFT JOIN data d ON d.id = o.data_id"):
-            content[p][1][tid, oid] = (value_tid, *data)
-        return content
+        return _contents(conn)
     finally:
         conn.close()
+
+
+def raw_contents_postgresql(dsn: str) -> dict[int, tuple[dict, dict]]:
+    """``raw_contents`` of a PostgreSQL backend's database (psycopg)."""
+    import psycopg
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return _contents(conn)
+
+
+def _contents(conn) -> dict[int, tuple[dict, dict]]:
+    """``raw_contents`` read on a connection (sqlite3's or psycopg's)."""
+    (partitions,) = conn.execute(
+        "SELECT value FROM config WHERE name='partitions'").fetchone()
+    content: dict[int, tuple[dict, dict]] = {p: ({}, {}) for p in range(int(partitions))}
+    for p, tid, *meta in conn.execute(
+            'SELECT partition, tid, oids, "user", description, ext, packed, ttid FROM trans'):
+        content[p][0][tid] = tuple(meta)
+    for p, oid, tid, value_tid, *data in conn.execute(
+            "SELECT o.partition, o.oid, o.tid, o.value_tid, d.hash, d.compression, d.value"
+            " FROM obj o LEFT JOIN data d ON d.id = o.data_id"):
+        content[p][1][tid, oid] = (value_tid, *data)
+    return content
 
 
 def config_value(path: str, name: str) -> str | None:

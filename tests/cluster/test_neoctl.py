@@ -250,6 +250,7 @@ COMMANDS = [
     "print check",
     "print pack",
     "print import",
+    "print pt_history",
     "start",
     "add NID... | add all",
     "set cluster STATE",
@@ -259,6 +260,7 @@ COMMANDS = [
     "kill NID",
     "drop NID",
     "truncate TID",
+    "recover_pt PTID",
     "prune_orphan 0|1 NID...|all",
     "flush_log",
 ]

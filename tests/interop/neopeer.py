@@ -79,6 +79,18 @@ class MixedCluster(LocalCluster):
         kw.setdefault("admin_port", free_port())
         super().__init__(directory, **kw)
 
+    @property
+    def neo_adapter(self) -> str:
+        """NEO's name of the storages' adapter (MariaDB is NEO's MySQL)."""
+        return "MySQL" if self.adapter.lower() in ("mariadb", "mysql") else self.adapter
+
+    def switch(self, name: str) -> None:
+        """Make node ``name`` of the other kind from its next start on (the
+        same database, the same NID): it must be stopped."""
+        assert not self.nodes[name].running, name
+        self.neo ^= {name}
+        del self.nodes[name]
+
     def kind(self, name: str) -> str:
         return "NEO" if name in self.neo else "neozodb"
 
@@ -110,7 +122,7 @@ class MixedCluster(LocalCluster):
         return neo_script("neostorage", "-c", self.name, "-m", self.masters,
                           # any port: NEO's storage tells the master the one it bound
                           "-b", "%s:0" % self.host,
-                          "-a", "SQLite", "-d", self.database(i), "-i", str(i),
+                          "-a", self.neo_adapter, "-d", self.database(i), "-i", str(i),
                           *self._neo_log(name), *self.storage_args)
 
     def admin_argv(self) -> list[str]:

@@ -49,18 +49,21 @@ CLIENT_TO_STORAGE = ("AskObject", "AskFinalTID", "AskObjectHistory", "AskTransac
                      "AskTIDs", "AskTIDsFrom", "AskOIDsFrom", "AskObjectUndoSerial",
                      "AskStoreObject", "AskCheckCurrentSerial", "AskRelockObject",
                      "AskStoreTransaction", "AskVoteTransaction", "AbortTransaction", "Ping")
-# neoctl's requests (Truncate excluded, others restricted: see EXCLUDED)
+# neoctl's requests (Truncate and RecoverPartitionTable excluded, others
+# restricted: see EXCLUDED)
 CTL_TO_ADMIN = ("AskPrimary", "AskLastIDs", "AskLastTransaction", "AskRecovery",
                 "AskPartitionList", "AskNodeList", "AskClusterState", "AskMonitorInformation",
                 "AskPackOrders", "SetClusterState", "SetNodeState", "AddPendingNodes",
                 "TweakPartitionTable", "SetNumReplicas", "Repair", "CheckReplicas",
-                "FlushLog", "Ping")
+                "FlushLog", "AskOlderPartitionTables", "Ping")
 # What the filter (legitimate_only) changes in generated requests, and why:
 # each is something a peer of that role may do, and that would change the
 # real client's data or take the cluster apart legitimately (or through a
 # finding already reported, Fn: test_fuzz_findings.py).
 EXCLUDED = {
     "Truncate (neoctl)": "deletes every transaction after a TID: never sent",
+    "RecoverPartitionTable (neoctl)":
+        "starts from an older table, deleting what came after it: never sent",
     "SetClusterState(STOPPING) (neoctl)": "stops every node: sent as RUNNING (refused)",
     "SetNodeState(nid, DOWN or UNKNOWN) for a nid a node may have (neoctl)":
         "kill makes a storage exit, drop removes it: sent as RUNNING (refused)",

@@ -228,7 +228,8 @@ class World:
         return [name for name, node in self.cluster.nodes.items() if not node.running]
 
 
-NON_ADMIN_SAFE = tuple(p for p in PACKETS.values() if p.name != "Truncate")
+NON_ADMIN_SAFE = tuple(p for p in PACKETS.values()
+                       if p.name not in ("Truncate", "RecoverPartitionTable"))
 _ROLE_WEIGHTS = ("master", "storage", "storage", "admin")
 
 

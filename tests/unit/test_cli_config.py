@@ -349,8 +349,8 @@ def test_error_missing_database(capsys):
 
 
 def test_error_unknown_adapter(capsys):
-    line = fails(capsys, "storage", ["-c", "x", "-m", "h:1", "-d", "d", "-a", "MySQL"])
-    assert "unknown adapter" in line and "MySQL" in line
+    line = fails(capsys, "storage", ["-c", "x", "-m", "h:1", "-d", "d", "-a", "Oracle"])
+    assert "unknown adapter" in line and "Oracle" in line
 
 
 def test_error_missing_file(capsys, tmp_path):

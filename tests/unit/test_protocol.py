@@ -206,27 +206,31 @@ def test_handshake_rejects():
 # Catalogue
 
 ACKED = {"FailedVote", "SetNodeState", "AddPendingNodes", "SetNumReplicas",
-         "SetClusterState", "Repair", "CheckReplicas", "Truncate"}
+         "SetClusterState", "Repair", "CheckReplicas", "Truncate", "RecoverPartitionTable"}
 NOT_IGNORABLE = {"AskFinishTransaction", "AskLockInformation", "SetNodeState",
                  "AddPendingNodes", "SetNumReplicas", "SetClusterState"}
 
 
 def test_catalogue_counts():
     # protocol 5's 74 rows (as NEO's protocol.py), plus neozodb's own
-    # NotifyFeatures, AddObjects, AskSoloVote, AskStoreBlobChunk and
+    # NotifyFeatures, AddObjects, AskSoloVote, AskPartitionHistory,
+    # AskOlderPartitionTables, RecoverPartitionTable, AskStoreBlobChunk and
     # AskBlobChunk, outside NEO's range
-    assert TABLE_ROWS == 79
+    assert TABLE_ROWS == 82
     assert max(c for c in PACKETS if c < 0x7f00) == 0x49
     assert Packets.NotifyFeatures.code == 0x7f00
     assert Packets.AddObjects.code == 0x7f01
     assert Packets.AskSoloVote.code == 0x7f02
+    assert Packets.AskPartitionHistory.code == 0x7f03
+    assert Packets.AskOlderPartitionTables.code == 0x7f04
+    assert Packets.RecoverPartitionTable.code == 0x7f05
     assert Packets.AskStoreBlobChunk.code == 0x7f10
     assert Packets.AskBlobChunk.code == 0x7f11
     answers = [pt for pt in ALL_TYPES if pt.request is not None]
-    assert len(answers) == 40
-    assert len(PACKETS) == 119
-    assert len(vars(Packets)) == 119
-    assert len({pt.name for pt in ALL_TYPES}) == 119
+    assert len(answers) == 42
+    assert len(PACKETS) == 124
+    assert len(vars(Packets)) == 124
+    assert len({pt.name for pt in ALL_TYPES}) == 124
     assert all(PACKETS[code].code == code for code in PACKETS)
 
 

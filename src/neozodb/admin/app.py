@@ -30,7 +30,7 @@ from neozodb.protocol import (
     nid_str,
     u64,
 )
-from neozodb.protocol.features import ANNOUNCEMENT, greet
+from neozodb.protocol.features import ANNOUNCEMENT, OLDER_PT, greet
 from neozodb.pt import PartitionTable
 from neozodb.tid import neo_tid_time
 
@@ -40,7 +40,8 @@ log = logging.getLogger("neozodb.admin")
 # passed on as they come (a neozodb master's JSON status included)
 FORWARDED = ("AddPendingNodes", "SetClusterState", "AskLastIDs", "AskLastTransaction",
              "AskRecovery", "SetNodeState", "SetNumReplicas", "TweakPartitionTable",
-             "CheckReplicas", "Truncate", "Repair")
+             "CheckReplicas", "Truncate", "Repair", "AskOlderPartitionTables",
+             "RecoverPartitionTable")
 #: What ``print pack`` asks and only a neozodb master answers (NEO's drops
 #: an admin that sends it).
 STATUS_JSON = b"status-json"
@@ -75,6 +76,9 @@ def _forward(name: str):
         master = self.app.master_conn
         if master is None or master.closed:
             raise HandlerError("not connected to a primary master", ErrorCodes.NOT_READY)
+        why = unforwardable(packet, master.peer_features)
+        if why:
+            raise HandlerError(why)
 
         def answered(_, result, error):
             if error is None:
@@ -98,18 +102,9 @@ class CtlHandler(Handler):
     def __init__(self, app: AdminApp) -> None:
         self.app = app
 
-    for _name in FORWARDED:
+    for _name in (*FORWARDED, "AskPackOrders"):
         locals()[_name] = _forward(_name)
     del _name
-    _pack_orders = _forward("AskPackOrders")
-
-    def AskPackOrders(self, conn, msg_id, min_tid):
-        master = self.app.master_conn
-        if master is not None and not master.closed:
-            why = unforwardable(Packets.AskPackOrders, master.peer_features)
-            if why:
-                raise HandlerError(why)
-        self._pack_orders(conn, msg_id, min_tid)
 
     def FlushLog(self, conn, msg_id):
         super().FlushLog(conn, msg_id)
@@ -184,6 +179,9 @@ def unforwardable(packet, master_features) -> str | None:
     features (NEO's drops an admin that sends what it does not expect)."""
     if packet is Packets.AskPackOrders and STATUS_JSON not in master_features:
         return "the master does not report pack status (NEO's master)"
+    if packet in (Packets.AskOlderPartitionTables, Packets.RecoverPartitionTable) \
+            and OLDER_PT not in master_features:
+        return "the master keeps no partition table history (NEO's master)"
     return None
 
 

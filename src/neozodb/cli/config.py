@@ -59,7 +59,7 @@ DEFAULT_BIND = {
     "admin": (DEFAULT_HOST, 9999),
 }
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING")
-ADAPTERS = ("SQLite", "Importer")
+ADAPTERS = ("SQLite", "PostgreSQL", "MariaDB", "MySQL", "Importer")
 _NODE_NID_PREFIX = {"master": "M", "storage": "S", "admin": "A"}
 
 def _type(func: Callable, name: str) -> Callable:
@@ -322,6 +322,11 @@ def _build_parser(node: str, prog: str | None):
             help="seconds to wait for the database (default: 0; -1 = no limit)",
         )
         add("--reset", action="store_true", help="erase the database and exit")
+        # -- MariaDB adapter options (NEO's); other adapters refuse them
+        add("--engine", metavar="NAME", type=_type(_nonempty, "engine"),
+            help="MariaDB: storage engine of new tables, InnoDB (default) or RocksDB")
+        add("--dedup", action="store_true", default=None,
+            help="MariaDB: a unique index on data hashes, as NEO's --dedup")
         add(
             "--replication-rate",
             metavar="BYTES",

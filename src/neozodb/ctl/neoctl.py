@@ -41,7 +41,7 @@ from neozodb.protocol.features import ANNOUNCEMENT
 from neozodb.pt import PartitionTable
 from neozodb.tid import neo_tid_time, tid_from_user
 
-from . import status
+from . import older, status
 from .status import CtlError
 
 USAGE = """\
@@ -59,8 +59,10 @@ commands:
   print pack                    pack orders: up to which TID, GC or history,
                                 which storages completed them
   print import                  progress of a storage importing a ZODB (Importer)
-                                (print check, pack, import: neozodb master and
-                                admin only)
+  print pt_history              older partition tables the storages present remember:
+                                which could serve again, truncating after which TID
+                                (print check, pack, import, pt_history: neozodb
+                                master and admin only)
   start                         allow the cluster to leave RECOVERING
   add NID... | add all          accept pending storage nodes (NID e.g. S3)
   set cluster STATE             e.g. set cluster STOPPING
@@ -85,6 +87,9 @@ commands:
                                 (tid:INT, tid:0xHEX or a UNIX time); the cluster
                                 goes through recovery, which waits for every
                                 storage of the table (or start)
+  recover_pt PTID               while RECOVERING with a table that is not operational:
+                                start from older table PTID (print pt_history),
+                                deleting every transaction after its TID
   prune_orphan 0|1 NID...|all   storages delete the data no object revision uses
                                 (1: dry run)
   flush_log                     ask every node to flush its log
@@ -275,7 +280,7 @@ def run_command(ctl: NeoCtl, words: list[str], progress=lambda line: None
     if cmd == "print":
         if not args:
             raise CtlError("print what? (cluster, ids, node, pt, primary, summary, check, pack,"
-                           " import)")
+                           " import, pt_history)")
         what, rest = args[0], args[1:]
         if what == "cluster":
             (state,) = ctl.call(Packets.AskClusterState)
@@ -316,6 +321,8 @@ def run_command(ctl: NeoCtl, words: list[str], progress=lambda line: None
             return status.pack_report(state), state
         if what == "import":
             return status.import_report(ctl)
+        if what == "pt_history":
+            return older.print_history(ctl, rest)
         if what == "summary":
             return _summary(ctl)
         if what == "primary":
@@ -366,6 +373,8 @@ def run_command(ctl: NeoCtl, words: list[str], progress=lambda line: None
         tid = _parse_tid(args[0])
         ctl.call(Packets.Truncate, p64(tid))
         return [], {"ok": True, "truncate_tid": tid}
+    if cmd == "recover_pt":
+        return older.recover(ctl, args)
     if cmd == "tweak":
         return _tweak(ctl, args)
     if cmd == "check":

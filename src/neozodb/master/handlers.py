@@ -5,7 +5,7 @@ import json
 import logging
 from typing import TYPE_CHECKING
 
-from neozodb.master import administration, checks, majority
+from neozodb.master import administration, checks, majority, older_pt
 from neozodb.master.base import BaseHandler
 from neozodb.master.pack import PAGE_OIDS
 from neozodb.master.transactions import TransactionError, Txn
@@ -406,6 +406,14 @@ class AdminHandler(BaseHandler):
         for node in nodes:
             node.conn.notify(Packets.NotifyRepair, dry_run)
         conn.ack(msg_id)
+
+    def AskOlderPartitionTables(self, conn, msg_id):
+        """`neoctl print pt_history` (master/older_pt.py)."""
+        older_pt.ask_older_tables(self.app, conn, msg_id)
+
+    def RecoverPartitionTable(self, conn, msg_id, ptid):
+        """`neoctl recover_pt PTID` (master/older_pt.py)."""
+        older_pt.recover_pt(self.app, conn, msg_id, ptid)
 
     def CheckReplicas(self, conn, msg_id, partitions, min_tid, max_tid):
         """`neoctl check`: starts a check (acknowledged at once); with no

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from neozodb.master import election, majority
+from neozodb.master import election, majority, older_pt
 from neozodb.master.pack import Order
 from neozodb.net.connection import ConnectionClosed, RemoteError
 from neozodb.nodes import Node
@@ -30,6 +30,9 @@ class StoppedOperation(Exception):
 
 class Recovery:
     """Recovery and verification (see the module docstring)."""
+    # (table id, storages present) while recovery waits with a table that is
+    # not operational, and the timer of its log line (master/older_pt.py)
+    _stuck: tuple | None = None
 
     async def recover(self) -> None:
         self.set_cluster_state(ClusterStates.RECOVERING)
@@ -39,6 +42,9 @@ class Recovery:
         self.recovery.clear()
         # storages whose table was refused (it does not hold them)
         self.pt_refused: set[int] = set()
+        if self._stuck is not None:  # a log line of the previous recovery
+            self._stuck[1].cancel()
+            self._stuck = None
         self.ready_storages.clear()
         self.updatable.clear()
         self.finish_watchers.clear()
@@ -116,6 +122,7 @@ class Recovery:
                 readable = self.pt.nids()  # a truncation waits for every node of the table
             if readable <= here:
                 return True
+            older_pt.note_recovery(self, here)  # logs if it is stuck there
             return self.startup_allowed and self.pt.operational(here)
         if not pending:
             return False

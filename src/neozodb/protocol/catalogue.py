@@ -385,6 +385,20 @@ _TABLE: tuple[tuple[int, str, str, str | None, str, int], ...] = (
     # AskStoreTransaction of a transaction sent to this storage alone
     # (feature "solo-vote"): its lock makes the vote durable
     (0x7f02, "AskSoloVote", "p64,bin,bin,bin,[p64],?(?[p64],p64)", "AnswerSoloVote", "", 0),
+    # feature "older-pt" (neoctl print pt_history, recover_pt): a storage's
+    # history of its readable partitions: its current ptid, (ptid, tid up to
+    # which they are complete, partitions) oldest first, and the greatest
+    # TID up to which a pack it applied went
+    (0x7f03, "AskPartitionHistory", "",
+     "AnswerPartitionHistory", "?int,[(int,?p64,[int])],?p64", 0),
+    # the master's verdict on each table in those histories, for neoctl:
+    # latest ptid, then (ptid, operational, truncate after, storages,
+    # partitions without a copy, greatest pack TID on those storages)
+    # newest first
+    (0x7f04, "AskOlderPartitionTables", "",
+     "AnswerOlderPartitionTables", "?int,[(int,bool,?p64,[int],[int],?p64)]", 0),
+    # make an older table current (a new ptid) and truncate after its TID
+    (0x7f05, "RecoverPartitionTable", "int", None, "", _ACK),
     # feature "blob" (protocol/blobs.py): a chunk of the content of the blob
     # a transaction stores for an object (ttid, oid, chunk number, bytes),
     # before the store of its record

@@ -83,6 +83,16 @@ Both ends keep the intersection (``conn.peer_features``).  The features:
     ``BATCH_BYTES`` of data), instead of one ``AddObject`` per revision:
     one message to encode, decode and dispatch for hundreds of records.
     NEO's storages know only ``AddObject``, and get it.
+``older-pt``
+    ``neoctl print pt_history`` and ``recover_pt PTID``
+    (master/older_tables.py): the master asks a storage the history of its
+    readable partitions with ``AskPartitionHistory`` (0x7f03), an admin
+    asks the master ``AskOlderPartitionTables`` (0x7f04) and
+    ``RecoverPartitionTable`` (0x7f05), and neoctl asks the admin the same.
+    Each is sent only to a peer that announced the feature: NEO's storages
+    are not asked (they have no history), NEO's master and admin are not
+    sent the requests (the admin and neoctl refuse the commands in one
+    line).
 ``blob``
     Between a client and a storage whose backend keeps blob contents:
     blob revisions (records with a tail, ``protocol/blobs.py``) and their
@@ -102,9 +112,10 @@ REPL_BATCH = b"repl-batch"
 EARLY_VOTE = b"early-vote"
 SOLO_VOTE = b"solo-vote"
 BLOB = b"blob"
+OLDER_PT = b"older-pt"
 FEATURES: frozenset[bytes] = frozenset((b"status-json", b"import-status", b"gc-pack",
                                         b"mirror", b"check-report", b"check-digest",
-                                        REPL_BATCH, EARLY_VOTE, SOLO_VOTE, BLOB))
+                                        REPL_BATCH, EARLY_VOTE, SOLO_VOTE, OLDER_PT, BLOB))
 #: What RequestIdentification.extra carries from a neozodb node.
 ANNOUNCEMENT: dict[bytes, list[bytes]] = {EXTRA_KEY: sorted(FEATURES)}
 NO_FEATURES: frozenset[bytes] = frozenset()

@@ -32,6 +32,7 @@ from neozodb.storage.blobs import drop_uploads
 from neozodb.storage.checker import Checker
 from neozodb.storage.groupsync import GroupSync
 from neozodb.storage.pack import Packer
+from neozodb.storage.pt_history import PartitionHistory
 from neozodb.storage.replicator import Replicator
 from neozodb.storage.transactions import LockManager
 
@@ -82,6 +83,9 @@ class StorageApp:
             from neozodb.storage.importer import Importer
             self.importer = Importer(self)
         self._load_pt()
+        # the tables we were given (neoctl print pt_history, recover_pt)
+        self.pt_history = PartitionHistory(backend, lambda: self.label)
+        self._pt_changed()
 
     @property
     def label(self) -> str:
@@ -104,6 +108,7 @@ class StorageApp:
         if self.backend.get_num_partitions() != len(rows):
             self.backend.set_num_partitions(len(rows))
         self.backend.save_pt(ptid, replicas, pt.rows())
+        self._pt_changed()
         if self.operational:
             self._own_cells_changed(old)
             if self.importer is not None:
@@ -116,12 +121,24 @@ class StorageApp:
         old = self._own_cells()
         self.pt.apply_changes(ptid, replicas, changes)
         self.backend.change_pt(ptid, replicas, [(o, n, s.value) for o, n, s in changes])
+        self._pt_changed()
         if self.operational:
             self._own_cells_changed(old)
             if self.importer is not None:
                 self.importer.check_pt()
         else:
             self.replicator.note_resume_points()
+
+    def _pt_changed(self) -> None:
+        """Record our readable partitions in the history, and forget older
+        entries' partitions whose data we drop (no cell) or erase (CORRUPTED)."""
+        pt = self.pt
+        if pt is None or self.nid is None or pt.ptid is None:
+            return
+        cells = {p: self.cell_state(p) for p in pt.partitions_of(self.nid)}
+        self.pt_history.table_changed(
+            pt.ptid, frozenset(p for p, s in cells.items() if s in _READABLE),
+            frozenset(p for p, s in cells.items() if s != CellStates.CORRUPTED.value))
 
     def _own_cells(self) -> dict[int, int]:
         if self.pt is None or self.nid is None:
@@ -257,10 +274,14 @@ class StorageApp:
     async def _identify(self, conn: Connection) -> None:
         addr = (self.address[0].encode(), self.address[1])
         devpath = [os.uname().nodename.encode()]
+        # topology: replicas of a partition should not share a disk either;
+        # a database server's backend says where its files are
+        device_path = getattr(self.backend, "device_path", None)
         database = getattr(self.backend, "database", None)
-        if database and database != ":memory:":
-            # topology: replicas of a partition should not share a disk either
-            where = os.path.dirname(os.path.abspath(database))
+        where = device_path() if device_path is not None else (
+            os.path.dirname(os.path.abspath(database))
+            if database and database != ":memory:" else None)
+        if where and os.path.exists(where):
             devpath.append(str(os.stat(where).st_dev).encode())
         node_type, master_nid, my_nid = await conn.ask(
             Packets.RequestIdentification, NodeTypes.STORAGE, self.nid, addr,
@@ -352,6 +373,7 @@ class StorageApp:
             if txn.tid is not None and int.from_bytes(txn.tid, "big") > tid:
                 self.locks.finish(ttid)
         self.backend.truncate(tid)
+        self.pt_history.truncated(tid)
         self.replay()
 
     def stop_operation(self) -> None:

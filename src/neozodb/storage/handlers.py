@@ -28,6 +28,7 @@ from neozodb.protocol.values import (
 from neozodb.storage.backends.base import Unsupported
 from neozodb.storage.blobs import Blobs, answer_record
 from neozodb.storage.pack import PAGE_OIDS, wire_order
+from neozodb.storage.pt_history import clamped, packed_up_to
 from neozodb.storage.undo import undo_serials
 from neozodb.storage.writes import Retry, Writes
 
@@ -97,6 +98,20 @@ class MasterHandler(FollowsPrimary, BaseHandler):
         last ids (or, if we miss verification, when operation starts)."""
         self.app.set_truncation(u64(tid))
         conn.ack(msg_id)
+
+    def AskPartitionHistory(self, conn, msg_id):
+        """Our readable partitions in the tables we were given (feature
+        ``older-pt``, storage/pt_history.py): with a truncation pending,
+        nothing after its TID counts (verification deletes it)."""
+        app = self.app
+        ptid = app.pt.ptid if app.pt is not None else None
+        entries = [e for e in app.pt_history.report() if ptid is not None and e.ptid <= ptid]
+        pending = app.backend.get_truncate_tid()
+        if pending is not None:
+            entries = clamped(entries, pending)
+        conn.answer(msg_id, Packets.AnswerPartitionHistory, ptid,
+                    [(e.ptid, _p64(e.end), sorted(e.readable)) for e in entries],
+                    _p64(packed_up_to(app.backend, app.assigned_partitions())))
 
     def AskPartitionTable(self, conn, msg_id):
         pt = self.app.pt

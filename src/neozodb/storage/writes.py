@@ -184,7 +184,7 @@ class Writes:
                             " deletion", self.app.label, oid.hex(), data_serial.hex())
             data_id = None  # deletion, or undone creation
         else:
-            data_id = backend.store_data(checksum, compression, data)
+            data_id = backend.store_data(checksum, compression, data, u64(oid))
         if compression & BLOB_FLAG and not no_data:
             self._blob_attach(txn, oid, data_id, out_of_date)
         old = txn.objects.get(oid)

@@ -25,6 +25,9 @@ class Server(Protocol):
 
 # adapter name (lower case) -> module with start(directory)
 _SERVERS: dict[str, str] = {
+    'postgresql': 'neozodb.throwaway.postgresql',
+    'mariadb': 'neozodb.throwaway.mariadb',
+    'mysql': 'neozodb.throwaway.mariadb',
 }
 
 

@@ -15,11 +15,16 @@ from .base import DISCARDED, ZERO_HASH, Backend, Unsupported
 
 __all__ = ['Backend', 'DISCARDED', 'Unsupported', 'ZERO_HASH', 'adapters', 'open_backend']
 
-# adapter name (lower case) -> (module, class); later: postgresql, mariadb.
+# adapter name (lower case) -> (module, class or function making the backend)
 _ADAPTERS = {
     'sqlite': ('neozodb.storage.backends.sqlite', 'SQLiteBackend'),
-    # live import of a ZODB storage into SQLite (database = its INI file)
-    'importer': ('neozodb.storage.backends.importer', 'ImporterBackend'),
+    'postgresql': ('neozodb.storage.backends.postgresql', 'PostgreSQLBackend'),
+    # NEO's MySQL schema, served in place; 'mysql' is NEO's adapter name
+    'mariadb': ('neozodb.storage.backends.mariadb', 'MariaDBBackend'),
+    'mysql': ('neozodb.storage.backends.mariadb', 'MariaDBBackend'),
+    # live import of a ZODB storage into SQLite or PostgreSQL (database =
+    # its INI file; a function choosing the class)
+    'importer': ('neozodb.storage.backends.importer', 'importer_backend'),
 }
 
 

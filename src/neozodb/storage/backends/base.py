@@ -306,8 +306,12 @@ class Backend(PartitionMethods, BlobMethods):
     # -- writes and two-phase commit ----------------------------------------
 
     @abc.abstractmethod
-    def store_data(self, checksum: bytes, compression: int, data: bytes) -> int:
+    def store_data(self, checksum: bytes, compression: int, data: bytes,
+                   oid: int | None = None) -> int:
         """Store object data and return its data id.
+
+        ``oid``, the object it is stored for, may place the row (NEO's
+        MySQL schema allocates data ids per partition); backends may ignore it.
 
         An existing row with the same checksum, compression and bytes is
         reused.  The row is *held* (an in-memory reference) until

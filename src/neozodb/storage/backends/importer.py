@@ -1,8 +1,9 @@
-"""Importer backend: a SQLite backend that starts over an existing ZODB
-storage (the *source*, e.g. a FileStorage) and copies it in the background.
+"""Importer backend: a SQLite or PostgreSQL backend that starts over an
+existing ZODB storage (the *source*, e.g. a FileStorage) and copies it in the background.
 
 ``-a Importer -d importer.conf``: the INI file's first section describes
-the real backend, the next one the source::
+the real backend (``adapter = SQLite`` or ``PostgreSQL``; ``database``,
+its file or DSN), the next one the source::
 
     [neo]
     adapter = SQLite
@@ -18,7 +19,7 @@ the real backend, the next one the source::
 The cluster is usable at once.  The source's transactions are copied in
 TID order (``read_source`` then ``import_transactions``, a slice at a time
 in the node's loop, see ``neozodb/storage/importer.py``); ``import_tid``, the last
-copied transaction, is written in the same SQLite transaction as the rows,
+copied transaction, is written in the same database transaction as the rows,
 so a restart resumes exactly after it.  Until the copy is done, reads merge
 what this database has with the source's revisions not copied yet: the
 *gap* ``(import_tid, source_tid]``.  New commits get TIDs after the
@@ -31,7 +32,8 @@ transactions committed since the import started, undoing a transaction of
 the gap, and serving replication or replica checks.  Loads, history and
 transaction metadata work.
 
-This module holds ``ImporterBackend`` itself: opening the source, the
+This module holds the ``Importer`` mixin (``ImporterBackend`` is it over
+SQLite, ``importer_postgresql`` over PostgreSQL): opening the source, the
 import state, the copy (``import_transactions``), what writeback reads
 (``new_transactions``) and ids.  The rest is in ``importer_config`` (the INI
 file), ``importer_source`` (reading the source) and ``importer_reads``
@@ -59,11 +61,10 @@ from .importer_source import (
     read_source,
     source_view,
 )
+from .sqlbase import SQLBackend
 from .sqlite import (
     _ADD_OBJ,
     _ADD_TRANS,
-    _FIND_DATA,
-    _INSERT_DATA,
     SQLiteBackend,
     _pack_oids,
 )
@@ -76,8 +77,9 @@ CONFIG_IMPORT_COUNT = 'import_count'       # transactions imported so far
 CONFIG_SOURCE = 'import_source'            # the source's configuration
 
 
-class ImporterBackend(ImporterReads, SQLiteBackend):
-    """SQLite backend serving a ZODB storage until it has copied it."""
+class Importer(ImporterReads):
+    """The import (a mixin before a SQL backend, ``SQLBackend``): serving
+    a ZODB storage until it has copied it."""
 
     name = 'Importer'
 
@@ -140,7 +142,7 @@ class ImporterBackend(ImporterReads, SQLiteBackend):
 
     def _start_import(self) -> None:
         """First open over this database: note what is to be imported."""
-        if SQLiteBackend.last_ids(self)[0] is not None:
+        if SQLBackend.last_ids(self)[0] is not None:
             raise ValueError(f'{self.database}: the database already has transactions and no'
                              ' import was started in it: use an empty database')
         source = self.source
@@ -172,7 +174,8 @@ class ImporterBackend(ImporterReads, SQLiteBackend):
         state = ('importing: up to %#x of %#x imported' % (self.import_tid, self.source_tid)
                  if self.importing else 'import finished')
         name = self.source.getName() if self.source is not None else '?'
-        return (f'Importer from {name} ({state}) into SQLite database {self.database!r}'
+        return (f'Importer from {name} ({state}) into {self.config.adapter} database'
+                f' {self.database!r}'
                 + (' with writeback' if self.writeback else ''))
 
     @property
@@ -190,7 +193,7 @@ class ImporterBackend(ImporterReads, SQLiteBackend):
 
     def import_transactions(self, txns: list[ImportTransaction]) -> None:
         """Copy source transactions, in TID order, each after ``import_tid``
-        (others are skipped), and advance ``import_tid`` in the same SQLite
+        (others are skipped), and advance ``import_tid`` in the same database
         transaction.  Not durable by itself (``commit_pending``)."""
         txns = [t for t in txns if self.import_tid < t[0] <= self.source_tid]
         if not txns:
@@ -203,13 +206,8 @@ class ImporterBackend(ImporterReads, SQLiteBackend):
                     raise ValueError('transactions out of order: %#x after %#x' % (tid, last))
                 last = tid
                 for oid, compression, checksum, data, data_txn in records:
-                    if data is None:
-                        data_id = None
-                    else:
-                        params = (checksum, compression, data)
-                        row = conn.execute(_FIND_DATA, params).fetchone()
-                        data_id = (row[0] if row is not None
-                                   else conn.execute(_INSERT_DATA, params).lastrowid)
+                    data_id = (None if data is None
+                               else self._find_or_insert_data(checksum, compression, data)[0])
                     conn.execute(_ADD_OBJ, (oid % np, oid, tid, data_id, data_txn))
                 conn.execute(_ADD_TRANS, (tid % np, tid, False,
                                           _pack_oids([r[0] for r in records]),
@@ -234,13 +232,13 @@ class ImporterBackend(ImporterReads, SQLiteBackend):
         high = min(locked, default=_MAX_TID + 1) - 1
         result = []
         records_count = 0
-        for tid in SQLiteBackend.get_tids_from(self, after + 1, high, limit, range(np)):
+        for tid in SQLBackend.get_tids_from(self, after + 1, high, limit, range(np)):
             if records_count >= max_records:
                 break
-            oids, user, description, ext, _, _ = SQLiteBackend.get_transaction(self, tid)
+            oids, user, description, ext, _, _ = SQLBackend.get_transaction(self, tid)
             records = []
             for oid in oids:
-                compression, checksum, data, data_serial = SQLiteBackend.fetch_object(
+                compression, checksum, data, data_serial = SQLBackend.fetch_object(
                     self, oid, tid)
                 if checksum == ZERO_HASH and not data:
                     value = None
@@ -292,7 +290,20 @@ class ImporterBackend(ImporterReads, SQLiteBackend):
         return first
 
 
-def import_all(backend: ImporterBackend, chunk: int = 100) -> None:
+class ImporterBackend(Importer, SQLiteBackend):
+    """The import into a SQLite database."""
+
+
+def importer_backend(database: str, **options: object) -> Importer:
+    """The Importer adapter (``-a Importer -d importer.conf``): an
+    ``Importer`` over the backend its configuration names."""
+    if ImporterConfig(database).adapter == 'PostgreSQL':
+        from .importer_postgresql import PostgreSQLImporterBackend
+        return PostgreSQLImporterBackend(database, **options)
+    return ImporterBackend(database, **options)
+
+
+def import_all(backend: Importer, chunk: int = 100) -> None:
     """Import everything at once (tests, tools): no event loop."""
     batch: list[ImportTransaction] = []
     for txn, _ in backend.read_source():
@@ -306,5 +317,5 @@ def import_all(backend: ImporterBackend, chunk: int = 100) -> None:
 
 # what moved to importer_source.py stays importable from here
 __all__ = ['FileStorageView', 'GenericView', 'ImportRecord', 'ImportTransaction',
-           'ImporterBackend', 'ImporterConfig', 'SourceDamaged', 'import_all', 'pack_record',
+           'Importer', 'ImporterBackend', 'importer_backend', 'ImporterConfig', 'SourceDamaged', 'import_all', 'pack_record',
            'read_source']

@@ -11,6 +11,8 @@ import os
 import ZODB.config
 
 _BACKEND_KEYS = ('adapter', 'database', 'writeback', 'compress', 'rate')
+# what the import can write into
+_ADAPTERS = ('SQLite', 'PostgreSQL')
 
 
 class ImporterConfig:
@@ -38,12 +40,17 @@ class ImporterConfig:
             raise ValueError(f'{path}: [{backend}] unknown option(s): {", ".join(unknown)}'
                              f' (known: {", ".join(_BACKEND_KEYS)})')
         adapter = options.get('adapter', 'SQLite').strip()
-        if adapter.lower() != 'sqlite':
-            raise ValueError(f'{path}: [{backend}] adapter {adapter!r}: only SQLite is supported')
+        known = {a.lower(): a for a in _ADAPTERS}
+        if adapter.lower() not in known:
+            raise ValueError(f'{path}: [{backend}] adapter {adapter!r}: one of'
+                             f' {", ".join(_ADAPTERS)}')
+        self.adapter = known[adapter.lower()]
         database = options.get('database', '').strip()
         if not database:
-            raise ValueError(f'{path}: [{backend}] missing database (the SQLite file)')
-        if database != ':memory:' and not os.path.isabs(database):
+            raise ValueError(f'{path}: [{backend}] missing database (the SQLite file or'
+                             ' PostgreSQL DSN)')
+        if (self.adapter == 'SQLite' and database != ':memory:'
+                and not os.path.isabs(database)):
             database = os.path.join(os.path.dirname(os.path.abspath(path)), database)
         self.database = database
         self.writeback = self._bool(cp, backend, 'writeback', False)

@@ -1,5 +1,5 @@
-"""Reads of ``ImporterBackend`` (a mixin, before ``SQLiteBackend``): while
-importing, what the SQLite database has is merged with the source's
+"""Reads of ``Importer`` (a mixin, before the SQL backend): while
+importing, what the database has is merged with the source's
 revisions not copied yet (the gap ``(import_tid, source_tid]``), and what
 would have to list the gap is refused with ``Unsupported``.
 

@@ -44,7 +44,8 @@ class SQLitePack:
     def add_pack_order(self, order: PackOrderRecord) -> None:
         tid, approved, partial, oids, pack_tid, gc = order
         with self._txn(durable=False) as conn:
-            conn.execute(_ADD_PACK, (tid, approved, bool(partial),
+            conn.execute(_ADD_PACK, (tid, None if approved is None else bool(approved),
+                                     bool(partial),
                                      None if oids is None else _pack_oids(oids),
                                      pack_tid, bool(gc)))
 
@@ -93,8 +94,6 @@ class SQLitePack:
 
     def pack_partition(self, partition: int, steps: Sequence[PackStep], min_oid: int,
                        length: int, progress: PackProgress) -> tuple[int | None, int, int]:
-        # durable: its own fsync flushes what it wrote, which the next
-        # commit's fsync would otherwise have to
         # durable: its own fsync flushes what it wrote, which the next
         # commit's fsync would otherwise have to
         with self._txn(durable=True) as conn:

@@ -23,10 +23,8 @@ from .sqlite_schema import (
     _FETCH_OBJ,
     _FETCH_OBJ_KEYS,
     _FETCH_TIDS,
-    _FIND_DATA,
     _FLOOR_STEP,
     _GET_REPLICATION,
-    _INSERT_DATA,
     _MAX_DATA_ID,
     _MAX_OBJ_TID,
     _MAX_TRANS_TID,
@@ -156,24 +154,34 @@ class SQLiteReplication:
             if not (checksum == ZERO_HASH and not data):
                 values[(checksum, compression, data)] = None
         hashes = list({checksum for checksum, _, _ in values})
-        for i in range(0, len(hashes), _FIND_BATCH):
-            batch = hashes[i:i + _FIND_BATCH]
-            batch += batch[-1:] * (_FIND_BATCH - len(batch))
-            for data_id, checksum, compression, data in conn.execute(_FIND_DATA_IN, batch):
-                key = (checksum, compression, data)
-                if key in values and values[key] is None:
-                    values[key] = data_id
+        for data_id, checksum, compression, data in self._data_rows(conn, hashes):
+            key = (checksum, compression, data)
+            if key in values and values[key] is None:
+                values[key] = data_id
         new = [key for key, data_id in values.items() if data_id is None]
         if new:
-            seq = conn.execute(_DATA_SEQ).fetchone()
-            next_id = max(self._scalar(_MAX_DATA_ID, ()) or 0, seq[0] if seq else 0) + 1
             rows = []
-            for data_id, key in enumerate(new, next_id):
+            for data_id, key in zip(self._new_data_ids(conn, len(new)), new, strict=True):
                 values[key] = data_id
                 rows.append((data_id, *key))
             conn.executemany(_INSERT_DATA_ID, rows)
         return [None if checksum == ZERO_HASH and not data else values[(checksum, compression, data)]
                 for _, _, compression, checksum, data, _ in records]
+
+    def _data_rows(self, conn, hashes: list[bytes]) -> Iterator[tuple[int, bytes, int, bytes]]:
+        """(id, hash, compression, value) of the data rows with these hashes."""
+        for i in range(0, len(hashes), _FIND_BATCH):
+            batch = hashes[i:i + _FIND_BATCH]
+            batch += batch[-1:] * (_FIND_BATCH - len(batch))
+            yield from conn.execute(_FIND_DATA_IN, batch)
+
+    def _new_data_ids(self, conn, count: int) -> range:
+        """``count`` data ids never used: after the greatest one ever
+        allocated (AUTOINCREMENT's sequence counts the deleted ones too;
+        rows inserted with an explicit id move it on)."""
+        seq = conn.execute(_DATA_SEQ).fetchone()
+        next_id = max(self._scalar(_MAX_DATA_ID, ()) or 0, seq[0] if seq else 0) + 1
+        return range(next_id, next_id + count)
 
     def add_transaction(self, tid: int, oids: Sequence[int], user: bytes, description: bytes,
                         ext: bytes, packed: bool, ttid: int) -> None:
@@ -190,9 +198,7 @@ class SQLiteReplication:
             if checksum == ZERO_HASH and not data:
                 data_id = None
             else:
-                params = (checksum, compression, data)
-                row = conn.execute(_FIND_DATA, params).fetchone()
-                data_id = row[0] if row is not None else conn.execute(_INSERT_DATA, params).lastrowid
+                data_id = self._find_or_insert_data(checksum, compression, data)[0]
             conn.execute(_ADD_OBJ, (p, oid, tid, data_id, data_serial))
             if old is not None and old[0] is not None and old[0] != data_id:
                 self._prune([old[0]])

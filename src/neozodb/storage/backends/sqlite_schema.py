@@ -167,7 +167,7 @@ _DROP_UNFINISHED_TTRANS = "DELETE FROM ttrans WHERE tid IS NULL"
 
 _GET_TRANS = ("SELECT oids, user, description, ext, packed, ttid FROM trans"
               " WHERE partition=? AND tid=?")
-_HISTORY = ("SELECT o.tid, IFNULL(LENGTH(d.value), 0)"
+_HISTORY = ("SELECT o.tid, COALESCE(LENGTH(d.value), 0)"
             " FROM obj AS o LEFT JOIN data AS d ON d.id = o.data_id"
             " WHERE o.partition=? AND o.oid=? ORDER BY o.tid DESC LIMIT ? OFFSET ?")
 # the undo log: neither pack transactions nor what a pack of the partition
@@ -215,7 +215,7 @@ _TRUNCATE_REPLICATION_OBJ = ("UPDATE replication SET next_obj_tid=?, next_obj_oi
 # pack
 _INSERT_TPACK = ("INSERT OR REPLACE INTO tpack (ttid, approved, partial, oids, pack_tid, gc)"
                  " VALUES (?, NULL, ?, ?, ?, ?)")
-_APPROVE_TPACK = "UPDATE tpack SET approved=1 WHERE ttid=?"
+_APPROVE_TPACK = "UPDATE tpack SET approved=TRUE WHERE ttid=?"
 _MOVE_PACK = ("INSERT OR REPLACE INTO pack (tid, approved, partial, oids, pack_tid, gc)"
               " SELECT ?, approved, partial, oids, pack_tid, gc FROM tpack WHERE ttid=?")
 _DEL_TPACK = "DELETE FROM tpack WHERE ttid=?"

@@ -47,20 +47,26 @@ class SQLiteWrites:
 
     # -- writes and two-phase commit -------------------------------------------
 
-    def store_data(self, checksum: bytes, compression: int, data: bytes) -> int:
+    def store_data(self, checksum: bytes, compression: int, data: bytes,
+                   oid: int | None = None) -> int:
         if len(checksum) != 20 or checksum == ZERO_HASH:
             raise ValueError('invalid checksum for a data row')
         self._begin()
+        data_id, inserted = self._find_or_insert_data(checksum, compression, data)
+        if inserted:
+            self._data_added += 1
+        self._held[data_id] += 1
+        return data_id
+
+    def _find_or_insert_data(self, checksum: bytes, compression: int, data: bytes
+                             ) -> tuple[int, bool]:
+        """(id of an identical data row or of a new one, whether it is new)."""
         conn = self._conn
         params = (checksum, compression, data)
         row = conn.execute(_FIND_DATA, params).fetchone()
         if row is not None:
-            data_id = row[0]
-        else:
-            data_id = conn.execute(_INSERT_DATA, params).lastrowid
-            self._data_added += 1
-        self._held[data_id] += 1
-        return data_id
+            return row[0], False
+        return conn.execute(_INSERT_DATA, params).lastrowid, True
 
     def hold_data(self, data_id: int) -> None:
         self._held[data_id] += 1
