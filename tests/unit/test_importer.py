@@ -386,3 +386,40 @@ def test_empty_source_ids(tmp_path):
         assert p64(0) == z64
     finally:
         backend.close()
+
+
+def test_blobs_are_refused_not_lost(tmp_path):
+    """The live import does not carry blobs yet: a source with a blob-dir
+    is refused at once, and a blob record met without one stops the
+    import before it (nothing of its transaction imported)."""
+    from ZODB.blob import Blob
+
+    from neozodb.storage.backends.importer_config import ImporterConfig
+    path, blobs = str(tmp_path / 'blobs.fs'), str(tmp_path / 'blobs')
+    db = ZODB.DB(FileStorage(path, blob_dir=blobs))
+    try:
+        root = db.open().root()
+        root['plain'] = 1
+        transaction.commit()
+        root['file'] = Blob(b'content')
+        transaction.commit()
+    finally:
+        db.close()
+    conf = write_conf(str(tmp_path), path)
+    with open(conf) as f:
+        text = f.read()
+    with open(conf, 'w') as f:
+        f.write(text.replace('read-only true', 'read-only true\n    blob-dir %s' % blobs))
+    with pytest.raises(ValueError) as e:
+        ImporterConfig(conf).open_source()
+    assert 'live import does not carry yet' in str(e.value)
+    backend = open_importer(tmp_path, path)  # the same file, no blob-dir
+    try:
+        batch = []
+        with pytest.raises(SourceDamaged) as e:
+            for txn, _ in backend.read_source():
+                batch.append(txn)
+        assert 'blob record of oid 0x1' in str(e.value)
+        assert len(batch) == 2  # the root's creation and 'plain'; not the blob's
+    finally:
+        backend.close()

@@ -9,6 +9,7 @@ import configparser
 import os
 
 import ZODB.config
+from ZODB.interfaces import IBlobStorage
 
 _BACKEND_KEYS = ('adapter', 'database', 'writeback', 'compress', 'rate')
 # what the import can write into
@@ -100,4 +101,10 @@ class ImporterConfig:
             storage.close()
             raise ValueError(f'{self.path}: writeback needs a writable source: remove'
                              f' "read-only true" from [{self.source_name}]')
+        if IBlobStorage.providedBy(storage):
+            # imported, its blob records would lose their contents
+            storage.close()
+            raise ValueError(f'{self.path}: [{self.source_name}] has blobs (blob-dir), which'
+                             ' the live import does not carry yet: copy the database with'
+                             ' neomigrate --blob-dir instead')
         return storage
