@@ -205,3 +205,47 @@ def test_import_filestorage(server, cluster, tmp_path):
     cluster.stop()     # unlocks reach the databases
     s1, s2 = contents(server, cluster.db_name(1)), contents(server, cluster.db_name(2))
     assert s1 == s2 and len(s1[0]) == len(expected)
+
+
+def test_database_connection_and_server_lost_under_write_load(tmp_path):
+    """A storage whose database connection is killed stops (or goes on if
+    nothing was pending); the server itself SIGKILLed stops every storage;
+    restarted, nothing acknowledged is lost and the replicas agree."""
+    srv = throwaway.start(str(tmp_path / "server"))
+    c = LocalCluster(str(tmp_path / "cluster"), name="maria", storages=2, replicas=1,
+                     partitions=PARTITIONS, adapter="MariaDB",
+                     databases=lambda i: srv.database("lost_s%d" % i))
+    try:
+        c.start(wait=60)
+        writers = Writers(c, tmp_path, retry=True)
+        try:
+            wait_until(lambda: all(n >= 10 for n in writers.counts()), 60, "first commits")
+            # S1's connection killed by the server
+            conn_id, = query(srv, "lost_s1", "SELECT id FROM information_schema.processlist"
+                             " WHERE db='lost_s1' AND id<>CONNECTION_ID()")[0]
+            query(srv, "lost_s1", "KILL ?", (conn_id,))
+            wait_until(writers.more(10), 60, "commits after S1's connection was killed")
+            if not c.nodes["S1"].running:
+                assert c.nodes["S1"].proc.returncode != 0
+                c.nodes["S1"].start()
+            wait_until(lambda: up_to_date(c, {"S1", "S2"}), 60, "S1 up to date")
+            # the whole server killed: every storage stops
+            srv._proc.kill()
+            srv._proc.wait(30)
+            for name in ("S1", "S2"):
+                wait_until(lambda name=name: not c.nodes[name].running, 60, name + " stopped")
+                assert c.nodes[name].proc.returncode != 0
+            srv.start()                     # InnoDB recovers its files
+            for name in ("S1", "S2"):
+                c.nodes[name].start()
+            c.wait_state("RUNNING", 90)
+            wait_until(writers.more(10), 90, "commits after the server came back")
+        finally:
+            writers.stop()
+        writers.check()
+        c.stop()
+        s1, s2 = contents(srv, "lost_s1"), contents(srv, "lost_s2")
+        assert s1 == s2 and len(s1[0]) > sum(writers.counts())
+    finally:
+        c.kill()
+        srv.stop()

@@ -105,6 +105,7 @@ class MariaDBBackend(MariaDBReads, MariaDBWrites, MariaDBReplication, MariaDBPac
         # next data id of each partition (NEO allocates them per partition)
         self._next_data_id: dict[int, int] = {}
         self._held: Counter[int] = Counter()
+        self._voted_pack_ttids: set[int] | None = None   # see _voted_packs
 
     # -- connection ------------------------------------------------------------
 
@@ -215,6 +216,7 @@ class MariaDBBackend(MariaDBReads, MariaDBWrites, MariaDBReplication, MariaDBPac
         self._nid_known = False
         self._next_data_id.clear()
         self._held.clear()
+        self._voted_pack_ttids = None
 
     def _create_tables(self) -> None:
         if self.engine != 'InnoDB':
@@ -288,6 +290,7 @@ class MariaDBBackend(MariaDBReads, MariaDBWrites, MariaDBReplication, MariaDBPac
         try:
             yield
         except BaseException:
+            self._voted_pack_ttids = None   # read again: what it undid may have changed it
             if self._conn is not None:
                 try:
                     if was_dirty:
