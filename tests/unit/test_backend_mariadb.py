@@ -152,7 +152,7 @@ class TestMariaDBBackend(BackendConformance):
         assert db.load_data(pending) is None
         assert db.get_object(1)[4] == b'before'
 
-    def test_idle_connection_lost_is_reconnected(self, server, db):
+    def test_idle_connection_lost_is_reconnected(self, server, db, tmp_path):
         self.commit(db, 10, {1: b'one'})
         db.commit_pending()
         cur = db._conn.cursor()
@@ -163,6 +163,8 @@ class TestMariaDBBackend(BackendConformance):
         assert db.get_object(1)[4] == b'one'         # nothing pending: retried
         self.commit(db, 14, {1: b'two'})
         assert db.get_object(1)[4] == b'two'
+        with pytest.raises(RuntimeError, match='locked'):   # the new connection has the lock
+            self.make_backend(tmp_path).open()
 
     def test_big_value_in_bigdata(self, opener, db):
         data = os.urandom(1 << 20) * 17 + b'tail'    # 17 MiB and a bit: 3 bigdata rows
