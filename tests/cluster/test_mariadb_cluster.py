@@ -249,3 +249,37 @@ def test_database_connection_and_server_lost_under_write_load(tmp_path):
     finally:
         c.kill()
         srv.stop()
+
+
+def test_neosimple_starts_and_stops_its_server(tmp_path):
+    """neosimple --adapter MariaDB: a server of its own for the storages,
+    stopped with the cluster."""
+    import signal
+
+    import zodburi
+    directory = tmp_path / "c"
+    proc = subprocess.Popen([sys.executable, "-m", "neozodb.cli.simple", "--adapter", "MariaDB",
+                             "--partitions", "2", str(directory)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:  # ends when the cluster runs, or neosimple exits
+            lines.append(line)
+            if line.startswith("logs and databases"):
+                break
+        uri = next(x.split(": ", 1)[1].strip() for x in lines if x.startswith("connect with"))
+        factory, dbkw = zodburi.resolve_uri(uri)
+        db = ZODB.DB(factory(), **dbkw)
+        try:
+            with db.transaction() as conn:
+                conn.root()["simple"] = "mariadb"
+        finally:
+            db.close()
+        assert "MariaDB" in (directory / "S1.log").read_text()
+        pid = int((directory / "server" / "mariadbd.pid").read_text())
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    assert not os.path.exists("/proc/%d" % pid) or \
+        open("/proc/%d/cmdline" % pid, "rb").read().find(b"mariadbd") < 0
+    assert not (directory / "server" / "data").exists()
