@@ -126,6 +126,29 @@ class TestMariaDBBackend(BackendConformance):
         db._conn.commit()
         assert db.get_replication(1) == (201, 201, 0)
 
+    def test_commit_points_seen_from_another_connection(self, server, db, tmp_path):
+        """Vote and lock commit (the server fsyncs each commit); stores,
+        unlocks and aborts wait for the next durable point."""
+        def seen(sql):
+            with mariadb.connect(user='root', unix_socket=server.socket,
+                                 database=db_name(tmp_path)) as conn:
+                cur = conn.cursor()
+                cur.execute(sql)
+                return cur.fetchall()
+        assert seen("SELECT @@innodb_flush_log_at_trx_commit") == [(1,)]
+        data_id = db.store_data(h(b'x'), 0, b'x', oid=1)
+        assert seen("SELECT COUNT(*) FROM data") == [(0,)]
+        db.store_transaction(8, [(1, data_id, None)], ([1], b'', b'', b'', False))
+        assert seen("SELECT COUNT(*) FROM data") == [(1,)]
+        assert seen("SELECT tid, oid FROM tobj") == [(8, 1)]
+        db.lock_transaction(8, 12)
+        assert seen("SELECT ttid, tid FROM ttrans") == [(8, 12)]
+        db.unlock_transaction(8, 12)
+        assert seen("SELECT COUNT(*) FROM trans") == [(0,)]
+        db.commit_pending()
+        assert seen("SELECT tid, ttid FROM trans") == [(12, 8)]
+        assert seen("SELECT COUNT(*) FROM ttrans") == [(0,)]
+
     def test_second_node_on_the_database_is_refused(self, db, tmp_path):
         other = self.make_backend(tmp_path)
         with pytest.raises(RuntimeError, match='locked'):
