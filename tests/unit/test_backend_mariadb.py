@@ -261,6 +261,47 @@ class TestMariaDBBackend(BackendConformance):
             backend.close()
 
 
+ROCKSDB_PLUGIN = '/usr/lib/mysql/plugin/ha_rocksdb.so'
+
+
+@pytest.fixture(scope='session')
+def rocksdb_server():
+    if not os.path.exists(ROCKSDB_PLUGIN):
+        pytest.skip('no RocksDB engine here (apt-get install mariadb-plugin-rocksdb)')
+    directory = tempfile.mkdtemp(prefix='neozodb-mariadb-rocksdb-')
+    try:
+        srv = throwaway.start(directory, ['--plugin-load-add=ha_rocksdb'])
+        try:
+            yield srv
+        finally:
+            srv.stop()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+class TestMariaDBRocksDBBackend(BackendConformance):
+    """The same with --engine RocksDB (MyRocks), NEO's other engine."""
+
+    @pytest.fixture(autouse=True)
+    def _server(self, rocksdb_server):
+        self.server = rocksdb_server
+
+    def make_backend(self, tmp_path) -> Backend:
+        return MariaDBBackend(self.server.database(db_name(tmp_path)), engine='RocksDB')
+
+    def test_tables_are_rocksdb(self, db):
+        cur = db._conn.cursor()
+        cur.execute("SELECT DISTINCT engine FROM information_schema.tables"
+                    " WHERE table_schema=DATABASE()")
+        assert cur.fetchall() == [('ROCKSDB',)]
+
+
+def test_rocksdb_refused_where_the_server_has_none(server, tmp_path):
+    backend = MariaDBBackend(server.database(db_name(tmp_path)), engine='rocksdb')
+    with pytest.raises(ValueError, match='no RocksDB engine'):
+        backend.open()
+
+
 def test_parse_database():
     assert parse_database('neo') == {'database': 'neo'}
     assert parse_database('u@neo') == {'database': 'neo', 'user': 'u'}
