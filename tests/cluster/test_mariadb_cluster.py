@@ -283,3 +283,46 @@ def test_neosimple_starts_and_stops_its_server(tmp_path):
     assert not os.path.exists("/proc/%d" % pid) or \
         open("/proc/%d/cmdline" % pid, "rb").read().find(b"mariadbd") < 0
     assert not (directory / "server" / "data").exists()
+
+
+class SQLiteAndMariaDB(LocalCluster):
+    """S1 on SQLite, the other storages on the MariaDB server."""
+
+    def storage_argv(self, i: int) -> list[str]:
+        argv = super().storage_argv(i)
+        if i == 1:
+            at = argv.index("-a")
+            argv[at + 1:at + 4] = ["SQLite", "-d", os.path.join(self.directory, "s1.sqlite")]
+        return argv
+
+
+def test_sqlite_and_mariadb_replicas_agree(server, tmp_path):
+    """One replica on each backend: replication both ways, and neoctl check
+    finds them equal (the digests are the same on every backend)."""
+    c = SQLiteAndMariaDB(str(tmp_path / "cluster"), name="mixed", storages=2, replicas=1,
+                         partitions=PARTITIONS, adapter="MariaDB",
+                         databases=lambda i: server.database("mixed_s%d" % i))
+    try:
+        c.start(wait=60)
+        assert "-a SQLite" in " ".join(c.nodes["S1"].argv)
+        db = ZODB.DB(Storage(c.masters, c.name))
+        try:
+            for victim in ("S1", "S2"):
+                c.nodes[victim].kill()
+                wait_until(lambda v=victim: c.storage_state(v) is NodeStates.DOWN, 30,
+                           victim + " down")
+                with db.transaction() as conn:
+                    root = conn.root()
+                    for i in range(30):
+                        root["%s%d" % (victim, i)] = PersistentMapping(v=os.urandom(200))
+                c.nodes[victim].start()
+                wait_until(lambda: up_to_date(c, {"S1", "S2"}), 60, victim + " up to date")
+        finally:
+            db.close()
+        out = c.run_neoctl("check", timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.splitlines()[-1] == \
+            "%d partitions checked, 0 corrupted copies found, 0 repaired" % PARTITIONS, out.stdout
+        assert all(": ok: S1 S2 agree" in line for line in out.stdout.splitlines()[:-1])
+    finally:
+        c.kill()
