@@ -14,10 +14,12 @@ $(STAMP): pyproject.toml
 	@# ip (iproute2) and iptables for the network-fault tests (tests/net)
 	{ export PATH="$$PATH:/usr/sbin:/sbin"; command -v ip && command -v iptables-restore; } >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 iptables; }
-	@# MariaDB server and Connector/C (the mariadb driver builds on it) for the
-	@# MariaDB backend's tests; PostgreSQL 15's binaries are on the machine
-	{ export PATH="$$PATH:/usr/sbin:/sbin"; command -v mariadbd && command -v mariadb_config; } >/dev/null || \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server libmariadb-dev; }
+	@# MariaDB server (and its RocksDB engine) and Connector/C (the mariadb
+	@# driver builds on it, and mysqlclient with pkg-config: RelStorage's and
+	@# NEO's driver) for the MariaDB backend's tests; PostgreSQL 15's
+	@# binaries are on the machine
+	{ export PATH="$$PATH:/usr/sbin:/sbin"; command -v mariadbd && command -v mariadb_config && command -v pkg-config && test -e /usr/lib/mysql/plugin/ha_rocksdb.so; } >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server mariadb-plugin-rocksdb libmariadb-dev pkg-config; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 	$(BIN)/pip install -q -e '.[test,bench]'

@@ -205,3 +205,124 @@ def test_import_filestorage(server, cluster, tmp_path):
     cluster.stop()     # unlocks reach the databases
     s1, s2 = contents(server, cluster.db_name(1)), contents(server, cluster.db_name(2))
     assert s1 == s2 and len(s1[0]) == len(expected)
+
+
+def test_database_connection_and_server_lost_under_write_load(tmp_path):
+    """A storage whose database connection is killed stops (or goes on if
+    nothing was pending); the server itself SIGKILLed stops every storage;
+    restarted, nothing acknowledged is lost and the replicas agree."""
+    srv = throwaway.start(str(tmp_path / "server"))
+    c = LocalCluster(str(tmp_path / "cluster"), name="maria", storages=2, replicas=1,
+                     partitions=PARTITIONS, adapter="MariaDB",
+                     databases=lambda i: srv.database("lost_s%d" % i))
+    try:
+        c.start(wait=60)
+        writers = Writers(c, tmp_path, retry=True)
+        try:
+            wait_until(lambda: all(n >= 10 for n in writers.counts()), 60, "first commits")
+            # S1's connection killed by the server
+            conn_id, = query(srv, "lost_s1", "SELECT id FROM information_schema.processlist"
+                             " WHERE db='lost_s1' AND id<>CONNECTION_ID()")[0]
+            query(srv, "lost_s1", "KILL ?", (conn_id,))
+            wait_until(writers.more(10), 60, "commits after S1's connection was killed")
+            if not c.nodes["S1"].running:
+                assert c.nodes["S1"].proc.returncode != 0
+                c.nodes["S1"].start()
+            wait_until(lambda: up_to_date(c, {"S1", "S2"}), 60, "S1 up to date")
+            # the whole server killed: every storage stops
+            srv._proc.kill()
+            srv._proc.wait(30)
+            for name in ("S1", "S2"):
+                wait_until(lambda name=name: not c.nodes[name].running, 60, name + " stopped")
+                assert c.nodes[name].proc.returncode != 0
+            srv.start()                     # InnoDB recovers its files
+            for name in ("S1", "S2"):
+                c.nodes[name].start()
+            c.wait_state("RUNNING", 90)
+            wait_until(writers.more(10), 90, "commits after the server came back")
+        finally:
+            writers.stop()
+        writers.check()
+        c.stop()
+        s1, s2 = contents(srv, "lost_s1"), contents(srv, "lost_s2")
+        assert s1 == s2 and len(s1[0]) > sum(writers.counts())
+    finally:
+        c.kill()
+        srv.stop()
+
+
+def test_neosimple_starts_and_stops_its_server(tmp_path):
+    """neosimple --adapter MariaDB: a server of its own for the storages,
+    stopped with the cluster."""
+    import signal
+
+    import zodburi
+    directory = tmp_path / "c"
+    proc = subprocess.Popen([sys.executable, "-m", "neozodb.cli.simple", "--adapter", "MariaDB",
+                             "--partitions", "2", str(directory)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:  # ends when the cluster runs, or neosimple exits
+            lines.append(line)
+            if line.startswith("logs and databases"):
+                break
+        uri = next(x.split(": ", 1)[1].strip() for x in lines if x.startswith("connect with"))
+        factory, dbkw = zodburi.resolve_uri(uri)
+        db = ZODB.DB(factory(), **dbkw)
+        try:
+            with db.transaction() as conn:
+                conn.root()["simple"] = "mariadb"
+        finally:
+            db.close()
+        assert "MariaDB" in (directory / "S1.log").read_text()
+        pid = int((directory / "server" / "mariadbd.pid").read_text())
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    assert not os.path.exists("/proc/%d" % pid) or \
+        open("/proc/%d/cmdline" % pid, "rb").read().find(b"mariadbd") < 0
+    assert not (directory / "server" / "data").exists()
+
+
+class SQLiteAndMariaDB(LocalCluster):
+    """S1 on SQLite, the other storages on the MariaDB server."""
+
+    def storage_argv(self, i: int) -> list[str]:
+        argv = super().storage_argv(i)
+        if i == 1:
+            at = argv.index("-a")
+            argv[at + 1:at + 4] = ["SQLite", "-d", os.path.join(self.directory, "s1.sqlite")]
+        return argv
+
+
+def test_sqlite_and_mariadb_replicas_agree(server, tmp_path):
+    """One replica on each backend: replication both ways, and neoctl check
+    finds them equal (the digests are the same on every backend)."""
+    c = SQLiteAndMariaDB(str(tmp_path / "cluster"), name="mixed", storages=2, replicas=1,
+                         partitions=PARTITIONS, adapter="MariaDB",
+                         databases=lambda i: server.database("mixed_s%d" % i))
+    try:
+        c.start(wait=60)
+        assert "-a SQLite" in " ".join(c.nodes["S1"].argv)
+        db = ZODB.DB(Storage(c.masters, c.name))
+        try:
+            for victim in ("S1", "S2"):
+                c.nodes[victim].kill()
+                wait_until(lambda v=victim: c.storage_state(v) is NodeStates.DOWN, 30,
+                           victim + " down")
+                with db.transaction() as conn:
+                    root = conn.root()
+                    for i in range(30):
+                        root["%s%d" % (victim, i)] = PersistentMapping(v=os.urandom(200))
+                c.nodes[victim].start()
+                wait_until(lambda: up_to_date(c, {"S1", "S2"}), 60, victim + " up to date")
+        finally:
+            db.close()
+        out = c.run_neoctl("check", timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.splitlines()[-1] == \
+            "%d partitions checked, 0 corrupted copies found, 0 repaired" % PARTITIONS, out.stdout
+        assert all(": ok: S1 S2 agree" in line for line in out.stdout.splitlines()[:-1])
+    finally:
+        c.kill()

@@ -126,6 +126,29 @@ class TestMariaDBBackend(BackendConformance):
         db._conn.commit()
         assert db.get_replication(1) == (201, 201, 0)
 
+    def test_commit_points_seen_from_another_connection(self, server, db, tmp_path):
+        """Vote and lock commit (the server fsyncs each commit); stores,
+        unlocks and aborts wait for the next durable point."""
+        def seen(sql):
+            with mariadb.connect(user='root', unix_socket=server.socket,
+                                 database=db_name(tmp_path)) as conn:
+                cur = conn.cursor()
+                cur.execute(sql)
+                return cur.fetchall()
+        assert seen("SELECT @@innodb_flush_log_at_trx_commit") == [(1,)]
+        data_id = db.store_data(h(b'x'), 0, b'x', oid=1)
+        assert seen("SELECT COUNT(*) FROM data") == [(0,)]
+        db.store_transaction(8, [(1, data_id, None)], ([1], b'', b'', b'', False))
+        assert seen("SELECT COUNT(*) FROM data") == [(1,)]
+        assert seen("SELECT tid, oid FROM tobj") == [(8, 1)]
+        db.lock_transaction(8, 12)
+        assert seen("SELECT ttid, tid FROM ttrans") == [(8, 12)]
+        db.unlock_transaction(8, 12)
+        assert seen("SELECT COUNT(*) FROM trans") == [(0,)]
+        db.commit_pending()
+        assert seen("SELECT tid, ttid FROM trans") == [(12, 8)]
+        assert seen("SELECT COUNT(*) FROM ttrans") == [(0,)]
+
     def test_second_node_on_the_database_is_refused(self, db, tmp_path):
         other = self.make_backend(tmp_path)
         with pytest.raises(RuntimeError, match='locked'):
@@ -152,7 +175,7 @@ class TestMariaDBBackend(BackendConformance):
         assert db.load_data(pending) is None
         assert db.get_object(1)[4] == b'before'
 
-    def test_idle_connection_lost_is_reconnected(self, server, db):
+    def test_idle_connection_lost_is_reconnected(self, server, db, tmp_path):
         self.commit(db, 10, {1: b'one'})
         db.commit_pending()
         cur = db._conn.cursor()
@@ -163,6 +186,8 @@ class TestMariaDBBackend(BackendConformance):
         assert db.get_object(1)[4] == b'one'         # nothing pending: retried
         self.commit(db, 14, {1: b'two'})
         assert db.get_object(1)[4] == b'two'
+        with pytest.raises(RuntimeError, match='locked'):   # the new connection has the lock
+            self.make_backend(tmp_path).open()
 
     def test_big_value_in_bigdata(self, opener, db):
         data = os.urandom(1 << 20) * 17 + b'tail'    # 17 MiB and a bit: 3 bigdata rows
@@ -234,6 +259,47 @@ class TestMariaDBBackend(BackendConformance):
             assert backend.get_name() == 'uri'
         finally:
             backend.close()
+
+
+ROCKSDB_PLUGIN = '/usr/lib/mysql/plugin/ha_rocksdb.so'
+
+
+@pytest.fixture(scope='session')
+def rocksdb_server():
+    if not os.path.exists(ROCKSDB_PLUGIN):
+        pytest.skip('no RocksDB engine here (apt-get install mariadb-plugin-rocksdb)')
+    directory = tempfile.mkdtemp(prefix='neozodb-mariadb-rocksdb-')
+    try:
+        srv = throwaway.start(directory, ['--plugin-load-add=ha_rocksdb'])
+        try:
+            yield srv
+        finally:
+            srv.stop()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+class TestMariaDBRocksDBBackend(BackendConformance):
+    """The same with --engine RocksDB (MyRocks), NEO's other engine."""
+
+    @pytest.fixture(autouse=True)
+    def _server(self, rocksdb_server):
+        self.server = rocksdb_server
+
+    def make_backend(self, tmp_path) -> Backend:
+        return MariaDBBackend(self.server.database(db_name(tmp_path)), engine='RocksDB')
+
+    def test_tables_are_rocksdb(self, db):
+        cur = db._conn.cursor()
+        cur.execute("SELECT DISTINCT engine FROM information_schema.tables"
+                    " WHERE table_schema=DATABASE()")
+        assert cur.fetchall() == [('ROCKSDB',)]
+
+
+def test_rocksdb_refused_where_the_server_has_none(server, tmp_path):
+    backend = MariaDBBackend(server.database(db_name(tmp_path)), engine='rocksdb')
+    with pytest.raises(ValueError, match='no RocksDB engine'):
+        backend.open()
 
 
 def test_parse_database():

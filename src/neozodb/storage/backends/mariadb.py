@@ -8,9 +8,12 @@ server's: with ``innodb_flush_log_at_trx_commit=1`` (checked at open; a
 lower value is logged) a COMMIT is on disk when it returns.  As in the
 SQLite backend, writes that need not be durable on their own
 (``store_data``, unlock, abort, replication rows...) stay in the open
-transaction, each in a savepoint, and the next durable point (vote, lock,
-configuration, partition table, pack chunk) commits them with its own rows;
-``commit_pending`` bounds how long they wait.
+transaction, and the next durable point (vote, lock, configuration,
+partition table, pack chunk) commits them with its own rows;
+``commit_pending`` bounds how long they wait.  An operation of several
+statements runs in a savepoint when earlier writes are pending, so that
+its failure undoes its own writes only.  Each statement keeps a prepared
+cursor of its own: one round trip per execution.
 
 Two storage nodes on one database are refused: the connection holds
 ``GET_LOCK('<database>.neostorage')``, the lock NEO's nodes take, so a
@@ -59,7 +62,6 @@ def _is_write(sql: str) -> bool:
     if write is None:
         write = _WRITE_CACHE[sql] = sql.split(None, 1)[0] in _WRITES
     return write
-_READABLE = (1, 2)   # UP_TO_DATE, FEEDING
 
 
 def _errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
@@ -105,6 +107,7 @@ class MariaDBBackend(MariaDBReads, MariaDBWrites, MariaDBReplication, MariaDBPac
         # next data id of each partition (NEO allocates them per partition)
         self._next_data_id: dict[int, int] = {}
         self._held: Counter[int] = Counter()
+        self._voted_pack_ttids: set[int] | None = None   # see _voted_packs
 
     # -- connection ------------------------------------------------------------
 
@@ -125,8 +128,9 @@ class MariaDBBackend(MariaDBReads, MariaDBWrites, MariaDBReplication, MariaDBPac
             cur.execute(S.FLUSH_SETTING)
             flush, packet, self._version, self._datadir = cur.fetchone()
             if int(flush) != 1:
-                log.warning('MariaDB: innodb_flush_log_at_trx_commit=%s: commits are not'
-                            ' fsynced, a server crash may lose committed transactions', flush)
+                log.warning('MariaDB database %s: innodb_flush_log_at_trx_commit=%s: commits'
+                            ' are not fsynced, a server crash may lose committed transactions',
+                            self._args['database'], flush)
             self._max_packet = int(packet)
         except BaseException:
             conn.close()
@@ -173,7 +177,8 @@ class MariaDBBackend(MariaDBReads, MariaDBWrites, MariaDBReplication, MariaDBPac
                 if not (clean and retries and (code in S.GONE or code in S.RETRY)):
                     raise
                 retries -= 1
-                log.info('MariaDB: %s; retrying on a new connection', e)
+                log.info('MariaDB database %s: %s; retrying on a new connection',
+                         self._args['database'], e)
                 self._dirty = False
                 self._disconnect()
                 self._connect()
@@ -215,6 +220,7 @@ class MariaDBBackend(MariaDBReads, MariaDBWrites, MariaDBReplication, MariaDBPac
         self._nid_known = False
         self._next_data_id.clear()
         self._held.clear()
+        self._voted_pack_ttids = None
 
     def _create_tables(self) -> None:
         if self.engine != 'InnoDB':
@@ -288,6 +294,7 @@ class MariaDBBackend(MariaDBReads, MariaDBWrites, MariaDBReplication, MariaDBPac
         try:
             yield
         except BaseException:
+            self._voted_pack_ttids = None   # read again: what it undid may have changed it
             if self._conn is not None:
                 try:
                     if was_dirty:

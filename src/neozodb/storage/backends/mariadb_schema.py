@@ -280,6 +280,7 @@ CHECK_OBJ = ("SELECT o.tid, o.oid, o.value_tid, d.hash"
 INSERT_VOTED_PACK = ("REPLACE INTO pack (tid, approved, partial, oids, pack_tid)"
                      " VALUES (?, NULL, ?, ?, ?)")
 APPROVE_PACK = "UPDATE pack SET approved=1 WHERE tid=?"
+VOTED_PACK_TTIDS = "SELECT p.tid FROM pack AS p JOIN ttrans AS t ON t.ttid = p.tid"
 MOVE_PACK = "UPDATE pack SET tid=? WHERE tid=?"
 DEL_PACK = "DELETE FROM pack WHERE tid=?"
 TRUNCATE_PACK = "SELECT tid FROM pack WHERE tid>?"

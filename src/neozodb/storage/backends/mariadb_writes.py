@@ -151,6 +151,8 @@ class MariaDBWrites:
                         None if pack_oids is None else S.pack_oids(pack_oids), pack_tid))
                     if gc:
                         self._set_config(S.KEY_GC % ttid, '1')
+        if txn is not None and pack is not None:
+            self._voted_packs().add(ttid)
         # tobj references them now (durably, or in the same transaction,
         # which a crash loses whole)
         self._release(row[3] for row in rows if row[3] is not None)
@@ -166,17 +168,19 @@ class MariaDBWrites:
         self._commit()
 
     def unlock_transaction(self, ttid: int, tid: int) -> None:
+        packs = self._voted_packs()     # (read before ttrans changes)
         with self._txn(durable=False):
             self._q(S.MOVE_TRANS, (tid, ttid))
             self._q(S.DEL_TTRANS, (ttid,))
             self._q(S.MOVE_OBJ, (tid, ttid))
             self._q(S.DEL_TOBJ, (ttid,))
-            if ttid != tid:
+            if ttid in packs and ttid != tid:
                 self._q(S.DEL_PACK, (tid,))
                 self._q(S.MOVE_PACK, (tid, ttid))
                 if self.get_config(S.KEY_GC % ttid) is not None:
                     self._set_config(S.KEY_GC % ttid, None)
                     self._set_config(S.KEY_GC % tid, '1')
+        packs.discard(ttid)
 
     def abort_transaction(self, ttid: int, data_ids: Iterable[int] = ()) -> None:
         data_ids = list(data_ids)
@@ -186,17 +190,26 @@ class MariaDBWrites:
             # column never got a row
             if 0 <= ttid < 1 << 64:
                 data_ids += [row[0] for row in self._q(S.TOBJ_DATA_IDS_OF, (ttid,))]
-                if self._q(S.LOCKED_TTID, (ttid,)):
-                    self._forget_pack(ttid)
+                self._forget_pack(ttid)
                 self._q(S.DEL_TTRANS, (ttid,))
                 self._q(S.DEL_TOBJ, (ttid,))
             self._prune(data_ids)
 
+    def _voted_packs(self) -> set[int]:
+        """Ttids of the voted transactions that carry a pack order (kept in
+        ``pack`` under their ttid until unlocked): read once."""
+        if self._voted_pack_ttids is None:
+            self._voted_pack_ttids = {row[0] for row in self._q(S.VOTED_PACK_TTIDS)}
+        return self._voted_pack_ttids
+
     def _forget_pack(self, ttid: int) -> None:
         """The pack order a voted transaction carried, if any."""
-        self._q(S.DEL_PACK, (ttid,))
-        if self.get_config(S.KEY_GC % ttid) is not None:
-            self._set_config(S.KEY_GC % ttid, None)
+        packs = self._voted_packs()
+        if ttid in packs:
+            self._q(S.DEL_PACK, (ttid,))
+            if self.get_config(S.KEY_GC % ttid) is not None:
+                self._set_config(S.KEY_GC % ttid, None)
+            packs.discard(ttid)   # (read again if the operation fails: _txn)
 
     def drop_unfinished(self) -> None:
         with self._txn(durable=True):
