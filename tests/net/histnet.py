@@ -34,10 +34,9 @@ if TESTS not in sys.path:
 
 from history.checker import check, load, summary  # noqa: E402
 from history.workload import workload_argv  # noqa: E402
-from replicas import pending_rows, raw_contents  # noqa: E402
-
 from neozodb.cli.cluster import wait_until  # noqa: E402
 from neozodb.ctl.neoctl import CtlError  # noqa: E402
+from replicas import pending_rows, raw_contents  # noqa: E402
 
 WORKLOAD = os.path.join(TESTS, "history", "workload.py")
 STEPCLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stepclient.py")
@@ -69,6 +68,8 @@ class NetWorkloads:
         self.cluster = cluster
         self.directory = str(directory)
         self.stop_file = os.path.join(self.directory, "stop")
+        if os.path.exists(self.stop_file):  # histories carried on after a stop
+            os.unlink(self.stop_file)
         self.clients = list(hosts)
         self.paths = [os.path.join(self.directory, c + ".jsonl") for c in self.clients]
         self.procs: list[subprocess.Popen] = []
@@ -221,7 +222,7 @@ def windows(times: list[float], start: float, end: float, gap: float = GAP) -> l
     """Lengths of the periods of at least ``gap`` seconds between ``start``
     and ``end`` without a successful commit (``times``: commit times)."""
     marks = [start] + [t for t in times if start < t < end] + [end]
-    return [b - a for a, b in zip(marks, marks[1:]) if b - a >= gap]
+    return [b - a for a, b in zip(marks, marks[1:], strict=False) if b - a >= gap]
 
 
 def final_state(cluster, host: str, directory) -> dict:
@@ -276,14 +277,19 @@ class Verdict:
 
 
 def verdict(cluster, workloads: NetWorkloads, reader: str | None = None,
-            extra: list[str] = (), up_to_date: float = 120, stop: bool = True) -> Verdict:
+            extra: list[str] = (), up_to_date: float = 60, strict: bool = True) -> Verdict:
     """Once the network healed: wait for every cell UP_TO_DATE, stop the
     workloads, check the histories (also those in ``extra`` files)
     against the final state read from host ``reader`` (default: the first
     client's), stop the cluster and compare its replicas.  Asserts; the
-    numbers are returned."""
+    numbers are returned (with ``strict=False``, problems are returned,
+    not asserted, the replicas' differences among them)."""
     start = time.monotonic()
-    wait_until(lambda: _up_to_date(cluster), up_to_date, "every cell UP_TO_DATE")
+    try:
+        wait_until(lambda: _up_to_date(cluster), up_to_date, "every cell UP_TO_DATE")
+    except TimeoutError:
+        diagnose(cluster)
+        raise
     print("every cell UP_TO_DATE %.1fs after the heal" % (time.monotonic() - start))
     workloads.stop()
     records, cut = load([p for p in [*workloads.paths, *extra] if os.path.exists(p)])
@@ -292,17 +298,36 @@ def verdict(cluster, workloads: NetWorkloads, reader: str | None = None,
     problems = check(records, final, isolation="serializable")
     tally = summary(records)
     cells = cluster.cells()
-    if stop:
-        cluster.stop(timeout=60)
-    compared = compare_replicas(cluster, cells) if stop else 0
+    cluster.stop(timeout=60)
+    try:
+        compared = compare_replicas(cluster, cells)
+    except AssertionError as e:
+        if strict:
+            raise
+        problems.append("replicas: %s" % e)
+        compared = 0
     count = {o: sum(t.get(o, 0) for t in tally.values()) for o in
              ("ok", "unknown", "pending")}
     result = Verdict(tally, len(records), count["ok"], count["unknown"] + count["pending"],
                      problems, compared, records, final)
     print("outcomes:", tally)
-    assert problems == [], "\n".join(problems)
-    print(result.line())
+    if strict:
+        assert problems == [], "\n".join(problems)
+        print(result.line())
     return result
+
+
+def diagnose(cluster) -> None:
+    """Print the table and have every storage log its transactions, locks
+    and delayed requests (SIGUSR1): where a catch-up is stuck."""
+    import signal
+    try:
+        print("\n".join(cluster.pt_lines()))
+    except (CtlError, OSError) as e:
+        print("no table: %s" % e)
+    for name, node in cluster.nodes.items():
+        if name.startswith("S") and node.running:
+            node.signal(signal.SIGUSR1)
 
 
 def _up_to_date(cluster) -> bool:
