@@ -47,12 +47,14 @@ GAP = 1.0  # seconds without a successful commit that count as unavailability
 def net_cluster(directory, clients: list[str], keepalive: float = 6, **kw):
     """A running NetCluster (3 masters, 3 storages, replicas 1, 12
     partitions) in a Network that also has the client hosts ``clients``;
-    torn down however the block ends."""
+    torn down however the block ends.  NEOZODB_NET_LOGLEVEL (e.g. DEBUG)
+    sets the nodes' log level."""
     from netcluster import NetCluster
     from netns import Network
     with Network(NetCluster.host_names(3, 3) + list(clients)) as net:
         cluster = NetCluster(net, os.path.join(str(directory), "cluster"), masters=3,
-                             storages=3, replicas=1, partitions=12, keepalive=keepalive, **kw)
+                             storages=3, replicas=1, partitions=12, keepalive=keepalive,
+                             loglevel=os.environ.get("NEOZODB_NET_LOGLEVEL", "INFO"), **kw)
         try:
             cluster.start(wait=60)
             yield cluster
