@@ -162,7 +162,8 @@ class Stepper:
             return f.read()[-3000:]
 
     def run(self, n: int, timeout: float = 60) -> dict[str, int]:
-        """n transactions; their outcomes {outcome: count}."""
+        """Transactions until n committed (or too many failed); their
+        outcomes {outcome: count}."""
         self._say("run %d" % n)
         word, rest = self._answer(timeout)
         assert word == "done", rest

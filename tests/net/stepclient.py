@@ -7,7 +7,9 @@ with the others.
 
 Commands, one a line, each answered with one line:
 
-- ``run N``: N transactions; answers ``done {"ok": .., ...}`` (outcomes);
+- ``run N``: transactions until N committed (at most ATTEMPTS x N, the
+  others conflicting under the load of other clients); answers
+  ``done {"ok": .., ...}`` (outcomes);
 - ``hold``: one transaction that stops between its vote and its
   tpc_finish (others before it if they fail before, conflicting), printing ``voted SEQ OID,OID...`` (the oids it stored, in
   hex) and waiting for a ``finish`` line; then answers ``done RECORD``
@@ -30,6 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import workload  # noqa: E402
 
 CONNECT_TIMEOUT = 30.0
+ATTEMPTS = 20
 
 
 def holding(base: type) -> type:
@@ -128,9 +131,12 @@ def main(argv: list[str]) -> int:
             words = line.split()
             if words[:1] == ["run"]:
                 tally: dict[str, int] = {}
-                for _ in range(int(words[1])):
+                wanted = int(words[1])
+                for _ in range(ATTEMPTS * wanted):
                     outcome = client.transaction()["outcome"]
                     tally[outcome] = tally.get(outcome, 0) + 1
+                    if tally.get("ok", 0) >= wanted:
+                        break
                 print("done", json.dumps(tally), flush=True)
             elif words == ["hold"]:
                 # until one gets past its vote (the others conflicted)

@@ -116,7 +116,7 @@ def test_storage_cut_mid_commit(tmp_path):
             assert step.run(3).get("ok", 0) >= 1
             step.quit()
             # cuts landing wherever the commits of the workloads are
-            for _ in range(4):
+            for _ in range(3):
                 victim = rng.choice(["s1", "s2", "s3"])
                 length = rng.uniform(0.5, cluster.keepalive * 1.5)
                 net.isolate(victim)
