@@ -50,6 +50,7 @@ def cut_storage(tmp_path, what: str, cut, detected) -> None:
             cut(cluster.net)
             wait_until(lambda: detected(cluster), cluster.keepalive * 4, what + " detected")
             found = time.monotonic() - start
+            print("\n".join(cluster.pt_lines()))  # what an operator sees then
             wait_until(load.more(5), 60, "commits without S2")
             resumed = time.monotonic() - start
             # the storage stays cut as long again: commits go on meanwhile
