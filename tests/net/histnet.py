@@ -169,13 +169,14 @@ class Stepper:
         assert word == "done", rest
         return json.loads(rest)
 
-    def hold(self, timeout: float = 60) -> tuple[int, list[bytes]]:
-        """A transaction up to its vote: (its seq, the oids it stored)."""
+    def hold(self, timeout: float = 60) -> tuple[int, list[bytes], int]:
+        """A transaction up to its vote: (its seq, the oids it stored, the
+        client's node id)."""
         self._say("hold")
         word, rest = self._answer(timeout)
         assert word == "voted", rest
-        seq, oids = rest.split()
-        return int(seq), [bytes.fromhex(o) for o in oids.split(",")]
+        seq, oids, nid = rest.split()
+        return int(seq), [bytes.fromhex(o) for o in oids.split(",")], int(nid)
 
     def release(self) -> None:
         """Let the held transaction call tpc_finish."""

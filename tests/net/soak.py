@@ -142,13 +142,18 @@ def run_soak(directory: str, seconds: float, seed: int, say=print) -> dict:
             load.kill()
     times = commit_times(result.records)
     gaps = windows(times, schedule.start, healed)
+    # where the longest ones were, against the printed schedule
+    marks = [schedule.start] + [t for t in times if schedule.start < t < healed] + [healed]
+    spans = sorted(((b - a, a - schedule.start) for a, b in zip(marks, marks[1:], strict=False)
+                    if b - a >= 1.0), reverse=True)[:3]
     return {
         "problems": problems, "kinds": schedule.kinds, "seconds": healed - schedule.start,
         "attempted": result.attempted, "acknowledged": result.acknowledged,
         "lost": sum(p.startswith("lost commit") for p in problems),
         "unknown": result.unknown, "tally": result.tally,
         "compared": result.transactions_compared,
-        "windows": len(gaps), "longest": max(gaps, default=0.0), "unavailable": sum(gaps)}
+        "windows": len(gaps), "longest": max(gaps, default=0.0), "unavailable": sum(gaps),
+        "spans": spans}
 
 
 def report(numbers: dict, say=print) -> None:
@@ -159,6 +164,8 @@ def report(numbers: dict, say=print) -> None:
         say("outcomes per client: %s" % numbers["tally"])
         say("unavailability (no commit for 1 s or more): %(windows)d windows, longest"
             " %(longest).1fs, total %(unavailable).1fs of %(seconds).0fs" % numbers)
+        say("longest windows: %s" % ", ".join("%.1fs from %.1fs" % span
+                                              for span in numbers["spans"]))
         say("replicas identical: %d transactions compared" % numbers["compared"]
             if numbers["compared"] else "replicas not compared")
     say("verdict: %s" % ("no problem found" if not numbers["problems"] else

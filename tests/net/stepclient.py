@@ -11,8 +11,9 @@ Commands, one a line, each answered with one line:
   others conflicting under the load of other clients); answers
   ``done {"ok": .., ...}`` (outcomes);
 - ``hold``: one transaction that stops between its vote and its
-  tpc_finish (others before it if they fail before, conflicting), printing ``voted SEQ OID,OID...`` (the oids it stored, in
-  hex) and waiting for a ``finish`` line; then answers ``done RECORD``
+  tpc_finish (others before it if they fail before, conflicting),
+  printing ``voted SEQ OID,OID... NID`` (the oids it stored, in hex, and
+  the client's node id) and waiting for a ``finish`` line; then answers ``done RECORD``
   (the history record, JSON) and ``after SECONDS`` (from the ``finish``
   line to the outcome) on the same line;
 - ``quit``.
@@ -54,8 +55,8 @@ def holding(base: type) -> type:
         def tpc_finish(self, txn, *args, **kw):
             if self.hold:
                 self.hold = False
-                print("voted %d %s" % (self.seq, ",".join(o.hex() for o in self.stored)),
-                      flush=True)
+                print("voted %d %s %d" % (self.seq, ",".join(o.hex() for o in self.stored),
+                                          self.app.nid), flush=True)
                 line = sys.stdin.readline().strip()
                 if line != "finish":
                     raise RuntimeError("expected finish, got %r" % line)

@@ -34,13 +34,13 @@ MASTERS = ("m1", "m2", "m3")
 def held_commit(cluster, step: Stepper, cut, what: str) -> dict:
     """A transaction of ``step`` held after its vote, ``cut()`` applied,
     then its tpc_finish let go; the network healed once the master dropped
-    the client (the admin lists one client fewer).  Its record."""
-    step.hold()
-    before = clients(cluster)
+    the client (the admin lists it no more).  Its record."""
+    _, _, nid = step.hold()
+    assert nid in clients(cluster)
     cut()
     start = time.monotonic()
     step.release()
-    wait_until(lambda: clients(cluster) < before, cluster.keepalive * 4,
+    wait_until(lambda: nid not in clients(cluster), cluster.keepalive * 4,
                "the master to drop the client cut off")
     dropped = time.monotonic() - start
     cluster.net.heal()

@@ -84,7 +84,7 @@ def held_commit(cluster, step: Stepper, fault, what: str) -> str:
     """A transaction held after its vote, ``fault(storage)`` on a storage
     holding one of its objects, then its tpc_finish: it commits, after
     about a keep-alive.  Returns the storage."""
-    _, oids = step.hold()
+    _, oids, _ = step.hold()
     storage = cells_of(cluster, oids[0])[-1]
     fault(storage)
     step.release()
