@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from neozodb.cli.cluster import wait_until
 from neozodb.client.app import UNREACHABLE_PAUSE, ClientApp
 from neozodb.net.bootstrap import CONNECT_TIMEOUT
 from neozodb.net.endpoint import ConnectionClosed
@@ -62,7 +63,9 @@ def test_drop_storage_while_connecting(silent_address):
     try:
         thread = threading.Thread(target=connect)
         thread.start()
-        time.sleep(0.5)  # the attempt is under way: what is tested is meanwhile
+        # the attempt under way (it holds its storage's connecting lock)
+        wait_until(lambda: nid in app._connecting and app._connecting[nid].locked(), 5,
+                   "the connection attempt")
         start = time.monotonic()
         app.drop_storage(nid)  # what the master connection's reader does
         assert time.monotonic() - start < 1.0, "drop_storage waited for the connection"
