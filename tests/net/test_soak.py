@@ -1,4 +1,4 @@
-"""The soak's fault schedule (tests/net/soak.py) for 60 s in ``make
+"""The soak's fault schedule (tests/net/schedule.py) for 60 s in ``make
 test``: partitions, one-way cuts, freezes and SIGKILLs with restarts,
 one at a time, under history workloads in two client hosts; then heal,
 every cell UP_TO_DATE, and the checker's verdict: nothing lost, no
@@ -8,7 +8,7 @@ NEOZODB_NET_SEED=<seed> replays the schedule and the transactions
 from __future__ import annotations
 
 import pytest
-from soak import report, run_soak
+from schedule import report, run_soak
 
 from seeds import replay_seed
 
