@@ -78,3 +78,14 @@ def raw_blob_chunks(path: str) -> int:
         return conn.execute("SELECT COUNT(*) FROM blob_chunk").fetchone()[0]
     finally:
         conn.close()
+
+
+def pending_rows(path: str) -> dict[str, int]:
+    """Rows of transactions not committed: voted or locked (ttrans, tobj),
+    by table; none once the cluster settled and stopped cleanly."""
+    conn = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+    try:
+        return {table: conn.execute("SELECT COUNT(*) FROM %s" % table).fetchone()[0]
+                for table in ("ttrans", "tobj")}  # table names: constants, not values
+    finally:
+        conn.close()

@@ -63,10 +63,12 @@ def workload_argv(masters: str, cluster: str, client: str, out: str, seed: int, 
                   duration: float | None = None, count: int | None = None,
                   stop_file: str | None = None, think: float = 0.0, fsync: bool = False,
                   read_current: bool = False, counters: int = COUNTERS,
-                  lists: int = LISTS, tls: tuple[str, str, str] | None = None) -> list[str]:
+                  lists: int = LISTS, tls: tuple[str, str, str] | None = None,
+                  keepalive: float | None = None) -> list[str]:
     """The command line of one workload process (run it with the
     environment's PYTHONPATH, which must find neozodb).  ``tls``: the
-    (ca, cert, key) files of the client, e.g. ``cluster.credentials(...)``."""
+    (ca, cert, key) files of the client, e.g. ``cluster.credentials(...)``;
+    ``keepalive``: the client's (seconds; None: the client's default)."""
     argv = [sys.executable, os.path.abspath(__file__), "run", "--masters", masters,
             "--cluster", cluster, "--client", client, "--out", out, "--seed", str(seed),
             "--think", str(think), "--counters", str(counters), "--lists", str(lists)]
@@ -82,6 +84,8 @@ def workload_argv(masters: str, cluster: str, client: str, out: str, seed: int, 
         argv.append("--read-current")
     if tls:
         argv += ["--ca", tls[0], "--cert", tls[1], "--key", tls[2]]
+    if keepalive is not None:
+        argv += ["--keepalive", "%g" % keepalive]
     return argv
 
 
@@ -345,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="history file (appended to) / final state file (JSON)")
         for option in ("ca", "cert", "key"):
             p.add_argument("--" + option, help="TLS: the client's %s file" % option)
+        p.add_argument("--keepalive", type=float,
+                       help="the client's keep-alive, seconds (default: the client's)")
     run_p = sub.choices["run"]
     run_p.add_argument("--client", required=True, help="client id, unique in the run")
     run_p.add_argument("--seed", type=int, required=True)
@@ -360,9 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--lists", type=int, default=LISTS)
     args = parser.parse_args(argv)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: where it is stuck
-    tls = {k: getattr(args, k) for k in ("ca", "cert", "key") if getattr(args, k)}
+    storage_kw = {k: getattr(args, k) for k in ("ca", "cert", "key") if getattr(args, k)}
+    if args.keepalive is not None:
+        storage_kw["keepalive"] = args.keepalive
     if args.command == "final":
-        state, _ = read_final(args.masters, args.cluster, **tls)
+        state, _ = read_final(args.masters, args.cluster, **storage_kw)
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(state, f)
         return 0
@@ -372,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     tally = run(args.masters, args.cluster, args.client, args.out, args.seed,
                 duration=args.duration, count=args.count, stop_file=args.stop_file,
                 think=args.think, fsync=args.fsync, read_current=args.read_current,
-                counters=args.counters, lists=args.lists, storage_kw=tls)
+                counters=args.counters, lists=args.lists, storage_kw=storage_kw)
     print(json.dumps({"client": args.client, "outcomes": tally}), flush=True)
     return 0
 

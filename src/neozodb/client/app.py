@@ -40,6 +40,10 @@ from neozodb.pt import PartitionTable
 
 log = logging.getLogger("neozodb.client")
 
+# seconds a storage whose connection timed out is not tried again (it may
+# be cut off from this client only: the master still says it runs)
+UNREACHABLE_PAUSE = 10.0
+
 
 class ClientApp(Loads):
     """Loads and prefetches are a mixin (client/loads.py)."""
@@ -75,7 +79,9 @@ class ClientApp(Loads):
         self._loading: dict[bytes, list] = {}  # oid -> [loads in progress, invalidating tid]
         self.master: ThreadedConnection | None = None
         self._storages: dict[int, ThreadedConnection] = {}
-        self._storage_lock = threading.Lock()
+        self._storage_lock = threading.Lock()  # _storages and _connecting
+        self._connecting: dict[int, threading.Lock] = {}  # nid -> held while connecting
+        self._unreachable: dict[int, float] = {}  # nid -> not tried before (monotonic)
         self._connect_lock = threading.Lock()
         self._changed = threading.Condition()
         self.invalidation_listener = None  # ZODB's storage wrapper, set by registerDB
@@ -243,33 +249,66 @@ class ClientApp(Loads):
         conn = self._storages.get(nid)
         if conn is not None and not conn.closed:
             return conn
+        # One connection attempt per storage at a time, under that storage's
+        # own lock: _storage_lock is only held for a lookup or an update.
+        # Connecting to an unreachable storage takes up to the connection
+        # timeout, and the master connection's reader thread takes
+        # _storage_lock to drop a storage the master says is down: held
+        # while connecting, it left the master's keep-alive pings
+        # unanswered, and the master dropped the client.
         with self._storage_lock:
+            connecting = self._connecting.setdefault(nid, threading.Lock())
+        with connecting:
             conn = self._storages.get(nid)
             if conn is not None and not conn.closed:
                 return conn
-            node = self.nm.get(nid)
-            if node is None or node.address is None or node.state is not NodeStates.RUNNING:
-                raise ConnectionClosed("%s is not running" % nid_str(nid))
-            conn = ThreadedConnection(node.address, StorageHandler(self), self.label,
-                                      keepalive=self.keepalive, tls=self.tls)
-            conn.connect(timeout=10)
-            conn.nid = nid
-            me = self.nm.get(self.nid)
+            # A storage we could not reach is not waited for again at once:
+            # each attempt costs the connection timeout, for every commit
+            # and read involving it (a storage cut off from the clients
+            # only stays RUNNING for the master).  Reads try it last.
+            until = self._unreachable.get(nid, 0.0)
+            if time.monotonic() < until:
+                raise ConnectionClosed("%s unreachable: connecting timed out %.1fs ago" % (
+                    nid_str(nid), time.monotonic() - until + UNREACHABLE_PAUSE))
             try:
-                conn.call(Packets.RequestIdentification, NodeTypes.CLIENT, self.nid, None,
-                          self.name.encode(), me.id_timestamp if me else None, self.announcement,
-                          timeout=30)
-            except RemoteError as e:
-                # e.g. NOT_READY from a storage back from a disconnection and
-                # not operational yet: unreachable for now, like a dead one
-                # (callers then use other cells, or report it at vote)
-                conn.close()
-                raise ConnectionClosed("%s refused us: %s" % (nid_str(nid), e)) from None
-            except BaseException:
-                conn.close()
+                conn = self._connect_storage(nid)
+            except TimeoutError:
+                self._unreachable[nid] = time.monotonic() + UNREACHABLE_PAUSE
                 raise
-            self._storages[nid] = conn
-            return conn
+            self._unreachable.pop(nid, None)
+            with self._storage_lock:
+                node = self.nm.get(nid)
+                if not self.closed and node is not None \
+                        and node.state is NodeStates.RUNNING:
+                    self._storages[nid] = conn
+                    return conn
+            # dropped (or the client closed) while we connected
+            conn.close("storage not running")
+            raise ConnectionClosed("%s is not running" % nid_str(nid))
+
+    def _connect_storage(self, nid: int) -> ThreadedConnection:
+        node = self.nm.get(nid)
+        if node is None or node.address is None or node.state is not NodeStates.RUNNING:
+            raise ConnectionClosed("%s is not running" % nid_str(nid))
+        conn = ThreadedConnection(node.address, StorageHandler(self), self.label,
+                                  keepalive=self.keepalive, tls=self.tls)
+        conn.connect(timeout=CONNECT_TIMEOUT)
+        conn.nid = nid
+        me = self.nm.get(self.nid)
+        try:
+            conn.call(Packets.RequestIdentification, NodeTypes.CLIENT, self.nid, None,
+                      self.name.encode(), me.id_timestamp if me else None, self.announcement,
+                      timeout=30)
+        except RemoteError as e:
+            # e.g. NOT_READY from a storage back from a disconnection and
+            # not operational yet: unreachable for now, like a dead one
+            # (callers then use other cells, or report it at vote)
+            conn.close()
+            raise ConnectionClosed("%s refused us: %s" % (nid_str(nid), e)) from None
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def drop_storage(self, nid: int) -> None:
         with self._storage_lock:
@@ -288,6 +327,8 @@ class ClientApp(Loads):
         running = self.running_storages()
         nids = [n for n in pt.readable_nids(pt.partition(oid)) if n in running]
         random.shuffle(nids)
+        now = time.monotonic()
+        nids.sort(key=lambda n: self._unreachable.get(n, 0.0) > now)  # unreachable ones last
         return nids
 
     def ask_storage(self, oid: bytes, packet, *args, check=None):

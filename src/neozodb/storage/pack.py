@@ -187,6 +187,13 @@ class Packer:
     async def _step(self) -> bool:
         if self.stale:
             await self._refresh()
+            # A caught-up replication waits for fresh orders before it
+            # reports its cell (Replicator._maybe_done pokes us and returns):
+            # without this it waited for a wake-up that only a pack of one
+            # of our partitions gave, forever when there was none to do
+            # (a storage that rejoined with little to fetch stayed
+            # OUT_OF_DATE)
+            self.app.replicator.poke()
         partition = self._next_partition()
         if partition is None:
             self._report()

@@ -311,12 +311,31 @@ class Replicator:
         conn = self.app.master_conn
         if conn is None:
             raise ConnectionClosed("no master")
-        last_tid, ttids = await conn.ask(Packets.AskUnfinishedTransactions, partitions)
-        for partition in partitions:
-            self.targets[partition] = u64(last_tid)
-            self.unfinished[partition] = set(ttids)
-        log.debug("%s: replicating partitions %s up to %s, waiting for %d transactions",
-                  self.app.label, partitions, last_tid.hex(), len(ttids))
+        done = asyncio.get_running_loop().create_future()
+        done.add_done_callback(_consume)  # we may be cancelled meanwhile
+
+        def answered(conn, result, error) -> None:
+            # Run as the answer is dispatched, before what the master sent
+            # after it: a NotifyTransactionFinished read in the same chunk
+            # must find the transactions it ends.  Set when this coroutine
+            # resumed (a future's answer), they were set after it, and the
+            # replication waited for a transaction already finished: the
+            # cell stayed OUT_OF_DATE for good.
+            if error is not None:
+                if not done.done():
+                    done.set_exception(error)
+                return
+            last_tid, ttids = result
+            for partition in partitions:
+                self.targets[partition] = u64(last_tid)
+                self.unfinished[partition] = set(ttids)
+            log.debug("%s: replicating partitions %s up to %s, waiting for %d transactions %s",
+                      self.app.label, partitions, last_tid.hex(), len(ttids),
+                      " ".join(t.hex() for t in ttids))
+            if not done.done():
+                done.set_result(None)
+        conn.ask(Packets.AskUnfinishedTransactions, partitions, callback=answered)
+        await done
 
     def _source(self, partition: int) -> int:
         app = self.app
