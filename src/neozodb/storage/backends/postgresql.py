@@ -49,6 +49,7 @@ from .postgresql_schema import (
     _SCHEMA,
     COLUMN_TYPES,
     COMMIT_LATER,
+    DELETE_ORPHANS,
     FIND_DATA_ANY,
     FIND_OR_INSERT_DATA,
     LOCK_HOLDER,
@@ -238,6 +239,9 @@ class PostgreSQLBackend(SQLBackend):
 
     def _data_rows(self, conn, hashes: list[bytes]) -> Iterator[tuple[int, bytes, int, bytes]]:
         return conn.execute(FIND_DATA_ANY, (hashes,)) if hashes else iter(())
+
+    def _delete_orphans(self, candidates: list[int]) -> int:
+        return self._conn.execute(DELETE_ORPHANS, (candidates,)).rowcount
 
     def _find_or_insert_data(self, checksum: bytes, compression: int, data: bytes
                              ) -> tuple[int, bool]:

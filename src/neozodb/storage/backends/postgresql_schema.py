@@ -111,6 +111,10 @@ UNLOCK = (
     " SELECT ?, approved, partial, oids, pack_tid, gc FROM p"
     " ON CONFLICT (tid) DO UPDATE SET approved=EXCLUDED.approved, partial=EXCLUDED.partial,"
     " oids=EXCLUDED.oids, pack_tid=EXCLUDED.pack_tid, gc=EXCLUDED.gc")
+# _prune: the candidates that nothing references, in one statement
+DELETE_ORPHANS = ("DELETE FROM data AS d WHERE d.id = ANY(?::bigint[])"
+                  " AND NOT EXISTS (SELECT 1 FROM obj WHERE obj.data_id=d.id)"
+                  " AND NOT EXISTS (SELECT 1 FROM tobj WHERE tobj.data_id=d.id)")
 # the data rows that replicated records may reuse: one array parameter
 FIND_DATA_ANY = "SELECT id, hash, compression, value FROM data WHERE hash = ANY(?::bytea[])"
 # data ids for replicated rows, taken from the table's own sequence
