@@ -102,23 +102,25 @@ class _Connection(psycopg.Connection):
 
     def executemany(self, query, rows) -> None:
         rows = list(rows)
-        if not rows:
+        if len(rows) <= 1:
+            # (psycopg's executemany pipelines: slower for a single row)
+            for row in rows:
+                self.execute(query, row)
             return
-        if len(rows) > 1:
-            found = _bulk.get(query, False)
-            if found is False:
-                if self.types is None:
-                    self.types = {}
-                    for table, column, kind in super().execute(COLUMN_TYPES):
-                        self.types.setdefault(table, {})[column] = kind
-                found = _bulk[query] = bulk(query, self.types)
-            if found is not None:
-                sql, keys = found
-                if keys is not None:
-                    # INSERT OR REPLACE row by row: the last row of a key wins
-                    rows = list({tuple(row[i] for i in keys): row for row in rows}.values())
-                self.execute(sql, [list(column) for column in zip(*rows, strict=True)])
-                return
+        found = _bulk.get(query, False)
+        if found is False:
+            if self.types is None:
+                self.types = {}
+                for table, column, kind in super().execute(COLUMN_TYPES):
+                    self.types.setdefault(table, {})[column] = kind
+            found = _bulk[query] = bulk(query, self.types)
+        if found is not None:
+            sql, keys = found
+            if keys is not None:
+                # INSERT OR REPLACE row by row: the last row of a key wins
+                rows = list({tuple(row[i] for i in keys): row for row in rows}.values())
+            self.execute(sql, [list(column) for column in zip(*rows, strict=True)])
+            return
         sql = _translated.get(query)
         if sql is None:
             sql = _translated[query] = translate(query)
