@@ -140,9 +140,12 @@ class TestPostgreSQLBackend(BackendConformance):
         db.unlock_transaction(999, 1000)   # nothing to move, but pending
         with pytest.raises(OverflowError):
             db.last_serial(1 << 64)          # refused before it is sent
-        with pytest.raises(db.input_errors):
-            # refused by the server inside the vote's savepoint
+        with pytest.raises(OverflowError):
             db.store_transaction(20, [(1 << 63, data_id, None)], None)
+        with pytest.raises(db.input_errors):
+            # two rows: one statement with arrays, refused by the server
+            # inside the vote's savepoint
+            db.store_transaction(20, [(3, data_id, None), (1 << 63, data_id, None)], None)
         assert db.connection.in_transaction
         db.store_transaction(20, [(2, data_id, None)], None)
         db.lock_transaction(20, 24)
