@@ -17,7 +17,7 @@ import transaction
 import ZODB
 from persistent.mapping import PersistentMapping
 from test_crash import check_writers, crash_rounds
-from test_import import ImportCluster, commit
+from test_import import ImportCluster, commit, logged
 from test_pack import completed_by, gone, make_garbage
 from test_replication import all_up_to_date
 from test_truncate import truncated_and_running
@@ -199,6 +199,8 @@ def test_live_import_into_postgresql(tmp_path, postgresql_server):
         done = cluster.wait_import("finished")
         assert done["imported"] == len(expected)
         assert 0 < done["transactions"] < len(expected)  # resumed, not started over
+        wait_until(lambda: logged(s1, "run it with -a PostgreSQL -d 'user=postgres dbname=import"), 30,
+                   "the log to name the options of the PostgreSQL backend")
         got = transactions(storage.iterator())
         assert got == expected + new
         storage.close()

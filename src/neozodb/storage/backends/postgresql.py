@@ -72,7 +72,7 @@ from .postgresql_schema import (
 from .sqlbase import SQLBackend
 from .sqlite_schema import _COMMIT, _RELEASE, _SAVEPOINT
 
-__all__ = ['PostgreSQLBackend']
+__all__ = ['PostgreSQLBackend', 'public_dsn']
 
 _MIN, _MAX = -1 << 63, (1 << 63) - 1
 _IDLE = TransactionStatus.IDLE
@@ -152,6 +152,16 @@ class _Connection(psycopg.Connection):
         return self.info.transaction_status != _IDLE
 
 
+def public_dsn(dsn: str) -> str:
+    """``dsn`` as a connection string without its password (for logs)."""
+    try:
+        params = conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return '(invalid DSN)'
+    params.pop('password', None)
+    return conninfo.make_conninfo(**params)
+
+
 def _one_line(error: BaseException) -> str:
     return ' '.join(str(error).split())
 
@@ -202,17 +212,11 @@ class PostgreSQLBackend(SQLBackend):
         self.unsynced = False
 
     def describe(self) -> str:
-        try:
-            params = conninfo.conninfo_to_dict(self.database)
-        except psycopg.Error:
-            params = {}
-        params.pop('password', None)
-        where = ' '.join(f'{k}={v}' for k, v in sorted(params.items()))
         version = ''
         if self._conn is not None:
             number = self._conn.info.server_version
             version = f' {number // 10000}.{number % 10000}'
-        return f'PostgreSQL{version} database {where!r}'
+        return f'PostgreSQL{version} database {public_dsn(self.database)!r}'
 
     def _commit(self) -> None:
         conn = self._conn
