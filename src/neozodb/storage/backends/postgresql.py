@@ -13,9 +13,9 @@ PostgreSQL's dialect (``postgresql_schema``), with explicit transactions
 * a durable point (vote, lock, configuration, partition table, resume
   point, pack chunk) commits it with ``synchronous_commit`` on: PostgreSQL
   answers the COMMIT once its WAL is flushed.  Inside ``sync_later`` (the
-  storage node's group commit), the commit does not wait for the flush
-  (``SET LOCAL synchronous_commit TO OFF``) and ``sync()`` then makes one
-  synchronous commit, whose flush covers every commit before it.
+  storage node's group commit, whose answers wait for ``sync()``), the
+  durable points are left in the open transaction too, and ``sync()``
+  commits them all at once: one COMMIT and one WAL flush for the batch.
 
 Each statement is a round trip to the server, so where the shared logic
 sends one statement per row or several per operation, this backend sends
@@ -56,14 +56,12 @@ from .postgresql_schema import (
     _DROP,
     _SCHEMA,
     COLUMN_TYPES,
-    COMMIT_LATER,
     DELETE_ORPHANS,
     FIND_DATA_ANY,
     FIND_OR_INSERT_DATA,
     LOCK_HOLDER,
     LOCK_KEY,
     NEW_DATA_IDS,
-    TOUCH,
     TRY_LOCK,
     UNLOCK,
     bulk,
@@ -205,8 +203,6 @@ class PostgreSQLBackend(SQLBackend):
         try:
             if conn.info.transaction_status != _INERROR:
                 super()._end(conn)        # a synchronous commit, if any
-                if self.unsynced:
-                    conn.execute(TOUCH)
         except psycopg.Error:
             pass  # connection lost: the server rolled back what was pending
         self.unsynced = False
@@ -224,24 +220,25 @@ class PostgreSQLBackend(SQLBackend):
             # COMMIT would answer ROLLBACK without an error
             raise psycopg.OperationalError('pending transaction aborted by an earlier error')
         if self._defer:
-            conn.execute(COMMIT_LATER, prepare=False, binary=False)
+            # group commit: the durable points of this event-loop iteration
+            # stay in the open transaction; sync() commits them together
             self.unsynced = True
-        else:
-            conn.execute(_COMMIT)
+            self._keep_pending = True
+            return
+        conn.execute(_COMMIT)
         self._keep_pending = False
 
     def sync(self) -> None:
-        """One synchronous commit after the deferred ones: when it returns,
-        PostgreSQL has flushed the WAL up to it, so every earlier commit
-        is durable.  What is pending in the open transaction is committed
-        with it."""
+        """Commit what ``sync_later`` left pending, synchronously: COMMIT
+        returns once PostgreSQL has flushed its WAL up to it (one flush
+        for every durable point of the batch).  Nothing to do if a commit
+        since (``commit_pending``) did it already."""
         if not self.unsynced or self._conn is None:
             return
         conn = self._conn
-        conn.execute(TOUCH)  # outside a transaction: one of its own (autocommit)
         if conn.in_transaction:
             if conn.info.transaction_status == _INERROR:
-                raise psycopg.OperationalError('pending transaction aborted')
+                raise psycopg.OperationalError('pending transaction aborted by an earlier error')
             conn.execute(_COMMIT)
             self._keep_pending = False
         self.unsynced = False
