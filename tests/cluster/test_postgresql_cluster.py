@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import signal
 import subprocess
+import sys
 import textwrap
 
 import psycopg
@@ -16,7 +17,7 @@ import transaction
 import ZODB
 from persistent.mapping import PersistentMapping
 from test_crash import check_writers, crash_rounds
-from test_import import ImportCluster, commit
+from test_import import ImportCluster, commit, logged
 from test_pack import completed_by, gone, make_garbage
 from test_replication import all_up_to_date
 from test_truncate import truncated_and_running
@@ -148,7 +149,7 @@ def test_whole_cluster_killed_while_committing(tmp_path, postgresql_server):
     cluster = pg_cluster(tmp_path, postgresql_server, partitions=12)
     try:
         cluster.start(wait=60)
-        writers = crash_rounds(cluster, tmp_path, rounds=6)
+        writers = crash_rounds(cluster, tmp_path, rounds=5)
         committed = check_writers(cluster, writers)
         assert all(len(revisions) > 4 for revisions in committed.values())
         same_replicas(cluster, ["S1", "S2"])
@@ -162,7 +163,7 @@ def test_live_import_into_postgresql(tmp_path, postgresql_server):
     every record of the source and the new commits through the cluster,
     and the same database served by the PostgreSQL adapter alone."""
     fs_path = str(tmp_path / "Data.fs")
-    make_filestorage(fs_path, transactions=2000, objects=100)
+    make_filestorage(fs_path, transactions=1500, objects=100)
     source = FileStorage(fs_path, read_only=True)
     expected = transactions(source.iterator())
     dsn = postgresql_server.database("import%d" % next(_clusters))
@@ -172,7 +173,7 @@ def test_live_import_into_postgresql(tmp_path, postgresql_server):
             [neo]
             adapter = PostgreSQL
             database = {dsn}
-            rate = 700
+            rate = 500
 
             [root]
             storage = <filestorage>
@@ -198,6 +199,8 @@ def test_live_import_into_postgresql(tmp_path, postgresql_server):
         done = cluster.wait_import("finished")
         assert done["imported"] == len(expected)
         assert 0 < done["transactions"] < len(expected)  # resumed, not started over
+        wait_until(lambda: logged(s1, "run it with -a PostgreSQL -d 'user=postgres dbname=import"), 30,
+                   "the log to name the options of the PostgreSQL backend")
         got = transactions(storage.iterator())
         assert got == expected + new
         storage.close()
@@ -250,3 +253,42 @@ def test_lost_database_connection_stops_the_storage(cluster):
     finally:
         db.close()
     same_replicas(cluster, ["S1", "S2"])
+
+
+def test_neosimple_with_a_postgresql_server_of_its_own(tmp_path):
+    """``neosimple --adapter PostgreSQL``: a cluster usable at once on a
+    server it started, which it stops with the cluster (Ctrl-C)."""
+    import os
+    import re
+    env = dict(os.environ)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "neozodb.cli.simple", "--adapter", "PostgreSQL",
+         "--storages", "2", "--partitions", "6", str(tmp_path / "simple")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        start_new_session=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C" in line:
+                break
+        uri = re.search(r"connect with: neo://(\S+)@(\S+)", "".join(lines))
+        assert uri, lines
+        db = ZODB.DB(Storage(uri.group(2), uri.group(1)))
+        try:
+            root = db.open().root()
+            root["x"] = "on PostgreSQL"
+            transaction.commit()
+        finally:
+            db.close()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        assert "stopping..." in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    files = (tmp_path / "simple" / "server" / "postgresql-files")
+    where = files.read_text().strip() if files.exists() else str(tmp_path / "simple" / "server")
+    # the server is gone: no postmaster.pid left (as root, no files at all)
+    assert not os.path.exists(os.path.join(where, "data", "postmaster.pid"))

@@ -231,8 +231,8 @@ class Importer:
         backend = self.backend
         log.log(level, "%s: import finished: all %d transactions of %s up to %#x are imported;"
                 " switch the storage to the native backend: stop it and run it with"
-                " -a SQLite -d %s%s", self.app.label, backend.import_count,
-                backend.source.getName(), backend.source_tid, backend.database,
+                " %s%s", self.app.label, backend.import_count,
+                backend.source.getName(), backend.source_tid, backend.native_options(),
                 " (writeback to the source stops then)" if backend.writeback else "")
 
     # -- writeback ----------------------------------------------------------------------------------

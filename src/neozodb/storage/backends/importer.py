@@ -178,6 +178,15 @@ class Importer(ImporterReads):
                 f' {self.database!r}'
                 + (' with writeback' if self.writeback else ''))
 
+    def native_options(self) -> str:
+        """``neostorage`` options serving this database once the import is
+        done (no password shown)."""
+        database = self.database
+        if self.config.adapter == 'PostgreSQL':
+            from .postgresql import public_dsn
+            database = repr(public_dsn(database))
+        return f'-a {self.config.adapter} -d {database}'
+
     @property
     def importing(self) -> bool:
         """Whether some transactions of the source are not copied yet."""

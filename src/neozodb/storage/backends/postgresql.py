@@ -13,9 +13,17 @@ PostgreSQL's dialect (``postgresql_schema``), with explicit transactions
 * a durable point (vote, lock, configuration, partition table, resume
   point, pack chunk) commits it with ``synchronous_commit`` on: PostgreSQL
   answers the COMMIT once its WAL is flushed.  Inside ``sync_later`` (the
-  storage node's group commit), the commit does not wait for the flush
-  (``SET LOCAL synchronous_commit TO OFF``) and ``sync()`` then makes one
-  synchronous commit, whose flush covers every commit before it.
+  storage node's group commit, whose answers wait for ``sync()``), the
+  durable points are left in the open transaction too, and ``sync()``
+  commits them all at once: one COMMIT and one WAL flush for the batch.
+
+Each statement is a round trip to the server, so where the shared logic
+sends one statement per row or several per operation, this backend sends
+one: ``store_data`` (find or insert), unlock, the pruning of orphan data,
+the lookup of replicated data rows, and every ``executemany`` of inserts
+or deletes (one statement over arrays, ``unnest``).  (Pipelining the
+statements of an operation was measured slower on loopback than sending
+them one by one.)
 
 One storage node per database: the connection holds a session-level
 advisory lock, so a second node is refused at ``open`` (PostgreSQL drops
@@ -48,13 +56,12 @@ from .postgresql_schema import (
     _DROP,
     _SCHEMA,
     COLUMN_TYPES,
-    COMMIT_LATER,
+    DELETE_ORPHANS,
     FIND_DATA_ANY,
     FIND_OR_INSERT_DATA,
     LOCK_HOLDER,
     LOCK_KEY,
     NEW_DATA_IDS,
-    TOUCH,
     TRY_LOCK,
     UNLOCK,
     bulk,
@@ -63,7 +70,7 @@ from .postgresql_schema import (
 from .sqlbase import SQLBackend
 from .sqlite_schema import _COMMIT, _RELEASE, _SAVEPOINT
 
-__all__ = ['PostgreSQLBackend']
+__all__ = ['PostgreSQLBackend', 'public_dsn']
 
 _MIN, _MAX = -1 << 63, (1 << 63) - 1
 _IDLE = TransactionStatus.IDLE
@@ -101,23 +108,25 @@ class _Connection(psycopg.Connection):
 
     def executemany(self, query, rows) -> None:
         rows = list(rows)
-        if not rows:
+        if len(rows) <= 1:
+            # (psycopg's executemany pipelines: slower for a single row)
+            for row in rows:
+                self.execute(query, row)
             return
-        if len(rows) > 1:
-            found = _bulk.get(query, False)
-            if found is False:
-                if self.types is None:
-                    self.types = {}
-                    for table, column, kind in super().execute(COLUMN_TYPES):
-                        self.types.setdefault(table, {})[column] = kind
-                found = _bulk[query] = bulk(query, self.types)
-            if found is not None:
-                sql, keys = found
-                if keys is not None:
-                    # INSERT OR REPLACE row by row: the last row of a key wins
-                    rows = list({tuple(row[i] for i in keys): row for row in rows}.values())
-                self.execute(sql, [list(column) for column in zip(*rows, strict=True)])
-                return
+        found = _bulk.get(query, False)
+        if found is False:
+            if self.types is None:
+                self.types = {}
+                for table, column, kind in super().execute(COLUMN_TYPES):
+                    self.types.setdefault(table, {})[column] = kind
+            found = _bulk[query] = bulk(query, self.types)
+        if found is not None:
+            sql, keys = found
+            if keys is not None:
+                # INSERT OR REPLACE row by row: the last row of a key wins
+                rows = list({tuple(row[i] for i in keys): row for row in rows}.values())
+            self.execute(sql, [list(column) for column in zip(*rows, strict=True)])
+            return
         sql = _translated.get(query)
         if sql is None:
             sql = _translated[query] = translate(query)
@@ -139,6 +148,16 @@ class _Connection(psycopg.Connection):
     @property
     def in_transaction(self) -> bool:
         return self.info.transaction_status != _IDLE
+
+
+def public_dsn(dsn: str) -> str:
+    """``dsn`` as a connection string without its password (for logs)."""
+    try:
+        params = conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return '(invalid DSN)'
+    params.pop('password', None)
+    return conninfo.make_conninfo(**params)
 
 
 def _one_line(error: BaseException) -> str:
@@ -184,24 +203,16 @@ class PostgreSQLBackend(SQLBackend):
         try:
             if conn.info.transaction_status != _INERROR:
                 super()._end(conn)        # a synchronous commit, if any
-                if self.unsynced:
-                    conn.execute(TOUCH)
         except psycopg.Error:
             pass  # connection lost: the server rolled back what was pending
         self.unsynced = False
 
     def describe(self) -> str:
-        try:
-            params = conninfo.conninfo_to_dict(self.database)
-        except psycopg.Error:
-            params = {}
-        params.pop('password', None)
-        where = ' '.join(f'{k}={v}' for k, v in sorted(params.items()))
         version = ''
         if self._conn is not None:
             number = self._conn.info.server_version
             version = f' {number // 10000}.{number % 10000}'
-        return f'PostgreSQL{version} database {where!r}'
+        return f'PostgreSQL{version} database {public_dsn(self.database)!r}'
 
     def _commit(self) -> None:
         conn = self._conn
@@ -209,24 +220,25 @@ class PostgreSQLBackend(SQLBackend):
             # COMMIT would answer ROLLBACK without an error
             raise psycopg.OperationalError('pending transaction aborted by an earlier error')
         if self._defer:
-            conn.execute(COMMIT_LATER, prepare=False, binary=False)
+            # group commit: the durable points of this event-loop iteration
+            # stay in the open transaction; sync() commits them together
             self.unsynced = True
-        else:
-            conn.execute(_COMMIT)
+            self._keep_pending = True
+            return
+        conn.execute(_COMMIT)
         self._keep_pending = False
 
     def sync(self) -> None:
-        """One synchronous commit after the deferred ones: when it returns,
-        PostgreSQL has flushed the WAL up to it, so every earlier commit
-        is durable.  What is pending in the open transaction is committed
-        with it."""
+        """Commit what ``sync_later`` left pending, synchronously: COMMIT
+        returns once PostgreSQL has flushed its WAL up to it (one flush
+        for every durable point of the batch).  Nothing to do if a commit
+        since (``commit_pending``) did it already."""
         if not self.unsynced or self._conn is None:
             return
         conn = self._conn
-        conn.execute(TOUCH)  # outside a transaction: one of its own (autocommit)
         if conn.in_transaction:
             if conn.info.transaction_status == _INERROR:
-                raise psycopg.OperationalError('pending transaction aborted')
+                raise psycopg.OperationalError('pending transaction aborted by an earlier error')
             conn.execute(_COMMIT)
             self._keep_pending = False
         self.unsynced = False
@@ -238,6 +250,9 @@ class PostgreSQLBackend(SQLBackend):
 
     def _data_rows(self, conn, hashes: list[bytes]) -> Iterator[tuple[int, bytes, int, bytes]]:
         return conn.execute(FIND_DATA_ANY, (hashes,)) if hashes else iter(())
+
+    def _delete_orphans(self, candidates: list[int]) -> int:
+        return self._conn.execute(DELETE_ORPHANS, (candidates,)).rowcount
 
     def _find_or_insert_data(self, checksum: bytes, compression: int, data: bytes
                              ) -> tuple[int, bool]:

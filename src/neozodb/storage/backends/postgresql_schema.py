@@ -111,16 +111,14 @@ UNLOCK = (
     " SELECT ?, approved, partial, oids, pack_tid, gc FROM p"
     " ON CONFLICT (tid) DO UPDATE SET approved=EXCLUDED.approved, partial=EXCLUDED.partial,"
     " oids=EXCLUDED.oids, pack_tid=EXCLUDED.pack_tid, gc=EXCLUDED.gc")
+# _prune: the candidates that nothing references, in one statement
+DELETE_ORPHANS = ("DELETE FROM data AS d WHERE d.id = ANY(?::bigint[])"
+                  " AND NOT EXISTS (SELECT 1 FROM obj WHERE obj.data_id=d.id)"
+                  " AND NOT EXISTS (SELECT 1 FROM tobj WHERE tobj.data_id=d.id)")
 # the data rows that replicated records may reuse: one array parameter
 FIND_DATA_ANY = "SELECT id, hash, compression, value FROM data WHERE hash = ANY(?::bytea[])"
 # data ids for replicated rows, taken from the table's own sequence
 NEW_DATA_IDS = "SELECT nextval('data_id_seq') FROM generate_series(1, ?)"
-# group commit: a commit that does not wait for the WAL flush...
-COMMIT_LATER = "SET LOCAL synchronous_commit TO OFF; COMMIT"
-# ...and a write committed with the default (synchronous_commit on): its
-# commit waits for the WAL to be flushed up to its commit record, and so
-# for every commit before it (a commit that wrote no WAL would not wait)
-TOUCH = "UPDATE config SET value=value WHERE name='version'"
 # one storage node per database: a session-level advisory lock, released
 # by PostgreSQL when the connection ends (crash included); the key is
 # arbitrary but fixed ("neozodb" as an integer)

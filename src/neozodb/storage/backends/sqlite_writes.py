@@ -87,6 +87,11 @@ class SQLiteWrites:
         candidates = [d for d in set(candidates) if d not in self._held]
         if not candidates:
             return 0
+        return self._delete_orphans(candidates)
+
+    def _delete_orphans(self, candidates: list[int]) -> int:
+        """Delete the data rows of ``candidates`` that no obj/tobj row
+        references; how many."""
         conn = self._conn
         # tobj holds only unfinished transactions: read its references once.
         in_tobj = {row[0] for row in conn.execute(_TOBJ_DATA_IDS)}
