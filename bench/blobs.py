@@ -157,7 +157,7 @@ def measure(opts, peaks) -> dict:
         backends.append(RelStorageBlobBackend())
     else:
         skipped["RelStorage/SQLite"] = "not installed"
-    results: dict = {"skipped": skipped, "rows": {}}
+    results: dict = {"skipped": skipped, "rows": {}, "failed": {}}
     with temporary_directory("blobs", opts.keep) as (cleanup, workdir):
         active = start_backends(cleanup, backends, workdir, skipped, peaks=peaks)
         for backend in active:
@@ -173,8 +173,15 @@ def measure(opts, peaks) -> dict:
         for backend in active:
             row = results["rows"][backend.label]
             started = time.perf_counter()
-            row["big write"] = child(workdir, backend, "write", 1, opts.big, "bigw")
-            row["big read"] = child(workdir, backend, "read", 1, opts.big, "bigr")
+            try:
+                row["big write"] = child(workdir, backend, "write", 1, opts.big, "bigw")
+                row["big read"] = child(workdir, backend, "read", 1, opts.big, "bigr")
+            except RuntimeError as e:  # e.g. RelStorage/SQLite: SQLite's 1 GB limit
+                why = str(e).strip().splitlines()[-1]
+                results["failed"][backend.label] = why
+                say("  %-18s big blob of %d MB: failed: %s" % (backend.label, opts.big // MB,
+                                                               why))
+                continue
             if row["big write"]["digest"] != row["big read"]["digest"]:
                 raise RuntimeError("%s: read back another big blob" % backend.label)
             say("  %-18s big blob of %d MB: %.1f s" % (backend.label, opts.big // MB,
@@ -199,11 +206,13 @@ def report(results: dict) -> str:
         for label, row in results["rows"].items():
             if label != "ZEO":
                 ratios.append([label] + ["%.2f" % (zeo[s]["seconds"] / row[s]["seconds"])
-                                         for s in steps])
+                                         if s in row and s in zeo else "-" for s in steps])
         text += "\n\nZEO time / this time (above 1: faster than ZEO)\n" + format_table(
             ["backend", *steps], ratios)
     for label, why in results["skipped"].items():
         text += "\nskipped %s: %s" % (label, why)
+    for label, why in results["failed"].items():
+        text += "\n%s: the big blob failed: %s" % (label, why)
     return text
 
 
