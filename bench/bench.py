@@ -17,10 +17,13 @@ one table of every ratio.
 
 With --postgresql, adds clusters whose storages use the PostgreSQL backend
 and RelStorage on the same throw-away PostgreSQL server (bench/pg.py), then
-the replication throughput of each adapter (bench/replication.py).
+the replication throughput of each adapter (bench/replication.py).  With
+--mariadb, the same on a throw-away MariaDB server
+(bench/mariadb_vs_relstorage.py); both options together measure the
+three backends and RelStorage on both servers in one run.
 
 Usage: .venv/bin/python bench/bench.py [--objects N] [--rounds R] [--quick] [--tls]
-       [--postgresql] [--json FILE]
+       [--postgresql] [--mariadb] [--json FILE]
        .venv/bin/python bench/bench.py --all [--quick] [--scale-sizes 10000,100000] [--json FILE]
 """
 from __future__ import annotations
@@ -147,18 +150,20 @@ def summarize(backend: Backend, per_round: list[dict]) -> dict:
 
 
 # -- report ---------------------------------------------------------------------------------------
-SHORT = {"zeo": "ZEO", "filestorage": "FS", "relstorage": "RS", "relstorage_pg": "RS-PG"}
+SHORT = {"zeo": "ZEO", "filestorage": "FS", "relstorage": "RS", "relstorage_pg": "RS-PG",
+         "relstorage_mariadb": "RS-MariaDB"}
 
 
 def ratios(results: dict) -> dict:
     """{neo key: {other key: {measure: other ms / neo ms}}}: a cluster on
-    PostgreSQL is compared with ZEO and RelStorage on PostgreSQL, the
-    others with ZEO, FileStorage and RelStorage on SQLite."""
+    PostgreSQL (MariaDB) is compared with ZEO and RelStorage on PostgreSQL
+    (MariaDB), the others with ZEO, FileStorage and RelStorage on SQLite."""
     out: dict = {}
     for neo_key, neo in results.items():
         if not neo_key.startswith("neo"):
             continue
         others = (("zeo", "relstorage_pg") if neo_key.endswith("_pg")
+                  else ("zeo", "relstorage_mariadb") if neo_key.endswith("_mariadb")
                   else ("zeo", "filestorage", "relstorage"))
         for other_key in others:
             other = results.get(other_key)
@@ -192,7 +197,8 @@ def report(results: dict, skipped: dict, objects: int) -> str:
             rows.append([name, *cells])
         out += ["", format_table(header, rows)]
     for suffix, title in (("_tls", "TLS / plain (>1: TLS slower)"),
-                          ("_pg", "PostgreSQL / SQLite (>1: PostgreSQL slower)")):
+                          ("_pg", "PostgreSQL / SQLite (>1: PostgreSQL slower)"),
+                          ("_mariadb", "MariaDB / SQLite (>1: MariaDB slower)")):
         pairs = [(k[:-len(suffix)], k) for k in keys
                  if k.endswith(suffix) and k[:-len(suffix)] in results]
         if pairs:
@@ -254,12 +260,14 @@ def run_all(args, results: dict, peaks: PeakMemory) -> dict:
 
 
 def replication_by_adapter(args) -> dict:
-    """--postgresql: replication.py's throughput (S2 empty, started after
+    """--postgresql, --mariadb: replication.py's throughput (S2 empty, started after
     N objects were written) on each adapter, one after the other."""
     objects = "2000" if args.quick else "20000"
     out = {}
     with temporary_directory("bench-replication") as (_cleanup, tmp):
-        for adapter in ("SQLite", "PostgreSQL"):
+        adapters = ["SQLite"] + ["PostgreSQL"] * bool(args.postgresql) + \
+            ["MariaDB"] * bool(args.mariadb)
+        for adapter in adapters:
             data, _ = run_script("replication", ["--only", "throughput", "--objects", objects,
                                                  "--adapter", adapter], tmp)
             out[adapter] = data["results"]["throughput"]
@@ -400,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="add 'neo 1S r0 PG' and 'neo 2S r1 PG' (storages on the PostgreSQL"
                         " backend) and RelStorage on the same throw-away PostgreSQL server,"
                         " then the replication throughput on each adapter")
+    parser.add_argument("--mariadb", action="store_true",
+                        help="add 'neo 1S r0 MariaDB' and 'neo 2S r1 MariaDB' and RelStorage"
+                        " (history-free) on the same throw-away MariaDB server, then the"
+                        " replication throughput on each adapter")
     parser.add_argument("--all", action="store_true",
                         help="then run concurrency.py, shootout.py, scale.py, replication.py"
                         " and migrate.py, and print one table of every ratio")
@@ -423,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.postgresql:
         from pg import postgresql_backends
         backends += postgresql_backends(skipped)
+    if args.mariadb:
+        from mariadb_vs_relstorage import SharedMariaDB, mariadb_backends
+        backends += mariadb_backends(skipped, SharedMariaDB())
 
     started = time.perf_counter()
     print("objects=%d rounds=%d, %d one-object commits per round, %d CPUs" % (
@@ -441,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
           "over all rounds (%d commits); total %.0fs" % (
               args.rounds, SMALL_COMMITS * args.rounds, time.perf_counter() - started))
     replication = None
-    if args.postgresql and not any(k.endswith("_pg") for k in skipped):
+    if (args.postgresql and not any(k.endswith("_pg") for k in skipped)) or args.mariadb:
         replication = interruptible(replication_by_adapter, args,
                                     stopped="every process stopped, temporary files removed")
         if INTERRUPTED:

@@ -33,6 +33,90 @@ from common import (
     write_json,
 )
 
+#: RelStorage 4.3 takes MariaDB 10.11 for MySQL 8 (its version number) and
+#: sends it MySQL 8's syntax (INSERT ... AS excluded): the server says it is
+#: MySQL 5.7.19 (@@version only)
+SERVER_ARGS = ["--version=5.7.19-MariaDB-10.11"]
+
+
+class SharedMariaDB:
+    """A throw-away MariaDB server for ``bench.py --mariadb`` and
+    ``replication.py --adapter MariaDB``, started by its first user's
+    ``acquire(workdir)`` and stopped when the last one ``release``s it
+    (as pg.SharedServer)."""
+
+    adapter = "MariaDB"
+
+    def __init__(self) -> None:
+        self.server = None
+        self.users = 0
+
+    def acquire(self, workdir: str) -> None:
+        if self.server is None:
+            from neozodb.throwaway import mariadb
+            self.server = mariadb.start(os.path.join(workdir, "mariadb"), SERVER_ARGS)
+        self.users += 1
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users <= 0 and self.server is not None:
+            server, self.server = self.server, None
+            server.stop()
+
+    def database(self, name: str) -> str:
+        return self.server.database(name)
+
+    @property
+    def socket(self) -> str:
+        return self.server.socket
+
+    def stats(self, dsn: str) -> dict:
+        """Counts of a MariaDB backend's database (``replication.db_stats``'s):
+        values of 16 MiB or more are in ``bigdata``."""
+        import mariadb
+        name = dsn.split("@", 1)[1].split("/", 1)[0]
+        conn = mariadb.connect(user="root", unix_socket=self.server.socket, database=name)
+        try:
+            cur = conn.cursor()
+            counts = {}
+            for key, sql in (("obj_records", "SELECT COUNT(*) FROM obj"),
+                             ("transactions", "SELECT COUNT(*) FROM trans"),
+                             ("data_records", "SELECT COUNT(*) FROM data"),
+                             ("data_bytes", "SELECT COALESCE(SUM(LENGTH(value)), 0) FROM data"),
+                             ("big_bytes", "SELECT COALESCE(SUM(LENGTH(value)), 0) FROM bigdata")):
+                cur.execute(sql)
+                counts[key] = int(cur.fetchone()[0])
+        finally:
+            conn.close()
+        counts["data_bytes"] += counts.pop("big_bytes")
+        return counts
+
+
+def _acquire(backend, workdir: str) -> None:
+    """A backend on a SharedMariaDB starts it (once per backend)."""
+    if isinstance(backend.server, SharedMariaDB) and not getattr(backend, "acquired", False):
+        backend.server.acquire(workdir)
+        backend.acquired = True
+
+
+def _release(backend) -> None:
+    if getattr(backend, "acquired", False):
+        backend.acquired = False
+        backend.server.release()
+
+
+def mariadb_backends(skipped: dict[str, str], shared: SharedMariaDB) -> list:
+    """neozodb on MariaDB (1 storage replicas 0, 2 storages replicas 1) and
+    RelStorage on the same shared server, for bench.py --mariadb."""
+    backends = [MariaDBNeoBackend(shared, 1, 0), MariaDBNeoBackend(shared, 2, 1)]
+    try:
+        import MySQLdb  # noqa: F401
+        import relstorage  # noqa: F401
+        backends.append(RelStorageMariaDBBackend(shared))
+    except ImportError as e:
+        skipped[RelStorageMariaDBBackend.label] = "not installed: %s" % e
+    return backends
+
 
 class MariaDBNeoBackend(NeoBackend):
     """A neozodb cluster whose storages are on the MariaDB server."""
@@ -45,6 +129,7 @@ class MariaDBNeoBackend(NeoBackend):
 
     def start(self, workdir: str) -> None:
         from neozodb.cli.cluster import LocalCluster
+        _acquire(self, workdir)
         key = self.key
         self.cluster = LocalCluster(
             os.path.join(workdir, key), name="bench", storages=self.storages,
@@ -56,6 +141,10 @@ class MariaDBNeoBackend(NeoBackend):
             self.stop()
             raise
 
+    def stop(self) -> None:
+        super().stop()
+        _release(self)
+
 
 class RelStorageMariaDBBackend(RelStorageBackend):
     """RelStorage on a database of the MariaDB server, history-free:
@@ -63,13 +152,18 @@ class RelStorageMariaDBBackend(RelStorageBackend):
     10.5 and later (its ``object_state.tid BIGINT REFERENCES "transaction"``
     is enforced there, against ``transaction.tid BIGINT UNSIGNED``: "Foreign
     key constraint is incorrectly formed")."""
+    key = "relstorage_mariadb"
     label = "RelStorage/MariaDB HF"
 
     def __init__(self, server) -> None:
         self.server = server
 
     def start(self, workdir: str) -> None:
+        _acquire(self, workdir)
         self.server.database("relstorage")
+
+    def stop(self) -> None:
+        _release(self)
 
     def zconfig(self) -> str:
         return ("<relstorage>\n  keep-history false\n  <mysql>\n    db relstorage\n"
@@ -84,10 +178,7 @@ def run(args) -> tuple[dict, dict, PeakMemory]:
     peaks = PeakMemory()
     try:
         t0 = time.perf_counter()
-        # RelStorage 4.3 takes MariaDB 10.11 for MySQL 8 (its version
-        # number) and sends it MySQL 8's syntax (INSERT ... AS excluded):
-        # the server says it is MySQL 5.7.19 (@@version only)
-        server = mariadb.start(directory, ["--version=5.7.19-MariaDB-10.11"])
+        server = mariadb.start(directory, SERVER_ARGS)
         print("  started MariaDB server     %.1fs" % (time.perf_counter() - t0), flush=True)
         try:
             backends = [NeoBackend(1, 0), MariaDBNeoBackend(server, 1, 0),

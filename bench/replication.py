@@ -14,7 +14,7 @@ Every node process started here is stopped (killed if need be) and the
 temporary directory removed on exit, error, Ctrl-C or SIGTERM.
 
 Usage: .venv/bin/python bench/replication.py [--quick] [--objects N] [--catchup N,N]
-       [--outage S] [--commits N] [--partitions P] [--adapter SQLite|PostgreSQL] [--keep]
+       [--outage S] [--commits N] [--partitions P] [--adapter SQLite|PostgreSQL|MariaDB] [--keep]
        [--json FILE]
 """
 from __future__ import annotations
@@ -77,7 +77,8 @@ def log_size(path: str) -> int:
 
 
 # -- clusters ---------------------------------------------------------------------------------
-#: --adapter PostgreSQL: the server the storages' databases are on (pg.SharedServer)
+#: --adapter PostgreSQL or MariaDB: the server the storages' databases are on
+#: (pg.SharedServer, mariadb_vs_relstorage.SharedMariaDB)
 SERVER = None
 
 
@@ -91,7 +92,7 @@ def start_cluster(cleanup: contextlib.ExitStack, workdir: str, key: str, storage
                            replicas=replicas, partitions=partitions, loglevel="INFO",
                            storage_args=storage_args,
                            **({} if server is None else dict(
-                               adapter="PostgreSQL",
+                               adapter=getattr(server, "adapter", "PostgreSQL"),
                                databases=lambda i: server.database("%s_s%d" % (key, i)))))
     cleanup.callback(stop_cluster, cluster)  # registered before start: a failed start is cleaned
     cluster.start(wait=60)
@@ -251,7 +252,7 @@ def storage_db(cluster, i: int) -> str:
 
 def storage_stats(cluster, i: int) -> dict:
     """``db_stats`` of storage i, whatever its adapter."""
-    if cluster.adapter == "PostgreSQL":
+    if cluster.adapter != "SQLite":
         return SERVER.stats(cluster.database(i))
     return db_stats(storage_db(cluster, i))
 
@@ -484,9 +485,13 @@ def run(opts, anomalies: list[str]) -> dict:
     global SERVER
     results: dict = {}
     with temporary_directory("replication", opts.keep) as (cleanup, workdir):
-        if opts.adapter == "PostgreSQL":
-            from pg import SharedServer
-            SERVER = SharedServer()
+        if opts.adapter != "SQLite":
+            if opts.adapter == "PostgreSQL":
+                from pg import SharedServer
+                SERVER = SharedServer()
+            else:
+                from mariadb_vs_relstorage import SharedMariaDB
+                SERVER = SharedMariaDB()
             SERVER.acquire(workdir)
             cleanup.callback(SERVER.release)  # first in: stopped after the clusters
         if "throughput" in opts.only:
@@ -509,9 +514,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outage", type=float, help="seconds S2 is down (30)")
     parser.add_argument("--commits", type=int, help="one-object commits per cluster (500)")
     parser.add_argument("--partitions", type=int, default=12, help="partitions (12)")
-    parser.add_argument("--adapter", choices=("SQLite", "PostgreSQL"), default="SQLite",
-                        help="the storages' backend (SQLite; PostgreSQL: on a throw-away"
-                        " server, bench/pg.py)")
+    parser.add_argument("--adapter", choices=("SQLite", "PostgreSQL", "MariaDB"),
+                        default="SQLite",
+                        help="the storages' backend (SQLite; PostgreSQL or MariaDB: on a"
+                        " throw-away server, bench/pg.py, bench/mariadb_vs_relstorage.py)")
     parser.add_argument("--replication-rate", metavar="BYTES",
                         help="passed to every storage (default: no cap)")
     parser.add_argument("--only", default="throughput,catchup,latency",
