@@ -96,22 +96,14 @@ print(json.dumps({"seconds": elapsed, "digest": digest.hexdigest(), "peak": vm_h
 class ZEOBlobBackend(ZEOBackend):
     """ZEO with a blob directory on the server; each client its own cache."""
 
-    def serve(self) -> None:
+    def server_args(self) -> list[str]:
         config = os.path.join(self.directory, "zeo.conf")
         with open(config, "w") as f:
             f.write("<zeo>\n  address %s:%d\n</zeo>\n<filestorage>\n  path %s\n"
                     "  blob-dir %s\n</filestorage>\n" % (
                         *self.address, os.path.join(self.directory, "Data.fs"),
                         os.path.join(self.directory, "blobs")))
-        argv = [sys.executable, "-m", "ZEO.runzeo", "-C", config]
-        with open(os.path.join(self.directory, "zeo.log"), "ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
-        try:
-            self._wait_port(30.0)
-        except BaseException:
-            self.stop()
-            raise
+        return ["-C", config]
 
     def spec(self) -> dict:
         return {**super().spec(), "blob_options": {"blob_dir": "CACHE"}}

@@ -360,8 +360,7 @@ class ZEOBackend(Backend):
     def serve(self) -> None:
         """Start the server on the address and file of ``start`` (again,
         after it was killed) and wait until it listens."""
-        argv = [sys.executable, "-m", "ZEO.runzeo", "-a", "%s:%d" % self.address,
-                "-f", os.path.join(self.directory, "Data.fs")]
+        argv = [sys.executable, "-m", "ZEO.runzeo", *self.server_args()]
         with open(os.path.join(self.directory, "zeo.log"), "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL)
@@ -370,6 +369,10 @@ class ZEOBackend(Backend):
         except BaseException:
             self.stop()
             raise
+
+    def server_args(self) -> list[str]:
+        """runzeo's arguments (the address and file of ``start``)."""
+        return ["-a", "%s:%d" % self.address, "-f", os.path.join(self.directory, "Data.fs")]
 
     def _wait_port(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -416,6 +419,33 @@ class RelStorageBackend(Backend):
     def zconfig(self) -> str:
         return "<relstorage>\n  <sqlite3>\n    data-dir %s\n  </sqlite3>\n</relstorage>" \
             % self.directory
+
+
+class SharedServer:
+    """A throw-away database server (PostgreSQL, MariaDB) shared by the
+    backends that need it: started by the first one's ``acquire(workdir)``
+    (``_start``), stopped when the last one ``release``s it."""
+
+    def __init__(self) -> None:
+        self.server = None
+        self.users = 0
+
+    def _start(self, workdir: str):
+        raise NotImplementedError
+
+    def acquire(self, workdir: str) -> None:
+        if self.server is None:
+            self.server = self._start(workdir)
+        self.users += 1
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users <= 0 and self.server is not None:
+            server, self.server = self.server, None
+            server.stop()
+
+    def database(self, name: str) -> str:
+        return self.server.database(name)
 
 
 def open_spec(spec: dict):

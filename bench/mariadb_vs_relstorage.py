@@ -29,6 +29,7 @@ from common import (
     NeoBackend,
     PeakMemory,
     RelStorageBackend,
+    SharedServer,
     interruptible,
     write_json,
 )
@@ -39,32 +40,15 @@ from common import (
 SERVER_ARGS = ["--version=5.7.19-MariaDB-10.11"]
 
 
-class SharedMariaDB:
+class SharedMariaDB(SharedServer):
     """A throw-away MariaDB server for ``bench.py --mariadb`` and
-    ``replication.py --adapter MariaDB``, started by its first user's
-    ``acquire(workdir)`` and stopped when the last one ``release``s it
-    (as pg.SharedServer)."""
+    ``replication.py --adapter MariaDB``, shared by the backends on it."""
 
     adapter = "MariaDB"
 
-    def __init__(self) -> None:
-        self.server = None
-        self.users = 0
-
-    def acquire(self, workdir: str) -> None:
-        if self.server is None:
-            from neozodb.throwaway import mariadb
-            self.server = mariadb.start(os.path.join(workdir, "mariadb"), SERVER_ARGS)
-        self.users += 1
-
-    def release(self) -> None:
-        self.users -= 1
-        if self.users <= 0 and self.server is not None:
-            server, self.server = self.server, None
-            server.stop()
-
-    def database(self, name: str) -> str:
-        return self.server.database(name)
+    def _start(self, workdir: str):
+        from neozodb.throwaway import mariadb
+        return mariadb.start(os.path.join(workdir, "mariadb"), SERVER_ARGS)
 
     @property
     def socket(self) -> str:

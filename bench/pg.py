@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import common
 from common import NeoBackend, RelStorageBackend
 
 
@@ -26,28 +27,14 @@ def skip_reason() -> str | None:
     return None
 
 
-class SharedServer:
-    """A throw-away PostgreSQL server started by its first user's
-    ``acquire(workdir)`` and stopped when the last one ``release``s it."""
+class SharedServer(common.SharedServer):
+    """A throw-away PostgreSQL server shared by the backends on it."""
 
-    def __init__(self) -> None:
-        self.server = None
-        self.users = 0
+    adapter = "PostgreSQL"
 
-    def acquire(self, workdir: str) -> None:
-        if self.server is None:
-            from neozodb.throwaway.postgresql import start
-            self.server = start(os.path.join(workdir, "postgresql"))
-        self.users += 1
-
-    def release(self) -> None:
-        self.users -= 1
-        if self.users <= 0 and self.server is not None:
-            server, self.server = self.server, None
-            server.stop()
-
-    def database(self, name: str) -> str:
-        return self.server.database(name)
+    def _start(self, workdir: str):
+        from neozodb.throwaway.postgresql import start
+        return start(os.path.join(workdir, "postgresql"))
 
     def stats(self, dsn: str) -> dict:
         """Counts of a PostgreSQL backend's database (``replication.db_stats``'s)."""

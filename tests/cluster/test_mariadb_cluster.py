@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import transaction
@@ -34,16 +33,9 @@ PARTITIONS = 6
 
 
 @pytest.fixture(scope="module")
-def server():
-    directory = tempfile.mkdtemp(prefix="neozodb-mariadb-cluster-")
-    try:
-        srv = throwaway.start(directory)
-        try:
-            yield srv
-        finally:
-            srv.stop()
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+def server(tmp_path_factory):
+    from mdbserver import server_fixture
+    yield from server_fixture(tmp_path_factory)
 
 
 @pytest.fixture

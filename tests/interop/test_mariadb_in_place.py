@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import tempfile
 
 import pytest
 import ZODB
@@ -25,7 +24,6 @@ if not os.path.exists("/usr/sbin/mariadbd") and not shutil.which("mariadbd"):
     pytest.skip("no MariaDB server here", allow_module_level=True)
 pytest.importorskip("MySQLdb", reason="NEO's MySQL adapter needs mysqlclient")
 
-from neozodb.throwaway import mariadb as throwaway  # noqa: E402
 
 OBJECTS = 40
 # 16 MiB and more: NEO's schema keeps it in bigdata rows of 8 MiB
@@ -33,16 +31,9 @@ HUGE = 17 << 20
 
 
 @pytest.fixture(scope="module")
-def server():
-    directory = tempfile.mkdtemp(prefix="neozodb-mariadb-interop-")
-    try:
-        srv = throwaway.start(directory)
-        try:
-            yield srv
-        finally:
-            srv.stop()
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+def server(tmp_path_factory):
+    from mdbserver import server_fixture
+    yield from server_fixture(tmp_path_factory)
 
 
 def write(c, version: int, count: int = OBJECTS) -> None:

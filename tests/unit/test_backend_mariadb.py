@@ -40,16 +40,9 @@ def h(data: bytes) -> bytes:
 
 
 @pytest.fixture(scope='session')
-def server():
-    directory = tempfile.mkdtemp(prefix='neozodb-mariadb-')
-    try:
-        srv = throwaway.start(directory)
-        try:
-            yield srv
-        finally:
-            srv.stop()
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+def server(tmp_path_factory):
+    from mdbserver import server_fixture
+    yield from server_fixture(tmp_path_factory)
 
 
 def db_name(tmp_path) -> str:
