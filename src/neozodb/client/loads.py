@@ -18,7 +18,8 @@ class Loads:
     def _object_data(self, answer, verify: bool = True) -> bytes | None:
         oid, serial, _, compression, checksum, data, _ = answer
         result = decompress(oid, serial, compression, checksum, data, verify)
-        if compression & BLOB_FLAG:  # what loadBlob will need (client/blobs.py)
+        # NEO's storages answer a deletion with no compression id (None)
+        if compression and compression & BLOB_FLAG:  # what loadBlob will need (blobs.py)
             self.blob_tails.note(oid, serial, checksum, data)
         return result
 

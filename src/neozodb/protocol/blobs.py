@@ -23,8 +23,9 @@ CHUNK = 1 << 20
 MAX_SIZE = (1 << 63) - 1
 
 
-def is_blob(compression: int) -> bool:
-    return bool(compression & BLOB_FLAG)
+def is_blob(compression: int | None) -> bool:
+    """``compression`` None: a deletion as NEO's storages answer it."""
+    return bool(compression and compression & BLOB_FLAG)
 
 
 def add_tail(compression: int, stored: bytes, digest: bytes, size: int) -> tuple[int, bytes]:
