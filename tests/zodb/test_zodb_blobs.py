@@ -45,35 +45,41 @@ SUITE = testblob.storage_reusable_suite("NEO", _factory, test_blob_storage_recov
                                          test_packing=True, test_undo=True)
 TESTS = _tests(SUITE)
 
-# blob_packing.txt looks for the revisions' files in a server-side blob
-# directory (``fshelper``), with pack times from the test's fake clock:
-# tests/cluster/test_blobs.py checks what a pack leaves on the storages
-_SKIPPED = {"blob_packing_txt": "needs a server-side blob directory (fshelper)"}
+# blob_packing.txt packs at times it reads from the clock and the master
+# gives TIDs from its own, real one: the suite's fake clock (a second more
+# at each call, in this process only) would pack after every revision
+_REAL_CLOCK = {"blob_packing_txt"}
 # as root, a read-only file opens for writing all the same
 _ROOT_ONLY_FAILS = "open(blob.committed(), 'w')"
+# blob_packing.txt's last check wants the directory of a deleted object's
+# revisions gone; the client's cache, in ZEO's layout, shares a directory
+# between the oids equal modulo 997 and keeps it (its lock file lives there)
+_SHARED_DIRECTORY = "os.path.exists(os.path.split(fns[0])[0])"
 
 
 def _filtered(test):
-    """``test``, without the examples that cannot pass as root."""
+    """``test``, without the examples that cannot apply here."""
     dt = getattr(test, "_dt_test", None)
-    if dt is not None and os.geteuid() == 0:
-        dt.examples = [e for e in dt.examples if _ROOT_ONLY_FAILS not in e.source]
+    if dt is not None:
+        dt.examples = [e for e in dt.examples if _SHARED_DIRECTORY not in e.source
+                       and not (os.geteuid() == 0 and _ROOT_ONLY_FAILS in e.source)]
     return test
 
 
 @pytest.mark.parametrize("test", TESTS, ids=[t.id().rsplit("/", 1)[-1] for t in TESTS])
 def test_zodb_blob_suite(test):
     name = test.id().rsplit("/", 1)[-1]
-    if name in _SKIPPED:
-        pytest.skip(_SKIPPED[name])
     test = _filtered(test)
     layer = SUITE.layer
     result = unittest.TestResult()
-    layer.testSetUp()
+    real_clock = name in _REAL_CLOCK
+    if not real_clock:
+        layer.testSetUp()
     try:
         test(result)
     finally:
-        layer.testTearDown()
+        if not real_clock:
+            layer.testTearDown()
         for cluster in _clusters.values():
             cluster.stop()
         _clusters.clear()

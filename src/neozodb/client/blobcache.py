@@ -135,6 +135,11 @@ class BlobCache:
         high, low = divmod(n, DIRECTORIES)
         return os.path.join(self.directory, str(low), '%d.%s%s' % (high, tid.hex(), SUFFIX))
 
+    def getBlobFilename(self, oid: bytes, tid: bytes) -> str:
+        """``filename`` under the name of ZODB's ``FilesystemHelper``, for
+        tools that find a revision's file through ``storage.fshelper``."""
+        return self.filename(oid, tid)
+
     def _dir_lock(self, filename: str) -> str:
         return os.path.join(os.path.dirname(filename), '.lock')
 

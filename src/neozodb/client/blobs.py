@@ -175,6 +175,13 @@ class BlobStorageMethods:
             raise POSException.Unsupported("no blob-dir: this storage was opened without blobs")
         return self._blob_cache
 
+    @property
+    def fshelper(self) -> BlobCache | None:
+        """The blob cache (None without a blob-dir), as ZEO's
+        ``ClientStorage.fshelper``: ``getBlobFilename(oid, tid)`` is where
+        a revision's file is when the cache has it."""
+        return self._blob_cache
+
     def temporaryDirectory(self) -> str:
         return self._blobs().temporary_directory()
 
