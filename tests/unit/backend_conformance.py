@@ -218,6 +218,45 @@ class BackendConformance:
         assert db.get_object_history(5, 3, 10) == []
         assert db.get_object_history(6, 0, 10) is None
 
+    def test_last_serials_of_a_burst(self, db):
+        """``last_serials`` (a burst of stores) gives what ``last_serial``
+        gives for each oid, over more oids than one statement takes, with
+        oids never stored, voted only, and deleted."""
+        for tid in (10, 20):
+            self.commit(db, tid, {oid: b'%d-%d' % (oid, tid) for oid in range(tid, 600, 7)})
+        self.commit(db, 30, {3: None})
+        data = b'voted only'
+        db.store_transaction(100, [(1, db.store_data(h(data), 0, data), None)],
+                             ([1], b'', b'', b'', False))
+        oids = list(range(0, 700)) + [2**63 - 1]
+        found = db.last_serials(oids)
+        assert found == {oid: db.last_serial(oid) for oid in oids}
+        assert found[20] == 20 and found[10] == 10 and found[3] == 30
+        assert found[1] is None and found[699] is None
+        assert db.last_serials([]) == {}
+
+    def test_store_data_many_as_store_data(self, db):
+        """``store_data_many`` finds or inserts like ``store_data`` (equal
+        values share a row, within the burst too), and holds each id once
+        per item: released, the rows no transaction took are pruned."""
+        kept = db.store_data(h(b'old'), 0, b'old', 1)
+        self.commit(db, 10, {1: b'old'})
+        items = [(h(b'a'), 0, b'a', 2), (h(b'old'), 0, b'old', 3), (h(b'a'), 0, b'a', 4),
+                 (h(b'b'), 1, b'b', 5), (h(b'b'), 0, b'b', 6)]
+        ids = db.store_data_many(items)
+        assert len(ids) == 5
+        assert ids[1] == kept
+        assert ids[0] == ids[2] and ids[3] != ids[4] and len({ids[0], ids[3], ids[4]}) == 3
+        for (checksum, compression, data, _), data_id in zip(items, ids, strict=True):
+            assert db.load_data(data_id) == (checksum, compression, data)
+        assert db.store_data_many([]) == []
+        db.release_data(ids[:1], prune=True)      # still held by item 3
+        assert db.load_data(ids[0]) is not None
+        db.release_data([kept] + ids[2:], prune=True)
+        assert db.load_data(ids[0]) is None and db.load_data(ids[3]) is None
+        assert db.load_data(ids[4]) is None
+        assert db.load_data(kept) is not None     # committed at tid 10
+
     def test_deletion_revision(self, db):
         self.commit(db, 10, {3: b'alive'})
         self.commit(db, 20, {3: None})

@@ -792,3 +792,58 @@ def test_held_output_leaves_in_one_write_on_release():
         conn.data_received(msg(9, Packets.Ping))  # released: chunks flush as before
         assert len(writes) == 2
     run(test)
+
+
+# -- runs of a handler's ``batched`` requests --------------------------------------------
+
+
+class Batching(Recorder):
+    """Pings are ``batched``: prefetch sees each run of them whole."""
+
+    batched = Packets.Ping
+
+    def prefetch(self, conn, run):
+        self.calls.append(("prefetch", [msg_id for msg_id, _, _ in run]))
+
+    def prefetched(self):
+        self.calls.append(("prefetched",))
+
+
+def run_batching(test):
+    async def main():
+        transport = FakeTransport()
+        handler = Batching()
+        conn = Connection(App(), handler)
+        conn.connection_made(transport)
+        return await test(conn, transport, handler)
+    return asyncio.run(main())
+
+
+def test_a_run_is_prefetched_whole_then_dispatched_in_order():
+    async def test(conn, transport, handler):
+        conn.data_received(HANDSHAKE + msg(1, Packets.Ping) + msg(2, Packets.Ping)
+                           + msg(3, Packets.Ping) + msg(4, Packets.AskObject, OID, None, None)
+                           + msg(5, Packets.Ping))
+        assert handler.calls == [
+            ("prefetch", [1, 2, 3]), ("Ping", 1), ("Ping", 2), ("Ping", 3), ("prefetched",),
+            ("AskObject", 4),
+            ("Ping", 5), ("prefetched",)]  # a run of one: nothing to prefetch
+        assert [m[0] for m in transport.messages()] == [1, 2, 3, 5]
+        # a run split across two chunks of data is two runs
+        handler.calls.clear()
+        conn.data_received(msg(6, Packets.Ping) + msg(7, Packets.Ping))
+        conn.data_received(msg(8, Packets.Ping))
+        assert handler.calls == [("prefetch", [6, 7]), ("Ping", 6), ("Ping", 7), ("prefetched",),
+                                 ("Ping", 8), ("prefetched",)]
+    run_batching(test)
+
+
+def test_a_run_before_garbage_is_dispatched_before_the_protocol_error(caplog):
+    async def test(conn, transport, handler):
+        conn.data_received(HANDSHAKE + msg(1, Packets.Ping) + msg(2, Packets.Ping) + b"\xc1\xc1")
+        assert handler.calls == [("prefetch", [1, 2]), ("Ping", 1), ("Ping", 2), ("prefetched",)]
+        sent = transport.messages()
+        assert [m[0] for m in sent[:2]] == [1, 2] and sent[2][1] == ERROR
+        assert conn.closed and conn.close_reason.startswith("protocol error")
+    with caplog.at_level(logging.INFO, "neozodb.net"):
+        run_batching(test)

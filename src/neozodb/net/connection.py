@@ -127,6 +127,17 @@ class Handler:
     """
 
     _table: dict[int, str]
+    #: a request type whose consecutive occurrences in one chunk of
+    #: received data are dispatched as a run, after ``prefetch(conn, run)``
+    #: saw them all (e.g. a storage looking up the serials of a burst of
+    #: stores in one query); None: every message alone
+    batched: Any = None
+
+    def prefetch(self, conn: Connection, run: list[tuple[int, Any, tuple]]) -> None:
+        """Prepare for a run of ``batched`` requests, not validated yet."""
+
+    def prefetched(self) -> None:
+        """The run was dispatched: forget what ``prefetch`` prepared."""
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -245,8 +256,19 @@ class Connection(Limits, asyncio.Protocol):
         if len(self._head) < _HANDSHAKE_LEN:
             self._head += data[:_HANDSHAKE_LEN - len(self._head)]
         self._corked = True
+        batched = self._handler.batched
+        run: list | None = None  # consecutive ``batched`` requests, decoded
         try:
             for msg_id, packet, args in self.endpoint.feed(data):
+                if packet is batched:
+                    if run is None:
+                        run = []
+                    run.append((msg_id, packet, args))
+                    continue
+                if run is not None:
+                    # decoded already: dispatched even if reading paused
+                    # meanwhile (at most one chunk of data more)
+                    run = self._dispatch_run(run)
                 if packet.is_answer:
                     self._answer_received(msg_id, packet, args)
                 else:
@@ -254,13 +276,35 @@ class Connection(Limits, asyncio.Protocol):
                 if not self._reading:
                     return
         except ProtocolError as e:
+            if run is not None:  # the valid requests before the bad one
+                run = self._dispatch_run(run)
             # Undecodable input: msg_id 0 for the Error; after a failed
             # handshake the peer does not speak this protocol at all.
             self._flush_out()
             self._protocol_error(str(e), 0 if self._head == HANDSHAKE else None)
         finally:
+            if run is not None:
+                self._dispatch_run(run)
             if self._corked and not self._held:
                 self._flush_out()
+
+    def _dispatch_run(self, run: list[tuple[int, Any, tuple]]) -> None:
+        handler = self._handler
+        if len(run) > 1:
+            try:
+                handler.prefetch(self, run)
+            except Exception as e:  # e.g. the database: as the first request would
+                self._internal_error(run[0][1], e)
+                return None
+        try:
+            for msg_id, packet, args in run:
+                self._request_received(msg_id, packet, args)
+        finally:
+            try:
+                handler.prefetched()
+            except Exception as e:
+                self._internal_error(run[0][1], e)
+        return None
 
     def _answer_received(self, msg_id: int, packet: Any, args: tuple) -> None:
         endpoint = self.endpoint

@@ -73,6 +73,11 @@ class StorageApp:
         # locked transactions were either validated or will be
         self.verified = False
         self.delayed: list = []  # (ttid or b'', callable) retried on lock changes
+        # oid -> last serial (None: none), looked up for a burst of stores
+        # (storage/writes.py, Writes.prefetch); empty between bursts
+        self.serials: dict[int, int | None] = {}
+        # (oid, checksum, compression) -> data ids taken for a burst's stores
+        self.prestored: dict[tuple[int, bytes, int], list[int]] = {}
         self._delayed_prune_at = 1024
         self._pending_timer: asyncio.TimerHandle | None = None
         self._exit = asyncio.Event()
@@ -373,6 +378,7 @@ class StorageApp:
             if txn.tid is not None and int.from_bytes(txn.tid, "big") > tid:
                 self.locks.finish(ttid)
         self.backend.truncate(tid)
+        self.serials.clear()
         self.pt_history.truncated(tid)
         self.replay()
 

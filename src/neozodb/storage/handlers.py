@@ -193,6 +193,7 @@ class MasterHandler(FollowsPrimary, BaseHandler):
 
     def NotifyUnlockInformation(self, conn, msg_id, ttid):
         app = self.app
+        app.serials.clear()  # none is expected here; none may outlive a commit
         txn = app.locks.finish(ttid)
         if txn is not None and txn.tid is not None:
             app.backend.unlock_transaction(u64(ttid), u64(txn.tid))
@@ -273,6 +274,9 @@ _READS_OF_IDS = frozenset(p.code for p in (
 
 
 class ClientHandler(Writes, Blobs, BaseHandler):
+    # a burst of stores: their oids' serials looked up together (writes.py)
+    batched = Packets.AskStoreObject
+
     def dispatch(self, conn, msg_id, packet, args) -> None:
         self.app.activity += 1  # pack yields to clients (storage/pack.py)
         if packet.code in _READS_OF_IDS:

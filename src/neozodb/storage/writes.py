@@ -36,9 +36,24 @@ from neozodb.storage.undo import store_again_ok
 log = logging.getLogger("neozodb.storage")
 
 
+_UNKNOWN = object()
+_PLAIN = (0, 1)  # compression ids of a record without a blob
+
+
+def _well_formed(args: tuple) -> bool:
+    """Whether an AskStoreObject's arguments may be looked at before the
+    store checks them (a burst's prefetch)."""
+    oid, _, compression, checksum, data = args[:5]
+    return (oid.__class__ is bytes and len(oid) == 8 and compression.__class__ is int
+            and checksum.__class__ is bytes and len(checksum) == 20 and data.__class__ is bytes)
+
+
 def _current_serial(app, oid: bytes) -> bytes:
     """The committed serial of oid, ZERO_TID if it never existed here."""
-    last = app.backend.last_serial(u64(oid))
+    n = u64(oid)
+    last = app.serials.pop(n, _UNKNOWN) if app.serials else _UNKNOWN
+    if last is _UNKNOWN:
+        last = app.backend.last_serial(n)
     return ZERO_TID if last is None else p64(last)
 
 
@@ -68,6 +83,43 @@ class Retry:
 
 class Writes:
     """ClientHandler's writes (see the module docstring)."""
+
+    def prefetch(self, conn, run) -> None:
+        """A burst of stores arrived together (net/connection.py): look up
+        the serials of their oids in one backend call (one round trip on a
+        database server instead of one per store).  Each is used once, by
+        its store's conflict check, within this burst's dispatch: no
+        commit can happen in between (unlocks come from the master, in
+        another callback), so none can be stale; what is left is forgotten
+        after the burst (``prefetched``).
+
+        On a backend with ``batched_data``, the data rows of the burst's
+        plain stores (not undos, deletions or blobs) are also taken in one
+        call, once their checksums are verified; a store that ends up not
+        keeping its row (a conflict, a lock wait) leaves it to be released
+        after the burst."""
+        app = self.app
+        backend = app.backend
+        stores = [args for _, _, args in run if _well_formed(args)]
+        app.serials = backend.last_serials(sorted({u64(args[0]) for args in stores}))
+        if not backend.batched_data:
+            return
+        items = [(checksum, compression, data, u64(oid))
+                 for oid, _, compression, checksum, data, data_serial, _ in stores
+                 if data_serial is None and data and compression in _PLAIN
+                 and hashlib.sha1(data).digest() == checksum]
+        prestored = app.prestored
+        for item, data_id in zip(items, backend.store_data_many(items), strict=True):
+            prestored.setdefault((item[3], item[0], item[1]), []).append(data_id)
+
+    def prefetched(self) -> None:
+        app = self.app
+        app.serials = {}
+        if app.prestored:
+            unused = [data_id for ids in app.prestored.values() for data_id in ids]
+            app.prestored = {}
+            if unused:
+                app.backend.release_data(unused, prune=True)
 
     def _writable(self, packet) -> None:
         if getattr(self.app, "read_only", False):
@@ -184,7 +236,11 @@ class Writes:
                             " deletion", self.app.label, oid.hex(), data_serial.hex())
             data_id = None  # deletion, or undone creation
         else:
-            data_id = backend.store_data(checksum, compression, data, u64(oid))
+            taken = self.app.prestored.get((u64(oid), checksum, compression))
+            if taken:
+                data_id = taken.pop()  # by this burst's prefetch, held for us
+            else:
+                data_id = backend.store_data(checksum, compression, data, u64(oid))
         if compression & BLOB_FLAG and not no_data:
             self._blob_attach(txn, oid, data_id, out_of_date)
         old = txn.objects.get(oid)

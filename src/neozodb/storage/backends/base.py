@@ -279,6 +279,20 @@ class Backend(PartitionMethods, BlobMethods):
         Called for every store (conflict detection): one indexed lookup.
         """
 
+    #: whether ``store_data_many`` saves work over ``store_data`` (a
+    #: database server: one round trip for a burst of stores)
+    batched_data = False
+
+    def store_data_many(self, items: list[tuple[bytes, int, bytes, int]]) -> list[int]:
+        """``store_data(checksum, compression, data, oid)`` for each item, in
+        order: each id is held once per item."""
+        return [self.store_data(c, z, d, oid) for c, z, d, oid in items]
+
+    def last_serials(self, oids: list[int]) -> dict[int, int | None]:
+        """``last_serial`` of each of ``oids``, for a burst of stores: a
+        backend on a database server answers it in one round trip."""
+        return {oid: self.last_serial(oid) for oid in oids}
+
     @abc.abstractmethod
     def get_revision(self, oid: int, tid: int | None = None,
                      before_tid: int | None = None) -> tuple[int, int | None, int | None] | None:

@@ -95,6 +95,11 @@ class ImporterReads:
         gap, _ = self._gap(oid)
         return gap[0] if gap else last
 
+    def last_serials(self, oids: list[int]) -> dict[int, int | None]:
+        if not self.importing:
+            return super().last_serials(oids)
+        return {oid: self.last_serial(oid) for oid in oids}  # with the gaps
+
     def get_revision(self, oid: int, tid: int | None = None,
                      before_tid: int | None = None) -> tuple[int, int | None, int | None] | None:
         if self.importing:

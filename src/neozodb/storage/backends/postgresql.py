@@ -52,6 +52,7 @@ import psycopg
 from psycopg import conninfo
 from psycopg.pq import TransactionStatus
 
+from .base import ZERO_HASH
 from .postgresql_schema import (
     _DROP,
     _SCHEMA,
@@ -59,6 +60,7 @@ from .postgresql_schema import (
     DELETE_ORPHANS,
     FIND_DATA_ANY,
     FIND_OR_INSERT_DATA,
+    FIND_OR_INSERT_DATA_MANY,
     LOCK_HOLDER,
     LOCK_KEY,
     NEW_DATA_IDS,
@@ -258,6 +260,27 @@ class PostgreSQLBackend(SQLBackend):
                              ) -> tuple[int, bool]:
         params = (checksum, compression, data)
         return self._conn.execute(FIND_OR_INSERT_DATA, params + params).fetchone()
+
+    # a burst of stores takes its data rows in one round trip (storage/writes.py)
+    batched_data = True
+
+    def store_data_many(self, items: list[tuple[bytes, int, bytes, int]]) -> list[int]:
+        if not items:
+            return []
+        for checksum, _, _, _ in items:
+            if len(checksum) != 20 or checksum == ZERO_HASH:
+                raise ValueError('invalid checksum for a data row')
+        self._begin()
+        columns = [list(c) for c in zip(*((c, z, d) for c, z, d, _ in items), strict=True)]
+        rows = self._conn.execute(FIND_OR_INSERT_DATA_MANY, columns).fetchall()
+        held = self._held
+        added = set()
+        for data_id, inserted in rows:
+            held[data_id] += 1
+            if inserted:
+                added.add(data_id)
+        self._data_added += len(added)
+        return [data_id for data_id, _ in rows]
 
     def unlock_transaction(self, ttid: int, tid: int) -> None:
         self._begin()

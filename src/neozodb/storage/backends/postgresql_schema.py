@@ -92,6 +92,19 @@ FIND_OR_INSERT_DATA = (
     " added AS (INSERT INTO data (hash, compression, value) SELECT ?, ?, ?"
     " WHERE NOT EXISTS (SELECT 1 FROM found) RETURNING id)"
     " SELECT id, FALSE FROM found UNION ALL SELECT id, TRUE FROM added")
+# store_data for a burst of stores, in one statement: the id of each
+# value's row, found or inserted (one row for equal values), in order
+FIND_OR_INSERT_DATA_MANY = (
+    "WITH w AS (SELECT * FROM unnest(?::bytea[], ?::smallint[], ?::bytea[])"
+    "  WITH ORDINALITY AS w(hash, compression, value, n)),"
+    " f AS (SELECT w.*, (SELECT d.id FROM data AS d WHERE d.hash=w.hash"
+    "  AND d.compression=w.compression AND d.value=w.value LIMIT 1) AS id FROM w),"
+    " added AS (INSERT INTO data (hash, compression, value)"
+    "  SELECT DISTINCT hash, compression, value FROM f WHERE id IS NULL"
+    "  RETURNING id, hash, compression, value)"
+    " SELECT COALESCE(f.id, a.id), f.id IS NULL FROM f LEFT JOIN added AS a"
+    "  ON f.id IS NULL AND a.hash=f.hash AND a.compression=f.compression AND a.value=f.value"
+    " ORDER BY f.n")
 # one statement for unlock (the six of SQLiteWrites.unlock_transaction):
 # atomic by itself, so no savepoint either
 UNLOCK = (

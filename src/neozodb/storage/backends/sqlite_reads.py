@@ -15,6 +15,8 @@ from .sqlite_schema import (
     _GET_TRANS,
     _HISTORY,
     _LAST_SERIAL,
+    _LAST_SERIALS,
+    _LAST_SERIALS_CHUNK,
     _LOAD_DATA,
     _OID_EXISTS,
     _OIDS_FROM,
@@ -85,6 +87,18 @@ class SQLiteReads:
         if np is None:
             return None
         return self._scalar(_LAST_SERIAL, (oid % np, oid))
+
+    def last_serials(self, oids: list[int]) -> dict[int, int | None]:
+        np = self._np
+        if np is None:
+            return dict.fromkeys(oids)
+        found = {}
+        execute = self.connection.execute
+        for i in range(0, len(oids), _LAST_SERIALS_CHUNK):
+            chunk = oids[i:i + _LAST_SERIALS_CHUNK]
+            params = [x for oid in chunk for x in (oid % np, oid)]
+            found.update(execute(_LAST_SERIALS % ','.join(('(?,?)',) * len(chunk)), params))
+        return found
 
     def load_data(self, data_id: int) -> tuple[bytes, int, bytes] | None:
         row = self.connection.execute(_LOAD_DATA, (data_id,)).fetchone()

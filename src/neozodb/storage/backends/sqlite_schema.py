@@ -126,6 +126,10 @@ _OIDS_FROM = ("SELECT oid, MAX(tid), data_id FROM obj WHERE partition=? AND oid>
 _NEXT_SERIAL = "SELECT MIN(tid) FROM obj WHERE partition=? AND oid=? AND tid>?"
 _OID_EXISTS = "SELECT 1 FROM obj WHERE partition=? AND oid=? LIMIT 1"
 _LAST_SERIAL = "SELECT MAX(tid) FROM obj WHERE partition=? AND oid=?"
+# one indexed lookup per (partition, oid) row of the VALUES list
+_LAST_SERIALS = ("WITH w(p, o) AS (VALUES %s)"
+                 " SELECT o, (SELECT MAX(tid) FROM obj WHERE partition=p AND oid=o) FROM w")
+_LAST_SERIALS_CHUNK = 250
 _LOAD_DATA = "SELECT hash, compression, value FROM data WHERE id=?"
 
 _FIND_DATA = "SELECT id FROM data WHERE hash=? AND compression=? AND value=?"
