@@ -1,7 +1,8 @@
 """A FileStorage with a blob directory for the tests of blobs: an empty
 blob, one of a few MiB, one changed several times then undone to an older
 revision (a back-pointer), one whose creation is undone, one dropped from
-the root."""
+the root; ``filler`` small transactions before each step, so that a
+rate-limited live import takes a while."""
 from __future__ import annotations
 
 import os
@@ -11,36 +12,53 @@ import ZODB
 from ZODB.blob import Blob, is_blob_record
 from ZODB.FileStorage import FileStorage
 
+from fsdata import no_fsync
 from neozodb.protocol.blobs import CHUNK
 
 
-def make_blob_source(path: str, blob_dir: str, layout: str, big: int = 3 * CHUNK + 5) -> None:
+def make_blob_source(path: str, blob_dir: str, layout: str, big: int = 3 * CHUNK + 5,
+                     filler: int = 0) -> None:
     os.makedirs(blob_dir)
     with open(os.path.join(blob_dir, ".layout"), "w") as f:
         f.write(layout)
+    with no_fsync():
+        _make(path, blob_dir, big, filler)
+
+
+def _make(path: str, blob_dir: str, big: int, filler: int) -> None:
     db = ZODB.DB(FileStorage(path, blob_dir=blob_dir))
     try:
         tm = transaction.TransactionManager()
         root = db.open(tm).root()
+
+        def commit() -> str:
+            """Commit, then the filler; the undo id of the commit."""
+            tm.commit()
+            undo_id = db.undoLog(0, 1)[0]["id"]
+            for i in range(filler):
+                root["filler"] = i
+                tm.commit()
+            return undo_id
+
         root["plain"] = 1
-        tm.commit()
+        commit()
         root["empty"] = Blob(b"")
         root["big"] = Blob(os.urandom(big))
         root["changed"] = Blob(b"first")
         root["dropped"] = Blob(b"dropped later")
-        tm.commit()
+        commit()
         for i in range(3):
             with root["changed"].open("w") as f:
                 f.write(b"revision %d" % i)
-            tm.commit()
-        db.undo(db.undoLog(0, 1)[0]["id"], tm.get())  # back to "revision 1"
-        tm.commit()
+            last = commit()
+        db.undo(last, tm.get())  # back to "revision 1"
+        commit()
         root["undone"] = Blob(b"undone creation")
-        tm.commit()
-        db.undo(db.undoLog(0, 1)[0]["id"], tm.get())
-        tm.commit()
+        created = commit()
+        db.undo(created, tm.get())
+        commit()
         del root["dropped"]
-        tm.commit()
+        commit()
     finally:
         db.close()
 
