@@ -90,7 +90,7 @@ def test_live_import_with_blobs(tmp_path, layout):
     last_blob_tid = max(u64(r[1]) for r in revisions)
     database = str(tmp_path / "neo.sqlite")
     cluster = ImportCluster(str(tmp_path / "cluster"),
-                            write_conf(str(tmp_path), fs_path, blob_dir, rate=300))
+                            write_conf(str(tmp_path), fs_path, blob_dir, rate=200))
     clients = []
 
     def client(name: str) -> Storage:
@@ -117,6 +117,9 @@ def test_live_import_with_blobs(tmp_path, layout):
         cluster.wait_state("RUNNING", 60)
         wait_until(lambda: logged(s1, "resuming after"), 30, "the import to resume")
         read_all(client("cache2"), revisions)
+        status = cluster.import_status()  # some were imported, some not
+        assert status["state"] == "importing"
+        assert first_blob <= status["imported_tid"] < last_blob_tid
         done = cluster.wait_import("finished")
         assert 0 < done["transactions"] < done["imported"]  # not started over
         read_all(client("cache3"), revisions)
