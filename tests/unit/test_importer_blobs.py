@@ -6,6 +6,7 @@ loses nor duplicates it.  (The cluster tests: tests/cluster/test_import_blobs.py
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 import sys
 import textwrap
@@ -207,3 +208,44 @@ def test_writeback_refused_with_blobs(tmp_path, source):
         f.write(text)
     with pytest.raises(ValueError, match='writeback to a source with blobs'):
         open_importer(conf)
+
+
+def test_missing_and_vanishing_files(tmp_path, caplog):
+    """A blob file missing from the blob-dir (packed away): the record is
+    imported alone, with a warning; a file vanishing between the read of
+    its transaction and the copy: SourceDamaged, the transactions before
+    it keep their copies."""
+    path, blob_dir = str(tmp_path / 'Data.fs'), str(tmp_path / 'blobs')
+    make_blob_source(path, blob_dir, 'bushy', big=CHUNK + 1)
+    revisions = blob_revisions(path, blob_dir)
+    fs = FileStorage(path, read_only=True, blob_dir=blob_dir)
+    try:
+        files = [fs.loadBlob(oid, tid) for oid, tid, _, _ in revisions]
+    finally:
+        fs.close()
+    first_oid, first_tid = revisions[0][:2]
+    os.remove(files[0])                     # packed away
+    conf = write_conf(tmp_path, path, blob_dir)
+    backend = open_importer(conf)
+    try:
+        txns = [t for t, _ in backend.read_source()]
+        assert 'the blob of %#x at %#x has no file' % (u64(first_oid), u64(first_tid)) \
+            in caplog.text
+        later = [i for i, t in enumerate(txns) if t[0] == u64(revisions[4][1])][0]
+        os.remove(files[4])                     # vanishes after the read
+        with pytest.raises(SourceDamaged, match='cannot read the blob of'):
+            for _ in backend.import_blobs(txns):
+                pass
+        done = backend.copied(txns)
+        assert len(done) == later
+        backend.drop_import_blobs(txns[later:])
+        backend.import_transactions(done)
+        found = backend.get_object(u64(first_oid), tid=u64(first_tid))
+        assert not is_blob(found[2])        # the record alone
+        assert backend.get_object(u64(revisions[1][0]), tid=u64(revisions[1][1]))[2] & 0x80
+        backend.commit_pending()
+    finally:
+        backend.close()
+    database = str(tmp_path / 'db.sqlite')
+    assert sql(database, 'SELECT COUNT(*) FROM blob_chunk WHERE blob_id NOT IN'
+                         ' (SELECT blob_id FROM data_blob)') == [(0,)]

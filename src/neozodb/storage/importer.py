@@ -9,9 +9,9 @@ compressed and hashed), copies the contents of their blob revisions from
 the source's blob-dir a chunk (1 MiB) at a time, yielding to the loop
 between chunks once the step took ``SLICE_SECONDS`` (``import_blobs``;
 nothing holds a whole blob), writes the records to the database
-(``import_transactions``, attaching each content to its data row
-in the same database transaction as the resume point), then yields to the loop, so
-that a client request waits at most one step (a few milliseconds); while
+(``import_transactions``, attaching each content to its data row in
+the same database transaction as the resume point), then yields to the
+loop, so that a client request waits at most one step (a few milliseconds); while
 requests come, it also pauses after each step as long as the step took,
 leaving at least half of the node's time to them.  The
 rows are committed within a second (``StorageApp.pending_written``), and a
@@ -193,6 +193,12 @@ class Importer:
                     copied = backend.copied(piece)
                     backend.drop_import_blobs(piece[len(copied):])
                     log.error("%s: import: %s", app.label, e)
+                except Exception:
+                    # the database failed: its state is unknown (see Backend)
+                    log.exception("%s: import: cannot write blob contents to the database",
+                                  app.label)
+                    app.exit(1)
+                    return
                 piece = copied
                 try:
                     backend.import_transactions(piece)
