@@ -103,10 +103,18 @@ def test_blobs_served_then_imported(tmp_path, source):
     try:
         before = check_blobs(backend, revisions)  # nothing imported: from the files
         # one transaction at a time: each state merges the two
+        reused = 0
         while backend.importing:
             batch = [next(iter(backend.read_source()))[0]]
+            copied = sum(backend.import_blobs(batch))
+            for _, compression, _, data, data_txn, blob in batch[0][4]:
+                if data_txn is not None and data is not None and is_blob(compression):
+                    # the undo's content is the imported revision's: not copied
+                    assert blob is None and copied == 0
+                    reused += 1
             backend.import_transactions(batch)
             assert check_blobs(backend, revisions) == before  # same checksums
+        assert reused == 1
         backend.commit_pending()
     finally:
         backend.close()
