@@ -3,10 +3,15 @@ the optional writeback of new transactions to it.
 
 The copy is a task of the node's event loop that alternates with client
 requests: each step reads up to ``SLICE_RECORDS`` records (or what it can
-read in ``SLICE_SECONDS``) of the source in TID order (``ImporterBackend.read_source``: complete transactions, records
-compressed and hashed), writes them to SQLite (``import_transactions``,
-which records the resume point with the rows), then yields to the loop, so
-that a client request waits at most one step (a few milliseconds); while
+read in ``SLICE_SECONDS``) of the source in TID order
+(``ImporterBackend.read_source``: complete transactions, records
+compressed and hashed), copies the contents of their blob revisions from
+the source's blob-dir a chunk (1 MiB) at a time, yielding to the loop
+between chunks once the step took ``SLICE_SECONDS`` (``import_blobs``;
+nothing holds a whole blob), writes the records to the database
+(``import_transactions``, attaching each content to its data row in
+the same database transaction as the resume point), then yields to the
+loop, so that a client request waits at most one step (a few milliseconds); while
 requests come, it also pauses after each step as long as the step took,
 leaving at least half of the node's time to them.  The
 rows are committed within a second (``StorageApp.pending_written``), and a
@@ -74,6 +79,8 @@ class Importer:
         self.transactions = 0                 # imported by this run
         self.objects = 0
         self.seconds = 0.0                    # spent importing by this run
+        self.blobs = 0                        # blob contents copied by this run
+        self.blobs_bytes = 0
         self.writeback_tid: int | None = None
         self.writeback_count = 0
         self.writeback_error: str | None = None
@@ -156,7 +163,6 @@ class Importer:
     async def _import(self) -> None:
         from neozodb.storage.backends.importer import SourceDamaged
         app, backend = self.app, self.backend
-        rate = backend.config.rate
         reader = backend.read_source()
         error = None
         try:
@@ -181,6 +187,20 @@ class Importer:
                     log.exception("%s: import: error reading the source", app.label)
                     reader, error = None, "%s: %s" % (type(e).__name__, e)
                 try:
+                    copied = await self._copy_blobs(piece, started)
+                except SourceDamaged as e:
+                    reader, error = None, str(e)
+                    copied = backend.copied(piece)
+                    backend.drop_import_blobs(piece[len(copied):])
+                    log.error("%s: import: %s", app.label, e)
+                except Exception:
+                    # the database failed: its state is unknown (see Backend)
+                    log.exception("%s: import: cannot write blob contents to the database",
+                                  app.label)
+                    app.exit(1)
+                    return
+                piece = copied
+                try:
                     backend.import_transactions(piece)
                 except Exception:
                     # the database failed: its state is unknown (see Backend)
@@ -195,15 +215,7 @@ class Importer:
                     break
                 app.pending_written()
                 self.report()
-                now = time.monotonic()
-                pause = 0.0
-                if rate:
-                    # the rate cap: transactions per second since this run started
-                    pause = self.transactions / rate - (now - self.started)
-                if now - app.last_request < BUSY_SECONDS:
-                    # requests are coming: leave them at least as much time
-                    pause = max(pause, time.perf_counter() - started)
-                await asyncio.sleep(max(pause, 0))  # requests first
+                await self._pause(started)
                 now = time.monotonic()
                 if now - self._logged >= LOG_INTERVAL:
                     self._logged = now
@@ -226,6 +238,40 @@ class Importer:
                       " source and restart this storage to go on",
                       app.label, error, backend.import_tid)
         self.report(now=True)
+
+    async def _copy_blobs(self, piece: list, started: float) -> list:
+        """Copy the blob contents of ``piece`` into the database, letting
+        requests run between chunks once the step took ``SLICE_SECONDS``
+        (a chunk of 1 MiB takes a few milliseconds); ``piece``.  Cancelled,
+        the copies are deleted (they would be at the next start anyway)."""
+        backend = self.backend
+        copier = backend.import_blobs(piece)
+        try:
+            for size in copier:
+                self.blobs_bytes += size
+                if time.perf_counter() > started + SLICE_SECONDS:
+                    await self._pause(started)
+                    started = time.perf_counter()
+        except asyncio.CancelledError:
+            copier.close()
+            backend.drop_import_blobs(piece)
+            raise
+        self.blobs += sum(isinstance(r[5], int) for t in piece for r in t[4])
+        return piece
+
+    async def _pause(self, started: float) -> None:
+        """Between two steps of the copy: requests first; while they come,
+        at least as long as the step took; and the rate cap."""
+        now = time.monotonic()
+        pause = 0.0
+        rate = self.backend.config.rate
+        if rate:
+            # the rate cap: transactions per second since this run started
+            pause = self.transactions / rate - (now - self.started)
+        if now - self.app.last_request < BUSY_SECONDS:
+            # requests are coming: leave them at least as much time
+            pause = max(pause, time.perf_counter() - started)
+        await asyncio.sleep(max(pause, 0))  # requests first
 
     def _finished_message(self, level: int) -> None:
         backend = self.backend
@@ -287,6 +333,8 @@ class Importer:
             "seconds": round(seconds, 3),
             "transactions_per_second": round(self.transactions / seconds) if seconds else None,
             "objects_per_second": round(self.objects / seconds) if seconds else None,
+            "blobs": self.blobs,
+            "blob_bytes": self.blobs_bytes,
             "error": self.error,
             "database": backend.database,
             "writeback": None,

@@ -25,6 +25,17 @@ what this database has with the source's revisions not copied yet: the
 *gap* ``(import_tid, source_tid]``.  New commits get TIDs after the
 source's last one (``last_ids`` includes it), so they never fall in the gap.
 
+Blobs (a source with a ``blob-dir``): a blob revision's record gets its
+tail (the content's SHA-256 and size) and its content is copied from the
+source's file into the database's chunks, a chunk at a time
+(``import_blobs``, which the import task runs a step at a time between
+client requests), under a new blob id that ``import_transactions``
+attaches to the record's data row in the same database transaction as
+``import_tid``: a crash before leaves chunks attached to nothing, which
+the next start deletes (``drop_unattached_blobs``), and the transaction
+is imported again.  Until then, reads serve the content from the
+source's file (``importer_reads``).
+
 While importing, what would need to list the gap is refused with
 ``Unsupported`` (the node answers BACKEND_NOT_IMPLEMENTED): iterating
 transactions or objects past ``import_tid``, the undo log beyond the
@@ -43,10 +54,14 @@ selected.
 """
 from __future__ import annotations
 
+import hashlib
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 
 from ZODB.utils import u64
+
+from neozodb.protocol.blobs import BLOB_FLAG, add_tail, split_tail
 
 from .base import ZERO_HASH
 from .importer_config import ImporterConfig
@@ -57,7 +72,9 @@ from .importer_source import (
     ImportRecord,
     ImportTransaction,
     SourceDamaged,
+    has_blobs,
     pack_record,
+    read_chunks,
     read_source,
     source_view,
 )
@@ -98,6 +115,10 @@ class Importer(ImporterReads):
         self.import_count = 0        # transactions imported (all runs)
         #: called after each commit (unlock) of a new transaction: writeback
         self.on_commit = None
+        # blob revisions served from the source: (oid, tid) -> (digest,
+        # size) and checksum -> file (importer_reads)
+        self._gap_tails: OrderedDict[tuple[int, int], tuple[bytes, int]] = OrderedDict()
+        self._gap_files: OrderedDict[bytes, str] = OrderedDict()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -107,6 +128,11 @@ class Importer(ImporterReads):
             if self.source is None:
                 self.source = self.config.open_source()
                 self._view = source_view(self.source)
+            if has_blobs(self.source) and not self.blobs:
+                raise ValueError(
+                    f'{self.config.path}: [{self.config.source_name}] has blobs (blob-dir)'
+                    f' and the {self.config.adapter} backend keeps no blob contents: import'
+                    ' into a backend with blobs (SQLite)')
             self._load_import_state()
         except BaseException:
             self.close()
@@ -200,13 +226,89 @@ class Importer(ImporterReads):
         return read_source(self.source, self.import_tid, self.source_tid,
                            self.config.compress, stop)
 
+    def import_blobs(self, txns: list[ImportTransaction]) -> Iterator[int]:
+        """Copy the contents of the blob revisions of ``txns`` (records
+        whose blob is a file of the source) into new blobs of the database,
+        a chunk at a time: a generator yielding the bytes of each chunk
+        written, so that the caller may let others run between two.  Each
+        such record becomes the stored record with its tail and the id of
+        its blob (what ``import_transactions`` attaches), in place.  An
+        undo's content already imported with the revision it points to is
+        not copied again.  SourceDamaged if a file cannot be read (the
+        transactions before keep their copies: ``copied``)."""
+        for tid, _, _, _, records in txns:
+            for i, (oid, compression, _, data, data_txn, blob) in enumerate(records):
+                if not isinstance(blob, str):
+                    continue
+                same = self._imported_blob(oid, data_txn, data)
+                if same is not None:
+                    records[i] = (oid, *same, data_txn, None)
+                    continue
+                blob_id = self.new_blob()
+                hasher = hashlib.sha256()
+                size = 0
+                try:
+                    for n, chunk in enumerate(read_chunks(blob)):
+                        self.store_blob_chunk(blob_id, n, chunk)
+                        hasher.update(chunk)
+                        size += len(chunk)
+                        yield len(chunk)
+                except OSError as e:
+                    self.drop_blob(blob_id)
+                    raise SourceDamaged('cannot read the blob of %#x in transaction %#x (%s):'
+                                        ' %s' % (oid, tid, blob, e.strerror or e)) from e
+                except BaseException:
+                    self.drop_blob(blob_id)
+                    raise
+                compression, stored = add_tail(compression, data, hasher.digest(), size)
+                records[i] = (oid, compression, hashlib.sha1(stored).digest(), stored,
+                              data_txn, blob_id)
+
+    def _imported_blob(self, oid: int, data_txn: int | None, data: bytes
+                       ) -> tuple[int, bytes, bytes] | None:
+        """(compression, checksum, stored) of the imported revision
+        ``data_txn`` of ``oid`` if it is this record's with its content."""
+        if data_txn is None or data_txn > self.import_tid:
+            return None
+        found = SQLBackend.fetch_object(self, oid, data_txn)
+        if found is None or not found[0] & BLOB_FLAG:
+            return None
+        compression, checksum, stored, _ = found
+        if split_tail(compression, stored)[1] != data or self.blob_missing(checksum):
+            return None
+        return compression, checksum, stored
+
+    @staticmethod
+    def copied(txns: list[ImportTransaction]) -> list[ImportTransaction]:
+        """The first transactions of ``txns`` whose blob contents are all
+        copied (``import_blobs`` stopped by an error)."""
+        done = []
+        for txn in txns:
+            if any(isinstance(r[5], str) for r in txn[4]):
+                break
+            done.append(txn)
+        return done
+
+    def drop_import_blobs(self, txns: list[ImportTransaction]) -> None:
+        """Delete the copies of blob contents of ``txns`` (not imported)."""
+        for txn in txns:
+            for record in txn[4]:
+                if isinstance(record[5], int):
+                    self.drop_blob(record[5])
+
     def import_transactions(self, txns: list[ImportTransaction]) -> None:
         """Copy source transactions, in TID order, each after ``import_tid``
         (others are skipped), and advance ``import_tid`` in the same database
-        transaction.  Not durable by itself (``commit_pending``)."""
+        transaction.  Not durable by itself (``commit_pending``).  Blob
+        contents not copied yet (``import_blobs``) are copied first."""
+        skipped = [t for t in txns if not self.import_tid < t[0] <= self.source_tid]
+        if skipped:
+            self.drop_import_blobs(skipped)
         txns = [t for t in txns if self.import_tid < t[0] <= self.source_tid]
         if not txns:
             return
+        for _ in self.import_blobs(txns):
+            pass
         np = self._partitions()
         with self._txn(durable=False) as conn:
             last = self.import_tid
@@ -214,9 +316,12 @@ class Importer(ImporterReads):
                 if tid <= last:
                     raise ValueError('transactions out of order: %#x after %#x' % (tid, last))
                 last = tid
-                for oid, compression, checksum, data, data_txn in records:
+                for oid, compression, checksum, data, data_txn, blob in records:
                     data_id = (None if data is None
                                else self._find_or_insert_data(checksum, compression, data)[0])
+                    if blob is not None:
+                        # False: that row has its content already (dropped)
+                        self.attach_blob(data_id, blob)
                     conn.execute(_ADD_OBJ, (oid % np, oid, tid, data_id, data_txn))
                 conn.execute(_ADD_TRANS, (tid % np, tid, False,
                                           _pack_oids([r[0] for r in records]),
@@ -249,6 +354,10 @@ class Importer(ImporterReads):
             for oid in oids:
                 compression, checksum, data, data_serial = SQLBackend.fetch_object(
                     self, oid, tid)
+                if compression & BLOB_FLAG:
+                    # the record alone: the source has no blob-dir (with
+                    # one, writeback is refused: importer_config)
+                    compression, data = split_tail(compression, data)[:2]
                 if checksum == ZERO_HASH and not data:
                     value = None
                 elif compression == 1:

@@ -101,10 +101,9 @@ class ImporterConfig:
             storage.close()
             raise ValueError(f'{self.path}: writeback needs a writable source: remove'
                              f' "read-only true" from [{self.source_name}]')
-        if IBlobStorage.providedBy(storage):
-            # imported, its blob records would lose their contents
+        if self.writeback and IBlobStorage.providedBy(storage):
+            # new blob revisions would reach the source without their contents
             storage.close()
-            raise ValueError(f'{self.path}: [{self.source_name}] has blobs (blob-dir), which'
-                             ' the live import does not carry yet: copy the database with'
-                             ' neomigrate --blob-dir instead')
+            raise ValueError(f'{self.path}: writeback to a source with blobs (blob-dir) is'
+                             ' not supported: remove "writeback = true"')
         return storage

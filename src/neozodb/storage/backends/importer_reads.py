@@ -3,6 +3,14 @@ importing, what the database has is merged with the source's
 revisions not copied yet (the gap ``(import_tid, source_tid]``), and what
 would have to list the gap is refused with ``Unsupported``.
 
+A blob revision not imported yet (a source with a ``blob-dir``) is
+served as it will be imported: the record packed as the import packs it,
+with its tail, so its checksum is the one its data row will have; the
+tail costs one reading of the source's file, remembered (``GAP_BLOBS``
+revisions).  Its content is read from that file, a chunk per request:
+``load_blob_chunk`` looks for the checksum in the database first, then
+among the blob revisions served from the source.
+
 It uses the backend's import state (``import_tid``, ``source_tid``,
 ``importing``, ``source`` and ``_view``), kept by
 :mod:`neozodb.storage.backends.importer`.
@@ -10,15 +18,31 @@ It uses the backend's import state (``import_tid``, ``source_tid``,
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterable
 
+from ZODB.blob import is_blob_record
 from ZODB.utils import p64, u64
 
+from neozodb.protocol.blobs import add_tail
+
 from .base import ZERO_HASH, ObjectRecord, TransactionRecord, Unsupported
-from .importer_source import extension_bytes
+from .importer_source import (
+    blob_file,
+    blob_tail,
+    extension_bytes,
+    has_blobs,
+    pack_record,
+    read_chunk,
+)
 from .sqlite_schema import _NEXT_SERIAL
 
 _MAX_TID = (1 << 63) - 1
+#: blob revisions served from the source whose tails and files are
+#: remembered (the oldest served forgotten first)
+GAP_BLOBS = 10000
+
+log = logging.getLogger('neozodb.storage')
 
 
 class ImporterReads:
@@ -53,7 +77,51 @@ class ImporterReads:
         data, data_txn = self._record(oid, serial)
         if data is None:
             return serial, next_serial, 0, ZERO_HASH, b'', None
+        if self.blobs and is_blob_record(data) and has_blobs(self.source):
+            blob = self._gap_blob(oid, serial, data, data_txn)
+            if blob is not None:
+                return (serial, next_serial) + blob + (data_txn,)
         return serial, next_serial, 0, hashlib.sha1(data).digest(), data, data_txn
+
+    def _gap_blob(self, oid: int, serial: int, data: bytes, data_txn: int | None
+                  ) -> tuple[int, bytes, bytes] | None:
+        """(compression, checksum, stored bytes) of a blob revision not
+        imported yet, as the import will store it; None if the source has
+        no file for it (imported as a record alone, too)."""
+        tails, files = self._gap_tails, self._gap_files
+        filename = blob_file(self.source, oid, serial, data_txn)
+        if filename is None:
+            return None
+        tail = tails.get((oid, serial))
+        if tail is None:
+            try:
+                tail = blob_tail(filename)
+            except OSError as e:
+                raise self._source_error(oid, e) from e
+            tails[oid, serial] = tail
+            if len(tails) > GAP_BLOBS:
+                tails.popitem(last=False)
+        _, compression, _, packed, _, _ = pack_record(
+            oid, data, None, 6 if self.config.compress else None)
+        compression, stored = add_tail(compression, packed, *tail)
+        checksum = hashlib.sha1(stored).digest()
+        files[checksum] = filename
+        files.move_to_end(checksum)
+        if len(files) > GAP_BLOBS:
+            files.popitem(last=False)
+        return compression, checksum, stored
+
+    def load_blob_chunk(self, checksum: bytes, n: int) -> bytes | None:
+        chunk = super().load_blob_chunk(checksum, n)
+        if chunk is None:
+            filename = self._gap_files.get(checksum)
+            if filename is not None:
+                try:
+                    chunk = read_chunk(filename, n)
+                except OSError as e:
+                    log.error('cannot read chunk %d of the blob %s from the source (%s): %s',
+                              n, checksum.hex(), filename, e)
+        return chunk
 
     def get_object(self, oid: int, tid: int | None = None,
                    before_tid: int | None = None) -> ObjectRecord | None | bool:

@@ -1,24 +1,35 @@
 """Reading the source of an import (a ZODB storage) for the Importer
 backend: its transactions in TID order, ready to be copied
-(:func:`read_source`), and single revisions of an object, for the reads
-that merge what is not copied yet (``FileStorageView``, ``GenericView``).
+(:func:`read_source`), single revisions of an object, for the reads
+that merge what is not copied yet (``FileStorageView``, ``GenericView``),
+and the files of its blob revisions (a source with a ``blob-dir``: its
+``loadBlob``), read a chunk at a time.
 
-Nothing here touches the SQLite database.
+Nothing here touches the destination database.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import zlib
 from collections.abc import Callable, Iterator
 
 from ZODB.blob import is_blob_record
+from ZODB.interfaces import IBlobStorage
 from ZODB.POSException import POSKeyError
 from ZODB.utils import p64, u64
 
+from neozodb.protocol.blobs import CHUNK
+
 from .records import ZERO_HASH
 
-#: (oid, compression, checksum, data or None, data_txn or None)
-ImportRecord = tuple[int, int, bytes, "bytes | None", "int | None"]
+log = logging.getLogger('neozodb.storage')
+
+#: (oid, compression, checksum, data or None, data_txn or None, blob): blob
+#: is None, the source's file of a blob revision's content (as read), or
+#: the blob id of its copy in the database (``Importer.import_blobs``,
+#: which also gives the record its tail)
+ImportRecord = tuple[int, int, bytes, "bytes | None", "int | None", "str | int | None"]
 #: (tid, user, description, extension, records)
 ImportTransaction = tuple[int, bytes, bytes, bytes, list[ImportRecord]]
 
@@ -124,16 +135,72 @@ def extension_bytes(txn) -> bytes:
 
 
 def pack_record(oid: int, data: bytes | None, data_txn: int | None,
-                level: int | None) -> ImportRecord:
+                level: int | None, blob: str | None = None) -> ImportRecord:
     """A record as stored: zlib-compressed when that makes it smaller (as
-    clients do), with the SHA-1 of the stored bytes."""
+    clients do), with the SHA-1 of the stored bytes (a blob revision's
+    tail is added once its content is copied)."""
     if data is None:
-        return oid, 0, ZERO_HASH, None, data_txn
+        return oid, 0, ZERO_HASH, None, data_txn, None
     if level is not None and len(data) > 32:
         packed = zlib.compress(data, level)
         if len(packed) < len(data):
-            return oid, 1, hashlib.sha1(packed).digest(), packed, data_txn
-    return oid, 0, hashlib.sha1(data).digest(), data, data_txn
+            return oid, 1, hashlib.sha1(packed).digest(), packed, data_txn, blob
+    return oid, 0, hashlib.sha1(data).digest(), data, data_txn, blob
+
+
+# -- blob files ---------------------------------------------------------------------------------
+
+
+def has_blobs(storage) -> bool:
+    """Whether ``storage`` keeps blob contents (a ``blob-dir``)."""
+    return IBlobStorage.providedBy(storage)
+
+
+def blob_file(storage, oid: int, tid: int, data_txn: int | None) -> str | None:
+    """The source's file of the content of revision ``tid`` of ``oid``, a
+    blob's; None if it has none (packed away, lost).  An undo has its own
+    file in a ``BlobStorage``; one written by ``restore`` alone may only
+    have the file of the revision it points to (``data_txn``)."""
+    for serial in (tid, data_txn):
+        if serial is not None:
+            try:
+                return storage.loadBlob(p64(oid), p64(serial))
+            except (POSKeyError, KeyError):
+                pass
+    return None
+
+
+def read_chunks(filename: str) -> Iterator[bytes]:
+    """The content of a file in chunks of ``CHUNK`` bytes, as stored: an
+    empty content is one empty chunk."""
+    with open(filename, 'rb') as f:
+        n = 0
+        while True:
+            chunk = f.read(CHUNK)
+            if not chunk and n:
+                return
+            yield chunk
+            n += 1
+            if len(chunk) < CHUNK:
+                return
+
+
+def blob_tail(filename: str) -> tuple[bytes, int]:
+    """(SHA-256, size) of a file's content, read a chunk at a time."""
+    hasher = hashlib.sha256()
+    size = 0
+    for chunk in read_chunks(filename):
+        hasher.update(chunk)
+        size += len(chunk)
+    return hasher.digest(), size
+
+
+def read_chunk(filename: str, n: int) -> bytes | None:
+    """Chunk ``n`` of a file's content, None if it has no such chunk."""
+    with open(filename, 'rb') as f:
+        f.seek(n * CHUNK)
+        chunk = f.read(CHUNK)
+    return chunk if chunk or n == 0 else None
 
 
 def _where(txn, records) -> str:
@@ -151,15 +218,27 @@ def _where(txn, records) -> str:
     return ', '.join(parts) or 'the start'
 
 
-def _no_blobs(records, txn):
-    """The records, refusing a blob's (its content would be lost: the live
-    import does not carry blobs yet)."""
+def _packed(storage, records, txn, level: int | None) -> Iterator[ImportRecord]:
+    """The records of a source transaction as ``pack_record`` makes them,
+    a blob revision's with the name of its file in the source's blob-dir
+    (a blob revision in a source without one is refused: its content
+    would be lost)."""
+    blobs = has_blobs(storage)
     for record in records:
-        if record.data and b'ZODB.blob' in record.data and is_blob_record(record.data):
-            raise SourceDamaged('blob record of oid %#x in %s: the live import does not'
-                                ' carry blobs yet (copy with neomigrate --blob-dir)' % (
-                                    u64(record.oid), _where(txn, None)))
-        yield record
+        oid, data = u64(record.oid), record.data
+        data_txn = None if record.data_txn is None else u64(record.data_txn)
+        blob = None
+        if data and is_blob_record(data):
+            if not blobs:
+                raise SourceDamaged('blob record of oid %#x in %s, and the source has no'
+                                    ' blob-dir: add the blob-dir of the source to its'
+                                    ' section' % (oid, _where(txn, None)))
+            tid = u64(record.tid)
+            blob = blob_file(storage, oid, tid, data_txn)
+            if blob is None:
+                log.warning('import: the blob of %#x at %#x has no file in the source\'s'
+                            ' blob-dir: imported as a record without content', oid, tid)
+        yield pack_record(oid, data, data_txn, level, blob)
 
 
 def read_source(storage, after: int, upto: int, compress: bool = True,
@@ -193,9 +272,7 @@ def read_source(storage, after: int, upto: int, compress: bool = True,
             if tid > upto:
                 break
             records = iter(txn)
-            packed = [pack_record(u64(r.oid), r.data,
-                                  None if r.data_txn is None else u64(r.data_txn), level)
-                      for r in _no_blobs(records, txn)]
+            packed = list(_packed(storage, records, txn, level))
             end = getattr(records, '_tend', None)
             if end is not None and records._pos < end:
                 # FileStorage's record iterator stops at a bad record
