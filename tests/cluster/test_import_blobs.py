@@ -11,7 +11,7 @@ import os
 import sqlite3
 import textwrap
 
-from ZODB.utils import u64
+from ZODB.utils import p64, u64
 
 from blobdata import blob_revisions, make_blob_source
 from neozodb.cli.cluster import wait_until
@@ -111,11 +111,21 @@ def test_live_import_with_blobs(tmp_path, layout):
         wait_until(lambda: durable_import_tid(database) >= first_blob, 30,
                    "a commit of the import with contents")
         assert cluster.import_status()["state"] == "importing"
+        # a client loads the records of revisions not imported yet, not
+        # their contents: it remembers their tails, which the restarted
+        # storage cannot map to the source's files until it serves the
+        # records again
+        tails = client("tails")
+        imported = durable_import_tid(database)
+        pending = [r for r in revisions if u64(r[1]) > imported]
+        for oid, tid, _, _ in pending:
+            assert tails.loadBefore(oid, p64(u64(tid) + 1))[1] == tid
         s1 = cluster.storage(1)
         s1.kill()
         s1.start()
         cluster.wait_state("RUNNING", 60)
         wait_until(lambda: logged(s1, "resuming after"), 30, "the import to resume")
+        read_all(tails, pending)
         read_all(client("cache2"), revisions)
         status = cluster.import_status()  # some were imported, some not
         assert status["state"] == "importing"

@@ -143,16 +143,25 @@ def download(app, oid: bytes, serial: bytes, f: BinaryIO) -> None:
                 problems.append("%s keeps no blobs" % nid_str(nid))
                 continue
             if known is not None:
-                checksum, digest, size = known
-            else:
-                answer = conn.call(Packets.AskObject, oid, serial, None)
-                _, _, _, compression, checksum, data, _ = answer
-                if not is_blob(compression):
-                    raise POSException.POSKeyError("not a blob revision", oid, serial)
-                _, _, digest, size = split_tail(compression, data)
-                if hashlib.sha1(data).digest() != checksum:
-                    problems.append("wrong record checksum on %s" % nid_str(nid))
+                try:
+                    if _copy_from(conn, oid, serial, *known, f):
+                        return
+                    problems.append("corrupted copy on %s" % nid_str(nid))
                     continue
+                except RemoteError:
+                    # e.g. a live import's storage, restarted since the load,
+                    # finds a content not imported yet through its record:
+                    # ask it for the record again
+                    f.seek(0)
+                    f.truncate()
+            answer = conn.call(Packets.AskObject, oid, serial, None)
+            _, _, _, compression, checksum, data, _ = answer
+            if not is_blob(compression):
+                raise POSException.POSKeyError("not a blob revision", oid, serial)
+            _, _, digest, size = split_tail(compression, data)
+            if hashlib.sha1(data).digest() != checksum:
+                problems.append("wrong record checksum on %s" % nid_str(nid))
+                continue
             if _copy_from(conn, oid, serial, checksum, digest, size, f):
                 return
             problems.append("corrupted copy on %s" % nid_str(nid))
