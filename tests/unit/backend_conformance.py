@@ -846,10 +846,11 @@ class BackendConformance:
     # -- blob contents (base_blobs.py); backends that keep none skip -------------
 
     @staticmethod
-    def blob_record(content: bytes) -> tuple[bytes, int, bytes]:
+    def blob_record(content: bytes, record: bytes = b'record', compression: int = 0
+                    ) -> tuple[bytes, int, bytes]:
         """(checksum, compression, stored bytes) of a blob revision."""
         from neozodb.protocol.blobs import add_tail
-        compression, stored = add_tail(0, b'record', hashlib.sha256(content).digest(),
+        compression, stored = add_tail(compression, record, hashlib.sha256(content).digest(),
                                        len(content))
         return h(stored), compression, stored
 

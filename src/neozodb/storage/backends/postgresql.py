@@ -55,6 +55,8 @@ from psycopg.pq import TransactionStatus
 from .postgresql_schema import (
     _DROP,
     _SCHEMA,
+    CHUNKS_AT_ONCE,
+    CHUNKS_FROM,
     COLUMN_TYPES,
     DELETE_ORPHANS,
     FIND_DATA_ANY,
@@ -68,6 +70,7 @@ from .postgresql_schema import (
     translate,
 )
 from .sqlbase import SQLBackend
+from .sqlite_blobs import SQLiteBlobs
 from .sqlite_schema import _COMMIT, _RELEASE, _SAVEPOINT
 
 __all__ = ['PostgreSQLBackend', 'public_dsn']
@@ -164,7 +167,7 @@ def _one_line(error: BaseException) -> str:
     return ' '.join(str(error).split())
 
 
-class PostgreSQLBackend(SQLBackend):
+class PostgreSQLBackend(SQLiteBlobs, SQLBackend):
     """Storage backend on a PostgreSQL database (see the module docstring)."""
 
     name = 'PostgreSQL'
@@ -206,6 +209,10 @@ class PostgreSQLBackend(SQLBackend):
         except psycopg.Error:
             pass  # connection lost: the server rolled back what was pending
         self.unsynced = False
+
+    def _drop_tables(self) -> None:
+        super()._drop_tables()
+        self._next_blob = None
 
     def describe(self) -> str:
         version = ''
@@ -258,6 +265,17 @@ class PostgreSQLBackend(SQLBackend):
                              ) -> tuple[int, bool]:
         params = (checksum, compression, data)
         return self._conn.execute(FIND_OR_INSERT_DATA, params + params).fetchone()
+
+    def _blob_chunks(self, blob_id: int) -> Iterator[bytes]:
+        conn = self.connection
+        n = 0
+        while True:
+            rows = conn.execute(CHUNKS_FROM, (blob_id, n, CHUNKS_AT_ONCE)).fetchall()
+            for _, chunk in rows:
+                yield chunk
+            if len(rows) < CHUNKS_AT_ONCE:
+                return
+            n = rows[-1][0] + 1
 
     def unlock_transaction(self, ttid: int, tid: int) -> None:
         self._begin()
