@@ -101,7 +101,7 @@ BLOB_REVISIONS = (
 # at start: mappings whose data row NEO deleted (or whose id it reused
 # for a row of its own, never a blob revision), then chunks nothing maps
 STALE = ("DELETE b FROM neozodb_data_blob AS b LEFT JOIN data AS d ON d.id = b.data_id"
-         " WHERE d.id IS NULL OR d.compression & 64 = 0")
+         " WHERE d.id IS NULL OR IFNULL(d.compression, 0) & 64 = 0")
 UNATTACHED = ("SELECT DISTINCT blob_id FROM neozodb_blob_chunk"
               " WHERE blob_id NOT IN (SELECT blob_id FROM neozodb_data_blob)")
 

@@ -123,7 +123,7 @@ class MariaDBWrites:
                 if big is not None:
                     first, end, _ = S.big_ids(bytes(big))
                     self._q(S.DEL_BIGDATA, (first, end))
-                if compression & COLUMN_BLOB:
+                if compression is not None and compression & COLUMN_BLOB:
                     self._q(DEL_CONTENT, (data_id,))
             self._q(S.DEL_DATA, (data_id,))
             count += 1
