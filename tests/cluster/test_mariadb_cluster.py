@@ -1,7 +1,8 @@
 """A cluster whose storages run the MariaDB backend, on a throw-away MariaDB
 server: commits, replication to a new storage, neoctl check and repair,
-pack, truncate, a storage killed (SIGKILL) under write load, and a
-FileStorage's history imported into it."""
+pack, truncate, a storage killed (SIGKILL) under write load, a
+FileStorage's history imported into it, and blobs (stored, replicated to
+and from SQLite, garbage-collected, checked and repaired)."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,7 @@ import sys
 import pytest
 import transaction
 import ZODB
+from blob_backends import BlobSQL, blob_scenario
 from persistent.mapping import PersistentMapping
 
 from fsdata import make_filestorage, transactions
@@ -318,3 +320,34 @@ def test_sqlite_and_mariadb_replicas_agree(server, tmp_path):
         assert all(": ok: S1 S2 agree" in line for line in out.stdout.splitlines()[:-1])
     finally:
         c.kill()
+
+
+class MariaDBBlobs(BlobSQL):
+    BLOBS = ("SELECT o.`partition`, d.hash, b.blob_id FROM obj o JOIN data d ON d.id = o.data_id"
+             " JOIN neozodb_data_blob b ON b.data_id = d.id")
+    CHUNKS = "SELECT bytes FROM neozodb_blob_chunk WHERE blob_id=? ORDER BY n"
+    CHUNK_ROWS = "SELECT COUNT(*) FROM neozodb_blob_chunk"
+    CHUNK_OF = ("SELECT c.blob_id, c.bytes FROM obj o"
+                " JOIN neozodb_data_blob b ON b.data_id = o.data_id"
+                " JOIN neozodb_blob_chunk c ON c.blob_id = b.blob_id"
+                " WHERE o.`partition`=? AND c.n=?")
+    ALTER_CHUNK = "UPDATE neozodb_blob_chunk SET bytes=? WHERE blob_id=? AND n=?"
+
+    def __init__(self, server, cluster) -> None:
+        self.server = server
+        self.cluster = cluster
+        self.sqlite = 3
+
+    def rows(self, i: int, what: str, *params) -> list[tuple]:
+        return query(self.server, self.cluster.db_name(i), getattr(self, what), params)
+
+
+def test_blobs(server, cluster, tmp_path):
+    blob_scenario(cluster, tmp_path, MariaDBBlobs(server, cluster))
+    # in the column, the blob flag is 0x40 (0x80 is NEO's bigdata)
+    for i in (1, 2):
+        assert {row[0] for row in query(server, cluster.db_name(i), "SELECT DISTINCT"
+                                        " compression FROM data")} <= {0, 1, 0x40, 0x41}
+    # "empty", "small" and "big": at most one of a content's copies is on SQLite
+    assert sum(query(server, cluster.db_name(i), "SELECT COUNT(*) FROM data"
+                     " WHERE compression & 64")[0][0] for i in (1, 2)) >= 3

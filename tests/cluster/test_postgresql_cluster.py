@@ -2,7 +2,8 @@
 server (tests/pgserver.py): commits, replication to a new storage, a
 tampered copy found and repaired by ``neoctl check``, pack, truncate, a
 second storage refused on a database in use, whole-cluster SIGKILL rounds
-while clients commit, and a live import into PostgreSQL."""
+while clients commit, a live import into PostgreSQL, and blobs (stored,
+replicated to and from SQLite, garbage-collected, checked and repaired)."""
 from __future__ import annotations
 
 import itertools
@@ -15,6 +16,7 @@ import psycopg
 import pytest
 import transaction
 import ZODB
+from blob_backends import BlobSQL, blob_scenario
 from persistent.mapping import PersistentMapping
 from test_crash import check_writers, crash_rounds
 from test_import import ImportCluster, commit, logged
@@ -292,3 +294,26 @@ def test_neosimple_with_a_postgresql_server_of_its_own(tmp_path):
     where = files.read_text().strip() if files.exists() else str(tmp_path / "simple" / "server")
     # the server is gone: no postmaster.pid left (as root, no files at all)
     assert not os.path.exists(os.path.join(where, "data", "postmaster.pid"))
+
+
+class PostgreSQLBlobs(BlobSQL):
+    BLOBS = ("SELECT o.partition, d.hash, b.blob_id FROM obj o JOIN data d ON d.id = o.data_id"
+             " JOIN data_blob b ON b.data_id = d.id")
+    CHUNKS = "SELECT bytes FROM blob_chunk WHERE blob_id=%s ORDER BY n"
+    CHUNK_ROWS = "SELECT COUNT(*) FROM blob_chunk"
+    CHUNK_OF = ("SELECT c.blob_id, c.bytes FROM obj o JOIN data_blob b ON b.data_id = o.data_id"
+                " JOIN blob_chunk c ON c.blob_id = b.blob_id WHERE o.partition=%s AND c.n=%s")
+    ALTER_CHUNK = "UPDATE blob_chunk SET bytes=%s WHERE blob_id=%s AND n=%s"
+
+    def __init__(self, cluster) -> None:
+        self.cluster = cluster
+        self.sqlite = 3
+
+    def rows(self, i: int, what: str, *params) -> list[tuple]:
+        with psycopg.connect(self.cluster.database(i), autocommit=True) as pg:
+            cur = pg.execute(getattr(self, what), params or None)
+            return cur.fetchall() if cur.description else []
+
+
+def test_blobs(cluster, tmp_path):
+    blob_scenario(cluster, tmp_path, PostgreSQLBlobs(cluster))

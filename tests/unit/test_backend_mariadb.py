@@ -79,7 +79,7 @@ class TestMariaDBBackend(BackendConformance):
         cur.execute("SHOW TABLES")
         assert {r[0] for r in cur.fetchall()} == {
             'config', 'pt', 'pack', 'trans', 'obj', 'data', 'bigdata', 'ttrans', 'tobj',
-            'todel'}
+            'todel', 'neozodb_blob_chunk', 'neozodb_data_blob'}   # NEO's, and our blobs
         cur.execute("SELECT name, value FROM config")
         config = {bytes(k).decode(): bytes(v).decode() for k, v in cur.fetchall()}
         assert config['version'] == '4'
@@ -202,6 +202,66 @@ class TestMariaDBBackend(BackendConformance):
         cur = db._conn.cursor()
         cur.execute("SELECT COUNT(*) FROM bigdata")
         assert cur.fetchall() == [(0,)]
+
+    def test_blob_flag_is_0x40_in_the_column_bigdata_included(self, opener, db):
+        """A blob revision's 0x80 (the wire's) is 0x40 in data.compression,
+        where 0x80 means bigdata: both round-trip, a record of 16 MiB or
+        more included, and a pack deletes its bigdata rows and content."""
+        cur = db._conn.cursor()
+        records = {}
+        for oid, record in ((1, b'small'), (2, os.urandom(1 << 20) * 16 + b'big')):
+            content = b'content %d' % oid
+            blob_id = db.new_blob()
+            db.store_blob_chunk(blob_id, 0, content)
+            checksum, compression, stored = self.blob_record(content, record, 1)
+            assert compression == 0x81
+            data_id = db.store_data(checksum, compression, stored, oid=oid)
+            assert db.attach_blob(data_id, blob_id)
+            records[oid] = data_id, checksum, stored
+            self.commit_rows(db, 10 + 4 * oid, [(oid, data_id)])
+        cur.execute("SELECT id, compression FROM data ORDER BY id")
+        assert cur.fetchall() == [(records[1][0], 0x41), (records[2][0], 0xC1)]
+        cur.execute("SELECT COUNT(*) FROM bigdata")
+        assert cur.fetchall() == [(3,)]
+        db = self.reopen(db, opener)
+        for oid, (data_id, checksum, stored) in records.items():
+            assert db.get_object(oid)[2:5] == (0x81, checksum, stored)
+            assert db.load_data(data_id) == (checksum, 0x81, stored)
+            assert db.fetch_object(oid, 10 + 4 * oid) == (0x81, checksum, stored, None)
+            assert db.store_data(checksum, 0x81, stored, oid=oid) == data_id   # found again
+            db.release_data([data_id])
+            assert db.load_blob_chunk(checksum, 0) == b'content %d' % oid
+            assert db.blob_missing(checksum) is None
+        assert db.blob_range_digest(2, (0, 0), (100, 100)) is not None
+        with pytest.raises(ValueError, match='invalid compression'):
+            db.store_data(h(b'x'), 0x40, b'x')
+        # deleted (and so unreachable): the pack deletes rows, bigdata, contents
+        self.commit(db, 30, {1: None, 2: None})
+        for p in (1, 2):
+            db.pack_partition(p, [(30, False, None, False)], 0, 100, (0, 30, 0))
+        for table in ('data', 'bigdata', 'neozodb_blob_chunk', 'neozodb_data_blob'):
+            cur = db._conn.cursor()
+            cur.execute(f"SELECT COUNT(*) FROM {table}")
+            assert cur.fetchall() == [(0,)], table
+
+    def test_contents_of_rows_neo_deleted_are_dropped_at_start(self, opener, db):
+        blob_id = db.new_blob()
+        db.store_blob_chunk(blob_id, 0, b'content')
+        checksum, compression, stored = self.blob_record(b'content')
+        data_id = db.store_data(checksum, compression, stored, oid=1)
+        db.attach_blob(data_id, blob_id)
+        self.commit_rows(db, 10, [(1, data_id)])
+        cur = db._conn.cursor()
+        # what a NEO storage node serving the database in place does at a pack
+        cur.execute("DELETE FROM obj")
+        cur.execute("DELETE FROM data")
+        db._conn.commit()
+        db = self.reopen(db, opener)
+        assert db.drop_unattached_blobs() == 1
+        cur = db._conn.cursor()
+        cur.execute("SELECT (SELECT COUNT(*) FROM neozodb_blob_chunk),"
+                    " (SELECT COUNT(*) FROM neozodb_data_blob)")
+        assert cur.fetchall() == [(0, 0)]
 
     def test_same_checksum_other_bytes_is_another_row(self, db):
         # a client's checksum is not trusted to identify the bytes

@@ -27,7 +27,8 @@ transaction, never half-written).
 
 The rest is in mixins: ``mariadb_reads`` (reads and metadata reads),
 ``mariadb_writes`` (data rows, two-phase commit), ``mariadb_replication``
-(replication, checks, truncation) and ``mariadb_pack`` (pack).
+(replication, checks, truncation), ``mariadb_pack`` (pack) and
+``mariadb_blobs`` (blob contents, in tables of our own).
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
+from . import mariadb_blobs as B
 from . import mariadb_schema as S
 from .base import DISCARDED, Backend, PartitionTableRecord
+from .mariadb_blobs import MariaDBBlobs
 from .mariadb_pack import MariaDBPack
 from .mariadb_reads import MariaDBReads
 from .mariadb_replication import MariaDBReplication
@@ -70,7 +73,8 @@ def _errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException
     return (_driver.Error,), (_driver.IntegrityError, _driver.DataError)
 
 
-class MariaDBBackend(MariaDBReads, MariaDBWrites, MariaDBReplication, MariaDBPack, Backend):
+class MariaDBBackend(MariaDBBlobs, MariaDBReads, MariaDBWrites, MariaDBReplication, MariaDBPack,
+                     Backend):
     """Storage backend on a MariaDB (or MySQL) database in NEO's schema."""
 
     name = 'MariaDB'
@@ -200,6 +204,7 @@ class MariaDBBackend(MariaDBReads, MariaDBWrites, MariaDBReplication, MariaDBPac
         try:
             if reset:
                 self._q(S.DROP)
+                self._q(B.DROP)
             elif self._q(S.HAS_CONFIG):
                 version = self.get_config('version')
                 if version is not None and version != S.SCHEMA_VERSION:
@@ -221,6 +226,7 @@ class MariaDBBackend(MariaDBReads, MariaDBWrites, MariaDBReplication, MariaDBPac
         self._next_data_id.clear()
         self._held.clear()
         self._voted_pack_ttids = None
+        self._next_blob = None
 
     def _create_tables(self) -> None:
         if self.engine != 'InnoDB':
@@ -229,6 +235,8 @@ class MariaDBBackend(MariaDBReads, MariaDBWrites, MariaDBReplication, MariaDBPac
                 raise ValueError(f'the server has no {self.engine} engine')
         fresh = not self._q(S.HAS_CONFIG)
         for _table, sql in S.schema(self.engine, self.dedup):
+            self._q(sql)
+        for sql in B.schema(self.engine):
             self._q(sql)
         if fresh:
             self._q(S.SET_CONFIG, ('version', S.SCHEMA_VERSION))
@@ -255,6 +263,7 @@ class MariaDBBackend(MariaDBReads, MariaDBWrites, MariaDBReplication, MariaDBPac
     def erase(self) -> None:
         # DDL commits implicitly: whatever was pending goes with the tables
         self._q(S.DROP)
+        self._q(B.DROP)
         self._create_tables()
         self._commit()
         self._reset_caches()

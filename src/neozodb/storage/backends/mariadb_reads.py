@@ -9,13 +9,16 @@ from collections.abc import Iterable
 
 from . import mariadb_schema as S
 from .base import ZERO_HASH, ObjectRecord, TransactionRecord
+from .mariadb_blobs import wire_compression
 
 
 class MariaDBReads:
     """Object and transaction metadata reads of ``MariaDBBackend``."""
 
     def _value(self, compression: int, value: bytes) -> tuple[int, bytes]:
-        """(compression, data) of a data row: a bigdata reference is read."""
+        """(compression id on the wire, data) of a data row: a bigdata
+        reference is read, a blob revision's flag translated
+        (mariadb_blobs)."""
         value = bytes(value)
         if compression is not None and compression & S.BIG_FLAG:
             first, end, length = S.big_ids(value)
@@ -23,8 +26,8 @@ class MariaDBReads:
             data = b''.join(bytes(chunk) for _, chunk in chunks)
             if [i for i, _ in chunks] != list(range(first, end)) or len(data) != length:
                 raise ValueError(f'bigdata rows {first}..{end - 1} incomplete')
-            return compression & ~S.BIG_FLAG, data
-        return compression or 0, value
+            return wire_compression(compression & ~S.BIG_FLAG), data
+        return wire_compression(compression or 0), value
 
     def get_object(self, oid: int, tid: int | None = None,
                    before_tid: int | None = None) -> ObjectRecord | None | bool:

@@ -199,7 +199,8 @@ INSERT_NEW_DATA = ("INSERT INTO data (id, hash, compression, value) SELECT ?, ?,
 INSERT_BIGDATA_FIRST = "INSERT INTO bigdata (value) VALUES (?)"
 INSERT_BIGDATA = "INSERT INTO bigdata (id, value) VALUES (?, ?)"
 DATA_LAST_ID = "SELECT MAX(id) FROM data WHERE id>=? AND id<?"
-DATA_BIG_VALUE = "SELECT value FROM data WHERE id=? AND compression>=128"
+# a row's compression and, if in bigdata, its reference
+DATA_KIND = "SELECT compression, IF(compression>=128, value, NULL) FROM data WHERE id=?"
 DEL_DATA = "DELETE FROM data WHERE id=?"
 DEL_BIGDATA = "DELETE FROM bigdata WHERE id>=? AND id<?"
 DATA_IN_OBJ = "SELECT 1 FROM obj WHERE data_id=? LIMIT 1"

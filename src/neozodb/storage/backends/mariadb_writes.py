@@ -9,6 +9,7 @@ from collections.abc import Iterable
 
 from . import mariadb_schema as S
 from .base import ZERO_HASH, PackRequest, TransactionMetadata
+from .mariadb_blobs import COLUMN_BLOB, DEL_CONTENT, column_compression
 
 
 class MariaDBWrites:
@@ -59,6 +60,9 @@ class MariaDBWrites:
         return data_id
 
     def _data_row(self, partition: int, checksum: bytes, compression: int, data: bytes) -> int:
+        """The id of a data row holding ``data`` (a new one unless an
+        identical row exists); ``compression`` is the id on the wire."""
+        compression = column_compression(compression)
         if len(data) < S.BIG:
             data_id = self._new_data_id(partition)
             self._q(S.INSERT_NEW_DATA, (data_id, checksum, compression, data,
@@ -74,8 +78,7 @@ class MariaDBWrites:
                    oid: int | None = None) -> int:
         if len(checksum) != 20 or checksum == ZERO_HASH:
             raise ValueError('invalid checksum for a data row')
-        if not 0 <= compression < S.BIG_FLAG:
-            raise ValueError(f'invalid compression {compression}')
+        column_compression(compression)     # ValueError before anything is written
         np = self._np
         partition = 0 if oid is None or not np else oid % np
         if len(data) >= S.BIG:
@@ -105,7 +108,7 @@ class MariaDBWrites:
 
     def _prune(self, candidates: Iterable[int]) -> int:
         """Delete the candidate data rows that nothing references (and
-        their bigdata rows); inside an operation."""
+        their bigdata rows and blob contents); inside an operation."""
         candidates = [d for d in set(candidates) if d not in self._held]
         if not candidates:
             return 0
@@ -114,10 +117,14 @@ class MariaDBWrites:
         for data_id in sorted(candidates):
             if data_id in in_tobj or self._q(S.DATA_IN_OBJ, (data_id,)):
                 continue
-            big = self._q(S.DATA_BIG_VALUE, (data_id,))
-            if big:
-                first, end, _ = S.big_ids(bytes(big[0][0]))
-                self._q(S.DEL_BIGDATA, (first, end))
+            kind = self._q(S.DATA_KIND, (data_id,))
+            if kind:
+                compression, big = kind[0]
+                if big is not None:
+                    first, end, _ = S.big_ids(bytes(big))
+                    self._q(S.DEL_BIGDATA, (first, end))
+                if compression is not None and compression & COLUMN_BLOB:
+                    self._q(DEL_CONTENT, (data_id,))
             self._q(S.DEL_DATA, (data_id,))
             count += 1
         return count

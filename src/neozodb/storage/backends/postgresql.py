@@ -56,6 +56,8 @@ from .base import ZERO_HASH
 from .postgresql_schema import (
     _DROP,
     _SCHEMA,
+    CHUNKS_AT_ONCE,
+    CHUNKS_FROM,
     COLUMN_TYPES,
     DELETE_ORPHANS,
     FIND_DATA_ANY,
@@ -70,6 +72,7 @@ from .postgresql_schema import (
     translate,
 )
 from .sqlbase import SQLBackend
+from .sqlite_blobs import SQLiteBlobs
 from .sqlite_schema import _COMMIT, _RELEASE, _SAVEPOINT
 
 __all__ = ['PostgreSQLBackend', 'public_dsn']
@@ -166,7 +169,7 @@ def _one_line(error: BaseException) -> str:
     return ' '.join(str(error).split())
 
 
-class PostgreSQLBackend(SQLBackend):
+class PostgreSQLBackend(SQLiteBlobs, SQLBackend):
     """Storage backend on a PostgreSQL database (see the module docstring)."""
 
     name = 'PostgreSQL'
@@ -208,6 +211,10 @@ class PostgreSQLBackend(SQLBackend):
         except psycopg.Error:
             pass  # connection lost: the server rolled back what was pending
         self.unsynced = False
+
+    def _drop_tables(self) -> None:
+        super()._drop_tables()
+        self._next_blob = None
 
     def describe(self) -> str:
         version = ''
@@ -281,6 +288,17 @@ class PostgreSQLBackend(SQLBackend):
                 added.add(data_id)
         self._data_added += len(added)
         return [data_id for data_id, _ in rows]
+
+    def _blob_chunks(self, blob_id: int) -> Iterator[bytes]:
+        conn = self.connection
+        n = 0
+        while True:
+            rows = conn.execute(CHUNKS_FROM, (blob_id, n, CHUNKS_AT_ONCE)).fetchall()
+            for _, chunk in rows:
+                yield chunk
+            if len(rows) < CHUNKS_AT_ONCE:
+                return
+            n = rows[-1][0] + 1
 
     def unlock_transaction(self, ttid: int, tid: int) -> None:
         self._begin()

@@ -62,9 +62,38 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS pack_progress (
         partition integer NOT NULL PRIMARY KEY, done bigint NOT NULL, target bigint,
         next_oid bigint NOT NULL)""",
+    # blob contents (sqlite_blobs.py runs on them): 1 MiB chunks, stored
+    # out of line uncompressed like data.value; the content of a data row
+    # goes with the row (the trigger below)
+    """CREATE TABLE IF NOT EXISTS blob_chunk (
+        blob_id bigint NOT NULL, n bigint NOT NULL, bytes bytea NOT NULL,
+        PRIMARY KEY (blob_id, n))""",
+    "ALTER TABLE blob_chunk ALTER COLUMN bytes SET STORAGE EXTERNAL",
+    """CREATE TABLE IF NOT EXISTS data_blob (
+        data_id bigint NOT NULL PRIMARY KEY, blob_id bigint NOT NULL)""",
+    # One statement-level trigger: every DELETE of data rows (pruning of
+    # orphans, pack, GC, truncation: one statement over arrays each) deletes
+    # their contents in two joins with the deleted rows, so that none of
+    # those paths needs code for blobs.  (SQLite's is a row trigger.)
+    """CREATE OR REPLACE FUNCTION data_blob_gone() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            DELETE FROM blob_chunk AS c USING gone AS g, data_blob AS b
+                WHERE b.data_id = g.id AND c.blob_id = b.blob_id;
+            DELETE FROM data_blob AS b USING gone AS g WHERE b.data_id = g.id;
+            RETURN NULL;
+        END $$""",
+    # (CREATE OR REPLACE TRIGGER needs PostgreSQL 14)
+    """DO $$ BEGIN
+        IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'data_blob_gone'
+                       AND tgrelid = 'data'::regclass) THEN
+            CREATE TRIGGER data_blob_gone AFTER DELETE ON data
+                REFERENCING OLD TABLE AS gone FOR EACH STATEMENT
+                EXECUTE FUNCTION data_blob_gone();
+        END IF;
+    END $$""",
 )
 _TABLES = ('config', 'pt', 'trans', 'obj', 'data', 'ttrans', 'tobj', 'replication',
-           'pack', 'tpack', 'pack_progress')
+           'pack', 'tpack', 'pack_progress', 'blob_chunk', 'data_blob')
 _DROP = tuple(f"DROP TABLE IF EXISTS {table}" for table in _TABLES)
 
 # primary key of each table, the conflict target of INSERT OR REPLACE
@@ -72,7 +101,8 @@ _KEYS = {
     'config': ('name',), 'pt': ('partition', 'nid'), 'trans': ('partition', 'tid'),
     'obj': ('partition', 'oid', 'tid'), 'ttrans': ('ttid',), 'tobj': ('tid', 'oid'),
     'replication': ('partition',), 'pack': ('tid',), 'tpack': ('ttid',),
-    'pack_progress': ('partition',),
+    'pack_progress': ('partition',), 'blob_chunk': ('blob_id', 'n'),
+    'data_blob': ('data_id',),
 }
 
 _OVERRIDES = {
@@ -132,6 +162,10 @@ DELETE_ORPHANS = ("DELETE FROM data AS d WHERE d.id = ANY(?::bigint[])"
 FIND_DATA_ANY = "SELECT id, hash, compression, value FROM data WHERE hash = ANY(?::bytea[])"
 # data ids for replicated rows, taken from the table's own sequence
 NEW_DATA_IDS = "SELECT nextval('data_id_seq') FROM generate_series(1, ?)"
+# a content's chunks a few at a time (psycopg reads a result whole: a
+# content of 1 GB hashed by ``neoctl check`` must not be in memory at once)
+CHUNKS_FROM = "SELECT n, bytes FROM blob_chunk WHERE blob_id=? AND n>=? ORDER BY n LIMIT ?"
+CHUNKS_AT_ONCE = 8
 # one storage node per database: a session-level advisory lock, released
 # by PostgreSQL when the connection ends (crash included); the key is
 # arbitrary but fixed ("neozodb" as an integer)

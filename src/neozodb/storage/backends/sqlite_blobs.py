@@ -7,11 +7,16 @@ orphan pruning need no code of their own for blobs.  Blob ids come from a
 counter read at open: an upload given up before it was attached leaves
 chunks under an id no ``data_blob`` row names, which ``drop_unattached_
 blobs`` deletes at start.
+
+The PostgreSQL backend runs this class on its translating connection;
+``range_digest`` is shared with MariaDB's (mariadb_blobs.py), so that
+``neoctl check`` compares copies on any two backends.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable
 
 BLOB_TABLES = ('blob_chunk', 'data_blob')
 
@@ -48,6 +53,24 @@ _BLOB_REVISIONS = (
 _CHUNKS = "SELECT bytes FROM blob_chunk WHERE blob_id=? ORDER BY n"
 _UNATTACHED = ("SELECT DISTINCT blob_id FROM blob_chunk"
                " WHERE blob_id NOT IN (SELECT blob_id FROM data_blob)")
+
+
+def range_digest(revisions: Iterable[tuple[int, int, bytes, int | None]],
+                 chunks: Callable[[int], Iterable[bytes]]) -> bytes | None:
+    """``blob_range_digest`` of the blob revisions ``(tid, oid, checksum,
+    blob id or None)`` in (tid, oid) order, ``chunks(blob_id)`` giving a
+    content's chunks in order; None if there is none."""
+    digest = None
+    for tid, oid, checksum, blob_id in revisions:
+        content = hashlib.sha256()
+        if blob_id is not None:
+            for chunk in chunks(blob_id):
+                content.update(chunk)
+        if digest is None:
+            digest = hashlib.sha1()
+        digest.update(b'%d %d ' % (tid, oid) + bytes(checksum) +
+                      (content.digest() if blob_id is not None else b'missing'))
+    return None if digest is None else digest.digest()
 
 
 class SQLiteBlobs:
@@ -93,19 +116,14 @@ class SQLiteBlobs:
 
     def blob_range_digest(self, partition: int, first: tuple[int, int],
                           last: tuple[int, int]) -> bytes | None:
-        conn = self.connection
-        digest = None
-        for tid, oid, checksum, blob_id in conn.execute(
-                _BLOB_REVISIONS, (partition, *first, *last)).fetchall():
-            content = hashlib.sha256()
-            if blob_id is not None:
-                for (chunk,) in conn.execute(_CHUNKS, (blob_id,)):
-                    content.update(chunk)
-            if digest is None:
-                digest = hashlib.sha1()
-            digest.update(b'%d %d ' % (tid, oid) + checksum +
-                          (content.digest() if blob_id is not None else b'missing'))
-        return None if digest is None else digest.digest()
+        revisions = self.connection.execute(
+            _BLOB_REVISIONS, (partition, *first, *last)).fetchall()
+        return range_digest(revisions, self._blob_chunks)
+
+    def _blob_chunks(self, blob_id: int) -> Iterable[bytes]:
+        """The chunks of a content in order (read as they are hashed)."""
+        for (chunk,) in self.connection.execute(_CHUNKS, (blob_id,)):
+            yield chunk
 
     def drop_unattached_blobs(self) -> int:
         with self._txn(durable=True) as conn:
