@@ -16,7 +16,7 @@ from persistent.mapping import PersistentMapping
 from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import ConflictError
 
-from neozodb.cli.cluster import LocalCluster
+from neozodb.cli.cluster import LocalCluster, wait_until
 from neozodb.client import Storage
 from pgserver import skip_reason
 
@@ -70,6 +70,8 @@ def test_conflicts_and_lock_waits_inside_bursts(cluster):
         objects = root["objects"] = [PersistentMapping(n=i) for i in range(300)]
         shared = root["shared"] = PersistentMapping(n=0)
         tm.commit()
+        first = root._p_serial
+        wait_until(lambda: other.lastTransaction() >= first, 30, "the other client to see it")
         # the other client changes object 150: our burst of 300 stores then
         # holds one with a stale serial, and fails as a whole
         other_tm = transaction.TransactionManager()
