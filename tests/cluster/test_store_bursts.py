@@ -1,11 +1,14 @@
 """Bursts of stores (storage/writes.py, ``Writes.prefetch``): the serials
-of a burst are looked up together and, on PostgreSQL, its data rows taken
-in one statement.  Conflicts and lock waits inside a burst must give what
+of a burst are looked up together and, on PostgreSQL and MariaDB, its data
+rows taken together.  Conflicts and lock waits inside a burst must give what
 one store at a time gives, and the rows a store did not keep must not
 stay in the database."""
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
+import sqlite3
 import threading
 
 import psycopg
@@ -25,39 +28,72 @@ pytestmark = pytest.mark.timeout(180)
 _clusters = itertools.count()
 
 
-@pytest.fixture(params=["SQLite", "PostgreSQL"])
+def _mariadb_missing() -> str | None:
+    try:
+        import mariadb  # noqa: F401
+    except ImportError:
+        return "no MariaDB connector"
+    if not os.path.exists("/usr/sbin/mariadbd") and not shutil.which("mariadbd"):
+        return "no MariaDB server here (apt-get install mariadb-server)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def mariadb_server(tmp_path_factory):
+    from mdbserver import server_fixture
+    yield from server_fixture(tmp_path_factory)
+
+
+_ORPHANS = ("SELECT COUNT(*) FROM data WHERE id NOT IN (SELECT data_id FROM obj"
+            " WHERE data_id IS NOT NULL)")
+
+
+@pytest.fixture(params=["SQLite", "PostgreSQL", "MariaDB"])
 def cluster(request, tmp_path):
+    """A 1-storage cluster on that backend; ``cluster.orphans()`` counts
+    the data rows no object revision uses (raw SQL, node stopped)."""
     kw = {}
-    dsn = None
+    name = "burst%d" % next(_clusters)
     if request.param == "PostgreSQL":
         if skip_reason() is not None:
             pytest.skip(skip_reason())
-        server = request.getfixturevalue("postgresql_server")
-        dsn = server.database("burst%d" % next(_clusters))
+        dsn = request.getfixturevalue("postgresql_server").database(name)
         kw = dict(adapter="PostgreSQL", databases=lambda i: dsn)
+
+        def orphans():
+            with psycopg.connect(dsn) as conn:
+                return conn.execute(_ORPHANS).fetchone()[0]
+    elif request.param == "MariaDB":
+        if _mariadb_missing():
+            pytest.skip(_mariadb_missing())
+        server = request.getfixturevalue("mariadb_server")
+        database = server.database(name)
+        kw = dict(adapter="MariaDB", databases=lambda i: database)
+
+        def orphans():
+            import mariadb
+            conn = mariadb.connect(user="root", unix_socket=server.socket, database=name)
+            try:
+                cursor = conn.cursor()
+                cursor.execute(_ORPHANS)
+                return cursor.fetchone()[0]
+            finally:
+                conn.close()
+    else:
+        def orphans():
+            conn = sqlite3.connect(c.database(1))
+            try:
+                return conn.execute(_ORPHANS).fetchone()[0]
+            finally:
+                conn.close()
     c = LocalCluster(str(tmp_path / "cluster"), name="bursts", storages=1, replicas=0,
                      partitions=4, **kw)
+    c.orphans = orphans
     try:
         c.start(wait=60)
-        c.dsn = dsn
         yield c
     finally:
         c.kill()
-
-
-def orphans(cluster) -> int:
-    """Data rows no object revision uses (read with raw SQL, node stopped)."""
-    query = "SELECT COUNT(*) FROM data WHERE id NOT IN (SELECT data_id FROM obj" \
-            " WHERE data_id IS NOT NULL)"
-    if cluster.dsn is not None:
-        with psycopg.connect(cluster.dsn) as conn:
-            return conn.execute(query).fetchone()[0]
-    import sqlite3
-    conn = sqlite3.connect(cluster.database(1))
-    try:
-        return conn.execute(query).fetchone()[0]
-    finally:
-        conn.close()
 
 
 def test_conflicts_and_lock_waits_inside_bursts(cluster):
@@ -124,4 +160,4 @@ def test_conflicts_and_lock_waits_inside_bursts(cluster):
         db.close()
         other_db.close()
     cluster.stop()
-    assert orphans(cluster) == 0
+    assert cluster.orphans() == 0

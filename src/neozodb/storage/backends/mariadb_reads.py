@@ -83,6 +83,18 @@ class MariaDBReads:
             return None
         return self._scalar(S.LAST_SERIAL, (oid % np, oid))
 
+    def last_serials(self, oids: list[int]) -> dict[int, int | None]:
+        found = dict.fromkeys(oids)
+        np = self._np
+        if np is None:
+            return found
+        for i in range(0, len(oids), S.IN_CHUNK):
+            chunk = oids[i:i + S.IN_CHUNK]
+            partitions = sorted({oid % np for oid in chunk})
+            sql = S.LAST_SERIALS % (','.join('?' * len(partitions)), ','.join('?' * len(chunk)))
+            found.update(self._q(sql, partitions + chunk))
+        return found
+
     def load_data(self, data_id: int) -> tuple[bytes, int, bytes] | None:
         rows = self._q(S.LOAD_DATA, (data_id,))
         if not rows:

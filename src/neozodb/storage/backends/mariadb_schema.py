@@ -191,6 +191,14 @@ LOAD_DATA = "SELECT hash, compression, value FROM data WHERE id=?"
 BIGDATA = "SELECT id, value FROM bigdata WHERE id>=? AND id<? ORDER BY id"
 
 FIND_DATA = "SELECT id, value FROM data WHERE hash=? AND compression=?"
+# a burst of stores (store_data_many, last_serials): %s is a list of
+# placeholders, at most IN_CHUNK of them
+IN_CHUNK = 250
+FIND_DATA_ANY = "SELECT id, hash, compression, value FROM data WHERE hash IN (%s)"
+# partition is oid % np: the cross product of the two lists matches no
+# other (partition, oid) than those asked for
+LAST_SERIALS = ("SELECT oid, MAX(tid) FROM obj WHERE `partition` IN (%s) AND oid IN (%s)"
+                " GROUP BY oid")
 INSERT_DATA = "INSERT INTO data (id, hash, compression, value) VALUES (?, ?, ?, ?)"
 # one round trip for new data (the usual case); when a row has the same
 # hash, nothing is inserted and FIND_DATA compares the bytes

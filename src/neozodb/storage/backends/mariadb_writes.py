@@ -93,6 +93,47 @@ class MariaDBWrites:
         self._held[data_id] += 1
         return data_id
 
+    # a burst of stores takes its data rows in two round trips (storage/writes.py)
+    batched_data = True
+
+    def store_data_many(self, items: list[tuple[bytes, int, bytes, int]]) -> list[int]:
+        ids: list = [None] * len(items)
+        small = [i for i, item in enumerate(items) if len(item[2]) < S.BIG]
+        for i in small:
+            checksum = items[i][0]
+            if len(checksum) != 20 or checksum == ZERO_HASH:
+                raise ValueError('invalid checksum for a data row')
+            column_compression(items[i][1])  # ValueError before anything is written
+        if small:
+            if self._conn is None:
+                raise RuntimeError('backend is not open')
+            found = {}
+            hashes = sorted({items[i][0] for i in small})
+            for n in range(0, len(hashes), S.IN_CHUNK):
+                chunk = hashes[n:n + S.IN_CHUNK]
+                for data_id, checksum, stored, value in self._q(
+                        S.FIND_DATA_ANY % ','.join('?' * len(chunk)), chunk):
+                    found.setdefault((bytes(checksum), stored, bytes(value)), data_id)
+            np = self._np
+            new = []
+            for i in small:
+                checksum, compression, data, oid = items[i]
+                key = (checksum, column_compression(compression), data)
+                data_id = found.get(key)
+                if data_id is None:
+                    partition = 0 if oid is None or not np else oid % np
+                    data_id = found[key] = self._new_data_id(partition)
+                    new.append((data_id, *key))
+                ids[i] = data_id
+            self._many(S.INSERT_DATA, new)  # atomic by itself (and lost at close)
+            held = self._held
+            for i in small:
+                held[ids[i]] += 1
+        for i, (checksum, compression, data, oid) in enumerate(items):
+            if ids[i] is None:  # several rows each: one at a time
+                ids[i] = self.store_data(checksum, compression, data, oid)
+        return ids
+
     def hold_data(self, data_id: int) -> None:
         self._held[data_id] += 1
 
