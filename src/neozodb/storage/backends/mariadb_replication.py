@@ -62,20 +62,39 @@ class MariaDBReplication:
         if any(oid % np != partition for oid, *_ in records):
             raise ValueError('object of another partition than %d' % partition)
         with self._txn(durable=False):
+            olds = self._replaced_rows(partition, records)
+            values = [(checksum, compression, data, oid)
+                      for oid, _, compression, checksum, data, _ in records
+                      if not (checksum == ZERO_HASH and not data)]
+            data_ids = iter(self._data_rows(values))
             replaced = []
             rows = []
-            for oid, tid, compression, checksum, data, data_serial in records:
-                old = self._q(S.OBJ_DATA_ID, (partition, oid, tid))
-                if checksum == ZERO_HASH and not data:
-                    data_id = None
-                else:
-                    data_id = self._data_row(partition, checksum, compression, data)
+            for oid, tid, _, checksum, data, data_serial in records:
+                data_id = None if checksum == ZERO_HASH and not data else next(data_ids)
                 rows.append((partition, oid, tid, data_id, data_serial))
-                if old and old[0][0] is not None and old[0][0] != data_id:
-                    replaced.append(old[0][0])
+                old = olds.get((oid, tid))
+                if old is not None and old != data_id:
+                    replaced.append(old)
             self._many(S.ADD_OBJ, rows)
             if replaced:
                 self._prune(replaced)
+
+    def _replaced_rows(self, partition: int, records: Sequence[ReplicatedObject]
+                       ) -> dict[tuple[int, int], int]:
+        """(oid, tid) -> data id of the revisions of ``records`` already
+        here with data (one statement per 250 oids)."""
+        wanted = {(oid, tid) for oid, tid, *_ in records}
+        oids = sorted({oid for oid, _ in wanted})
+        tids = [tid for _, tid in wanted]
+        low, high = min(tids), max(tids)
+        found = {}
+        for n in range(0, len(oids), S.IN_CHUNK):
+            chunk = oids[n:n + S.IN_CHUNK]
+            for oid, tid, data_id in self._q(
+                    S.OBJ_DATA_IDS % ','.join('?' * len(chunk)), [partition, low, high, *chunk]):
+                if data_id is not None and (oid, tid) in wanted:
+                    found[oid, tid] = data_id
+        return found
 
     def add_object(self, oid: int, tid: int, compression: int, checksum: bytes, data: bytes,
                    data_serial: int | None) -> None:

@@ -195,6 +195,8 @@ FIND_DATA = "SELECT id, value FROM data WHERE hash=? AND compression=?"
 # placeholders, at most IN_CHUNK of them
 IN_CHUNK = 250
 FIND_DATA_ANY = "SELECT id, hash, compression, value FROM data WHERE hash IN (%s)"
+OBJ_DATA_IDS = ("SELECT oid, tid, data_id FROM obj WHERE `partition`=? AND tid BETWEEN ? AND ?"
+                " AND oid IN (%s)")
 # partition is oid % np: the cross product of the two lists matches no
 # other (partition, oid) than those asked for
 LAST_SERIALS = ("SELECT oid, MAX(tid) FROM obj WHERE `partition` IN (%s) AND oid IN (%s)"

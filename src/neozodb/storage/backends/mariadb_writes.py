@@ -5,7 +5,7 @@ unfinished transactions and orphan data after a restart."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from . import mariadb_schema as S
 from .base import ZERO_HASH, PackRequest, TransactionMetadata
@@ -97,16 +97,30 @@ class MariaDBWrites:
     batched_data = True
 
     def store_data_many(self, items: list[tuple[bytes, int, bytes, int]]) -> list[int]:
-        ids: list = [None] * len(items)
-        small = [i for i, item in enumerate(items) if len(item[2]) < S.BIG]
-        for i in small:
-            checksum = items[i][0]
+        for checksum, compression, _, _ in items:
             if len(checksum) != 20 or checksum == ZERO_HASH:
                 raise ValueError('invalid checksum for a data row')
-            column_compression(items[i][1])  # ValueError before anything is written
+            column_compression(compression)  # ValueError before anything is written
+        if self._conn is None:
+            raise RuntimeError('backend is not open')
+        if any(len(data) >= S.BIG for _, _, data, _ in items):
+            with self._txn(durable=False, keep=False):  # several rows each: all or none
+                ids = self._data_rows(items)
+        else:
+            ids = self._data_rows(items)  # one bulk insert: atomic by itself
+        held = self._held
+        for data_id in ids:
+            held[data_id] += 1
+        return ids
+
+    def _data_rows(self, items: Sequence[tuple[bytes, int, bytes, int | None]]) -> list[int]:
+        """``_data_row`` for each (checksum, compression, data, oid): values
+        under 16 MiB looked up with one statement per 250 checksums and the
+        new ones inserted with one bulk statement, bigger ones one at a
+        time (the caller makes their several rows all or none)."""
+        ids: list = [None] * len(items)
+        small = [i for i, item in enumerate(items) if len(item[2]) < S.BIG]
         if small:
-            if self._conn is None:
-                raise RuntimeError('backend is not open')
             found = {}
             hashes = sorted({items[i][0] for i in small})
             for n in range(0, len(hashes), S.IN_CHUNK):
@@ -125,13 +139,12 @@ class MariaDBWrites:
                     data_id = found[key] = self._new_data_id(partition)
                     new.append((data_id, *key))
                 ids[i] = data_id
-            self._many(S.INSERT_DATA, new)  # atomic by itself (and lost at close)
-            held = self._held
-            for i in small:
-                held[ids[i]] += 1
+            self._many(S.INSERT_DATA, new)
+        np = self._np
         for i, (checksum, compression, data, oid) in enumerate(items):
-            if ids[i] is None:  # several rows each: one at a time
-                ids[i] = self.store_data(checksum, compression, data, oid)
+            if ids[i] is None:
+                partition = 0 if oid is None or not np else oid % np
+                ids[i] = self._data_row(partition, checksum, compression, data)
         return ids
 
     def hold_data(self, data_id: int) -> None:
