@@ -201,6 +201,10 @@ class MasterHandler(FollowsPrimary, BaseHandler):
 
     def AbortTransaction(self, conn, msg_id, ttid, nids):
         self.app.abort(ttid)
+        # NEO's master tells a storage waiting for the end of this
+        # transaction (it was unfinished when the replication asked) only
+        # this: without it the cell waited for good and stayed OUT_OF_DATE
+        self.app.replicator.transaction_finished(ttid, None)
 
     def NotifyRepair(self, conn, msg_id, dry_run):
         """`neoctl prune_orphan`: delete the data rows no revision uses."""
@@ -217,6 +221,17 @@ class MasterHandler(FollowsPrimary, BaseHandler):
         app.checker.check(partition, source, min_tid, max_tid)
 
     def NotifyTransactionFinished(self, conn, msg_id, ttid, max_tid):
+        # A transaction our replication waited for is over.  If it is not
+        # locked here, the master committed (or dropped) it without us in
+        # its lock phase: NEO's master involves the storages that were
+        # ready when the transaction began, and we became ready after.  Its
+        # stores in our OUT_OF_DATE cells, voted here lockless, would never
+        # be locked nor unlocked, and kept those cells from being reported
+        # (lockless_pending) for good: they go, replication brings the
+        # commit (its tid raises the target), as NEO's storage does.  One
+        # locked here is not touched (abort skips it): its unlock comes
+        # before this message.
+        self.app.abort(ttid)
         self.app.replicator.transaction_finished(ttid, max_tid)
 
     def connection_lost(self, conn) -> None:
