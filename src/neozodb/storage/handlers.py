@@ -231,8 +231,14 @@ class MasterHandler(FollowsPrimary, BaseHandler):
         # commit (its tid raises the target), as NEO's storage does.  One
         # locked here is not touched (abort skips it): its unlock comes
         # before this message.
-        self.app.abort(ttid)
-        self.app.replicator.transaction_finished(ttid, max_tid)
+        app = self.app
+        txn = app.locks.txns.get(ttid)
+        if txn is not None and not txn.locked:
+            log.info("%s: transaction %s finished (tid %s) without being locked here: what it"
+                     " stored here is dropped, replication brings it", app.label, ttid.hex(),
+                     max_tid.hex() if max_tid is not None else None)
+        app.abort(ttid)
+        app.replicator.transaction_finished(ttid, max_tid)
 
     def connection_lost(self, conn) -> None:
         pass  # the master cycle notices through the connection's closed future

@@ -15,10 +15,11 @@ chunks and their resume points together, never a point without its rows.
 The target: the master's last committed tid when we asked it
 (``AskUnfinishedTransactions``); transactions unfinished at that moment may
 not have written to us, so we also wait for them (``NotifyTransactionFinished``,
-or ``AbortTransaction`` from the master) and replicate up to their tids.  Transactions begun later write to our
-OUT_OF_DATE cell directly (lockless).  When the cell has everything, and no
-lockless write of ours is still pending in it, the master is told
-(``NotifyReplicationDone``) and makes the cell UP_TO_DATE.
+or ``AbortTransaction`` from the master) and replicate up to their tids.
+Transactions begun later write to our OUT_OF_DATE cell directly (lockless).
+When the cell has everything, and no lockless write of ours is still
+pending in it, the master is told (``NotifyReplicationDone``) and makes the
+cell UP_TO_DATE.
 """
 from __future__ import annotations
 
