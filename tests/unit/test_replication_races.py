@@ -10,7 +10,12 @@ waited for a wake-up that only packing one of our partitions gave, and a
 storage that rejoined with little to fetch stayed OUT_OF_DATE.
 
 The list of unfinished transactions the master answers is recorded before
-the notification read after it (NotifyTransactionFinished) is handled."""
+the notification read after it (NotifyTransactionFinished) is handled.
+
+A transaction of that list that is aborted ends the wait too: NEO's master
+tells it with AbortTransaction alone (no NotifyTransactionFinished), and
+the cell stayed OUT_OF_DATE for good (tests/interop/test_mixed_clusters.py
+test_sigkill_under_load with NEO's master, once in a while)."""
 from __future__ import annotations
 
 import asyncio
@@ -18,6 +23,7 @@ import asyncio
 import pytest
 
 from neozodb.protocol import CellStates, Packets, p64
+from neozodb.storage.handlers import MasterHandler
 from neozodb.storage.pack import Packer
 from neozodb.storage.replicator import Replicator
 
@@ -135,4 +141,55 @@ def test_transaction_finished_right_after_the_unfinished_list():
         await task
         assert replicator.unfinished[PARTITION] == set()
         assert replicator.targets[PARTITION] == TARGET + 5
+    asyncio.run(scenario())
+
+
+def _done(app) -> list:
+    return [args for packet, args in app.master_conn.notified
+            if packet is Packets.NotifyReplicationDone]
+
+
+def test_unfinished_transaction_aborted_by_the_master():
+    """The master aborts a transaction the replication waits for and says
+    so with AbortTransaction only, as NEO's does: the cell is reported at
+    the target (the aborted transaction wrote nothing, no tid to reach)."""
+    async def scenario():
+        app = App()
+        aborted = []
+        app.abort = aborted.append
+        replicator = app.replicator
+        app.packer.stale = False  # orders known: only the wait holds it back
+        ttid = p64(7)
+        replicator.targets[PARTITION] = TARGET
+        replicator.unfinished[PARTITION] = {ttid}
+        replicator._maybe_done(PARTITION)
+        assert not _done(app)  # waits for the transaction
+        replicator._wake.clear()
+        MasterHandler(app).AbortTransaction(app.master_conn, 0, ttid, [])
+        assert aborted == [ttid]  # its locks here go as before
+        assert replicator._wake.is_set(), "the replicator was not woken"
+        assert replicator.caught_up(PARTITION)
+        replicator._maybe_done(PARTITION)
+        assert _done(app) == [(PARTITION, p64(TARGET))]
+    asyncio.run(scenario())
+
+
+def test_committed_and_aborted_transactions_end_the_wait():
+    """Of two transactions waited for, one commits (the target moves up to
+    its tid), the other is aborted (the target stays): the cell is done
+    only after both, at the committed one's tid."""
+    async def scenario():
+        app = App()
+        app.abort = lambda ttid: None
+        app.packer.stale = False
+        replicator = app.replicator
+        committed, aborted = p64(7), p64(8)
+        replicator.targets[PARTITION] = TARGET - 10
+        replicator.unfinished[PARTITION] = {committed, aborted}
+        replicator.transaction_finished(committed, p64(TARGET))
+        assert not replicator.caught_up(PARTITION)
+        MasterHandler(app).AbortTransaction(app.master_conn, 0, aborted, [])
+        assert replicator.targets[PARTITION] == TARGET
+        replicator._maybe_done(PARTITION)
+        assert _done(app) == [(PARTITION, p64(TARGET))]
     asyncio.run(scenario())

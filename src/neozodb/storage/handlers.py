@@ -202,6 +202,10 @@ class MasterHandler(FollowsPrimary, BaseHandler):
 
     def AbortTransaction(self, conn, msg_id, ttid, nids):
         self.app.abort(ttid)
+        # NEO's master tells a storage waiting for the end of this
+        # transaction (it was unfinished when the replication asked) only
+        # this: without it the cell waited for good and stayed OUT_OF_DATE
+        self.app.replicator.transaction_finished(ttid, None)
 
     def NotifyRepair(self, conn, msg_id, dry_run):
         """`neoctl prune_orphan`: delete the data rows no revision uses."""
@@ -218,7 +222,24 @@ class MasterHandler(FollowsPrimary, BaseHandler):
         app.checker.check(partition, source, min_tid, max_tid)
 
     def NotifyTransactionFinished(self, conn, msg_id, ttid, max_tid):
-        self.app.replicator.transaction_finished(ttid, max_tid)
+        # A transaction our replication waited for is over.  If it is not
+        # locked here, the master committed (or dropped) it without us in
+        # its lock phase: NEO's master involves the storages that were
+        # ready when the transaction began, and we became ready after.  Its
+        # stores in our OUT_OF_DATE cells, voted here lockless, would never
+        # be locked nor unlocked, and kept those cells from being reported
+        # (lockless_pending) for good: they go, replication brings the
+        # commit (its tid raises the target), as NEO's storage does.  One
+        # locked here is not touched (abort skips it): its unlock comes
+        # before this message.
+        app = self.app
+        txn = app.locks.txns.get(ttid)
+        if txn is not None and not txn.locked:
+            log.info("%s: transaction %s finished (tid %s) without being locked here: what it"
+                     " stored here is dropped, replication brings it", app.label, ttid.hex(),
+                     max_tid.hex() if max_tid is not None else None)
+        app.abort(ttid)
+        app.replicator.transaction_finished(ttid, max_tid)
 
     def connection_lost(self, conn) -> None:
         pass  # the master cycle notices through the connection's closed future

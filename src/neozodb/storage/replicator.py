@@ -14,11 +14,12 @@ chunks and their resume points together, never a point without its rows.
 
 The target: the master's last committed tid when we asked it
 (``AskUnfinishedTransactions``); transactions unfinished at that moment may
-not have written to us, so we also wait for them (``NotifyTransactionFinished``)
-and replicate up to their tids.  Transactions begun later write to our
-OUT_OF_DATE cell directly (lockless).  When the cell has everything, and no
-lockless write of ours is still pending in it, the master is told
-(``NotifyReplicationDone``) and makes the cell UP_TO_DATE.
+not have written to us, so we also wait for them (``NotifyTransactionFinished``,
+or ``AbortTransaction`` from the master) and replicate up to their tids.
+Transactions begun later write to our OUT_OF_DATE cell directly (lockless).
+When the cell has everything, and no lockless write of ours is still
+pending in it, the master is told (``NotifyReplicationDone``) and makes the
+cell UP_TO_DATE.
 """
 from __future__ import annotations
 
@@ -182,12 +183,17 @@ class Replicator:
             self.notified.pop(partition, None)
         self.poke()
 
-    def transaction_finished(self, ttid: bytes, tid: bytes) -> None:
-        tid_int = u64(tid)
+    def transaction_finished(self, ttid: bytes, tid: bytes | None) -> None:
+        """The master says ``ttid`` is over: committed as ``tid``
+        (``NotifyTransactionFinished``), or aborted (None: ``AbortTransaction``,
+        which is all NEO's master sends about an aborted transaction that a
+        replication waits for; it wrote nothing, the target stays)."""
+        tid_int = None if tid is None else u64(tid)
         for partition, ttids in self.unfinished.items():
             if ttid in ttids:
                 ttids.discard(ttid)
-                self.targets[partition] = max(self.targets[partition], tid_int)
+                if tid_int is not None:
+                    self.targets[partition] = max(self.targets[partition], tid_int)
         self.poke()
 
     def transaction_received(self, fetch: object, partition: int, record: tuple,
