@@ -212,12 +212,22 @@ def assert_same_blobs(cluster) -> None:
     """Both storages have the same blob revisions with the same contents;
     else the differing ones, by oid, tid and checksum, with what each has."""
     s1, s2 = (blob_revisions(cluster.database(i)) for i in (1, 2))
+    keys = sorted(key for key in s1.keys() | s2.keys() if s1.get(key) != s2.get(key))
     differ = ["oid %#x tid %#x checksum %s: S1 %s, S2 %s" % (
-        oid, tid, (s1.get(key) or s2.get(key))[0],
-        "content %s" % s1[key][1] if key in s1 else "no revision",
-        "content %s" % s2[key][1] if key in s2 else "no revision")
-        for key in sorted(s1.keys() | s2.keys()) if s1.get(key) != s2.get(key)
-        for oid, tid in [key]]
+        oid, tid, (s1.get((oid, tid)) or s2[oid, tid])[0],
+        "content %s" % s1[oid, tid][1] if (oid, tid) in s1 else "no revision",
+        "content %s" % s2[oid, tid][1] if (oid, tid) in s2 else "no revision")
+        for oid, tid in keys]
+    if differ:  # what the nodes logged about those transactions
+        directory = os.path.dirname(cluster.database(1))
+        words = {"%016x" % tid for _, tid in keys}
+        for name in ("S1.log", "S2.log", "M1.log"):
+            try:
+                with open(os.path.join(directory, name)) as f:
+                    differ += ["%s: %s" % (name, line.rstrip()) for line in f
+                               if any(word in line for word in words)][:20]
+            except OSError:
+                pass
     assert not differ, "blob revisions differ (node logs in %s):\n%s" % (
         os.path.dirname(cluster.database(1)), "\n".join(differ))
     assert raw_blobs(cluster.database(1)) == raw_blobs(cluster.database(2))

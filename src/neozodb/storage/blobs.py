@@ -123,7 +123,7 @@ class Blobs:
             return
         partition = app.pt.partition(oid)
         if out_of_date and partition not in app.replicator.notified:
-            log.debug("%s: blob revision of %s in %s stored without its content in"
+            log.info("%s: blob revision of %s in %s stored without its content in"
                       " OUT_OF_DATE partition %d: replication fetches it", app.label,
                       oid.hex(), txn.ttid.hex(), partition)
             return
