@@ -124,8 +124,8 @@ class Blobs:
         partition = app.pt.partition(oid)
         if out_of_date and partition not in app.replicator.notified:
             log.info("%s: blob revision of %s in %s stored without its content in"
-                      " OUT_OF_DATE partition %d: replication fetches it", app.label,
-                      oid.hex(), txn.ttid.hex(), partition)
+                     " OUT_OF_DATE partition %d: replication fetches it", app.label,
+                     oid.hex(), txn.ttid.hex(), partition)
             return
         backend.release_data([data_id], prune=True)  # the store's hold: nothing kept
         raise HandlerError("no blob content for %s in %s" % (oid.hex(), txn.ttid.hex()),
