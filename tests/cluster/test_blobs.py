@@ -21,7 +21,8 @@ from ZODB.TimeStamp import TimeStamp
 
 from neozodb.cli.cluster import wait_until
 from neozodb.client import Storage
-from neozodb.protocol import NodeStates
+from neozodb.client import blobs as client_blobs
+from neozodb.protocol import NodeStates, p64, u64
 from neozodb.protocol.blobs import CHUNK
 from replicas import raw_blob_chunks, raw_blobs, raw_contents
 
@@ -185,6 +186,53 @@ def test_pack_gc_removes_contents_and_undo_brings_one_back(cluster, tmp_path):
     db.close()
 
 
+def blob_revisions(path: str) -> dict[tuple[int, int], tuple[str, str | None]]:
+    """Blob revisions of a storage: (oid, tid) -> (data checksum, SHA-256 of
+    its content as stored, None without one), in hex."""
+    conn = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+    try:
+        revisions = {}
+        for oid, tid, checksum, blob_id in conn.execute(
+                "SELECT o.oid, o.tid, d.hash, b.blob_id FROM obj o JOIN data d ON d.id = o.data_id"
+                " LEFT JOIN data_blob b ON b.data_id = d.id WHERE d.compression >= 128"):
+            content = None
+            if blob_id is not None:
+                hasher = hashlib.sha256()
+                for (chunk,) in conn.execute(
+                        "SELECT bytes FROM blob_chunk WHERE blob_id=? ORDER BY n", (blob_id,)):
+                    hasher.update(chunk)
+                content = hasher.hexdigest()
+            revisions[(oid, tid)] = (bytes(checksum).hex(), content)
+        return revisions
+    finally:
+        conn.close()
+
+
+def assert_same_blobs(cluster) -> None:
+    """Both storages have the same blob revisions with the same contents;
+    else the differing ones, by oid, tid and checksum, with what each has."""
+    s1, s2 = (blob_revisions(cluster.database(i)) for i in (1, 2))
+    keys = sorted(key for key in s1.keys() | s2.keys() if s1.get(key) != s2.get(key))
+    differ = ["oid %#x tid %#x checksum %s: S1 %s, S2 %s" % (
+        oid, tid, (s1.get((oid, tid)) or s2[oid, tid])[0],
+        "content %s" % s1[oid, tid][1] if (oid, tid) in s1 else "no revision",
+        "content %s" % s2[oid, tid][1] if (oid, tid) in s2 else "no revision")
+        for oid, tid in keys]
+    if differ:  # what the nodes logged about those transactions
+        directory = os.path.dirname(cluster.database(1))
+        words = {"%016x" % tid for _, tid in keys}
+        for name in ("S1.log", "S2.log", "M1.log"):
+            try:
+                with open(os.path.join(directory, name)) as f:
+                    differ += ["%s: %s" % (name, line.rstrip()) for line in f
+                               if any(word in line for word in words)][:20]
+            except OSError:
+                pass
+    assert not differ, "blob revisions differ (node logs in %s):\n%s" % (
+        os.path.dirname(cluster.database(1)), "\n".join(differ))
+    assert raw_blobs(cluster.database(1)) == raw_blobs(cluster.database(2))
+
+
 class BlobWriter(threading.Thread):
     """Commits a new blob revision of its own object, in a loop."""
 
@@ -243,14 +291,66 @@ def test_storage_killed_while_blobs_commit_and_replicate(cluster, tmp_path):
             w.join(60)
     wait_until(lambda: up_to_date(cluster, {"S1", "S2"}), 60, "both up to date")
     cluster.stop()
-    s1, s2 = (raw_blobs(cluster.database(i)) for i in (1, 2))
-    assert s1 == s2
-    digests = {digest for _, digest in s1.values()}
+    assert_same_blobs(cluster)
+    digests = {digest for _, digest in raw_blobs(cluster.database(1)).values()}
     for w in writers:
         for content in w.committed.values():
             assert hashlib.sha256(content).digest() in digests
         w.db.close()
     assert raw_contents(cluster.database(1)) == raw_contents(cluster.database(2))
+
+
+def test_record_stored_without_its_content_in_an_out_of_date_cell(cluster, tmp_path,
+                                                                   monkeypatch):
+    """A client uploads a blob's content while S2 is down, then stores its
+    record once S2 is back (its cell OUT_OF_DATE, our transaction holding
+    its replication back): S2 takes the record alone, lockless, and the
+    source will not send it again.  S2 must fetch the content before its
+    cell is up to date (it failed once in the SIGKILL test above)."""
+    db = blob_db(cluster, tmp_path / "blobs1")
+    root = db.open().root()
+    root["b"] = Blob(b"first")
+    transaction.commit()
+    wait_until(lambda: up_to_date(cluster, {"S1", "S2"}), 30, "cells up to date")
+    cluster.nodes["S2"].kill()
+    wait_until(lambda: cluster.storage_state("S2") is NodeStates.DOWN, 30, "S2 down")
+
+    real_upload = client_blobs.upload
+
+    def upload_then_s2_back(commit, oid, filename):
+        result = real_upload(commit, oid, filename)  # to S1 alone
+        cluster.nodes["S2"].start()
+
+        def s2_reachable():
+            nids = commit.app.writable_cells(oid)
+            if len(nids) != 2:
+                return False
+            try:
+                for nid in nids:
+                    commit.app.storage_conn(nid)
+            except Exception:  # not operational yet
+                return False
+            return True
+        wait_until(s2_reachable, 60, "S2 writable and reachable for the client")
+        return result
+    monkeypatch.setattr(client_blobs, "upload", upload_then_s2_back)
+    content = os.urandom(CHUNK + 7)
+    with root["b"].open("w") as f:
+        f.write(content)
+    transaction.commit()
+    monkeypatch.undo()
+    oid, serial = root["b"]._p_oid, root["b"]._p_serial
+    db.close()
+    wait_until(lambda: up_to_date(cluster, {"S1", "S2"}), 60, "S2 up to date")
+
+    cluster.nodes["S1"].kill()
+    wait_until(lambda: cluster.storage_state("S1") is NodeStates.DOWN, 30, "S1 down")
+    db = blob_db(cluster, tmp_path / "blobs2")
+    try:
+        assert read(db.open().root()["b"]) == content  # from S2 alone
+        assert db.storage.loadBefore(oid, p64(u64(serial) + 1))[1] == serial
+    finally:
+        db.close()
 
 
 def test_a_client_without_the_feature_gets_the_record(cluster, tmp_path):

@@ -992,6 +992,38 @@ class BackendConformance:
         assert db.blob_range_digest(1, (22, 0), (100, 100)) is None
         assert db.blob_range_digest(2, (0, 0), (100, 100)) is None
 
+    def test_blobs_lacking_their_content_in_a_range(self, db):
+        """``blobs_lacking``: the data rows of a partition's blob revisions
+        within a (tid, oid) range (end excluded, None: none) that have no
+        content; plain records and rows with their content are not."""
+        if not db.blobs:
+            pytest.skip('%s keeps no blobs' % db.name)
+
+        def blob_row(oid: int, content: bytes, attached: bool) -> int:
+            checksum, compression, stored = self.blob_record(content, b'record %d' % oid)
+            data_id = db.store_data(checksum, compression, stored, oid)
+            if attached:
+                blob_id = db.new_blob()
+                db.store_blob_chunk(blob_id, 0, content)
+                db.attach_blob(data_id, blob_id)
+            return data_id
+        has = blob_row(1, b'here', True)
+        lacks = blob_row(5, b'elsewhere', False)
+        plain = db.store_data(h(b'plain'), 0, b'plain', 9)
+        self.commit_rows(db, 21, [(1, has), (5, lacks), (9, plain)])   # partition 1
+        later = blob_row(13, b'later', False)
+        other = blob_row(2, b'other partition', False)
+        self.commit_rows(db, 31, [(13, later), (2, other)])
+        assert db.blobs_lacking(1, (0, 0), None) == sorted([lacks, later])
+        assert db.blobs_lacking(1, (0, 0), (31, 0)) == [lacks]
+        assert db.blobs_lacking(1, (21, 6), (31, 13)) == []
+        assert db.blobs_lacking(1, (21, 5), (31, 14)) == sorted([lacks, later])
+        assert db.blobs_lacking(2, (0, 0), None) == [other]
+        blob_id = db.new_blob()
+        db.store_blob_chunk(blob_id, 0, b'elsewhere')
+        assert db.attach_blob(lacks, blob_id)
+        assert db.blobs_lacking(1, (0, 0), None) == [later]
+
     def test_pack_takes_an_unreachable_content(self, db):
         if not db.blobs:
             pytest.skip('%s keeps no blobs' % db.name)

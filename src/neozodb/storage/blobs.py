@@ -106,14 +106,30 @@ class Blobs:
                                ErrorCodes.PROTOCOL_ERROR)
 
     def _blob_attach(self, txn, oid: bytes, data_id: int | None, out_of_date: bool) -> None:
-        """After a blob revision's data row was stored: it gets its upload."""
-        backend = self.app.backend
+        """After a blob revision's data row was stored (and held): it gets
+        its upload.  Without one, the row must have its content, except in
+        an OUT_OF_DATE cell: a client that uploaded the content before it
+        saw us running (or an undo to a revision we miss) stores the record
+        alone, and the replicator fetches the content from a readable cell
+        before the partition is done (``replicate_blobs``).  Once it told
+        the master the partition is done, it would not: refused then."""
+        app = self.app
+        backend = app.backend
         upload = txn.uploads.pop(oid, None)
         if upload is not None:
             backend.attach_blob(data_id, upload.blob_id)
-        elif data_id is not None and not out_of_date and not backend.has_blob(data_id):
-            raise HandlerError("no blob content for %s in %s" % (oid.hex(), txn.ttid.hex()),
-                               ErrorCodes.PROTOCOL_ERROR)
+            return
+        if data_id is None or backend.has_blob(data_id):
+            return
+        partition = app.pt.partition(oid)
+        if out_of_date and partition not in app.replicator.notified:
+            log.info("%s: blob revision of %s in %s stored without its content in"
+                     " OUT_OF_DATE partition %d: replication fetches it", app.label,
+                     oid.hex(), txn.ttid.hex(), partition)
+            return
+        backend.release_data([data_id], prune=True)  # the store's hold: nothing kept
+        raise HandlerError("no blob content for %s in %s" % (oid.hex(), txn.ttid.hex()),
+                           ErrorCodes.PROTOCOL_ERROR)
 
     def AskBlobChunk(self, conn, msg_id, checksum, n):
         answer_blob_chunk(self.app, conn, msg_id, checksum, n)
@@ -141,21 +157,43 @@ def answer_blob_chunk(app, conn, msg_id: int, checksum: bytes, n: int) -> None:
     conn.answer(msg_id, Packets.AnswerBlobChunk, chunk)
 
 
-async def replicate_blobs(app, conn, records: list) -> None:
-    """Fetch from a replication source the contents of the blob revisions
-    in ``records`` (its (checksum, stored bytes) pairs), already written,
-    that we lack; BadContent if the source's copy does not match."""
+async def replicate_blobs(app, conn, partition: int, first: tuple[int, int],
+                          last: tuple[int, int] | None = None) -> None:
+    """Fetch from a replication source the contents that the blob revisions
+    of ``partition`` within ``first`` and ``last`` (excluded; None: no
+    end) lack here; BadContent if the source's copy does not match.
+
+    Found in the database, not among the records just received: a row a
+    client stored here, in our OUT_OF_DATE cell, without the content (it
+    uploaded it before it saw us running: the store is accepted lockless,
+    and the source will not send the record again), and a row an
+    interrupted replication wrote before its content came, lack theirs too.
+    Returns once a look finds none lacking, with no wait after it: the
+    caller may tell the master the partition is done in the same turn."""
     backend = app.backend
-    for checksum, stored in records:
-        data_id = backend.blob_missing(checksum)
-        if data_id is None:
-            continue
-        _, _, digest, size = split_tail(BLOB_FLAG, stored)
-        blob_id = backend.new_blob()
-        hasher = hashlib.sha256()
-        asked = []
-        total = chunks(size) or 1  # an empty content is one empty chunk
-        n = received = 0
+    while True:
+        lacking = backend.blobs_lacking(partition, first, last)
+        if not lacking:
+            return
+        for data_id in lacking:
+            found = backend.load_data(data_id)
+            if found is None or backend.has_blob(data_id):
+                continue  # gone, or given its content, while we fetched another
+            checksum, compression, stored = found
+            await _fetch_content(app, conn, data_id, checksum, compression, stored)
+
+
+async def _fetch_content(app, conn, data_id: int, checksum: bytes, compression: int,
+                         stored: bytes) -> None:
+    """Fetch and attach the content of data row ``data_id``."""
+    backend = app.backend
+    _, _, digest, size = split_tail(compression, stored)
+    blob_id = backend.new_blob()
+    hasher = hashlib.sha256()
+    asked = []
+    total = chunks(size) or 1  # an empty content is one empty chunk
+    n = received = 0
+    try:
         while received < total:
             while n < total and len(asked) < WINDOW:
                 asked.append(conn.ask(Packets.AskBlobChunk, checksum, n))
@@ -168,12 +206,19 @@ async def replicate_blobs(app, conn, records: list) -> None:
             if len(data) != min(CHUNK, size_left):
                 break
         if hasher.digest() != digest:
-            for future in asked:
-                future.cancel()
-            backend.drop_blob(blob_id)
             raise BadContent("blob content %s from %s does not match its record" % (
                 checksum.hex(), conn.label))
-        backend.attach_blob(data_id, blob_id)
+    except BaseException:
+        for future in asked:
+            future.cancel()
+        backend.drop_blob(blob_id)
+        raise
+    if backend.load_data(data_id) is None:
+        backend.drop_blob(blob_id)  # the row went while we fetched (attached, it would stay)
+        return
+    if backend.attach_blob(data_id, blob_id):
+        log.debug("%s: blob content %s (%d bytes) fetched from %s", app.label,
+                  checksum.hex(), size, conn.label)
 
 
 class BadContent(Exception):

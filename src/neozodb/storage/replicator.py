@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING
 from neozodb.net.connection import ConnectionClosed
 from neozodb.net.tasks import watch
 from neozodb.protocol import CellStates, NodeStates, Packets, nid_str, p64, u64
-from neozodb.protocol.blobs import BLOB_FLAG
 from neozodb.storage.background import TRANSIENT, run_steps
 from neozodb.storage.blobs import BadContent, replicate_blobs
 
@@ -74,7 +73,7 @@ class BadSource(Exception):
 class _Chunk:
     """What a source streamed so far for one fetch of ``partition``."""
 
-    __slots__ = ("partition", "transactions", "orders", "objects", "size", "blobs")
+    __slots__ = ("partition", "transactions", "orders", "objects", "size")
 
     def __init__(self, partition: int) -> None:
         self.partition = partition
@@ -82,9 +81,6 @@ class _Chunk:
         self.orders: list = []  # pack orders that came with the transactions
         self.objects: list = []
         self.size = 0
-        # (checksum, stored bytes) of the blob revisions among the objects:
-        # their contents are fetched once their rows are written
-        self.blobs: list = []
 
 
 class Replicator:
@@ -221,8 +217,6 @@ class Replicator:
             self.app.backend.add_objects(partition, [record])
             return
         chunk.objects.append(record)
-        if record[2] & BLOB_FLAG:
-            chunk.blobs.append((record[3], record[4]))
         chunk.size += size
         if chunk.size >= BUFFER_BYTES:
             self._write(chunk)
@@ -242,7 +236,6 @@ class Replicator:
             self.app.backend.add_objects(partition, records)
             return
         chunk.objects += records
-        chunk.blobs += [(r[3], r[4]) for r in records if r[2] & BLOB_FLAG]
         chunk.size += size
         if chunk.size >= BUFFER_BYTES:
             self._write(chunk)
@@ -362,7 +355,8 @@ class Replicator:
         backend = app.backend
         target = self.targets[partition]
         next_tid, obj_tid, obj_oid = backend.get_replication(partition) or (0, 0, 0)
-        if next_tid > target and obj_tid > target:
+        if next_tid > target and obj_tid > target and not (
+                backend.blobs and backend.blobs_lacking(partition, (target + 1, 0), None)):
             return False
         nid = self._source(partition)
         conn = await app.peer_connection(nid)
@@ -408,6 +402,7 @@ class Replicator:
         asked = None
         try:
             while obj_tid <= target:
+                start = (obj_tid, obj_oid)
                 if asked is None:
                     asked = self._ask_objects(conn, partition, obj_tid, high, obj_oid)
                 future, chunk, mine = asked
@@ -429,23 +424,33 @@ class Replicator:
                     asked = self._ask_objects(conn, partition, obj_tid, high, obj_oid)
                 backend.delete_objects(partition, [(u64(t), u64(o)) for t, oids in delete.items()
                                                    for o in oids])
-                if chunk.blobs:
-                    self._write(chunk)  # the contents go to these rows
-                    blobs, chunk.blobs = chunk.blobs, []
-                    try:
-                        await replicate_blobs(app, conn, blobs)
-                    except BadContent as e:
-                        raise BadSource(str(e)) from None
+                await self._contents(conn, partition, start, (obj_tid, obj_oid), chunk)
                 self._save(chunk, partition, (next_tid, obj_tid, obj_oid), obj_tid > target)
                 await self._throttle()
         finally:
             if asked is not None:
                 self._abandon(asked[0])
+        # after the target: rows lockless writes stored without their content
+        await self._contents(conn, partition, (target + 1, 0), None)
         log.info("%s: partition %d replicated from %s up to %s (%d objects in %.3f s,"
                  " %d messages)", app.label, partition, nid_str(nid), high.hex(),
                  self.objects_received - objects, time.monotonic() - started,
                  self.messages_received - messages)
         return True
+
+    async def _contents(self, conn, partition: int, first: tuple[int, int],
+                        last: tuple[int, int] | None, chunk: _Chunk | None = None) -> None:
+        """Fetch the blob contents that rows of ``partition`` from ``first``
+        to ``last`` lack (storage/blobs.py), once ``chunk``'s rows are
+        written, before the resume point passes them."""
+        if not self.app.backend.blobs:
+            return
+        if chunk is not None:
+            self._write(chunk)
+        try:
+            await replicate_blobs(self.app, conn, partition, first, last)
+        except BadContent as e:
+            raise BadSource(str(e)) from None
 
     def _ask_objects(self, conn, partition: int, obj_tid: int, high: bytes, obj_oid: int
                      ) -> tuple[asyncio.Future, _Chunk, dict[bytes, list[bytes]]]:

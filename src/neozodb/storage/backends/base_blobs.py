@@ -50,6 +50,15 @@ class BlobMethods:
         (a replicated blob revision), None if there is none."""
         raise self._no_blobs()
 
+    def blobs_lacking(self, partition: int, first: tuple[int, int],
+                      last: tuple[int, int] | None) -> list[int]:
+        """The data rows without their content here of the blob revisions
+        of ``partition`` whose (tid, oid) is at least ``first`` and below
+        ``last`` (None: no end): replicated rows whose content was not
+        fetched yet, or rows a client stored in an OUT_OF_DATE cell without
+        sending the content (``storage/blobs.py``)."""
+        raise self._no_blobs()
+
     def load_blob_chunk(self, checksum: bytes, n: int) -> bytes | None:
         """Chunk ``n`` of the content of the data row with this checksum;
         None if there is no such row, it has no content here, or no such

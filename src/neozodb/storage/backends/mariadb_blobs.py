@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from .mariadb_schema import BIG_FLAG
-from .sqlite_blobs import range_digest
+from .sqlite_blobs import END, range_digest
 
 BLOB_FLAG = 0x80        # on the wire (protocol.blobs.BLOB_FLAG)
 COLUMN_BLOB = 0x40      # in data.compression
@@ -98,6 +98,11 @@ BLOB_REVISIONS = (
     " WHERE o.`partition`=? AND (o.tid>? OR o.tid=? AND o.oid>=?)"
     " AND (o.tid<? OR o.tid=? AND o.oid<=?) AND d.compression & 64"
     " ORDER BY o.tid, o.oid")
+LACKING = (
+    "SELECT DISTINCT d.id FROM obj AS o FORCE INDEX (tid) JOIN data AS d ON d.id = o.data_id"
+    " LEFT JOIN neozodb_data_blob AS b ON b.data_id = d.id"
+    " WHERE o.`partition`=? AND (o.tid>? OR o.tid=? AND o.oid>=?)"
+    " AND (o.tid<? OR o.tid=? AND o.oid<?) AND d.compression & 64 AND b.data_id IS NULL")
 # at start: mappings whose data row NEO deleted (or whose id it reused
 # for a row of its own, never a blob revision), then chunks nothing maps
 STALE = ("DELETE b FROM neozodb_data_blob AS b LEFT JOIN data AS d ON d.id = b.data_id"
@@ -140,6 +145,13 @@ class MariaDBBlobs:
 
     def blob_missing(self, checksum: bytes) -> int | None:
         return self._scalar(MISSING, (checksum,))
+
+    def blobs_lacking(self, partition: int, first: tuple[int, int],
+                      last: tuple[int, int] | None) -> list[int]:
+        (first_tid, first_oid), (last_tid, last_oid) = first, last or END
+        rows = self._q(LACKING, (partition, first_tid, first_tid, first_oid,
+                                 last_tid, last_tid, last_oid))
+        return sorted(row[0] for row in rows)
 
     def load_blob_chunk(self, checksum: bytes, n: int) -> bytes | None:
         value = self._scalar(CHUNK_BY_HASH, (n, checksum))

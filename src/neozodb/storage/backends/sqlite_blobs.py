@@ -45,6 +45,13 @@ _CHUNK_BY_HASH = (
     " WHERE d.hash = ? LIMIT 1")
 _MISSING = ("SELECT d.id FROM data AS d LEFT JOIN data_blob AS b ON b.data_id = d.id"
             " WHERE d.hash = ? AND b.data_id IS NULL LIMIT 1")
+_LACKING = (
+    "SELECT DISTINCT d.id FROM obj AS o JOIN data AS d ON d.id = o.data_id"
+    " LEFT JOIN data_blob AS b ON b.data_id = d.id"
+    " WHERE o.partition=? AND (o.tid, o.oid)>=(?, ?) AND (o.tid, o.oid)<(?, ?)"
+    " AND d.compression>=128 AND b.data_id IS NULL")
+#: beyond every (tid, oid): no TID reaches MAX_TID
+END = ((1 << 63) - 1, (1 << 63) - 1)
 _BLOB_REVISIONS = (
     "SELECT o.tid, o.oid, d.hash, b.blob_id FROM obj AS o JOIN data AS d ON d.id = o.data_id"
     " LEFT JOIN data_blob AS b ON b.data_id = d.id"
@@ -109,6 +116,11 @@ class SQLiteBlobs:
     def blob_missing(self, checksum: bytes) -> int | None:
         row = self.connection.execute(_MISSING, (checksum,)).fetchone()
         return None if row is None else row[0]
+
+    def blobs_lacking(self, partition: int, first: tuple[int, int],
+                      last: tuple[int, int] | None) -> list[int]:
+        rows = self.connection.execute(_LACKING, (partition, *first, *(last or END)))
+        return sorted(row[0] for row in rows)
 
     def load_blob_chunk(self, checksum: bytes, n: int) -> bytes | None:
         row = self.connection.execute(_CHUNK_BY_HASH, (n, checksum)).fetchone()
