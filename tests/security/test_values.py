@@ -166,3 +166,36 @@ def test_read_only_storage_refuses_writes_from_clients(one_storage):
     finally:
         client.close()
     assert load(cluster, oid) == b"before"
+
+
+def test_a_burst_of_stores_with_an_id_beyond_63_bits(cluster):
+    """Stores that arrive together are prefetched together (storage/
+    writes.py): one with an oid beyond 63 bits among them is refused like a
+    lone one, after the valid ones before it are served, and is not an
+    internal error of the storage (found by the fuzzer)."""
+    client = Client(cluster)
+    try:
+        ttid = client.begin()
+        oids = [client.new_oid() for _ in range(3)]
+        nid = client.cells(oids[0])[0]
+        conn = client.conn(nid)
+        queue = None
+        for oid in oids[:2] + [huge()] + oids[2:]:
+            queue = conn.ask(Packets.AskStoreObject, oid, bytes(8), 0, hashlib.sha1(b"x").digest(),
+                             b"x", None, ttid, queue=queue, token=oid, buffer=True)
+        conn.flush()
+        answers = {}
+        while len(answers) < 4:
+            token, result, error, _ = queue.get(timeout=10)
+            answers[token] = error if error is not None else result
+        assert answers[oids[0]] == (None,) and answers[oids[1]] == (None,)
+        refused = answers[huge()]
+        assert isinstance(refused, RemoteError) and refused.code is ErrorCodes.PROTOCOL_ERROR
+        assert "out of range" in refused.message
+    finally:
+        client.close()
+    node = cluster.nodes["S%d" % (nid & 0xffff)]
+    with open(node.logfile) as f:
+        assert "error handling" not in f.read()
+    oid, _ = commit_one(cluster, b"still fine")
+    assert load(cluster, oid) == b"still fine"

@@ -28,7 +28,7 @@ from neozodb.protocol import (
 )
 from neozodb.protocol.blobs import BLOB_FLAG
 from neozodb.protocol.features import SOLO_VOTE
-from neozodb.protocol.values import check_compression, check_id, check_ids
+from neozodb.protocol.values import MAX_ID, check_compression, check_id, check_ids
 from neozodb.storage.blobs import drop_uploads
 from neozodb.storage.pack import is_gc_extension
 from neozodb.storage.undo import store_again_ok
@@ -44,7 +44,8 @@ def _well_formed(args: tuple) -> bool:
     """Whether an AskStoreObject's arguments may be looked at before the
     store checks them (a burst's prefetch)."""
     oid, _, compression, checksum, data = args[:5]
-    return (oid.__class__ is bytes and len(oid) == 8 and compression.__class__ is int
+    return (oid.__class__ is bytes and len(oid) == 8 and u64(oid) <= MAX_ID
+            and compression.__class__ is int
             and checksum.__class__ is bytes and len(checksum) == 20 and data.__class__ is bytes)
 
 
