@@ -28,6 +28,7 @@ import time
 
 from neozodb.net.connection import Denied
 from neozodb.protocol import CellStates, ClusterStates, NodeTypes, Packets, nid_str, p64, u64
+from neozodb.protocol.values import MAX_ID
 
 log = logging.getLogger("neozodb.master")
 
@@ -118,6 +119,11 @@ def start_check(app, partitions: dict[int, int | None], min_tid: bytes,
         raise Denied("a check is already running (partitions %s)" % sorted(run.checking))
     if max_tid is None:  # as NEO: what is committed when the check starts
         max_tid = p64(app.tm.last_tid)
+    for tid in (min_tid, max_tid):
+        # the storages' backends keep 63 bits; refused, not a protocol
+        # error: the admin forwarding it must keep its master connection
+        if u64(tid) > MAX_ID:
+            raise Denied("tid %s is out of range (more than 63 bits)" % tid.hex())
     if u64(min_tid) > u64(max_tid):
         raise Denied("nothing to check: min_tid %#x is after max_tid %#x" % (
             u64(min_tid), u64(max_tid)))

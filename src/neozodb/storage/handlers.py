@@ -22,6 +22,7 @@ from neozodb.protocol.features import BLOB, FEATURES, greet
 from neozodb.protocol.values import (
     LIST_CAP,
     MAX_ID,
+    check_id,
     check_identification,
     check_request_ids,
 )
@@ -219,6 +220,8 @@ class MasterHandler(FollowsPrimary, BaseHandler):
         app = self.app
         if not 0 <= partition < app.pt.num_partitions:
             raise ProtocolError("invalid partition %r" % partition)
+        check_id(min_tid, "min_tid")
+        check_id(max_tid, "max_tid")
         app.checker.check(partition, source, min_tid, max_tid)
 
     def NotifyTransactionFinished(self, conn, msg_id, ttid, max_tid):
