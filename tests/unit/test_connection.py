@@ -129,11 +129,12 @@ class Recorder(Handler):
         conn.close("stop", flush=True)
 
 
-def run(test, transport_class=FakeTransport):
-    """Run ``test(conn, transport, handler)`` (a coroutine function) in a new loop."""
+def run(test, transport_class=FakeTransport, handler_class=None):
+    """Run ``test(conn, transport, handler)`` (a coroutine function) in a new
+    loop; the handler a ``Recorder`` unless ``handler_class`` says."""
     async def main():
         transport = transport_class()
-        handler = Recorder()
+        handler = (handler_class or Recorder)()
         conn = Connection(App(), handler)
         conn.connection_made(transport)
         return await test(conn, transport, handler)
@@ -809,16 +810,6 @@ class Batching(Recorder):
         self.calls.append(("prefetched",))
 
 
-def run_batching(test):
-    async def main():
-        transport = FakeTransport()
-        handler = Batching()
-        conn = Connection(App(), handler)
-        conn.connection_made(transport)
-        return await test(conn, transport, handler)
-    return asyncio.run(main())
-
-
 def test_a_run_is_prefetched_whole_then_dispatched_in_order():
     async def test(conn, transport, handler):
         conn.data_received(HANDSHAKE + msg(1, Packets.Ping) + msg(2, Packets.Ping)
@@ -835,7 +826,7 @@ def test_a_run_is_prefetched_whole_then_dispatched_in_order():
         conn.data_received(msg(8, Packets.Ping))
         assert handler.calls == [("prefetch", [6, 7]), ("Ping", 6), ("Ping", 7), ("prefetched",),
                                  ("Ping", 8), ("prefetched",)]
-    run_batching(test)
+    run(test, handler_class=Batching)
 
 
 def test_a_run_before_garbage_is_dispatched_before_the_protocol_error(caplog):
@@ -846,4 +837,4 @@ def test_a_run_before_garbage_is_dispatched_before_the_protocol_error(caplog):
         assert [m[0] for m in sent[:2]] == [1, 2] and sent[2][1] == ERROR
         assert conn.closed and conn.close_reason.startswith("protocol error")
     with caplog.at_level(logging.INFO, "neozodb.net"):
-        run_batching(test)
+        run(test, handler_class=Batching)

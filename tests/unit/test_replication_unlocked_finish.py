@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 
 import pytest
+from test_storage_master_loss import FakeConn
 
 from neozodb.protocol import CellStates, NodeTypes, Packets, make_nid, p64, u64
 from neozodb.storage.app import StorageApp
@@ -30,33 +31,6 @@ OTHER = make_nid(NodeTypes.STORAGE, 2)
 TTID, TID = p64(0x100), p64(0x101)
 TARGET = 0xF0  # the master's last tid when the replication asked
 NOTHING = p64(0)
-
-
-class FakeConn:
-    """A connection that records what the storage answers or sends."""
-
-    def __init__(self, nid=None) -> None:
-        self.nid = nid
-        self.closed = False
-        self.sent: list = []
-
-    def answer(self, msg_id, packet, *args):
-        self.sent.append((packet, args))
-
-    def notify(self, packet, *args):
-        self.sent.append((packet, args))
-
-    def error(self, msg_id, code, message):
-        self.sent.append((code, message))
-
-    def close(self, reason="", flush=False):
-        self.closed = True
-
-    def hold(self):
-        pass
-
-    def release(self):
-        pass
 
 
 def run(tmp_path, scenario) -> None:
