@@ -167,6 +167,8 @@ def test_destination_refuses_bad_batches(features, msg_id, records, why):
 class Recorder:
     """A backend that logs what the replicator does, in order."""
 
+    blobs = False  # keeps no contents: nothing to fetch
+
     def __init__(self, log):
         self.log = log
         self.point = (0, 0, 0)

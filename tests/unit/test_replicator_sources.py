@@ -14,6 +14,8 @@ pytestmark = pytest.mark.timeout(30)
 
 
 class Backend:
+    blobs = False  # keeps no contents: nothing to fetch
+
     def __init__(self):
         self.point = (0, 0, 0)
         self.deleted: list = []
