@@ -5,10 +5,13 @@ finished; and a copy that fails stops with the destination holding exactly
 the transactions reported copied, from which it can go on."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import transaction
 import ZODB
 from persistent.mapping import PersistentMapping
+from ZODB.blob import Blob
 from ZODB.FileStorage import FileStorage
 from ZODB.POSException import StorageTransactionError
 
@@ -135,3 +138,67 @@ def test_failed_vote_aborts_it_and_finishes_those_before(one_storage, source):
         _commit_over(storage, -1)
     finally:
         storage.close()
+
+
+def test_blob_of_a_later_transaction_before_the_earlier_vote(cluster, tmp_path):
+    """The copy restores a transaction's blob (uploading its content) while
+    the previous transaction, which changed the same object, is not voted
+    yet: the later transaction's stores must not reach the storage first
+    (its locks would hold the earlier vote for good; found as a 30 s stall
+    in ZODB's blob recovery test, ended by the master aborting the copy).
+    Two storages: with one, stores wait in a buffer for the early vote."""
+    path, blobs = str(tmp_path / "source.fs"), str(tmp_path / "source.blobs")
+    db = ZODB.DB(FileStorage(path, create=True, blob_dir=blobs))
+    try:
+        tm = transaction.TransactionManager()
+        root = db.open(tm).root()
+        for i in range(3):
+            root["plain%d" % i] = i  # no blob: its stores wait for its vote
+            tm.commit()
+            root["blob%d" % i] = Blob(b"content %d" % i)  # records: the root, then the blob
+            tm.commit()
+    finally:
+        db.close()
+    source = FileStorage(path, read_only=True, blob_dir=blobs)
+    storage = Storage(blob_dir=str(tmp_path / "cache"), **cluster.client_kwargs())
+    try:
+        real_vote, real_restore_blob = storage.tpc_vote, storage.restoreBlob
+        counts = {"votes": 0, "blobs": 0}
+        restored = threading.Condition()
+
+        def restoreBlob(*args):
+            real_restore_blob(*args)
+            # as when the answers come back quickly: the root, stored with
+            # a base the storage does not have yet (the previous copied
+            # transaction is not voted), is stored again with the right
+            # one, taking the root's lock
+            storage._commit(args[-1])._process(block=True)
+            with restored:
+                counts["blobs"] += 1
+                restored.notify_all()
+
+        def tpc_vote(txn):
+            # votes: the root's creation, then plain0, blob0, plain1...:
+            # plain<i> is voted once blob<i> is restored
+            vote = counts["votes"]
+            counts["votes"] += 1
+            if vote % 2:
+                with restored:
+                    assert restored.wait_for(lambda: counts["blobs"] > vote // 2, 30), \
+                        "the next transaction's blob was not restored"
+            return real_vote(txn)
+
+        storage.restoreBlob, storage.tpc_vote = restoreBlob, tpc_vote
+        result = copy(source, storage)
+        del storage.restoreBlob, storage.tpc_vote
+        expected = transactions(source.iterator())
+        assert result.transactions == len(expected) == 7
+        assert _copied(storage) == expected
+        db = ZODB.DB(storage)
+        root = db.open(transaction.TransactionManager()).root()
+        for i in range(3):
+            with root["blob%d" % i].open() as f:
+                assert f.read() == b"content %d" % i
+    finally:
+        storage.close()
+        source.close()

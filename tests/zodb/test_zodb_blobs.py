@@ -17,12 +17,15 @@ from neozodb.client import Storage
 pytestmark = pytest.mark.timeout(240)
 
 _clusters: dict[str, LocalCluster] = {}
+# where the clusters of the running test live: not in the test's own
+# directory, which its tearDown removes with the nodes' logs
+_home: list[str] = []
 
 
 def _factory(name: str, blob_dir: str) -> Storage:
-    """A client with ``blob_dir`` of the cluster ``name`` in the current
-    directory (the test's), started on first use."""
-    directory = os.path.abspath(name + ".cluster")
+    """A client with ``blob_dir`` of the cluster ``name`` in the running
+    test's home, started on first use."""
+    directory = os.path.join(_home[0], name + ".cluster")
     cluster = _clusters.get(directory)
     if cluster is None:
         cluster = LocalCluster(directory, name="blobs", storages=2, replicas=1,
@@ -66,8 +69,19 @@ def _filtered(test):
     return test
 
 
+def _warnings(cluster: LocalCluster) -> str:
+    """The warnings, errors and aborts the nodes of ``cluster`` logged."""
+    lines = []
+    for node in cluster.nodes.values():
+        with open(node.logfile, errors="replace") as f:
+            lines += [line for line in f
+                      if " WARNING " in line or " ERROR " in line or "abort" in line]
+    return "%s:\n%s" % (cluster.directory, "".join(lines[-200:]))
+
+
 @pytest.mark.parametrize("test", TESTS, ids=[t.id().rsplit("/", 1)[-1] for t in TESTS])
-def test_zodb_blob_suite(test):
+def test_zodb_blob_suite(test, tmp_path):
+    _home[:] = [str(tmp_path)]
     name = test.id().rsplit("/", 1)[-1]
     test = _filtered(test)
     layer = SUITE.layer
@@ -76,13 +90,17 @@ def test_zodb_blob_suite(test):
     if not real_clock:
         layer.testSetUp()
     try:
-        test(result)
+        try:
+            test(result)
+        finally:
+            for cluster in _clusters.values():
+                cluster.stop()
+        problems = [text for _, text in result.errors + result.failures]
+        if problems:  # the nodes' side, before the layer removes their logs
+            problems += [_warnings(cluster) for cluster in _clusters.values()]
     finally:
+        _clusters.clear()
         if not real_clock:
             layer.testTearDown()
-        for cluster in _clusters.values():
-            cluster.stop()
-        _clusters.clear()
-    problems = result.errors + result.failures
-    assert not problems, "\n".join(text for _, text in problems)
+    assert not problems, "\n".join(problems)
     assert result.testsRun == 1

@@ -57,7 +57,13 @@ def upload(commit, oid: bytes, filename: str) -> tuple[bytes, int]:
     partition, as the blob ``oid`` gets in ``commit``'s transaction;
     (SHA-256, size) of what was sent.  The last answers are waited for at
     the vote (``Uploads``)."""
-    commit._begun()  # a pipelined copy's TID must be accepted first
+    # Not waiting for a pipelined copy's TID to be accepted (Commit._begun):
+    # that would send the transaction's deferred stores now, maybe before
+    # those of the transactions copied before it, whose votes are still to
+    # come.  Their locks taken first, those votes would wait for them and
+    # this transaction, not voted before them, would never give them back.
+    # A content uploaded for a TID the master then refuses is dropped with
+    # the transaction's abort.
     conns = []
     for nid in commit._cells(oid):
         try:
