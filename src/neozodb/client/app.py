@@ -88,6 +88,7 @@ class ClientApp(Loads):
         self.transactions: dict[bytes, object] = {}  # ttid -> commit context (deadlock notices)
         self._oids: tuple = (None, [])  # (master connection, OIDs it gave)
         self._cells: dict[int, list[int]] = {}
+        self._readable: dict[int, list[int]] = {}  # as _cells, readable ones
         self._oid_lock = threading.Lock()
         self._watchers: list[Changes] = []  # see watch_changes
         self.unlocked = UnlockBarrier(self)  # NEO storages: see compat.py
@@ -228,6 +229,7 @@ class ClientApp(Loads):
     def cells_changed(self) -> None:
         """The partition table or node states changed: recompute cells."""
         self._cells = {}
+        self._readable = {}
 
     def writable_cells(self, oid_or_tid: bytes) -> list[int]:
         """Running storages with a writable cell for this oid's (or tid's)
@@ -321,14 +323,30 @@ class ClientApp(Loads):
             if self._storages.get(conn.nid) is conn:
                 del self._storages[conn.nid]
 
+    def _readable_running(self, partition: int) -> list[int]:
+        """Running storages with a readable cell of ``partition``, cached
+        as writable_cells: a load computes no set of nodes (not to be
+        changed by the caller)."""
+        cache = self._readable  # before the table: see writable_cells
+        nids = cache.get(partition)
+        if nids is None:
+            running = self.running_storages()
+            nids = cache[partition] = [n for n in self.pt.readable_nids(partition)
+                                       if n in running]
+        return nids
+
     def readable_nids(self, oid: bytes) -> list[int]:
+        """readable_nids_of oid's partition, those that could not be reached
+        lately last."""
         self.get_master()
-        pt = self.pt
-        running = self.running_storages()
-        nids = [n for n in pt.readable_nids(pt.partition(oid)) if n in running]
-        random.shuffle(nids)
-        now = time.monotonic()
-        nids.sort(key=lambda n: self._unreachable.get(n, 0.0) > now)  # unreachable ones last
+        nids = self._readable_running(self.pt.partition(oid))
+        if len(nids) < 2:
+            return nids
+        start = random.randrange(len(nids))  # each replica first as often
+        nids = nids[start:] + nids[:start]
+        if self._unreachable:
+            now = time.monotonic()
+            nids.sort(key=lambda n: self._unreachable.get(n, 0.0) > now)
         return nids
 
     def ask_storage(self, oid: bytes, packet, *args, check=None):
@@ -368,10 +386,8 @@ class ClientApp(Loads):
     def readable_nids_of(self, partition: int) -> list[int]:
         """Running storages with a readable cell of ``partition``, shuffled."""
         self.get_master()
-        running = self.running_storages()
-        nids = [n for n in self.pt.readable_nids(partition) if n in running]
-        random.shuffle(nids)
-        return nids
+        nids = self._readable_running(partition)
+        return random.sample(nids, len(nids))
 
     def ask_many(self, requests, check=None, exclude=()) -> list[tuple]:
         """Pipeline requests to readable replicas and wait for all answers.

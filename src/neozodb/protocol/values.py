@@ -58,13 +58,16 @@ def check_request_ids(packet_name: str, args: tuple) -> None:
     """Every OID/TID of a request (an 8-byte argument, or one in a list
     argument) within 63 bits: the backends store them as signed 64-bit
     integers, and a request is refused before it reaches them."""
+    # on every read request: only the top bit is looked at, and the
+    # message is made only for a refusal
     for arg in args:
-        if type(arg) is bytes:
-            if len(arg) == 8:
+        kind = type(arg)
+        if kind is bytes:
+            if len(arg) == 8 and arg[0] & 0x80:
                 check_id(arg, "id in %s" % packet_name)
-        elif type(arg) in (list, tuple):
+        elif kind is list or kind is tuple:
             for item in arg:
-                if type(item) is bytes and len(item) == 8:
+                if type(item) is bytes and len(item) == 8 and item[0] & 0x80:
                     check_id(item, "id in %s" % packet_name)
 
 
