@@ -23,7 +23,7 @@ the replication throughput of each adapter (bench/replication.py).  With
 three backends and RelStorage on both servers in one run.
 
 Usage: .venv/bin/python bench/bench.py [--objects N] [--rounds R] [--quick] [--tls]
-       [--postgresql] [--mariadb] [--json FILE]
+       [--asyncio] [--postgresql] [--mariadb] [--json FILE]
        .venv/bin/python bench/bench.py --all [--quick] [--scale-sizes 10000,100000] [--json FILE]
 """
 from __future__ import annotations
@@ -197,6 +197,7 @@ def report(results: dict, skipped: dict, objects: int) -> str:
             rows.append([name, *cells])
         out += ["", format_table(header, rows)]
     for suffix, title in (("_tls", "TLS / plain (>1: TLS slower)"),
+                          ("_asyncio", "asyncio / uvloop (>1: asyncio slower)"),
                           ("_pg", "PostgreSQL / SQLite (>1: PostgreSQL slower)"),
                           ("_mariadb", "MariaDB / SQLite (>1: MariaDB slower)")):
         pairs = [(k[:-len(suffix)], k) for k in keys
@@ -404,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls", action="store_true",
                         help="add 'neo 1S r0 TLS', the same cluster with TLS everywhere, and"
                         " its TLS / plain ratios")
+    parser.add_argument("--asyncio", action="store_true",
+                        help="add 'neo 1S r0 asyncio' and 'neo 2S r1 asyncio', the same clusters"
+                        " with the nodes on asyncio's event loop instead of uvloop's")
     parser.add_argument("--postgresql", action="store_true",
                         help="add 'neo 1S r0 PG' and 'neo 2S r1 PG' (storages on the PostgreSQL"
                         " backend) and RelStorage on the same throw-away PostgreSQL server,"
@@ -430,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
                                ZEOBackend()]
     if args.tls:
         backends.insert(1, NeoBackend(1, 0, tls=True))
+    if args.asyncio:
+        backends[2:2] = [NeoBackend(1, 0, event_loop="asyncio"),
+                         NeoBackend(2, 1, event_loop="asyncio")]
     skipped: dict[str, str] = {}
     backends += relstorage_backends(skipped)
     if args.postgresql:

@@ -284,15 +284,18 @@ class Backend:
 
 class NeoBackend(Backend):
     def __init__(self, storages: int, replicas: int, partitions: int = 12,
-                 tls: bool = False, adapter: str = "SQLite") -> None:
+                 tls: bool = False, adapter: str = "SQLite", event_loop: str = "auto") -> None:
         self.storages = storages
         self.replicas = replicas
         self.partitions = partitions
         self.tls = tls
         self.adapter = adapter
+        self.event_loop = event_loop  # the nodes' --event-loop
         self.databases = None  # LocalCluster's (a server backend's DSN of storage i)
-        self.key = "neo_%ds_r%d%s" % (storages, replicas, "_tls" if tls else "")
-        self.label = "neo %dS r%d%s" % (storages, replicas, " TLS" if tls else "")
+        loop = "" if event_loop == "auto" else " " + event_loop
+        self.key = "neo_%ds_r%d%s%s" % (storages, replicas, "_tls" if tls else "",
+                                        loop.replace(" ", "_"))
+        self.label = "neo %dS r%d%s%s" % (storages, replicas, " TLS" if tls else "", loop)
         self.cluster = None
 
     def start(self, workdir: str) -> None:
@@ -301,7 +304,8 @@ class NeoBackend(Backend):
                                     storages=self.storages, replicas=self.replicas,
                                     partitions=self.partitions, loglevel="INFO",
                                     tls=self.tls, adapter=self.adapter,
-                                    databases=self.databases)
+                                    databases=self.databases,
+                                    node_args=["--event-loop", self.event_loop])
         try:
             self.cluster.start(wait=60)
         except BaseException:

@@ -203,7 +203,8 @@ def make_objects(backend: Backend, n: int) -> list[bytes]:
 def measure(opts, peaks: PeakMemory) -> dict:
     results: dict = {"commits": {}, "loads": {}}
     with temporary_directory("concurrency", opts.keep) as (cleanup, workdir):
-        commit_backends = [NeoBackend(1, 0), NeoBackend(2, 1), ZEOBackend()]
+        commit_backends = [NeoBackend(1, 0, event_loop=opts.event_loop),
+                           NeoBackend(2, 1, event_loop=opts.event_loop), ZEOBackend()]
         load_backends = [commit_backends[1], commit_backends[2]]
         active = start_backends(cleanup, commit_backends, workdir, {}, peaks=peaks)
         profiler = Profiler(opts.py_spy, cleanup)
@@ -318,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--py-spy", metavar="DIR",
                         help="record py-spy profiles (raw collapsed stacks) of the master,"
                         " the storages and the first client of every measure into DIR")
+    parser.add_argument("--event-loop", default="auto", choices=("auto", "asyncio", "uvloop"),
+                        help="the nodes' event loop (auto: uvloop if installed)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     opts = parser.parse_args(argv)

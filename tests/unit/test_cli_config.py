@@ -1,5 +1,6 @@
 """Options of the server nodes (neozodb.cli.config)."""
 
+import importlib.util
 import logging
 import os
 import subprocess
@@ -465,3 +466,20 @@ def test_tls_files_from_ini(tmp_path):
 def test_tls_files_errors(tmp_path, capsys):
     line = fails(capsys, "master", ["-c", "x", "--ca", str(tmp_path / "missing.crt")])
     assert "TLS" in line and "missing" in line
+
+
+# -- event loop ---------------------------------------------------------------
+
+
+def test_event_loop_option(capsys, monkeypatch):
+    assert parse_options("master", ["-c", "x"]).event_loop == "auto"
+    assert parse_options("master", ["-c", "x", "--event-loop", "AsyncIO"]).event_loop == "asyncio"
+    assert "unknown event loop 'tokio'" in fails(capsys, "admin",
+                                                 ["-c", "x", "--event-loop", "tokio"])
+    # uvloop asked for where it is not installed: one line at start, not a
+    # traceback once the node runs
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "uvloop" else real_find_spec(name, *a))
+    assert "uvloop is not installed" in fails(capsys, "storage",
+                                              ["-c", "x", "--event-loop", "uvloop"])

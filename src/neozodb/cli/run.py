@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sys
 from collections.abc import Callable
@@ -24,14 +25,11 @@ def run_node(options, make_app: Callable, on_signal: Callable | None = None) -> 
         set_identify_timeout(options.identify_timeout)
     if getattr(options, "max_connections", None) is not None:
         set_max_accepted(options.max_connections)
-    try:
-        import uvloop  # optional: faster loop when installed
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    except ImportError:
-        pass
+    loop_name = _event_loop_policy(getattr(options, "event_loop", "auto"))
 
     async def main() -> int:
         app = make_app()
+        logging.getLogger("neozodb").info("%s: event loop %s", app.label, loop_name)
         app.tls = getattr(options, "tls", None)
         loop = asyncio.get_running_loop()
         if app.tls is not None:
@@ -50,6 +48,23 @@ def run_node(options, make_app: Callable, on_signal: Callable | None = None) -> 
     except OSError as e:
         print("neo%s: error: %s" % (options.node, e), file=sys.stderr)
         return 1
+
+
+def _event_loop_policy(name: str) -> str:
+    """Install the event loop ``name`` (auto: uvloop if installed) and
+    return the one installed.  uvloop (the extra 'fast') costs half of
+    asyncio's time per message: bench/README.md, "Event loop"."""
+    if name in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if name == "uvloop":  # checked with the options: uninstalled since
+                raise
+        else:
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+            return "uvloop"
+    asyncio.set_event_loop_policy(None)
+    return "asyncio"
 
 
 def _handler(app, on_signal):
