@@ -323,28 +323,29 @@ class ClientApp(Loads):
             if self._storages.get(conn.nid) is conn:
                 del self._storages[conn.nid]
 
-    def _readable_running(self, partition: int) -> list[int]:
-        """Running storages with a readable cell of ``partition``, cached
-        as writable_cells: a load computes no set of nodes (not to be
-        changed by the caller)."""
+    def readable_nids_of(self, partition: int) -> list[int]:
+        """Running storages with a readable cell of ``partition``, from a
+        random one on (each replica first as often); not to be changed by
+        the caller.  Cached as writable_cells: a load computes no set of
+        nodes."""
+        self.get_master()
         cache = self._readable  # before the table: see writable_cells
         nids = cache.get(partition)
         if nids is None:
             running = self.running_storages()
             nids = cache[partition] = [n for n in self.pt.readable_nids(partition)
                                        if n in running]
-        return nids
+        if len(nids) < 2:
+            return nids
+        start = random.randrange(len(nids))
+        return nids[start:] + nids[:start]
 
     def readable_nids(self, oid: bytes) -> list[int]:
         """readable_nids_of oid's partition, those that could not be reached
         lately last."""
-        self.get_master()
-        nids = self._readable_running(self.pt.partition(oid))
-        if len(nids) < 2:
-            return nids
-        start = random.randrange(len(nids))  # each replica first as often
-        nids = nids[start:] + nids[:start]
-        if self._unreachable:
+        self.get_master()  # the table comes with the master
+        nids = self.readable_nids_of(self.pt.partition(oid))
+        if self._unreachable and len(nids) > 1:
             now = time.monotonic()
             nids.sort(key=lambda n: self._unreachable.get(n, 0.0) > now)
         return nids
@@ -382,12 +383,6 @@ class ClientApp(Loads):
                 raise last_error
             self.sync()
         raise NEOStorageError(f"no storage could answer {packet.name}: {last_error}")
-
-    def readable_nids_of(self, partition: int) -> list[int]:
-        """Running storages with a readable cell of ``partition``, shuffled."""
-        self.get_master()
-        nids = self._readable_running(partition)
-        return random.sample(nids, len(nids))
 
     def ask_many(self, requests, check=None, exclude=()) -> list[tuple]:
         """Pipeline requests to readable replicas and wait for all answers.
