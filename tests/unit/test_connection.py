@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import threading
 import time
 
 import pytest
 
+import threadpeer
 from neozodb.net.connection import (
     Connection,
     ConnectionClosed,
@@ -26,7 +26,6 @@ from neozodb.net.connection import (
     get_keepalive,
     set_keepalive,
 )
-from neozodb.net.threaded import ThreadedConnection
 from neozodb.protocol import (
     HANDSHAKE,
     ClusterStates,
@@ -661,40 +660,10 @@ def test_set_keepalive_is_the_default_of_new_connections():
 # -- keep-alive of the threaded (client) connection ---------------------------------------------
 
 
-class Peer:
-    """The far end of a ThreadedConnection: a plain socket driven by the test."""
-
+class Peer(threadpeer.Peer):
     def __init__(self, keepalive=KEEPALIVE):
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.lost = threading.Event()
-        self.dispatched: list = []
-        self.conn = ThreadedConnection(self.listener.getsockname(), self, "C1", keepalive=keepalive)
-        self.conn.connect(timeout=5)
-        self.sock, _ = self.listener.accept()
-        self.sock.settimeout(5)  # every read of the test is bounded
-        self.decoder = Decoder()
-        assert self.sock.recv(len(HANDSHAKE)) == HANDSHAKE
+        super().__init__(keepalive)
 
-    # the connection's handler
-    def dispatch(self, conn, msg_id, packet, args):
-        self.dispatched.append(packet.name)
-
-    def connection_lost(self, conn):
-        self.lost.set()
-
-    def read(self):
-        """Next message from the connection (bounded by the socket timeout)."""
-        while True:
-            for m in self.decoder:
-                return m
-            data = self.sock.recv(1 << 16)
-            assert data, "connection closed"
-            self.decoder.feed(data)
-
-    def close(self):
-        self.conn.close()
-        self.sock.close()
-        self.listener.close()
 
 
 def test_threaded_keepalive_pings_then_closes(caplog):

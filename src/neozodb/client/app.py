@@ -1,8 +1,8 @@
 """The client's cluster view: master connection, node list, partition
 table, storage connections, object cache and last TID.
 
-Called from ZODB's application threads; notifications are processed in the
-reader threads of ``neozodb.net.threaded``.  ``self.lock`` protects the
+Called from ZODB's application threads; notifications are processed by
+the thread reading their connection (``neozodb.net.threaded``).  ``self.lock`` protects the
 cache, ``last_tid`` and the loading bookkeeping, so that invalidations and
 loads never interleave badly: an object loaded while an invalidation for it
 arrives is cached with the right ``next_serial``.
@@ -25,7 +25,7 @@ from neozodb.client.handlers import Changes, MasterHandler, StorageHandler
 from neozodb.client.loads import Loads
 from neozodb.net.bootstrap import CONNECT_TIMEOUT, next_masters, reorder
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
-from neozodb.net.threaded import ThreadedConnection
+from neozodb.net.threaded import ThreadedConnection, wait_any
 from neozodb.nodes import NodeManager
 from neozodb.protocol import (
     ZERO_TID,
@@ -110,10 +110,10 @@ class ClientApp(Loads):
     # -- master ------------------------------------------------------------------
     def get_master(self) -> ThreadedConnection:
         conn = self.master
-        if conn is not None and not conn.closed:
+        if conn is not None and conn.alive():
             return conn
         with self._connect_lock:
-            if self.master is not None and not self.master.closed:
+            if self.master is not None and self.master.alive():
                 return self.master
             self._connect()
             return self.master
@@ -440,7 +440,7 @@ class ClientApp(Loads):
                 for conn in conns:
                     conn.flush()
                 for _ in range(sent):
-                    i, answer, error, conn = queue.get()
+                    i, answer, error, conn = wait_any(queue, conns)
                     if error is not None:
                         if isinstance(error, (ConnectionClosed, OSError)):
                             failed.add(conn.nid)
@@ -480,7 +480,8 @@ class ClientApp(Loads):
     # -- the cache (loads: client/loads.py) --------------------------------------------
 
     def invalidate(self, tid: bytes, oids) -> None:
-        """Another client committed: in the master's reader thread, in TID order."""
+        """Another client committed: in the thread reading the master
+        connection, in TID order."""
         with self.lock:
             cache = self.cache
             for oid in oids:
@@ -503,7 +504,7 @@ class ClientApp(Loads):
                 self._tid_since_connect = tid
 
     def committed(self, tid: bytes, stored: dict, callback) -> None:
-        """Our own commit: in the master's reader thread, before any later
+        """Our own commit: in the thread reading the master connection, before any later
         invalidation, update the cache, run ZODB's callback, move last_tid."""
         with self.lock:
             cache = self.cache

@@ -22,6 +22,7 @@ from ZODB.blob import BlobFile
 
 from neozodb.client.blobcache import BlobCache
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
+from neozodb.net.threaded import wait_any
 from neozodb.protocol import ZERO_TID, ErrorCodes, Packets, nid_str
 from neozodb.protocol.blobs import CHUNK, chunks, is_blob, split_tail
 from neozodb.protocol.catalogue import ProtocolError
@@ -40,10 +41,11 @@ class Uploads:
         self.commit = commit
         self.queue: SimpleQueue = SimpleQueue()
         self.pending = 0
+        self.conns: set = set()  # where the chunks went
 
     def settle(self, down_to: int = 0) -> None:
         while self.pending > down_to:
-            (oid, _), _, error, conn = self.queue.get()
+            (oid, _), _, error, conn = wait_any(self.queue, self.conns)
             self.pending -= 1
             if isinstance(error, ConnectionClosed):
                 self.commit.failed.add(conn.nid)
@@ -94,6 +96,7 @@ def upload(commit, oid: bytes, filename: str) -> tuple[bytes, int]:
                 conn.ask(Packets.AskStoreBlobChunk, commit.ttid, oid, n, data,
                          queue=uploads.queue, token=(oid, n))
                 uploads.pending += 1
+                uploads.conns.add(conn)
             uploads.settle(WINDOW * max(len(conns), 1))
             n += 1
             if len(data) < CHUNK:
@@ -114,10 +117,10 @@ def _copy_from(conn, oid: bytes, serial: bytes, checksum: bytes, digest: bytes, 
         while asked < total and asked - got < WINDOW:
             conn.ask(Packets.AskBlobChunk, checksum, asked, queue=queue, token=asked)
             asked += 1
-        n, result, error, _ = queue.get()
+        n, result, error, _ = conn.wait(queue)
         if error is not None:
             while got + 1 < asked:  # the answers still coming are moot
-                queue.get()
+                conn.wait(queue)
                 got += 1
             raise error
         (data,) = result

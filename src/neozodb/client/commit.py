@@ -13,6 +13,7 @@ from ZODB.POSException import ConflictError, ReadConflictError, StorageTransacti
 from neozodb.client.compat import has_features
 from neozodb.client.compress import compress
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
+from neozodb.net.threaded import wait_any
 from neozodb.protocol import MAX_TID, ZERO_HASH, ZERO_TID, ErrorCodes, Packets, nid_str, p64, u64
 from neozodb.protocol.blobs import add_tail
 from neozodb.protocol.features import EARLY_VOTE, SOLO_VOTE
@@ -157,7 +158,7 @@ class Commit:
         """Whether a NEO storage among oid's cells lacks that revision
         (neozodb's are not asked: they take the data sent along)."""
         queue: SimpleQueue = SimpleQueue()
-        asked = 0
+        asked = []
         for nid in self._cells(oid):
             try:
                 conn = self.app.storage_conn(nid)
@@ -166,10 +167,10 @@ class Commit:
             if has_features(conn):
                 continue
             conn.ask(Packets.AskObject, oid, serial, None, queue=queue, token=None)
-            asked += 1
+            asked.append(conn)
         gone = False
-        for _ in range(asked):
-            _, _, error, _ = queue.get()
+        for _ in asked:
+            _, _, error, _ = wait_any(queue, asked)
             if isinstance(error, RemoteError) and error.code in (
                     ErrorCodes.OID_NOT_FOUND, ErrorCodes.OID_DOES_NOT_EXIST):
                 gone = True
@@ -279,7 +280,7 @@ class Commit:
         while self.pending and (block or not self.queue.empty()):
             if block and self.queue.empty():
                 self._flush()  # stores (e.g. of a conflict resolution) may wait in buffers
-            token, result, error, conn = self.queue.get()
+            token, result, error, conn = wait_any(self.queue, self.conns)
             kind = token[0]
             if kind == RELOCK and result is None and error is None and len(token) == 3:
                 # a deadlock notice, not an answer: ask the storage to relock
@@ -362,7 +363,7 @@ class Commit:
         queue, self.begin_answer = self.begin_answer, None
         if queue is None:
             return
-        _, result, error, _ = queue.get()
+        _, result, error, _ = self.master.wait(queue)
         if isinstance(error, RemoteError) and error.code is ErrorCodes.DENIED:
             raise StorageTransactionError(f"tpc_begin refused: {error.message}")
         if error is not None:
@@ -472,7 +473,7 @@ class Commit:
         master = self.master
         queue = master.ask(Packets.AskFinishTransaction, self.ttid, oids, [], checked, self.pack,
                            hook=committed)
-        _, result, error, _ = queue.get()
+        _, result, error, _ = master.wait(queue)
         if isinstance(error, ConnectionClosed):
             # the master went away with our request: it may have committed
             # it or not; find out rather than guess (never both raise and

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from ZODB.Connection import TransactionMetaData
 
 from neozodb.net.endpoint import ConnectionClosed
+from neozodb.net.threaded import wait_any
 from neozodb.protocol import MAX_TID, ZERO_TID, Packets
 
 if TYPE_CHECKING:
@@ -82,6 +83,7 @@ class UnlockBarrier:
         pt = app.pt
         queue: SimpleQueue = SimpleQueue()
         asked = []
+        conns = []
         for nid in app.running_storages():
             with self._lock:
                 conn, settled = self._settled.get(nid, (None, ZERO_TID))
@@ -101,10 +103,12 @@ class UnlockBarrier:
             conn.ask(Packets.AskTIDsFrom, tid, tid, 1, partitions[0], queue=queue,
                      token=(nid, conn))
             asked.append(nid)
+            conns.append(conn)
         deadline = time.monotonic() + timeout
         for _ in asked:
             try:
-                (nid, conn), _, error, _ = queue.get(timeout=max(0, deadline - time.monotonic()))
+                (nid, conn), _, error, _ = wait_any(queue, conns,
+                                                    max(0, deadline - time.monotonic()))
             except Empty:
                 # a commit stuck between lock and unlock: read anyway
                 log.warning("%s: storages still locking transactions up to %s after %s s",

@@ -1,5 +1,6 @@
-"""What the cluster sends the client unasked, in the reader threads of
-``neozodb.net.threaded``: the master's notifications (node list, partition
+"""What the cluster sends the client unasked, in the thread reading the
+connection (``neozodb.net.threaded``: its reader thread, or an
+application thread waiting for an answer on it): the master's notifications (node list, partition
 table, invalidations), a storage's deadlock notices, lost connections; and
 ``Changes``, the oids committed while a pack's mark phase runs."""
 from __future__ import annotations
@@ -51,7 +52,11 @@ class MasterHandler(FollowsPrimary, Handler):
         self.app.invalidate(tid, oids)
 
     def StopOperation(self, conn, msg_id):
+        # The master closes the connection next, but may still answer on it
+        # meanwhile: nothing asked from now on may be taken for an answer
+        # of the cluster as it will run (a sync must reconnect).
         log.warning("%s: cluster stopped operation", self.app.label)
+        conn.close("cluster stopped operation")
 
     def connection_lost(self, conn) -> None:
         self.app.master_lost(conn)

@@ -10,6 +10,7 @@ from queue import SimpleQueue
 from neozodb.client.compress import WrongChecksum, decompress
 from neozodb.client.errors import NEOStorageError
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
+from neozodb.net.threaded import wait_any
 from neozodb.protocol import ErrorCodes, Packets, p64, u64
 from neozodb.protocol.blobs import BLOB_FLAG
 
@@ -106,7 +107,7 @@ class Loads:
         for conn in conns:
             conn.flush()
         for _ in sent:
-            (oid, loading), answer, error, _ = queue.get()
+            (oid, loading), answer, error, _ = wait_any(queue, conns)
             try:
                 if error is None:
                     self._loaded(oid, loading, answer, self._object_data(answer))

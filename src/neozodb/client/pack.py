@@ -41,6 +41,7 @@ from ZODB.Connection import TransactionMetaData
 from neozodb.client.compat import PACK_TID_KEY
 from neozodb.client.compress import WrongChecksum
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
+from neozodb.net.threaded import wait_any
 from neozodb.protocol import ZERO_TID, ErrorCodes, Packets, p64, u64
 from neozodb.tid import tid_from_time
 
@@ -187,6 +188,7 @@ class Mark:
         queue: SimpleQueue = SimpleQueue()
         pending = 0
         conns = set()
+        asked = set()  # every connection an answer may still come from
         todo = iter(oids)
         exhausted = False
         while True:
@@ -203,13 +205,14 @@ class Mark:
                 conn.ask(Packets.AskObject, oid, None, before, queue=queue, token=oid,
                          buffer=True)
                 conns.add(conn)
+                asked.add(conn)
                 pending += 1
             if not pending:
                 return
             for conn in conns:
                 conn.flush()
             conns.clear()
-            oid, result, error, _ = queue.get()
+            oid, result, error, _ = wait_any(queue, asked)
             pending -= 1
             self.loads += 1
             if error is None:
