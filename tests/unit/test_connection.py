@@ -62,6 +62,9 @@ class FakeTransport:
     def abort(self):
         self.calls.append("abort")
 
+    def is_closing(self):
+        return bool({"close", "abort"} & set(self.calls))
+
     def get_extra_info(self, name, default=None):
         return ("192.0.2.1", 1234) if name == "peername" else default
 

@@ -323,9 +323,19 @@ class Connection(Limits, asyncio.Protocol):
                 self._flush_out()
                 self._corked = True
         else:
-            self.transport.write(data)  # type: ignore[union-attr]
-            if self._paused:
-                self._check_backlog()
+            self._transport_write(data)
+
+    def _transport_write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport.is_closing():  # type: ignore[union-attr]
+            # Closed under us (the peer reset it, or we aborted) and
+            # connection_lost not run yet: it fails what waits for an
+            # answer.  uvloop raises on such a write, from a keep-alive
+            # timer for instance, where nothing catches it.
+            return
+        transport.write(data)  # type: ignore[union-attr]
+        if self._paused:
+            self._check_backlog()
 
     def hold(self) -> None:
         """Keep output (answers already written included) until
@@ -345,10 +355,9 @@ class Connection(Limits, asyncio.Protocol):
         out = self._out
         if out:
             self._out_size = 0
-            self.transport.write(b"".join(out) if len(out) > 1 else out[0])  # type: ignore[union-attr]
+            data = b"".join(out) if len(out) > 1 else out[0]
             out.clear()
-            if self._paused:
-                self._check_backlog()
+            self._transport_write(data)
 
     def ask(self, packet: Any, *args: Any, callback: Callable | None = None) -> asyncio.Future | None:
         """Send a request.  Without callback, return a future of the answer."""
