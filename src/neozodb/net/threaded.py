@@ -188,6 +188,10 @@ class ThreadedConnection:
 
     def call(self, packet: Any, *args: Any, timeout: float | None = None) -> Any:
         """Send a request and wait for its answer (raise the error, if any)."""
+        # Before the request leaves: a reader thread that gets its answer
+        # must not go back to recv() before wait() says we read, or it would
+        # also read the answer to our next request.
+        self._direct_until = time.monotonic() + self.direct_grace
         queue = self.ask(packet, *args)
         try:
             _, result, error, _ = self.wait(queue, timeout)
