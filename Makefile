@@ -28,9 +28,12 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/neosimple --storages 2 --replicas 1 --partitions 12 var
 
+# test processes side by side (pytest-xdist; 0: one process)
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
 
 # NEO (github Nexedi/neoppod) as a peer: NEO_SRC=/path/to/neoppod
 interop: $(STAMP)

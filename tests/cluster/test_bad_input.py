@@ -122,7 +122,7 @@ def test_client_with_wrong_name_gets_clear_error(cluster):
 
 
 @pytest.mark.parametrize("payload", [
-    os.urandom(64),
+    pytest.param(os.urandom(64), id="random-bytes"),
     b"GET / HTTP/1.0\r\n\r\n",
     HANDSHAKE + b"\xc1\xc1\xc1garbage",          # 0xc1 is never valid msgpack
     HANDSHAKE + b"\x93\x00\xcd\xff\xff\x90",      # unknown message code
