@@ -396,6 +396,31 @@ def test_connection_lost_fails_pending_requests():
     run(test)
 
 
+class ClosedHandleTransport(FakeTransport):
+    """uvloop's transport whose handle libuv closed (a reset) before it
+    says it is closing: a write raises RuntimeError."""
+
+    def write(self, data):
+        if self.data:  # the handshake went out before the reset
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>;"
+                               " the handler is closed")
+        self.data += data
+
+
+def test_a_write_on_a_closed_handle_is_dropped_and_the_transport_aborted():
+    """Found by test_fuzz: a storage's keep-alive Ping raised from its
+    timer.  The write is dropped, the transport aborted; connection_lost,
+    which follows, fails what waits for an answer."""
+    async def test(conn, transport, handler):
+        conn.data_received(HANDSHAKE)
+        future = conn.ask(Packets.AskLastTransaction)
+        assert transport.calls == ["abort"]
+        conn.connection_lost(ConnectionResetError("reset by peer"))
+        with pytest.raises(ConnectionClosed, match="reset by peer"):
+            await future
+    run(test, ClosedHandleTransport)
+
+
 def test_close_without_flush_aborts():
     async def test(conn, transport, handler):
         future = conn.ask(Packets.AskLastTransaction)

@@ -333,7 +333,14 @@ class Connection(Limits, asyncio.Protocol):
             # answer.  uvloop raises on such a write, from a keep-alive
             # timer for instance, where nothing catches it.
             return
-        transport.write(data)  # type: ignore[union-attr]
+        try:
+            transport.write(data)  # type: ignore[union-attr]
+        except RuntimeError:
+            # uvloop's handle may be closed (a reset seen by libuv) while
+            # its transport does not say it is closing yet: the same case
+            if not transport.is_closing():  # type: ignore[union-attr]
+                transport.abort()  # type: ignore[union-attr]
+            return
         if self._paused:
             self._check_backlog()
 
