@@ -8,66 +8,20 @@ transaction locked; the new master's verification validates it on every
 storage, so the others must still have their voted rows then."""
 from __future__ import annotations
 
-import asyncio
 import hashlib
 
 import pytest
 
-from neozodb.protocol import CellStates, NodeTypes, Packets, make_nid, p64
-from neozodb.storage.app import StorageApp
-from neozodb.storage.backends.sqlite import SQLiteBackend
+from neozodb.protocol import NodeTypes, Packets, make_nid, p64
 from neozodb.storage.handlers import ClientHandler, MasterHandler
+from storage_inprocess import FakeConn, run
 
 pytestmark = pytest.mark.timeout(60)
 
-PARTITIONS = 4
 CLIENT = make_nid(NodeTypes.CLIENT, 1)
 OID = p64(5)
 TTID, TID = p64(0x100), p64(0x101)
 NOTHING = p64(0)
-
-
-class FakeConn:
-    """A connection that records what the storage answers or sends."""
-
-    def __init__(self, nid=None) -> None:
-        self.nid = nid
-        self.closed = False
-        self.sent: list = []
-
-    def answer(self, msg_id, packet, *args):
-        self.sent.append((packet, args))
-
-    def notify(self, packet, *args):
-        self.sent.append((packet, args))
-
-    def error(self, msg_id, code, message):
-        self.sent.append((code, message))
-
-    def close(self, reason="", flush=False):
-        self.closed = True
-
-    def hold(self):  # output kept for the group commit: recorded all the same
-        pass
-
-    def release(self):
-        pass
-
-
-def run(tmp_path, scenario) -> None:
-    async def main():
-        backend = SQLiteBackend(str(tmp_path / "storage.sqlite"))
-        backend.open()
-        app = StorageApp("test", [], backend)
-        app.nid = make_nid(NodeTypes.STORAGE, 1)
-        app.set_pt(1, 0, [[(app.nid, CellStates.UP_TO_DATE)]] * PARTITIONS)
-        app.start_operation(FakeConn())
-        try:
-            scenario(app)
-        finally:
-            app.replicator.stop()
-            backend.close()
-    asyncio.run(main())
 
 
 def vote(app, client, data: bytes) -> None:
@@ -134,4 +88,23 @@ def test_locked_transaction_not_validated_leaves_no_lock(tmp_path):
         reader = FakeConn(CLIENT)
         handler.AskObject(reader, 4, OID, None, None)
         assert reader.sent and reader.sent[0][0] is not Packets.AnswerObject  # answered at once
+    run(tmp_path, scenario)
+
+
+def test_identification_waiting_for_the_master_is_closed_with_the_operation(tmp_path):
+    """A client the master did not tell us about yet waits (its
+    identification is delayed); the master is lost meanwhile: the client
+    learns it by the close, not by waiting for an answer forever."""
+    from neozodb.protocol.features import ANNOUNCEMENT
+    from neozodb.storage.handlers import IdentificationHandler
+
+    def scenario(app):
+        handler = IdentificationHandler(app)
+        conn = FakeConn(None, handler)
+        handler.RequestIdentification(conn, 0, NodeTypes.CLIENT, make_nid(NodeTypes.CLIENT, 7),
+                                      None, app.name_bytes, 1.0, ANNOUNCEMENT)
+        assert conn.sent == [] and not conn.closed  # delayed
+        app.master_lost()
+        assert conn.closed
+        assert app.delayed == []
     run(tmp_path, scenario)

@@ -198,9 +198,11 @@ class StorageApp:
                 if not getattr(getattr(item[1], "conn", None), "closed", False)]
             self._delayed_prune_at = max(1024, 2 * len(delayed))
 
-    def replay(self) -> None:
-        """Retry delayed requests, oldest transaction first."""
-        self.replicator.poke()
+    def replay(self, poke: bool = True) -> None:
+        """Retry delayed requests, oldest transaction first; ``poke``: the
+        replicator too (it may wait for locks to go)."""
+        if poke:
+            self.replicator.poke()
         if not self.delayed:
             return
         delayed, self.delayed = self.delayed, []
@@ -400,6 +402,13 @@ class StorageApp:
                 self.locks.abort(ttid)
             elif not txn.locked:
                 self.abort(ttid)
+        # what was delayed is not replayed: its peer learns it by the close
+        # (an identification waiting for the master's word about a client
+        # is on no list above, and would wait for its answer forever)
+        for _, retry in self.delayed:
+            conn = getattr(retry, "conn", None)
+            if conn is not None and not conn.closed:
+                conn.close("operation stopped", flush=True)
         self.delayed.clear()
 
     # -- other storage nodes ---------------------------------------------------------
