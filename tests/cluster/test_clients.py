@@ -178,3 +178,25 @@ def test_storage_refusing_identification_is_unreachable(cluster):
     finally:
         node.address = real
         st.close()
+
+
+def test_a_connection_left_on_a_closed_database_does_not_fail_the_others(one_storage):
+    """ZODB syncs every connection registered with a transaction manager
+    when a transaction begins, those of closed databases too: a closed
+    storage's sync does nothing (found when a test left one behind in the
+    thread's manager and the next test's ``conn.sync()`` raised "storage
+    closed")."""
+    tm = transaction.TransactionManager()
+    storage = Storage(**one_storage.client_kwargs())
+    left = ZODB.DB(storage)
+    left.open(tm).root()  # never closed: stays registered with tm
+    storage.close()  # as a test's cleanup that closes the storage, not the DB
+    db = ZODB.DB(Storage(**one_storage.client_kwargs()))
+    try:
+        conn = db.open(tm)
+        conn.root()["x"] = 1
+        tm.commit()
+        conn.sync()
+        assert conn.root()["x"] == 1
+    finally:
+        db.close()

@@ -18,6 +18,7 @@ from ZODB.POSException import StorageTransactionError
 from fsdata import transactions
 from neozodb.client import Storage
 from neozodb.client.copying import copy
+from neozodb.client.storage import COPY_WINDOW
 
 pytestmark = pytest.mark.timeout(240)
 COMMITS = 120
@@ -76,9 +77,101 @@ def test_pipelined_copy_equals_the_source(one_storage, source):
         destination.close()
 
 
+class Recording:
+    """The real client, recording when each transaction of the copy is
+    voted, sent to finish and its finish answered.  The first vote waits
+    until the copy queued two more transactions, so that what the
+    finisher does next does not depend on how fast the source is read."""
+
+    def __init__(self, storage) -> None:
+        self.storage = storage
+        self.index: dict = {}
+        self.events: list = []
+        self.queued = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.storage, name)
+
+    def tpc_begin(self, txn, *args, **kw):
+        self.index[txn] = n = len(self.index)
+        if n == 3:  # transactions 1 and 2 were handed to the finisher
+            self.queued.set()
+        return self.storage.tpc_begin(txn, *args, **kw)
+
+    def tpc_vote(self, txn):
+        if self.index[txn] == 0:
+            assert self.queued.wait(30)
+        result = self.storage.tpc_vote(txn)
+        self.events.append(("voted", self.index[txn]))
+        return result
+
+    def tpc_finish_later(self, txn, f=None):
+        finished = self.storage.tpc_finish_later(txn, f)
+        self.events.append(("finish sent", self.index[txn]))
+
+        def answered():
+            tid = finished()
+            self.events.append(("answered", self.index[txn]))
+            return tid
+        return answered
+
+
+def _in_flight(events) -> list[int]:
+    """How many finishes were sent and not answered, after each event."""
+    counts, n = [], 0
+    for kind, _ in events:
+        n += {"finish sent": 1, "answered": -1}.get(kind, 0)
+        counts.append(n)
+    return counts
+
+
+def test_finishes_overlap_the_next_votes(one_storage, source):
+    """Each transaction changes the objects the one before changed: its
+    stores go through as soon as that one is locked (the storage lets a
+    store based on a revision being committed take its lock), so it is
+    voted while that one finishes; the master locks them in order
+    (feature ordered-copy), and up to COPY_WINDOW finishes wait for their
+    answers, read in order."""
+    storage = Storage(**one_storage.client_kwargs())
+    try:
+        assert storage.pipelined_copy() == COPY_WINDOW > 1
+        destination = Recording(storage)
+        result = copy(source, destination)
+        events = destination.events
+        assert events[:4] == [("voted", 0), ("finish sent", 0), ("voted", 1), ("finish sent", 1)]
+        assert 2 <= max(_in_flight(events)) <= COPY_WINDOW
+        finishes = [e for e in events if e[0] != "voted"]
+        sent = [n for kind, n in finishes if kind == "finish sent"]
+        answered = [n for kind, n in finishes if kind == "answered"]
+        assert sent == answered == list(range(result.transactions))
+        assert _copied(storage) == transactions(source.iterator())
+        _commit_over(storage, -1)
+    finally:
+        storage.close()
+
+
+def test_one_finish_at_a_time_without_ordered_locks(one_storage, source):
+    """With a master that does not lock a copy's transactions in order
+    (pipelined 1): the next transaction is voted while the previous one
+    finishes, and its finish is sent only once that one is answered."""
+    storage = Storage(**one_storage.client_kwargs())
+    try:
+        destination = Recording(storage)
+        copy(source, destination, pipelined=1)
+        assert destination.events[:7] == [
+            ("voted", 0), ("finish sent", 0), ("voted", 1), ("answered", 0),
+            ("finish sent", 1), ("voted", 2), ("answered", 1)]
+        assert max(_in_flight(destination.events)) == 1
+        assert _copied(storage) == transactions(source.iterator())
+    finally:
+        storage.close()
+
+
 class FailingFinish:
     """The real client, whose finish of one transaction fails (as when the
-    master is lost and the transaction was not committed)."""
+    master lost it: not committed).  Nothing is sent for it; it is aborted,
+    and the master forgets the transactions of the copy begun after it,
+    which the copy voted and asked to finish meanwhile."""
 
     def __init__(self, storage, fail_at: int) -> None:
         self.storage = storage
@@ -88,11 +181,15 @@ class FailingFinish:
     def __getattr__(self, name):
         return getattr(self.storage, name)
 
-    def tpc_finish(self, txn, f=None):
+    def tpc_finish_later(self, txn, f=None):
         self.finishes += 1
-        if self.finishes == self.fail_at:
+        if self.finishes != self.fail_at:
+            return self.storage.tpc_finish_later(txn, f)
+        self.storage.tpc_abort(txn)
+
+        def finished():
             raise StorageTransactionError("tpc_finish failed: master lost")
-        return self.storage.tpc_finish(txn, f)
+        return finished
 
 
 def test_failed_copy_stops_where_reported_and_goes_on(one_storage, source):
@@ -103,8 +200,9 @@ def test_failed_copy_stops_where_reported_and_goes_on(one_storage, source):
         with pytest.raises(StorageTransactionError, match="master lost"):
             copy(source, destination, done=lambda tid, records: seen.append(tid))
         expected = transactions(source.iterator())
-        # the 29 finished before the failure, nothing after it (the
-        # transactions voted behind it were aborted)
+        # the 29 finished before the failure, nothing after it (those
+        # voted meanwhile were forgotten by the master)
+        assert 30 <= destination.finishes < 30 + COPY_WINDOW
         assert len(seen) == 29
         assert storage.lastTransaction() == seen[-1] == expected[28][0]
         assert _copied(storage) == expected[:29]

@@ -194,6 +194,80 @@ def test_imposed_transaction_is_not_prepared_before_prepare():
     assert tm.committable() == [imposed]
 
 
+def _copy(tm, client=1, count=3, after=0.0):
+    """``count`` imposed transactions of one client, begun in order (a
+    pipelined copy begins ahead), ``after`` seconds after T0."""
+    first = tid_from_time(T0 + after)
+    return [tm.begin(client, T0 + after, tid=first + i) for i in range(count)]
+
+
+def test_a_copy_is_locked_in_order():
+    """The locks of an imposed transaction wait while an earlier imposed
+    transaction of its client is not locked everywhere (feature
+    ordered-copy); other clients' transactions are not held back."""
+    tm = TransactionManager(12)
+    a, b, c = _copy(tm)
+    other = _copy(tm, client=2, count=1, after=1)[0]
+    for txn in (a, b, c):
+        tm.prepare(txn.ttid, T0, [], {1, 2})
+    assert not tm.must_defer(a)
+    assert tm.must_defer(b) and tm.must_defer(c)
+    tm.prepare(other.ttid, T0, [], {1})
+    assert not tm.must_defer(other)  # another client's
+    b.deferred = c.deferred = True
+    assert tm.undeferred() == []
+    tm.locked(a.ttid, 1)
+    assert tm.undeferred() == []  # not everywhere yet
+    tm.locked(a.ttid, 2)
+    assert tm.undeferred() == [b]  # c waits for b
+    assert not b.deferred and c.deferred
+    tm.locked(b.ttid, 1)
+    tm.locked(b.ttid, 2)
+    assert tm.undeferred() == [c]
+    commit_all(tm, c, other)
+    assert tm.committable() == []  # `other` got a TID after them all, done above
+    assert tm.last_tid == max(t.tid for t in (a, b, c, other))
+
+
+def test_an_unprepared_earlier_transaction_of_the_copy_holds_the_locks():
+    tm = TransactionManager(12)
+    a, b, _ = _copy(tm)
+    tm.prepare(b.ttid, T0, [], {1})
+    assert tm.must_defer(b)  # a is not even finishing
+
+
+def test_a_failed_transaction_of_a_copy_dooms_the_later_ones():
+    """An imposed transaction that is not committed (lost, aborted):
+    every later imposed transaction of its client is forgotten, finishing
+    or not, so that none is committed after it; other clients' stay."""
+    tm = TransactionManager(12)
+    a, b, c = _copy(tm)
+    other = _copy(tm, client=2, count=1, after=1)[0]
+    tm.prepare(b.ttid, T0, [], {1})
+    b.deferred = True
+    assert tm.abort(a.ttid) is a
+    assert tm.doomed(a) == [b, c]
+    assert set(tm.txns) == {other.ttid}
+    assert tm.undeferred() == []
+    assert tm.doomed(other) == []
+
+
+def test_a_lost_transaction_holds_the_next_ones_of_the_copy():
+    """Refused by every storage (lost), it is 'fully locked' until it
+    leaves the queue: the next one must not be locked meanwhile."""
+    tm = TransactionManager(12)
+    first = tm.begin(3, T0)
+    tm.prepare(first.ttid, T0, [], {2})  # not locked: a is not at the head
+    a, b = _copy(tm, count=2, after=1)
+    tm.prepare(a.ttid, T0, [], {1})
+    a.cells = {0: {1}}
+    tm.refused(a.ttid, 1)
+    assert a.fully_locked and a.lost
+    assert tm.committable() == []
+    tm.prepare(b.ttid, T0, [], {1})
+    assert tm.must_defer(b)
+
+
 @pytest.mark.parametrize("how", ["abort", "client_lost"])
 def test_dropping_unprepared_imposed_transaction_unblocks_later_commits(how):
     tm = TransactionManager(12)

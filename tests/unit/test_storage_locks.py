@@ -104,6 +104,52 @@ def test_lock_unknown_transaction():
     assert lm.txns == {}
 
 
+def test_a_locked_holder_gives_way_to_stores_based_on_its_revision():
+    """Once a transaction is locked (it will commit), the next one may
+    take its objects' write locks, and must base its changes on it: the
+    committing transaction's TID is the current serial until its unlock,
+    which leaves the later one's locks alone."""
+    lm = LockManager()
+    store(lm, OLD, A)
+    check(lm, OLD, C)
+    assert lm.current(A) is None
+    assert lm.acquire(YOUNG, A, past_locked=True) == OLD  # not locked yet
+    lm.lock(OLD, tid(50))
+    assert lm.current(A) == tid(50)
+    assert lm.current(C) is None  # only checked: nothing committed
+    assert lm.acquire(MID, A) == OLD  # without past_locked, as before
+    lm.get(YOUNG)
+    assert lm.acquire(YOUNG, A, past_locked=True) is None
+    assert lm.acquire(YOUNG, C, past_locked=True) is None
+    lm.get(YOUNG).objects[A] = (tid(50), 1, None)
+    assert lm.write_locks == {A: YOUNG, C: YOUNG}
+    lm.lock(YOUNG, tid(60))
+    assert lm.read_locks == {A: YOUNG}
+    assert lm.current(A) == tid(60)
+    lm.finish(OLD)  # its unlock
+    assert lm.write_locks == {A: YOUNG, C: YOUNG}
+    assert lm.read_locks == {A: YOUNG}
+    lm.finish(YOUNG)
+    assert lm.write_locks == lm.read_locks == {}
+    assert lm.current(A) is None
+
+
+def test_the_read_lock_stays_with_the_last_revision_being_committed():
+    """A transaction locked after another one with a later TID (never
+    done by the master for one object, but the rule holds anyway): the
+    read lock and the current serial stay the later TID's."""
+    lm = LockManager()
+    store(lm, OLD, A)
+    lm.lock(OLD, tid(80))
+    assert lm.acquire(YOUNG, A, past_locked=True) is None
+    lm.get(YOUNG).objects[A] = (tid(80), 1, None)
+    lm.lock(YOUNG, tid(75))
+    assert lm.read_locks == {A: OLD}
+    assert lm.current(A) == tid(80)
+    lm.finish(YOUNG)
+    assert lm.read_locks == {A: OLD}
+
+
 # -- finish / abort ---------------------------------------------------------------------------
 
 

@@ -193,15 +193,12 @@ def copy(source, destination, start: bytes | None = None,
     overlaps the copy of the next transaction).  Returns (transactions,
     objects, last TID copied)."""
     from neozodb.client.copying import copy as copy_transactions
-    from neozodb.client.storage import Storage
 
     def warn(message: str) -> None:
         print("%s: %s" % (PROG, message), file=sys.stderr)
 
     done = None if progress is None else (lambda tid, records: progress.update(u64(tid), records))
-    result = copy_transactions(source, destination, start, done, warn,
-                               pipelined=isinstance(destination, Storage)
-                               and destination.pipelined_copy())
+    result = copy_transactions(source, destination, start, done, warn)
     return result.transactions, result.objects, result.last
 
 

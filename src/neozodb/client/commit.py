@@ -39,6 +39,7 @@ class Commit:
         self.checked: dict[bytes, bytes] = {}
         self.involved: set[int] = set()
         self.conns: list = []  # connections of the involved storages
+        self.conn_of: dict = {}  # nid -> its connection in self.conns
         self.failed: set[int] = set()
         self.resolved: list[bytes] = []
         self.restored: set[bytes] = set()  # oids stored by restore(): never resolved
@@ -61,14 +62,25 @@ class Commit:
 
     # -- sending -------------------------------------------------------------------
     def _send(self, nid: int, packet, args, token, buffer: bool = False) -> None:
-        try:
-            conn = self.app.storage_conn(nid)
-        except (ConnectionClosed, OSError) as e:
-            log.warning("%s: %s unreachable during %s: %s", self.app.label, nid_str(nid),
-                        self.ttid.hex(), e)
-            self.failed.add(nid)
+        conn = self.conn_of.get(nid)
+        if conn is None:
+            try:
+                conn = self.app.storage_conn(nid)
+            except (ConnectionClosed, OSError) as e:
+                log.warning("%s: %s unreachable during %s: %s", self.app.label, nid_str(nid),
+                            self.ttid.hex(), e)
+                self.failed.add(nid)
+                return
+            self.involve(nid, conn)
+        elif conn.closed:
+            # the storage dropped the transaction with the connection that
+            # carried it (a storage that loses the master closes them all):
+            # nothing more goes to it on a new one, as if it held the rest
+            if nid not in self.failed:
+                log.warning("%s: %s lost during %s", self.app.label, nid_str(nid),
+                            self.ttid.hex())
+                self.failed.add(nid)
             return
-        self.involve(nid, conn)
         self.pending += 1
         conn.ask(packet, *args, queue=self.queue, token=token, buffer=buffer)
 
@@ -78,6 +90,7 @@ class Commit:
         if nid not in self.involved:
             self.involved.add(nid)
             self.conns.append(conn)
+            self.conn_of[nid] = conn
 
     def _flush(self) -> None:
         for conn in self.conns:
@@ -458,6 +471,11 @@ class Commit:
                 "master lost during the commit: the transaction was not committed")
 
     def finish(self, callback) -> bytes:
+        return self.finished(self.send_finish(callback), callback)
+
+    def send_finish(self, callback) -> SimpleQueue:
+        """The finish request, sent: ``finished`` waits for its answer (in
+        between, a pipelined copy votes its next transaction)."""
         app = self.app
         pt = app.pt
         oids = list(self.data)
@@ -471,9 +489,14 @@ class Commit:
         # master does not know the transaction
         self._check_master()
         master = self.master
-        queue = master.ask(Packets.AskFinishTransaction, self.ttid, oids, [], checked, self.pack,
-                           hook=committed)
-        _, result, error, _ = master.wait(queue)
+        return master.ask(Packets.AskFinishTransaction, self.ttid, oids, [], checked, self.pack,
+                          hook=committed)
+
+    def finished(self, queue: SimpleQueue, callback) -> bytes:
+        """The TID the finish sent on ``queue`` got, once the master
+        answered; StorageTransactionError if it was not committed."""
+        app = self.app
+        _, result, error, _ = self.master.wait(queue)
         if isinstance(error, ConnectionClosed):
             # the master went away with our request: it may have committed
             # it or not; find out rather than guess (never both raise and

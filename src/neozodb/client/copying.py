@@ -4,25 +4,31 @@
 restore per record, vote, finish), in TID order.
 
 Into a cluster whose master is ours (``Storage.pipelined_copy``), the
-round trips of each transaction overlap the copy of the next ones: the caller's thread begins each transaction without
-waiting for the master's answer (the TID is imposed: the answer only says
-yes or no) and restores its records, buffered; a thread of its own votes
-(checking the begin's answer first, then sending the stores and the vote
-in one write) and finishes the transactions, one at a time and in order.
-So the storages get each transaction's stores in TID order, and the
-master commits in TID order anyway; a restore of an object that a
-transaction still being committed wrote waits for its lock on the
-storage, as any store does, and is based on its TID (the client
-remembers it at the restore).  A transaction is counted as
-copied when its finish returned, so what was reported copied is exactly
-what the destination has, and an interrupted copy can go on from the
-destination's last TID (``neomigrate --incremental``).
+round trips of each transaction overlap the copy of the next ones: the
+caller's thread begins each transaction without waiting for the master's
+answer (the TID is imposed: the answer only says yes or no) and restores
+its records, buffered; a thread of its own votes (checking the begin's
+answer first, then sending the stores and the vote in one write) and
+finishes the transactions in order, voting the next ones while the
+previous ones are being finished (``Storage.pipelined_copy`` says how
+many finishes may wait for their answers).  So the storages get each
+transaction's stores in TID order, and the master commits in TID order
+anyway; a restore of an object that a transaction still being committed
+wrote waits for its lock on the storage (until that one is locked there),
+as any store does, and is based on its TID (the client remembers it at
+the restore).  The master locks the transactions of a copy in order and
+forgets the later ones when one fails (feature ordered-copy), so a
+transaction is never committed after one that is not.  A transaction is
+counted as copied when its finish answer is read, so what was reported
+copied is exactly what the destination has, and an interrupted copy can
+go on from the destination's last TID (``neomigrate --incremental``).
 
 Blobs go along when both sides keep them (``IBlobStorage``): a blob
 record's content is read from the source's blob file and restored with it.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -34,7 +40,7 @@ from typing import Any
 
 from ZODB.blob import is_blob_record
 from ZODB.interfaces import IBlobStorage
-from ZODB.POSException import POSKeyError
+from ZODB.POSException import POSKeyError, StorageTransactionError
 from ZODB.TimeStamp import TimeStamp
 
 log = logging.getLogger("neozodb.client")
@@ -64,13 +70,20 @@ class CopyResult:
 
 class _Finisher:
     """tpc_vote and tpc_finish of restored transactions, in order, in a
-    thread of its own.  After a failure, what is still queued is aborted."""
+    thread of its own.  The finish of a transaction is sent and the next
+    ones are voted while the master has the storages lock it; up to
+    ``window`` finishes wait for their answers, read in order.  After a
+    failure, what is still queued (or voted) is aborted."""
 
-    def __init__(self, destination: Any, result: CopyResult) -> None:
+    def __init__(self, destination: Any, result: CopyResult, window: int) -> None:
         self.destination = destination
         self.result = result
+        self.window = window
         self.error: BaseException | None = None
+        self._finish_failed = False
         self._queue: queue.Queue = queue.Queue(maxsize=PIPELINE)
+        # (tid, records, wait for the answer) of each finish sent, in order
+        self._finishing: collections.deque = collections.deque()
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name="neozodb copy finisher")
         self._thread.start()
@@ -85,22 +98,62 @@ class _Finisher:
         self._queue.put(None)
         self._thread.join()
 
+    def _next(self) -> tuple | None:
+        try:
+            return self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        # nothing to vote meanwhile: the finishes sent are completed (and
+        # reported) rather than left waiting for the next transaction
+        while self._finishing:
+            self._complete()
+        return self._queue.get()
+
+    def _complete(self) -> None:
+        """Wait for the answer to the oldest finish sent."""
+        tid, records, finished = self._finishing.popleft()
+        try:
+            finished()
+        except BaseException as e:  # reported by put() or close()'s caller
+            if not self._finish_failed:
+                # the first transaction that failed is told, not a later
+                # one whose vote failed meanwhile
+                self.error = e
+                self._finish_failed = True
+            return
+        if self._finish_failed:
+            # the master locks a transaction of a copy only once the one
+            # before is locked everywhere, and forgets the later ones when
+            # one fails (feature ordered-copy): never seen, but it must
+            # not go unsaid
+            self.error = StorageTransactionError(
+                "%s; transaction %s was committed after it: the destination misses"
+                " what failed before it" % (self.error, tid.hex()))
+            return
+        self.result.finished(tid, records)
+
     def _run(self) -> None:
         destination = self.destination
         while True:
-            item = self._queue.get()
+            item = self._next()
             if item is None:
+                while self._finishing:
+                    self._complete()
                 return
             txn, tid, records = item
             if self.error is None:
                 try:
                     destination.tpc_vote(txn)
-                    destination.tpc_finish(txn)
-                except BaseException as e:  # reported by put() or close()'s caller
+                except BaseException as e:
                     self.error = e
-                else:
-                    self.result.finished(tid, records)
+            while len(self._finishing) >= self.window:
+                self._complete()  # locked meanwhile, mostly
+            if self.error is None:
+                try:
+                    self._finishing.append((tid, records, destination.tpc_finish_later(txn)))
                     continue
+                except BaseException as e:
+                    self.error = e
             destination.tpc_abort(txn)
 
 
@@ -122,15 +175,21 @@ def _blob_copy(source: Any, destination: Any, record: Any) -> str | None:
 
 def copy(source: Any, destination: Any, start: bytes | None = None,
          done: Callable[[bytes, int], None] | None = None,
-         warn: Callable[[str], None] = log.warning, pipelined: bool = True) -> CopyResult:
+         warn: Callable[[str], None] = log.warning,
+         pipelined: int | None = None) -> CopyResult:
     """Copy the transactions of ``source`` from ``start`` (all if None)
     into ``destination``; ``done(tid, records)`` is called as each one is
-    finished, in order.  ``pipelined``: vote and finish in a thread of its
-    own (the destination must be a cluster's client: ``tpc_begin`` with
-    ``wait``, several transactions at once)."""
+    finished, in order.  ``pipelined``: how many finishes may wait for
+    their answers while the next transactions are voted, in a thread of
+    its own (0: one transaction at a time, in the caller's thread; None:
+    what ``destination.pipelined_copy()`` says, 0 if it has no such
+    method)."""
+    if pipelined is None:
+        ask = getattr(destination, "pipelined_copy", None)
+        pipelined = 0 if ask is None else ask()
     result = CopyResult(done)
     blobs = IBlobStorage.providedBy(source) and IBlobStorage.providedBy(destination)
-    finisher = _Finisher(destination, result) if pipelined else None
+    finisher = _Finisher(destination, result, pipelined) if pipelined else None
     previous = None
     iterator = source.iterator(start)
     try:
@@ -168,7 +227,7 @@ def copy(source: Any, destination: Any, start: bytes | None = None,
             if finisher is None:
                 result.finished(tid, records)
             elif finisher.error is not None:
-                raise finisher.error
+                break  # raised below, once the finisher settled what it has
     finally:
         if finisher is not None:
             finisher.close()

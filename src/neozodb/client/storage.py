@@ -8,6 +8,7 @@ storages lock objects, not the database).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from itertools import islice
 
 import zope.interface
@@ -39,6 +40,7 @@ from neozodb.client.iteration import loads_extension, transaction_description
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.net.tls import load_contexts
 from neozodb.protocol import ZERO_TID, ErrorCodes, Packets
+from neozodb.protocol.features import ORDERED_COPY
 
 __all__ = ["Storage", "NEOStorageError", "loads_extension"]
 
@@ -49,6 +51,11 @@ def parse_master_nodes(text: str | list) -> list[tuple[str, int]]:
     from neozodb.cli.config import parse_masters
     return parse_masters(text)
 
+
+# Finishes a copy leaves waiting for their answers (Storage.pipelined_copy):
+# enough for the next transaction's vote and finish to be under way while
+# the storages lock the previous ones
+COPY_WINDOW = 4
 
 # How many oids restore() remembers the last restored serial of (see Commit.restore)
 RESTORED_MEMORY = 200_000
@@ -152,7 +159,12 @@ class Storage(BlobStorageMethods, ConflictResolvingStorage):
         self.app.invalidation_listener = wrapper
 
     def sync(self, force: bool = True) -> None:
-        self.app.sync()
+        # A closed storage has no view to bring up to date.  ZODB calls this
+        # for every connection registered with the thread's transaction
+        # manager: one left open on a closed database must not fail the
+        # transactions of the others (FileStorage's sync does nothing).
+        if not self.app.closed:
+            self.app.sync()
 
     def close(self) -> None:
         self.app.close()
@@ -362,15 +374,19 @@ class Storage(BlobStorageMethods, ConflictResolvingStorage):
         def done(tid: bytes, records: int) -> None:
             print("copied %s: %d records" % (tid.hex(), records))
 
-        copy_transactions(other, self, done=done if verbose else None,
-                          pipelined=self.pipelined_copy())
+        copy_transactions(other, self, done=done if verbose else None)
 
-    def pipelined_copy(self) -> bool:
-        """Whether a copy into this cluster may be pipelined
-        (client/copying.py): with our master only, which takes a begin with
-        an imposed TID while earlier ones are being finished; NEO's closes
-        the client's connection then."""
-        return has_features(self.app.get_master())
+    def pipelined_copy(self) -> int:
+        """How many finishes a copy into this cluster may leave waiting
+        for their answers (client/copying.py).  0 with NEO's master, which
+        closes the connection of a client that begins a transaction with an
+        imposed TID while earlier ones are being finished; COPY_WINDOW with
+        a master that locks a copy's transactions in order (feature
+        ordered-copy), else 1."""
+        master = self.app.get_master()
+        if not has_features(master):
+            return 0
+        return COPY_WINDOW if ORDERED_COPY in master.peer_features else 1
 
     def deleteObject(self, oid: bytes, serial: bytes, txn) -> None:
         """IExternalGC: a deletion record for oid, whose current serial must
@@ -393,18 +409,33 @@ class Storage(BlobStorageMethods, ConflictResolvingStorage):
             raise POSException.StorageTransactionError(f"vote failed: {e}") from None
 
     def tpc_finish(self, txn, f=None) -> bytes:
+        return self.tpc_finish_later(txn, f)()
+
+    def tpc_finish_later(self, txn, f=None) -> Callable[[], bytes]:
+        """tpc_finish in two steps: the request leaves now, and the
+        function returned waits for the master's answer and returns the
+        TID (or raises as tpc_finish).  A pipelined copy votes its next
+        transaction in between (client/copying.py)."""
         commit = self._commit(txn)
         if not commit.voted:
             raise POSException.StorageTransactionError("tpc_finish before tpc_vote")
         try:
-            tid = commit.finish(f)
-        finally:
+            queue = commit.send_finish(f)
+        except BaseException:
             self._forget(txn, commit)
-        if commit.blob_files:
-            self._blobs_committed(commit, tid)
-        if commit.restored:
-            self._remember_restored(commit.restored, tid)
-        return tid
+            raise
+
+        def finished() -> bytes:
+            try:
+                tid = commit.finished(queue, f)
+            finally:
+                self._forget(txn, commit)
+            if commit.blob_files:
+                self._blobs_committed(commit, tid)
+            if commit.restored:
+                self._remember_restored(commit.restored, tid)
+            return tid
+        return finished
 
     def _remember_restored(self, oids, tid: bytes) -> None:
         """The serial the next restore() of these oids will be based on;

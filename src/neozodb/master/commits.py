@@ -61,6 +61,7 @@ class Commits:
             if node is not None and node.connected:
                 node.conn.notify(Packets.AbortTransaction, p64(txn.ttid), [])
         self.transaction_finished(txn.ttid, self.tm.last_tid)
+        self.fail_later(txn)
         self.complete_commits()
 
     def involved_cells(self, ttid: bytes, oids, deleted, checked) -> dict[int, set[int]]:
@@ -101,7 +102,6 @@ class Commits:
             txn.pack = (pack[0], u64(pack[1]))
         for oid in oids:
             self.tm.saw_oid(u64(oid))
-        tid = p64(txn.tid)
 
         def locked(sconn, result, error):
             if error is None:
@@ -117,11 +117,39 @@ class Commits:
             # a lost storage is dealt with by node_lost: whether the commit
             # can go on without it depends on the cells left
 
-        for nid in involved:
+        txn.locked_callback = locked
+        if self.tm.must_defer(txn):
+            txn.deferred = True
+            log.debug("%s: locks of %s wait for an earlier transaction of %s", self.label,
+                      ttid.hex(), nid_str(txn.client))
+        else:
+            self._ask_locks(txn)
+        self.complete_commits()
+
+    def _ask_locks(self, txn: Txn) -> None:
+        ttid, tid = p64(txn.ttid), p64(txn.tid)
+        for nid in txn.involved:
             # every pack order is approved
             self.nm.get(nid).conn.ask(Packets.AskLockInformation, ttid, tid, txn.pack is not None,
-                                      callback=locked)
-        self.complete_commits()
+                                      callback=txn.locked_callback)
+
+    def fail_later(self, failed: Txn) -> None:
+        """An imposed transaction failed: the later ones of its client (a
+        pipelined copy) are not committed either (TransactionManager.doomed)."""
+        why = p64(failed.ttid).hex()
+        for txn in self.tm.doomed(failed):
+            ttid = p64(txn.ttid)
+            log.error("%s: transaction %s of %s not committed: %s before it failed", self.label,
+                      ttid.hex(), nid_str(txn.client), why)
+            if txn.prepared:
+                conn, msg_id = txn.finish_request
+                conn.error(msg_id, ErrorCodes.INCOMPLETE_TRANSACTION,
+                           "transaction %s not committed: %s before it failed" % (ttid.hex(), why))
+            for nid in txn.involved | txn.ready:
+                node = self.nm.get(nid)
+                if node is not None and node.connected and node.type is NodeTypes.STORAGE:
+                    node.conn.notify(Packets.AbortTransaction, ttid, [])
+            self.transaction_finished(txn.ttid, self.tm.last_tid)
 
     def complete_commits(self) -> None:
         for txn in self.tm.committable():
@@ -151,6 +179,8 @@ class Commits:
             if txn.pack is not None:
                 self.pm.committed(txn.tid, *txn.pack)
                 self.learn_pack(txn.tid, sorted(txn.involved))
+        for txn in self.tm.undeferred():
+            self._ask_locks(txn)
         self.maybe_exit()
 
     def _outdate_refusers(self, txn: Txn) -> None:
@@ -196,6 +226,7 @@ class Commits:
         for waiter, waiter_msg_id in self.final_tid_waiters.pop(txn.ttid, ()):
             waiter.answer(waiter_msg_id, Packets.AnswerFinalTID, None)
         self.transaction_finished(txn.ttid, self.tm.last_tid)
+        self.fail_later(txn)
 
     def learn_pack(self, tid: int, nids: list[int]) -> None:
         """The pack transaction ``tid`` committed: ask a storage holding its

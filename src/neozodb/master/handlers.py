@@ -212,6 +212,7 @@ class ClientHandler(BaseHandler):
                 if node is not None and node.connected and node.type is NodeTypes.STORAGE:
                     node.conn.notify(Packets.AbortTransaction, ttid, [])
             if txn.imposed:
+                app.fail_later(txn)
                 app.complete_commits()  # commits queued behind it may go on
 
     def FailedVote(self, conn, msg_id, ttid, nids):

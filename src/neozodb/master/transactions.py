@@ -47,6 +47,10 @@ class Txn:
     # partition -> involved storages with a cell there: each partition
     # must be locked by one of them, or the transaction is lost
     cells: dict = field(default_factory=dict)
+    # imposed TID, finish asked while an earlier imposed transaction of
+    # its client is not locked everywhere yet: its locks wait (``deferred``)
+    deferred: bool = False
+    locked_callback: Any = None  # what takes each storage's answer to its lock
 
     @property
     def prepared(self) -> bool:
@@ -151,6 +155,51 @@ class TransactionManager:
                 self.last_tid = txn.tid  # type: ignore[assignment]
             done.append(txn)
         return done
+
+    def must_defer(self, txn: Txn) -> bool:
+        """Whether the locks of ``txn`` (prepared) must wait: an imposed
+        transaction is locked only once every earlier imposed transaction
+        of its client is locked by all its storages.  A pipelined copy asks
+        to finish a transaction before the previous one's answer; were it
+        locked first, a failure of the previous one would leave the
+        destination without a transaction below its last one, for good."""
+        if not txn.imposed:
+            return False
+        for other in self._queue:
+            if other is txn:
+                return False
+            if other.client == txn.client and other.imposed and (
+                    other.deferred or not other.fully_locked or other.lost):
+                return True
+        return False
+
+    def undeferred(self) -> list[Txn]:
+        """The deferred transactions whose locks may go now (in order)."""
+        ready = []
+        blocked: set[int] = set()
+        for txn in self._queue:
+            if not txn.imposed:
+                continue
+            if txn.deferred and txn.client not in blocked:
+                txn.deferred = False
+                ready.append(txn)
+            if txn.deferred or not txn.fully_locked:
+                blocked.add(txn.client)
+        return ready
+
+    def doomed(self, failed: Txn) -> list[Txn]:
+        """The imposed transactions of ``failed``'s client after it (its
+        imposed TID failed to commit): forgotten, none is committed.  A
+        pipelined copy begins, votes and asks to finish them before it
+        knows; were one committed, the copy would miss ``failed`` for good."""
+        if not failed.imposed:
+            return []
+        doomed = [t for t in self.txns.values() if t.imposed and t.client == failed.client
+                  and t.tid > failed.tid]  # type: ignore[operator]
+        for txn in doomed:
+            self._queue.remove(txn)
+            del self.txns[txn.ttid]
+        return doomed
 
     def abort(self, ttid: int) -> Txn | None:
         txn = self.txns.get(ttid)

@@ -100,6 +100,16 @@ Both ends keep the intersection (``conn.peer_features``).  The features:
     record's store and read with ``AskBlobChunk`` (0x7f11).  A peer without
     the feature gets a blob revision's record alone (``AnswerObject``):
     what a NEO client would have read from NEO.
+``ordered-copy``
+    Between a client and a master: the master locks a transaction with an
+    imposed TID only once every earlier transaction with an imposed TID of
+    the same client is locked by all its storages, and fails those that
+    wait when an earlier one is not committed.  A pipelined copy
+    (client/copying.py) then asks to finish its next transactions before
+    the answer to the previous one: a later transaction is never committed
+    while an earlier one of the copy is not.  Without the feature the copy
+    sends one finish at a time; NEO's master takes no imposed begin while
+    earlier ones are being finished, and gets one transaction at a time.
 """
 from __future__ import annotations
 
@@ -113,9 +123,11 @@ EARLY_VOTE = b"early-vote"
 SOLO_VOTE = b"solo-vote"
 BLOB = b"blob"
 OLDER_PT = b"older-pt"
+ORDERED_COPY = b"ordered-copy"
 FEATURES: frozenset[bytes] = frozenset((b"status-json", b"import-status", b"gc-pack",
                                         b"mirror", b"check-report", b"check-digest",
-                                        REPL_BATCH, EARLY_VOTE, SOLO_VOTE, OLDER_PT, BLOB))
+                                        REPL_BATCH, EARLY_VOTE, SOLO_VOTE, OLDER_PT, BLOB,
+                                        ORDERED_COPY))
 #: What RequestIdentification.extra carries from a neozodb node.
 ANNOUNCEMENT: dict[bytes, list[bytes]] = {EXTRA_KEY: sorted(FEATURES)}
 NO_FEATURES: frozenset[bytes] = frozenset()

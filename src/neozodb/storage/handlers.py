@@ -177,6 +177,9 @@ class MasterHandler(FollowsPrimary, BaseHandler):
         with app.backend.sync_later():
             app.backend.lock_transaction(u64(ttid), u64(tid), pack)
         app.group_sync.answer_on(conn, msg_id, Packets.AnswerInformationLocked, ttid)
+        # stores based on its revisions may take their locks now (nothing
+        # was released: the replicator has nothing new to wait for)
+        app.replay(poke=False)
 
     def AskPackOrders(self, conn, msg_id, min_tid):
         """The master rebuilds its list of pack orders (verification), or

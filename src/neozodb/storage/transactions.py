@@ -1,10 +1,13 @@
 """Object locks of a storage node: a pure state machine.
 
 Every object being written by a transaction is write-locked by its TTID
-until the transaction is unlocked (committed) or aborted.  Between lock
-and unlock, its objects are also read-locked: loads wait so that no client
-sees the previous revision as current once the master has told it about the
-commit.  A request that meets a lock is delayed by the caller and retried,
+until the transaction is unlocked (committed) or aborted, or until it is
+locked: a store based on the revision being committed may then take it
+(the next transaction of a pipelined copy, or of a client that got its
+previous commit's answer before we got its unlock).  Between lock and
+unlock, its objects are also read-locked: loads wait so that no client
+sees the previous revision as current once the master has told it about
+the commit.  A request that meets a lock is delayed by the caller and retried,
 oldest transaction (smallest TTID) first.  To avoid deadlocks, an older
 transaction that waits for a younger one that has not voted yet asks the
 younger's client to release the lock and take it again later (NEO's
@@ -61,10 +64,12 @@ class LockManager:
             txn = self.txns[ttid] = Transaction(ttid, client, conn)
         return txn
 
-    def acquire(self, ttid: bytes, oid: bytes) -> bytes | None:
-        """Take the write lock on oid for ttid; return the holder if taken."""
+    def acquire(self, ttid: bytes, oid: bytes, past_locked: bool = False) -> bytes | None:
+        """Take the write lock on oid for ttid; return the holder if taken.
+        ``past_locked``: a holder that is locked (being committed: it will
+        be, whatever happens, see ``current``) does not keep it."""
         holder = self.write_locks.get(oid)
-        if holder is None or holder == ttid:
+        if holder is None or holder == ttid or (past_locked and self._locked(holder)):
             self.write_locks[oid] = ttid
             txn = self.txns.get(ttid)
             if txn is not None:
@@ -73,6 +78,10 @@ class LockManager:
                 txn.held.add(oid)
             return None
         return holder
+
+    def _locked(self, ttid: bytes) -> bool:
+        txn = self.txns.get(ttid)
+        return txn is not None and txn.locked
 
     def deadlock_victim(self, ttid: bytes, oid: bytes, holder: bytes) -> Transaction | None:
         """The younger holder to ask for a relock, once per (holder, oid)."""
@@ -86,15 +95,39 @@ class LockManager:
 
     def release(self, ttid: bytes, oid: bytes) -> None:
         if self.write_locks.get(oid) == ttid:
-            del self.write_locks[oid]
+            # back to the transaction committing oid, if one is: it keeps it
+            # until its unlock, as if nobody had taken it past its lock
+            committing = self.read_locks.get(oid)
+            if committing is None:
+                del self.write_locks[oid]
+            else:
+                self.write_locks[oid] = committing
 
     def lock(self, ttid: bytes, tid: bytes) -> Transaction | None:
         txn = self.txns.get(ttid)
         if txn is not None:
             txn.tid = tid
+            read_locks = self.read_locks
             for oid in txn.objects:
-                self.read_locks[oid] = ttid
+                # the read lock goes to the last revision being committed:
+                # unlocked last (the master unlocks in TID order), and the
+                # one a store must be based on (``current``)
+                other = read_locks.get(oid)
+                if other is None or self.txns[other].tid < tid:
+                    read_locks[oid] = ttid
         return txn
+
+    def current(self, oid: bytes) -> bytes | None:
+        """The TID of the transaction that is committing oid (locked, not
+        unlocked yet), None if none is: what a change of oid must be based
+        on from now on.  Only a pipelined copy bases a store on a revision
+        not committed yet (the master tells other clients of a commit once
+        every storage locked it, and loads wait for the unlock); the master
+        locks a copy's transaction only once the one before is locked
+        everywhere, and forgets it if that one fails (ordered-copy), so
+        nothing is committed on a revision that is not."""
+        ttid = self.read_locks.get(oid)
+        return None if ttid is None else self.txns[ttid].tid
 
     def abort(self, ttid: bytes) -> Transaction | None:
         self.aborted[ttid] = None
@@ -108,10 +141,9 @@ class LockManager:
         if txn is None:
             return None
         for oid in {*txn.objects, *txn.checked, *txn.held}:
-            if self.write_locks.get(oid) == ttid:
-                del self.write_locks[oid]
             if self.read_locks.get(oid) == ttid:
                 del self.read_locks[oid]
+            self.release(ttid, oid)
         return txn
 
     def client_transactions(self, client: int) -> list[Transaction]:

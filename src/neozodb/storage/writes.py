@@ -50,9 +50,14 @@ def _well_formed(args: tuple) -> bool:
 
 
 def _current_serial(app, oid: bytes) -> bytes:
-    """The committed serial of oid, ZERO_TID if it never existed here."""
+    """The serial of oid a change must be based on: that of a transaction
+    committing it (locked), else the last committed one; ZERO_TID if it
+    never existed here."""
     n = u64(oid)
     last = app.serials.pop(n, _UNKNOWN) if app.serials else _UNKNOWN
+    committing = app.locks.current(oid)
+    if committing is not None:
+        return committing
     if last is _UNKNOWN:
         last = app.backend.last_serial(n)
     return ZERO_TID if last is None else p64(last)
@@ -187,21 +192,28 @@ class Writes:
                 return
         elif not self._lock_current(conn, msg_id, Packets.AskStoreObject, (
                 oid, serial, compression, checksum, data, data_serial, ttid),
-                ttid, oid, serial, txn.checked):
+                ttid, oid, serial, txn.checked, data_serial):
             txn.unsettled.add(oid)
             return
         self._keep(txn, oid, serial, compression, checksum, data, data_serial)
         txn.unsettled.discard(oid)
         conn.answer(msg_id, Packets.AnswerStoreObject, None)
 
-    def _lock_current(self, conn, msg_id, packet, args, ttid, oid, serial, held) -> bool:
+    def _lock_current(self, conn, msg_id, packet, args, ttid, oid, serial, held,
+                      data_serial=None) -> bool:
         """Write-lock oid for ttid and check that ``serial`` is current.
 
         False when the request was delayed (lock taken: replayed later) or
         answered with the conflicting serial; the lock is then kept only if
         the transaction already held it for another reason (``held``)."""
         app = self.app
-        holder = app.locks.acquire(ttid, oid)
+        holder = app.locks.acquire(ttid, oid, past_locked=True)
+        if holder is None and data_serial is not None:
+            # a back-pointer may name the revision being committed, whose
+            # data the backend finds only once it is unlocked
+            holder = app.locks.read_locks.get(oid)
+            if holder is not None and oid not in held:
+                app.locks.release(ttid, oid)
         if holder is not None:
             self._wait_lock(conn, ttid, oid, holder, msg_id, packet, args)
             return False
@@ -307,7 +319,7 @@ class Writes:
         def relock():
             if conn.closed or ttid not in app.locks.txns:
                 return
-            holder = app.locks.acquire(ttid, oid)
+            holder = app.locks.acquire(ttid, oid, past_locked=True)
             if holder is not None:
                 # a younger transaction may have taken it meanwhile: it must
                 # be asked to step back too, or both wait forever
