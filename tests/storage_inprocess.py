@@ -45,17 +45,26 @@ class FakeConn:
         pass
 
 
-def run(tmp_path, scenario) -> None:
+def run(tmp_path, scenario, rows=None) -> None:
+    """``scenario(app)`` with a storage node (nid S1) on a new SQLite
+    database, operational under a master that is a FakeConn
+    (``app.master_conn``).  ``rows(nid)``: its partition table's rows
+    (default: PARTITIONS partitions, each with one UP_TO_DATE cell, ours)."""
     async def main():
         backend = SQLiteBackend(str(tmp_path / "storage.sqlite"))
         backend.open()
         app = StorageApp("test", [], backend)
         app.nid = make_nid(NodeTypes.STORAGE, 1)
-        app.set_pt(1, 0, [[(app.nid, CellStates.UP_TO_DATE)]] * PARTITIONS)
-        app.start_operation(FakeConn())
+        app.set_pt(1, 1 if rows else 0, rows(app.nid) if rows else
+                   [[(app.nid, CellStates.UP_TO_DATE)]] * PARTITIONS)
+        master = FakeConn()
+        app.start_operation(master)
+        app.master_conn = master
+        app.packer.stale = False  # its pack orders are known: none
         try:
             scenario(app)
         finally:
             app.replicator.stop()
+            app.packer.stop()
             backend.close()
     asyncio.run(main())

@@ -12,16 +12,14 @@ test_sigkill_under_load with NEO's master, once in a while).  NEO's storage
 forgets such a transaction on NotifyTransactionFinished; so does ours now."""
 from __future__ import annotations
 
-import asyncio
 import hashlib
 
 import pytest
-from test_storage_master_loss import FakeConn
 
+import storage_inprocess
 from neozodb.protocol import CellStates, NodeTypes, Packets, make_nid, p64, u64
-from neozodb.storage.app import StorageApp
-from neozodb.storage.backends.sqlite import SQLiteBackend
 from neozodb.storage.handlers import ClientHandler, MasterHandler
+from storage_inprocess import FakeConn
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,25 +32,9 @@ NOTHING = p64(0)
 
 
 def run(tmp_path, scenario) -> None:
-    async def main():
-        backend = SQLiteBackend(str(tmp_path / "storage.sqlite"))
-        backend.open()
-        app = StorageApp("test", [], backend)
-        app.nid = make_nid(NodeTypes.STORAGE, 1)
-        # we came back: our cells are OUT_OF_DATE, the other storage's readable
-        app.set_pt(1, 1, [[(app.nid, CellStates.OUT_OF_DATE),
-                           (OTHER, CellStates.UP_TO_DATE)]] * PARTITIONS)
-        master = FakeConn()
-        app.start_operation(master)
-        app.master_conn = master
-        app.packer.stale = False  # its orders are known: none
-        try:
-            scenario(app, master)
-        finally:
-            app.replicator.stop()
-            app.packer.stop()
-            backend.close()
-    asyncio.run(main())
+    # we came back: our cells are OUT_OF_DATE, the other storage's readable
+    storage_inprocess.run(tmp_path, lambda app: scenario(app, app.master_conn), lambda nid: [
+        [(nid, CellStates.OUT_OF_DATE), (OTHER, CellStates.UP_TO_DATE)]] * PARTITIONS)
 
 
 def store_and_vote(app, ttid: bytes, oid: bytes, data: bytes) -> None:
