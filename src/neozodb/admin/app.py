@@ -323,10 +323,17 @@ class AdminApp:
         conn.ask(Packets.AskClusterState, callback=state)
         error = await answered
         if error is not None:
+            # the master may have sent its table meanwhile: forgotten with
+            # this connection, or it would be served after it (the next
+            # connection may never come)
+            self._forget_master()
             raise error
 
     def _master_lost(self) -> None:
         log.warning("%s: lost the master", self.label)
+        self._forget_master()
+
+    def _forget_master(self) -> None:
         # Forget everything learned from it: answering from a stale copy
         # would show a cluster that may have changed meanwhile (print pt
         # then answers NOT_READY until the next master sends its table;
