@@ -266,6 +266,8 @@ def test_a_lost_transaction_holds_the_next_ones_of_the_copy():
     assert tm.committable() == []
     tm.prepare(b.ttid, T0, [], {1})
     assert tm.must_defer(b)
+    b.deferred = True
+    assert tm.undeferred() == []  # nor released while a waits to leave the queue
 
 
 @pytest.mark.parametrize("how", ["abort", "client_lost"])

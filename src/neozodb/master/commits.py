@@ -56,13 +56,17 @@ class Commits:
         log.warning("%s: aborting %s of %s: imposed TID idle for %g s while commits wait",
                     self.label, p64(txn.ttid).hex(), nid_str(txn.client), IMPOSED_IDLE)
         self.tm.abort(txn.ttid)
-        for nid in txn.ready:
-            node = self.nm.get(nid)
-            if node is not None and node.connected:
-                node.conn.notify(Packets.AbortTransaction, p64(txn.ttid), [])
+        self.abort_on_storages(txn.ttid, txn.ready)
         self.transaction_finished(txn.ttid, self.tm.last_tid)
         self.fail_later(txn)
         self.complete_commits()
+
+    def abort_on_storages(self, ttid: int, nids) -> None:
+        """Tell the connected storages among ``nids`` to drop ``ttid``."""
+        for nid in nids:
+            node = self.nm.get(nid)
+            if node is not None and node.connected and node.type is NodeTypes.STORAGE:
+                node.conn.notify(Packets.AbortTransaction, p64(ttid), [])
 
     def involved_cells(self, ttid: bytes, oids, deleted, checked) -> dict[int, set[int]]:
         """partition -> the storages that must lock the transaction there."""
@@ -145,10 +149,7 @@ class Commits:
                 conn, msg_id = txn.finish_request
                 conn.error(msg_id, ErrorCodes.INCOMPLETE_TRANSACTION,
                            "transaction %s not committed: %s before it failed" % (ttid.hex(), why))
-            for nid in txn.involved | txn.ready:
-                node = self.nm.get(nid)
-                if node is not None and node.connected and node.type is NodeTypes.STORAGE:
-                    node.conn.notify(Packets.AbortTransaction, ttid, [])
+            self.abort_on_storages(txn.ttid, txn.involved | txn.ready)
             self.transaction_finished(txn.ttid, self.tm.last_tid)
 
     def complete_commits(self) -> None:

@@ -207,10 +207,7 @@ class ClientHandler(BaseHandler):
             return
         if txn is not None:
             app.transaction_finished(txn.ttid, app.tm.last_tid)
-            for nid in set(nids) & txn.ready:  # storages it could have written to
-                node = app.nm.get(nid)
-                if node is not None and node.connected and node.type is NodeTypes.STORAGE:
-                    node.conn.notify(Packets.AbortTransaction, ttid, [])
+            app.abort_on_storages(txn.ttid, set(nids) & txn.ready)  # it could write to those
             if txn.imposed:
                 app.fail_later(txn)
                 app.complete_commits()  # commits queued behind it may go on

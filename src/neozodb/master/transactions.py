@@ -66,6 +66,14 @@ class Txn:
         return bool(self.refused) and any(not nids & self.locked for nids in self.cells.values())
 
 
+def _holds_back(txn: Txn) -> bool:
+    """Whether the later imposed transactions of ``txn``'s client must not
+    be locked yet: it is not locked by all its storages (or waits itself),
+    or it is lost (it leaves the queue, and dooms them, only once it is at
+    its head)."""
+    return txn.deferred or not txn.fully_locked or txn.lost
+
+
 class TransactionManager:
     def __init__(self, num_partitions: int) -> None:
         self.num_partitions = num_partitions
@@ -168,8 +176,7 @@ class TransactionManager:
         for other in self._queue:
             if other is txn:
                 return False
-            if other.client == txn.client and other.imposed and (
-                    other.deferred or not other.fully_locked or other.lost):
+            if other.client == txn.client and other.imposed and _holds_back(other):
                 return True
         return False
 
@@ -183,7 +190,7 @@ class TransactionManager:
             if txn.deferred and txn.client not in blocked:
                 txn.deferred = False
                 ready.append(txn)
-            if txn.deferred or not txn.fully_locked:
+            if _holds_back(txn):
                 blocked.add(txn.client)
         return ready
 

@@ -66,8 +66,8 @@ class LockManager:
 
     def acquire(self, ttid: bytes, oid: bytes, past_locked: bool = False) -> bytes | None:
         """Take the write lock on oid for ttid; return the holder if taken.
-        ``past_locked``: a holder that is locked (being committed: it will
-        be, whatever happens, see ``current``) does not keep it."""
+        ``past_locked``: a holder that is locked (being committed, see
+        ``current``) does not keep it."""
         holder = self.write_locks.get(oid)
         if holder is None or holder == ttid or (past_locked and self._locked(holder)):
             self.write_locks[oid] = ttid
