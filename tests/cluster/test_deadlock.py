@@ -60,8 +60,12 @@ def test_opposite_orders_on_two_storages(two_storages):
     try:
         one, ten = _pickle(101), _pickle(110)  # +1 (T1) and +10 (T2) on each object
         t1, t2 = TransactionMetaData(), TransactionMetaData()
-        s1.tpc_begin(t1)  # the older
+        # each TTID read before going on (tpc_begin does not wait for it):
+        # T1 gets the older one, and the stores leave as they are made
+        s1.tpc_begin(t1)
+        s1._commit(t1).known_ttid()
         s2.tpc_begin(t2)
+        s2._commit(t2).known_ttid()
 
         def settled(storage, nid):
             """A barrier: a request on the same connection, answered after

@@ -183,8 +183,12 @@ def test_read_current_deadlock(one_storage):
         db.close()
     s1, s2 = Storage(**cluster.client_kwargs()), Storage(**cluster.client_kwargs())
     t1, t2 = TransactionMetaData(), TransactionMetaData()
-    s1.tpc_begin(t1)  # the older TTID
+    # each TTID read before going on (tpc_begin does not wait for it): T1
+    # gets the older one, and the stores leave as they are made
+    s1.tpc_begin(t1)
+    s1._commit(t1).known_ttid()
     s2.tpc_begin(t2)
+    s2._commit(t2).known_ttid()
     # each step is settled on the (only) storage before the next one: a
     # load on the same connection is answered after it
     s1.store(oid_b, serial_b, data, "", t1)  # the first store leaves at once

@@ -24,6 +24,7 @@ def test_vote_after_a_storage_dropped_the_transaction(cluster):
         storage.tpc_begin(txn)
         storage.store(oid, z64, b"kept by the other replica", "", txn)
         commit = storage._commit(txn)
+        commit.known_ttid()  # the store sent, if it waited for the TTID
         commit._process(block=True)  # both storages answered the store
         assert len(commit.involved) == 2  # replicas 1: every cell on both
         nid = max(commit.involved)

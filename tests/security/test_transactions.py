@@ -3,6 +3,7 @@ abort, vote, finish, fail or store into it; a storage never says "locked"
 for a transaction it dropped; an imposed TID is bounded."""
 from __future__ import annotations
 
+import hashlib
 import time
 
 import pytest
@@ -133,3 +134,36 @@ def test_idle_imposed_transaction_does_not_block_other_commits(cluster):
             blocker.finish(ttid, [])  # aborted meanwhile
     finally:
         blocker.close()
+
+
+def test_failed_vote_for_a_storage_back_since_the_begin_is_ignored(cluster):
+    """A storage that was down at the begin and came back before the stores
+    may be in the client's table and fail it: the master used to refuse the
+    whole FailedVote (DENIED, "not involved"), which failed the commit.  It
+    ignores that storage now; the storage refuses to lock what it never got,
+    and the commit completes on the other replica."""
+    from neozodb.cli.cluster import wait_until
+    from neozodb.protocol import NodeTypes, make_nid
+    s1, s2 = (make_nid(NodeTypes.STORAGE, i) for i in (1, 2))
+    cluster.storage(2).kill()
+    wait_until(lambda: cluster.storage_state("S2") is NodeStates.DOWN, 30, "S2 down")
+    owner = Client(cluster)
+    try:
+        oid = owner.new_oid()
+        ttid = owner.begin()
+        cluster.storage(2).start()
+        wait_until(lambda: cluster.storage_state("S2") is NodeStates.RUNNING, 30, "S2 back")
+        data = b"on S1 only"
+        s1_conn = owner.conn(s1)
+        s1_conn.call(Packets.AskStoreObject, oid, bytes(8), 0, hashlib.sha1(data).digest(),
+                     data, None, ttid, timeout=30)
+        s1_conn.call(Packets.AskStoreTransaction, ttid, b"user", b"desc", b"", [oid], None,
+                     timeout=30)
+        owner.master.call(Packets.FailedVote, ttid, [s2], timeout=30)  # DENIED before
+        tid = owner.finish(ttid, [oid])
+    finally:
+        owner.close()
+    assert load(cluster, oid) == data
+    assert u64(tid) > 0
+    wait_until(lambda: cluster.all_up_to_date(), 60, "S2 replicated")
+    assert cluster.cluster_state() == "RUNNING"

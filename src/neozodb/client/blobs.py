@@ -59,13 +59,14 @@ def upload(commit, oid: bytes, filename: str) -> tuple[bytes, int]:
     partition, as the blob ``oid`` gets in ``commit``'s transaction;
     (SHA-256, size) of what was sent.  The last answers are waited for at
     the vote (``Uploads``)."""
-    # Not waiting for a pipelined copy's TID to be accepted (Commit._begun):
+    # Not waiting for a pipelined copy's TID to be accepted (Commit.known_ttid):
     # that would send the transaction's deferred stores now, maybe before
     # those of the transactions copied before it, whose votes are still to
     # come.  Their locks taken first, those votes would wait for them and
     # this transaction, not voted before them, would never give them back.
     # A content uploaded for a TID the master then refuses is dropped with
     # the transaction's abort.
+    ttid = commit.known_ttid()
     conns = []
     for nid in commit._cells(oid):
         try:
@@ -93,7 +94,7 @@ def upload(commit, oid: bytes, filename: str) -> tuple[bytes, int]:
             hasher.update(data)
             size += len(data)
             for conn in conns:
-                conn.ask(Packets.AskStoreBlobChunk, commit.ttid, oid, n, data,
+                conn.ask(Packets.AskStoreBlobChunk, ttid, oid, n, data,
                          queue=uploads.queue, token=(oid, n))
                 uploads.pending += 1
                 uploads.conns.add(conn)

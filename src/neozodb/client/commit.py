@@ -24,10 +24,13 @@ STORE, CHECK, RELOCK, VOTE = "store", "check", "relock", "vote"
 
 
 class Commit:
-    def __init__(self, app, storage, txn, ttid: bytes, compress_level: int | None) -> None:
+    def __init__(self, app, storage, txn, ttid: bytes | None, compress_level: int | None
+                 ) -> None:
         self.app = app
         self.storage = storage  # the ZODB Storage: conflict resolution lives there
         self.txn = txn
+        # None until the master's answer to a begin not waited for
+        # (``begin_answer``) gives it
         self.ttid = ttid
         self.level = compress_level
         self.queue: SimpleQueue = SimpleQueue()
@@ -45,9 +48,9 @@ class Commit:
         self.restored: set[bytes] = set()  # oids stored by restore(): never resolved
         self.blob_files: dict[bytes, str] = {}  # oid -> its blob's file (client/blobs.py)
         self.imposed = False  # begun with a TID of its own (restore, copy): ttid == tid
-        # the master's answer to an imposed begin not waited for (tpc_begin
-        # wait=False): checked at the vote, which sends the stores deferred
-        # until then
+        # the master's answer to a begin not waited for: read when the TTID
+        # is needed or at the vote.  Stores wait in ``deferred`` meanwhile,
+        # their cells looked up only after the answer (``_send_store``).
         self.begin_answer: SimpleQueue | None = None
         self.deferred: list[tuple] = []
         self.conflict_error: Exception | None = None
@@ -122,20 +125,27 @@ class Commit:
                 compression, stored = add_tail(compression, stored, *blob)
                 checksum = hashlib.sha1(stored).digest()
                 self.blobs[oid] = blob
-        args = (oid, serial, compression, checksum, stored, data_serial, self.ttid)
-        nids = self._cells(oid)
+        args = (oid, serial, compression, checksum, stored, data_serial)
         token = (STORE, oid, serial)
         if self.begin_answer is not None:
-            # our TID is not accepted yet, and the stores of the
-            # transactions a pipelined copy begun after us must not reach a
-            # storage first: they wait for our vote
-            self.deferred += [(nid, args, token) for nid in nids]
-            return
+            if self.imposed or self.begin_answer.empty():
+                # our TTID is not known yet; or, in a pipelined copy, our
+                # TID is not accepted yet and the stores of the transactions
+                # begun after us must not reach a storage first: they wait
+                # for our vote
+                self.deferred.append((args, token))
+                return
+            self._begun()
+        self._send_store(args, token)
+
+    def _send_store(self, args: tuple, token: tuple, buffer: bool = False) -> None:
+        nids = self._cells(args[0])
+        args += (self.ttid,)
         # The first store leaves at once (its answer comes back while the
         # application goes on), unless the vote may follow it in the same
         # write (early vote: one write, one answer, instead of two); the
         # following ones are batched until vote.
-        buffer = self.pending > 0 or self._alone_on(nids)
+        buffer = buffer or self.pending > 0 or self._alone_on(nids)
         for nid in nids:
             self._send(nid, Packets.AskStoreObject, args, token, buffer=buffer)
 
@@ -190,6 +200,7 @@ class Commit:
         return gone
 
     def check_current(self, oid: bytes, serial: bytes) -> None:
+        self.known_ttid()
         self.checked[oid] = serial
         for nid in self._cells(oid):
             self._send(nid, Packets.AskCheckCurrentSerial, (self.ttid, oid, serial), (CHECK, oid, serial))
@@ -209,6 +220,7 @@ class Commit:
         merged by conflict resolution (old: undone revision, committed: the
         current one, new: the data before the undone transaction), or
         UndoError is raised."""
+        self.known_ttid()
         app = self.app
         pt = app.pt
         with app.lock:
@@ -372,7 +384,10 @@ class Commit:
         self.store(oid, conflict, new)
 
     # -- two-phase commit ---------------------------------------------------------------
-    def _begun(self) -> None:
+    def _answered(self) -> None:
+        """Read the master's answer to a begin not waited for: the TTID
+        (or, imposed, the TID accepted).  Everything the master sent before
+        it (node and partition table changes) is read before it too."""
         queue, self.begin_answer = self.begin_answer, None
         if queue is None:
             return
@@ -381,12 +396,28 @@ class Commit:
             raise StorageTransactionError(f"tpc_begin refused: {error.message}")
         if error is not None:
             raise StorageTransactionError(f"tpc_begin failed: {error}")
-        if result[0] != self.ttid:
+        if self.ttid is None:
+            self.ttid = result[0]
+            self.app.transactions[self.ttid] = self
+        elif result[0] != self.ttid:
             raise StorageTransactionError(
                 f"tpc_begin failed: the master began {result[0].hex()} for {self.ttid.hex()}")
+
+    def _begun(self) -> None:
+        """The begin answered, and the stores deferred until then sent."""
+        self._answered()
         deferred, self.deferred = self.deferred, []
-        for nid, args, token in deferred:
-            self._send(nid, Packets.AskStoreObject, args, token, buffer=True)
+        for args, token in deferred:
+            self._send_store(args, token, buffer=True)
+
+    def known_ttid(self) -> bytes:
+        """The TTID, for a request that carries it, after the stores
+        deferred until the begin's answer.  An imposed TID is known from
+        the start, and a pipelined copy's stores wait for the vote
+        (``store``)."""
+        if not self.imposed:
+            self._begun()
+        return self.ttid
 
     def vote(self) -> list[bytes]:
         self._begun()
@@ -536,6 +567,11 @@ class Commit:
 
     def abort(self) -> None:
         app = self.app
+        if self.begin_answer is not None:
+            try:
+                self._answered()
+            except StorageTransactionError:
+                return  # no transaction began: nothing to drop
         for nid in self.involved:
             conn = app._storages.get(nid)
             if conn is not None and not conn.closed:

@@ -304,17 +304,27 @@ class Storage(BlobStorageMethods, ConflictResolvingStorage):
         the cluster committed or gave to a transaction in progress, else
         StorageTransactionError.  ``status`` is accepted and ignored (the
         protocol has no way to store it: transactions read back ' ').
-        ``wait`` false, with a ``tid``: the master's answer is only checked
-        at the vote, which raises then (a pipelined copy)."""
+        Without a ``tid``, the master's answer (the TTID) is not waited
+        for here but when the transaction first needs it, at the latest at
+        the vote, which raises if the begin failed.  ``wait`` false, with a
+        ``tid``: the same, and the stores wait for the vote (a pipelined
+        copy)."""
         self._check_writable()
         with self._lock:
             if txn in self._commits:
                 raise POSException.StorageTransactionError("duplicate tpc_begin calls for same transaction")
-        if tid is not None and not wait:
-            master = self.app.get_master()
+        if tid is None or not wait:
+            # the answer is read when the TTID is needed, at the latest at
+            # the vote: the round trip overlaps the application's work
+            # (serialization, stores) in between
+            try:
+                master = self.app.get_master()
+                queue = master.ask(Packets.AskBeginTransaction, tid)
+            except ConnectionClosed as e:
+                raise POSException.StorageTransactionError(f"tpc_begin failed: {e}") from None
             commit = Commit(self.app, self, txn, tid, self._compress)
-            commit.imposed = True
-            commit.begin_answer = master.ask(Packets.AskBeginTransaction, tid)
+            commit.imposed = tid is not None
+            commit.begin_answer = queue
             self._begun(txn, commit)
             return
         try:
@@ -333,7 +343,8 @@ class Storage(BlobStorageMethods, ConflictResolvingStorage):
     def _begun(self, txn, commit: Commit) -> None:
         with self._lock:
             self._commits[txn] = commit
-        self.app.transactions[commit.ttid] = commit
+        if commit.ttid is not None:  # else once the master gave it
+            self.app.transactions[commit.ttid] = commit
 
     def store(self, oid: bytes, serial: bytes | None, data: bytes, version: str, txn) -> None:
         self._check_writable()

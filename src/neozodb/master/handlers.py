@@ -218,14 +218,17 @@ class ClientHandler(BaseHandler):
         txn = self._own(conn, ttid, Packets.FailedVote)
         if txn is None or txn.prepared:
             raise Denied("no transaction %s to vote for" % ttid.hex())
-        strangers = set(nids) - txn.ready
+        failed = set(nids) & txn.ready
+        strangers = set(nids) - failed
         if strangers:
-            # only storages the transaction could write to can fail it
-            log.warning("%s: FailedVote from %s refused: %s not involved in %s", app.label,
-                        conn.label, " ".join(map(nid_str, sorted(strangers))), ttid.hex())
-            raise Denied("storages not involved in the transaction")
-        if app.pt.operational(app.running_storage_nids(), exclude=set(nids)):
-            for nid in nids:
+            # not ready when the transaction began (one that came back
+            # since, in the client's table before its stores): not ours to
+            # drop.  If it is ready at the finish, it refuses to lock what
+            # it never got, and Commits._outdate_refusers deals with it.
+            log.info("%s: FailedVote from %s for %s: %s ignored (not ready at its begin)",
+                     app.label, conn.label, ttid.hex(), " ".join(map(nid_str, sorted(strangers))))
+        if app.pt.operational(app.running_storage_nids(), exclude=failed):
+            for nid in sorted(failed):
                 node = app.nm.get(nid)
                 if node is not None and node.connected:
                     node.conn.close("failed vote of %s" % ttid.hex())

@@ -1,0 +1,88 @@
+"""tpc_begin does not wait for the master's answer (the TTID): the
+application's work until the vote (serialization, stores) overlaps the round
+trip.  The stores wait aside until the answer, and their cells are looked up
+only then: the answer is also a barrier, every node and partition table
+change the master made before it reaches the client before it."""
+from __future__ import annotations
+
+import signal
+import threading
+
+import pytest
+from ZODB.Connection import TransactionMetaData
+from ZODB.POSException import StorageTransactionError
+from ZODB.utils import z64
+
+from neozodb.client import Storage
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _in_thread(work, timeout: float = 20.0) -> None:
+    """Run ``work()`` and fail if it does not return within ``timeout``."""
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            work()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), "blocked (waiting for the stopped master?)"
+    if errors:
+        raise errors[0]
+
+
+def test_begin_and_stores_do_not_wait_for_the_master(one_storage):
+    cluster = one_storage
+    master = cluster.nodes["M1"]
+    storage = Storage(**cluster.client_kwargs())
+    looked_up = []  # the TTID known at each cell lookup
+    try:
+        oid = storage.new_oid()
+        txn = TransactionMetaData()
+        writable_cells = storage.app.writable_cells
+
+        def recorded(oid_or_tid):
+            looked_up.append(storage._commit(txn).ttid)
+            return writable_cells(oid_or_tid)
+        storage.app.writable_cells = recorded
+        master.signal(signal.SIGSTOP)
+        try:
+            _in_thread(lambda: storage.tpc_begin(txn))
+            _in_thread(lambda: storage.store(oid, z64, b"stored before the TTID", "", txn))
+            commit = storage._commit(txn)
+            assert commit.ttid is None and commit.deferred
+        finally:
+            master.signal(signal.SIGCONT)
+        storage.tpc_vote(txn)
+        tid = storage.tpc_finish(txn)
+    finally:
+        storage.close()
+    assert looked_up and None not in looked_up
+    reader = Storage(**cluster.client_kwargs())
+    try:
+        assert reader.load(oid) == (b"stored before the TTID", tid)
+    finally:
+        reader.close()
+
+
+def test_a_begin_that_failed_is_reported_at_the_vote(one_storage):
+    cluster = one_storage
+    master = cluster.nodes["M1"]
+    storage = Storage(**cluster.client_kwargs())
+    try:
+        oid = storage.new_oid()
+        txn = TransactionMetaData()
+        master.signal(signal.SIGSTOP)
+        _in_thread(lambda: storage.tpc_begin(txn))
+        _in_thread(lambda: storage.store(oid, z64, b"never committed", "", txn))
+        master.kill()  # the connection closes with the begin unanswered
+        with pytest.raises(StorageTransactionError, match="tpc_begin failed"):
+            storage.tpc_vote(txn)
+        _in_thread(lambda: storage.tpc_abort(txn))
+        assert not storage._commits and not storage.app.transactions
+    finally:
+        storage.close()
