@@ -14,8 +14,20 @@ from neozodb.net.threaded import wait_any
 from neozodb.protocol import ErrorCodes, Packets, p64, u64
 from neozodb.protocol.blobs import BLOB_FLAG
 
+#: Misses on consecutive oids before the next ones are read ahead.
+READ_AHEAD_AFTER = 3
+#: How many: the default of the client's ``read_ahead`` option.
+READ_AHEAD = 32
+
 
 class Loads:
+    #: oids read ahead (prefetched with the load that missed) once loads
+    #: miss the cache on consecutive oids; 0: never (the ``read_ahead``
+    #: option of the client)
+    read_ahead = READ_AHEAD
+    _next_miss = -1  # the oid that continues the run of misses
+    _misses = 0  # the length of that run
+
     def _object_data(self, answer, verify: bool = True) -> bytes | None:
         oid, serial, _, compression, checksum, data, _ = answer
         result = decompress(oid, serial, compression, checksum, data, verify)
@@ -35,7 +47,19 @@ class Loads:
             item = self.cache.load(oid, before_tid)
             if item is not None:
                 return item
-            loading = self._start_loading(oid)
+            ahead = self._ahead(oid)
+            if not ahead:
+                loading = self._start_loading(oid)
+        if ahead:
+            # objects created together have consecutive oids, and are often
+            # read together (a container's values): one pipelined round
+            # trip for the next ones too
+            self.prefetch(ahead, before_tid)
+            with self.lock:
+                item = self.cache.load(oid, before_tid)
+                if item is not None:
+                    return item
+                loading = self._start_loading(oid)  # not cached: the load says why
         try:
             try:
                 answer, data = self.ask_storage(oid, Packets.AskObject, oid, None, before_tid,
@@ -52,6 +76,18 @@ class Loads:
             return result
         finally:
             self._end_loading(oid, loading)
+
+    def _ahead(self, oid: bytes) -> list[bytes]:
+        """With self.lock held, at a cache miss: oid and the oids to read
+        ahead with it, or [] for oid alone."""
+        n = u64(oid)
+        self._misses = self._misses + 1 if n == self._next_miss else 1
+        self._next_miss = n + 1
+        count = self.read_ahead
+        if self._misses < READ_AHEAD_AFTER or not count:
+            return []
+        self._next_miss = n + 1 + count
+        return [p64(i) for i in range(n, n + 1 + count)]
 
     def _start_loading(self, oid: bytes) -> list:
         # with self.lock held: invalidations of oid are recorded until the end

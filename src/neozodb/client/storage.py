@@ -37,6 +37,7 @@ from neozodb.client.compress import parse_compress
 from neozodb.client.copying import copy as copy_transactions
 from neozodb.client.errors import NEOStorageError
 from neozodb.client.iteration import loads_extension, transaction_description
+from neozodb.client.loads import READ_AHEAD
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.net.tls import load_contexts
 from neozodb.protocol import ZERO_TID, ErrorCodes, Packets
@@ -72,9 +73,11 @@ class Storage(BlobStorageMethods, ConflictResolvingStorage):
                  features: bool = True, ca: str | None = None, cert: str | None = None,
                  key: str | None = None, pack_gc: bool = True, blob_dir: str | None = None,
                  blob_cache_size: int | None = None, blob_cache_size_check: int = 10,
-                 **kw) -> None:
+                 read_ahead: int = READ_AHEAD, **kw) -> None:
         if kw:
             raise TypeError("unexpected options: " + ", ".join(sorted(kw)))
+        if isinstance(read_ahead, bool) or not isinstance(read_ahead, int) or read_ahead < 0:
+            raise ValueError(f"read_ahead: not a count of objects: {read_ahead!r}")
         tls = None
         if ca or cert or key:
             # TLSConfigError (a ValueError) names what does not work
@@ -99,6 +102,7 @@ class Storage(BlobStorageMethods, ConflictResolvingStorage):
                              cache_size=cache_size, connect_timeout=connect_timeout,
                              ignore_wrong_checksum=ignore_wrong_checksum, keepalive=keepalive,
                              features=features, tls=tls)
+        self.app.read_ahead = read_ahead
         self._commits: dict[object, Commit] = {}
         self._lock = threading.Lock()
         self._records: tuple | None = None  # (cursor, RecordIteration) of record_iternext

@@ -120,6 +120,7 @@ class NEOStorageConfig:
             "read_only": c.read_only,
             "compress": c.compress,
             "cache_size": c.cache_size,
+            "read_ahead": c.read_ahead,
             "logfile": c.logfile,
             "ignore_wrong_checksum": c.ignore_wrong_checksum,
             "pack_gc": c.pack_gc,
