@@ -87,7 +87,7 @@ class Loads:
         if self._misses < READ_AHEAD_AFTER or not count:
             return []
         self._next_miss = n + 1 + count
-        return [p64(i) for i in range(n, n + 1 + count)]
+        return [p64(i) for i in range(n, min(n + 1 + count, 1 << 64))]
 
     def _start_loading(self, oid: bytes) -> list:
         # with self.lock held: invalidations of oid are recorded until the end
