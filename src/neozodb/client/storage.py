@@ -40,7 +40,7 @@ from neozodb.client.iteration import loads_extension, transaction_description
 from neozodb.client.loads import READ_AHEAD
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.net.tls import load_contexts
-from neozodb.protocol import ZERO_TID, ErrorCodes, Packets
+from neozodb.protocol import ZERO_TID, Packets
 from neozodb.protocol.features import ORDERED_COPY
 
 __all__ = ["Storage", "NEOStorageError", "loads_extension"]
@@ -317,31 +317,18 @@ class Storage(BlobStorageMethods, ConflictResolvingStorage):
         with self._lock:
             if txn in self._commits:
                 raise POSException.StorageTransactionError("duplicate tpc_begin calls for same transaction")
-        if tid is None or not wait:
-            # the answer is read when the TTID is needed, at the latest at
-            # the vote: the round trip overlaps the application's work
-            # (serialization, stores) in between
-            try:
-                master = self.app.get_master()
-                queue = master.ask(Packets.AskBeginTransaction, tid)
-            except ConnectionClosed as e:
-                raise POSException.StorageTransactionError(f"tpc_begin failed: {e}") from None
-            commit = Commit(self.app, self, txn, tid, self._compress)
-            commit.imposed = tid is not None
-            commit.begin_answer = queue
-            self._begun(txn, commit)
-            return
+        # the answer is read when the TTID is needed, at the latest at the
+        # vote: the round trip overlaps the application's work
+        # (serialization, stores) in between
         try:
-            (ttid,) = self.app.get_master().call(Packets.AskBeginTransaction, tid, timeout=None)
-        except RemoteError as e:
-            if tid is not None and e.code is ErrorCodes.DENIED:
-                raise POSException.StorageTransactionError(
-                    f"tpc_begin refused: {e.message}") from None
-            raise POSException.StorageTransactionError(f"tpc_begin failed: {e}") from None
+            queue = self.app.get_master().ask(Packets.AskBeginTransaction, tid)
         except ConnectionClosed as e:
             raise POSException.StorageTransactionError(f"tpc_begin failed: {e}") from None
-        commit = Commit(self.app, self, txn, ttid, self._compress)
+        commit = Commit(self.app, self, txn, tid, self._compress)
         commit.imposed = tid is not None
+        commit.begin_answer = queue
+        if tid is not None and wait:
+            commit._answered()  # raises if the TID is refused
         self._begun(txn, commit)
 
     def _begun(self, txn, commit: Commit) -> None:
