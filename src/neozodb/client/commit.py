@@ -11,7 +11,7 @@ from queue import SimpleQueue
 from ZODB.POSException import ConflictError, ReadConflictError, StorageTransactionError, UndoError
 
 from neozodb.client.compat import has_features
-from neozodb.client.compress import compress
+from neozodb.deflate import compress_record
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.net.threaded import wait_any
 from neozodb.protocol import MAX_TID, ZERO_HASH, ZERO_TID, ErrorCodes, Packets, nid_str, p64, u64
@@ -120,7 +120,7 @@ class Commit:
         elif raw is not None:
             compression, stored, checksum = raw
         else:
-            compression, stored, checksum = compress(data, self.level)
+            compression, stored, checksum = compress_record(data, self.level)
             if blob is not None:
                 compression, stored = add_tail(compression, stored, *blob)
                 checksum = hashlib.sha1(stored).digest()

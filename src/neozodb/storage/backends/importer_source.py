@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import zlib
 from collections.abc import Callable, Iterator
 
 from ZODB.blob import is_blob_record
@@ -19,6 +18,7 @@ from ZODB.interfaces import IBlobStorage
 from ZODB.POSException import POSKeyError
 from ZODB.utils import p64, u64
 
+from neozodb.deflate import DEFAULT_LEVEL, compress_record
 from neozodb.protocol.blobs import CHUNK
 
 from .records import ZERO_HASH
@@ -136,16 +136,13 @@ def extension_bytes(txn) -> bytes:
 
 def pack_record(oid: int, data: bytes | None, data_txn: int | None,
                 level: int | None, blob: str | None = None) -> ImportRecord:
-    """A record as stored: zlib-compressed when that makes it smaller (as
-    clients do), with the SHA-1 of the stored bytes (a blob revision's
-    tail is added once its content is copied)."""
+    """A record as stored: compressed as clients do (neozodb/deflate.py),
+    with the SHA-1 of the stored bytes (a blob revision's tail is added
+    once its content is copied)."""
     if data is None:
         return oid, 0, ZERO_HASH, None, data_txn, None
-    if level is not None and len(data) > 32:
-        packed = zlib.compress(data, level)
-        if len(packed) < len(data):
-            return oid, 1, hashlib.sha1(packed).digest(), packed, data_txn, blob
-    return oid, 0, hashlib.sha1(data).digest(), data, data_txn, blob
+    compression, stored, checksum = compress_record(data, level)
+    return oid, compression, checksum, stored, data_txn, blob
 
 
 # -- blob files ---------------------------------------------------------------------------------
@@ -253,7 +250,7 @@ def read_source(storage, after: int, upto: int, compress: bool = True,
     silently on damaged data, logging a warning): nothing of the damaged
     transaction is returned.  ``stop()`` is checked between transactions.
     """
-    level = 6 if compress else None
+    level = DEFAULT_LEVEL if compress else None
     iterator = storage.iterator(p64(after + 1), p64(upto))
     size = getattr(iterator, '_file_size', None)
     txn = records = None
