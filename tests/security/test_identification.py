@@ -19,6 +19,7 @@ from neozodb.net.endpoint import RemoteError
 from neozodb.net.threaded import ThreadedConnection
 from neozodb.protocol import (
     HANDSHAKE,
+    CellStates,
     ClusterStates,
     Decoder,
     ErrorCodes,
@@ -209,3 +210,56 @@ def test_unknown_storage_neither_decides_the_table_nor_holds_recovery(cluster):
         assert ctl.call(Packets.AskClusterState)[0] is ClusterStates.RUNNING
     finally:
         ctl.close()
+
+
+def test_a_late_answer_with_an_older_table_is_ignored(cluster):
+    """In recovery, a storage that announced an older table and answers
+    for it only once a storage with a newer table came (whose table was
+    loaded, and the cluster started) does not give the master its table
+    back.  Before, it did, whenever it came: test_crash.py found it under
+    load, the master then ran on a table where a storage that lacked the
+    last commits was UP_TO_DATE, and a client read from it a revision
+    older than an acknowledged commit."""
+    oid, _ = commit_one(cluster, b"before")
+    cluster.nodes["S2"].signal(signal.SIGKILL)
+    cluster.nodes["S2"].wait(10)
+    wait_until(lambda: "U" not in cluster.cells()["S2"], 30, "S2's cells outdated")
+    commit_one(cluster, b"after", oid)  # S2 lacks it
+    cluster.nodes["S1"].signal(signal.SIGKILL)
+    cluster.nodes["S1"].wait(10)
+    wait_until(lambda: cluster.cluster_state() == "RECOVERING", 30, "recovery")
+    master_log = cluster.nodes["M1"].logfile
+    with open(master_log) as f:
+        seen = len(f.read())
+    asked: dict[str, int] = {}
+
+    def reply(conn, msg_id, packet, args):
+        if packet is Packets.AskRecovery:  # table 1: the cluster's first
+            conn.answer(msg_id, Packets.AnswerRecovery, 1, None, None)
+        elif packet is Packets.AskPartitionTable:
+            asked["msg_id"] = msg_id  # answered later
+    # S2 as it was before its cells were outdated, slow to answer
+    stale = Recorder(reply)
+    conn = ThreadedConnection(cluster.master_address, stale)
+    conn.connect()
+    try:
+        conn.call(Packets.RequestIdentification, NodeTypes.STORAGE,
+                  make_nid(NodeTypes.STORAGE, 2), (b"127.0.0.1", 1), b"test", None, {},
+                  timeout=10)
+        stale.wait(lambda r: "AskPartitionTable" in r.names(), 10, "S2 asked for its table")
+        cluster.storage(1).start()  # with the newer table
+        cluster.wait_state("RUNNING", 60)
+        rows = [[(1, CellStates.UP_TO_DATE), (2, CellStates.UP_TO_DATE)]
+                for _ in range(cluster.partitions)]
+        conn.answer(asked["msg_id"], Packets.AnswerPartitionTable, 1, 1, rows)
+
+        def ignored():
+            with open(master_log) as f:
+                return "partition table 1 of S2 ignored" in f.read()[seen:]
+        wait_until(ignored, 30, "the late table to be ignored")
+        assert "U" not in cluster.cells()["S2"]
+    finally:
+        conn.close()
+    with open(master_log) as f:
+        assert "partition table 1 loaded" not in f.read()[seen:]
+    assert load(cluster, oid) == b"after"

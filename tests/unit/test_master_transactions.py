@@ -487,6 +487,44 @@ def test_storage_lost_lets_commit_complete_without_it():
     assert tm.last_tid == txn.tid
 
 
+
+def test_a_transaction_no_storage_locked_is_never_committed():
+    """Its storages were lost before they locked it (the last one between
+    two checks that the cluster is operational, or before the finish): it
+    completes as lost, and the last TID stays.  Before: reported
+    committed, held by no storage (test_crash.py lost an acknowledged
+    commit so, under load)."""
+    tm = TransactionManager(12)
+    txn = tm.begin(1, T0)
+    tm.prepare(txn.ttid, T0, [], {1, 2})
+    txn.cells = {0: {1, 2}, 5: {1, 2}}
+    tm.storage_lost(1)
+    assert tm.committable() == []
+    tm.storage_lost(2)
+    assert tm.committable() == [txn]
+    assert txn.lost and tm.last_tid == 0
+    # nobody writable at the finish: the same
+    empty = tm.begin(1, T0)
+    tm.prepare(empty.ttid, T0, [], set())
+    empty.cells = {3: set()}
+    assert tm.committable() == [empty]
+    assert empty.lost and tm.last_tid == 0
+
+
+@pytest.mark.parametrize("lockers, lost", [({2}, False), ({1}, True), ({1, 3}, False)])
+def test_each_partition_needs_one_storage_that_locked(lockers, lost):
+    tm = TransactionManager(12)
+    txn = tm.begin(1, T0)
+    tm.prepare(txn.ttid, T0, [], {1, 2, 3})
+    txn.cells = {0: {1, 2}, 3: {2, 3}}
+    for nid in lockers:
+        tm.locked(txn.ttid, nid)
+    for nid in {1, 2, 3} - lockers:
+        tm.storage_lost(nid)
+    assert tm.committable() == [txn]
+    assert txn.lost is lost
+    assert tm.last_tid == (0 if lost else txn.tid)
+
 def test_storage_lost_unblocks_the_queue_head():
     tm = TransactionManager(12)
     t1 = tm.begin(1, T0)

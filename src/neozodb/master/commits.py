@@ -215,8 +215,11 @@ class Commits:
         replay it anyway)."""
         ttid = p64(txn.ttid)
         conn, msg_id = txn.finish_request
-        log.error("%s: transaction %s of %s lost: %s refused to lock it", self.label,
-                  ttid.hex(), nid_str(txn.client), " ".join(map(nid_str, sorted(txn.refused))))
+        unlocked = sorted(p for p, nids in txn.cells.items() if not nids & txn.locked)
+        log.error("%s: transaction %s of %s lost: no storage locked partition(s) %s (refused"
+                  " by: %s; the others were lost first)", self.label, ttid.hex(),
+                  nid_str(txn.client), " ".join(map(str, unlocked)),
+                  " ".join(map(nid_str, sorted(txn.refused))) or "none")
         conn.error(msg_id, ErrorCodes.INCOMPLETE_TRANSACTION,
                    "transaction %s is not held by the storages any more" % ttid.hex())
         for nid in txn.locked:

@@ -39,6 +39,7 @@ class Recovery:
         self.electing = True
         electing = asyncio.ensure_future(election.run(self))
         self.pt, self.inherited_pt = self.inherited_pt, None
+        self._loading_pt = None  # an answer asked for by an earlier recovery is ignored
         self.recovery.clear()
         # storages whose table was refused (it does not hold them)
         self.pt_refused: set[int] = set()
@@ -138,6 +139,14 @@ class Recovery:
 
         def answered(conn, result, error):
             timer.cancel()
+            if self._loading_pt != (node.nid, ptid):
+                # superseded: a storage with a newer table came meanwhile,
+                # whose table is loaded (recovery may even be over).  Taken
+                # late, this older one would give cells back to a storage
+                # that lacks what was committed since
+                log.info("%s: partition table %s of %s ignored: a newer one was asked for",
+                         self.label, ptid, node.label)
+                return
             self._loading_pt = None
             if error is None:
                 got_ptid, replicas, rows = result

@@ -62,8 +62,12 @@ class Txn:
 
     @property
     def lost(self) -> bool:
-        """Some partition it wrote to was locked by none of its storages."""
-        return bool(self.refused) and any(not nids & self.locked for nids in self.cells.values())
+        """Some partition it wrote to was locked by none of its storages:
+        they refused, or were lost before they locked it (the last of them
+        may go between two checks that the cluster is operational), or there
+        was none at the finish.  Never reported committed: nothing of that
+        partition is durable anywhere."""
+        return any(not nids & self.locked for nids in self.cells.values())
 
 
 def _holds_back(txn: Txn) -> bool:
