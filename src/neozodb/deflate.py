@@ -4,7 +4,7 @@ bytes.
 
 By default the stream is made by ISA-L (the ``isal`` package, in the
 ``client`` extra) when it is installed: on records of a few hundred bytes
-to a few KB it takes a third to a seventh of zlib's time at level 6, for
+to a few KB it takes from half to a seventh of zlib's time at level 6, for
 the same size within a few percent (bench/README.md, "Compression").  Its
 output is an ordinary zlib stream: any zlib, NEO's clients included,
 reads it, and records written by zlib read the same.  ``zlib=N`` asks for

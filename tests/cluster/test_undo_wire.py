@@ -107,6 +107,22 @@ def test_two_undos_of_one_object_in_one_transaction(cluster):
     assert _state(cluster, oid) == (b"A", tid, t1)
 
 
+
+def test_equal_data_in_two_rows_is_the_same_state(cluster):
+    """Storages on SQLite do not deduplicate data by default: a revision
+    that stores again the bytes of an older one gets a row of its own.  An
+    undo of the older one still finds the current state to be the undone
+    one (storage/undo.py, same_state), as when both shared a row."""
+    storage = Storage(cluster.masters, cluster.name)
+    try:
+        oid, (t1, t2, t3) = _revisions(storage, b"A" * 100, b"B" * 100, b"A" * 100)
+        txn = NEOStyleTransaction(storage)
+        assert txn.undo_serials(t2, oid) == (t3, t1, False)
+        # undoing t1 (the creation) from t3 (equal to it): the object goes
+        assert txn.undo_serials(t1, oid) == (t3, None, True)
+    finally:
+        storage.close()
+
 def test_undo_after_a_merged_undo_in_one_transaction(cluster):
     """After a store without back-pointer (an undo merged by conflict
     resolution), AskObjectUndoSerial answers the TTID as current and NEO's

@@ -188,13 +188,15 @@ def test_both_clients_on_every_mix(tmp_path, neo):
     c = mixed_cluster(tmp_path, neo, masters=2)
     try:
         db = ZODB.DB(Storage(c.masters, c.name))
+        # long enough to be stored compressed: ours by ISA-L, NEO's by
+        # zlib, each read by the other (neozodb/deflate.py)
+        ours, theirs = "from neozodb, " * 200, "from NEO, " * 200
         try:
             with db.transaction() as conn:
-                conn.root()["ours"] = "from neozodb"
-            assert neo_client_roundtrip(c, theirs="from NEO") == {
-                "ours": "from neozodb", "theirs": "from NEO"}
+                conn.root()["ours"] = ours
+            assert neo_client_roundtrip(c, theirs=theirs) == {"ours": ours, "theirs": theirs}
             with db.transaction() as conn:
-                assert conn.root()["theirs"] == "from NEO"
+                assert conn.root()["theirs"] == theirs
                 conn.root()["ours"] = "again"
             assert neo_client_roundtrip(c)["ours"] == "again"
         finally:
@@ -202,6 +204,6 @@ def test_both_clients_on_every_mix(tmp_path, neo):
         # both copies hold everything: each storage alone serves it
         c.nodes["S1"].kill()
         wait_until(lambda: "U" not in c.cells()["S1"], 30, "S1 down")
-        assert neo_client_roundtrip(c) == {"ours": "again", "theirs": "from NEO"}
+        assert neo_client_roundtrip(c) == {"ours": "again", "theirs": theirs}
     finally:
         c.kill()

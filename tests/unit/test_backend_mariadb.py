@@ -385,7 +385,6 @@ def neostorage(cwd, *args: str) -> subprocess.CompletedProcess:
     (['-a', 'MySQL', '-d', 'mariadb://u:secret@127.0.0.1:1/neo'], "Can't connect"),
     (['-a', 'MariaDB', '-d', 'neo', '--engine', 'MyISAM'], 'unknown engine'),
     (['-a', 'SQLite', '-d', 'x.sqlite', '--engine', 'InnoDB'], 'option(s): engine'),
-    (['-a', 'SQLite', '-d', 'x.sqlite', '--dedup'], 'option(s): dedup'),
 ])
 def test_bad_database_or_option_is_a_one_line_error(tmp_path, args, message):
     done = neostorage(tmp_path, *args)

@@ -151,7 +151,11 @@ class TestSQLiteBackend(BackendConformance):
         assert {'config', 'pt', 'trans', 'obj', 'data', 'ttrans', 'tobj'} <= tables
         indexes = {name for (name,) in conn.execute(
             "SELECT name FROM sqlite_master WHERE type='index' AND sql IS NOT NULL")}
-        assert {'obj_tid', 'obj_data_id', 'data_hash'} <= indexes
+        assert {'obj_tid', 'obj_data_id'} <= indexes
+        # the hash index that finds identical rows only with dedup; without,
+        # the partial one of blob revisions
+        assert ('data_hash' in indexes) is db.deduplicates
+        assert ('data_blob_hash' in indexes) is not db.deduplicates
         columns = [row[1] for row in conn.execute('PRAGMA table_info(trans)')]
         assert columns == ['partition', 'tid', 'packed', 'oids', 'user', 'description',
                            'ext', 'ttid']
@@ -244,7 +248,10 @@ class TestSQLiteBackend(BackendConformance):
         assert b'b' not in dict(db.connection.execute('SELECT value, id FROM data'))
         db.add_objects(1, [(9, 104, 0, h(b'c'), b'c', None), (13, 104, 0, h(b'a'), b'a', None)])
         after = dict(db.connection.execute('SELECT value, id FROM data'))
-        assert after[b'a'] == ids[b'a']  # deduplicated
+        if db.deduplicates:
+            assert after[b'a'] == ids[b'a']
+        else:
+            assert after[b'a'] > ids[b'b']  # a row of its own, never an old id
         assert after[b'c'] > ids[b'b']
         assert self.commit(db, 108, {17: b'd'})[17] > after[b'c']
 
@@ -297,6 +304,78 @@ def test_open_backend_adapter_names(tmp_path):
         finally:
             db.close()
 
+
+
+class TestSQLiteDedupBackend(TestSQLiteBackend):
+    """Everything again on a database made with ``dedup``."""
+
+    def make_backend(self, tmp_path) -> Backend:
+        return SQLiteBackend(str(tmp_path / 'storage.sqlite'), dedup=True)
+
+
+def _rows(db: SQLiteBackend) -> int:
+    return db.connection.execute('SELECT COUNT(*) FROM data').fetchone()[0]
+
+
+def test_deduplication_is_chosen_when_the_database_is_made(tmp_path):
+    """Without ``dedup`` (the default, as NEO's --dedup) equal data gets a
+    row per store, blob revisions excepted; the database keeps what it was
+    made with, and ``dedup`` given later turns it on for good."""
+    path = str(tmp_path / 'd.sqlite')
+    db = open_backend('SQLite', path)
+    try:
+        assert not db.deduplicates and 'deduplicated' not in db.describe()
+        a, b = (db.store_data(h(b'same'), 0, b'same') for _ in range(2))
+        assert a != b and _rows(db) == 2
+        # blob revisions (BLOB_FLAG) are still found, through their own index
+        c, d = (db.store_data(h(b'blob'), 0x81, b'blob') for _ in range(2))
+        assert c == d and _rows(db) == 3
+        plan = ' '.join(row[3] for row in db.connection.execute(
+            'EXPLAIN QUERY PLAN SELECT id FROM data WHERE hash=? AND compression=? AND value=?'
+            ' AND compression >= 128', (h(b'blob'), 0x81, b'blob')))
+        assert 'data_blob_hash' in plan and 'SCAN' not in plan, plan
+    finally:
+        db.close()
+    db = open_backend('SQLite', path, dedup=True)
+    try:
+        assert db.deduplicates and 'data deduplicated' in db.describe()
+        e = db.store_data(h(b'new'), 0, b'new')
+        assert db.store_data(h(b'new'), 0, b'new') == e
+    finally:
+        db.close()
+    db = open_backend('SQLite', path)  # no option: the index is there, kept
+    try:
+        assert db.deduplicates
+        assert db.store_data(h(b'new'), 0, b'new') == e
+    finally:
+        db.close()
+
+
+def test_a_database_made_with_dedup_keeps_it(tmp_path):
+    """Databases made before dedup was an option have its index: they go
+    on deduplicating without the option."""
+    path = str(tmp_path / 'old.sqlite')
+    SQLiteBackend(path, dedup=True).open()
+    db = open_backend('SQLite', path)
+    try:
+        assert db.deduplicates
+        a = db.store_data(h(b'x'), 0, b'x')
+        assert db.store_data(h(b'x'), 0, b'x') == a
+    finally:
+        db.close()
+
+
+def test_neostorage_dedup_option_on_sqlite(tmp_path):
+    """``neostorage -a SQLite --dedup``: the database is made with it."""
+    from neozodb.cli.config import parse_options
+    from neozodb.cli.storage import _backend_options
+    options = parse_options("storage", ['-c', 'c', '-m', '127.0.0.1:1', '-a', 'SQLite',
+                                        '-d', str(tmp_path / 's.sqlite'), '--dedup'])
+    db = open_backend(options.adapter, options.database, **_backend_options(options))
+    try:
+        assert db.deduplicates
+    finally:
+        db.close()
 
 def test_open_backend_reset(tmp_path):
     path = str(tmp_path / 'r.sqlite')

@@ -347,7 +347,8 @@ def _build_parser(node: str, prog: str | None):
         add("--engine", metavar="NAME", type=_type(_nonempty, "engine"),
             help="MariaDB: storage engine of new tables, InnoDB (default) or RocksDB")
         add("--dedup", action="store_true", default=None,
-            help="MariaDB: a unique index on data hashes, as NEO's --dedup")
+            help="MariaDB: a unique index on data hashes, as NEO's --dedup;"
+            " SQLite: a new database reuses identical data rows (docs/backends.md)")
         add(
             "--replication-rate",
             metavar="BYTES",

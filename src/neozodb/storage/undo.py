@@ -13,11 +13,11 @@ from neozodb.net.connection import HandlerError
 from neozodb.protocol import ErrorCodes, p64, u64
 
 
-def same_state(undone: tuple, current: tuple) -> bool:
+def same_state(undone: tuple, current: tuple, same_data=None) -> bool:
     """Whether two revisions ``(serial, data_id, value_tid)`` hold the same
-    state: same data (back-pointers followed, or the same deduplicated data
-    row), or both deletions.  ``current`` may have no serial (stored by the
-    undoing transaction itself)."""
+    state: same data (back-pointers followed, the same data row, or rows
+    that ``same_data(id, id)`` finds equal), or both deletions.  ``current``
+    may have no serial (stored by the undoing transaction itself)."""
     def data_tid(revision):
         serial, _, value_tid = revision
         return serial if value_tid is None else value_tid
@@ -26,7 +26,19 @@ def same_state(undone: tuple, current: tuple) -> bool:
     if undone[1] == current[1]:
         return True
     tid = data_tid(current)
-    return tid is not None and tid == data_tid(undone)
+    if tid is not None and tid == data_tid(undone):
+        return True
+    # a backend that does not deduplicate keeps equal data in several rows
+    return same_data is not None and same_data(undone[1], current[1])
+
+
+def _same_data(backend, a: int, b: int) -> bool:
+    """Whether data rows ``a`` and ``b`` hold the same bytes (same SHA-1
+    and compression)."""
+    if backend.deduplicates:
+        return False  # equal data would be one row
+    rows = backend.load_data(a), backend.load_data(b)
+    return None not in rows and rows[0][:2] == rows[1][:2]
 
 
 def store_again_ok(previous: tuple, serial: bytes) -> bool:
@@ -80,5 +92,6 @@ def undo_serials(backend, txn, ttid: bytes, ltid: bytes, undone_tid: bytes,
                 raise HandlerError("%s does not exist before %s" % (oid.hex(), ltid.hex()),
                                    ErrorCodes.OID_NOT_FOUND)
             current_serial = p64(current[0])
-        result[oid] = (current_serial, undo_serial, same_state(undone, current))
+        result[oid] = (current_serial, undo_serial, same_state(
+            undone, current, lambda a, b: _same_data(backend, a, b)))
     return result

@@ -94,6 +94,9 @@ class Backend(PartitionMethods, BlobMethods):
         typo in a configuration file is reported at startup.
         """
 
+    #: whether store_data (and replication) reuse an identical data row
+    deduplicates = True
+
     def _reject_options(self, options: dict[str, object]) -> None:
         """Raise ValueError for the ``options`` given (not None): for a
         backend that takes none."""
@@ -327,8 +330,10 @@ class Backend(PartitionMethods, BlobMethods):
         ``oid``, the object it is stored for, may place the row (NEO's
         MySQL schema allocates data ids per partition); backends may ignore it.
 
-        An existing row with the same checksum, compression and bytes is
-        reused.  The row is *held* (an in-memory reference) until
+        A backend that ``deduplicates`` reuses an existing row with the same
+        checksum, compression and bytes; one that does not (SQLite without
+        ``dedup``, as NEO's storages without ``--dedup``) always inserts.
+        The row is *held* (an in-memory reference) until
         ``store_transaction`` references it from ``tobj``, or it is released
         by ``abort_transaction``/``release_data``, so that aborting another
         transaction sharing it cannot delete it.  Not durable by itself: it

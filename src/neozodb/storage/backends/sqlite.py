@@ -45,8 +45,11 @@ from .sqlite_blobs import BLOB_SCHEMA, BLOB_TABLES, SQLiteBlobs
 from .sqlite_schema import (
     _ADD_OBJ,
     _ADD_TRANS,
+    _BLOB_DATA_HASH_INDEX,
     _COMMIT,
+    _DATA_HASH_INDEX,
     _DROP,
+    _HAS_DATA_HASH_INDEX,
     _SCHEMA,
     _SYNC_NORMAL,
     SCHEMA_VERSION,
@@ -68,9 +71,16 @@ class SQLiteBackend(SQLiteBlobs, SQLBackend):
     _SCHEMA = (*_SCHEMA, *BLOB_SCHEMA)
     _DROP = (*_DROP, *(f"DROP TABLE IF EXISTS {table}" for table in BLOB_TABLES))
 
-    def __init__(self, database: str, **options: object) -> None:
+    def __init__(self, database: str, dedup: bool | None = None, **options: object) -> None:
         self._reject_options(options)
         super().__init__(database)
+        # Without it (the default, as NEO's storages without --dedup) no data
+        # row is looked up by hash: the index that finds them costs a store
+        # more than the insert itself (bench/README.md, "Deduplication").
+        # A database that has the index (made with it, or before it was an
+        # option) keeps deduplicating.
+        self._want_dedup = bool(dedup)
+        self.deduplicates = self._want_dedup
         # group commit: the WAL file's descriptor, opened at the first sync
         self._wal_fd: int | None = None
         self._wal_lock = threading.Lock()  # sync() may run in another thread
@@ -99,11 +109,21 @@ class SQLiteBackend(SQLiteBlobs, SQLBackend):
                 os.close(fd)
 
     def describe(self) -> str:
-        return f'SQLite {sqlite3.sqlite_version} database {self.database!r}'
+        return (f'SQLite {sqlite3.sqlite_version} database {self.database!r}'
+                + (', data deduplicated' if self.deduplicates else ''))
 
     def _drop_tables(self) -> None:
         super()._drop_tables()
         self._next_blob = None
+
+    def _create_tables(self) -> None:
+        super()._create_tables()
+        conn = self._conn
+        if self._want_dedup:
+            conn.execute(_DATA_HASH_INDEX)
+        self.deduplicates = conn.execute(_HAS_DATA_HASH_INDEX).fetchone() is not None
+        if not self.deduplicates:
+            conn.execute(_BLOB_DATA_HASH_INDEX)
 
     def _commit(self) -> None:
         self._conn.execute(_COMMIT)

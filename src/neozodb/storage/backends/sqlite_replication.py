@@ -8,10 +8,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 
+from neozodb.protocol.blobs import BLOB_FLAG
+
 from .base import ZERO_HASH, ReplicatedObject, ReplicatedTransaction
 from .sqlite_schema import (
     _ADD_OBJ,
     _ADD_TRANS,
+    _BLOB_ROWS,
     _CHECK_OBJ,
     _CHECK_TRANS,
     _DEL_OBJ,
@@ -64,6 +67,7 @@ _INSERT_DATA_ID = "INSERT INTO data (id, hash, compression, value) VALUES (?, ?,
 _FIND_BATCH = 200
 _FIND_DATA_IN = ("SELECT id, hash, compression, value FROM data WHERE hash IN (%s)"
                  % ", ".join("?" * _FIND_BATCH))
+_FIND_BLOB_DATA_IN = _FIND_DATA_IN + " AND " + _BLOB_ROWS
 #: Below this share of a range's revisions, ``fetch_objects`` reads the
 #: wanted ones one by one rather than the whole range.
 _DENSE = 0.5
@@ -153,7 +157,9 @@ class SQLiteReplication:
         for _, _, compression, checksum, data, _ in records:
             if not (checksum == ZERO_HASH and not data):
                 values[(checksum, compression, data)] = None
-        hashes = list({checksum for checksum, _, _ in values})
+        # without deduplication only blob revisions are looked for
+        hashes = list({checksum for checksum, compression, _ in values
+                       if self.deduplicates or compression & BLOB_FLAG})
         for data_id, checksum, compression, data in self._data_rows(conn, hashes):
             key = (checksum, compression, data)
             if key in values and values[key] is None:
@@ -169,11 +175,13 @@ class SQLiteReplication:
                 for _, _, compression, checksum, data, _ in records]
 
     def _data_rows(self, conn, hashes: list[bytes]) -> Iterator[tuple[int, bytes, int, bytes]]:
-        """(id, hash, compression, value) of the data rows with these hashes."""
+        """(id, hash, compression, value) of the data rows with these hashes
+        (without deduplication, blob revisions' only)."""
+        query = _FIND_DATA_IN if self.deduplicates else _FIND_BLOB_DATA_IN
         for i in range(0, len(hashes), _FIND_BATCH):
             batch = hashes[i:i + _FIND_BATCH]
             batch += batch[-1:] * (_FIND_BATCH - len(batch))
-            yield from conn.execute(_FIND_DATA_IN, batch)
+            yield from conn.execute(query, batch)
 
     def _new_data_ids(self, conn, count: int) -> range:
         """``count`` data ids never used: after the greatest one ever

@@ -8,6 +8,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
+from neozodb.protocol.blobs import BLOB_FLAG
+
 SCHEMA_VERSION = '1'
 
 # Data rows are never referenced below this id without being referenced by
@@ -46,7 +48,6 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS data (
         id INTEGER PRIMARY KEY AUTOINCREMENT, hash BLOB NOT NULL,
         compression INTEGER NOT NULL, value BLOB NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS data_hash ON data (hash, compression)",
     """CREATE TABLE IF NOT EXISTS ttrans (
         partition INTEGER NOT NULL, tid INTEGER, packed BOOLEAN NOT NULL,
         oids BLOB NOT NULL, user BLOB NOT NULL, description BLOB NOT NULL,
@@ -132,6 +133,19 @@ _LAST_SERIALS = ("WITH w(p, o) AS (VALUES %s)"
 _LAST_SERIALS_CHUNK = 250
 _LOAD_DATA = "SELECT hash, compression, value FROM data WHERE id=?"
 
+# Identical data rows are found through this index; a database made with
+# ``dedup`` has it, and so has every database made before dedup became an
+# option (2026-12-03): its presence is what turns deduplication on.
+_DATA_HASH_INDEX = "CREATE INDEX IF NOT EXISTS data_hash ON data (hash, compression)"
+_HAS_DATA_HASH_INDEX = "SELECT 1 FROM sqlite_master WHERE type='index' AND name='data_hash'"
+# Without it, blob revisions are still deduplicated (their content may be
+# large, their rows are few): a partial index holds only their rows, and the
+# queries repeat its condition so that SQLite uses it.
+_BLOB_ROWS = f"compression >= {BLOB_FLAG}"
+_BLOB_DATA_HASH_INDEX = ("CREATE INDEX IF NOT EXISTS data_blob_hash ON data (hash, compression)"
+                         f" WHERE {_BLOB_ROWS}")
+_FIND_BLOB_DATA = ("SELECT id FROM data WHERE hash=? AND compression=? AND value=?"
+                   f" AND {_BLOB_ROWS}")
 _FIND_DATA = "SELECT id FROM data WHERE hash=? AND compression=? AND value=?"
 _INSERT_DATA = "INSERT INTO data (hash, compression, value) VALUES (?, ?, ?)"
 _DEL_DATA = "DELETE FROM data WHERE id=?"

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from neozodb.protocol.blobs import BLOB_FLAG
+
 from .base import ZERO_HASH, PackRequest, TransactionMetadata
 from .sqlite_schema import (
     _APPROVE_TPACK,
@@ -21,6 +23,7 @@ from .sqlite_schema import (
     _DROP_UNFINISHED_TPACK,
     _DROP_UNFINISHED_TTRANS,
     _FINAL_TID,
+    _FIND_BLOB_DATA,
     _FIND_DATA,
     _FLOOR_STEP,
     _GET_TOBJ_TTIDS,
@@ -63,9 +66,11 @@ class SQLiteWrites:
         """(id of an identical data row or of a new one, whether it is new)."""
         conn = self._conn
         params = (checksum, compression, data)
-        row = conn.execute(_FIND_DATA, params).fetchone()
-        if row is not None:
-            return row[0], False
+        if self.deduplicates or compression & BLOB_FLAG:
+            row = conn.execute(_FIND_DATA if self.deduplicates else _FIND_BLOB_DATA,
+                               params).fetchone()
+            if row is not None:
+                return row[0], False
         return conn.execute(_INSERT_DATA, params).lastrowid, True
 
     def hold_data(self, data_id: int) -> None:
