@@ -3,6 +3,7 @@ runs and what the cluster tests start."""
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import socket
@@ -30,8 +31,31 @@ def wait_until(condition, timeout: float, what: str = "condition"):
         delay = min(delay * 1.5, 0.2)
 
 
+def _ephemeral_floor() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A port free now, chosen at random below the kernel's ephemeral range.
+    A port chosen in advance (a node started, or restarted, on a known
+    address) must not be taken meanwhile: the kernel hands out ephemeral
+    ports to every outgoing connection and every bind to port 0 of any
+    process, never ports below that range."""
+    floor = _ephemeral_floor()
+    rnd = random.SystemRandom()
+    for _ in range(200):
+        port = rnd.randrange(max(1024, floor - 10000), floor)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # everything tried is in use: any port
         s.bind((host, 0))
         return s.getsockname()[1]
 
@@ -122,16 +146,13 @@ class LocalCluster:
         self.partitions = partitions
         self.num_storages = storages
         self.loglevel = loglevel
-        # port 0: the node binds any free port and logs it (no race with
-        # other processes for a port chosen in advance)
-        self.master_address = (host, master_port)
-        # several masters must know each other's address before starting:
-        # ports are chosen in advance then (a tiny race, for tests only)
+        # port 0: any free port, chosen in advance (free_port): masters
+        # must know each other's address before starting, and a node
+        # restarted comes back on its address
+        self.master_address = (host, master_port or free_port(host))
         self.master_addresses = [self.master_address] + [
             (host, free_port(host)) for _ in range(masters - 1)]
-        if masters > 1 and not master_port:
-            self.master_addresses[0] = self.master_address = (host, free_port(host))
-        self.admin_address = (host, admin_port)
+        self.admin_address = (host, admin_port or free_port(host))
         self.nodes: dict[str, NodeProcess] = {}
 
     @property
