@@ -78,8 +78,10 @@ def test_what_arrives_unasked_is_handled_by_the_reader_thread(peer):
     assert peer.dispatched_in[0].name.startswith("neozodb reader")
 
 
-def test_waiting_on_several_connections_wakes_their_readers(peer):
-    # the reader thread keeps out for LONG after a direct read, unless told
+@pytest.fixture
+def two(peer):
+    """Two answering peers whose reader threads keep out for LONG: each
+    connection was just read by the thread waiting for its answer."""
     other = Peer(keepalive=30)
     try:
         other.sock.sendall(HANDSHAKE)
@@ -88,15 +90,41 @@ def test_waiting_on_several_connections_wakes_their_readers(peer):
             Responder(p)
             p.conn.call(Packets.AskLastTransaction)
             p.conn.call(Packets.AskLastTransaction)  # read directly: the grace runs
-        queue: SimpleQueue = SimpleQueue()
-        for p in (peer, other):
-            p.conn.ask(Packets.AskLastTransaction, queue=queue, token=p)
-        start = time.monotonic()
-        got = {wait_any(queue, (peer.conn, other.conn))[0] for _ in range(2)}
-        assert got == {peer, other}
-        assert time.monotonic() - start < LONG / 3
+        yield peer, other
     finally:
         other.close()
+
+
+def test_a_thread_waiting_on_several_connections_reads_them_itself(two):
+    threads: list = []
+
+    def hook(result, error):
+        threads.append(threading.current_thread())
+
+    for _ in range(20):
+        queue: SimpleQueue = SimpleQueue()
+        threads.clear()
+        for p in two:
+            p.conn.ask(Packets.AskLastTransaction, queue=queue, token=p, hook=hook)
+        got = {wait_any(queue, [p.conn for p in two])[0] for _ in range(2)}
+        assert got == set(two)
+        assert threads == [threading.current_thread()] * 2
+
+
+def test_waiting_on_several_connections_wakes_their_readers(two):
+    # one of them is read by another thread: the reader threads read for
+    # the waiting one (the reader thread keeps out for LONG unless told)
+    peer, other = two
+    queue: SimpleQueue = SimpleQueue()
+    for p in two:
+        p.conn.ask(Packets.AskLastTransaction, queue=queue, token=p)
+    with other.conn._turn:
+        other.conn._reading = True  # as if another thread read it
+    threading.Timer(0.2, other.conn._end_turn).start()
+    start = time.monotonic()
+    got = {wait_any(queue, (peer.conn, other.conn))[0] for _ in range(2)}
+    assert got == {peer, other}
+    assert time.monotonic() - start < LONG / 3
 
 
 def test_threads_waiting_on_one_connection_read_for_each_other(peer):

@@ -247,9 +247,14 @@ class ClientApp(Loads):
         return cells
 
     # -- storages --------------------------------------------------------------------
-    def storage_conn(self, nid: int) -> ThreadedConnection:
+    def storage_conn(self, nid: int, alive: bool = False) -> ThreadedConnection:
+        """The connection to storage ``nid``, made if needed.  ``alive``:
+        one that the storage may have closed without anybody having read
+        it yet is checked first (``ThreadedConnection.alive``): what a
+        transaction sends on a connection that turns out closed is lost
+        with it, while a new connection would have taken it."""
         conn = self._storages.get(nid)
-        if conn is not None and not conn.closed:
+        if conn is not None and not conn.closed and (not alive or conn.alive()):
             return conn
         # One connection attempt per storage at a time, under that storage's
         # own lock: _storage_lock is only held for a lookup or an update.
@@ -262,7 +267,7 @@ class ClientApp(Loads):
             connecting = self._connecting.setdefault(nid, threading.Lock())
         with connecting:
             conn = self._storages.get(nid)
-            if conn is not None and not conn.closed:
+            if conn is not None and not conn.closed and (not alive or conn.alive()):
                 return conn
             # A storage we could not reach is not waited for again at once:
             # each attempt costs the connection timeout, for every commit

@@ -68,7 +68,7 @@ class Commit:
         conn = self.conn_of.get(nid)
         if conn is None:
             try:
-                conn = self.app.storage_conn(nid)
+                conn = self.app.storage_conn(nid, alive=True)
             except (ConnectionClosed, OSError) as e:
                 log.warning("%s: %s unreachable during %s: %s", self.app.label, nid_str(nid),
                             self.ttid.hex(), e)

@@ -20,10 +20,12 @@ thread does, for what the peer sends unasked (invalidations, pings, the
 end of the connection).  It stays out of the socket for ``DIRECT_GRACE``
 seconds after an application thread read it, as the next request of that
 thread usually follows: a reader thread blocked in ``recv`` would get its
-answer first.  Threads that wait for answers from several connections at
-once (``wait_any``) cannot read them all: they ask the reader threads to
-read meanwhile.  Anyone else waiting on a queue still gets its answers, at
-most ``DIRECT_GRACE`` later.
+answer first.  A thread that waits for answers from several connections
+at once (``wait_any``: the stores and votes of a commit on replicas) reads
+them all itself, polling their sockets, while no other thread reads any of
+them; otherwise it asks their reader threads to read meanwhile.  Anyone
+else waiting on a queue still gets its answers, at most ``DIRECT_GRACE``
+later.
 
 Keep-alive: ``recv`` times out (``SO_RCVTIMEO``, so nothing is added to
 the normal path) after half of ``keepalive`` seconds of silence; the reader
@@ -35,6 +37,7 @@ the handler.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import ssl
 import struct
@@ -496,13 +499,66 @@ class ThreadedConnection:
 
 def wait_any(queue: SimpleQueue, conns: Any, timeout: float | None = None) -> tuple:
     """The next item of ``queue``, whose answers come from ``conns``: read
-    in this thread if they are one connection, else by their reader
-    threads, told to read meanwhile.  Raises ``queue.Empty`` after
-    ``timeout`` seconds."""
-    if len(conns) == 1 and timeout is None:
-        for conn in conns:
-            return conn.wait(queue)
+    in this thread while no other thread reads any of them (``_read_all``),
+    else by their reader threads, told to read meanwhile.  Raises
+    ``queue.Empty`` after ``timeout`` seconds."""
+    if timeout is None:
+        if len(conns) == 1:
+            for conn in conns:
+                return conn.wait(queue)
+        if not queue.empty():
+            return queue.get()
+        item = _read_all(queue, list(conns))
+        if item is not None:
+            return item
     return _wait_for_readers(queue, conns, timeout)
+
+
+def _read_all(queue: SimpleQueue, conns: list) -> tuple | None:
+    """``conn.wait`` for several connections: this thread takes the reading
+    turn of each and polls their sockets, reading what arrives, until
+    ``queue`` has an item (returned).  Waiting for answers from several
+    storages (the stores and votes of a commit on replicas) then costs no
+    wake-up of their reader threads.  None as soon as this cannot go on
+    (another thread reads one of them, one ended, or they were silent for
+    half their keep-alive, which their reader threads handle): the caller
+    then waits for the reader threads."""
+    silence = min(c.keepalive for c in conns) / 2
+    while True:
+        taken = []
+        try:
+            # as conn.wait: the reader threads keep out until we are done
+            until = time.monotonic() + DIRECT_GRACE
+            for conn in conns:
+                conn._direct_until = until
+            for conn in conns:
+                with conn._turn:
+                    if conn._reading or conn._finished is not None:
+                        return None
+                    conn._reading = True
+                taken.append(conn)
+            # an answer may have come while another thread read
+            if not queue.empty():
+                return queue.get()
+            # in our turn and not finished: the socket is open (only the
+            # reader thread closes it, once the connection finished)
+            poller = select.poll()
+            fds = {}
+            for conn in conns:
+                sock = conn.sock
+                fd = getattr(sock, "sock", sock).fileno()  # under TLSSocket, the plain one
+                fds[fd] = conn
+                poller.register(fd, select.POLLIN)
+            ready = poller.poll(silence * 1000 if silence > 0 else None)
+            if not ready:
+                return None
+            for fd, _ in ready:
+                fds[fd]._read_once()
+        finally:
+            for conn in taken:
+                conn._end_turn()
+        if not queue.empty():
+            return queue.get()
 
 
 def _wait_for_readers(queue: SimpleQueue, conns: Any, timeout: float | None) -> tuple:
