@@ -180,6 +180,42 @@ def test_a_reading_thread_pings_a_silent_peer_and_gives_up():
         peer.close()
 
 
+def test_waiting_on_several_connections_pings_a_silent_one_and_gives_up():
+    # the other connection keeps bringing something: the silent one is
+    # still pinged after half its keep-alive, and dropped after the rest
+    silent, busy = Peer(keepalive=0.4), Peer(keepalive=0.4)
+    stop = threading.Event()
+
+    def chatter():
+        while not stop.wait(0.05):
+            busy.sock.sendall(msg(0, Packets.NotifyClusterInformation, ClusterStates.RUNNING))
+
+    try:
+        for p in (silent, busy):
+            p.sock.sendall(HANDSHAKE)
+            p.conn.direct_grace = LONG
+            for _ in range(2):  # read directly: their reader threads keep out
+                queue = p.conn.ask(Packets.AskLastTransaction)
+                msg_id, _, _ = p.read()
+                p.sock.sendall(msg(msg_id, Packets.AnswerLastTransaction, p64(1)))
+                assert p.conn.wait(queue)[2] is None
+        threading.Thread(target=chatter, daemon=True).start()
+        queue: SimpleQueue = SimpleQueue()
+        silent.conn.ask(Packets.AskLastTransaction, queue=queue)
+        start = time.monotonic()
+        _, result, error, conn = wait_any(queue, (silent.conn, busy.conn))
+        assert conn is silent.conn and isinstance(error, ConnectionClosed)
+        assert "keep-alive" in str(error)
+        assert 0.4 - 0.01 <= time.monotonic() - start < 5
+        codes = [silent.read()[1] for _ in range(2)]
+        assert codes == [Packets.AskLastTransaction.code, Packets.Ping.code]
+        assert not busy.conn.closed
+    finally:
+        stop.set()
+        silent.close()
+        busy.close()
+
+
 def test_a_call_with_a_timeout_gives_up(peer):
     # nobody answers: the timeout, not the keep-alive, ends the wait
     start = time.monotonic()

@@ -411,12 +411,7 @@ class ThreadedConnection:
         try:
             data = sock.recv(1 << 16)
         except BlockingIOError:  # nothing for half the keep-alive
-            if self._silent:
-                self._finish(self._keepalive_expired(sock, self._head >= _HANDSHAKE_LEN))
-                return
-            self._silent = True
-            if self._head >= _HANDSHAKE_LEN:  # no Ping before the peer's handshake
-                self._ping()
+            self._quiet()
             return
         except OSError as e:
             self._finish(str(e))
@@ -443,6 +438,16 @@ class ThreadedConnection:
             # read and not handled is lost, so is the connection
             self._finish("interrupted while reading")
             raise
+
+    def _quiet(self) -> None:
+        """In a reading turn, the peer silent for half the keep-alive: a
+        Ping, or the end of the connection if the last one got nothing."""
+        if self._silent:
+            self._finish(self._keepalive_expired(self.sock, self._head >= _HANDSHAKE_LEN))
+            return
+        self._silent = True
+        if self._head >= _HANDSHAKE_LEN:  # no Ping before the peer's handshake
+            self._ping()
 
     def _handle(self, data: bytes) -> None:
         endpoint = self.endpoint
@@ -519,11 +524,12 @@ def _read_all(queue: SimpleQueue, conns: list) -> tuple | None:
     turn of each and polls their sockets, reading what arrives, until
     ``queue`` has an item (returned).  Waiting for answers from several
     storages (the stores and votes of a commit on replicas) then costs no
-    wake-up of their reader threads.  None as soon as this cannot go on
-    (another thread reads one of them, one ended, or they were silent for
-    half their keep-alive, which their reader threads handle): the caller
-    then waits for the reader threads."""
-    silence = min(c.keepalive for c in conns) / 2
+    wake-up of their reader threads.  Keep-alive as in ``_read_once``: a
+    connection silent for half its keep-alive is pinged, and ended if
+    still silent after as long again.  None as soon as this cannot go on
+    (another thread reads one of them, or one ended): the caller then
+    waits for the reader threads."""
+    last = dict.fromkeys(conns, time.monotonic())  # when each was last heard
     while True:
         taken = []
         try:
@@ -549,11 +555,20 @@ def _read_all(queue: SimpleQueue, conns: list) -> tuple | None:
                 fd = getattr(sock, "sock", sock).fileno()  # under TLSSocket, the plain one
                 fds[fd] = conn
                 poller.register(fd, select.POLLIN)
-            ready = poller.poll(silence * 1000 if silence > 0 else None)
-            if not ready:
-                return None
-            for fd, _ in ready:
-                fds[fd]._read_once()
+            quiet = [last[c] + c.keepalive / 2 for c in conns if c.keepalive > 0]
+            timeout = None if not quiet else max(0.0, min(quiet) - time.monotonic()) * 1000
+            heard = set()
+            for fd, _ in poller.poll(timeout):
+                conn = fds[fd]
+                conn._read_once()
+                heard.add(conn)
+            now = time.monotonic()
+            for conn in conns:
+                if conn in heard:
+                    last[conn] = now
+                elif conn.keepalive > 0 and now >= last[conn] + conn.keepalive / 2:
+                    last[conn] = now
+                    conn._quiet()
         finally:
             for conn in taken:
                 conn._end_turn()
