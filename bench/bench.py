@@ -430,8 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     # warnings such as "lost the master: client closing" on close are expected noise
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
 
-    backends: list[Backend] = [NeoBackend(1, 0), NeoBackend(2, 1), FileStorageBackend(),
-                               ZEOBackend()]
+    # 2S r0: the issue's own set-up (partitions spread over the storages)
+    backends: list[Backend] = [NeoBackend(1, 0), NeoBackend(2, 0), NeoBackend(2, 1),
+                               FileStorageBackend(), ZEOBackend()]
     if args.tls:
         backends.insert(1, NeoBackend(1, 0, tls=True))
     if args.asyncio:

@@ -204,8 +204,9 @@ def measure(opts, peaks: PeakMemory) -> dict:
     results: dict = {"commits": {}, "loads": {}}
     with temporary_directory("concurrency", opts.keep) as (cleanup, workdir):
         commit_backends = [NeoBackend(1, 0, event_loop=opts.event_loop),
+                           NeoBackend(2, 0, event_loop=opts.event_loop),
                            NeoBackend(2, 1, event_loop=opts.event_loop), ZEOBackend()]
-        load_backends = [commit_backends[1], commit_backends[2]]
+        load_backends = [commit_backends[2], commit_backends[3]]
         active = start_backends(cleanup, commit_backends, workdir, {}, peaks=peaks)
         profiler = Profiler(opts.py_spy, cleanup)
         specs = {b.key: write_spec(workdir, b) for b in active}

@@ -79,6 +79,23 @@ def test_ttids_strictly_increase_when_the_clock_goes_backwards():
     assert len(tm.txns) == len(nows)
 
 
+def test_ttid_in_a_partition():
+    # feature begin-partition: the TTID falls in the partition asked, and
+    # still after everything handed out, whatever the clock does
+    tm = TransactionManager(12)
+    ttids = []
+    for now, partition in ((T0, 5), (T0, 5), (T0 - 60, 0), (T0 + 1, 11), (T0 + 1, 3)):
+        txn = tm.begin(1, now, partition=partition)
+        assert txn.ttid % 12 == partition
+        ttids.append(txn.ttid)
+    assert all(a < b for a, b in zip(ttids, ttids[1:], strict=False))
+    assert ttids[0] - tid_from_time(T0) < 12  # at most a partition's step later
+    # the final TID keeps the partition, as for any TTID
+    txn = tm.txns[ttids[-1]]
+    tm.prepare(txn.ttid, T0 + 2, [b"o" * 8], {1})
+    assert txn.tid % 12 == 3 and txn.tid > ttids[-1]
+
+
 def test_ttids_follow_a_clock_that_goes_forward():
     tm = TransactionManager(12)
     a = tm.begin(1, T0).ttid

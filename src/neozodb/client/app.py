@@ -89,6 +89,7 @@ class ClientApp(Loads):
         self._oids: tuple = (None, [])  # (master connection, OIDs it gave)
         self._cells: dict[int, list[int]] = {}
         self._readable: dict[int, list[int]] = {}  # as _cells, readable ones
+        self._spread: bool | None = None  # see spread()
         self._oid_lock = threading.Lock()
         self._watchers: list[Changes] = []  # see watch_changes
         self.unlocked = UnlockBarrier(self)  # NEO storages: see compat.py
@@ -230,6 +231,21 @@ class ClientApp(Loads):
         """The partition table or node states changed: recompute cells."""
         self._cells = {}
         self._readable = {}
+        self._spread = None
+
+    def spread(self) -> bool:
+        """Whether the partitions are not all written to the same storages
+        (more storages than copies): then where a transaction's TTID falls
+        decides whether its metadata goes to a storage its objects do not
+        (feature begin-partition).  Cached as writable_cells."""
+        spread = self._spread
+        if spread is None:
+            pt = self.pt
+            running = self.running_storages()
+            spread = len({frozenset(n for n in pt.writable_nids(p) if n in running)
+                          for p in range(pt.num_partitions)}) > 1
+            self._spread = spread
+        return spread
 
     def writable_cells(self, oid_or_tid: bytes) -> list[int]:
         """Running storages with a writable cell for this oid's (or tid's)

@@ -52,6 +52,9 @@ class Commit:
         # is needed or at the vote.  Stores wait in ``deferred`` meanwhile,
         # their cells looked up only after the answer (``_send_store``).
         self.begin_answer: SimpleQueue | None = None
+        # the begin not sent yet (feature begin-partition): it leaves at the
+        # first store, for a TTID in that object's partition (_send_begin)
+        self.begin_unsent = False
         self.deferred: list[tuple] = []
         self.conflict_error: Exception | None = None
         self.voted = False
@@ -127,6 +130,8 @@ class Commit:
                 self.blobs[oid] = blob
         args = (oid, serial, compression, checksum, stored, data_serial)
         token = (STORE, oid, serial)
+        if self.begin_unsent:
+            self._send_begin(oid)
         if self.begin_answer is not None:
             if self.imposed or self.begin_answer.empty():
                 # our TTID is not known yet; or, in a pipelined copy, our
@@ -200,6 +205,8 @@ class Commit:
         return gone
 
     def check_current(self, oid: bytes, serial: bytes) -> None:
+        if self.begin_unsent:
+            self._send_begin(oid)
         self.known_ttid()
         self.checked[oid] = serial
         for nid in self._cells(oid):
@@ -384,10 +391,24 @@ class Commit:
         self.store(oid, conflict, new)
 
     # -- two-phase commit ---------------------------------------------------------------
+    def _send_begin(self, oid: bytes | None) -> None:
+        """Send the begin held back by ``tpc_begin``: for a TTID in oid's
+        partition, so that the metadata goes where the object goes (one
+        storage for a transaction whose objects are on one: a solo vote),
+        or anywhere when the TTID is needed before any object."""
+        self.begin_unsent = False
+        if oid is None:
+            self.begin_answer = self.master.ask(Packets.AskBeginTransaction, None)
+        else:
+            self.begin_answer = self.master.ask(Packets.AskBeginInPartition,
+                                                self.app.pt.partition(oid))
+
     def _answered(self) -> None:
         """Read the master's answer to a begin not waited for: the TTID
         (or, imposed, the TID accepted).  Everything the master sent before
         it (node and partition table changes) is read before it too."""
+        if self.begin_unsent:
+            self._send_begin(None)
         queue, self.begin_answer = self.begin_answer, None
         if queue is None:
             return
@@ -567,6 +588,8 @@ class Commit:
 
     def abort(self) -> None:
         app = self.app
+        if self.begin_unsent:
+            return  # nothing began
         if self.begin_answer is not None:
             try:
                 self._answered()

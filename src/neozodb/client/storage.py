@@ -41,7 +41,7 @@ from neozodb.client.loads import READ_AHEAD
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.net.tls import load_contexts
 from neozodb.protocol import ZERO_TID, Packets
-from neozodb.protocol.features import ORDERED_COPY
+from neozodb.protocol.features import BEGIN_PARTITION, ORDERED_COPY
 
 __all__ = ["Storage", "NEOStorageError", "loads_extension"]
 
@@ -321,12 +321,19 @@ class Storage(BlobStorageMethods, ConflictResolvingStorage):
         # vote: the round trip overlaps the application's work
         # (serialization, stores) in between
         try:
-            queue = self.app.get_master().ask(Packets.AskBeginTransaction, tid)
+            master = self.app.get_master()
+            # where partitions are on different storages, the begin waits
+            # for the first store, whose partition the TTID is given in
+            # (feature begin-partition, Commit._send_begin)
+            later = (tid is None and BEGIN_PARTITION in master.peer_features
+                     and self.app.spread())
+            queue = None if later else master.ask(Packets.AskBeginTransaction, tid)
         except ConnectionClosed as e:
             raise POSException.StorageTransactionError(f"tpc_begin failed: {e}") from None
         commit = Commit(self.app, self, txn, tid, self._compress)
         commit.imposed = tid is not None
         commit.begin_answer = queue
+        commit.begin_unsent = later
         if tid is not None and wait:
             commit._answered()  # raises if the TID is refused
         self._begun(txn, commit)

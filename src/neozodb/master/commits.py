@@ -35,9 +35,10 @@ IMPOSED_IDLE = 30.0
 class Commits:
     """Commits, packs and replication bookkeeping (see the module docstring)."""
 
-    def begin(self, conn: Connection, tid: int | None) -> Txn:
-        """A client's AskBeginTransaction (``tid``: imposed)."""
-        txn = self.tm.begin(conn.nid, time.time(), tid)
+    def begin(self, conn: Connection, tid: int | None, partition: int | None = None) -> Txn:
+        """A client's AskBeginTransaction (``tid``: imposed), or
+        AskBeginInPartition."""
+        txn = self.tm.begin(conn.nid, time.time(), tid, partition)
         txn.ready = self.running_storage_nids()
         if txn.imposed:
             # it holds back every commit that gets a TID after it

@@ -24,6 +24,7 @@ from neozodb.protocol import (
     p64,
     u64,
 )
+from neozodb.protocol.features import BEGIN_PARTITION
 from neozodb.protocol.values import check_id, check_ids
 
 if TYPE_CHECKING:
@@ -136,19 +137,30 @@ class ClientHandler(BaseHandler):
 
     def AskBeginTransaction(self, conn, msg_id, tid):
         self._check_writable(Packets.AskBeginTransaction)
-        app = self.app
         imposed = None if tid is None else check_id(tid, "imposed TID")
+        self._begin(conn, msg_id, Packets.AnswerBeginTransaction, imposed, None)
+
+    def AskBeginInPartition(self, conn, msg_id, partition):
+        if BEGIN_PARTITION not in conn.peer_features:
+            raise ProtocolError("unexpected AskBeginInPartition")
+        self._check_writable(Packets.AskBeginInPartition)
+        if not 0 <= partition < self.app.tm.num_partitions:
+            raise ProtocolError("invalid partition %r" % partition)
+        self._begin(conn, msg_id, Packets.AnswerBeginInPartition, None, partition)
+
+    def _begin(self, conn, msg_id, answer, imposed: int | None, partition: int | None) -> None:
+        app = self.app
 
         def begin():
             if conn.closed:
                 return
             try:
-                txn = app.begin(conn, imposed)
+                txn = app.begin(conn, imposed, partition)
             except TransactionError as e:
                 log.warning("%s: begin refused to %s: %s", app.label, conn.label, e)
                 conn.error(msg_id, ErrorCodes.DENIED, str(e))
                 return
-            conn.answer(msg_id, Packets.AnswerBeginTransaction, p64(txn.ttid))
+            conn.answer(msg_id, answer, p64(txn.ttid))
 
         if app.storages_starting() or app.stopping:
             app.delayed_begins.append(begin)

@@ -105,7 +105,11 @@ class TransactionManager:
         if oid > self.last_oid:
             self.last_oid = oid
 
-    def begin(self, client: int, now: float, tid: int | None = None) -> Txn:
+    def begin(self, client: int, now: float, tid: int | None = None,
+              partition: int | None = None) -> Txn:
+        """A new transaction of ``client``: ``tid`` imposed, or a TTID from
+        the clock, in ``partition`` if given (feature begin-partition: the
+        final TID keeps it, so the metadata goes with the first object)."""
         if tid is not None:
             # imposed TID (copyTransactionsFrom / restore): it must come
             # after everything already committed or being committed
@@ -122,6 +126,8 @@ class TransactionManager:
             ttid = tid
         else:
             ttid = next_tid(now, self._last_allocated)
+            if partition is not None:
+                ttid += (partition - ttid) % self.num_partitions
         self._last_allocated = ttid
         txn = self.txns[ttid] = Txn(ttid, client, imposed=tid is not None)
         if tid is not None:

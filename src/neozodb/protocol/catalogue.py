@@ -399,6 +399,9 @@ _TABLE: tuple[tuple[int, str, str, str | None, str, int], ...] = (
      "AnswerOlderPartitionTables", "?int,[(int,bool,?p64,[int],[int],?p64)]", 0),
     # make an older table current (a new ptid) and truncate after its TID
     (0x7f05, "RecoverPartitionTable", "int", None, "", _ACK),
+    # feature "begin-partition": AskBeginTransaction without an imposed
+    # TID, for a TTID in this partition (that of the first object stored)
+    (0x7f06, "AskBeginInPartition", "int", "AnswerBeginInPartition", "p64", 0),
     # feature "blob" (protocol/blobs.py): a chunk of the content of the blob
     # a transaction stores for an object (ttid, oid, chunk number, bytes),
     # before the store of its record

@@ -110,6 +110,16 @@ Both ends keep the intersection (``conn.peer_features``).  The features:
     while an earlier one of the copy is not.  Without the feature the copy
     sends one finish at a time; NEO's master takes no imposed begin while
     earlier ones are being finished, and gets one transaction at a time.
+``begin-partition``
+    Between a client and a master: where the partitions are not all on the
+    same storages (more storages than copies), the client sends the begin
+    of a transaction without an imposed TID at its first store, as
+    ``AskBeginInPartition`` (0x7f06) with that object's partition, and the
+    master gives it a TTID in that partition (the final TID keeps the
+    TTID's partition, so the metadata goes there too): a transaction whose
+    objects are on one storage is then on that storage alone, and votes
+    there without a sync (``solo-vote``).  A NEO master gives TTIDs in any
+    partition and gets ``AskBeginTransaction`` at ``tpc_begin``.
 """
 from __future__ import annotations
 
@@ -124,10 +134,11 @@ SOLO_VOTE = b"solo-vote"
 BLOB = b"blob"
 OLDER_PT = b"older-pt"
 ORDERED_COPY = b"ordered-copy"
+BEGIN_PARTITION = b"begin-partition"
 FEATURES: frozenset[bytes] = frozenset((b"status-json", b"import-status", b"gc-pack",
                                         b"mirror", b"check-report", b"check-digest",
                                         REPL_BATCH, EARLY_VOTE, SOLO_VOTE, OLDER_PT, BLOB,
-                                        ORDERED_COPY))
+                                        ORDERED_COPY, BEGIN_PARTITION))
 #: What RequestIdentification.extra carries from a neozodb node.
 ANNOUNCEMENT: dict[bytes, list[bytes]] = {EXTRA_KEY: sorted(FEATURES)}
 NO_FEATURES: frozenset[bytes] = frozenset()
