@@ -5,6 +5,7 @@ only then: the answer is also a barrier, every node and partition table
 change the master made before it reaches the client before it."""
 from __future__ import annotations
 
+import select
 import signal
 import threading
 
@@ -14,6 +15,7 @@ from ZODB.POSException import StorageTransactionError
 from ZODB.utils import z64
 
 from neozodb.client import Storage
+from neozodb.protocol import Packets
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -86,3 +88,37 @@ def test_a_begin_that_failed_is_reported_at_the_vote(one_storage):
         assert not storage._commits and not storage.app.transactions
     finally:
         storage.close()
+
+
+def test_stores_leave_once_the_begin_is_answered(one_storage):
+    """The answer is read by the store that finds it arrived (nobody else
+    reads the master then): that store and the next ones leave at once,
+    not all at the vote."""
+    cluster = one_storage
+    storage = Storage(**cluster.client_kwargs())
+    try:
+        oids = [storage.new_oid() for _ in range(3)]
+        master = storage.app.get_master()
+        # keep the master's reader thread out of its socket: only a store
+        # that looks can read the answer
+        master.direct_grace = 60.0
+        master.call(Packets.AskLastTransaction, timeout=30)
+        txn = TransactionMetaData()
+        storage.tpc_begin(txn)
+        raw = getattr(master.sock, "sock", master.sock)
+        readable, _, _ = select.select([raw], [], [], 30)
+        assert readable, "no answer to the begin within 30 s"
+        commit = storage._commit(txn)
+        assert commit.ttid is None  # arrived, not read
+        for oid in oids:
+            storage.store(oid, z64, b"sent at once", "", txn)
+        assert commit.ttid is not None and not commit.deferred  # all sent
+        storage.tpc_vote(txn)
+        tid = storage.tpc_finish(txn)
+    finally:
+        storage.close()
+    reader = Storage(**cluster.client_kwargs())
+    try:
+        assert [reader.load(oid) for oid in oids] == [(b"sent at once", tid)] * 3
+    finally:
+        reader.close()

@@ -133,6 +133,11 @@ class Commit:
         if self.begin_unsent:
             self._send_begin(oid)
         if self.begin_answer is not None:
+            if not self.imposed and self.begin_answer.empty():
+                # read it if it came (when no thread reads the master):
+                # the stores of a big transaction then leave as they are
+                # made, rather than all at the vote
+                self.master.alive()
             if self.imposed or self.begin_answer.empty():
                 # our TTID is not known yet; or, in a pipelined copy, our
                 # TID is not accepted yet and the stores of the transactions
