@@ -122,3 +122,31 @@ def test_stores_leave_once_the_begin_is_answered(one_storage):
         assert [reader.load(oid) for oid in oids] == [(b"sent at once", tid)] * 3
     finally:
         reader.close()
+
+
+def test_abort_after_a_refused_begin_sends_nothing(one_storage):
+    """The begin refused (a read-only master), reported at a store or the
+    vote: the abort that follows has no TTID to drop and sends nothing (an abort
+    without one would be a protocol error that closes the connection)."""
+    cluster = one_storage
+    proc = cluster.nodes["M1"]
+    proc.kill()
+    proc.argv.append("--read-only")
+    proc.start()
+    cluster.wait_state("RUNNING", 60)
+    storage = Storage(**cluster.client_kwargs())
+    try:
+        oid = bytes(7) + b"\x01"
+        txn = TransactionMetaData()
+        storage.tpc_begin(txn)
+        with pytest.raises(StorageTransactionError, match="tpc_begin failed"):
+            # a store that finds the answer there reports it already
+            storage.store(oid, z64, b"refused", "", txn)
+            storage.tpc_vote(txn)
+        master = storage.app.master
+        storage.tpc_abort(txn)
+        assert not storage._commits
+        master.call(Packets.AskLastTransaction, timeout=30)  # still open
+        assert storage.app.master is master and not master.closed
+    finally:
+        storage.close()

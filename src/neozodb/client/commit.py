@@ -600,6 +600,8 @@ class Commit:
                 self._answered()
             except StorageTransactionError:
                 return  # no transaction began: nothing to drop
+        if self.ttid is None:
+            return  # the begin failed, reported already
         for nid in self.involved:
             conn = app._storages.get(nid)
             if conn is not None and not conn.closed:
