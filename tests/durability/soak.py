@@ -1,7 +1,7 @@
 """The power-loss test for longer: many rounds of commit, SIGKILL of every
 node, power cut, checks (see test_power_loss.py), on a new cluster every
-``--per-cluster`` rounds (one in four with 1 storage and replicas 0, the
-others 2 storages and replicas 1).  From the repository root, as root::
+``--per-cluster`` rounds (in turn: 2 storages and replicas 1, 2 storages
+and replicas 0, 2 and 1 again, 1 storage and replicas 0).  From the repository root, as root::
 
     .venv/bin/python -m tests.durability.soak --rounds 50
     .venv/bin/python -m tests.durability.soak --minutes 10 --seed 1234
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     cluster = 0
     while ok and more():
-        storages, replicas = (1, 0) if cluster % 4 == 3 else (2, 1)
+        storages, replicas = ((2, 1), (2, 0), (2, 1), (1, 0))[cluster % 4]
         cluster_seed = rng.randrange(1 << 32)
         directory = os.path.join(top, "cluster%d" % cluster)
         os.makedirs(directory)
