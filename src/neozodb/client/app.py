@@ -10,7 +10,6 @@ arrives is cached with the right ``next_serial``.
 from __future__ import annotations
 
 import logging
-import random
 import ssl
 import threading
 import time
@@ -18,6 +17,7 @@ from queue import SimpleQueue
 
 from neozodb.client.blobtails import BlobTails
 from neozodb.client.cache import ClientCache
+from neozodb.client.cells import Cells
 from neozodb.client.compat import UnlockBarrier
 from neozodb.client.compress import WrongChecksum
 from neozodb.client.errors import NEOStorageError
@@ -45,8 +45,9 @@ log = logging.getLogger("neozodb.client")
 UNREACHABLE_PAUSE = 10.0
 
 
-class ClientApp(Loads):
-    """Loads and prefetches are a mixin (client/loads.py)."""
+class ClientApp(Loads, Cells):
+    """Loads and prefetches are a mixin (client/loads.py), so are the cells
+    of the partition table (client/cells.py)."""
 
     def __init__(self, master_nodes: list[tuple[str, int]], name: str, read_only: bool = False,
                  cache_size: int = 20 << 20, connect_timeout: float = 60.0,
@@ -224,44 +225,6 @@ class ClientApp(Loads):
                 log.warning("%s: lost the master: %s", self.label, conn.close_reason)
             self.wake()
 
-    def running_storages(self) -> set[int]:
-        return {n.nid for n in self.nm.storages(NodeStates.RUNNING)}
-
-    def cells_changed(self) -> None:
-        """The partition table or node states changed: recompute cells."""
-        self._cells = {}
-        self._readable = {}
-        self._spread = None
-
-    def spread(self) -> bool:
-        """Whether the partitions are not all written to the same storages
-        (more storages than copies): then where a transaction's TTID falls
-        decides whether its metadata goes to a storage its objects do not
-        (feature begin-partition).  Cached as writable_cells."""
-        spread = self._spread
-        if spread is None:
-            pt = self.pt
-            running = self.running_storages()
-            spread = len({frozenset(n for n in pt.writable_nids(p) if n in running)
-                          for p in range(pt.num_partitions)}) > 1
-            self._spread = spread
-        return spread
-
-    def writable_cells(self, oid_or_tid: bytes) -> list[int]:
-        """Running storages with a writable cell for this oid's (or tid's)
-        partition; cached until the table or node states change."""
-        # Taken before the table: it is replaced (not cleared) after every
-        # change, so a result computed from an old table dies with it.
-        cache = self._cells
-        pt = self.pt
-        partition = pt.partition(oid_or_tid)
-        cells = cache.get(partition)
-        if cells is None:
-            running = self.running_storages()
-            cells = cache[partition] = [
-                n for n in pt.writable_nids(partition) if n in running]
-        return cells
-
     # -- storages --------------------------------------------------------------------
     def storage_conn(self, nid: int, alive: bool = False) -> ThreadedConnection:
         """The connection to storage ``nid``, made if needed.  ``alive``:
@@ -343,33 +306,6 @@ class ClientApp(Loads):
         with self._storage_lock:
             if self._storages.get(conn.nid) is conn:
                 del self._storages[conn.nid]
-
-    def readable_nids_of(self, partition: int) -> list[int]:
-        """Running storages with a readable cell of ``partition``, from a
-        random one on (each replica first as often); not to be changed by
-        the caller.  Cached as writable_cells: a load computes no set of
-        nodes."""
-        self.get_master()
-        cache = self._readable  # before the table: see writable_cells
-        nids = cache.get(partition)
-        if nids is None:
-            running = self.running_storages()
-            nids = cache[partition] = [n for n in self.pt.readable_nids(partition)
-                                       if n in running]
-        if len(nids) < 2:
-            return nids
-        start = random.randrange(len(nids))
-        return nids[start:] + nids[:start]
-
-    def readable_nids(self, oid: bytes) -> list[int]:
-        """readable_nids_of oid's partition, those that could not be reached
-        lately last."""
-        self.get_master()  # the table comes with the master
-        nids = self.readable_nids_of(self.pt.partition(oid))
-        if self._unreachable and len(nids) > 1:
-            now = time.monotonic()
-            nids.sort(key=lambda n: self._unreachable.get(n, 0.0) > now)
-        return nids
 
     def ask_storage(self, oid: bytes, packet, *args, check=None):
         """Ask a readable replica of oid's partition, trying others on failure.
