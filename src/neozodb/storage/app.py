@@ -38,6 +38,9 @@ from neozodb.storage.transactions import LockManager
 
 log = logging.getLogger("neozodb.storage")
 _READABLE = (CellStates.UP_TO_DATE.value, CellStates.FEEDING.value)
+# seconds a stopping storage waits for its peers to close the connections
+# it closed, handling what they still send (StorageApp.run)
+EXIT_LINGER = 1.0
 # what a storage whose backend keeps no blob contents announces to others
 NO_BLOB_ANNOUNCEMENT = {EXTRA_KEY: sorted(FEATURES - {BLOB})}
 
@@ -235,10 +238,18 @@ class StorageApp:
         self.packer.stop()
         if self.importer is not None:
             self.importer.stop()
-        for conn in [*self.client_conns, *self.source_conns, *self.peer_conns.values()]:
-            conn.close("storage exiting", flush=True)
+        closing = [*self.client_conns, *self.source_conns, *self.peer_conns.values()]
         if self.master_conn is not None:
-            self.master_conn.close("storage exiting", flush=True)
+            closing.append(self.master_conn)
+        for conn in closing:
+            conn.close("storage exiting", flush=True)
+        # What the peers sent before they saw us go (the master's unlock of
+        # the last commit, say) is handled with the database still open,
+        # and kept by its clean close; at most EXIT_LINGER for peers that
+        # do not answer.
+        pending = [conn.closed_future for conn in closing if not conn.closed_future.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=EXIT_LINGER)
         gs = self.group_sync
         if gs.syncs:
             log.info("%s: group commit: %d syncs for %d durable points", self.label,
