@@ -250,6 +250,8 @@ class StorageApp:
         pending = [conn.closed_future for conn in closing if not conn.closed_future.done()]
         if pending:
             await asyncio.wait(pending, timeout=EXIT_LINGER)
+            for conn in closing:
+                conn.close()  # still lingering: abort, nothing more reaches the database
         gs = self.group_sync
         if gs.syncs:
             log.info("%s: group commit: %d syncs for %d durable points", self.label,
