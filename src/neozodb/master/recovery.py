@@ -181,13 +181,17 @@ class Recovery:
                 self.send_pt(node)
         readable = {nid for p in range(self.pt.num_partitions) for nid in self.pt.readable_nids(p)}
         try:
+            polled = [n for n in storages if n.nid in readable]
             answers = await asyncio.gather(*(
-                n.conn.ask(Packets.AskLockedTransactions) for n in storages if n.nid in readable))
+                n.conn.ask(Packets.AskLockedTransactions) for n in polled))
             locked: dict[bytes, bytes | None] = {}
-            for (txns,) in answers:
+            held: dict[bytes, set[int]] = {}  # ttid -> storages that voted or locked it
+            for node, (txns,) in zip(polled, answers, strict=True):
                 for ttid, tid in txns.items():
+                    held.setdefault(ttid, set()).add(node.nid)
                     if tid is not None or ttid not in locked:
                         locked[ttid] = tid if tid is not None else locked.get(ttid)
+            committing = []
             for ttid, tid in locked.items():
                 if tid is None:
                     # voted but no metadata holder says locked: maybe committed already
@@ -198,9 +202,14 @@ class Recovery:
                                 tid = final
                                 break
                 if tid is not None:
-                    log.info("%s: validating transaction %s (tid %s)", self.label, ttid.hex(), tid.hex())
-                    for node in storages:
-                        node.conn.notify(Packets.ValidateTransaction, ttid, tid)
+                    committing.append((ttid, tid))
+            # before validating: once validated, a storage that lost the
+            # transaction no longer differs from one that never had it
+            await self._outdate_lacking(storages, committing, held)
+            for ttid, tid in committing:
+                log.info("%s: validating transaction %s (tid %s)", self.label, ttid.hex(), tid.hex())
+                for node in storages:
+                    node.conn.notify(Packets.ValidateTransaction, ttid, tid)
             ids = await asyncio.gather(*(n.conn.ask(Packets.AskLastIDs) for n in storages))
             # pack orders live in the storages' tables (after the truncation
             # AskLastIDs applied)
@@ -227,6 +236,40 @@ class Recovery:
         log.info("%s: verified: last tid %#x, last oid %#x, %d pack orders", self.label,
                  last_tid, last_oid, len(self.pm.orders))
         self._truncation_done(storages)
+
+    async def _outdate_lacking(self, storages: list[Node], committing: list[tuple[bytes, bytes]],
+                               held: dict[bytes, set[int]]) -> None:
+        """Storages with a readable cell where a transaction about to be
+        validated keeps its metadata, and no trace of it (neither voted,
+        locked nor committed), lost their vote of it: a vote not made
+        durable (feature lazy-vote: the lock of another storage carries the
+        transaction) and a power cut before their own lock was.  Each is
+        outdated as a storage that was down when it was committed, and
+        catches up by replication, except where it holds the last readable
+        cell of a partition (``PartitionTable.outdate``), said in the log.
+        The table change reaches every storage before the validation: a
+        storage cannot make the validation durable and not the change."""
+        lacking: dict[int, bytes] = {}  # nid -> a ttid it lacks
+        for ttid, _ in committing:
+            cells = self.pt.readable_nids(self.pt.partition(ttid))
+            for node in storages:
+                if node.nid not in cells or node.nid in lacking or node.nid in held.get(ttid, ()):
+                    continue
+                (final,) = await node.conn.ask(Packets.AskFinalTID, ttid)
+                if final is None:
+                    lacking[node.nid] = ttid
+        for nid, ttid in sorted(lacking.items()):
+            changes = self.pt.outdate(nid)
+            label = self.nm.get(nid).label
+            log.warning("%s: %s lacks transaction %s, locked elsewhere (it lost its vote):"
+                        " its cells are outdated", self.label, label, ttid.hex())
+            kept = sorted(p for p in range(self.pt.num_partitions)
+                          if nid in self.pt.readable_nids(p) and all(c[0] != p for c in changes))
+            if kept:
+                log.error("%s: %s keeps the last readable cell of partitions %s, not outdated:"
+                          " where transaction %s wrote there, that copy lacks it (neoctl check)",
+                          self.label, label, " ".join(map(str, kept)), ttid.hex())
+            self.apply_pt_changes(changes)
 
     async def _pack_orders_of(self, node: Node) -> list:
         """Every pack order in a storage's table (answers come in pages)."""
