@@ -1,10 +1,14 @@
-"""Following a secondary master's NotPrimaryMaster redirection."""
+"""Following a secondary master's NotPrimaryMaster redirection; the
+connection to the master once the node stops."""
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 
 from neozodb.master.election import earlier
-from neozodb.net.bootstrap import FollowsPrimary, next_masters
+from neozodb.net.bootstrap import FollowsPrimary, follow_master, next_masters
+from neozodb.net.handler import Handler
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -58,3 +62,33 @@ def test_earlier_claim_wins_ties_by_address():
     assert not earlier((2.0, ("a", 1)), (1.0, ("b", 2)))
     assert earlier((1.0, ("a", 1)), (1.0, ("a", 2)))
     assert not earlier((1.0, ("a", 2)), (1.0, ("a", 2)))
+
+
+class App:
+    label = "S1"
+
+
+def test_a_stopped_follow_leaves_the_connection_to_close_gracefully():
+    """The node cancels its master cycle when it stops, then waits for the
+    master to close the connection it closed (handling what the master
+    still sends, the unlock of the last commit, say): cancelling the cycle
+    must not cancel the connection's future (it did, and the node closed
+    its database at once: the unlock was lost)."""
+    async def main():
+        server = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+        identified = asyncio.get_running_loop().create_future()
+
+        async def identify(conn):
+            identified.set_result(conn)
+        cycle = asyncio.ensure_future(follow_master(
+            App(), [server.sockets[0].getsockname()[:2]], Handler, identify, lambda: None))
+        conn = await asyncio.wait_for(identified, 5)
+        cycle.cancel()
+        await asyncio.gather(cycle, return_exceptions=True)
+        try:
+            assert not conn.closed_future.done()
+        finally:
+            conn.close()
+            server.close()
+        assert conn.closed_future.done() and not conn.closed_future.cancelled()
+    asyncio.run(main())

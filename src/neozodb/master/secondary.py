@@ -106,7 +106,7 @@ async def follow(app: MasterApp, address: tuple[str, int], conn: Connection | No
         else:
             log.info("%s: %s is NEO's: nothing to mirror, a take-over will recover",
                      app.label, nid_str(conn.nid))
-        await conn.closed_future
+        await asyncio.shield(conn.closed_future)  # a cancelled follow leaves it alone
         log.warning("%s: lost the primary master (%s)", app.label, conn.close_reason)
         majority.lost_primary(app, conn)
     except (OSError, ConnectionClosed, RemoteError, asyncio.TimeoutError) as e:

@@ -111,7 +111,10 @@ async def follow_master(app: Any, masters: list[tuple[str, int]],
                 queue[:0] = redirect
                 continue
             delay = 0.1
-            await conn.closed_future
+            # shielded: cancelling this task (the node stops) must not
+            # cancel the connection's own future, which the node waits on
+            # to handle what the master still sends before it closes
+            await asyncio.shield(conn.closed_future)
             lost()
             break
         else:
