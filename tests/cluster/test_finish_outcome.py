@@ -5,47 +5,16 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
-import threading
 
 import pytest
-from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import StorageTransactionError
 from ZODB.utils import z64
 
+from commits import finish_in_thread, locked_in, voted
 from neozodb.cli.cluster import wait_until
 from neozodb.client import Storage
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def locked_in(path: str) -> bool:
-    conn = sqlite3.connect(path)
-    try:
-        return conn.execute("SELECT 1 FROM ttrans WHERE tid IS NOT NULL").fetchone() is not None
-    finally:
-        conn.close()
-
-
-def voted(storage, oid: bytes, data: bytes, serial: bytes):
-    txn = TransactionMetaData()
-    storage.tpc_begin(txn)
-    storage.store(oid, serial, data, "", txn)
-    storage.tpc_vote(txn)
-    return txn
-
-
-def finish_in_thread(storage, txn):
-    outcome = {}
-
-    def finish():
-        try:
-            outcome["tid"] = storage.tpc_finish(txn)
-        except StorageTransactionError as e:
-            outcome["error"] = e
-    thread = threading.Thread(target=finish)
-    thread.start()
-    return thread, outcome
 
 
 def restart_master(cluster):
@@ -80,7 +49,8 @@ def test_master_killed_after_the_lock_commits(cluster):
         os.kill(s2.pid, signal.SIGSTOP)
         try:
             thread, outcome = finish_in_thread(storage, txn)
-            wait_until(lambda: locked_in(os.path.join(cluster.directory, "storage1.sqlite")),
+            wait_until(lambda: locked_in(os.path.join(cluster.directory, "storage1.sqlite"),
+                                         serial),
                        30, "S1 to lock")
             cluster.nodes["M1"].kill()
         finally:

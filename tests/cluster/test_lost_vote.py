@@ -5,25 +5,18 @@ serves the revisions before that transaction as current."""
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 
 import pytest
-from ZODB.Connection import TransactionMetaData
 from ZODB.utils import p64, u64, z64
 
+from commits import commit, finish_in_thread, locked_in, voted
 from neozodb.cli.cluster import LocalCluster, wait_until
 from neozodb.client import Storage
 from neozodb.protocol.enums import nid_str
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def commit(storage, oid: bytes, data: bytes, serial: bytes) -> bytes:
-    txn = TransactionMetaData()
-    storage.tpc_begin(txn)
-    storage.store(oid, serial, data, "", txn)
-    storage.tpc_vote(txn)
-    return storage.tpc_finish(txn)
 
 
 def edit(path: str, *statements: tuple[str, tuple]) -> None:
@@ -80,6 +73,11 @@ def all_up_to_date(cluster) -> bool:
     return all(set(row) <= {"U", "."} for row in cluster.cells().values())
 
 
+def lost_votes(cluster) -> str:
+    with open(os.path.join(cluster.directory, "M1.log")) as f:
+        return "".join(line for line in f if "lacks transaction" in line)
+
+
 def test_a_storage_without_a_transaction_locked_elsewhere_catches_up(tmp_path):
     cluster = LocalCluster(str(tmp_path / "cluster"), name="test", storages=2, replicas=1,
                            partitions=4)
@@ -102,10 +100,9 @@ def test_a_storage_without_a_transaction_locked_elsewhere_catches_up(tmp_path):
         # S2 was outdated, not left serving "first" as current: it fetched
         # the transaction from S1
         assert has_revision(s1, oid, tid) and has_revision(s2, oid, tid)
-        with open(os.path.join(cluster.directory, "M1.log")) as f:
-            log = f.read()
-        lost = "%s lacks transaction" % nid_str(nid_of(s2))
-        assert lost in log and "its cells are outdated" in log
+        log = lost_votes(cluster)
+        assert "%s lacks transaction" % nid_str(nid_of(s2)) in log
+        assert "its cells are outdated" in log
         storage = Storage(cluster.masters, cluster.name)
         try:
             assert storage.load(oid) == (b"second", p64(tid))
@@ -113,3 +110,39 @@ def test_a_storage_without_a_transaction_locked_elsewhere_catches_up(tmp_path):
             storage.close()
     finally:
         cluster.kill()
+
+
+def test_a_lazy_vote_lost_in_a_crash(cluster):
+    """2 storages, replicas 1: both vote without a sync (feature lazy-vote);
+    S2 stops before its lock, S1 locks, every node is killed.  S2 lost its
+    vote (it was not even committed), the verification validates the
+    transaction from S1 and outdates S2, which fetches it again."""
+    s1, s2 = cluster.database(1), cluster.database(2)
+    storage = Storage(cluster.masters, cluster.name)
+    try:
+        oid = storage.new_oid()
+        serial = commit(storage, oid, b"first", z64)
+        txn = voted(storage, oid, b"second", serial)
+        stopped = cluster.nodes["S2"].proc
+        os.kill(stopped.pid, signal.SIGSTOP)
+        thread, outcome = finish_in_thread(storage, txn)
+        try:
+            wait_until(lambda: locked_in(s1, serial), 30, "S1 to lock")
+        finally:
+            cluster.kill()  # SIGKILL, S2 still stopped
+        cluster.start(wait=60)
+        # the client learns the outcome from the new master
+        thread.join(90)
+        assert not thread.is_alive()
+    finally:
+        storage.close()
+    wait_until(lambda: all_up_to_date(cluster), 60, "every cell up to date")
+    assert "%s lacks transaction" % nid_str(nid_of(s2)) in lost_votes(cluster)
+    storage = Storage(cluster.masters, cluster.name)
+    try:
+        data, tid = storage.load(oid)
+    finally:
+        storage.close()
+    assert outcome == {"tid": tid}
+    assert data == b"second" and tid > serial
+    assert has_revision(s1, oid, u64(tid)) and has_revision(s2, oid, u64(tid))

@@ -215,8 +215,8 @@ def test_catalogue_counts():
     # protocol 5's 74 rows (as NEO's protocol.py), plus neozodb's own
     # NotifyFeatures, AddObjects, AskSoloVote, AskPartitionHistory,
     # AskOlderPartitionTables, RecoverPartitionTable, AskBeginInPartition,
-    # AskStoreBlobChunk and AskBlobChunk, outside NEO's range
-    assert TABLE_ROWS == 83
+    # AskLazyVote, AskStoreBlobChunk and AskBlobChunk, outside NEO's range
+    assert TABLE_ROWS == 84
     assert max(c for c in PACKETS if c < 0x7f00) == 0x49
     assert Packets.NotifyFeatures.code == 0x7f00
     assert Packets.AddObjects.code == 0x7f01
@@ -225,13 +225,14 @@ def test_catalogue_counts():
     assert Packets.AskOlderPartitionTables.code == 0x7f04
     assert Packets.RecoverPartitionTable.code == 0x7f05
     assert Packets.AskBeginInPartition.code == 0x7f06
+    assert Packets.AskLazyVote.code == 0x7f07
     assert Packets.AskStoreBlobChunk.code == 0x7f10
     assert Packets.AskBlobChunk.code == 0x7f11
     answers = [pt for pt in ALL_TYPES if pt.request is not None]
-    assert len(answers) == 43
-    assert len(PACKETS) == 126
-    assert len(vars(Packets)) == 126
-    assert len({pt.name for pt in ALL_TYPES}) == 126
+    assert len(answers) == 44
+    assert len(PACKETS) == 128
+    assert len(vars(Packets)) == 128
+    assert len({pt.name for pt in ALL_TYPES}) == 128
     assert all(PACKETS[code].code == code for code in PACKETS)
 
 

@@ -17,7 +17,7 @@ from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.net.threaded import wait_any
 from neozodb.protocol import MAX_TID, ZERO_HASH, ZERO_TID, ErrorCodes, Packets, nid_str, p64, u64
 from neozodb.protocol.blobs import add_tail
-from neozodb.protocol.features import EARLY_VOTE, SOLO_VOTE
+from neozodb.protocol.features import EARLY_VOTE, LAZY_VOTE, SOLO_VOTE
 
 log = logging.getLogger("neozodb.client")
 
@@ -44,6 +44,10 @@ class Commit(Begin):
         self.involved: set[int] = set()
         self.conns: list = []  # connections of the involved storages
         self.conn_of: dict = {}  # nid -> its connection in self.conns
+        # the storages every store and check went to, while all went to the
+        # same ones (lazy-vote); None: none yet, or not the same
+        self.uniform: list[int] | None = None
+        self.mixed = False
         self.failed: set[int] = set()
         self.resolved: list[bytes] = []
         self.restored: set[bytes] = set()  # oids stored by restore(): never resolved
@@ -151,6 +155,7 @@ class Commit(Begin):
 
     def _send_store(self, args: tuple, token: tuple, buffer: bool = False) -> None:
         nids = self._cells(args[0])
+        self._sent_to(nids)
         args += (self.ttid,)
         # The first store leaves at once (its answer comes back while the
         # application goes on), unless the vote may follow it in the same
@@ -159,6 +164,12 @@ class Commit(Begin):
         buffer = buffer or self.pending > 0 or self._alone_on(nids)
         for nid in nids:
             self._send(nid, Packets.AskStoreObject, args, token, buffer=buffer)
+
+    def _sent_to(self, nids: list[int]) -> None:
+        if self.uniform is None and not self.mixed:
+            self.uniform = nids
+        elif nids != self.uniform:
+            self.uniform, self.mixed = None, True
 
     def _alone_on(self, nids: list[int]) -> bool:
         """Whether the transaction so far, with a store to ``nids``, is on
@@ -215,7 +226,9 @@ class Commit(Begin):
             self._send_begin(oid)
         self.known_ttid()
         self.checked[oid] = serial
-        for nid in self._cells(oid):
+        nids = self._cells(oid)
+        self._sent_to(nids)
+        for nid in nids:
             self._send(nid, Packets.AskCheckCurrentSerial, (self.ttid, oid, serial), (CHECK, oid, serial))
 
     def undo(self, undone_tid: bytes) -> list[bytes]:
@@ -466,12 +479,22 @@ class Commit(Begin):
         # a storage that already failed us is not asked again: it is
         # reported with FailedVote
         token = (VOTE, False)
+        packet = Packets.AskLazyVote if self._lazy(meta_nids) else Packets.AskStoreTransaction
         for nid in meta_nids:
             if nid not in self.failed and (only is None or nid in only):
-                self._send(nid, Packets.AskStoreTransaction, meta, token)
+                self._send(nid, packet, meta, token)
         for nid in self.involved - set(meta_nids) - self.failed:
             if only is None or nid in only:
                 self._send(nid, Packets.AskVoteTransaction, (self.ttid,), token)
+
+    def _lazy(self, meta_nids: list[int]) -> bool:
+        """Whether the vote may go as AskLazyVote (feature lazy-vote): every
+        store and check went to the storages that get the metadata, several,
+        none failed, no pack order.  Whichever of them locks the transaction
+        then holds all of it: each may answer before its vote is durable."""
+        return (len(meta_nids) > 1 and not self.failed and self.pack is None
+                and self.uniform == meta_nids and self.involved == set(meta_nids)
+                and all(LAZY_VOTE in self.conn_of[nid].peer_features for nid in meta_nids))
 
     def _check_master(self) -> None:
         master = self.master

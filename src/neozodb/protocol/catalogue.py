@@ -402,6 +402,10 @@ _TABLE: tuple[tuple[int, str, str, str | None, str, int], ...] = (
     # feature "begin-partition": AskBeginTransaction without an imposed
     # TID, for a TTID in this partition (that of the first object stored)
     (0x7f06, "AskBeginInPartition", "int", "AnswerBeginInPartition", "p64", 0),
+    # AskStoreTransaction of a transaction whose every store went to the
+    # storages that get its metadata, all of them (feature "lazy-vote"):
+    # the first lock made durable carries it
+    (0x7f07, "AskLazyVote", "p64,bin,bin,bin,[p64],?(?[p64],p64)", "AnswerLazyVote", "", 0),
     # feature "blob" (protocol/blobs.py): a chunk of the content of the blob
     # a transaction stores for an object (ttid, oid, chunk number, bytes),
     # before the store of its record

@@ -120,6 +120,22 @@ Both ends keep the intersection (``conn.peer_features``).  The features:
     objects are on one storage is then on that storage alone, and votes
     there without a sync (``solo-vote``).  A NEO master gives TTIDs in any
     partition and gets ``AskBeginTransaction`` at ``tpc_begin``.
+``lazy-vote``
+    Between a client and a storage, and a storage and its master: the
+    client sends ``AskLazyVote`` (code 0x7f07, the fields of
+    ``AskStoreTransaction``) instead of ``AskStoreTransaction`` when every
+    store and check of the transaction went to the same storages, several,
+    which all get its metadata.  Any storage that can lock the transaction
+    then holds all of it, and the master reports it committed only once
+    each of them locked it or was lost: the storage answers without a sync
+    (the sync of its lock carries the vote), if its master has the feature
+    and its own partition table shows every cell of the transaction's
+    partitions UP_TO_DATE, else after a sync, as any vote.  A storage that
+    lost such a vote in a crash lacks a transaction that another one
+    locked: the master's verification outdates its cells (it is treated as
+    down when the transaction was committed, and catches up by
+    replication), which a master without the feature does not do.
+    docs/design.md, "Durability", has the argument.
 """
 from __future__ import annotations
 
@@ -135,10 +151,11 @@ BLOB = b"blob"
 OLDER_PT = b"older-pt"
 ORDERED_COPY = b"ordered-copy"
 BEGIN_PARTITION = b"begin-partition"
+LAZY_VOTE = b"lazy-vote"
 FEATURES: frozenset[bytes] = frozenset((b"status-json", b"import-status", b"gc-pack",
                                         b"mirror", b"check-report", b"check-digest",
                                         REPL_BATCH, EARLY_VOTE, SOLO_VOTE, OLDER_PT, BLOB,
-                                        ORDERED_COPY, BEGIN_PARTITION))
+                                        ORDERED_COPY, BEGIN_PARTITION, LAZY_VOTE))
 #: What RequestIdentification.extra carries from a neozodb node.
 ANNOUNCEMENT: dict[bytes, list[bytes]] = {EXTRA_KEY: sorted(FEATURES)}
 NO_FEATURES: frozenset[bytes] = frozenset()

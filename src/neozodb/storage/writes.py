@@ -27,7 +27,7 @@ from neozodb.protocol import (
     u64,
 )
 from neozodb.protocol.blobs import BLOB_FLAG
-from neozodb.protocol.features import SOLO_VOTE
+from neozodb.protocol.features import LAZY_VOTE, SOLO_VOTE
 from neozodb.protocol.values import MAX_ID, check_compression, check_id, check_ids
 from neozodb.storage.blobs import drop_uploads
 from neozodb.storage.pack import is_gc_extension
@@ -37,6 +37,7 @@ log = logging.getLogger("neozodb.storage")
 
 
 _UNKNOWN = object()
+_UP_TO_DATE = CellStates.UP_TO_DATE.value
 _PLAIN = (0, 1)  # compression ids of a record without a blob
 
 
@@ -387,20 +388,44 @@ class Writes:
         Unless our partition table shows another cell where it writes."""
         if SOLO_VOTE not in conn.peer_features:
             raise ProtocolError("unexpected AskSoloVote")
-        app = self.app
-        pt, nid = app.pt, app.nid
+        pt, nid = self.app.pt, self.app.nid
         check_id(ttid, "ttid")
         check_ids(oids, "oid")
-        # not even committed (the lock commits it with its own rows, each
-        # page written once), unless another cell may lock it too
         solo = all(pt.sole(pt.partition(oid), nid) for oid in (ttid, *oids))
-        self._store_transaction(conn, Packets.AskSoloVote, ttid, user, description, ext,
-                                oids, pack, durable=not solo)
-        if solo:
-            app.pending_written()
-            conn.answer(msg_id, Packets.AnswerSoloVote)
+        self._unsynced_vote(conn, msg_id, Packets.AskSoloVote, Packets.AnswerSoloVote, solo,
+                            ttid, user, description, ext, oids, pack)
+
+    def AskLazyVote(self, conn, msg_id, ttid, user, description, ext, oids, pack):
+        """The vote of a transaction the client sent whole to each of its
+        storages (feature lazy-vote): whichever locks it first holds all of
+        it, so this vote need not be durable before our own lock, if the
+        master outdates a storage that lost it (its verification, same
+        feature) and every cell where it writes is UP_TO_DATE (so that one
+        that lost it is never the last readable copy)."""
+        if LAZY_VOTE not in conn.peer_features:
+            raise ProtocolError("unexpected AskLazyVote")
+        app = self.app
+        pt, nid, master = app.pt, app.nid, app.master_conn
+        check_id(ttid, "ttid")
+        check_ids(oids, "oid")
+        lazy = (pack is None and master is not None and LAZY_VOTE in master.peer_features
+                and all(pt.state_of(p, nid) == _UP_TO_DATE
+                        and all(state == _UP_TO_DATE for _, state in pt.cells(p))
+                        for p in {pt.partition(oid) for oid in (ttid, *oids)}))
+        self._unsynced_vote(conn, msg_id, Packets.AskLazyVote, Packets.AnswerLazyVote, lazy,
+                            ttid, user, description, ext, oids, pack)
+
+    def _unsynced_vote(self, conn, msg_id, packet, answer, unsynced: bool, ttid, user,
+                       description, ext, oids, pack) -> None:
+        # unsynced: not even committed (the lock commits it with its own
+        # rows, each page written once)
+        self._store_transaction(conn, packet, ttid, user, description, ext, oids, pack,
+                                durable=not unsynced)
+        if unsynced:
+            self.app.pending_written()
+            conn.answer(msg_id, answer)
         else:
-            app.group_sync.answer_on(conn, msg_id, Packets.AnswerSoloVote)
+            self.app.group_sync.answer_on(conn, msg_id, answer)
 
     def _store_transaction(self, conn, packet, ttid, user, description, ext, oids, pack,
                            durable: bool = True):
