@@ -7,11 +7,7 @@ SQLite connection sees them."""
 from __future__ import annotations
 
 import pytest
-import transaction
-import ZODB
-from persistent.mapping import PersistentMapping
-from rawpeer import Client, load
-from test_solo_vote import COMMITS, TIMEOUT, _durable_points, _voted_rows
+from test_solo_vote import COMMITS, _durable_points, _one_object_commits, _vote_on_both
 from ZODB.Connection import TransactionMetaData
 
 from neozodb.cli.cluster import LocalCluster
@@ -22,17 +18,7 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def test_one_sync_per_commit_on_each_replica(cluster):
-    db = ZODB.DB(Storage(**cluster.client_kwargs()))
-    try:
-        tm = transaction.TransactionManager()
-        root = db.open(tm).root()
-        root["m"] = PersistentMapping()
-        tm.commit()
-        for i in range(COMMITS):
-            root["m"]["x"] = i
-            tm.commit()
-    finally:
-        db.close()
+    _one_object_commits(cluster)
     # two durable points a commit on each storage (vote, lock) without
     # lazy votes: at least 2 * COMMITS; with them, the locks
     for syncs, points in _durable_points(cluster, ("S1", "S2")):
@@ -40,21 +26,7 @@ def test_one_sync_per_commit_on_each_replica(cluster):
 
 
 def test_lazy_vote_is_committed_by_the_locks(cluster):
-    client = Client(cluster)
-    try:
-        oid = client.new_oid()
-        ttid = client.begin()
-        client.store(ttid, oid, b"data")  # on both storages (replicas 1)
-        nids = client.cells(ttid)
-        assert len(nids) == 2
-        for nid in nids:
-            client.conn(nid).call(Packets.AskLazyVote, ttid, b"", b"", b"", [oid], None,
-                                  timeout=TIMEOUT)
-        assert [_voted_rows(cluster, i, ttid) for i in (1, 2)] == [0, 0]  # not committed
-        client.finish(ttid, [oid])
-        assert load(cluster, oid) == b"data"
-    finally:
-        client.close()
+    assert _vote_on_both(cluster, Packets.AskLazyVote) == [0, 0]  # not committed
     # the locks alone went through the group commit
     assert [points for _, points in _durable_points(cluster, ("S1", "S2"))] == [1, 1]
 

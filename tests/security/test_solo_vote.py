@@ -38,8 +38,10 @@ def _durable_points(cluster, names=("S1",)) -> list[tuple[int, int]]:
     return counts
 
 
-def test_one_sync_per_commit_alone_on_a_storage(one_storage):
-    db = ZODB.DB(Storage(**one_storage.client_kwargs()))
+def _one_object_commits(cluster) -> tuple[int, int]:
+    """COMMITS one-object commits through ZODB; the client's early votes
+    (taken, refused)."""
+    db = ZODB.DB(Storage(**cluster.client_kwargs()))
     try:
         tm = transaction.TransactionManager()
         root = db.open(tm).root()
@@ -48,11 +50,14 @@ def test_one_sync_per_commit_alone_on_a_storage(one_storage):
         for i in range(COMMITS):
             root["m"]["x"] = i
             tm.commit()
-        app = db.storage.app
-        taken, refused = app.early_votes
-        assert taken >= COMMITS and refused == 0
+        return db.storage.app.early_votes
     finally:
         db.close()
+
+
+def test_one_sync_per_commit_alone_on_a_storage(one_storage):
+    taken, refused = _one_object_commits(one_storage)
+    assert taken >= COMMITS and refused == 0
     ((syncs, points),) = _durable_points(one_storage)
     # two durable points a commit (vote, lock) without solo votes: at
     # least 2 * COMMITS; with them, the locks (and the cluster's own few)
@@ -87,9 +92,10 @@ def test_solo_vote_is_committed_by_its_lock(one_storage):
         client.close()
 
 
-def test_solo_vote_where_another_cell_is_synced_first(cluster):
-    """A client that calls a transaction solo where the storage's table
-    shows a replica: that storage syncs before it answers."""
+def _vote_on_both(cluster, packet) -> list[int]:
+    """A one-object transaction of a raw client on a cluster of 2 storages
+    with replicas 1, voted with ``packet`` on each: the vote's rows in each
+    database once both answered; then finished, and read back."""
     client = Client(cluster)
     try:
         oid = client.new_oid()
@@ -98,13 +104,19 @@ def test_solo_vote_where_another_cell_is_synced_first(cluster):
         nids = client.cells(ttid)
         assert len(nids) == 2
         for nid in nids:
-            client.conn(nid).call(Packets.AskSoloVote, ttid, b"", b"", b"", [oid], None,
-                                  timeout=TIMEOUT)
-        assert [_voted_rows(cluster, i, ttid) for i in (1, 2)] == [1, 1]  # committed
+            client.conn(nid).call(packet, ttid, b"", b"", b"", [oid], None, timeout=TIMEOUT)
+        rows = [_voted_rows(cluster, i, ttid) for i in (1, 2)]
         client.finish(ttid, [oid])
         assert load(cluster, oid) == b"data"
     finally:
         client.close()
+    return rows
+
+
+def test_solo_vote_where_another_cell_is_synced_first(cluster):
+    """A client that calls a transaction solo where the storage's table
+    shows a replica: that storage syncs before it answers."""
+    assert _vote_on_both(cluster, Packets.AskSoloVote) == [1, 1]  # committed
     # the vote and the lock, each synced before its answer (nothing else
     # of the cluster's start goes through the group commit)
     assert [points for _, points in _durable_points(cluster, ("S1", "S2"))] == [2, 2]
