@@ -183,6 +183,24 @@ class PartitionTable:
         row = self._rows[offset]
         return len(row) == 1 and nid in row
 
+    def same_cells(self, offsets: Iterable[int]) -> list[int] | None:
+        """The storages with a cell in each of partitions ``offsets``, if
+        these partitions have the very same cells, all UP_TO_DATE (so that
+        each of these storages holds all of them); else None."""
+        rows = self._rows
+        nids = None
+        for offset in offsets:
+            row = rows[offset]
+            if nids is None:
+                nids = sorted(row)
+                if not nids:
+                    return None
+            elif len(row) != len(nids) or any(nid not in row for nid in nids):
+                return None
+            if any(state != UP_TO_DATE for state in row.values()):
+                return None
+        return nids
+
     def readable_nids(self, offset: int) -> list[int]:
         """Nodes that can serve reads of partition ``offset``."""
         return sorted(nid for nid, state in self._rows[offset].items() if state in _READABLE)

@@ -24,6 +24,35 @@ log = logging.getLogger("neozodb.client")
 STORE, CHECK, RELOCK, VOTE = "store", "check", "relock", "vote"
 
 
+def final_tid(app, ttid: bytes) -> bytes | None:
+    """The TID transaction ``ttid`` got, or None if it was not committed:
+    asked to the (new) master, which answers at once if it knows, when
+    done if it is still committing, or MAX_TID: "ask the storages" (a
+    master that restarted knows nothing, but its verification settled
+    every transaction on the storages before clients were accepted)."""
+    while True:
+        master = app.get_master()  # reconnects; waits for the cluster to run
+        try:
+            (tid,) = master.call(Packets.AskFinalTID, ttid, timeout=app.connect_timeout)
+        except ConnectionClosed:
+            if app.closed:
+                raise
+            continue
+        if tid != MAX_TID:
+            return tid
+        (tid,) = app.ask_storage(ttid, Packets.AskFinalTID, ttid)
+        return tid
+
+
+def metadata(txn) -> tuple[bytes, bytes, bytes]:
+    """(user, description, extension) of a ZODB transaction, as bytes."""
+    ext = txn.extension_bytes if hasattr(txn, "extension_bytes") else b""
+    # ZODB's own tests set text attributes directly on the metadata
+    user, description = (v.encode("utf-8") if isinstance(v, str) else v
+                         for v in (txn.user, txn.description))
+    return user, description, ext
+
+
 class Commit(Begin):
     def __init__(self, app, storage, txn, ttid: bytes | None, compress_level: int | None
                  ) -> None:
@@ -416,12 +445,7 @@ class Commit(Begin):
             self.uploads.settle()
         app = self.app
         meta_nids = app.writable_cells(self.ttid)
-        txn = self.txn
-        ext = txn.extension_bytes if hasattr(txn, "extension_bytes") else b""
-        # ZODB's own tests set text attributes directly on the metadata
-        user, description = (v.encode("utf-8") if isinstance(v, str) else v
-                              for v in (txn.user, txn.description))
-        meta = (self.ttid, user, description, ext, list(self.data), self.pack)
+        meta = (self.ttid, *metadata(self.txn), list(self.data), self.pack)
         again = None  # storages to vote (again) once every store is settled: None, all
         if self._early(meta_nids):
             # sent with the stores still buffered; a storage that did not
@@ -547,24 +571,7 @@ class Commit(Begin):
         return result[1]
 
     def _final_tid(self) -> bytes | None:
-        """The TID our transaction got, or None if it was not committed:
-        asked to the (new) master, which answers at once if it knows, when
-        done if it is still committing, or MAX_TID: "ask the storages" (a
-        master that restarted knows nothing, but its verification settled
-        every transaction on the storages before clients were accepted)."""
-        app = self.app
-        while True:
-            master = app.get_master()  # reconnects; waits for the cluster to run
-            try:
-                (tid,) = master.call(Packets.AskFinalTID, self.ttid, timeout=app.connect_timeout)
-            except ConnectionClosed:
-                if app.closed:
-                    raise
-                continue
-            if tid != MAX_TID:
-                return tid
-            (tid,) = app.ask_storage(self.ttid, Packets.AskFinalTID, self.ttid)
-            return tid
+        return final_tid(self.app, self.ttid)
 
     def abort(self) -> None:
         app = self.app

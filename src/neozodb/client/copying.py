@@ -43,6 +43,8 @@ from ZODB.interfaces import IBlobStorage
 from ZODB.POSException import POSKeyError, StorageTransactionError
 from ZODB.TimeStamp import TimeStamp
 
+from neozodb.client.bulk import Batch, Refused
+
 log = logging.getLogger("neozodb.client")
 
 # restored transactions waiting for their vote, beyond the one being
@@ -173,23 +175,147 @@ def _blob_copy(source: Any, destination: Any, record: Any) -> str | None:
     return name
 
 
+class _Copy:
+    """One copy (see ``copy``): each transaction by itself (``one``), or in
+    batches (``push``, client/bulk.py) while the destination takes them."""
+
+    def __init__(self, source: Any, destination: Any, result: CopyResult, pipelined: int,
+                 bulk: Any) -> None:
+        self.source = source
+        self.destination = destination
+        self.result = result
+        self.pipelined = pipelined
+        self.blobs = IBlobStorage.providedBy(source) and IBlobStorage.providedBy(destination)
+        self.finisher: _Finisher | None = None
+        self.bulk = bulk
+        self.batch = None if bulk is None else Batch()
+        self.voting = None  # a batch begun and voted, its finish not asked
+        self.finishing = None  # a batch whose finish was asked
+
+    @property
+    def error(self) -> BaseException | None:
+        return None if self.finisher is None else self.finisher.error
+
+    def add(self, tid: bytes, txn: Any) -> None:
+        records = list(txn)
+        if self.bulk is not None:
+            if not (self.blobs and any(is_blob_record(r.data) for r in records)):
+                self.bulk.add(self.batch, tid, txn, records)
+                if self.batch.full:
+                    self.push()
+                return
+            self.drain()  # a blob goes with its record, one transaction at a time
+            self.one(tid, txn, records, alone=True)
+            return
+        self.one(tid, txn, records)
+
+    def one(self, tid: bytes, txn: Any, records: list, alone: bool = False) -> None:
+        """Copy a transaction by itself: through the finisher if the copy
+        is pipelined, unless ``alone`` (a bulk copy goes on after it)."""
+        destination = self.destination
+        finisher = self.finisher
+        if finisher is None and self.pipelined and not alone:
+            finisher = self.finisher = _Finisher(destination, self.result, self.pipelined)
+        if finisher is None or alone:
+            destination.tpc_begin(txn, tid, txn.status)
+        else:
+            destination.tpc_begin(txn, tid, txn.status, wait=False)
+        try:
+            for record in records:
+                blob = _blob_copy(self.source, destination, record) if self.blobs else None
+                if blob is None:
+                    destination.restore(record.oid, record.tid, record.data, "",
+                                        record.data_txn, txn)
+                else:
+                    destination.restoreBlob(record.oid, record.tid, record.data, blob,
+                                            record.data_txn, txn)
+            if finisher is None or alone:
+                destination.tpc_vote(txn)
+                destination.tpc_finish(txn)
+            else:
+                finisher.put(txn, tid, len(records))
+        except BaseException:
+            destination.tpc_abort(txn)
+            raise
+        if finisher is None or alone:
+            self.result.finished(tid, len(records))
+
+    def push(self) -> None:
+        """The batch read so far leaves (begin and votes), once the one
+        before it is voted and asked to finish, and the one before that
+        finished: each batch is read while the previous ones are written."""
+        batch, self.batch = self.batch, Batch()
+        if not batch.txns or not self._advance(batch.copied):
+            return
+        sent = self.bulk.send(batch)
+        if sent is None:
+            self.settle()
+            self.bulk = None
+            for item in batch.copied:
+                self.one(*item)
+            return
+        self.voting = sent
+
+    def _advance(self, then: list) -> bool:
+        """Ask the batch voted to finish, once the one before it finished;
+        False if the storages refused it: its transactions, then those of
+        ``then``, are copied one by one, and so is the rest of the copy."""
+        voting, self.voting = self.voting, None
+        try:
+            if voting is not None:
+                self.bulk.finish(voting)
+        except Refused:
+            self.settle()
+            self.bulk = None
+            for item in voting.batch.copied + then:
+                self.one(*item)
+            return False
+        except BaseException:
+            self.settle()
+            raise
+        self.settle()
+        self.finishing = voting
+        return True
+
+    def settle(self) -> None:
+        """Wait for the batch being finished, and report its transactions."""
+        finishing, self.finishing = self.finishing, None
+        if finishing is not None:
+            self.bulk.finished(finishing)
+            for tid, _, records in finishing.batch.copied:
+                self.result.finished(tid, len(records))
+
+    def drain(self) -> None:
+        """Every batch read so far committed (at the end, or before a
+        transaction copied by itself)."""
+        if self.bulk is not None:
+            self.push()
+            if self.bulk is not None and self._advance([]):
+                self.settle()
+
+    def close(self) -> None:
+        if self.finisher is not None:
+            self.finisher.close()
+
+
 def copy(source: Any, destination: Any, start: bytes | None = None,
          done: Callable[[bytes, int], None] | None = None,
          warn: Callable[[str], None] = log.warning,
-         pipelined: int | None = None) -> CopyResult:
+         pipelined: int | None = None, bulk: bool = True) -> CopyResult:
     """Copy the transactions of ``source`` from ``start`` (all if None)
     into ``destination``; ``done(tid, records)`` is called as each one is
     finished, in order.  ``pipelined``: how many finishes may wait for
     their answers while the next transactions are voted, in a thread of
     its own (0: one transaction at a time, in the caller's thread; None:
     what ``destination.pipelined_copy()`` says, 0 if it has no such
-    method)."""
+    method).  ``bulk``: many transactions per commit where the destination
+    can (``destination.bulk_copier()``, client/bulk.py)."""
     if pipelined is None:
         ask = getattr(destination, "pipelined_copy", None)
         pipelined = 0 if ask is None else ask()
+    make = getattr(destination, "bulk_copier", None) if bulk else None
     result = CopyResult(done)
-    blobs = IBlobStorage.providedBy(source) and IBlobStorage.providedBy(destination)
-    finisher = _Finisher(destination, result, pipelined) if pipelined else None
+    copying = _Copy(source, destination, result, pipelined, None if make is None else make())
     previous = None
     iterator = source.iterator(start)
     try:
@@ -200,40 +326,17 @@ def copy(source: Any, destination: Any, start: bytes | None = None,
                 # the previous one
                 tid = TimeStamp(tid).laterThan(TimeStamp(previous)).raw()
                 warn("TID %s out of order, copied as %s" % (txn.tid.hex(), tid.hex()))
-            if finisher is None:
-                destination.tpc_begin(txn, tid, txn.status)
-            else:
-                destination.tpc_begin(txn, tid, txn.status, wait=False)
-            records = 0
-            try:
-                for record in txn:
-                    blob = _blob_copy(source, destination, record) if blobs else None
-                    if blob is None:
-                        destination.restore(record.oid, record.tid, record.data, "",
-                                            record.data_txn, txn)
-                    else:
-                        destination.restoreBlob(record.oid, record.tid, record.data, blob,
-                                                record.data_txn, txn)
-                    records += 1
-                if finisher is None:
-                    destination.tpc_vote(txn)
-                    destination.tpc_finish(txn)
-                else:
-                    finisher.put(txn, tid, records)
-            except BaseException:
-                destination.tpc_abort(txn)
-                raise
+            copying.add(tid, txn)
             previous = tid
-            if finisher is None:
-                result.finished(tid, records)
-            elif finisher.error is not None:
+            if copying.error is not None:
                 break  # raised below, once the finisher settled what it has
+        if copying.error is None:
+            copying.drain()
     finally:
-        if finisher is not None:
-            finisher.close()
+        copying.close()
         close = getattr(iterator, "close", None)
         if close is not None:
             close()
-    if finisher is not None and finisher.error is not None:
-        raise finisher.error
+    if copying.error is not None:
+        raise copying.error
     return result

@@ -31,6 +31,7 @@ from ZODB.interfaces import (
 from neozodb.client import iteration
 from neozodb.client.app import ClientApp
 from neozodb.client.blobs import BlobStorageMethods
+from neozodb.client.bulk import BulkCopier
 from neozodb.client.commit import Commit
 from neozodb.client.compat import has_features
 from neozodb.client.compress import parse_compress
@@ -41,7 +42,7 @@ from neozodb.client.loads import READ_AHEAD
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.net.tls import load_contexts
 from neozodb.protocol import ZERO_TID, Packets
-from neozodb.protocol.features import BEGIN_PARTITION, ORDERED_COPY
+from neozodb.protocol.features import BEGIN_PARTITION, BULK_COPY, ORDERED_COPY
 
 __all__ = ["Storage", "NEOStorageError", "loads_extension"]
 
@@ -396,6 +397,13 @@ class Storage(BlobStorageMethods, ConflictResolvingStorage):
         if not has_features(master):
             return 0
         return COPY_WINDOW if ORDERED_COPY in master.peer_features else 1
+
+    def bulk_copier(self) -> BulkCopier | None:
+        """What copies many transactions per commit into this cluster
+        (client/bulk.py), None if its master lacks the feature."""
+        self._check_writable()
+        master = self.app.get_master()
+        return BulkCopier(self) if BULK_COPY in master.peer_features else None
 
     def deleteObject(self, oid: bytes, serial: bytes, txn) -> None:
         """IExternalGC: a deletion record for oid, whose current serial must

@@ -35,10 +35,11 @@ IMPOSED_IDLE = 30.0
 class Commits:
     """Commits, packs and replication bookkeeping (see the module docstring)."""
 
-    def begin(self, conn: Connection, tid: int | None, partition: int | None = None) -> Txn:
-        """A client's AskBeginTransaction (``tid``: imposed), or
-        AskBeginInPartition."""
-        txn = self.tm.begin(conn.nid, time.time(), tid, partition)
+    def begin(self, conn: Connection, tid: int | None, partition: int | None = None,
+              first: int | None = None) -> Txn:
+        """A client's AskBeginTransaction (``tid``: imposed),
+        AskBeginInPartition, or AskBulkBegin (``first`` to ``tid``)."""
+        txn = self.tm.begin(conn.nid, time.time(), tid, partition, first)
         txn.ready = self.running_storage_nids()
         if txn.imposed:
             # it holds back every commit that gets a TID after it
@@ -85,7 +86,10 @@ class Commits:
                 for p in parts}
 
     def finish(self, conn: Connection, msg_id: int, ttid: bytes, oids, deleted, checked,
-               pack=None) -> None:
+               pack=None, subs=None) -> None:
+        """A client's AskFinishTransaction, or AskBulkFinish (``subs``: the
+        (tid, oids) of each transaction of the batch, ``oids`` all of
+        them, ``checked`` the partitions of their metadata)."""
         if pack is not None:
             pack_tid = u64(pack[1])
             if not 0 < pack_tid <= self.tm.last_tid:
@@ -102,6 +106,7 @@ class Commits:
         involved = set().union(*cells.values())
         txn = self.tm.prepare(u64(ttid), time.time(), list(oids), involved)
         txn.cells = cells
+        txn.subs = subs
         txn.finish_request = (conn, msg_id)
         if pack is not None:
             txn.pack = (pack[0], u64(pack[1]))
@@ -161,16 +166,12 @@ class Commits:
                 self._lost(txn)
                 continue
             self._outdate_refusers(txn)
-            conn.answer(msg_id, Packets.AnswerTransactionFinished, ttid, tid)
-            # other clients invalidate; secondaries mirror the last IDs
-            for peer in self.nm:
-                if peer.type is NodeTypes.CLIENT:
-                    if not txn.oids or peer.conn is conn:
-                        continue
-                elif peer.type is not NodeTypes.MASTER:
-                    continue
-                if peer.connected and self.follows_table(peer):
-                    peer.conn.notify(Packets.InvalidateObjects, tid, txn.oids)
+            if txn.subs is None:
+                conn.answer(msg_id, Packets.AnswerTransactionFinished, ttid, tid)
+                self._invalidate(conn, [(tid, txn.oids)])
+            else:
+                conn.answer(msg_id, Packets.AnswerBulkFinish, ttid, tid)
+                self._invalidate(conn, txn.subs)
             for nid in txn.involved:
                 node = self.nm.get(nid)
                 if node is not None and node.connected:
@@ -184,6 +185,21 @@ class Commits:
         for txn in self.tm.undeferred():
             self._ask_locks(txn)
         self.maybe_exit()
+
+    def _invalidate(self, committer: Connection, commits: list) -> None:
+        """Other clients invalidate what each of ``commits`` (tid, oids)
+        changed, one commit at a time; secondaries mirror the last IDs."""
+        for peer in self.nm:
+            if peer.type is NodeTypes.CLIENT:
+                if peer.conn is committer:
+                    continue
+            elif peer.type is not NodeTypes.MASTER:
+                continue
+            if peer.connected and self.follows_table(peer):
+                notify = peer.conn.notify
+                for tid, oids in commits:
+                    if oids or peer.type is NodeTypes.MASTER:
+                        notify(Packets.InvalidateObjects, tid, oids)
 
     def _outdate_refusers(self, txn: Txn) -> None:
         """Storages that refused to lock ``txn`` (never voted there) lack

@@ -24,7 +24,7 @@ from neozodb.protocol import (
     p64,
     u64,
 )
-from neozodb.protocol.features import BEGIN_PARTITION
+from neozodb.protocol.features import BEGIN_PARTITION, BULK_COPY
 from neozodb.protocol.values import check_id, check_ids
 
 if TYPE_CHECKING:
@@ -148,14 +148,24 @@ class ClientHandler(BaseHandler):
             raise ProtocolError("invalid partition %r" % partition)
         self._begin(conn, msg_id, Packets.AnswerBeginInPartition, None, partition)
 
-    def _begin(self, conn, msg_id, answer, imposed: int | None, partition: int | None) -> None:
+    def AskBulkBegin(self, conn, msg_id, first, last):
+        """The begin of a bulk copy of the transactions from ``first`` to
+        ``last`` (feature bulk-copy): its TTID is ``last``."""
+        if BULK_COPY not in conn.peer_features:
+            raise ProtocolError("unexpected AskBulkBegin")
+        self._check_writable(Packets.AskBulkBegin)
+        self._begin(conn, msg_id, Packets.AnswerBulkBegin, check_id(last, "last TID"), None,
+                    check_id(first, "first TID"))
+
+    def _begin(self, conn, msg_id, answer, imposed: int | None, partition: int | None,
+               first: int | None = None) -> None:
         app = self.app
 
         def begin():
             if conn.closed:
                 return
             try:
-                txn = app.begin(conn, imposed, partition)
+                txn = app.begin(conn, imposed, partition, first)
             except TransactionError as e:
                 log.warning("%s: begin refused to %s: %s", app.label, conn.label, e)
                 conn.error(msg_id, ErrorCodes.DENIED, str(e))
@@ -186,6 +196,31 @@ class ClientHandler(BaseHandler):
         self._own(conn, ttid, Packets.AskFinishTransaction)
         try:
             self.app.finish(conn, msg_id, ttid, oids, deleted, checked, pack)
+        except TransactionError as e:
+            raise Denied(str(e)) from None
+
+    def AskBulkFinish(self, conn, msg_id, ttid, subs):
+        """The finish of a bulk copy: ``subs`` are the (tid, oids) of each
+        of its transactions, from its first TID to its last (the TTID)."""
+        if BULK_COPY not in conn.peer_features:
+            raise ProtocolError("unexpected AskBulkFinish")
+        self._check_writable(Packets.AskBulkFinish)
+        txn = self._own(conn, ttid, Packets.AskBulkFinish)
+        if txn is None or txn.first is None:
+            raise Denied("no bulk copy %s" % ttid.hex())
+        tids = [check_id(tid, "TID") for tid, _ in subs]
+        if not tids or tids[0] != txn.first or tids[-1] != txn.ttid or any(
+                a >= b for a, b in zip(tids, tids[1:], strict=False)):
+            raise ProtocolError("bulk copy %s: its transactions are not those begun" % ttid.hex())
+        oids: dict[bytes, None] = {}
+        for _, sub_oids in subs:
+            check_ids(sub_oids, "oid")
+            oids.update(dict.fromkeys(sub_oids))
+        pt = self.app.pt
+        partitions = sorted({pt.partition(tid) for tid, _ in subs})
+        try:
+            self.app.finish(conn, msg_id, ttid, list(oids), [], partitions, None,
+                            [(tid, list(sub_oids)) for tid, sub_oids in subs])
         except TransactionError as e:
             raise Denied(str(e)) from None
 

@@ -51,6 +51,11 @@ class Txn:
     # its client is not locked everywhere yet: its locks wait (``deferred``)
     deferred: bool = False
     locked_callback: Any = None  # what takes each storage's answer to its lock
+    # a bulk copy (feature bulk-copy): the TID of its first transaction
+    # (its TTID and TID are those of the last), and at the finish the
+    # (tid, oids) of each of its transactions, for the invalidations
+    first: int | None = None
+    subs: list | None = None
 
     @property
     def prepared(self) -> bool:
@@ -106,10 +111,13 @@ class TransactionManager:
             self.last_oid = oid
 
     def begin(self, client: int, now: float, tid: int | None = None,
-              partition: int | None = None) -> Txn:
+              partition: int | None = None, first: int | None = None) -> Txn:
         """A new transaction of ``client``: ``tid`` imposed, or a TTID from
         the clock, in ``partition`` if given (feature begin-partition: the
-        final TID keeps it, so the metadata goes with the first object)."""
+        final TID keeps it, so the metadata goes with the first object).
+        ``first``: a bulk copy of transactions from ``first`` to ``tid``
+        (feature bulk-copy), all of which must come after what the
+        cluster has."""
         if tid is not None:
             # imposed TID (copyTransactionsFrom / restore): it must come
             # after everything already committed or being committed
@@ -117,11 +125,15 @@ class TransactionManager:
                 raise TransactionError(
                     "imposed TID %016x (%s) is more than %g s ahead of the clock" % (
                         tid, format_tid_time(tid), IMPOSED_AHEAD))
-            if tid <= self._last_allocated:
+            lowest = tid if first is None else first
+            if first is not None and not 0 < first <= tid:
+                raise TransactionError("bulk copy from TID %016x to %016x: not in order" % (
+                    first, tid))
+            if lowest <= self._last_allocated:
                 raise TransactionError(
                     "imposed TID %016x (%s) is not greater than the last TID of the cluster,"
                     " committed or being committed: %016x (%s)" % (
-                        tid, format_tid_time(tid), self._last_allocated,
+                        lowest, format_tid_time(lowest), self._last_allocated,
                         format_tid_time(self._last_allocated)))
             ttid = tid
         else:
@@ -129,7 +141,7 @@ class TransactionManager:
             if partition is not None:
                 ttid += (partition - ttid) % self.num_partitions
         self._last_allocated = ttid
-        txn = self.txns[ttid] = Txn(ttid, client, imposed=tid is not None)
+        txn = self.txns[ttid] = Txn(ttid, client, imposed=tid is not None, first=first)
         if tid is not None:
             # its TID is known now: later commits must queue behind it
             txn.tid = tid

@@ -406,6 +406,18 @@ _TABLE: tuple[tuple[int, str, str, str | None, str, int], ...] = (
     # storages that get its metadata, all of them (feature "lazy-vote"):
     # the first lock made durable carries it
     (0x7f07, "AskLazyVote", "p64,bin,bin,bin,[p64],?(?[p64],p64)", "AnswerLazyVote", "", 0),
+    # feature "bulk-copy" (client/bulk.py): many transactions copied with
+    # their TIDs through one two-phase commit.  The begin: first and last
+    # TID of the batch (the TTID is the last)
+    (0x7f08, "AskBulkBegin", "p64,p64", "AnswerBulkBegin", "p64", 0),
+    # the vote of a batch on one storage: (tid, user, description,
+    # extension, records) of each transaction in TID order, each record
+    # (oid, compression, checksum, data, data_serial) as AskStoreObject's
+    (0x7f09, "AskBulkVote", "p64,[(p64,bin,bin,bin,[(p64,int,bin,bin,?p64)])]",
+     "AnswerBulkVote", "", 0),
+    # the finish of a batch: (tid, oids) of each transaction, for the
+    # invalidations; answered (ttid, tid) as AnswerTransactionFinished
+    (0x7f0a, "AskBulkFinish", "p64,[(p64,[p64])]", "AnswerBulkFinish", "p64,p64", 0),
     # feature "blob" (protocol/blobs.py): a chunk of the content of the blob
     # a transaction stores for an object (ttid, oid, chunk number, bytes),
     # before the store of its record

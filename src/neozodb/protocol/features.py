@@ -136,6 +136,20 @@ Both ends keep the intersection (``conn.peer_features``).  The features:
     down when the transaction was committed, and catches up by
     replication), which a master without the feature does not do.
     docs/design.md, "Durability", has the argument.
+``bulk-copy``
+    Between a client and a master, and a client and a storage: a copy
+    (``neomigrate``, ``copyTransactionsFrom``) commits many transactions of
+    its source, with their TIDs, through one two-phase commit:
+    ``AskBulkBegin`` (0x7f08) with the first and last TID of the batch
+    (the TTID is the last), ``AskBulkVote`` (0x7f09) to each storage with
+    every transaction and record of the batch, written as one durable
+    point, the usual locks and unlocks, each storage locking all the
+    batch's transactions at once, and ``AskBulkFinish`` (0x7f0a) with the
+    objects of each transaction, which other clients invalidate one
+    transaction at a time.  Only while every partition is on the same
+    storages, all UP_TO_DATE (one storage, or as many copies as
+    storages): any storage that locked the batch then holds every one of
+    its transactions.  docs/design.md, "Bulk copy", has the argument.
 """
 from __future__ import annotations
 
@@ -152,10 +166,12 @@ OLDER_PT = b"older-pt"
 ORDERED_COPY = b"ordered-copy"
 BEGIN_PARTITION = b"begin-partition"
 LAZY_VOTE = b"lazy-vote"
+BULK_COPY = b"bulk-copy"
 FEATURES: frozenset[bytes] = frozenset((b"status-json", b"import-status", b"gc-pack",
                                         b"mirror", b"check-report", b"check-digest",
                                         REPL_BATCH, EARLY_VOTE, SOLO_VOTE, OLDER_PT, BLOB,
-                                        ORDERED_COPY, BEGIN_PARTITION, LAZY_VOTE))
+                                        ORDERED_COPY, BEGIN_PARTITION, LAZY_VOTE,
+                                        BULK_COPY))
 #: What RequestIdentification.extra carries from a neozodb node.
 ANNOUNCEMENT: dict[bytes, list[bytes]] = {EXTRA_KEY: sorted(FEATURES)}
 NO_FEATURES: frozenset[bytes] = frozenset()

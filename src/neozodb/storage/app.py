@@ -506,7 +506,9 @@ class StorageApp:
             self.pending_written()
         if txn.voted or txn.objects:
             data_ids = [] if txn.voted else [d for _, d, _ in txn.objects.values() if d is not None]
-            self.backend.abort_transaction(int.from_bytes(ttid, "big"), data_ids)
+            for sub in txn.subs or (int.from_bytes(ttid, "big"),):  # a bulk copy's: each
+                self.backend.abort_transaction(sub, data_ids)
+                data_ids = []
             self.pending_written()
         self.replay()
 

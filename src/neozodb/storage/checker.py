@@ -184,7 +184,7 @@ class Checker:
         not unlocked yet (it would be missing from our digests)."""
         app = self.app
         loop = asyncio.get_running_loop()
-        while any(t.tid is not None and u64(t.tid) <= max_tid for t in app.locks.txns.values()):
+        while any(t.low is not None and u64(t.low) <= max_tid for t in app.locks.txns.values()):
             waiter = loop.create_future()
             app.delay(b"", lambda w=waiter: w.done() or w.set_result(None))
             await waiter

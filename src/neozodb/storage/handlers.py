@@ -28,6 +28,7 @@ from neozodb.protocol.values import (
 )
 from neozodb.storage.backends.base import Unsupported
 from neozodb.storage.blobs import Blobs, answer_record
+from neozodb.storage.bulk import BulkWrites
 from neozodb.storage.pack import PAGE_OIDS, wire_order
 from neozodb.storage.pt_history import clamped, packed_up_to
 from neozodb.storage.undo import undo_serials
@@ -173,9 +174,15 @@ class MasterHandler(FollowsPrimary, BaseHandler):
                       "never stored" if txn is None else "not voted")
             raise HandlerError("transaction %s was not voted on %s" % (ttid.hex(), app.label),
                                ErrorCodes.DENIED, close=False)
+        if txn.subs is not None and tid != ttid:
+            raise HandlerError("bulk copy %s locked as %s" % (ttid.hex(), tid.hex()),
+                               ErrorCodes.DENIED, close=False)
         app.locks.lock(ttid, tid)
         with app.backend.sync_later():
-            app.backend.lock_transaction(u64(ttid), u64(tid), pack)
+            if txn.subs is None:
+                app.backend.lock_transaction(u64(ttid), u64(tid), pack)
+            else:
+                app.backend.lock_bulk(txn.subs)
         app.group_sync.answer_on(conn, msg_id, Packets.AnswerInformationLocked, ttid)
         # stores based on its revisions may take their locks now (nothing
         # was released: the replicator has nothing new to wait for)
@@ -200,7 +207,11 @@ class MasterHandler(FollowsPrimary, BaseHandler):
         app.serials.clear()  # none is expected here; none may outlive a commit
         txn = app.locks.finish(ttid)
         if txn is not None and txn.tid is not None:
-            app.backend.unlock_transaction(u64(ttid), u64(txn.tid))
+            if txn.subs is None:
+                app.backend.unlock_transaction(u64(ttid), u64(txn.tid))
+            else:
+                for sub in txn.subs:
+                    app.backend.unlock_transaction(sub, sub)
             app.pending_written()
         app.replay()
 
@@ -300,7 +311,7 @@ _READS_OF_IDS = frozenset(p.code for p in (
     Packets.AskObjectUndoSerial))
 
 
-class ClientHandler(Writes, Blobs, BaseHandler):
+class ClientHandler(Writes, BulkWrites, Blobs, BaseHandler):
     # a burst of stores: their oids' serials looked up together (writes.py)
     batched = Packets.AskStoreObject
 
@@ -369,7 +380,7 @@ class ClientHandler(Writes, Blobs, BaseHandler):
         if not app.readable(app.pt.partition(tid)):
             raise HandlerError("partition not readable here", ErrorCodes.NON_READABLE_CELL)
         found = app.backend.get_transaction(u64(tid))
-        if found is None and any(t.tid == tid for t in app.locks.txns.values()):
+        if found is None and any(u64(tid) in t.tids() for t in app.locks.txns.values()):
             app.delay(b"", Retry(self, conn, msg_id, Packets.AskTransactionInformation, (tid,)))
             return
         if found is None:
@@ -394,8 +405,7 @@ class ClientHandler(Writes, Blobs, BaseHandler):
         Their metadata and objects are read-locked: requests about them
         wait for the unlock."""
         pt = self.app.pt
-        return [tid for tid in (u64(t.tid) for t in self.app.locks.txns.values()
-                                if t.tid is not None)
+        return [tid for t in self.app.locks.txns.values() for tid in t.tids()
                 if min_tid <= tid <= max_tid and pt.partition(tid) in partitions]
 
     def AskTIDs(self, conn, msg_id, first, last, partition):
@@ -439,7 +449,7 @@ class ClientHandler(Writes, Blobs, BaseHandler):
         pt = app.pt
         # A transaction locked at or before tid is not in obj yet: wait for
         # its unlock.  Only finitely many can be: new ones get greater TIDs.
-        if any(t.tid is not None and t.tid <= tid and any(pt.partition(o) == partition
+        if any(t.low is not None and t.low <= tid and any(pt.partition(o) == partition
                                                           for o in t.objects)
                for t in app.locks.txns.values()):
             app.delay(b"", Retry(self, conn, msg_id, Packets.AskOIDsFrom,

@@ -81,7 +81,7 @@ class SourceHandler(BaseHandler):
         self._readable(partition)
         if length <= 0:
             raise ProtocolError("bad chunk length")
-        if any(t.tid is not None and t.tid <= max_tid for t in self.app.locks.txns.values()):
+        if any(t.low is not None and t.low <= max_tid for t in self.app.locks.txns.values()):
             self.app.delay(b"", Retry(self, conn, msg_id, packet, args))
             return False
         return True

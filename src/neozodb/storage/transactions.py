@@ -43,10 +43,28 @@ class Transaction:
     held: set = field(default_factory=set)
     # oid -> storage.blobs.Upload: blob contents received for its objects
     uploads: dict = field(default_factory=dict)
+    # a bulk copy (feature bulk-copy): the TTIDs (= TIDs, as ints) of its
+    # transactions in order, and oid -> TID of its last revision there
+    subs: list | None = None
+    serials: dict | None = None
 
     @property
     def locked(self) -> bool:
         return self.tid is not None
+
+    @property
+    def low(self) -> bytes | None:
+        """The smallest TID it commits, None before its lock: that of the
+        first transaction of a bulk copy."""
+        if self.tid is None or self.subs is None:
+            return self.tid
+        return self.subs[0].to_bytes(8, "big")
+
+    def tids(self) -> list[int]:
+        """The TIDs it commits (none before its lock)."""
+        if self.tid is None:
+            return []
+        return [int.from_bytes(self.tid, "big")] if self.subs is None else self.subs
 
 
 class LockManager:
@@ -93,6 +111,16 @@ class LockManager:
         other.deadlock_notified.add(oid)
         return other
 
+    def blocked(self, ttid: bytes, oids) -> bytes | None:
+        """A holder of one of ``oids`` that ``ttid`` cannot take it from
+        (see ``acquire``), None if it can take them all."""
+        write_locks = self.write_locks
+        for oid in oids:
+            holder = write_locks.get(oid)
+            if holder is not None and holder != ttid and not self._locked(holder):
+                return holder
+        return None
+
     def release(self, ttid: bytes, oid: bytes) -> None:
         if self.write_locks.get(oid) == ttid:
             # back to the transaction committing oid, if one is: it keeps it
@@ -127,7 +155,10 @@ class LockManager:
         everywhere, and forgets it if that one fails (ordered-copy), so
         nothing is committed on a revision that is not."""
         ttid = self.read_locks.get(oid)
-        return None if ttid is None else self.txns[ttid].tid
+        if ttid is None:
+            return None
+        txn = self.txns[ttid]
+        return txn.tid if txn.serials is None else txn.serials[oid]
 
     def abort(self, ttid: bytes) -> Transaction | None:
         self.aborted[ttid] = None

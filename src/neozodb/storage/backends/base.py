@@ -382,6 +382,15 @@ class Backend(PartitionMethods, BlobMethods):
         when it returns.  ``pack_approved``: the master approved the pack
         order the transaction carries, if any."""
 
+    def lock_bulk(self, ttids: list[int]) -> None:
+        """Lock each of ``ttids`` (the transactions of a bulk copy, voted,
+        in TID order) with its own TID (TTID = TID).  Durable when it
+        returns, as ``lock_transaction``: in one commit where the backend
+        can, else in order (a crash then leaves the first ones locked, which
+        verification commits: the copy goes on from the last)."""
+        for ttid in ttids:
+            self.lock_transaction(ttid, ttid)
+
     @abc.abstractmethod
     def unlock_transaction(self, ttid: int, tid: int) -> None:
         """Finish a locked transaction: move ``ttrans`` to ``trans``, ``tobj``

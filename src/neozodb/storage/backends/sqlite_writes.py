@@ -147,6 +147,11 @@ class SQLiteWrites:
         self._conn.execute(_LOCK, (tid, ttid))
         self._commit()
 
+    def lock_bulk(self, ttids: list[int]) -> None:
+        self._begin()
+        self._conn.executemany(_LOCK, [(ttid, ttid) for ttid in ttids])
+        self._commit()
+
     def unlock_transaction(self, ttid: int, tid: int) -> None:
         with self._txn(durable=False) as conn:
             conn.execute(_MOVE_TRANS, (tid, ttid))
