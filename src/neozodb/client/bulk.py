@@ -89,18 +89,20 @@ class BulkCopier:
     def add(self, batch: Batch, tid: bytes, txn: Any, records: list) -> None:
         """Encode a source transaction (``records`` as its iterator gave
         them, none a blob's) into ``batch``."""
-        encoded = []
+        # an object stored twice keeps its last record, where it first
+        # came (as a transaction of the client, Commit.store)
+        encoded: dict[bytes, tuple] = {}
         size = 0
         for record in records:
             data = record.data
             if data is None:  # a deletion (or an undone creation)
-                encoded.append((record.oid, 0, ZERO_HASH, b"", None))
+                encoded[record.oid] = (record.oid, 0, ZERO_HASH, b"", None)
                 continue
             compression, stored, checksum = compress_record(data, self.level)
-            encoded.append((record.oid, compression, checksum, stored, record.data_txn))
+            encoded[record.oid] = (record.oid, compression, checksum, stored, record.data_txn)
             size += len(stored)
-        batch.txns.append((tid, *metadata(txn), encoded))
-        batch.oids.append((tid, [r[0] for r in encoded]))
+        batch.txns.append((tid, *metadata(txn), list(encoded.values())))
+        batch.oids.append((tid, list(encoded)))
         batch.copied.append((tid, txn, records))
         batch.size += size + 100
 

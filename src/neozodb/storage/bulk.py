@@ -49,6 +49,8 @@ def _checked(app, ttid: bytes, txns) -> tuple[dict, set]:
             raise ProtocolError("bulk copy %s: TIDs not in order" % ttid.hex())
         previous = n
         partitions.add(partition(tid))
+        if len({record[0] for record in records}) != len(records):
+            raise ProtocolError("bulk copy %s: an object twice in %s" % (ttid.hex(), tid.hex()))
         for oid, compression, checksum, data, data_serial in records:
             check_id(oid, "oid")
             if data_serial is not None:
