@@ -3,7 +3,7 @@ copyTransactionsFrom, zodbconvert): each transaction's finish overlaps the
 copy of the next ones, which often restore the very objects still being
 finished; and a copy that fails stops with the destination holding exactly
 the transactions reported copied, from which it can go on.  These are
-the copies of one transaction at a time (``bulk=False``); tests/cluster/
+the copies of one transaction at a time (``batch=0``); tests/cluster/
 test_bulk_copy.py has the copies of many transactions per commit."""
 from __future__ import annotations
 
@@ -64,13 +64,13 @@ def _commit_over(storage, value) -> None:
     assert db.open(transaction.TransactionManager()).root()["a"]["n"] == value
 
 
-@pytest.mark.parametrize("bulk", [False, True], ids=["one-by-one", "bulk"])
-def test_pipelined_copy_equals_the_source(one_storage, source, bulk):
+@pytest.mark.parametrize("batch", [0, None], ids=["one-by-one", "bulk"])
+def test_pipelined_copy_equals_the_source(one_storage, source, batch):
     destination = Storage(**one_storage.client_kwargs())
     try:
         seen = []
         result = copy(source, destination, done=lambda tid, records: seen.append(tid),
-                      bulk=bulk)
+                      batch=batch)
         expected = transactions(source.iterator())
         assert result.transactions == len(expected) == COMMITS + 2
         assert seen == [t[0] for t in expected]  # reported in order, each once
@@ -140,7 +140,7 @@ def test_finishes_overlap_the_next_votes(one_storage, source):
     try:
         assert storage.pipelined_copy() == COPY_WINDOW > 1
         destination = Recording(storage)
-        result = copy(source, destination, bulk=False)
+        result = copy(source, destination, batch=0)
         events = destination.events
         assert events[:4] == [("voted", 0), ("finish sent", 0), ("voted", 1), ("finish sent", 1)]
         assert 2 <= max(_in_flight(events)) <= COPY_WINDOW
@@ -161,7 +161,7 @@ def test_one_finish_at_a_time_without_ordered_locks(one_storage, source):
     storage = Storage(**one_storage.client_kwargs())
     try:
         destination = Recording(storage)
-        copy(source, destination, pipelined=1, bulk=False)
+        copy(source, destination, pipelined=1, batch=0)
         assert destination.events[:7] == [
             ("voted", 0), ("finish sent", 0), ("voted", 1), ("answered", 0),
             ("finish sent", 1), ("voted", 2), ("answered", 1)]
@@ -202,7 +202,7 @@ def test_failed_copy_stops_where_reported_and_goes_on(one_storage, source):
         destination = FailingFinish(storage, fail_at=30)
         seen = []
         with pytest.raises(StorageTransactionError, match="master lost"):
-            copy(source, destination, done=lambda tid, records: seen.append(tid), bulk=False)
+            copy(source, destination, done=lambda tid, records: seen.append(tid), batch=0)
         expected = transactions(source.iterator())
         # the 29 finished before the failure, nothing after it (those
         # voted meanwhile were forgotten by the master)
@@ -232,7 +232,7 @@ def test_failed_vote_aborts_it_and_finishes_those_before(one_storage, source):
         storage.tpc_vote = tpc_vote
         seen = []
         with pytest.raises(StorageTransactionError, match="storage lost"):
-            copy(source, storage, done=lambda tid, records: seen.append(tid), bulk=False)
+            copy(source, storage, done=lambda tid, records: seen.append(tid), batch=0)
         expected = transactions(source.iterator())
         assert len(seen) == 39
         assert _copied(storage) == expected[:39]
@@ -291,7 +291,7 @@ def test_blob_of_a_later_transaction_before_the_earlier_vote(cluster, tmp_path):
             return real_vote(txn)
 
         storage.restoreBlob, storage.tpc_vote = restoreBlob, tpc_vote
-        result = copy(source, storage, bulk=False)
+        result = copy(source, storage, batch=0)
         del storage.restoreBlob, storage.tpc_vote
         expected = transactions(source.iterator())
         assert result.transactions == len(expected) == 7

@@ -167,6 +167,30 @@ def test_imposed_tid_must_be_greater_than_last_tid():
     assert tm.begin(1, T0, tid=last + 1).ttid == last + 1
 
 
+def test_bulk_copy_takes_its_whole_range_of_tids():
+    """A bulk copy (feature bulk-copy) begins with the first and last TID
+    of its batch: the first must come after the cluster's last, and no
+    transaction may get a TID inside the range."""
+    tm = TransactionManager(12)
+    last = tid_from_time(T0)
+    tm.reset(last_tid=last, last_oid=0)
+    with pytest.raises(TransactionError):
+        tm.begin(1, T0, tid=last + 10, first=last)  # the first is not after the last TID
+    with pytest.raises(TransactionError):
+        tm.begin(1, T0, tid=last + 10, first=last + 11)  # not in order
+    assert tm.txns == {}
+    bulk = tm.begin(1, T0, tid=last + 10, first=last + 1)
+    assert (bulk.ttid, bulk.first, bulk.imposed) == (last + 10, last + 1, True)
+    with pytest.raises(TransactionError):
+        tm.begin(1, T0, tid=last + 20, first=last + 10)  # overlaps the batch begun
+    other = tm.begin(2, T0)  # from the clock, behind the batch: after its range
+    assert other.ttid > last + 10
+    tm.prepare(bulk.ttid, T0, [1], {1})
+    assert bulk.tid == last + 10
+    assert commit_all(tm, bulk) == [bulk]
+    assert tm.last_tid == last + 10
+
+
 def test_imposed_tid_raises_allocation_floor():
     tm = TransactionManager(12)
     imposed = tid_from_time(T0 + 3600)

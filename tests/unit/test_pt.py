@@ -286,3 +286,22 @@ def test_grid_with_missing_cells_and_unknown_nodes():
     ]
     pt.apply_changes(6, 1, [(0, 2, CORRUPTED)])
     assert pt.grid({}, name=lambda nid: "N%d" % nid)[1] == "N2 U CFUUFU"
+
+
+def test_same_cells():
+    """The storages holding every one of some partitions, if these have the
+    same cells, all UP_TO_DATE (what a bulk copy needs, client/bulk.py)."""
+    pt = PartitionTable(4, 1)
+    pt.make([1, 2])
+    assert pt.same_cells(range(4)) == [1, 2]
+    assert pt.same_cells([]) is None
+    pt.apply_changes(2, 1, [(1, 3, OUT_OF_DATE)])
+    assert pt.same_cells([0, 2, 3]) == [1, 2]
+    assert pt.same_cells([0, 1]) is None  # another storage in partition 1
+    assert pt.same_cells([1]) is None  # not UP_TO_DATE
+    spread = PartitionTable(4, 0)
+    spread.make([1, 2])
+    owners = {spread.readable_nids(p)[0] for p in range(4)}
+    assert owners == {1, 2}
+    assert spread.same_cells(range(4)) is None
+    assert spread.same_cells([p for p in range(4) if spread.readable_nids(p) == [1]]) == [1]

@@ -409,3 +409,26 @@ def test_random_lock_sequences(registered, data):
         for oid, holder in lm.write_locks.items():
             assert holder in lm.txns or holder not in registered, (oid, holder)
     assert set(lm.txns) == registered - ended
+
+
+def test_bulk_copy_locks():
+    """A bulk copy (storage/bulk.py) takes all its locks or none, and once
+    locked, a store past it is based on each object's own last revision
+    in the batch, not on the batch's last TID."""
+    lm = LockManager()
+    store(lm, OLD, A)
+    assert lm.blocked(YOUNG, [B, A]) == OLD
+    assert lm.blocked(YOUNG, [B, C]) is None
+    bulk = lm.get(YOUNG)
+    bulk.subs, bulk.serials = [10, 11, 12], {B: tid(10), C: tid(12)}
+    bulk.objects = dict.fromkeys(bulk.serials, (b"\0" * 8, None, None))
+    for oid in bulk.serials:
+        assert lm.acquire(YOUNG, oid) is None
+    assert bulk.low is None and bulk.tids() == []
+    lm.lock(YOUNG, tid(12))
+    assert bulk.low == tid(10) and bulk.tids() == [10, 11, 12]
+    assert lm.current(B) == tid(10)
+    assert lm.current(C) == tid(12)
+    assert lm.blocked(MID, [B, C]) is None  # past a locked transaction
+    lm.finish(YOUNG)
+    assert lm.current(B) is None and B not in lm.write_locks

@@ -35,6 +35,7 @@ import time
 from ZODB.utils import p64, u64, z64
 
 from neozodb.cli.config import format_address, parse_masters
+from neozodb.client.bulk import BATCH_TRANSACTIONS
 from neozodb.net.tls import TLSConfigError, load_contexts
 from neozodb.tid import format_tid_time
 
@@ -187,7 +188,8 @@ class Progress:
 # -- the copy ---------------------------------------------------------------------------------
 
 def copy(source, destination, start: bytes | None = None,
-         progress: Progress | None = None) -> tuple[int, int, bytes | None]:
+         progress: Progress | None = None, batch: int | None = None
+         ) -> tuple[int, int, bytes | None]:
     """Copy the transactions of ``source`` from ``start`` (all if None)
     into ``destination`` (client/copying.py: into a cluster, each finish
     overlaps the copy of the next transaction).  Returns (transactions,
@@ -198,7 +200,7 @@ def copy(source, destination, start: bytes | None = None,
         print("%s: %s" % (PROG, message), file=sys.stderr)
 
     done = None if progress is None else (lambda tid, records: progress.update(u64(tid), records))
-    result = copy_transactions(source, destination, start, done, warn)
+    result = copy_transactions(source, destination, start, done, warn, batch=batch)
     return result.transactions, result.objects, result.last
 
 
@@ -275,7 +277,8 @@ def _migrate(opts, source, destination, source_end, dest_end) -> str:
     progress = Progress(u64(first.tid), u64(source_last), enabled=not opts.quiet)
     began = time.monotonic()
     try:
-        transactions, objects, last = copy(source, destination, start or first.tid, progress)
+        transactions, objects, last = copy(source, destination, start or first.tid, progress,
+                                           opts.batch)
     except KeyboardInterrupt:
         progress.finish()
         raise MigrateError("interrupted after %d transactions (last copied: %s); run again"
@@ -317,11 +320,17 @@ def main(argv: list[str] | None = None) -> int:
                        ("--key", "this tool's private key")):
         parser.add_argument(flag, metavar="PEM", help="TLS with the cluster: %s (PEM file;"
                             " --ca, --cert and --key go together)" % what)
+    parser.add_argument("--batch", type=int, default=None, metavar="N",
+                        help="into a cluster, up to N transactions per commit where every"
+                        " partition is on the same storages (%d; 0: one at a time)"
+                        % BATCH_TRANSACTIONS)
     parser.add_argument("--blob-dir", metavar="DIR",
                         help="the FileStorage's blob directory: blobs are copied too")
     parser.add_argument("source", help="FileStorage path or master addresses")
     parser.add_argument("destination", help="FileStorage path or master addresses")
     opts = parser.parse_args(argv)
+    if opts.batch is not None and opts.batch < 0:
+        parser.error("--batch must be 0 or more")
     if opts.ca or opts.cert or opts.key:
         try:
             load_contexts(opts.ca, opts.cert, opts.key)

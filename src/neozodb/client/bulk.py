@@ -47,6 +47,7 @@ BATCH_BYTES = 4 << 20
 class Batch:
     """Transactions read from the source, encoded for AskBulkVote."""
 
+    limit: int = BATCH_TRANSACTIONS  # transactions
     txns: list = field(default_factory=list)  # (tid, user, description, ext, records)
     oids: list = field(default_factory=list)  # (tid, oids) of each, for AskBulkFinish
     copied: list = field(default_factory=list)  # (tid, source transaction, records)
@@ -54,7 +55,7 @@ class Batch:
 
     @property
     def full(self) -> bool:
-        return len(self.txns) >= BATCH_TRANSACTIONS or self.size >= BATCH_BYTES
+        return len(self.txns) >= self.limit or self.size >= BATCH_BYTES
 
     @property
     def ttid(self) -> bytes:

@@ -43,7 +43,7 @@ from ZODB.interfaces import IBlobStorage
 from ZODB.POSException import POSKeyError, StorageTransactionError
 from ZODB.TimeStamp import TimeStamp
 
-from neozodb.client.bulk import Batch, Refused
+from neozodb.client.bulk import BATCH_TRANSACTIONS, Batch, Refused
 
 log = logging.getLogger("neozodb.client")
 
@@ -59,6 +59,7 @@ class CopyResult:
     def __init__(self, done: Callable[[bytes, int], None] | None) -> None:
         self.transactions = 0
         self.objects = 0
+        self.batches = 0  # bulk copies (client/bulk.py), each of many transactions
         self.last: bytes | None = None
         self._done = done
 
@@ -180,7 +181,7 @@ class _Copy:
     batches (``push``, client/bulk.py) while the destination takes them."""
 
     def __init__(self, source: Any, destination: Any, result: CopyResult, pipelined: int,
-                 bulk: Any) -> None:
+                 bulk: Any, batch: int) -> None:
         self.source = source
         self.destination = destination
         self.result = result
@@ -188,7 +189,8 @@ class _Copy:
         self.blobs = IBlobStorage.providedBy(source) and IBlobStorage.providedBy(destination)
         self.finisher: _Finisher | None = None
         self.bulk = bulk
-        self.batch = None if bulk is None else Batch()
+        self.limit = batch
+        self.batch = Batch(batch)
         self.voting = None  # a batch begun and voted, its finish not asked
         self.finishing = None  # a batch whose finish was asked
 
@@ -244,7 +246,7 @@ class _Copy:
         """The batch read so far leaves (begin and votes), once the one
         before it is voted and asked to finish, and the one before that
         finished: each batch is read while the previous ones are written."""
-        batch, self.batch = self.batch, Batch()
+        batch, self.batch = self.batch, Batch(self.limit)
         if not batch.txns or not self._advance(batch.copied):
             return
         sent = self.bulk.send(batch)
@@ -282,6 +284,7 @@ class _Copy:
         finishing, self.finishing = self.finishing, None
         if finishing is not None:
             self.bulk.finished(finishing)
+            self.result.batches += 1
             for tid, _, records in finishing.batch.copied:
                 self.result.finished(tid, len(records))
 
@@ -301,21 +304,26 @@ class _Copy:
 def copy(source: Any, destination: Any, start: bytes | None = None,
          done: Callable[[bytes, int], None] | None = None,
          warn: Callable[[str], None] = log.warning,
-         pipelined: int | None = None, bulk: bool = True) -> CopyResult:
+         pipelined: int | None = None, batch: int | None = None) -> CopyResult:
     """Copy the transactions of ``source`` from ``start`` (all if None)
     into ``destination``; ``done(tid, records)`` is called as each one is
     finished, in order.  ``pipelined``: how many finishes may wait for
     their answers while the next transactions are voted, in a thread of
     its own (0: one transaction at a time, in the caller's thread; None:
     what ``destination.pipelined_copy()`` says, 0 if it has no such
-    method).  ``bulk``: many transactions per commit where the destination
-    can (``destination.bulk_copier()``, client/bulk.py)."""
+    method).  ``batch``: up to how many transactions go in one commit
+    where the destination can (``destination.bulk_copier()``,
+    client/bulk.py; None: BATCH_TRANSACTIONS; 0: one transaction per
+    commit)."""
     if pipelined is None:
         ask = getattr(destination, "pipelined_copy", None)
         pipelined = 0 if ask is None else ask()
-    make = getattr(destination, "bulk_copier", None) if bulk else None
+    if batch is None:
+        batch = BATCH_TRANSACTIONS
+    make = getattr(destination, "bulk_copier", None) if batch > 1 else None
     result = CopyResult(done)
-    copying = _Copy(source, destination, result, pipelined, None if make is None else make())
+    copying = _Copy(source, destination, result, pipelined,
+                    None if make is None else make(), batch)
     previous = None
     iterator = source.iterator(start)
     try:

@@ -1,0 +1,211 @@
+"""Bulk copies (feature bulk-copy, client/bulk.py): a copy into a cluster
+commits many transactions of its source per two-phase commit, and the
+cluster holds exactly what the source has, transaction by transaction;
+other clients see each transaction of a batch as its own commit; where
+the partitions are not all on the same storages the copy goes one
+transaction at a time; and a copy whose whole cluster is SIGKILLed at any
+moment leaves the destination with a prefix of the source, from which
+``neomigrate --incremental`` goes on."""
+from __future__ import annotations
+
+import io
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+from pickle import Unpickler
+
+import pytest
+import transaction
+import ZODB
+from test_crash import all_up_to_date, kill_all, pause
+from test_migrate import neomigrate, obj_rows
+from ZODB.FileStorage import FileStorage
+from ZODB.utils import p64, u64, z64
+
+from fsdata import make_filestorage, transactions
+from neozodb.cli.cluster import LocalCluster, wait_until
+from neozodb.client import Storage
+from neozodb.client.copying import copy
+from seeds import replay_seed
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def source_path(tmp_path_factory):
+    """A FileStorage with a bit of everything (tests/fsdata.py): stores,
+    undos (back-pointers, undone creations), deletions, BTree merges,
+    extension data, and a transaction storing an object twice."""
+    path = str(tmp_path_factory.mktemp("bulk") / "source.fs")
+    make_filestorage(path, transactions=600, objects=80)
+    return path
+
+
+def _source(path):
+    return FileStorage(path, read_only=True)
+
+
+@pytest.mark.parametrize("layout", [(1, 0), (2, 1), (2, 0)], ids=["1S-r0", "2S-r1", "2S-r0"])
+def test_bulk_copy_equals_the_source(tmp_path, source_path, layout):
+    """Small batches (17 transactions), so that many are in flight.  With
+    2 storages and no replicas, the partitions are on different storages:
+    no batch, each transaction by itself."""
+    storages, replicas = layout
+    cluster = LocalCluster(str(tmp_path / "cluster"), name="test", storages=storages,
+                           replicas=replicas, partitions=6).start_or_kill()
+    source = _source(source_path)
+    storage = Storage(**cluster.client_kwargs())
+    try:
+        seen = []
+        result = copy(source, storage, done=lambda tid, records: seen.append(tid), batch=17)
+        expected = transactions(source.iterator())
+        assert seen == [t[0] for t in expected]  # reported in order, each once
+        assert result.transactions == len(expected) > 600
+        if replicas == storages - 1:
+            assert result.batches == -(-len(expected) // 17)
+        else:
+            assert result.batches == 0
+        assert storage.lastTransaction() == expected[-1][0]
+        assert transactions(storage.iterator()) == expected
+        if storages == 2 and replicas:
+            wait_until(lambda: obj_rows(cluster, 1) == obj_rows(cluster, 2), 30,
+                       "the same revisions on both storages")
+        # the application sees the source's state, and goes on committing
+        db = ZODB.DB(storage)
+        tm = transaction.TransactionManager()
+        root = db.open(tm).root()
+        assert dict(root["tree"]) == dict(ZODB.DB(_source(source_path)).open(
+            transaction.TransactionManager()).root()["tree"])
+        root["mapping"]["after"] = 1
+        tm.commit()
+    finally:
+        storage.close()
+        source.close()
+        cluster.kill()
+
+
+def _committed(path, values) -> list[bytes]:
+    """Commit each of ``values`` as the root's "n", in a transaction of its
+    own, into the FileStorage at ``path``; their TIDs."""
+    db = ZODB.DB(FileStorage(path))
+    try:
+        tm = transaction.TransactionManager()
+        conn = db.open(tm)
+        tids = []
+        for value in values:
+            conn.root()["n"] = value
+            tm.commit()
+            tids.append(conn.root()._p_serial)
+        return tids
+    finally:
+        db.close()
+
+
+def test_other_clients_see_each_transaction_of_a_batch(cluster, tmp_path):
+    """A client that had the root in its cache when a batch changed it 5
+    times reads each of the 5 revisions before the next one: the master
+    tells it of each transaction of the batch, not only of the last (its
+    cache would else keep the old revision valid up to there)."""
+    path = str(tmp_path / "source.fs")
+    (first,) = _committed(path, [0])
+    copier, reader = Storage(**cluster.client_kwargs()), Storage(**cluster.client_kwargs())
+    try:
+        source = FileStorage(path, read_only=True)
+        copy(source, copier)
+        source.close()
+        reader.app.sync()  # every invalidation before this barrier was processed
+        assert reader.load(z64)[1] == first  # in its cache from now on
+        tids = _committed(path, [1, 2, 3, 4, 5])
+        source = FileStorage(path, read_only=True)
+        result = copy(source, copier, start=tids[0])
+        source.close()
+        assert (result.transactions, result.batches) == (5, 1)
+        reader.app.sync()  # every invalidation before this barrier was processed
+        for before, (start, end) in zip([first, *tids], zip([first, *tids], [*tids, None],
+                                                             strict=True), strict=True):
+            later = p64(u64(before) + 1)
+            data, serial, next_serial = reader.loadBefore(z64, later)
+            assert (serial, next_serial) == (start, end)
+            assert _value(data) == [first, *tids].index(start)
+        assert _value(reader.load(z64)[0]) == 5
+    finally:
+        copier.close()
+        reader.close()
+
+
+def _value(pickle: bytes) -> int:
+    """The root's "n" in one of its records."""
+    unpickler = Unpickler(io.BytesIO(pickle))
+    unpickler.load()  # the class
+    return unpickler.load()["data"]["n"]
+
+
+def _trans_rows(cluster) -> int:
+    """Transactions committed on storage 1, as its database file says."""
+    path = os.path.join(cluster.directory, "storage1.sqlite")
+    try:
+        conn = sqlite3.connect("file:%s?mode=ro" % path, uri=True, timeout=1)
+        try:
+            return conn.execute("SELECT COUNT(*) FROM trans").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0
+
+
+@pytest.mark.parametrize("layout", [(1, 0), (2, 1)], ids=["1S-r0", "2S-r1"])
+def test_killed_copy_leaves_a_prefix_and_goes_on(tmp_path, layout):
+    """``neomigrate --batch 20`` into a cluster whose every node is
+    SIGKILLed at a random moment of the copy, 3 times: after each restart
+    the destination holds the source's first transactions, whole, with
+    none missing in between (a batch is committed whole, or from its first
+    transaction on: storage/bulk.py), and ``--incremental`` goes on."""
+    rng = random.Random(replay_seed("NEOZODB_BULK_CRASH_SEED", "bulk copy crash"))
+    path = str(tmp_path / "source.fs")
+    make_filestorage(path, transactions=3000, objects=200)
+    source = FileStorage(path, read_only=True)
+    expected = transactions(source.iterator())
+    source.close()
+    storages, replicas = layout
+    cluster = LocalCluster(str(tmp_path / "cluster"), name="test", storages=storages,
+                           replicas=replicas, partitions=6).start_or_kill()
+    args = ["-q", "-c", cluster.name, "--incremental", "--batch", "20", path, cluster.masters]
+    try:
+        copied = 0
+        for r in range(3):
+            proc = subprocess.Popen([sys.executable, "-m", "neozodb.cli.migrate", *args],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                wait_until(lambda p=proc, n=copied: _trans_rows(cluster) > n + 20
+                           or p.poll() is not None, 120, "round %d of the copy under way" % r)
+                pause(rng.uniform(0, 0.03))
+                kill_all(cluster, rng)
+            finally:
+                proc.kill()
+                proc.wait()
+            for node in cluster.nodes.values():
+                node.start()
+            cluster.wait_state("RUNNING", 60)
+            storage = Storage(**cluster.client_kwargs())
+            try:
+                got = transactions(storage.iterator())
+            finally:
+                storage.close()
+            assert got == expected[:len(got)], "round %d: not a prefix of the source" % r
+            assert len(got) >= copied
+            copied = len(got)
+        done = neomigrate(*args)
+        assert done.returncode == 0, done.stderr
+        storage = Storage(**cluster.client_kwargs())
+        try:
+            assert transactions(storage.iterator()) == expected
+        finally:
+            storage.close()
+        if storages == 2:
+            wait_until(lambda: all_up_to_date(cluster)
+                       and obj_rows(cluster, 1) == obj_rows(cluster, 2), 60,
+                       "the same revisions on both storages")
+    finally:
+        cluster.kill()
