@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from ZODB.utils import p64, u64, z64
 from fsdata import make_filestorage, transactions
 from neozodb.cli.cluster import LocalCluster, wait_until
 from neozodb.client import Storage
+from neozodb.client import bulk as client_bulk
 from neozodb.client.copying import copy
 from seeds import replay_seed
 
@@ -84,6 +86,54 @@ def test_bulk_copy_equals_the_source(tmp_path, source_path, layout):
         storage.close()
         source.close()
         cluster.kill()
+
+
+def test_copy_goes_on_without_a_lost_storage_and_with_it_back(cluster, source_path,
+                                                               monkeypatch, caplog):
+    """2 storages, replicas 1: S2 is killed while it votes a batch (stopped
+    before the batch leaves: it never answers), which goes on without it,
+    as any commit (FailedVote); the copy goes on one transaction at a time
+    while S2's cells are not UP_TO_DATE, and in batches again once S2 is
+    back and caught up."""
+    source = _source(source_path)
+    storage = Storage(**cluster.client_kwargs())
+    pt = storage.app.pt
+    uniform = lambda: pt.same_cells(range(pt.num_partitions)) is not None  # noqa: E731
+    copied = []
+    send = client_bulk.BulkCopier.send
+
+    def send_then_kill_s2(self, batch):
+        if len(copied) != 60:
+            return send(self, batch)
+        s2 = cluster.nodes["S2"]
+        s2.signal(signal.SIGSTOP)
+        try:
+            return send(self, batch)
+        finally:
+            s2.kill()
+
+    monkeypatch.setattr(client_bulk.BulkCopier, "send", send_then_kill_s2)
+
+    def done(tid, records):
+        copied.append(tid)
+        if len(copied) == 300:
+            wait_until(lambda: not uniform(), 30, "S2's cells out of date in the client's table")
+            cluster.nodes["S2"].start()
+            wait_until(uniform, 60, "S2 back and caught up")
+    try:
+        result = copy(source, storage, done=done, batch=20)
+        expected = transactions(source.iterator())
+        assert copied == [t[0] for t in expected]
+        # 3 batches before the loss and the one voted without S2, none
+        # while S2 is out, batches again after
+        assert 4 + (len(expected) - 320) // 20 <= result.batches < len(expected) // 20
+        assert transactions(storage.iterator()) == expected
+        assert any("goes on without S2" in r.getMessage() for r in caplog.records)
+        wait_until(lambda: obj_rows(cluster, 1) == obj_rows(cluster, 2), 60,
+                   "the same revisions on both storages")
+    finally:
+        storage.close()
+        source.close()
 
 
 def _committed(path, values) -> list[bytes]:

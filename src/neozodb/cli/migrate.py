@@ -8,7 +8,9 @@ addresses, comma or space separated, as ``-m`` of the nodes).  Every
 transaction of the source is copied with ZODB's copyTransactionsFrom
 semantics: same TIDs, user, description and extension bytes, every record
 restored as is (``restore``: deletions, undone creations and undo
-back-pointers included), in TID order, one transaction at a time.
+back-pointers included), in TID order.  Into a cluster whose partitions
+are all on the same storages, up to ``--batch`` transactions go in one
+commit (client/bulk.py); elsewhere, one transaction at a time.
 
 The destination must be empty, or its last TID older than the source's
 first one; ``--incremental`` instead copies only what follows the

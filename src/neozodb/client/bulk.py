@@ -33,7 +33,7 @@ from neozodb.client.commit import final_tid, metadata
 from neozodb.deflate import compress_record
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.net.threaded import wait_any
-from neozodb.protocol import ZERO_HASH, ErrorCodes, Packets
+from neozodb.protocol import ZERO_HASH, ErrorCodes, Packets, nid_str
 from neozodb.protocol.features import BULK_COPY
 
 log = logging.getLogger("neozodb.client")
@@ -143,12 +143,27 @@ class BulkCopier:
         ttid = sent.batch.ttid
         _, _, error, _ = sent.master.wait(sent.begin)
         errors = [error] if error is not None else []
+        failed = []  # storages lost: each of the others holds all of the batch
         for _ in sent.conns:
-            _, _, error, _ = wait_any(sent.votes, sent.conns)
-            if error is not None:
+            nid, _, error, _ = wait_any(sent.votes, sent.conns)
+            if isinstance(error, ConnectionClosed):
+                failed.append(nid)
+            elif error is not None:
                 errors.append(error)
         if not errors and sent.master is not self.app.master:
             errors.append(ConnectionClosed("master lost during the vote"))
+        if not errors and failed:
+            # as any commit (Commit.vote): the master drops them if the
+            # cluster stays operational without them, else the copy fails
+            try:
+                if len(failed) == len(sent.conns):
+                    raise ConnectionClosed("every storage lost")
+                sent.master.call(Packets.FailedVote, ttid, sorted(failed), timeout=60)
+            except (ConnectionClosed, RemoteError) as e:
+                errors.append(e)
+            else:
+                log.warning("%s: bulk copy %s goes on without %s", self.app.label, ttid.hex(),
+                            " ".join(map(nid_str, sorted(failed))))
         if errors:
             self.abort(sent)
             if all(isinstance(e, RemoteError) and e.code == ErrorCodes.NOT_READY

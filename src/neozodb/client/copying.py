@@ -252,25 +252,35 @@ class _Copy:
         sent = self.bulk.send(batch)
         if sent is None:
             self.settle()
-            self.bulk = None
-            for item in batch.copied:
-                self.one(*item)
+            self._singly(batch.copied)
             return
         self.voting = sent
+
+    def _singly(self, items: list) -> None:
+        """Copy ``items`` one transaction at a time (a batch the cluster
+        does not take: its partitions are not all on the same storages
+        now), and wait for them: a later batch must come after them."""
+        for item in items:
+            self.one(*item)
+            if self.error is not None:
+                break
+        finisher, self.finisher = self.finisher, None
+        if finisher is not None:
+            finisher.close()
+            if finisher.error is not None:
+                raise finisher.error
 
     def _advance(self, then: list) -> bool:
         """Ask the batch voted to finish, once the one before it finished;
         False if the storages refused it: its transactions, then those of
-        ``then``, are copied one by one, and so is the rest of the copy."""
+        ``then``, are copied one by one."""
         voting, self.voting = self.voting, None
         try:
             if voting is not None:
                 self.bulk.finish(voting)
         except Refused:
             self.settle()
-            self.bulk = None
-            for item in voting.batch.copied + then:
-                self.one(*item)
+            self._singly(voting.batch.copied + then)
             return False
         except BaseException:
             self.settle()
@@ -293,7 +303,7 @@ class _Copy:
         transaction copied by itself)."""
         if self.bulk is not None:
             self.push()
-            if self.bulk is not None and self._advance([]):
+            if self._advance([]):
                 self.settle()
 
     def close(self) -> None:

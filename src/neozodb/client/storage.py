@@ -400,10 +400,15 @@ class Storage(BlobStorageMethods, ConflictResolvingStorage):
 
     def bulk_copier(self) -> BulkCopier | None:
         """What copies many transactions per commit into this cluster
-        (client/bulk.py), None if its master lacks the feature."""
+        (client/bulk.py), None if its master lacks the feature or its
+        partitions are not all on the same storages."""
         self._check_writable()
         master = self.app.get_master()
-        return BulkCopier(self) if BULK_COPY in master.peer_features else None
+        pt = self.app.pt
+        if BULK_COPY not in master.peer_features or pt.same_cells(range(pt.num_partitions)) \
+                is None:
+            return None
+        return BulkCopier(self)
 
     def deleteObject(self, oid: bytes, serial: bytes, txn) -> None:
         """IExternalGC: a deletion record for oid, whose current serial must
