@@ -25,7 +25,7 @@ from test_migrate import neomigrate, obj_rows
 from ZODB.FileStorage import FileStorage
 from ZODB.utils import p64, u64, z64
 
-from fsdata import make_filestorage, transactions
+from fsdata import commit, make_filestorage, transactions
 from neozodb.cli.cluster import LocalCluster, wait_until
 from neozodb.client import Storage
 from neozodb.client import bulk as client_bulk
@@ -131,6 +131,29 @@ def test_copy_goes_on_without_a_lost_storage_and_with_it_back(cluster, source_pa
         assert any("goes on without S2" in r.getMessage() for r in caplog.records)
         wait_until(lambda: obj_rows(cluster, 1) == obj_rows(cluster, 2), 60,
                    "the same revisions on both storages")
+    finally:
+        storage.close()
+        source.close()
+
+
+def test_a_big_transaction_goes_alone(one_storage, tmp_path):
+    """A transaction of more than BATCH_BYTES of records is copied by
+    itself, between the batches before and after it."""
+    path = str(tmp_path / "source.fs")
+    fs = FileStorage(path, create=True)
+    oids = [p64(i) for i in range(1, 4)]
+    serials = dict.fromkeys(oids, z64)
+    for i in range(21):
+        oid = oids[i % 3]
+        data = os.urandom(client_bulk.BATCH_BYTES + 1) if i == 10 else b"small %d" % i
+        serials[oid] = commit(fs, [(oid, serials[oid], data)])
+    fs.close()
+    source = FileStorage(path, read_only=True)
+    storage = Storage(**one_storage.client_kwargs())
+    try:
+        result = copy(source, storage, batch=4)
+        assert (result.transactions, result.batches) == (21, 6)  # 4 4 2, alone, 4 4 2
+        assert transactions(storage.iterator()) == transactions(source.iterator())
     finally:
         storage.close()
         source.close()

@@ -43,7 +43,7 @@ from ZODB.interfaces import IBlobStorage
 from ZODB.POSException import POSKeyError, StorageTransactionError
 from ZODB.TimeStamp import TimeStamp
 
-from neozodb.client.bulk import BATCH_TRANSACTIONS, Batch, Refused
+from neozodb.client.bulk import BATCH_BYTES, BATCH_TRANSACTIONS, Batch, Refused
 
 log = logging.getLogger("neozodb.client")
 
@@ -201,12 +201,15 @@ class _Copy:
     def add(self, tid: bytes, txn: Any) -> None:
         records = list(txn)
         if self.bulk is not None:
-            if not (self.blobs and any(is_blob_record(r.data) for r in records)):
+            # a blob goes with its record, and a big transaction in its own
+            # messages: one transaction at a time
+            if not (self.blobs and any(is_blob_record(r.data) for r in records)) and \
+                    sum(len(r.data or b"") for r in records) < BATCH_BYTES:
                 self.bulk.add(self.batch, tid, txn, records)
                 if self.batch.full:
                     self.push()
                 return
-            self.drain()  # a blob goes with its record, one transaction at a time
+            self.drain()
             self.one(tid, txn, records, alone=True)
             return
         self.one(tid, txn, records)
