@@ -163,3 +163,24 @@ def transactions(iterator) -> list[tuple]:
     """What the tests compare: every transaction with its records."""
     return [(t.tid, t.status, t.user, t.description, dict(t.extension), records(t))
             for t in iterator]
+
+
+def made(path: str, count: int, objects: int) -> list[tuple]:
+    """``make_filestorage`` at ``path`` (without a summary): its
+    ``transactions``, as the tests compare them."""
+    make_filestorage(path, transactions=count, objects=objects)
+    source = FileStorage(path, read_only=True)
+    try:
+        return transactions(source.iterator())
+    finally:
+        source.close()
+
+
+def in_cluster(cluster) -> list[tuple]:
+    """The ``transactions`` a new client of ``cluster`` iterates."""
+    from neozodb.client import Storage
+    storage = Storage(**cluster.client_kwargs())
+    try:
+        return transactions(storage.iterator())
+    finally:
+        storage.close()

@@ -25,7 +25,7 @@ from test_migrate import neomigrate, obj_rows
 from ZODB.FileStorage import FileStorage
 from ZODB.utils import p64, u64, z64
 
-from fsdata import commit, make_filestorage, transactions
+from fsdata import commit, in_cluster, made, make_filestorage, transactions
 from neozodb.cli.cluster import LocalCluster, wait_until
 from neozodb.client import Storage
 from neozodb.client import bulk as client_bulk
@@ -237,10 +237,7 @@ def test_killed_copy_leaves_a_prefix_and_goes_on(tmp_path, layout):
     transaction on: storage/bulk.py), and ``--incremental`` goes on."""
     rng = random.Random(replay_seed("NEOZODB_BULK_CRASH_SEED", "bulk copy crash"))
     path = str(tmp_path / "source.fs")
-    make_filestorage(path, transactions=3000, objects=200)
-    source = FileStorage(path, read_only=True)
-    expected = transactions(source.iterator())
-    source.close()
+    expected = made(path, 3000, 200)
     storages, replicas = layout
     cluster = LocalCluster(str(tmp_path / "cluster"), name="test", storages=storages,
                            replicas=replicas, partitions=6).start_or_kill()
@@ -261,21 +258,13 @@ def test_killed_copy_leaves_a_prefix_and_goes_on(tmp_path, layout):
             for node in cluster.nodes.values():
                 node.start()
             cluster.wait_state("RUNNING", 60)
-            storage = Storage(**cluster.client_kwargs())
-            try:
-                got = transactions(storage.iterator())
-            finally:
-                storage.close()
+            got = in_cluster(cluster)
             assert got == expected[:len(got)], "round %d: not a prefix of the source" % r
             assert len(got) >= copied
             copied = len(got)
         done = neomigrate(*args)
         assert done.returncode == 0, done.stderr
-        storage = Storage(**cluster.client_kwargs())
-        try:
-            assert transactions(storage.iterator()) == expected
-        finally:
-            storage.close()
+        assert in_cluster(cluster) == expected
         if storages == 2:
             wait_until(lambda: all_up_to_date(cluster)
                        and obj_rows(cluster, 1) == obj_rows(cluster, 2), 60,

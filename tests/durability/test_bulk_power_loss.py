@@ -21,9 +21,8 @@ from checks import READABLE, read_replica
 from power import PowerCluster, pause
 from test_power_loss import fuse_mounts, fuse_ok  # noqa: F401 - fixtures
 
-from fsdata import make_filestorage, transactions
+from fsdata import in_cluster, made
 from neozodb.cli.cluster import wait_until
-from neozodb.client import Storage
 from seeds import replay_seed
 
 pytestmark = pytest.mark.timeout(240)
@@ -78,11 +77,7 @@ def test_bulk_copies_survive_power_loss(fuse_ok, tmp_path, storages, replicas): 
     from power import Disk
     rng = random.Random(replay_seed("NEOZODB_POWER_SEED", "bulk power-loss"))
     source = str(tmp_path / "source.fs")
-    make_filestorage(source, transactions=2000, objects=100)
-    from ZODB.FileStorage import FileStorage
-    fs = FileStorage(source, read_only=True)
-    expected = transactions(fs.iterator())
-    fs.close()
+    expected = made(source, 2000, 100)
     tids = [int.from_bytes(t[0], "big") for t in expected]
     log = str(tmp_path / "copied.log")
     disk = Disk(str(tmp_path / "disk"))
@@ -117,11 +112,7 @@ def test_bulk_copies_survive_power_loss(fuse_ok, tmp_path, storages, replicas): 
             disk.mount()
             cluster.restart()
             wait_until(cluster.all_up_to_date, 60, "every cell up to date")
-            storage = Storage(**cluster.client_kwargs())
-            try:
-                got = transactions(storage.iterator())
-            finally:
-                storage.close()
+            got = in_cluster(cluster)
             assert got == expected[:len(got)], "round %d: not a prefix of the source" % r
             assert len(got) >= held + len(now)
             held = len(got)
@@ -131,11 +122,7 @@ def test_bulk_copies_survive_power_loss(fuse_ok, tmp_path, storages, replicas): 
                                cluster.name, log, "20"], capture_output=True, text=True,
                               timeout=120)
         assert done.returncode == 0, done.stderr
-        storage = Storage(**cluster.client_kwargs())
-        try:
-            assert transactions(storage.iterator()) == expected
-        finally:
-            storage.close()
+        assert in_cluster(cluster) == expected
     finally:
         cluster.kill()
         disk.unmount()
