@@ -15,6 +15,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from pickle import Unpickler
 
 import pytest
@@ -23,6 +24,7 @@ import ZODB
 from test_crash import all_up_to_date, kill_all, pause
 from test_migrate import neomigrate, obj_rows
 from ZODB.FileStorage import FileStorage
+from ZODB.POSException import POSKeyError
 from ZODB.utils import p64, u64, z64
 
 from fsdata import commit, in_cluster, made, make_filestorage, transactions
@@ -131,6 +133,56 @@ def test_copy_goes_on_without_a_lost_storage_and_with_it_back(cluster, source_pa
         assert any("goes on without S2" in r.getMessage() for r in caplog.records)
         wait_until(lambda: obj_rows(cluster, 1) == obj_rows(cluster, 2), 60,
                    "the same revisions on both storages")
+    finally:
+        storage.close()
+        source.close()
+
+
+class Failing:
+    """A source whose iteration fails after ``count`` transactions."""
+
+    def __init__(self, source, count: int) -> None:
+        self.source = source
+        self.count = count
+
+    def iterator(self, start=None):
+        for i, txn in enumerate(self.source.iterator(start)):
+            if i == self.count:
+                raise OSError("source unreadable")
+            yield txn
+
+
+def test_failed_copy_reports_what_it_committed_and_holds_no_lock(one_storage, source_path):
+    """The source fails with a batch voted and the one before it being
+    finished: that one is waited for and reported, the voted one dropped
+    (its locks with it: an ordinary commit of its objects goes through at
+    once), and the destination holds exactly what was reported."""
+    source = _source(source_path)
+    storage = Storage(**one_storage.client_kwargs())
+    try:
+        seen = []
+        with pytest.raises(OSError, match="source unreadable"):
+            copy(Failing(source, 50), storage, done=lambda tid, records: seen.append(tid),
+                 batch=20)
+        expected = transactions(source.iterator())
+        assert seen == [t[0] for t in expected[:20]]
+        assert transactions(storage.iterator()) == expected[:20]
+        # every object the dropped batch wrote, in one ordinary commit
+        stores = []
+        for oid in {record[0] for t in expected[20:40] for record in t[5]}:
+            try:
+                serial = storage.load(oid)[1]
+            except POSKeyError:
+                serial = z64
+            stores.append((oid, serial, b"after"))
+        committed = threading.Event()
+
+        def commit_over():
+            commit(storage, stores)
+            committed.set()
+        thread = threading.Thread(target=commit_over, daemon=True)
+        thread.start()
+        assert committed.wait(10), "the voted batch kept its locks"
     finally:
         storage.close()
         source.close()

@@ -310,6 +310,18 @@ class _Copy:
                 self.settle()
 
     def close(self) -> None:
+        # after a failure, a batch voted and not asked to finish is dropped
+        # (it would otherwise hold the commits of other clients back)
+        voting, self.voting = self.voting, None
+        if voting is not None:
+            self.bulk.abort(voting)
+        finishing = self.finishing
+        if finishing is not None:
+            # its finish was sent: it is reported if it was committed
+            try:
+                self.settle()
+            except Exception as e:  # the caller gets the error that stopped the copy
+                log.warning("bulk copy %s not committed: %s", finishing.batch.ttid.hex(), e)
         if self.finisher is not None:
             self.finisher.close()
 
