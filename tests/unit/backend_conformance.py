@@ -201,6 +201,27 @@ class BackendConformance:
         with pytest.raises(ValueError):
             db.get_object(1, tid=104, before_tid=105)
 
+    def test_bulk_lock(self, db):
+        """The transactions of a bulk copy (storage/bulk.py): each voted
+        under its own TID as TTID, then all locked at once with that TID,
+        survive drop_unfinished as locked, and unlock in order."""
+        for tid, value in ((200, b'first'), (201, b'second'), (205, b'third')):
+            data_id = db.store_data(h(value), 0, value)
+            db.store_transaction(tid, [(1, data_id, None)], ([1], b'', value, b'', False))
+        db.store_transaction(300, [(2, None, None)], ([2], b'', b'', b'', False))  # another
+        assert db.get_locked_transactions() == {200: None, 201: None, 205: None, 300: None}
+        db.lock_bulk([200, 201, 205])
+        assert db.get_locked_transactions() == {200: 200, 201: 201, 205: 205, 300: None}
+        db.drop_unfinished()
+        assert db.get_locked_transactions() == {200: 200, 201: 201, 205: 205}
+        for tid in (200, 201, 205):
+            db.unlock_transaction(tid, tid)
+        assert db.get_locked_transactions() == {}
+        assert [db.get_object(1, tid=tid)[4] for tid in (200, 201, 205)] == [
+            b'first', b'second', b'third']
+        assert db.get_transaction(201)[2] == b'second'
+        assert db.last_serial(1) == 205
+
     def test_several_revisions(self, db):
         for i, tid in enumerate((10, 20, 30)):
             self.commit(db, tid, {5: b'rev%d' % i})
