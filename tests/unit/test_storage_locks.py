@@ -417,18 +417,23 @@ def test_bulk_copy_locks():
     in the batch, not on the batch's last TID."""
     lm = LockManager()
     store(lm, OLD, A)
-    assert lm.blocked(YOUNG, [B, A]) == OLD
-    assert lm.blocked(YOUNG, [B, C]) is None
+    assert lm.acquire_all(YOUNG, [B, A]) == OLD
+    assert lm.write_locks == {A: OLD}  # none taken
+    assert lm.acquire_all(YOUNG, [B, C]) is None
+    assert lm.write_locks == {A: OLD, B: YOUNG, C: YOUNG}
     bulk = lm.get(YOUNG)
     bulk.subs, bulk.serials = [10, 11, 12], {B: tid(10), C: tid(12)}
     bulk.objects = dict.fromkeys(bulk.serials, (b"\0" * 8, None, None))
-    for oid in bulk.serials:
-        assert lm.acquire(YOUNG, oid) is None
     assert bulk.low is None and bulk.tids() == []
     lm.lock(YOUNG, tid(12))
     assert bulk.low == tid(10) and bulk.tids() == [10, 11, 12]
     assert lm.current(B) == tid(10)
     assert lm.current(C) == tid(12)
-    assert lm.blocked(MID, [B, C]) is None  # past a locked transaction
+    # the next batch takes them past the locked one, and keeps them after
+    # its unlock
+    late = tid(20)
+    assert lm.acquire_all(late, [B, C]) is None
+    assert lm.write_locks[B] == lm.write_locks[C] == late
     lm.finish(YOUNG)
-    assert lm.current(B) is None and B not in lm.write_locks
+    assert lm.current(B) is None and lm.write_locks[B] == late
+    assert lm.acquire_all(MID, [C]) == late

@@ -21,7 +21,6 @@ one.
 from __future__ import annotations
 
 import hashlib
-import logging
 
 from neozodb.net.connection import HandlerError
 from neozodb.protocol import ZERO_HASH, ZERO_TID, ErrorCodes, Packets, ProtocolError, u64
@@ -29,8 +28,6 @@ from neozodb.protocol.blobs import BLOB_FLAG
 from neozodb.protocol.features import BULK_COPY
 from neozodb.protocol.values import check_compression, check_id
 from neozodb.storage.writes import Retry
-
-log = logging.getLogger("neozodb.storage")
 
 
 def _checked(app, ttid: bytes, txns) -> tuple[dict, set]:
@@ -87,17 +84,16 @@ class BulkWrites:
             raise HandlerError(
                 "bulk copy %s refused: its partitions are not all on the same storages,"
                 " UP_TO_DATE" % ttid.hex(), ErrorCodes.NOT_READY)
-        # all its locks or none: waiting, it holds none, so it is never
-        # part of a deadlock
-        if app.locks.blocked(ttid, serials) is not None:
+        # all its locks or none: waiting, it holds none (nor is it known
+        # here), so it is never part of a deadlock
+        if app.locks.acquire_all(ttid, serials) is not None:
             app.delay(ttid, Retry(self, conn, msg_id, Packets.AskBulkVote, (ttid, txns)))
             return
         txn = app.locks.get(ttid, conn.nid, conn)
+        txn.held.update(serials)
         txn.subs = [u64(tid) for tid, _, _, _, _ in txns]
         txn.serials = serials
         txn.objects = dict.fromkeys(serials, (ZERO_TID, None, None))
-        for oid in serials:
-            app.locks.acquire(ttid, oid)
         try:
             self._write_bulk(txns)
         except BaseException:

@@ -111,14 +111,17 @@ class LockManager:
         other.deadlock_notified.add(oid)
         return other
 
-    def blocked(self, ttid: bytes, oids) -> bytes | None:
-        """A holder of one of ``oids`` that ``ttid`` cannot take it from
-        (see ``acquire``), None if it can take them all."""
+    def acquire_all(self, ttid: bytes, oids) -> bytes | None:
+        """Take the write locks of every one of ``oids`` for ``ttid`` (as
+        ``acquire`` with ``past_locked``), or none: a holder that keeps
+        one is returned, and nothing is taken."""
         write_locks = self.write_locks
         for oid in oids:
             holder = write_locks.get(oid)
             if holder is not None and holder != ttid and not self._locked(holder):
                 return holder
+        for oid in oids:
+            self.acquire(ttid, oid, past_locked=True)
         return None
 
     def release(self, ttid: bytes, oid: bytes) -> None:
