@@ -44,3 +44,22 @@ def test_shootout_quick():
               timeout=80)
     assert "c=1: add 200 objects" in out
     assert "ZEO / neo 1S r0" in out
+
+
+@pytest.mark.timeout(90)
+def test_cpu_quick():
+    out = run("cpu.py", "--commits", "20", "--rounds", "1", "--loads", "20", "--objects", "200")
+    for measure in ("one-object commit", "commit of 1000 new objects", "update of 1000 objects",
+                    "cold load (storage API)"):
+        for backend in ("neo 1S r0", "neo 2S r1", "ZEO"):
+            assert any(measure in line and backend in line for line in out.splitlines()), (
+                measure, backend, out)
+
+
+@pytest.mark.timeout(90)
+def test_ab_of_the_work_tree_against_itself():
+    # a directory holding the neozodb package: the work tree's own
+    src = os.path.join(BENCH, os.pardir, "src")
+    out = run("ab.py", src, "--blocks", "2", "--block", "5")
+    assert "A/B of the nodes' code, 1S r0, 2 blocks of 5" in out
+    assert "B faster in" in out
