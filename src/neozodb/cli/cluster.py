@@ -2,6 +2,7 @@
 runs and what the cluster tests start."""
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -14,6 +15,8 @@ from collections.abc import Callable
 from urllib.parse import quote
 
 from neozodb.cli.config import format_address
+
+log = logging.getLogger("neozodb.cluster")
 
 
 def wait_until(condition, timeout: float, what: str = "condition"):
@@ -101,6 +104,17 @@ class NodeProcess:
 
 
 _LISTENING = re.compile(r"listening on (\S+):(\d+)")
+# starts of a new cluster whose chosen ports were taken meanwhile
+PORT_ATTEMPTS = 3
+
+
+def _port_taken(node: NodeProcess) -> bool:
+    """The node exited at once, its address in use (this run's log)."""
+    if node.proc is None or node.running:
+        return False
+    with open(node.logfile, "rb") as f:
+        f.seek(node.log_offset)
+        return b"Address already in use" in f.read()
 
 
 def listening_address(node: NodeProcess, timeout: float = 30.0) -> tuple[str, int]:
@@ -149,11 +163,17 @@ class LocalCluster:
         # port 0: any free port, chosen in advance (free_port): masters
         # must know each other's address before starting, and a node
         # restarted comes back on its address
+        self._given = (master_port, admin_port, masters)
+        self._pick_ports()
+        self.nodes: dict[str, NodeProcess] = {}
+
+    def _pick_ports(self) -> None:
+        master_port, admin_port, masters = self._given
+        host = self.host
         self.master_address = (host, master_port or free_port(host))
         self.master_addresses = [self.master_address] + [
             (host, free_port(host)) for _ in range(masters - 1)]
         self.admin_address = (host, admin_port or free_port(host))
-        self.nodes: dict[str, NodeProcess] = {}
 
     @property
     def masters(self) -> str:
@@ -234,6 +254,29 @@ class LocalCluster:
 
     def start(self, wait: float = 60.0) -> None:
         os.makedirs(self.directory, exist_ok=True)
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                self._start(wait)
+                return
+            except RuntimeError:
+                # A port free_port chose was taken before the node bound
+                # it, by another process that picked the same one (a test
+                # run in parallel): the first start only, on new ports.
+                taken = [node.name for node in self.nodes.values() if _port_taken(node)]
+                if not taken or attempt == PORT_ATTEMPTS - 1 or not self._fresh():
+                    raise
+                log.warning("%s: port taken under %s: starting again on other ports",
+                            self.directory, " ".join(taken))
+                self.kill()
+                self.nodes.clear()
+                self._pick_ports()
+
+    def _fresh(self) -> bool:
+        """Whether every port of the listening nodes was chosen here."""
+        master_port, admin_port, _ = self._given
+        return not master_port and not admin_port
+
+    def _start(self, wait: float) -> None:
         for name, address in zip(self.master_names, self.master_addresses, strict=True):
             self._node(name, self.master_argv(name, address)).start()
         if len(self.master_addresses) == 1:

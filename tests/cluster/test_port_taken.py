@@ -1,0 +1,54 @@
+"""A port LocalCluster chose in advance (free_port) can be taken before its
+node binds it, by a process that picked the same one (a test run in
+parallel: seen once in CI-like runs, as a master dying with "Address
+already in use").  A new cluster then starts again on other ports."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from neozodb.cli.cluster import LocalCluster
+from neozodb.client import Storage
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.mark.parametrize("node", ["M1", "A1"])
+def test_a_port_taken_before_its_node_binds_it_is_replaced(tmp_path, node):
+    cluster = LocalCluster(str(tmp_path / "cluster"), storages=1, replicas=0, partitions=2)
+    attr = "master_address" if node == "M1" else "admin_address"
+    port = getattr(cluster, attr)[1]
+    squatter = socket.socket()
+    try:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        cluster.start_or_kill()
+        try:
+            assert getattr(cluster, attr)[1] != port
+            with open(cluster.nodes[node].logfile) as f:
+                assert "Address already in use" in f.read()  # the first start
+            storage = Storage(**cluster.client_kwargs())
+            try:
+                assert storage.lastTransaction() is not None
+            finally:
+                storage.close()
+        finally:
+            cluster.stop()
+    finally:
+        squatter.close()
+
+
+def test_a_port_given_by_the_caller_is_not_replaced(tmp_path):
+    squatter = socket.socket()
+    try:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        cluster = LocalCluster(str(tmp_path / "cluster"), storages=1, replicas=0,
+                               partitions=2, master_port=port)
+        with pytest.raises(RuntimeError, match="did not reach RUNNING"):
+            cluster.start_or_kill(wait=30)
+        assert cluster.master_address[1] == port
+    finally:
+        squatter.close()
