@@ -11,7 +11,7 @@ Every process started here (neozodb nodes, the ZEO server) and every
 temporary directory is cleaned up on exit, error or Ctrl-C.
 
 With --all, then runs the other measures of issue 12, each script in its
-own process (bench/concurrency.py, bench/shootout.py, bench/scale.py,
+own process (bench/concurrency.py, bench/cpu.py, bench/shootout.py, bench/scale.py,
 bench/replication.py, bench/migrate.py; --quick is passed on), and prints
 one table of every ratio.
 
@@ -252,7 +252,7 @@ def run_all(args, results: dict, peaks: PeakMemory) -> dict:
     everything: dict = {"bench": {"results": results, "ratios": ratios(results),
                                   "peak_rss": peaks.peaks, "objects": args.objects}}
     with temporary_directory("bench-all") as (_cleanup, tmp):
-        for name, extra in (("concurrency", []), ("shootout", []),
+        for name, extra in (("concurrency", []), ("cpu", []), ("shootout", []),
                             ("scale", [] if args.quick else ["--sizes", args.scale_sizes]),
                             ("replication", []), ("migrate", [])):
             data, text = run_script(name, quick + extra, tmp)
@@ -417,8 +417,8 @@ def main(argv: list[str] | None = None) -> int:
                         " (history-free) on the same throw-away MariaDB server, then the"
                         " replication throughput on each adapter")
     parser.add_argument("--all", action="store_true",
-                        help="then run concurrency.py, shootout.py, scale.py, replication.py"
-                        " and migrate.py, and print one table of every ratio")
+                        help="then run concurrency.py, cpu.py, shootout.py, scale.py,"
+                        " replication.py and migrate.py, and print one table of every ratio")
     parser.add_argument("--scale-sizes", default="10000,100000",
                         help="with --all: scale.py's --sizes (10000,100000; with --quick,"
                         " scale.py's own)")

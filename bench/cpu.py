@@ -13,12 +13,13 @@ before and after each measure.  Processes that together use about as
 much CPU as the wall time of an operation done one at a time cannot go
 faster by overlapping round trips: only by using less CPU.
 
-Usage: .venv/bin/python bench/cpu.py [--commits N] [--rounds R] [--loads N]
-       [--objects N] [--only LIST] [--keep]
+Usage: .venv/bin/python bench/cpu.py [--quick] [--commits N] [--rounds R] [--loads N]
+       [--objects N] [--only LIST] [--json FILE] [--keep]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import resource
@@ -40,6 +41,9 @@ from common import (
 from persistent.mapping import PersistentMapping
 
 TICK = os.sysconf("SC_CLK_TCK")
+FULL = {"commits": 2000, "rounds": 8, "loads": 5000, "objects": 20000}
+QUICK = {"commits": 200, "rounds": 2, "loads": 500, "objects": 2000}
+HEADER = ["measure", "backend", "wall", "client", "servers", "all CPU", "CPU / wall"]
 
 
 def say(text: str) -> None:
@@ -143,14 +147,20 @@ def loads(backend, meter: Meter, objects: int, n: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--commits", type=int, default=2000, help="one-object commits (2000)")
-    parser.add_argument("--rounds", type=int, default=8, help="1000-object commits (8)")
-    parser.add_argument("--loads", type=int, default=5000, help="cold loads (5000)")
-    parser.add_argument("--objects", type=int, default=20000,
-                        help="database size for the loads (20000)")
+    parser.add_argument("--quick", action="store_true",
+                        help="--commits 200 --rounds 2 --loads 500 --objects 2000")
+    parser.add_argument("--commits", type=int, help="one-object commits (2000)")
+    parser.add_argument("--rounds", type=int, help="1000-object commits (8)")
+    parser.add_argument("--loads", type=int, help="cold loads (5000)")
+    parser.add_argument("--objects", type=int, help="database size for the loads (20000)")
     parser.add_argument("--only", default="commit,big,load", help="some of commit,big,load")
+    parser.add_argument("--json", metavar="FILE", help="also write the table as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     opts = parser.parse_args(argv)
+    defaults = QUICK if opts.quick else FULL
+    for name, value in defaults.items():
+        if getattr(opts, name) is None:
+            setattr(opts, name, value)
     only = set(opts.only.split(","))
     rows = []
     with temporary_directory("cpu", opts.keep, say=say) as (cleanup, workdir):
@@ -172,10 +182,12 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(meter.row("cold load (storage API)", backend.label))
             say("  %s measured" % backend.label)
     rows.sort(key=lambda r: r[0])
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump({"header": HEADER, "rows": rows}, f, indent=1)
     print("CPU per operation, us (user + system; 'CPU / wall' above 1: processes worked"
           " in parallel; one client, %d CPUs)" % (os.cpu_count() or 0))
-    print(format_table(["measure", "backend", "wall", "client", "servers", "all CPU",
-                        "CPU / wall"], rows))
+    print(format_table(HEADER, rows))
     return 0
 
 
