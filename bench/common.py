@@ -82,6 +82,17 @@ def temporary_directory(name: str, keep: bool = False, say=say,
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def fill_defaults(opts, full: dict, quick: dict, names=None) -> dict:
+    """Give each option of ``names`` (default: every key) left unset (None)
+    its value from ``quick`` with --quick, else from ``full``; returns
+    that dict."""
+    defaults = quick if opts.quick else full
+    for name in defaults if names is None else names:
+        if getattr(opts, name) is None:
+            setattr(opts, name, defaults[name])
+    return defaults
+
+
 def options(opts) -> dict:
     """The command-line options, for ``write_json`` (sets as sorted lists)."""
     return {"options": {k: (sorted(v) if isinstance(v, set) else v)

@@ -37,6 +37,7 @@ from common import (
     build_raw,
     client_ready,
     client_result,
+    fill_defaults,
     format_table,
     measure_and_report,
     open_spec,
@@ -325,10 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     opts = parser.parse_args(argv)
-    defaults = QUICK if opts.quick else FULL
-    for k, v in defaults.items():
-        if getattr(opts, k) is None:
-            setattr(opts, k, v)
+    fill_defaults(opts, FULL, QUICK)
     opts.procs = [int(x) for x in opts.procs.split(",")]
     title = "concurrency benchmark: %s s per measure, %d round(s), %d CPUs, Python %s" % (
         opts.seconds, opts.rounds, os.cpu_count() or 0, platform.python_version())

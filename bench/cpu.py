@@ -33,6 +33,7 @@ from common import (
     NeoBackend,
     ZEOBackend,
     build_raw,
+    fill_defaults,
     format_table,
     payload,
     start_backends,
@@ -157,10 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the table as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     opts = parser.parse_args(argv)
-    defaults = QUICK if opts.quick else FULL
-    for name, value in defaults.items():
-        if getattr(opts, name) is None:
-            setattr(opts, name, value)
+    fill_defaults(opts, FULL, QUICK)
     only = set(opts.only.split(","))
     rows = []
     with temporary_directory("cpu", opts.keep, say=say) as (cleanup, workdir):

@@ -39,6 +39,7 @@ from common import (
     build_raw,
     client_ready,
     client_result,
+    fill_defaults,
     format_table,
     measure_and_report,
     open_spec,
@@ -209,11 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     opts = parser.parse_args(argv)
-    defaults = QUICK if opts.quick else FULL
+    defaults = fill_defaults(opts, FULL, QUICK, ("loads", "commits", "batch"))
     opts.sizes = [int(x) for x in opts.sizes.split(",")] if opts.sizes else defaults["sizes"]
-    for k in ("loads", "commits", "batch"):
-        if getattr(opts, k) is None:
-            setattr(opts, k, defaults[k])
     if opts.sizes != sorted(set(opts.sizes)) or opts.sizes[0] <= opts.loads + opts.commits:
         parser.error("--sizes must grow, and exceed --loads + --commits")
     title = "scale benchmark: sizes %s, %d storage(s), %d builders, %d CPUs, Python %s" % (
