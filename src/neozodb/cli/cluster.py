@@ -164,6 +164,7 @@ class LocalCluster:
         # must know each other's address before starting, and a node
         # restarted comes back on its address
         self._given = (master_port, admin_port, masters)
+        self._started = False  # once started, nodes come back on their addresses
         self._pick_ports()
         self.nodes: dict[str, NodeProcess] = {}
 
@@ -257,6 +258,7 @@ class LocalCluster:
         for attempt in range(PORT_ATTEMPTS):
             try:
                 self._start(wait)
+                self._started = True
                 return
             except RuntimeError:
                 # A port free_port chose was taken before the node bound
@@ -272,9 +274,9 @@ class LocalCluster:
                 self._pick_ports()
 
     def _fresh(self) -> bool:
-        """Whether every port of the listening nodes was chosen here."""
+        """Whether this is the first start, on ports all chosen here."""
         master_port, admin_port, _ = self._given
-        return not master_port and not admin_port
+        return not (self._started or master_port or admin_port)
 
     def _start(self, wait: float) -> None:
         for name, address in zip(self.master_names, self.master_addresses, strict=True):
