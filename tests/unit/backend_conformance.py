@@ -786,6 +786,21 @@ class BackendConformance:
         db.truncate(200)
         assert [o[0] for o in db.get_pack_orders()] == [104]
 
+    def test_pack_order_among_commits(self, db):
+        # orders voted between ordinary commits, before and after the first
+        # unlock, each committed with its own transaction and no other
+        self.commit(db, 100, {1: b'one'})
+        db.store_transaction(104, [], ([], b'', b'pack', b'', False), pack=(False, None, 100, True))
+        self.commit(db, 120, {1: b'two'})
+        db.lock_transaction(104, 124, pack_approved=True)
+        db.unlock_transaction(104, 124)
+        assert db.get_pack_orders() == [(124, True, False, None, 100, True)]
+        db.store_transaction(130, [], ([], b'', b'pack', b'', False), pack=(True, [1], 120, False))
+        self.commit(db, 140, {1: b'three'})
+        db.lock_transaction(130, 144)
+        db.unlock_transaction(130, 144)
+        assert [o[0] for o in db.get_pack_orders()] == [124, 144]
+
     def test_pack_progress_round_trip(self, opener, db):
         assert db.get_pack_progress(1) is None
         db.set_pack_progress(1, (0, 120, 9))

@@ -205,7 +205,7 @@ class StorageApp:
         """Retry delayed requests, oldest transaction first; ``poke``: the
         replicator too (it may wait for locks to go)."""
         if poke:
-            self.replicator.poke()
+            self.replicator.locks_released()
         if not self.delayed:
             return
         delayed, self.delayed = self.delayed, []

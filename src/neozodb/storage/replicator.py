@@ -149,6 +149,13 @@ class Replicator:
     def poke(self) -> None:
         self._wake.set()
 
+    def locks_released(self) -> None:
+        """Transactions ended: a cell being replicated may be waiting for
+        them (``_maybe_done``).  Without one, waking the loop would only
+        scan the table at every commit."""
+        if self.targets:
+            self._wake.set()
+
     # -- events ------------------------------------------------------------------------
     def cell_changed(self, partition: int, old: int | None, new: int) -> None:
         """Our cell of ``partition`` went from ``old`` (None: no cell) to ``new``."""

@@ -115,6 +115,11 @@ class SQLiteBackend(SQLiteBlobs, SQLBackend):
     def _drop_tables(self) -> None:
         super()._drop_tables()
         self._next_blob = None
+        self._tpack_ttids = None
+
+    def _forget(self) -> None:
+        super()._forget()
+        self._tpack_ttids = None
 
     def _create_tables(self) -> None:
         super()._create_tables()

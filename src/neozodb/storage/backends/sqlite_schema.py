@@ -237,6 +237,7 @@ _APPROVE_TPACK = "UPDATE tpack SET approved=TRUE WHERE ttid=?"
 _MOVE_PACK = ("INSERT OR REPLACE INTO pack (tid, approved, partial, oids, pack_tid, gc)"
               " SELECT ?, approved, partial, oids, pack_tid, gc FROM tpack WHERE ttid=?")
 _DEL_TPACK = "DELETE FROM tpack WHERE ttid=?"
+_TPACK_TTIDS = "SELECT ttid FROM tpack"
 _DROP_UNFINISHED_TPACK = ("DELETE FROM tpack WHERE ttid NOT IN"
                           " (SELECT ttid FROM ttrans WHERE tid IS NOT NULL)")
 _TRUNCATE_PACK = "DELETE FROM pack WHERE tid>?"

@@ -40,6 +40,7 @@ from .sqlite_schema import (
     _MOVE_TRANS,
     _TOBJ_DATA_IDS,
     _TOBJ_DATA_IDS_OF,
+    _TPACK_TTIDS,
     _UNFINISHED_DATA_IDS,
     _pack_oids,
 )
@@ -47,6 +48,13 @@ from .sqlite_schema import (
 
 class SQLiteWrites:
     """Writes and two-phase commit of ``SQLiteBackend``."""
+
+    # ttids that may have a tpack row (None: not read yet).  Pack orders are
+    # rare: without this, every unlock ran two statements on tpack for
+    # nothing.  A ttid too many costs those statements; one missing would
+    # lose its order, so every insert adds to it and it is read again from
+    # the table whenever unfinished transactions are dropped.
+    _tpack_ttids: set[int] | None = None
 
     # -- writes and two-phase commit -------------------------------------------
 
@@ -126,6 +134,7 @@ class SQLiteWrites:
                 conn.execute(_INSERT_TTRANS, (ttid % np, bool(packed), _pack_oids(oids),
                                               user, description, ext, ttid))
                 if pack is not None:
+                    self._with_pack_order(ttid)
                     partial, pack_oids, pack_tid, gc = pack
                     conn.execute(_INSERT_TPACK, (
                         ttid, bool(partial), None if pack_oids is None else _pack_oids(pack_oids),
@@ -158,8 +167,19 @@ class SQLiteWrites:
             conn.execute(_DEL_TTRANS, (ttid,))
             conn.execute(_MOVE_OBJ, (tid, ttid))
             conn.execute(_DEL_TOBJ, (ttid,))
-            conn.execute(_MOVE_PACK, (tid, ttid))
-            conn.execute(_DEL_TPACK, (ttid,))
+            if ttid in self._with_pack_order():
+                conn.execute(_MOVE_PACK, (tid, ttid))
+                conn.execute(_DEL_TPACK, (ttid,))
+                self._tpack_ttids.discard(ttid)
+
+    def _with_pack_order(self, ttid: int | None = None) -> set[int]:
+        """``_tpack_ttids``, read if needed, with ``ttid`` added."""
+        ttids = self._tpack_ttids
+        if ttids is None:
+            ttids = self._tpack_ttids = {row[0] for row in self._conn.execute(_TPACK_TTIDS)}
+        if ttid is not None:
+            ttids.add(ttid)
+        return ttids
 
     def abort_transaction(self, ttid: int, data_ids: Iterable[int] = ()) -> None:
         data_ids = list(data_ids)
@@ -181,6 +201,7 @@ class SQLiteWrites:
             conn.execute(_DROP_UNFINISHED_TOBJ)
             conn.execute(_DROP_UNFINISHED_TPACK)
             conn.execute(_DROP_UNFINISHED_TTRANS)
+            self._tpack_ttids = None
             # Rows stored before a crash for transactions that never voted
             # are referenced by nothing; they can only be above the floor.
             candidates += [row[0] for row in conn.execute(_DATA_NOT_IN_OBJ, (self._get_floor(),))]
