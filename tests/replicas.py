@@ -89,3 +89,16 @@ def pending_rows(path: str) -> dict[str, int]:
                 for table in ("ttrans", "tobj")}  # table names: constants, not values
     finally:
         conn.close()
+
+
+def orphan_data_rows(path: str) -> int:
+    """Data rows that no object revision, committed or not, refers to:
+    none once the cluster settled and stopped cleanly."""
+    conn = sqlite3.connect("file:%s?mode=ro" % path, uri=True)
+    try:
+        return conn.execute(
+            "SELECT COUNT(*) FROM data WHERE id NOT IN (SELECT data_id FROM obj"
+            " WHERE data_id IS NOT NULL UNION SELECT data_id FROM tobj"
+            " WHERE data_id IS NOT NULL)").fetchone()[0]
+    finally:
+        conn.close()

@@ -4,7 +4,10 @@ orders, each object on its own storage (2 storages, replicas 0), so that
 each transaction holds the lock the other waits for, on different
 storages.  The older transaction must win (the younger one gives its lock
 back and takes it again), and both commit: the objects are
-``BTrees.Length`` counters, whose conflicts resolve."""
+``BTrees.Length`` counters, whose conflicts resolve.  Then the same with
+one object on two replicas and early lazy votes (feature
+early-lazy-vote), where the younger transaction's vote on one storage
+must be undone to give its lock back."""
 from __future__ import annotations
 
 import threading
@@ -19,6 +22,7 @@ from ZODB.serialize import ObjectWriter
 from conftest import _running
 from neozodb.client import Storage
 from neozodb.protocol import Packets
+from replicas import orphan_data_rows, pending_rows, raw_contents
 
 pytestmark = pytest.mark.timeout(120)
 TIMEOUT = 20
@@ -33,6 +37,12 @@ def two_storages(tmp_path):
 def _pickle(value: int) -> bytes:
     """The record of a Length holding ``value``, as ZODB stores it."""
     return ObjectWriter().serialize(Length(value))
+
+
+def settled(storage, nid):
+    """A barrier: a request on the same connection, answered after what
+    was sent before it was handled there."""
+    storage.app.storage_conn(nid).call(Packets.Ping, timeout=TIMEOUT)
 
 
 def test_opposite_orders_on_two_storages(two_storages):
@@ -66,11 +76,6 @@ def test_opposite_orders_on_two_storages(two_storages):
         s1._commit(t1).known_ttid()
         s2.tpc_begin(t2)
         s2._commit(t2).known_ttid()
-
-        def settled(storage, nid):
-            """A barrier: a request on the same connection, answered after
-            what was sent before it was handled there."""
-            storage.app.storage_conn(nid).call(Packets.Ping, timeout=TIMEOUT)
 
         s1.store(oid_a, serial_a, one, "", t1)  # T1 holds A (on its storage)
         settled(s1, nid_a)
@@ -110,3 +115,84 @@ def test_opposite_orders_on_two_storages(two_storages):
         assert values[oid_a] == values[oid_b] == 111  # both increments, resolved
     finally:
         db.close()
+
+
+def test_early_lazy_vote_given_back(cluster):
+    """2 storages, replicas 1: X on both.  T1 (older) holds X on S1, T2
+    holds it on S2 and has voted there (early lazy vote, sent with its
+    stores), while its store on S1 waits for T1.  T1's store on S2 then
+    waits for T2: S2 must ask T2 for its lock although T2 voted there, T2
+    gives it back, which undoes its vote on S2, and votes there again
+    later.  Both commit; with the vote keeping the lock, both waited
+    forever."""
+    db = ZODB.DB(Storage(**cluster.client_kwargs()))
+    try:
+        tm = transaction.TransactionManager()
+        root = db.open(tm).root()
+        root["x"] = Length(100)
+        tm.commit()
+        x = root["x"]
+        oid, serial = x._p_oid, x._p_serial
+        nids = db.storage.app.writable_cells(oid)
+        assert len(nids) == 2
+    finally:
+        db.close()
+    s1_nid, s2_nid = nids
+    c1, c2 = Storage(**cluster.client_kwargs()), Storage(**cluster.client_kwargs())
+    try:
+        for client in (c1, c2):  # connected: the stores then wait for the vote
+            for nid in nids:
+                client.app.storage_conn(nid)
+        t1, t2 = TransactionMetaData(), TransactionMetaData()
+        c1.tpc_begin(t1)
+        c1._commit(t1).known_ttid()
+        c2.tpc_begin(t2)
+        c2._commit(t2).known_ttid()
+        # the stores wait in each connection's buffer for the early vote:
+        # let each out where this test wants it first
+        c1.store(oid, serial, _pickle(101), "", t1)
+        c1.app.storage_conn(s1_nid).flush()
+        settled(c1, s1_nid)                          # T1 holds X on S1
+        c2.store(oid, serial, _pickle(110), "", t2)
+        c2.app.storage_conn(s2_nid).flush()
+        settled(c2, s2_nid)                          # T2 holds X on S2
+        outcome: dict = {}
+
+        def commit(name, storage, txn):
+            try:
+                storage.tpc_vote(txn)
+                outcome[name] = ("voted", storage.tpc_finish(txn))
+            except Exception as e:
+                outcome[name] = ("failed", e)
+                storage.tpc_abort(txn)
+
+        votes_before = sum(c2.app.early_votes)
+        second = threading.Thread(target=commit, args=("T2", c2, t2), daemon=True)
+        second.start()
+        # T2's early vote reached both: accepted on S2, its store waits on S1
+        settled(c2, s2_nid)
+        settled(c2, s1_nid)
+        first = threading.Thread(target=commit, args=("T1", c1, t1), daemon=True)
+        first.start()
+        for thread in (first, second):
+            thread.join(TIMEOUT)
+        assert outcome.get("T1", ("?",))[0] == "voted", outcome
+        assert outcome.get("T2", ("?",))[0] == "voted", outcome
+        assert outcome["T1"][1] < outcome["T2"][1]  # the older committed first
+        assert c2.app.relocks >= 1 and c1.app.relocks == 0  # T2 gave X back on S2
+        assert sum(c2.app.early_votes) == votes_before + 1  # voted early, as the test wants
+    finally:
+        c1.close()
+        c2.close()
+    db = ZODB.DB(Storage(**cluster.client_kwargs()))
+    try:
+        root = db.open(transaction.TransactionManager()).root()
+        assert root["x"]() == 111  # both increments, resolved
+    finally:
+        db.close()
+    cluster.stop()
+    # the undone vote left nothing behind (its rows, T2's first data)
+    assert raw_contents(cluster.database(1)) == raw_contents(cluster.database(2))
+    for i in (1, 2):
+        assert pending_rows(cluster.database(i)) == {"ttrans": 0, "tobj": 0}
+        assert orphan_data_rows(cluster.database(i)) == 0

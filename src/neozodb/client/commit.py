@@ -17,7 +17,7 @@ from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.net.threaded import wait_any
 from neozodb.protocol import MAX_TID, ZERO_HASH, ZERO_TID, ErrorCodes, Packets, nid_str, p64, u64
 from neozodb.protocol.blobs import add_tail
-from neozodb.protocol.features import EARLY_VOTE, LAZY_VOTE, SOLO_VOTE
+from neozodb.protocol.features import EARLY_LAZY_VOTE, EARLY_VOTE, LAZY_VOTE, SOLO_VOTE
 
 log = logging.getLogger("neozodb.client")
 
@@ -96,6 +96,9 @@ class Commit(Begin):
         # ignored from then on (NEO's storage would give the lock of a voted
         # transaction away on AskRelockObject, and both would wait)
         self.stored = False
+        # early lazy votes under way (feature early-lazy-vote): a relock
+        # undoes the vote of its storage, which is asked again
+        self.revocable = False
         self.pack = None  # (oids or None, pack_tid): a pack order (client/pack.py)
         # the master that began the transaction: only it can finish it
         self.master = app.master
@@ -202,11 +205,22 @@ class Commit(Begin):
 
     def _alone_on(self, nids: list[int]) -> bool:
         """Whether the transaction so far, with a store to ``nids``, is on
-        one storage that votes early: a cheap guess (``_early`` decides)."""
-        if len(nids) != 1 or self.involved - set(nids):
+        one storage that votes early, or on storages that all got all of
+        it and vote early with a lazy vote: a cheap guess (``_early``
+        decides)."""
+        if self.involved - set(nids):
             return False
-        conn = self.app._storages.get(nids[0])
-        return conn is not None and EARLY_VOTE in conn.peer_features
+        storages = self.app._storages
+        if len(nids) == 1:
+            conn = storages.get(nids[0])
+            return conn is not None and EARLY_VOTE in conn.peer_features
+        if nids != self.uniform:
+            return False
+        for nid in nids:
+            conn = storages.get(nid)
+            if conn is None or EARLY_LAZY_VOTE not in conn.peer_features:
+                return False
+        return True
 
     def restore(self, oid: bytes, data: bytes | None, prev_txn: bytes | None,
                 base: bytes, blob: tuple[bytes, int] | None = None) -> None:
@@ -367,6 +381,9 @@ class Commit(Begin):
                 if self.stored:
                     continue  # queued before the vote began: too late
                 oid = token[1]
+                if self.revocable:
+                    # an early lazy vote there is undone by the relock
+                    self.revote.add(conn.nid)
                 self.pending += 1
                 self.app.relocks += 1
                 conn.ask(Packets.AskRelockObject, self.ttid, oid, queue=self.queue,
@@ -453,14 +470,24 @@ class Commit(Begin):
             # On the stores' connection itself: if it closed, a new one
             # would carry the vote to a storage that dropped the stores.
             # Alone on that storage, the vote need not be durable before
-            # the lock (feature solo-vote, protocol/features.py).
+            # the lock (feature solo-vote, protocol/features.py); on
+            # several, each gets a lazy vote, which a deadlock may undo
+            # (feature early-lazy-vote): see _process.
             self.revote: set[int] = set()
-            self.pending += 1
-            conn = self.conns[0]
-            packet = (Packets.AskSoloVote if SOLO_VOTE in conn.peer_features
-                      else Packets.AskStoreTransaction)
-            conn.ask(packet, *meta, queue=self.queue, token=(VOTE, True))
+            if len(meta_nids) == 1:
+                conn = self.conns[0]
+                packet = (Packets.AskSoloVote if SOLO_VOTE in conn.peer_features
+                          else Packets.AskStoreTransaction)
+                conns = [conn]
+            else:
+                self.revocable = True
+                packet = Packets.AskLazyVote
+                conns = [self.conn_of[nid] for nid in meta_nids]
+            for conn in conns:
+                self.pending += 1
+                conn.ask(packet, *meta, queue=self.queue, token=(VOTE, True))
             self._process(block=True)
+            self.revocable = False
             again = self.revote
             app.early_votes[bool(again)] += 1
         self._process(block=True)
@@ -482,18 +509,27 @@ class Commit(Begin):
         """Whether the vote may leave with the stores: the whole transaction
         (objects and metadata) is on one storage, which has the feature,
         did not fail, and whose cells written are not OUT_OF_DATE (a
-        conflict there would need a store after its vote).
+        conflict there would need a store after its vote); or it went
+        whole to several, which may take a lazy vote (``_lazy``) and give
+        it back (feature early-lazy-vote).
 
-        One storage only, for deadlock avoidance: a transaction voted on
-        one storage while its store waits for a lock on another could not
-        be asked to give its locks back on the first (a voted transaction
-        is never a deadlock victim), and an older transaction waiting there
-        would wait forever."""
-        if self.failed or len(self.conns) != 1 or self.conflict_error is not None:
+        A transaction voted on one storage while its store waits for a lock
+        on another must be able to give its locks back on the first: an
+        older transaction waiting there would wait forever.  A solo vote is
+        never asked to (it waits for nothing else), a vote of another
+        storage without early-lazy-vote would keep them."""
+        if self.failed or self.conflict_error is not None:
             return False
-        conn = self.conns[0]
-        if meta_nids != [conn.nid] or EARLY_VOTE not in conn.peer_features:
-            return False
+        if len(meta_nids) > 1:
+            if not self._lazy(meta_nids) or any(
+                    EARLY_LAZY_VOTE not in self.conn_of[nid].peer_features for nid in meta_nids):
+                return False
+        else:
+            if len(self.conns) != 1:
+                return False
+            conn = self.conns[0]
+            if meta_nids != [conn.nid] or EARLY_VOTE not in conn.peer_features:
+                return False
         pt = self.app.pt
         partitions = {pt.partition(oid) for oid in self.data}
         partitions.add(pt.partition(self.ttid))

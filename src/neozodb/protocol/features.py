@@ -136,6 +136,20 @@ Both ends keep the intersection (``conn.peer_features``).  The features:
     down when the transaction was committed, and catches up by
     replication), which a master without the feature does not do.
     docs/design.md, "Durability", has the argument.
+``early-lazy-vote``
+    Between a client and a storage, with ``early-vote`` and ``lazy-vote``:
+    the client sends ``AskLazyVote`` to each storage of the transaction with
+    its stores, as an early vote, without waiting for their answers: one
+    round trip instead of two.  The storage refuses it with ``NOT_READY``
+    while a store is not settled, as any early vote.  A transaction voted
+    this way on one storage may still wait for a lock on another, so the
+    storage does not make its vote a reason to keep its locks: an older
+    transaction waiting for one of them asks it back (``NotifyDeadlock``),
+    and ``AskRelockObject`` undoes the vote there (its rows are dropped)
+    before giving the lock away; the client, whose vote is not over, votes
+    there again once the lock is back.  A storage without the feature keeps
+    the locks of a voted transaction, which could then wait forever for
+    another storage: it never gets an early vote of several storages.
 ``bulk-copy``
     Between a client and a master, and a client and a storage: a copy
     (``neomigrate``, ``copyTransactionsFrom``) commits many transactions of
@@ -166,12 +180,13 @@ OLDER_PT = b"older-pt"
 ORDERED_COPY = b"ordered-copy"
 BEGIN_PARTITION = b"begin-partition"
 LAZY_VOTE = b"lazy-vote"
+EARLY_LAZY_VOTE = b"early-lazy-vote"
 BULK_COPY = b"bulk-copy"
 FEATURES: frozenset[bytes] = frozenset((b"status-json", b"import-status", b"gc-pack",
                                         b"mirror", b"check-report", b"check-digest",
                                         REPL_BATCH, EARLY_VOTE, SOLO_VOTE, OLDER_PT, BLOB,
                                         ORDERED_COPY, BEGIN_PARTITION, LAZY_VOTE,
-                                        BULK_COPY))
+                                        EARLY_LAZY_VOTE, BULK_COPY))
 #: What RequestIdentification.extra carries from a neozodb node.
 ANNOUNCEMENT: dict[bytes, list[bytes]] = {EXTRA_KEY: sorted(FEATURES)}
 NO_FEATURES: frozenset[bytes] = frozenset()

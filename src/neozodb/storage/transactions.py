@@ -9,9 +9,9 @@ unlock, its objects are also read-locked: loads wait so that no client
 sees the previous revision as current once the master has told it about
 the commit.  A request that meets a lock is delayed by the caller and retried,
 oldest transaction (smallest TTID) first.  To avoid deadlocks, an older
-transaction that waits for a younger one that has not voted yet asks the
-younger's client to release the lock and take it again later (NEO's
-NotifyDeadlock / AskRelockObject).
+transaction that waits for a younger one that has not voted yet (or whose
+vote may be undone: ``revocable``) asks the younger's client to release the
+lock and take it again later (NEO's NotifyDeadlock / AskRelockObject).
 """
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ class Transaction:
     checked: dict = field(default_factory=dict)  # oid -> serial (readCurrent)
     lockless: set = field(default_factory=set)
     voted: bool = False
+    # voted with an early lazy vote (feature early-lazy-vote): the client
+    # may still wait for a lock on another storage, so its locks here may
+    # be asked back, which undoes the vote (Writes.AskRelockObject)
+    revocable: bool = False
     # oids whose last store or check is not settled: delayed (waiting for
     # a lock), answered with a conflict, or its lock given back (relock).
     # A vote is refused while it is not empty: it would commit without them.
@@ -104,7 +108,8 @@ class LockManager:
     def deadlock_victim(self, ttid: bytes, oid: bytes, holder: bytes) -> Transaction | None:
         """The younger holder to ask for a relock, once per (holder, oid)."""
         other = self.txns.get(holder)
-        if other is None or holder < ttid or other.voted or other.locked:
+        if other is None or holder < ttid or (other.voted and not other.revocable) \
+                or other.locked:
             return None
         if oid in other.deadlock_notified:
             return None

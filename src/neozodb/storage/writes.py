@@ -27,7 +27,7 @@ from neozodb.protocol import (
     u64,
 )
 from neozodb.protocol.blobs import BLOB_FLAG
-from neozodb.protocol.features import LAZY_VOTE, SOLO_VOTE
+from neozodb.protocol.features import EARLY_LAZY_VOTE, LAZY_VOTE, SOLO_VOTE
 from neozodb.protocol.values import MAX_ID, check_compression, check_id, check_ids
 from neozodb.storage.blobs import drop_uploads
 from neozodb.storage.pack import is_gc_extension
@@ -309,10 +309,13 @@ class Writes:
         current revision, else (serial, current, data stored or None)."""
         app = self.app
         txn = app.locks.txns.get(ttid)
-        if txn is None or txn.voted or (oid not in txn.objects and oid not in txn.checked):
+        if txn is None or (txn.voted and not txn.revocable) or txn.locked \
+                or (oid not in txn.objects and oid not in txn.checked):
             conn.answer(msg_id, Packets.AnswerRelockObject, None)
             return
         self._own(conn, ttid, Packets.AskRelockObject)
+        if txn.voted:
+            self._unvote(txn)
         app.locks.release(ttid, oid)
         txn.unsettled.add(oid)  # until relocked: no vote without its lock
         app.replay()  # let the older transaction take it
@@ -356,6 +359,18 @@ class Writes:
         app.delay(ttid, relock)
         app.replay()
 
+    def _unvote(self, txn) -> None:
+        """Undo an early lazy vote whose lock is asked back: its rows go,
+        its data rows stay held for its objects, and it must vote again
+        (stores may come first: a relock may end in a conflict)."""
+        backend = self.app.backend
+        for _, data_id, _ in txn.objects.values():
+            if data_id is not None:
+                backend.hold_data(data_id)
+        backend.abort_transaction(u64(txn.ttid))
+        self.app.pending_written()
+        txn.voted = txn.revocable = False
+
     def _vote(self, txn, meta, pack=None, durable: bool = True) -> None:
         if txn.ttid in self.app.locks.aborted:
             raise HandlerError("transaction %s was aborted" % txn.ttid.hex(), ErrorCodes.DENIED)
@@ -375,6 +390,7 @@ class Writes:
         with backend.sync_later():
             backend.store_transaction(u64(txn.ttid), objects, meta, pack, durable)
         txn.voted = True
+        txn.revocable = False
 
     def AskStoreTransaction(self, conn, msg_id, ttid, user, description, ext, oids, pack):
         self._store_transaction(conn, Packets.AskStoreTransaction, ttid, user, description,
@@ -414,6 +430,10 @@ class Writes:
                         for p in {pt.partition(oid) for oid in (ttid, *oids)}))
         self._unsynced_vote(conn, msg_id, Packets.AskLazyVote, Packets.AnswerLazyVote, lazy,
                             ttid, user, description, ext, oids, pack)
+        if EARLY_LAZY_VOTE in conn.peer_features:
+            # maybe sent with the stores, while they wait for a lock on
+            # another storage: a deadlock may still need our locks back
+            app.locks.txns[ttid].revocable = True
 
     def _unsynced_vote(self, conn, msg_id, packet, answer, unsynced: bool, ttid, user,
                        description, ext, oids, pack) -> None:
