@@ -188,7 +188,10 @@ class Commits:
 
     def _invalidate(self, committer: Connection, commits: list) -> None:
         """Other clients invalidate what each of ``commits`` (tid, oids)
-        changed, one commit at a time; secondaries mirror the last IDs."""
+        changed, one commit at a time; secondaries mirror the last IDs.
+        A client waiting for the answer to its own finish gets them with
+        that answer (``notify_soon``): they would wake it for nothing."""
+        finishing = self.tm.finishing_clients()
         for peer in self.nm:
             if peer.type is NodeTypes.CLIENT:
                 if peer.conn is committer:
@@ -196,7 +199,8 @@ class Commits:
             elif peer.type is not NodeTypes.MASTER:
                 continue
             if peer.connected and self.follows_table(peer):
-                notify = peer.conn.notify
+                conn = peer.conn
+                notify = conn.notify_soon if peer.nid in finishing else conn.notify
                 for tid, oids in commits:
                     if oids or peer.type is NodeTypes.MASTER:
                         notify(Packets.InvalidateObjects, tid, oids)

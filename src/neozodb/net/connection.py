@@ -56,6 +56,8 @@ from neozodb.protocol.features import NO_FEATURES
 log = logging.getLogger("neozodb.net")
 
 _HANDSHAKE_LEN = len(HANDSHAKE)
+# notify_soon: how long a notification may wait for other output to its peer
+SOON = 0.005
 _PING = Packets.Ping
 _monotonic = time.monotonic
 
@@ -126,6 +128,8 @@ class Connection(Limits, asyncio.Protocol):
         self._out: list[bytes] = []
         self._corked = False
         self._held = False  # hold(): output kept past the chunk, until release()
+        self._soon: list[bytes] | None = None  # notify_soon(), not sent yet
+        self._soon_timer: asyncio.TimerHandle | None = None
         # Keep-alive (see the module docstring): one timer, re-armed from the
         # _last_received stamp, which is all that receiving data costs.
         self.keepalive = _keepalive if keepalive is None else keepalive
@@ -294,6 +298,7 @@ class Connection(Limits, asyncio.Protocol):
 
     def _closed(self) -> None:
         """The connection is gone for the application (idempotent)."""
+        self._take_soon()
         self._uncount()
         self.cancel_identify_deadline()
         for token in self.endpoint.fail_pending():
@@ -314,6 +319,8 @@ class Connection(Limits, asyncio.Protocol):
 
     # -- sending --------------------------------------------------------------
     def _write(self, data: bytes) -> None:
+        if self._soon is not None:
+            data = self._take_soon() + data
         if self._corked:
             self._out.append(data)
             self._out_size += len(data)
@@ -366,6 +373,33 @@ class Connection(Limits, asyncio.Protocol):
             out.clear()
             self._transport_write(data)
 
+    def notify_soon(self, packet: Any, *args: Any) -> None:
+        """A notification that may wait ``SOON`` seconds for other output to
+        this peer, and leave with it: never after anything written later.
+        The master's invalidations to a client waiting for its own
+        finish's answer: they come with the answer, not each on its own,
+        waking the client for nothing."""
+        if self.closed:
+            return
+        data = self.endpoint.notify(packet, args)
+        if self._soon is None:
+            self._soon = [data]
+            self._soon_timer = asyncio.get_running_loop().call_later(SOON, self._send_soon)
+        else:
+            self._soon.append(data)
+
+    def _take_soon(self) -> bytes:
+        soon, self._soon = self._soon, None
+        if self._soon_timer is not None:
+            self._soon_timer.cancel()
+            self._soon_timer = None
+        return b"".join(soon) if soon else b""
+
+    def _send_soon(self) -> None:
+        self._soon_timer = None
+        if self._soon is not None and not self.closed:
+            self._write(b"")
+
     def ask(self, packet: Any, *args: Any, callback: Callable | None = None) -> asyncio.Future | None:
         """Send a request.  Without callback, return a future of the answer."""
         token: Any = callback
@@ -413,6 +447,8 @@ class Connection(Limits, asyncio.Protocol):
             if not flush and (self._reading or self._paused) and transport is not None:
                 self._abort()  # hurry a graceful close
             return
+        if flush and self._soon is not None:
+            self._write(b"")
         self.closed = True
         self.close_reason = reason or "closed"
         self._stop_keepalive()
