@@ -26,8 +26,10 @@ statements of an operation was measured slower on loopback than sending
 them one by one.)
 
 One storage node per database: the connection holds a session-level
-advisory lock, so a second node is refused at ``open`` (PostgreSQL drops
-the lock with the connection, a crash included).
+advisory lock, so a second node is refused at ``open``, once it waited
+``LOCK_WAIT`` seconds for it (PostgreSQL drops the lock with the
+connection, a crash included, but a session just closed may still be
+ending on the server).
 
 Errors: a lost connection, or any other error out of a write, raises a
 ``psycopg.Error`` (``errors``): the storage node stops, and what was not
@@ -46,6 +48,7 @@ at startup.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -79,6 +82,8 @@ __all__ = ['PostgreSQLBackend', 'public_dsn']
 
 _MIN, _MAX = -1 << 63, (1 << 63) - 1
 _IDLE = TransactionStatus.IDLE
+# seconds a node waits for the database's lock before refusing to start
+LOCK_WAIT = 3.0
 _INERROR = TransactionStatus.INERROR
 _translated: dict[str, str] = {}
 # executemany statement -> bulk()'s translation, None: row by row
@@ -194,7 +199,14 @@ class PostgreSQLBackend(SQLiteBlobs, SQLBackend):
         except psycopg.Error as e:
             raise ConnectionError(f'cannot connect: {_one_line(e)}') from None
         try:
-            if not conn.execute(TRY_LOCK, (LOCK_KEY,)).fetchone()[0]:
+            # A previous node's session may still be ending on the server
+            # (a client's close does not wait for it): wait a little, as
+            # MariaDB's GET_LOCK does (3 s), before calling it another node.
+            deadline = time.monotonic() + LOCK_WAIT
+            while not conn.execute(TRY_LOCK, (LOCK_KEY,)).fetchone()[0]:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)  # a retry of the server's lock, not synchronisation
+                    continue
                 holder = conn.execute(LOCK_HOLDER, (LOCK_KEY,)).fetchone()
                 raise RuntimeError(
                     'database in use by another storage node (advisory lock %d held by'
