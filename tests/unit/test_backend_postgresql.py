@@ -60,6 +60,21 @@ class TestPostgreSQLBackend(BackendConformance):
         db.close()
         second = opener()      # the lock went with the first connection
         assert second.get_num_partitions() == NP
+        # the wait for the lock is for the lock alone
+        assert second.connection.execute("SHOW lock_timeout").fetchone()[0] == "0"
+
+    def test_a_node_waits_for_the_lock_of_one_stopping(self, opener, db):
+        """The session of a node that just stopped may end a little later on
+        the server: the next node waits for its lock (LOCK_WAIT) rather
+        than refusing to start."""
+        import threading
+        stopping = threading.Timer(0.3, db.close)  # the previous node, stopping meanwhile
+        stopping.start()
+        try:
+            second = opener()
+        finally:
+            stopping.join()
+        assert second.get_num_partitions() == NP
 
     def test_lost_connection_stops_and_leaves_nothing_half_written(self, opener, db):
         import psycopg

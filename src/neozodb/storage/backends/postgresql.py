@@ -48,7 +48,6 @@ at startup.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import psycopg
@@ -66,10 +65,12 @@ from .postgresql_schema import (
     FIND_DATA_ANY,
     FIND_OR_INSERT_DATA,
     FIND_OR_INSERT_DATA_MANY,
+    LOCK,
     LOCK_HOLDER,
     LOCK_KEY,
     NEW_DATA_IDS,
-    TRY_LOCK,
+    RESET_LOCK_TIMEOUT,
+    SET_LOCK_TIMEOUT,
     UNLOCK,
     bulk,
     translate,
@@ -202,15 +203,15 @@ class PostgreSQLBackend(SQLiteBlobs, SQLBackend):
             # A previous node's session may still be ending on the server
             # (a client's close does not wait for it): wait a little, as
             # MariaDB's GET_LOCK does (3 s), before calling it another node.
-            deadline = time.monotonic() + LOCK_WAIT
-            while not conn.execute(TRY_LOCK, (LOCK_KEY,)).fetchone()[0]:
-                if time.monotonic() < deadline:
-                    time.sleep(0.05)  # a retry of the server's lock, not synchronisation
-                    continue
+            conn.execute(SET_LOCK_TIMEOUT, ('%dms' % (LOCK_WAIT * 1000),))
+            try:
+                conn.execute(LOCK, (LOCK_KEY,))
+            except psycopg.errors.LockNotAvailable:
                 holder = conn.execute(LOCK_HOLDER, (LOCK_KEY,)).fetchone()
                 raise RuntimeError(
                     'database in use by another storage node (advisory lock %d held by'
-                    ' server process %s)' % (LOCK_KEY, holder[0] if holder else '?'))
+                    ' server process %s)' % (LOCK_KEY, holder[0] if holder else '?')) from None
+            conn.execute(RESET_LOCK_TIMEOUT)
         except BaseException:
             conn.close()
             raise

@@ -170,7 +170,10 @@ CHUNKS_AT_ONCE = 8
 # by PostgreSQL when the connection ends (crash included); the key is
 # arbitrary but fixed ("neozodb" as an integer)
 LOCK_KEY = int.from_bytes(b'neozodb', 'big')
-TRY_LOCK = "SELECT pg_try_advisory_lock(?)"
+# taken waiting at most lock_timeout (set for this statement only)
+LOCK = "SELECT pg_advisory_lock(?)"
+SET_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', ?, false)"
+RESET_LOCK_TIMEOUT = "RESET lock_timeout"
 LOCK_HOLDER = ("SELECT pid FROM pg_locks WHERE locktype='advisory' AND granted"
                " AND database=(SELECT oid FROM pg_database WHERE datname=current_database())"
                " AND (classid::bigint << 32) + objid::bigint = ?")
