@@ -45,6 +45,17 @@ def settled(storage, nid):
     storage.app.storage_conn(nid).call(Packets.Ping, timeout=TIMEOUT)
 
 
+def commit(outcome: dict, name: str, storage, txn) -> None:
+    """Vote and finish ``txn`` (in a thread): outcome[name] is ("voted",
+    its TID) or ("failed", the error)."""
+    try:
+        storage.tpc_vote(txn)
+        outcome[name] = ("voted", storage.tpc_finish(txn))
+    except Exception as e:
+        outcome[name] = ("failed", e)
+        storage.tpc_abort(txn)
+
+
 def test_opposite_orders_on_two_storages(two_storages):
     cluster = two_storages
     db = ZODB.DB(Storage(**cluster.client_kwargs()))
@@ -86,16 +97,7 @@ def test_opposite_orders_on_two_storages(two_storages):
         s2.store(oid_a, serial_a, ten, "", t2)  # T2 waits for T1 (older)
         settled(s2, nid_a)
         outcome: dict = {}
-
-        def commit(name, storage, txn):
-            try:
-                storage.tpc_vote(txn)
-                outcome[name] = ("voted", storage.tpc_finish(txn))
-            except Exception as e:
-                outcome[name] = ("failed", e)
-                storage.tpc_abort(txn)
-
-        threads = [threading.Thread(target=commit, args=args, daemon=True)
+        threads = [threading.Thread(target=commit, args=(outcome, *args), daemon=True)
                    for args in (("T2", s2, t2), ("T1", s1, t1))]
         for thread in threads:
             thread.start()
@@ -157,22 +159,13 @@ def test_early_lazy_vote_given_back(cluster):
         c2.app.storage_conn(s2_nid).flush()
         settled(c2, s2_nid)                          # T2 holds X on S2
         outcome: dict = {}
-
-        def commit(name, storage, txn):
-            try:
-                storage.tpc_vote(txn)
-                outcome[name] = ("voted", storage.tpc_finish(txn))
-            except Exception as e:
-                outcome[name] = ("failed", e)
-                storage.tpc_abort(txn)
-
         votes_before = sum(c2.app.early_votes)
-        second = threading.Thread(target=commit, args=("T2", c2, t2), daemon=True)
+        second = threading.Thread(target=commit, args=(outcome, "T2", c2, t2), daemon=True)
         second.start()
         # T2's early vote reached both: accepted on S2, its store waits on S1
         settled(c2, s2_nid)
         settled(c2, s1_nid)
-        first = threading.Thread(target=commit, args=("T1", c1, t1), daemon=True)
+        first = threading.Thread(target=commit, args=(outcome, "T1", c1, t1), daemon=True)
         first.start()
         for thread in (first, second):
             thread.join(TIMEOUT)
