@@ -21,6 +21,7 @@ from ZODB.serialize import ObjectWriter
 
 from conftest import _running
 from neozodb.client import Storage
+from neozodb.client.commit import EARLY_LAZY_BACKOFF
 from neozodb.protocol import Packets
 from replicas import orphan_data_rows, pending_rows, raw_contents
 
@@ -160,6 +161,7 @@ def test_early_lazy_vote_given_back(cluster):
         settled(c2, s2_nid)                          # T2 holds X on S2
         outcome: dict = {}
         votes_before = sum(c2.app.early_votes)
+        assert c1.app.early_lazy_skip == c2.app.early_lazy_skip == 0
         second = threading.Thread(target=commit, args=(outcome, "T2", c2, t2), daemon=True)
         second.start()
         # T2's early vote reached both: accepted on S2, its store waits on S1
@@ -174,6 +176,9 @@ def test_early_lazy_vote_given_back(cluster):
         assert outcome["T1"][1] < outcome["T2"][1]  # the older committed first
         assert c2.app.relocks >= 1 and c1.app.relocks == 0  # T2 gave X back on S2
         assert sum(c2.app.early_votes) == votes_before + 1  # voted early, as the test wants
+        # each voted again somewhere (T2 after its relock, T1 where its store
+        # waited): their next transactions vote late for a while
+        assert c1.app.early_lazy_skip == c2.app.early_lazy_skip == EARLY_LAZY_BACKOFF
     finally:
         c1.close()
         c2.close()

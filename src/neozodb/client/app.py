@@ -98,6 +98,9 @@ class ClientApp(Loads, Cells):
         # early votes (client/commit.py) the storage took, and refused
         # (a store was not settled yet: voted again)
         self.early_votes = [0, 0]
+        # early votes on several storages skipped after one that had to be
+        # voted again (client/commit.py, EARLY_LAZY_BACKOFF)
+        self.early_lazy_skip = 0
         # locks given back to an older transaction (NotifyDeadlock): relocks asked
         self.relocks = 0
 

@@ -19,6 +19,11 @@ from neozodb.protocol import MAX_TID, ZERO_HASH, ZERO_TID, ErrorCodes, Packets, 
 from neozodb.protocol.blobs import add_tail
 from neozodb.protocol.features import EARLY_LAZY_VOTE, EARLY_VOTE, LAZY_VOTE, SOLO_VOTE
 
+# transactions that vote late after an early vote on several storages had to
+# be voted again (a store waited for a lock, or gave it back): under
+# contention most would be, each costing a vote more
+EARLY_LAZY_BACKOFF = 16
+
 log = logging.getLogger("neozodb.client")
 
 STORE, CHECK, RELOCK, VOTE = "store", "check", "relock", "vote"
@@ -490,6 +495,8 @@ class Commit(Begin):
             self.revocable = False
             again = self.revote
             app.early_votes[bool(again)] += 1
+            if again and len(meta_nids) > 1:
+                app.early_lazy_skip = EARLY_LAZY_BACKOFF
         self._process(block=True)
         self.stored = True
         if again is None or again:
@@ -523,6 +530,12 @@ class Commit(Begin):
         if len(meta_nids) > 1:
             if not self._lazy(meta_nids) or any(
                     EARLY_LAZY_VOTE not in self.conn_of[nid].peer_features for nid in meta_nids):
+                return False
+            app = self.app
+            if app.early_lazy_skip:
+                # the last one was refused: contention, where an early vote
+                # costs a vote more (and relocks undo it) for nothing
+                app.early_lazy_skip -= 1
                 return False
         else:
             if len(self.conns) != 1:
