@@ -10,6 +10,7 @@ early-lazy-vote), where the younger transaction's vote on one storage
 must be undone to give its lock back."""
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -44,6 +45,16 @@ def settled(storage, nid):
     """A barrier: a request on the same connection, answered after what
     was sent before it was handled there."""
     storage.app.storage_conn(nid).call(Packets.Ping, timeout=TIMEOUT)
+
+
+@contextlib.contextmanager
+def fresh_root(cluster):
+    """The root of a new client's view of the database."""
+    db = ZODB.DB(Storage(**cluster.client_kwargs()))
+    try:
+        yield db.open(transaction.TransactionManager()).root()
+    finally:
+        db.close()
 
 
 def commit(outcome: dict, name: str, storage, txn) -> None:
@@ -111,13 +122,9 @@ def test_opposite_orders_on_two_storages(two_storages):
     finally:
         s1.close()
         s2.close()
-    db = ZODB.DB(Storage(**cluster.client_kwargs()))
-    try:
-        root = db.open(transaction.TransactionManager()).root()
+    with fresh_root(cluster) as root:
         values = {obj._p_oid: obj() for obj in (root[k] for k in root)}
         assert values[oid_a] == values[oid_b] == 111  # both increments, resolved
-    finally:
-        db.close()
 
 
 def test_early_lazy_vote_given_back(cluster):
@@ -182,12 +189,8 @@ def test_early_lazy_vote_given_back(cluster):
     finally:
         c1.close()
         c2.close()
-    db = ZODB.DB(Storage(**cluster.client_kwargs()))
-    try:
-        root = db.open(transaction.TransactionManager()).root()
+    with fresh_root(cluster) as root:
         assert root["x"]() == 111  # both increments, resolved
-    finally:
-        db.close()
     cluster.stop()
     # the undone vote left nothing behind (its rows, T2's first data)
     assert raw_contents(cluster.database(1)) == raw_contents(cluster.database(2))
@@ -240,10 +243,6 @@ def test_contention_with_early_lazy_votes(cluster):
         thread.join(60)
     assert not any(thread.is_alive() for thread in threads), "a client waits forever"
     assert errors == []
-    db = ZODB.DB(Storage(**cluster.client_kwargs()))
-    try:
-        root = db.open(transaction.TransactionManager()).root()
+    with fresh_root(cluster) as root:
         assert [root["c%d" % k]() for k in range(5)] == [sum(c[k] for c in committed)
                                                          for k in range(5)]
-    finally:
-        db.close()
