@@ -112,6 +112,11 @@ class BulkCopier:
         it cannot go in bulk (its partitions are not all on the same
         storages, UP_TO_DATE, or a node lacks the feature)."""
         app = self.app
+        # the table as the master has it now: storages learn its changes
+        # from it, so one the master made but we did not read yet would
+        # have them refuse the batch after the master took its TIDs
+        # (aborted, they are not given back: the copy could not go on)
+        app.sync()
         pt = app.pt
         partitions = set()
         for tid, oids in batch.oids:
