@@ -22,7 +22,7 @@ from ZODB.serialize import ObjectWriter
 
 from conftest import _running
 from neozodb.client import Storage
-from neozodb.client.commit import EARLY_LAZY_BACKOFF
+from neozodb.client.voting import EARLY_LAZY_BACKOFF
 from neozodb.protocol import Packets
 from replicas import orphan_data_rows, pending_rows, raw_contents
 
@@ -135,18 +135,12 @@ def test_early_lazy_vote_given_back(cluster):
     gives it back, which undoes its vote on S2, and votes there again
     later.  Both commit; with the vote keeping the lock, both waited
     forever."""
-    db = ZODB.DB(Storage(**cluster.client_kwargs()))
-    try:
-        tm = transaction.TransactionManager()
-        root = db.open(tm).root()
-        root["x"] = Length(100)
-        tm.commit()
-        x = root["x"]
+    with fresh_root(cluster) as root:
+        x = root["x"] = Length(100)
+        root._p_jar.transaction_manager.commit()
         oid, serial = x._p_oid, x._p_serial
-        nids = db.storage.app.writable_cells(oid)
+        nids = root._p_jar.db().storage.app.writable_cells(oid)
         assert len(nids) == 2
-    finally:
-        db.close()
     s1_nid, s2_nid = nids
     c1, c2 = Storage(**cluster.client_kwargs()), Storage(**cluster.client_kwargs())
     try:
@@ -206,15 +200,10 @@ def test_contention_with_early_lazy_votes(cluster):
     (EARLY_LAZY_BACKOFF) all end in commits, none waits forever, and every
     counter holds every increment committed."""
     import random
-    db = ZODB.DB(Storage(**cluster.client_kwargs()))
-    try:
-        tm = transaction.TransactionManager()
-        root = db.open(tm).root()
+    with fresh_root(cluster) as root:
         for k in range(5):
             root["c%d" % k] = Length(0)
-        tm.commit()
-    finally:
-        db.close()
+        root._p_jar.transaction_manager.commit()
     committed = [[0] * 5 for _ in range(3)]
     errors: list = []
 

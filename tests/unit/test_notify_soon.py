@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from test_connection import OID, TID, EofTransport, msg, run
 
-from neozodb.net import connection
+from neozodb.net import output
 from neozodb.protocol import HANDSHAKE, Packets, p64
 
 pytestmark = pytest.mark.timeout(30)
@@ -37,7 +37,7 @@ def test_notify_soon_leaves_with_the_next_output_in_order():
 
 
 def test_notify_soon_leaves_alone_within_its_delay(monkeypatch):
-    monkeypatch.setattr(connection, "SOON", 0.01)
+    monkeypatch.setattr(output, "SOON", 0.01)
 
     async def test(conn, transport, handler):
         conn.data_received(HANDSHAKE)

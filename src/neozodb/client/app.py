@@ -95,11 +95,11 @@ class ClientApp(Loads, Cells):
         self._watchers: list[Changes] = []  # see watch_changes
         self.unlocked = UnlockBarrier(self)  # NEO storages: see compat.py
         self.closed = False
-        # early votes (client/commit.py) the storage took, and refused
+        # early votes (client/voting.py) the storage took, and refused
         # (a store was not settled yet: voted again)
         self.early_votes = [0, 0]
         # early votes on several storages skipped after one that had to be
-        # voted again (client/commit.py, EARLY_LAZY_BACKOFF)
+        # voted again (client/voting.py, EARLY_LAZY_BACKOFF)
         self.early_lazy_skip = 0
         # locks given back to an older transaction (NotifyDeadlock): relocks asked
         self.relocks = 0

@@ -29,7 +29,7 @@ from typing import Any
 
 from ZODB.POSException import StorageTransactionError
 
-from neozodb.client.commit import final_tid, metadata
+from neozodb.client.voting import final_tid, metadata
 from neozodb.deflate import compress_record
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.net.threaded import wait_any
