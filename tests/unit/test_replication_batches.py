@@ -271,3 +271,123 @@ def test_what_an_abandoned_fetch_streams_is_dropped():
         future.set_exception(ConnectionError("gone"))  # retrieved: no warning
     asyncio.run(main())
     assert log == []
+
+
+# -- several partitions at once ---------------------------------------------------------
+
+class Partitions(Recorder):
+    """A Recorder with a resume point per partition."""
+
+    def __init__(self, log):
+        super().__init__(log)
+        self.points: dict = {}
+
+    def get_replication(self, partition):
+        return self.points.get(partition, (0, 0, 0))
+
+    def set_replication(self, partition, point, durable=True):
+        self.points[partition] = point
+        self.log.append(("point", partition, durable))
+
+    def add_objects(self, partition, records):
+        self.log.append(("write", partition, [r[0] for r in records]))
+
+
+class SlowSource:
+    """Streams two objects of the asked partition per chunk, each chunk
+    answered one loop turn after the ask; ``fail`` raises on a partition's
+    second chunk."""
+
+    def __init__(self, rep, log, chunks, fail=None):
+        self.rep, self.log, self.chunks, self.fail = rep, log, chunks, fail
+        self.asked: dict = {}
+
+    def ask(self, packet, partition, length, *args):
+        future = asyncio.get_running_loop().create_future()
+        if packet is Packets.AskFetchTransactions:
+            future.set_result((None, [], None))
+            return future
+        n = self.asked.get(partition, 0)
+        self.asked[partition] = n + 1
+        self.log.append(("ask", partition, n))
+
+        def stream():
+            if future.done():
+                return
+            if partition == self.fail and n == 1:
+                future.set_exception(ConnectionError("source lost"))
+                return
+            oid = 8 * NP * n + partition
+            self.rep.batch_received(future, partition, [(oid, 10 + n, 0, b"", b"", None),
+                                                        (oid + NP, 10 + n, 0, b"", b"", None)])
+            last = n + 1 == self.chunks
+            future.set_result((None, None, {}) if last else (p64(11 + n), p64(0), {}))
+        asyncio.get_running_loop().call_soon(stream)
+        return future
+
+
+class AllPT(PT):
+    def partitions_of(self, nid):
+        return list(range(NP))
+
+
+class MultiApp(App):
+    nm = type("nm", (), {"get": staticmethod(lambda nid: Node())})
+    master_conn = None  # _maybe_done tells nobody
+    packer = type("packer", (), {"stale": False, "pending": staticmethod(lambda p: False)})
+
+    def __init__(self, backend, state):
+        super().__init__(backend, state)
+        self.pt = AllPT()
+
+    def lockless_pending(self, partition):
+        return False
+
+    async def peer_connection(self, nid):
+        return self.source
+
+
+def _step(log, fail=None):
+    app = MultiApp(Partitions(log), state=CellStates.OUT_OF_DATE.value)
+
+    async def main():
+        rep = Replicator(app)
+        app.source = SlowSource(rep, log, 3, fail)
+        for partition in range(NP):
+            rep.targets[partition] = 100
+            rep.unfinished[partition] = set()
+        try:
+            return await rep._step()
+        finally:
+            assert rep._chunks == {}  # nothing left streaming into a forgotten chunk
+    return asyncio.run(main())
+
+
+def test_partitions_are_replicated_two_at_a_time(caplog):
+    log: list = []
+    caplog.set_level("INFO", "neozodb.storage")
+    assert _step(log)
+    asks = [entry[1:] for entry in log if entry[0] == "ask"]
+    # partitions 0 and 1 go side by side, then 2 and 3 as they end
+    assert asks[:2] == [(0, 0), (1, 0)]
+    assert {p for p, n in asks} == set(range(NP)) and len(asks) == 3 * NP
+    started = [p for p, n in asks if n == 0]
+    assert started == [0, 1, 2, 3]
+    for partition in range(NP):
+        writes = [oids for entry in log if entry[0] == "write" and entry[1] == partition
+                  for oids in [entry[2]]]
+        assert [oid % NP for oids in writes for oid in oids] == [partition] * 6
+        durable = [entry for entry in log if entry[:2] == ("point", partition) and entry[2]]
+        assert len(durable) == 1
+    # each partition's log line counts its own objects, not its neighbour's
+    done = [r.getMessage() for r in caplog.records if "replicated from" in r.getMessage()]
+    assert len(done) == NP
+    assert all("(6 objects in" in line and "3 messages)" in line for line in done), done
+
+
+def test_a_failed_partition_stops_the_other_and_is_retried_as_one_error():
+    log: list = []
+    with pytest.raises(ConnectionError, match="source lost"):
+        _step(log, fail=1)
+    # partition 0 was stopped with it, before its end: no durable point
+    assert not [entry for entry in log if entry[0] == "point" and entry[2]]

@@ -1,7 +1,8 @@
 """Catching up OUT_OF_DATE cells from readable replicas.
 
-One partition at a time, from a random running storage with a readable
-cell: transactions first, then object revisions, in chunks.  The records
+Two partitions at a time (``PARALLEL``), each from a random running
+storage with a readable cell: transactions first, then object revisions,
+in chunks.  The records
 a source streams are kept in memory (``_Chunk``) until its answer ends the
 chunk; then the next chunk is asked for *before* this one is written, so
 that the source reads chunk n+1 while we write chunk n.  A chunk's rows are
@@ -45,6 +46,11 @@ CHUNK = 1000
 #: Bytes of object data kept in memory for a chunk before they are written
 #: (a NEO source does not bound a chunk in bytes).
 BUFFER_BYTES = 8 << 20
+#: Partitions replicated at once: while one waits for its source, or for
+#: the durable write that ends it, another one's chunks are read and
+#: written (bench/README.md, "Replication").  The writes still go one after
+#: the other, on the event loop.
+PARALLEL = 2
 #: Rows deleted per step when dropping a discarded partition.
 DROP_CHUNK = 1000
 _OUT_OF_DATE = CellStates.OUT_OF_DATE.value
@@ -73,7 +79,8 @@ class BadSource(Exception):
 class _Chunk:
     """What a source streamed so far for one fetch of ``partition``."""
 
-    __slots__ = ("partition", "transactions", "orders", "objects", "size")
+    __slots__ = ("partition", "transactions", "orders", "objects", "size", "received",
+                 "messages")
 
     def __init__(self, partition: int) -> None:
         self.partition = partition
@@ -81,6 +88,10 @@ class _Chunk:
         self.orders: list = []  # pack orders that came with the transactions
         self.objects: list = []
         self.size = 0
+        # object revisions and messages received for this fetch (the log
+        # line of the partition: several partitions are replicated at once)
+        self.received = 0
+        self.messages = 0
 
 
 class Replicator:
@@ -217,6 +228,8 @@ class Replicator:
         size = len(record[4])
         self.objects_received += 1
         self.messages_received += 1
+        chunk.received += 1
+        chunk.messages += 1
         self.bytes_received += size
         self._window_bytes += size
         if partition != chunk.partition:
@@ -237,6 +250,8 @@ class Replicator:
         size = sum(len(record[4]) for record in records)
         self.objects_received += len(records)
         self.messages_received += 1
+        chunk.received += len(records)
+        chunk.messages += 1
         self.bytes_received += size
         self._window_bytes += size
         if partition != chunk.partition:
@@ -302,15 +317,27 @@ class Replicator:
         ready = [p for p in todo if p in self.targets]
         if not ready:
             return False
-        # the partition furthest behind first
+        # the partitions furthest behind first (popped from the end)
         ready.sort(key=lambda p: (app.backend.get_replication(p) or (0,))[0])
+        ready.reverse()
         progressed = False
-        for partition in ready:
-            if app.cell_state(partition) != _OUT_OF_DATE:
-                continue
-            if await self._replicate(partition):
-                progressed = True
-            self._maybe_done(partition)
+
+        async def replicate_some() -> None:
+            nonlocal progressed
+            while ready:
+                partition = ready.pop()
+                if app.cell_state(partition) != _OUT_OF_DATE:
+                    continue
+                if await self._replicate(partition):
+                    progressed = True
+                self._maybe_done(partition)
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(PARALLEL, len(ready))):
+                    group.create_task(replicate_some())
+        except BaseExceptionGroup as e:
+            # the others were cancelled: retried as one failure
+            raise e.exceptions[0] from None
         return progressed
 
     async def _ask_unfinished(self, partitions: list[int]) -> None:
@@ -377,8 +404,8 @@ class Replicator:
                      obj_tid: int, obj_oid: int) -> bool:
         app = self.app
         backend = app.backend
-        started, objects = time.monotonic(), self.objects_received
-        messages = self.messages_received
+        started = time.monotonic()
+        objects = messages = 0
         high = p64(target)
         first = True
         while next_tid <= target:
@@ -416,6 +443,8 @@ class Replicator:
                 asked = None
                 following, following_oid, delete = await self._answer(future)
                 del self._chunks[future]
+                objects += chunk.received
+                messages += chunk.messages
                 self._check_cell(partition)
                 if any(not set(oids) <= set(mine.get(t, ())) for t, oids in delete.items()):
                     raise BadSource("deletion of objects we did not list")
@@ -441,8 +470,7 @@ class Replicator:
         await self._contents(conn, partition, (target + 1, 0), None)
         log.info("%s: partition %d replicated from %s up to %s (%d objects in %.3f s,"
                  " %d messages)", app.label, partition, nid_str(nid), high.hex(),
-                 self.objects_received - objects, time.monotonic() - started,
-                 self.messages_received - messages)
+                 objects, time.monotonic() - started, messages)
         return True
 
     async def _contents(self, conn, partition: int, first: tuple[int, int],

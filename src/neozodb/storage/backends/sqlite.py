@@ -46,6 +46,7 @@ from .sqlite_schema import (
     _ADD_OBJ,
     _ADD_TRANS,
     _BLOB_DATA_HASH_INDEX,
+    _CACHE_SIZE,
     _COMMIT,
     _DATA_HASH_INDEX,
     _DROP,
@@ -96,6 +97,7 @@ class SQLiteBackend(SQLiteBlobs, SQLBackend):
                 raise RuntimeError(f'cannot use WAL journal on {self.database!r}: {mode}')
             conn.execute(_SYNC_NORMAL)
             conn.execute("PRAGMA foreign_keys=OFF")
+            conn.execute(_CACHE_SIZE)
         except BaseException:
             conn.close()
             raise

@@ -82,6 +82,12 @@ _ROLLBACK = "ROLLBACK"
 # cover several of them (group commit).  Checkpoints still sync the WAL
 # before copying it and the database file after.
 _SYNC_NORMAL = "PRAGMA synchronous=NORMAL"
+# 16 MiB of page cache (SQLite's default is 2 MB): a replication chunk, or
+# a commit of a few thousand objects, dirties more pages than that, and
+# SQLite then writes pages to the WAL before the commit, some of them
+# twice (bench/README.md, "Replication").  A bound, whatever the size of
+# the database.
+_CACHE_SIZE = "PRAGMA cache_size=-16384"
 _SAVEPOINT = "SAVEPOINT op"
 _ROLLBACK_TO = "ROLLBACK TO op"
 _RELEASE = "RELEASE op"
