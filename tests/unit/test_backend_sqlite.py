@@ -401,3 +401,18 @@ def test_unknown_option_rejected(tmp_path):
 
 def test_sqlite_version_supports_wal():
     assert sqlite3.sqlite_version_info >= (3, 7, 0)
+
+
+@pytest.mark.parametrize('count', [0, 1, 99, 100, 101, 250])
+def test_rows_are_inserted_many_per_statement_in_order(count):
+    from neozodb.storage.backends.sqlite_schema import _ROWS_PER_INSERT, _insert_rows
+    conn = sqlite3.connect(':memory:', isolation_level=None)
+    conn.execute('CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT, n INTEGER)')
+    statements = []
+    conn.set_trace_callback(statements.append)
+    # the last of two rows with the same key wins, as with executemany
+    rows = [(i % 97, 'v%d' % i, i) for i in range(count)]
+    _insert_rows(conn, 'INSERT OR REPLACE INTO t (k, v, n) VALUES (?, ?, ?)', rows)
+    expected = {k: (v, n) for k, v, n in rows}
+    assert len(statements) == count // _ROWS_PER_INSERT + count % _ROWS_PER_INSERT
+    assert {k: (v, n) for k, v, n in conn.execute('SELECT k, v, n FROM t')} == expected

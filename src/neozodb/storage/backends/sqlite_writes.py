@@ -42,6 +42,7 @@ from .sqlite_schema import (
     _TOBJ_DATA_IDS_OF,
     _TPACK_TTIDS,
     _UNFINISHED_DATA_IDS,
+    _insert_rows,
     _pack_oids,
 )
 
@@ -128,7 +129,7 @@ class SQLiteWrites:
         rows = [(oid % np, oid, ttid, data_id, value_tid)
                 for oid, data_id, value_tid in objects]
         with self._txn(durable=durable) as conn:
-            conn.executemany(_INSERT_TOBJ, rows)
+            _insert_rows(conn, _INSERT_TOBJ, rows)
             if txn is not None:
                 oids, user, description, ext, packed = txn
                 conn.execute(_INSERT_TTRANS, (ttid % np, bool(packed), _pack_oids(oids),
