@@ -42,6 +42,25 @@ class TestSQLiteBackend(BackendConformance):
 
     # -- SQLite specifics ------------------------------------------------------
 
+    def test_a_burst_of_data_rows_takes_ids_never_used(self, db):
+        """``store_data_many`` of a burst (without deduplication): one row
+        per item, in order, under ids above every id ever allocated (a
+        pruned row's too), each held once."""
+        if db.deduplicates:
+            assert not db.batched_data  # rows are looked up one at a time
+            return
+        assert db.batched_data
+        gone = db.store_data(h(b'gone'), 0, b'gone', 1)
+        db.release_data([gone], prune=True)
+        assert db.load_data(gone) is None
+        items = [(h(b'%d' % i), i % 2, b'%d' % i, i) for i in range(db.batched_data_min + 150)]
+        ids = db.store_data_many(items)
+        assert ids == list(range(gone + 1, gone + 1 + len(items)))
+        assert [db.load_data(i) for i in ids] == [item[:3] for item in items]
+        db.release_data(ids[:10], prune=True)
+        assert [db.load_data(i) for i in ids[:11]] == [None] * 10 + [items[10][:3]]
+        assert db.store_data(h(b'next'), 0, b'next', 1) == ids[-1] + 1
+
     def test_connection_settings(self, db):
         assert pragma(db, 'journal_mode') == 'wal'
         assert pragma(db, 'synchronous') == 1          # NORMAL: we sync the WAL

@@ -100,7 +100,8 @@ class Writes:
         another callback), so none can be stale; what is left is forgotten
         after the burst (``prefetched``).
 
-        On a backend with ``batched_data``, the data rows of the burst's
+        On a backend with ``batched_data`` (PostgreSQL, MariaDB, SQLite
+        without deduplication, from 8 stores on), the data rows of the burst's
         plain stores (not undos, deletions or blobs) are also taken in one
         call, once their checksums are verified; a store that ends up not
         keeping its row (a conflict, a lock wait) leaves it to be released
@@ -109,7 +110,7 @@ class Writes:
         backend = app.backend
         stores = [args for _, _, args in run if _well_formed(args)]
         app.serials = backend.last_serials(sorted({u64(args[0]) for args in stores}))
-        if not backend.batched_data:
+        if not backend.batched_data or len(stores) < backend.batched_data_min:
             return
         items = [(checksum, compression, data, u64(oid))
                  for oid, _, compression, checksum, data, data_serial, _ in stores

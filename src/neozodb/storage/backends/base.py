@@ -285,6 +285,8 @@ class Backend(PartitionMethods, BlobMethods):
     #: whether ``store_data_many`` saves work over ``store_data`` (a
     #: database server: one round trip for a burst of stores)
     batched_data = False
+    #: bursts of fewer stores than this take their rows one at a time
+    batched_data_min = 1
 
     def store_data_many(self, items: list[tuple[bytes, int, bytes, int]]) -> list[int]:
         """``store_data(checksum, compression, data, oid)`` for each item, in

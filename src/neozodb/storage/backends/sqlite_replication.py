@@ -28,7 +28,7 @@ from .sqlite_schema import (
     _FETCH_TIDS,
     _FLOOR_STEP,
     _GET_REPLICATION,
-    _MAX_DATA_ID,
+    _INSERT_DATA_ID,
     _MAX_OBJ_TID,
     _MAX_TRANS_TID,
     _OBJ_DATA_ID,
@@ -61,8 +61,6 @@ _OBJ_RANGE_DATA_IDS = (
     " WHERE partition=? AND (tid, oid)>=(?, ?) AND (tid, oid)<=(?, ?)")
 _OBJ_RANGE_COUNT = ("SELECT COUNT(*) FROM obj"
                     " WHERE partition=? AND (tid, oid)>=(?, ?) AND (tid, oid)<=(?, ?)")
-_DATA_SEQ = "SELECT seq FROM sqlite_sequence WHERE name='data'"
-_INSERT_DATA_ID = "INSERT INTO data (id, hash, compression, value) VALUES (?, ?, ?, ?)"
 #: Hashes per ``_find_data_sql`` statement; a shorter batch is padded by
 #: repeating its last hash, so that one prepared statement serves them all.
 _FIND_BATCH = 200
@@ -183,14 +181,6 @@ class SQLiteReplication:
             batch = hashes[i:i + _FIND_BATCH]
             batch += batch[-1:] * (_FIND_BATCH - len(batch))
             yield from conn.execute(query, batch)
-
-    def _new_data_ids(self, conn, count: int) -> range:
-        """``count`` data ids never used: after the greatest one ever
-        allocated (AUTOINCREMENT's sequence counts the deleted ones too;
-        rows inserted with an explicit id move it on)."""
-        seq = conn.execute(_DATA_SEQ).fetchone()
-        next_id = max(self._scalar(_MAX_DATA_ID, ()) or 0, seq[0] if seq else 0) + 1
-        return range(next_id, next_id + count)
 
     def add_transaction(self, tid: int, oids: Sequence[int], user: bytes, description: bytes,
                         ext: bytes, packed: bool, ttid: int) -> None:

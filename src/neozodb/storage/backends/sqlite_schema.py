@@ -159,6 +159,8 @@ _DEL_DATA = "DELETE FROM data WHERE id=?"
 _DATA_IN_OBJ = "SELECT 1 FROM obj WHERE data_id=? LIMIT 1"
 _TOBJ_DATA_IDS = "SELECT DISTINCT data_id FROM tobj WHERE data_id IS NOT NULL"
 _MAX_DATA_ID = "SELECT MAX(id) FROM data"
+_DATA_SEQ = "SELECT seq FROM sqlite_sequence WHERE name='data'"
+_INSERT_DATA_ID = "INSERT INTO data (id, hash, compression, value) VALUES (?, ?, ?, ?)"
 _DATA_NOT_IN_OBJ = ("SELECT id FROM data AS d WHERE id>?"
                     " AND NOT EXISTS (SELECT 1 FROM obj WHERE obj.data_id=d.id)")
 
