@@ -44,7 +44,6 @@ from .sqlite_schema import (
     _TRUNCATE_TTRANS,
     _U64,
     _UNFINISHED_DATA_IDS,
-    _insert_rows,
     _pack_oids,
 )
 
@@ -118,8 +117,8 @@ class SQLiteReplication:
 
     def add_transactions(self, records: Sequence[ReplicatedTransaction]) -> None:
         np = self._partitions()
-        with self._txn(durable=False) as conn:
-            _insert_rows(conn, _ADD_TRANS, [
+        with self._txn(durable=False):
+            self._insert_many(_ADD_TRANS, [
                 (tid % np, tid, bool(packed), _pack_oids(oids), user, description, ext, ttid)
                 for tid, oids, user, description, ext, packed, ttid in records])
 
@@ -144,7 +143,7 @@ class SQLiteReplication:
                 if previous is not None and previous != data_id:
                     replaced.append(previous)
             rows.sort()  # primary key order
-            _insert_rows(conn, _ADD_OBJ, rows)
+            self._insert_many(_ADD_OBJ, rows)
             if replaced:
                 self._prune(replaced)
 
@@ -169,7 +168,7 @@ class SQLiteReplication:
             for data_id, key in zip(self._new_data_ids(conn, len(new)), new, strict=True):
                 values[key] = data_id
                 rows.append((data_id, *key))
-            _insert_rows(conn, _INSERT_DATA_ID, rows)
+            self._insert_many(_INSERT_DATA_ID, rows)
         return [None if checksum == ZERO_HASH and not data else values[(checksum, compression, data)]
                 for _, _, compression, checksum, data, _ in records]
 

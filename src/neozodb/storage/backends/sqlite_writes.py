@@ -30,7 +30,6 @@ from .sqlite_schema import (
     _GET_TOBJ_TTIDS,
     _GET_TTRANS,
     _INSERT_DATA,
-    _INSERT_DATA_ID,
     _INSERT_TOBJ,
     _INSERT_TPACK,
     _INSERT_TTRANS,
@@ -44,7 +43,6 @@ from .sqlite_schema import (
     _TOBJ_DATA_IDS_OF,
     _TPACK_TTIDS,
     _UNFINISHED_DATA_IDS,
-    _insert_rows,
     _pack_oids,
 )
 
@@ -72,34 +70,11 @@ class SQLiteWrites:
         self._held[data_id] += 1
         return data_id
 
-    @property
-    def batched_data(self) -> bool:
-        # without deduplication, a burst's data rows go in with one
-        # statement per 100 instead of one each (storage/writes.py, prefetch)
-        return not self.deduplicates
-
-    #: smaller bursts are stored one row at a time: allocating the ids
-    #: costs two statements
-    batched_data_min = 8
-
-    def store_data_many(self, items: list[tuple[bytes, int, bytes, int]]) -> list[int]:
-        if self.deduplicates or len(items) < self.batched_data_min or any(
-                compression & BLOB_FLAG for _, compression, _, _ in items):
-            return [self.store_data(c, z, d, oid) for c, z, d, oid in items]
-        for checksum, _, _, _ in items:
-            if len(checksum) != 20 or checksum == ZERO_HASH:
-                raise ValueError('invalid checksum for a data row')
-        self._begin()
-        conn = self._conn
-        ids = self._new_data_ids(conn, len(items))
-        _insert_rows(conn, _INSERT_DATA_ID, [
-            (data_id, checksum, compression, data)
-            for data_id, (checksum, compression, data, _) in zip(ids, items, strict=True)])
-        self._data_added += len(ids)
-        held = self._held
-        for data_id in ids:
-            held[data_id] += 1
-        return list(ids)
+    def _insert_many(self, sql: str, rows: list[tuple]) -> None:
+        """The one-row INSERT ``sql`` for each of ``rows``, in order (a
+        database server's connection sends them as one statement;
+        SQLiteBackend, 100 rows per statement)."""
+        self._conn.executemany(sql, rows)
 
     def _new_data_ids(self, conn, count: int) -> range:
         """``count`` data ids never used: after the greatest one ever
@@ -168,7 +143,7 @@ class SQLiteWrites:
         rows = [(oid % np, oid, ttid, data_id, value_tid)
                 for oid, data_id, value_tid in objects]
         with self._txn(durable=durable) as conn:
-            _insert_rows(conn, _INSERT_TOBJ, rows)
+            self._insert_many(_INSERT_TOBJ, rows)
             if txn is not None:
                 oids, user, description, ext, packed = txn
                 conn.execute(_INSERT_TTRANS, (ttid % np, bool(packed), _pack_oids(oids),
