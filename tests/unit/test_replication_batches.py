@@ -298,8 +298,9 @@ class SlowSource:
     answered one loop turn after the ask; ``fail`` raises on a partition's
     second chunk."""
 
-    def __init__(self, rep, log, chunks, fail=None):
+    def __init__(self, rep, log, chunks, fail=None, then=None):
         self.rep, self.log, self.chunks, self.fail = rep, log, chunks, fail
+        self.then = then  # run right after partition 0's last answer
         self.asked: dict = {}
 
     def ask(self, packet, partition, length, *args):
@@ -322,6 +323,8 @@ class SlowSource:
                                                         (oid + NP, 10 + n, 0, b"", b"", None)])
             last = n + 1 == self.chunks
             future.set_result((None, None, {}) if last else (p64(11 + n), p64(0), {}))
+            if last and partition == 0 and self.then is not None:
+                self.then()
         asyncio.get_running_loop().call_soon(stream)
         return future
 
@@ -391,3 +394,29 @@ def test_a_failed_partition_stops_the_other_and_is_retried_as_one_error():
         _step(log, fail=1)
     # partition 0 was stopped with it, before its end: no durable point
     assert not [entry for entry in log if entry[0] == "point" and entry[2]]
+
+
+def test_a_stop_reaches_both_partitions_at_once():
+    """The master is lost (``stop``) in the loop turn that brings a
+    partition's last answer: neither partition writes anything more, nor
+    goes on to another one (whose target ``stop`` forgot)."""
+    log: list = []
+    app = MultiApp(Partitions(log), state=CellStates.OUT_OF_DATE.value)
+
+    async def main():
+        rep = Replicator(app)
+
+        def stop():
+            log.append(("stop",))
+            rep.stop()
+        app.source = SlowSource(rep, log, 3, then=stop)
+        for partition in range(NP):
+            rep.targets[partition] = 100
+            rep.unfinished[partition] = set()
+        rep._task = asyncio.ensure_future(rep._step())
+        with pytest.raises(asyncio.CancelledError):
+            await rep._task
+        assert not rep._workers and rep._chunks == {}
+    asyncio.run(main())
+    after = log[log.index(("stop",)) + 1:]
+    assert after == [], after

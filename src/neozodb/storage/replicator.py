@@ -104,6 +104,7 @@ class Replicator:
         self.to_drop: set[int] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._workers: set[asyncio.Task] = set()  # _step's, one per partition at a time
         self._chunks: dict[asyncio.Future, _Chunk] = {}  # fetch in progress -> its records
         # statistics (logs, tests, benchmarks)
         self.bytes_received = 0
@@ -147,6 +148,11 @@ class Replicator:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        # at once, as the task's own awaits would be: a worker whose answer
+        # came would otherwise go on, past the state cleared below, until
+        # the task's cancellation reaches it through its TaskGroup
+        for worker in list(self._workers):
+            worker.cancel()
         self.targets.clear()
         self.unfinished.clear()
         self.notified.clear()
@@ -326,15 +332,18 @@ class Replicator:
             nonlocal progressed
             while ready:
                 partition = ready.pop()
-                if app.cell_state(partition) != _OUT_OF_DATE:
+                if partition not in self.targets or app.cell_state(partition) != _OUT_OF_DATE:
                     continue
                 if await self._replicate(partition):
                     progressed = True
                 self._maybe_done(partition)
+        workers = self._workers
         try:
             async with asyncio.TaskGroup() as group:
                 for _ in range(min(PARALLEL, len(ready))):
-                    group.create_task(replicate_some())
+                    worker = group.create_task(replicate_some())
+                    workers.add(worker)
+                    worker.add_done_callback(workers.discard)
         except BaseExceptionGroup as e:
             # the others were cancelled: retried as one failure
             raise e.exceptions[0] from None
