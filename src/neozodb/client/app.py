@@ -43,6 +43,10 @@ log = logging.getLogger("neozodb.client")
 # seconds a storage whose connection timed out is not tried again (it may
 # be cut off from this client only: the master still says it runs)
 UNREACHABLE_PAUSE = 10.0
+# seconds a conflict resolution waits for the transaction it conflicts with
+# to complete (catch_up): it is locked on a storage, so the master is
+# completing it, unless the master fails (a new one then finishes it)
+CATCH_UP_TIMEOUT = 30.0
 
 
 class ClientApp(Loads, Cells):
@@ -482,6 +486,21 @@ class ClientApp(Loads, Cells):
     def sync(self) -> None:
         """A barrier with the master: every earlier invalidation is processed."""
         self.get_master().call(Packets.Ping, timeout=60)
+
+    def catch_up(self, tid: bytes, timeout: float = CATCH_UP_TIMEOUT) -> bool:
+        """Barriers with the master until ``tid`` is known committed (its
+        invalidation processed), for at most ``timeout`` seconds; whether
+        it is.  A storage reports a conflict with the transaction that
+        holds the object's lock, which may be locked there and not yet
+        completed by the master: until it is, another replica may not have
+        that revision to load.  Each barrier reads what the master sent
+        before it: no wait beyond the master's own answers."""
+        deadline = time.monotonic() + timeout
+        while self.last_tid < tid:
+            if time.monotonic() > deadline:
+                return False
+            self.sync()
+        return True
 
     # -- pack (client/pack.py) -------------------------------------------------------------
     def watch_changes(self) -> Changes:

@@ -412,8 +412,10 @@ class Commit(TwoPhase, Begin):
             self.store(oid, ZERO_TID if conflict == MAX_TID else conflict, data, current[2],
                        blob=self.blobs.get(oid))
             return
-        if conflict > self.app.last_tid:
-            self.app.sync()  # the invalidation for it is late: process it first
+        # the transaction it conflicts with may be locked on that storage
+        # and not be complete yet: its revision is readable on every
+        # replica once it is (app.catch_up)
+        self.app.catch_up(conflict)
         try:
             if data is None:
                 raise ConflictError(oid=oid, serials=(conflict, serial))
