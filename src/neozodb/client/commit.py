@@ -342,10 +342,15 @@ class Commit(TwoPhase, Begin):
 
     # -- answers -------------------------------------------------------------------
     def _process(self, block: bool) -> None:
-        while self.pending and (block or not self.queue.empty()):
-            if block and self.queue.empty():
+        queue = self.queue
+        while self.pending and (block or not queue.empty()):
+            if queue.empty():
                 self._flush()  # stores (e.g. of a conflict resolution) may wait in buffers
-            token, result, error, conn = wait_any(self.queue, self.conns)
+                token, result, error, conn = wait_any(queue, self.conns)
+            else:
+                # answers already read (a vote drains a thousand of them):
+                # no reading turn to take
+                token, result, error, conn = queue.get()
             kind = token[0]
             if kind == RELOCK and result is None and error is None and len(token) == 3:
                 # a deadlock notice, not an answer: ask the storage to relock
