@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import reprlib
 import threading
 import time
 from typing import Any
@@ -223,13 +224,21 @@ class World:
         self.sessions.clear()
 
     def note(self, where: str, packet: Any, args: Any) -> None:
-        text = "%s %s%r" % (where, getattr(packet, "name", packet), args)
+        # bounded: the whole repr of a generated AskBulkVote of thousands of
+        # transactions took the test's thread for more than the keep-alive
+        text = "%s %s%s" % (where, getattr(packet, "name", packet), _TRAIL_REPR.repr(args))
         self.trail.append(text if len(text) < 300 else text[:297] + "...")
         del self.trail[:-200]
 
     def dead_nodes(self) -> list[str]:
         return [name for name, node in self.cluster.nodes.items() if not node.running]
 
+
+_TRAIL_REPR = reprlib.Repr()
+_TRAIL_REPR.maxlevel = 4
+_TRAIL_REPR.maxlist = _TRAIL_REPR.maxtuple = _TRAIL_REPR.maxdict = 8
+_TRAIL_REPR.maxstring = _TRAIL_REPR.maxother = 120
+_TRAIL_REPR.maxlong = 60
 
 NON_ADMIN_SAFE = tuple(p for p in PACKETS.values()
                        if p.name not in ("Truncate", "RecoverPartitionTable"))
