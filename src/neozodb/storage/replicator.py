@@ -106,10 +106,6 @@ class Replicator:
         self._task: asyncio.Task | None = None
         self._workers: set[asyncio.Task] = set()  # _step's, one per partition at a time
         self._chunks: dict[asyncio.Future, _Chunk] = {}  # fetch in progress -> its records
-        # statistics (logs, tests, benchmarks)
-        self.bytes_received = 0
-        self.objects_received = 0
-        self.messages_received = 0  # AddObject or AddObjects (batches)
         self._window_start = 0.0
         self._window_bytes = 0
 
@@ -232,11 +228,8 @@ class Replicator:
         if chunk is None:
             return
         size = len(record[4])
-        self.objects_received += 1
-        self.messages_received += 1
         chunk.received += 1
         chunk.messages += 1
-        self.bytes_received += size
         self._window_bytes += size
         if partition != chunk.partition:
             # not what was asked; written anyway, as it always was
@@ -254,11 +247,8 @@ class Replicator:
         if chunk is None:
             return
         size = sum(len(record[4]) for record in records)
-        self.objects_received += len(records)
-        self.messages_received += 1
         chunk.received += len(records)
         chunk.messages += 1
-        self.bytes_received += size
         self._window_bytes += size
         if partition != chunk.partition:
             self.app.backend.add_objects(partition, records)

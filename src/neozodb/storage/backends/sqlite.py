@@ -54,7 +54,6 @@ from .sqlite_schema import (
     _DATA_HASH_INDEX,
     _DROP,
     _HAS_DATA_HASH_INDEX,
-    _INSERT_DATA_ID,
     _SCHEMA,
     _SYNC_NORMAL,
     SCHEMA_VERSION,
@@ -160,11 +159,8 @@ class SQLiteBackend(SQLiteBlobs, SQLBackend):
             if len(checksum) != 20 or checksum == ZERO_HASH:
                 raise ValueError('invalid checksum for a data row')
         self._begin()
-        conn = self._conn
-        ids = self._new_data_ids(conn, len(items))
-        _insert_rows(conn, _INSERT_DATA_ID, [
-            (data_id, checksum, compression, data)
-            for data_id, (checksum, compression, data, _) in zip(ids, items, strict=True)])
+        ids = self._insert_data([(checksum, compression, data)
+                                 for checksum, compression, data, _ in items])
         self._data_added += len(ids)
         held = self._held
         for data_id in ids:

@@ -28,7 +28,6 @@ from .sqlite_schema import (
     _FETCH_TIDS,
     _FLOOR_STEP,
     _GET_REPLICATION,
-    _INSERT_DATA_ID,
     _MAX_OBJ_TID,
     _MAX_TRANS_TID,
     _OBJ_DATA_ID,
@@ -164,11 +163,7 @@ class SQLiteReplication:
                 values[key] = data_id
         new = [key for key, data_id in values.items() if data_id is None]
         if new:
-            rows = []
-            for data_id, key in zip(self._new_data_ids(conn, len(new)), new, strict=True):
-                values[key] = data_id
-                rows.append((data_id, *key))
-            self._insert_many(_INSERT_DATA_ID, rows)
+            values.update(zip(new, self._insert_data(new), strict=True))
         return [None if checksum == ZERO_HASH and not data else values[(checksum, compression, data)]
                 for _, _, compression, checksum, data, _ in records]
 

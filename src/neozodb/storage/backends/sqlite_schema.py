@@ -275,8 +275,8 @@ _U64 = struct.Struct('>Q')
 #: Rows per multi-row INSERT (at most 8 columns: under SQLite's oldest
 #: limit of 999 parameters).  One statement per 100 rows instead of one
 #: per row: inserting 100,000 replicated records takes 20-30% less time
-#: (bench/README.md, "Replication"; NEO's TODO "insert multiple objects at
-#: a time").
+#: (bench/README.md, "Replication"; from NEO's list of unfinished work:
+#: "insert multiple objects at a time").
 _ROWS_PER_INSERT = 100
 _MULTI_ROW: dict[str, str] = {}
 

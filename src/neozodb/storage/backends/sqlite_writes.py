@@ -5,7 +5,7 @@ floor that bounds the scan for unreferenced data rows."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from neozodb.protocol.blobs import BLOB_FLAG
 
@@ -30,6 +30,7 @@ from .sqlite_schema import (
     _GET_TOBJ_TTIDS,
     _GET_TTRANS,
     _INSERT_DATA,
+    _INSERT_DATA_ID,
     _INSERT_TOBJ,
     _INSERT_TPACK,
     _INSERT_TTRANS,
@@ -83,6 +84,14 @@ class SQLiteWrites:
         seq = conn.execute(_DATA_SEQ).fetchone()
         next_id = max(self._scalar(_MAX_DATA_ID, ()) or 0, seq[0] if seq else 0) + 1
         return range(next_id, next_id + count)
+
+    def _insert_data(self, values: list[tuple[bytes, int, bytes]]) -> Sequence[int]:
+        """New data rows, (checksum, compression, data) each, under ids
+        never used; their ids, in order.  Not held (callers decide)."""
+        ids = self._new_data_ids(self._conn, len(values))
+        self._insert_many(_INSERT_DATA_ID, [
+            (data_id, *value) for data_id, value in zip(ids, values, strict=True)])
+        return ids
 
     def _find_or_insert_data(self, checksum: bytes, compression: int, data: bytes
                              ) -> tuple[int, bool]:
