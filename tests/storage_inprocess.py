@@ -46,7 +46,7 @@ class FakeConn:
 
 
 def run(tmp_path, scenario, rows=None) -> None:
-    """``scenario(app)`` with a storage node (nid S1) on a new SQLite
+    """``scenario(app)`` (a function, or a coroutine function) with a storage node (nid S1) on a new SQLite
     database, operational under a master that is a FakeConn
     (``app.master_conn``).  ``rows(nid)``: its partition table's rows
     (default: PARTITIONS partitions, each with one UP_TO_DATE cell, ours)."""
@@ -62,7 +62,9 @@ def run(tmp_path, scenario, rows=None) -> None:
         app.master_conn = master
         app.packer.stale = False  # its pack orders are known: none
         try:
-            scenario(app)
+            result = scenario(app)
+            if asyncio.iscoroutine(result):  # a scenario that lets the loop run
+                await result
         finally:
             app.replicator.stop()
             app.packer.stop()

@@ -299,3 +299,96 @@ def test_drop_history_of_a_pack():
     cache.drop_history(T5)
     assert cache.load(OID, T3) is None and cache.load(OID) == (b"four", T4, None)
     assert len(cache) == 1
+
+
+# -- our own commits, many objects at once -----------------------------------
+
+
+def _state(cache):
+    return {oid: [(i.serial, i.next_serial, i.data, i.counter, i.level) for i in items]
+            for oid, items in cache._oids.items()}
+
+
+@st.composite
+def own_commits(draw):
+    """Operations on oids 0-7: commits of several of them by us (data, or
+    None for a deletion), by others (an invalidation), and loads."""
+    result = []
+    for _ in range(draw(st.integers(5, 60))):
+        kind = draw(st.integers(0, 9))
+        if kind < 4:
+            oids = draw(st.lists(st.integers(0, 7), min_size=1, max_size=6, unique=True))
+            result.append(("ours", {oid: draw(st.none() | st.binary(min_size=1, max_size=30))
+                                    for oid in oids}))
+        elif kind < 6:
+            result.append(("theirs", draw(st.integers(0, 7))))
+        else:
+            result.append(("load", draw(st.integers(0, 7))))
+    return result
+
+
+@settings(max_examples=200, deadline=None)
+@given(own_commits())
+def test_committed_is_invalidate_then_store(operations):
+    """Without eviction, ``committed`` leaves the cache exactly as an
+    invalidation then a store of each object would."""
+    batch, single = ClientCache(1 << 20), ClientCache(1 << 20)
+    tid = 0
+    for op in operations:
+        tid += 1
+        if op[0] == "ours":
+            batch.committed(p64(tid), {p64(oid): data for oid, data in op[1].items()})
+            for oid, data in op[1].items():
+                single.invalidate(p64(oid), p64(tid))
+                if data is not None:
+                    single.store(p64(oid), data, p64(tid), None)
+        elif op[0] == "theirs":
+            for cache in (batch, single):
+                cache.invalidate(p64(op[1]), p64(tid))
+        else:
+            assert batch.load(p64(op[1])) == single.load(p64(op[1]))
+        batch._check()
+        assert _state(batch) == _state(single)
+        assert (len(batch), batch.size) == (len(single), single.size)
+
+
+@settings(max_examples=200, deadline=None)
+@given(own_commits(), st.integers(0, 80), st.integers(0, 10))
+def test_committed_against_model(operations, max_size, max_history):
+    """With evictions: what the cache answers after our commits is what
+    was committed, and the cache stays within its size."""
+    cache = ClientCache(max_size, life_time=5, max_history=max_history)
+    db: dict[int, list[tuple[int, bytes | None]]] = {}
+    tid = 0
+    for op in operations:
+        tid += 1
+        if op[0] == "ours":
+            cache.committed(p64(tid), {p64(oid): data for oid, data in op[1].items()})
+            for oid, data in op[1].items():
+                db.setdefault(oid, []).append((tid, data))
+        elif op[0] == "theirs":
+            cache.invalidate(p64(op[1]), p64(tid))
+            db.setdefault(op[1], []).append((tid, None))
+        else:
+            got = cache.load(p64(op[1]))
+            revisions = db.get(op[1])
+            if got is not None:
+                assert revisions and got == (revisions[-1][1], p64(revisions[-1][0]), None)
+        cache._check()
+        assert cache.size <= max_size
+
+
+def test_committed_after_a_racing_load():
+    """A load that got our new revision before our finish was processed:
+    it stays, once."""
+    cache = ClientCache(1000)
+    cache.store(OID, b"one", T1, None)
+    cache.invalidate(OID, T2)
+    cache.store(OID, b"two", T2, None)
+    cache.committed(T2, {OID: b"two", OID2: b"new"})
+    cache._check()
+    assert [i.serial for i in cache._oids[OID]] == [T1, T2]
+    assert cache.load(OID) == (b"two", T2, None)
+    assert cache.load(OID, T2) == (b"one", T1, T2)
+    assert cache.load(OID2) == (b"new", T2, None)
+    assert len(cache) == 3 and cache.size == len(b"one" + b"two" + b"new")

@@ -471,11 +471,7 @@ class ClientApp(Loads, Cells):
         """Our own commit: in the thread reading the master connection, before any later
         invalidation, update the cache, run ZODB's callback, move last_tid."""
         with self.lock:
-            cache = self.cache
-            for oid, data in stored.items():
-                cache.invalidate(oid, tid)
-                if data is not None:
-                    cache.store(oid, data, tid, None)
+            self.cache.committed(tid, stored)
             for watcher in self._watchers:
                 watcher.oids.update(stored)
             if callback is not None:

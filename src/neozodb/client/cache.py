@@ -226,6 +226,43 @@ class ClientCache:
                     items.pop()
                     self._drop_empty(oid, items)
 
+    def committed(self, tid: bytes, stored: dict) -> None:
+        """Our own transaction ``tid`` committed ``stored`` (oid -> data,
+        None for a deletion): each oid's current revision ends at ``tid``
+        and the new one is cached as current.  The same as ``invalidate``
+        then ``store`` for each, evicting once at the end: a commit of
+        thousands of objects waits for this in ``tpc_finish``."""
+        oids = self._oids
+        half = self.max_size >> 1
+        access = self._access
+        added = 0
+        for oid, data in stored.items():
+            items = oids.get(oid)
+            if items:
+                last = items[-1]
+                if last.serial >= tid:
+                    # a revision at or past ours already (a load that raced
+                    # with our finish): the careful way
+                    self.invalidate(oid, tid)
+                    if data is not None:
+                        self.store(oid, data, tid, None)
+                    continue
+                if last.next_serial is None:
+                    last.next_serial = tid
+                if data is None or len(data) > half:
+                    continue
+            elif data is None or len(data) > half:
+                continue
+            else:
+                items = oids[oid] = []
+            item = _Item(oid, tid, None, data)
+            items.append(item)
+            self._count += 1
+            added += len(data)
+            access(item)
+        self.size += added
+        self._evict()
+
     def forget(self, oid: bytes) -> None:
         """Drop every revision of ``oid`` (it was garbage collected)."""
         for item in self._oids.pop(oid, ()):

@@ -73,7 +73,9 @@ class Commits:
     def involved_cells(self, ttid: bytes, oids, deleted, checked) -> dict[int, set[int]]:
         """partition -> the storages that must lock the transaction there."""
         pt = self.pt
-        parts = {pt.partition(ttid)} | {pt.partition(oid) for oid in oids}
+        np = pt.num_partitions
+        from_bytes = int.from_bytes
+        parts = {pt.partition(ttid)} | {from_bytes(oid, "big") % np for oid in oids}
         for offset in (*deleted, *checked):
             # from the client: an offset outside the table raised IndexError
             if not 0 <= offset < pt.num_partitions:
@@ -110,8 +112,8 @@ class Commits:
         txn.finish_request = (conn, msg_id)
         if pack is not None:
             txn.pack = (pack[0], u64(pack[1]))
-        for oid in oids:
-            self.tm.saw_oid(u64(oid))
+        if oids:
+            self.tm.saw_oid(u64(max(oids)))  # 8-byte big-endian: the greatest number
 
         def locked(sconn, result, error):
             if error is None:

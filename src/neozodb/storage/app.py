@@ -82,7 +82,7 @@ class StorageApp:
         # (oid, checksum, compression) -> data ids taken for a burst's stores
         self.prestored: dict[tuple[int, bytes, int], list[int]] = {}
         self._delayed_prune_at = 1024
-        self._pending_timer: asyncio.TimerHandle | None = None
+        self._pending_timer: asyncio.Handle | None = None
         self._exit = asyncio.Event()
         self.exit_status = 0
         self.last_request = 0.0  # time.monotonic() of the last request from a peer
@@ -512,11 +512,17 @@ class StorageApp:
             self.pending_written()
         self.replay()
 
-    def pending_written(self) -> None:
+    def pending_written(self, soon: bool = False) -> None:
         """The backend may hold non-durable writes (unlocks, aborts): make
         sure they reach the disk within a second even if nothing durable
-        follows."""
-        if self._pending_timer is None:
+        follows.  ``soon``: many of them (the unlock of a big transaction),
+        written as soon as the requests already received are handled, so
+        that the next lock, which a client waits for, does not write them."""
+        if soon:
+            if self._pending_timer is not None:
+                self._pending_timer.cancel()
+            self._pending_timer = asyncio.get_event_loop().call_soon(self._commit_pending)
+        elif self._pending_timer is None:
             self._pending_timer = asyncio.get_event_loop().call_later(1.0, self._commit_pending)
 
     def _commit_pending(self) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from neozodb.net.bootstrap import FollowsPrimary
@@ -212,7 +213,7 @@ class MasterHandler(FollowsPrimary, BaseHandler):
             else:
                 for sub in txn.subs:
                     app.backend.unlock_transaction(sub, sub)
-            app.pending_written()
+            app.pending_written(soon=len(txn.objects) >= EARLY_WRITE_OBJECTS)
         app.replay()
 
     def AbortTransaction(self, conn, msg_id, ttid, nids):
@@ -303,6 +304,11 @@ class IdentificationHandler(BaseHandler):
         conn.answer(msg_id, Packets.AcceptIdentification, NodeTypes.STORAGE, app.nid, nid)
 
 
+# an unlock of at least this many objects is committed at once (and synced):
+# the next lock's commit, which a client waits for, would write it
+# otherwise (bench/README.md, "Unlocks written at once")
+EARLY_WRITE_OBJECTS = 64
+
 # reads whose every 8-byte argument is an OID or a TID (storage/writes.py
 # checks the writes field by field)
 _READS_OF_IDS = frozenset(p.code for p in (
@@ -316,10 +322,21 @@ class ClientHandler(Writes, BulkWrites, Blobs, BaseHandler):
     batched = Packets.AskStoreObject
 
     def dispatch(self, conn, msg_id, packet, args) -> None:
-        self.app.activity += 1  # pack yields to clients (storage/pack.py)
-        if packet.code in _READS_OF_IDS:
+        # BaseHandler's and Handler's dispatch in one frame: every store
+        # and load of every client comes through here
+        app = self.app
+        app.activity += 1  # pack yields to clients (storage/pack.py)
+        app.last_request = monotonic()  # background work yields to requests
+        code = packet.code
+        if code in _READS_OF_IDS:
             check_request_ids(packet.name, args)
-        super().dispatch(conn, msg_id, packet, args)
+        name = self._table.get(code)
+        if name is None:
+            raise ProtocolError(f"unexpected packet {packet.name}")
+        try:
+            getattr(self, name)(conn, msg_id, *args)
+        except Unsupported as e:
+            raise HandlerError(str(e), ErrorCodes.BACKEND_NOT_IMPLEMENTED) from None
 
     def connection_lost(self, conn) -> None:
         app = self.app

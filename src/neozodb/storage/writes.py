@@ -150,10 +150,13 @@ class Writes:
     def AskStoreObject(self, conn, msg_id, oid, serial, compression, checksum, data, data_serial, ttid):
         app = self.app
         self._writable(Packets.AskStoreObject)
-        # everything checked before any lock is taken
-        check_id(oid, "oid")
-        check_id(serial, "serial")
-        check_id(ttid, "ttid")
+        # everything checked before any lock is taken (the decoder made
+        # oid and serial 8 bytes, ttid 8 bytes or None): only the top bit
+        # is looked at, check_id says what is wrong
+        if ttid is None or (oid[0] | serial[0] | ttid[0]) & 0x80:
+            check_id(oid, "oid")
+            check_id(serial, "serial")
+            check_id(ttid, "ttid")
         if data_serial is not None:
             check_id(data_serial, "data serial")
         blob = compression & BLOB_FLAG
