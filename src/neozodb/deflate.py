@@ -52,7 +52,10 @@ def compress_record(data: bytes, level: int | None) -> tuple[int, bytes, bytes]:
     """(compression id, stored bytes, checksum) of a record: compressed
     (``level`` None: never) when that makes it smaller."""
     if level is not None and len(data) >= _MIN_SIZE:
-        packed = deflate(data, level)
+        if level == DEFAULT_LEVEL and isal_zlib is not None:  # deflate(), a call less
+            packed = isal_zlib.compress(data, isal_zlib.ISAL_DEFAULT_COMPRESSION)
+        else:
+            packed = zlib.compress(data, level)
         if len(packed) < len(data):
             return ZLIB, packed, hashlib.sha1(packed).digest()
     return NONE, data, hashlib.sha1(data).digest()

@@ -23,6 +23,7 @@ from neozodb.client.compress import WrongChecksum
 from neozodb.client.errors import NEOStorageError
 from neozodb.client.handlers import Changes, MasterHandler, StorageHandler
 from neozodb.client.loads import Loads
+from neozodb.client.oids import OidPool
 from neozodb.net.bootstrap import CONNECT_TIMEOUT, next_masters, reorder
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.net.threaded import ThreadedConnection, wait_any
@@ -91,7 +92,7 @@ class ClientApp(Loads, Cells):
         self._changed = threading.Condition()
         self.invalidation_listener = None  # ZODB's storage wrapper, set by registerDB
         self.transactions: dict[bytes, object] = {}  # ttid -> commit context (deadlock notices)
-        self._oids: tuple = (None, [])  # (master connection, OIDs it gave)
+        self._oids = OidPool()  # new OIDs from the master (client/oids.py)
         self._cells: dict[int, list[int]] = {}
         self._readable: dict[int, list[int]] = {}  # as _cells, readable ones
         self._spread: bool | None = None  # see spread()
@@ -537,17 +538,7 @@ class ClientApp(Loads, Cells):
     # -- misc ----------------------------------------------------------------------------------
     def new_oid(self) -> bytes:
         with self._oid_lock:
-            # The pool belongs to the master that gave it: a new primary may
-            # not know those OIDs were given out, and could give them again.
-            # A transaction that began with the new master finds the pool
-            # stale here; one that began with the old one cannot finish.
-            master, oids = self._oids
-            if master is not self.master or not oids:
-                master = self.get_master()
-                (oids,) = master.call(Packets.AskNewOIDs, 100, timeout=60)
-                oids = list(reversed(oids))
-                self._oids = master, oids
-            return oids.pop()
+            return self._oids.take(self.master, self.get_master)
 
     def deadlock(self, conn, ttid: bytes, oid: bytes) -> None:
         ctx = self.transactions.get(ttid)

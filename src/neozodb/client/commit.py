@@ -157,16 +157,26 @@ class Commit(TwoPhase, Begin):
         self._send_store(args, token)
 
     def _send_store(self, args: tuple, token: tuple, buffer: bool = False) -> None:
-        nids = self._cells(args[0])
-        self._sent_to(nids)
+        nids = self.app.writable_cells(args[0])
+        if not nids:
+            raise ConflictError(f"no storage for {args[0].hex()}", oid=args[0])
+        if nids is not self.uniform:
+            self._sent_to(nids)
         args += (self.ttid,)
         # The first store leaves at once (its answer comes back while the
         # application goes on), unless the vote may follow it in the same
         # write (early vote: one write, one answer, instead of two); the
         # following ones are batched until vote.
         buffer = buffer or self.pending > 0 or self._alone_on(nids)
+        conn_of = self.conn_of
         for nid in nids:
-            self._send(nid, Packets.AskStoreObject, args, token, buffer=buffer)
+            conn = conn_of.get(nid)
+            if buffer and conn is not None and not conn.closed:
+                # the common case of _send, a call less per store
+                self.pending += 1
+                conn.ask_buffered(Packets.AskStoreObject, args, self.queue, token)
+            else:
+                self._send(nid, Packets.AskStoreObject, args, token, buffer=buffer)
 
     def _sent_to(self, nids: list[int]) -> None:
         if self.uniform is None and not self.mixed:

@@ -346,12 +346,16 @@ class Storage(BlobStorageMethods, ConflictResolvingStorage):
             self.app.transactions[commit.ttid] = commit
 
     def store(self, oid: bytes, serial: bytes | None, data: bytes, version: str, txn) -> None:
-        self._check_writable()
+        if self._read_only:
+            raise POSException.ReadOnlyError()
         if version:
             raise POSException.Unsupported("versions are not supported")
-        commit = self._commit(txn)
+        commit = self._commits.get(txn)
+        if commit is None:
+            raise POSException.StorageTransactionError(self, txn)
         commit.store(oid, serial, data)
-        commit._process(block=False)
+        if (commit.pending and not commit.queue.empty()) or commit.conflict_error is not None:
+            commit._process(block=False)  # answers to take now, or an error to raise
 
     def restore(self, oid: bytes, serial: bytes, data: bytes | None, version: str,
                 prev_txn: bytes | None, transaction) -> None:

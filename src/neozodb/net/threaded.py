@@ -172,6 +172,19 @@ class ThreadedConnection:
             self._send(data)
         return queue
 
+    def ask_buffered(self, packet: Any, args: tuple, queue: SimpleQueue, token: Any) -> None:
+        """``ask(packet, *args, queue=queue, token=token, buffer=True)``
+        with fewer steps: a big commit sends thousands of stores."""
+        with self.lock:
+            if self.closed:
+                queue.put((token, None, ConnectionClosed(self.close_reason), self))
+                return
+            data = self.endpoint.request(packet, args, (queue, token, None))
+            self._out.append(data)
+            self._out_size += len(data)
+            if self._out_size >= BUFFER_SIZE:
+                self._send(b"")
+
     def _send(self, data: bytes) -> None:
         # called with self.lock held; buffered requests go first, in order
         if self._out:
