@@ -1,7 +1,8 @@
 """The unlock of a big transaction is committed at the next turn of the
 event loop, not within the second as other pending writes: the next lock,
 which a client waits for, would write its rows otherwise
-(storage/handlers.py, EARLY_WRITE_OBJECTS).  Driven in-process
+(storage/app.py, EARLY_WRITE_OBJECTS); so is a big vote answered without a
+commit.  Driven in-process
 (tests/storage_inprocess.py); what is committed is read through a
 connection of its own to the SQLite database."""
 from __future__ import annotations
@@ -13,7 +14,9 @@ import sqlite3
 import pytest
 
 from neozodb.protocol import NodeTypes, Packets, make_nid, p64
-from neozodb.storage.handlers import EARLY_WRITE_OBJECTS, ClientHandler, MasterHandler
+from neozodb.protocol.features import SOLO_VOTE
+from neozodb.storage.app import EARLY_WRITE_OBJECTS
+from neozodb.storage.handlers import ClientHandler, MasterHandler
 from storage_inprocess import FakeConn, run
 
 pytestmark = pytest.mark.timeout(60)
@@ -57,4 +60,36 @@ def test_a_big_unlock_is_committed_at_the_next_turn(tmp_path, count, early):
         assert committed_objects(tmp_path) == (count if early else 0)
         app.backend.commit_pending()  # what the timer does within the second
         assert committed_objects(tmp_path) == count
+    run(tmp_path, scenario)
+
+
+def committed_votes(tmp_path) -> int:
+    with sqlite3.connect(tmp_path / "storage.sqlite") as reader:
+        return reader.execute("SELECT COUNT(*) FROM tobj").fetchone()[0]
+
+
+@pytest.mark.parametrize("count, early", [(EARLY_WRITE_OBJECTS, True),
+                                          (EARLY_WRITE_OBJECTS - 1, False)])
+def test_a_big_solo_vote_is_written_at_the_next_turn(tmp_path, count, early):
+    """A solo vote is answered without a commit (its storage's lock makes it
+    durable): a big one is committed at the next turn, before the lock."""
+    async def scenario(app):
+        handler = ClientHandler(app)
+        conn = FakeConn(CLIENT, handler)
+        conn.peer_features = frozenset((SOLO_VOTE,))
+        oids = [p64(n) for n in range(1, count + 1)]
+        for n, oid in enumerate(oids):
+            data = b"object %d" % n
+            handler.AskStoreObject(conn, n, oid, NOTHING, 0, hashlib.sha1(data).digest(), data,
+                                   None, TTID)
+        handler.AskSoloVote(conn, count, TTID, b"", b"", b"", oids, None)
+        assert conn.sent[-1] == (Packets.AnswerSoloVote, ())
+        assert committed_votes(tmp_path) == 0  # answered, not committed
+        await asyncio.sleep(0)
+        assert committed_votes(tmp_path) == (count if early else 0)
+        master = FakeConn()
+        MasterHandler(app).AskLockInformation(master, 1, TTID, TID, False)
+        app.group_sync.flush()
+        assert master.sent == [(Packets.AnswerInformationLocked, (TTID,))]
+        assert committed_votes(tmp_path) == count  # the lock commits what is left
     run(tmp_path, scenario)

@@ -37,6 +37,11 @@ from neozodb.storage.replicator import Replicator
 from neozodb.storage.transactions import LockManager
 
 log = logging.getLogger("neozodb.storage")
+
+# pending writes of a transaction of at least this many objects are
+# committed (and synced) at the next turn of the event loop, not within the
+# second (bench/README.md, "The end of a big commit")
+EARLY_WRITE_OBJECTS = 64
 _READABLE = (CellStates.UP_TO_DATE.value, CellStates.FEEDING.value)
 # seconds a stopping storage waits for its peers to close the connections
 # it closed, handling what they still send (StorageApp.run)
@@ -512,13 +517,14 @@ class StorageApp:
             self.pending_written()
         self.replay()
 
-    def pending_written(self, soon: bool = False) -> None:
+    def pending_written(self, objects: int = 0) -> None:
         """The backend may hold non-durable writes (unlocks, aborts): make
         sure they reach the disk within a second even if nothing durable
-        follows.  ``soon``: many of them (the unlock of a big transaction),
-        written as soon as the requests already received are handled, so
-        that the next lock, which a client waits for, does not write them."""
-        if soon:
+        follows.  Those of ``objects`` >= EARLY_WRITE_OBJECTS (the unvoted
+        rows or the unlock of a big transaction) are written as soon as
+        the requests already received are handled: the next lock, which a
+        client waits for, would write them otherwise."""
+        if objects >= EARLY_WRITE_OBJECTS:
             if self._pending_timer is not None:
                 self._pending_timer.cancel()
             self._pending_timer = asyncio.get_event_loop().call_soon(self._commit_pending)

@@ -213,7 +213,7 @@ class MasterHandler(FollowsPrimary, BaseHandler):
             else:
                 for sub in txn.subs:
                     app.backend.unlock_transaction(sub, sub)
-            app.pending_written(soon=len(txn.objects) >= EARLY_WRITE_OBJECTS)
+            app.pending_written(len(txn.objects))
         app.replay()
 
     def AbortTransaction(self, conn, msg_id, ttid, nids):
@@ -303,11 +303,6 @@ class IdentificationHandler(BaseHandler):
         greet(conn, extra, FEATURES if app.backend.blobs else FEATURES - {BLOB})
         conn.answer(msg_id, Packets.AcceptIdentification, NodeTypes.STORAGE, app.nid, nid)
 
-
-# an unlock of at least this many objects is committed at once (and synced):
-# the next lock's commit, which a client waits for, would write it
-# otherwise (bench/README.md, "Unlocks written at once")
-EARLY_WRITE_OBJECTS = 64
 
 # reads whose every 8-byte argument is an OID or a TID (storage/writes.py
 # checks the writes field by field)

@@ -442,11 +442,11 @@ class Writes:
     def _unsynced_vote(self, conn, msg_id, packet, answer, unsynced: bool, ttid, user,
                        description, ext, oids, pack) -> None:
         # unsynced: not even committed (the lock commits it with its own
-        # rows, each page written once)
+        # rows, each page written once; a big one is written meanwhile)
         self._store_transaction(conn, packet, ttid, user, description, ext, oids, pack,
                                 durable=not unsynced)
         if unsynced:
-            self.app.pending_written()
+            self.app.pending_written(len(oids))
             conn.answer(msg_id, answer)
         else:
             self.app.group_sync.answer_on(conn, msg_id, answer)
