@@ -103,6 +103,7 @@ class ClientCache:
             OrderedDict() for _ in range(_MAX_LEVEL + 1)
         ]
         self._clock = 0
+        self._top = 1  # no queue above this level holds anything
         self._count = 0  # items holding data
         self.size = 0  # bytes of data held
         self.hits = 0
@@ -308,7 +309,11 @@ class ClientCache:
         queues = self._queues
         # Demote expired heads one level; one check per queue per access
         # keeps this O(levels) while every queue still drains over time.
-        for level in range(2, _MAX_LEVEL + 1):
+        # The queues above _top are empty: not looked at.
+        top = self._top
+        while top > 1 and not queues[top]:
+            top -= 1
+        for level in range(2, top + 1):
             queue = queues[level]
             if queue:
                 head = next(iter(queue))
@@ -328,6 +333,7 @@ class ClientCache:
                 del queues[item.level][item]
             item.level = level
             queues[level][item] = None
+        self._top = level if level > top else top
         item.expire = clock + self.life_time
 
     def _evict(self) -> None:
@@ -376,3 +382,4 @@ class ClientCache:
         assert count == self._count and size == self.size, (count, size)
         assert size <= self.max_size
         assert len(self._queues[0]) <= self.max_history
+        assert not any(self._queues[self._top + 1:]), self._top
