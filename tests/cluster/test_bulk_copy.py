@@ -90,6 +90,35 @@ def test_bulk_copy_equals_the_source(tmp_path, source_path, layout):
         cluster.kill()
 
 
+def test_batches_the_storages_refuse_are_copied_one_by_one(tmp_path, source_path, monkeypatch):
+    """A batch the client sent because its table showed the partitions on
+    the same storages, UP_TO_DATE, while the storages' tables no longer do
+    (a storage lost meanwhile): each storage refuses it (NOT_READY), and its
+    transactions are copied one by one, with the TIDs the master had given
+    the batch.  Made certain here with 2 storages and no replicas, the
+    client believing every partition is on both: every batch is refused.
+    Until session 24 the first of them was refused by the master (the
+    batch's TIDs stayed taken), and its last by the storages (they
+    remembered the batch's TTID, the last transaction's TID, as aborted)."""
+    from neozodb.pt import PartitionTable
+    cluster = LocalCluster(str(tmp_path / "cluster"), name="test", storages=2, replicas=0,
+                           partitions=6).start_or_kill()
+    source = _source(source_path)
+    storage = Storage(**cluster.client_kwargs())
+    monkeypatch.setattr(PartitionTable, "same_cells", lambda self, offsets: sorted(self.nids()))
+    try:
+        seen = []
+        result = copy(source, storage, done=lambda tid, records: seen.append(tid), batch=17)
+        expected = transactions(source.iterator())
+        assert seen == [t[0] for t in expected]
+        assert result.transactions == len(expected) and result.batches == 0
+        assert transactions(storage.iterator()) == expected
+    finally:
+        storage.close()
+        source.close()
+        cluster.kill()
+
+
 def test_copy_goes_on_without_a_lost_storage_and_with_it_back(cluster, source_path,
                                                                monkeypatch, caplog):
     """2 storages, replicas 1: S2 is killed while it votes a batch (stopped

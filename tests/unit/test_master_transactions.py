@@ -697,10 +697,15 @@ def test_random_interleavings_commit_in_tid_order(num_partitions, data):
     def ready(ttid):
         return state[ttid] == "prepared" and involved[ttid] <= locked[ttid] | excused[ttid]
 
+    before = {}  # ttid -> the greatest TTID/TID handed out before its begin
+
     def drop(ttid):
+        nonlocal allocated
         state[ttid] = "aborted"
         if ttid in queue:
             queue.remove(ttid)
+        if ttid in imposed and allocated == ttid:
+            allocated = before[ttid]  # nothing since: its TID may be imposed again
 
     def check_committable():
         expected = []
@@ -737,6 +742,7 @@ def test_random_interleavings_commit_in_tid_order(num_partitions, data):
             else:
                 txn = tm.begin(c, now)
             assert txn.ttid > allocated
+            before[txn.ttid] = allocated
             allocated = txn.ttid
             begun.append(txn.ttid)
             client[txn.ttid] = c
@@ -791,8 +797,9 @@ def test_random_interleavings_commit_in_tid_order(num_partitions, data):
         elif kind == "client_lost":
             c = data.draw(st.sampled_from(CLIENTS))
             expected = {t for t in running() if client[t] == c}
-            assert {t.ttid for t in tm.client_lost(c)} == expected
-            for ttid in expected:
+            lost = [t.ttid for t in tm.client_lost(c)]
+            assert set(lost) == expected
+            for ttid in lost:  # in the order they were aborted
                 drop(ttid)
         else:
             check_committable()
@@ -855,3 +862,26 @@ def test_a_partition_nobody_locked_loses_the_transaction():
     tm.refused(txn.ttid, 1)
     assert tm.committable() == [txn] and txn.lost
     assert tm.last_tid == 0  # not committed
+
+
+def test_an_aborted_imposed_batch_gives_its_tids_back_to_imposed_begins():
+    """A bulk copy's batch the storages refused is aborted, and its
+    transactions copied one by one with the same TIDs: those TIDs may be
+    imposed again if nothing was handed out since.  TTIDs from the clock
+    stay above the aborted one (storages remember it as aborted)."""
+    tm = TransactionManager(12)
+    last = tid_from_time(T0)
+    tm.reset(last_tid=last, last_oid=0)
+    batch = tm.begin(1, T0, tid=last + 20, first=last + 1)
+    tm.abort(batch.ttid)
+    first = tm.begin(1, T0, tid=last + 1)  # the batch's first transaction, alone
+    assert first.ttid == last + 1
+    clock = tm.begin(2, T0)
+    assert clock.ttid > batch.ttid  # never the aborted TTID again
+    # something handed out after the aborted one: no going back
+    tm.abort(first.ttid)
+    other = tm.begin(1, T0, tid=clock.ttid + 5)
+    tm.begin(2, T0)
+    tm.abort(other.ttid)
+    with pytest.raises(TransactionError):
+        tm.begin(1, T0, tid=other.ttid)

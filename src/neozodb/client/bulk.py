@@ -114,8 +114,8 @@ class BulkCopier:
         app = self.app
         # the table as the master has it now: storages learn its changes
         # from it, so one the master made but we did not read yet would
-        # have them refuse the batch after the master took its TIDs
-        # (aborted, they are not given back: the copy could not go on)
+        # have them refuse the batch (its transactions are then copied one
+        # by one: docs/design.md, "Bulk copy"; rare is better)
         app.sync()
         pt = app.pt
         partitions = set()
@@ -149,12 +149,15 @@ class BulkCopier:
         _, _, error, _ = sent.master.wait(sent.begin)
         errors = [error] if error is not None else []
         failed = []  # storages lost: each of the others holds all of the batch
+        refused = set()  # storages that hold nothing of it (NOT_READY)
         for _ in sent.conns:
             nid, _, error, _ = wait_any(sent.votes, sent.conns)
             if isinstance(error, ConnectionClosed):
                 failed.append(nid)
             elif error is not None:
                 errors.append(error)
+                if isinstance(error, RemoteError) and error.code == ErrorCodes.NOT_READY:
+                    refused.add(nid)
         if not errors and sent.master is not self.app.master:
             errors.append(ConnectionClosed("master lost during the vote"))
         if not errors and failed:
@@ -170,7 +173,10 @@ class BulkCopier:
                 log.warning("%s: bulk copy %s goes on without %s", self.app.label, ttid.hex(),
                             " ".join(map(nid_str, sorted(failed))))
         if errors:
-            self.abort(sent)
+            # not to those that refused it: they would remember its TTID,
+            # the TID of its last transaction, as aborted, and refuse that
+            # transaction when it is copied by itself
+            self.abort(sent, skip=refused)
             if all(isinstance(e, RemoteError) and e.code == ErrorCodes.NOT_READY
                    for e in errors):
                 log.info("%s: bulk copy %s refused (%s): copied one transaction at a time",
@@ -200,11 +206,13 @@ class BulkCopier:
             app.committed(tid, dict.fromkeys(oids), None)
             self.storage._remember_restored(oids, tid)
 
-    def abort(self, sent: Sent) -> None:
+    def abort(self, sent: Sent, skip: set | frozenset = frozenset()) -> None:
+        """Drop the batch on the master and on its storages but ``skip``."""
         ttid = sent.batch.ttid
-        for conn in sent.conns:
+        conns = [conn for conn in sent.conns if conn.nid not in skip]
+        for conn in conns:
             if not conn.closed:
                 conn.notify(Packets.AbortTransaction, ttid, [])
         master = sent.master
         if not master.closed:
-            master.notify(Packets.AbortTransaction, ttid, [conn.nid for conn in sent.conns])
+            master.notify(Packets.AbortTransaction, ttid, [conn.nid for conn in conns])

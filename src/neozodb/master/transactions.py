@@ -56,6 +56,8 @@ class Txn:
     # (tid, oids) of each of its transactions, for the invalidations
     first: int | None = None
     subs: list | None = None
+    # what an imposed TID had to be above before this one began
+    floor_before: int = 0
 
     @property
     def prepared(self) -> bool:
@@ -89,6 +91,9 @@ class TransactionManager:
         self.last_tid = 0
         self.last_oid = 0
         self._last_allocated = 0  # greatest TTID or TID handed out
+        # what an imposed TID must be above: the same, except after the
+        # abort of the last imposed transaction begun (see abort)
+        self._imposed_floor = 0
         self.txns: dict[int, Txn] = {}
         self._queue: list[Txn] = []  # prepared transactions, in TID order
 
@@ -98,6 +103,7 @@ class TransactionManager:
         self.last_tid = last_tid
         self.last_oid = last_oid
         self._last_allocated = max(self._last_allocated, last_tid)
+        self._imposed_floor = max(self._imposed_floor, last_tid)
 
     # -- allocation -------------------------------------------------------------
     def new_oids(self, count: int) -> list[int]:
@@ -129,19 +135,21 @@ class TransactionManager:
             if first is not None and not 0 < first <= tid:
                 raise TransactionError("bulk copy from TID %016x to %016x: not in order" % (
                     first, tid))
-            if lowest <= self._last_allocated:
+            if lowest <= self._imposed_floor:
                 raise TransactionError(
                     "imposed TID %016x (%s) is not greater than the last TID of the cluster,"
                     " committed or being committed: %016x (%s)" % (
-                        lowest, format_tid_time(lowest), self._last_allocated,
-                        format_tid_time(self._last_allocated)))
+                        lowest, format_tid_time(lowest), self._imposed_floor,
+                        format_tid_time(self._imposed_floor)))
             ttid = tid
         else:
             ttid = next_tid(now, self._last_allocated)
             if partition is not None:
                 ttid += (partition - ttid) % self.num_partitions
-        self._last_allocated = ttid
-        txn = self.txns[ttid] = Txn(ttid, client, imposed=tid is not None, first=first)
+        txn = self.txns[ttid] = Txn(ttid, client, imposed=tid is not None, first=first,
+                                    floor_before=self._imposed_floor)
+        self._last_allocated = max(self._last_allocated, ttid)
+        self._imposed_floor = ttid
         if tid is not None:
             # its TID is known now: later commits must queue behind it
             txn.tid = tid
@@ -160,7 +168,7 @@ class TransactionManager:
         txn.involved = set(involved)
         if not txn.imposed:
             txn.tid = final_tid(now, self._last_allocated, ttid, self.num_partitions)
-            self._last_allocated = txn.tid
+            self._last_allocated = self._imposed_floor = txn.tid
             self._queue.append(txn)
         return txn
 
@@ -239,6 +247,13 @@ class TransactionManager:
         del self.txns[ttid]
         if txn.imposed:
             self._queue.remove(txn)
+            if self._imposed_floor == ttid:
+                # nothing handed out since: its TIDs may be imposed again,
+                # as a copy does with the transactions of a bulk batch the
+                # storages refused (client/copying.py).  TTIDs from the
+                # clock stay above it (_last_allocated): storages remember
+                # an aborted TTID, and would refuse a transaction given it.
+                self._imposed_floor = txn.floor_before
         return txn
 
     def client_lost(self, client: int) -> list[Txn]:
