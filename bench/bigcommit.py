@@ -17,8 +17,6 @@ Usage: .venv/bin/python bench/bigcommit.py [--objects N] [--rounds R]
 from __future__ import annotations
 
 import argparse
-import os
-import resource
 import statistics
 import sys
 import time
@@ -34,21 +32,12 @@ from common import (
     start_backends,
     temporary_directory,
 )
+from cpu import TICK, cpu_of
 from persistent.mapping import PersistentMapping
 
-TICK = os.sysconf("SC_CLK_TCK")
 CALLS = ("tpc_begin", "store", "tpc_vote", "tpc_finish")
 BACKENDS = {"neo1": lambda: NeoBackend(1, 0), "neo2": lambda: NeoBackend(2, 0),
             "neo2r1": lambda: NeoBackend(2, 1), "zeo": ZEOBackend}
-
-
-def server_cpu(pids: dict[str, int]) -> dict[str, float]:
-    out = {}
-    for name, pid in pids.items():
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        out[name] = (int(fields[11]) + int(fields[12])) / TICK
-    return out
 
 
 class Timed:
@@ -102,13 +91,13 @@ def measure(backend, objects: int, rounds: int) -> dict[str, dict[str, list[floa
                         obj["data"] = payload()
                 for name in CALLS:
                     timed.spent[name] = 0.0
-                before, usage = server_cpu(pids), resource.getrusage(resource.RUSAGE_SELF)
+                before = cpu_of(pids)
                 timed.on = True
                 t0 = time.perf_counter()
                 tm.commit()
                 wall = time.perf_counter() - t0
                 timed.on = False
-                after, usage2 = server_cpu(pids), resource.getrusage(resource.RUSAGE_SELF)
+                after = cpu_of(pids)
                 if r == 0:
                     continue  # warm-up
                 row = results[what]
@@ -116,9 +105,7 @@ def measure(backend, objects: int, rounds: int) -> dict[str, dict[str, list[floa
                 for name in CALLS:
                     row.setdefault(name, []).append(timed.spent[name])
                 row.setdefault("ZODB", []).append(wall - sum(timed.spent.values()))
-                row.setdefault("client CPU", []).append(
-                    usage2.ru_utime + usage2.ru_stime - usage.ru_utime - usage.ru_stime)
-                for name in pids:
+                for name in ("client", *pids):
                     row.setdefault(name, []).append(after[name] - before[name])
     finally:
         db.close()
@@ -145,9 +132,9 @@ def main() -> int:
             for what, row in measure(backend, opts.objects, opts.rounds).items():
                 cells = {k: statistics.median(v) * 1e3 for k, v in row.items()}
                 servers = " ".join("%s %.1f" % (k, v) for k, v in cells.items()
-                                   if k not in ("wall", "ZODB", "client CPU", *CALLS))
+                                   if k not in ("wall", "ZODB", "client", *CALLS))
                 rows.append(["%s %d" % (what, opts.objects), backend.label]
-                            + ["%.1f" % cells[k] for k in ("wall", *CALLS, "ZODB", "client CPU")]
+                            + ["%.1f" % cells[k] for k in ("wall", *CALLS, "ZODB", "client")]
                             + [servers or "-"])
     print("ms per commit, medians of %d rounds (ticks of %.0f ms for the servers' CPU)"
           % (opts.rounds, 1000 / TICK))
