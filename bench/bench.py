@@ -40,7 +40,6 @@ import time
 
 import transaction
 import ZODB
-from BTrees.OOBTree import OOBTree
 from common import (  # noqa: F401  (format_table, percentile: replication.py imports them here)
     INTERRUPTED,
     MB,
@@ -53,6 +52,7 @@ from common import (  # noqa: F401  (format_table, percentile: replication.py im
     ZEOBackend,
     format_table,
     interruptible,
+    new_objects,
     payload,
     percentile,
     relstorage_backends,
@@ -62,7 +62,6 @@ from common import (  # noqa: F401  (format_table, percentile: replication.py im
     temporary_directory,
     write_json,
 )
-from persistent.mapping import PersistentMapping
 
 SMALL_COMMITS = 100  # one-object commits per round
 
@@ -85,11 +84,7 @@ def run_round(backend: Backend, objects: int, name: str) -> dict:
     try:
         conn = db.open(tm)
         root = conn.root()
-        container = root[name] = OOBTree()
-        tm.commit()
-        objs = [PersistentMapping({"data": payload()}) for _ in range(objects)]
-        for i, obj in enumerate(objs):
-            container[i] = obj
+        objs = new_objects(root, tm, name, objects)
 
         t0 = time.perf_counter()
         tm.commit()

@@ -23,17 +23,16 @@ import time
 
 import transaction
 import ZODB
-from BTrees.OOBTree import OOBTree
 from common import (
     NeoBackend,
     ZEOBackend,
     format_table,
+    new_objects,
     payload,
     start_backends,
     temporary_directory,
 )
 from cpu import TICK, cpu_of
-from persistent.mapping import PersistentMapping
 
 CALLS = ("tpc_begin", "store", "tpc_vote", "tpc_finish")
 BACKENDS = {"neo1": lambda: NeoBackend(1, 0), "neo2": lambda: NeoBackend(2, 0),
@@ -80,11 +79,7 @@ def measure(backend, objects: int, rounds: int) -> dict[str, dict[str, list[floa
         tm = transaction.TransactionManager()
         root = db.open(tm).root()
         for r in range(rounds + 1):
-            container = root["big%d" % r] = OOBTree()
-            tm.commit()
-            objs = [PersistentMapping({"data": payload()}) for _ in range(objects)]
-            for i, obj in enumerate(objs):
-                container[i] = obj
+            objs = new_objects(root, tm, "big%d" % r, objects)
             for what in ("new", "update"):
                 if what == "update":
                     for obj in objs:

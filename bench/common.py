@@ -200,6 +200,20 @@ def payload(size: int = PAYLOAD) -> str:
     return base64.b64encode(os.urandom(size * 3 // 4)).decode()
 
 
+def new_objects(root, tm, name: str, count: int) -> list:
+    """A new OOBTree ``root[name]``, committed, holding ``count`` new
+    PersistentMappings of a PAYLOAD string each, not committed yet (the
+    commit of new objects that bench.py, cpu.py and bigcommit.py time)."""
+    from BTrees.OOBTree import OOBTree
+    from persistent.mapping import PersistentMapping
+    container = root[name] = OOBTree()
+    tm.commit()
+    objs = [PersistentMapping({"data": payload()}) for _ in range(count)]
+    for i, obj in enumerate(objs):
+        container[i] = obj
+    return objs
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -28,13 +28,13 @@ import time
 
 import transaction
 import ZODB
-from BTrees.OOBTree import OOBTree
 from common import (
     NeoBackend,
     ZEOBackend,
     build_raw,
     fill_defaults,
     format_table,
+    new_objects,
     payload,
     start_backends,
     temporary_directory,
@@ -114,11 +114,7 @@ def big(backend, new: Meter, update: Meter, rounds: int) -> None:
         tm = transaction.TransactionManager()
         root = db.open(tm).root()
         for r in range(rounds + 1):
-            container = root["big%d" % r] = OOBTree()
-            tm.commit()
-            objs = [PersistentMapping({"data": payload()}) for _ in range(1000)]
-            for i, obj in enumerate(objs):
-                container[i] = obj
+            objs = new_objects(root, tm, "big%d" % r, 1000)
             if r == 0:  # warm-up
                 tm.commit()
                 continue
