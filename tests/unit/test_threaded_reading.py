@@ -11,7 +11,7 @@ from queue import SimpleQueue
 import pytest
 
 from neozodb.net.endpoint import ConnectionClosed
-from neozodb.net.threaded import wait_any
+from neozodb.net.waiting import wait_any
 from neozodb.protocol import HANDSHAKE, ClusterStates, Packets, p64
 from threadpeer import Peer, msg
 

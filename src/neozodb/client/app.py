@@ -26,7 +26,8 @@ from neozodb.client.loads import Loads
 from neozodb.client.oids import OidPool
 from neozodb.net.bootstrap import CONNECT_TIMEOUT, next_masters, reorder
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
-from neozodb.net.threaded import ThreadedConnection, wait_any
+from neozodb.net.threaded import ThreadedConnection
+from neozodb.net.waiting import wait_any
 from neozodb.nodes import NodeManager
 from neozodb.protocol import (
     ZERO_TID,

@@ -22,7 +22,7 @@ from ZODB.blob import BlobFile
 
 from neozodb.client.blobcache import BlobCache
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
-from neozodb.net.threaded import wait_any
+from neozodb.net.waiting import wait_any
 from neozodb.protocol import ZERO_TID, ErrorCodes, Packets, nid_str
 from neozodb.protocol.blobs import CHUNK, chunks, is_blob, split_tail
 from neozodb.protocol.catalogue import ProtocolError

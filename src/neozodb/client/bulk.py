@@ -32,7 +32,7 @@ from ZODB.POSException import StorageTransactionError
 from neozodb.client.voting import final_tid, metadata
 from neozodb.deflate import compress_record
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
-from neozodb.net.threaded import wait_any
+from neozodb.net.waiting import wait_any
 from neozodb.protocol import ZERO_HASH, ErrorCodes, Packets, nid_str
 from neozodb.protocol.features import BULK_COPY
 

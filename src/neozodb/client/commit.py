@@ -16,7 +16,7 @@ from neozodb.client.compat import has_features
 from neozodb.client.voting import CHECK, RELOCK, STORE, VOTE, TwoPhase
 from neozodb.deflate import compress_record
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
-from neozodb.net.threaded import wait_any
+from neozodb.net.waiting import wait_any
 from neozodb.protocol import MAX_TID, ZERO_HASH, ZERO_TID, ErrorCodes, Packets, nid_str, p64, u64
 from neozodb.protocol.blobs import add_tail
 from neozodb.protocol.features import EARLY_LAZY_VOTE, EARLY_VOTE

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from ZODB.Connection import TransactionMetaData
 
 from neozodb.net.endpoint import ConnectionClosed
-from neozodb.net.threaded import wait_any
+from neozodb.net.waiting import wait_any
 from neozodb.protocol import MAX_TID, ZERO_TID, Packets
 
 if TYPE_CHECKING:

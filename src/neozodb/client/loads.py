@@ -10,7 +10,7 @@ from queue import SimpleQueue
 from neozodb.client.compress import WrongChecksum, decompress
 from neozodb.client.errors import NEOStorageError
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
-from neozodb.net.threaded import wait_any
+from neozodb.net.waiting import wait_any
 from neozodb.protocol import ErrorCodes, Packets, p64, u64
 from neozodb.protocol.blobs import BLOB_FLAG
 

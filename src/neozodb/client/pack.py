@@ -41,7 +41,7 @@ from ZODB.Connection import TransactionMetaData
 from neozodb.client.compat import PACK_TID_KEY
 from neozodb.client.compress import WrongChecksum
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
-from neozodb.net.threaded import wait_any
+from neozodb.net.waiting import wait_any
 from neozodb.protocol import ZERO_TID, ErrorCodes, Packets, p64, u64
 from neozodb.tid import tid_from_time
 

@@ -21,9 +21,9 @@ end of the connection).  It stays out of the socket for ``DIRECT_GRACE``
 seconds after an application thread read it, as the next request of that
 thread usually follows: a reader thread blocked in ``recv`` would get its
 answer first.  A thread that waits for answers from several connections
-at once (``wait_any``: the stores and votes of a commit on replicas) reads
-them all itself, polling their sockets, while no other thread reads any of
-them; otherwise it asks their reader threads to read meanwhile.  Anyone
+at once (``wait_any``, net/waiting.py: the stores and votes of a commit
+on replicas) reads them all itself, polling their sockets, while no
+other thread reads any of them; otherwise it asks their reader threads to read meanwhile.  Anyone
 else waiting on a queue still gets its answers, at most ``DIRECT_GRACE``
 later.
 
@@ -37,7 +37,6 @@ the handler.
 from __future__ import annotations
 
 import logging
-import select
 import socket
 import ssl
 import struct
@@ -48,6 +47,7 @@ from typing import Any
 
 from neozodb.net.endpoint import ConnectionClosed, Endpoint, tune_socket
 from neozodb.net.tls import TLSSocket
+from neozodb.net.waiting import DIRECT_GRACE, wait_for_readers
 from neozodb.protocol import HANDSHAKE, Packets, ProtocolError, nid_str
 from neozodb.protocol.features import NO_FEATURES, common
 
@@ -73,12 +73,6 @@ _PONG = Packets.Pong
 _FEATURES = Packets.NotifyFeatures
 _HANDSHAKE_LEN = len(HANDSHAKE)
 _MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
-
-# Seconds the reader thread leaves the socket to the application threads
-# after one of them read it (module docstring): longer than the usual gap
-# between a thread's requests, short enough for what arrives unasked
-# meanwhile (an invalidation, a Ping) to wait little.
-DIRECT_GRACE = 0.05
 
 
 class _Discard:
@@ -228,7 +222,7 @@ class ThreadedConnection:
         ``queue.Empty`` after ``timeout`` seconds (checked between reads: up
         to half the keep-alive later)."""
         if timeout is not None and not 0 < self.keepalive <= 2 * timeout:
-            return _wait_for_readers(queue, (self,), timeout)
+            return wait_for_readers(queue, (self,), timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             # before waiting for our turn: the reader thread, if it reads,
@@ -257,7 +251,7 @@ class ThreadedConnection:
             finally:
                 self._end_turn()
         # the reader thread fails the pending requests, ours among them
-        return _wait_for_readers(queue, (self,), None)
+        return wait_for_readers(queue, (self,), None)
 
     def _end_turn(self) -> None:
         # waiters may have got their answer, or wait to read
@@ -518,90 +512,3 @@ class ThreadedConnection:
                     log.exception("%s: error in answer hook", self.owner_label)
             queue.put((user_token, None, err, self))
         self.handler.connection_lost(self)
-
-
-def wait_any(queue: SimpleQueue, conns: Any, timeout: float | None = None) -> tuple:
-    """The next item of ``queue``, whose answers come from ``conns``: read
-    in this thread while no other thread reads any of them (``_read_all``),
-    else by their reader threads, told to read meanwhile.  Raises
-    ``queue.Empty`` after ``timeout`` seconds."""
-    if timeout is None:
-        if len(conns) == 1:
-            for conn in conns:
-                return conn.wait(queue)
-        if not queue.empty():
-            return queue.get()
-        item = _read_all(queue, list(conns))
-        if item is not None:
-            return item
-    return _wait_for_readers(queue, conns, timeout)
-
-
-def _read_all(queue: SimpleQueue, conns: list) -> tuple | None:
-    """``conn.wait`` for several connections: this thread takes the reading
-    turn of each and polls their sockets, reading what arrives, until
-    ``queue`` has an item (returned).  Waiting for answers from several
-    storages (the stores and votes of a commit on replicas) then costs no
-    wake-up of their reader threads.  Keep-alive as in ``_read_once``: a
-    connection silent for half its keep-alive is pinged, and ended if
-    still silent after as long again.  None as soon as this cannot go on
-    (another thread reads one of them, or one ended): the caller then
-    waits for the reader threads."""
-    last = dict.fromkeys(conns, time.monotonic())  # when each was last heard
-    while True:
-        taken = []
-        try:
-            # as conn.wait: the reader threads keep out until we are done
-            until = time.monotonic() + DIRECT_GRACE
-            for conn in conns:
-                conn._direct_until = until
-            for conn in conns:
-                with conn._turn:
-                    if conn._reading or conn._finished is not None:
-                        return None
-                    conn._reading = True
-                taken.append(conn)
-            # an answer may have come while another thread read
-            if not queue.empty():
-                return queue.get()
-            # in our turn and not finished: the socket is open (only the
-            # reader thread closes it, once the connection finished)
-            poller = select.poll()
-            fds = {}
-            for conn in conns:
-                sock = conn.sock
-                fd = getattr(sock, "sock", sock).fileno()  # under TLSSocket, the plain one
-                fds[fd] = conn
-                poller.register(fd, select.POLLIN)
-            quiet = [last[c] + c.keepalive / 2 for c in conns if c.keepalive > 0]
-            timeout = None if not quiet else max(0.0, min(quiet) - time.monotonic()) * 1000
-            heard = set()
-            for fd, _ in poller.poll(timeout):
-                conn = fds[fd]
-                conn._read_once()
-                heard.add(conn)
-            now = time.monotonic()
-            for conn in conns:
-                if conn in heard:
-                    last[conn] = now
-                elif conn.keepalive > 0 and now >= last[conn] + conn.keepalive / 2:
-                    last[conn] = now
-                    conn._quiet()
-        finally:
-            for conn in taken:
-                conn._end_turn()
-        if not queue.empty():
-            return queue.get()
-
-
-def _wait_for_readers(queue: SimpleQueue, conns: Any, timeout: float | None) -> tuple:
-    if not queue.empty():
-        return queue.get()
-    conns = list(conns)
-    for conn in conns:
-        conn._needed(1)
-    try:
-        return queue.get(timeout=timeout)
-    finally:
-        for conn in conns:
-            conn._needed(-1)
