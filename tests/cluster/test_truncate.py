@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 
 import pytest
 import transaction
@@ -170,6 +171,38 @@ def test_truncate(cluster):
         db.close()
         if fresh is not None:
             fresh.close()
+
+
+def test_a_client_that_reconnects_before_its_reader_reports_the_loss(one_storage):
+    """The client's application thread may see the master connection closed
+    (it read the StopOperation itself) and connect again before the reader
+    thread reports the loss: the truncation must be seen all the same."""
+    cluster = one_storage
+    db = ZODB.DB(Storage(cluster.masters, cluster.name))
+    try:
+        tm, conn, tids, states = commit_ten(db)
+        app = db.storage.app
+        old = app.master
+        reported, release = threading.Event(), threading.Event()
+        lost = old.handler.connection_lost
+
+        def late_report(c):
+            reported.set()
+            release.wait(60)
+            lost(c)
+        old.handler.connection_lost = late_report
+        try:
+            assert neoctl(cluster, "truncate", "tid:%#x" % u64(tids[4]))[0] == []
+            wait_until(lambda: truncated_and_running(cluster, tids[4]), 60, "the truncation")
+            assert reported.wait(30)  # the reader thread holds the report back
+            tm.begin()
+            assert app.master is not old
+            assert db.lastTransaction() == tids[4]
+            assert state_of(conn.root()) == states[4]
+        finally:
+            release.set()
+    finally:
+        db.close()
 
 
 def test_truncate_waits_for_a_storage_that_is_down(cluster):

@@ -82,6 +82,7 @@ class ClientApp(Loads, Cells):
         self.last_tid = ZERO_TID
         self._connected_before = False
         self._last_tid_at_loss = ZERO_TID
+        self._loss_noted: ThreadedConnection | None = None  # see _note_master_loss
         self._tid_since_connect = ZERO_TID  # newest invalidation on this master connection
         self._loading: dict[bytes, list] = {}  # oid -> [loads in progress, invalidating tid]
         self.master: ThreadedConnection | None = None
@@ -124,8 +125,13 @@ class ClientApp(Loads, Cells):
         if conn is not None and conn.alive():
             return conn
         with self._connect_lock:
-            if self.master is not None and self.master.alive():
-                return self.master
+            if self.master is not None:
+                if self.master.alive():
+                    return self.master
+                # Its reader thread may not have reported the end yet (an
+                # application thread read it): the last tid at the loss is
+                # taken now, before a new master replaces this one.
+                self._note_master_loss(self.master)
             self._connect()
             return self.master
 
@@ -228,11 +234,19 @@ class ClientApp(Loads, Cells):
 
     def master_lost(self, conn) -> None:
         if conn is self.master:
-            with self.lock:
-                self._last_tid_at_loss = self.last_tid
-            if not self.closed:
-                log.warning("%s: lost the master: %s", self.label, conn.close_reason)
+            self._note_master_loss(conn)
             self.wake()
+
+    def _note_master_loss(self, conn: ThreadedConnection) -> None:
+        """Once per master connection: the last tid when it was lost, which
+        ``_reconnected`` compares with the new master's to see a truncation."""
+        with self.lock:
+            if conn is self._loss_noted or conn is not self.master:
+                return
+            self._loss_noted = conn
+            self._last_tid_at_loss = self.last_tid
+        if not self.closed:
+            log.warning("%s: lost the master: %s", self.label, conn.close_reason)
 
     # -- storages --------------------------------------------------------------------
     def storage_conn(self, nid: int, alive: bool = False) -> ThreadedConnection:
