@@ -3,6 +3,7 @@ installed, zlib otherwise or when a zlib level is asked; zlib streams
 either way, so NEO's clients (zlib) read what ours write and back."""
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import pickle
@@ -117,3 +118,79 @@ except zlib.error:
                          timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+# -- the default engine's policy (deflate.AdaptiveCompressor) -----------------------------
+
+def zodb_record(klass: bytes, state) -> bytes:
+    """A record as ZODB writes it: the class's pickle, then the state's."""
+    return b"\x80\x03c" + klass + b"\nq\x00." + pickle.dumps(state, 3)
+
+
+TEXT = " ".join(["lorem ipsum dolor sit amet"] * 20)
+
+
+def test_the_default_policy_keeps_a_stream_that_saves_a_quarter():
+    for data in records():
+        # a new one each time: these share one entry, and the failures of
+        # the random ones would skip the next (see the test below)
+        compression, stored, checksum = deflate.record_compressor(DEFAULT_LEVEL)(data)
+        assert checksum == hashlib.sha1(stored).digest()
+        packed = deflate.deflate(data)
+        if len(data) >= 33 and len(packed) <= len(data) * 3 // 4:
+            assert compression == ZLIB and zlib.decompress(stored) == data
+        else:
+            assert (compression, stored) == (NONE, data)
+    # what saves less than a quarter is stored as it is: base64 of random
+    # bytes (6 bits a character) deflates to about 87% at this size
+    data = zodb_record(b"app\nToken", {"token": base64.b64encode(os.urandom(225)).decode()})
+    assert 0.75 < len(deflate.deflate(data)) / len(data) < 1
+    assert deflate.record_compressor(DEFAULT_LEVEL)(data)[:2] == (NONE, data)
+
+
+def test_a_class_that_does_not_compress_is_not_tried_for_a_while(monkeypatch):
+    tries = []
+    real = deflate._deflate_default
+    monkeypatch.setattr(deflate, "_deflate_default", lambda data: tries.append(data) or real(data))
+    compress = deflate.AdaptiveCompressor()
+
+    def image() -> bytes:
+        return zodb_record(b"app.images\nThumbnail", {"png": os.urandom(500)})
+
+    def page() -> bytes:  # the same class, compressible
+        return zodb_record(b"app.images\nThumbnail", {"text": TEXT})
+
+    assert compress(image())[0] == NONE and len(tries) == 1
+    # the next 2 records of the class are stored as they are, untried
+    assert compress(page())[:2] == (NONE, page()) and compress(page())[0] == NONE
+    assert len(tries) == 1
+    assert compress(page())[0] == ZLIB and len(tries) == 2
+    assert compress(page())[0] == ZLIB and len(tries) == 3  # the success forgot the failure
+    # failures in a row: twice as many records untried each time, up to 128
+    gaps = []
+    for _ in range(9):
+        before, count = len(tries), 0
+        while len(tries) == before:
+            assert compress(image())[0] == NONE
+            count += 1
+        gaps.append(count - 1)
+    assert gaps == [0, 2, 4, 8, 16, 32, 64, 128, 128]
+    # other classes, and records that are not ZODB's, are tried meanwhile
+    before = len(tries)
+    assert compress(zodb_record(b"app.docs\nPage", {"text": TEXT}))[0] == ZLIB
+    assert compress(b"not a ZODB record: " + TEXT.encode())[0] == ZLIB
+    assert len(tries) == before + 2
+
+
+def test_the_classes_followed_are_bounded():
+    compress = deflate.AdaptiveCompressor()
+    for i in range(3000):
+        compress(zodb_record(b"app.gen\nC%d" % i, {"png": os.urandom(100)}))
+    assert 0 < len(compress._classes) <= 1024
+
+
+def test_explicit_levels_and_none_keep_their_rules():
+    data = zodb_record(b"app\nToken", {"token": base64.b64encode(os.urandom(225)).decode()})
+    for level in (1, 6, 9):  # NEO's rule: a stream whenever smaller, byte for byte zlib's
+        assert deflate.record_compressor(level)(data)[:2] == (ZLIB, zlib.compress(data, level))
+    assert deflate.record_compressor(None)(zodb_record(b"a\nB", {"text": TEXT}))[0] == NONE

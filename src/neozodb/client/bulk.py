@@ -30,7 +30,6 @@ from typing import Any
 from ZODB.POSException import StorageTransactionError
 
 from neozodb.client.voting import final_tid, metadata
-from neozodb.deflate import compress_record
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.net.waiting import wait_any
 from neozodb.protocol import ZERO_HASH, ErrorCodes, Packets, nid_str
@@ -85,7 +84,7 @@ class BulkCopier:
     def __init__(self, storage: Any) -> None:
         self.storage = storage
         self.app = storage.app
-        self.level = storage._compress
+        self.compress = storage.compress_record
 
     def add(self, batch: Batch, tid: bytes, txn: Any, records: list) -> None:
         """Encode a source transaction (``records`` as its iterator gave
@@ -99,7 +98,7 @@ class BulkCopier:
             if data is None:  # a deletion (or an undone creation)
                 encoded[record.oid] = (record.oid, 0, ZERO_HASH, b"", None)
                 continue
-            compression, stored, checksum = compress_record(data, self.level)
+            compression, stored, checksum = self.compress(data)
             encoded[record.oid] = (record.oid, compression, checksum, stored, record.data_txn)
             size += len(stored)
         batch.txns.append((tid, *metadata(txn), list(encoded.values())))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from queue import SimpleQueue
 
 from ZODB.POSException import ConflictError, ReadConflictError, StorageTransactionError, UndoError
@@ -14,7 +15,6 @@ from ZODB.POSException import ConflictError, ReadConflictError, StorageTransacti
 from neozodb.client.begin import Begin
 from neozodb.client.compat import has_features
 from neozodb.client.voting import CHECK, RELOCK, STORE, VOTE, TwoPhase
-from neozodb.deflate import compress_record
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.net.waiting import wait_any
 from neozodb.protocol import MAX_TID, ZERO_HASH, ZERO_TID, ErrorCodes, Packets, nid_str, p64, u64
@@ -25,15 +25,15 @@ log = logging.getLogger("neozodb.client")
 
 
 class Commit(TwoPhase, Begin):
-    def __init__(self, app, storage, txn, ttid: bytes | None, compress_level: int | None
-                 ) -> None:
+    def __init__(self, app, storage, txn, ttid: bytes | None,
+                 compress: Callable[[bytes], tuple[int, bytes, bytes]]) -> None:
         self.app = app
         self.storage = storage  # the ZODB Storage: conflict resolution lives there
         self.txn = txn
         # None until the master's answer to a begin not waited for
         # (``begin_answer``) gives it
         self.ttid = ttid
-        self.level = compress_level
+        self.compress = compress  # deflate.record_compressor's
         self.queue: SimpleQueue = SimpleQueue()
         self.pending = 0  # answers still expected
         self.data: dict[bytes, tuple] = {}  # oid -> (data or None, serial, data_serial)
@@ -131,7 +131,7 @@ class Commit(TwoPhase, Begin):
         elif raw is not None:
             compression, stored, checksum = raw
         else:
-            compression, stored, checksum = compress_record(data, self.level)
+            compression, stored, checksum = self.compress(data)
             if blob is not None:
                 compression, stored = add_tail(compression, stored, *blob)
                 checksum = hashlib.sha1(stored).digest()

@@ -39,6 +39,7 @@ from neozodb.client.copying import copy as copy_transactions
 from neozodb.client.errors import NEOStorageError
 from neozodb.client.iteration import loads_extension, transaction_description
 from neozodb.client.loads import READ_AHEAD
+from neozodb.deflate import record_compressor
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.net.tls import load_contexts
 from neozodb.protocol import ZERO_TID, Packets
@@ -88,7 +89,8 @@ class Storage(BlobStorageMethods, ConflictResolvingStorage):
         # what pack() does without a gc argument (as FileStorage's pack_gc):
         # false, only history is removed (an external GC uses deleteObject)
         self._pack_gc = bool(pack_gc)
-        self._compress = parse_compress(compress)
+        # shared by the commits: the default learns which classes compress
+        self.compress_record = record_compressor(parse_compress(compress))
         if blob_dir:
             # ZEO's options: the client's blob cache (shared by processes)
             from neozodb.client.blobcache import BlobCache
@@ -331,7 +333,7 @@ class Storage(BlobStorageMethods, ConflictResolvingStorage):
             queue = None if later else master.ask(Packets.AskBeginTransaction, tid)
         except ConnectionClosed as e:
             raise POSException.StorageTransactionError(f"tpc_begin failed: {e}") from None
-        commit = Commit(self.app, self, txn, tid, self._compress)
+        commit = Commit(self.app, self, txn, tid, self.compress_record)
         commit.imposed = tid is not None
         commit.begin_answer = queue
         commit.begin_unsent = later
