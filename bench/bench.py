@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 
+import common
 import transaction
 import ZODB
 from common import (  # noqa: F401  (format_table, percentile: replication.py imports them here)
@@ -396,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--objects", type=int, default=1000, help="objects per round (1000)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per backend (3)")
     parser.add_argument("--quick", action="store_true", help="--objects 200 --rounds 1")
+    parser.add_argument("--payload", choices=common.PAYLOADS, default="random",
+                        help="the objects' data: base64 of random bytes (default) or words")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--tls", action="store_true",
                         help="add 'neo 1S r0 TLS', the same cluster with TLS everywhere, and"
@@ -418,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --all: scale.py's --sizes (10000,100000; with --quick,"
                         " scale.py's own)")
     args = parser.parse_args(argv)
+    common.payload_kind = args.payload
     if args.quick:
         args.objects, args.rounds = 200, 1
     if args.objects < 1 or args.rounds < 1:

@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 
+import common
 import transaction
 import ZODB
 from common import (
@@ -114,7 +115,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--backends", default="neo1,neo2,neo2r1,zeo")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--payload", choices=common.PAYLOADS, default="random",
+                        help="the objects' data: base64 of random bytes (default) or words")
     opts = parser.parse_args()
+    common.payload_kind = opts.payload
     names = opts.backends.split(",")
     unknown = set(names) - set(BACKENDS)
     if unknown:

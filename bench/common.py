@@ -16,6 +16,7 @@ import logging
 import os
 import pickle
 import platform
+import random
 import selectors
 import shutil
 import signal
@@ -195,8 +196,24 @@ PAYLOAD = 300  # bytes of state per object (a str in a PersistentMapping)
 MB = 1e6
 
 
+#: what payload() makes: "random" (the default) or "text" (``--payload``)
+PAYLOADS = ("random", "text")
+payload_kind = "random"
+_WORDS = ("lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor"
+          " incididunt ut labore et dolore magna aliqua enim ad minim veniam quis nostrud"
+          " exercitation ullamco laboris nisi aliquip ex ea commodo consequat").split()
+
+
 def payload(size: int = PAYLOAD) -> str:
-    """``size`` printable, hardly compressible characters."""
+    """``size`` printable characters: base64 of random bytes, which hardly
+    compresses (a client storing it compressed would save about 13% at this
+    size, which ours does not keep: docs/design.md, "Stores"), or, with
+    ``payload_kind = "text"``, random words, which deflate to about half."""
+    if payload_kind == "text":
+        text = ""
+        while len(text) < size:
+            text += " ".join(random.choices(_WORDS, k=16)) + " "
+        return text[:size]
     return base64.b64encode(os.urandom(size * 3 // 4)).decode()
 
 
