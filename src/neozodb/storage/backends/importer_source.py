@@ -136,7 +136,8 @@ def extension_bytes(txn) -> bytes:
 
 def pack_record(oid: int, data: bytes | None, data_txn: int | None,
                 level: int | None, blob: str | None = None) -> ImportRecord:
-    """A record as stored: compressed as clients do (neozodb/deflate.py),
+    """A record as stored: compressed by NEO's rule, whenever that makes it
+    smaller (``deflate.compress_record``; our clients' default is choosier),
     with the SHA-1 of the stored bytes (a blob revision's tail is added
     once its content is copied)."""
     if data is None:
