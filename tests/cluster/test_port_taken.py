@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from neozodb.cli.cluster import LocalCluster
+from neozodb.cli.cluster import LocalCluster, wait_until
 from neozodb.client import Storage
 
 pytestmark = pytest.mark.timeout(120)
@@ -33,6 +33,38 @@ def test_a_port_taken_before_its_node_binds_it_is_replaced(tmp_path, node):
                 assert storage.lastTransaction() is not None
             finally:
                 storage.close()
+        finally:
+            cluster.stop()
+    finally:
+        squatter.close()
+
+
+def test_an_admin_whose_port_is_taken_after_the_cluster_runs_is_replaced(tmp_path):
+    """The admin starts last, and the wait for RUNNING asks whatever
+    listens on the admin's address: in CI another test's admin, which held
+    the port ours had been given, answered RUNNING before ours exited.
+    Here the first wait for RUNNING returns once ours has exited."""
+    cluster = LocalCluster(str(tmp_path / "cluster"), storages=1, replicas=0, partitions=2)
+    port = cluster.admin_address[1]
+    wait_state = cluster.wait_state
+    calls = []
+
+    def answered_by_another_admin(state, timeout):
+        calls.append(state)
+        if len(calls) == 1:
+            wait_until(lambda: not cluster.nodes["A1"].running, 30, "A1 to exit")
+        else:
+            wait_state(state, timeout)
+    cluster.wait_state = answered_by_another_admin
+    squatter = socket.socket()
+    try:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        cluster.start_or_kill()
+        try:
+            assert calls == ["RUNNING", "RUNNING"]
+            assert cluster.admin_address[1] != port and cluster.nodes["A1"].running
+            assert cluster.cluster_state() == "RUNNING"
         finally:
             cluster.stop()
     finally:

@@ -291,6 +291,12 @@ class LocalCluster:
         self.admin_address = self._bound(admin, self.admin_address)
         if wait:
             self.wait_state("RUNNING", wait)
+            # A node given a port that another process took after
+            # free_port chose it exits at once, maybe after the cluster
+            # reached RUNNING: its log says whether it listens (start()
+            # then tries other ports).
+            for name in (*self.master_names, "A1"):
+                listening_address(self.nodes[name], wait)
 
     def start_or_kill(self, wait: float = 60.0):
         """start(), killing whatever started if it fails; returns the cluster."""
