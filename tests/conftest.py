@@ -11,6 +11,21 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 
+def _port_slice() -> tuple[int, int] | None:
+    """This xdist worker's slice of the ports clusters choose in advance
+    (neozodb.cli.cluster.PORT_SLICE); None outside xdist."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if not (worker.startswith("gw") and worker[2:].isdigit() and count.isdigit()):
+        return None
+    return int(worker[2:]) % int(count), int(count)
+
+
+def pytest_configure(config):
+    from neozodb.cli import cluster
+    cluster.PORT_SLICE = _port_slice()
+
+
 def _running(tmp_path, storages: int, replicas: int, partitions: int):
     from neozodb.cli.cluster import LocalCluster
     c = LocalCluster(str(tmp_path / "cluster"), name="test", storages=storages,

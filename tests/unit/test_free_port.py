@@ -6,6 +6,7 @@ import socket
 
 import pytest
 
+from neozodb.cli import cluster
 from neozodb.cli.cluster import LocalCluster, _ephemeral_floor, free_port
 
 pytestmark = pytest.mark.timeout(30)
@@ -45,3 +46,18 @@ def test_a_local_cluster_knows_its_ports_before_starting(tmp_path):
     ports = [a[1] for a in c.master_addresses] + [c.admin_address[1]]
     assert all(0 < p < floor for p in ports)
     assert len(set(ports)) == 3
+
+
+def test_workers_choose_in_slices_of_their_own(monkeypatch):
+    """The test suite's workers (tests/conftest.py) never choose the same
+    port: a node stopped for a while leaves its port free for any check."""
+    floor = _ephemeral_floor()
+    low = max(1024, floor - 10000)
+    width = (floor - low) // 3
+    seen = []
+    for i in range(3):
+        monkeypatch.setattr(cluster, "PORT_SLICE", (i, 3))
+        ports = {free_port() for _ in range(40)}
+        assert all(low + i * width <= p < low + (i + 1) * width for p in ports), (i, ports)
+        seen.append(ports)
+    assert not (seen[0] & seen[1] or seen[1] & seen[2] or seen[0] & seen[2])

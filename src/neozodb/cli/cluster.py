@@ -42,6 +42,13 @@ def _ephemeral_floor() -> int:
         return 32768  # Linux's default
 
 
+#: (i, n): free_port chooses in the i-th of n equal slices of its range
+#: (0-based), so that n processes making clusters side by side (the test
+#: suite's workers: tests/conftest.py) never choose the same port, which a
+#: node stopped for a while leaves free for anybody's check
+PORT_SLICE: tuple[int, int] | None = None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free now, chosen at random below the kernel's ephemeral range.
     A port chosen in advance (a node started, or restarted, on a known
@@ -49,9 +56,14 @@ def free_port(host: str = "127.0.0.1") -> int:
     ports to every outgoing connection and every bind to port 0 of any
     process, never ports below that range."""
     floor = _ephemeral_floor()
+    low = max(1024, floor - 10000)
+    if PORT_SLICE is not None:
+        i, n = PORT_SLICE
+        width = (floor - low) // n
+        low, floor = low + i * width, low + (i + 1) * width
     rnd = random.SystemRandom()
     for _ in range(200):
-        port = rnd.randrange(max(1024, floor - 10000), floor)
+        port = rnd.randrange(low, floor)
         with socket.socket() as s:
             try:
                 s.bind((host, port))
