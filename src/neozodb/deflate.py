@@ -37,11 +37,12 @@ _MIN_SIZE = 33
 # keeps NEO's rule, a stream whenever it is smaller, for space above all.
 _KEEP_SHIFT = 2
 # Records of a class whose last try fell short of that are stored as they
-# are, the next 2, 4, 8... up to _MAX_SKIP records of that class, then
-# tried again: incompressible contents (random, already compressed) stop
-# costing a deflation each.
-_MAX_SKIP = 128
+# are, the next 2, 4, 8... up to 2**_MAX_SKIP_SHIFT (128) records of that
+# class, then tried again: incompressible contents (random, already
+# compressed) stop costing a deflation each.
+_MAX_SKIP_SHIFT = 7
 _MAX_CLASSES = 1024  # classes followed at once (the table starts over past it)
+
 
 
 def deflate(data: bytes, level: int = DEFAULT_LEVEL) -> bytes:
@@ -85,7 +86,7 @@ class AdaptiveCompressor:
     """The default engine's policy, ``compress_record`` for DEFAULT_LEVEL
     with two rules of its own (docs/design.md, "Stores"): a stream is kept
     when it saves at least a quarter of the record, and records of a class whose
-    last try did not are stored as they are for a while (_MAX_SKIP).  The
+    last try did not are stored as they are for a while (up to 128).  The
     class is the first pickle of a ZODB record (``module\\nname\\n``); records
     of other shapes share one entry.  Either way the record is one NEO reads:
     this decides only which are compressed.  Several threads may call it:
@@ -112,8 +113,9 @@ class AdaptiveCompressor:
                     if len(self._classes) >= _MAX_CLASSES:
                         self._classes.clear()
                     state = self._classes[key] = [0, 0]
-                state[0] += 1
-                state[1] = min(1 << state[0], _MAX_SKIP)
+                if state[0] < _MAX_SKIP_SHIFT:
+                    state[0] += 1
+                state[1] = 1 << state[0]
         return NONE, data, hashlib.sha1(data).digest()
 
 
