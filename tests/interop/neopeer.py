@@ -94,6 +94,9 @@ class MixedCluster(LocalCluster):
     def kind(self, name: str) -> str:
         return "NEO" if name in self.neo else "neozodb"
 
+    def logs_listening(self, name: str) -> bool:
+        return name not in self.neo
+
     @property
     def masters(self) -> str:
         # space-separated: NEO's -m splits on spaces only
