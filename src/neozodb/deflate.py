@@ -76,12 +76,6 @@ def compress_record(data: bytes, level: int | None) -> tuple[int, bytes, bytes]:
     return NONE, data, hashlib.sha1(data).digest()
 
 
-def _deflate_default(data: bytes) -> bytes:
-    if isal_zlib is not None:
-        return isal_zlib.compress(data, isal_zlib.ISAL_DEFAULT_COMPRESSION)
-    return zlib.compress(data, 6)
-
-
 class AdaptiveCompressor:
     """The default engine's policy, ``compress_record`` for DEFAULT_LEVEL
     with two rules of its own (docs/design.md, "Stores"): a stream is kept
@@ -104,7 +98,7 @@ class AdaptiveCompressor:
             if state is not None and state[1] > 0:
                 state[1] -= 1
             else:
-                packed = _deflate_default(data)
+                packed = deflate(data)
                 if len(packed) <= size - (size >> _KEEP_SHIFT):
                     if state is not None:
                         state[0] = 0

@@ -4,6 +4,7 @@ parallel: seen once in CI-like runs, as a master dying with "Address
 already in use").  A new cluster then starts again on other ports."""
 from __future__ import annotations
 
+import contextlib
 import socket
 
 import pytest
@@ -14,15 +15,25 @@ from neozodb.client import Storage
 pytestmark = pytest.mark.timeout(120)
 
 
+@contextlib.contextmanager
+def squatting(port: int):
+    """A socket listening on ``port`` of 127.0.0.1 (0: any free one), as
+    another process's node would."""
+    squatter = socket.socket()
+    try:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        yield squatter
+    finally:
+        squatter.close()
+
+
 @pytest.mark.parametrize("node", ["M1", "A1"])
 def test_a_port_taken_before_its_node_binds_it_is_replaced(tmp_path, node):
     cluster = LocalCluster(str(tmp_path / "cluster"), storages=1, replicas=0, partitions=2)
     attr = "master_address" if node == "M1" else "admin_address"
     port = getattr(cluster, attr)[1]
-    squatter = socket.socket()
-    try:
-        squatter.bind(("127.0.0.1", port))
-        squatter.listen()
+    with squatting(port):
         cluster.start_or_kill()
         try:
             assert getattr(cluster, attr)[1] != port
@@ -35,8 +46,6 @@ def test_a_port_taken_before_its_node_binds_it_is_replaced(tmp_path, node):
                 storage.close()
         finally:
             cluster.stop()
-    finally:
-        squatter.close()
 
 
 def test_an_admin_whose_port_is_taken_after_the_cluster_runs_is_replaced(tmp_path):
@@ -56,10 +65,7 @@ def test_an_admin_whose_port_is_taken_after_the_cluster_runs_is_replaced(tmp_pat
         else:
             wait_state(state, timeout)
     cluster.wait_state = answered_by_another_admin
-    squatter = socket.socket()
-    try:
-        squatter.bind(("127.0.0.1", port))
-        squatter.listen()
+    with squatting(port):
         cluster.start_or_kill()
         try:
             assert calls == ["RUNNING", "RUNNING"]
@@ -67,20 +73,13 @@ def test_an_admin_whose_port_is_taken_after_the_cluster_runs_is_replaced(tmp_pat
             assert cluster.cluster_state() == "RUNNING"
         finally:
             cluster.stop()
-    finally:
-        squatter.close()
 
 
 def test_a_port_given_by_the_caller_is_not_replaced(tmp_path):
-    squatter = socket.socket()
-    try:
-        squatter.bind(("127.0.0.1", 0))
-        squatter.listen()
+    with squatting(0) as squatter:
         port = squatter.getsockname()[1]
         cluster = LocalCluster(str(tmp_path / "cluster"), storages=1, replicas=0,
                                partitions=2, master_port=port)
         with pytest.raises(RuntimeError, match="did not reach RUNNING"):
             cluster.start_or_kill(wait=30)
         assert cluster.master_address[1] == port
-    finally:
-        squatter.close()

@@ -150,8 +150,8 @@ def test_the_default_policy_keeps_a_stream_that_saves_a_quarter():
 
 def test_a_class_that_does_not_compress_is_not_tried_for_a_while(monkeypatch):
     tries = []
-    real = deflate._deflate_default
-    monkeypatch.setattr(deflate, "_deflate_default", lambda data: tries.append(data) or real(data))
+    real = deflate.deflate
+    monkeypatch.setattr(deflate, "deflate", lambda data: tries.append(data) or real(data))
     compress = deflate.AdaptiveCompressor()
 
     def image() -> bytes:
