@@ -29,6 +29,10 @@ class Node:
     devpath: tuple = ()
     # what it announced (protocol/features.py); empty: NEO's, or not seen
     features: frozenset = frozenset()
+    # node lists and partition tables (or their changes) a master sent it
+    # so far: a TTID block reserved before the last is stale (feature
+    # begin-ahead, master/transactions.py Reservations)
+    topology: int = 0
 
     def __repr__(self) -> str:
         return f"<{nid_str(self.nid)} {self.state.name}>"

@@ -885,3 +885,56 @@ def test_an_aborted_imposed_batch_gives_its_tids_back_to_imposed_begins():
     tm.abort(other.ttid)
     with pytest.raises(TransactionError):
         tm.begin(1, T0, tid=other.ttid)
+
+
+# -- TTID blocks reserved ahead (feature begin-ahead) ------------------------------------
+
+
+def test_a_reserved_block_is_handed_out_to_nobody_else():
+    tm = TransactionManager(12)
+    before = tm.begin(1, T0)
+    base = tm.reserve(T0)
+    assert base > before.ttid
+    block = range(base, base + 12)
+    assert sorted(t % 12 for t in block) == list(range(12))  # one in each partition
+    # what is allocated after it (the clock standing still) comes after it
+    other = tm.begin(2, T0)
+    imposed_too_low = base + 11
+    assert other.ttid >= block.stop
+    with pytest.raises(TransactionError, match="not greater"):
+        tm.begin(3, T0, tid=imposed_too_low)
+    tm.prepare(other.ttid, T0, [], {1})
+    assert other.tid >= block.stop
+
+
+@given(st.integers(0, 11))
+def test_a_reserved_ttid_begins_a_transaction_whose_tid_keeps_its_partition(partition):
+    tm = TransactionManager(12)
+    base = tm.reserve(T0)
+    tm.begin(2, T0)  # another client began since
+    ttid = base + (partition - base) % 12
+    txn = tm.begin(1, T0, reserved=ttid)
+    assert txn.ttid == ttid and tm.txns[ttid] is txn and not txn.imposed
+    with pytest.raises(TransactionError, match="already in use"):
+        tm.begin(1, T0, reserved=ttid)
+    tm.prepare(ttid, T0, [], {1})
+    assert txn.tid % 12 == partition
+    assert txn.tid > ttid
+
+
+def test_reservations_of_a_connection():
+    from neozodb.master.transactions import Reservations
+    r = Reservations()
+    r.add(100, topology=5)
+    r.add(200, topology=5)
+    assert not r.take(99, 12, 5) and not r.take(112, 12, 5)  # outside both blocks
+    assert r.take(111, 12, 5)  # in the first: used up
+    assert not r.take(100, 12, 5)
+    # sent a node list or a table since: stale, used up too
+    assert not r.take(205, 12, 6)
+    assert not r.take(205, 12, 5)
+    # one block a committing thread: the oldest forgotten beyond the limit
+    for i in range(Reservations.LIMIT + 1):
+        r.add(1000 * (i + 1), topology=0)
+    assert not r.take(1000, 12, 0)
+    assert r.take(2000, 12, 0) and r.take(1000 * (Reservations.LIMIT + 1), 12, 0)

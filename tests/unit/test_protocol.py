@@ -215,9 +215,9 @@ def test_catalogue_counts():
     # protocol 5's 74 rows (as NEO's protocol.py), plus neozodb's own
     # NotifyFeatures, AddObjects, AskSoloVote, AskPartitionHistory,
     # AskOlderPartitionTables, RecoverPartitionTable, AskBeginInPartition,
-    # AskLazyVote, AskBulkBegin, AskBulkVote, AskBulkFinish, AskStoreBlobChunk
-    # and AskBlobChunk, outside NEO's range
-    assert TABLE_ROWS == 87
+    # AskLazyVote, AskBulkBegin, AskBulkVote, AskBulkFinish, AskBeginAhead,
+    # AskStoreBlobChunk and AskBlobChunk, outside NEO's range
+    assert TABLE_ROWS == 88
     assert max(c for c in PACKETS if c < 0x7f00) == 0x49
     assert Packets.NotifyFeatures.code == 0x7f00
     assert Packets.AddObjects.code == 0x7f01
@@ -230,13 +230,14 @@ def test_catalogue_counts():
     assert Packets.AskBulkBegin.code == 0x7f08
     assert Packets.AskBulkVote.code == 0x7f09
     assert Packets.AskBulkFinish.code == 0x7f0a
+    assert Packets.AskBeginAhead.code == 0x7f0b
     assert Packets.AskStoreBlobChunk.code == 0x7f10
     assert Packets.AskBlobChunk.code == 0x7f11
     answers = [pt for pt in ALL_TYPES if pt.request is not None]
-    assert len(answers) == 47
-    assert len(PACKETS) == 134
-    assert len(vars(Packets)) == 134
-    assert len({pt.name for pt in ALL_TYPES}) == 134
+    assert len(answers) == 48
+    assert len(PACKETS) == 136
+    assert len(vars(Packets)) == 136
+    assert len({pt.name for pt in ALL_TYPES}) == 136
     assert all(PACKETS[code].code == code for code in PACKETS)
 
 

@@ -15,6 +15,7 @@ import threading
 import time
 from queue import SimpleQueue
 
+from neozodb.client.begin import Reserved
 from neozodb.client.blobtails import BlobTails
 from neozodb.client.cache import ClientCache
 from neozodb.client.cells import Cells
@@ -94,6 +95,8 @@ class ClientApp(Loads, Cells):
         self._changed = threading.Condition()
         self.invalidation_listener = None  # ZODB's storage wrapper, set by registerDB
         self.transactions: dict[bytes, object] = {}  # ttid -> commit context (deadlock notices)
+        self.reserved = Reserved()  # TTID blocks from the master (client/begin.py)
+        self.begins_again = 0  # commits whose reserved TTID the master refused
         self._oids = OidPool()  # new OIDs from the master (client/oids.py)
         self._cells: dict[int, list[int]] = {}
         self._readable: dict[int, list[int]] = {}  # as _cells, readable ones

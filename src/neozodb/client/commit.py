@@ -61,6 +61,13 @@ class Commit(TwoPhase, Begin):
         # first store, for a TTID in that object's partition (_send_begin)
         self.begin_unsent = False
         self.deferred: list[tuple] = []
+        # begun with AskBeginAhead (feature begin-ahead), with a TTID the
+        # master reserved for us (``reserved``): the stores go at once
+        self.ahead = False
+        self.reserved = False
+        # while reserved: oid -> the last store sent, to send again if the
+        # master refuses the TTID (Begin._begin_again); None: not possible
+        self.sent: dict[bytes, tuple] | None = None
         self.conflict_error: Exception | None = None
         self.voted = False
         # every store answered, the vote under way: deadlock notices are
@@ -140,7 +147,7 @@ class Commit(TwoPhase, Begin):
         token = (STORE, oid, serial)
         if self.begin_unsent:
             self._send_begin(oid)
-        if self.begin_answer is not None:
+        if self.begin_answer is not None and not self.reserved:
             if not self.imposed and self.begin_answer.empty():
                 # read it if it came (when no thread reads the master):
                 # the stores of a big transaction then leave as they are
@@ -157,6 +164,8 @@ class Commit(TwoPhase, Begin):
         self._send_store(args, token)
 
     def _send_store(self, args: tuple, token: tuple, buffer: bool = False) -> None:
+        if self.sent is not None:
+            self.sent[args[0]] = (args, token)
         nids = self.app.writable_cells(args[0])
         if not nids:
             raise ConflictError(f"no storage for {args[0].hex()}", oid=args[0])
@@ -250,6 +259,9 @@ class Commit(TwoPhase, Begin):
             self._send_begin(oid)
         self.known_ttid()
         self.checked[oid] = serial
+        self._send_check(oid, serial)
+
+    def _send_check(self, oid: bytes, serial: bytes) -> None:
         nids = self._cells(oid)
         self._sent_to(nids)
         for nid in nids:
@@ -270,6 +282,7 @@ class Commit(TwoPhase, Begin):
         merged by conflict resolution (old: undone revision, committed: the
         current one, new: the data before the undone transaction), or
         UndoError is raised."""
+        self.sent = None  # what the storages answered holds for this TTID only
         self.known_ttid()
         app = self.app
         pt = app.pt
@@ -414,6 +427,7 @@ class Commit(TwoPhase, Begin):
         raise StorageTransactionError(f"storage {conn.label} failed: {error}")
 
     def _conflict(self, oid: bytes, serial: bytes, conflict: bytes) -> None:
+        self.sent = None  # resolved against what the storages had for this TTID
         if self.conflict_error is not None:
             return
         current = self.data.get(oid)

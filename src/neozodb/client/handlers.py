@@ -23,8 +23,13 @@ class MasterHandler(FollowsPrimary, Handler):
     def __init__(self, app: ClientApp) -> None:
         self.app = app
 
+    # A TTID block the master reserved before a node list, a partition
+    # table or a change of them is refused: forgotten at once
+    # (client/begin.py, Reserved).
+
     def NotifyNodeInformation(self, conn, msg_id, timestamp, entries):
         app = self.app
+        app.reserved.clear()
         with app.lock:
             changed = app.nm.update(entries)
         app.cells_changed()
@@ -36,11 +41,13 @@ class MasterHandler(FollowsPrimary, Handler):
     def SendPartitionTable(self, conn, msg_id, ptid, replicas, rows):
         pt = PartitionTable(len(rows), replicas)
         pt.load(ptid, replicas, rows)
+        self.app.reserved.clear()
         self.app.pt = pt
         self.app.cells_changed()
         self.app.wake()
 
     def NotifyPartitionChanges(self, conn, msg_id, ptid, replicas, changes):
+        self.app.reserved.clear()
         self.app.pt.apply_changes(ptid, replicas, changes)
         self.app.cells_changed()
         self.app.wake()

@@ -43,7 +43,7 @@ from neozodb.deflate import record_compressor
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.net.tls import load_contexts
 from neozodb.protocol import ZERO_TID, Packets
-from neozodb.protocol.features import BEGIN_PARTITION, BULK_COPY, ORDERED_COPY
+from neozodb.protocol.features import BEGIN_AHEAD, BEGIN_PARTITION, BULK_COPY, ORDERED_COPY
 
 __all__ = ["Storage", "NEOStorageError", "loads_extension"]
 
@@ -323,20 +323,25 @@ class Storage(BlobStorageMethods, ConflictResolvingStorage):
         # the answer is read when the TTID is needed, at the latest at the
         # vote: the round trip overlaps the application's work
         # (serialization, stores) in between
-        try:
-            master = self.app.get_master()
-            # where partitions are on different storages, the begin waits
-            # for the first store, whose partition the TTID is given in
-            # (feature begin-partition, Commit._send_begin)
-            later = (tid is None and BEGIN_PARTITION in master.peer_features
-                     and self.app.spread())
-            queue = None if later else master.ask(Packets.AskBeginTransaction, tid)
-        except ConnectionClosed as e:
-            raise POSException.StorageTransactionError(f"tpc_begin failed: {e}") from None
         commit = Commit(self.app, self, txn, tid, self.compress_record)
         commit.imposed = tid is not None
-        commit.begin_answer = queue
-        commit.begin_unsent = later
+        try:
+            master = commit.master = self.app.get_master()
+            features = master.peer_features
+            # where partitions are on different storages, the begin waits
+            # for the first store, whose partition the TTID is given in
+            # (feature begin-partition); and with a TTID block reserved,
+            # the first store takes the TTID in its partition there
+            # (feature begin-ahead): Commit._send_begin
+            commit.begin_unsent = tid is None and (
+                BEGIN_PARTITION in features and self.app.spread()
+                or BEGIN_AHEAD in features and self.app.reserved.holds(master))
+            if tid is not None:
+                commit.begin_answer = master.ask(Packets.AskBeginTransaction, tid)
+            elif not commit.begin_unsent:
+                commit._send_begin(None)
+        except ConnectionClosed as e:
+            raise POSException.StorageTransactionError(f"tpc_begin failed: {e}") from None
         if tid is not None and wait:
             commit._answered()  # raises if the TID is refused
         self._begun(txn, commit)

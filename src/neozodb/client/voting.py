@@ -9,6 +9,7 @@ from queue import SimpleQueue
 
 from ZODB.POSException import StorageTransactionError
 
+from neozodb.client.begin import BeginRefused
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.protocol import MAX_TID, Packets
 from neozodb.protocol.features import EARLY_LAZY_VOTE, EARLY_VOTE, LAZY_VOTE, SOLO_VOTE
@@ -57,7 +58,17 @@ class TwoPhase:
     """Vote, finish and abort of ``Commit`` (client/commit.py)."""
 
     def vote(self) -> list[bytes]:
-        self._begun()
+        try:
+            return self._vote()
+        except BeginRefused as e:
+            self._begin_again(str(e))
+            return self._vote()
+
+    def _vote(self) -> list[bytes]:
+        # a reserved TTID: the master's answer is read once the vote is
+        # sent, and the two come back meanwhile
+        if not self.reserved:
+            self._begun()
         if self.uploads is not None:
             self.uploads.settle()
         app = self.app
@@ -86,12 +97,15 @@ class TwoPhase:
             for conn in conns:
                 self.pending += 1
                 conn.ask(packet, *meta, queue=self.queue, token=(VOTE, True))
+            self._answered()
             self._process(block=True)
             self.revocable = False
             again = self.revote
             app.early_votes[bool(again)] += 1
             if again and len(meta_nids) > 1:
                 app.early_lazy_skip = EARLY_LAZY_BACKOFF
+        self._flush()  # the stores first: the begin's answer comes meanwhile
+        self._answered()
         self._process(block=True)
         self.stored = True
         if again is None or again:
@@ -224,8 +238,10 @@ class TwoPhase:
         if self.begin_answer is not None:
             try:
                 self._answered()
-            except StorageTransactionError:
-                return  # no transaction began: nothing to drop
+            except (StorageTransactionError, BeginRefused):
+                if not self.reserved:
+                    return  # no transaction began: nothing to drop
+                # the stores that went with the TTID refused are dropped
         if self.ttid is None:
             return  # the begin failed, reported already
         for nid in self.involved:

@@ -36,10 +36,11 @@ class Commits:
     """Commits, packs and replication bookkeeping (see the module docstring)."""
 
     def begin(self, conn: Connection, tid: int | None, partition: int | None = None,
-              first: int | None = None) -> Txn:
+              first: int | None = None, reserved: int | None = None) -> Txn:
         """A client's AskBeginTransaction (``tid``: imposed),
-        AskBeginInPartition, or AskBulkBegin (``first`` to ``tid``)."""
-        txn = self.tm.begin(conn.nid, time.time(), tid, partition, first)
+        AskBeginInPartition, AskBulkBegin (``first`` to ``tid``) or
+        AskBeginAhead (``reserved``: the TTID)."""
+        txn = self.tm.begin(conn.nid, time.time(), tid, partition, first, reserved)
         txn.ready = self.running_storage_nids()
         if txn.imposed:
             # it holds back every commit that gets a TID after it

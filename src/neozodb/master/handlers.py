@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from neozodb.master import administration, checks, majority, older_pt
 from neozodb.master.base import BaseHandler
 from neozodb.master.pack import PAGE_OIDS
-from neozodb.master.transactions import TransactionError, Txn
+from neozodb.master.transactions import Reservations, TransactionError, Txn
 from neozodb.master.tweak import drop_check
 from neozodb.net.connection import Denied, HandlerError
 from neozodb.protocol import (
@@ -24,7 +25,7 @@ from neozodb.protocol import (
     p64,
     u64,
 )
-from neozodb.protocol.features import BEGIN_PARTITION, BULK_COPY
+from neozodb.protocol.features import BEGIN_AHEAD, BEGIN_PARTITION, BULK_COPY
 from neozodb.protocol.values import check_id, check_ids
 
 if TYPE_CHECKING:
@@ -116,6 +117,7 @@ class ClientHandler(BaseHandler):
         # identified with extra {b"read_only": True}: no writes (the
         # connection stays open for reads and invalidations)
         self.read_only = read_only
+        self.reserved = Reservations()  # TTID blocks (feature begin-ahead)
 
     def _check_writable(self, packet) -> None:
         if self.read_only or self.app.read_only:
@@ -148,6 +150,55 @@ class ClientHandler(BaseHandler):
             raise ProtocolError("invalid partition %r" % partition)
         self._begin(conn, msg_id, Packets.AnswerBeginInPartition, None, partition)
 
+    def AskBeginAhead(self, conn, msg_id, partition, ttid):
+        """A begin (feature begin-ahead): with a TTID of a block reserved
+        for this connection, which the client already stores with; or
+        without (``ttid`` None), for a new TTID in ``partition`` if given.
+        Either way the answer reserves the next block."""
+        if BEGIN_AHEAD not in conn.peer_features:
+            raise ProtocolError("unexpected AskBeginAhead")
+        self._check_writable(Packets.AskBeginAhead)
+        app = self.app
+        if partition is not None and not 0 <= partition < app.tm.num_partitions:
+            raise ProtocolError("invalid partition %r" % partition)
+        if ttid is None:
+            self._begin(conn, msg_id, Packets.AnswerBeginAhead, None, partition)
+            return
+        ttid = check_id(ttid, "TTID")
+        node = app.nm.get(conn.nid)
+        topology = None if node is None else node.topology
+        # Its stores went where the client's tables said when it sent
+        # them.  The master must see the same tables now: nothing about
+        # nodes or partitions sent to this client since the block was
+        # reserved, no storage starting.  Else the client starts again.
+        why = None
+        if not self.reserved.take(ttid, app.tm.num_partitions, topology):
+            why = "the cluster changed since the TTID was reserved"
+        elif app.storages_starting() or app.stopping:
+            why = "storages starting or the cluster stopping"
+        else:
+            try:
+                txn = app.begin(conn, None, reserved=ttid)
+            except TransactionError as e:
+                why = str(e)
+        if why is not None:
+            log.info("%s: begin of %s refused to %s: %s", app.label, p64(ttid).hex(),
+                     conn.label, why)
+            conn.error(msg_id, ErrorCodes.NOT_READY, why)
+            return
+        self._answer_begin(conn, msg_id, Packets.AnswerBeginAhead, txn)
+
+    def _answer_begin(self, conn, msg_id, answer, txn: Txn) -> None:
+        if answer is Packets.AnswerBeginAhead:
+            app = self.app
+            base = app.tm.reserve(time.time())
+            node = app.nm.get(conn.nid)
+            if node is not None:
+                self.reserved.add(base, node.topology)
+            conn.answer(msg_id, answer, p64(txn.ttid), p64(base))
+        else:
+            conn.answer(msg_id, answer, p64(txn.ttid))
+
     def AskBulkBegin(self, conn, msg_id, first, last):
         """The begin of a bulk copy of the transactions from ``first`` to
         ``last`` (feature bulk-copy): its TTID is ``last``."""
@@ -170,7 +221,7 @@ class ClientHandler(BaseHandler):
                 log.warning("%s: begin refused to %s: %s", app.label, conn.label, e)
                 conn.error(msg_id, ErrorCodes.DENIED, str(e))
                 return
-            conn.answer(msg_id, answer, p64(txn.ttid))
+            self._answer_begin(conn, msg_id, answer, txn)
 
         if app.storages_starting() or app.stopping:
             app.delayed_begins.append(begin)

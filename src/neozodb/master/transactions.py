@@ -117,13 +117,15 @@ class TransactionManager:
             self.last_oid = oid
 
     def begin(self, client: int, now: float, tid: int | None = None,
-              partition: int | None = None, first: int | None = None) -> Txn:
+              partition: int | None = None, first: int | None = None,
+              reserved: int | None = None) -> Txn:
         """A new transaction of ``client``: ``tid`` imposed, or a TTID from
         the clock, in ``partition`` if given (feature begin-partition: the
         final TID keeps it, so the metadata goes with the first object).
         ``first``: a bulk copy of transactions from ``first`` to ``tid``
         (feature bulk-copy), all of which must come after what the
-        cluster has."""
+        cluster has.  ``reserved``: a TTID of a block ``reserve`` gave
+        (the caller checked that)."""
         if tid is not None:
             # imposed TID (copyTransactionsFrom / restore): it must come
             # after everything already committed or being committed
@@ -142,6 +144,10 @@ class TransactionManager:
                         lowest, format_tid_time(lowest), self._imposed_floor,
                         format_tid_time(self._imposed_floor)))
             ttid = tid
+        elif reserved is not None:
+            if reserved in self.txns:
+                raise TransactionError("TTID %016x already in use" % reserved)
+            ttid = reserved
         else:
             ttid = next_tid(now, self._last_allocated)
             if partition is not None:
@@ -149,12 +155,20 @@ class TransactionManager:
         txn = self.txns[ttid] = Txn(ttid, client, imposed=tid is not None, first=first,
                                     floor_before=self._imposed_floor)
         self._last_allocated = max(self._last_allocated, ttid)
-        self._imposed_floor = ttid
+        self._imposed_floor = max(self._imposed_floor, ttid)
         if tid is not None:
             # its TID is known now: later commits must queue behind it
             txn.tid = tid
             self._queue.append(txn)
         return txn
+
+    def reserve(self, now: float) -> int:
+        """The first of a block of TTIDs, one in each partition, for a
+        client's next begin (feature begin-ahead): nothing else gets any of
+        them, whether the client uses one or not."""
+        base = next_tid(now, self._last_allocated)
+        self._last_allocated = self._imposed_floor = base + self.num_partitions - 1
+        return base
 
     def prepare(self, ttid: int, now: float, oids: list, involved: set) -> Txn:
         try:
@@ -277,3 +291,31 @@ class TransactionManager:
 
     def prepared_count(self) -> int:
         return len(self._queue)
+
+
+class Reservations:
+    """The TTID blocks reserved for one client connection (feature
+    begin-ahead), each with what the client had been sent about nodes and
+    partitions when it was: a block is good only if nothing more was sent
+    since (``Node.topology``).  A client holds one block per thread that
+    commits: the oldest are forgotten beyond ``LIMIT``."""
+
+    LIMIT = 16
+
+    def __init__(self) -> None:
+        self._blocks: dict[int, int] = {}  # first TTID -> topology at reservation
+
+    def add(self, base: int, topology: int) -> None:
+        blocks = self._blocks
+        if len(blocks) >= self.LIMIT:
+            del blocks[next(iter(blocks))]
+        blocks[base] = topology
+
+    def take(self, ttid: int, num_partitions: int, topology: int) -> bool:
+        """Whether ``ttid`` is in a block reserved, still good; the block
+        is used up either way."""
+        for base, seen in self._blocks.items():
+            if base <= ttid < base + num_partitions:
+                del self._blocks[base]
+                return seen == topology
+        return False

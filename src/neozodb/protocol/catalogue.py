@@ -421,6 +421,10 @@ _TABLE: tuple[tuple[int, str, str, str | None, str, int], ...] = (
     # feature "blob" (protocol/blobs.py): a chunk of the content of the blob
     # a transaction stores for an object (ttid, oid, chunk number, bytes),
     # before the store of its record
+    # feature "begin-ahead": a begin with a TTID the master reserved for
+    # this connection (None: a new one, in the partition if given); the
+    # answer is the TTID and the first of the next reserved block
+    (0x7f0b, "AskBeginAhead", "?int,?p64", "AnswerBeginAhead", "p64,p64", 0),
     (0x7f10, "AskStoreBlobChunk", "p64,p64,int,bin", "AnswerStoreBlobChunk", "", 0),
     # a chunk of the content of the blob revision whose data has this
     # checksum (checksum, chunk number)

@@ -150,6 +150,19 @@ Both ends keep the intersection (``conn.peer_features``).  The features:
     there again once the lock is back.  A storage without the feature keeps
     the locks of a voted transaction, which could then wait forever for
     another storage: it never gets an early vote of several storages.
+``begin-ahead``
+    Between a client and a master: the client begins with
+    ``AskBeginAhead`` (0x7f0b: a partition or None, a TTID or None),
+    answered ``AnswerBeginAhead`` (the TTID, and the first of a block of
+    ``num_partitions`` TTIDs reserved for the connection's next begin).
+    The client's next commit takes the block's TTID in its first object's
+    partition, sends the begin with it and its stores at once, and reads
+    the answer at the vote.  The master takes it only if it sent that
+    client no node list, partition table or change of them since it
+    reserved the block (nor is a storage starting, nor the cluster
+    stopping), else refuses it with ``NOT_READY``: the client's vote drops
+    what went with it and begins again, waited for.  docs/design.md,
+    "Begin ahead".
 ``bulk-copy``
     Between a client and a master, and a client and a storage: a copy
     (``neomigrate``, ``copyTransactionsFrom``) commits many transactions of
@@ -182,11 +195,12 @@ BEGIN_PARTITION = b"begin-partition"
 LAZY_VOTE = b"lazy-vote"
 EARLY_LAZY_VOTE = b"early-lazy-vote"
 BULK_COPY = b"bulk-copy"
+BEGIN_AHEAD = b"begin-ahead"
 FEATURES: frozenset[bytes] = frozenset((b"status-json", b"import-status", b"gc-pack",
                                         b"mirror", b"check-report", b"check-digest",
                                         REPL_BATCH, EARLY_VOTE, SOLO_VOTE, OLDER_PT, BLOB,
                                         ORDERED_COPY, BEGIN_PARTITION, LAZY_VOTE,
-                                        EARLY_LAZY_VOTE, BULK_COPY))
+                                        EARLY_LAZY_VOTE, BULK_COPY, BEGIN_AHEAD))
 #: What RequestIdentification.extra carries from a neozodb node.
 ANNOUNCEMENT: dict[bytes, list[bytes]] = {EXTRA_KEY: sorted(FEATURES)}
 NO_FEATURES: frozenset[bytes] = frozenset()
