@@ -7,7 +7,9 @@ every time, so that the machine's drift hits both alike (bench/ab.py does
 the same for the nodes' code).  Variants:
 
 - ``no-block``: the client takes no TTID block the master reserved (feature
-  begin-ahead): every commit waits for the begin's answer before storing;
+  begin-ahead): every commit sends its begin at the first store and waits
+  for the answer before storing (what the client did before where
+  partitions are spread; elsewhere it sent the begin at ``tpc_begin``);
 - ``begin-at-store``: the reserved begin leaves at the first store rather
   than with the vote.
 
