@@ -38,6 +38,13 @@ def _running(tmp_path, storages: int, replicas: int, partitions: int):
 
 
 @pytest.fixture
+def spread_cluster(tmp_path):
+    """A running cluster: 2 storages, replicas 0 (each partition on one of
+    them), 12 partitions."""
+    yield from _running(tmp_path, 2, 0, 12)
+
+
+@pytest.fixture
 def cluster(tmp_path):
     """A running cluster: 1 master, 2 storages (replicas 1), 12 partitions, 1 admin."""
     yield from _running(tmp_path, 2, 1, 12)

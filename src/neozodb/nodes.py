@@ -49,6 +49,12 @@ class Node:
     def connected(self) -> bool:
         return self.conn is not None and not self.conn.closed
 
+    def notify_topology(self, packet, *args) -> None:
+        """Send it a node list or a partition table, or changes of them
+        (a master): what it was told before is out of date."""
+        self.topology += 1
+        self.conn.notify(packet, *args)
+
     def wire(self) -> tuple:
         addr = None if self.address is None else (self.address[0].encode(), self.address[1])
         return (self.type, addr, self.nid, self.state, self.id_timestamp)

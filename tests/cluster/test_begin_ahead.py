@@ -14,7 +14,7 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import ConflictError
 from ZODB.utils import z64
 
-from neozodb.cli.cluster import LocalCluster, wait_until
+from neozodb.cli.cluster import wait_until
 from neozodb.client import Storage
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.protocol import ErrorCodes, NodeStates, NodeTypes, Packets, make_nid, p64, u64
@@ -29,18 +29,6 @@ def _commit(storage, oid: bytes, serial: bytes, data: bytes) -> bytes:
     storage.store(oid, serial, data, "", txn)
     storage.tpc_vote(txn)
     return storage.tpc_finish(txn)
-
-
-@pytest.fixture
-def spread_cluster(tmp_path):
-    """2 storages, replicas 0: each partition on one of them."""
-    c = LocalCluster(str(tmp_path / "cluster"), name="test", storages=2, replicas=0,
-                     partitions=12)
-    try:
-        c.start(wait=60)
-        yield c
-    finally:
-        c.kill()
 
 
 def test_the_stores_of_a_reserved_ttid_do_not_wait_for_the_master(spread_cluster):

@@ -13,7 +13,6 @@ import transaction
 import ZODB
 from persistent.mapping import PersistentMapping
 
-from neozodb.cli.cluster import LocalCluster
 from neozodb.client import Storage
 from neozodb.net.endpoint import ConnectionClosed, RemoteError
 from neozodb.protocol import ErrorCodes, Packets, u64
@@ -21,18 +20,6 @@ from neozodb.protocol import ErrorCodes, Packets, u64
 pytestmark = pytest.mark.timeout(120)
 TIMEOUT = 30
 PARTITIONS = 12
-
-
-@pytest.fixture
-def spread_cluster(tmp_path):
-    """2 storages, replicas 0: each partition on one of them."""
-    c = LocalCluster(str(tmp_path / "cluster"), name="test", storages=2, replicas=0,
-                     partitions=PARTITIONS)
-    try:
-        c.start(wait=60)
-        yield c
-    finally:
-        c.kill()
 
 
 def _trans_tids(cluster, i: int) -> set[int]:

@@ -76,7 +76,6 @@ class Begin:
             self.begin_answer = (master.ask(Packets.AskBeginTransaction, None) if partition is None
                                  else master.ask(Packets.AskBeginInPartition, partition))
             return
-        self.ahead = True
         app = self.app
         base = app.reserved.take(master) if reserved else None
         if base is not None:

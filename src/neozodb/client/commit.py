@@ -61,9 +61,8 @@ class Commit(TwoPhase, Begin):
         # first store, for a TTID in that object's partition (_send_begin)
         self.begin_unsent = False
         self.deferred: list[tuple] = []
-        # begun with AskBeginAhead (feature begin-ahead), with a TTID the
-        # master reserved for us (``reserved``): the stores go at once
-        self.ahead = False
+        # begun with a TTID the master reserved for us (feature
+        # begin-ahead): the stores go at once
         self.reserved = False
         # while reserved: oid -> the last store sent, to send again if the
         # master refuses the TTID (Begin._begin_again); None: not possible

@@ -104,8 +104,11 @@ class TwoPhase:
             app.early_votes[bool(again)] += 1
             if again and len(meta_nids) > 1:
                 app.early_lazy_skip = EARLY_LAZY_BACKOFF
-        self._flush()  # the stores first: the begin's answer comes meanwhile
-        self._answered()
+        if self.begin_answer is not None:
+            # a reserved TTID's begin: the stores leave first, and the
+            # master answers while the storages work
+            self._flush()
+            self._answered()
         self._process(block=True)
         self.stored = True
         if again is None or again:

@@ -202,14 +202,7 @@ class MasterApp(Recovery, Truncation, Commits):
     def send_node_list(self, node: Node) -> None:
         entries = [node.wire(), self.self_node().wire()]
         entries += [n.wire() for n in self.nm if n is not node and self.visible_to(node, n)]
-        self.notify_topology(node, Packets.NotifyNodeInformation, time.time(), entries)
-
-    @staticmethod
-    def notify_topology(node: Node, packet, *args) -> None:
-        """Send ``node`` a node list or a partition table, or changes of
-        them: what it was told before is out of date."""
-        node.topology += 1
-        node.conn.notify(packet, *args)
+        node.notify_topology(Packets.NotifyNodeInformation, time.time(), entries)
 
     def broadcast_nodes(self, changed: list[Node], exclude: Node | None = None) -> None:
         now = time.time()
@@ -218,11 +211,11 @@ class MasterApp(Recovery, Truncation, Commits):
                 continue
             entries = [n.wire() for n in changed if self.visible_to(peer, n)]
             if entries:
-                self.notify_topology(peer, Packets.NotifyNodeInformation, now, entries)
+                peer.notify_topology(Packets.NotifyNodeInformation, now, entries)
 
     def send_pt(self, node: Node) -> None:
         if self.pt is not None and self.pt.ptid is not None and self.follows_table(node):
-            self.notify_topology(node, Packets.SendPartitionTable, self.pt.ptid,
+            node.notify_topology(Packets.SendPartitionTable, self.pt.ptid,
                                  self.pt.num_replicas, self._wire_rows())
 
     def _wire_rows(self) -> list:
@@ -247,7 +240,7 @@ class MasterApp(Recovery, Truncation, Commits):
         for peer in self.nm:
             if peer.connected and (peer.type is not NodeTypes.STORAGE or peer.running) \
                     and self.follows_table(peer):
-                self.notify_topology(peer, Packets.NotifyPartitionChanges, ptid, replicas, wire)
+                peer.notify_topology(Packets.NotifyPartitionChanges, ptid, replicas, wire)
 
     def set_cluster_state(self, state: ClusterStates) -> None:
         if state is self.cluster_state:
