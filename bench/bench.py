@@ -5,7 +5,11 @@ Measures, for each backend (see bench/README.md):
 1. commit of N new objects in one transaction,
 2. update of those N objects in one transaction,
 3. N cold reads through a new storage client (empty caches),
-4. latency of one-object commits (100 of them): median and p90.
+4. latency of one-object commits (100 of them): median and p90;
+5. latency of one-object requests (100): ``transaction.begin()`` (ZODB
+   syncs the storage: a round trip to neozodb's master, with its default
+   ``server_sync``; none with ZEO's default), one object changed, commit.
+   With --no-server-sync, neozodb's clients sync as ZEO's by default.
 
 Every process started here (neozodb nodes, the ZEO server) and every
 temporary directory is cleaned up on exit, error or Ctrl-C.
@@ -23,7 +27,7 @@ the replication throughput of each adapter (bench/replication.py).  With
 three backends and RelStorage on both servers in one run.
 
 Usage: .venv/bin/python bench/bench.py [--objects N] [--rounds R] [--quick] [--tls]
-       [--asyncio] [--postgresql] [--mariadb] [--json FILE]
+       [--asyncio] [--postgresql] [--mariadb] [--no-server-sync] [--json FILE]
        .venv/bin/python bench/bench.py --all [--quick] [--scale-sizes 10000,100000] [--json FILE]
 """
 from __future__ import annotations
@@ -72,6 +76,7 @@ MEASURES = [
     ("cold_read", "{n} cold reads"),
     ("small_median", "1-object commit, median"),
     ("small_p90", "1-object commit, p90"),
+    ("request_median", "1-object request, median"),
 ]
 BEST_OF = ("commit_new", "update", "cold_read")  # best round kept; others pooled
 
@@ -107,6 +112,16 @@ def run_round(backend: Backend, objects: int, name: str) -> dict:
             tm.commit()
             small.append(time.perf_counter() - t0)
         result["small"] = small
+        requests = []
+        for i in range(SMALL_COMMITS):
+            t0 = time.perf_counter()
+            tm.begin()  # what a web request does: ZODB syncs the storage
+            obj = objs[i * 11 % objects]
+            obj["data"] = value = payload()
+            expected[i * 11 % objects] = value
+            tm.commit()
+            requests.append(time.perf_counter() - t0)
+        result["requests"] = requests
         conn.close()
     finally:
         db.close()
@@ -137,6 +152,7 @@ def summarize(backend: Backend, per_round: list[dict]) -> dict:
     ms = {key: min(r[key] for r in per_round) * 1e3 for key in BEST_OF}
     ms["small_median"] = statistics.median(small) * 1e3
     ms["small_p90"] = percentile(small, 90) * 1e3
+    ms["request_median"] = statistics.median(t for r in per_round for t in r["requests"]) * 1e3
     return {
         "label": backend.label,
         "ms": ms,
@@ -417,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true",
                         help="then run concurrency.py, cpu.py, shootout.py, scale.py,"
                         " replication.py and migrate.py, and print one table of every ratio")
+    parser.add_argument("--no-server-sync", action="store_true",
+                        help="neozodb's clients with server_sync false: no round trip to the"
+                        " master at transaction.begin(), as ZEO's default")
     parser.add_argument("--scale-sizes", default="10000,100000",
                         help="with --all: scale.py's --sizes (10000,100000; with --quick,"
                         " scale.py's own)")
@@ -437,6 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.asyncio:
         backends[2:2] = [NeoBackend(1, 0, event_loop="asyncio"),
                          NeoBackend(2, 1, event_loop="asyncio")]
+    if args.no_server_sync:
+        for backend in backends:
+            if isinstance(backend, NeoBackend):
+                backend.client_options["server_sync"] = False
     skipped: dict[str, str] = {}
     backends += relstorage_backends(skipped)
     if args.postgresql:
@@ -447,8 +470,9 @@ def main(argv: list[str] | None = None) -> int:
         backends += mariadb_backends(skipped, SharedMariaDB())
 
     started = time.perf_counter()
-    print("objects=%d rounds=%d, %d one-object commits per round, %d CPUs" % (
-        args.objects, args.rounds, SMALL_COMMITS, os.cpu_count() or 0), flush=True)
+    print("objects=%d rounds=%d, %d one-object commits and requests per round, %d CPUs%s" % (
+        args.objects, args.rounds, SMALL_COMMITS, os.cpu_count() or 0,
+        ", neozodb without server_sync" if args.no_server_sync else ""), flush=True)
     peaks = PeakMemory()
     results = interruptible(measure, backends, skipped, args.objects, args.rounds, peaks,
                             stopped="every process stopped, temporary files removed")
@@ -459,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report(results, skipped, args.objects))
     print()
     print(peaks.table("peak RSS (VmHWM) of the servers, MB"))
-    print("\nbest of %d rounds for the first three rows; one-object commit latencies pooled "
+    print("\nbest of %d rounds for the first three rows; one-object commit and request latencies pooled "
           "over all rounds (%d commits); total %.0fs" % (
               args.rounds, SMALL_COMMITS * args.rounds, time.perf_counter() - started))
     replication = None

@@ -339,6 +339,7 @@ class NeoBackend(Backend):
                                         loop.replace(" ", "_"))
         self.label = "neo %dS r%d%s%s" % (storages, replicas, " TLS" if tls else "", loop)
         self.cluster = None
+        self.client_options: dict = {}  # more Storage() arguments (bench.py --no-server-sync)
 
     def start(self, workdir: str) -> None:
         from neozodb.cli.cluster import LocalCluster
@@ -355,7 +356,8 @@ class NeoBackend(Backend):
             raise
 
     def spec(self) -> dict:
-        return {"kind": "neo", "kwargs": self.cluster.client_kwargs()}
+        return {"kind": "neo", "kwargs": self.cluster.client_kwargs(),
+                "options": self.client_options}
 
     def pids(self) -> dict[str, int]:
         return {name: node.proc.pid for name, node in self.cluster.nodes.items()

@@ -75,7 +75,7 @@ def test_converters():
 def test_uri_two_masters_and_options():
     kwargs, dbkw = parse_uri(
         "neo://mycluster@127.0.0.1:10000,10.0.0.2:10001"
-        "?read-only=true&compress=false&cache_size=30MB&read-ahead=8&logfile=/tmp/c.log"
+        "?read-only=true&compress=false&cache_size=30MB&read-ahead=8&logfile=/tmp/c.log&server-sync=no"
         "&ignore-wrong-checksum=yes&pack_gc=off&connect_timeout=2.5"
         "&blob-dir=/srv/blobs&blob_cache_size=1GB&blob_cache_size_check=5"
         "&database_name=main&connection_pool_size=3&cache_size_bytes=1MB&pool_timeout=9"
@@ -87,6 +87,7 @@ def test_uri_two_masters_and_options():
         "compress": False,
         "cache_size": 30 << 20,
         "read_ahead": 8,
+        "server_sync": False,
         "logfile": "/tmp/c.log",
         "ignore_wrong_checksum": True,
         "pack_gc": False,
@@ -128,6 +129,7 @@ def test_uri_minimal_and_ipv6():
         ("neo://c@h:1?read_only=maybe", "read_only"),
         ("neo://c@h:1?cache_size=lots", "cache_size"),
         ("neo://c@h:1?read_ahead=-1", "read_ahead"),
+        ("neo://c@h:1?server_sync=sometimes", "server_sync"),
         ("neo://c@h:1?connect_timeout=-3", "connect_timeout"),
         ("neo://c@h:1?connection_pool_size=x", "connection_pool_size"),
         ("neo://c@h:1?read_only=1&read-only=0", "more than once"),
@@ -193,6 +195,7 @@ def test_zconfig_snippet_defaults(package):
     assert c.compress is True
     assert c.cache_size == 20 << 20
     assert c.read_ahead == 32
+    assert c.server_sync is True
     assert c.logfile is None
     assert c.ignore_wrong_checksum is False
     assert c.pack_gc is True
@@ -210,6 +213,7 @@ def test_zconfig_values(tmp_path, fake_storage):
   compress zlib=6
   cache-size 50MB
   read-ahead 0
+  server-sync off
   logfile {logfile}
   ignore-wrong-checksum true
   pack-gc false
@@ -228,6 +232,7 @@ def test_zconfig_values(tmp_path, fake_storage):
         "compress": "zlib=6",
         "cache_size": 50 << 20,
         "read_ahead": 0,
+        "server_sync": False,
         "logfile": logfile,
         "ignore_wrong_checksum": True,
         "pack_gc": False,
@@ -254,7 +259,8 @@ def test_zconfig_database_from_string(fake_storage):
             "read_only": False,
             "compress": True,
             "cache_size": 20 << 20,
-                "read_ahead": 32,
+            "read_ahead": 32,
+            "server_sync": True,
             "logfile": None,
             "ignore_wrong_checksum": False,
             "pack_gc": True,

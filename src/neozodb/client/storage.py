@@ -75,7 +75,7 @@ class Storage(BlobStorageMethods, ConflictResolvingStorage):
                  features: bool = True, ca: str | None = None, cert: str | None = None,
                  key: str | None = None, pack_gc: bool = True, blob_dir: str | None = None,
                  blob_cache_size: int | None = None, blob_cache_size_check: int = 10,
-                 read_ahead: int = READ_AHEAD, **kw) -> None:
+                 read_ahead: int = READ_AHEAD, server_sync: bool = True, **kw) -> None:
         if kw:
             raise TypeError("unexpected options: " + ", ".join(sorted(kw)))
         if isinstance(read_ahead, bool) or not isinstance(read_ahead, int) or read_ahead < 0:
@@ -89,6 +89,9 @@ class Storage(BlobStorageMethods, ConflictResolvingStorage):
         # what pack() does without a gc argument (as FileStorage's pack_gc):
         # false, only history is removed (an external GC uses deleteObject)
         self._pack_gc = bool(pack_gc)
+        # what ZODB's sync() at each transaction.begin() costs: a round trip
+        # to the master (true), or only reading what it sent (ZEO's default)
+        self._server_sync = bool(server_sync)
         # shared by the commits: the default learns which classes compress
         self.compress_record = record_compressor(parse_compress(compress))
         if blob_dir:
@@ -166,12 +169,25 @@ class Storage(BlobStorageMethods, ConflictResolvingStorage):
         self.app.invalidation_listener = wrapper
 
     def sync(self, force: bool = True) -> None:
+        """ZODB's call at ``transaction.begin()``.  With ``server_sync``
+        (the default), a barrier with the master: the transaction sees
+        every commit completed before it began.  Without it, as ZEO's
+        default: what the master sent so far (invalidations already in the
+        socket included) is processed, with no round trip; a commit that
+        completed a moment before may be seen only by the next transaction
+        (docs/operations.md, "Client options")."""
         # A closed storage has no view to bring up to date.  ZODB calls this
         # for every connection registered with the thread's transaction
         # manager: one left open on a closed database must not fail the
         # transactions of the others (FileStorage's sync does nothing).
-        if not self.app.closed:
+        if self.app.closed:
+            return
+        if self._server_sync:
             self.app.sync()
+        else:
+            # reads what waits in the master's socket without blocking (and
+            # connects again if the master was lost)
+            self.app.get_master()
 
     def close(self) -> None:
         self.app.close()

@@ -121,6 +121,7 @@ class NEOStorageConfig:
             "compress": c.compress,
             "cache_size": c.cache_size,
             "read_ahead": c.read_ahead,
+            "server_sync": c.server_sync,
             "logfile": c.logfile,
             "ignore_wrong_checksum": c.ignore_wrong_checksum,
             "pack_gc": c.pack_gc,

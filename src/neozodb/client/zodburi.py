@@ -13,7 +13,7 @@ IPv6 masters go in brackets (``neo://test@[::1]:10000``).  Query options
 - storage options, passed to ``neozodb.client.Storage``: ``read_only``,
   ``compress`` (boolean, ``zlib`` or ``zlib=N``), ``cache_size`` (``20MB``,
   ``512KB``, plain bytes), ``read_ahead`` (objects), ``logfile``,
-  ``ignore_wrong_checksum``,
+  ``ignore_wrong_checksum``, ``server_sync``,
   ``pack_gc``, ``connect_timeout`` and ``keepalive`` (seconds),
   ``blob_dir``, ``blob_cache_size`` (a size) and ``blob_cache_size_check``
   (a percentage); booleans are true/false/1/0/yes/no/on/off;
@@ -94,6 +94,7 @@ STORAGE_OPTIONS = {
     "compress": convert_compress,
     "cache_size": convert_bytesize,
     "read_ahead": _int,
+    "server_sync": convert_bool,
     "logfile": _path,
     "ignore_wrong_checksum": convert_bool,
     "pack_gc": convert_bool,
