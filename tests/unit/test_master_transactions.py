@@ -219,22 +219,6 @@ def test_imposed_transaction_commits_in_tid_order():
     assert tm.last_tid == normal.tid
 
 
-def test_finishing_clients_until_their_commit_completes():
-    """The clients whose finish waits for its answer: the master sends
-    them invalidations with that answer (Connection.notify_soon)."""
-    tm = TransactionManager(12)
-    a, b, c = tm.begin(1, T0), tm.begin(2, T0 + 1), tm.begin(3, T0 + 2)
-    assert tm.finishing_clients() == set()  # begun is not finishing
-    tm.prepare(a.ttid, T0 + 3, [], {1})
-    tm.prepare(b.ttid, T0 + 4, [], {1})
-    assert tm.finishing_clients() == {1, 2}
-    assert commit_all(tm, a) == [a]
-    assert tm.finishing_clients() == {2}
-    assert commit_all(tm, b) == [b]
-    assert tm.finishing_clients() == set()
-    assert c.ttid in tm.txns
-
-
 def test_imposed_transaction_is_not_prepared_before_prepare():
     tm = TransactionManager(12)
     imposed = tm.begin(1, T0, tid=tid_from_time(T0))

@@ -192,9 +192,9 @@ class Commits:
     def _invalidate(self, committer: Connection, commits: list) -> None:
         """Other clients invalidate what each of ``commits`` (tid, oids)
         changed, one commit at a time; secondaries mirror the last IDs.
-        A client waiting for the answer to its own finish gets them with
-        that answer (``notify_soon``): they would wake it for nothing."""
-        finishing = self.tm.finishing_clients()
+        A client gets them with the next thing the master sends it, at most
+        ``SOON`` later (``notify_soon``): each on its own would wake it, and
+        a committing client reads the master's answers anyway."""
         for peer in self.nm:
             if peer.type is NodeTypes.CLIENT:
                 if peer.conn is committer:
@@ -203,7 +203,7 @@ class Commits:
                 continue
             if peer.connected and self.follows_table(peer):
                 conn = peer.conn
-                notify = conn.notify_soon if peer.nid in finishing else conn.notify
+                notify = conn.notify_soon if peer.type is NodeTypes.CLIENT else conn.notify
                 for tid, oids in commits:
                     if oids or peer.type is NodeTypes.MASTER:
                         notify(Packets.InvalidateObjects, tid, oids)

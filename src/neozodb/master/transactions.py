@@ -282,10 +282,6 @@ class TransactionManager:
         for txn in self._queue:
             txn.involved.discard(nid)
 
-    def finishing_clients(self) -> set[int]:
-        """The clients that asked to finish a transaction not answered yet."""
-        return {txn.client for txn in self._queue}
-
     def has_pending(self) -> bool:
         return bool(self.txns)
 

@@ -75,9 +75,9 @@ class Output:
     def notify_soon(self, packet: Any, *args: Any) -> None:
         """A notification that may wait ``SOON`` seconds for other output to
         this peer, and leave with it: never after anything written later.
-        The master's invalidations to a client waiting for its own
-        finish's answer: they come with the answer, not each on its own,
-        waking the client for nothing."""
+        The master's invalidations to clients: they come with the next
+        answer (a committing client's begin or finish, a ``Pong``), not
+        each on its own, waking the client for nothing."""
         if self.closed:
             return
         data = self.endpoint.notify(packet, args)
