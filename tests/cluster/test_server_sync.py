@@ -61,6 +61,9 @@ def test_without_server_sync_a_transaction_sees_what_arrived(one_storage):
         wroot = writer_db.open(wtm).root()
         wroot["counter"] = counter = PersistentMapping(value=1)
         wtm.commit()
+        # that commit may not have reached the reader yet: without a
+        # barrier it would see the root as it was
+        reader_storage.app.sync()
 
         rtm = transaction.TransactionManager()
         rconn = reader_db.open(rtm)
