@@ -36,13 +36,13 @@ import argparse
 import json
 import logging
 import os
-import re
 import statistics
 import subprocess
 import sys
 import time
 
 import common
+import targets
 import transaction
 import ZODB
 from common import (  # noqa: F401  (format_table, percentile: replication.py imports them here)
@@ -228,7 +228,6 @@ def report(results: dict, skipped: dict, objects: int) -> str:
 
 # -- --all: every measure of issue 12 in one run -------------------------------------------
 HERE = os.path.dirname(os.path.abspath(__file__))
-MIGRATE_ROW = re.compile(r"^(FS -> \S+(?: \S+ \S+)?, \w+)\s+([\d.]+)\s")
 
 
 def run_script(name: str, args: list[str], tmp: str) -> tuple[dict | None, str]:
@@ -345,10 +344,8 @@ def other_rows(e: dict) -> list[list[str]]:
         rows.append(["1-object commit median, %s / %s" % (b_, a),
                      "%.2f / %.2f ms" % (lb["median_ms"], la["median_ms"]),
                      "x%.2f" % (lb["median_ms"] / la["median_ms"])])
-    text = e["migrate"].get("output", "")
-    times = {m.group(1): float(m.group(2)) for m in map(MIGRATE_ROW.match, text.splitlines())
-             if m}
-    ref = times.get("FS -> FS, zodbconvert")
+    times = targets.migration_times(e)
+    ref = times.get(targets.MIGRATE_REFERENCE)
     for label, seconds in times.items():
         if "neomigrate" in label and ref:
             rows.append([label + " (s)", "%.2f" % seconds,
@@ -363,6 +360,10 @@ def all_report(e: dict) -> str:
            "", "ratios: other's time / neozodb's (for rates: neozodb's / other's);"
            " > 1: neozodb faster", "",
            format_table(["measure (no ZEO counterpart)", "value", "note"], other_rows(e))]
+    rows, missed = targets.target_rows(e)
+    out += ["", "== issue 12's targets in this run", "",
+            format_table(["measure", "neozodb", "value", "target", "met"], rows), "",
+            targets.summary(rows, missed)]
     mem = []
     for name in ("bench", "concurrency", "shootout", "scale"):
         for label, nodes in (e[name].get("peak_rss") or {}).items():
